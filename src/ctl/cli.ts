@@ -1,6 +1,144 @@
-/** Entry point of `kmi ctl`: not built yet. */
+/**
+ * Entry point of `kmi ctl`: finds the command in the one command table, parses its flags
+ * (plus the global `--json`), runs it, and turns errors into one stderr line and an exit
+ * code that scripts can branch on (see EXIT_CODE_HELP).
+ *
+ * To add a command file, import its array and add it to `commandTable` below (the
+ * Auditserver's `audit-commands.ts` is added through its `registerAuditCommands`).
+ */
+import { chmodSync, readFileSync, writeFileSync } from "node:fs";
+import { VERSION } from "../common/version.js";
+import { Clients, connectionSettings } from "./client.js";
+import type { Command, CommandContext } from "./command.js";
+import { Args, flagHelp, parseFlags, type FlagSpecs } from "./flags.js";
+import { registerAuditCommands } from "./audit-commands.js";
+import { kdcCommands } from "./kdc-commands.js";
+import { EXIT_CODE_HELP, ExitCode, Output, UsageError, type Streams } from "./output.js";
+
+/** The one table of `kmi ctl` commands: the KDC's, then the Auditserver's (src/ctl/audit-commands.ts). */
+export const commandTable: readonly Command[] = registerAuditCommands(kdcCommands);
+
+const globalFlags: FlagSpecs = {
+  json: { type: "bool", help: "print results as JSON for scripts (errors as JSON on stderr)" },
+};
+
+/** Options of `run` (tests pass buffers and an environment). */
+export interface CtlOptions {
+  streams?: Streams;
+  env?: Readonly<Record<string, string | undefined>>;
+  commands?: readonly Command[];
+}
+
+/** Finds the command whose name is the longest prefix of argv's words. */
+function findCommand(commands: readonly Command[], words: readonly string[]): { command: Command; rest: string[] } | undefined {
+  let best: Command | undefined;
+  for (const c of commands) {
+    if (c.name.length <= words.length && c.name.every((w, i) => words[i] === w) && (best === undefined || c.name.length > best.name.length)) best = c;
+  }
+  return best === undefined ? undefined : { command: best, rest: words.slice(best.name.length) };
+}
+
+/** The top-level help: every command, the connection environment and the exit codes. */
+export function usage(commands: readonly Command[] = commandTable): string {
+  const names = commands.map((c) => c.name.join(" ") + (c.args ? ` ${c.args}` : ""));
+  const width = Math.max(...names.map((n) => n.length));
+  return [
+    `kmi ctl ${VERSION}: operator and tenant-admin commands`,
+    "",
+    "usage: kmi ctl <command> [flags]     (kmi ctl <command> --help for its flags)",
+    "",
+    "commands:",
+    ...commands.map((c, i) => `  ${names[i]!.padEnd(width)}  ${c.summary}`),
+    "",
+    "every command takes --json (results as JSON for scripts) and the connection flags:",
+    "  --kdc URL (KMI_CTL_KDC, default https://127.0.0.1:7443), --token TOKEN (KMI_CTL_TOKEN),",
+    "  --token-file FILE (KMI_CTL_TOKEN_FILE), --ca-file FILE (KMI_CTL_CA_FILE: the KDC's infra-ca.pem);",
+    "  the Auditserver's commands take --audit URL (KMI_CTL_AUDIT, default https://127.0.0.1:7444) instead of --kdc",
+    "",
+    EXIT_CODE_HELP,
+  ].join("\n") + "\n";
+}
+
+function commandHelp(c: Command, specs: FlagSpecs): string {
+  return [
+    `usage: kmi ctl ${c.name.join(" ")}${c.args ? ` ${c.args}` : ""} [flags]`,
+    "",
+    c.summary,
+    ...(c.details ? ["", c.details] : []),
+    "",
+    "flags:",
+    flagHelp(specs),
+    "",
+    EXIT_CODE_HELP,
+  ].join("\n") + "\n";
+}
+
+/** Runs `kmi ctl` with argv; returns the exit code. */
+export async function run(argv: readonly string[], opts: CtlOptions = {}): Promise<number> {
+  const streams = opts.streams ?? { stdout: process.stdout, stderr: process.stderr };
+  const env = opts.env ?? process.env;
+  const commands = opts.commands ?? commandTable;
+  const wantsJson = argv.includes("--json");
+  const out = new Output(streams, wantsJson);
+  // --json is global: it may come before the command words too.
+  argv = argv.filter((a) => a !== "--json");
+  const firstFlag = argv.findIndex((a) => a.startsWith("-"));
+  const words = firstFlag === -1 ? [...argv] : argv.slice(0, firstFlag);
+  if (argv.length === 0 || words.length === 0 || words[0] === "help") {
+    const helpAsked = argv.includes("--help") || argv.includes("-h") || words[0] === "help";
+    (helpAsked ? streams.stdout : streams.stderr).write(usage(commands));
+    return helpAsked ? ExitCode.ok : ExitCode.usage;
+  }
+  const found = findCommand(commands, words);
+  if (found === undefined) {
+    const group = commands.filter((c) => c.name[0] === words[0]);
+    const hint = group.length > 0 ? `; "${words[0]}" has: ${group.map((c) => c.name.slice(1).join(" ")).join(", ")}` : "; run `kmi ctl --help` for the list";
+    streams.stderr.write(`kmi ctl: unknown command "${words.join(" ")}"${hint}\n`);
+    return ExitCode.usage;
+  }
+  const { command } = found;
+  const specs: FlagSpecs = { ...command.flags, ...globalFlags };
+  try {
+    const parsed = parseFlags(argv.slice(command.name.length), specs, env);
+    if (wantsJson) parsed.flags.set("json", true);
+    if (parsed.help) {
+      streams.stdout.write(commandHelp(command, specs));
+      return ExitCode.ok;
+    }
+    const args = new Args(parsed);
+    const clientCache = new Map<string, Clients>();
+    const ctx: CommandContext = {
+      args,
+      out,
+      clients(urlFlag, defaultUrl) {
+        let c = clientCache.get(urlFlag);
+        if (c === undefined) {
+          c = new Clients(() => connectionSettings(args, urlFlag, defaultUrl));
+          clientCache.set(urlFlag, c);
+        }
+        return c;
+      },
+      readFile(flag, path) {
+        try {
+          return new Uint8Array(readFileSync(path));
+        } catch (err) {
+          throw new UsageError(`--${flag}: cannot read ${path} (${(err as NodeJS.ErrnoException).code ?? "error"}); check the path`);
+        }
+      },
+      writeFile(path, data, mode = 0o644) {
+        writeFileSync(path, data, { mode });
+        // writeFileSync's mode applies to new files only; make an existing file's mode match too.
+        chmodSync(path, mode);
+      },
+    };
+    const code = await command.run(ctx);
+    return code ?? ExitCode.ok;
+  } catch (err) {
+    return out.error(err);
+  }
+}
+
+/** Entry point of `kmi ctl` (called by cmd/kmi.ts). */
 export async function main(argv: string[]): Promise<number> {
-  void argv;
-  process.stderr.write("kmi ctl: not available in this build yet\n");
-  return 1;
+  return run(argv);
 }

@@ -1,6 +1,104 @@
-/** Entry point of `kmi kdc`: not built yet. */
+/**
+ * Entry point of `kmi kdc` (serve) and `kmi kdc init`.
+ */
+import { writeFile, chmod } from "node:fs/promises";
+import { ConfigError, formatHelp, loadConfig } from "../common/config.js";
+import { isKmiError } from "../common/errors.js";
+import { runUntilSignal } from "../common/lifecycle.js";
+import { createLogger, parseLogLevel } from "../common/logger.js";
+import { initProgram, serveProgram } from "./config.js";
+import { dataPaths, initKdc } from "./init.js";
+import { KdcServer } from "./server.js";
+import { hostIp, hostName } from "./validate.js";
+
+function splitList(value: string | undefined): string[] {
+  return (value ?? "").split(",").map((s) => s.trim()).filter((s) => s !== "");
+}
+
+/** The environment as config sees it; KMI_MASTER_KEY is accepted as a shorter name of KMI_KDC_MASTER_KEY. */
+function environment(): Record<string, string | undefined> {
+  const env = { ...process.env };
+  if ((env["KMI_KDC_MASTER_KEY"] ?? "") === "" && (env["KMI_MASTER_KEY"] ?? "") !== "") env["KMI_KDC_MASTER_KEY"] = env["KMI_MASTER_KEY"];
+  return env;
+}
+
+function tlsNames(dnsName: string | undefined, ip: string | undefined) {
+  return {
+    dnsNames: splitList(dnsName).map((n) => hostName("--dns-name", n)),
+    ipAddresses: splitList(ip).map((a) => hostIp("--ip", a)),
+  };
+}
+
+async function init(argv: string[]): Promise<number> {
+  const loaded = await loadConfig(initProgram, argv, { env: environment() });
+  if (loaded.help) {
+    process.stdout.write(formatHelp(initProgram) + "\n");
+    return 0;
+  }
+  const v = loaded.values;
+  const r = await initKdc({ dataDir: v.dataDir, masterKey: v.masterKey, masterKeyFile: v.masterKeyFile, tls: tlsNames(v.dnsName, v.ip) });
+  if (v.tokenFile !== undefined) {
+    await writeFile(v.tokenFile, r.operatorToken + "\n", { mode: 0o600 });
+    await chmod(v.tokenFile, 0o600);
+  }
+  const paths = dataPaths(v.dataDir, v.masterKeyFile);
+  process.stdout.write(
+    [
+      `initialized the KDC in ${v.dataDir} (kdc id ${r.kdcId})`,
+      r.masterKeyFile !== undefined ? `  master key:          ${r.masterKeyFile} (0600; back it up apart from the data: without it nothing opens)` : "  master key:          from the environment (nothing written)",
+      `  KMI root CA:         ${paths.kmiRootPem} (what devices trust)`,
+      `  infrastructure CA:   ${paths.infraCaPem} (kmi ctl --ca-file, services)`,
+      "",
+      "first operator token (shown only now; it is stored hashed):",
+      `  ${r.operatorToken}`,
+      ...(v.tokenFile !== undefined ? [`  (also written to ${v.tokenFile}, mode 0600)`] : []),
+      "",
+      "next:",
+      `  kmi kdc --data-dir ${v.dataDir}`,
+      `  export KMI_CTL_CA_FILE=${paths.infraCaPem} KMI_CTL_TOKEN_FILE=<file with the token>`,
+      "  kmi ctl tenant create acme --bootstrap",
+      "",
+    ].join("\n"),
+  );
+  return 0;
+}
+
+async function serve(argv: string[]): Promise<number> {
+  const loaded = await loadConfig(serveProgram, argv, { env: environment() });
+  if (loaded.help) {
+    process.stdout.write(formatHelp(serveProgram) + "\n\ncommands:\n  kmi kdc init --help   set up a data directory first\n");
+    return 0;
+  }
+  const v = loaded.values;
+  const logger = createLogger({ level: parseLogLevel(v.logLevel), fields: { program: "kdc" } });
+  const server = await KdcServer.create({
+    dataDir: v.dataDir,
+    listen: v.listen,
+    masterKey: v.masterKey,
+    masterKeyFile: v.masterKeyFile,
+    tls: tlsNames(v.dnsName, v.ip),
+    logger,
+    metricsListen: v.metricsListen,
+    shutdownTimeoutMs: v.shutdownTimeoutMs,
+  });
+  // A clean stop lets the event loop drain (log lines flushed); a forced or failed one exits now.
+  return runUntilSignal(server, { logger, exit: (code) => (code === 0 ? void (process.exitCode = 0) : process.exit(code)) });
+}
+
+/** Entry point of `kmi kdc` (called by cmd/kmi.ts). */
 export async function main(argv: string[]): Promise<number> {
-  void argv;
-  process.stderr.write("kmi kdc: not available in this build yet\n");
-  return 1;
+  try {
+    if (argv[0] === "init") return await init(argv.slice(1));
+    return await serve(argv);
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`kmi kdc: ${err.message}\n`);
+      return 2;
+    }
+    if (isKmiError(err)) {
+      process.stderr.write(`kmi kdc: ${err.message}\n`);
+      return 1;
+    }
+    throw err;
+  }
 }

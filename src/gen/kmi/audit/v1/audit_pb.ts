@@ -393,7 +393,7 @@ export const WatchMachineStatusRequestSchema: GenMessage<WatchMachineStatusReque
   messageDesc(file_kmi_audit_v1_audit, 12);
 
 /**
- * WatchMachineStatusResponse is a snapshot or one change.
+ * WatchMachineStatusResponse is a snapshot, one change, or a keep-alive.
  *
  * @generated from message kmi.audit.v1.WatchMachineStatusResponse
  */
@@ -406,7 +406,7 @@ export type WatchMachineStatusResponse = Message<"kmi.audit.v1.WatchMachineStatu
   snapshot: boolean;
 
   /**
-   * The machines concerned.
+   * The machines concerned; empty (with snapshot false) in a keep-alive.
    *
    * @generated from field: repeated kmi.audit.v1.MachineStatusChange changes = 2;
    */
@@ -565,7 +565,8 @@ export const AuditService: GenService<{
   /**
    * WatchMachineStatus streams machine status changes to a peer service (the KDC), which
    * needs mutual TLS with a kmi://service/<name> certificate. The first message lists every
-   * quarantined machine; then one message per change.
+   * quarantined machine; then one message per change, and an empty keep-alive message after
+   * 15 seconds without a change (so a peer notices a dead stream and reconnects).
    *
    * @generated from rpc kmi.audit.v1.AuditService.WatchMachineStatus
    */

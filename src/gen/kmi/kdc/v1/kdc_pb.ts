@@ -171,7 +171,8 @@ export type IntermediateVersion = Message<"kmi.kdc.v1.IntermediateVersion"> & {
   renewedFrom: number;
 
   /**
-   * Subject fingerprint of the customer root it was checked against at upload, or empty.
+   * SHA-256 fingerprint (as CertificateInfo.sha256_fingerprint) of the customer root it was
+   * checked against at upload, or empty.
    *
    * @generated from field: string customer_root_sha256 = 16;
    */

@@ -140,7 +140,9 @@ export const IssueMachineCertificateResponseSchema: GenMessage<IssueMachineCerti
  * PeerService is what other kmi services (the Auditserver) ask of the KDC.
  *
  * Every call needs mutual TLS with a service certificate from the infrastructure CA whose
- * URI SAN is kmi://service/<name>; anything else is PERMISSION_DENIED.
+ * URI SAN is kmi://service/<name>. No client certificate, or one that does not verify, is
+ * UNAUTHENTICATED; a verified certificate of anything but a service (a machine's) is
+ * PERMISSION_DENIED.
  *
  * @generated from service kmi.kdc.v1.PeerService
  */

@@ -1,0 +1,194 @@
+/**
+ * The options of `kmi agent` (flags, KMI_AGENT_* environment, JSON config file) and their
+ * resolution into an AgentConfig: files read, durations checked, the measurement plan built.
+ * The only agent module that touches the environment (through common/config.ts).
+ */
+import { readFile } from "node:fs/promises";
+import { hostname as osHostname } from "node:os";
+import { dirname, isAbsolute, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { ConfigError, defineProgram, type LoadedConfig } from "../common/config.js";
+import { parseListenAddress } from "../common/listen.js";
+import { LOG_LEVELS, type LogLevel } from "../common/logger.js";
+import { checkMeasurementName } from "../attest/index.js";
+import type { MeasurementPlan } from "./attestor.js";
+import type { LeafPolicy } from "./context.js";
+import type { KdcLinkTiming } from "./kdc-link.js";
+
+const DAY_S = 86_400;
+
+function httpsUrl(value: string): void {
+  let u: URL;
+  try {
+    u = new URL(value);
+  } catch {
+    throw new Error(`"${value}" is not a URL; use https://host:port`);
+  }
+  if (u.protocol !== "https:") throw new Error(`"${value}" must use https:// (the agent speaks only TLS to the KDC and the Auditserver)`);
+}
+
+function positive(value: number): void {
+  if (!(value > 0)) throw new Error("must be a positive number");
+}
+
+/** `kmi agent`. */
+export const agentProgram = defineProgram({
+  program: "agent",
+  usage: "kmi agent [flags]",
+  summary:
+    "Runs the key agent of this machine. On first start it enrolls with a one-time join token (AuditService.Enroll, a key it " +
+    "generates itself), keeps its identity and a sealed cache of its secrets in the state directory (0700, files 0600), attests, " +
+    "fetches and watches its secrets on the KDC over mutual TLS, and serves KeyAgentService on a Unix socket (0600, or 0660 with " +
+    "--socket-group) to local processes: every call needs the metadata header `kmi-agent-workload: true`. No call returns " +
+    "private key material. SIGTERM finishes in-flight calls and stops.",
+  options: {
+    socket: { type: "string", description: "Unix socket to serve KeyAgentService on", default: "/run/kmi/agent.sock", valueName: "path" },
+    socketGroup: { type: "string", description: "group (name or gid) that may use the socket: mode 0660 instead of 0600", valueName: "group" },
+    stateDir: { type: "string", description: "state directory: sealing key, machine identity, sealed cache (made 0700)", default: "/var/lib/kmi/agent", valueName: "dir" },
+    auditUrl: { type: "string", description: "the Auditserver (enrollment, renewal, attestation)", required: true, valueName: "https://host:port", validate: httpsUrl },
+    kdcUrl: { type: "string", description: "the KDC (secret distribution)", required: true, valueName: "https://host:port", validate: httpsUrl },
+    caFile: { type: "string", description: "infrastructure CA certificate(s), PEM: trusted for the KDC and the Auditserver", required: true, valueName: "file" },
+    joinToken: {
+      type: "string",
+      description: "one-time join token for the first start (prefer the environment or --join-token-file: argv is visible to other users)",
+      secret: true,
+      valueName: "kmij_...",
+    },
+    joinTokenFile: { type: "string", description: "file holding the join token (read once, at enrollment)", valueName: "file" },
+    hostname: { type: "string", description: "this machine's name, sent at enrollment (default: the OS hostname)", valueName: "name" },
+    measure: {
+      type: "string",
+      description:
+        "what to measure for attestation: name=path[:path...] entries, comma-separated (default: agent.code=<kmi install dir>, plus agent.config=<--config file> when given)",
+      valueName: "name=path,...",
+    },
+    measureSoftwareVersion: { type: "boolean", description: 'also send the "software.version" measurement (SHA-256 of the kmi version)', default: true },
+    maxLeafLifetimeDays: { type: "integer", description: "longest leaf validity, backdating included", default: 47, validate: positive },
+    leafBackdateSeconds: { type: "integer", description: "how far a leaf's notBefore is set back from now (for clients with a slow clock)", default: 3600 },
+    reconnectInitialMs: { type: "integer", description: "first delay before reconnecting to the KDC, ms (then exponential with jitter)", default: 500, validate: positive },
+    reconnectMaxMs: { type: "integer", description: "longest delay between reconnects, ms", default: 30_000, validate: positive },
+    heartbeatTimeoutMs: { type: "integer", description: "a KDC watch stream silent this long is dead, ms (the KDC sends a heartbeat every 15 s)", default: 45_000, validate: positive },
+    shutdownTimeoutMs: { type: "integer", description: "how long in-flight calls get on shutdown, ms", default: 10_000 },
+    metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint (off when unset)", valueName: "host:port" },
+    logLevel: { type: "string", description: "log level", default: "info", choices: LOG_LEVELS },
+  },
+});
+
+/** Everything the agent runs with, resolved. */
+export interface AgentConfig {
+  /** Unix socket path. */
+  socketPath: string;
+  /** Socket group (mode 0660) or undefined (mode 0600). */
+  socketGroup: string | undefined;
+  /** State directory. */
+  stateDir: string;
+  /** Auditserver URL. */
+  auditUrl: string;
+  /** KDC URL. */
+  kdcUrl: string;
+  /** Infrastructure CA, PEM. */
+  caPem: string;
+  /** Join token, when given (only used before enrollment). */
+  joinToken: string | undefined;
+  /** Hostname sent at enrollment. */
+  hostname: string;
+  /** What attestation measures. */
+  measurements: MeasurementPlan;
+  /** Leaf policy. */
+  policy: LeafPolicy;
+  /** KDC link timing. */
+  timing: KdcLinkTiming;
+  /** Shutdown grace, ms. */
+  shutdownTimeoutMs: number;
+  /** Metrics endpoint, when on. */
+  metricsListen: string | undefined;
+  /** Log level. */
+  logLevel: LogLevel;
+}
+
+/** The directory kmi runs from (dist/ of the installed package): what "agent.code" measures by default. */
+export function installDir(): string {
+  // This file is dist/src/agent/config.js once built: three levels up is dist/.
+  return resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
+}
+
+/** Parses "name=path[:path...],name=path" into measurement sources. */
+export function parseMeasure(text: string): Record<string, string[]> {
+  const out: Record<string, string[]> = {};
+  for (const entry of text.split(",").map((e) => e.trim()).filter((e) => e !== "")) {
+    const eq = entry.indexOf("=");
+    if (eq <= 0) throw new ConfigError(`--measure: "${entry}" is not name=path; e.g. agent.code=/opt/kmi/dist`);
+    const name = entry.slice(0, eq);
+    try {
+      checkMeasurementName(name, "measurement");
+    } catch (err) {
+      throw new ConfigError(`--measure: ${err instanceof Error ? err.message : String(err)}`);
+    }
+    const paths = entry.slice(eq + 1).split(":").filter((p) => p !== "");
+    if (paths.length === 0) throw new ConfigError(`--measure: "${name}" has no path`);
+    for (const p of paths) if (!isAbsolute(p)) throw new ConfigError(`--measure: path "${p}" of "${name}" must be absolute`);
+    if (out[name] !== undefined) throw new ConfigError(`--measure: "${name}" appears twice`);
+    out[name] = paths;
+  }
+  return out;
+}
+
+/** Resolves loaded options into an AgentConfig: reads the CA file and the join token file, checks combinations. */
+export async function resolveAgentConfig(loaded: LoadedConfig<typeof agentProgram.options>): Promise<AgentConfig> {
+  const v = loaded.values;
+  try {
+    parseListenAddress(`unix:${v.socket}`);
+  } catch (err) {
+    throw new ConfigError(`--socket: ${err instanceof Error ? err.message : String(err)}`);
+  }
+  if (v.metricsListen !== undefined) {
+    try {
+      parseListenAddress(v.metricsListen);
+    } catch (err) {
+      throw new ConfigError(`--metrics-listen: ${err instanceof Error ? err.message : String(err)}`);
+    }
+  }
+  let caPem: string;
+  try {
+    caPem = await readFile(v.caFile, "utf8");
+  } catch (err) {
+    throw new ConfigError(`--ca-file ${v.caFile}: cannot read (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+  }
+  if (!caPem.includes("-----BEGIN CERTIFICATE-----")) throw new ConfigError(`--ca-file ${v.caFile}: no PEM certificate in it`);
+  if (v.joinToken !== undefined && v.joinTokenFile !== undefined) {
+    throw new ConfigError("--join-token and --join-token-file are both set; give one");
+  }
+  let joinToken = v.joinToken;
+  if (v.joinTokenFile !== undefined) {
+    try {
+      joinToken = (await readFile(v.joinTokenFile, "utf8")).trim();
+    } catch (err) {
+      throw new ConfigError(`--join-token-file ${v.joinTokenFile}: cannot read (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+    }
+  }
+  const files: Record<string, string[]> =
+    v.measure !== undefined
+      ? parseMeasure(v.measure)
+      : { "agent.code": [installDir()], ...(loaded.configFile !== undefined ? { "agent.config": [resolve(loaded.configFile)] } : {}) };
+  if (v.maxLeafLifetimeDays * DAY_S <= v.leafBackdateSeconds) {
+    throw new ConfigError("--leaf-backdate-seconds: must be shorter than --max-leaf-lifetime-days");
+  }
+  if (v.leafBackdateSeconds < 0) throw new ConfigError("--leaf-backdate-seconds: must not be negative");
+  if (v.reconnectMaxMs < v.reconnectInitialMs) throw new ConfigError("--reconnect-max-ms: must be at least --reconnect-initial-ms");
+  return {
+    socketPath: v.socket.replace(/^unix:/, ""),
+    socketGroup: v.socketGroup,
+    stateDir: v.stateDir,
+    auditUrl: v.auditUrl,
+    kdcUrl: v.kdcUrl,
+    caPem,
+    joinToken: joinToken === "" ? undefined : joinToken,
+    hostname: v.hostname ?? osHostname(),
+    measurements: { files, softwareVersion: v.measureSoftwareVersion },
+    policy: { maxLifetimeMs: v.maxLeafLifetimeDays * DAY_S * 1000, backdateMs: v.leafBackdateSeconds * 1000 },
+    timing: { reconnectInitialMs: v.reconnectInitialMs, reconnectMaxMs: v.reconnectMaxMs, heartbeatTimeoutMs: v.heartbeatTimeoutMs },
+    shutdownTimeoutMs: v.shutdownTimeoutMs,
+    metricsListen: v.metricsListen,
+    logLevel: v.logLevel as LogLevel,
+  };
+}

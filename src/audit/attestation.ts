@@ -1,0 +1,186 @@
+/**
+ * Attestation: nonces, and the check of signed evidence that ends in an attestation token.
+ *
+ * Attest checks, in order, and refuses at the first failure:
+ *   1. the caller is an enrolled machine over mutual TLS, with its recorded certificate;
+ *   2. the signature over the evidence bytes verifies with that certificate's key
+ *      (UNAUTHENTICATED) — only then are the bytes decoded (INVALID_ARGUMENT naming the field);
+ *   3. evidence.machine_id is the certificate's machine (UNAUTHENTICATED);
+ *   4. the nonce was issued to this machine, is unexpired and unused (UNAUTHENTICATED);
+ *   5. the machine is not quarantined (PERMISSION_DENIED);
+ *   6. the measurements are exactly the group's approved names, each with an approved digest
+ *      (FAILED_PRECONDITION naming the measurement; with the group's quarantine_on_mismatch the
+ *      machine is quarantined, in its own audited batch).
+ * On success ONE batch consumes the nonce, records the result and appends the audit entry; the
+ * token is returned only after it committed. A refusal records the attempt (the `attestations`
+ * observation record, with the audit entry) and changes nothing else: the nonce stays as it
+ * was, the machine record is untouched (except for the quarantine of step 6).
+ */
+import { X509Certificate, randomBytes } from "node:crypto";
+import { clone, create } from "@bufbuild/protobuf";
+import { decodeEvidence, signAttestationToken, verifyEvidenceSignature, type EvidenceValue } from "../attest/index.js";
+import { FailedPrecondition, PermissionDenied, ResourceExhausted, Unauthenticated, isKmiError } from "../common/errors.js";
+import { MachineStatus } from "../gen/kmi/audit/v1/audit_pb.js";
+import { AttestationNonceRecordSchema, AttestationResultRecordSchema, type EnrolledMachineRecord } from "../gen/kmi/store/v1/audit_pb.js";
+import { delOp, putOp, type BatchOp } from "../storage/store.js";
+import { markAudited, refusalOutcome } from "./audited.js";
+import type { AuditContext } from "./context.js";
+import { loadCallerMachine, type MachineCaller } from "./identity.js";
+import { quarantineOps } from "./machine-ops.js";
+import { compareMeasurements, summarizeProblems } from "./measurement-policy.js";
+import { approvedOf, dateOf, getGroup, ts } from "./records.js";
+import { RECORD_VERSION, Tables, nonceKey } from "./store.js";
+
+/** Issues a nonce to the calling machine. Nonces are not audited: see docs/audit.md. */
+export async function issueNonce(ctx: AuditContext, caller: MachineCaller): Promise<{ nonce: Uint8Array; expiresAt: Date }> {
+  return ctx.locks.run(`machine/${caller.machineId}`, async () => {
+    await loadCallerMachine(ctx, caller);
+    const now = ctx.clock.now();
+    const ops: BatchOp[] = [];
+    let outstanding = 0;
+    for await (const [key, n] of ctx.store.iterate(Tables.nonces, { prefix: `${caller.machineId}/` })) {
+      if (dateOf(n.expiresAt).getTime() <= now.getTime()) ops.push(delOp(Tables.nonces, key));
+      else if (n.usedAt === undefined) outstanding++;
+    }
+    if (outstanding >= ctx.policy.maxNoncesPerMachine) {
+      throw new ResourceExhausted(`nonce: ${outstanding} unused nonces outstanding for machine ${caller.machineId}; attest with one, or wait ${ctx.policy.nonceTtlMs / 1000} s`);
+    }
+    const nonce = randomBytes(32);
+    const expiresAt = new Date(now.getTime() + ctx.policy.nonceTtlMs);
+    const record = create(AttestationNonceRecordSchema, { recordVersion: RECORD_VERSION, machineId: caller.machineId, nonce, issuedAt: ts(now), expiresAt: ts(expiresAt) });
+    ops.push(putOp(Tables.nonces, nonceKey(caller.machineId, nonce), record));
+    await ctx.store.batch(ops);
+    return { nonce, expiresAt };
+  });
+}
+
+/** What a successful attestation returns. */
+export interface AttestResult {
+  token: string;
+  expiresAt: Date;
+  jti: string;
+}
+
+/** Checks signed evidence and issues an attestation token. */
+export async function attest(ctx: AuditContext, caller: MachineCaller, evidenceBytes: Uint8Array, signature: Uint8Array): Promise<AttestResult> {
+  const target = `machine/${caller.machineId}`;
+  const actor = `machine:${caller.machineId}`;
+  return ctx.locks.run(`machine/${caller.machineId}`, async () => {
+    let machine: EnrolledMachineRecord | undefined;
+    let evidence: EvidenceValue | undefined;
+    const details: Record<string, string> = {};
+    try {
+      machine = await loadCallerMachine(ctx, caller);
+      if (!verifyEvidenceSignature(evidenceBytes, signature, caller.certificateDer)) {
+        throw new Unauthenticated("signature: does not verify with the key of your machine certificate; sign the evidence bytes with the machine key");
+      }
+      evidence = decodeEvidence(evidenceBytes);
+      details["software_version"] = evidence.softwareVersion;
+      // Recorded, not judged: freshness comes from the nonce, and machine clocks drift.
+      details["evidence_time"] = evidence.time.toISOString();
+      if (evidence.machineId !== caller.machineId) {
+        throw new Unauthenticated(`evidence.machine_id: ${evidence.machineId} is not the machine of the client certificate (${caller.machineId})`);
+      }
+      const now = ctx.clock.now();
+      const key = nonceKey(caller.machineId, evidence.nonce);
+      const nonce = await ctx.store.get(Tables.nonces, key);
+      details["nonce"] = Buffer.from(evidence.nonce).toString("hex").slice(0, 16);
+      if (nonce === undefined) throw new Unauthenticated("evidence.nonce: unknown (not issued to this machine, or expired and swept); get a new one with GetAttestationNonce");
+      if (nonce.usedAt !== undefined) {
+        throw new Unauthenticated(`evidence.nonce: already used at ${dateOf(nonce.usedAt).toISOString()} (a replay); get a new one with GetAttestationNonce`);
+      }
+      if (now.getTime() >= dateOf(nonce.expiresAt).getTime()) {
+        throw new Unauthenticated(`evidence.nonce: expired at ${dateOf(nonce.expiresAt).toISOString()}; get a new one and attest within ${ctx.policy.nonceTtlMs / 1000} s`);
+      }
+      if (machine.status === MachineStatus.QUARANTINED) {
+        throw new PermissionDenied(`machine ${machine.machineId}: quarantined (${machine.statusReason}); an operator must release it (\`kmi ctl machine release ${machine.machineId}\`)`);
+      }
+      const group = await getGroup(ctx, machine.group);
+      const problems = compareMeasurements(group.name, approvedOf(group), evidence.measurements);
+      if (problems.length > 0) {
+        const err = new FailedPrecondition(summarizeProblems(problems));
+        details["mismatched"] = problems.map((p) => p.name || "(none approved)").join(",").slice(0, 4096);
+        if (group.quarantineOnMismatch) {
+          const reason = `attestation failed: ${err.message}`.slice(0, 256);
+          const { ops, change } = quarantineOps(machine, reason, "system", now);
+          await ctx.audit.append({ actor: "system", action: "machine.quarantine", target, outcome: "ok", details: { reason, policy: `group ${group.name} quarantine_on_mismatch` } }, ops);
+          ctx.statusHub.publish(change);
+          details["quarantined"] = "true";
+        }
+        throw err;
+      }
+
+      // A token never outlives the certificate it is bound to: the presented one, which may be
+      // the one before the last renewal.
+      const notAfter = new Date(new X509Certificate(caller.certificateDer).validTo);
+      const expiresAt = new Date(Math.min(now.getTime() + group.tokenTtlSeconds * 1000, notAfter.getTime()));
+      const signed = signAttestationToken(
+        { machineId: machine.machineId, group: group.name, tenantIds: group.tenantIds, certificateSha256: caller.certificateSha256, issuedAt: now, expiresAt },
+        { privateKey: ctx.attestationKey.privateKey, keyId: ctx.attestationKey.keyId },
+      );
+      const exp = new Date(signed.claims.exp * 1000);
+      const used = clone(AttestationNonceRecordSchema, nonce);
+      used.usedAt = ts(now);
+      const result = create(AttestationResultRecordSchema, {
+        recordVersion: RECORD_VERSION,
+        machineId: machine.machineId,
+        time: ts(now),
+        ok: true,
+        softwareVersion: evidence.softwareVersion,
+        tokenId: signed.claims.jti,
+        tokenExpiresAt: ts(exp),
+      });
+      await ctx.audit.append(
+        { actor, action: "machine.attest", target, outcome: "ok", details: { ...details, jti: signed.claims.jti, expires_at: exp.toISOString(), certificate_sha256: caller.certificateSha256 } },
+        [putOp(Tables.nonces, key, used), putOp(Tables.attestations, machine.machineId, result)],
+      );
+      return { token: signed.token, expiresAt: exp, jti: signed.claims.jti };
+    } catch (err) {
+      await recordRefusal(ctx, { actor, target, details, machine, evidence }, err);
+      throw markAudited(err as object);
+    }
+  });
+}
+
+/** Logs a refused attestation with its observation record (only for an enrolled machine). */
+async function recordRefusal(
+  ctx: AuditContext,
+  p: { actor: string; target: string; details: Record<string, string>; machine: EnrolledMachineRecord | undefined; evidence: EvidenceValue | undefined },
+  err: unknown,
+): Promise<void> {
+  const problem = isKmiError(err) ? err.message.slice(0, 1024) : "internal error (see the server log)";
+  const ops: BatchOp[] = [];
+  if (p.machine !== undefined) {
+    ops.push(
+      putOp(
+        Tables.attestations,
+        p.machine.machineId,
+        create(AttestationResultRecordSchema, {
+          recordVersion: RECORD_VERSION,
+          machineId: p.machine.machineId,
+          time: ts(ctx.clock.now()),
+          ok: false,
+          problem,
+          softwareVersion: p.evidence?.softwareVersion ?? "",
+        }),
+      ),
+    );
+  }
+  try {
+    await ctx.audit.append({ actor: p.actor, action: "machine.attest", target: p.target, outcome: refusalOutcome(err), details: { ...p.details, reason: problem } }, ops);
+  } catch (logErr) {
+    ctx.logger.error("audit log: cannot record a refused attestation", { target: p.target, err: logErr });
+  }
+}
+
+/** Deletes every expired nonce (a timer runs it); returns how many. */
+export async function sweepNonces(ctx: AuditContext): Promise<number> {
+  const now = ctx.clock.now().getTime();
+  const ops: BatchOp[] = [];
+  for await (const [key, n] of ctx.store.iterate(Tables.nonces)) {
+    if (dateOf(n.expiresAt).getTime() <= now) ops.push(delOp(Tables.nonces, key));
+    if (ops.length >= 1000) break;
+  }
+  if (ops.length > 0) await ctx.store.batch(ops);
+  return ops.length;
+}

@@ -1,0 +1,159 @@
+/**
+ * The Auditserver: opens its data directory, unseals its two keys into memory (never to
+ * disk), serves AuditService and AuditAdminService over TLS with optional mutual TLS (client
+ * certificates from the infrastructure CA), sweeps expired nonces, and on destroy drains calls
+ * and closes the store.
+ */
+import { X509Certificate, createPrivateKey, createPublicKey } from "node:crypto";
+import { stat } from "node:fs/promises";
+import { ConnectServer, type BoundAddresses } from "../common/connect-server.js";
+import { FailedPrecondition } from "../common/errors.js";
+import type { Logger } from "../common/logger.js";
+import { parseListenAddress } from "../common/listen.js";
+import { createMetricsRegistry, startMetricsServer, type MetricsServer } from "../common/metrics.js";
+import { createAuditLog, deriveAuditKey, keyedHash } from "../storage/audit-log.js";
+import type { LevelStore } from "../storage/level-store.js";
+import { open as unseal } from "../storage/seal.js";
+import { sweepNonces } from "./attestation.js";
+import type { AuditContext, Clock, KdcPeer } from "./context.js";
+import { createCsrChecker } from "./csr.js";
+import { credentialAad, dataPaths, loadAuditMasterKey, openAuditStore, type MasterKeyOptions } from "./init.js";
+import { createKdcPeer } from "./kdc-client.js";
+import { KeyedMutex } from "./mutex.js";
+import { services } from "./routes.js";
+import { MachineStatusHub } from "./status-hub.js";
+import { ATTESTATION_KEY, META_KEY, SERVICE_TLS_KEY, Tables } from "./store.js";
+
+/** How often expired nonces are deleted. */
+const SWEEP_INTERVAL_MS = 60_000;
+/** Warn at start when the TLS certificate has less than this left. */
+const TLS_WARN_BEFORE_MS = 30 * 24 * 3600 * 1000;
+
+/** Options of `AuditServer.create`. */
+export interface AuditServerOptions extends MasterKeyOptions {
+  dataDir: string;
+  /** host:port; port 0 picks a free port. */
+  listen: string;
+  /** The KDC's URL; default the one recorded at init. */
+  kdcUrl?: string | undefined;
+  logger: Logger;
+  clock?: Clock;
+  metricsListen?: string | undefined;
+  shutdownTimeoutMs?: number;
+  /** Replaces the KDC client (tests). */
+  kdc?: KdcPeer;
+}
+
+/** The Auditserver (create / start / destroy). */
+export class AuditServer {
+  private metricsServer: MetricsServer | undefined;
+  private sweeper: NodeJS.Timeout | undefined;
+  private closed = false;
+
+  private constructor(
+    /** The services' context (tests read the store through it). */
+    readonly ctx: AuditContext,
+    private readonly store: LevelStore,
+    private readonly server: ConnectServer,
+    private readonly opts: AuditServerOptions,
+    private readonly metrics: ReturnType<typeof createMetricsRegistry>,
+  ) {}
+
+  /** Opens the data directory and builds the server (nothing listens yet). */
+  static async create(opts: AuditServerOptions): Promise<AuditServer> {
+    const paths = dataPaths(opts.dataDir, opts.masterKeyFile);
+    const notInitialized = `data dir ${opts.dataDir} is not initialized; run \`kmi audit init --data-dir ${opts.dataDir} --kdc-ca-file <the KDC's infra-ca.pem> --token-file <operator token>\` first`;
+    if (!(await stat(paths.store).then(() => true, () => false))) throw new FailedPrecondition(notInitialized);
+    const masterKey = await loadAuditMasterKey(opts.dataDir, opts);
+    const store = await openAuditStore(opts.dataDir, false);
+    try {
+      const meta = await store.get(Tables.meta, META_KEY);
+      if (meta === undefined) throw new FailedPrecondition(`${notInitialized} (an init did not finish)`);
+      const att = await store.get(Tables.credentials, ATTESTATION_KEY);
+      const tls = await store.get(Tables.credentials, SERVICE_TLS_KEY);
+      if (att?.privateKey === undefined || tls?.privateKey === undefined) {
+        throw new FailedPrecondition(`data dir ${opts.dataDir}: a credential is missing; restore the store from a backup`);
+      }
+      // Both keys are opened here, so a wrong master key fails at start, not on the first call.
+      const attPkcs8 = unseal(masterKey, att.privateKey, credentialAad(ATTESTATION_KEY));
+      const tlsPkcs8 = unseal(masterKey, tls.privateKey, credentialAad(SERVICE_TLS_KEY));
+      const hmacKey = deriveAuditKey(masterKey);
+      masterKey.fill(0);
+      const attestationPrivate = createPrivateKey({ key: Buffer.from(attPkcs8), format: "der", type: "pkcs8" });
+      // The TLS key stays in this process's memory only; node's TLS wants PEM.
+      const tlsKeyPem = createPrivateKey({ key: Buffer.from(tlsPkcs8), format: "der", type: "pkcs8" }).export({ format: "pem", type: "pkcs8" }) as string;
+      attPkcs8.fill(0);
+      tlsPkcs8.fill(0);
+      const certPem = new X509Certificate(tls.certificateDer).toString();
+      const caPem = new X509Certificate(tls.caCertificateDer).toString();
+
+      const clock = opts.clock ?? { now: () => new Date() };
+      const logger = opts.logger;
+      const notAfter = new Date(new X509Certificate(tls.certificateDer).validTo);
+      if (notAfter.getTime() - clock.now().getTime() < TLS_WARN_BEFORE_MS) {
+        logger.warn("the Auditserver's TLS certificate expires soon; run `kmi audit init --reissue-certificate` with an operator token", { not_after: notAfter.toISOString() });
+      }
+      const kdcUrl = opts.kdcUrl ?? meta.kdcUrl;
+      const kdc = opts.kdc ?? createKdcPeer({ url: kdcUrl, caPem, certPem, keyPem: tlsKeyPem, logger });
+      const ctx: AuditContext = {
+        store,
+        audit: createAuditLog(store, { clock }),
+        keyedHash: (v) => keyedHash(hmacKey, v),
+        kdc,
+        csr: createCsrChecker(),
+        attestationKey: { privateKey: attestationPrivate, publicKey: createPublicKey(attestationPrivate), keyId: att.keyId },
+        caPem,
+        statusHub: new MachineStatusHub(),
+        locks: new KeyedMutex(),
+        clock,
+        logger,
+        policy: { nonceTtlMs: 60_000, maxNoncesPerMachine: 16 },
+      };
+      const metrics = createMetricsRegistry();
+      const server = ConnectServer.create({
+        name: "audit",
+        services: services(ctx),
+        tcp: { listen: opts.listen, tls: { cert: Buffer.from(certPem), key: Buffer.from(tlsKeyPem), ca: Buffer.from(caPem) }, mtls: "optional" },
+        logger,
+        metrics,
+        ...(opts.shutdownTimeoutMs !== undefined ? { shutdownTimeoutMs: opts.shutdownTimeoutMs } : {}),
+      });
+      logger.info("audit store opened", { data_dir: opts.dataDir, audit_id: meta.auditId, kdc: kdcUrl, attestation_key_id: att.keyId });
+      return new AuditServer(ctx, store, server, opts, metrics);
+    } catch (err) {
+      masterKey.fill(0);
+      await store.close();
+      throw err;
+    }
+  }
+
+  /** Starts listening; resolves with the bound addresses. */
+  async start(): Promise<BoundAddresses> {
+    const bound = await this.server.start();
+    if (this.opts.metricsListen !== undefined) {
+      this.metricsServer = await startMetricsServer(this.metrics, parseListenAddress(this.opts.metricsListen), this.opts.logger);
+    }
+    const sweep = () => {
+      sweepNonces(this.ctx).catch((err: unknown) => this.opts.logger.warn("nonce sweep failed", { err }));
+    };
+    sweep();
+    this.sweeper = setInterval(sweep, SWEEP_INTERVAL_MS);
+    this.sweeper.unref();
+    this.opts.logger.info("audit serving", { address: bound.tcp, data_dir: this.opts.dataDir });
+    return bound;
+  }
+
+  /** Drains calls, stops listening and closes the store. Idempotent. */
+  async destroy(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    clearInterval(this.sweeper);
+    try {
+      await this.server.destroy();
+      await this.metricsServer?.close();
+    } finally {
+      await this.store.close();
+      this.opts.logger.info("store closed");
+    }
+  }
+}

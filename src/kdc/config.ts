@@ -1,0 +1,49 @@
+/**
+ * The options of `kmi kdc` and `kmi kdc init` (flags, KMI_KDC_* environment, JSON config file).
+ */
+import { defineProgram } from "../common/config.js";
+import { LOG_LEVELS } from "../common/logger.js";
+
+const common = {
+  dataDir: { type: "string", description: "data directory: LevelDB store, master key file, public CA files", default: "data/kdc", valueName: "dir" },
+  masterKeyFile: { type: "string", description: "master key file, mode 0600 (default <data-dir>/master.key)", valueName: "file" },
+  masterKey: {
+    type: "string",
+    description: "master key as base64 instead of a file (prefer the environment: argv is visible to other users; KMI_MASTER_KEY works too)",
+    secret: true,
+    valueName: "base64",
+  },
+  dnsName: { type: "string", description: "extra DNS names for the KDC's TLS certificate, comma-separated (localhost is always in)", valueName: "names" },
+  ip: { type: "string", description: "extra IP addresses for the KDC's TLS certificate, comma-separated (127.0.0.1 and ::1 are always in)", valueName: "addrs" },
+  logLevel: { type: "string", description: "log level", default: "info", choices: LOG_LEVELS },
+} as const;
+
+/** `kmi kdc`: serve. */
+export const serveProgram = defineProgram({
+  program: "kdc",
+  usage: "kmi kdc [flags]   (first: kmi kdc init)",
+  summary:
+    "Runs the KDC: the tenant-facing certificate API (KdcService), the operator API (KdcAdminService), the peer API for kmi services, " +
+    "health and reflection, over TLS on TCP (gRPC, gRPC-Web and Connect). Client certificates from the infrastructure CA are verified when sent " +
+    "(mutual TLS mode optional); operator and tenant calls use bearer tokens. SIGTERM drains in-flight calls and closes the store.",
+  options: {
+    ...common,
+    listen: { type: "string", description: "TCP address to serve on (port 0 picks a free port)", default: "127.0.0.1:7443", valueName: "host:port" },
+    metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint (off when unset)", valueName: "host:port" },
+    shutdownTimeoutMs: { type: "integer", description: "how long in-flight calls get on shutdown, ms", default: 10000 },
+  },
+});
+
+/** `kmi kdc init`: make the data dir, the master key, the two roots, the TLS certificate and a first operator token. */
+export const initProgram = defineProgram({
+  program: "kdc",
+  usage: "kmi kdc init [flags]",
+  summary:
+    "Creates the KDC's data directory (0700), the master key file (0600, unless the key comes from the environment), the KMI root CA and the " +
+    "infrastructure CA (separate ECDSA P-256 keys, sealed in the store), the KDC's TLS certificate, the public kmi-root.pem and infra-ca.pem, " +
+    "and a first operator token, printed once. Refuses a data directory that is initialized already.",
+  options: {
+    ...common,
+    tokenFile: { type: "string", description: "also write the operator token to this file (mode 0600)", valueName: "file", noEnv: true },
+  },
+});

@@ -1,0 +1,168 @@
+/**
+ * What the KDC's services need, as small interfaces declared here (the store, the audit log,
+ * sealing, certificate making, a clock, the attestation key, the quarantine list, the watch
+ * streams) and the context object that carries them. The real server fills it from storage/
+ * and pki/ (see ./pki-adapter.ts, ./init.ts); tests may fill it with fakes.
+ */
+import type { KeyObject } from "node:crypto";
+import type { SealedBlob } from "../gen/kmi/store/v1/envelope_pb.js";
+import type { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
+import type { Logger } from "../common/logger.js";
+import type { AuditEntry, AuditEntryInput, AuditTailOptions, AuditVerifyResult } from "../storage/audit-log.js";
+import type { BatchOp } from "../storage/store.js";
+import type { KdcStore } from "./kdc-store.js";
+import type { KeyedMutex } from "./mutex.js";
+import type { SubjectInput } from "./validate.js";
+
+/** A source of the current time. */
+export interface Clock {
+  now(): Date;
+}
+
+/** The audit log as the KDC uses it: append with the change in one batch, read, verify. */
+export interface AuditSink {
+  append(entry: AuditEntryInput, changeOps?: readonly BatchOp[]): Promise<AuditEntry>;
+  tail(options?: AuditTailOptions): Promise<AuditEntry[]>;
+  verify(): Promise<AuditVerifyResult>;
+  head(): Promise<{ seq: bigint; hash: string }>;
+}
+
+/** Envelope encryption under the master key. */
+export interface Sealer {
+  seal(plaintext: Uint8Array, aad: string): SealedBlob;
+  open(blob: SealedBlob, aad: string): Uint8Array;
+  /** "hmac:<hex>" keyed hash of a sensitive value, for audit details. */
+  keyedHash(value: string | Uint8Array): string;
+}
+
+/** A freshly generated key pair: the private key as PKCS#8 DER (seal it at once). */
+export interface GeneratedKey {
+  algorithm: KeyAlgorithm;
+  pkcs8: Uint8Array;
+  spki: Uint8Array;
+  /** Lowercase hex SHA-256 of the SPKI. */
+  keyId: string;
+}
+
+/** A parsed, signature-checked CSR. */
+export interface CheckedCsr {
+  spki: Uint8Array;
+  algorithm: KeyAlgorithm;
+}
+
+/** A summary of one certificate (what CertificateInfo carries). */
+export interface CertSummary {
+  subject: string;
+  issuer: string;
+  serialHex: string;
+  notBefore: Date;
+  notAfter: Date;
+  /** Uppercase hex pairs joined by ':'. */
+  sha256Fingerprint: string;
+  isCa: boolean;
+  dnsNames: string[];
+  ipAddresses: string[];
+  uris: string[];
+  algorithm: KeyAlgorithm;
+  subjectKeyIdHex: string;
+  authorityKeyIdHex: string;
+  pathLenConstraint: number;
+  spki: Uint8Array;
+}
+
+/** An issuer: its certificate and private key (PKCS#8 DER, unsealed just for this call). */
+export interface Issuer {
+  certificateDer: Uint8Array;
+  pkcs8: Uint8Array;
+}
+
+/** What the KDC asks of the PKI layer. Times are `now` plus a lifetime; issuers clamp to their own notAfter. */
+export interface CertificateFactory {
+  /** A new key pair, generated off the event loop. */
+  generateKey(algorithm: KeyAlgorithm): Promise<GeneratedKey>;
+  /** A self-signed CA certificate (a root). */
+  selfSignedCa(p: { pkcs8: Uint8Array; subject: SubjectInput; now: Date; validitySeconds: number }): Uint8Array;
+  /** An intermediate CA certificate (pathLen 0, keyCertSign+cRLSign, SKI/AKI) for `spki`. */
+  issueIntermediate(p: { issuer: Issuer; spki: Uint8Array; subject: SubjectInput; now: Date; validitySeconds: number }): Uint8Array;
+  /** A PKCS#10 CSR for an intermediate CA, signed by `pkcs8`, requesting the CA extensions. */
+  createCsr(p: { pkcs8: Uint8Array; subject: SubjectInput }): Uint8Array;
+  /** A kmi service's certificate (serverAuth+clientAuth, kmi://service/<name>). */
+  issueServiceCertificate(p: { issuer: Issuer; serviceName: string; spki: Uint8Array; dnsNames: string[]; ipAddresses: string[]; now: Date; validitySeconds: number }): Uint8Array;
+  /** A machine's client certificate (clientAuth, kmi://machine/<id>, OU=<group>). */
+  issueMachineCertificate(p: { issuer: Issuer; machineId: string; group: string; spki: Uint8Array; now: Date; validitySeconds: number }): Uint8Array;
+  /** Parses a PEM CSR and checks its signature; InvalidArgument naming `field` otherwise. */
+  checkCsr(pem: string, field: string): CheckedCsr;
+  /** A summary of a DER certificate. */
+  summarize(der: Uint8Array): CertSummary;
+  /**
+   * Every check of an uploaded intermediate, before anything changes: it parses (exactly one
+   * certificate), is a CA, certifies `expectedSpki`, is valid at `now`, and chains to
+   * `customerRoot` when given. Returns the DERs; throws InvalidArgument/FailedPrecondition.
+   */
+  checkUpload(p: { certificate: Uint8Array; customerRoot: Uint8Array | undefined; expectedSpki: Uint8Array; now: Date; pendingVersion?: number }): { certificateDer: Uint8Array; customerRootDer: Uint8Array | undefined };
+  /** PEM of a DER certificate. */
+  certificatePem(der: Uint8Array): string;
+  /** PEM of a DER CSR. */
+  csrPem(der: Uint8Array): string;
+}
+
+/** The Auditserver's token-signing public key, as the distribution API verifies tokens with it. */
+export interface AttestationKeyProvider {
+  /** The key; Unavailable saying what to do while it is not loaded. */
+  current(): KeyObject;
+  /** True once a key is loaded (GetKdcStatus.attestation_key_loaded). */
+  readonly loaded: boolean;
+  /** A token named another key id: the Auditserver may have a new key; fetch it again (rate-limited). */
+  keyMismatch(): void;
+}
+
+/** The machines the Auditserver reported quarantined. */
+export interface QuarantineList {
+  /** The reason a machine is quarantined, or undefined when it is not. */
+  reasonFor(machineId: string): string | undefined;
+}
+
+/**
+ * Told of every committed change that agents must hear of; the watch hub pushes it on the open
+ * WatchSecrets streams. Called after the change's batch committed, never before.
+ */
+export interface SecretEvents {
+  /** The tenant's active intermediate changed (activation, rotation, bootstrap). */
+  activeChanged(tenantId: string): void;
+  /** A key of the tenant was revoked (an intermediate version's or a signing key's). */
+  keyRevoked(tenantId: string, keyId: string, reason: string): void;
+  /** A plain signing key was made. */
+  signingKeyAdded(tenantId: string, name: string): void;
+}
+
+/** Who is watching: what GetRolloutStatus and GetKdcStatus show as `connected`. */
+export interface WatchPresence {
+  /** True while the machine has a WatchSecrets stream open. */
+  isConnected(machineId: string): boolean;
+  /** Machines with a stream open now. */
+  readonly connectedCount: number;
+}
+
+/** Everything the KDC's services use. */
+export interface KdcContext {
+  store: KdcStore;
+  audit: AuditSink;
+  sealer: Sealer;
+  pki: CertificateFactory;
+  clock: Clock;
+  logger: Logger;
+  /** Serializes changes per tenant (key "tenant/<id>") and of global records (key "tokens"). */
+  locks: KeyedMutex;
+  /** When the server started (for uptime). */
+  startedAt: Date;
+  /** The Auditserver's attestation key. */
+  attestationKey: AttestationKeyProvider;
+  /** Quarantined machines. */
+  quarantine: QuarantineList;
+  /** Changes to push to agents (after commit). */
+  events: SecretEvents;
+  /** Open watch streams. */
+  presence: WatchPresence;
+  /** How long a released secret may be used without hearing from the KDC again, ms. */
+  leaseMs: number;
+}

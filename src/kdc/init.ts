@@ -1,0 +1,282 @@
+/**
+ * `kmi kdc init` and opening an initialized data directory: the store, the master key, the
+ * two roots, the KDC's TLS certificate and the first operator token.
+ *
+ * Files in the data directory (0700):
+ *   store/          LevelDB (every private key in it sealed under the master key)
+ *   master.key      the master key, base64, 0600 (absent when the key comes from the environment)
+ *   kmi-root.pem    the KMI root CA certificate (public), for devices and tenants
+ *   infra-ca.pem    the infrastructure CA certificate (public), for kmi ctl --ca-file and services
+ */
+import { randomBytes } from "node:crypto";
+import { chmod, mkdir, stat, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { create } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { AlreadyExists, FailedPrecondition } from "../common/errors.js";
+import type { Logger } from "../common/logger.js";
+import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
+import { Role } from "../gen/kmi/kdc/v1/admin_pb.js";
+import { CredentialRecordSchema, KdcMetaRecordSchema, TokenRecordSchema, type CredentialRecord } from "../gen/kmi/store/v1/kdc_pb.js";
+import { AuditLog } from "../storage/audit-log.js";
+import { openLevelStore, type LevelStore } from "../storage/level-store.js";
+import { createMasterKeyFile, loadMasterKey, parseMasterKey } from "../storage/master-key.js";
+import type { BatchOp } from "../storage/store.js";
+import type { CertificateFactory, Clock, KdcContext, Sealer } from "./context.js";
+import { CREDENTIAL, credentialAad, KDC_SCHEMA_VERSION, KdcStore, put } from "./kdc-store.js";
+import { KeyedMutex } from "./mutex.js";
+import { createPkiAdapter } from "./pki-adapter.js";
+import { createSealer } from "./sealer.js";
+import { mintToken } from "./tokens.js";
+
+const YEAR_S = 365 * 24 * 3600;
+/** Lifetime of the two roots. */
+export const ROOT_VALIDITY_SECONDS = 10 * YEAR_S;
+/** Lifetime of the KDC's own TLS certificate; it is re-issued at start when less than 30 days are left. */
+export const TLS_VALIDITY_SECONDS = YEAR_S;
+
+/** Paths inside a data directory. */
+export function dataPaths(dataDir: string, masterKeyFile?: string) {
+  return {
+    store: join(dataDir, "store"),
+    masterKey: masterKeyFile ?? join(dataDir, "master.key"),
+    kmiRootPem: join(dataDir, "kmi-root.pem"),
+    infraCaPem: join(dataDir, "infra-ca.pem"),
+  };
+}
+
+/** Where the master key comes from. */
+export interface MasterKeyOptions {
+  /** Base64 key from the environment or a flag, if any. */
+  masterKey?: string | undefined;
+  /** Key file; default <data-dir>/master.key. */
+  masterKeyFile?: string | undefined;
+}
+
+/** Names for the KDC's TLS certificate beyond localhost, 127.0.0.1 and ::1. */
+export interface TlsNames {
+  dnsNames: string[];
+  ipAddresses: string[];
+}
+
+/** Every name of the KDC's TLS certificate. */
+export function allTlsNames(extra: TlsNames): TlsNames {
+  return {
+    dnsNames: [...new Set(["localhost", ...extra.dnsNames.map((d) => d.toLowerCase())])],
+    ipAddresses: [...new Set(["127.0.0.1", "::1", ...extra.ipAddresses])],
+  };
+}
+
+/** Options of `initKdc`. */
+export interface InitOptions extends MasterKeyOptions {
+  dataDir: string;
+  tls: TlsNames;
+  clock?: Clock;
+  pki?: CertificateFactory;
+}
+
+/** What init made. */
+export interface InitResult {
+  /** The operator token, shown once. */
+  operatorToken: string;
+  operatorTokenId: string;
+  /** Path of the master key file, or undefined when the key came from the environment. */
+  masterKeyFile: string | undefined;
+  kmiRootPem: string;
+  infraCaPem: string;
+  kdcId: string;
+}
+
+/** Opens an existing (or, for init, new) KDC store in `dataDir`. */
+export async function openKdcStore(dataDir: string, createIfMissing: boolean): Promise<LevelStore> {
+  return openLevelStore(dataPaths(dataDir).store, { owner: "kdc", schemaVersion: KDC_SCHEMA_VERSION, create: createIfMissing });
+}
+
+async function exists(path: string): Promise<boolean> {
+  return stat(path).then(
+    () => true,
+    (err: NodeJS.ErrnoException) => {
+      if (err.code === "ENOENT") return false;
+      throw err;
+    },
+  );
+}
+
+/** Loads the master key for an initialized data directory. */
+export async function loadKdcMasterKey(dataDir: string, opts: MasterKeyOptions): Promise<Buffer> {
+  if (opts.masterKey !== undefined && opts.masterKey !== "") {
+    if (opts.masterKeyFile !== undefined) {
+      throw new FailedPrecondition("master key: both KMI_KDC_MASTER_KEY (or --master-key) and --master-key-file are set; set only one");
+    }
+    return parseMasterKey(opts.masterKey, "KMI_KDC_MASTER_KEY");
+  }
+  return loadMasterKey({ file: dataPaths(dataDir, opts.masterKeyFile).masterKey });
+}
+
+/** Makes a certificate+sealed-key credential record. */
+function credential(sealer: Sealer, name: string, der: Uint8Array, pkcs8: Uint8Array, now: Date): CredentialRecord {
+  return create(CredentialRecordSchema, {
+    recordVersion: 1,
+    name,
+    certificateDer: der,
+    privateKey: sealer.seal(pkcs8, credentialAad(name)),
+    keyAlgorithm: KeyAlgorithm.ECDSA_P256,
+    createdAt: timestampFromDate(now),
+  });
+}
+
+/** Issues the KDC's TLS server certificate (kmi://service/kdc) with the infrastructure CA. */
+export async function issueKdcTlsCredential(
+  pki: CertificateFactory,
+  sealer: Sealer,
+  infra: { certificateDer: Uint8Array; pkcs8: Uint8Array },
+  names: TlsNames,
+  now: Date,
+): Promise<CredentialRecord> {
+  const key = await pki.generateKey(KeyAlgorithm.ECDSA_P256);
+  try {
+    const all = allTlsNames(names);
+    const der = pki.issueServiceCertificate({ issuer: infra, serviceName: "kdc", spki: key.spki, dnsNames: all.dnsNames, ipAddresses: all.ipAddresses, now, validitySeconds: TLS_VALIDITY_SECONDS });
+    return credential(sealer, CREDENTIAL.kdcTls, der, key.pkcs8, now);
+  } finally {
+    key.pkcs8.fill(0);
+  }
+}
+
+/**
+ * `kmi kdc init`: refuses an initialized data directory; otherwise makes everything in one
+ * batch (with its audit entry), so a crash leaves either nothing or a whole KDC.
+ */
+export async function initKdc(opts: InitOptions): Promise<InitResult> {
+  const clock = opts.clock ?? { now: () => new Date() };
+  const pki = opts.pki ?? createPkiAdapter();
+  const paths = dataPaths(opts.dataDir, opts.masterKeyFile);
+  // Why 0700: the data dir holds the store and, usually, the master key file.
+  await mkdir(opts.dataDir, { recursive: true, mode: 0o700 });
+  await chmod(opts.dataDir, 0o700);
+
+  if ((await exists(paths.store)) && (await exists(paths.infraCaPem))) {
+    throw new AlreadyExists(`data dir ${opts.dataDir} is initialized already; run \`kmi kdc --data-dir ${opts.dataDir}\`, or init another directory`);
+  }
+  const store = await openKdcStore(opts.dataDir, true);
+  try {
+    const kdcStore = new KdcStore(store);
+    if ((await kdcStore.getMeta()) !== undefined) {
+      throw new AlreadyExists(`data dir ${opts.dataDir} is initialized already; run \`kmi kdc --data-dir ${opts.dataDir}\`, or init another directory`);
+    }
+    let key: Buffer;
+    let keyFile: string | undefined;
+    if (opts.masterKey !== undefined && opts.masterKey !== "") {
+      key = parseMasterKey(opts.masterKey, "KMI_KDC_MASTER_KEY");
+    } else if (await exists(paths.masterKey)) {
+      // Left by an init that stopped before its batch: nothing was sealed with it yet, reuse it.
+      key = await loadMasterKey({ file: paths.masterKey });
+      keyFile = paths.masterKey;
+    } else {
+      key = (await createMasterKeyFile(paths.masterKey)).key;
+      keyFile = paths.masterKey;
+    }
+    const sealer = createSealer(key);
+    key.fill(0);
+    const now = clock.now();
+
+    const rootKey = await pki.generateKey(KeyAlgorithm.ECDSA_P256);
+    const infraKey = await pki.generateKey(KeyAlgorithm.ECDSA_P256);
+    const rootDer = pki.selfSignedCa({ pkcs8: rootKey.pkcs8, subject: { commonName: "KMI Root CA", organization: "kmi", organizationalUnit: "", country: "" }, now, validitySeconds: ROOT_VALIDITY_SECONDS });
+    const infraDer = pki.selfSignedCa({
+      pkcs8: infraKey.pkcs8,
+      subject: { commonName: "KMI Infrastructure CA", organization: "kmi", organizationalUnit: "", country: "" },
+      now,
+      validitySeconds: ROOT_VALIDITY_SECONDS,
+    });
+    const tls = await issueKdcTlsCredential(pki, sealer, { certificateDer: infraDer, pkcs8: infraKey.pkcs8 }, opts.tls, now);
+    const token = mintToken();
+    const kdcId = randomBytes(8).toString("hex");
+    const ops: BatchOp[] = [
+      put.credential(credential(sealer, CREDENTIAL.kmiRoot, rootDer, rootKey.pkcs8, now)),
+      put.credential(credential(sealer, CREDENTIAL.infraCa, infraDer, infraKey.pkcs8, now)),
+      put.credential(tls),
+      put.token(
+        create(TokenRecordSchema, {
+          recordVersion: 1,
+          tokenId: token.tokenId,
+          secretSha256: token.secretSha256,
+          role: Role.OPERATOR,
+          description: "first operator token (kmi kdc init)",
+          createdAt: timestampFromDate(now),
+        }),
+      ),
+      // The meta record marks the store initialized; it is in the same batch as everything else.
+      put.meta(create(KdcMetaRecordSchema, { recordVersion: 1, schemaVersion: KDC_SCHEMA_VERSION, initializedAt: timestampFromDate(now), kdcId })),
+    ];
+    rootKey.pkcs8.fill(0);
+    infraKey.pkcs8.fill(0);
+    const audit = new AuditLog(store, { clock });
+    await audit.append(
+      {
+        actor: "system",
+        action: "kdc.init",
+        target: "kdc",
+        outcome: "ok",
+        details: {
+          kdc_id: kdcId,
+          kmi_root_sha256: pki.summarize(rootDer).sha256Fingerprint,
+          infra_ca_sha256: pki.summarize(infraDer).sha256Fingerprint,
+          operator_token_id: token.tokenId,
+          operator_token: sealer.keyedHash(token.bearer),
+        },
+      },
+      ops,
+    );
+    const kmiRootPem = pki.certificatePem(rootDer);
+    const infraCaPem = pki.certificatePem(infraDer);
+    await writeFile(paths.kmiRootPem, kmiRootPem, { mode: 0o644 });
+    await writeFile(paths.infraCaPem, infraCaPem, { mode: 0o644 });
+    return { operatorToken: token.bearer, operatorTokenId: token.tokenId, masterKeyFile: keyFile, kmiRootPem, infraCaPem, kdcId };
+  } finally {
+    await store.close();
+  }
+}
+
+/** An opened, initialized KDC: its context and the store to close. */
+export interface OpenedKdc {
+  ctx: KdcContext;
+  store: LevelStore;
+}
+
+/** Opens an initialized data directory and builds the services' context. */
+export async function openKdc(opts: MasterKeyOptions & { dataDir: string; logger: Logger; clock?: Clock; pki?: CertificateFactory }): Promise<OpenedKdc> {
+  if (!(await exists(dataPaths(opts.dataDir).store))) {
+    throw new FailedPrecondition(`data dir ${opts.dataDir} is not initialized; run \`kmi kdc init --data-dir ${opts.dataDir}\` first`);
+  }
+  const key = await loadKdcMasterKey(opts.dataDir, opts);
+  const store = await openKdcStore(opts.dataDir, false);
+  try {
+    const kdcStore = new KdcStore(store);
+    const meta = await kdcStore.getMeta();
+    if (meta === undefined) {
+      throw new FailedPrecondition(`data dir ${opts.dataDir} is not initialized (an init did not finish); remove it and run \`kmi kdc init\` again`);
+    }
+    const clock = opts.clock ?? { now: () => new Date() };
+    const sealer = createSealer(key);
+    key.fill(0);
+    // Fail at start, not on the first call, when the master key is not this store's.
+    const root = await kdcStore.getCredential(CREDENTIAL.kmiRoot);
+    if (root?.privateKey === undefined) throw new FailedPrecondition(`data dir ${opts.dataDir}: the KMI root credential is missing; restore the store from a backup`);
+    sealer.open(root.privateKey, credentialAad(CREDENTIAL.kmiRoot)).fill(0);
+    const ctx: KdcContext = {
+      store: kdcStore,
+      audit: new AuditLog(store, { clock }),
+      sealer,
+      pki: opts.pki ?? createPkiAdapter(),
+      clock,
+      logger: opts.logger,
+      locks: new KeyedMutex(),
+      startedAt: clock.now(),
+    };
+    return { ctx, store };
+  } catch (err) {
+    await store.close();
+    throw err;
+  }
+}

@@ -1,0 +1,178 @@
+/**
+ * The KDC's tables on the Store interface, and typed reads over them. Writes are batches of
+ * ops that the caller commits together with its audit entry (`AuditSink.append`), so every
+ * change is all-or-nothing and never without its log entry.
+ *
+ * ## Key layout (values: proto/kmi/store/v1/kdc.proto)
+ *
+ * | table          | key                                  | value                        |
+ * |----------------|--------------------------------------|------------------------------|
+ * | `meta`         | `kdc`                                | KdcMetaRecord                |
+ * | `credentials`  | `kmi-root`, `infra-ca`, `kdc-tls`    | CredentialRecord (sealed key)|
+ * | `tenants`      | `<tenant_id>`                        | TenantRecord                 |
+ * | `tokens`       | `<token_id>` (16 hex)                | TokenRecord (SHA-256 only)   |
+ * | `versions`     | `<tenant_id>/<version, 10 digits>`   | IntermediateVersionRecord    |
+ * | `signing_keys` | `<tenant_id>/<name>`                 | SigningKeyRecord             |
+ * | `rollout`      | `<tenant_id>/<machine_id>`           | MachineRolloutRecord         |
+ * | `quarantine`   | `<machine_id>`                       | QuarantinedMachineRecord     |
+ * | `audit_log`    | seq, 20 digits (storage/audit-log)   | AuditEntryRecord             |
+ * | `audit_meta`   | `head` (storage/audit-log)           | AuditHeadRecord              |
+ *
+ * '/' cannot occur in a tenant id, so the prefix `<tenant_id>/` selects exactly one tenant.
+ */
+import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
+import {
+  CredentialRecordSchema,
+  IntermediateVersionRecordSchema,
+  KdcMetaRecordSchema,
+  MachineRolloutRecordSchema,
+  QuarantinedMachineRecordSchema,
+  SigningKeyRecordSchema,
+  TenantRecordSchema,
+  TokenRecordSchema,
+  type CredentialRecord,
+  type IntermediateVersionRecord,
+  type KdcMetaRecord,
+  type MachineRolloutRecord,
+  type QuarantinedMachineRecord,
+  type SigningKeyRecord,
+  type TenantRecord,
+  type TokenRecord,
+} from "../gen/kmi/store/v1/kdc_pb.js";
+import { defineTable, delOp, numericKey, putOp, type BatchOp, type Store, type Table } from "../storage/store.js";
+
+/** Layout version of the KDC's tables. */
+export const KDC_SCHEMA_VERSION = 1;
+
+/** Names of the KDC's own credentials in the `credentials` table. */
+export const CREDENTIAL = { kmiRoot: "kmi-root", infraCa: "infra-ca", kdcTls: "kdc-tls" } as const;
+
+/** The KDC's tables. */
+export const T = {
+  meta: defineTable("meta", KdcMetaRecordSchema),
+  credentials: defineTable("credentials", CredentialRecordSchema),
+  tenants: defineTable("tenants", TenantRecordSchema),
+  tokens: defineTable("tokens", TokenRecordSchema),
+  versions: defineTable("versions", IntermediateVersionRecordSchema),
+  signingKeys: defineTable("signing_keys", SigningKeyRecordSchema),
+  rollout: defineTable("rollout", MachineRolloutRecordSchema),
+  quarantine: defineTable("quarantine", QuarantinedMachineRecordSchema),
+} as const;
+
+/** Key of a version record. */
+export function versionKey(tenantId: string, version: number): string {
+  return `${tenantId}/${numericKey(version, 10)}`;
+}
+
+/** AAD of an intermediate key's SealedBlob (shared by renewals of the key). */
+export function intermediateKeyAad(tenantId: string, keyId: string): string {
+  return `kdc/tenant/${tenantId}/key/${keyId}`;
+}
+
+/** AAD of a signing key's SealedBlob. */
+export function signingKeyAad(tenantId: string, name: string): string {
+  return `kdc/tenant/${tenantId}/signing-key/${name}`;
+}
+
+/** AAD of a KDC credential's SealedBlob. */
+export function credentialAad(name: string): string {
+  return `kdc/credential/${name}`;
+}
+
+/** Typed reads of the KDC's records, and put ops for batches. */
+export class KdcStore {
+  constructor(readonly store: Store) {}
+
+  private async all<D extends DescMessage>(table: Table<D>, prefix?: string, reverse = false): Promise<MessageShape<D>[]> {
+    const out: MessageShape<D>[] = [];
+    for await (const [, v] of this.store.iterate(table, prefix === undefined ? { reverse } : { prefix, reverse })) out.push(v);
+    return out;
+  }
+
+  /** The metadata record, or undefined before init. */
+  getMeta(): Promise<KdcMetaRecord | undefined> {
+    return this.store.get(T.meta, "kdc");
+  }
+
+  /** A credential by name. */
+  getCredential(name: string): Promise<CredentialRecord | undefined> {
+    return this.store.get(T.credentials, name);
+  }
+
+  /** A tenant by id. */
+  getTenant(tenantId: string): Promise<TenantRecord | undefined> {
+    return this.store.get(T.tenants, tenantId);
+  }
+
+  /** Every tenant, by id. */
+  listTenants(): Promise<TenantRecord[]> {
+    return this.all(T.tenants);
+  }
+
+  /** A token by id. */
+  getToken(tokenId: string): Promise<TokenRecord | undefined> {
+    return this.store.get(T.tokens, tokenId);
+  }
+
+  /** Every token. */
+  listTokens(): Promise<TokenRecord[]> {
+    return this.all(T.tokens);
+  }
+
+  /** A version of a tenant. */
+  getVersion(tenantId: string, version: number): Promise<IntermediateVersionRecord | undefined> {
+    return this.store.get(T.versions, versionKey(tenantId, version));
+  }
+
+  /** Every version of a tenant, newest first. */
+  listVersions(tenantId: string): Promise<IntermediateVersionRecord[]> {
+    return this.all(T.versions, `${tenantId}/`, true);
+  }
+
+  /** Every version of every tenant (for consistency checks and status). */
+  listAllVersions(): Promise<IntermediateVersionRecord[]> {
+    return this.all(T.versions);
+  }
+
+  /** A signing key by name. */
+  getSigningKey(tenantId: string, name: string): Promise<SigningKeyRecord | undefined> {
+    return this.store.get(T.signingKeys, `${tenantId}/${name}`);
+  }
+
+  /** A tenant's signing keys, by name. */
+  listSigningKeys(tenantId: string): Promise<SigningKeyRecord[]> {
+    return this.all(T.signingKeys, `${tenantId}/`);
+  }
+
+  /** A tenant's machine rollout reports, by machine id. */
+  listRollout(tenantId: string): Promise<MachineRolloutRecord[]> {
+    return this.all(T.rollout, `${tenantId}/`);
+  }
+
+  /** One machine's rollout report for a tenant. */
+  getRollout(tenantId: string, machineId: string): Promise<MachineRolloutRecord | undefined> {
+    return this.store.get(T.rollout, `${tenantId}/${machineId}`);
+  }
+
+  /** Every machine the KDC knows as quarantined, by machine id. */
+  listQuarantined(): Promise<QuarantinedMachineRecord[]> {
+    return this.all(T.quarantine);
+  }
+}
+
+/** Put ops for the KDC's records, keyed by the layout above. */
+export const put = {
+  meta: (r: KdcMetaRecord): BatchOp => putOp(T.meta, "kdc", r),
+  credential: (r: CredentialRecord): BatchOp => putOp(T.credentials, r.name, r),
+  tenant: (r: TenantRecord): BatchOp => putOp(T.tenants, r.tenantId, r),
+  token: (r: TokenRecord): BatchOp => putOp(T.tokens, r.tokenId, r),
+  version: (r: IntermediateVersionRecord): BatchOp => putOp(T.versions, versionKey(r.tenantId, r.version), r),
+  signingKey: (r: SigningKeyRecord): BatchOp => putOp(T.signingKeys, `${r.tenantId}/${r.name}`, r),
+  rollout: (r: MachineRolloutRecord): BatchOp => putOp(T.rollout, `${r.tenantId}/${r.machineId}`, r),
+  quarantined: (r: QuarantinedMachineRecord): BatchOp => putOp(T.quarantine, r.machineId, r),
+};
+
+/** Delete ops for the KDC's records. */
+export const del = {
+  quarantined: (machineId: string): BatchOp => delOp(T.quarantine, machineId),
+};

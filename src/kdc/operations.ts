@@ -1,0 +1,543 @@
+/**
+ * The KDC's operations on validated input: tenants, tokens, the intermediate versions of the
+ * Certificate menu, signing keys, and service and machine certificates. Each change runs
+ * under its tenant's lock, checks everything first (./model.ts plans the transition), and
+ * then commits all its records together with its audit entry in ONE batch: a change is whole
+ * or absent, and never without its log entry. Refusals are logged by the handler layer.
+ */
+import { create } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound } from "../common/errors.js";
+import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
+import { Role } from "../gen/kmi/kdc/v1/admin_pb.js";
+import { Signer, SubjectSchema, VersionState } from "../gen/kmi/kdc/v1/kdc_pb.js";
+import {
+  IntermediateVersionRecordSchema,
+  SigningKeyRecordSchema,
+  TokenRecordSchema,
+  type CredentialRecord,
+  type IntermediateVersionRecord,
+  type SigningKeyRecord,
+  type TenantRecord,
+  type TokenRecord,
+} from "../gen/kmi/store/v1/kdc_pb.js";
+import type { BatchOp } from "../storage/store.js";
+import type { CertSummary, Issuer, KdcContext } from "./context.js";
+import { CREDENTIAL, credentialAad, intermediateKeyAad, put, signingKeyAad } from "./kdc-store.js";
+import { newTenant, nextVersion, planActivate, planRevoke, planUpload, requireRenewable, stateName, type Validity } from "./model.js";
+import { mintToken } from "./tokens.js";
+import type * as V from "./validate.js";
+
+const DAY_S = 24 * 3600;
+
+/** Lowercase algorithm label for audit details. */
+export function algorithmLabel(a: KeyAlgorithm): string {
+  return a === KeyAlgorithm.ECDSA_P256 ? "ecdsa-p256" : a === KeyAlgorithm.RSA_2048 ? "rsa-2048" : a === KeyAlgorithm.RSA_3072 ? "rsa-3072" : "unspecified";
+}
+
+function signerLabel(s: Signer): string {
+  return s === Signer.KMI_ROOT ? "kmi-root" : "private-ca";
+}
+
+/** Audit target of a version. */
+export function versionTarget(tenantId: string, version: number | string): string {
+  return `tenant/${tenantId}/version/${version}`;
+}
+
+/** The result of a change to versions: the version and, on activation, the one it retired. */
+export interface VersionChange {
+  version: IntermediateVersionRecord;
+  retired?: IntermediateVersionRecord | undefined;
+}
+
+/** The KDC's operations; one instance per server, over its context. */
+export class KdcOperations {
+  constructor(private readonly ctx: KdcContext) {}
+
+  private now(): Date {
+    return this.ctx.clock.now();
+  }
+
+  private tenantLock<T>(tenantId: string, fn: () => Promise<T>): Promise<T> {
+    return this.ctx.locks.run(`tenant/${tenantId}`, fn);
+  }
+
+  // ---- credentials ----
+
+  /** A KDC credential with its key unsealed (for one signing operation). */
+  async issuer(name: string): Promise<Issuer & { record: CredentialRecord }> {
+    const record = await this.ctx.store.getCredential(name);
+    if (record === undefined || record.privateKey === undefined) throw new FailedPrecondition(`the KDC has no ${name} credential; run \`kmi kdc init\``);
+    return { record, certificateDer: record.certificateDer, pkcs8: this.ctx.sealer.open(record.privateKey, credentialAad(name)) };
+  }
+
+  /** The public certificate of a KDC credential. */
+  async credentialCertificate(name: string): Promise<Uint8Array> {
+    const record = await this.ctx.store.getCredential(name);
+    if (record === undefined) throw new FailedPrecondition(`the KDC has no ${name} credential; run \`kmi kdc init\``);
+    return record.certificateDer;
+  }
+
+  // ---- tenants ----
+
+  /** The tenant, or NotFound with what to do. */
+  async requireTenant(tenantId: string): Promise<TenantRecord> {
+    const t = await this.ctx.store.getTenant(tenantId);
+    if (t === undefined) throw new NotFound(`tenant "${tenantId}" not found; see \`kmi ctl tenant list\``);
+    return t;
+  }
+
+  /** Creates a tenant, optionally with an active KMI-signed first version. */
+  async createTenant(actor: string, input: V.CreateTenantInput): Promise<TenantRecord> {
+    return this.tenantLock(input.tenantId, async () => {
+      if ((await this.ctx.store.getTenant(input.tenantId)) !== undefined) {
+        throw new AlreadyExists(`tenant "${input.tenantId}" exists already; pick another id`);
+      }
+      let tenant = newTenant(input.tenantId, input.displayName, this.now());
+      const ops: BatchOp[] = [];
+      const details: Record<string, string> = { display_name: input.displayName };
+      if (input.bootstrapKmiSigned) {
+        const made = await this.makeKmiSignedVersion(tenant, {
+          keyAlgorithm: KeyAlgorithm.ECDSA_P256,
+          subject: { commonName: "", organization: "", organizationalUnit: "", country: "" },
+          validityDays: 365,
+          activate: true,
+        });
+        tenant = made.tenant;
+        ops.push(put.version(made.version));
+        details["bootstrap_version"] = String(made.version.version);
+        details["key_id"] = made.version.keyId;
+      }
+      ops.push(put.tenant(tenant));
+      await this.ctx.audit.append({ actor, action: "tenant.create", target: `tenant/${input.tenantId}`, outcome: "ok", details }, ops);
+      return tenant;
+    });
+  }
+
+  // ---- versions ----
+
+  private defaultSubject(tenant: TenantRecord, version: number, s: V.SubjectInput): V.SubjectInput {
+    if (s.commonName !== "") return s;
+    const suffix = ` MITM CA ${version}`;
+    return { ...s, commonName: tenant.displayName.slice(0, 64 - suffix.length).trimEnd() + suffix };
+  }
+
+  /** The validity window of a version's certificate (undefined while PENDING). */
+  validityOf(v: IntermediateVersionRecord): Validity | undefined {
+    if (v.certificateDer.length === 0) return undefined;
+    const s = this.ctx.pki.summarize(v.certificateDer);
+    return { notBefore: s.notBefore, notAfter: s.notAfter };
+  }
+
+  /** Summary of a version's certificate (undefined while PENDING). */
+  summaryOf(v: IntermediateVersionRecord): CertSummary | undefined {
+    return v.certificateDer.length === 0 ? undefined : this.ctx.pki.summarize(v.certificateDer);
+  }
+
+  /** Signs an intermediate for `spki` with the KMI root (clamped to the root's lifetime). */
+  private async kmiSign(spki: Uint8Array, subject: V.SubjectInput, validityDays: number): Promise<Uint8Array> {
+    const root = await this.issuer(CREDENTIAL.kmiRoot);
+    try {
+      return this.ctx.pki.issueIntermediate({ issuer: root, spki, subject, now: this.now(), validitySeconds: validityDays * DAY_S });
+    } finally {
+      root.pkcs8.fill(0);
+    }
+  }
+
+  /** Builds a new KMI-signed version (and its activation) without writing it. */
+  private async makeKmiSignedVersion(
+    tenant: TenantRecord,
+    p: { keyAlgorithm: KeyAlgorithm; subject: V.SubjectInput; validityDays: number; activate: boolean },
+  ): Promise<{ tenant: TenantRecord; version: IntermediateVersionRecord; retired: IntermediateVersionRecord | undefined }> {
+    const next = nextVersion(tenant);
+    const subject = this.defaultSubject(tenant, next.version, p.subject);
+    const key = await this.ctx.pki.generateKey(p.keyAlgorithm);
+    try {
+      const cert = await this.kmiSign(key.spki, subject, p.validityDays);
+      const record = create(IntermediateVersionRecordSchema, {
+        recordVersion: 1,
+        tenantId: tenant.tenantId,
+        version: next.version,
+        state: VersionState.READY,
+        signer: Signer.KMI_ROOT,
+        keyAlgorithm: key.algorithm,
+        keyId: key.keyId,
+        privateKey: this.ctx.sealer.seal(key.pkcs8, intermediateKeyAad(tenant.tenantId, key.keyId)),
+        publicKeyDer: key.spki,
+        certificateDer: cert,
+        createdAt: timestampFromDate(this.now()),
+        subject: create(SubjectSchema, subject),
+      });
+      return this.maybeActivate(next.tenant, record, p.activate);
+    } finally {
+      key.pkcs8.fill(0);
+    }
+  }
+
+  private async maybeActivate(
+    tenant: TenantRecord,
+    record: IntermediateVersionRecord,
+    activate: boolean,
+  ): Promise<{ tenant: TenantRecord; version: IntermediateVersionRecord; retired: IntermediateVersionRecord | undefined }> {
+    if (!activate) return { tenant, version: record, retired: undefined };
+    const current = tenant.activeVersion === 0 ? undefined : await this.ctx.store.getVersion(tenant.tenantId, tenant.activeVersion);
+    const plan = planActivate(tenant, record, current, this.validityOf(record), this.now());
+    return { tenant: plan.tenant, version: plan.activated, retired: plan.retired };
+  }
+
+  /** CreateVersion: a new key; KMI-signed (READY, optionally ACTIVE) or a CSR (PENDING). */
+  async createVersion(actor: string, input: V.CreateVersionInput): Promise<VersionChange> {
+    return this.tenantLock(input.tenantId, async () => {
+      const tenant = await this.requireTenant(input.tenantId);
+      let result: { tenant: TenantRecord; version: IntermediateVersionRecord; retired: IntermediateVersionRecord | undefined };
+      if (input.signer === Signer.KMI_ROOT) {
+        result = await this.makeKmiSignedVersion(tenant, input);
+      } else {
+        const next = nextVersion(tenant);
+        const subject = this.defaultSubject(tenant, next.version, input.subject);
+        const key = await this.ctx.pki.generateKey(input.keyAlgorithm);
+        try {
+          const csr = this.ctx.pki.createCsr({ pkcs8: key.pkcs8, subject });
+          const record = create(IntermediateVersionRecordSchema, {
+            recordVersion: 1,
+            tenantId: tenant.tenantId,
+            version: next.version,
+            state: VersionState.PENDING,
+            signer: Signer.PRIVATE_CA,
+            keyAlgorithm: key.algorithm,
+            keyId: key.keyId,
+            privateKey: this.ctx.sealer.seal(key.pkcs8, intermediateKeyAad(tenant.tenantId, key.keyId)),
+            publicKeyDer: key.spki,
+            csrDer: csr,
+            createdAt: timestampFromDate(this.now()),
+            subject: create(SubjectSchema, subject),
+          });
+          result = { tenant: next.tenant, version: record, retired: undefined };
+        } finally {
+          key.pkcs8.fill(0);
+        }
+      }
+      await this.commitVersionChange(actor, "ca.version.create", result, {
+        signer: signerLabel(input.signer),
+        algorithm: algorithmLabel(result.version.keyAlgorithm),
+      });
+      return { version: result.version, retired: result.retired };
+    });
+  }
+
+  private async commitVersionChange(
+    actor: string,
+    action: string,
+    r: { tenant: TenantRecord; version: IntermediateVersionRecord; retired?: IntermediateVersionRecord | undefined },
+    extra: Record<string, string>,
+  ): Promise<void> {
+    const ops = [put.tenant(r.tenant), put.version(r.version)];
+    const details: Record<string, string> = { ...extra, key_id: r.version.keyId, state: stateName(r.version.state) };
+    if (r.version.certificateDer.length > 0) details["sha256"] = this.ctx.pki.summarize(r.version.certificateDer).sha256Fingerprint;
+    if (r.retired !== undefined) {
+      ops.push(put.version(r.retired));
+      details["retired_version"] = String(r.retired.version);
+    }
+    await this.ctx.audit.append({ actor, action, target: versionTarget(r.tenant.tenantId, r.version.version), outcome: "ok", details }, ops);
+  }
+
+  private async requireVersion(tenantId: string, version: number): Promise<IntermediateVersionRecord> {
+    const v = await this.ctx.store.getVersion(tenantId, version);
+    if (v === undefined) throw new NotFound(`tenant "${tenantId}" has no version ${version}; see \`kmi ctl ca history --tenant ${tenantId}\``);
+    return v;
+  }
+
+  /** RenewVersion: a new version for an existing version's key. */
+  async renewVersion(actor: string, input: V.RenewVersionInput): Promise<VersionChange> {
+    return this.tenantLock(input.tenantId, async () => {
+      const tenant = await this.requireTenant(input.tenantId);
+      const source = await this.requireVersion(input.tenantId, input.version);
+      requireRenewable(source);
+      if (source.privateKey === undefined) throw new FailedPrecondition(`version ${source.version} has no key`);
+      const next = nextVersion(tenant);
+      const subject: V.SubjectInput = {
+        commonName: source.subject?.commonName ?? "",
+        organization: source.subject?.organization ?? "",
+        organizationalUnit: source.subject?.organizationalUnit ?? "",
+        country: source.subject?.country ?? "",
+      };
+      const base = {
+        recordVersion: 1,
+        tenantId: tenant.tenantId,
+        version: next.version,
+        signer: input.signer,
+        keyAlgorithm: source.keyAlgorithm,
+        keyId: source.keyId,
+        // The same key, so the same sealed blob (its AAD names the key, not the version).
+        privateKey: source.privateKey,
+        publicKeyDer: source.publicKeyDer,
+        createdAt: timestampFromDate(this.now()),
+        renewedFrom: source.version,
+        subject: source.subject,
+      };
+      let result: { tenant: TenantRecord; version: IntermediateVersionRecord; retired: IntermediateVersionRecord | undefined };
+      if (input.signer === Signer.KMI_ROOT) {
+        const cert = await this.kmiSign(source.publicKeyDer, subject, input.validityDays);
+        const record = create(IntermediateVersionRecordSchema, { ...base, state: VersionState.READY, certificateDer: cert });
+        result = await this.maybeActivate(next.tenant, record, input.activate);
+      } else {
+        const pkcs8 = this.ctx.sealer.open(source.privateKey, intermediateKeyAad(tenant.tenantId, source.keyId));
+        try {
+          const csr = this.ctx.pki.createCsr({ pkcs8, subject });
+          result = { tenant: next.tenant, version: create(IntermediateVersionRecordSchema, { ...base, state: VersionState.PENDING, csrDer: csr }), retired: undefined };
+        } finally {
+          pkcs8.fill(0);
+        }
+      }
+      await this.commitVersionChange(actor, "ca.version.renew", result, { signer: signerLabel(input.signer), renewed_from: String(source.version) });
+      return { version: result.version, retired: result.retired };
+    });
+  }
+
+  /** UploadIntermediate: every check first, then PENDING -> READY (-> ACTIVE) in one batch. */
+  async uploadIntermediate(actor: string, input: V.UploadInput): Promise<VersionChange> {
+    return this.tenantLock(input.tenantId, async () => {
+      const tenant = await this.requireTenant(input.tenantId);
+      let target: IntermediateVersionRecord | undefined;
+      if (input.version === 0) {
+        target = (await this.ctx.store.listVersions(input.tenantId)).find((v) => v.state === VersionState.PENDING);
+        if (target === undefined) {
+          throw new FailedPrecondition(`tenant "${input.tenantId}" has no pending version; make one with \`kmi ctl ca csr --tenant ${input.tenantId}\``);
+        }
+      } else target = await this.requireVersion(input.tenantId, input.version);
+      planUpload(target, new Uint8Array(), undefined); // state check before the certificate checks
+      const checked = this.ctx.pki.checkUpload({
+        certificate: input.certificate,
+        customerRoot: input.customerRoot,
+        expectedSpki: target.publicKeyDer,
+        now: this.now(),
+        pendingVersion: target.version,
+      });
+      const uploaded = planUpload(target, checked.certificateDer, checked.customerRootDer);
+      const result = await this.maybeActivate(tenant, uploaded, input.activate);
+      const details: Record<string, string> = {};
+      if (checked.customerRootDer !== undefined) details["customer_root_sha256"] = this.ctx.pki.summarize(checked.customerRootDer).sha256Fingerprint;
+      await this.commitVersionChange(actor, "ca.version.upload", result, details);
+      return { version: result.version, retired: result.retired };
+    });
+  }
+
+  /** ActivateVersion: READY/RETIRED -> ACTIVE, the previous active -> RETIRED, in one batch. */
+  async activateVersion(actor: string, input: V.TenantVersionInput): Promise<VersionChange> {
+    return this.tenantLock(input.tenantId, async () => {
+      const tenant = await this.requireTenant(input.tenantId);
+      const target = await this.requireVersion(input.tenantId, input.version);
+      const current = tenant.activeVersion === 0 ? undefined : await this.ctx.store.getVersion(tenant.tenantId, tenant.activeVersion);
+      const plan = planActivate(tenant, target, current, this.validityOf(target), this.now());
+      await this.commitVersionChange(actor, "ca.version.activate", { tenant: plan.tenant, version: plan.activated, retired: plan.retired }, {});
+      return { version: plan.activated, retired: plan.retired };
+    });
+  }
+
+  /** RevokeVersion. */
+  async revokeVersion(actor: string, input: V.RevokeVersionInput): Promise<IntermediateVersionRecord> {
+    return this.tenantLock(input.tenantId, async () => {
+      const tenant = await this.requireTenant(input.tenantId);
+      const target = await this.requireVersion(input.tenantId, input.version);
+      const plan = planRevoke(tenant, target, input.reason, input.allowActive, this.now());
+      await this.ctx.audit.append(
+        {
+          actor,
+          action: "ca.version.revoke",
+          target: versionTarget(input.tenantId, input.version),
+          outcome: "ok",
+          details: { reason: input.reason, was_active: String(plan.wasActive), key_id: target.keyId },
+        },
+        [put.tenant(plan.tenant), put.version(plan.revoked)],
+      );
+      return plan.revoked;
+    });
+  }
+
+  /** The version to download: `version`, or the active one when 0. */
+  async versionForDownload(tenantId: string, version: number): Promise<IntermediateVersionRecord> {
+    const tenant = await this.requireTenant(tenantId);
+    if (version === 0) {
+      if (tenant.activeVersion === 0) {
+        throw new FailedPrecondition(`tenant "${tenantId}" has no active version; give --version, or activate one (\`kmi ctl ca activate\`)`);
+      }
+      version = tenant.activeVersion;
+    }
+    const v = await this.requireVersion(tenantId, version);
+    if (v.certificateDer.length === 0) {
+      throw new FailedPrecondition(`version ${version} is pending and has no certificate yet; upload it (\`kmi ctl ca upload\`) or download its CSR (\`kmi ctl ca csr --version ${version}\`)`);
+    }
+    return v;
+  }
+
+  /** The root a version chains to: the KMI root, or the customer root given at upload. */
+  async rootOf(v: IntermediateVersionRecord): Promise<Uint8Array | undefined> {
+    if (v.signer === Signer.KMI_ROOT) return this.credentialCertificate(CREDENTIAL.kmiRoot);
+    return v.customerRootDer.length > 0 ? v.customerRootDer : undefined;
+  }
+
+  /** A tenant's history, newest first. */
+  async listVersions(tenantId: string): Promise<IntermediateVersionRecord[]> {
+    await this.requireTenant(tenantId);
+    return this.ctx.store.listVersions(tenantId);
+  }
+
+  /** The CSR of a PENDING version. */
+  async versionCsr(input: V.TenantVersionInput): Promise<Uint8Array> {
+    await this.requireTenant(input.tenantId);
+    const v = await this.requireVersion(input.tenantId, input.version);
+    if (v.state !== VersionState.PENDING || v.csrDer.length === 0) {
+      throw new FailedPrecondition(`version ${v.version} is ${stateName(v.state)}, not pending; only a pending version has a CSR to sign`);
+    }
+    return v.csrDer;
+  }
+
+  /**
+   * The private key of a version, unsealed (PKCS#8 DER): the one place a release to an
+   * attested machine will take it from. The caller zeroes it after use.
+   */
+  async unsealVersionKey(tenantId: string, version: number): Promise<Uint8Array> {
+    const v = await this.requireVersion(tenantId, version);
+    if (v.privateKey === undefined) throw new FailedPrecondition(`version ${version} has no key`);
+    return this.ctx.sealer.open(v.privateKey, intermediateKeyAad(tenantId, v.keyId));
+  }
+
+  // ---- signing keys ----
+
+  /** CreateSigningKey. */
+  async createSigningKey(actor: string, input: V.CreateSigningKeyInput): Promise<SigningKeyRecord> {
+    return this.tenantLock(input.tenantId, async () => {
+      await this.requireTenant(input.tenantId);
+      if ((await this.ctx.store.getSigningKey(input.tenantId, input.name)) !== undefined) {
+        throw new AlreadyExists(`tenant "${input.tenantId}" has a signing key "${input.name}" already; pick another name`);
+      }
+      const key = await this.ctx.pki.generateKey(input.keyAlgorithm);
+      try {
+        const record = create(SigningKeyRecordSchema, {
+          recordVersion: 1,
+          tenantId: input.tenantId,
+          name: input.name,
+          keyId: key.keyId,
+          keyAlgorithm: key.algorithm,
+          publicKeyDer: key.spki,
+          privateKey: this.ctx.sealer.seal(key.pkcs8, signingKeyAad(input.tenantId, input.name)),
+          createdAt: timestampFromDate(this.now()),
+        });
+        await this.ctx.audit.append(
+          { actor, action: "signing-key.create", target: `tenant/${input.tenantId}/signing-key/${input.name}`, outcome: "ok", details: { key_id: key.keyId, algorithm: algorithmLabel(key.algorithm) } },
+          [put.signingKey(record)],
+        );
+        return record;
+      } finally {
+        key.pkcs8.fill(0);
+      }
+    });
+  }
+
+  /** RevokeSigningKey. */
+  async revokeSigningKey(actor: string, input: V.RevokeSigningKeyInput): Promise<SigningKeyRecord> {
+    return this.tenantLock(input.tenantId, async () => {
+      await this.requireTenant(input.tenantId);
+      const key = await this.ctx.store.getSigningKey(input.tenantId, input.name);
+      if (key === undefined) throw new NotFound(`tenant "${input.tenantId}" has no signing key "${input.name}"; see \`ListSigningKeys\``);
+      if (key.revokedAt !== undefined) throw new FailedPrecondition(`signing key "${input.name}" is already revoked`);
+      const revoked = create(SigningKeyRecordSchema, { ...key, revokedAt: timestampFromDate(this.now()), revokeReason: input.reason });
+      await this.ctx.audit.append(
+        { actor, action: "signing-key.revoke", target: `tenant/${input.tenantId}/signing-key/${input.name}`, outcome: "ok", details: { key_id: key.keyId, reason: input.reason } },
+        [put.signingKey(revoked)],
+      );
+      return revoked;
+    });
+  }
+
+  // ---- tokens ----
+
+  /** CreateToken: returns the record and the bearer secret (shown once). */
+  async createToken(actor: string, input: V.CreateTokenInput): Promise<{ record: TokenRecord; bearer: string }> {
+    if (input.role === "tenant-admin") await this.requireTenant(input.tenantId);
+    const minted = mintToken();
+    const now = this.now();
+    const record = create(TokenRecordSchema, {
+      recordVersion: 1,
+      tokenId: minted.tokenId,
+      secretSha256: minted.secretSha256,
+      role: input.role === "operator" ? Role.OPERATOR : Role.TENANT_ADMIN,
+      tenantId: input.tenantId,
+      description: input.description,
+      createdAt: timestampFromDate(now),
+      ...(input.ttlSeconds > 0 ? { expiresAt: timestampFromDate(new Date(now.getTime() + input.ttlSeconds * 1000)) } : {}),
+    });
+    await this.ctx.audit.append(
+      {
+        actor,
+        action: "token.create",
+        target: `token/${minted.tokenId}`,
+        outcome: "ok",
+        // The secret appears only as a keyed hash.
+        details: { role: input.role, tenant: input.tenantId, ttl_seconds: String(input.ttlSeconds), secret: this.ctx.sealer.keyedHash(minted.bearer) },
+      },
+      [put.token(record)],
+    );
+    return { record, bearer: minted.bearer };
+  }
+
+  /** RevokeToken. */
+  async revokeToken(actor: string, tokenId: string): Promise<TokenRecord> {
+    return this.ctx.locks.run("tokens", async () => {
+      const t = await this.ctx.store.getToken(tokenId);
+      if (t === undefined) throw new NotFound(`token ${tokenId} not found; see \`kmi ctl token list\``);
+      if (t.revokedAt !== undefined) throw new FailedPrecondition(`token ${tokenId} is already revoked`);
+      const revoked = create(TokenRecordSchema, { ...t, revokedAt: timestampFromDate(this.now()) });
+      await this.ctx.audit.append({ actor, action: "token.revoke", target: `token/${tokenId}`, outcome: "ok", details: { role: t.role === Role.OPERATOR ? "operator" : "tenant-admin", tenant: t.tenantId } }, [
+        put.token(revoked),
+      ]);
+      return revoked;
+    });
+  }
+
+  // ---- service and machine certificates ----
+
+  private async issueFromInfra(
+    actor: string,
+    action: string,
+    target: string,
+    issue: (infra: Issuer, now: Date) => Uint8Array,
+  ): Promise<{ certificateDer: Uint8Array; caDer: Uint8Array; notAfter: Date }> {
+    const infra = await this.issuer(CREDENTIAL.infraCa);
+    try {
+      const der = issue(infra, this.now());
+      const info = this.ctx.pki.summarize(der);
+      await this.ctx.audit.append({ actor, action, target, outcome: "ok", details: { serial: info.serialHex, sha256: info.sha256Fingerprint, not_after: info.notAfter.toISOString() } }, []);
+      return { certificateDer: der, caDer: infra.certificateDer, notAfter: info.notAfter };
+    } finally {
+      infra.pkcs8.fill(0);
+    }
+  }
+
+  /** IssueServiceCertificate: a TLS server (and client) certificate of a kmi service. */
+  async issueServiceCertificate(actor: string, input: V.IssueServiceCertificateInput) {
+    const csr = this.ctx.pki.checkCsr(input.csrPem, "csr_pem");
+    return this.issueFromInfra(actor, "service-cert.issue", `service/${input.serviceName}`, (issuer, now) =>
+      this.ctx.pki.issueServiceCertificate({
+        issuer,
+        serviceName: input.serviceName,
+        spki: csr.spki,
+        dnsNames: input.dnsNames,
+        ipAddresses: input.ipAddresses,
+        now,
+        validitySeconds: input.validityDays * DAY_S,
+      }),
+    );
+  }
+
+  /** IssueMachineCertificate: a short-lived client certificate of an enrolled machine. */
+  async issueMachineCertificate(actor: string, input: V.IssueMachineCertificateInput) {
+    const csr = this.ctx.pki.checkCsr(input.csrPem, "csr_pem");
+    if (csr.algorithm !== KeyAlgorithm.ECDSA_P256) {
+      throw new InvalidArgument("csr_pem: a machine key must be ECDSA P-256; make it with `openssl ecparam -name prime256v1 -genkey`");
+    }
+    return this.issueFromInfra(actor, "machine-cert.issue", `machine/${input.machineId}`, (issuer, now) =>
+      this.ctx.pki.issueMachineCertificate({ issuer, machineId: input.machineId, group: input.group, spki: csr.spki, now, validitySeconds: input.ttlSeconds }),
+    );
+  }
+}

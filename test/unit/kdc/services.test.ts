@@ -1,0 +1,103 @@
+/**
+ * The KDC's services in-process (createRouterTransport over routes(ctx)) on a real LevelDB in
+ * a temp dir, with an injected clock: time-dependent rules without waiting or faking certificates.
+ */
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Code, ConnectError, createClient, createRouterTransport, type Interceptor } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { toConnectError } from "../../../src/common/error-mapping.js";
+import { createNopLogger } from "../../../src/common/logger.js";
+import { KdcAdminService, Role } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
+import { KdcService, Signer, VersionState } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
+import { initKdc, openKdc, type OpenedKdc } from "../../../src/kdc/init.js";
+import { routes } from "../../../src/kdc/routes.js";
+
+const DAY = 86400_000;
+let now = new Date("2030-03-01T12:00:00Z");
+const clock = { now: () => new Date(now) };
+let dir: string;
+let kdc: OpenedKdc;
+let operatorToken: string;
+
+function client(token?: string) {
+  const logger = createNopLogger();
+  const mapErrors: Interceptor = (next) => async (req) => {
+    try {
+      return await next(req);
+    } catch (err) {
+      throw toConnectError(err, logger);
+    }
+  };
+  const auth: Interceptor = (next) => async (req) => {
+    if (token !== undefined) req.header.set("authorization", `Bearer ${token}`);
+    return next(req);
+  };
+  const t2 = createRouterTransport(routes(kdc.ctx), { router: { interceptors: [mapErrors] }, transport: { interceptors: [auth] } });
+  return { ca: createClient(KdcService, t2), admin: createClient(KdcAdminService, t2) };
+}
+
+async function code(p: Promise<unknown>): Promise<string> {
+  const e = await p.then(() => undefined, (x: unknown) => x);
+  expect(e).toBeInstanceOf(ConnectError);
+  return `${Code[(e as ConnectError).code]}: ${(e as ConnectError).rawMessage}`;
+}
+
+beforeAll(async () => {
+  dir = await mkdtemp(join(tmpdir(), "kmi-kdc-unit-"));
+  const r = await initKdc({ dataDir: join(dir, "data"), tls: { dnsNames: [], ipAddresses: [] }, clock });
+  operatorToken = r.operatorToken;
+  kdc = await openKdc({ dataDir: join(dir, "data"), logger: createNopLogger(), clock });
+});
+
+afterAll(async () => {
+  await kdc?.store.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe("with an injected clock", () => {
+  it("a version whose certificate expired cannot be activated; a renewal of its key can", async () => {
+    const { ca, admin } = client(operatorToken);
+    await admin.createTenant({ tenantId: "acme", bootstrapKmiSigned: true });
+    const v = (await ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, validityDays: 1 })).version!;
+    expect(v.certificate!.notAfter!.seconds).toBe(BigInt(Math.floor((now.getTime() + DAY) / 1000)));
+    now = new Date(now.getTime() + 2 * DAY);
+    expect(await code(ca.activateVersion({ tenantId: "acme", version: v.version }))).toMatch(/^FailedPrecondition: version \d+: certificate expired on .*; renew it/);
+    const r = (await ca.renewVersion({ tenantId: "acme", version: v.version, signer: Signer.KMI_ROOT, activate: true })).version!;
+    expect(r.state).toBe(VersionState.ACTIVE);
+    expect(r.keyId).toBe(v.keyId);
+  });
+
+  it("tokens expire by the injected clock", async () => {
+    const { admin } = client(operatorToken);
+    const t = await admin.createToken({ role: Role.TENANT_ADMIN, tenantId: "acme", ttlSeconds: 3600n });
+    const { ca } = client(t.secret);
+    expect((await ca.listVersions({ tenantId: "acme" })).versions.length).toBeGreaterThan(1);
+    now = new Date(now.getTime() + 2 * 3600_000);
+    expect(await code(ca.listVersions({ tenantId: "acme" }))).toMatch(/^Unauthenticated: invalid, revoked or expired token/);
+  });
+
+  it("KMI-signed intermediates never outlive the KMI root (notAfter clamped)", async () => {
+    const { ca } = client(operatorToken);
+    now = new Date(now.getTime() + 9 * 365 * DAY); // one year before the 10-year root ends
+    const late = (await ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, validityDays: 1825 })).version!;
+    const rootNotAfter = (await kdc.ctx.store.getCredential("kmi-root"))!;
+    const rootEnd = kdc.ctx.pki.summarize(rootNotAfter.certificateDer).notAfter.getTime();
+    expect(Number(late.certificate!.notAfter!.seconds) * 1000).toBeLessThanOrEqual(rootEnd);
+    expect(Number(late.certificate!.notAfter!.seconds) * 1000).toBeLessThan(now.getTime() + 1825 * DAY);
+  });
+
+  it("each refused change is one audit entry with its code, and the chain still verifies", async () => {
+    const { ca, admin } = client(operatorToken);
+    const head = (await admin.tailAuditLog({ last: true, limit: 1 })).headSeq;
+    expect(await code(ca.createVersion({ tenantId: "acme", signer: Signer.UNSPECIFIED }))).toMatch(/^InvalidArgument: signer: required/);
+    expect(await code(client().ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT }))).toMatch(/^Unauthenticated/);
+    const tail = await admin.tailAuditLog({ afterSeq: head });
+    expect(tail.entries.map((e) => [e.action, e.outcome, e.actor.split(":")[0]])).toEqual([
+      ["ca.version.create", "refused: invalid_argument", "token"],
+      ["ca.version.create", "refused: unauthenticated", "anonymous"],
+    ]);
+    expect((await admin.verifyAuditLog({})).ok).toBe(true);
+  });
+});
