@@ -26,19 +26,23 @@ import {
 import {
   ActivateVersionResponseSchema,
   CertificateFormat,
+  CreateSigningKeyResponseSchema,
   CreateVersionResponseSchema,
   GetRolloutStatusResponseSchema,
   GetVersionCsrResponseSchema,
   IntermediateVersionSchema,
   KdcService,
+  ListSigningKeysResponseSchema,
   ListVersionsResponseSchema,
   RenewVersionResponseSchema,
+  RevokeSigningKeyResponseSchema,
   RevokeVersionResponseSchema,
   Signer,
   UploadIntermediateResponseSchema,
   VersionState,
   type IntermediateVersion,
   type MachineRollout,
+  type SigningKey,
 } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import { DEFAULT_KDC_URL, kdcConnectionFlags } from "./client.js";
 import type { Command, CommandContext } from "./command.js";
@@ -486,29 +490,95 @@ const caCommands: Command[] = [
   },
   {
     name: ["ca", "status"],
-    summary: "show the rollout of the active version: which version each machine's agent holds",
+    summary: "show the rollout of the active version: which machines hold it, which not yet, which are unreachable",
+    details:
+      "a machine is unreachable while its agent has no watch stream open to this KDC; it keeps what it last reported\n" +
+      "(and serves from its sealed cache until the lease runs out)",
     flags: { ...kdcConnectionFlags, ...tenantFlag },
     async run(ctx) {
       ctx.args.noPositionals();
       const res = await kdc(ctx).ca.getRolloutStatus({ tenantId: ctx.args.need("tenant") });
       ctx.out.result(json(GetRolloutStatusResponseSchema, res), () => {
-        const head = `active version: ${res.activeVersion === 0 ? "none" : res.activeVersion}; ${res.upToDateCount} of ${res.machines.length} machines up to date, ${res.connectedCount} connected\n`;
+        const unreachable = res.machines.filter((m) => !m.connected).length;
+        const notYet = res.machines.filter((m) => m.connected && !m.upToDate).length;
+        const head =
+          `active version: ${res.activeVersion === 0 ? "none" : res.activeVersion}\n` +
+          `${res.upToDateCount} of ${res.machines.length} machines hold it, ${notYet} not yet, ${unreachable} unreachable (${res.connectedCount} connected)\n`;
         if (res.machines.length === 0) return head + "(no machine has reported yet)\n";
-        return (
-          head +
-          "\n" +
-          renderTableOf(res.machines)
-        );
+        return head + "\n" + renderTableOf(res.machines);
       });
     },
   },
 ];
 
+/** Where a machine is in the rollout, for people. */
+function rolloutState(m: MachineRollout): string {
+  if (!m.connected) return m.upToDate ? "unreachable (had it)" : "unreachable";
+  return m.upToDate ? "up to date" : "not yet";
+}
+
 function renderTableOf(machines: MachineRollout[]): string {
-  const rows = machines.map((m) => [m.machineId, m.group, m.heldVersion === 0 ? "-" : String(m.heldVersion), m.upToDate ? "yes" : "no", m.connected ? "yes" : "no", time(m.lastReport)]);
-  const headers = ["MACHINE", "GROUP", "HELD", "UP TO DATE", "CONNECTED", "LAST REPORT"];
+  const rows = machines.map((m) => [m.machineId, m.group, m.heldVersion === 0 ? "-" : String(m.heldVersion), rolloutState(m), m.connected ? "yes" : "no", time(m.lastReport)]);
+  const headers = ["MACHINE", "GROUP", "HELD", "STATE", "CONNECTED", "LAST REPORT"];
   const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   return [headers, ...rows].map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join("  ").trimEnd()).join("\n") + "\n";
+}
+
+const signingKeyCommands: Command[] = [
+  {
+    name: ["signing-key", "create"],
+    summary: "make a plain signing key for a tenant; agents receive it at once (KEY_ADDED) and sign with it through Sign",
+    args: "NAME",
+    flags: { ...kdcConnectionFlags, ...tenantFlag, ...algorithmFlag },
+    async run(ctx) {
+      const res = await kdc(ctx).ca.createSigningKey({ tenantId: ctx.args.need("tenant"), name: ctx.args.positional("NAME"), keyAlgorithm: algorithm(ctx) });
+      ctx.out.result(json(CreateSigningKeyResponseSchema, res), () => signingKeyFields(res.key));
+    },
+  },
+  {
+    name: ["signing-key", "list"],
+    summary: "list a tenant's plain signing keys (public parts only)",
+    flags: { ...kdcConnectionFlags, ...tenantFlag },
+    async run(ctx) {
+      ctx.args.noPositionals();
+      const res = await kdc(ctx).ca.listSigningKeys({ tenantId: ctx.args.need("tenant") });
+      ctx.out.table<SigningKey>(
+        [
+          { header: "name", value: (k) => k.name },
+          { header: "algorithm", value: (k) => algorithmLabel(k.keyAlgorithm) },
+          { header: "state", value: (k) => (k.revoked ? "revoked" : "active") },
+          { header: "created", value: (k) => time(k.createdAt) },
+          { header: "key id", value: (k) => k.keyId },
+        ],
+        res.keys,
+        json(ListSigningKeysResponseSchema, res),
+      );
+    },
+  },
+  {
+    name: ["signing-key", "revoke"],
+    summary: "revoke a plain signing key; agents drop it at once (REVOKED)",
+    args: "NAME",
+    flags: { ...kdcConnectionFlags, ...tenantFlag, reason: { type: "string", value: "TEXT", help: "why (1 to 256 characters)", required: true } },
+    async run(ctx) {
+      const res = await kdc(ctx).ca.revokeSigningKey({ tenantId: ctx.args.need("tenant"), name: ctx.args.positional("NAME"), reason: ctx.args.need("reason") });
+      ctx.out.result(json(RevokeSigningKeyResponseSchema, res), () => signingKeyFields(res.key));
+    },
+  },
+];
+
+function signingKeyFields(k: SigningKey | undefined): string {
+  if (k === undefined) return "";
+  return (
+    renderFields([
+      ["tenant", k.tenantId],
+      ["name", k.name],
+      ["algorithm", algorithmLabel(k.keyAlgorithm)],
+      ["state", k.revoked ? "revoked" : "active"],
+      ["key id", k.keyId],
+      ["created", time(k.createdAt)],
+    ]) + k.publicKeyPem
+  );
 }
 
 const auditLogCommands: Command[] = [
@@ -623,4 +693,4 @@ const otherCommands: Command[] = [
 ];
 
 /** Every KDC command of `kmi ctl`. */
-export const kdcCommands: readonly Command[] = [...tenantCommands, ...tokenCommands, ...caCommands, ...auditLogCommands, ...otherCommands];
+export const kdcCommands: readonly Command[] = [...tenantCommands, ...tokenCommands, ...caCommands, ...signingKeyCommands, ...auditLogCommands, ...otherCommands];

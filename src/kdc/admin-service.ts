@@ -174,9 +174,9 @@ export function createAdminService(ctx: KdcContext, ops: KdcOperations): Service
             version: VERSION,
             uptimeSeconds: BigInt(Math.max(0, Math.floor((ctx.clock.now().getTime() - ctx.startedAt.getTime()) / 1000))),
             tenants: statuses,
-            connectedAgents: 0,
+            connectedAgents: ctx.watches.connectedCount,
             auditHeadSeq: head.seq,
-            attestationKeyLoaded: false,
+            attestationKeyLoaded: ctx.attestationKey.loaded,
           });
         },
       }),

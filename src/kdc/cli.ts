@@ -6,7 +6,7 @@ import { ConfigError, formatHelp, loadConfig } from "../common/config.js";
 import { isKmiError } from "../common/errors.js";
 import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger, parseLogLevel } from "../common/logger.js";
-import { initProgram, serveProgram } from "./config.js";
+import { initProgram, parseLease, serveProgram } from "./config.js";
 import { dataPaths, initKdc } from "./init.js";
 import { KdcServer } from "./server.js";
 import { hostIp, hostName } from "./validate.js";
@@ -80,6 +80,9 @@ async function serve(argv: string[]): Promise<number> {
     logger,
     metricsListen: v.metricsListen,
     shutdownTimeoutMs: v.shutdownTimeoutMs,
+    auditUrl: v.auditUrl,
+    attestationKeyFile: v.attestationKeyFile,
+    leaseMs: parseLease(v.lease),
   });
   // A clean stop lets the event loop drain (log lines flushed); a forced or failed one exits now.
   return runUntilSignal(server, { logger, exit: (code) => (code === 0 ? void (process.exitCode = 0) : process.exit(code)) });

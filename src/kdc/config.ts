@@ -24,15 +24,54 @@ export const serveProgram = defineProgram({
   usage: "kmi kdc [flags]   (first: kmi kdc init)",
   summary:
     "Runs the KDC: the tenant-facing certificate API (KdcService), the operator API (KdcAdminService), the peer API for kmi services, " +
-    "health and reflection, over TLS on TCP (gRPC, gRPC-Web and Connect). Client certificates from the infrastructure CA are verified when sent " +
-    "(mutual TLS mode optional); operator and tenant calls use bearer tokens. SIGTERM drains in-flight calls and closes the store.",
+    "the machine-facing DistributionService, health and reflection, over TLS on TCP (gRPC, gRPC-Web and Connect). Client certificates from the " +
+    "infrastructure CA are verified when sent (mutual TLS mode optional); operator and tenant calls use bearer tokens, machines their certificate " +
+    "and an attestation token verified with the Auditserver's key. SIGTERM ends watch streams, drains in-flight calls and closes the store.",
   options: {
     ...common,
     listen: { type: "string", description: "TCP address to serve on (port 0 picks a free port)", default: "127.0.0.1:7443", valueName: "host:port" },
     metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint (off when unset)", valueName: "host:port" },
     shutdownTimeoutMs: { type: "integer", description: "how long in-flight calls get on shutdown, ms", default: 10000 },
+    auditUrl: {
+      type: "string",
+      description:
+        "the Auditserver (https://host:port, its certificate from the infrastructure CA): the KDC fetches the attestation key from it (unless --attestation-key-file) and follows its machine status stream for quarantines",
+      valueName: "url",
+      validate: httpsUrl,
+    },
+    attestationKeyFile: {
+      type: "string",
+      description: "the Auditserver's attestation public key, PEM (its attestation-key.pem); instead of fetching it from --audit-url",
+      valueName: "file",
+    },
+    lease: {
+      type: "string",
+      description: "how long an agent may use a released secret without hearing from the KDC again (e.g. 90m, 24h, 7d; 1m to 30d)",
+      default: "24h",
+      valueName: "duration",
+      validate: (v: string) => void parseLease(v),
+    },
   },
 });
+
+/** Parses a lease duration: a number with s, m, h or d (seconds without a unit), 1 minute to 30 days; returns ms. */
+export function parseLease(text: string): number {
+  const m = /^(\d{1,9})([smhd]?)$/.exec(text.trim());
+  if (m === null) throw new Error(`"${text}" is not a duration; use e.g. 90m, 24h or 7d`);
+  const seconds = Number(m[1]) * { "": 1, s: 1, m: 60, h: 3600, d: 86400 }[m[2] as "" | "s" | "m" | "h" | "d"];
+  if (seconds < 60 || seconds > 30 * 86400) throw new Error(`"${text}" is out of range; use 1m to 30d`);
+  return seconds * 1000;
+}
+
+function httpsUrl(value: string): void {
+  let u: URL;
+  try {
+    u = new URL(value);
+  } catch {
+    throw new Error(`"${value}" is not a URL; use e.g. https://127.0.0.1:7444`);
+  }
+  if (u.protocol !== "https:") throw new Error("use an https:// URL (kmi servers speak TLS only)");
+}
 
 /** `kmi kdc init`: make the data dir, the master key, the two roots, the TLS certificate and a first operator token. */
 export const initProgram = defineProgram({

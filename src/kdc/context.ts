@@ -5,11 +5,13 @@
  * and pki/ (see ./pki-adapter.ts, ./init.ts); tests may fill it with fakes.
  */
 import type { KeyObject } from "node:crypto";
+import type { WatchSecretsResponse } from "../gen/kmi/kdc/v1/distribution_pb.js";
 import type { SealedBlob } from "../gen/kmi/store/v1/envelope_pb.js";
 import type { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
 import type { Logger } from "../common/logger.js";
 import type { AuditEntry, AuditEntryInput, AuditTailOptions, AuditVerifyResult } from "../storage/audit-log.js";
 import type { BatchOp } from "../storage/store.js";
+import type { AttestedMachine } from "./authz.js";
 import type { KdcStore } from "./kdc-store.js";
 import type { KeyedMutex } from "./mutex.js";
 import type { SubjectInput } from "./validate.js";
@@ -135,11 +137,16 @@ export interface SecretEvents {
   signingKeyAdded(tenantId: string, name: string): void;
 }
 
-/** Who is watching: what GetRolloutStatus and GetKdcStatus show as `connected`. */
-export interface WatchPresence {
-  /** True while the machine has a WatchSecrets stream open. */
+/** The open WatchSecrets streams (./watch-hub.ts). */
+export interface WatchStreams {
+  /**
+   * Opens a stream for an attested machine: its SNAPSHOT first, then events; `signal` ends it.
+   * Rejects (nothing sent) when the snapshot's audit entry cannot be written.
+   */
+  open(caller: AttestedMachine, signal: AbortSignal): Promise<AsyncIterable<WatchSecretsResponse>>;
+  /** True while the machine has a stream open (GetRolloutStatus `connected`). */
   isConnected(machineId: string): boolean;
-  /** Machines with a stream open now. */
+  /** Machines with a stream open now (GetKdcStatus `connected_agents`). */
   readonly connectedCount: number;
 }
 
@@ -162,7 +169,7 @@ export interface KdcContext {
   /** Changes to push to agents (after commit). */
   events: SecretEvents;
   /** Open watch streams. */
-  presence: WatchPresence;
+  watches: WatchStreams;
   /** How long a released secret may be used without hearing from the KDC again, ms. */
   leaseMs: number;
 }

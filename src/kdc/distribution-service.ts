@@ -1,28 +1,96 @@
 /**
- * DistributionService: the machine-facing API. Not served yet (the key agent's issue builds
- * it): every method answers UNIMPLEMENTED. The pieces it will use exist: the version record
- * holds its key sealed under the master key (`KdcOperations.unsealVersionKey`), machine
- * identity comes from `kPeer`, and rollout reports have their table (`rollout`).
+ * DistributionService: the machine-facing API. Every call runs the one handler pipeline with
+ * `auth: "machine"`: the mutual-TLS machine certificate (kmi://machine/<id>) and an attestation
+ * token bound to it (./machine-auth.ts) authenticate; `authorize` refuses anything but an
+ * attested, non-quarantined machine; every refusal is audited with the token only as a keyed
+ * hash. Secrets are released by ./release.ts (unsealed for the wrap only, wrapped to the
+ * machine certificate's key, audited before the response leaves), streams by ./watch-hub.ts.
  */
-import { Code, ConnectError, type ServiceImpl } from "@connectrpc/connect";
-import type { DistributionService } from "../gen/kmi/kdc/v1/distribution_pb.js";
+import { create } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
+import { kDraining, kPeer } from "../common/rpc.js";
+import { FetchSecretsResponseSchema, ReportHeldVersionsResponseSchema, type DistributionService, type WatchSecretsResponse } from "../gen/kmi/kdc/v1/distribution_pb.js";
+import type { AttestedMachine, Caller } from "./authz.js";
+import type { KdcContext } from "./context.js";
+import { handle } from "./handler.js";
+import type { KdcOperations } from "./operations.js";
+import { recipientKey, SecretRelease, wipe } from "./release.js";
+import * as V from "./validate.js";
+import { requireNotQuarantined } from "./watch-hub.js";
 
-function unimplemented(method: string): ConnectError {
-  return new ConnectError(`${method}: secret distribution is not available in this KDC build yet`, Code.Unimplemented);
+const attested = () => ({ kind: "attested-machine" }) as const;
+const nothing = () => ({});
+
+/** The audit target of a distribution call: the machine its certificate names, when it verified. */
+function machineTarget(hctx: HandlerContext): string {
+  const peer = hctx.values.get(kPeer);
+  return peer?.authorized === true && peer.machineId !== undefined ? `machine/${peer.machineId}` : "machine/unknown";
 }
 
-/** DistributionService answering UNIMPLEMENTED. */
-export function createDistributionService(): ServiceImpl<typeof DistributionService> {
+/** `authorize` let only an attested machine through. */
+function asAttested(c: Caller): AttestedMachine {
+  if (c.kind !== "machine" || c.attestation === undefined) throw new Error("unreachable: authorize admits attested machines only");
+  return c as AttestedMachine;
+}
+
+/** DistributionService over the KDC's context and operations. */
+export function createDistributionService(ctx: KdcContext, ops: KdcOperations): ServiceImpl<typeof DistributionService> {
+  const release = new SecretRelease(ctx);
   return {
-    fetchSecrets: async () => {
-      throw unimplemented("FetchSecrets");
+    fetchSecrets: (req, hctx) =>
+      handle(ctx, hctx, req, {
+        action: "secret.release",
+        target: () => machineTarget(hctx),
+        auth: "machine",
+        attestationToken: (r) => r.attestationToken,
+        parse: nothing,
+        need: attested,
+        act: async (c) => {
+          const m = asAttested(c);
+          const a = m.attestation;
+          const items = await release.secretsOf(await release.servedTenants(a.tenantIds));
+          try {
+            requireNotQuarantined(ctx.quarantine, m.machineId);
+            // Fail-closed: the entry is written before any wrapped key leaves the KDC.
+            await release.auditToMachine(m.machineId, "fetch", items, { token_jti: a.jti, group: a.group });
+            const now = ctx.clock.now();
+            return create(FetchSecretsResponseSchema, {
+              secrets: release.wrap(items, { machineId: m.machineId, publicKey: recipientKey(a.certificateDer) }, now),
+              serverTime: timestampFromDate(now),
+            });
+          } finally {
+            wipe(items);
+          }
+        },
+      }),
+
+    async *watchSecrets(req, hctx): AsyncGenerator<WatchSecretsResponse> {
+      const stop = AbortSignal.any([hctx.signal, hctx.values.get(kDraining)]);
+      const stream = await handle(ctx, hctx, req, {
+        action: "secret.release",
+        target: () => machineTarget(hctx),
+        auth: "machine",
+        attestationToken: (r) => r.attestationToken,
+        parse: nothing,
+        need: attested,
+        act: (c) => ctx.watches.open(asAttested(c), stop),
+      });
+      yield* stream;
     },
-    // eslint-disable-next-line require-yield
-    watchSecrets: async function* () {
-      throw unimplemented("WatchSecrets");
-    },
-    reportHeldVersions: async () => {
-      throw unimplemented("ReportHeldVersions");
-    },
+
+    reportHeldVersions: (req, hctx) =>
+      handle(ctx, hctx, req, {
+        action: "rollout.report",
+        target: () => machineTarget(hctx),
+        auth: "machine",
+        attestationToken: (r) => r.attestationToken,
+        parse: V.reportHeldVersions,
+        need: attested,
+        act: async (c, i) => {
+          await ops.reportHeldVersions(asAttested(c), i);
+          return create(ReportHeldVersionsResponseSchema, {});
+        },
+      }),
   };
 }

@@ -22,11 +22,15 @@ import { AuditLog } from "../storage/audit-log.js";
 import { openLevelStore, type LevelStore } from "../storage/level-store.js";
 import { createMasterKeyFile, loadMasterKey, parseMasterKey } from "../storage/master-key.js";
 import type { BatchOp } from "../storage/store.js";
-import type { CertificateFactory, Clock, KdcContext, Sealer } from "./context.js";
+import type { AttestationKeyProvider, CertificateFactory, Clock, KdcContext, Sealer } from "./context.js";
 import { CREDENTIAL, credentialAad, KDC_SCHEMA_VERSION, KdcStore, put } from "./kdc-store.js";
 import { KeyedMutex } from "./mutex.js";
 import { createPkiAdapter } from "./pki-adapter.js";
 import { createSealer } from "./sealer.js";
+import { NoAttestationKey } from "./attestation-key.js";
+import { QuarantineRegistry } from "./quarantine.js";
+import { SecretRelease } from "./release.js";
+import { WatchHub, type WatchHubOptions } from "./watch-hub.js";
 import { mintToken } from "./tokens.js";
 
 const YEAR_S = 365 * 24 * 3600;
@@ -238,14 +242,35 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
   }
 }
 
-/** An opened, initialized KDC: its context and the store to close. */
+/** An opened, initialized KDC: its context, the store to close, and the distribution pieces. */
 export interface OpenedKdc {
   ctx: KdcContext;
   store: LevelStore;
+  /** The watch streams (also `ctx.events` and `ctx.watches`). */
+  hub: WatchHub;
+  /** The quarantine set (also `ctx.quarantine`), fed by the Auditserver's status stream. */
+  quarantine: QuarantineRegistry;
+}
+
+/** Default lease of a released secret: one day. */
+export const DEFAULT_LEASE_MS = 24 * 3600 * 1000;
+
+/** Options of `openKdc`. */
+export interface OpenKdcOptions extends MasterKeyOptions {
+  dataDir: string;
+  logger: Logger;
+  clock?: Clock;
+  pki?: CertificateFactory;
+  /** The Auditserver's attestation key (default: none configured; distribution calls are UNAVAILABLE). */
+  attestationKey?: AttestationKeyProvider;
+  /** Lease of released secrets, ms (default one day). */
+  leaseMs?: number;
+  /** Watch stream tuning (heartbeat period, queue bound). */
+  watch?: WatchHubOptions;
 }
 
 /** Opens an initialized data directory and builds the services' context. */
-export async function openKdc(opts: MasterKeyOptions & { dataDir: string; logger: Logger; clock?: Clock; pki?: CertificateFactory }): Promise<OpenedKdc> {
+export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
   if (!(await exists(dataPaths(opts.dataDir).store))) {
     throw new FailedPrecondition(`data dir ${opts.dataDir} is not initialized; run \`kmi kdc init --data-dir ${opts.dataDir}\` first`);
   }
@@ -264,7 +289,7 @@ export async function openKdc(opts: MasterKeyOptions & { dataDir: string; logger
     const root = await kdcStore.getCredential(CREDENTIAL.kmiRoot);
     if (root?.privateKey === undefined) throw new FailedPrecondition(`data dir ${opts.dataDir}: the KMI root credential is missing; restore the store from a backup`);
     sealer.open(root.privateKey, credentialAad(CREDENTIAL.kmiRoot)).fill(0);
-    const ctx: KdcContext = {
+    const base = {
       store: kdcStore,
       audit: new AuditLog(store, { clock }),
       sealer,
@@ -273,8 +298,15 @@ export async function openKdc(opts: MasterKeyOptions & { dataDir: string; logger
       logger: opts.logger,
       locks: new KeyedMutex(),
       startedAt: clock.now(),
+      attestationKey: opts.attestationKey ?? new NoAttestationKey(),
+      leaseMs: opts.leaseMs ?? DEFAULT_LEASE_MS,
     };
-    return { ctx, store };
+    // Quarantined machines are refused from the first call on, before the Auditserver answers.
+    const quarantine = await QuarantineRegistry.load(base);
+    const hub = new WatchHub({ ...base, quarantine }, new SecretRelease(base), opts.watch);
+    quarantine.setListener(hub);
+    const ctx: KdcContext = { ...base, quarantine, events: hub, watches: hub };
+    return { ctx, store, hub, quarantine };
   } catch (err) {
     await store.close();
     throw err;

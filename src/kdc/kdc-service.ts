@@ -157,8 +157,7 @@ export function createKdcService(ctx: KdcContext, ops: KdcOperations): ServiceIm
               group: m.group,
               heldVersion: m.heldVersion,
               upToDate: tenant.activeVersion !== 0 && m.heldVersion === tenant.activeVersion,
-              // Watch streams come with the distribution API; until then nobody is connected.
-              connected: false,
+              connected: ctx.watches.isConnected(m.machineId),
               ...(m.lastReport ? { lastReport: m.lastReport } : {}),
             }),
           );

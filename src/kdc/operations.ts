@@ -13,15 +13,18 @@ import { Role } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { Signer, SubjectSchema, VersionState } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import {
   IntermediateVersionRecordSchema,
+  MachineRolloutRecordSchema,
   SigningKeyRecordSchema,
   TokenRecordSchema,
   type CredentialRecord,
   type IntermediateVersionRecord,
+  type MachineRolloutRecord,
   type SigningKeyRecord,
   type TenantRecord,
   type TokenRecord,
 } from "../gen/kmi/store/v1/kdc_pb.js";
 import type { BatchOp } from "../storage/store.js";
+import type { AttestedMachine } from "./authz.js";
 import type { CertSummary, Issuer, KdcContext } from "./context.js";
 import { CREDENTIAL, credentialAad, intermediateKeyAad, put, signingKeyAad } from "./kdc-store.js";
 import { newTenant, nextVersion, planActivate, planRevoke, planUpload, requireRenewable, stateName, type Validity } from "./model.js";
@@ -110,6 +113,7 @@ export class KdcOperations {
       }
       ops.push(put.tenant(tenant));
       await this.ctx.audit.append({ actor, action: "tenant.create", target: `tenant/${input.tenantId}`, outcome: "ok", details }, ops);
+      if (tenant.activeVersion !== 0) this.ctx.events.activeChanged(tenant.tenantId);
       return tenant;
     });
   }
@@ -239,6 +243,8 @@ export class KdcOperations {
       details["retired_version"] = String(r.retired.version);
     }
     await this.ctx.audit.append({ actor, action, target: versionTarget(r.tenant.tenantId, r.version.version), outcome: "ok", details }, ops);
+    // Agents hear of a new active version once it is committed (never before).
+    if (r.version.state === VersionState.ACTIVE) this.ctx.events.activeChanged(r.tenant.tenantId);
   }
 
   private async requireVersion(tenantId: string, version: number): Promise<IntermediateVersionRecord> {
@@ -350,6 +356,10 @@ export class KdcOperations {
         },
         [put.tenant(plan.tenant), put.version(plan.revoked)],
       );
+      // A renewal shares its key with the version it renewed: a key still used by the active
+      // version is not revoked on the agents (only this version's certificate is).
+      const active = plan.tenant.activeVersion === 0 ? undefined : await this.ctx.store.getVersion(input.tenantId, plan.tenant.activeVersion);
+      if (active?.keyId !== target.keyId) this.ctx.events.keyRevoked(input.tenantId, target.keyId, input.reason);
       return plan.revoked;
     });
   }
@@ -427,6 +437,7 @@ export class KdcOperations {
           { actor, action: "signing-key.create", target: `tenant/${input.tenantId}/signing-key/${input.name}`, outcome: "ok", details: { key_id: key.keyId, algorithm: algorithmLabel(key.algorithm) } },
           [put.signingKey(record)],
         );
+        this.ctx.events.signingKeyAdded(input.tenantId, input.name);
         return record;
       } finally {
         key.pkcs8.fill(0);
@@ -446,8 +457,66 @@ export class KdcOperations {
         { actor, action: "signing-key.revoke", target: `tenant/${input.tenantId}/signing-key/${input.name}`, outcome: "ok", details: { key_id: key.keyId, reason: input.reason } },
         [put.signingKey(revoked)],
       );
+      this.ctx.events.keyRevoked(input.tenantId, key.keyId, input.reason);
       return revoked;
     });
+  }
+
+  // ---- rollout ----
+
+  /**
+   * ReportHeldVersions: one rollout record per tenant the machine serves (the token's `ten`, or
+   * every tenant), holding the intermediate version it reports for that tenant (the active one
+   * when it holds it, else the newest; 0 when none), in one batch with its audit entry. An entry
+   * whose key id is not its version's key is not believed (recorded as not held).
+   */
+  async reportHeldVersions(caller: AttestedMachine, input: V.ReportHeldVersionsInput): Promise<MachineRolloutRecord[]> {
+    const a = caller.attestation;
+    const served = new Set(a.tenantIds);
+    const tenants = (await this.ctx.store.listTenants()).filter((t) => served.size === 0 || served.has(t.tenantId));
+    const now = timestampFromDate(this.now());
+    const records: MachineRolloutRecord[] = [];
+    const summary: string[] = [];
+    let mismatched = 0;
+    for (const t of tenants) {
+      const held = input.held.filter((h) => h.tenantId === t.tenantId && h.version > 0).sort((x, y) => y.version - x.version);
+      let pick: V.HeldKeyInput | undefined = held.find((h) => h.version === t.activeVersion) ?? held[0];
+      if (pick !== undefined && (await this.ctx.store.getVersion(t.tenantId, pick.version))?.keyId !== pick.keyId) {
+        mismatched++;
+        pick = undefined;
+      }
+      records.push(
+        create(MachineRolloutRecordSchema, {
+          recordVersion: 1,
+          tenantId: t.tenantId,
+          machineId: caller.machineId,
+          group: a.group,
+          heldVersion: pick?.version ?? 0,
+          keyId: pick?.keyId ?? "",
+          lastReport: now,
+        }),
+      );
+      summary.push(`${t.tenantId}:${pick === undefined ? "-" : `v${pick.version}`}`);
+    }
+    const tenantSet = new Set(tenants.map((t) => t.tenantId));
+    const joined = summary.join(",");
+    await this.ctx.audit.append(
+      {
+        actor: `machine:${caller.machineId}`,
+        action: "rollout.report",
+        target: `machine/${caller.machineId}`,
+        outcome: "ok",
+        details: {
+          held: joined.length > 3800 ? `${joined.slice(0, 3800)}...` : joined,
+          entries: String(input.held.length),
+          not_served: String(input.held.filter((h) => !tenantSet.has(h.tenantId)).length),
+          key_mismatch: String(mismatched),
+          group: a.group,
+        },
+      },
+      records.map((r) => put.rollout(r)),
+    );
+    return records;
   }
 
   // ---- tokens ----

@@ -11,12 +11,11 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { KeyAlgorithm, KeyPurpose } from "../gen/kmi/common/v1/common_pb.js";
 import { ReleasedSecretSchema, type ReleasedSecret } from "../gen/kmi/kdc/v1/distribution_pb.js";
-import { Signer } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import type { IntermediateVersionRecord, SigningKeyRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import { formatWrapAad, machinePublicKeyFromCertificate, wrapKeyForMachine } from "../keywrap/index.js";
 import { encodePem } from "../pki/pem.js";
 import type { KdcContext } from "./context.js";
-import { CREDENTIAL, intermediateKeyAad, signingKeyAad } from "./kdc-store.js";
+import { intermediateKeyAad, signingKeyAad } from "./kdc-store.js";
 
 /** One secret with its private key unsealed (PKCS#8 DER): wrap it, then `wipe` it. */
 export interface SecretMaterial {
@@ -28,7 +27,7 @@ export interface SecretMaterial {
   /** Signing key name; empty for an intermediate. */
   name: string;
   keyAlgorithm: KeyAlgorithm;
-  /** The intermediate followed by its issuer (the KMI root, or the customer root given at upload); empty for a signing key. */
+  /** The intermediate certificate, PEM (no root: it is signed by one directly); empty for a signing key. */
   chainPem: string;
   publicKeyPem: string;
   /** The private key, PKCS#8 DER, in memory only. */
@@ -157,10 +156,9 @@ export class SecretRelease {
   private async intermediate(v: IntermediateVersionRecord): Promise<SecretMaterial> {
     if (v.privateKey === undefined) throw new Error(`version ${v.tenantId}/${v.version} has no sealed key`);
     const summary = this.ctx.pki.summarize(v.certificateDer);
-    let rootDer: Uint8Array | undefined;
-    if (v.signer === Signer.KMI_ROOT) rootDer = (await this.ctx.store.getCredential(CREDENTIAL.kmiRoot))?.certificateDer;
-    else if (v.customerRootDer.length > 0) rootDer = v.customerRootDer;
-    const chainPem = this.ctx.pki.certificatePem(v.certificateDer) + (rootDer === undefined ? "" : this.ctx.pki.certificatePem(rootDer));
+    // Only the intermediate: kmi's intermediates are signed by a root directly (the KMI root or
+    // the customer's), and a root is not sent in a TLS chain (devices have it already).
+    const chainPem = this.ctx.pki.certificatePem(v.certificateDer);
     return {
       tenantId: v.tenantId,
       purpose: KeyPurpose.INTERMEDIATE_CA,

@@ -21,7 +21,7 @@ export function services(ctx: KdcContext, ops = new KdcOperations(ctx)): Service
     serviceRegistration(KdcService, createKdcService(ctx, ops)),
     serviceRegistration(KdcAdminService, createAdminService(ctx, ops)),
     serviceRegistration(PeerService, createPeerService(ctx, ops)),
-    serviceRegistration(DistributionService, createDistributionService()),
+    serviceRegistration(DistributionService, createDistributionService(ctx, ops)),
   ];
 }
 

@@ -1,16 +1,24 @@
 /**
  * The KDC server: opens the data directory, unseals its TLS key into memory (never to disk),
  * serves the KDC's services over TLS with optional mutual TLS (client certificates from the
- * infrastructure CA), and on destroy drains calls and closes the store.
+ * infrastructure CA), loads the Auditserver's attestation key (a file, or fetched from the
+ * Auditserver in the background), follows the Auditserver's machine status stream for
+ * quarantines (as a client with its own kmi://service/kdc certificate), and on destroy ends the
+ * watch streams, drains calls and closes the store.
  */
-import { createPrivateKey } from "node:crypto";
+import { createPrivateKey, X509Certificate } from "node:crypto";
 import { ConnectServer, type BoundAddresses } from "../common/connect-server.js";
 import type { Logger } from "../common/logger.js";
 import { createMetricsRegistry, startMetricsServer, type MetricsServer } from "../common/metrics.js";
 import { parseListenAddress } from "../common/listen.js";
 import type { LevelStore } from "../storage/level-store.js";
 import type { Clock, KdcContext } from "./context.js";
-import { allTlsNames, issueKdcTlsCredential, openKdc, type MasterKeyOptions, type TlsNames } from "./init.js";
+import { allTlsNames, issueKdcTlsCredential, openKdc, type MasterKeyOptions, type OpenedKdc, type TlsNames } from "./init.js";
+import { FetchedAttestationKey, FileAttestationKey } from "./attestation-key.js";
+import { createAuditClient, type AuditClient } from "./audit-client.js";
+import type { AttestationKeyProvider } from "./context.js";
+import { MachineStatusFeed } from "./machine-status-feed.js";
+import type { WatchHubOptions } from "./watch-hub.js";
 import { CREDENTIAL, credentialAad, put } from "./kdc-store.js";
 import { KdcOperations } from "./operations.js";
 import { services } from "./routes.js";
@@ -29,7 +37,18 @@ export interface KdcServerOptions extends MasterKeyOptions {
   clock?: Clock;
   metricsListen?: string | undefined;
   shutdownTimeoutMs?: number;
+  /** The Auditserver ("https://host:port"): attestation key (unless a file is given) and machine status. */
+  auditUrl?: string | undefined;
+  /** The Auditserver's attestation public key, PEM file. */
+  attestationKeyFile?: string | undefined;
+  /** Lease of released secrets, ms (default one day). */
+  leaseMs?: number | undefined;
+  /** Watch stream tuning (tests). */
+  watch?: WatchHubOptions;
 }
+
+/** The extended key usage OID a certificate needs to be presented as a TLS client. */
+const CLIENT_AUTH = "1.3.6.1.5.5.7.3.2";
 
 function sameSet(a: readonly string[], b: readonly string[]): boolean {
   return a.length === b.length && [...a].sort().join(",") === [...b].sort().join(",");
@@ -43,18 +62,44 @@ export class KdcServer {
   private constructor(
     /** The services' context (tests read the store through it). */
     readonly ctx: KdcContext,
-    private readonly store: LevelStore,
+    private readonly opened: OpenedKdc,
     private readonly server: ConnectServer,
     private readonly opts: KdcServerOptions,
     private readonly metrics: ReturnType<typeof createMetricsRegistry>,
+    private readonly audit: { client: AuditClient; key: FetchedAttestationKey | undefined; feed: MachineStatusFeed } | undefined,
   ) {}
+
+  private get store(): LevelStore {
+    return this.opened.store;
+  }
 
   /** Opens the data directory and builds the server (nothing listens yet). */
   static async create(opts: KdcServerOptions): Promise<KdcServer> {
-    const { ctx, store } = await openKdc(opts);
+    const fileKey = opts.attestationKeyFile === undefined ? undefined : await FileAttestationKey.load(opts.attestationKeyFile);
+    // The fetching key needs the KDC's TLS material, which needs the opened store: it is
+    // created first and given its fetch function once the client exists.
+    let fetcher: AuditClient | undefined;
+    const fetchedKey =
+      fileKey === undefined && opts.auditUrl !== undefined
+        ? new FetchedAttestationKey({
+            url: opts.auditUrl,
+            logger: opts.logger,
+            fetch: async (signal) => {
+              if (fetcher === undefined) throw new Error("the Auditserver client is not ready");
+              return fetcher.client.getAttestationKey({}, { signal, timeoutMs: 10_000 });
+            },
+          })
+        : undefined;
+    const attestationKey: AttestationKeyProvider | undefined = fileKey ?? fetchedKey;
+    const opened = await openKdc({ ...opts, ...(attestationKey ? { attestationKey } : {}), ...(opts.leaseMs !== undefined ? { leaseMs: opts.leaseMs } : {}) });
+    const { ctx, store } = opened;
     try {
       const tls = await KdcServer.tlsMaterial(ctx, opts.tls);
       const metrics = createMetricsRegistry();
+      metrics.gauge("kmi_kdc_watch_streams", "WatchSecrets streams open now.", [], (g) => g.set(opened.hub.streamCount));
+      metrics.gauge("kmi_kdc_connected_machines", "Machines with a WatchSecrets stream open now.", [], (g) => g.set(opened.hub.connectedCount));
+      metrics.gauge("kmi_kdc_quarantined_machines", "Machines the KDC refuses as quarantined.", [], (g) => g.set(opened.quarantine.list().length));
+      metrics.gauge("kmi_kdc_attestation_key_loaded", "1 when the Auditserver's attestation key is loaded.", [], (g) => g.set(ctx.attestationKey.loaded ? 1 : 0));
       const server = ConnectServer.create({
         name: "kdc",
         services: services(ctx, new KdcOperations(ctx)),
@@ -63,7 +108,28 @@ export class KdcServer {
         metrics,
         ...(opts.shutdownTimeoutMs !== undefined ? { shutdownTimeoutMs: opts.shutdownTimeoutMs } : {}),
       });
-      return new KdcServer(ctx, store, server, opts, metrics);
+      let audit: { client: AuditClient; key: FetchedAttestationKey | undefined; feed: MachineStatusFeed } | undefined;
+      if (opts.auditUrl !== undefined) {
+        const client = createAuditClient({ url: opts.auditUrl, caPem: tls.ca.toString(), certPem: tls.cert.toString(), keyPem: tls.key.toString() });
+        fetcher = client;
+        const feed = new MachineStatusFeed({
+          url: opts.auditUrl,
+          registry: opened.quarantine,
+          logger: opts.logger,
+          watch: (signal) => client.client.watchMachineStatus({}, { signal }),
+        });
+        audit = { client, key: fetchedKey, feed };
+      } else {
+        opts.logger.warn("no --audit-url: quarantines are not received from the Auditserver (the ones stored still apply)", {
+          quarantined: opened.quarantine.list().length,
+        });
+      }
+      if (attestationKey === undefined) {
+        opts.logger.warn("no attestation key: give --audit-url or --attestation-key-file; until then every distribution call is UNAVAILABLE", {});
+      } else if (fileKey !== undefined) {
+        opts.logger.info("attestation key loaded", { file: opts.attestationKeyFile, key_id: fileKey.keyId });
+      }
+      return new KdcServer(ctx, opened, server, opts, metrics, audit);
     } catch (err) {
       await store.close();
       throw err;
@@ -84,6 +150,10 @@ export class KdcServer {
     const wanted = names === undefined ? undefined : allTlsNames(names);
     const reasons: string[] = [];
     if (info.notAfter.getTime() - now.getTime() < TLS_RENEW_BEFORE_MS) reasons.push("expiring");
+    // The same certificate is the KDC's client identity towards the Auditserver (WatchMachineStatus).
+    if (!info.uris.includes("kmi://service/kdc") || !(new X509Certificate(tls.certificateDer).keyUsage ?? []).includes(CLIENT_AUTH)) {
+      reasons.push("no kmi://service/kdc client identity");
+    }
     if (wanted !== undefined && (names!.dnsNames.length > 0 || names!.ipAddresses.length > 0)) {
       if (!sameSet(wanted.dnsNames, info.dnsNames) || !sameSet(wanted.ipAddresses, info.ipAddresses)) reasons.push("names changed");
     }
@@ -115,6 +185,8 @@ export class KdcServer {
   /** Starts listening; resolves with the bound addresses. */
   async start(): Promise<BoundAddresses> {
     const bound = await this.server.start();
+    this.audit?.key?.start();
+    this.audit?.feed.start();
     if (this.opts.metricsListen !== undefined) {
       this.metricsServer = await startMetricsServer(this.metrics, parseListenAddress(this.opts.metricsListen), this.opts.logger);
     }
@@ -127,7 +199,13 @@ export class KdcServer {
     if (this.closed) return;
     this.closed = true;
     try {
+      await this.audit?.feed.close();
+      await this.audit?.key?.close();
+      this.audit?.client.close();
+      // Watch streams end now (OK): agents reconnect to another KDC or when this one is back.
+      this.opened.hub.closeAll();
       await this.server.destroy();
+      await this.opened.hub.settled();
       await this.metricsServer?.close();
     } finally {
       await this.store.close();

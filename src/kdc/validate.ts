@@ -21,11 +21,15 @@ import {
   type Subject,
   type UploadIntermediateRequest,
 } from "../gen/kmi/kdc/v1/kdc_pb.js";
+import type { ReportHeldVersionsRequest } from "../gen/kmi/kdc/v1/distribution_pb.js";
 import type { IssueMachineCertificateRequest } from "../gen/kmi/kdc/v1/peer_pb.js";
 
 const TENANT_ID = /^[a-z][a-z0-9-]{0,62}$/;
 const NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
 const TOKEN_ID = /^[0-9a-f]{16}$/;
+const KEY_ID = /^[0-9a-f]{64}$/;
+/** Most entries in one ReportHeldVersions. */
+export const MAX_HELD_VERSIONS = 10_000;
 const DNS_LABEL = /^(?!-)[a-z0-9-]{1,63}(?<!-)$/;
 /** Largest certificate (or customer root) accepted by an upload. */
 export const MAX_UPLOAD_BYTES = 64 * 1024;
@@ -305,6 +309,21 @@ export function issueMachineCertificate(req: IssueMachineCertificateRequest): Is
     throw new InvalidArgument(`ttl_seconds: ${req.ttlSeconds} is out of range; use 300 to 2592000 (30 days)`);
   }
   return { csrPem: csr, machineId, group, ttlSeconds: req.ttlSeconds };
+}
+
+/** One key an agent holds. */
+export interface HeldKeyInput { tenantId: string; keyId: string; version: number }
+/** ReportHeldVersions, validated (the token is checked by authentication). */
+export interface ReportHeldVersionsInput { held: HeldKeyInput[] }
+/** Parses ReportHeldVersionsRequest: at most 10000 entries, each a tenant id and a key id. */
+export function reportHeldVersions(req: ReportHeldVersionsRequest): ReportHeldVersionsInput {
+  if (req.held.length > MAX_HELD_VERSIONS) throw new InvalidArgument(`held: ${req.held.length} entries; at most ${MAX_HELD_VERSIONS}`);
+  const held = req.held.map((h, i) => {
+    const t = tenantId(h.tenantId, `held[${i}].tenant_id`);
+    if (!KEY_ID.test(h.keyId)) throw new InvalidArgument(`held[${i}].key_id: "${clip(h.keyId)}" is not a key id; use the 64 lowercase hex characters of ReleasedSecret.key_id`);
+    return { tenantId: t, keyId: h.keyId, version: h.version };
+  });
+  return { held };
 }
 
 /** TailAuditLog, validated. */

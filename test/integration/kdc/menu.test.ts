@@ -238,8 +238,8 @@ describe("Certificate menu through the gRPC client", () => {
     expect((await ca.revokeSigningKey({ tenantId: "globex", name: "webhook", reason: "rotated" })).key!.revoked).toBe(true);
   });
 
-  it("DistributionService answers UNIMPLEMENTED for now", async () => {
-    await refused(op(DistributionService).fetchSecrets({ attestationToken: "x" }), Code.Unimplemented);
+  it("DistributionService refuses a bearer token without a machine certificate (the full suite is test/integration/distribution)", async () => {
+    await refused(op(DistributionService).fetchSecrets({ attestationToken: "x" }), Code.Unauthenticated, "client certificate required");
   });
 });
 

@@ -117,7 +117,9 @@ export type ReleasedSecret = Message<"kmi.kdc.v1.ReleasedSecret"> & {
   keyAlgorithm: KeyAlgorithm;
 
   /**
-   * For INTERMEDIATE_CA: the intermediate followed by its issuers, PEM. Empty for SIGNING.
+   * For INTERMEDIATE_CA: the intermediate followed by its issuers below the root, PEM (kmi's
+   * intermediates are signed by a root directly, so this is the intermediate alone; the root,
+   * which devices trust already, is not included). Empty for SIGNING.
    *
    * @generated from field: string chain_pem = 7;
    */

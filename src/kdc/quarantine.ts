@@ -1,0 +1,115 @@
+/**
+ * The machines the KDC refuses as quarantined, as the Auditserver reports them on its
+ * WatchMachineStatus stream (./machine-status-feed.ts). Kept in memory for the per-call check
+ * and in the store (table `quarantine`) so that a restarted KDC refuses them before the
+ * Auditserver is reachable again.
+ *
+ * Why the order differs: a quarantine takes effect in memory (refusals, QUARANTINED pushed on
+ * the machine's streams) before it is written, because refusing is the safe side; a release is
+ * written with its audit entry first and takes effect only once that succeeded (fail-closed).
+ */
+import { create } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { QuarantinedMachineRecordSchema, type QuarantinedMachineRecord } from "../gen/kmi/store/v1/kdc_pb.js";
+import type { KdcContext, QuarantineList } from "./context.js";
+import { del, put } from "./kdc-store.js";
+import { KeyedMutex } from "./mutex.js";
+
+/** Longest reason kept (the Auditserver's text is not ours to trust in size). */
+const MAX_REASON = 1024;
+
+/** One machine's status as the feed reports it. */
+export interface MachineStatusUpdate {
+  machineId: string;
+  quarantined: boolean;
+  reason: string;
+  time: Date;
+}
+
+/** Told when a machine is quarantined (the watch hub pushes QUARANTINED). */
+export interface QuarantineListener {
+  quarantined(machineId: string, reason: string): void;
+}
+
+/** The quarantine set. */
+export class QuarantineRegistry implements QuarantineList {
+  private readonly machines = new Map<string, QuarantinedMachineRecord>();
+  private readonly lock = new KeyedMutex();
+  private listener: QuarantineListener | undefined;
+
+  private constructor(private readonly ctx: Pick<KdcContext, "store" | "audit" | "clock" | "logger">) {}
+
+  /** Loads the persisted set. */
+  static async load(ctx: Pick<KdcContext, "store" | "audit" | "clock" | "logger">): Promise<QuarantineRegistry> {
+    const r = new QuarantineRegistry(ctx);
+    for (const m of await ctx.store.listQuarantined()) r.machines.set(m.machineId, m);
+    return r;
+  }
+
+  /** Sets who hears of new quarantines. */
+  setListener(listener: QuarantineListener): void {
+    this.listener = listener;
+  }
+
+  /** Why the machine is quarantined, or undefined. */
+  reasonFor(machineId: string): string | undefined {
+    return this.machines.get(machineId)?.reason;
+  }
+
+  /** Quarantined machine ids, sorted. */
+  list(): string[] {
+    return [...this.machines.keys()].sort();
+  }
+
+  /** Applies one change from the feed. */
+  apply(update: MachineStatusUpdate, actor: string): Promise<void> {
+    return this.lock.run("quarantine", () => this.applyLocked(update, actor));
+  }
+
+  /**
+   * Applies a snapshot (every quarantined machine): quarantines the ones listed, releases the
+   * ones no longer listed.
+   */
+  replaceAll(quarantined: readonly MachineStatusUpdate[], actor: string): Promise<void> {
+    return this.lock.run("quarantine", async () => {
+      const listed = new Set(quarantined.map((u) => u.machineId));
+      for (const u of quarantined) await this.applyLocked({ ...u, quarantined: true }, actor);
+      for (const id of [...this.machines.keys()]) {
+        if (!listed.has(id)) await this.applyLocked({ machineId: id, quarantined: false, reason: "not quarantined in the Auditserver's snapshot", time: this.ctx.clock.now() }, actor);
+      }
+    });
+  }
+
+  private async applyLocked(u: MachineStatusUpdate, actor: string): Promise<void> {
+    const current = this.machines.get(u.machineId);
+    const reason = (u.reason === "" ? "quarantined by the Auditserver" : u.reason).slice(0, MAX_REASON);
+    if (u.quarantined) {
+      if (current !== undefined && current.reason === reason) return;
+      const record = create(QuarantinedMachineRecordSchema, {
+        recordVersion: 1,
+        machineId: u.machineId,
+        reason,
+        quarantinedAt: timestampFromDate(u.time),
+        recordedAt: timestampFromDate(this.ctx.clock.now()),
+      });
+      this.machines.set(u.machineId, record);
+      this.listener?.quarantined(u.machineId, reason);
+      try {
+        await this.ctx.audit.append(
+          { actor, action: "machine.quarantine", target: `machine/${u.machineId}`, outcome: "ok", details: { reason, quarantined_at: u.time.toISOString() } },
+          [put.quarantined(record)],
+        );
+      } catch (err) {
+        // Still refused in memory; the next snapshot of the feed writes it again.
+        this.ctx.logger.error("cannot persist a quarantine; refusing the machine in memory only", { machine: u.machineId, err });
+      }
+      return;
+    }
+    if (current === undefined) return;
+    await this.ctx.audit.append(
+      { actor, action: "machine.release", target: `machine/${u.machineId}`, outcome: "ok", details: { reason: u.reason.slice(0, MAX_REASON), was: current.reason } },
+      [del.quarantined(u.machineId)],
+    );
+    this.machines.delete(u.machineId);
+  }
+}

@@ -1,0 +1,414 @@
+/**
+ * DistributionService in-process (createRouterTransport over routes(ctx), the mutual-TLS peer
+ * injected as kPeer) on a real LevelDB: authentication refusals, what FetchSecrets releases
+ * and its lease, the watch stream's events (SNAPSHOT, ACTIVATED, REVOKED, KEY_ADDED,
+ * QUARANTINED, HEARTBEAT, end at token expiry), the tenant filter of `ten`, quarantine
+ * persistence, the slow-consumer bound, and rollout reports. The same over a real process and
+ * mutual TLS is in test/integration/distribution/.
+ */
+import { createPublicKey, generateKeyPairSync, X509Certificate } from "node:crypto";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, createClient, createRouterTransport, type Interceptor } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { toConnectError } from "../../../src/common/error-mapping.js";
+import { createNopLogger } from "../../../src/common/logger.js";
+import { kPeer } from "../../../src/common/rpc.js";
+import { peerIdentityFromDer, type PeerIdentity } from "../../../src/common/tls.js";
+import { KeyPurpose } from "../../../src/gen/kmi/common/v1/common_pb.js";
+import { KdcAdminService } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
+import { DistributionService, WatchEventType, type WatchSecretsResponse } from "../../../src/gen/kmi/kdc/v1/distribution_pb.js";
+import { KdcService, Signer } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
+import { FileAttestationKey, NoAttestationKey } from "../../../src/kdc/attestation-key.js";
+import { initKdc, openKdc, type OpenedKdc } from "../../../src/kdc/init.js";
+import { KdcOperations } from "../../../src/kdc/operations.js";
+import { routes } from "../../../src/kdc/routes.js";
+import { formatWrapAad, keyIdOf, unwrapKey } from "../../../src/keywrap/index.js";
+import { Machine, makeTokenKey, signToken, type TokenKey } from "../../fixtures/kdc/machines.js";
+
+const LEASE_MS = 3_600_000;
+let dir: string;
+let kdc: OpenedKdc;
+let operatorToken: string;
+let tokenKey: TokenKey;
+let ops: KdcOperations;
+const machines: Record<string, Machine> = {};
+
+/** Domain errors to wire codes, for unary calls and inside streams (as the real server maps them). */
+const mapErrors: Interceptor = (next) => async (req) => {
+  const map = (err: unknown) => toConnectError(err, createNopLogger());
+  try {
+    const res = await next(req);
+    if (!res.stream) return res;
+    const source = res.message;
+    return {
+      ...res,
+      message: (async function* () {
+        try {
+          yield* source;
+        } catch (err) {
+          throw map(err);
+        }
+      })(),
+    } as typeof res;
+  } catch (err) {
+    throw map(err);
+  }
+};
+
+/** Peers by test header: the router transport has no TLS, so the test names the peer the server sees. */
+const peers = new Map<string, PeerIdentity | undefined>();
+const injectPeer: Interceptor = (next) => async (req) => {
+  const id = req.header.get("x-test-peer");
+  if (id !== null) req.contextValues.set(kPeer, peers.get(id));
+  return next(req);
+};
+
+function transport(k: OpenedKdc = kdc, token?: string) {
+  const auth: Interceptor = (next) => async (req) => {
+    if (token !== undefined) req.header.set("authorization", `Bearer ${token}`);
+    return next(req);
+  };
+  return createRouterTransport(routes(k.ctx), { router: { interceptors: [mapErrors, injectPeer] }, transport: { interceptors: [auth] } });
+}
+
+const dist = (k: OpenedKdc = kdc) => createClient(DistributionService, transport(k));
+const admin = () => {
+  const t = transport(kdc, operatorToken);
+  return { ca: createClient(KdcService, t), admin: createClient(KdcAdminService, t) };
+};
+
+function peerOf(m: Machine): PeerIdentity {
+  return peerIdentityFromDer(m.certDer, true);
+}
+
+function as(peer: PeerIdentity | undefined, signal?: AbortSignal) {
+  const id = String(peers.size);
+  peers.set(id, peer);
+  return { headers: { "x-test-peer": id }, ...(signal ? { signal } : {}) };
+}
+
+function token(m: Machine, extra: Partial<Parameters<typeof signToken>[1]> = {}): string {
+  return signToken(tokenKey, { machineId: m.machineId, cert: m.certDer, ...extra });
+}
+
+async function failure(p: Promise<unknown>): Promise<string> {
+  const e = await p.then(() => undefined, (x: unknown) => x);
+  expect(e).toBeInstanceOf(ConnectError);
+  return `${Code[(e as ConnectError).code]}: ${(e as ConnectError).rawMessage}`;
+}
+
+async function issue(machineId: string): Promise<Machine> {
+  const m = new Machine(machineId);
+  const r = await ops.issueMachineCertificate("system", { csrPem: m.csrPem(), machineId, group: "edge", ttlSeconds: 3600 });
+  m.certPem = kdc.ctx.pki.certificatePem(r.certificateDer);
+  machines[machineId] = m;
+  return m;
+}
+
+/** Reads a stream in the background, keeping every event. */
+function watch(m: Machine, tok = token(m), k: OpenedKdc = kdc) {
+  const abort = new AbortController();
+  const events: WatchSecretsResponse[] = [];
+  let error: unknown;
+  let ended = false;
+  const done = (async () => {
+    try {
+      for await (const ev of dist(k).watchSecrets({ attestationToken: tok }, as(peerOf(m), abort.signal))) events.push(ev);
+    } catch (err) {
+      error = err;
+    } finally {
+      ended = true;
+    }
+  })();
+  return {
+    events,
+    done,
+    get error() {
+      return error;
+    },
+    get ended() {
+      return ended;
+    },
+    close: () => abort.abort(),
+    /** Waits for an event of `type` after the first `from` events. */
+    async next(type: WatchEventType, from = 0, timeoutMs = 3000): Promise<WatchSecretsResponse> {
+      const t0 = Date.now();
+      for (;;) {
+        const ev = events.slice(from).find((e) => e.type === type);
+        if (ev !== undefined) return ev;
+        if (ended || Date.now() - t0 > timeoutMs) throw new Error(`no ${WatchEventType[type]} (ended=${ended}, error=${String(error)}, got ${events.map((e) => WatchEventType[e.type]).join(",")})`);
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    },
+  };
+}
+
+async function until(cond: () => boolean | Promise<boolean>, timeoutMs = 3000): Promise<void> {
+  const t0 = Date.now();
+  while (!(await cond())) {
+    if (Date.now() - t0 > timeoutMs) throw new Error("condition not met in time");
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+beforeAll(async () => {
+  dir = await mkdtemp(join(tmpdir(), "kmi-kdc-dist-"));
+  const r = await initKdc({ dataDir: join(dir, "data"), tls: { dnsNames: [], ipAddresses: [] } });
+  operatorToken = r.operatorToken;
+  tokenKey = makeTokenKey();
+  await writeFile(join(dir, "attestation-key.pem"), tokenKey.publicPem);
+  kdc = await openKdc({
+    dataDir: join(dir, "data"),
+    logger: createNopLogger(),
+    attestationKey: await FileAttestationKey.load(join(dir, "attestation-key.pem")),
+    leaseMs: LEASE_MS,
+    watch: { heartbeatMs: 150, maxQueue: 4 },
+  });
+  ops = new KdcOperations(kdc.ctx);
+  await admin().admin.createTenant({ tenantId: "acme", bootstrapKmiSigned: true });
+  await admin().admin.createTenant({ tenantId: "other", bootstrapKmiSigned: true });
+  for (const id of ["m-aaaa000000000001", "m-bbbb000000000002", "m-cccc000000000003", "m-dddd000000000004"]) await issue(id);
+});
+
+afterAll(async () => {
+  await kdc?.store.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+const A = () => machines["m-aaaa000000000001"]!;
+const B = () => machines["m-bbbb000000000002"]!;
+
+describe("authentication", () => {
+  const untrusted = () => peerIdentityFromDer(A().certDer, false, "unable to get local issuer certificate");
+  it.each([
+    ["no client certificate", () => undefined, () => token(A()), /^Unauthenticated: client certificate required/],
+    ["an untrusted certificate", untrusted, () => token(A()), /^Unauthenticated: client certificate not trusted \(unable to get local issuer certificate\)/],
+    ["no token", () => peerOf(A()), () => "", /^Unauthenticated: attestation_token: required; attest with the Auditserver/],
+    ["garbage token", () => peerOf(A()), () => "not-a-token", /^Unauthenticated: attestation token: malformed/],
+    ["an expired token", () => peerOf(A()), () => token(A(), { ttlMs: -1000 }), /^Unauthenticated: attestation token: expired at/],
+    ["a token signed by another key", () => peerOf(A()), () => signToken(makeTokenKey(), { machineId: A().machineId, cert: A().certDer }), /^Unauthenticated: attestation token: signed by key .*, not the Auditserver's key/],
+    ["machine A's token on machine B's connection", () => peerOf(B()), () => token(A()), /^Unauthenticated: attestation token: issued to machine m-aaaa000000000001, not to m-bbbb000000000002/],
+    ["a token bound to another certificate", () => peerOf(A()), () => signToken(tokenKey, { machineId: A().machineId, cert: B().certDer }), /^Unauthenticated: attestation token: bound to another certificate/],
+  ])("%s is refused on every RPC", async (_name, peer, tok, want) => {
+    const c = dist();
+    expect(await failure(c.fetchSecrets({ attestationToken: tok() }, as(peer())))).toMatch(want);
+    expect(await failure(c.reportHeldVersions({ attestationToken: tok() }, as(peer())))).toMatch(want);
+    expect(await failure((async () => { for await (const _ of c.watchSecrets({ attestationToken: tok() }, as(peer()))) void _; })())).toMatch(want);
+  });
+
+  it("a service certificate is PERMISSION_DENIED", async () => {
+    const svc = generateKeyPairSync("ec", { namedCurve: "P-256" });
+    const infra = await ops.issuer("infra-ca");
+    const der = kdc.ctx.pki.issueServiceCertificate({ issuer: infra, serviceName: "audit", spki: new Uint8Array(createPublicKey(svc.privateKey).export({ format: "der", type: "spki" })), dnsNames: ["localhost"], ipAddresses: [], now: new Date(), validitySeconds: 3600 });
+    expect(await failure(dist().fetchSecrets({ attestationToken: token(A()) }, as(peerIdentityFromDer(der, true))))).toMatch(/^PermissionDenied: this call is for attested machines only/);
+  });
+
+  it("refusals are audited with the token only as a keyed hash", async () => {
+    const secret = token(A(), { ttlMs: -1000 });
+    await failure(dist().fetchSecrets({ attestationToken: secret }, as(peerOf(A()))));
+    const entries = await kdc.ctx.audit.tail({ limit: 5, last: true });
+    const e = entries.at(-1)!;
+    expect(e).toMatchObject({ actor: "machine:m-aaaa000000000001", action: "secret.release", target: "machine/m-aaaa000000000001", outcome: "refused: unauthenticated" });
+    expect(e.details["attestation_token"]).toMatch(/^hmac:[0-9a-f]{32,64}$/);
+    expect(e.details["error"]).toMatch(/expired/);
+    expect(JSON.stringify(entries, (_k, v: unknown) => (typeof v === "bigint" ? String(v) : v))).not.toContain(secret.split(".")[2]);
+  });
+
+  it("without an attestation key every call is UNAVAILABLE, saying how to configure one", async () => {
+    const other = { ...kdc, ctx: { ...kdc.ctx, attestationKey: new NoAttestationKey() } };
+    expect(await failure(dist(other).fetchSecrets({ attestationToken: token(A()) }, as(peerOf(A()))))).toMatch(
+      /^Unavailable: attestation key not configured; start the KDC with --audit-url .* or --attestation-key-file/,
+    );
+  });
+});
+
+describe("FetchSecrets", () => {
+  it("releases each tenant's active intermediate and signing keys, wrapped to this machine, with a lease", async () => {
+    await admin().ca.createSigningKey({ tenantId: "acme", name: "code-sign" });
+    const t0 = Date.now();
+    const res = await dist().fetchSecrets({ attestationToken: token(A()) }, as(peerOf(A())));
+    const acme = await admin().admin.getTenant({ tenantId: "acme" });
+    const root = (await admin().admin.getTrustBundle({})).kmiRootPem;
+    const byKind = res.secrets.map((s) => `${s.tenantId}/${s.purpose === KeyPurpose.INTERMEDIATE_CA ? `v${s.version}` : s.name}`).sort();
+    expect(byKind).toEqual([`acme/code-sign`, `acme/v${acme.tenant!.activeVersion}`, "other/v1"]);
+    for (const s of res.secrets) {
+      const key = unwrapKey(s.wrappedKey!, A().key, { expectedAad: formatWrapAad({ machineId: A().machineId, tenantId: s.tenantId, keyId: s.keyId, version: s.version }) });
+      expect(keyIdOf(key)).toBe(s.keyId);
+      const lease = timestampMs(s.leaseExpiresAt!);
+      expect(lease).toBeGreaterThanOrEqual(t0 + LEASE_MS - 2000);
+      expect(lease).toBeLessThanOrEqual(Date.now() + LEASE_MS);
+      if (s.purpose === KeyPurpose.INTERMEDIATE_CA) {
+        const certs = s.chainPem.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g)!;
+        expect(certs).toHaveLength(1); // the intermediate; the KMI root is not sent
+        expect(keyIdOf(new X509Certificate(certs[0]!).publicKey)).toBe(s.keyId);
+        expect(new X509Certificate(certs[0]!).verify(new X509Certificate(root).publicKey)).toBe(true);
+      }
+    }
+    // Machine B's key does not open A's release.
+    expect(() => unwrapKey(res.secrets[0]!.wrappedKey!, B().key)).toThrow(/does not open with this machine's key/);
+    const e = (await kdc.ctx.audit.tail({ limit: 1, last: true }))[0]!;
+    expect(e).toMatchObject({ actor: "machine:m-aaaa000000000001", action: "secret.release", outcome: "ok" });
+    expect(e.details["keys"]!.split(",")).toHaveLength(3);
+  });
+
+  it("releases only the tenants the token names", async () => {
+    const res = await dist().fetchSecrets({ attestationToken: token(A(), { tenants: ["other", "nope"] }) }, as(peerOf(A())));
+    expect(res.secrets.map((s) => s.tenantId)).toEqual(["other"]);
+  });
+});
+
+describe("WatchSecrets", () => {
+  it("SNAPSHOT first, then ACTIVATED (the tenant's whole set), REVOKED, KEY_ADDED and heartbeats", async () => {
+    const w = watch(A());
+    const snap = await w.next(WatchEventType.SNAPSHOT);
+    expect(w.events[0]!.type).toBe(WatchEventType.SNAPSHOT);
+    expect(snap.secrets.length).toBeGreaterThanOrEqual(3);
+    expect(kdc.ctx.watches.isConnected(A().machineId)).toBe(true);
+
+    const old = (await admin().admin.getTenant({ tenantId: "acme" })).tenant!.activeVersion;
+    const v = (await admin().ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, activate: true })).version!;
+    const act = await w.next(WatchEventType.ACTIVATED);
+    expect(act.tenantId).toBe("acme");
+    expect(act.secrets.map((s) => (s.purpose === KeyPurpose.INTERMEDIATE_CA ? `v${s.version}` : s.name)).sort()).toEqual(["code-sign", `v${v.version}`]);
+
+    const n = w.events.length;
+    const oldKey = (await admin().ca.listVersions({ tenantId: "acme" })).versions.find((x) => x.version === old)!.keyId;
+    await admin().ca.revokeVersion({ tenantId: "acme", version: old, reason: "key compromised" });
+    const rev = await w.next(WatchEventType.REVOKED, n);
+    expect(rev).toMatchObject({ tenantId: "acme", keyId: oldKey, reason: "key compromised" });
+
+    const k = (await admin().ca.createSigningKey({ tenantId: "acme", name: "second" })).key!;
+    const added = await w.next(WatchEventType.KEY_ADDED, n);
+    expect(added.secrets.map((s) => s.keyId)).toEqual([k.keyId]);
+    await admin().ca.revokeSigningKey({ tenantId: "acme", name: "second", reason: "done" });
+    await until(() => w.events.some((e) => e.type === WatchEventType.REVOKED && e.keyId === k.keyId));
+
+    await w.next(WatchEventType.HEARTBEAT, n);
+    w.close();
+    await w.done;
+    await until(() => !kdc.ctx.watches.isConnected(A().machineId));
+  });
+
+  it("a renewal's revoked predecessor does not revoke the key the active version still uses", async () => {
+    const v = (await admin().ca.createVersion({ tenantId: "other", signer: Signer.KMI_ROOT })).version!;
+    const r = (await admin().ca.renewVersion({ tenantId: "other", version: v.version, signer: Signer.KMI_ROOT, activate: true })).version!;
+    const w = watch(A());
+    await w.next(WatchEventType.SNAPSHOT);
+    await admin().ca.revokeVersion({ tenantId: "other", version: v.version, reason: "old certificate" });
+    await admin().ca.revokeVersion({ tenantId: "other", version: 1, reason: "old key" });
+    const rev = await w.next(WatchEventType.REVOKED);
+    expect(rev.keyId).not.toBe(r.keyId);
+    await new Promise((res) => setTimeout(res, 100));
+    expect(w.events.filter((e) => e.type === WatchEventType.REVOKED).map((e) => e.keyId)).not.toContain(r.keyId);
+    w.close();
+    await w.done;
+  });
+
+  it("a stream hears only of the tenants its token names", async () => {
+    const w = watch(B(), token(B(), { tenants: ["other"] }));
+    const snap = await w.next(WatchEventType.SNAPSHOT);
+    expect(new Set(snap.secrets.map((s) => s.tenantId))).toEqual(new Set(["other"]));
+    await admin().ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, activate: true });
+    await admin().ca.createVersion({ tenantId: "other", signer: Signer.KMI_ROOT, activate: true });
+    const act = await w.next(WatchEventType.ACTIVATED);
+    expect(act.tenantId).toBe("other");
+    expect(w.events.filter((e) => e.tenantId === "acme")).toEqual([]);
+    w.close();
+    await w.done;
+  });
+
+  it("ends with OK when the token expires", async () => {
+    const w = watch(B(), token(B(), { ttlMs: 1500 }));
+    await w.next(WatchEventType.SNAPSHOT);
+    await w.done;
+    expect(w.error).toBeUndefined();
+    expect(w.ended).toBe(true);
+  });
+
+  it("a consumer that falls behind is cut off with RESOURCE_EXHAUSTED, not buffered without bound", async () => {
+    const m = machines["m-dddd000000000004"]!;
+    const it = dist().watchSecrets({ attestationToken: token(m) }, as(peerOf(m)))[Symbol.asyncIterator]();
+    expect((await it.next()).value?.type).toBe(WatchEventType.SNAPSHOT);
+    // Not reading: five activations overflow the queue of four.
+    for (let i = 0; i < 5; i++) await admin().ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, activate: true });
+    await kdc.hub.settled();
+    const got: WatchEventType[] = [];
+    const err = await (async () => {
+      for (;;) {
+        const r = await it.next();
+        if (r.done === true) return undefined;
+        got.push(r.value.type);
+      }
+    })().catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ConnectError);
+    expect((err as ConnectError).code).toBe(Code.ResourceExhausted);
+    expect((err as ConnectError).rawMessage).toMatch(/fell 4 events behind; reconnect for a fresh snapshot/);
+  });
+});
+
+describe("quarantine", () => {
+  it("pushes QUARANTINED and ends the stream; every call is PERMISSION_DENIED; it survives a restart; release restores", async () => {
+    const m = machines["m-cccc000000000003"]!;
+    const w = watch(m);
+    await w.next(WatchEventType.SNAPSHOT);
+    await kdc.quarantine.apply({ machineId: m.machineId, quarantined: true, reason: "measurement agent.code differs", time: new Date() }, "service:audit");
+    const q = await w.next(WatchEventType.QUARANTINED);
+    expect(q.reason).toBe("measurement agent.code differs");
+    await w.done;
+    expect((w.error as ConnectError).code).toBe(Code.PermissionDenied);
+    expect(await failure(dist().fetchSecrets({ attestationToken: token(m) }, as(peerOf(m))))).toMatch(
+      /^PermissionDenied: machine m-cccc000000000003 is quarantined \(measurement agent.code differs\)/,
+    );
+    expect(await failure(dist().reportHeldVersions({ attestationToken: token(m) }, as(peerOf(m))))).toMatch(/^PermissionDenied/);
+    // Another machine is not affected.
+    expect((await dist().fetchSecrets({ attestationToken: token(B()) }, as(peerOf(B())))).secrets.length).toBeGreaterThan(0);
+
+    // A KDC opened again on the same store refuses it too.
+    const dataDir = join(dir, "data");
+    await kdc.store.close();
+    kdc = await openKdc({ dataDir, logger: createNopLogger(), attestationKey: await FileAttestationKey.load(join(dir, "attestation-key.pem")), leaseMs: LEASE_MS, watch: { heartbeatMs: 150, maxQueue: 4 } });
+    ops = new KdcOperations(kdc.ctx);
+    expect(await failure(dist().fetchSecrets({ attestationToken: token(m) }, as(peerOf(m))))).toMatch(/^PermissionDenied: machine m-cccc000000000003 is quarantined/);
+
+    // A snapshot that no longer lists it releases it.
+    await kdc.quarantine.replaceAll([], "service:audit");
+    expect((await dist().fetchSecrets({ attestationToken: token(m) }, as(peerOf(m))))).toBeDefined();
+    const actions = (await kdc.ctx.audit.tail({ limit: 50, last: true })).map((e) => `${e.action} ${e.target}`);
+    expect(actions).toContain("machine.quarantine machine/m-cccc000000000003");
+    expect(actions).toContain("machine.release machine/m-cccc000000000003");
+  });
+});
+
+describe("ReportHeldVersions", () => {
+  it("records the held version per tenant; GetRolloutStatus shows up_to_date and connected", async () => {
+    const acme = (await admin().admin.getTenant({ tenantId: "acme" })).tenant!;
+    const active = (await admin().ca.listVersions({ tenantId: "acme" })).versions.find((v) => v.version === acme.activeVersion)!;
+    const w = watch(A());
+    await w.next(WatchEventType.SNAPSHOT);
+    await dist().reportHeldVersions({ attestationToken: token(A()), held: [{ tenantId: "acme", keyId: active.keyId, version: active.version }] }, as(peerOf(A())));
+    // A claim whose key id is not the version's is not believed.
+    await dist().reportHeldVersions({ attestationToken: token(B()), held: [{ tenantId: "acme", keyId: "0".repeat(64), version: active.version }] }, as(peerOf(B())));
+    const st = await admin().ca.getRolloutStatus({ tenantId: "acme" });
+    const a = st.machines.find((x) => x.machineId === A().machineId)!;
+    const b = st.machines.find((x) => x.machineId === B().machineId)!;
+    expect(a).toMatchObject({ heldVersion: active.version, upToDate: true, connected: true, group: "edge" });
+    expect(b).toMatchObject({ heldVersion: 0, upToDate: false, connected: false });
+    expect(st.upToDateCount).toBe(1);
+    expect(st.connectedCount).toBe(1);
+    const status = await admin().admin.getKdcStatus({});
+    expect(status.connectedAgents).toBe(1);
+    expect(status.attestationKeyLoaded).toBe(true);
+    w.close();
+    await w.done;
+  });
+
+  it.each([
+    ["a bad tenant id", [{ tenantId: "Bad!", keyId: "0".repeat(64), version: 1 }], /^InvalidArgument: held\[0\]\.tenant_id: "Bad!" is not a tenant id/],
+    ["a bad key id", [{ tenantId: "acme", keyId: "xyz", version: 1 }], /^InvalidArgument: held\[0\]\.key_id: "xyz" is not a key id/],
+  ])("%s is INVALID_ARGUMENT naming the field", async (_n, held, want) => {
+    expect(await failure(dist().reportHeldVersions({ attestationToken: token(A()), held }, as(peerOf(A()))))).toMatch(want);
+  });
+});
