@@ -42,8 +42,8 @@ export type Requirement =
   | { kind: "operator" }
   /** An operator token, or a tenant-admin token of this tenant. */
   | { kind: "tenant"; tenantId: string }
-  /** A kmi service over mutual TLS (kmi://service/<name>). */
-  | { kind: "service" }
+  /** A kmi service over mutual TLS (kmi://service/<name>), restricted to `names` when given. */
+  | { kind: "service"; names?: readonly string[] }
   /** A machine over mutual TLS (kmi://machine/<id>) with a verified attestation token, not quarantined. */
   | { kind: "attested-machine" }
   /** Anybody. */
@@ -124,6 +124,11 @@ export function authorize(caller: Caller, need: Requirement): void {
     case "service":
       if (caller.kind !== "service") {
         throw new PermissionDenied("this call is for kmi services only; connect with a kmi://service/<name> client certificate from the infrastructure CA");
+      }
+      // Minting machine identities is the Auditserver's alone: another kmi service's
+      // certificate (a KDC replica, a future service) must not be able to invent machines.
+      if (need.names !== undefined && !need.names.includes(caller.name)) {
+        throw new PermissionDenied(`this call is for the ${need.names.join(" or ")} service only, not service "${caller.name}"`);
       }
       return;
     case "attested-machine":

@@ -15,6 +15,7 @@ import type { KdcOperations } from "./operations.js";
 import * as V from "./validate.js";
 
 const service = () => ({ kind: "service" }) as const;
+const auditService = () => ({ kind: "service", names: ["audit"] }) as const;
 
 /** PeerService over the KDC's context and operations. */
 export function createPeerService(ctx: KdcContext, ops: KdcOperations): ServiceImpl<typeof PeerService> {
@@ -41,7 +42,7 @@ export function createPeerService(ctx: KdcContext, ops: KdcOperations): ServiceI
         target: (r) => `machine/${r.machineId}`,
         auth: "peer",
         parse: V.issueMachineCertificate,
-        need: service,
+        need: auditService,
         act: async (c, i) => {
           const r = await ops.issueMachineCertificate(actorOf(c), i);
           return create(IssueMachineCertificateResponseSchema, {

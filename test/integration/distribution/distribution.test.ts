@@ -95,7 +95,7 @@ beforeAll(async () => {
   // First run: identities (the fixture Auditserver's certificate, the machines').
   kdc = await startKdc(data.dataDir);
   auditId = await issueService(kdc.url, caPem, data.token, "audit");
-  const tester = await issueService(kdc.url, caPem, data.token, "tester");
+  const tester = await issueService(kdc.url, caPem, data.token, "audit"); // only the Auditserver may mint machine identities
   await issueMachines(kdc.url, caPem, tester, [A, B, C, D]);
   await ops().admin.createTenant({ tenantId: "acme", bootstrapKmiSigned: true });
   await kdc.stop();

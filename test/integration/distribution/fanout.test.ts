@@ -29,7 +29,7 @@ beforeAll(async () => {
   const k = await attestationKeyFile(data);
   tokenKey = k.key;
   kdc = await startKdc(data.dataDir, ["--attestation-key-file", k.file]);
-  const tester = await issueService(kdc.url, caPem, data.token, "tester");
+  const tester = await issueService(kdc.url, caPem, data.token, "audit"); // only the Auditserver may mint machine identities
   await issueMachines(kdc.url, caPem, tester, machines, 16);
   await operator(kdc.url, caPem, data.token).admin.createTenant({ tenantId: "acme", bootstrapKmiSigned: true });
 });

@@ -536,6 +536,14 @@ describe("authorization", () => {
     const rcsr = join(work, "m2.csr");
     await openssl(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", rkey, "-subj", "/CN=m2", "-out", rcsr]);
     await refused(svc(PeerService).issueMachineCertificate({ csrPem: await readFile(rcsr, "utf8"), machineId: "m2", group: "g", ttlSeconds: 3600 }), Code.InvalidArgument, "ECDSA P-256");
+    // Only the Auditserver mints machine identities: another kmi service's certificate may not.
+    const wkey = join(work, "watcher.key");
+    const wcsr = join(work, "watcher.csr");
+    await openssl(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", wkey, "-subj", "/CN=watcher", "-out", wcsr]);
+    const wcert = join(work, "watcher.pem");
+    expect((await ctl(kdc, data, ["service-cert", "issue", "--name", "watcher", "--csr", wcsr, "--dns", "watcher.test", "--out", wcert])).code).toBe(0);
+    const watcher = clients(kdc.url, caPem, { cert: await readFile(wcert, "utf8"), key: await readFile(wkey, "utf8") });
+    await refused(watcher(PeerService).issueMachineCertificate({ csrPem: await readFile(mcsr, "utf8"), machineId: "m3", group: "g", ttlSeconds: 3600 }), Code.PermissionDenied, "audit service only");
 
     const machine = clients(kdc.url, caPem, { cert: m.certificatePem, key: await readFile(mkey, "utf8") });
     await refused(machine(PeerService).authenticateToken({ token: acmeToken }), Code.PermissionDenied, "kmi services only");

@@ -70,6 +70,8 @@ describe("authorize", () => {
     ["service on operator call", service, { kind: "operator" } as const, PermissionDenied],
     ["service on service call", service, { kind: "service" } as const, null],
     ["machine on service call", machine, { kind: "service" } as const, PermissionDenied],
+    ["audit service on an audit-only call", service, { kind: "service", names: ["audit"] } as const, null],
+    ["another service on an audit-only call", { kind: "service", name: "watcher" } as const, { kind: "service", names: ["audit"] } as const, PermissionDenied],
     ["operator token on service call", operator, { kind: "service" } as const, PermissionDenied],
     ["anonymous on public call", { kind: "anonymous" } as const, { kind: "public" } as const, null],
   ])("%s", (_n, caller, need, error) => {
