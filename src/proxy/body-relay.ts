@@ -1,0 +1,147 @@
+/**
+ * Relays one HTTP body (request or response) from its source to its receiver while scanning
+ * it for the EICAR test file.
+ *
+ * The first `maxBodyBytes` of a body are scanned before they are released: nothing (not even
+ * the headers) reaches the receiver until the body has ended clean, the scan cap is reached,
+ * or `holdMs` has passed. So a body that carries EICAR within the cap is answered with a
+ * block page and the receiver never sees a byte of it. Past the hold time, scanning goes on
+ * as the body streams and a hit aborts the transfer (the headers are gone by then). Bodies
+ * that are streams by nature (gRPC, server-sent events) are not held, only scanned as they
+ * pass. Past the cap, bytes pass unscanned (the access log says so).
+ */
+import type { Readable } from "node:stream";
+import { EicarScanner } from "./eicar.js";
+import type { ScanSettings } from "./policy.js";
+
+/** The receiving side of a relay. */
+export interface RelaySink {
+  /** Sends what precedes the body (response headers, or the upstream request itself). Called at most once. `length` is the body length when the whole body was held. */
+  open(length: number | undefined): void;
+  /** Writes a chunk; false asks the relay to wait for {@link RelaySink.onDrain}. */
+  write(chunk: Buffer): boolean;
+  /** Ends the body, with its last chunk when given (one write for a held body instead of several). */
+  end(last?: Buffer): void;
+  /** Calls `cb` once the receiver can take more. */
+  onDrain(cb: () => void): void;
+}
+
+/** How a relay ended. */
+export type RelayResult =
+  /** Relayed whole; `scanned` bytes were scanned (less than the body when it passed the cap). */
+  | { readonly kind: "done"; readonly bytes: number; readonly scanned: number }
+  /** EICAR found; `released` says whether the receiver had already got headers (the transfer must then be aborted). */
+  | { readonly kind: "blocked"; readonly bytes: number; readonly released: boolean }
+  /** The source failed or went away mid-body. */
+  | { readonly kind: "error"; readonly bytes: number; readonly error: Error };
+
+/** Content types that are streams by nature: scanned as they pass, never held. */
+export function isStreamingContentType(contentType: string | undefined): boolean {
+  if (contentType === undefined) return false;
+  const ct = contentType.toLowerCase();
+  return ct.startsWith("application/grpc") || ct.startsWith("text/event-stream") || ct.startsWith("multipart/x-mixed-replace");
+}
+
+/**
+ * Starts relaying `source` to `sink`; `onResult` is called exactly once. With `hold` false
+ * the sink is opened at once (streaming bodies).
+ */
+export function relayBody(
+  source: Readable,
+  settings: ScanSettings,
+  hold: boolean,
+  sink: RelaySink,
+  onResult: (r: RelayResult) => void,
+): void {
+  const scanning = settings.eicar && settings.maxBodyBytes > 0;
+  const max = settings.maxBodyBytes;
+  const scanner = scanning ? new EicarScanner() : undefined;
+  let bytes = 0;
+  let scanned = 0;
+  let released = false;
+  let finished = false;
+  let held: Buffer[] = [];
+  let timer: NodeJS.Timeout | undefined;
+
+  const finish = (r: RelayResult): void => {
+    if (finished) return;
+    finished = true;
+    clearTimeout(timer);
+    source.off("data", onData);
+    source.off("end", onEnd);
+    source.off("error", onError);
+    source.off("close", onClose);
+    held = [];
+    onResult(r);
+  };
+
+  const release = (length: number | undefined): void => {
+    if (released) return;
+    released = true;
+    clearTimeout(timer);
+    sink.open(length);
+    const chunks = held;
+    held = [];
+    let ok = true;
+    for (const c of chunks) ok = sink.write(c) && ok;
+    if (!ok && !finished) {
+      source.pause();
+      sink.onDrain(() => source.resume());
+    }
+  };
+
+  const onData = (chunk: Buffer): void => {
+    bytes += chunk.length;
+    if (scanner !== undefined && scanned < max) {
+      const part = scanned + chunk.length > max ? chunk.subarray(0, max - scanned) : chunk;
+      scanned += part.length;
+      if (scanner.push(part)) {
+        // Stop reading; the caller answers or aborts, and tears the source down.
+        source.pause();
+        finish({ kind: "blocked", bytes, released });
+        return;
+      }
+    }
+    if (!released) {
+      held.push(chunk);
+      if (scanner === undefined || scanned >= max) release(undefined);
+      return;
+    }
+    if (!sink.write(chunk)) {
+      source.pause();
+      sink.onDrain(() => source.resume());
+    }
+  };
+
+  const onEnd = (): void => {
+    if (!released) {
+      // The whole body was held and is clean: headers and body go out in one write.
+      released = true;
+      clearTimeout(timer);
+      const body = held.length === 1 ? held[0]! : Buffer.concat(held);
+      held = [];
+      sink.open(body.length);
+      sink.end(body.length > 0 ? body : undefined);
+    } else {
+      sink.end();
+    }
+    finish({ kind: "done", bytes, scanned });
+  };
+
+  const onError = (err: Error): void => finish({ kind: "error", bytes, error: err });
+  const onClose = (): void => {
+    // A source that closes without 'end' went away mid-body.
+    if (!source.readableEnded) finish({ kind: "error", bytes, error: new Error("source closed mid-body") });
+  };
+
+  if (!scanning || !hold) {
+    release(undefined);
+  } else if (settings.holdMs > 0) {
+    timer = setTimeout(() => release(undefined), settings.holdMs);
+  }
+  source.on("data", onData);
+  source.on("end", onEnd);
+  source.on("error", onError);
+  source.on("close", onClose);
+  source.resume();
+}

@@ -1,0 +1,387 @@
+/**
+ * HTTP/1.1 exchanges through the proxy: plain `http://` requests sent to the proxy, and the
+ * requests inside an intercepted HTTPS tunnel. Each request is checked against the policy
+ * (host, URL), its body and the response body are scanned (./body-relay.ts), hop-by-hop
+ * headers are dropped, and one access log line is written when the exchange ends.
+ * WebSocket upgrades are inspected as HTTP requests and then spliced.
+ */
+import { Agent, request as httpRequest, type ClientRequest, type IncomingMessage, type ServerResponse } from "node:http";
+import type { Duplex } from "node:stream";
+import type { AccessRecord } from "./access-log.js";
+import { renderBlockPage, rawHttpResponse, type BlockPage } from "./block-page.js";
+import { isStreamingContentType, relayBody, type RelayResult } from "./body-relay.js";
+import type { ClientInfo, ProxyContext } from "./context.js";
+import { describeError } from "./origin.js";
+import { normalizeHost, ruleId, type Policy } from "./policy.js";
+import { splice } from "./splice.js";
+
+/** Where a client connection's requests go. */
+export interface Http1Upstream {
+  /** `https` inside a tunnel, `http` for plain proxy requests. */
+  readonly scheme: "http" | "https";
+  /** The agent that holds the origin connection(s). */
+  readonly agent: Agent;
+  /** Inside a tunnel: the origin (fixed) and the host the client asked for (SNI or CONNECT host). */
+  readonly tunnel?: { readonly host: string; readonly port: number; readonly requestedHost: string };
+}
+
+/** Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the proxy's own. */
+const HOP_BY_HOP = new Set([
+  "connection",
+  "keep-alive",
+  "proxy-connection",
+  "proxy-authorization",
+  "proxy-authenticate",
+  "te",
+  "trailer",
+  "transfer-encoding",
+  "upgrade",
+  "expect",
+  "http2-settings",
+]);
+
+/**
+ * The end-to-end headers of a raw header list, as a flat [name, value, ...] list. `keepUpgrade`
+ * keeps `Connection: Upgrade` and `Upgrade` (a WebSocket handshake).
+ */
+export function endToEndHeaders(raw: readonly string[], keepUpgrade = false, replaceHost?: string): string[] {
+  let listed: Set<string> | undefined;
+  for (let i = 0; i < raw.length; i += 2) {
+    if (raw[i]!.length === 10 && raw[i]!.toLowerCase() === "connection") {
+      for (const t of raw[i + 1]!.split(",")) {
+        const n = t.trim().toLowerCase();
+        if (n !== "" && !(keepUpgrade && n === "upgrade")) (listed ??= new Set()).add(n);
+      }
+    }
+  }
+  const out: string[] = [];
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i]!;
+    const lower = name.toLowerCase();
+    if (HOP_BY_HOP.has(lower)) {
+      if (!(keepUpgrade && (lower === "upgrade" || lower === "connection"))) continue;
+      if (lower === "connection") continue; // re-added below as exactly "Upgrade"
+    }
+    if (listed?.has(lower)) continue;
+    if (replaceHost !== undefined && lower === "host") continue;
+    out.push(name, raw[i + 1]!);
+  }
+  if (replaceHost !== undefined) out.unshift("Host", replaceHost);
+  if (keepUpgrade) out.push("Connection", "Upgrade");
+  return out;
+}
+
+function hostOfAuthority(authority: string): string {
+  if (authority.startsWith("[")) {
+    const end = authority.indexOf("]");
+    return authority.slice(1, end < 0 ? undefined : end).toLowerCase();
+  }
+  const colon = authority.lastIndexOf(":");
+  return normalizeHost(colon >= 0 && authority.indexOf(":") === colon ? authority.slice(0, colon) : authority);
+}
+
+/** `scheme://authority/path` with the default port dropped and the host lowercased. */
+function policyUrl(scheme: string, authority: string, path: string): string {
+  let a = authority.toLowerCase();
+  if ((scheme === "https" && a.endsWith(":443")) || (scheme === "http" && a.endsWith(":80"))) a = a.slice(0, a.lastIndexOf(":"));
+  return `${scheme}://${a}${path}`;
+}
+
+/** The policy rule that blocks this request, if any (host by name, then URL). */
+export function requestBlockRule(policy: Policy, scheme: string, authority: string, path: string, tunnelHost?: string): string | undefined {
+  const host = hostOfAuthority(authority);
+  const hostRule = policy.blockedHost(host) ?? (tunnelHost !== undefined && tunnelHost !== host ? policy.blockedHost(tunnelHost) : undefined);
+  if (hostRule !== undefined) return ruleId(hostRule);
+  const urlRule = policy.blockedUrl(policyUrl(scheme, authority, path));
+  return urlRule === undefined ? undefined : ruleId(urlRule);
+}
+
+function sendPage(res: ServerResponse, page: BlockPage, close = false): void {
+  if (res.headersSent) {
+    res.destroy();
+    return;
+  }
+  const headers: Record<string, string> = { ...page.headers };
+  if (close) headers["connection"] = "close";
+  res.writeHead(page.status, headers);
+  res.end(page.body);
+}
+
+function hasBody(req: IncomingMessage): boolean {
+  const cl = req.headers["content-length"];
+  return (cl !== undefined && cl !== "0") || req.headers["transfer-encoding"] !== undefined;
+}
+
+function noResponseBody(method: string, status: number): boolean {
+  return method === "HEAD" || status === 204 || status === 304 || (status >= 100 && status < 200);
+}
+
+/** Where one request goes, or why it cannot. */
+type Target = { host: string; port: number; path: string; authority: string } | { error: string };
+
+function targetOf(req: IncomingMessage, up: Http1Upstream): Target {
+  const url = req.url ?? "/";
+  if (up.tunnel !== undefined) {
+    const authority = req.headers.host ?? up.tunnel.requestedHost;
+    return { host: up.tunnel.host, port: up.tunnel.port, path: url, authority };
+  }
+  if (!url.startsWith("http://")) {
+    return { error: url.startsWith("https://") ? "send https requests through CONNECT" : "this is a forward proxy; send absolute-form requests (http://host/path)" };
+  }
+  let u: URL;
+  try {
+    u = new URL(url);
+  } catch {
+    return { error: "the request url does not parse" };
+  }
+  return { host: u.hostname.replace(/^\[|\]$/g, ""), port: u.port === "" ? 80 : Number(u.port), path: u.pathname + u.search, authority: u.host };
+}
+
+/** Handles one HTTP/1.1 request from a client (plain proxy request or inside a tunnel). */
+export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Http1Upstream, req: IncomingMessage, res: ServerResponse): void {
+  const start = performance.now();
+  const method = req.method ?? "GET";
+  const target = targetOf(req, up);
+  const rec: AccessRecord = {
+    tenant: client.tenant,
+    client: client.client,
+    host: "error" in target ? "" : hostOfAuthority(target.authority),
+    method,
+    path: "error" in target ? (req.url ?? "") : target.path,
+    status: 0,
+    bytes_up: 0,
+    bytes_down: 0,
+    decision: "allow",
+    duration_ms: 0,
+    proto: "http/1.1",
+  };
+  let ureq: ClientRequest | undefined;
+  res.on("close", () => {
+    if (!res.writableFinished) ureq?.destroy();
+    rec.status = res.headersSent ? res.statusCode : 0;
+    rec.duration_ms = Math.round((performance.now() - start) * 10) / 10;
+    ctx.counters.decision(rec.decision);
+    ctx.accessLog.write(rec);
+  });
+  if ("error" in target) {
+    rec.decision = "block";
+    rec.rule = "bad-request";
+    rec.error = target.error;
+    sendPage(res, renderBlockPage(400, req.headers.host ?? "", target.error, undefined), true);
+    req.resume();
+    return;
+  }
+  const policy = ctx.policy.current;
+  const rule = requestBlockRule(policy, up.scheme, target.authority, target.path, up.tunnel?.requestedHost);
+  if (rule !== undefined) {
+    rec.decision = "block";
+    rec.rule = rule;
+    sendPage(res, renderBlockPage(403, rec.host, "the request matches a block rule", rule), hasBody(req));
+    req.resume();
+    return;
+  }
+  const headers = endToEndHeaders(req.rawHeaders, false, up.tunnel === undefined ? target.authority : undefined);
+
+  const onUpstreamError = (err: NodeJS.ErrnoException): void => {
+    if (rec.decision === "allow") {
+      rec.decision = "error";
+      rec.rule = "origin-error";
+      rec.error = describeError(err);
+    }
+    if (!res.headersSent) sendPage(res, renderBlockPage(502, rec.host, `origin ${describeError(err)}`, "origin-error"));
+    else res.destroy();
+  };
+
+  const onResponse = (ures: IncomingMessage): void => {
+    const status = ures.statusCode ?? 502;
+    const rheaders = endToEndHeaders(ures.rawHeaders);
+    if (noResponseBody(method, status)) {
+      res.writeHead(status, ures.statusMessage, rheaders);
+      res.end();
+      ures.resume();
+      return;
+    }
+    const hold = !isStreamingContentType(ures.headers["content-type"]);
+    relayBody(
+      ures,
+      policy.scan,
+      hold,
+      {
+        open: () => res.writeHead(status, ures.statusMessage, rheaders),
+        write: (c) => res.write(c),
+        end: (last) => res.end(last),
+        onDrain: (cb) => res.once("drain", cb),
+      },
+      (r: RelayResult) => {
+        rec.bytes_down = r.bytes;
+        if (r.kind === "blocked") {
+          rec.decision = "block";
+          rec.rule = "eicar";
+          rec.error = "response body carries the eicar test file";
+          ures.destroy();
+          if (r.released) res.destroy();
+          else sendPage(res, renderBlockPage(403, rec.host, "the response carries malware (eicar test file)", "eicar"));
+        } else if (r.kind === "error") {
+          res.destroy();
+        } else if (r.scanned < r.bytes) {
+          rec.rule = "scan-limit";
+        }
+      },
+    );
+  };
+
+  const openUpstream = (): ClientRequest => {
+    const u = httpRequest({ agent: up.agent, host: target.host, port: target.port, method, path: target.path, headers: headers, setHost: false });
+    u.on("response", onResponse);
+    u.on("error", onUpstreamError);
+    ureq = u;
+    return u;
+  };
+
+  if (!hasBody(req)) {
+    openUpstream().end();
+    req.resume();
+    return;
+  }
+  relayBody(
+    req,
+    policy.scan,
+    !isStreamingContentType(req.headers["content-type"]),
+    {
+      open: () => void openUpstream(),
+      write: (c) => ureq!.write(c),
+      end: (last) => ureq!.end(last),
+      onDrain: (cb) => ureq!.once("drain", cb),
+    },
+    (r: RelayResult) => {
+      rec.bytes_up = r.bytes;
+      if (r.kind === "blocked") {
+        rec.decision = "block";
+        rec.rule = "eicar";
+        rec.error = "request body carries the eicar test file";
+        if (r.released) {
+          ureq?.destroy();
+          res.destroy();
+        } else {
+          // Close after the page: the rest of the upload is not read.
+          sendPage(res, renderBlockPage(403, rec.host, "the upload carries malware (eicar test file)", "eicar"), true);
+        }
+      } else if (r.kind === "error") {
+        ureq?.destroy();
+        res.destroy();
+      }
+    },
+  );
+}
+
+/**
+ * The HTTP server's `clientError` handler: a request head that is too large gets 431, a
+ * malformed one 400 (when the socket can still take them), then the connection closes.
+ */
+export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+  // A second error on a socket already answered (the parser reports one per chunk) changes nothing.
+  if (socket.writableEnded) return;
+  if (socket.writable && err.code?.startsWith("HPE_") === true) {
+    const status = err.code === "HPE_HEADER_OVERFLOW" ? "431 Request Header Fields Too Large" : "400 Bad Request";
+    socket.end(`HTTP/1.1 ${status}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n`);
+    // Read and drop what the client still sends: closing with unread input would reset the
+    // connection and destroy the answer before the client reads it.
+    socket.on("data", () => {});
+    socket.resume();
+    // end() lets the answer out (a TLS socket writes asynchronously); a client that does not
+    // read it is cut off shortly after.
+    setTimeout(() => socket.destroy(), 1000).unref();
+    return;
+  }
+  socket.destroy();
+}
+
+function writeRawPage(socket: Duplex, page: BlockPage): void {
+  socket.end(rawHttpResponse(page));
+}
+
+/** Handles an HTTP/1.1 Upgrade (WebSocket): inspects the handshake, then splices the streams. */
+export function handleHttp1Upgrade(
+  ctx: ProxyContext,
+  client: ClientInfo,
+  up: Http1Upstream,
+  req: IncomingMessage,
+  socket: Duplex,
+  head: Buffer,
+): void {
+  const start = performance.now();
+  const target = targetOf(req, up);
+  const rec: AccessRecord = {
+    tenant: client.tenant,
+    client: client.client,
+    host: "error" in target ? "" : hostOfAuthority(target.authority),
+    method: req.method ?? "GET",
+    path: "error" in target ? (req.url ?? "") : target.path,
+    status: 0,
+    bytes_up: 0,
+    bytes_down: 0,
+    decision: "allow",
+    duration_ms: 0,
+    proto: "websocket",
+  };
+  const log = (): void => {
+    rec.duration_ms = Math.round((performance.now() - start) * 10) / 10;
+    ctx.counters.decision(rec.decision);
+    ctx.accessLog.write(rec);
+  };
+  socket.on("error", () => {});
+  const refuse = (page: BlockPage, decision: AccessRecord["decision"], rule: string, error?: string): void => {
+    rec.decision = decision;
+    rec.rule = rule;
+    rec.status = page.status;
+    if (error !== undefined) rec.error = error;
+    writeRawPage(socket, page);
+    log();
+  };
+  if ("error" in target) return refuse(renderBlockPage(400, "", target.error, undefined), "block", "bad-request", target.error);
+  if ((req.headers.upgrade ?? "").toLowerCase() !== "websocket") {
+    return refuse(renderBlockPage(400, rec.host, "only websocket upgrades pass the proxy", "upgrade"), "block", "upgrade");
+  }
+  const rule = requestBlockRule(ctx.policy.current, up.scheme, target.authority, target.path, up.tunnel?.requestedHost);
+  if (rule !== undefined) return refuse(renderBlockPage(403, rec.host, "the request matches a block rule", rule), "block", rule);
+
+  const headers = endToEndHeaders(req.rawHeaders, true, up.tunnel === undefined ? target.authority : undefined);
+  const ureq = httpRequest({ agent: up.agent, host: target.host, port: target.port, method: "GET", path: target.path, headers, setHost: false });
+  socket.once("close", () => ureq.destroy());
+  ureq.on("error", (err: NodeJS.ErrnoException) => {
+    if (rec.status === 0) refuse(renderBlockPage(502, rec.host, `origin ${describeError(err)}`, "origin-error"), "error", "origin-error", describeError(err));
+  });
+  ureq.on("response", (ures) => {
+    // The origin refused the upgrade: relay its answer and close.
+    rec.status = ures.statusCode ?? 0;
+    const lines = [`HTTP/1.1 ${rec.status} ${ures.statusMessage ?? ""}`];
+    const h = endToEndHeaders(ures.rawHeaders);
+    for (let i = 0; i < h.length; i += 2) lines.push(`${h[i]}: ${h[i + 1]}`);
+    lines.push("Connection: close", "", "");
+    socket.write(lines.join("\r\n"));
+    ures.on("data", (c: Buffer) => {
+      rec.bytes_down += c.length;
+      socket.write(c);
+    });
+    ures.on("end", () => {
+      socket.end();
+      log();
+    });
+    ures.on("error", () => socket.destroy());
+  });
+  ureq.on("upgrade", (ures, usocket, uhead) => {
+    rec.status = 101;
+    const lines = [`HTTP/1.1 101 ${ures.statusMessage ?? "Switching Protocols"}`];
+    for (let i = 0; i < ures.rawHeaders.length; i += 2) lines.push(`${ures.rawHeaders[i]}: ${ures.rawHeaders[i + 1]}`);
+    lines.push("", "");
+    socket.write(lines.join("\r\n"));
+    if (uhead.length > 0) socket.write(uhead);
+    if (head.length > 0) usocket.write(head);
+    splice(socket, usocket, ctx.limits.idleTimeoutMs, (r) => {
+      rec.bytes_up = r.up + head.length;
+      rec.bytes_down = r.down + uhead.length;
+      log();
+    });
+  });
+  ureq.end();
+}

@@ -1,0 +1,54 @@
+/**
+ * Per-client token buckets for new-host leaf issuance: a client that opens tunnels to many
+ * new hosts (random subdomains) cannot make the agent sign without bound. Joining an
+ * issuance already running, or a cached leaf, costs nothing.
+ */
+
+/** Options of {@link ClientRateLimiter}. */
+export interface RateLimitOptions {
+  /** Tokens added per second; 0 disables the limit. */
+  readonly perSecond: number;
+  /** Bucket size (the burst allowed). */
+  readonly burst: number;
+  /** Most clients tracked; the least recently seen are forgotten first. Default 10,000. */
+  readonly maxClients?: number;
+  /** Clock (ms). */
+  readonly now?: () => number;
+}
+
+interface Bucket {
+  tokens: number;
+  at: number;
+}
+
+/** Token buckets keyed by client address. */
+export class ClientRateLimiter {
+  private readonly buckets = new Map<string, Bucket>();
+  private readonly maxClients: number;
+  private readonly now: () => number;
+
+  constructor(private readonly options: RateLimitOptions) {
+    this.maxClients = options.maxClients ?? 10_000;
+    this.now = options.now ?? Date.now;
+  }
+
+  /** Takes one token for `client`; false when its bucket is empty. */
+  take(client: string): boolean {
+    const { perSecond, burst } = this.options;
+    if (perSecond <= 0) return true;
+    const t = this.now();
+    let b = this.buckets.get(client);
+    if (b === undefined) {
+      b = { tokens: burst, at: t };
+      if (this.buckets.size >= this.maxClients) this.buckets.delete(this.buckets.keys().next().value as string);
+    } else {
+      this.buckets.delete(client);
+      b.tokens = Math.min(burst, b.tokens + ((t - b.at) / 1000) * perSecond);
+      b.at = t;
+    }
+    this.buckets.set(client, b);
+    if (b.tokens < 1) return false;
+    b.tokens -= 1;
+    return true;
+  }
+}

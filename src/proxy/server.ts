@@ -1,0 +1,346 @@
+/**
+ * The proxy server: one TCP listener that speaks HTTP/1.1 to clients (plain requests are
+ * forwarded, CONNECT is intercepted or tunnelled), the agent client and its WatchKeys
+ * subscription that keeps the leaf cache honest, the policy reloader, and the metrics.
+ */
+import { randomBytes } from "node:crypto";
+import { Agent, createServer as createHttpServer, type IncomingMessage, type Server as HttpServer, type ServerResponse } from "node:http";
+import type { AddressInfo, Socket } from "node:net";
+import type { Duplex } from "node:stream";
+import { createMetricsRegistry, startMetricsServer, type MetricsRegistry, type MetricsServer } from "../common/metrics.js";
+import { parseListenAddress } from "../common/listen.js";
+import type { Logger } from "../common/logger.js";
+import { KeyEventType, KeyState, type WatchKeysResponse } from "../gen/kmi/agent/v1/agent_pb.js";
+import { KeyPurpose } from "../gen/kmi/common/v1/common_pb.js";
+import { createAccessLog, type AccessLog } from "./access-log.js";
+import { AgentClient, type KeyWatch, type LeafIssuer } from "./agent-client.js";
+import { BlockedCa } from "./blocked-ca.js";
+import { rawHttpResponse, renderBlockPage } from "./block-page.js";
+import type { ClientInfo, ProxyContext, ProxyCounters, ProxyLimits } from "./context.js";
+import { answerClientError, handleHttp1Request, handleHttp1Upgrade, type Http1Upstream } from "./http1.js";
+import { Interceptor } from "./interceptor.js";
+import { LeafCache } from "./leaf-cache.js";
+import { createLeafMinter, MAX_LEAF_LIFETIME_MS } from "./leaf-minter.js";
+import { LearnedBypass } from "./learned-bypass.js";
+import { OriginConnector } from "./origin.js";
+import { PolicyStore } from "./policy.js";
+import { ClientRateLimiter } from "./rate-limit.js";
+import { createTenantResolver, normalizeClientAddress, type TenantConfig, type TenantResolver } from "./tenants.js";
+
+/** The agent as the server uses it: leaf issuance and the key event stream. */
+export interface ProxyAgent extends LeafIssuer {
+  /** Opens WatchKeys (kept open and reopened by the implementation). */
+  watchKeys(onEvent: (e: WatchKeysResponse) => void, onState?: (connected: boolean) => void): KeyWatch;
+  /** Releases the connection. */
+  close(): void;
+}
+
+/** Default limits: generous for real clients, short enough that a stalled one is dropped. */
+export const DEFAULT_LIMITS: ProxyLimits = {
+  clientHelloTimeoutMs: 10_000,
+  handshakeTimeoutMs: 10_000,
+  originTimeoutMs: 10_000,
+  idleTimeoutMs: 120_000,
+  headersTimeoutMs: 20_000,
+  requestTimeoutMs: 300_000,
+  keepAliveTimeoutMs: 5_000,
+  maxHeaderBytes: 16 * 1024,
+};
+
+/** Everything the server needs. */
+export interface ProxyServerOptions {
+  /** Host to listen on. */
+  readonly host: string;
+  /** Port (0 picks one). */
+  readonly port: number;
+  /** The agent's Unix socket (when `agent` is not given). */
+  readonly agentSocket?: string;
+  /** An agent client (tests, or a shared one); the server closes it on destroy. */
+  readonly agent?: ProxyAgent;
+  /** Tenants by address range and credentials. */
+  readonly tenants?: readonly TenantConfig[];
+  /** Tenant of clients no rule matches. */
+  readonly defaultTenant?: string;
+  /** Refuse clients without proxy credentials (407). */
+  readonly requireAuth?: boolean;
+  /** Policy file (JSON); reloaded on SIGHUP (see {@link ProxyServer.reload}) and on change. */
+  readonly policyFile?: string;
+  /** Access log destination: a path, "-" (stdout) or "off"; or a ready sink. */
+  readonly accessLog?: string | AccessLog;
+  /** Extra CAs trusted for origins, PEM texts. */
+  readonly extraCaPem?: readonly string[];
+  /** Trust Node's root store for origins; default true. */
+  readonly systemRoots?: boolean;
+  /** Most cached leaves; default 10,000. */
+  readonly leafCacheSize?: number;
+  /** Longest leaf lifetime asked for; default and ceiling 47 days. */
+  readonly leafMaxLifetimeMs?: number;
+  /** New-host issuances per second per client address; 0 disables; default 20. */
+  readonly issueRatePerSecond?: number;
+  /** Burst of new-host issuances per client; default 100. */
+  readonly issueBurst?: number;
+  /** Timeouts and sizes (defaults: {@link DEFAULT_LIMITS}). */
+  readonly limits?: Partial<ProxyLimits>;
+  /** Time in-flight requests get on shutdown; default 10 s. */
+  readonly shutdownGraceMs?: number;
+  /** Logger. */
+  readonly logger: Logger;
+  /** Metrics registry to record in (made when `metricsListen` is set and none is given). */
+  readonly metrics?: MetricsRegistry;
+  /** Address of the Prometheus `/metrics` endpoint; off when unset. */
+  readonly metricsListen?: string;
+}
+
+/** What {@link ProxyServer.start} bound. */
+export interface ProxyAddress {
+  /** Host. */
+  readonly host: string;
+  /** Port. */
+  readonly port: number;
+}
+
+function createCounters(registry: MetricsRegistry | undefined): ProxyCounters {
+  if (registry === undefined) return { decision() {}, leaf() {}, connect() {} };
+  const decisions = registry.counter("kmi_proxy_decisions_total", "Requests and tunnels by decision.", ["decision"]);
+  const leaves = registry.counter("kmi_proxy_leaves_total", "Leaves served by source (cache, issued, joined).", ["source"]);
+  const connects = registry.counter("kmi_proxy_connects_total", "CONNECT outcomes.", ["outcome"]);
+  return {
+    decision: (d) => decisions.labels(d).inc(),
+    leaf: (s) => leaves.labels(s).inc(),
+    connect: (o) => connects.labels(o).inc(),
+  };
+}
+
+/** The forward proxy. */
+export class ProxyServer {
+  private readonly http: HttpServer;
+  private readonly interceptor: Interceptor;
+  private readonly plainAgent: Agent;
+  private watch: KeyWatch | undefined;
+  private address: ProxyAddress | undefined;
+  private tenantResolver: TenantResolver;
+  private readonly sockets = new Set<Socket>();
+  private metricsServer: MetricsServer | undefined;
+
+  private constructor(
+    private readonly options: ProxyServerOptions,
+    readonly context: ProxyContext,
+    private readonly agent: ProxyAgent,
+    private readonly policy: PolicyStore,
+    /** The leaf cache (tests read its counters). */
+    readonly leaves: LeafCache,
+    /** The untrusted CA of block pages after the CONNECT. */
+    readonly blockedCa: BlockedCa,
+    private readonly metrics: MetricsRegistry | undefined,
+  ) {
+    this.tenantResolver = context.tenants;
+    const l = context.limits;
+    this.interceptor = new Interceptor(context);
+    this.plainAgent = new Agent({ keepAlive: true, maxSockets: 256, maxFreeSockets: 64, timeout: l.idleTimeoutMs });
+    this.http = createHttpServer({
+      maxHeaderSize: l.maxHeaderBytes,
+      headersTimeout: l.headersTimeoutMs,
+      requestTimeout: l.requestTimeoutMs,
+      keepAliveTimeout: l.keepAliveTimeoutMs,
+      connectionsCheckingInterval: 1000,
+      noDelay: true,
+    });
+    this.http.timeout = l.idleTimeoutMs;
+    this.http.on("connection", (s: Socket) => {
+      this.sockets.add(s);
+      s.once("close", () => this.sockets.delete(s));
+    });
+    this.http.on("request", (req: IncomingMessage, res: ServerResponse) => this.onRequest(req, res));
+    this.http.on("connect", (req: IncomingMessage, socket: Socket, head: Buffer) => this.interceptor.handleConnect(req, socket, head));
+    this.http.on("upgrade", (req: IncomingMessage, socket: Duplex, head: Buffer) => this.onUpgrade(req, socket, head));
+    this.http.on("clientError", answerClientError);
+  }
+
+  /** Builds the server and its dependencies (nothing listens yet). Throws on bad config. */
+  static async create(options: ProxyServerOptions): Promise<ProxyServer> {
+    const logger = options.logger;
+    const metrics = options.metrics ?? (options.metricsListen !== undefined ? createMetricsRegistry() : undefined);
+    const tenants = createTenantResolver(options.tenants ?? [], options.defaultTenant, options.requireAuth ?? false);
+    const policy = await PolicyStore.create(options.policyFile, logger);
+    const agent = options.agent ?? (options.agentSocket !== undefined ? new AgentClient({ socketPath: options.agentSocket, logger }) : undefined);
+    if (agent === undefined) throw new Error("agent socket: not set; give --agent-socket with the key agent's Unix socket path");
+    const accessLog = typeof options.accessLog === "object" ? options.accessLog : createAccessLog(options.accessLog ?? "-", logger);
+    const blockedCa = BlockedCa.create();
+    // Ticket keys in memory only, shared by every leaf context: a session resumes across leaves
+    // and cache evictions, and a restart invalidates every ticket.
+    const ticketKeys = randomBytes(48);
+    const leaves = new LeafCache({ maxEntries: options.leafCacheSize ?? 10_000 });
+    const limits: ProxyLimits = { ...DEFAULT_LIMITS, ...options.limits };
+    const ctx: ProxyContext = {
+      logger,
+      accessLog,
+      policy,
+      tenants,
+      leaves,
+      minter: createLeafMinter({ agent, ticketKeys, maxLifetimeMs: options.leafMaxLifetimeMs ?? MAX_LEAF_LIFETIME_MS }),
+      origins: new OriginConnector({
+        extraCaPem: options.extraCaPem ?? [],
+        systemRoots: options.systemRoots ?? true,
+        timeoutMs: limits.originTimeoutMs,
+        probeClientCert: blockedCa.probeClientCert,
+      }),
+      blockedCa,
+      rateLimiter: new ClientRateLimiter({ perSecond: options.issueRatePerSecond ?? 20, burst: options.issueBurst ?? 100 }),
+      learned: new LearnedBypass(),
+      limits,
+      counters: createCounters(metrics),
+    };
+    metrics?.gauge("kmi_proxy_leaf_cache_entries", "Leaves in the cache.", [], (g) => g.set(leaves.size));
+    return new ProxyServer(options, ctx, agent, policy, leaves, blockedCa, metrics);
+  }
+
+  /** Starts listening and watching the agent; resolves with the bound address. */
+  async start(): Promise<ProxyAddress> {
+    if (this.address !== undefined) return this.address;
+    this.watch = this.agent.watchKeys(
+      (e) => this.onKeyEvent(e),
+      (connected) => this.context.logger.debug("agent watch", { connected }),
+    );
+    this.policy.watch();
+    await new Promise<void>((resolve, reject) => {
+      this.http.once("error", reject);
+      this.http.listen(this.options.port, this.options.host, () => {
+        this.http.off("error", reject);
+        resolve();
+      });
+    });
+    const a = this.http.address() as AddressInfo;
+    if (this.options.metricsListen !== undefined && this.metrics !== undefined) {
+      this.metrics.gauge("kmi_proxy_open_connections", "Client connections open (tunnels and intercepted).", [], (g) => g.set(this.openConnections));
+      this.metricsServer = await startMetricsServer(this.metrics, parseListenAddress(this.options.metricsListen), this.context.logger);
+    }
+    this.address = { host: this.options.host, port: a.port };
+    this.context.logger.info("proxy listening", { address: `${this.options.host}:${a.port}` });
+    return this.address;
+  }
+
+  /** Rereads the policy file and reopens the access log (SIGHUP). */
+  async reload(): Promise<void> {
+    await this.policy.reload();
+    this.context.accessLog.reopen();
+  }
+
+  /** Connections open now (tunnels and intercepted sessions); for tests and metrics. */
+  get openConnections(): number {
+    return this.interceptor.openConnections + this.sockets.size;
+  }
+
+  private onKeyEvent(e: WatchKeysResponse): void {
+    const leaves = this.context.leaves;
+    const log = this.context.logger;
+    switch (e.type) {
+      case KeyEventType.ROTATED:
+      case KeyEventType.REVOKED:
+      case KeyEventType.LEASE_EXPIRED: {
+        if (e.type === KeyEventType.REVOKED) this.context.minter.rotateTicketKeys();
+        const n = e.tenantId === "" ? leaves.clear() : leaves.clearTenant(e.tenantId);
+        log.info("leaves dropped after a key event", { event: KeyEventType[e.type], tenant: e.tenantId, dropped: n, reason: e.reason });
+        break;
+      }
+      case KeyEventType.QUARANTINED: {
+        this.context.minter.rotateTicketKeys();
+        const n = leaves.clear();
+        log.warn("machine quarantined: every leaf dropped", { dropped: n, reason: e.reason });
+        break;
+      }
+      case KeyEventType.SNAPSHOT: {
+        // After a (re)connect: whatever changed while the stream was down.
+        const active = new Map<string, string>();
+        for (const k of e.keys) {
+          if (k.purpose === KeyPurpose.INTERMEDIATE_CA && k.state === KeyState.ACTIVE) active.set(k.tenantId, k.keyId);
+        }
+        const n = leaves.retainActive(active);
+        if (n > 0) log.info("leaves dropped after a watch snapshot", { dropped: n });
+        break;
+      }
+      default:
+        break;
+    }
+  }
+
+  private clientOf(req: IncomingMessage, res: ServerResponse | undefined, socket: Duplex): ClientInfo | undefined {
+    const s = req.socket;
+    const address = normalizeClientAddress(s.remoteAddress);
+    const match = this.tenantResolver.resolve(s.remoteAddress, req.headers["proxy-authorization"]);
+    if (match.kind === "tenant") return { tenant: match.tenant, client: `${address}:${s.remotePort ?? 0}`, address };
+    const page =
+      match.kind === "auth-required"
+        ? renderBlockPage(407, req.headers.host ?? "", match.reason, undefined)
+        : renderBlockPage(403, req.headers.host ?? "", "no tenant matches this client", undefined);
+    const extra: Record<string, string> = match.kind === "auth-required" ? { "proxy-authenticate": 'Basic realm="kmi proxy"' } : {};
+    if (res !== undefined) {
+      res.writeHead(page.status, { ...page.headers, ...extra });
+      res.end(page.body);
+      req.resume();
+    } else {
+      socket.end(rawHttpResponse(page, extra));
+    }
+    this.context.accessLog.write({
+      tenant: "",
+      client: `${address}:${s.remotePort ?? 0}`,
+      host: req.headers.host ?? "",
+      method: req.method ?? "",
+      path: req.url ?? "",
+      status: page.status,
+      bytes_up: 0,
+      bytes_down: 0,
+      decision: "block",
+      rule: match.kind === "auth-required" ? "proxy-auth" : "no-tenant",
+      duration_ms: 0,
+      proto: "http/1.1",
+    });
+    return undefined;
+  }
+
+  private upstream(): Http1Upstream {
+    return { scheme: "http", agent: this.plainAgent };
+  }
+
+  private onRequest(req: IncomingMessage, res: ServerResponse): void {
+    const client = this.clientOf(req, res, req.socket);
+    if (client === undefined) return;
+    handleHttp1Request(this.context, client, this.upstream(), req, res);
+  }
+
+  private onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
+    socket.on("error", () => {});
+    const client = this.clientOf(req, undefined, socket);
+    if (client === undefined) return;
+    handleHttp1Upgrade(this.context, client, this.upstream(), req, socket, head);
+  }
+
+  /**
+   * Stops accepting, lets in-flight requests finish (up to the grace period), then closes
+   * every connection, the watch stream, the agent channel and the access log.
+   */
+  async destroy(): Promise<void> {
+    const grace = this.options.shutdownGraceMs ?? 10_000;
+    this.watch?.close();
+    this.policy.close();
+    if (this.address !== undefined) {
+      const closed = new Promise<void>((resolve) => this.http.close(() => resolve()));
+      this.http.closeIdleConnections();
+      const timer = setTimeout(() => {
+        this.interceptor.destroyAll();
+        this.http.closeAllConnections();
+        for (const s of this.sockets) s.destroy();
+      }, grace);
+      timer.unref();
+      await Promise.race([closed, new Promise((r) => setTimeout(r, grace + 100).unref())]);
+      clearTimeout(timer);
+      this.interceptor.destroyAll();
+      for (const s of this.sockets) s.destroy();
+    }
+    this.plainAgent.destroy();
+    await this.metricsServer?.close();
+    this.metricsServer = undefined;
+    this.agent.close();
+    await this.context.accessLog.close();
+    this.address = undefined;
+  }
+}

@@ -1,0 +1,178 @@
+/**
+ * Bad clients: garbage instead of TLS, clients that vanish mid-handshake or mid-body,
+ * oversized headers, slow clients. Each connection closes, the proxy keeps serving, and the
+ * process's open file descriptors return to where they were.
+ */
+import { connect as netConnect, createServer, type Socket } from "node:net";
+import { connect as tlsConnect } from "node:tls";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { startOrigin, type Origin } from "../../fixtures/proxy/origins.js";
+import { connectTunnel, fdCount, run, startHarness, tlsViaProxy, type Harness } from "../../fixtures/proxy/harness.js";
+
+let h: Harness;
+let good: Origin;
+let root: string;
+let clientHello: Buffer;
+
+const LIMITS = {
+  clientHelloTimeoutMs: 300,
+  handshakeTimeoutMs: 300,
+  headersTimeoutMs: 400,
+  requestTimeoutMs: 1500,
+  keepAliveTimeoutMs: 300,
+  idleTimeoutMs: 1500,
+  maxHeaderBytes: 8192,
+};
+
+/** A real ClientHello, captured from Node's TLS client. */
+async function captureClientHello(): Promise<Buffer> {
+  return new Promise((resolve) => {
+    const srv = createServer((s) => {
+      s.once("data", (d: Buffer) => {
+        resolve(d);
+        s.destroy();
+        srv.close();
+      });
+    });
+    srv.listen(0, "127.0.0.1", () => {
+      const t = tlsConnect({ host: "127.0.0.1", port: (srv.address() as { port: number }).port, servername: "localhost", ALPNProtocols: ["h2", "http/1.1"] });
+      t.on("error", () => {});
+    });
+  });
+}
+
+function closed(s: Socket): Promise<number> {
+  const start = Date.now();
+  return new Promise((resolve) => {
+    if (s.destroyed) resolve(0);
+    s.on("error", () => {});
+    s.once("close", () => resolve(Date.now() - start));
+    s.resume();
+  });
+}
+
+async function curlOk(): Promise<void> {
+  const r = await run("curl", ["-sS", "--max-time", "10", "-x", `http://127.0.0.1:${h.port}`, "--cacert", root, `https://localhost:${good.port}/hello`]);
+  expect(r.stdout).toContain("hello from origin");
+}
+
+beforeAll(async () => {
+  h = await startHarness({ proxy: { limits: LIMITS } });
+  good = await startOrigin({ cert: h.pki.good });
+  root = await h.rootFile();
+  clientHello = await captureClientHello();
+});
+
+afterAll(async () => {
+  await h?.close();
+  await good?.close();
+});
+
+describe("bad clients", () => {
+  it("survives every kind of bad client, and file descriptors return to the baseline", async () => {
+    // Warm up: agent channel, leaf cache, origin sessions, curl once.
+    await curlOk();
+    await new Promise((r) => setTimeout(r, 400));
+    const baseline = await fdCount();
+
+    // 1. TLS-looking garbage after the CONNECT: closed, logged.
+    {
+      const { socket } = await connectTunnel(h.port, `localhost:${good.port}`);
+      socket.write(Buffer.from([0x16, 0x03, 0x01, 0x00, 0x08, 0x02, 0, 0, 4, 1, 2, 3, 4]));
+      await closed(socket);
+      const rec = await h.log.waitFor((r) => r.rule === "client-hello");
+      expect(rec.error).toContain("bad clienthello");
+    }
+    // 2. Non-TLS garbage to a TLS origin: tunnelled as is; the origin hangs up.
+    {
+      const { socket } = await connectTunnel(h.port, `localhost:${good.port}`);
+      socket.write("\x00\x01garbage garbage garbage\r\n\r\n");
+      await closed(socket);
+    }
+    // 3. Half a ClientHello, then gone.
+    {
+      const { socket } = await connectTunnel(h.port, `localhost:${good.port}`);
+      socket.write(clientHello.subarray(0, 60));
+      socket.destroy();
+    }
+    // 4. A whole ClientHello, then gone before finishing the handshake.
+    {
+      const { socket } = await connectTunnel(h.port, `localhost:${good.port}`);
+      socket.write(clientHello);
+      await new Promise((r) => setTimeout(r, 20));
+      socket.destroy();
+    }
+    // 5. Gone in the middle of an upload.
+    {
+      const t = await tlsViaProxy(h.port, "localhost", good.port, { ca: h.agent.rootPem("acme") });
+      t.write(`POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n`);
+      t.write(Buffer.alloc(20_000, 0x41));
+      await new Promise((r) => setTimeout(r, 30));
+      t.destroy();
+    }
+    // 6. Gone in the middle of a download.
+    {
+      const t = await tlsViaProxy(h.port, "localhost", good.port, { ca: h.agent.rootPem("acme") });
+      t.write(`GET /big?n=5000000 HTTP/1.1\r\nHost: localhost\r\n\r\n`);
+      await new Promise((r) => t.once("data", r));
+      t.destroy();
+    }
+    // 7. Oversized headers, to the proxy and inside a tunnel: 431, then closed.
+    {
+      const s = netConnect({ host: "127.0.0.1", port: h.port });
+      s.write(`GET http://localhost:${good.port}/ HTTP/1.1\r\nHost: x\r\nX-Big: ${"a".repeat(20_000)}\r\n\r\n`);
+      let got = "";
+      s.on("data", (d: Buffer) => (got += d.toString()));
+      await closed(s);
+      expect(got).toMatch(/^HTTP\/1.1 431/);
+      const t = await tlsViaProxy(h.port, "localhost", good.port, { ca: h.agent.rootPem("acme") });
+      t.write(`GET /hello HTTP/1.1\r\nHost: localhost\r\nX-Big: ${"a".repeat(20_000)}\r\n\r\n`);
+      let inner = "";
+      t.on("data", (d: Buffer) => (inner += d.toString()));
+      await new Promise((r) => t.once("close", r));
+      expect(inner).toMatch(/^HTTP\/1.1 431/);
+    }
+    // 8. Slow clients: each is cut off by its timeout.
+    {
+      const idle = netConnect({ host: "127.0.0.1", port: h.port }); // says nothing at all
+      const slowHeaders = netConnect({ host: "127.0.0.1", port: h.port });
+      slowHeaders.write("GET http://localhost/ HTTP/1.1\r\nHost: x\r\n"); // never finishes its head
+      const { socket: silentTunnel } = await connectTunnel(h.port, `localhost:${good.port}`); // no ClientHello
+      const { socket: stalledTls } = await connectTunnel(h.port, `localhost:${good.port}`);
+      stalledTls.write(clientHello); // and never answers the server's flight
+      const times = await Promise.all([closed(idle), closed(slowHeaders), closed(silentTunnel), closed(stalledTls)]);
+      for (const t of times) expect(t).toBeLessThan(5000);
+      const rec = await h.log.waitFor((r) => r.rule === "client-hello" && (r.error ?? "").includes("timeout"));
+      expect(rec.decision).toBe("error");
+    }
+
+    // Still serving.
+    await curlOk();
+    // Descriptors back to the baseline once the last connections are gone.
+    let now = await fdCount();
+    for (let i = 0; i < 60 && now > baseline; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      now = await fdCount();
+    }
+    expect(now).toBeLessThanOrEqual(baseline);
+    expect(h.proxy.openConnections).toBe(0);
+  });
+
+  for (const [name, path, body] of [["upload", "/upload", true], ["download", "/big?n=5000000", false]] as const) {
+    it(`a client gone mid-${name} is cleaned up at once`, async () => {
+      const t = await tlsViaProxy(h.port, "localhost", good.port, { ca: h.agent.rootPem("acme") });
+      if (body) {
+        t.write(`POST ${path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n`);
+        t.write(Buffer.alloc(20_000, 0x41));
+        await new Promise((r) => setTimeout(r, 30));
+      } else {
+        t.write(`GET ${path} HTTP/1.1\r\nHost: localhost\r\n\r\n`);
+        await new Promise((r) => t.once("data", r));
+      }
+      t.destroy();
+      const start = Date.now();
+      while (h.proxy.openConnections > 0 && Date.now() - start < 3000) await new Promise((r) => setTimeout(r, 20));
+      expect(h.proxy.openConnections).toBe(0);
+    });
+  }
+});

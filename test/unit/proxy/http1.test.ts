@@ -1,0 +1,53 @@
+import { describe, expect, it } from "vitest";
+import { endToEndHeaders, requestBlockRule } from "../../../src/proxy/http1.js";
+import { parsePolicy } from "../../../src/proxy/policy.js";
+
+describe("endToEndHeaders", () => {
+  it("drops hop-by-hop headers, those the Connection header lists, and proxy credentials", () => {
+    const raw = [
+      "Host", "a.example",
+      "Connection", "keep-alive, X-Private",
+      "Keep-Alive", "timeout=5",
+      "Proxy-Authorization", "Basic abc",
+      "Proxy-Connection", "keep-alive",
+      "Transfer-Encoding", "chunked",
+      "TE", "trailers",
+      "X-Private", "secret",
+      "Accept", "*/*",
+      "Expect", "100-continue",
+    ];
+    expect(endToEndHeaders(raw)).toEqual(["Host", "a.example", "Accept", "*/*"]);
+  });
+
+  it("keeps a WebSocket handshake's Upgrade, with exactly Connection: Upgrade", () => {
+    const raw = ["Host", "a", "Connection", "Upgrade, keep-alive", "Upgrade", "websocket", "Sec-WebSocket-Key", "k"];
+    expect(endToEndHeaders(raw, true)).toEqual(["Host", "a", "Upgrade", "websocket", "Sec-WebSocket-Key", "k", "Connection", "Upgrade"]);
+  });
+
+  it("replaces Host with the absolute URL's authority for plain proxy requests", () => {
+    expect(endToEndHeaders(["host", "evil.example", "Accept", "x"], false, "real.example:8080")).toEqual(["Host", "real.example:8080", "Accept", "x"]);
+  });
+});
+
+describe("requestBlockRule", () => {
+  const p = parsePolicy({ blockHosts: ["evil.example"], blockUrls: ["https://a.example/x*"] });
+  it.each([
+    ["https", "evil.example:443", "/", undefined, "block-host:evil.example"],
+    ["https", "a.example:443", "/x1", undefined, "block-url:https://a.example/x*"],
+    ["https", "A.EXAMPLE", "/x1", undefined, "block-url:https://a.example/x*"],
+    ["http", "a.example", "/x1", undefined, undefined],
+    ["https", "front.example", "/", "evil.example", "block-host:evil.example"],
+    ["https", "a.example:8443", "/x1", undefined, undefined],
+  ])("%s://%s%s (tunnel host %s) → %s", (scheme, authority, path, tunnelHost, want) => {
+    expect(requestBlockRule(p, scheme, authority, path, tunnelHost)).toBe(want);
+  });
+});
+
+describe("describeError", () => {
+  it("keeps OpenSSL's reason and the code, not its source paths", async () => {
+    const { describeError } = await import("../../../src/proxy/origin.js");
+    const e = Object.assign(new Error("4017C10F287F0000:error:0A000410:SSL routines:ssl3_read_bytes:sslv3 alert handshake failure:../deps/openssl/openssl/ssl/record/rec_layer_s3.c:1601:SSL alert number 40\n"), { code: "ERR_SSL_SSLV3_ALERT_HANDSHAKE_FAILURE" });
+    expect(describeError(e)).toBe("sslv3 alert handshake failure (ERR_SSL_SSLV3_ALERT_HANDSHAKE_FAILURE)");
+    expect(describeError(Object.assign(new Error("connect ECONNREFUSED 127.0.0.1:1"), { code: "ECONNREFUSED" }))).toBe("refused the connection (ECONNREFUSED)");
+  });
+});

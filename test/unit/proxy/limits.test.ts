@@ -1,0 +1,61 @@
+import { describe, expect, it } from "vitest";
+import { LearnedBypass } from "../../../src/proxy/learned-bypass.js";
+import { ClientRateLimiter } from "../../../src/proxy/rate-limit.js";
+
+describe("ClientRateLimiter", () => {
+  it("allows a burst, then the refill rate, per client", () => {
+    let now = 0;
+    const r = new ClientRateLimiter({ perSecond: 2, burst: 3, now: () => now });
+    expect([r.take("a"), r.take("a"), r.take("a"), r.take("a")]).toEqual([true, true, true, false]);
+    expect(r.take("b")).toBe(true);
+    now += 500;
+    expect(r.take("a")).toBe(true);
+    expect(r.take("a")).toBe(false);
+    now += 10_000;
+    expect([r.take("a"), r.take("a"), r.take("a"), r.take("a")]).toEqual([true, true, true, false]);
+  });
+
+  it("0 per second disables the limit; the client table is bounded", () => {
+    const off = new ClientRateLimiter({ perSecond: 0, burst: 1 });
+    for (let i = 0; i < 100; i++) expect(off.take("a")).toBe(true);
+    const r = new ClientRateLimiter({ perSecond: 1, burst: 1, maxClients: 2, now: () => 0 });
+    expect(r.take("a")).toBe(true);
+    expect(r.take("b")).toBe(true);
+    expect(r.take("c")).toBe(true); // forgets a
+    expect(r.take("a")).toBe(true);
+  });
+});
+
+describe("LearnedBypass", () => {
+  const on = { enabled: true, threshold: 3, windowSeconds: 60, ttlSeconds: 600 };
+
+  it("turns pinned-app bypass on after `threshold` rejections within the window, per tenant and host, for ttl", () => {
+    let now = 0;
+    const l = new LearnedBypass({ now: () => now });
+    expect(l.recordRejection("t", "app.example", on)).toBe(false);
+    now += 61_000; // the first one falls out of the window
+    expect(l.recordRejection("t", "app.example", on)).toBe(false);
+    expect(l.recordRejection("t", "app.example", on)).toBe(false);
+    expect(l.recordRejection("t", "app.example", on)).toBe(true);
+    expect(l.pinnedBypass("t", "app.example")).toBe(true);
+    expect(l.pinnedBypass("u", "app.example")).toBe(false);
+    now += 600_001;
+    expect(l.pinnedBypass("t", "app.example")).toBe(false);
+  });
+
+  it("does nothing when the policy leaves it off", () => {
+    const l = new LearnedBypass();
+    for (let i = 0; i < 10; i++) expect(l.recordRejection("t", "h", { ...on, enabled: false })).toBe(false);
+    expect(l.pinnedBypass("t", "h")).toBe(false);
+  });
+
+  it("remembers client-certificate origins for a while", () => {
+    let now = 0;
+    const l = new LearnedBypass({ now: () => now, clientCertTtlMs: 1000 });
+    l.markClientCert("h:443");
+    expect(l.demandsClientCert("h:443")).toBe(true);
+    expect(l.demandsClientCert("h:8443")).toBe(false);
+    now = 1001;
+    expect(l.demandsClientCert("h:443")).toBe(false);
+  });
+});

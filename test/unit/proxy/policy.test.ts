@@ -1,0 +1,81 @@
+import { describe, expect, it } from "vitest";
+import { InvalidArgument } from "../../../src/common/errors.js";
+import { defaultPolicy, parsePolicy, ruleId } from "../../../src/proxy/policy.js";
+
+describe("parsePolicy", () => {
+  it("an empty document is the default: nothing blocked, EICAR scanned up to 1 MiB, auto-bypass off", () => {
+    const p = parsePolicy({});
+    expect(p.blockedHost("anything.example")).toBeUndefined();
+    expect(p.scan).toEqual({ eicar: true, maxBodyBytes: 1048576, holdMs: 2000 });
+    expect(p.autoBypass.enabled).toBe(false);
+    expect(p.nonTls).toBe("tunnel");
+    expect(p.clientCertOrigins).toBe("bypass");
+    expect(defaultPolicy().scan.eicar).toBe(true);
+  });
+
+  it.each([
+    ["not an object", [], "policy: must be an object"],
+    ["an unknown key", { blockHost: [] }, "policy.blockHost: unknown field"],
+    ["blockHosts not a list", { blockHosts: "x" }, "policy.blockHosts: must be a list of patterns"],
+    ["a host with a space", { blockHosts: ["a b"] }, 'policy.blockHosts[0]: "a b" is not a host pattern'],
+    ["a wildcard in the middle", { blockHosts: ["ok.example", "a.*.example"] }, 'policy.blockHosts[1]: "a.*.example" is not a host pattern'],
+    ["a rule object with an unknown field", { blockHosts: [{ pattern: "x.example", why: "y" }] }, "policy.blockHosts[0].why: unknown field"],
+    ["an empty rule name", { bypassHosts: [{ pattern: "x.example", name: "" }] }, "policy.bypassHosts[0].name: must be a non-empty string"],
+    ["a url pattern with a space", { blockUrls: ["http://a b"] }, "policy.blockUrls[0]:"],
+    ["a negative scan size", { scan: { maxBodyBytes: -1 } }, "policy.scan.maxBodyBytes: must be an integer from 0"],
+    ["eicar not a boolean", { scan: { eicar: "yes" } }, "policy.scan.eicar: must be true or false"],
+    ["a zero threshold", { autoBypass: { threshold: 0 } }, "policy.autoBypass.threshold: must be an integer from 1"],
+    ["a bad nonTls", { nonTls: "drop" }, 'policy.nonTls: must be "tunnel" or "block"'],
+    ["a bad clientCertOrigins", { clientCertOrigins: "tunnel" }, 'policy.clientCertOrigins: must be "bypass" or "block"'],
+  ])("refuses %s, naming the field", (_n, doc, message) => {
+    expect(() => parsePolicy(doc)).toThrow(InvalidArgument);
+    expect(() => parsePolicy(doc)).toThrow(message);
+  });
+});
+
+describe("host rules", () => {
+  const p = parsePolicy({ blockHosts: ["Evil.Example.", { name: "ads", pattern: "*.ads.example" }], bypassHosts: ["*.bank.example", "10.1.2.3"] });
+
+  it.each([
+    ["evil.example", "block-host:Evil.Example."],
+    ["EVIL.example.", "block-host:Evil.Example."],
+    ["x.ads.example", "block-host:ads"],
+    ["a.b.c.ads.example", "block-host:ads"],
+    ["ads.example", undefined],
+    ["notads.example", undefined],
+    ["evil.example.com", undefined],
+  ])("blockedHost(%s) → %s", (host, rule) => {
+    const r = p.blockedHost(host);
+    expect(r === undefined ? undefined : ruleId(r)).toBe(rule);
+  });
+
+  it("bypass patterns, including IP literals", () => {
+    expect(p.bypassedHost("www.bank.example")?.kind).toBe("bypass-host");
+    expect(p.bypassedHost("10.1.2.3")?.name).toBe("10.1.2.3");
+    expect(p.bypassedHost("[10.1.2.3]")?.name).toBe("10.1.2.3");
+    expect(p.bypassedHost("bank.example")).toBeUndefined();
+  });
+});
+
+describe("url rules", () => {
+  const p = parsePolicy({ blockUrls: ["https://files.example/*.exe", { name: "admin", pattern: "*/admin*" }, "*://*.example/secret?id=*"] });
+
+  it.each([
+    ["https://files.example/tools/setup.exe", "block-url:https://files.example/*.exe"],
+    ["http://files.example/setup.exe", undefined],
+    ["https://files.example/setup.exe.txt", undefined],
+    ["https://a.example:8443/admin/x", "block-url:admin"],
+    ["http://b.example/admin", "block-url:admin"],
+    ["https://x.example/secret?id=1", "block-url:*://*.example/secret?id=*"],
+    ["https://x.example/secretive", undefined],
+  ])("blockedUrl(%s) → %s", (url, rule) => {
+    const r = p.blockedUrl(url);
+    expect(r === undefined ? undefined : ruleId(r)).toBe(rule);
+  });
+
+  it("regex characters in patterns are literal", () => {
+    const q = parsePolicy({ blockUrls: ["https://a.example/(x)+[y].php"] });
+    expect(q.blockedUrl("https://a.example/(x)+[y].php")).toBeDefined();
+    expect(q.blockedUrl("https://a.example/xx[y]Xphp")).toBeUndefined();
+  });
+});
