@@ -156,6 +156,61 @@ function outcome(rec: CallRecord, uRes: UniversalServerResponse | undefined, fin
   return { code: uRes.status === 200 ? 0 : codeFromHttpStatus(uRes.status), message: undefined };
 }
 
+/**
+ * Percent-encodes a grpc-message as the gRPC spec says: only bytes outside 0x20..0x7E, and "%".
+ * connect-node encodes like encodeURIComponent (":" becomes %3A), and grpc-js clients decode with
+ * decodeURI, which leaves %3A and %3B as they are: the agent (a grpc-js client of the KDC) would
+ * show "tenant_id%3A …" to a person.
+ */
+export function encodeGrpcMessage(message: string): string {
+  let out = "";
+  for (const byte of Buffer.from(message, "utf8")) {
+    out += byte >= 0x20 && byte <= 0x7e && byte !== 0x25 ? String.fromCharCode(byte) : "%" + byte.toString(16).toUpperCase().padStart(2, "0");
+  }
+  return out;
+}
+
+function respecGrpcMessage(h: Headers | undefined): void {
+  const v = h?.get("grpc-message");
+  if (h === undefined || v === null || v === undefined) return;
+  let decoded: string;
+  try {
+    decoded = decodeURIComponent(v);
+  } catch {
+    return;
+  }
+  h.set("grpc-message", encodeGrpcMessage(decoded));
+}
+
+/** The response with its grpc-message header/trailer re-encoded by {@link encodeGrpcMessage}. */
+function withSpecGrpcMessage(r: UniversalServerResponse): UniversalServerResponse {
+  if (r.body === undefined) {
+    respecGrpcMessage(r.header);
+    respecGrpcMessage(r.trailer);
+    return r;
+  }
+  const body = r.body;
+  async function* wrapped() {
+    const it = body[Symbol.asyncIterator]();
+    let first = true;
+    try {
+      for (;;) {
+        const n = await it.next();
+        if (first) {
+          first = false;
+          // Headers are written after the first chunk: a trailers-only error has its status here.
+          respecGrpcMessage(r.header);
+        }
+        if (n.done === true) break;
+        yield n.value;
+      }
+    } finally {
+      respecGrpcMessage(r.trailer);
+    }
+  }
+  return { ...r, body: wrapped() };
+}
+
 type NodeRequest = IncomingMessage | Http2ServerRequest;
 type NodeResponse = ServerResponse | Http2ServerResponse;
 
@@ -408,7 +463,7 @@ export class ConnectServer {
     route.handler(uReq)
       .then((r) => {
         uRes = r;
-        return universalResponseToNodeResponse(r, res);
+        return universalResponseToNodeResponse(protocol === "grpc" ? withSpecGrpcMessage(r) : r, res);
       })
       .catch((reason: unknown) => {
         // The response could not be written (the client went away): note it, unless the

@@ -8,7 +8,7 @@
  * deadline, abort on cancel), domain and Connect errors mapped to gRPC statuses. Health and
  * reflection (v1, v1alpha) are served too.
  */
-import type { Server as NetServer } from "node:net";
+import type { Server as NetServer, Socket } from "node:net";
 import { performance } from "node:perf_hooks";
 import { create, fromBinary, isMessage, toBinary, type DescMessage, type DescMethod, type DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, createContextValues, createHandlerContext, type HandlerContext } from "@connectrpc/connect";
@@ -123,6 +123,13 @@ function toMetadata(h: Headers): grpc.Metadata {
 const CANCELED = new ConnectError("the client canceled the call", Code.Canceled);
 
 /**
+ * The abort reason of a context whose call is over (its signal aborts then, as Connect's does,
+ * and its deadline timer is cleared). Preallocated: abort() without a reason builds a
+ * DOMException with a stack trace, about 15 us on every call of the hot path.
+ */
+const FINISHED = new ConnectError("the call is finished", Code.Canceled);
+
+/**
  * A grpc-js server for services written in Connect's handler style, on a Unix socket whose mode
  * is set before any client can connect, and optionally on TCP with TLS and mutual TLS.
  */
@@ -135,6 +142,7 @@ export class GrpcServer {
   private readonly callLog: CallLogPolicy;
   private readonly draining = new AbortController();
   private unixServer: NetServer | undefined;
+  private readonly unixSockets = new Set<Socket>();
   private injector: grpc.ConnectionInjector | undefined;
   private bound: BoundAddresses | undefined;
   private stopping: Promise<void> | undefined;
@@ -227,6 +235,8 @@ export class GrpcServer {
             return;
           }
           socket.on("error", () => socket.destroy());
+          this.unixSockets.add(socket);
+          socket.once("close", () => this.unixSockets.delete(socket));
           injector.injectConnection(socket);
         });
         bound.unix = addr.path;
@@ -313,7 +323,7 @@ export class GrpcServer {
           const { ctx, peerAddress, peer } = this.context(rt, call);
           const fail = (err: unknown) => {
             const st = toGrpcStatus(err, this.logger, { ...logFields, peer: peerAddress });
-            ctx.abort();
+            ctx.abort(FINISHED);
             this.done(rt, t0, st.code, peerAddress, peer, st.details);
             const e: Partial<grpc.StatusObject> = { code: st.code, details: st.details };
             if (hasEntries(ctx.responseTrailer)) e.metadata = toMetadata(ctx.responseTrailer);
@@ -322,7 +332,7 @@ export class GrpcServer {
           const succeed = (out: unknown) => {
             if (hasEntries(ctx.responseHeader)) call.sendMetadata(toMetadata(ctx.responseHeader));
             const trailer = hasEntries(ctx.responseTrailer) ? toMetadata(ctx.responseTrailer) : undefined;
-            ctx.abort();
+            ctx.abort(FINISHED);
             this.done(rt, t0, 0, peerAddress, peer);
             callback(null, out, trailer);
           };
@@ -386,17 +396,17 @@ export class GrpcServer {
       if (ctx.signal.aborted && call.cancelled) {
         await it.return?.();
         this.done(rt, t0, Code.Canceled, peerAddress, peer, CANCELED.rawMessage);
-        ctx.abort();
+        ctx.abort(FINISHED);
         return;
       }
       if (!headerSent && hasEntries(ctx.responseHeader)) call.sendMetadata(toMetadata(ctx.responseHeader));
       const trailer = hasEntries(ctx.responseTrailer) ? toMetadata(ctx.responseTrailer) : undefined;
-      ctx.abort();
+      ctx.abort(FINISHED);
       this.done(rt, t0, 0, peerAddress, peer);
       call.end(trailer);
     } catch (err) {
       const st = toGrpcStatus(call.cancelled ? CANCELED : err, this.logger, { ...logFields, peer: peerAddress });
-      ctx.abort();
+      ctx.abort(FINISHED);
       this.done(rt, t0, st.code, peerAddress, peer, st.details);
       const e: Partial<grpc.StatusObject> = { code: st.code, details: st.details };
       if (hasEntries(ctx.responseTrailer)) e.metadata = toMetadata(ctx.responseTrailer);
@@ -432,6 +442,8 @@ export class GrpcServer {
         });
       });
       this.injector?.destroy();
+      // Sessions are closed by now; a socket left open never finished the HTTP/2 preface.
+      for (const socket of this.unixSockets) socket.destroy();
       await unixClosed;
       if (this.bound?.unix !== undefined) await removeUnixSocket(this.bound.unix);
       this.logger.info("stopped", { duration_ms: Math.round(performance.now() - t0), forced });
@@ -453,9 +465,12 @@ function kindOf(method: DescMethod): string {
   }
 }
 
-/** The request messages of a client or bidi stream, as an async iterable. */
-async function* readableIterable(call: AsyncIterable<unknown>): AsyncGenerator<unknown> {
-  for await (const m of call) yield m;
+/**
+ * The request messages of a client or bidi stream. `destroyOnReturn: false` matters: the default
+ * iterator destroys the whole duplex when the requests end, and the status would never be sent.
+ */
+function readableIterable(call: grpc.ServerReadableStream<unknown, unknown> | grpc.ServerDuplexStream<unknown, unknown>): AsyncIterable<unknown> {
+  return { [Symbol.asyncIterator]: () => call.iterator({ destroyOnReturn: false }) };
 }
 
 function drainOrAbort(call: NodeJS.EventEmitter, signal: AbortSignal): Promise<void> {

@@ -16,6 +16,7 @@ export class HealthStatus {
   private readonly statuses = new Map<string, ServingStatus>();
   private readonly listeners = new Set<() => void>();
   private closed = false;
+  private version = 0;
 
   constructor() {
     this.statuses.set("", ServingStatus.SERVING);
@@ -47,12 +48,14 @@ export class HealthStatus {
   }
 
   private notify(): void {
+    this.version++;
     for (const l of [...this.listeners]) l();
   }
 
-  /** Resolves at the next change, shutdown or abort of `signal`. */
-  private nextChange(signal: AbortSignal): Promise<void> {
+  /** Resolves at the first change after `seen` (at once if there was one), shutdown or abort of `signal`. */
+  private nextChange(seen: number, signal: AbortSignal): Promise<void> {
     return new Promise<void>((resolve) => {
+      if (this.version !== seen || signal.aborted) return resolve();
       const done = () => {
         this.listeners.delete(done);
         signal.removeEventListener("abort", done);
@@ -78,13 +81,17 @@ export class HealthStatus {
       async *watch(request, ctx: HandlerContext) {
         let last: ServingStatus | undefined;
         for (;;) {
+          // Read the version before the status: a change while the consumer handles the
+          // yielded value is then seen by nextChange instead of being missed.
+          const seen = self.version;
           const status = self.statuses.get(request.service) ?? ServingStatus.SERVICE_UNKNOWN;
           if (status !== last) {
             last = status;
             yield { status };
+            continue;
           }
           if (self.closed || ctx.signal.aborted) return;
-          await self.nextChange(ctx.signal);
+          await self.nextChange(seen, ctx.signal);
         }
       },
     };
