@@ -13,10 +13,11 @@ import type { Command, CommandContext } from "./command.js";
 import { Args, flagHelp, parseFlags, type FlagSpecs } from "./flags.js";
 import { registerAuditCommands } from "./audit-commands.js";
 import { kdcCommands } from "./kdc-commands.js";
+import { statusCommand } from "./status-command.js";
 import { EXIT_CODE_HELP, ExitCode, Output, UsageError, type Streams } from "./output.js";
 
-/** The one table of `kmi ctl` commands: the KDC's, then the Auditserver's (src/ctl/audit-commands.ts). */
-export const commandTable: readonly Command[] = registerAuditCommands(kdcCommands);
+/** The one table of `kmi ctl` commands: the KDC's, the Auditserver's (src/ctl/audit-commands.ts), then `status` (src/ctl/status-command.ts). */
+export const commandTable: readonly Command[] = [...registerAuditCommands(kdcCommands), statusCommand];
 
 const globalFlags: FlagSpecs = {
   json: { type: "bool", help: "print results as JSON for scripts (errors as JSON on stderr)" },

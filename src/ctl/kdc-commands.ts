@@ -1,6 +1,6 @@
 /**
  * The KDC's `kmi ctl` commands: tenants, tokens, the Certificate menu (`ca ...`), the audit
- * log, service certificates and the KDC's status.
+ * log and service certificates (`kmi ctl status`, the whole mesh's health, is src/ctl/status-command.ts).
  */
 import { toJson, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
 import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
@@ -9,7 +9,6 @@ import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
 import {
   CreateTenantResponseSchema,
   CreateTokenResponseSchema,
-  GetKdcStatusResponseSchema,
   GetTenantResponseSchema,
   IssueServiceCertificateResponseSchema,
   KdcAdminService,
@@ -666,28 +665,6 @@ const otherCommands: Command[] = [
       }
       if (ctx.out.json) ctx.out.result(json(IssueServiceCertificateResponseSchema, res), () => "");
       else if (out === undefined) ctx.out.raw(res.certificatePem);
-    },
-  },
-  {
-    name: ["status"],
-    summary: "the KDC's health summary: version, tenants and their active versions (operator)",
-    flags: { ...kdcConnectionFlags },
-    async run(ctx) {
-      ctx.args.noPositionals();
-      const res = await kdc(ctx).admin.getKdcStatus({});
-      ctx.out.result(json(GetKdcStatusResponseSchema, res), () =>
-        renderFields([
-          ["version", res.version],
-          ["uptime", `${res.uptimeSeconds}s`],
-          ["tenants", res.tenants.length],
-          ["connected agents", res.connectedAgents],
-          ["audit head seq", res.auditHeadSeq.toString()],
-          ["attestation key", res.attestationKeyLoaded ? "loaded" : "not loaded"],
-        ]) +
-        (res.tenants.length > 0
-          ? "\n" + res.tenants.map((t) => `  ${t.tenantId}: active ${t.activeVersion === 0 ? "none" : t.activeVersion}, ${t.machinesUpToDate}/${t.machinesTotal} machines up to date`).join("\n") + "\n"
-          : ""),
-      );
     },
   },
 ];

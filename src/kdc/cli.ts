@@ -1,11 +1,13 @@
 /**
- * Entry point of `kmi kdc` (serve) and `kmi kdc init`.
+ * Entry point of `kmi kdc` (serve), `kmi kdc init`, and `kmi kdc backup` / `kmi kdc restore`
+ * (./backup.ts).
  */
 import { writeFile, chmod } from "node:fs/promises";
 import { ConfigError, formatHelp, loadConfig } from "../common/config.js";
 import { isKmiError } from "../common/errors.js";
 import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger, parseLogLevel } from "../common/logger.js";
+import { backupMain, restoreMain } from "./backup.js";
 import { initProgram, parseLease, serveProgram } from "./config.js";
 import { dataPaths, initKdc } from "./init.js";
 import { KdcServer } from "./server.js";
@@ -66,7 +68,7 @@ async function init(argv: string[]): Promise<number> {
 async function serve(argv: string[]): Promise<number> {
   const loaded = await loadConfig(serveProgram, argv, { env: environment() });
   if (loaded.help) {
-    process.stdout.write(formatHelp(serveProgram) + "\n\ncommands:\n  kmi kdc init --help   set up a data directory first\n");
+    process.stdout.write(formatHelp(serveProgram) + "\n\ncommands:\n  kmi kdc init --help      set up a data directory first\n  kmi kdc backup --help    a consistent snapshot of a stopped KDC's store (keys stay sealed; no master key)\n  kmi kdc restore --help   a backup into an empty data directory\n");
     return 0;
   }
   const v = loaded.values;
@@ -92,6 +94,8 @@ async function serve(argv: string[]): Promise<number> {
 export async function main(argv: string[]): Promise<number> {
   try {
     if (argv[0] === "init") return await init(argv.slice(1));
+    if (argv[0] === "backup") return await backupMain(argv.slice(1), environment());
+    if (argv[0] === "restore") return await restoreMain(argv.slice(1), environment());
     return await serve(argv);
   } catch (err) {
     if (err instanceof ConfigError) {

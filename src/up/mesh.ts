@@ -19,7 +19,7 @@ import { Progress } from "./progress.js";
 import type { UpConfig, TcpAddress } from "./config.js";
 import { layout, PARTS, type Layout, type PartName } from "./layout.js";
 import { PartStartError, Supervisor, summarizeLogLines, type PartDefinition, type PartProcess } from "./supervisor.js";
-import { AgentStatusClient, isServing, serverClients, tcpOpen, type ServerClients } from "./clients.js";
+import { AgentStatusClient, attestationWord, heldVersions, isServing, serverClients, tcpOpen, type ServerClients } from "../common/mesh-health.js";
 import {
   StepError,
   agentEnrolled,
@@ -39,7 +39,7 @@ import {
 } from "./bootstrap.js";
 import { PortError, formatHostPort, httpUrl, httpsUrl, resolvePort } from "./ports.js";
 import { isKmiProcess, pidAlive, readRunState, removeRunState, writeRunState, type RunState } from "./run-state.js";
-import { attestationWord, heldVersions, healthSummary, ctlEnv, type ProcessInfo } from "./health.js";
+import { healthSummary, ctlEnv, type ProcessInfo } from "./health.js";
 import { AttestationState, type GetStatusResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { VERSION } from "../common/version.js";
 

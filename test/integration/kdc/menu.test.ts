@@ -566,9 +566,9 @@ describe("authorization", () => {
     const s = await ctl(kdc, data, ["status", "--json"]);
     expect(s.code).toBe(0);
     const j = JSON.parse(s.stdout);
-    expect(j.version).toBe("0.1.0");
-    expect(j.tenants.map((t: { tenantId: string }) => t.tenantId)).toContain("acme");
-    expect(Number(j.auditHeadSeq)).toBeGreaterThan(5);
+    expect(j.kdc.version).toBe("0.1.0");
+    expect(j.kdc.tenants.map((t: { tenant: string }) => t.tenant)).toContain("acme");
+    expect(j.kdc.audit_head_seq).toBeGreaterThan(5);
   });
 });
 
