@@ -141,6 +141,11 @@ export class AgentServer {
       describeLink: () => ({ connected: link?.connected ?? false, error: link?.lastError ?? "" }),
     });
     this.holderInstance = holder;
+    // Why drop the token on quarantine: it vouches for the machine as it was before; after a
+    // release the machine must prove its measurements again before the KDC releases anything.
+    holder.subscribe((events) => {
+      if (events.some((e) => e.type === "quarantined")) attestor.invalidate();
+    });
     const cache = new SealedCache(dir, sealingKey, identity.machineId, this.logger.child({ component: "cache" }));
     this.cache = cache;
     const cached = await cache.load();

@@ -171,6 +171,29 @@ describe("the KDC link", () => {
     expect(cache.secrets).toBeUndefined();
   });
 
+  it("after a quarantine is lifted it attests again instead of reusing the token it held before", async () => {
+    const r = await setup();
+    await waitFor("the sync", async () => (await r.client.unary("getStatus", {})).kdcConnected);
+    const machineId = r.agent.machine!.machineId;
+    const attestedBefore = r.audit.attested.length;
+    // As the real servers do: the Auditserver refuses attestation, the KDC pushes QUARANTINED and ends the stream.
+    r.audit.machines.get(machineId)!.quarantined = "suspected compromise";
+    r.kdc.quarantine(machineId, "suspected compromise");
+    await waitFor("the refusal", async () => (await sign(r.client).then(() => undefined, (e: grpc.ServiceError) => e.code)) === grpc.status.FAILED_PRECONDITION);
+    await r.kdc.stop();
+    const kdc2 = Object.assign(new FixtureKdc(infra, r.audit.tokenKey.publicKey, { port: r.kdc.port }), { tenants: r.kdc.tenants, quarantined: r.kdc.quarantined });
+    await kdc2.start();
+    r.kdc = kdc2;
+    // It tried again while quarantined: refused by the Auditserver (a new attestation) or by the KDC (the old token).
+    await waitFor("a try while quarantined", async () => kdc2.calls.refused > 0 || (await r.client.unary("getStatus", {})).attestation === AttestationState.QUARANTINED);
+
+    r.audit.machines.get(machineId)!.quarantined = undefined;
+    r.kdc.quarantined.delete(machineId);
+    await waitFor("signing again", async () => sign(r.client).then(() => true, () => false), 5000);
+    expect(r.audit.attested.length).toBeGreaterThan(attestedBefore);
+    expect(r.kdc.calls.refused).toBe(0);
+  });
+
   it("an attestation refused for a measurement shows in GetStatus, and no secret is fetched", async () => {
     const r = await setup({ audit: { approved: { "agent.config": "0".repeat(64) } } });
     const st = await waitFor("the refusal", async () => {
