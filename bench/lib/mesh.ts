@@ -1,0 +1,200 @@
+/**
+ * A real KDC and Auditserver for the KDC rows: `kmi kdc init` + `kmi kdc` and `kmi audit init`
+ * + `kmi audit` (dist/cmd/kmi.js) on 127.0.0.1 port 0 with temp data dirs; an operator's
+ * clients; a tenant bootstrapped KMI-signed; a machine group with approved measurements; and
+ * machines that enroll with a join token and attest, as the key agent does.
+ */
+import { execFile, spawn, type ChildProcess } from "node:child_process";
+import { createHash, generateKeyPairSync, type KeyObject } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import { createAttestRequest, type MeasurementValue } from "../../src/attest/index.js";
+import { AuditAdminService } from "../../src/gen/kmi/audit/v1/admin_pb.js";
+import { AuditService } from "../../src/gen/kmi/audit/v1/audit_pb.js";
+import { KdcAdminService } from "../../src/gen/kmi/kdc/v1/admin_pb.js";
+import { createCsr, csrToPem } from "../../src/pki/csr.js";
+import { LeanClient } from "./grpc-client.js";
+
+const run = promisify(execFile);
+const KMI = fileURLToPath(new URL("../../cmd/kmi.js", import.meta.url));
+
+/** The measurements the bench's machines report (and their group approves). */
+export const BENCH_MEASUREMENTS: MeasurementValue[] = [
+  { name: "agent", sha256: createHash("sha256").update("kmi bench agent").digest("hex") },
+  { name: "proxy", sha256: createHash("sha256").update("kmi bench proxy").digest("hex") },
+];
+
+function cleanEnv(): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("KMI_")) env[k] = v;
+  return env;
+}
+
+/** A running kmi server process. */
+export interface ServerProcess {
+  readonly proc: ChildProcess;
+  readonly address: string;
+  readonly url: string;
+  stop(): Promise<void>;
+}
+
+async function startServer(args: string[], ready: RegExp, what: string): Promise<ServerProcess> {
+  const proc = spawn(process.execPath, [KMI, ...args], { env: cleanEnv(), stdio: ["ignore", "ignore", "pipe"] });
+  let err = "";
+  const exited = new Promise<void>((res) => proc.once("exit", () => res()));
+  const address = await new Promise<string>((res, rej) => {
+    const timer = setTimeout(() => {
+      proc.kill("SIGKILL");
+      rej(new Error(`${what} did not start in 30 s: ${err.slice(-600)}`));
+    }, 30_000);
+    proc.stderr!.on("data", (b: Buffer) => {
+      err = (err + b.toString()).slice(-20_000);
+      const m = ready.exec(err);
+      if (m) {
+        clearTimeout(timer);
+        res(m[1]!);
+      }
+    });
+    void exited.then(() => {
+      clearTimeout(timer);
+      rej(new Error(`${what} exited before serving: ${err.slice(-600).trim()}`));
+    });
+  });
+  // Keep draining stderr so the process never blocks on a full pipe.
+  return {
+    proc,
+    address,
+    url: `https://${address}`,
+    async stop() {
+      if (proc.exitCode !== null || proc.signalCode !== null) return;
+      proc.kill("SIGTERM");
+      const t = setTimeout(() => proc.kill("SIGKILL"), 10_000);
+      await exited;
+      clearTimeout(t);
+    },
+  };
+}
+
+/** A machine: its key, certificate and attestation token. */
+export interface Machine {
+  readonly machineId: string;
+  readonly key: KeyObject;
+  readonly keyPem: string;
+  readonly certPem: string;
+  token: string;
+  tokenExpiresAt: number;
+}
+
+/** KDC + Auditserver, running, with an operator. */
+export class Mesh {
+  private constructor(
+    readonly dir: string,
+    readonly kdc: ServerProcess,
+    readonly audit: ServerProcess,
+    /** Infrastructure CA, PEM. */
+    readonly caPem: string,
+    /** Operator token. */
+    readonly token: string,
+  ) {}
+
+  /** Inits and starts both servers under `dir`. */
+  static async start(dir: string): Promise<Mesh> {
+    const kdcData = join(dir, "kdc");
+    const auditData = join(dir, "audit");
+    const tokenFile = join(dir, "operator.token");
+    await run(process.execPath, [KMI, "kdc", "init", "--data-dir", kdcData, "--token-file", tokenFile], { env: cleanEnv() });
+    const kdcReady = /"msg":"kdc serving".*?"address":"([^"]+)"/;
+    let kdc = await startServer(["kdc", "--data-dir", kdcData, "--listen", "127.0.0.1:0"], kdcReady, "kdc");
+    try {
+      const caFile = join(kdcData, "infra-ca.pem");
+      await run(process.execPath, [KMI, "audit", "init", "--data-dir", auditData, "--kdc", kdc.url, "--kdc-ca-file", caFile, "--token-file", tokenFile], { env: cleanEnv() });
+      const audit = await startServer(["audit", "--data-dir", auditData, "--listen", "127.0.0.1:0", "--kdc", kdc.url], /"msg":"audit serving".*?"address":"([^"]+)"/, "audit");
+      try {
+        // The KDC verifies attestation tokens with the Auditserver's key, fetched from it: restart
+        // it on the same address, now pointed at the Auditserver (whose peer calls go there).
+        const help = await run(process.execPath, [KMI, "kdc", "--help"], { env: cleanEnv() }).then((r) => r.stdout);
+        if (help.includes("--audit-url")) {
+          await kdc.stop();
+          kdc = await startServer(["kdc", "--data-dir", kdcData, "--listen", kdc.address, "--audit-url", audit.url], kdcReady, "kdc");
+        }
+        return new Mesh(dir, kdc, audit, await readFile(caFile, "utf8"), (await readFile(tokenFile, "utf8")).trim());
+      } catch (err) {
+        await audit.stop();
+        throw err;
+      }
+    } catch (err) {
+      await kdc.stop();
+      throw err;
+    }
+  }
+
+  /** A client of the KDC with the operator token (or `token`). */
+  kdcClient(token = this.token): LeanClient {
+    return new LeanClient({ target: this.kdc.address, serverName: "localhost", caPem: this.caPem, metadata: { authorization: `Bearer ${token}` } });
+  }
+
+  /** A client of the Auditserver with the operator token. */
+  auditClient(): LeanClient {
+    return new LeanClient({ target: this.audit.address, serverName: "localhost", caPem: this.caPem, metadata: { authorization: `Bearer ${this.token}` } });
+  }
+
+  /** A mutual-TLS client of the KDC as `m`; `own` gives it its own connection. */
+  machineKdcClient(m: Machine, own = false): LeanClient {
+    return new LeanClient({ target: this.kdc.address, serverName: "localhost", caPem: this.caPem, cert: { cert: m.certPem, key: m.keyPem }, ...(own ? { ownConnection: true } : {}) });
+  }
+
+  /** Creates tenant `tenantId` with a KMI-signed active intermediate, and group `group` serving it. */
+  async bootstrap(tenantId: string, group: string): Promise<void> {
+    const kdc = this.kdcClient();
+    const audit = this.auditClient();
+    try {
+      await kdc.unary(KdcAdminService.method.createTenant, { tenantId, displayName: `${tenantId} (bench)`, bootstrapKmiSigned: true });
+      await audit.unary(AuditAdminService.method.createGroup, { name: group, tenantIds: [tenantId] });
+      await audit.unary(AuditAdminService.method.approveMeasurements, { group, approved: BENCH_MEASUREMENTS.map((m) => ({ name: m.name, sha256: [m.sha256] })) });
+    } finally {
+      kdc.close();
+      audit.close();
+    }
+  }
+
+  /** Enrolls a new machine in `group` (join token, CSR) and attests it. */
+  async enrollMachine(group: string, hostname: string): Promise<Machine> {
+    const admin = this.auditClient();
+    const plain = new LeanClient({ target: this.audit.address, serverName: "localhost", caPem: this.caPem });
+    try {
+      const jt = await admin.unary(AuditAdminService.method.createJoinToken, { group, ttlSeconds: 600, description: "bench" });
+      const key = generateKeyPairSync("ec", { namedCurve: "P-256" }).privateKey;
+      const csrPem = csrToPem(createCsr({ subject: { commonName: hostname }, privateKey: key }));
+      const res = await plain.unary(AuditService.method.enroll, { joinToken: jt.secret, csrPem, hostname });
+      const m: Machine = { machineId: res.machineId, key, keyPem: key.export({ format: "pem", type: "pkcs8" }).toString(), certPem: res.certificatePem, token: "", tokenExpiresAt: 0 };
+      await this.attest(m);
+      return m;
+    } finally {
+      admin.close();
+      plain.close();
+    }
+  }
+
+  /** Gets a fresh attestation token for `m`. */
+  async attest(m: Machine): Promise<void> {
+    const c = new LeanClient({ target: this.audit.address, serverName: "localhost", caPem: this.caPem, cert: { cert: m.certPem, key: m.keyPem } });
+    try {
+      const nonce = (await c.unary(AuditService.method.getAttestationNonce, {})).nonce;
+      const req = createAttestRequest({ machineId: m.machineId, nonce, measurements: BENCH_MEASUREMENTS, softwareVersion: "0.1.0", time: new Date() }, m.key);
+      const res = await c.unaryMessage(AuditService.method.attest, req);
+      m.token = res.attestationToken;
+      m.tokenExpiresAt = res.expiresAt === undefined ? 0 : Number(res.expiresAt.seconds) * 1000;
+    } finally {
+      c.close();
+    }
+  }
+
+  /** Stops both servers. */
+  async stop(): Promise<void> {
+    await this.audit.stop();
+    await this.kdc.stop();
+  }
+}
+

@@ -1,0 +1,8 @@
+/** The rows of the benchmark, in the order. */
+export { runSigning } from "./signing.js";
+export { runMinting } from "./minting.js";
+export { runThroughput } from "./throughput.js";
+export { runRotation } from "./rotation.js";
+export { runKdc } from "./kdc.js";
+
+export { ROW_TITLES } from "./titles.js";

@@ -1,0 +1,148 @@
+/**
+ * `npm run bench` — kmi's benchmarks (issue 8), run side by side with their baselines on this
+ * machine, printed as a table and written to docs/benchmarks.md.
+ *
+ *   --quick        every benchmark for about a second or two (the test runs this); writes no file
+ *   --json         print the results as JSON on stdout (the table goes to stderr)
+ *   --only 1,3     run only these rows (the others print "not measured: skipped")
+ *   --out FILE     write the Markdown here (default docs/benchmarks.md on a full run)
+ *   --profile      take CPU profiles where a target is missed (default on a full run)
+ *   --no-profile   never profile
+ *   --quiet        no progress lines
+ *
+ * Every server it starts listens on loopback or a temp Unix socket and is stopped at the end.
+ */
+import { writeFile } from "node:fs/promises";
+import { loadavg } from "node:os";
+import { dirname, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { Env } from "./lib/env.js";
+import { describeMachine, renderMarkdown, renderText, rowHeading } from "./lib/report.js";
+import { NotAvailable, RowBuilder, type RowResult } from "./lib/results.js";
+import { ROW_TITLES, runKdc, runMinting, runRotation, runSigning, runThroughput } from "./rows/index.js";
+
+interface Args {
+  quick: boolean;
+  json: boolean;
+  only: Set<string> | undefined;
+  out: string | undefined;
+  profile: boolean | undefined;
+  quiet: boolean;
+}
+
+function parseArgs(argv: string[]): Args {
+  const a: Args = { quick: false, json: false, only: undefined, out: undefined, profile: undefined, quiet: false };
+  for (let i = 0; i < argv.length; i++) {
+    const v = argv[i]!;
+    const value = (): string => {
+      const eq = v.indexOf("=");
+      if (eq >= 0) return v.slice(eq + 1);
+      const next = argv[++i];
+      if (next === undefined) throw new Error(`${v} needs a value`);
+      return next;
+    };
+    if (v === "--quick") a.quick = true;
+    else if (v === "--json") a.json = true;
+    else if (v === "--profile") a.profile = true;
+    else if (v === "--no-profile") a.profile = false;
+    else if (v === "--quiet") a.quiet = true;
+    else if (v.startsWith("--only")) a.only = new Set(value().split(",").map((s) => s.trim()));
+    else if (v.startsWith("--out")) a.out = value();
+    else if (v === "--help" || v === "-h") {
+      process.stdout.write("usage: npm run bench -- [--quick] [--json] [--only 1,2,...] [--out FILE] [--profile|--no-profile] [--quiet]\n");
+      process.exit(0);
+    } else throw new Error(`unknown argument ${v}; see --help`);
+  }
+  return a;
+}
+
+const ROWS: { id: string; run: (env: Env) => Promise<RowBuilder> }[] = [
+  { id: "1", run: runSigning },
+  { id: "2", run: runMinting },
+  { id: "3", run: runThroughput },
+  { id: "4", run: runRotation },
+  { id: "5", run: runKdc },
+];
+
+async function main(): Promise<number> {
+  // A reader that went away (a killed test runner) must not crash the run before it cleans up.
+  process.stdout.on("error", () => {});
+  process.stderr.on("error", () => {});
+  const args = parseArgs(process.argv.slice(2));
+  const mode = args.quick ? "quick" : "full";
+  const env = await Env.create(mode, !args.quiet, args.profile ?? mode === "full");
+  const machine = describeMachine();
+  const print = (s: string) => (args.json ? process.stderr : process.stdout).write(s);
+  if (mode === "full" && machine.loadBefore[0]! > 1.5) {
+    process.stderr.write(`warning: load average is ${machine.loadBefore[0]} (over 1.5): other work shares the CPU, so these figures are noisy\n`);
+  }
+  const rows: RowResult[] = [];
+  let failed = false;
+  const stopAll = async () => {
+    await env.close();
+  };
+  const onSignal = () => {
+    void stopAll().finally(() => process.exit(130));
+  };
+  process.once("SIGINT", onSignal);
+  process.once("SIGTERM", onSignal);
+  // Bounded in time whatever happens: a hung server stops the run, not the machine.
+  const limitS = mode === "quick" ? 240 : 1200;
+  const watchdog = setTimeout(() => {
+    process.stderr.write(`bench: still running after ${limitS} s; stopping every server and giving up\n`);
+    void stopAll().finally(() => process.exit(1));
+  }, limitS * 1000);
+  watchdog.unref();
+  try {
+    for (const r of ROWS) {
+      const title = ROW_TITLES[r.id]!;
+      const t0 = performance.now();
+      let result: RowResult;
+      if (args.only !== undefined && !args.only.has(r.id)) {
+        const b = new RowBuilder(r.id, title, "");
+        b.notMeasured(`row${r.id}`, title, "skipped (--only)");
+        result = b.result;
+      } else {
+        if (!args.quiet) process.stderr.write(`running ${rowHeading({ id: r.id, title })}\n`);
+        try {
+          result = (await r.run(env)).result;
+        } catch (err) {
+          const b = new RowBuilder(r.id, title, "");
+          if (err instanceof NotAvailable) {
+            b.notMeasured(`row${r.id}`, title, err.message);
+          } else {
+            failed = true;
+            b.notMeasured(`row${r.id}`, title, `the benchmark failed: ${err instanceof Error ? err.message : String(err)}`);
+            process.stderr.write(`row ${r.id} failed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+          }
+          result = b.result;
+        }
+      }
+      result.seconds = (performance.now() - t0) / 1000;
+      rows.push(result);
+    }
+  } finally {
+    clearTimeout(watchdog);
+    await stopAll();
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+  }
+  machine.loadAfter = loadavg().map((v) => Math.round(v * 100) / 100);
+  print(renderText(machine, mode, rows));
+  const out = args.out ?? (mode === "full" && args.only === undefined ? resolve(dirname(fileURLToPath(import.meta.url)), "../../docs/benchmarks.md") : undefined);
+  if (out !== undefined) {
+    const command = `npm run bench${args.quick ? " -- --quick" : ""}`;
+    await writeFile(out, renderMarkdown(machine, mode, rows, command));
+    if (!args.quiet) process.stderr.write(`wrote ${out}\n`);
+  }
+  if (args.json) process.stdout.write(JSON.stringify({ mode, machine, tempDir: env.dir, rows }, null, 2) + "\n");
+  return failed ? 1 : 0;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err: unknown) => {
+    process.stderr.write(`bench: ${err instanceof Error ? err.message : String(err)}\n`);
+    process.exit(1);
+  },
+);
