@@ -4,10 +4,9 @@
  * machine has one. Each client owns its HTTP/2 session, so a renewed certificate gets a new
  * client and the old session is closed.
  */
-import type { ClientHttp2Session, ClientHttp2Stream, ClientSessionRequestOptions, OutgoingHttpHeaders } from "node:http2";
 import type { DescService } from "@bufbuild/protobuf";
 import { createClient, type Client } from "@connectrpc/connect";
-import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { createGrpcClientTransport } from "../common/http2-client.js";
 
 /** TLS material of a client. */
 export interface ClientTls {
@@ -27,28 +26,6 @@ export interface PeerClient<S extends DescService> {
   close(): void;
 }
 
-/**
- * connect-node's session manager, with an 'error' listener of our own on every HTTP/2 session
- * it opens. Why: when a server's GOAWAY on an idle session and our close() meet (the agent and
- * the server stopped together, as on a host shutdown), the manager removes its listeners from a
- * session that still has its 'error' to emit, and an unhandled 'error' event would crash the
- * agent. The manager's handling is unchanged: calls on that session still fail with the error;
- * only the process no longer dies of it.
- */
-class GuardedSessionManager extends Http2SessionManager {
-  private readonly guarded = new WeakSet<ClientHttp2Session>();
-
-  override async request(method: string, path: string, headers: OutgoingHttpHeaders, options: Omit<ClientSessionRequestOptions, "signal">): Promise<ClientHttp2Stream> {
-    const stream = await super.request(method, path, headers, options);
-    const session = stream.session as ClientHttp2Session | undefined;
-    if (session !== undefined && !this.guarded.has(session)) {
-      this.guarded.add(session);
-      session.on("error", () => undefined);
-    }
-    return stream;
-  }
-}
-
 /** Creates a gRPC client of `service` at `baseUrl` ("https://host:port"). */
 export function createPeerClient<S extends DescService>(service: S, baseUrl: string, tls: ClientTls, options: { pingIntervalMs?: number } = {}): PeerClient<S> {
   const nodeOptions: { ca: string; cert?: string; key?: string } = { ca: tls.caPem };
@@ -56,14 +33,10 @@ export function createPeerClient<S extends DescService>(service: S, baseUrl: str
     nodeOptions.cert = tls.certPem;
     nodeOptions.key = tls.keyPem;
   }
-  const sessionManager = new GuardedSessionManager(
+  const { transport, close } = createGrpcClientTransport({
     baseUrl,
-    { pingIntervalMs: options.pingIntervalMs ?? 15_000, pingTimeoutMs: 10_000, idleConnectionTimeoutMs: 60_000 },
-    nodeOptions,
-  );
-  const transport = createGrpcTransport({ baseUrl, sessionManager });
-  return {
-    client: createClient(service, transport),
-    close: () => sessionManager.abort(),
-  };
+    tls: nodeOptions,
+    session: { pingIntervalMs: options.pingIntervalMs ?? 15_000, pingTimeoutMs: 10_000, idleConnectionTimeoutMs: 60_000 },
+  });
+  return { client: createClient(service, transport), close };
 }

@@ -10,7 +10,9 @@
  * REVOKED or QUARANTINED key leaves memory and disk at once), and reported with
  * ReportHeldVersions. A failure reconnects with exponential backoff and full jitter; a
  * stream silent for longer than the heartbeat timeout counts as dead. PERMISSION_DENIED
- * from the KDC means the machine is quarantined: every key is dropped.
+ * from the KDC means the machine is quarantined: every key is dropped. stop() always wins:
+ * whatever a session awaits (attestation included) is abandoned at once, and no stream is
+ * opened after it.
  */
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
@@ -162,9 +164,18 @@ export class KdcLink {
   private async session(onHealthy: () => void): Promise<void> {
     this.ensureClients();
     const identity = this.o.identity();
-    const token = await this.o.attestor.fresh(this.audit!.client, identity);
+    // Why the controller comes before the first await: stop() and restart() abort whatever the
+    // session is waiting for, attestation included. A stop() during attestation that left the
+    // session to open its watch stream afterwards would keep the agent from ever exiting.
     const abort = new AbortController();
     this.streamAbort = abort;
+    let token: AttestationToken;
+    try {
+      token = await untilAborted(this.o.attestor.fresh(this.audit!.client, identity), abort.signal);
+    } catch (err) {
+      if (this.streamAbort === abort) this.streamAbort = undefined;
+      throw abort.signal.reason instanceof Planned ? abort.signal.reason : err;
+    }
     const refreshIn = Math.max(1000, tokenRefreshTime(token) - this.o.clock.now());
     const refresh = setTimeout(() => abort.abort(new Planned("refresh")), refreshIn);
     let watchdog: NodeJS.Timeout | undefined;
@@ -179,6 +190,7 @@ export class KdcLink {
         await this.apply(WatchEventType.SNAPSHOT, "", res.secrets, "", "", identity, token);
         this.needFetch = false;
       }
+      abort.signal.throwIfAborted();
       pet();
       const stream = this.kdc!.client.watchSecrets({ attestationToken: token.token }, { signal: abort.signal });
       let first = true;
@@ -325,6 +337,7 @@ export class KdcLink {
   }
 
   private sleep(ms: number): Promise<void> {
+    if (this.stopped) return Promise.resolve();
     const abort = new AbortController();
     this.sleepAbort = abort;
     return new Promise((resolve) => {
@@ -341,6 +354,16 @@ export class KdcLink {
 export function backoff(failures: number, timing: Pick<KdcLinkTiming, "reconnectInitialMs" | "reconnectMaxMs">, random = Math.random): number {
   const cap = Math.min(timing.reconnectMaxMs, timing.reconnectInitialMs * 2 ** Math.min(30, Math.max(0, failures - 1)));
   return Math.round(timing.reconnectInitialMs + random() * (cap - timing.reconnectInitialMs));
+}
+
+/** Settles as `p` does, or rejects with the signal's reason as soon as it aborts (`p` runs on). */
+function untilAborted<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    p.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+    if (signal.aborted) onAbort();
+  });
 }
 
 function describe(err: unknown): string {

@@ -18,9 +18,9 @@ import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
 import { attestationKeyId, generateP256KeyPair, publicKeyPem } from "../attest/index.js";
 import { AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable } from "../common/errors.js";
+import { createGrpcClientTransport } from "../common/http2-client.js";
 import { KdcAdminService } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { AuditCredentialRecordSchema, AuditMetaRecordSchema, type AuditCredentialRecord, type AuditMetaRecord } from "../gen/kmi/store/v1/audit_pb.js";
 import { createCsr, csrToPem } from "../pki/csr.js";
@@ -131,7 +131,7 @@ async function issueServiceIdentity(opts: InitOptions): Promise<{ key: KeyObject
     req.header.set("authorization", `Bearer ${opts.token}`);
     return next(req);
   };
-  const admin = createClient(KdcAdminService, createGrpcTransport({ baseUrl: opts.kdcUrl, interceptors: [auth], defaultTimeoutMs: 15_000, nodeOptions: { ca: opts.kdcCaPem } }));
+  const admin = createClient(KdcAdminService, createGrpcClientTransport({ baseUrl: opts.kdcUrl, interceptors: [auth], defaultTimeoutMs: 15_000, tls: { ca: opts.kdcCaPem } }).transport);
   let bundle;
   try {
     bundle = await admin.getTrustBundle({});

@@ -7,8 +7,8 @@
  */
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
 import { FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated, Unavailable } from "../common/errors.js";
+import { createGrpcClientTransport } from "../common/http2-client.js";
 import type { Logger } from "../common/logger.js";
 import { PeerService } from "../gen/kmi/kdc/v1/peer_pb.js";
 import type { IssuedMachineCertificate, KdcPeer } from "./context.js";
@@ -29,11 +29,11 @@ export interface KdcClientOptions {
 
 /** A mutual-TLS gRPC transport to the KDC. */
 export function createKdcTransport(o: Pick<KdcClientOptions, "url" | "caPem" | "certPem" | "keyPem" | "timeoutMs">): Transport {
-  return createGrpcTransport({
+  return createGrpcClientTransport({
     baseUrl: o.url,
     defaultTimeoutMs: o.timeoutMs ?? 10_000,
-    nodeOptions: { ca: o.caPem, cert: o.certPem, key: o.keyPem },
-  });
+    tls: { ca: o.caPem, cert: o.certPem, key: o.keyPem },
+  }).transport;
 }
 
 /**

@@ -1,13 +1,13 @@
 /**
  * The connection setup shared by every `kmi ctl` command file: the server URL, the bearer
  * token and the CA file, from flags or environment, turned into a connect-node gRPC
- * transport over TLS. The Auditserver's commands reuse `connectionFlags` and
- * `createTransport` with their own URL flag.
+ * transport over TLS (common/http2-client.ts). The Auditserver's commands reuse
+ * `connectionFlags` and `createTransport` with their own URL flag.
  */
 import { readFileSync } from "node:fs";
 import { createClient, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
 import type { DescService } from "@bufbuild/protobuf";
+import { createGrpcClientTransport } from "../common/http2-client.js";
 import type { FlagSpecs } from "./flags.js";
 import type { Args } from "./flags.js";
 import { UsageError } from "./output.js";
@@ -70,12 +70,12 @@ export function createTransport(s: ConnectionSettings): Transport {
     if (s.token !== undefined) req.header.set("authorization", `Bearer ${s.token}`);
     return next(req);
   };
-  return createGrpcTransport({
+  return createGrpcClientTransport({
     baseUrl: s.url,
     interceptors: [auth],
     defaultTimeoutMs: s.timeoutMs,
-    nodeOptions: s.caPem !== undefined ? { ca: s.caPem } : {},
-  });
+    tls: s.caPem !== undefined ? { ca: s.caPem } : {},
+  }).transport;
 }
 
 /** Lazily-made clients of one server: the transport is built on first use. */

@@ -122,6 +122,8 @@ export interface AttestationKeyProvider {
 export interface QuarantineList {
   /** The reason a machine is quarantined, or undefined when it is not. */
   reasonFor(machineId: string): string | undefined;
+  /** When the machine was last quarantined (the Auditserver's time), also after a release; undefined if never. */
+  lastQuarantinedAt(machineId: string): Date | undefined;
 }
 
 /**

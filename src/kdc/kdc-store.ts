@@ -18,7 +18,8 @@
  * | `audit_log`    | seq, 20 digits (storage/audit-log)   | AuditEntryRecord             |
  * | `audit_meta`   | `head` (storage/audit-log)           | AuditHeadRecord              |
  *
- * '/' cannot occur in a tenant id, so the prefix `<tenant_id>/` selects exactly one tenant.
+ * '/' cannot occur in a tenant id, so the prefix `<tenant_id>/` selects exactly one tenant. A
+ * `quarantine` record stays after a release, with `released_at` set (see quarantine.ts).
  */
 import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
 import {
@@ -39,7 +40,7 @@ import {
   type TenantRecord,
   type TokenRecord,
 } from "../gen/kmi/store/v1/kdc_pb.js";
-import { defineTable, delOp, numericKey, putOp, type BatchOp, type Store, type Table } from "../storage/store.js";
+import { defineTable, numericKey, putOp, type BatchOp, type Store, type Table } from "../storage/store.js";
 
 /** Layout version of the KDC's tables. */
 export const KDC_SCHEMA_VERSION = 1;
@@ -154,7 +155,7 @@ export class KdcStore {
     return this.store.get(T.rollout, `${tenantId}/${machineId}`);
   }
 
-  /** Every machine the KDC knows as quarantined, by machine id. */
+  /** Every machine the KDC knows as quarantined or as released after a quarantine, by machine id. */
   listQuarantined(): Promise<QuarantinedMachineRecord[]> {
     return this.all(T.quarantine);
   }
@@ -170,9 +171,4 @@ export const put = {
   signingKey: (r: SigningKeyRecord): BatchOp => putOp(T.signingKeys, `${r.tenantId}/${r.name}`, r),
   rollout: (r: MachineRolloutRecord): BatchOp => putOp(T.rollout, `${r.tenantId}/${r.machineId}`, r),
   quarantined: (r: QuarantinedMachineRecord): BatchOp => putOp(T.quarantine, r.machineId, r),
-};
-
-/** Delete ops for the KDC's records. */
-export const del = {
-  quarantined: (machineId: string): BatchOp => delOp(T.quarantine, machineId),
 };

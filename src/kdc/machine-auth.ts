@@ -3,7 +3,8 @@
  * connection (kmi://machine/<id>, verified against the infrastructure CA) and an attestation
  * token from the Auditserver bound to that same machine id and that same certificate
  * (src/attest's `verifyAttestationToken`: signature, issuer, expiry, `sub`, `cnf.x5t#S256`).
- * The quarantine status is looked up here and refused by `authorize`.
+ * The quarantine status is looked up here and refused by `authorize`; a released machine's
+ * token issued before its last quarantine is refused here.
  */
 import { verifyAttestationToken, AttestationTokenError } from "../attest/index.js";
 import { Unauthenticated } from "../common/errors.js";
@@ -14,8 +15,9 @@ import type { KdcContext } from "./context.js";
 
 /**
  * Resolves the caller of a distribution call. No certificate or an untrusted one, a missing,
- * malformed, expired, forged or other machine's token: Unauthenticated with a message naming
- * what is wrong. A verified certificate of a service (not a machine) comes back as that service
+ * malformed, expired, forged or other machine's token, or (once the machine is released) one
+ * issued before the machine's last quarantine: Unauthenticated with a message naming what is
+ * wrong. A verified certificate of a service (not a machine) comes back as that service
  * (authorize then refuses it). Unavailable while the Auditserver's key is not loaded.
  */
 export function authenticateMachine(ctx: Pick<KdcContext, "attestationKey" | "quarantine" | "clock">, peer: PeerIdentity | undefined, token: string): Caller {
@@ -38,6 +40,16 @@ export function authenticateMachine(ctx: Pick<KdcContext, "attestationKey" | "qu
     if (err instanceof AttestationTokenError && err.problem === "unknown_key") ctx.attestationKey.keyMismatch();
     throw err;
   }
+  const quarantined = ctx.quarantine.reasonFor(caller.machineId);
+  const lastQuarantine = ctx.quarantine.lastQuarantinedAt(caller.machineId);
+  // Why: a token vouches for the machine as it was when attested, and lives up to the group's
+  // token lifetime; one from before a quarantine must not serve a compromised agent after the
+  // release. `iat` has whole seconds, so a token from the quarantine's own second is refused
+  // too (the safe side; the agent attests again). While the machine is still quarantined,
+  // authorize refuses it with PERMISSION_DENIED instead, which the agent takes as a quarantine.
+  if (quarantined === undefined && lastQuarantine !== undefined && claims.iat * 1000 < lastQuarantine.getTime()) {
+    throw new Unauthenticated(`attestation token issued before the machine's quarantine at ${lastQuarantine.toISOString()}; attest again`);
+  }
   return {
     kind: "machine",
     machineId: caller.machineId,
@@ -47,7 +59,7 @@ export function authenticateMachine(ctx: Pick<KdcContext, "attestationKey" | "qu
       expiresAt: new Date(claims.exp * 1000),
       jti: claims.jti,
       certificateDer: peer.der,
-      quarantined: ctx.quarantine.reasonFor(caller.machineId),
+      quarantined,
     },
   };
 }

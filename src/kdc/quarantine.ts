@@ -4,15 +4,20 @@
  * and in the store (table `quarantine`) so that a restarted KDC refuses them before the
  * Auditserver is reachable again.
  *
+ * A release keeps the record (with `released_at`): its `quarantined_at` is the time before
+ * which the machine's attestation tokens are refused (./machine-auth.ts). Why: a token lives
+ * up to its group's token lifetime, and one the machine got before its quarantine vouches for
+ * the machine as it was then; a compromised agent must not reuse it right after a release.
+ *
  * Why the order differs: a quarantine takes effect in memory (refusals, QUARANTINED pushed on
  * the machine's streams) before it is written, because refusing is the safe side; a release is
  * written with its audit entry first and takes effect only once that succeeded (fail-closed).
  */
 import { create } from "@bufbuild/protobuf";
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { QuarantinedMachineRecordSchema, type QuarantinedMachineRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import type { KdcContext, QuarantineList } from "./context.js";
-import { del, put } from "./kdc-store.js";
+import { put } from "./kdc-store.js";
 import { KeyedMutex } from "./mutex.js";
 
 /** Longest reason kept (the Auditserver's text is not ours to trust in size). */
@@ -53,12 +58,23 @@ export class QuarantineRegistry implements QuarantineList {
 
   /** Why the machine is quarantined, or undefined. */
   reasonFor(machineId: string): string | undefined {
-    return this.machines.get(machineId)?.reason;
+    const m = this.machines.get(machineId);
+    return m === undefined || m.releasedAt !== undefined ? undefined : m.reason;
+  }
+
+  /** When the machine was last quarantined (the Auditserver's time), also once released; or undefined. */
+  lastQuarantinedAt(machineId: string): Date | undefined {
+    const at = this.machines.get(machineId)?.quarantinedAt;
+    return at === undefined ? undefined : timestampDate(at);
   }
 
   /** Quarantined machine ids, sorted. */
   list(): string[] {
-    return [...this.machines.keys()].sort();
+    return this.quarantinedIds().sort();
+  }
+
+  private quarantinedIds(): string[] {
+    return [...this.machines.values()].filter((m) => m.releasedAt === undefined).map((m) => m.machineId);
   }
 
   /** Applies one change from the feed. */
@@ -74,7 +90,7 @@ export class QuarantineRegistry implements QuarantineList {
     return this.lock.run("quarantine", async () => {
       const listed = new Set(quarantined.map((u) => u.machineId));
       for (const u of quarantined) await this.applyLocked({ ...u, quarantined: true }, actor);
-      for (const id of [...this.machines.keys()]) {
+      for (const id of this.quarantinedIds()) {
         if (!listed.has(id)) await this.applyLocked({ machineId: id, quarantined: false, reason: "not quarantined in the Auditserver's snapshot", time: this.ctx.clock.now() }, actor);
       }
     });
@@ -83,13 +99,17 @@ export class QuarantineRegistry implements QuarantineList {
   private async applyLocked(u: MachineStatusUpdate, actor: string): Promise<void> {
     const current = this.machines.get(u.machineId);
     const reason = (u.reason === "" ? "quarantined by the Auditserver" : u.reason).slice(0, MAX_REASON);
+    const active = current !== undefined && current.releasedAt === undefined;
     if (u.quarantined) {
-      if (current !== undefined && current.reason === reason) return;
+      if (active && current.reason === reason) return;
+      // The later of the two: a change replayed out of order must not move the cutoff back.
+      const previous = current?.quarantinedAt === undefined ? undefined : timestampDate(current.quarantinedAt);
+      const at = previous !== undefined && previous > u.time ? previous : u.time;
       const record = create(QuarantinedMachineRecordSchema, {
         recordVersion: 1,
         machineId: u.machineId,
         reason,
-        quarantinedAt: timestampFromDate(u.time),
+        quarantinedAt: timestampFromDate(at),
         recordedAt: timestampFromDate(this.ctx.clock.now()),
       });
       this.machines.set(u.machineId, record);
@@ -105,11 +125,12 @@ export class QuarantineRegistry implements QuarantineList {
       }
       return;
     }
-    if (current === undefined) return;
+    if (!active) return;
+    const released: QuarantinedMachineRecord = { ...current, releasedAt: timestampFromDate(this.ctx.clock.now()) };
     await this.ctx.audit.append(
       { actor, action: "machine.release", target: `machine/${u.machineId}`, outcome: "ok", details: { reason: u.reason.slice(0, MAX_REASON), was: current.reason } },
-      [del.quarantined(u.machineId)],
+      [put.quarantined(released)],
     );
-    this.machines.delete(u.machineId);
+    this.machines.set(u.machineId, released);
   }
 }

@@ -1,7 +1,8 @@
 /**
  * `kmi agent` as a process (dist/cmd/kmi.js, built by `npm test` / `npx tsc -p tsconfig.json`):
  * --help, configuration errors, and a real run against the fixture Auditserver and KDC —
- * enrollment from KMI_AGENT_JOIN_TOKEN, a signature over the socket, clean exit on SIGTERM.
+ * enrollment from KMI_AGENT_JOIN_TOKEN, a signature over the socket, clean exit on SIGTERM,
+ * also when the SIGTERM comes while the agent waits for the Auditserver's Attest answer.
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
@@ -145,5 +146,41 @@ describe("kmi agent", () => {
     expect(lines.some((l) => l["msg"] === "message signed" && l["tenant"] === "acme")).toBe(true);
     expect(lines.at(-1)).toMatchObject({ msg: "exiting", code: 0 });
     child = undefined;
+  });
+
+  it("exits 0 within seconds on SIGTERM while it waits for the Auditserver's Attest answer", async () => {
+    audit.joinTokens.set("kmij_cli_slow", "edge");
+    let arrived = () => {};
+    const attesting = new Promise<void>((r) => (arrived = r));
+    let answer = () => {};
+    const answered = new Promise<void>((r) => (answer = r));
+    // A slow Auditserver: Attest answers 6 s late (or when the test ends), long after the SIGTERM.
+    audit.beforeAttest = async () => {
+      arrived();
+      await Promise.race([answered, new Promise((r) => setTimeout(r, 6000))]);
+    };
+    const socket = join(dir, "slow.sock");
+    const args = [kmi, "agent", "--audit-url", audit.url, "--kdc-url", kdc.url, "--ca-file", join(dir, "infra-ca.pem"), "--state-dir", join(dir, "state-slow"), "--socket", socket];
+    let stderr = "";
+    const proc = spawn(process.execPath, args, { env: { PATH: process.env["PATH"] ?? "", KMI_AGENT_JOIN_TOKEN: "kmij_cli_slow" } });
+    child = proc;
+    proc.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((resolve) => proc.on("exit", (code) => resolve(code)));
+    try {
+      const got = await Promise.race([attesting.then(() => "attesting" as const), exited.then(() => "exited" as const), new Promise<"timeout">((r) => setTimeout(() => r("timeout"), 10_000))]);
+      expect(got, stderr).toBe("attesting");
+      proc.kill("SIGTERM");
+      // Stop wins over the attestation in flight: the agent neither waits for the answer nor
+      // opens its watch stream after it (which kept it running until kmi up's SIGKILL).
+      const code = await Promise.race([exited, new Promise<"timeout">((r) => setTimeout(() => r("timeout"), 4000))]);
+      expect(code, stderr).toBe(0);
+      expect(existsSync(socket)).toBe(false);
+      const lines = stderr.trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
+      expect(lines.at(-1)).toMatchObject({ msg: "exiting", code: 0 });
+      child = undefined;
+    } finally {
+      audit.beforeAttest = undefined;
+      answer();
+    }
   });
 });

@@ -3,7 +3,7 @@
  * machine certificates issued by the KDC (PeerService.IssueMachineCertificate with a service
  * certificate from IssueServiceCertificate), attestation tokens signed with src/attest by a test
  * key given to the KDC with --attestation-key-file, and a fixture Auditserver serving
- * WatchMachineStatus (quarantine) and GetAttestationKey (the --audit-url fetch).
+ * WatchMachineStatus (quarantine and release) and GetAttestationKey (the --audit-url fetch).
  */
 import { createPublicKey, X509Certificate } from "node:crypto";
 import { readFile } from "node:fs/promises";
@@ -30,6 +30,7 @@ const A = new Machine("m-a000000000000001");
 const B = new Machine("m-b000000000000002");
 const C = new Machine("m-c000000000000003");
 const D = new Machine("m-d000000000000004");
+const E = new Machine("m-e000000000000005");
 const closers: (() => void)[] = [];
 
 const tok = (m: Machine, extra: Partial<Parameters<typeof signToken>[1]> = {}) => signToken(tokenKey, { machineId: m.machineId, cert: m.certPem, ...extra });
@@ -96,7 +97,7 @@ beforeAll(async () => {
   kdc = await startKdc(data.dataDir);
   auditId = await issueService(kdc.url, caPem, data.token, "audit");
   const tester = await issueService(kdc.url, caPem, data.token, "audit"); // only the Auditserver may mint machine identities
-  await issueMachines(kdc.url, caPem, tester, [A, B, C, D]);
+  await issueMachines(kdc.url, caPem, tester, [A, B, C, D, E]);
   await ops().admin.createTenant({ tenantId: "acme", bootstrapKmiSigned: true });
   await kdc.stop();
   audit = new FixtureAudit(serverTls(auditId, caPem), tokenKey, { keepaliveMs: 1000 });
@@ -256,6 +257,39 @@ describe("rollout", () => {
     expect(status.attestationKeyLoaded).toBe(true);
     w.close();
     await w.done;
+  });
+});
+
+describe("release after a quarantine", () => {
+  it("a token issued before the quarantine stays refused after the release, also across a KDC restart; a fresh one works", async () => {
+    const before = tok(E, { issuedAt: new Date(Date.now() - 2000) });
+    expect((await dist(E).fetchSecrets({ attestationToken: before })).secrets.length).toBeGreaterThan(0);
+    audit.quarantine(E.machineId, "operator: investigating");
+    const quarantinedBy = Date.now(); // the fixture stamps the change with its clock before this
+    await until("E refused", async () => (await dist(E).fetchSecrets({ attestationToken: before }).then(() => false, (e: ConnectError) => e.code === Code.PermissionDenied)), 3000);
+    audit.release(E.machineId);
+    const stale = /^attestation token issued before the machine's quarantine at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z; attest again$/;
+    await until("E no longer quarantined", async () => (await dist(E).fetchSecrets({ attestationToken: before }).then(() => true, (e: ConnectError) => e.code !== Code.PermissionDenied)), 3000);
+    const f = await failure(dist(E).fetchSecrets({ attestationToken: before }));
+    expect(f.code).toBe(Code.Unauthenticated);
+    expect(f.message).toMatch(stale);
+    const at = Date.parse(/quarantine at (\S+);/.exec(f.message)![1]!);
+    expect(at).toBeGreaterThan(Date.now() - 10_000);
+    expect(at).toBeLessThanOrEqual(quarantinedBy);
+    const w = await failure((async () => { for await (const _ of dist(E).watchSecrets({ attestationToken: before })) void _; })());
+    expect(w.code).toBe(Code.Unauthenticated);
+    expect(w.message).toMatch(stale);
+    // `iat` has whole seconds: a fresh token is one from a second after the quarantine's.
+    await new Promise((r) => setTimeout(r, Math.max(0, (Math.floor(at / 1000) + 1) * 1000 - Date.now() + 20)));
+    const fresh = tok(E);
+    expect((await dist(E).fetchSecrets({ attestationToken: fresh })).secrets.length).toBeGreaterThan(0);
+
+    await kdc.stop();
+    kdc = await startKdc(data.dataDir, ["--audit-url", audit.url, "--attestation-key-file", keyFile, "--lease", "12h"]);
+    await until("the KDC follows the machine status stream", async () => audit.watching === 1);
+    const again = await failure(dist(E).fetchSecrets({ attestationToken: before }));
+    expect(again).toEqual(f);
+    expect((await dist(E).fetchSecrets({ attestationToken: fresh })).secrets.length).toBeGreaterThan(0);
   });
 });
 

@@ -350,11 +350,13 @@ describe("WatchSecrets", () => {
 });
 
 describe("quarantine", () => {
-  it("pushes QUARANTINED and ends the stream; every call is PERMISSION_DENIED; it survives a restart; release restores", async () => {
+  it("pushes QUARANTINED and ends the stream; every call is PERMISSION_DENIED; it survives a restart; release restores, but not the tokens from before", async () => {
     const m = machines["m-cccc000000000003"]!;
     const w = watch(m);
     await w.next(WatchEventType.SNAPSHOT);
-    await kdc.quarantine.apply({ machineId: m.machineId, quarantined: true, reason: "measurement agent.code differs", time: new Date() }, "service:audit");
+    const oldToken = token(m);
+    const quarantinedAt = new Date(Date.now() + 1);
+    await kdc.quarantine.apply({ machineId: m.machineId, quarantined: true, reason: "measurement agent.code differs", time: quarantinedAt }, "service:audit");
     const q = await w.next(WatchEventType.QUARANTINED);
     expect(q.reason).toBe("measurement agent.code differs");
     await w.done;
@@ -373,9 +375,15 @@ describe("quarantine", () => {
     ops = new KdcOperations(kdc.ctx);
     expect(await failure(dist().fetchSecrets({ attestationToken: token(m) }, as(peerOf(m))))).toMatch(/^PermissionDenied: machine m-cccc000000000003 is quarantined/);
 
-    // A snapshot that no longer lists it releases it.
+    // A snapshot that no longer lists it releases it: a token issued after the quarantine (iat in
+    // whole seconds, so from the next second) is served; one from before it is not.
     await kdc.quarantine.replaceAll([], "service:audit");
-    expect((await dist().fetchSecrets({ attestationToken: token(m) }, as(peerOf(m))))).toBeDefined();
+    const fresh = token(m, { issuedAt: new Date(Math.floor(quarantinedAt.getTime() / 1000) * 1000 + 1000) });
+    expect((await dist().fetchSecrets({ attestationToken: fresh }, as(peerOf(m))))).toBeDefined();
+    expect(await failure(dist().fetchSecrets({ attestationToken: oldToken }, as(peerOf(m))))).toBe(
+      `Unauthenticated: attestation token issued before the machine's quarantine at ${quarantinedAt.toISOString()}; attest again`,
+    );
+    expect(kdc.quarantine.list()).toEqual([]);
     const actions = (await kdc.ctx.audit.tail({ limit: 50, last: true })).map((e) => `${e.action} ${e.target}`);
     expect(actions).toContain("machine.quarantine machine/m-cccc000000000003");
     expect(actions).toContain("machine.release machine/m-cccc000000000003");
