@@ -13,7 +13,7 @@
  * nothing or a whole Auditserver.
  */
 import { X509Certificate, createPublicKey, randomBytes, type KeyObject } from "node:crypto";
-import { chmod, mkdir, readFile, stat, writeFile } from "node:fs/promises";
+import { chmod, mkdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
@@ -31,6 +31,7 @@ import { open as unseal, seal } from "../storage/seal.js";
 import { putOp } from "../storage/store.js";
 import type { Clock } from "./context.js";
 import { ATTESTATION_KEY, AUDIT_SCHEMA_VERSION, AUDIT_STORE_OWNER, META_KEY, RECORD_VERSION, SERVICE_TLS_KEY, Tables } from "./store.js";
+import { pathExists } from "../common/fs.js";
 
 /** Paths inside a data directory. */
 export function dataPaths(dataDir: string, masterKeyFile?: string) {
@@ -55,15 +56,6 @@ export function credentialAad(name: string): string {
   return `audit/credential/${name}`;
 }
 
-async function exists(path: string): Promise<boolean> {
-  return stat(path).then(
-    () => true,
-    (err: NodeJS.ErrnoException) => {
-      if (err.code === "ENOENT") return false;
-      throw err;
-    },
-  );
-}
 
 /** Opens the Auditserver's store in `dataDir`. */
 export async function openAuditStore(dataDir: string, createIfMissing: boolean): Promise<LevelStore> {
@@ -205,7 +197,7 @@ export async function initAudit(opts: InitOptions): Promise<InitResult> {
     let keyFile: string | undefined;
     if (opts.masterKey !== undefined && opts.masterKey !== "") {
       key = parseMasterKey(opts.masterKey, "KMI_AUDIT_MASTER_KEY");
-    } else if (await exists(paths.masterKey)) {
+    } else if (await pathExists(paths.masterKey)) {
       // An initialized directory's key, or one left by an init that stopped before its batch.
       key = await loadMasterKey({ file: paths.masterKey });
       keyFile = paths.masterKey;

@@ -29,7 +29,7 @@
  */
 import { createHash, randomBytes } from "node:crypto";
 import { constants } from "node:fs";
-import { chmod, link, mkdir, open, readdir, rm, stat, unlink, writeFile, type FileHandle } from "node:fs/promises";
+import { chmod, link, mkdir, open, readdir, rm, unlink, writeFile, type FileHandle } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { ConfigError, defineProgram, formatHelp, loadConfig } from "../common/config.js";
@@ -42,6 +42,7 @@ import { dataPaths, loadKdcMasterKey, openKdcStore } from "./init.js";
 import { CREDENTIAL, credentialAad, KDC_SCHEMA_VERSION, KdcStore, T } from "./kdc-store.js";
 import { createPkiAdapter } from "./pki-adapter.js";
 import { createSealer } from "./sealer.js";
+import { pathExists } from "../common/fs.js";
 
 /** The first 8 bytes of every backup file. */
 export const BACKUP_MAGIC = Buffer.from("KMIBKUP\n", "latin1");
@@ -183,15 +184,6 @@ function isLocked(err: unknown): boolean {
   return false;
 }
 
-async function exists(path: string): Promise<boolean> {
-  return stat(path).then(
-    () => true,
-    (err: NodeJS.ErrnoException) => {
-      if (err.code === "ENOENT") return false;
-      throw err;
-    },
-  );
-}
 
 async function syncDir(dir: string): Promise<void> {
   const h = await open(dir, constants.O_RDONLY).catch(() => undefined);
@@ -212,7 +204,7 @@ export interface BackupResult {
 
 /** Opens a stopped KDC's store for reading; a running KDC's is refused with what to do. */
 async function openForBackup(dir: string) {
-  if (!(await exists(dataPaths(dir).store))) {
+  if (!(await pathExists(dataPaths(dir).store))) {
     throw new FailedPrecondition(`data dir ${dir} holds no KDC store; point --data-dir at the KDC's data directory (the one \`kmi kdc init\` made)`);
   }
   try {
@@ -235,8 +227,8 @@ async function openForBackup(dir: string) {
  */
 export async function backupKdc(opts: { dataDir: string; out: string; io?: BackupIo; now?: Date }): Promise<BackupResult> {
   const out = resolve(opts.out);
-  if (await exists(out)) throw new DestinationRefused(`--out ${opts.out} exists already; a backup never overwrites one: choose a new name (e.g. with the date) or move the old one`);
-  if (!(await exists(dirname(out)))) throw new DestinationRefused(`--out ${opts.out}: directory ${dirname(out)} does not exist; create it first`);
+  if (await pathExists(out)) throw new DestinationRefused(`--out ${opts.out} exists already; a backup never overwrites one: choose a new name (e.g. with the date) or move the old one`);
+  if (!(await pathExists(dirname(out)))) throw new DestinationRefused(`--out ${opts.out}: directory ${dirname(out)} does not exist; create it first`);
   const store = await openForBackup(opts.dataDir);
   const tmp = join(dirname(out), `.${basename(out)}.${randomBytes(6).toString("hex")}.tmp`);
   let handle: FileHandle | undefined;
@@ -595,7 +587,7 @@ export async function restoreKdc(opts: {
       );
     }
   }
-  const keyGiven = (opts.masterKey ?? "") !== "" || opts.masterKeyFile !== undefined || (await exists(masterKeyFileInDir));
+  const keyGiven = (opts.masterKey ?? "") !== "" || opts.masterKeyFile !== undefined || (await pathExists(masterKeyFileInDir));
   if (keyGiven) {
     const key = await loadKdcMasterKey(opts.dataDir, { masterKey: opts.masterKey, masterKeyFile: opts.masterKeyFile });
     try {

@@ -9,7 +9,7 @@
  *   infra-ca.pem    the infrastructure CA certificate (public), for kmi ctl --ca-file and services
  */
 import { randomBytes } from "node:crypto";
-import { chmod, mkdir, stat, writeFile } from "node:fs/promises";
+import { chmod, mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
@@ -32,6 +32,7 @@ import { QuarantineRegistry } from "./quarantine.js";
 import { SecretRelease } from "./release.js";
 import { WatchHub, type WatchHubOptions } from "./watch-hub.js";
 import { mintToken } from "./tokens.js";
+import { pathExists } from "../common/fs.js";
 
 const YEAR_S = 365 * 24 * 3600;
 /** Lifetime of the two roots. */
@@ -96,15 +97,6 @@ export async function openKdcStore(dataDir: string, createIfMissing: boolean): P
   return openLevelStore(dataPaths(dataDir).store, { owner: "kdc", schemaVersion: KDC_SCHEMA_VERSION, create: createIfMissing });
 }
 
-async function exists(path: string): Promise<boolean> {
-  return stat(path).then(
-    () => true,
-    (err: NodeJS.ErrnoException) => {
-      if (err.code === "ENOENT") return false;
-      throw err;
-    },
-  );
-}
 
 /** Loads the master key for an initialized data directory. */
 export async function loadKdcMasterKey(dataDir: string, opts: MasterKeyOptions): Promise<Buffer> {
@@ -159,7 +151,7 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
   await mkdir(opts.dataDir, { recursive: true, mode: 0o700 });
   await chmod(opts.dataDir, 0o700);
 
-  if ((await exists(paths.store)) && (await exists(paths.infraCaPem))) {
+  if ((await pathExists(paths.store)) && (await pathExists(paths.infraCaPem))) {
     throw new AlreadyExists(`data dir ${opts.dataDir} is initialized already; run \`kmi kdc --data-dir ${opts.dataDir}\`, or init another directory`);
   }
   const store = await openKdcStore(opts.dataDir, true);
@@ -172,7 +164,7 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
     let keyFile: string | undefined;
     if (opts.masterKey !== undefined && opts.masterKey !== "") {
       key = parseMasterKey(opts.masterKey, "KMI_KDC_MASTER_KEY");
-    } else if (await exists(paths.masterKey)) {
+    } else if (await pathExists(paths.masterKey)) {
       // Left by an init that stopped before its batch: nothing was sealed with it yet, reuse it.
       key = await loadMasterKey({ file: paths.masterKey });
       keyFile = paths.masterKey;
@@ -271,7 +263,7 @@ export interface OpenKdcOptions extends MasterKeyOptions {
 
 /** Opens an initialized data directory and builds the services' context. */
 export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
-  if (!(await exists(dataPaths(opts.dataDir).store))) {
+  if (!(await pathExists(dataPaths(opts.dataDir).store))) {
     throw new FailedPrecondition(`data dir ${opts.dataDir} is not initialized; run \`kmi kdc init --data-dir ${opts.dataDir}\` first`);
   }
   const key = await loadKdcMasterKey(opts.dataDir, opts);

@@ -7,7 +7,7 @@
  */
 import { spawn } from "node:child_process";
 import { createWriteStream } from "node:fs";
-import { access, readFile, rm, stat, writeFile } from "node:fs/promises";
+import { readFile, rm, stat, writeFile } from "node:fs/promises";
 import { createInterface } from "node:readline";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { measureFiles, measureValue, type MeasurementValue } from "../attest/index.js";
@@ -15,6 +15,7 @@ import { VERSION } from "../common/version.js";
 import type { ServerClients } from "../common/mesh-health.js";
 import type { Layout, PartName } from "./layout.js";
 import type { Progress } from "./progress.js";
+import { pathExists } from "../common/fs.js";
 
 /** The machine group `kmi up` enrolls its agent in. */
 export const GROUP = "local";
@@ -75,28 +76,20 @@ export function runKmiOnce(args: readonly string[], o: RunOnceOptions): Promise<
   });
 }
 
-async function exists(path: string): Promise<boolean> {
-  try {
-    await access(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** True when `kmi kdc init` completed in the layout's KDC dir. */
 export async function kdcInitialized(l: Layout): Promise<boolean> {
-  return (await exists(l.kmiRootPem)) && (await exists(l.infraCaPem));
+  return (await pathExists(l.kmiRootPem)) && (await pathExists(l.infraCaPem));
 }
 
 /** True when `kmi audit init` completed in the layout's Auditserver dir. */
 export async function auditInitialized(l: Layout): Promise<boolean> {
-  return exists(l.attestationKeyPem);
+  return pathExists(l.attestationKeyPem);
 }
 
 /** True when the agent enrolled once (its identity file exists). */
 export async function agentEnrolled(l: Layout): Promise<boolean> {
-  return exists(l.agentIdentity);
+  return pathExists(l.agentIdentity);
 }
 
 /** `kmi kdc init` into the layout (the operator token to its 0600 file). */
