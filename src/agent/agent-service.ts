@@ -132,7 +132,9 @@ export function createKeyAgentService(ctx: AgentServiceContext): ServiceImpl<typ
       }
       log.info("message signed", {
         tenant: key.tenantId,
-        key: key.keyId.slice(0, 16),
+        // key_id, not "key": the logger digests fields named like secrets, and a key id
+        // (SHA-256 of the public key) is public and must stay readable in the log.
+        key_id: key.keyId.slice(0, 16),
         name: key.name,
         algorithm: SignatureAlgorithm[input.algorithm],
         bytes: input.message.length,

@@ -6,7 +6,7 @@
  * field: log {@link secretDigest} of a sensitive value instead. As a second line of defence,
  * fields whose name says "secret" (see {@link isSecretFieldName}) are replaced by a digest.
  */
-import { createHash } from "node:crypto";
+import { hash } from "node:crypto";
 
 /** Log levels, lowest first. */
 export type LogLevel = "debug" | "info" | "warn" | "error";
@@ -63,7 +63,8 @@ export function parseLogLevel(value: string): LogLevel {
  * stand-in for the value. Use a keyed hash (HMAC) where a low-entropy value could be guessed.
  */
 export function secretDigest(value: string | Uint8Array): string {
-  return "sha256:" + createHash("sha256").update(value).digest("hex").slice(0, 16);
+  // One-shot hash (Node >= 20.12): no Hash object per call; the same digest.
+  return "sha256:" + hash("sha256", value, "hex").slice(0, 16);
 }
 
 const SECRET_FIELD_NAMES = new Set([
@@ -140,14 +141,67 @@ function toJsonValue(key: string, value: unknown, seen: WeakSet<object>, depth: 
   }
 }
 
+/** What a line needs to know about a field name: its JSON text, and whether it names a secret. */
+interface FieldName {
+  readonly json: string;
+  readonly secret: boolean;
+}
+
+/** Field names seen so far (names come from code, so few); bounded in case one is built from data. */
+const fieldNames = new Map<string, FieldName>();
+const MAX_FIELD_NAMES = 4096;
+
+function fieldName(k: string): FieldName {
+  let f = fieldNames.get(k);
+  if (f === undefined) {
+    f = { json: JSON.stringify(k), secret: isSecretFieldName(k) };
+    if (fieldNames.size < MAX_FIELD_NAMES) fieldNames.set(k, f);
+  }
+  return f;
+}
+
+/**
+ * Names that the fast path of a line leaves to the general one: the line's own keys, a key
+ * that JavaScript would order before the others (an array index), and `__proto__`.
+ */
+function isPlainKey(k: string): boolean {
+  return k !== "time" && k !== "level" && k !== "msg" && k !== "__proto__" && !/^(?:0|[1-9][0-9]*)$/.test(k);
+}
+
+function isPrimitive(v: unknown): boolean {
+  const t = typeof v;
+  return v === null || t === "string" || t === "number" || t === "boolean" || t === "undefined" || t === "bigint";
+}
+
+/**
+ * The fields of a logger, serialized once: `,"k":v` for each, in order, or undefined when a
+ * value is not a primitive (an object could change between lines) or a key is not plain.
+ */
+function preSerialize(fields: LogFields): string | undefined {
+  let out = "";
+  for (const k of Object.keys(fields)) {
+    const v = fields[k];
+    if (!isPlainKey(k) || !isPrimitive(v)) return undefined;
+    const jv = toJsonValue(k, v, new WeakSet(), 0);
+    if (jv === undefined) continue;
+    out += "," + fieldName(k).json + ":" + JSON.stringify(jv);
+  }
+  return out;
+}
+
 class JsonLogger implements Logger {
+  /** `,"k":v` of {@link fields}, made once; undefined when they cannot be (see preSerialize). */
+  private readonly fieldsJson: string | undefined;
+
   constructor(
     readonly level: LogLevel,
     private readonly min: number,
     private readonly write: (line: string) => void,
     private readonly fields: LogFields,
     private readonly now: () => Date,
-  ) {}
+  ) {
+    this.fieldsJson = preSerialize(fields);
+  }
 
   enabled(level: LogLevel): boolean {
     return LEVELS[level] >= this.min;
@@ -171,8 +225,53 @@ class JsonLogger implements Logger {
   }
 
   private emit(level: LogLevel, msg: string, fields: LogFields | undefined): void {
+    const time = this.now().toISOString();
+    let text = this.fieldsJson === undefined ? undefined : this.fastLine(time, level, msg, fields);
+    if (text === undefined) text = this.slowLine(time, level, msg, fields);
+    try {
+      this.write(text + "\n");
+    } catch {
+      // A closed stderr must not take the server down with it.
+    }
+  }
+
+  /**
+   * The line written as text, without building the object {@link slowLine} stringifies: the
+   * same JSON, key for key. Undefined when a call field would make it differ (it overrides a
+   * logger field, or is not a plain key); then the general way writes the line.
+   */
+  private fastLine(time: string, level: LogLevel, msg: string, fields: LogFields | undefined): string | undefined {
+    let out = '{"time":"' + time + '","level":"' + level + '","msg":' + JSON.stringify(msg) + this.fieldsJson;
+    if (fields === undefined) return out + "}";
+    const base = this.fields;
+    let seen: WeakSet<object> | undefined;
+    try {
+      for (const k of Object.keys(fields)) {
+        if (k === "time" || k === "level" || k === "msg") continue;
+        if (!isPlainKey(k) || Object.prototype.hasOwnProperty.call(base, k)) return undefined;
+        const v = fields[k];
+        const name = fieldName(k);
+        let jv: unknown;
+        if (typeof v === "string" && !name.secret) {
+          jv = v;
+        } else {
+          if (typeof v === "object" && v !== null) seen ??= new WeakSet<object>();
+          jv = toJsonValue(k, v, seen ?? EMPTY_SEEN, 0);
+        }
+        if (jv === undefined) continue;
+        const j = JSON.stringify(jv);
+        if (j === undefined) continue;
+        out += "," + name.json + ":" + j;
+      }
+    } catch {
+      return undefined;
+    }
+    return out + "}";
+  }
+
+  private slowLine(time: string, level: LogLevel, msg: string, fields: LogFields | undefined): string {
     const seen = new WeakSet<object>();
-    const line: Record<string, unknown> = { time: this.now().toISOString(), level, msg };
+    const line: Record<string, unknown> = { time, level, msg };
     for (const [k, v] of Object.entries(this.fields)) {
       if (k !== "time" && k !== "level" && k !== "msg") line[k] = toJsonValue(k, v, seen, 0);
     }
@@ -181,19 +280,16 @@ class JsonLogger implements Logger {
         if (k !== "time" && k !== "level" && k !== "msg") line[k] = toJsonValue(k, v, seen, 0);
       }
     }
-    let text: string;
     try {
-      text = JSON.stringify(line);
+      return JSON.stringify(line);
     } catch {
-      text = JSON.stringify({ time: line["time"], level, msg, logError: "fields not serializable" });
-    }
-    try {
-      this.write(text + "\n");
-    } catch {
-      // A closed stderr must not take the server down with it.
+      return JSON.stringify({ time: line["time"], level, msg, logError: "fields not serializable" });
     }
   }
 }
+
+/** The `seen` set of a line whose values are no objects: never written to. */
+const EMPTY_SEEN = new WeakSet<object>();
 
 /** Creates a JSON-lines logger (stderr by default). */
 export function createLogger(options: LoggerOptions = {}): Logger {
