@@ -214,7 +214,7 @@ export async function runSigning(env: Env): Promise<RowBuilder> {
     );
     const perCall = (f: Figure) => 1e6 / f.value.median;
     row.note(
-      `Per call at c=64 (one server process, so 1/throughput ≈ server CPU per call): no-op ${fmt(perCall(noop[64]!))} µs, Sign ${fmt(perCall(sign[64]!))} µs (the signature alone ${fmt(1e6 / signCrypto.value.median)} µs, the handler alone ${fmt(1e6 / signHandler.value.median)} µs), IssueLeafCertificate ${fmt(perCall(issue[64]!))} µs (the handler alone ${fmt(1e6 / issueHandler.value.median)} µs). Sign is ${fmtPct(signRatio)} of the no-op rate.`,
+      `Wall time per call at c=64 (1/throughput; the bench client shares the 2 cores with the agent, so for the no-op this is bounded by the client, not by the server's CPU): no-op ${fmt(perCall(noop[64]!))} µs, Sign ${fmt(perCall(sign[64]!))} µs (the signature alone ${fmt(1e6 / signCrypto.value.median)} µs, the handler alone ${fmt(1e6 / signHandler.value.median)} µs), IssueLeafCertificate ${fmt(perCall(issue[64]!))} µs (the handler alone ${fmt(1e6 / issueHandler.value.median)} µs). Sign is ${fmtPct(signRatio)} of the no-op rate.`,
     );
     if (!(t1 && t2 && t3 && t4) && env.profile) {
       const missed = [!t1 || !t2 ? "sign" : undefined, !t3 ? "sign1" : undefined, !t4 ? "issue" : undefined].filter((x) => x !== undefined);
