@@ -62,11 +62,13 @@ export function relayBody(
   let finished = false;
   let held: Buffer[] = [];
   let timer: NodeJS.Timeout | undefined;
+  let arm: NodeJS.Immediate | undefined;
 
   const finish = (r: RelayResult): void => {
     if (finished) return;
     finished = true;
     clearTimeout(timer);
+    if (arm !== undefined) clearImmediate(arm);
     source.off("data", onData);
     source.off("end", onEnd);
     source.off("error", onError);
@@ -79,6 +81,7 @@ export function relayBody(
     if (released) return;
     released = true;
     clearTimeout(timer);
+    if (arm !== undefined) clearImmediate(arm);
     sink.open(length);
     const chunks = held;
     held = [];
@@ -137,7 +140,12 @@ export function relayBody(
   if (!scanning || !hold) {
     release(undefined);
   } else if (settings.holdMs > 0) {
-    timer = setTimeout(() => release(undefined), settings.holdMs);
+    // The hold timer is armed after this turn of the event loop: a body that arrived with its
+    // head (most small ones) has ended by then, and needs no timer.
+    arm = setImmediate(() => {
+      arm = undefined;
+      if (!released && !finished) timer = setTimeout(() => release(undefined), settings.holdMs);
+    });
   }
   source.on("data", onData);
   source.on("end", onEnd);

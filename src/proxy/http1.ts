@@ -71,6 +71,15 @@ export function endToEndHeaders(raw: readonly string[], keepUpgrade = false, rep
   return out;
 }
 
+/** The first value of header `lower` (a lowercase name) in a raw header list, as `headers[lower]` gives it for single-valued headers. */
+function rawHeader(raw: readonly string[], lower: string): string | undefined {
+  for (let i = 0; i < raw.length; i += 2) {
+    const n = raw[i]!;
+    if (n.length === lower.length && n.toLowerCase() === lower) return raw[i + 1];
+  }
+  return undefined;
+}
+
 function hostOfAuthority(authority: string): string {
   if (authority.startsWith("[")) {
     const end = authority.indexOf("]");
@@ -201,7 +210,8 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
       ures.resume();
       return;
     }
-    const hold = !isStreamingContentType(ures.headers["content-type"]);
+    // From the raw list: `ures.headers` would build the whole header object for one lookup.
+    const hold = !isStreamingContentType(rawHeader(ures.rawHeaders, "content-type"));
     relayBody(
       ures,
       policy.scan,
