@@ -8,5 +8,7 @@ export default defineConfig({
     // Integration suites start real servers and processes; two workers match the 2-core machines.
     pool: "forks",
     maxWorkers: 2,
+    // The default report, then one plain closing line "N passed, N failed" for CI.
+    reporters: ["default", "./test/helpers/summary-reporter.ts"],
   },
 });
