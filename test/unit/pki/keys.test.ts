@@ -16,6 +16,7 @@ import {
   type KeyAlgorithm,
 } from "../../../src/pki/keys.js";
 import { signatureAlgorithmFor } from "../../../src/pki/signature.js";
+import { encodePem } from "../../../src/pki/pem.js";
 import { opensslOk } from "./support.js";
 
 describe("keys", () => {
@@ -32,7 +33,7 @@ describe("keys", () => {
     expect(keyAlgorithmOf(pub)).toBe("ecdsa-p256");
     expect(signatureAlgorithmFor(priv).name).toBe("ecdsa-with-SHA256");
     // openssl reads the same PKCS#8 and prints the same SPKI.
-    const pem = `-----BEGIN PRIVATE KEY-----\n${Buffer.from(pkcs8).toString("base64")}\n-----END PRIVATE KEY-----\n`;
+    const pem = encodePem("PRIVATE KEY", pkcs8);
     const fromOpenssl = opensslOk(["pkey", "-pubout"], { input: pem });
     expect(fromOpenssl.replace(/-----[A-Z ]+-----|\s/g, "")).toBe(Buffer.from(spki).toString("base64"));
   });

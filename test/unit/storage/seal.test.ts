@@ -103,7 +103,7 @@ describe("no plaintext at rest", () => {
     const control = randomBytes(32);
     const store = await openLevelStore(dir);
     await store.batch([
-      putOp(Secrets, "k1", seal(key, Buffer.concat([Buffer.from("-----BEGIN PRIVATE KEY-----"), marker]), "secrets/k1")),
+      putOp(Secrets, "k1", seal(key, Buffer.concat([Buffer.from("pkcs8:"), marker]), "secrets/k1")),
       // Control: the scan must find this one, or the test proves nothing.
       putOp(Plain, "c1", create(StoreRecordSchema, { table: "x", key: "y", value: control })),
     ]);
