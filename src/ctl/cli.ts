@@ -6,7 +6,7 @@
  * To add a command file, import its array and add it to `commandTable` below (the
  * Auditserver's `audit-commands.ts` is added through its `registerAuditCommands`).
  */
-import { chmodSync, readFileSync, writeFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { VERSION } from "../common/version.js";
 import { Clients, connectionSettings } from "./client.js";
 import type { Command, CommandContext } from "./command.js";
@@ -15,6 +15,7 @@ import { registerAuditCommands } from "./audit-commands.js";
 import { kdcCommands } from "./kdc-commands.js";
 import { statusCommand } from "./status-command.js";
 import { EXIT_CODE_HELP, ExitCode, Output, UsageError, type Streams } from "./output.js";
+import { writeFileAtomicSync } from "../common/fs.js";
 
 /** The one table of `kmi ctl` commands: the KDC's, the Auditserver's (src/ctl/audit-commands.ts), then `status` (src/ctl/status-command.ts). */
 export const commandTable: readonly Command[] = [...registerAuditCommands(kdcCommands), statusCommand];
@@ -127,9 +128,7 @@ export async function run(argv: readonly string[], opts: CtlOptions = {}): Promi
         }
       },
       writeFile(path, data, mode = 0o644) {
-        writeFileSync(path, data, { mode });
-        // writeFileSync's mode applies to new files only; make an existing file's mode match too.
-        chmodSync(path, mode);
+        writeFileAtomicSync(path, data, mode);
       },
     };
     const code = await command.run(ctx);

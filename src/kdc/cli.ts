@@ -2,7 +2,6 @@
  * Entry point of `kmi kdc` (serve), `kmi kdc init`, and `kmi kdc backup` / `kmi kdc restore`
  * (./backup.ts).
  */
-import { writeFile, chmod } from "node:fs/promises";
 import { ConfigError, formatHelp, loadConfig } from "../common/config.js";
 import { isKmiError } from "../common/errors.js";
 import { runUntilSignal } from "../common/lifecycle.js";
@@ -12,6 +11,7 @@ import { initProgram, parseLease, serveProgram } from "./config.js";
 import { dataPaths, initKdc } from "./init.js";
 import { KdcServer } from "./server.js";
 import { hostIp, hostName } from "./validate.js";
+import { writeFileAtomicSync } from "../common/fs.js";
 
 function splitList(value: string | undefined): string[] {
   return (value ?? "").split(",").map((s) => s.trim()).filter((s) => s !== "");
@@ -40,8 +40,7 @@ async function init(argv: string[]): Promise<number> {
   const v = loaded.values;
   const r = await initKdc({ dataDir: v.dataDir, masterKey: v.masterKey, masterKeyFile: v.masterKeyFile, tls: tlsNames(v.dnsName, v.ip) });
   if (v.tokenFile !== undefined) {
-    await writeFile(v.tokenFile, r.operatorToken + "\n", { mode: 0o600 });
-    await chmod(v.tokenFile, 0o600);
+    writeFileAtomicSync(v.tokenFile, r.operatorToken + "\n", 0o600);
   }
   const paths = dataPaths(v.dataDir, v.masterKeyFile);
   process.stdout.write(
@@ -51,9 +50,11 @@ async function init(argv: string[]): Promise<number> {
       `  KMI root CA:         ${paths.kmiRootPem} (what devices trust)`,
       `  infrastructure CA:   ${paths.infraCaPem} (kmi ctl --ca-file, services)`,
       "",
-      "first operator token (shown only now; it is stored hashed):",
-      `  ${r.operatorToken}`,
-      ...(v.tokenFile !== undefined ? [`  (also written to ${v.tokenFile}, mode 0600)`] : []),
+      // With --token-file the token goes only to that file: stdout often ends up in a log
+      // (kmi up, systemd, CI), and a bearer token must not.
+      ...(v.tokenFile !== undefined
+        ? [`first operator token: written to ${v.tokenFile} (mode 0600; it is stored hashed, and shown nowhere else)`]
+        : ["first operator token (shown only now; it is stored hashed):", `  ${r.operatorToken}`]),
       "",
       "next:",
       `  kmi kdc --data-dir ${v.dataDir}`,

@@ -38,8 +38,10 @@ export async function initDataDir(extra: string[] = []): Promise<DataDir> {
   const dir = await tempDir();
   const dataDir = join(dir, "data");
   const tokenFile = join(dir, "operator.token");
-  await run(process.execPath, [KMI, "kdc", "init", "--data-dir", dataDir, "--token-file", tokenFile, ...extra], { env: cleanEnv() });
+  const init = await run(process.execPath, [KMI, "kdc", "init", "--data-dir", dataDir, "--token-file", tokenFile, ...extra], { env: cleanEnv(), encoding: "utf8" });
   const token = (await readFile(tokenFile, "utf8")).trim();
+  // With --token-file the token goes to the file only: stdout often ends up in a log.
+  if (init.stdout.includes(token) || !init.stdout.includes(tokenFile)) throw new Error(`kdc init printed the operator token, or not where it went:\n${init.stdout}`);
   return { dir, dataDir, tokenFile, token, caFile: join(dataDir, "infra-ca.pem"), rootFile: join(dataDir, "kmi-root.pem") };
 }
 
