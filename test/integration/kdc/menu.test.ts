@@ -490,7 +490,7 @@ describe("authorization", () => {
     await refused(call(clients(kdc.url, caPem, { token: acmeToken })), Code.PermissionDenied, "operator role required");
   });
 
-  it.each(peerCalls)("peer call %s requires a service certificate (UNAUTHENTICATED without one, PERMISSION_DENIED for a token)", async (_name, call) => {
+  it.each(peerCalls)("peer call %s requires a service certificate: UNAUTHENTICATED without one, with or without a token", async (_name, call) => {
     await refused(call(clients(kdc.url, caPem)), Code.Unauthenticated, "client certificate required");
     await refused(call(clients(kdc.url, caPem, { token: data.token })), Code.Unauthenticated, "client certificate required");
   });

@@ -112,7 +112,9 @@ describe("enrollment", () => {
   it("never leaks the token into the audit log", async () => {
     const token = await joinToken(h);
     await h.audit.enroll({ joinToken: token, csrPem: newMachineKey().csrPem, hostname: "" });
-    await h.audit.enroll({ joinToken: token, csrPem: newMachineKey().csrPem, hostname: "" }).catch(() => undefined);
+    // The reuse must be refused (and audited as such) for the scan below to cover a refusal entry.
+    await expectCode(h.audit.enroll({ joinToken: token, csrPem: newMachineKey().csrPem, hostname: "" }), "unauthenticated", /already used/);
+    expect((await lastEntry(h)).outcome).toMatch(/^refused/);
     const secret = token.split("_").slice(2).join("_");
     for (const e of await h.ctx.audit.tail({ limit: 1000 })) expect(JSON.stringify(e, (_k, v) => (typeof v === "bigint" ? String(v) : v))).not.toContain(secret);
   });
