@@ -166,7 +166,8 @@ export function parseSubjectAltNames(text: string | undefined): { type: string; 
       try {
         value = JSON.parse(text.slice(j, k + 1)) as string;
       } catch {
-        value = text.slice(j + 1, k);
+        // Unparsable: trust nothing of it (no raw text can pass for a kmi:// URI or a host name).
+        value = "";
       }
       j = k + 1;
       const comma = text.indexOf(",", j);

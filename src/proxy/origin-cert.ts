@@ -5,6 +5,7 @@
  */
 import { isIP } from "node:net";
 import type { X509Certificate } from "node:crypto";
+import { parseSubjectAltNames } from "../common/tls.js";
 
 /** At most this many names go into a leaf (the agent's limit per list). */
 export const MAX_LEAF_NAMES = 100;
@@ -26,40 +27,6 @@ const DNS_NAME = /^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a
 /** True for a name the agent accepts in a dNSName: a hostname, or `*.` and a hostname. */
 export function isLeafDnsName(name: string): boolean {
   return name.length <= 253 && DNS_NAME.test(name);
-}
-
-/**
- * Splits Node's `subjectAltName` text (`DNS:a, IP Address:1.2.3.4, DNS:"quoted, value"`) into
- * [type, value] pairs. Node JSON-quotes values that contain separators or odd characters.
- */
-export function splitSubjectAltName(text: string): [string, string][] {
-  const out: [string, string][] = [];
-  let i = 0;
-  while (i < text.length) {
-    const colon = text.indexOf(":", i);
-    if (colon < 0) break;
-    const type = text.slice(i, colon);
-    let j = colon + 1;
-    let value: string;
-    if (text[j] === '"') {
-      let k = j + 1;
-      while (k < text.length && text[k] !== '"') k += text[k] === "\\" ? 2 : 1;
-      try {
-        value = JSON.parse(text.slice(j, k + 1)) as string;
-      } catch {
-        value = "";
-      }
-      j = k + 1;
-    } else {
-      const end = text.indexOf(", ", j);
-      value = end < 0 ? text.slice(j) : text.slice(j, end);
-      j = end < 0 ? text.length : end;
-    }
-    out.push([type, value]);
-    if (text.startsWith(", ", j)) j += 2;
-    i = j;
-  }
-  return out;
 }
 
 function commonNameOf(subject: string): string | undefined {
@@ -99,7 +66,7 @@ export function compressIpv6(addr: string): string {
 export function describeOriginCertificate(cert: X509Certificate): OriginCertificate {
   const dnsNames: string[] = [];
   const ipAddresses: string[] = [];
-  for (const [type, value] of splitSubjectAltName(cert.subjectAltName ?? "")) {
+  for (const { type, value } of parseSubjectAltNames(cert.subjectAltName)) {
     if (type === "DNS") {
       const v = value.toLowerCase();
       if (isLeafDnsName(v) && !dnsNames.includes(v)) dnsNames.push(v);

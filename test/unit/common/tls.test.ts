@@ -22,6 +22,19 @@ describe("tls", () => {
       { type: "URI", value: "kmi://service/a, b" },
     ]);
     expect(parseSubjectAltNames(undefined)).toEqual([]);
+    // The proxy copies an origin's names through the same parser: quoted values with commas, other types kept.
+    expect(parseSubjectAltNames('DNS:a.example, IP Address:10.0.0.1, DNS:"b,c.example", URI:https://x, email:a@b')).toEqual([
+      { type: "DNS", value: "a.example" },
+      { type: "IP Address", value: "10.0.0.1" },
+      { type: "DNS", value: "b,c.example" },
+      { type: "URI", value: "https://x" },
+      { type: "email", value: "a@b" },
+    ]);
+    // An unparsable quoted value yields nothing usable, never its raw text.
+    expect(parseSubjectAltNames('URI:"kmi://machine/m-1\\x", DNS:b.example')).toEqual([
+      { type: "URI", value: "" },
+      { type: "DNS", value: "b.example" },
+    ]);
   });
 
   it("extracts the identity of a verified machine certificate", async () => {

@@ -1,6 +1,6 @@
 import { X509Certificate } from "node:crypto";
 import { describe, expect, it } from "vitest";
-import { compressIpv6, describeOriginCertificate, isLeafDnsName, leafNames, splitSubjectAltName, MAX_LEAF_NAMES } from "../../../src/proxy/origin-cert.js";
+import { compressIpv6, describeOriginCertificate, isLeafDnsName, leafNames, MAX_LEAF_NAMES } from "../../../src/proxy/origin-cert.js";
 import { makeOriginPki } from "../../fixtures/proxy/origins.js";
 
 describe("origin certificate facts", () => {
@@ -12,16 +12,6 @@ describe("origin certificate facts", () => {
     expect(d.ipAddresses).toEqual(["127.0.0.1"]);
     expect(d.notAfter.getTime()).toBe(Date.parse(x.validTo));
     expect(d.fingerprint).toBe(x.fingerprint256);
-  });
-
-  it("splits Node's subjectAltName text, quoted values included", () => {
-    expect(splitSubjectAltName('DNS:a.example, IP Address:10.0.0.1, DNS:"b,c.example", URI:https://x, email:a@b')).toEqual([
-      ["DNS", "a.example"],
-      ["IP Address", "10.0.0.1"],
-      ["DNS", "b,c.example"],
-      ["URI", "https://x"],
-      ["email", "a@b"],
-    ]);
   });
 
   it.each([
