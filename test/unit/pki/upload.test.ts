@@ -22,7 +22,12 @@ describe("CSR → customer CA (openssl) → upload check", () => {
   let csrPem: string;
   let good: string; // PEM of the intermediate the customer CA issued for our CSR
   let rootPem: string;
-  const now = new Date();
+  /**
+   * The checks' clock. openssl stamps notBefore with the second it signs in, so `now` is taken
+   * after every certificate is made: a clock read before signing can be earlier than notBefore
+   * (a slow CI machine signs a second later) and the good certificate would be "not yet valid".
+   */
+  let now: Date;
 
   /** Files of the customer CA and helpers to sign with it. */
   const EXT = {
@@ -79,6 +84,7 @@ describe("CSR → customer CA (openssl) → upload check", () => {
     const tampered = goodDer.slice();
     tampered[tampered.length - 1]! ^= 0x01;
 
+    now = new Date();
     cases.set("non-CA", { certificate: sign(csrFile, "customer", EXT.leaf, "leaf") });
     cases.set("no keyCertSign", { certificate: sign(csrFile, "customer", EXT.noKeyCertSign, "nokcs") });
     cases.set("another key", { certificate: sign(otherCsr, "customer", EXT.intermediate, "otherkey") });
