@@ -82,6 +82,7 @@ async function main(): Promise<void> {
     accessLog: join(cfg.dir, "access.log"),
     extraCaPem: [cfg.originCaPem],
     systemRoots: false,
+    allowPrivate: ["127.0.0.0/8"],
     issueRatePerSecond: 0,
     logger,
     shutdownGraceMs: 500,

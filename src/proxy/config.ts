@@ -9,6 +9,7 @@ import { ConfigError, defineProgram, type LoadedConfig } from "../common/config.
 import { parseListenAddress } from "../common/listen.js";
 import { LOG_LEVELS, type LogLevel } from "../common/logger.js";
 import type { ProxyLimits } from "./context.js";
+import { DestinationGuard } from "./destinations.js";
 import { MAX_LEAF_LIFETIME_MS } from "./leaf-minter.js";
 import type { ProxyServerOptions } from "./server.js";
 import { createTenantResolver, type TenantConfig } from "./tenants.js";
@@ -46,6 +47,13 @@ export const proxyProgram = defineProgram({
     accessLog: { type: "string", description: 'access log: a file path, "-" for stdout, or "off"', default: "-", valueName: "path" },
     extraCa: { type: "string", description: "more CA files (PEM, comma-separated) trusted for origins, besides Node's root store", valueName: "file,..." },
     systemRoots: { type: "boolean", description: "trust Node's root store for origins", default: true },
+    allowPrivate: {
+      type: "string",
+      description:
+        "private and special-use address ranges the proxy may connect to (comma-separated CIDRs, e.g. 10.0.0.0/8); all other " +
+        "loopback, RFC 1918, link-local (cloud metadata), unique-local and reserved addresses are refused, checked after DNS",
+      valueName: "cidr,...",
+    },
     leafCacheSize: { type: "integer", description: "most minted leaves kept (least recently used go first)", default: 10_000, validate: positive },
     leafMaxDays: { type: "integer", description: "longest leaf lifetime asked of the agent, days (at most 47)", default: 47, validate: positive },
     issueRate: { type: "integer", description: "new-host leaf issuances per second per client address (0: no limit)", default: 20 },
@@ -132,6 +140,12 @@ export async function resolveProxyConfig(loaded: LoadedConfig<typeof proxyProgra
       throw new ConfigError(`--metrics-listen: ${(err as Error).message}`);
     }
   }
+  const allowPrivate = (v.allowPrivate ?? "").split(",").map((s) => s.trim()).filter((s) => s !== "");
+  try {
+    new DestinationGuard(allowPrivate);
+  } catch (err) {
+    throw new ConfigError(`--allow-private: ${(err as Error).message.replace(/^allowPrivate\[\d+\]: /, "")}`);
+  }
   const tf = v.tenantsFile === undefined ? {} : await readTenantsFile(v.tenantsFile);
   const tenants = tf.tenants ?? [];
   const defaultTenant = v.defaultTenant ?? tf.defaultTenant;
@@ -165,6 +179,7 @@ export async function resolveProxyConfig(loaded: LoadedConfig<typeof proxyProgra
     accessLog: v.accessLog,
     extraCaPem: v.extraCa === undefined ? [] : await readPemFiles(v.extraCa),
     systemRoots: v.systemRoots,
+    allowPrivate,
     leafCacheSize: v.leafCacheSize,
     leafMaxLifetimeMs: Math.min(v.leafMaxDays * 86_400_000, MAX_LEAF_LIFETIME_MS),
     issueRatePerSecond: v.issueRate,

@@ -8,6 +8,7 @@ import type { BlockedCa } from "./blocked-ca.js";
 import type { LeafCache } from "./leaf-cache.js";
 import type { LeafMinter } from "./leaf-minter.js";
 import type { LearnedBypass } from "./learned-bypass.js";
+import type { DestinationGuard } from "./destinations.js";
 import type { OriginConnector } from "./origin.js";
 import type { PolicyStore } from "./policy.js";
 import type { ClientRateLimiter } from "./rate-limit.js";
@@ -52,6 +53,8 @@ export interface ProxyContext {
   readonly leaves: LeafCache;
   readonly minter: LeafMinter;
   readonly origins: OriginConnector;
+  /** Which addresses the proxy may connect to (private and special-use ones only when allowed). */
+  readonly destinations: DestinationGuard;
   readonly blockedCa: BlockedCa;
   readonly rateLimiter: ClientRateLimiter;
   readonly learned: LearnedBypass;

@@ -11,6 +11,7 @@ import type { AccessRecord } from "./access-log.js";
 import { renderBlockPage, rawHttpResponse, type BlockPage } from "./block-page.js";
 import { isStreamingContentType, relayBody, type RelayResult } from "./body-relay.js";
 import type { ClientInfo, ProxyContext } from "./context.js";
+import { isDestinationDenied } from "./destinations.js";
 import { describeError } from "./origin.js";
 import { normalizeHost, ruleId, type Policy } from "./policy.js";
 import { splice } from "./splice.js";
@@ -125,6 +126,17 @@ function noResponseBody(method: string, status: number): boolean {
   return method === "HEAD" || status === 204 || status === 304 || (status >= 100 && status < 200);
 }
 
+/** Why the destination check refuses `host` when it is an IP literal (names are checked when they resolve). */
+function destinationRefusal(ctx: ProxyContext, host: string): string | undefined {
+  try {
+    ctx.destinations.checkLiteral(host);
+    return undefined;
+  } catch (err) {
+    if (isDestinationDenied(err)) return err.message;
+    throw err;
+  }
+}
+
 /** Where one request goes, or why it cannot. */
 type Target = { host: string; port: number; path: string; authority: string } | { error: string };
 
@@ -189,9 +201,27 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
     req.resume();
     return;
   }
+  const denied = up.tunnel === undefined ? destinationRefusal(ctx, target.host) : undefined;
+  if (denied !== undefined) {
+    rec.decision = "block";
+    rec.rule = "private-destination";
+    rec.error = denied;
+    sendPage(res, renderBlockPage(403, rec.host, denied, "private-destination"), hasBody(req));
+    req.resume();
+    return;
+  }
   const headers = endToEndHeaders(req.rawHeaders, false, up.tunnel === undefined ? target.authority : undefined);
 
   const onUpstreamError = (err: NodeJS.ErrnoException): void => {
+    if (isDestinationDenied(err)) {
+      // A name that resolved only to refused addresses (the agent's lookup said so).
+      rec.decision = "block";
+      rec.rule = "private-destination";
+      rec.error = err.message;
+      if (!res.headersSent) sendPage(res, renderBlockPage(403, rec.host, err.message, "private-destination"));
+      else res.destroy();
+      return;
+    }
     if (rec.decision === "allow") {
       rec.decision = "error";
       rec.rule = "origin-error";
@@ -354,11 +384,14 @@ export function handleHttp1Upgrade(
   }
   const rule = requestBlockRule(ctx.policy.current, up.scheme, target.authority, target.path, up.tunnel?.requestedHost);
   if (rule !== undefined) return refuse(renderBlockPage(403, rec.host, "the request matches a block rule", rule), "block", rule);
+  const denied = up.tunnel === undefined ? destinationRefusal(ctx, target.host) : undefined;
+  if (denied !== undefined) return refuse(renderBlockPage(403, rec.host, denied, "private-destination"), "block", "private-destination", denied);
 
   const headers = endToEndHeaders(req.rawHeaders, true, up.tunnel === undefined ? target.authority : undefined);
   const ureq = httpRequest({ agent: up.agent, host: target.host, port: target.port, method: "GET", path: target.path, headers, setHost: false });
   socket.once("close", () => ureq.destroy());
   ureq.on("error", (err: NodeJS.ErrnoException) => {
+    if (rec.status === 0 && isDestinationDenied(err)) return refuse(renderBlockPage(403, rec.host, err.message, "private-destination"), "block", "private-destination", err.message);
     if (rec.status === 0) refuse(renderBlockPage(502, rec.host, `origin ${describeError(err)}`, "origin-error"), "error", "origin-error", describeError(err));
   });
   ureq.on("response", (ures) => {

@@ -20,6 +20,7 @@ import { AgentCallError } from "./agent-client.js";
 import { rawHttpResponse, renderBlockPage, type BlockPage } from "./block-page.js";
 import { parseClientHello, type ClientHello } from "./clienthello.js";
 import type { ClientInfo, ProxyContext } from "./context.js";
+import { isDestinationDenied, type DestinationGuard } from "./destinations.js";
 import { answerClientError, handleHttp1Request, handleHttp1Upgrade, type Http1Upstream } from "./http1.js";
 import { H2_WINDOW, H2Origin, handleH2Stream, type H2Upstream } from "./http2-handler.js";
 import { IssuanceRefused, leafCacheKey, type LeafEntry } from "./leaf-cache.js";
@@ -133,9 +134,16 @@ function peekClientHello(socket: Socket, initial: Buffer, timeoutMs: number): Pr
   });
 }
 
-function tcpConnect(host: string, port: number, timeoutMs: number): Promise<Socket> {
+/** A TCP connection to an origin the destination check allows (IP literals here, names in its lookup). */
+function tcpConnect(host: string, port: number, timeoutMs: number, destinations: DestinationGuard): Promise<Socket> {
   return new Promise((resolve, reject) => {
-    const s = netConnect({ host, port });
+    try {
+      destinations.checkLiteral(host);
+    } catch (err) {
+      reject(err);
+      return;
+    }
+    const s = netConnect({ host, port, lookup: destinations.lookup });
     s.setNoDelay(true);
     const timer = setTimeout(() => {
       s.destroy();
@@ -312,8 +320,11 @@ export class Interceptor {
 
     let tcp: Socket;
     try {
-      tcp = await tcpConnect(target.host, target.port, ctx.limits.originTimeoutMs);
+      tcp = await tcpConnect(target.host, target.port, ctx.limits.originTimeoutMs, ctx.destinations);
     } catch (err) {
+      if (isDestinationDenied(err)) {
+        return answer(renderBlockPage(403, target.host, err.message, "private-destination"), "block", "private-destination");
+      }
       const why = `origin ${describeError(err as NodeJS.ErrnoException)}`;
       return answer(renderBlockPage(502, target.host, why, "origin-unreachable"), "error", "origin-unreachable");
     }
@@ -534,7 +545,7 @@ export class Interceptor {
     rec: AccessRecord,
     log: (d: Decision, rule: string | undefined, error?: string) => void,
   ): void {
-    tcpConnect(target.host, target.port, this.ctx.limits.originTimeoutMs).then(
+    tcpConnect(target.host, target.port, this.ctx.limits.originTimeoutMs, this.ctx.destinations).then(
       (tcp) => {
         if (socket.destroyed) {
           tcp.destroy();

@@ -7,6 +7,7 @@
 import { connect as tlsConnect, checkServerIdentity, createSecureContext, rootCertificates, type SecureContext, type TLSSocket } from "node:tls";
 import type { X509Certificate } from "node:crypto";
 import type { Socket } from "node:net";
+import type { DestinationGuard } from "./destinations.js";
 
 /** Where and how to connect. */
 export interface OriginTarget {
@@ -44,6 +45,8 @@ export interface OriginConnectorOptions {
   readonly probeClientCert?: { readonly cert: string; readonly key: string };
   /** Most TLS sessions kept for resumption; default 5,000. */
   readonly maxSessions?: number;
+  /** The destination check for connections the connector opens itself. */
+  readonly destinations?: DestinationGuard;
 }
 
 const VERIFY_TEXT: Record<string, string> = {
@@ -87,6 +90,7 @@ export class OriginConnector {
   private readonly sessions = new Map<string, { session: Buffer; cert: X509Certificate }>();
   private readonly timeoutMs: number;
   private readonly maxSessions: number;
+  private readonly destinations: DestinationGuard | undefined;
 
   constructor(options: OriginConnectorOptions = {}) {
     // Why one shared context: `ca` on every tls.connect would parse ~150 roots per connection.
@@ -98,6 +102,7 @@ export class OriginConnector {
         : createSecureContext({ ca, minVersion: "TLSv1.2", cert: options.probeClientCert.cert, key: options.probeClientCert.key });
     this.timeoutMs = options.timeoutMs ?? 10_000;
     this.maxSessions = options.maxSessions ?? 5000;
+    this.destinations = options.destinations;
   }
 
   /**
@@ -109,6 +114,13 @@ export class OriginConnector {
    * client certificates; if it fails the same way, the failure stands.
    */
   async connect(target: OriginTarget): Promise<OriginResult> {
+    if (target.socket === undefined && this.destinations !== undefined) {
+      try {
+        this.destinations.checkLiteral(target.host);
+      } catch (err) {
+        return { kind: "failed", code: "EKMIDESTINATION", reason: (err as Error).message };
+      }
+    }
     const r = await this.attempt(target, this.context);
     if (r.kind === "failed" && r.code === "ERR_SSL_SSLV3_ALERT_HANDSHAKE_FAILURE" && this.probeContext !== undefined) {
       const probe = await this.attempt({ ...target, socket: undefined }, this.probeContext, true);
@@ -134,6 +146,7 @@ export class OriginConnector {
         socket: target.socket,
         host: target.host,
         port: target.port,
+        ...(target.socket === undefined && this.destinations !== undefined ? { lookup: this.destinations.lookup } : {}),
         servername: target.servername,
         ALPNProtocols: target.alpn.length > 0 ? [...target.alpn] : undefined,
         secureContext: context,
@@ -223,6 +236,8 @@ export function describeError(err: NodeJS.ErrnoException): string {
     ENETUNREACH: "network unreachable",
     EPIPE: "closed the connection",
   };
+  // The destination check's message already says what was refused and how to allow it.
+  if (code === "EKMIDESTINATION") return err.message;
   const w = words[code];
   if (w !== undefined) return `${w} (${code})`;
   const first = (err.message || "").split("\n")[0]!;

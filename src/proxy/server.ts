@@ -22,6 +22,7 @@ import { Interceptor } from "./interceptor.js";
 import { LeafCache } from "./leaf-cache.js";
 import { createLeafMinter, MAX_LEAF_LIFETIME_MS } from "./leaf-minter.js";
 import { LearnedBypass } from "./learned-bypass.js";
+import { DestinationGuard } from "./destinations.js";
 import { OriginConnector } from "./origin.js";
 import { PolicyStore } from "./policy.js";
 import { ClientRateLimiter } from "./rate-limit.js";
@@ -71,6 +72,11 @@ export interface ProxyServerOptions {
   readonly extraCaPem?: readonly string[];
   /** Trust Node's root store for origins; default true. */
   readonly systemRoots?: boolean;
+  /**
+   * Private and special-use address ranges (loopback, RFC 1918, link-local, ...) the proxy may
+   * connect to; every other such address is refused. Default none.
+   */
+  readonly allowPrivate?: readonly string[];
   /** Most cached leaves; default 10,000. */
   readonly leafCacheSize?: number;
   /** Longest leaf lifetime asked for; default and ceiling 47 days. */
@@ -136,7 +142,7 @@ export class ProxyServer {
     this.tenantResolver = context.tenants;
     const l = context.limits;
     this.interceptor = new Interceptor(context);
-    this.plainAgent = new Agent({ keepAlive: true, maxSockets: 256, maxFreeSockets: 64, timeout: l.idleTimeoutMs });
+    this.plainAgent = new Agent({ keepAlive: true, maxSockets: 256, maxFreeSockets: 64, timeout: l.idleTimeoutMs, lookup: context.destinations.lookup });
     this.http = createHttpServer({
       maxHeaderSize: l.maxHeaderBytes,
       headersTimeout: l.headersTimeoutMs,
@@ -171,6 +177,7 @@ export class ProxyServer {
     const ticketKeys = randomBytes(48);
     const leaves = new LeafCache({ maxEntries: options.leafCacheSize ?? 10_000 });
     const limits: ProxyLimits = { ...DEFAULT_LIMITS, ...options.limits };
+    const destinations = new DestinationGuard(options.allowPrivate ?? []);
     const ctx: ProxyContext = {
       logger,
       accessLog,
@@ -183,7 +190,9 @@ export class ProxyServer {
         systemRoots: options.systemRoots ?? true,
         timeoutMs: limits.originTimeoutMs,
         probeClientCert: blockedCa.probeClientCert,
+        destinations,
       }),
+      destinations,
       blockedCa,
       rateLimiter: new ClientRateLimiter({ perSecond: options.issueRatePerSecond ?? 20, burst: options.issueBurst ?? 100 }),
       learned: new LearnedBypass(),

@@ -39,7 +39,7 @@ export interface TenantResolver {
 
 const TENANT_ID = /^[a-z0-9][a-z0-9._-]{0,62}$/i;
 
-function parseCidr(value: string, field: string): { addr: string; prefix: number; type: "ipv4" | "ipv6" } {
+export function parseCidr(value: string, field: string): { addr: string; prefix: number; type: "ipv4" | "ipv6" } {
   const [addr = "", prefixText] = value.split("/");
   const v = isIP(addr);
   if (v === 0) throw new InvalidArgument(`${field}: "${value}" is not an address range; use e.g. 10.0.0.0/8 or fd00::/8`);

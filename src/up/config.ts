@@ -44,6 +44,13 @@ export const upProgram = defineProgram({
       description: "extra CA certificates (PEM files, comma-separated) the proxy trusts for origins besides the system roots, e.g. a test origin's CA",
       valueName: "files",
     },
+    proxyAllowPrivate: {
+      type: "string",
+      description:
+        "private or special-use address ranges the proxy may connect to (comma-separated CIDRs, e.g. 127.0.0.0/8 for an origin on this " +
+        "machine); the proxy refuses every other loopback, private and link-local destination",
+      valueName: "cidr,...",
+    },
     logLevel: { type: "string", description: "log level of the parts (their logs go to <data-dir>/logs)", default: "info", choices: LOG_LEVELS },
     readyTimeoutSeconds: { type: "integer", description: "how long each part may take to become healthy at start", default: 120 },
     json: { type: "boolean", description: "print a machine-readable health summary on stdout once ready (progress goes to stderr)", default: false },
@@ -70,6 +77,8 @@ export interface UpConfig {
   readonly tenant: string;
   /** Absolute paths of extra origin CA files for the proxy. */
   readonly originCaFiles: readonly string[];
+  /** Private address ranges the proxy may connect to (its --allow-private). */
+  readonly proxyAllowPrivate: readonly string[];
   /** Log level of the parts. */
   readonly logLevel: LogLevel;
   /** Per-part start deadline, ms. */
@@ -99,6 +108,7 @@ export function resolveUpConfig(loaded: LoadedConfig<typeof upProgram.options>, 
     listen: { kdc: tcp(v.kdcListen), audit: tcp(v.auditListen), proxy: tcp(v.proxyListen) },
     tenant: v.tenant,
     originCaFiles,
+    proxyAllowPrivate: (v.proxyAllowPrivate ?? "").split(",").map((s) => s.trim()).filter((s) => s !== ""),
     logLevel: v.logLevel as LogLevel,
     readyTimeoutMs: v.readyTimeoutSeconds * 1000,
     json: v.json,

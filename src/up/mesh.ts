@@ -511,6 +511,7 @@ function proxyArgs(L: Layout, cfg: UpConfig, addr: TcpAddress): string[] {
     "--policy",
     L.proxyPolicy,
     ...(cfg.originCaFiles.length > 0 ? ["--extra-ca", cfg.originCaFiles.join(",")] : []),
+    ...(cfg.proxyAllowPrivate.length > 0 ? ["--allow-private", cfg.proxyAllowPrivate.join(",")] : []),
     "--access-log",
     L.accessLog,
     "--metrics-listen",

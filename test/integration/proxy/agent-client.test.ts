@@ -92,6 +92,7 @@ describe("agent client", () => {
       accessLog: new MemoryAccessLog(),
       extraCaPem: [pki.caPem],
       systemRoots: false,
+      allowPrivate: ["127.0.0.0/8"],
       logger: createNopLogger(),
       shutdownGraceMs: 200,
     });

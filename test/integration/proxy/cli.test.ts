@@ -54,6 +54,8 @@ describe("kmi proxy", () => {
     ["an unknown flag", ["--no-such-flag"], /unknown flag --no-such-flag/],
     ["a lifetime past 47 days", ["--default-tenant", "acme", "--leaf-max-days", "90"], /--leaf-max-days: at most 47/],
     ["a missing CA file", ["--default-tenant", "acme", "--extra-ca", "/nonexistent.pem"], /--extra-ca \/nonexistent.pem: cannot read \(ENOENT\)/],
+    ["a bad private range", ["--default-tenant", "acme", "--allow-private", "127.0.0.0/8,10.0.0.0/33"], /--allow-private: prefix length in "10.0.0.0\/33" must be 0 to 32/],
+    ["a name as a private range", ["--default-tenant", "acme", "--allow-private", "localhost"], /--allow-private: "localhost" is not an address range/],
   ])("refuses %s with one line and exit 2", async (_n, argv, message) => {
     const r = await capture(argv);
     expect(r.code).toBe(2);
@@ -92,6 +94,7 @@ describe("kmi proxy", () => {
           "--tenants-file", tenantsFile,
           "--extra-ca", caFile,
           "--no-system-roots",
+          "--allow-private", "127.0.0.0/8,::1",
           "--access-log", logFile,
           "--log-level", "error",
         ],

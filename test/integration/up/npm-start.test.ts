@@ -138,6 +138,8 @@ beforeAll(async () => {
     KMI_UP_AUDIT_LISTEN: "127.0.0.1:0",
     KMI_UP_PROXY_LISTEN: "127.0.0.1:0",
     KMI_UP_ORIGIN_CA_FILE: ca.caFile,
+    // The test origins listen on loopback, which the proxy refuses unless allowed.
+    KMI_UP_PROXY_ALLOW_PRIVATE: "127.0.0.0/8",
     NO_COLOR: "1",
   };
 });

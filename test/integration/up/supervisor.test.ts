@@ -179,13 +179,14 @@ describe("pieces of kmi up", () => {
 
   it("takes ports and paths from flags or KMI_UP_* and resolves paths against the working directory", async () => {
     const loaded = await loadConfig(upProgram, ["--proxy-listen", "127.0.0.1:0"], {
-      env: { KMI_UP_KDC_LISTEN: "127.0.0.1:17443", KMI_UP_ORIGIN_CA_FILE: "a.pem, /b.pem", KMI_UP_DATA_DIR: "d" },
+      env: { KMI_UP_KDC_LISTEN: "127.0.0.1:17443", KMI_UP_ORIGIN_CA_FILE: "a.pem, /b.pem", KMI_UP_DATA_DIR: "d", KMI_UP_PROXY_ALLOW_PRIVATE: "127.0.0.0/8, ::1" },
     });
     const cfg = resolveUpConfig(loaded, "/work/x");
     expect(cfg.listen).toEqual({ kdc: { host: "127.0.0.1", port: 17443 }, audit: { host: "127.0.0.1", port: 7444 }, proxy: { host: "127.0.0.1", port: 0 } });
     expect(cfg.dataDir).toBe("/work/x/d");
     expect(cfg.runDir).toBe("/work/x/run");
     expect(cfg.originCaFiles).toEqual(["/work/x/a.pem", "/b.pem"]);
+    expect(cfg.proxyAllowPrivate).toEqual(["127.0.0.0/8", "::1"]);
     await expect(loadConfig(upProgram, ["--proxy-listen", "/tmp/sock"])).rejects.toThrow(/--proxy-listen: must be host:port/);
     await expect(loadConfig(upProgram, ["--tenant", "Dev"])).rejects.toThrow(/--tenant/);
   });

@@ -1,0 +1,169 @@
+/**
+ * Which addresses the proxy may connect to on a client's behalf. A forward proxy on a machine
+ * reaches what that machine reaches: its own loopback services, the cloud metadata endpoint
+ * (169.254.169.254), the private network behind it. So private and special-use addresses are
+ * refused unless an operator allows a range of them, and the check runs on the addresses a
+ * name resolves to (not on the name), in the lookup the connection itself uses: a name that
+ * resolves to a public address when checked and a private one when connecting (DNS
+ * rebinding) cannot slip through, because there is only one resolution.
+ */
+import { lookup as dnsLookup, type LookupAddress, type LookupAllOptions, type LookupOneOptions } from "node:dns";
+import { BlockList, isIP, type LookupFunction } from "node:net";
+import { parseCidr } from "./tenants.js";
+
+/** Special-use ranges (IANA IPv4/IPv6 special-purpose registries) and what to call them in a message. */
+const SPECIAL: readonly (readonly [string, string])[] = [
+  ["0.0.0.0/8", "\"this network\" address"],
+  ["10.0.0.0/8", "private address"],
+  ["100.64.0.0/10", "shared (carrier-grade NAT) address"],
+  ["127.0.0.0/8", "loopback address"],
+  ["169.254.0.0/16", "link-local address (cloud metadata lives here)"],
+  ["172.16.0.0/12", "private address"],
+  ["192.0.0.0/24", "IETF protocol assignment"],
+  ["192.168.0.0/16", "private address"],
+  ["198.18.0.0/15", "benchmarking address"],
+  ["224.0.0.0/4", "multicast address"],
+  ["240.0.0.0/4", "reserved address"],
+  ["::/128", "unspecified address"],
+  ["::1/128", "loopback address"],
+  ["100::/64", "discard-only address"],
+  ["fc00::/7", "unique-local (private) address"],
+  ["fe80::/10", "link-local address"],
+  ["ff00::/8", "multicast address"],
+];
+
+/** The error a refused destination surfaces as (through connect, lookup or a request). */
+export class DestinationDenied extends Error {
+  /** A code in the style of socket errors, so that error paths can tell it apart. */
+  readonly code = "EKMIDESTINATION";
+  constructor(
+    /** The refused address. */
+    readonly address: string,
+    /** Why, e.g. "loopback address". */
+    readonly kind: string,
+    host: string,
+  ) {
+    super(
+      `${host === address ? address : `${host} (${address})`} is a ${kind}; the proxy does not connect to private or special-use ` +
+        `addresses unless the operator allows the range (kmi proxy --allow-private)`,
+    );
+    this.name = "DestinationDenied";
+  }
+}
+
+/** True for the error {@link DestinationGuard} raises. */
+export function isDestinationDenied(err: unknown): err is DestinationDenied {
+  return err instanceof DestinationDenied || (err as { code?: string } | undefined)?.code === "EKMIDESTINATION";
+}
+
+/** The check, and a `lookup` for net/tls/http connections that applies it. */
+export class DestinationGuard {
+  private readonly special: { list: BlockList; kind: string }[];
+  private readonly allowed = new BlockList();
+  private readonly allowedRanges: readonly string[];
+
+  /**
+   * @param allowPrivate ranges (CIDR or single addresses) of private or special-use addresses the
+   *   proxy may connect to, e.g. `127.0.0.0/8` for a local test origin; throws naming the entry.
+   */
+  constructor(allowPrivate: readonly string[] = []) {
+    this.special = SPECIAL.map(([cidr, kind]) => {
+      const r = parseCidr(cidr, "special range");
+      const list = new BlockList();
+      list.addSubnet(r.addr, r.prefix, r.type);
+      return { list, kind };
+    });
+    allowPrivate.forEach((c, i) => {
+      const r = parseCidr(c, `allowPrivate[${i}]`);
+      this.allowed.addSubnet(r.addr, r.prefix, r.type);
+    });
+    this.allowedRanges = [...allowPrivate];
+  }
+
+  /** The ranges allowed despite being private, as configured. */
+  get allowPrivate(): readonly string[] {
+    return this.allowedRanges;
+  }
+
+  /**
+   * Why `address` (an IP literal) is refused, or undefined when the proxy may connect to it.
+   * IPv4-mapped and IPv4-compatible IPv6 forms are judged as the IPv4 address they carry.
+   */
+  refusal(address: string): string | undefined {
+    let a = address.replace(/^\[|\]$/g, "");
+    const zone = a.indexOf("%");
+    if (zone >= 0) a = a.slice(0, zone);
+    let v = isIP(a);
+    if (v === 0) return "not an IP address";
+    if (v === 6) {
+      const embedded = embeddedIpv4(a);
+      if (embedded !== undefined) {
+        a = embedded;
+        v = 4;
+      }
+    }
+    const type = v === 4 ? "ipv4" : "ipv6";
+    if (this.allowed.check(a, type)) return undefined;
+    for (const s of this.special) if (s.list.check(a, type)) return s.kind;
+    return undefined;
+  }
+
+  /** Throws {@link DestinationDenied} when `host` is an IP literal the proxy refuses; names are checked in {@link lookup}. */
+  checkLiteral(host: string): void {
+    const h = host.replace(/^\[|\]$/g, "");
+    if (isIP(h.split("%")[0]!) === 0) return;
+    const why = this.refusal(h);
+    if (why !== undefined) throw new DestinationDenied(h, why, h);
+  }
+
+  /**
+   * A `lookup` for `net.connect`, `tls.connect` and `http.Agent`: resolves with the system
+   * resolver and keeps only the addresses the proxy may connect to; when none is left, fails
+   * with {@link DestinationDenied} naming the first refused one.
+   */
+  readonly lookup: LookupFunction = (hostname: string, options: LookupOneOptions | LookupAllOptions, callback: (...args: never[]) => void): void => {
+    const cb = callback as unknown as (err: Error | null, address?: string | LookupAddress[], family?: number) => void;
+    dnsLookup(hostname, { ...options, all: true }, (err, addresses) => {
+      if (err !== null) return cb(err);
+      const ok: LookupAddress[] = [];
+      let first: DestinationDenied | undefined;
+      for (const a of addresses) {
+        const why = this.refusal(a.address);
+        if (why === undefined) ok.push(a);
+        else first ??= new DestinationDenied(a.address, why, hostname);
+      }
+      if (ok.length === 0) return cb(first ?? Object.assign(new Error(`${hostname}: no address`), { code: "ENOTFOUND" }));
+      if ((options as LookupAllOptions).all === true) return cb(null, ok);
+      return cb(null, ok[0]!.address, ok[0]!.family);
+    });
+  };
+}
+
+/** The IPv4 address inside `::ffff:a.b.c.d` (mapped), `::a.b.c.d` (compatible) or `64:ff9b::a.b.c.d` (NAT64), in any spelling. */
+function embeddedIpv4(v6: string): string | undefined {
+  const words = expandIpv6(v6);
+  if (words === undefined) return undefined;
+  const high = words.slice(0, 6);
+  const zero5 = high.slice(0, 5).every((w) => w === 0);
+  const mapped = zero5 && high[5] === 0xffff;
+  const compatible = zero5 && high[5] === 0 && (words[6]! !== 0 || words[7]! > 1);
+  const nat64 = words[0] === 0x64 && words[1] === 0xff9b && high.slice(2).every((w) => w === 0);
+  if (!mapped && !compatible && !nat64) return undefined;
+  return [words[6]! >> 8, words[6]! & 0xff, words[7]! >> 8, words[7]! & 0xff].join(".");
+}
+
+/** The eight 16-bit words of an IPv6 address (with an optional dotted IPv4 tail). */
+function expandIpv6(v6: string): number[] | undefined {
+  let s = v6.toLowerCase();
+  const tail = /(\d+\.\d+\.\d+\.\d+)$/.exec(s);
+  if (tail !== null) {
+    const p = tail[1]!.split(".").map(Number);
+    s = `${s.slice(0, -tail[1]!.length)}${((p[0]! << 8) | p[1]!).toString(16)}:${((p[2]! << 8) | p[3]!).toString(16)}`;
+  }
+  const [head = "", rest] = s.split("::");
+  const a = head === "" ? [] : head.split(":");
+  const b = rest === undefined || rest === "" ? [] : rest.split(":");
+  const fill = rest === undefined ? 0 : 8 - a.length - b.length;
+  const words = [...a, ...Array<string>(Math.max(fill, 0)).fill("0"), ...b].map((w) => parseInt(w, 16));
+  return words.length === 8 && words.every((w) => Number.isInteger(w) && w >= 0 && w <= 0xffff) ? words : undefined;
+}
