@@ -5,6 +5,10 @@
  *
  * Lines go to a file (reopened on SIGHUP, for log rotation), to stdout, or nowhere. Writes
  * are asynchronous and batched by the stream; the request path never waits for the disk.
+ *
+ * Query strings are not logged unless asked for: they often carry tokens, session ids and
+ * personal data (as Squid's `strip_query_terms`, on by default). A stripped path keeps its "?"
+ * so that a reader sees there was a query.
  */
 import { createWriteStream, type WriteStream } from "node:fs";
 import type { Logger } from "../common/logger.js";
@@ -22,7 +26,7 @@ export interface AccessRecord {
   host: string;
   /** HTTP method; `CONNECT` for a tunnel-level record. */
   method: string;
-  /** Request path and query (empty for a tunnel). */
+  /** Request path with its query (empty for a tunnel); the sinks strip the query unless told to keep it. */
   path: string;
   /** HTTP status sent to the client (0 when none was sent). */
   status: number;
@@ -52,13 +56,37 @@ export interface AccessLog {
   close(): Promise<void>;
 }
 
-/** An access log that keeps records in memory (tests) or drops them. */
+/** Options of the access log sinks. */
+export interface AccessLogOptions {
+  /** Log query strings; default false (`/search?q=secret` is logged as `/search?`). */
+  readonly query?: boolean;
+}
+
+/** `path` as the log shows it: without its query string (the "?" kept) unless `query`. */
+export function loggedPath(path: string, query: boolean): string {
+  if (query) return path;
+  const q = path.indexOf("?");
+  return q < 0 ? path : path.slice(0, q + 1);
+}
+
+/** The record as the log shows it; the same object when nothing is stripped. */
+function redact(record: AccessRecord, query: boolean): AccessRecord {
+  const path = loggedPath(record.path, query);
+  return path === record.path ? record : { ...record, path };
+}
+
+/** An access log that keeps records in memory (tests) or drops them; it strips queries as the file log does. */
 export class MemoryAccessLog implements AccessLog {
   readonly records: (AccessRecord & { time: string })[] = [];
   private waiters: { pred: (r: AccessRecord) => boolean; resolve: (r: AccessRecord) => void }[] = [];
+  private readonly query: boolean;
+
+  constructor(options: AccessLogOptions = {}) {
+    this.query = options.query ?? false;
+  }
 
   write(record: AccessRecord): void {
-    const r = { time: new Date().toISOString(), ...record };
+    const r = { time: new Date().toISOString(), ...redact(record, this.query) };
     this.records.push(r);
     this.waiters = this.waiters.filter((w) => {
       if (!w.pred(r)) return true;
@@ -98,12 +126,13 @@ function line(record: AccessRecord): string {
 
 /**
  * Opens the access log: `"-"` for stdout, `"off"` for none, or a file path (appended to,
- * created 0600: it names clients and URLs).
+ * created 0600: it names clients and URLs). Query strings are stripped unless `options.query`.
  *
  * Lines are batched: records of the same turn of the event loop go out in one write (at most
  * every 20 ms, or at once past 64 KiB), not one system call per request.
  */
-export function createAccessLog(destination: string, logger?: Logger): AccessLog {
+export function createAccessLog(destination: string, logger?: Logger, options: AccessLogOptions = {}): AccessLog {
+  const query = options.query ?? false;
   if (destination === "off") {
     return { write() {}, reopen() {}, close: async () => {} };
   }
@@ -128,7 +157,7 @@ export function createAccessLog(destination: string, logger?: Logger): AccessLog
   };
   return {
     write(r) {
-      const l = line(r);
+      const l = line(redact(r, query));
       pending.push(l);
       size += l.length;
       if (size >= 64 * 1024) flush();

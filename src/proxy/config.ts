@@ -45,6 +45,11 @@ export const proxyProgram = defineProgram({
     requireAuth: { type: "boolean", description: "refuse clients without proxy credentials (407)", default: false },
     policy: { type: "string", description: "inspection policy file, JSON (block/bypass hosts, block URLs, scanning); reloaded on change and SIGHUP", valueName: "file" },
     accessLog: { type: "string", description: 'access log: a file path, "-" for stdout, or "off"', default: "-", valueName: "path" },
+    accessLogQuery: {
+      type: "boolean",
+      description: "keep query strings in the access log (they often carry tokens and personal data; by default /a?b=c is logged as /a?)",
+      default: false,
+    },
     extraCa: { type: "string", description: "more CA files (PEM, comma-separated) trusted for origins, besides Node's root store", valueName: "file,..." },
     systemRoots: { type: "boolean", description: "trust Node's root store for origins", default: true },
     allowPrivate: {
@@ -177,6 +182,7 @@ export async function resolveProxyConfig(loaded: LoadedConfig<typeof proxyProgra
     requireAuth,
     policyFile: v.policy,
     accessLog: v.accessLog,
+    accessLogQuery: v.accessLogQuery,
     extraCaPem: v.extraCa === undefined ? [] : await readPemFiles(v.extraCa),
     systemRoots: v.systemRoots,
     allowPrivate,

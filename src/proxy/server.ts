@@ -68,6 +68,8 @@ export interface ProxyServerOptions {
   readonly policyFile?: string;
   /** Access log destination: a path, "-" (stdout) or "off"; or a ready sink. */
   readonly accessLog?: string | AccessLog;
+  /** Log query strings (default false: `/a?b=c` is logged as `/a?`); for a path destination only. */
+  readonly accessLogQuery?: boolean;
   /** Extra CAs trusted for origins, PEM texts. */
   readonly extraCaPem?: readonly string[];
   /** Trust Node's root store for origins; default true. */
@@ -170,7 +172,7 @@ export class ProxyServer {
     const policy = await PolicyStore.create(options.policyFile, logger);
     const agent = options.agent ?? (options.agentSocket !== undefined ? new AgentClient({ socketPath: options.agentSocket, logger }) : undefined);
     if (agent === undefined) throw new Error("agent socket: not set; give --agent-socket with the key agent's Unix socket path");
-    const accessLog = typeof options.accessLog === "object" ? options.accessLog : createAccessLog(options.accessLog ?? "-", logger);
+    const accessLog = typeof options.accessLog === "object" ? options.accessLog : createAccessLog(options.accessLog ?? "-", logger, { query: options.accessLogQuery ?? false });
     const blockedCa = BlockedCa.create();
     // Ticket keys in memory only, shared by every leaf context: a session resumes across leaves
     // and cache evictions, and a restart invalidates every ticket.

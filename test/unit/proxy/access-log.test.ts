@@ -1,0 +1,65 @@
+import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { createAccessLog, loggedPath, MemoryAccessLog, type AccessRecord } from "../../../src/proxy/access-log.js";
+
+const dir = mkdtempSync(join(tmpdir(), "kmi-access-log-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const record = (path: string): AccessRecord => ({
+  tenant: "acme",
+  client: "127.0.0.1:5000",
+  host: "example.com",
+  method: "GET",
+  path,
+  status: 200,
+  bytes_up: 0,
+  bytes_down: 12,
+  decision: "allow",
+  duration_ms: 1.5,
+  proto: "http/1.1",
+});
+
+describe("access log query strings", () => {
+  it.each([
+    ["/search?q=secret&token=abc", false, "/search?"],
+    ["/search?q=secret&token=abc", true, "/search?q=secret&token=abc"],
+    ["/plain/path", false, "/plain/path"],
+    ["/?", false, "/?"],
+    ["", false, ""],
+    ["example.com:443", false, "example.com:443"],
+  ])("loggedPath(%j, query=%s) is %j", (path, query, expected) => {
+    expect(loggedPath(path, query)).toBe(expected);
+  });
+
+  it("the file log strips queries by default (file 0600) and keeps them when asked", async () => {
+    const stripped = join(dir, "stripped.log");
+    const log = createAccessLog(stripped, undefined);
+    const r = record("/login?session=s3cr3t-session-id");
+    log.write(r);
+    log.write(record("/static/app.js"));
+    await log.close();
+    const lines = readFileSync(stripped, "utf8").trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(lines.map((l) => l["path"])).toEqual(["/login?", "/static/app.js"]);
+    expect(readFileSync(stripped, "utf8")).not.toContain("s3cr3t");
+    expect(statSync(stripped).mode & 0o777).toBe(0o600);
+    // The caller's record is not changed (the policy and the relay still see the whole URL).
+    expect(r.path).toBe("/login?session=s3cr3t-session-id");
+
+    const kept = join(dir, "kept.log");
+    const log2 = createAccessLog(kept, undefined, { query: true });
+    log2.write(record("/login?session=abc"));
+    await log2.close();
+    expect(JSON.parse(readFileSync(kept, "utf8").trim())).toMatchObject({ path: "/login?session=abc", tenant: "acme", status: 200 });
+  });
+
+  it("the in-memory log strips as the file log does, unless told not to", () => {
+    const m = new MemoryAccessLog();
+    m.write(record("/a?b=c"));
+    expect(m.records[0]!.path).toBe("/a?");
+    const k = new MemoryAccessLog({ query: true });
+    k.write(record("/a?b=c"));
+    expect(k.records[0]!.path).toBe("/a?b=c");
+  });
+});
