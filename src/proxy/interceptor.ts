@@ -358,7 +358,13 @@ export class Interceptor {
       if (ctx.learned.pinnedBypass(match.tenant, host)) return this.tunnel(socket, tcp, peek.data, rec, "auto-bypass", log);
     }
     const offers = hello.alpn.filter((p) => INSPECTABLE_ALPN.has(p));
-    if (hello.alpn.length > 0 && offers.length === 0) return this.tunnel(socket, tcp, peek.data, rec, "alpn-uninspectable", log);
+    if (hello.alpn.length > 0 && offers.length === 0) {
+      if (policy.uninspectableAlpn === "tunnel") return this.tunnel(socket, tcp, peek.data, rec, "alpn-uninspectable", log);
+      tcp.destroy();
+      socket.destroy();
+      const offered = hello.alpn.map((p) => JSON.stringify(p).slice(0, 40)).slice(0, 8).join(", ");
+      return log("block", "alpn-uninspectable", `the client offers only protocols the proxy cannot inspect (${offered}); policy uninspectableAlpn is "block"`);
+    }
 
     const origin: OriginResult = await ctx.origins.connect({ host: target.host, port: target.port, servername: hello.serverName, alpn: offers, socket: tcp });
     if (origin.kind === "client-cert") {

@@ -11,6 +11,7 @@
  *   "scan":        {"eicar": true, "maxBodyBytes": 1048576, "holdMs": 2000},
  *   "autoBypass":  {"enabled": false, "threshold": 3, "windowSeconds": 300, "ttlSeconds": 3600},
  *   "nonTls":      "tunnel",
+ *   "uninspectableAlpn": "block",
  *   "clientCertOrigins": "bypass"
  * }
  * ```
@@ -81,6 +82,13 @@ export interface Policy {
   readonly autoBypass: AutoBypassSettings;
   /** What a CONNECT that does not carry TLS gets: a plain tunnel (default) or a close. */
   readonly nonTls: "tunnel" | "block";
+  /**
+   * What a ClientHello that offers only protocols the proxy cannot inspect (ALPN without h2 or
+   * http/1.1) gets: a close (default) or a plain tunnel. Why block by default: the offer is the
+   * client's to choose, and an origin may ignore ALPN and speak HTTP anyway, so tunnelling it
+   * would let any client skip inspection by offering a made-up protocol.
+   */
+  readonly uninspectableAlpn: "tunnel" | "block";
   /** What an origin that demands a client certificate gets: a plain tunnel (default) or a block. */
   readonly clientCertOrigins: "bypass" | "block";
 }
@@ -139,6 +147,7 @@ class CompiledPolicy implements Policy {
     readonly scan: ScanSettings,
     readonly autoBypass: AutoBypassSettings,
     readonly nonTls: "tunnel" | "block",
+    readonly uninspectableAlpn: "tunnel" | "block",
     readonly clientCertOrigins: "bypass" | "block",
   ) {}
 
@@ -228,7 +237,7 @@ function obj(value: unknown, field: string, keys: readonly string[]): Record<str
   return value as Record<string, unknown>;
 }
 
-const TOP_KEYS = ["blockHosts", "blockUrls", "bypassHosts", "scan", "autoBypass", "nonTls", "clientCertOrigins", "$comment"] as const;
+const TOP_KEYS = ["blockHosts", "blockUrls", "bypassHosts", "scan", "autoBypass", "nonTls", "uninspectableAlpn", "clientCertOrigins", "$comment"] as const;
 
 /** Validates a parsed policy document; throws InvalidArgument naming the first bad field. */
 export function parsePolicy(doc: unknown): Policy {
@@ -259,9 +268,11 @@ export function parsePolicy(doc: unknown): Policy {
   };
   const nonTls = top["nonTls"] ?? "tunnel";
   if (nonTls !== "tunnel" && nonTls !== "block") fail("policy.nonTls", 'must be "tunnel" or "block"');
+  const uninspectableAlpn = top["uninspectableAlpn"] ?? "block";
+  if (uninspectableAlpn !== "tunnel" && uninspectableAlpn !== "block") fail("policy.uninspectableAlpn", 'must be "tunnel" or "block"');
   const clientCertOrigins = top["clientCertOrigins"] ?? "bypass";
   if (clientCertOrigins !== "bypass" && clientCertOrigins !== "block") fail("policy.clientCertOrigins", 'must be "bypass" or "block"');
-  return new CompiledPolicy(blockHosts, bypassHosts, urls, scan, autoBypass, nonTls, clientCertOrigins);
+  return new CompiledPolicy(blockHosts, bypassHosts, urls, scan, autoBypass, nonTls, uninspectableAlpn, clientCertOrigins);
 }
 
 /** Reads and validates a policy file; errors name the file and the field. */

@@ -7,7 +7,7 @@ import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createServer, type Server } from "node:net";
-import { connect as tlsConnect, type TLSSocket } from "node:tls";
+import { connect as tlsConnect, createServer as createTlsServer, type TLSSocket } from "node:tls";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { makeTestPki, type TestPki } from "../../helpers/pki.js";
 import { startOrigin, type Origin } from "../../fixtures/proxy/origins.js";
@@ -17,10 +17,12 @@ let h: Harness;
 let good: Origin;
 let pki: TestPki;
 
+const POLICY = { bypassHosts: ["127.0.0.1", "*.bypass.localhost"], autoBypass: { enabled: true, threshold: 2, windowSeconds: 60, ttlSeconds: 60 } };
+
 beforeAll(async () => {
   pki = await makeTestPki(await mkdtemp(join(tmpdir(), "kmi-proxy-mtls-")));
   h = await startHarness({
-    policy: { bypassHosts: ["127.0.0.1", "*.bypass.localhost"], autoBypass: { enabled: true, threshold: 2, windowSeconds: 60, ttlSeconds: 60 } },
+    policy: POLICY,
     // The client-certificate origins below have a certificate the proxy trusts, as real ones do.
     extraCaPem: [await readFile(pki.ca.cert, "utf8")],
   });
@@ -92,6 +94,55 @@ describe("bypass", () => {
       expect(rec).toMatchObject({ decision: "bypass", rule: "non-tls" });
     } finally {
       echo.close();
+    }
+  });
+
+  it("a ClientHello offering only protocols the proxy cannot inspect is closed by default, tunnelled when the policy says so", async () => {
+    // Why not a tunnel by default: an origin may ignore ALPN and speak HTTP, so a made-up
+    // protocol would let any client skip inspection.
+    const before = good.requests;
+    const { socket, status } = await connectTunnel(h.port, `localhost:${good.port}`);
+    expect(status).toBe(200);
+    const refused = await new Promise<Error | undefined>((resolve) => {
+      const t = tlsConnect({ socket, servername: "localhost", ca: h.pki.caPem, ALPNProtocols: ["x-made-up"] });
+      t.once("secureConnect", () => resolve(undefined));
+      t.once("error", (err) => resolve(err));
+      t.once("close", () => resolve(new Error("closed")));
+    });
+    expect(refused).toBeDefined();
+    const rec = await h.log.waitFor((x) => x.path === `localhost:${good.port}` && x.rule === "alpn-uninspectable");
+    expect(rec).toMatchObject({ decision: "block", method: "CONNECT" });
+    expect(rec.error).toContain('offers only protocols the proxy cannot inspect ("x-made-up")');
+    expect(good.requests).toBe(before);
+
+    const reloads = h.proxy.context.policy.reloads;
+    await h.writePolicy({ ...POLICY, uninspectableAlpn: "tunnel" });
+    for (let i = 0; i < 50 && h.proxy.context.policy.reloads === reloads; i++) await new Promise((r) => setTimeout(r, 50));
+    expect(h.proxy.context.policy.current.uninspectableAlpn).toBe("tunnel");
+    // An origin that ignores ALPN (as many do) and speaks HTTP/1.1.
+    let served = 0;
+    const plainTls = createTlsServer({ cert: h.pki.good.cert, key: h.pki.good.key }, (s) => {
+      s.once("data", () => {
+        served++;
+        s.end("HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nhello\n");
+      });
+    });
+    await new Promise<void>((r) => plainTls.listen(0, "127.0.0.1", r));
+    const port = (plainTls.address() as { port: number }).port;
+    try {
+      // Tunnelled: the client sees the origin's own certificate, and the bytes are not inspected.
+      const t = await tlsThrough(`localhost:${port}`, { servername: "localhost", ca: h.pki.caPem, alpn: ["x-made-up"] });
+      expect(t.getPeerX509Certificate()!.issuer).toContain("origin test CA");
+      const r = await requestOver(t, "/hello", { host: "localhost" });
+      expect(r.body.toString()).toBe("hello\n");
+      expect(served).toBe(1);
+      const tun = await h.log.waitFor((x) => x.path === `localhost:${port}` && x.rule === "alpn-uninspectable");
+      expect(tun).toMatchObject({ decision: "bypass", method: "CONNECT" });
+    } finally {
+      const r2 = h.proxy.context.policy.reloads;
+      await h.writePolicy(POLICY);
+      for (let i = 0; i < 50 && h.proxy.context.policy.reloads === r2; i++) await new Promise((r) => setTimeout(r, 50));
+      plainTls.close();
     }
   });
 

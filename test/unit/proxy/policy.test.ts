@@ -9,6 +9,7 @@ describe("parsePolicy", () => {
     expect(p.scan).toEqual({ eicar: true, maxBodyBytes: 1048576, holdMs: 2000 });
     expect(p.autoBypass.enabled).toBe(false);
     expect(p.nonTls).toBe("tunnel");
+    expect(p.uninspectableAlpn).toBe("block");
     expect(p.clientCertOrigins).toBe("bypass");
     expect(defaultPolicy().scan.eicar).toBe(true);
   });
@@ -26,6 +27,7 @@ describe("parsePolicy", () => {
     ["eicar not a boolean", { scan: { eicar: "yes" } }, "policy.scan.eicar: must be true or false"],
     ["a zero threshold", { autoBypass: { threshold: 0 } }, "policy.autoBypass.threshold: must be an integer from 1"],
     ["a bad nonTls", { nonTls: "drop" }, 'policy.nonTls: must be "tunnel" or "block"'],
+    ["a bad uninspectableAlpn", { uninspectableAlpn: "bypass" }, 'policy.uninspectableAlpn: must be "tunnel" or "block"'],
     ["a bad clientCertOrigins", { clientCertOrigins: "tunnel" }, 'policy.clientCertOrigins: must be "bypass" or "block"'],
   ])("refuses %s, naming the field", (_n, doc, message) => {
     expect(() => parsePolicy(doc)).toThrow(InvalidArgument);
