@@ -4,12 +4,14 @@
  * It depends on node:crypto, the generated kmi.audit.v1 messages and the domain errors only.
  */
 export {
+  ALL_TENANTS,
   ATTESTATION_TOKEN_ISSUER,
   ATTESTATION_TOKEN_TYPE,
   DEFAULT_CLOCK_SKEW_SECONDS,
   MAX_ATTESTATION_TOKEN_LENGTH,
   decodeAttestationTokenUnverified,
   signAttestationToken,
+  tenClaimServes,
   verifyAttestationToken,
   type AttestationClaims,
   type AttestationSigningKey,

@@ -6,9 +6,15 @@
  *   claims  {"iss":"kmi-audit","sub":"<machine id>","grp":"<group>","ten":["<tenant>",…],
  *            "iat":<s>,"exp":<s>,"jti":"<128-bit base64url>","cnf":{"x5t#S256":"<base64url SHA-256 of the cert DER>"}}
  *
- * `ten` empty means every tenant. `cnf.x5t#S256` is the certificate confirmation of RFC 8705:
- * a verifier compares it with the client certificate of the mutual-TLS connection the token
- * arrived on, so a token copied off one machine is useless on another connection.
+ * `ten` lists the tenants whose secrets the machine may receive. `["*"]` (ALL_TENANTS alone) means
+ * every tenant, and is only written for a group made with `all_tenants`; `[]` means NO tenant
+ * (why: serving every tenant must be asked for, so a group made without tenants, or stored
+ * before `all_tenants` existed, fails closed). "*" is never a tenant id, and never appears
+ * beside one: the verifier refuses `["*", "acme"]` as malformed.
+ *
+ * `cnf.x5t#S256` is the certificate confirmation of RFC 8705: a verifier compares it with the
+ * client certificate of the mutual-TLS connection the token arrived on, so a token copied off
+ * one machine is useless on another connection.
  *
  * Verification is strict and names what is wrong (see AttestationTokenError): the header
  * must be exactly ES256 with the explicit `typ` (RFC 8725 §3.11, so no other JWT signed by
@@ -29,6 +35,13 @@ export const ATTESTATION_TOKEN_TYPE = "kmi-attestation+jwt";
 export const MAX_ATTESTATION_TOKEN_LENGTH = 8192;
 /** Default tolerance for an `iat` in the verifier's future (clocks of two servers differ). */
 export const DEFAULT_CLOCK_SKEW_SECONDS = 30;
+/** The one `ten` entry that means every tenant: `"ten": ["*"]`. Never a tenant id. */
+export const ALL_TENANTS = "*";
+
+/** True when a `ten` claim serves the tenant: it names it, or it is `["*"]`. `[]` serves none. */
+export function tenClaimServes(ten: readonly string[], tenantId: string): boolean {
+  return ten.includes(ALL_TENANTS) || ten.includes(tenantId);
+}
 
 /** The claims of an attestation token. */
 export interface AttestationClaims {
@@ -38,7 +51,7 @@ export interface AttestationClaims {
   sub: string;
   /** Machine group. */
   grp: string;
-  /** Tenants whose secrets the machine may receive; empty means every tenant. */
+  /** Tenants whose secrets the machine may receive; `["*"]` means every tenant, `[]` none. */
   ten: string[];
   /** Issued at, seconds since the epoch. */
   iat: number;
@@ -56,8 +69,10 @@ export interface AttestationTokenInput {
   machineId: string;
   /** Machine group. */
   group: string;
-  /** Tenants served; empty means all. */
+  /** Tenants served; must be empty when `allTenants`. Empty without `allTenants`: no tenant. */
   tenantIds: readonly string[];
+  /** Serve every tenant: written as `ten: ["*"]`. */
+  allTenants: boolean;
   /** SHA-256 of the machine certificate the token is bound to (32 bytes, hex or base64url). */
   certificateSha256: string | Uint8Array;
   /** Issue time. */
@@ -103,11 +118,13 @@ export function signAttestationToken(input: AttestationTokenInput, key: Attestat
   }
   if (input.machineId.length === 0) throw new InvalidArgument("machine_id: required");
   if (input.group.length === 0) throw new InvalidArgument("group: required");
+  if (input.allTenants && input.tenantIds.length > 0) throw new InvalidArgument("tenant_ids: give either tenant ids or all tenants, not both");
+  if (input.tenantIds.includes(ALL_TENANTS)) throw new InvalidArgument(`tenant_ids: "${ALL_TENANTS}" is not a tenant id; set allTenants to serve every tenant`);
   const claims: AttestationClaims = {
     iss: ATTESTATION_TOKEN_ISSUER,
     sub: input.machineId,
     grp: input.group,
-    ten: [...input.tenantIds],
+    ten: input.allTenants ? [ALL_TENANTS] : [...input.tenantIds],
     iat,
     exp,
     jti: input.jti ?? base64url(randomBytes(16)),
@@ -249,6 +266,8 @@ function readClaims(raw: Record<string, unknown>, malformed: (what: string) => A
   };
   const ten = raw["ten"];
   if (!Array.isArray(ten) || !ten.every((t): t is string => typeof t === "string")) throw malformed("claim ten is not a list of tenant ids");
+  // Why: a claim like ["*", "acme"] has no one reading; refuse it rather than guess.
+  if (ten.includes(ALL_TENANTS) && ten.length > 1) throw malformed(`claim ten mixes "${ALL_TENANTS}" with tenant ids`);
   const cnf = raw["cnf"];
   if (typeof cnf !== "object" || cnf === null || typeof (cnf as Record<string, unknown>)["x5t#S256"] !== "string") {
     throw malformed("claim cnf.x5t#S256 is missing");

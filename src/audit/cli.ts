@@ -56,7 +56,8 @@ async function init(argv: string[]): Promise<number> {
       "next:",
       `  kmi audit --data-dir ${v.dataDir}`,
       `  export KMI_CTL_AUDIT=https://127.0.0.1:7444 KMI_CTL_CA_FILE=${paths.infraCaPem} KMI_CTL_TOKEN_FILE=${v.tokenFile ?? "<file with the token>"}`,
-      "  kmi ctl group create edge",
+      "  # a group serves the tenants it names (--tenant, repeatable), or every tenant with --all-tenants",
+      "  kmi ctl group create edge --tenant acme",
       "",
     ].join("\n"),
   );

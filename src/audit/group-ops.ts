@@ -23,6 +23,7 @@ export async function createGroup(ctx: AuditContext, actor: string, g: NewGroup)
       recordVersion: RECORD_VERSION,
       name: g.name,
       tenantIds: g.tenantIds,
+      allTenants: g.allTenants,
       approved: [],
       quarantineOnMismatch: g.quarantineOnMismatch,
       certificateTtlSeconds: g.certificateTtlSeconds,
@@ -36,7 +37,7 @@ export async function createGroup(ctx: AuditContext, actor: string, g: NewGroup)
         target: `group/${g.name}`,
         outcome: "ok",
         details: {
-          tenants: g.tenantIds.length === 0 ? "*" : g.tenantIds.join(","),
+          tenants: g.allTenants ? "*" : g.tenantIds.join(","),
           quarantine_on_mismatch: String(g.quarantineOnMismatch),
           certificate_ttl_seconds: String(g.certificateTtlSeconds),
           token_ttl_seconds: String(g.tokenTtlSeconds),

@@ -25,6 +25,7 @@ export function groupToProto(g: MachineGroupRecord): Group {
   return create(GroupSchema, {
     name: g.name,
     tenantIds: [...g.tenantIds],
+    allTenants: g.allTenants,
     approved: g.approved.map((a) => ({ name: a.name, sha256: [...a.sha256] })),
     quarantineOnMismatch: g.quarantineOnMismatch,
     certificateTtlSeconds: g.certificateTtlSeconds,

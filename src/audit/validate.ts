@@ -75,13 +75,19 @@ function reason(value: string, field: string): string {
 /** A validated CreateGroupRequest, defaults resolved. */
 export interface NewGroup {
   name: string;
+  /** Sorted, unique; empty exactly when `allTenants`. */
   tenantIds: string[];
+  /** Serve every tenant. */
+  allTenants: boolean;
   quarantineOnMismatch: boolean;
   certificateTtlSeconds: number;
   tokenTtlSeconds: number;
 }
 
-/** Parses CreateGroupRequest. */
+/**
+ * Parses CreateGroupRequest. Exactly one of a non-empty `tenant_ids` or `all_tenants` is
+ * required. Why: a group made without tenants by mistake must not receive every tenant's keys.
+ */
 export function parseCreateGroup(req: CreateGroupRequest): NewGroup {
   const groupName = name(req.name, "name", "group name");
   const seen = new Set<string>();
@@ -91,9 +97,14 @@ export function parseCreateGroup(req: CreateGroupRequest): NewGroup {
     seen.add(t);
   });
   if (req.tenantIds.length > 1000) throw new InvalidArgument("tenant_ids: at most 1000");
+  if (req.allTenants && req.tenantIds.length > 0) throw new InvalidArgument("all_tenants: give either tenant_ids or all_tenants, not both");
+  if (!req.allTenants && req.tenantIds.length === 0) {
+    throw new InvalidArgument("tenant_ids: give the tenants this group's machines serve, or all_tenants to serve every tenant");
+  }
   return {
     name: groupName,
     tenantIds: [...seen].sort(),
+    allTenants: req.allTenants,
     quarantineOnMismatch: req.quarantineOnMismatch,
     certificateTtlSeconds: ttl(req.certificateTtlSeconds, "certificate_ttl_seconds", CERT_TTL),
     tokenTtlSeconds: ttl(req.tokenTtlSeconds, "token_ttl_seconds", TOKEN_TTL),

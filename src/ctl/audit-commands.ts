@@ -83,9 +83,18 @@ export function parseMeasurementFlags(values: readonly string[]): Map<string, Se
   return out;
 }
 
+/**
+ * The tenants a group serves, for people: `all` for an all_tenants group, "none" for a group
+ * stored with neither (made before all_tenants existed; it serves no tenant now).
+ */
+function groupTenants(g: Group, sep: string, all: string): string {
+  if (g.allTenants) return all;
+  return g.tenantIds.length === 0 ? "none" : g.tenantIds.join(sep);
+}
+
 const groupColumns = [
   { header: "name", value: (g: Group) => g.name },
-  { header: "tenants", value: (g: Group) => (g.tenantIds.length === 0 ? "*" : g.tenantIds.join(",")) },
+  { header: "tenants", value: (g: Group) => groupTenants(g, ",", "*") },
   { header: "measurements", value: (g: Group) => g.approved.map((a) => `${a.name}(${a.sha256.length})`).join(",") },
   { header: "quarantine on mismatch", value: (g: Group) => (g.quarantineOnMismatch ? "yes" : "no") },
   { header: "cert ttl", value: (g: Group) => `${g.certificateTtlSeconds}s` },
@@ -96,7 +105,7 @@ function groupFields(g: Group): string {
   return (
     renderFields([
       ["group", g.name],
-      ["tenants", g.tenantIds.length === 0 ? "* (all)" : g.tenantIds.join(", ")],
+      ["tenants", groupTenants(g, ", ", "* (all tenants)")],
       ["quarantine on mismatch", g.quarantineOnMismatch ? "yes" : "no"],
       ["certificate ttl", `${g.certificateTtlSeconds} s`],
       ["token ttl", `${g.tokenTtlSeconds} s`],
@@ -127,18 +136,34 @@ const groupCommands: Command[] = [
     name: ["group", "create"],
     args: "NAME",
     summary: "make a machine group (operator)",
-    details: "example:\n  kmi ctl group create edge --tenant acme --quarantine-on-mismatch\n  kmi ctl group approve-measurements edge --measure agent.code=/opt/kmi/dist --measure proxy.config=/etc/kmi/proxy.json",
+    details: [
+      "Give the tenants the group's machines serve: --tenant ID (repeatable), or --all-tenants to",
+      "serve every tenant, present and future. One of them is required: a group never serves every",
+      "tenant by default.",
+      "",
+      "example:",
+      "  kmi ctl group create edge --tenant acme --tenant globex --quarantine-on-mismatch",
+      "  kmi ctl group create core --all-tenants",
+      "  kmi ctl group approve-measurements edge --measure agent.code=/opt/kmi/dist --measure proxy.config=/etc/kmi/proxy.json",
+    ].join("\n"),
     flags: {
       ...auditConnectionFlags,
-      tenant: { type: "list", value: "ID", help: "tenant whose secrets the group's machines receive (default: every tenant)" },
+      tenant: { type: "list", value: "ID", help: "a tenant whose secrets the group's machines receive; this or --all-tenants is required" },
+      "all-tenants": { type: "bool", help: "the group's machines receive every tenant's secrets, present and future" },
       "quarantine-on-mismatch": { type: "bool", help: "quarantine a machine automatically when its attestation fails on a measurement" },
       "cert-ttl": { type: "int", value: "SECONDS", help: "machine certificate lifetime, 300 to 2592000 (default 86400)" },
       "token-ttl": { type: "int", value: "SECONDS", help: "attestation token lifetime, 60 to 3600 (default 300)" },
     },
     async run(ctx) {
+      const name = ctx.args.positional("NAME");
+      const tenantIds = ctx.args.list("tenant");
+      const allTenants = ctx.args.bool("all-tenants");
+      if (tenantIds.length === 0 && !allTenants) throw new UsageError("give --tenant <id> (repeatable) for the tenants this group serves, or --all-tenants to serve every tenant");
+      if (tenantIds.length > 0 && allTenants) throw new UsageError("give either --tenant or --all-tenants, not both");
       const res = await admin(ctx).createGroup({
-        name: ctx.args.positional("NAME"),
-        tenantIds: ctx.args.list("tenant"),
+        name,
+        tenantIds,
+        allTenants,
         quarantineOnMismatch: ctx.args.bool("quarantine-on-mismatch"),
         certificateTtlSeconds: ctx.args.int("cert-ttl"),
         tokenTtlSeconds: ctx.args.int("token-ttl"),

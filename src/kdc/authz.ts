@@ -14,7 +14,7 @@ import type { RoleName } from "./validate.js";
 export interface MachineAttestation {
   /** Machine group (`grp`). */
   group: string;
-  /** Tenants whose secrets the machine may receive (`ten`); empty means every tenant. */
+  /** Tenants whose secrets the machine may receive (`ten`): `["*"]` means every tenant, `[]` none. */
   tenantIds: readonly string[];
   /** When the token expires (`exp`): watch streams end then. */
   expiresAt: Date;

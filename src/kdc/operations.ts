@@ -7,6 +7,7 @@
  */
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { tenClaimServes } from "../attest/index.js";
 import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound } from "../common/errors.js";
 import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
 import { Role } from "../gen/kmi/kdc/v1/admin_pb.js";
@@ -465,15 +466,15 @@ export class KdcOperations {
   // ---- rollout ----
 
   /**
-   * ReportHeldVersions: one rollout record per tenant the machine serves (the token's `ten`, or
-   * every tenant), holding the intermediate version it reports for that tenant (the active one
-   * when it holds it, else the newest; 0 when none), in one batch with its audit entry. An entry
-   * whose key id is not its version's key is not believed (recorded as not held).
+   * ReportHeldVersions: one rollout record per tenant the machine serves (the tenants of the
+   * token's `ten`, every tenant for `["*"]`, none for `[]`), holding the intermediate version it
+   * reports for that tenant (the active one when it holds it, else the newest; 0 when none), in
+   * one batch with its audit entry. An entry whose key id is not its version's key is not
+   * believed (recorded as not held).
    */
   async reportHeldVersions(caller: AttestedMachine, input: V.ReportHeldVersionsInput): Promise<MachineRolloutRecord[]> {
     const a = caller.attestation;
-    const served = new Set(a.tenantIds);
-    const tenants = (await this.ctx.store.listTenants()).filter((t) => served.size === 0 || served.has(t.tenantId));
+    const tenants = (await this.ctx.store.listTenants()).filter((t) => tenClaimServes(a.tenantIds, t.tenantId));
     const now = timestampFromDate(this.now());
     const records: MachineRolloutRecord[] = [];
     const summary: string[] = [];

@@ -1,14 +1,15 @@
 /**
  * Releasing secrets to machines: which secrets a machine gets (the active intermediate of every
- * tenant its attestation token names, every tenant when it names none, plus the tenants'
- * non-revoked signing keys), unsealing each key in memory only for the wrap, wrapping it to the
- * machine certificate's P-256 key (src/keywrap: ECIES, aad "<machine>|<tenant>|<key>|<version>"),
- * the lease, and the fail-closed audit entry ("secret.release") written BEFORE a wrapped key
- * leaves the KDC.
+ * tenant its attestation token names, every tenant only when the token says `ten: ["*"]`, none
+ * when it says `[]`, plus the tenants' non-revoked signing keys), unsealing each key in memory
+ * only for the wrap, wrapping it to the machine certificate's P-256 key (src/keywrap: ECIES, aad
+ * "<machine>|<tenant>|<key>|<version>"), the lease, and the fail-closed audit entry
+ * ("secret.release") written BEFORE a wrapped key leaves the KDC.
  */
 import { X509Certificate, type KeyObject } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { ALL_TENANTS, tenClaimServes } from "../attest/index.js";
 import { KeyAlgorithm, KeyPurpose } from "../gen/kmi/common/v1/common_pb.js";
 import { ReleasedSecretSchema, type ReleasedSecret } from "../gen/kmi/kdc/v1/distribution_pb.js";
 import type { IntermediateVersionRecord, SigningKeyRecord } from "../gen/kmi/store/v1/kdc_pb.js";
@@ -97,19 +98,22 @@ export class SecretRelease {
   constructor(private readonly ctx: Pick<KdcContext, "store" | "sealer" | "audit" | "pki" | "clock" | "leaseMs">) {}
 
   /**
-   * The tenants a token serves that exist: those named in `ten`, or every tenant when it names
-   * none. A named tenant that does not exist is left out.
+   * The tenants a token serves that exist: those named in `ten`, every tenant when it is
+   * `["*"]`, none when it is `[]`. A named tenant that does not exist is left out.
    */
   async servedTenants(tenantIds: readonly string[]): Promise<string[]> {
+    // Why no shortcut for []: serving every tenant must be explicit ("*"), so a token of a group
+    // made without tenants (or stored before all_tenants existed) releases nothing.
+    if (tenantIds.length === 0) return [];
     const all = (await this.ctx.store.listTenants()).map((t) => t.tenantId);
-    if (tenantIds.length === 0) return all;
+    if (tenantIds.includes(ALL_TENANTS)) return all;
     const wanted = new Set(tenantIds);
     return all.filter((t) => wanted.has(t));
   }
 
-  /** True when a token's `ten` claim covers the tenant. */
+  /** True when a token's `ten` claim covers the tenant: it names it, or it is `["*"]`. `[]` covers none. */
   static serves(tenantIds: readonly string[], tenantId: string): boolean {
-    return tenantIds.length === 0 || tenantIds.includes(tenantId);
+    return tenClaimServes(tenantIds, tenantId);
   }
 
   /**

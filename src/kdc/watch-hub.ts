@@ -57,7 +57,7 @@ interface Watcher {
   readonly id: number;
   readonly machineId: string;
   readonly recipient: Recipient;
-  /** Tenants of the token's `ten` claim; empty means every tenant. */
+  /** Tenants of the token's `ten` claim: `["*"]` means every tenant, `[]` none. */
   readonly tenantIds: readonly string[];
   readonly queue: WatchSecretsResponse[];
   /** Set once the stream is to end: OK (no error) or with `error`, after the queue drains. */

@@ -183,8 +183,9 @@ export async function ensureGroup(c: ServerClients, tenant: string, want: readon
   if (group === undefined) {
     progress.step("audit", `creating machine group ${GROUP} (tenant ${tenant})…`);
     group = (await c.auditAdmin.createGroup({ name: GROUP, tenantIds: [tenant], quarantineOnMismatch: false })).group;
-  } else if (group.tenantIds.length > 0 && !group.tenantIds.includes(tenant)) {
-    progress.warn("audit", `machine group ${GROUP} does not serve tenant ${tenant} (it serves ${group.tenantIds.join(", ")}); the agent will not receive its key`);
+  } else if (!group.allTenants && !group.tenantIds.includes(tenant)) {
+    const serves = group.tenantIds.length === 0 ? "no tenant: it was made before all_tenants existed" : `it serves ${group.tenantIds.join(", ")}`;
+    progress.warn("audit", `machine group ${GROUP} does not serve tenant ${tenant} (${serves}); the agent will not receive its key`);
   }
   if (group !== undefined && sameApproval(group.approved, want)) {
     progress.step("audit", `group ${GROUP}: this build's measurements are approved`);

@@ -11,7 +11,7 @@ import { auditClients, ctl, KMI, sh, startMesh, TestMachine, type Mesh } from ".
 let mesh: Mesh;
 beforeAll(async () => {
   mesh = await startMesh();
-  for (const [name, extra] of [["edge", ["--tenant", "acme"]], ["core", []]] as const) {
+  for (const [name, extra] of [["edge", ["--tenant", "acme"]], ["core", ["--all-tenants"]]] as const) {
     const r = await ctl(mesh, ["group", "create", name, ...extra]);
     expect(r, r.stderr).toMatchObject({ code: 0 });
     const a = await ctl(mesh, ["group", "approve-measurements", name, "--measurement", `agent.code=${"a".repeat(64)}`]);
@@ -29,6 +29,27 @@ async function joinToken(group: string, extra: string[] = []): Promise<string> {
 function codeOf(err: unknown): string {
   return ConnectError.from(err).code.toString();
 }
+
+describe("groups through kmi ctl", () => {
+  it("refuses group create without --tenant or --all-tenants before calling the Auditserver, and makes nothing", async () => {
+    const r = await ctl(mesh, ["group", "create", "nobody"]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/^kmi ctl: give --tenant <id> \(repeatable\) for the tenants this group serves, or --all-tenants to serve every tenant/);
+    const list = await ctl(mesh, ["group", "list", "--json"]);
+    expect(JSON.parse(list.stdout).groups.map((g: { name: string }) => g.name)).not.toContain("nobody");
+  });
+
+  it("lists an all-tenants group as * and carries allTenants in --json", async () => {
+    const human = await ctl(mesh, ["group", "list"]);
+    expect(human.code).toBe(0);
+    expect(human.stdout).toMatch(/^core\s+\*\s/m);
+    expect(human.stdout).toMatch(/^edge\s+acme\s/m);
+    const list = await ctl(mesh, ["group", "list", "--json"]);
+    const groups = JSON.parse(list.stdout).groups as { name: string; tenantIds: string[]; allTenants: boolean }[];
+    expect(groups.find((g) => g.name === "core")).toMatchObject({ tenantIds: [], allTenants: true });
+    expect(groups.find((g) => g.name === "edge")).toMatchObject({ tenantIds: ["acme"], allTenants: false });
+  });
+});
 
 describe("enrollment with a real KDC", () => {
   it("gives a token of group edge an edge identity: URI SAN and OU as openssl reads them, chained to the infrastructure CA", async () => {

@@ -133,6 +133,21 @@ describe("FetchSecrets", () => {
     expect(() => unwrapKey({ ...s.wrappedKey!, aad: formatWrapAad({ machineId: B.machineId, tenantId: "acme", keyId: s.keyId, version: 1 }) }, A.key)).toThrow(/does not open/);
   });
 
+  it('a token with ten [] gets no secrets and opens an empty watch; ten ["*"] gets every tenant, one made later too', async () => {
+    const none = tok(B, { tenants: [] });
+    expect((await dist(B).fetchSecrets({ attestationToken: none })).secrets).toEqual([]);
+    const w = watch(B, none);
+    expect((await w.next(WatchEventType.SNAPSHOT)).ev.secrets).toEqual([]);
+    w.close();
+    await w.done;
+    const tenantsOf = async (token: string) => [...new Set((await dist(B).fetchSecrets({ attestationToken: token })).secrets.map((x) => x.tenantId))].sort();
+    expect(await tenantsOf(tok(B, { tenants: "all" }))).toEqual(["acme"]);
+    await ops().admin.createTenant({ tenantId: "globex", bootstrapKmiSigned: true });
+    expect(await tenantsOf(tok(B, { tenants: "all" }))).toEqual(["acme", "globex"]);
+    expect(await tenantsOf(tok(B, { tenants: ["globex"] }))).toEqual(["globex"]);
+    expect(await tenantsOf(tok(B, { tenants: [] }))).toEqual([]);
+  });
+
   it.each([
     ["a missing token", () => dist(A), () => "", /^attestation_token: required/],
     ["an expired token", () => dist(A), () => tok(A, { ttlMs: -5000 }), /^attestation token: expired at/],

@@ -15,7 +15,7 @@ import { promisify } from "node:util";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, expect, it } from "vitest";
-import { createAttestRequest } from "../../../src/attest/index.js";
+import { createAttestRequest, decodeAttestationTokenUnverified } from "../../../src/attest/index.js";
 import { AuditAdminService } from "../../../src/gen/kmi/audit/v1/admin_pb.js";
 import { AuditService } from "../../../src/gen/kmi/audit/v1/audit_pb.js";
 import { WatchEventType, type WatchSecretsResponse } from "../../../src/gen/kmi/kdc/v1/distribution_pb.js";
@@ -65,6 +65,27 @@ function auditClients(opts: { token?: string; m?: Machine } = {}) {
   return { audit: createClient(AuditService, transport), admin: createClient(AuditAdminService, transport) };
 }
 
+/** Enrolls a machine in `group` at the real Auditserver; `attest` gets it a token for measurement agent.code = `digest`. */
+async function enrolledMachine(group: string, digest: string): Promise<{ machine: Machine; attest: () => Promise<string> }> {
+  const join = await auditClients({ token: data.token }).admin.createJoinToken({ group, ttlSeconds: 600 });
+  const m = new Machine("pending");
+  const enrolled = await auditClients().audit.enroll({ joinToken: join.secret, csrPem: m.csrPem(), hostname: "proxy-1" });
+  const machine = Object.assign(new Machine(enrolled.machineId, group), { certPem: enrolled.certificatePem });
+  Object.defineProperty(machine, "key", { value: m.key });
+  const attest = async () => {
+    const c = auditClients({ m: machine }).audit;
+    const nonce = (await c.getAttestationNonce({})).nonce;
+    return (await c.attest(createAttestRequest({ machineId: machine.machineId, nonce, measurements: [{ name: "agent.code", sha256: digest }], softwareVersion: "0.1.0", time: new Date() }, machine.key))).attestationToken;
+  };
+  return { machine, attest };
+}
+
+function dist(machine: Machine) {
+  const c = distributionClient(kdc.url, caPem, machine);
+  closers.push(c.close);
+  return c.client;
+}
+
 beforeAll(async () => {
   data = await initDataDir();
   caPem = await readFile(data.caFile, "utf8");
@@ -99,24 +120,11 @@ it("a machine attested by the real Auditserver gets its secrets; quarantine at t
   const digest = createHash("sha256").update("agent code").digest("hex");
   await admin.createGroup({ name: "edge", tenantIds: ["acme"] });
   await admin.approveMeasurements({ group: "edge", approved: [{ name: "agent.code", sha256: [digest] }] });
-  const join = await admin.createJoinToken({ group: "edge", ttlSeconds: 600 });
-  const m = new Machine("pending");
-  const enrolled = await auditClients().audit.enroll({ joinToken: join.secret, csrPem: m.csrPem(), hostname: "proxy-1" });
-  const machine = Object.assign(new Machine(enrolled.machineId), { certPem: enrolled.certificatePem });
-  Object.defineProperty(machine, "key", { value: m.key });
-  const attest = async () => {
-    const c = auditClients({ m: machine }).audit;
-    const nonce = (await c.getAttestationNonce({})).nonce;
-    return (await c.attest(createAttestRequest({ machineId: machine.machineId, nonce, measurements: [{ name: "agent.code", sha256: digest }], softwareVersion: "0.1.0", time: new Date() }, machine.key))).attestationToken;
-  };
+  const { machine, attest } = await enrolledMachine("edge", digest);
   const token = await attest();
+  expect(decodeAttestationTokenUnverified(token)?.claims["ten"]).toEqual(["acme"]);
 
-  const dist = () => {
-    const c = distributionClient(kdc.url, caPem, machine);
-    closers.push(c.close);
-    return c.client;
-  };
-  const res = await dist().fetchSecrets({ attestationToken: token });
+  const res = await dist(machine).fetchSecrets({ attestationToken: token });
   expect(res.secrets.map((s) => s.tenantId)).toEqual(["acme"]);
   expect(unwrapKey(res.secrets[0]!.wrappedKey!, machine.key).asymmetricKeyType).toBe("ec");
 
@@ -125,7 +133,7 @@ it("a machine attested by the real Auditserver gets its secrets; quarantine at t
   const abort = new AbortController();
   const done = (async () => {
     try {
-      for await (const ev of dist().watchSecrets({ attestationToken: token }, { signal: abort.signal })) events.push(ev);
+      for await (const ev of dist(machine).watchSecrets({ attestationToken: token }, { signal: abort.signal })) events.push(ev);
     } catch (err) {
       streamError = err;
     }
@@ -139,10 +147,33 @@ it("a machine attested by the real Auditserver gets its secrets; quarantine at t
   expect(pushedMs).toBeLessThan(2000);
   await done;
   expect((streamError as ConnectError).code).toBe(Code.PermissionDenied);
-  const refused = await dist().fetchSecrets({ attestationToken: token }).then(() => undefined, (e: unknown) => e as ConnectError);
+  const refused = await dist(machine).fetchSecrets({ attestationToken: token }).then(() => undefined, (e: unknown) => e as ConnectError);
   expect(refused?.code).toBe(Code.PermissionDenied);
   expect(refused?.rawMessage).toMatch(/quarantined \(lost in transit\)/);
 
   await admin.releaseMachine({ machineId: machine.machineId, reason: "found again" });
-  await until("served again", async () => dist().fetchSecrets({ attestationToken: await attest() }).then(() => true, () => false), 5000);
+  await until("served again", async () => dist(machine).fetchSecrets({ attestationToken: await attest() }).then(() => true, () => false), 5000);
+});
+
+it('a group must name its tenants or say all_tenants; an all_tenants group\'s token says ten ["*"] and the KDC releases every tenant to it', async () => {
+  const ops = operator(kdc.url, caPem, data.token);
+  await until("the KDC loaded the Auditserver's key", async () => (await ops.admin.getKdcStatus({})).attestationKeyLoaded, 20_000);
+  const admin = auditClients({ token: data.token }).admin;
+  const refused = await admin.createGroup({ name: "core" }).then(() => undefined, (e: unknown) => ConnectError.from(e));
+  expect(refused?.code).toBe(Code.InvalidArgument);
+  expect(refused?.rawMessage).toBe("tenant_ids: give the tenants this group's machines serve, or all_tenants to serve every tenant");
+  expect((await admin.listGroups({})).groups.map((g) => g.name)).not.toContain("core");
+
+  await ops.admin.createTenant({ tenantId: "globex", bootstrapKmiSigned: true });
+  const digest = createHash("sha256").update("core agent code").digest("hex");
+  const { group } = await admin.createGroup({ name: "core", allTenants: true });
+  expect(group).toMatchObject({ name: "core", tenantIds: [], allTenants: true });
+  await admin.approveMeasurements({ group: "core", approved: [{ name: "agent.code", sha256: [digest] }] });
+  const { machine, attest } = await enrolledMachine("core", digest);
+  const token = await attest();
+  expect(decodeAttestationTokenUnverified(token)?.claims).toMatchObject({ grp: "core", ten: ["*"] });
+  const all = (await ops.admin.listTenants({})).tenants.map((t) => t.tenantId).sort();
+  expect(all).toEqual(["acme", "globex"]);
+  const res = await dist(machine).fetchSecrets({ attestationToken: token });
+  expect([...new Set(res.secrets.map((s) => s.tenantId))].sort()).toEqual(all);
 });

@@ -1,12 +1,14 @@
 import { createHash, generateKeyPairSync, randomBytes, sign, type KeyObject } from "node:crypto";
 import { describe, expect, it } from "vitest";
 import {
+  ALL_TENANTS,
   AttestationTokenError,
   attestationKeyId,
   base64url,
   decodeAttestationTokenUnverified,
   publicKeyPem,
   signAttestationToken,
+  tenClaimServes,
   verifyAttestationToken,
   type AttestationTokenProblem,
 } from "../../../src/attest/index.js";
@@ -25,6 +27,7 @@ function issue(overrides: Partial<Parameters<typeof signAttestationToken>[0]> = 
       machineId: "m-00000000000000aa",
       group: "edge",
       tenantIds: ["acme"],
+      allTenants: false,
       certificateSha256: certA,
       issuedAt: T0,
       expiresAt: at(300),
@@ -68,6 +71,24 @@ describe("attestation token", () => {
       jti: "fixed-jti",
       cnf: { "x5t#S256": base64url(certA) },
     });
+  });
+
+  it('writes every tenant as ten ["*"] and no tenant as ten [], and the verifier keeps both apart', () => {
+    const all = issue({ tenantIds: [], allTenants: true });
+    expect(all.claims.ten).toEqual(["*"]);
+    expect(verifyAttestationToken(all.token, auditKey.publicKey, expectations).ten).toEqual([ALL_TENANTS]);
+    const none = issue({ tenantIds: [], allTenants: false });
+    expect(none.claims.ten).toEqual([]);
+    expect(verifyAttestationToken(none.token, auditKey.publicKey, expectations).ten).toEqual([]);
+  });
+
+  it.each<[string, string[], string, boolean]>([
+    ['["*"] serves any tenant', ["*"], "acme", true],
+    ["[] serves no tenant", [], "acme", false],
+    ["a list serves its tenants", ["acme", "globex"], "globex", true],
+    ["a list serves no other tenant", ["acme"], "globex", false],
+  ])("tenClaimServes: %s", (_name, ten, tenant, want) => {
+    expect(tenClaimServes(ten, tenant)).toBe(want);
   });
 
   it("is a compact JWS with an explicit ES256 header and a 64-byte signature", () => {
@@ -141,6 +162,7 @@ describe("attestation token", () => {
     ["exp as a string", () => forge(header(), { ...claimsOf(good()), exp: "9999999999" }), {}, "malformed", /claim exp/],
     ["no cnf", () => forge(header(), { ...claimsOf(good()), cnf: undefined }), {}, "malformed", /cnf/],
     ["ten not a list", () => forge(header(), { ...claimsOf(good()), ten: "acme" }), {}, "malformed", /claim ten/],
+    ['ten mixing "*" with a tenant', () => forge(header(), { ...claimsOf(good()), ten: ["*", "acme"] }), {}, "malformed", /claim ten mixes "\*" with tenant ids/],
     ["two parts", () => good().split(".").slice(0, 2).join("."), {}, "malformed", /3 dot-separated parts, got 2/],
     ["empty", () => "", {}, "malformed", /empty/],
     ["padded base64", () => good().replace(/\.([^.]+)$/, ".$1=="), {}, "malformed", /signature/],
@@ -180,7 +202,9 @@ describe("attestation token", () => {
     expect(() => issue({ expiresAt: T0 })).toThrow(/expires_at/);
     expect(() => issue({ certificateSha256: randomBytes(20) })).toThrow(/certificate_sha256/);
     expect(() => issue({ machineId: "" })).toThrow(/machine_id/);
-    expect(() => signAttestationToken({ machineId: "m-1", group: "g", tenantIds: [], certificateSha256: certA, issuedAt: T0, expiresAt: at(60) }, { privateKey: auditKey.publicKey })).toThrow(/not a private key/);
+    expect(() => signAttestationToken({ machineId: "m-1", group: "g", tenantIds: [], allTenants: false, certificateSha256: certA, issuedAt: T0, expiresAt: at(60) }, { privateKey: auditKey.publicKey })).toThrow(/not a private key/);
+    expect(() => issue({ tenantIds: ["acme"], allTenants: true })).toThrow(/^tenant_ids: give either tenant ids or all tenants, not both$/);
+    expect(() => issue({ tenantIds: ["*"] })).toThrow(/^tenant_ids: "\*" is not a tenant id; set allTenants to serve every tenant$/);
   });
 
   it("gives a fresh jti to every token", () => {

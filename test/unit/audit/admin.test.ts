@@ -14,7 +14,7 @@ afterEach(async () => h.close());
 
 type Call = (opts: { headers: Record<string, string> }) => Promise<unknown>;
 const calls: [string, Call][] = [
-  ["CreateGroup", (o) => h.admin.createGroup({ name: "g1" }, o)],
+  ["CreateGroup", (o) => h.admin.createGroup({ name: "g1", tenantIds: ["acme"] }, o)],
   ["ListGroups", (o) => h.admin.listGroups({}, o)],
   ["ApproveMeasurements", (o) => h.admin.approveMeasurements({ group: "g1", approved: [] }, o)],
   ["CreateJoinToken", (o) => h.admin.createJoinToken({ group: "g1" }, o)],
@@ -56,7 +56,16 @@ describe("groups and join tokens", () => {
     const { group } = await h.admin.createGroup({ name: "edge", tenantIds: ["globex", "acme"] }, h.operator);
     expect(group).toMatchObject({ name: "edge", tenantIds: ["acme", "globex"], certificateTtlSeconds: 86400, tokenTtlSeconds: 300, approved: [] });
     expect((await h.admin.listGroups({}, h.operator)).groups.map((g) => g.name)).toEqual(["edge"]);
-    expect(await lastEntry(h)).toMatchObject({ actor: "token:00000000000000aa", action: "group.create", target: "group/edge", outcome: "ok" });
+    expect(await lastEntry(h)).toMatchObject({ actor: "token:00000000000000aa", action: "group.create", target: "group/edge", outcome: "ok", details: expect.objectContaining({ tenants: "acme,globex" }) });
+    expect(await h.store.get(Tables.groups, "edge")).toMatchObject({ tenantIds: ["acme", "globex"], allTenants: false });
+  });
+
+  it("creates a group serving every tenant only when all_tenants says so, and stores and logs it", async () => {
+    const { group } = await h.admin.createGroup({ name: "core", allTenants: true }, h.operator);
+    expect(group).toMatchObject({ name: "core", tenantIds: [], allTenants: true });
+    expect(await h.store.get(Tables.groups, "core")).toMatchObject({ tenantIds: [], allTenants: true });
+    expect((await h.admin.listGroups({}, h.operator)).groups).toEqual([expect.objectContaining({ name: "core", allTenants: true, tenantIds: [] })]);
+    expect(await lastEntry(h)).toMatchObject({ action: "group.create", target: "group/core", outcome: "ok", details: expect.objectContaining({ tenants: "*" }) });
   });
 
   it("replaces the approved set and pins it in the audit log", async () => {
@@ -86,9 +95,13 @@ describe("groups and join tokens", () => {
     ["an empty group name", () => h.admin.createGroup({ name: "" }, h.operator), "invalid_argument", /^name: required/],
     ["a bad tenant id", () => h.admin.createGroup({ name: "g", tenantIds: ["ok", "Not OK"] }, h.operator), "invalid_argument", /^tenant_ids\[1\]: /],
     ["a duplicate tenant", () => h.admin.createGroup({ name: "g", tenantIds: ["a", "a"] }, h.operator), "invalid_argument", /^tenant_ids\[1\]: "a" given twice/],
-    ["a certificate TTL too short", () => h.admin.createGroup({ name: "g", certificateTtlSeconds: 299 }, h.operator), "invalid_argument", /^certificate_ttl_seconds: 299 is out of range; give 300 to 2592000/],
-    ["a token TTL too long", () => h.admin.createGroup({ name: "g", tokenTtlSeconds: 3601 }, h.operator), "invalid_argument", /^token_ttl_seconds: 3601 is out of range/],
-    ["an existing group", () => h.admin.createGroup({ name: "edge" }, h.operator), "already_exists", /^name: group "edge" exists/],
+    ["a group without tenant_ids or all_tenants", () => h.admin.createGroup({ name: "g" }, h.operator), "invalid_argument", /^tenant_ids: give the tenants this group's machines serve, or all_tenants to serve every tenant$/],
+    ["a group with an empty tenant_ids and all_tenants false", () => h.admin.createGroup({ name: "g", tenantIds: [], allTenants: false }, h.operator), "invalid_argument", /^tenant_ids: give the tenants this group's machines serve, or all_tenants to serve every tenant$/],
+    ["a group with both tenant_ids and all_tenants", () => h.admin.createGroup({ name: "g", tenantIds: ["acme"], allTenants: true }, h.operator), "invalid_argument", /^all_tenants: give either tenant_ids or all_tenants, not both$/],
+    ['"*" as a tenant id', () => h.admin.createGroup({ name: "g", tenantIds: ["*"] }, h.operator), "invalid_argument", /^tenant_ids\[0\]: "\*" is not a valid tenant id/],
+    ["a certificate TTL too short", () => h.admin.createGroup({ name: "g", tenantIds: ["acme"], certificateTtlSeconds: 299 }, h.operator), "invalid_argument", /^certificate_ttl_seconds: 299 is out of range; give 300 to 2592000/],
+    ["a token TTL too long", () => h.admin.createGroup({ name: "g", tenantIds: ["acme"], tokenTtlSeconds: 3601 }, h.operator), "invalid_argument", /^token_ttl_seconds: 3601 is out of range/],
+    ["an existing group", () => h.admin.createGroup({ name: "edge", tenantIds: ["acme"] }, h.operator), "already_exists", /^name: group "edge" exists/],
     ["approving for an unknown group", () => h.admin.approveMeasurements({ group: "nope", approved: [] }, h.operator), "not_found", /^group: no group "nope"/],
     ["an approved digest in capitals", () => h.admin.approveMeasurements({ group: "edge", approved: [{ name: "a", sha256: ["A".repeat(64)] }] }, h.operator), "invalid_argument", /^approved\[0\]\.sha256\[0\]: want 64 lowercase hex/],
     ["an approved name twice", () => h.admin.approveMeasurements({ group: "edge", approved: [{ name: "a", sha256: ["1".repeat(64)] }, { name: "a", sha256: ["2".repeat(64)] }] }, h.operator), "invalid_argument", /^approved\[1\]\.name: "a" given twice/],

@@ -3,6 +3,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { AttestationTokenError, createAttestRequest, encodeEvidence, signEvidence, verifyAttestationToken } from "../../../src/attest/index.js";
 import { MachineStatus } from "../../../src/gen/kmi/audit/v1/audit_pb.js";
 import { Tables } from "../../../src/audit/store.js";
+import { putOp } from "../../../src/storage/store.js";
 import { asPeer, makeHarness, type Harness, type TestMachine } from "./harness.js";
 import { GOOD, attestWith, enrollMachine, expectCode, lastEntry, makeGroup } from "./flows.js";
 
@@ -28,6 +29,27 @@ describe("attestation", () => {
     const result = await h.store.get(Tables.attestations, m.machineId);
     expect(result).toMatchObject({ ok: true, tokenId: claims.jti, softwareVersion: "0.1.0" });
     expect(await lastEntry(h)).toMatchObject({ action: "machine.attest", outcome: "ok", details: expect.objectContaining({ jti: claims.jti }) });
+  });
+
+  it('gives a machine of an all_tenants group a token with ten ["*"]', async () => {
+    await makeGroup(h, "core", { allTenants: true });
+    const c = await enrollMachine(h, "core");
+    const res = await attestWith(h, c);
+    const key = await h.audit.getAttestationKey({});
+    const claims = verifyAttestationToken(res.attestationToken, key.publicKeyPem, { now: h.clock.now(), expectedMachineId: c.machineId, expectedCertSha256: sha(c.certificateDer) });
+    expect(claims).toMatchObject({ grp: "core", ten: ["*"] });
+  });
+
+  it("gives a machine of a group stored without tenants and without all_tenants (before all_tenants existed) a token with ten [], serving no tenant", async () => {
+    const old = (await h.store.get(Tables.groups, "edge"))!;
+    old.tenantIds = [];
+    old.allTenants = false;
+    await h.store.batch([putOp(Tables.groups, "edge", old)]);
+    expect((await h.admin.listGroups({}, h.operator)).groups.find((g) => g.name === "edge")).toMatchObject({ tenantIds: [], allTenants: false });
+    const res = await attestWith(h, m);
+    const key = await h.audit.getAttestationKey({});
+    const claims = verifyAttestationToken(res.attestationToken, key.publicKeyPem, { now: h.clock.now(), expectedMachineId: m.machineId, expectedCertSha256: sha(m.certificateDer) });
+    expect(claims.ten).toEqual([]);
   });
 
   it("gives a token that another machine cannot use (verifyAttestationToken refuses it)", async () => {
@@ -181,7 +203,7 @@ describe("attestation", () => {
   });
 
   it("refuses every attestation of a group with no approved measurements", async () => {
-    await h.admin.createGroup({ name: "empty" }, h.operator);
+    await h.admin.createGroup({ name: "empty", tenantIds: ["acme"] }, h.operator);
     const e = await enrollMachine(h, "empty");
     await expectCode(attestWith(h, e, []), "failed_precondition", /^group empty has no approved measurements/);
   });

@@ -41,11 +41,26 @@ describe("kmi ctl: Auditserver commands", () => {
     ["approve-measurements with a bad --measure", ["group", "approve-measurements", "edge", "--measure", "agent.code"], /not NAME=PATH/],
     ["join-token create without a group", ["join-token", "create"], /missing GROUP/],
     ["machine quarantine without a reason", ["machine", "quarantine", "m-0000000000000000"], /--reason is required/],
-    ["group create with a plain-http URL", ["group", "create", "edge", "--audit", "http://127.0.0.1:7444"], /use an https:\/\/ URL/],
+    ["group create with a plain-http URL", ["group", "create", "edge", "--tenant", "acme", "--audit", "http://127.0.0.1:7444"], /use an https:\/\/ URL/],
+    // An unreachable --audit with a token: reaching for the server would be exit 1, not 2.
+    [
+      "group create without --tenant or --all-tenants",
+      ["group", "create", "edge", "--audit", "https://127.0.0.1:1", "--token", "kmi_x"],
+      /^kmi ctl: give --tenant <id> \(repeatable\) for the tenants this group serves, or --all-tenants to serve every tenant \(see --help\)\n$/,
+    ],
+    ["group create with both --tenant and --all-tenants", ["group", "create", "edge", "--tenant", "acme", "--all-tenants", "--audit", "https://127.0.0.1:1", "--token", "kmi_x"], /^kmi ctl: give either --tenant or --all-tenants, not both/],
   ])("refuses %s with exit code 2 before calling anything", async (_name, argv, message) => {
     const io = streams();
     expect(await run(argv, { streams: io.s, env: {} })).toBe(2);
     expect(io.err()).toMatch(message);
+  });
+
+  it("documents --tenant and --all-tenants in group create --help", async () => {
+    const io = streams();
+    expect(await run(["group", "create", "--help"], { streams: io.s, env: {} })).toBe(0);
+    expect(io.out()).toMatch(/--tenant ID .*this or --all-tenants is required/);
+    expect(io.out()).toMatch(/--all-tenants .*every tenant's secrets/);
+    expect(io.out()).toContain("kmi ctl group create core --all-tenants");
   });
 
   it("fails with exit code 1 and a clear line when the Auditserver cannot be reached", async () => {

@@ -14,9 +14,10 @@ export const GOOD: MeasurementValue[] = [
   { name: "proxy.config", sha256: "b".repeat(64) },
 ];
 
-/** Creates a group approving GOOD. */
-export async function makeGroup(h: Harness, name = "edge", opts: { quarantineOnMismatch?: boolean; tenantIds?: string[] } = {}): Promise<void> {
-  await h.admin.createGroup({ name, tenantIds: opts.tenantIds ?? ["acme"], quarantineOnMismatch: opts.quarantineOnMismatch ?? false }, h.operator);
+/** Creates a group approving GOOD, serving `tenantIds` (default ["acme"]) or, with `allTenants`, every tenant. */
+export async function makeGroup(h: Harness, name = "edge", opts: { quarantineOnMismatch?: boolean; tenantIds?: string[]; allTenants?: boolean } = {}): Promise<void> {
+  const tenants = opts.allTenants === true ? { allTenants: true } : { tenantIds: opts.tenantIds ?? ["acme"] };
+  await h.admin.createGroup({ name, ...tenants, quarantineOnMismatch: opts.quarantineOnMismatch ?? false }, h.operator);
   await h.admin.approveMeasurements({ group: name, approved: GOOD.map((m) => ({ name: m.name, sha256: [m.sha256] })) }, h.operator);
 }
 

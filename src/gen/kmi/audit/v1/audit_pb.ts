@@ -312,8 +312,9 @@ export const AttestRequestSchema: GenMessage<AttestRequest> = /*@__PURE__*/
 export type AttestResponse = Message<"kmi.audit.v1.AttestResponse"> & {
   /**
    * The token: a compact JWS (ES256) signed by the Auditserver, with claims iss
-   * "kmi-audit", sub = machine id, grp = group, ten = tenants served ([] = all), iat, exp,
-   * jti, and cnf.x5t#S256 = SHA-256 of the machine certificate. Present it to the KDC.
+   * "kmi-audit", sub = machine id, grp = group, ten = tenants served (["*"] = every tenant,
+   * for a group with all_tenants; [] = none), iat, exp, jti, and cnf.x5t#S256 = SHA-256 of
+   * the machine certificate. Present it to the KDC.
    *
    * @generated from field: string attestation_token = 1;
    */
