@@ -33,9 +33,12 @@ export function createPeerClient<S extends DescService>(service: S, baseUrl: str
     nodeOptions.cert = tls.certPem;
     nodeOptions.key = tls.keyPem;
   }
+  // The peer is the service the contract belongs to: kmi.kdc.v1.* → the KDC, kmi.audit.v1.* → the Auditserver.
+  const expectedService = /^kmi\.(kdc|audit)\.v1\./.exec(service.typeName)?.[1];
   const { transport, close } = createGrpcClientTransport({
     baseUrl,
     tls: nodeOptions,
+    ...(expectedService !== undefined ? { expectedService } : {}),
     session: { pingIntervalMs: options.pingIntervalMs ?? 15_000, pingTimeoutMs: 10_000, idleConnectionTimeoutMs: 60_000 },
   });
   return { client: createClient(service, transport), close };

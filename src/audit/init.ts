@@ -123,7 +123,7 @@ async function issueServiceIdentity(opts: InitOptions): Promise<{ key: KeyObject
     req.header.set("authorization", `Bearer ${opts.token}`);
     return next(req);
   };
-  const admin = createClient(KdcAdminService, createGrpcClientTransport({ baseUrl: opts.kdcUrl, interceptors: [auth], defaultTimeoutMs: 15_000, tls: { ca: opts.kdcCaPem } }).transport);
+  const admin = createClient(KdcAdminService, createGrpcClientTransport({ baseUrl: opts.kdcUrl, interceptors: [auth], defaultTimeoutMs: 15_000, tls: { ca: opts.kdcCaPem }, expectedService: "kdc" }).transport);
   let bundle;
   try {
     bundle = await admin.getTrustBundle({});

@@ -33,6 +33,7 @@ export function createKdcTransport(o: Pick<KdcClientOptions, "url" | "caPem" | "
     baseUrl: o.url,
     defaultTimeoutMs: o.timeoutMs ?? 10_000,
     tls: { ca: o.caPem, cert: o.certPem, key: o.keyPem },
+    expectedService: "kdc",
   }).transport;
 }
 

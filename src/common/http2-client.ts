@@ -5,8 +5,10 @@
  * crash the calling process. Every such transport in src/ is made here.
  */
 import type { ClientHttp2Session, ClientHttp2Stream, ClientSessionRequestOptions, OutgoingHttpHeaders, SecureClientSessionOptions } from "node:http2";
+import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import type { Interceptor, Transport } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager, type Http2SessionOptions } from "@connectrpc/connect-node";
+import { parseSubjectAltNames } from "./tls.js";
 
 /**
  * connect-node's session manager, with an 'error' listener of our own on every HTTP/2 session
@@ -42,6 +44,34 @@ export interface GrpcClientTransportOptions {
   interceptors?: Interceptor[];
   /** Deadline of each call, ms; none when absent. */
   defaultTimeoutMs?: number;
+  /**
+   * The kmi service the server must be: its certificate must carry the URI SAN
+   * `kmi://service/<name>` besides chaining to `ca` and naming the host. Why: the
+   * infrastructure CA issues every kmi service's certificate, so a chain and a host name alone
+   * would let any service (a monitoring client with a `kmi://service/watcher` certificate) pose
+   * as the KDC or the Auditserver to a peer, e.g. to hand the KDC a forged attestation key.
+   */
+  expectedService?: string;
+}
+
+/**
+ * A `checkServerIdentity` that also requires the `kmi://service/<name>` URI SAN. Node's own
+ * check (host name against the DNS/IP SANs) runs first.
+ */
+export function serviceIdentityCheck(name: string): (host: string, cert: PeerCertificate) => Error | undefined {
+  const want = `kmi://service/${name}`;
+  return (host, cert) => {
+    const err = checkServerIdentity(host, cert);
+    if (err !== undefined) return err;
+    const uris = parseSubjectAltNames(cert.subjectaltname).filter((n) => n.type === "URI").map((n) => n.value);
+    if (uris.includes(want)) return undefined;
+    return Object.assign(
+      new Error(
+        `the server at ${host} is not the ${name}: its certificate has ${uris.length === 0 ? "no kmi service identity" : uris.join(", ")}, not ${want}; check the URL`,
+      ),
+      { code: "ERR_KMI_SERVICE_IDENTITY" },
+    );
+  };
 }
 
 /** A gRPC transport with the HTTP/2 session it owns. */
@@ -54,7 +84,8 @@ export interface GrpcClientTransport {
 
 /** Creates a gRPC transport to a kmi server over a {@link GuardedSessionManager}; connects lazily. */
 export function createGrpcClientTransport(o: GrpcClientTransportOptions): GrpcClientTransport {
-  const sessionManager = new GuardedSessionManager(o.baseUrl, o.session ?? {}, o.tls);
+  const tls: SecureClientSessionOptions = o.expectedService === undefined ? o.tls : { ...o.tls, checkServerIdentity: serviceIdentityCheck(o.expectedService) };
+  const sessionManager = new GuardedSessionManager(o.baseUrl, o.session ?? {}, tls);
   const transport = createGrpcTransport({
     baseUrl: o.baseUrl,
     sessionManager,

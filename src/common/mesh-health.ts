@@ -26,6 +26,7 @@ import { KeyPurpose } from "../gen/kmi/common/v1/common_pb.js";
 import { KdcAdminService } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { KdcService } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import { parseListenAddress } from "./listen.js";
+import { serviceIdentityCheck } from "./http2-client.js";
 
 // ── clients ─────────────────────────────────────────────────────────────────────────────────
 
@@ -52,12 +53,15 @@ export interface ServerClientOptions {
   readonly token?: () => string | undefined;
   /** Deadline of each call, ms; default 10 s. */
   readonly timeoutMs?: number;
+  /** The kmi service the server must be (`kmi://service/<name>` in its certificate); see {@link serviceIdentityCheck}. */
+  readonly expectedService?: string;
 }
 
 /** Connect-protocol clients (HTTPS/1.1) of a kmi TLS server, sending the bearer token. */
 export function serverClients(o: ServerClientOptions): ServerClients {
   const ca = o.caPem !== undefined ? { ca: o.caPem } : {};
-  const agent = new HttpsAgent({ keepAlive: true, maxSockets: 4, ...ca });
+  const identity = o.expectedService !== undefined ? { checkServerIdentity: serviceIdentityCheck(o.expectedService) } : {};
+  const agent = new HttpsAgent({ keepAlive: true, maxSockets: 4, ...ca, ...identity });
   const auth: Interceptor = (next) => async (req) => {
     const token = o.token?.();
     if (token !== undefined) req.header.set("authorization", `Bearer ${token}`);

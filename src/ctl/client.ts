@@ -27,6 +27,8 @@ export const kdcConnectionFlags: FlagSpecs = {
 /** Connection settings of one server. */
 export interface ConnectionSettings {
   url: string;
+  /** The kmi service at `url` ("kdc" or "audit", from the URL flag), checked in its certificate. */
+  service: string | undefined;
   token: string | undefined;
   caPem: string | undefined;
   timeoutMs: number;
@@ -61,7 +63,8 @@ export function connectionSettings(args: Args, urlFlag: string, defaultUrl: stri
     }
     if (!caPem.includes("-----BEGIN CERTIFICATE-----")) throw new UsageError(`--ca-file: ${caFile} holds no PEM certificate`);
   }
-  return { url, token, caPem, timeoutMs: args.int("timeout", 30) * 1000 };
+  const service = urlFlag === "kdc" || urlFlag === "audit" ? urlFlag : undefined;
+  return { url, service, token, caPem, timeoutMs: args.int("timeout", 30) * 1000 };
 }
 
 /** A gRPC-over-TLS transport that sends the bearer token on every call. */
@@ -75,6 +78,7 @@ export function createTransport(s: ConnectionSettings): Transport {
     interceptors: [auth],
     defaultTimeoutMs: s.timeoutMs,
     tls: s.caPem !== undefined ? { ca: s.caPem } : {},
+    ...(s.service !== undefined ? { expectedService: s.service } : {}),
   }).transport;
 }
 

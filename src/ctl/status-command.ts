@@ -138,7 +138,7 @@ export const statusCommand: Command = {
     // The KDC is always asked (at its default address when none is given); the other parts only
     // when their address is given, so that a status of a KDC alone is not a list of failures.
     const auditSettings = ctx.args.str("audit") !== undefined ? probeSettings(ctx, "audit", DEFAULT_AUDIT_URL) : undefined;
-    const clients = (s: ConnectionSettings) => serverClients({ url: s.url, caPem: s.caPem, token: () => s.token, timeoutMs: s.timeoutMs });
+    const clients = (s: ConnectionSettings) => serverClients({ url: s.url, caPem: s.caPem, token: () => s.token, timeoutMs: s.timeoutMs, expectedService: s.service });
     const kdc = clients(kdcSettings);
     const audit = auditSettings === undefined ? undefined : clients(auditSettings);
     const agentSocket = ctx.args.str("agent-socket");

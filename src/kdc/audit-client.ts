@@ -30,6 +30,8 @@ export function createAuditClient(o: AuditClientOptions): AuditClient {
   const { transport, close } = createGrpcClientTransport({
     baseUrl: o.url,
     tls: { ca: o.caPem, cert: o.certPem, key: o.keyPem },
+    // The attestation key and the quarantine feed come from here: only the Auditserver will do.
+    expectedService: "audit",
     // HTTP/2 pings notice a dead connection under a quiet watch stream.
     session: { pingIntervalMs: 15_000, pingTimeoutMs: 10_000, idleConnectionTimeoutMs: 60_000 },
   });

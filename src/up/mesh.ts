@@ -277,8 +277,8 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
         return undefined;
       }
     };
-    kdcClients = serverClients({ url: urls.kdc, caPem, token });
-    auditClients = serverClients({ url: urls.audit, caPem, token });
+    kdcClients = serverClients({ url: urls.kdc, caPem, token, expectedService: "kdc" });
+    auditClients = serverClients({ url: urls.audit, caPem, token, expectedService: "audit" });
     const kdc = kdcClients;
     const audit = auditClients;
 

@@ -84,8 +84,8 @@ export async function runStatus(cfg: UpConfig, io: StatusIo): Promise<number> {
   }
   const caPem = await readFile(L.infraCaPem, "utf8");
   const token = (await readFile(L.operatorToken, "utf8").catch(() => "")).trim();
-  const kdc = serverClients({ url: state.urls.kdc, caPem, token: () => token, timeoutMs: 5000 });
-  const audit = serverClients({ url: state.urls.audit, caPem, token: () => token, timeoutMs: 5000 });
+  const kdc = serverClients({ url: state.urls.kdc, caPem, token: () => token, timeoutMs: 5000, expectedService: "kdc" });
+  const audit = serverClients({ url: state.urls.audit, caPem, token: () => token, timeoutMs: 5000, expectedService: "audit" });
   try {
     const summary = await healthSummary({ layout: L, urls: state.urls, tenant: state.tenant, upPid: state.pid, ready: state.ready, processes, kdc, audit });
     io.out.write(cfg.json ? JSON.stringify(summary, null, 2) + "\n" : formatSummary(summary));

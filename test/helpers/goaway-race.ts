@@ -23,11 +23,12 @@ export interface RaceClient {
 
 /**
  * Runs the race against the client `make` builds for a TLS server at `url` trusting `caPem`;
- * resolves with the uncaught exceptions it caused (none when the client survives).
+ * the server is the kmi service `service` (its certificate's `kmi://service/<name>`). Resolves
+ * with the uncaught exceptions it caused (none when the client survives).
  */
-export async function goawayWhileClosing(make: (url: string, caPem: string) => RaceClient): Promise<string[]> {
+export async function goawayWhileClosing(service: string, make: (url: string, caPem: string) => RaceClient): Promise<string[]> {
   const infra = makeInfra();
-  const tls = serviceTls(infra, "peer");
+  const tls = serviceTls(infra, service);
   const server = http2.createSecureServer({ cert: tls.cert, key: tls.key });
   const sessions = new Set<http2.ServerHttp2Session>();
   server.on("session", (s) => sessions.add(s));

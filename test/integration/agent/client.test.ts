@@ -10,7 +10,7 @@ import { AuditService } from "../../../src/gen/kmi/audit/v1/audit_pb.js";
 import { goawayWhileClosing } from "../../helpers/goaway-race.js";
 
 it("a GOAWAY that arrives while the client is being closed does not crash the agent", async () => {
-  const uncaught = await goawayWhileClosing((url, caPem) => {
+  const uncaught = await goawayWhileClosing("audit", (url, caPem) => {
     const peer = createPeerClient(AuditService, url, { caPem });
     return { call: () => peer.client.getAttestationNonce({}), close: () => peer.close() };
   });

@@ -9,7 +9,7 @@ import { createAuditClient } from "../../../src/kdc/audit-client.js";
 import { goawayWhileClosing } from "../../helpers/goaway-race.js";
 
 it("a GOAWAY that arrives while the client is being closed does not crash the KDC", async () => {
-  const uncaught = await goawayWhileClosing((url, caPem) => {
+  const uncaught = await goawayWhileClosing("audit", (url, caPem) => {
     // The fake server asks for no client certificate: the KDC's own does not matter here.
     const audit = createAuditClient({ url, caPem, certPem: "", keyPem: "" });
     return { call: () => audit.client.getAttestationKey({}), close: () => audit.close() };
