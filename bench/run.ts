@@ -11,6 +11,9 @@
  *   --quiet        no progress lines
  *
  * Every server it starts listens on loopback or a temp Unix socket and is stopped at the end.
+ * It exits 1 when any row fails (a server that does not start, calls that fail, requests through
+ * kmi or to the origin that fail beyond the limit); the reason is on stderr and in the table.
+ * Only the comparisons with mitmdump, a peer tool that may be absent, are "not measured".
  */
 import { writeFile } from "node:fs/promises";
 import { loadavg } from "node:os";
@@ -18,7 +21,7 @@ import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Env } from "./lib/env.js";
 import { describeMachine, renderMarkdown, renderText, rowHeading } from "./lib/report.js";
-import { NotAvailable, RowBuilder, type RowResult } from "./lib/results.js";
+import { RowBuilder, type RowResult } from "./lib/results.js";
 import { ROW_TITLES, runKdc, runMinting, runRotation, runSigning, runThroughput } from "./rows/index.js";
 
 interface Args {
@@ -54,6 +57,12 @@ function parseArgs(argv: string[]): Args {
     } else throw new Error(`unknown argument ${v}; see --help`);
   }
   return a;
+}
+
+/** An error as one line for the table (the full stack goes to stderr). */
+function oneLine(err: unknown): string {
+  const s = (err instanceof Error ? err.message : String(err)).replace(/\s+/g, " ").trim();
+  return s.length > 500 ? `${s.slice(0, 500)}…` : s;
 }
 
 const ROWS: { id: string; run: (env: Env) => Promise<RowBuilder> }[] = [
@@ -107,15 +116,18 @@ async function main(): Promise<number> {
         try {
           result = (await r.run(env)).result;
         } catch (err) {
+          // A row that throws is a failure of the bench, never "not measured": a KDC that does not
+          // start is exactly what this must catch. (Only the mitmdump comparisons, a peer tool that
+          // may be absent, are "not measured", and row 3 records those itself.)
+          failed = true;
           const b = new RowBuilder(r.id, title, "");
-          if (err instanceof NotAvailable) {
-            b.notMeasured(`row${r.id}`, title, err.message);
-          } else {
-            failed = true;
-            b.notMeasured(`row${r.id}`, title, `the benchmark failed: ${err instanceof Error ? err.message : String(err)}`);
-            process.stderr.write(`row ${r.id} failed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
-          }
+          b.notMeasured(`row${r.id}`, title, `the benchmark failed: ${oneLine(err)}`);
+          process.stderr.write(`row ${r.id} failed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
           result = b.result;
+        }
+        for (const f of result.failures) {
+          failed = true;
+          process.stderr.write(`row ${r.id} failed: ${f}\n`);
         }
       }
       result.seconds = (performance.now() - t0) / 1000;
@@ -129,6 +141,10 @@ async function main(): Promise<number> {
   }
   machine.loadAfter = loadavg().map((v) => Math.round(v * 100) / 100);
   print(renderText(machine, mode, rows));
+  if (failed) {
+    const which = rows.filter((r) => r.failures.length > 0 || r.notMeasured.some((n) => n.reason.startsWith("the benchmark failed"))).map((r) => r.id);
+    process.stderr.write(`bench: failed (row ${which.join(", ")}); the reasons are above\n`);
+  }
   const out = args.out ?? (mode === "full" && args.only === undefined ? resolve(dirname(fileURLToPath(import.meta.url)), "../../docs/benchmarks.md") : undefined);
   if (out !== undefined) {
     const command = `npm run bench${args.quick ? " -- --quick" : ""}`;

@@ -18,7 +18,7 @@ export interface LoopOptions {
 
 /** What a loop measured. */
 export interface LoopResult {
-  /** Completed operations in the measured window. */
+  /** Operations that succeeded in the measured window (failed ones are in `errors`, never here). */
   readonly ops: number;
   /** Failed operations in the measured window. */
   readonly errors: number;
@@ -26,9 +26,9 @@ export interface LoopResult {
   readonly firstError?: string;
   /** Length of the measured window, s. */
   readonly seconds: number;
-  /** ops / seconds. */
+  /** ops / seconds: successful operations only. */
   readonly perSecond: number;
-  /** Latency percentiles, ms. */
+  /** Latency percentiles of the successful operations, ms. */
   readonly p50: number;
   readonly p99: number;
   /** The raw latencies, ms (for further analysis). */

@@ -72,7 +72,8 @@ export function renderText(machine: Machine, mode: string, rows: readonly RowRes
     out.push("");
     out.push(`${rowHeading(r)}  (${r.seconds.toFixed(1)} s)`);
     const w = Math.min(64, Math.max(10, ...r.figures.map((f) => f.label.length)));
-    const vw = Math.max(10, ...r.figures.map((f) => valueText(f).length));
+    // A not-judged figure's reason is long; it does not widen the value column of the others.
+    const vw = Math.max(10, ...r.figures.filter((f) => f.notJudged === undefined).map((f) => valueText(f).length));
     for (const f of r.figures) {
       const parts = [pad(f.label, w), pad(valueText(f), vw)];
       const lat = latencyText(f);
@@ -84,6 +85,7 @@ export function renderText(machine: Machine, mode: string, rows: readonly RowRes
       out.push(`  ${parts.join("  |  ")}`);
     }
     for (const n of r.notMeasured) out.push(`  ${pad(n.label, w)}  not measured: ${n.reason}`);
+    for (const f of r.failures) out.push(`  FAILED: ${f}`);
     for (const n of r.notes) out.push(`  note: ${n}`);
   }
   return out.join("\n") + "\n";
@@ -98,7 +100,7 @@ export function renderMarkdown(machine: Machine, mode: string, rows: readonly Ro
   const out: string[] = [];
   out.push("# kmi benchmarks");
   out.push("");
-  out.push(`Written by \`${command}\` (${mode} run). Each figure is the median over its repeats, with min–max in parentheses; every ratio divides by a baseline measured in the same run on the same machine. Targets are those of issue 8. A figure that could not be measured says why; nothing here is estimated.`);
+  out.push(`Written by \`${command}\` (${mode} run). Each figure is the median over its repeats, with min–max in parentheses; every ratio divides by a baseline measured in the same run on the same machine. Rates count successful requests only; a figure whose requests failed too often is marked "not judged" and nothing is compared with it. Targets are those of issue 8. A figure that could not be measured says why; nothing here is estimated.`);
   out.push("");
   out.push("| machine | |");
   out.push("|---|---|");
@@ -124,6 +126,8 @@ export function renderMarkdown(machine: Machine, mode: string, rows: readonly Ro
     }
     for (const n of r.notMeasured) out.push(`- **${md(n.label)}**: not measured: ${md(n.reason)}`);
     if (r.notMeasured.length > 0) out.push("");
+    for (const f of r.failures) out.push(`- **FAILED**: ${md(f)}`);
+    if (r.failures.length > 0) out.push("");
     for (const n of r.notes) out.push(`- ${n}`);
     if (r.notes.length > 0) out.push("");
   }

@@ -15,7 +15,7 @@ import { ROW_TITLES } from "./titles.js";
 import type { LeanClient } from "../lib/grpc-client.js";
 import { nowMs } from "../lib/loop.js";
 import type { Machine, Mesh } from "../lib/mesh.js";
-import { NotAvailable, RowBuilder, type Figure } from "../lib/results.js";
+import { RowBuilder, type Figure } from "../lib/results.js";
 import { fmt, percentiles } from "../lib/stats.js";
 import { isUnimplemented, KDC_TENANT, machineOf, meshOf } from "./kdc.js";
 
@@ -91,7 +91,7 @@ export async function runRotation(env: Env): Promise<RowBuilder> {
       const probe = await openSessions(mesh, m, 1);
       closeSessions(probe);
     } catch (err) {
-      if (isUnimplemented(err)) throw new NotAvailable(`the KDC's DistributionService.WatchSecrets answers UNIMPLEMENTED in this build`);
+      if (isUnimplemented(err)) throw new Error("the KDC's DistributionService.WatchSecrets answers UNIMPLEMENTED in this build", { cause: err });
       throw err;
     }
     const tok = await op.unary(KdcAdminService.method.createToken, { role: Role.TENANT_ADMIN, tenantId: KDC_TENANT, description: "bench rotation", ttlSeconds: 3600n });

@@ -9,6 +9,7 @@
 import { generateKeyPairSync, sign as cryptoSign } from "node:crypto";
 import { closeSync, openSync, writeSync } from "node:fs";
 import { mkdir } from "node:fs/promises";
+import { cpus } from "node:os";
 import { create } from "@bufbuild/protobuf";
 import { createContextValues, createHandlerContext } from "@connectrpc/connect";
 import { createKeyAgentService } from "../../src/agent/agent-service.js";
@@ -205,17 +206,27 @@ export async function runSigning(env: Env): Promise<RowBuilder> {
     const t1 = row.target(sign[64]!, "≥ 80% of the no-op RPC at c=64", signRatio >= 0.8);
     const t2 = row.target(sign[64]!, "≥ 6,000/s at c=64", sign[64]!.value.median >= 6000);
     const t3 = row.target(sign[1]!, "p50 < 0.5 ms at c=1", sign[1]!.p50!.median < 0.5);
-    const bestIssue = Math.max(...CONCURRENCY.map((c) => issue[c]!.value.median));
-    const t4 = row.target(issue[64]!, "≥ 2,000/s", bestIssue >= 2000);
-
+    // IssueLeafCertificate at its best concurrency, judged on the median; the min over the
+    // repeats is shown beside it, so a median that meets the target while a repeat did not says so.
+    const bestC = CONCURRENCY.reduce((a, c) => (issue[c]!.value.median > issue[a]!.value.median ? c : a));
+    const best = issue[bestC]!.value;
+    const issueMedianMet = best.median >= 2000;
+    const issueMinMet = best.min >= 2000;
+    const t4 = row.target(
+      issue[bestC]!,
+      `≥ 2,000/s (best concurrency, c=${bestC}: median ${fmt(best.median)}/s, min ${fmt(best.min)}/s over ${best.n} repeat${best.n === 1 ? "" : "s"})`,
+      issueMedianMet && issueMinMet,
+      issueMedianMet && !issueMinMet ? "met (median), min below target" : undefined,
+    );
     const around = 1e6 / issueHandler.value.median - 1e6 / issueBuilder.value.median;
     row.note(
       `Where a leaf's time goes (in-process, per leaf): pki fast builder ${fmt(1e6 / issueBuilder.value.median)} µs; the agent's handler around it (validation, policy, PEM, log line, response message) ${around > 0 ? `${fmt(around)} µs` : "within the noise of the two figures"}; pkijs object trees (src/pki/issue.ts, which also parses the issuer per certificate) take ${fmt(1e6 / issuePkijs.value.median)} µs for the same certificate: the ASN.1 object-tree encoding is what the fast builder removes.`,
     );
     const perCall = (f: Figure) => 1e6 / f.value.median;
     row.note(
-      `Wall time per call at c=64 (1/throughput; the bench client shares the 2 cores with the agent, so for the no-op this is bounded by the client, not by the server's CPU): no-op ${fmt(perCall(noop[64]!))} µs, Sign ${fmt(perCall(sign[64]!))} µs (the signature alone ${fmt(1e6 / signCrypto.value.median)} µs, the handler alone ${fmt(1e6 / signHandler.value.median)} µs), IssueLeafCertificate ${fmt(perCall(issue[64]!))} µs (the handler alone ${fmt(1e6 / issueHandler.value.median)} µs). Sign is ${fmtPct(signRatio)} of the no-op rate.`,
+      `Wall time per call at c=64 (1/throughput; the bench client shares the ${cpus().length} cores with the agent, so for the no-op this is bounded by the client, not by the server's CPU): no-op ${fmt(perCall(noop[64]!))} µs, Sign ${fmt(perCall(sign[64]!))} µs (the signature alone ${fmt(1e6 / signCrypto.value.median)} µs, the handler alone ${fmt(1e6 / signHandler.value.median)} µs), IssueLeafCertificate ${fmt(perCall(issue[64]!))} µs (the handler alone ${fmt(1e6 / issueHandler.value.median)} µs). Sign is ${fmtPct(signRatio)} of the no-op rate.`,
     );
+    explainTargets(row, { noop, sign, issue, signCrypto, signHandler }, { t2, t3, bestC });
     if (!(t1 && t2 && t3 && t4) && env.profile) {
       const missed = [!t1 || !t2 ? "sign" : undefined, !t3 ? "sign1" : undefined, !t4 ? "issue" : undefined].filter((x) => x !== undefined);
       for (const what of new Set(missed.map((m) => (m === "sign1" ? "sign" : m!)))) {
@@ -230,6 +241,49 @@ export async function runSigning(env: Env): Promise<RowBuilder> {
     client.close();
   }
   return row;
+}
+
+/**
+ * The missed-target explanations, from this run's figures: how much of Sign's p50 at c=1 is
+ * the RPC stack (the no-op's p50 on the same socket), whether the stack itself reaches
+ * 6,000 calls/s at c=64, and IssueLeafCertificate's min beside its median.
+ */
+function explainTargets(
+  row: RowBuilder,
+  f: { noop: Record<number, Figure>; sign: Record<number, Figure>; issue: Record<number, Figure>; signCrypto: Figure; signHandler: Figure },
+  j: { t2: boolean; t3: boolean; bestC: number },
+): void {
+  const cores = cpus().length;
+  const handlerMs = 1000 / f.signHandler.value.median;
+
+  const signP50 = f.sign[1]!.p50!.median;
+  const noopP50 = f.noop[1]!.p50!.median;
+  const stackMs = Math.min(noopP50, signP50);
+  row.note(
+    `Sign p50 at c=1 (target < 0.5 ms, ${j.t3 ? "met" : "missed"}): ${fmt(signP50)} ms. The no-op RPC on the same socket stack has a p50 of ${fmt(noopP50)} ms in this run, so about ${fmt(stackMs)} ms (${fmtPct(stackMs / signP50)}) of Sign's p50 is the RPC stack (client, grpc-js, HTTP/2, Unix socket, server) and ${fmt(signP50 - stackMs)} ms is what Sign adds; the Sign handler with its signature takes ${fmt(handlerMs)} ms in-process.` +
+      (noopP50 >= 0.5 ? " The no-op alone is not under 0.5 ms, so this stack cannot meet the target whatever the signature costs." : ""),
+  );
+
+  const sign64 = f.sign[64]!.value.median;
+  const noop64 = f.noop[64]!.value.median;
+  const head = `Sign at c=64 (target ≥ 6,000/s, ${j.t2 ? "met" : "missed"}): ${fmt(sign64)} calls/s; the no-op RPC on the same stack did ${fmt(noop64)} calls/s at c=64 in this run.`;
+  row.note(
+    noop64 < 6000
+      ? `${head} The no-op itself is below 6,000/s, so this target is bounded by the client+server RPC stack on this ${cores}-core machine (the bench client and the agent process share the cores), not by signing: node:crypto signs ${fmt(f.signCrypto.value.median)}/s in-process.`
+      : `${head} The stack itself reaches 6,000/s, so what Sign adds to the no-op (the handler and signature take ${fmt(handlerMs * 1000)} µs in-process) ${j.t2 ? "still fits" : "is what keeps it below"}.`,
+  );
+
+  const best = f.issue[j.bestC]!.value;
+  if (best.median >= 2000 && best.min < 2000) {
+    row.note(
+      `IssueLeafCertificate ≥ 2,000/s: met (median), min below target: at c=${j.bestC} the median over ${best.n} repeats is ${fmt(best.median)}/s, but the slowest repeat did ${fmt(best.min)}/s.`,
+    );
+  } else if (best.median < 2000) {
+    const noopBest = f.noop[j.bestC]!.value.median;
+    row.note(
+      `IssueLeafCertificate ≥ 2,000/s: missed: best median ${fmt(best.median)}/s at c=${j.bestC} (min ${fmt(best.min)}/s); the no-op RPC on the same stack did ${fmt(noopBest)} calls/s at that concurrency in this run.`,
+    );
+  }
 }
 
 /** Profiles the agent process (node:inspector, the --cpu-prof profiler) while the op runs at c=64; summarizes it. */

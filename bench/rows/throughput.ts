@@ -10,6 +10,7 @@ import type { LoadResult, LoadSpec } from "../children/loadgen.js";
 import type { ProxyChildInfo } from "../children/proxy.js";
 import type { Child } from "../lib/child.js";
 import type { Env } from "../lib/env.js";
+import { count, ERROR_SHARE_LIMIT_TEXT, notJudgedReason, tallyFailures } from "../lib/failures.js";
 import { ROW_TITLES } from "./titles.js";
 import { DEFAULT_HOST } from "../lib/hosts.js";
 import type { Destination } from "../lib/https-client.js";
@@ -45,12 +46,17 @@ const LOADS: Load[] = [
 
 type Via = "direct" | "kmi" | "mitm";
 
+const VIA_NAME: Record<Exclude<Via, "mitm">, string> = { direct: "directly to the origin", kmi: "through the kmi proxy" };
+
+/** One measured window of one load: what the load generator returned. */
+type Window = Pick<LoadResult, "ops" | "errors" | "firstError" | "perSecond" | "p50" | "p99">;
+
 /** Runs row 3. */
 export async function runThroughput(env: Env): Promise<RowBuilder> {
   const row = new RowBuilder(
     "3",
     ROW_TITLES["3"]!,
-    `A load-generator process (Node, lean HTTP/1.1 client and node:http2) drives a fixed number of connections in a closed loop for each window: ${CONNECTIONS} HTTP/1.1 keep-alive connections (one request in flight each), ${H2_CONNECTIONS} HTTP/2 connections × ${H2_STREAMS} streams, or ${CONNECTIONS} workers each opening a new connection (CONNECT when proxied, full TLS handshake, no resumption) for one request. The same load goes directly to the origin process (HTTP/1.1 + h2, one process), through the kmi proxy process (leaf cached after the warm-up; access log to a file; bodies scanned as configured by default) and through mitmdump when installed (upstream verified against the same origin CA). Targets, configurations and repeats are interleaved. Peak RSS is each proxy process's VmHWM, reset at the start of each repeat.`,
+    `A load-generator process (Node, lean HTTP/1.1 client and node:http2) drives a fixed number of connections in a closed loop for each window: ${CONNECTIONS} HTTP/1.1 keep-alive connections (one request in flight each), ${H2_CONNECTIONS} HTTP/2 connections × ${H2_STREAMS} streams, or ${CONNECTIONS} workers each opening a new connection (CONNECT when proxied, full TLS handshake, no resumption) for one request. The same load goes directly to the origin process (HTTP/1.1 + h2, one process), through the kmi proxy process (leaf cached after the warm-up; access log to a file; bodies scanned as configured by default) and through mitmdump when installed (upstream verified against the same origin CA). Targets, configurations and repeats are interleaved. Peak RSS is each proxy process's VmHWM, reset at the start of each repeat. Rates and latencies count successful requests only; when more than ${ERROR_SHARE_LIMIT_TEXT} of a window's requests fail, that figure is "not judged" and no ratio or target is computed against it (through the origin or kmi, that also fails the run).`,
   );
   const b = env.budget;
   const { agent, origin, proxy } = await proxyStack(env);
@@ -86,10 +92,19 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
     warmupMs: Math.min(500, Math.max(100, b.windowMs * 0.2)),
   });
 
-  // One request each way first: the paths work, and the leaf is in the kmi proxy's cache.
-  for (const via of vias) await loadgen.call<LoadResult>("run", { ...spec(LOADS[0]!, via), durationMs: 50, warmupMs: 0, connections: 1 });
+  // One request each way first: the paths work, and the leaf is in the kmi proxy's cache. The
+  // origin and kmi must answer; mitmdump's failures are judged with its figures below.
+  for (const via of vias) {
+    const probe = loadgen.call<LoadResult>("run", { ...spec(LOADS[0]!, via), durationMs: 50, warmupMs: 0, connections: 1 });
+    if (via === "mitm") {
+      await probe.catch(() => undefined);
+      continue;
+    }
+    const res = await probe;
+    if (res.ops === 0) throw new Error(`${LOADS[0]!.label} ${VIA_NAME[via]}: no request completed (${res.errors} failed; first error: ${res.firstError ?? "none"})`);
+  }
 
-  const results = new Map<string, LoadResult[]>();
+  const results = new Map<string, Window[]>();
   const rss: Record<"kmi" | "mitm", number[]> = { kmi: [], mitm: [] };
   for (let r = 0; r < b.repeats; r++) {
     await proxy.call("resetRss");
@@ -97,10 +112,16 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
     for (const load of LOADS) {
       for (const via of vias) {
         env.log(`throughput ${load.key} via ${via} repeat ${r + 1}`);
-        const res = await loadgen.call<LoadResult>("run", spec(load, via));
-        if (res.ops === 0) throw new Error(`${load.label} via ${via}: no request completed (${res.errors} errors: ${res.firstError ?? "none"})`);
+        let w: Window;
+        try {
+          w = await loadgen.call<LoadResult>("run", spec(load, via));
+        } catch (err) {
+          // The origin and kmi must take the load; mitmdump refusing it is judged with its figure.
+          if (via !== "mitm") throw err;
+          w = { ops: 0, errors: 0, firstError: `the load could not start: ${(err as Error).message}`, perSecond: 0, p50: NaN, p99: NaN };
+        }
         const k = `${load.key}:${via}`;
-        results.set(k, [...(results.get(k) ?? []), res]);
+        results.set(k, [...(results.get(k) ?? []), w]);
       }
     }
     const p = await proxy.call<{ peakRss?: number }>("rss");
@@ -115,24 +136,47 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
   const missed: string[] = [];
   for (const load of LOADS) {
     const figs: Partial<Record<Via, Figure>> = {};
+    const failedShort: Partial<Record<Via, string>> = {};
     for (const via of vias) {
-      const rs = results.get(`${load.key}:${via}`)!;
-      const name = via === "direct" ? "directly to the origin" : via === "kmi" ? "through the kmi proxy" : `through mitmdump ${mitm?.version ?? ""}`.trim();
-      figs[via] = row.figure(`proxy.${load.key}.${via}`, `${load.label}, ${name}`, load.unit, rs.map((x) => x.perSecond), { p50: rs.map((x) => x.p50), p99: rs.map((x) => x.p99) }, via === "direct");
-      const errs = rs.reduce((a, x) => a + x.errors, 0);
-      if (errs > 0) errorsNote.push(`${load.label} ${via}: ${errs} failed requests (${rs.find((x) => x.firstError)?.firstError})`);
+      const ws = results.get(`${load.key}:${via}`)!;
+      const name = via === "mitm" ? `through mitmdump ${mitm?.version ?? ""}`.trim() : VIA_NAME[via];
+      const label = `${load.label}, ${name}`;
+      // Rates and latencies count successful requests only (closedLoop's ops).
+      const f = row.figure(`proxy.${load.key}.${via}`, label, load.unit, ws.map((x) => x.perSecond), { p50: ws.map((x) => x.p50), p99: ws.map((x) => x.p99) }, via === "direct");
+      figs[via] = f;
+      const t = tallyFailures(ws);
+      if (t.bad > 0) {
+        failedShort[via] = t.total === 0 ? "the load could not start" : `${count(t.failed)} of ${count(t.total)} requests failed`;
+        row.notJudged(f, notJudgedReason(t, ws.length));
+        // Only mitmdump, the peer tool, may fail without failing the run.
+        if (via !== "mitm") row.fail(`${label}: ${f.notJudged}`);
+      } else if (t.failed > 0) {
+        errorsNote.push(`${label}: ${count(t.failed)} of ${count(t.total)} requests failed (first error: ${t.firstError ?? "none"}), within the ${ERROR_SHARE_LIMIT_TEXT} limit in every window; the rate counts successful requests only.`);
+      }
     }
     const kmi = figs.kmi!;
     const direct = figs.direct!;
-    const ratioDirect = row.ratio(kmi, direct, "of direct");
-    if (figs.mitm !== undefined) {
-      row.ratio(figs.mitm, direct, "of direct");
-      const vsMitm = row.ratio(kmi, figs.mitm, "of mitmdump");
-      if (load.keepAlive) {
-        if (!row.target(kmi, "≥ 5× mitmdump", vsMitm >= 5)) missed.push(`${load.key} vs mitmdump`);
-      } else if (!row.target(kmi, "≥ 1.5× mitmdump", vsMitm >= 1.5)) missed.push(`${load.key} vs mitmdump`);
+    const mitmFig = figs.mitm;
+    // Why a comparison of `vs` cannot be judged: the figures among them that are not judged.
+    const notJudgedWhy = (vs: Via[]) =>
+      vs
+        .filter((v) => failedShort[v] !== undefined)
+        .map((v) => `${v === "mitm" ? "through mitmdump" : VIA_NAME[v]}, ${failedShort[v]}`)
+        .join("; ");
+    const judged = (...vs: Via[]) => vs.every((v) => failedShort[v] === undefined);
+    if (mitmFig !== undefined && judged("mitm", "direct")) row.ratio(mitmFig, direct, "of direct");
+    const ratioDirect = judged("kmi", "direct") ? row.ratio(kmi, direct, "of direct") : undefined;
+    if (mitmFig !== undefined) {
+      const [text, need] = load.keepAlive ? ["≥ 5× mitmdump", 5] : ["≥ 1.5× mitmdump", 1.5];
+      if (judged("kmi", "mitm")) {
+        const vsMitm = row.ratio(kmi, mitmFig, "of mitmdump");
+        if (!row.target(kmi, text, vsMitm >= need)) missed.push(`${load.key} vs mitmdump`);
+      } else row.targetNotJudged(kmi, text, notJudgedWhy(["kmi", "mitm"]));
     }
-    if (load.keepAlive && !row.target(kmi, "≥ 40% of direct", ratioDirect >= 0.4)) missed.push(`${load.key} vs direct`);
+    if (load.keepAlive) {
+      if (ratioDirect === undefined) row.targetNotJudged(kmi, "≥ 40% of direct", notJudgedWhy(["kmi", "direct"]));
+      else if (!row.target(kmi, "≥ 40% of direct", ratioDirect >= 0.4)) missed.push(`${load.key} vs direct`);
+    }
   }
   let rssKmi: Figure | undefined;
   if (rss.kmi.length > 0) rssKmi = row.figure("proxy.rss.kmi", "peak RSS of the kmi proxy process during the loads", "MiB", rss.kmi);
@@ -156,9 +200,12 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
       row.note(`Missed: ${missed.join(", ")}; run without --quick (or with --profile) for a CPU profile of the proxy process.`);
     }
   }
-  const med = (k: string) => row.result.figures.find((f) => f.id === `proxy.${k}`)!.value.median;
+  const perReq = (k: string) => {
+    const f = row.result.figures.find((x) => x.id === `proxy.${k}`)!;
+    return f.notJudged !== undefined ? "not judged" : `${fmt(1e6 / f.value.median)} µs`;
+  };
   row.note(
-    `Machine time per request (1/throughput, ${CONNECTIONS} in flight, medians): HTTP/1.1 1 KiB direct ${fmt(1e6 / med("h1_1k.direct"))} µs, through kmi ${fmt(1e6 / med("h1_1k.kmi"))} µs; HTTP/2 1 KiB direct ${fmt(1e6 / med("h2_1k.direct"))} µs, through kmi ${fmt(1e6 / med("h2_1k.kmi"))} µs; a new connection direct ${fmt(1e6 / med("newconn.direct"))} µs, through kmi ${fmt(1e6 / med("newconn.kmi"))} µs. The load generator, the origin and the proxy share the machine's ${cpus().length} cores, so "direct" is the ceiling of this machine, not of the proxy.`,
+    `Machine time per request (1/throughput, ${CONNECTIONS} in flight, medians): HTTP/1.1 1 KiB direct ${perReq("h1_1k.direct")}, through kmi ${perReq("h1_1k.kmi")}; HTTP/2 1 KiB direct ${perReq("h2_1k.direct")}, through kmi ${perReq("h2_1k.kmi")}; a new connection direct ${perReq("newconn.direct")}, through kmi ${perReq("newconn.kmi")}. The load generator, the origin and the proxy share the machine's ${cpus().length} cores, so "direct" is the ceiling of this machine, not of the proxy.`,
   );
   return row;
 }
