@@ -3,6 +3,7 @@
  * through `kmi ctl`, certificates judged by openssl, upload refusals that change nothing,
  * and the authorization matrix of every RPC.
  */
+import { createHash, X509Certificate } from "node:crypto";
 import { readFile, stat, writeFile } from "node:fs/promises";
 import { connect as tlsConnect } from "node:tls";
 import { join } from "node:path";
@@ -156,6 +157,32 @@ describe("Certificate menu through the gRPC client", () => {
     expect(act.version!.state).toBe(VersionState.ACTIVE);
     expect(act.retired!.version).toBe(before);
     expect(act.retired!.state).toBe(VersionState.RETIRED);
+  });
+
+  it("KMI-signed RSA-3072 intermediate: a 3072-bit key in a CA:TRUE pathlen:0 certificate that openssl verifies against the KMI root", async () => {
+    const ca = op(KdcService);
+    await op(KdcAdminService).createTenant({ tenantId: "rsa3k", displayName: "RSA Three K" });
+    const created = await ca.createVersion({ tenantId: "rsa3k", signer: Signer.KMI_ROOT, keyAlgorithm: KeyAlgorithm.RSA_3072, subject: { organization: "RSA3K" }, validityDays: 30, activate: true });
+    const v = created.version!;
+    expect(v.keyAlgorithm).toBe(KeyAlgorithm.RSA_3072);
+    expect(v.state).toBe(VersionState.ACTIVE);
+    expect(created.csrPem).toBe("");
+
+    const dl = await ca.getCaCertificates({ tenantId: "rsa3k", version: v.version, format: CertificateFormat.PEM });
+    expect(dl.version!.keyAlgorithm).toBe(KeyAlgorithm.RSA_3072);
+    const interFile = await file("rsa3k-inter.pem", dl.intermediate);
+    const text = await openssl(["x509", "-in", interFile, "-noout", "-text"]);
+    expect(text).toContain("Public Key Algorithm: rsaEncryption");
+    expect(text).toContain("Public-Key: (3072 bit)");
+    expect(text).toMatch(/CA:TRUE, pathlen:0/);
+    expect(text).toMatch(/Certificate Sign, CRL Sign/);
+    expect(text).toContain("CN = RSA Three K MITM CA " + v.version);
+    // The key id is the SHA-256 of this certificate's SPKI, as for every other algorithm.
+    const spki = new X509Certificate(Buffer.from(dl.intermediate)).publicKey.export({ format: "der", type: "spki" });
+    expect(createHash("sha256").update(spki).digest("hex")).toBe(v.keyId);
+    expect(await openssl(["verify", "-CAfile", data.rootFile, interFile])).toContain(": OK");
+    // An unknown algorithm value is refused, naming the three that exist.
+    await refused(ca.createVersion({ tenantId: "rsa3k", signer: Signer.KMI_ROOT, keyAlgorithm: 99 as KeyAlgorithm }), Code.InvalidArgument, "use ECDSA_P256, RSA_2048 or RSA_3072");
   });
 
   it("CSR (RSA-2048, key made in the KDC) passes openssl req -verify; the private-CA intermediate uploads, activates and verifies", async () => {

@@ -1,6 +1,7 @@
 /**
  * What the platform refuses, on both stacks: clients without the right certificate (mutual TLS),
- * messages over the size limit, malformed frames, calls without the agent's required header, and
+ * messages over the size limit (gRPC over the Unix socket and over TLS; Connect JSON over TLS),
+ * malformed frames, calls without the agent's required header, and
  * another user on the Unix socket. After each refusal the server keeps serving. Also: graceful
  * shutdown with calls in flight, and the metrics the calls leave.
  */
@@ -127,6 +128,44 @@ describe.each(STACKS)("%s stack", (stack) => {
       });
       await stillServes();
     });
+
+    it("refuses a gRPC request over the max message size on the TLS port with RESOURCE_EXHAUSTED, then keeps serving there", async () => {
+      const tls = () => tlsCredentials(pki.ca.cert);
+      const r = await withClient(clients.kdcAdmin, `localhost:${f.port}`, tls(), (c) => unary(c, "GetTenant", { tenant_id: "x".repeat(2000) }));
+      expect(r).toEqual({
+        ok: false,
+        code: grpc.status.RESOURCE_EXHAUSTED,
+        details: stack === "connect" ? "message size 2003 is larger than configured readMaxBytes 1024" : "Received message larger than max (2003 vs 1024)",
+      });
+      // A message just under the limit passes the size check and reaches the handler.
+      const under = await withClient(clients.kdcAdmin, `localhost:${f.port}`, tls(), (c) => unary(c, "GetTenant", { tenant_id: "x".repeat(1000) }));
+      expect(under).toMatchObject({ ok: false, code: grpc.status.INVALID_ARGUMENT });
+      expect(await withClient(clients.kdcAdmin, `localhost:${f.port}`, tls(), (c) => unary(c, "GetTrustBundle", {}))).toEqual(trustBundle);
+      await stillServes();
+    });
+
+    // Connect JSON exists on the connect stack only, so the test is registered there alone.
+    // connect-node answers an over-limit Connect request with HTTP 429 (its mapping of
+    // resource_exhausted) and the Connect error body, before the handler runs.
+    if (stack === "connect") it.each([["HTTP/2", "--http2", "2"], ["HTTP/1.1", "--http1.1", "1.1"]])(
+      "refuses a Connect JSON POST over the max message size on the TLS port (%s) with 429 resource_exhausted, then keeps serving there",
+      async (_name, flag, version) => {
+        const curl = (method: string, body: string) =>
+          run("curl", ["-sS", flag, "--cacert", pki.ca.cert, "-H", "content-type: application/json", "-d", body, "-w", "\n%{http_code} %{http_version}", `https://127.0.0.1:${f.port}/kmi.kdc.v1.KdcAdminService/${method}`]);
+        const big = JSON.stringify({ tenantId: "x".repeat(2000) });
+        expect(Buffer.byteLength(big)).toBe(2015);
+        const r = await curl("GetTenant", big);
+        expect(r.stderr).toBe("");
+        const [body, status] = r.stdout.split("\n");
+        expect(status).toBe(`429 ${version}`);
+        expect(JSON.parse(body!)).toEqual({ code: "resource_exhausted", message: "message size 2015 is larger than configured readMaxBytes 1024" });
+        const ok = await curl("GetTrustBundle", "{}");
+        const [okBody, okStatus] = ok.stdout.split("\n");
+        expect(okStatus).toBe(`200 ${version}`);
+        expect(JSON.parse(okBody!)).toEqual({ kmiRootPem: FIXTURE_ROOT_PEM, infrastructureCaPem: FIXTURE_ROOT_PEM });
+        await stillServes();
+      },
+    );
 
     it("refuses a frame whose length prefix declares more than the limit, then keeps serving", async () => {
       const r = await rawGrpcCall(session, "/kmi.kdc.v1.KdcAdminService/GetTenant", grpcFrame(Buffer.from("abc"), 0x7fffffff));

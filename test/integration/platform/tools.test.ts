@@ -1,12 +1,20 @@
 /**
  * Real gRPC tools talk to both server stacks: `buf curl` (reflection v1 and v1alpha, health),
  * a grpc-js client built from proto/ alone, a Python client generated with protoc +
- * grpc_python_plugin, and `curl` with the Connect protocol. Over TLS on TCP and over the Unix socket.
+ * grpc_python_plugin, `curl` with the Connect protocol, and a hand-framed gRPC-Web request. Over
+ * TLS on TCP and over the Unix socket.
  */
-import { cp, mkdir } from "node:fs/promises";
+import { cp, mkdir, readFile } from "node:fs/promises";
+import https from "node:https";
 import { join } from "node:path";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Health } from "../../../src/gen/grpc/health/v1/health_pb.js";
+import {
+  Health,
+  HealthCheckRequestSchema,
+  HealthCheckResponseSchema,
+  HealthCheckResponse_ServingStatus,
+} from "../../../src/gen/grpc/health/v1/health_pb.js";
 import { KeyAgentService } from "../../../src/gen/kmi/agent/v1/agent_pb.js";
 import { KdcAdminService } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
 import { REFLECTION_SERVICES } from "../../../src/common/reflection.js";
@@ -14,7 +22,7 @@ import { FIXTURE_ROOT_PEM } from "../../fixtures/platform/services.js";
 import { startFixture, type Fixture, type Stack } from "../../fixtures/platform/start.js";
 import { REPO_ROOT, clients, insecure, tlsCredentials, unary, unixTarget } from "../../helpers/grpc-clients.js";
 import { makeTestPki, type TestPki } from "../../helpers/pki.js";
-import { makeTempDir, run, type TempDir } from "../../helpers/process.js";
+import { makeTempDir, run, waitFor, type TempDir } from "../../helpers/process.js";
 
 const BUF = join(REPO_ROOT, "node_modules", ".bin", "buf");
 const PYTHON = "/usr/bin/python3";
@@ -187,5 +195,129 @@ describe("curl with the Connect protocol (JSON) over TLS", () => {
     const [body, status] = r.stdout.split("\n");
     expect(status).toBe("400 2");
     expect((JSON.parse(body!) as { code: string }).code).toBe("invalid_argument");
+  });
+});
+
+describe("gRPC-Web (application/grpc-web+proto) over TLS, HTTP/1.1", () => {
+  interface Frame {
+    flag: number;
+    data: Buffer;
+  }
+  interface GrpcWebResult {
+    status: number;
+    contentType: string | undefined;
+    httpVersion: string;
+    body: Buffer;
+  }
+
+  /** A gRPC-Web length-prefixed frame: flag byte, 4-byte big-endian length, payload. */
+  const frame = (flag: number, payload: Uint8Array) => {
+    const head = Buffer.alloc(5);
+    head.writeUInt8(flag, 0);
+    head.writeUInt32BE(payload.length, 1);
+    return Buffer.concat([head, Buffer.from(payload)]);
+  };
+
+  /** Splits a gRPC-Web response body into its frames; fails on a torn frame. */
+  const frames = (body: Buffer): Frame[] => {
+    const out: Frame[] = [];
+    let at = 0;
+    while (at < body.length) {
+      expect(body.length - at, "frame header").toBeGreaterThanOrEqual(5);
+      const len = body.readUInt32BE(at + 1);
+      expect(body.length - at - 5, "frame payload").toBeGreaterThanOrEqual(len);
+      out.push({ flag: body.readUInt8(at), data: body.subarray(at + 5, at + 5 + len) });
+      at += 5 + len;
+    }
+    return out;
+  };
+
+  /** The trailer frame's "name: value\r\n" lines, names lowercased. */
+  const trailers = (f: Frame): Record<string, string> =>
+    Object.fromEntries(
+      f.data
+        .toString("latin1")
+        .split("\r\n")
+        .filter((l) => l !== "")
+        .map((l) => {
+          const i = l.indexOf(":");
+          return [l.slice(0, i).trim().toLowerCase(), l.slice(i + 1).trim()];
+        }),
+    );
+
+  /** POSTs one gRPC-Web request with node's https client (HTTP/1.1), trusting the test CA. */
+  const call = async (path: string, message: Uint8Array): Promise<GrpcWebResult> => {
+    const ca = await readFile(pki.ca.cert);
+    return new Promise((resolve, reject) => {
+      const req = https.request(
+        {
+          host: "127.0.0.1",
+          port: servers.connect.port,
+          servername: "localhost",
+          ca,
+          method: "POST",
+          path,
+          headers: { "content-type": "application/grpc-web+proto", "x-grpc-web": "1", accept: "application/grpc-web+proto" },
+        },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on("data", (c: Buffer) => chunks.push(c));
+          res.on("end", () => {
+            const body = Buffer.concat(chunks);
+            resolve({ status: res.statusCode ?? 0, contentType: res.headers["content-type"], httpVersion: res.httpVersion, body });
+          });
+          res.on("error", reject);
+        },
+      );
+      req.on("error", reject);
+      req.end(frame(0x00, message));
+    });
+  };
+
+  it("answers Health/Check with a data frame that decodes to SERVING and a trailer frame with grpc-status 0", async () => {
+    const req = toBinary(HealthCheckRequestSchema, create(HealthCheckRequestSchema, { service: "kmi.kdc.v1.KdcAdminService" }));
+    const r = await call("/grpc.health.v1.Health/Check", req);
+    expect(r.status).toBe(200);
+    expect(r.httpVersion).toBe("1.1");
+    expect(r.contentType).toBe("application/grpc-web+proto");
+    const [data, trailer, ...rest] = frames(r.body);
+    expect(rest).toEqual([]);
+    expect(data!.flag).toBe(0x00);
+    expect(fromBinary(HealthCheckResponseSchema, data!.data).status).toBe(HealthCheckResponse_ServingStatus.SERVING);
+    expect(trailer!.flag).toBe(0x80);
+    expect(trailers(trailer!)).toEqual({ "grpc-status": "0" });
+    // The call went through the gRPC-Web protocol handler, as the call log names it (the line is
+    // written when the response closes, which may be just after the client saw its end).
+    await waitFor(() => servers.connect.logs.find((l) => l["method"] === "/grpc.health.v1.Health/Check" && l["protocol"] === "grpc-web" && l["code"] === "ok"), 2000, "the grpc-web call log line");
+  });
+
+  it("answers an unimplemented method with no data frame and a trailer frame of grpc-status 12 and its message", async () => {
+    const r = await call("/kmi.agent.v1.KeyAgentService/Sign", new Uint8Array());
+    expect(r.status).toBe(200);
+    expect(r.contentType).toBe("application/grpc-web+proto");
+    const f = frames(r.body);
+    expect(f.map((x) => x.flag)).toEqual([0x80]);
+    const t = trailers(f[0]!);
+    expect(t["grpc-status"]).toBe("12");
+    expect(decodeURIComponent(t["grpc-message"]!)).toBe("kmi.agent.v1.KeyAgentService.Sign is not implemented");
+  });
+
+  it("answers a domain error in the trailer frame with its gRPC code (3) and the message that says what to fix", async () => {
+    const r = await call("/kmi.kdc.v1.KdcAdminService/GetTenant", Buffer.from([0x0a, 0x03, ...Buffer.from("Bad")]));
+    expect(r.status).toBe(200);
+    const f = frames(r.body);
+    expect(f.map((x) => x.flag)).toEqual([0x80]);
+    const t = trailers(f[0]!);
+    expect(t["grpc-status"]).toBe("3");
+    expect(decodeURIComponent(t["grpc-message"]!)).toBe(`tenant_id: "Bad" is not a valid id; use lowercase letters, digits and '-'`);
+  });
+
+  // An unknown service is not routed to a protocol handler at all: the server answers HTTP 404,
+  // which gRPC-Web clients map to UNIMPLEMENTED (gRPC's HTTP-status mapping), with no frames.
+  it("answers an unknown service with HTTP 404 (UNIMPLEMENTED to a gRPC-Web client) and no gRPC-Web frames", async () => {
+    const r = await call("/no.such.v1.Service/Check", new Uint8Array());
+    expect(r.status).toBe(404);
+    expect(r.contentType).toBe("text/plain; charset=utf-8");
+    expect(r.body.toString()).toBe("no such method: /no.such.v1.Service/Check; list the methods with server reflection\n");
   });
 });

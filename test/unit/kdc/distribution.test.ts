@@ -3,7 +3,8 @@
  * injected as kPeer) on a real LevelDB: authentication refusals, what FetchSecrets releases
  * and its lease, the watch stream's events (SNAPSHOT, ACTIVATED, REVOKED, KEY_ADDED,
  * QUARANTINED, HEARTBEAT, end at token expiry), the tenant filter of `ten`, quarantine
- * persistence, the slow-consumer bound, and rollout reports. The same over a real process and
+ * persistence, the slow-consumer bound, rollout reports, and fail-closed release (no audit
+ * entry, no key). The same over a real process and
  * mutual TLS is in test/integration/distribution/.
  */
 import { createPublicKey, generateKeyPairSync, X509Certificate } from "node:crypto";
@@ -12,7 +13,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport, type Interceptor } from "@connectrpc/connect";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { toConnectError } from "../../../src/common/error-mapping.js";
 import { createNopLogger } from "../../../src/common/logger.js";
 import { kPeer } from "../../../src/common/rpc.js";
@@ -24,7 +25,10 @@ import { KdcService, Signer } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
 import { FileAttestationKey, NoAttestationKey } from "../../../src/kdc/attestation-key.js";
 import { initKdc, openKdc, type OpenedKdc } from "../../../src/kdc/init.js";
 import { KdcOperations } from "../../../src/kdc/operations.js";
+import { SecretRelease } from "../../../src/kdc/release.js";
 import { routes } from "../../../src/kdc/routes.js";
+import { decodeAttestationTokenUnverified } from "../../../src/attest/index.js";
+import type { AuditEntryInput } from "../../../src/storage/audit-log.js";
 import { formatWrapAad, keyIdOf, unwrapKey } from "../../../src/keywrap/index.js";
 import { Machine, makeTokenKey, signToken, type TokenKey } from "../../fixtures/kdc/machines.js";
 
@@ -258,6 +262,43 @@ describe("FetchSecrets", () => {
     const res = await dist().fetchSecrets({ attestationToken: token(A(), { tenants: ["other", "nope"] }) }, as(peerOf(A())));
     expect(res.secrets.map((s) => s.tenantId)).toEqual(["other"]);
   });
+
+  it('releases every tenant to a token with ten ["*"] (a group with all_tenants)', async () => {
+    const tok = token(A(), { tenants: "all" });
+    expect(decodeAttestationTokenUnverified(tok)?.claims["ten"]).toEqual(["*"]);
+    const res = await dist().fetchSecrets({ attestationToken: tok }, as(peerOf(A())));
+    const all = (await admin().admin.listTenants({})).tenants.map((t) => t.tenantId).sort();
+    expect(all).toEqual(["acme", "other"]);
+    expect([...new Set(res.secrets.map((s) => s.tenantId))].sort()).toEqual(all);
+  });
+
+  it("releases nothing to a token with ten [] (a group without tenants), and audits the empty release", async () => {
+    const tok = token(A(), { tenants: [] });
+    expect(decodeAttestationTokenUnverified(tok)?.claims["ten"]).toEqual([]);
+    const res = await dist().fetchSecrets({ attestationToken: tok }, as(peerOf(A())));
+    expect(res.secrets).toEqual([]);
+    const e = (await kdc.ctx.audit.tail({ limit: 1, last: true }))[0]!;
+    expect(e).toMatchObject({ actor: "machine:m-aaaa000000000001", action: "secret.release", outcome: "ok", details: expect.objectContaining({ count: "0" }) });
+  });
+});
+
+describe("SecretRelease: the ten claim", () => {
+  it.each<[string, string[], string[]]>([
+    ['["*"]: every tenant', ["*"], ["acme", "other"]],
+    ["[]: no tenant", [], []],
+    ["named tenants that exist", ["other", "nope"], ["other"]],
+  ])("servedTenants of %s", async (_name, ten, want) => {
+    expect((await new SecretRelease(kdc.ctx).servedTenants(ten)).sort()).toEqual(want);
+  });
+
+  it.each<[string, string[], string, boolean]>([
+    ['["*"] serves acme', ["*"], "acme", true],
+    ["[] serves no acme", [], "acme", false],
+    ['["acme"] serves acme', ["acme"], "acme", true],
+    ['["other"] serves no acme', ["other"], "acme", false],
+  ])("serves: %s", (_name, ten, tenant, want) => {
+    expect(SecretRelease.serves(ten, tenant)).toBe(want);
+  });
 });
 
 describe("WatchSecrets", () => {
@@ -316,6 +357,20 @@ describe("WatchSecrets", () => {
     const act = await w.next(WatchEventType.ACTIVATED);
     expect(act.tenantId).toBe("other");
     expect(w.events.filter((e) => e.tenantId === "acme")).toEqual([]);
+    w.close();
+    await w.done;
+  });
+
+  it("a stream of a token with ten [] gets an empty SNAPSHOT and hears of no tenant", async () => {
+    const w = watch(B(), token(B(), { tenants: [] }));
+    const snap = await w.next(WatchEventType.SNAPSHOT);
+    expect(snap.secrets).toEqual([]);
+    const n = w.events.length;
+    await admin().ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, activate: true });
+    await admin().ca.createVersion({ tenantId: "other", signer: Signer.KMI_ROOT, activate: true });
+    await kdc.hub.settled();
+    await w.next(WatchEventType.HEARTBEAT, n); // the stream is alive, it just serves nothing
+    expect(w.events.filter((e) => e.type !== WatchEventType.HEARTBEAT && e.type !== WatchEventType.SNAPSHOT)).toEqual([]);
     w.close();
     await w.done;
   });
@@ -413,10 +468,104 @@ describe("ReportHeldVersions", () => {
     await w.done;
   });
 
+  it("records nothing for a token with ten [] (it serves no tenant)", async () => {
+    const m = await issue("m-eeee000000000005");
+    const acme = (await admin().admin.getTenant({ tenantId: "acme" })).tenant!;
+    const active = (await admin().ca.listVersions({ tenantId: "acme" })).versions.find((v) => v.version === acme.activeVersion)!;
+    await dist().reportHeldVersions({ attestationToken: token(m, { tenants: [] }), held: [{ tenantId: "acme", keyId: active.keyId, version: active.version }] }, as(peerOf(m)));
+    expect((await admin().ca.getRolloutStatus({ tenantId: "acme" })).machines.map((x) => x.machineId)).not.toContain(m.machineId);
+    expect((await kdc.ctx.audit.tail({ limit: 1, last: true }))[0]).toMatchObject({ action: "rollout.report", details: expect.objectContaining({ held: "", not_served: "1" }) });
+    await dist().reportHeldVersions({ attestationToken: token(m, { tenants: "all" }), held: [{ tenantId: "acme", keyId: active.keyId, version: active.version }] }, as(peerOf(m)));
+    expect((await admin().ca.getRolloutStatus({ tenantId: "acme" })).machines.find((x) => x.machineId === m.machineId)).toMatchObject({ heldVersion: active.version, upToDate: true });
+  });
+
   it.each([
     ["a bad tenant id", [{ tenantId: "Bad!", keyId: "0".repeat(64), version: 1 }], /^InvalidArgument: held\[0\]\.tenant_id: "Bad!" is not a tenant id/],
     ["a bad key id", [{ tenantId: "acme", keyId: "xyz", version: 1 }], /^InvalidArgument: held\[0\]\.key_id: "xyz" is not a key id/],
   ])("%s is INVALID_ARGUMENT naming the field", async (_n, held, want) => {
     expect(await failure(dist().reportHeldVersions({ attestationToken: token(A()), held }, as(peerOf(A()))))).toMatch(want);
+  });
+});
+
+describe("fail-closed release: no audit entry, no key", () => {
+  /**
+   * Makes every "secret.release" entry with outcome ok fail to append, as a full disk or a broken
+   * store would, while `fn` runs; other entries (the change itself, the refusal) still append.
+   * Returns what the release tried to write.
+   */
+  async function withReleaseAuditFailing(fn: () => Promise<void>): Promise<AuditEntryInput[]> {
+    const audit = kdc.ctx.audit;
+    const original = audit.append.bind(audit);
+    const attempts: AuditEntryInput[] = [];
+    const spy = vi.spyOn(audit, "append").mockImplementation(async (entry, changeOps) => {
+      if (entry.action === "secret.release" && entry.outcome === "ok") {
+        attempts.push(entry);
+        throw new Error("audit log: write failed (no space left on device)");
+      }
+      return original(entry, changeOps);
+    });
+    try {
+      await fn();
+    } finally {
+      spy.mockRestore();
+    }
+    return attempts;
+  }
+
+  it("FetchSecrets fails with an opaque INTERNAL and no secret when the release's audit entry cannot be written; the refusal is audited", async () => {
+    const m = A();
+    let res: unknown;
+    let err: unknown;
+    const attempts = await withReleaseAuditFailing(async () => {
+      [res, err] = await dist().fetchSecrets({ attestationToken: token(m) }, as(peerOf(m))).then((r) => [r, undefined], (e: unknown) => [undefined, e]);
+    });
+    expect(res).toBeUndefined();
+    expect(err).toBeInstanceOf(ConnectError);
+    expect(Code[(err as ConnectError).code]).toBe(Code[Code.Internal]);
+    expect((err as ConnectError).rawMessage).toMatch(/^internal error \(ref [0-9a-f]{12}\); the server log has the cause under this ref$/);
+    // The release got as far as its audit entry, with keys to release: the failure is the audit's.
+    expect(attempts).toHaveLength(1);
+    expect(attempts[0]).toMatchObject({ actor: `machine:${m.machineId}`, action: "secret.release", details: expect.objectContaining({ event: "fetch" }) });
+    expect(Number(attempts[0]!.details!["count"])).toBeGreaterThan(0);
+    // The log has the refusal, not a release.
+    const last = (await kdc.ctx.audit.tail({ limit: 1, last: true }))[0]!;
+    expect(last).toMatchObject({ actor: `machine:${m.machineId}`, action: "secret.release", target: `machine/${m.machineId}`, outcome: "refused: internal" });
+    // With the audit log writable again, the same call releases.
+    expect((await dist().fetchSecrets({ attestationToken: token(m) }, as(peerOf(m)))).secrets.length).toBeGreaterThan(0);
+  });
+
+  it("WatchSecrets sends no SNAPSHOT (no key) and ends with INTERNAL when the snapshot's audit entry cannot be written", async () => {
+    const m = A();
+    let w!: ReturnType<typeof watch>;
+    const attempts = await withReleaseAuditFailing(async () => {
+      w = watch(m);
+      await until(() => w.ended).finally(() => w.close());
+    });
+    expect(w.events).toEqual([]);
+    expect(w.error).toBeInstanceOf(ConnectError);
+    expect(Code[(w.error as ConnectError).code]).toBe(Code[Code.Internal]);
+    expect(attempts).toHaveLength(1);
+    expect(attempts[0]!.details).toMatchObject({ event: "watch_snapshot" });
+    expect(Number(attempts[0]!.details!["count"])).toBeGreaterThan(0);
+    // The failed stream is not left registered as a connected agent.
+    expect(kdc.ctx.watches.isConnected(m.machineId)).toBe(false);
+  });
+
+  it("an open stream gets no ACTIVATED when the release's audit entry cannot be written; it ends with UNAVAILABLE instead", async () => {
+    const m = A();
+    const w = watch(m, token(m, { tenants: ["acme"] }));
+    await w.next(WatchEventType.SNAPSHOT);
+    const n = w.events.length;
+    const attempts = await withReleaseAuditFailing(async () => {
+      await admin().ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, activate: true });
+      await kdc.hub.settled();
+      await until(() => w.ended).finally(() => w.close());
+    });
+    expect(attempts.map((e) => e.details?.["event"])).toEqual(["activated"]);
+    expect(w.events.slice(n).filter((e) => e.type !== WatchEventType.HEARTBEAT)).toEqual([]);
+    expect(w.events.some((e) => e.type === WatchEventType.SNAPSHOT && e.secrets.length > 0)).toBe(true);
+    expect(w.error).toBeInstanceOf(ConnectError);
+    expect(Code[(w.error as ConnectError).code]).toBe(Code[Code.Unavailable]);
+    expect((w.error as ConnectError).rawMessage).toBe("the KDC cannot write its audit log; reconnect later for the current secrets");
   });
 });
