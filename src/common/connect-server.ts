@@ -26,7 +26,7 @@ import {
   type StreamResponse,
 } from "@connectrpc/connect";
 import type { UniversalHandler, UniversalServerResponse } from "@connectrpc/connect/protocol";
-import { codeFromHttpStatus } from "@connectrpc/connect/protocol-connect";
+import { codeFromHttpStatus, codeFromString } from "@connectrpc/connect/protocol-connect";
 import { compressionGzip, universalRequestFromNodeRequest, universalResponseToNodeResponse } from "@connectrpc/connect-node";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { toConnectError } from "./error-mapping.js";
@@ -136,7 +136,7 @@ function errorMappingInterceptor(logger: Logger): Interceptor {
  * The code of a finished call: what the interceptor saw, else (the call was refused before its
  * handler ran: size limit, bad frame, bad content type) what the response says.
  */
-function outcome(rec: CallRecord, uRes: UniversalServerResponse | undefined, finished: boolean): { code: number; message: string | undefined } {
+function outcome(rec: CallRecord, uRes: UniversalServerResponse | undefined, finished: boolean, lastChunk: Uint8Array | undefined): { code: number; message: string | undefined } {
   if (rec.code !== undefined) {
     if (rec.code === 0 && !finished) return { code: Code.Canceled, message: "the client went away before the response was sent" };
     return { code: rec.code, message: rec.message };
@@ -153,7 +153,68 @@ function outcome(rec: CallRecord, uRes: UniversalServerResponse | undefined, fin
     }
     return { code: Number(status), message };
   }
-  return { code: uRes.status === 200 ? 0 : codeFromHttpStatus(uRes.status), message: undefined };
+  return codeInBody(uRes, lastChunk) ?? { code: uRes.status === 200 ? 0 : codeFromHttpStatus(uRes.status), message: undefined };
+}
+
+/**
+ * The code a refusal carries in its body rather than its headers: gRPC-Web puts its status in a
+ * trailer frame (behind HTTP 200), and a Connect unary error is a JSON body whose HTTP status
+ * maps to a code only loosely (429 is both resource_exhausted and unavailable). `lastChunk` is
+ * the last piece of body written: a trailer frame, or the whole error JSON.
+ */
+function codeInBody(uRes: UniversalServerResponse, lastChunk: Uint8Array | undefined): { code: number; message: string | undefined } | undefined {
+  const body = lastChunk;
+  if (body === undefined) return undefined;
+  const type = uRes.header?.get("content-type") ?? "";
+  const bytes = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
+  if (type.startsWith("application/grpc-web")) {
+    for (let i = 0; i + 5 <= bytes.length; ) {
+      const flags = bytes[i]!;
+      const len = bytes.readUInt32BE(i + 1);
+      if ((flags & 0x80) !== 0) {
+        const fields = new Map<string, string>();
+        for (const line of bytes.subarray(i + 5, i + 5 + len).toString("utf8").split("\r\n")) {
+          const colon = line.indexOf(":");
+          if (colon > 0) fields.set(line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim());
+        }
+        const status = fields.get("grpc-status");
+        if (status === undefined || !/^\d+$/.test(status)) return undefined;
+        let message = fields.get("grpc-message");
+        try {
+          message = message === undefined ? undefined : decodeURIComponent(message);
+        } catch {
+          // keep it as sent
+        }
+        return { code: Number(status), message };
+      }
+      i += 5 + len;
+    }
+    return undefined;
+  }
+  if (type.startsWith("application/json") && uRes.status !== 200) {
+    try {
+      const doc = JSON.parse(bytes.toString("utf8")) as { code?: unknown; message?: unknown };
+      const code = typeof doc.code === "string" ? codeFromString(doc.code) : undefined;
+      if (code === undefined) return undefined;
+      return { code, message: typeof doc.message === "string" ? doc.message : undefined };
+    } catch {
+      return undefined;
+    }
+  }
+  return undefined;
+}
+
+/** `r` with a body that reports each chunk it yields to `onChunk` (the bytes are not copied). */
+function rememberLastChunk(r: UniversalServerResponse, onChunk: (chunk: Uint8Array) => void): UniversalServerResponse {
+  const body = r.body;
+  if (body === undefined || body instanceof Uint8Array || !(Symbol.asyncIterator in body)) return r;
+  async function* tap(): AsyncIterable<Uint8Array> {
+    for await (const chunk of body as AsyncIterable<Uint8Array>) {
+      onChunk(chunk);
+      yield chunk;
+    }
+  }
+  return { ...r, body: tap() };
 }
 
 /**
@@ -425,6 +486,7 @@ export class ConnectServer {
     }
     const rec: CallRecord = { code: undefined, message: undefined };
     let uRes: UniversalServerResponse | undefined;
+    let lastChunk: Uint8Array | undefined;
     let protocol = "connect";
     const ct = String(req.headers["content-type"] ?? "");
     if (ct.startsWith("application/grpc-web")) protocol = "grpc-web";
@@ -440,7 +502,7 @@ export class ConnectServer {
         if (n === 0 && this.stopping !== undefined) socket.end();
       }
       if (route !== undefined) {
-        const { code, message } = outcome(rec, uRes, res.writableFinished);
+        const { code, message } = outcome(rec, uRes, res.writableFinished, lastChunk);
         const ms = performance.now() - start;
         route.metrics?.handled(code, ms / 1000);
         logCall(this.logger, this.callLog, path, protocol, code, ms, peerAddress, peer, message);
@@ -463,7 +525,9 @@ export class ConnectServer {
     route.handler(uReq)
       .then((r) => {
         uRes = r;
-        return universalResponseToNodeResponse(protocol === "grpc" ? withSpecGrpcMessage(r) : r, res);
+        // gRPC-Web and Connect may carry a refusal's code in the body only: keep its last chunk.
+        const out = protocol === "grpc" ? withSpecGrpcMessage(r) : rec.code === undefined ? rememberLastChunk(r, (c) => (lastChunk = c)) : r;
+        return universalResponseToNodeResponse(out, res);
       })
       .catch((reason: unknown) => {
         // The response could not be written (the client went away): note it, unless the

@@ -15,7 +15,7 @@ import { FIXTURE_ROOT_PEM } from "../../fixtures/platform/services.js";
 import { startFixture, type Fixture, type Stack } from "../../fixtures/platform/start.js";
 import { clients, insecure, tlsCredentials, unary, unixTarget, type UnaryResult } from "../../helpers/grpc-clients.js";
 import { makeTestPki, type TestPki } from "../../helpers/pki.js";
-import { makeTempDir, run, type TempDir } from "../../helpers/process.js";
+import { makeTempDir, run, waitFor, type TempDir } from "../../helpers/process.js";
 import { connectUnixH2, grpcFrame, rawGrpcCall } from "../../helpers/raw-grpc.js";
 
 const WORKLOAD = { "kmi-agent-workload": "true" };
@@ -159,6 +159,12 @@ describe.each(STACKS)("%s stack", (stack) => {
         const [body, status] = r.stdout.split("\n");
         expect(status).toBe(`429 ${version}`);
         expect(JSON.parse(body!)).toEqual({ code: "resource_exhausted", message: "message size 2015 is larger than configured readMaxBytes 1024" });
+        // The call log (and the handled-calls metric) name the code the client got, not the HTTP status's loose mapping.
+        await waitFor(
+          () => f.logs.find((l) => l["method"] === "/kmi.kdc.v1.KdcAdminService/GetTenant" && l["protocol"] === "connect" && l["code"] === "resource_exhausted"),
+          2000,
+          "a connect call log line with code resource_exhausted",
+        );
         const ok = await curl("GetTrustBundle", "{}");
         const [okBody, okStatus] = ok.stdout.split("\n");
         expect(okStatus).toBe(`200 ${version}`);

@@ -8,6 +8,7 @@ import { cp, mkdir, readFile } from "node:fs/promises";
 import https from "node:https";
 import { join } from "node:path";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { codeToString } from "@connectrpc/connect/protocol-connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import {
   Health,
@@ -310,6 +311,23 @@ describe("gRPC-Web (application/grpc-web+proto) over TLS, HTTP/1.1", () => {
     const t = trailers(f[0]!);
     expect(t["grpc-status"]).toBe("3");
     expect(decodeURIComponent(t["grpc-message"]!)).toBe(`tenant_id: "Bad" is not a valid id; use lowercase letters, digits and '-'`);
+  });
+
+  it("logs a call refused before its handler with the code its trailer frame carries, not ok", async () => {
+    // Not a protobuf message: field 1 (tenant_id) declared 100 bytes long, 1 byte present.
+    const r = await call("/kmi.kdc.v1.KdcAdminService/GetTenant", Buffer.from([0x0a, 0x64, 0x41]));
+    expect(r.status).toBe(200);
+    const f = frames(r.body);
+    const t = trailers(f[f.length - 1]!);
+    expect(t["grpc-status"]).toMatch(/^\d+$/);
+    expect(t["grpc-status"]).not.toBe("0");
+    const wire = codeToString(Number(t["grpc-status"]));
+    await waitFor(
+      () => servers.connect.logs.find((l) => l["method"] === "/kmi.kdc.v1.KdcAdminService/GetTenant" && l["protocol"] === "grpc-web" && l["code"] === wire),
+      2000,
+      `a grpc-web call log line with code ${wire}`,
+    );
+    expect(servers.connect.logs.some((l) => l["method"] === "/kmi.kdc.v1.KdcAdminService/GetTenant" && l["protocol"] === "grpc-web" && l["code"] === "ok")).toBe(false);
   });
 
   // An unknown service is not routed to a protocol handler at all: the server answers HTTP 404,
