@@ -315,7 +315,7 @@ describe("README.md, as the end-to-end test reads it", () => {
     expect(refused).toEqual([{ step: 6, text: expect.stringMatching(/^curl /) }]);
     // Every command the test picks is there, once; every command has the substitutions it needs.
     for (const [step, match] of [[2, /^curl /], [2, /^tail /], [2, /s_client/], [3, /ca download .*--out dev-chain/], [3, /--format der/], [4, /ca csr/], [4, /ca upload/], [4, /^curl /],
-      [5, /ca rotate/], [5, /ca status/], [5, /ca history/], [6, /machine list/], [6, /machine quarantine/], [6, /^curl /], [6, /machine release/], [6, /audit verify/]] as const) {
+      [5, /ca rotate/], [5, /ca status/], [5, /ca history/], [6, /machine list/], [6, /machine quarantine/], [6, /^curl /], [6, /machine release/], [6, /audit verify --server audit$/], [6, /audit verify$/]] as const) {
       expect(() => pick(step, match)).not.toThrow();
     }
     const at: Site = { kdc: "127.0.0.1:1", audit: "127.0.0.1:2", proxy: "127.0.0.1:3", machineId: "m-0" };
@@ -587,7 +587,10 @@ describe("npm start and the five-minute tour, exactly as README.md says", () => 
     const r = await tourCommandEventually("the tour's curl after the release", 2, /^curl /, origin, 30_000);
     expect(r.stdout).toBe(origin.body);
     expect(await upStatusJson()).toMatchObject({ agent: { attestation: "attested", holds_tenant_key: true } });
-    const verify = await tourCommand(6, /audit verify/);
+    // Both logs: the Auditserver's (quarantine, release) and the KDC's (releases, refusals).
+    const verifyAudit = await tourCommand(6, /audit verify --server audit$/);
+    expect(verifyAudit.stdout).toMatch(/^audit log ok: \d+ entries, head \S+$/m);
+    const verify = await tourCommand(6, /audit verify$/);
     expect(verify.stdout).toMatch(/^audit log ok: \d+ entries, head \S+$/m);
 
     await runState();
