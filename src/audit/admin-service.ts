@@ -21,6 +21,7 @@ import {
   VerifyAuditLogResponseSchema,
 } from "../gen/kmi/audit/v1/admin_pb.js";
 import type { AuditEntry } from "../storage/audit-log.js";
+import { kPeerAddress, peerSource } from "../common/rpc.js";
 import { audited } from "./audited.js";
 import type { AuditContext } from "./context.js";
 import { approveMeasurements, createGroup, createJoinToken, listGroups } from "./group-ops.js";
@@ -36,9 +37,10 @@ import * as V from "./validate.js";
 async function operatorCall<T>(ctx: AuditContext, hctx: HandlerContext, action: string, target: string, fn: (actor: string) => Promise<T>): Promise<T> {
   const authorization = hctx.requestHeader.get("authorization");
   let actor = actorHint(authorization);
+  const source = peerSource(hctx.values.get(kPeerAddress));
   return audited(
     ctx,
-    () => ({ actor, action, target }),
+    () => ({ actor, action, target, source }),
     async () => {
       actor = await authenticateOperator(ctx, authorization);
       return fn(actor);

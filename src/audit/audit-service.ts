@@ -7,7 +7,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { publicKeyPem } from "../attest/index.js";
-import { kDraining, kPeer, kPeerAddress } from "../common/rpc.js";
+import { kDraining, kPeer, kPeerAddress, peerSource } from "../common/rpc.js";
 import {
   AttestResponseSchema,
   AuditService,
@@ -47,14 +47,15 @@ export function createAuditService(ctx: AuditContext, options: { keepaliveMs?: n
   const keepaliveMs = options.keepaliveMs ?? WATCH_KEEPALIVE_MS;
   const machineCall = <T>(hctx: HandlerContext, action: string, fn: () => Promise<T>): Promise<T> => {
     const actor = peerActor(hctx);
-    return audited(ctx, () => ({ actor, action, target: actor.startsWith("machine:") ? `machine/${actor.slice(8)}` : "", details: { peer: hctx.values.get(kPeerAddress) } }), fn);
+    const peer = hctx.values.get(kPeerAddress);
+    return audited(ctx, () => ({ actor, action, target: actor.startsWith("machine:") ? `machine/${actor.slice(8)}` : "", details: { peer }, source: peerSource(peer) }), fn);
   };
 
   return {
     enroll: (req, hctx) =>
       audited(
         ctx,
-        () => ({ actor: "anonymous", action: "machine.enroll", target: "", details: { peer: hctx.values.get(kPeerAddress) } }),
+        () => ({ actor: "anonymous", action: "machine.enroll", target: "", details: { peer: hctx.values.get(kPeerAddress) }, source: peerSource(hctx.values.get(kPeerAddress)) }),
         async () => {
           const r = await enroll(ctx, V.parseEnroll(req), hctx.values.get(kPeerAddress));
           return create(EnrollResponseSchema, { machineId: r.machineId, group: r.group, certificatePem: r.certificatePem, caPem: r.caPem, notAfter: timestampFromDate(r.notAfter) });

@@ -22,6 +22,8 @@ export interface Clock {
 export interface AuditSink {
   /** Appends `entry` and applies `changeOps` atomically; if it rejects, nothing happened. */
   append(entry: AuditEntryInput, changeOps?: readonly BatchOp[]): Promise<AuditEntry>;
+  /** Appends the refusal of an unauthenticated caller within its address's budget (undefined: only counted). */
+  appendUnauthenticated(entry: AuditEntryInput, source: string): Promise<AuditEntry | undefined>;
   /** Entries in order. */
   tail(options?: AuditTailOptions): Promise<AuditEntry[]>;
   /** Walks the chain. */

@@ -22,6 +22,7 @@ import { joinSecretMatches } from "./join-token.js";
 import { dateOf, getGroup, ts } from "./records.js";
 import { RECORD_VERSION, Tables } from "./store.js";
 import type { EnrollInput } from "./validate.js";
+import { peerSource } from "../common/rpc.js";
 
 /** What enrollment returns. */
 export interface EnrollResult {
@@ -46,7 +47,7 @@ export async function enroll(ctx: AuditContext, input: EnrollInput, peerAddress:
   let target = `join_token/${input.tokenId}`;
   return audited(
     ctx,
-    () => ({ actor: `join_token:${input.tokenId}`, action: "machine.enroll", target, details }),
+    () => ({ actor: `join_token:${input.tokenId}`, action: "machine.enroll", target, details, source: peerSource(peerAddress) }),
     async () => {
       const csr = ctx.csr.check(input.csrPem, "csr_pem");
       return ctx.locks.run(`token/${input.tokenId}`, async () => {

@@ -34,6 +34,12 @@ export const kPeer = createContextKey<PeerIdentity | undefined>(undefined, { des
 /** Where the call came from: `ip:port` on TCP, `unix` on a Unix socket, `in-process` in tests. */
 export const kPeerAddress = createContextKey<string>("in-process", { description: "kmi peer address" });
 
+/** The address part of a peer address ("10.0.0.1:5000" → "10.0.0.1", "::1:5000" → "::1"; "unix" stays). */
+export function peerSource(peerAddress: string): string {
+  const colon = peerAddress.lastIndexOf(":");
+  return colon > 0 && /^\d+$/.test(peerAddress.slice(colon + 1)) ? peerAddress.slice(0, colon).replace(/^\[|\]$/g, "") : peerAddress;
+}
+
 const neverAborted = new AbortController().signal;
 
 /**

@@ -24,6 +24,8 @@ export interface Clock {
 /** The audit log as the KDC uses it: append with the change in one batch, read, verify. */
 export interface AuditSink {
   append(entry: AuditEntryInput, changeOps?: readonly BatchOp[]): Promise<AuditEntry>;
+  /** Appends the refusal of an unauthenticated caller within its address's budget (undefined: only counted). */
+  appendUnauthenticated(entry: AuditEntryInput, source: string): Promise<AuditEntry | undefined>;
   tail(options?: AuditTailOptions): Promise<AuditEntry[]>;
   verify(): Promise<AuditVerifyResult>;
   head(): Promise<{ seq: bigint; hash: string }>;

@@ -6,7 +6,7 @@
  */
 import type { HandlerContext } from "@connectrpc/connect";
 import { isKmiError, Unauthenticated } from "../common/errors.js";
-import { kPeer } from "../common/rpc.js";
+import { kPeer, kPeerAddress, peerSource } from "../common/rpc.js";
 import { actorOf, authenticateToken, authorize, callerFromPeer, type Caller, type Requirement } from "./authz.js";
 import type { KdcContext } from "./context.js";
 import { authenticateMachine } from "./machine-auth.js";
@@ -87,13 +87,11 @@ export async function handle<Req, In, Out>(ctx: KdcContext, hctx: HandlerContext
           // The token is a bearer credential for its lifetime: only its keyed hash is logged.
           details["attestation_token"] = token === "" ? "none" : ctx.sealer.keyedHash(token);
         }
-        await ctx.audit.append({
-          actor: actorOf(refusalActor(caller, call.auth, hctx)),
-          action,
-          target: clean(safeTarget(call, req)),
-          outcome: `refused: ${code}`,
-          details,
-        });
+        const who = refusalActor(caller, call.auth, hctx);
+        const entry = { actor: actorOf(who), action, target: clean(safeTarget(call, req)), outcome: `refused: ${code}`, details };
+        // A caller that proved nothing writes within a budget per address (a flood must not fill the disk).
+        if (who.kind === "anonymous") await ctx.audit.appendUnauthenticated(entry, peerSource(hctx.values.get(kPeerAddress)));
+        else await ctx.audit.append(entry);
       } catch (auditErr) {
         ctx.logger.error("cannot write the audit entry of a refused call", { action, err: auditErr });
       }

@@ -24,6 +24,7 @@ import {
 import { Mutex } from "./mutex.js";
 import { KEY_BYTES, bytesEqual } from "./seal.js";
 import { defineTable, numericKey, parseNumericKey, putOp, type BatchOp, type Store } from "./store.js";
+import { RefusalBudget, type RefusalBudgetOptions } from "./refusal-budget.js";
 
 /** Table of audit entries, keyed by `numericKey(seq)`. */
 export const AUDIT_LOG_TABLE = defineTable("audit_log", AuditEntryRecordSchema);
@@ -111,6 +112,8 @@ export interface AuditTailOptions {
 export interface AuditLogOptions {
   /** Clock for entry times (default: the system clock). */
   clock?: Clock;
+  /** Limits of {@link AuditLog.appendUnauthenticated}. */
+  refusals?: RefusalBudgetOptions;
 }
 
 /**
@@ -121,10 +124,29 @@ export class AuditLog {
   readonly #store: Store;
   readonly #clock: Clock;
   readonly #mutex = new Mutex();
+  readonly #refusals: RefusalBudget;
 
   constructor(store: Store, options: AuditLogOptions = {}) {
     this.#store = store;
     this.#clock = options.clock ?? { now: () => new Date() };
+    this.#refusals = new RefusalBudget(options.refusals, this.#clock.now().getTime());
+  }
+
+  /** Refusals of unauthenticated callers counted but not written (see {@link appendUnauthenticated}). */
+  get suppressedRefusals(): number {
+    return this.#refusals.suppressed;
+  }
+
+  /**
+   * Appends the refusal of a caller that proved nothing (see ./refusal-budget.ts), within the
+   * budget of its `source` (the peer address, without port); past it, counts the refusal and
+   * writes nothing. The next entry written for the source carries `suppressed_refusals` when
+   * some were counted. Resolves with the entry, or undefined when it was only counted.
+   */
+  async appendUnauthenticated(entry: AuditEntryInput, source: string): Promise<AuditEntry | undefined> {
+    const d = this.#refusals.take(source, this.#clock.now().getTime());
+    if (!d.write) return undefined;
+    return this.append(d.suppressedBefore === 0 ? entry : { ...entry, details: { ...(entry.details ?? {}), suppressed_refusals: String(d.suppressedBefore) } });
   }
 
   /**
