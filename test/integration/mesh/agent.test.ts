@@ -8,9 +8,12 @@
  * KDC's store with its master key) → quarantine and release → both audit logs → the state dir
  * searched for every unsealed key.
  */
+import { execFile } from "node:child_process";
 import { generateKeyPairSync, X509Certificate } from "node:crypto";
-import { stat, writeFile } from "node:fs/promises";
-import { join } from "node:path";
+import { chmod, stat, writeFile } from "node:fs/promises";
+import { createRequire } from "node:module";
+import { dirname, join } from "node:path";
+import { promisify } from "node:util";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -24,6 +27,9 @@ import { runCtl, runTool, until } from "../../fixtures/mesh/processes.js";
 import { findInFiles, keyNeedles, PEM_PRIVATE_KEY, readTree, unsealIntermediates, type UnsealedKey } from "../../fixtures/mesh/secrets.js";
 
 const DAY = 86_400_000;
+const execFileP = promisify(execFile);
+const socketClientScript = new URL("../../fixtures/agent/socket-client.mjs", import.meta.url).pathname;
+const grpcModule = createRequire(import.meta.url).resolve("@grpc/grpc-js");
 const PEM_CERT = /-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g;
 let mesh: Mesh;
 /** Every intermediate key of the tenant, unsealed while the KDC is down (test "KDC down"). */
@@ -64,6 +70,13 @@ async function text(pem: string): Promise<string> {
   const f = join(mesh.dir, `cert-${++n}.pem`);
   await writeFile(f, pem);
   return (await runTool("openssl", ["x509", "-in", f, "-noout", "-text"])).stdout;
+}
+
+/** GetStatus over `socketPath` from another process, run as `user` (this process's user when undefined); its JSON verdict. */
+async function socketClientAs(user: string | undefined, socketPath: string): Promise<{ ok: boolean; code?: number; details?: string }> {
+  const cmd = user === undefined ? [process.execPath, socketClientScript, socketPath, grpcModule] : ["runuser", "-u", user, "--", process.execPath, socketClientScript, socketPath, grpcModule];
+  const { stdout } = await execFileP(cmd[0]!, cmd.slice(1), { encoding: "utf8", timeout: 20_000 });
+  return JSON.parse(stdout.trim()) as { ok: boolean; code?: number; details?: string };
 }
 
 function watch(): { events: { ev: WatchKeysResponse; at: number }[]; cancel(): void } {
@@ -120,6 +133,28 @@ describe("the key agent in the real mesh", () => {
     expect(life).toBeLessThanOrEqual(47 * DAY);
     expect(life).toBeGreaterThan(46 * DAY);
     expect(leaf.serialNumber.length).toBeGreaterThanOrEqual(30); // 128 random bits or more
+  });
+
+  it("refuses another Unix user (nobody) at its socket's file mode, while its own user connects", async () => {
+    expect(process.getuid?.()).toBe(0); // runuser needs root, as in CI (.ci/run)
+    // The mesh's temp dir is 0700: open a way through the directories, so that only the socket's own mode keeps nobody out.
+    const dirs = [mesh.dir, dirname(mesh.socketPath)];
+    const modes = await Promise.all(dirs.map(async (d) => (await stat(d)).mode & 0o7777));
+    try {
+      await Promise.all(dirs.map((d, i) => chmod(d, modes[i]! | 0o001)));
+      // nobody reaches the path (stat works through the directories) ...
+      await expect(execFileP("runuser", ["-u", "nobody", "--", "test", "-S", mesh.socketPath])).resolves.toBeDefined();
+      // ... but connecting is refused: connect(2) needs write permission on the socket, which 0600 gives only its owner.
+      const asNobody = await socketClientAs("nobody", mesh.socketPath);
+      expect(asNobody.ok).toBe(false);
+      expect(asNobody.code).toBe(grpc.status.UNAVAILABLE);
+      expect(asNobody.details).toMatch(/EACCES|[Pp]ermission denied/);
+      // Control: the same client as the agent's own user gets an answer.
+      expect(await socketClientAs(undefined, mesh.socketPath)).toMatchObject({ ok: true });
+    } finally {
+      await Promise.all(dirs.map((d, i) => chmod(d, modes[i]!)));
+    }
+    expect((await stat(mesh.socketPath)).mode & 0o777).toBe(0o600);
   });
 
   it.each([

@@ -4,21 +4,25 @@
  * released to it after `kmi audit` attested it (test/fixtures/mesh). Clients are curl and
  * `openssl s_client -proxy`; certificates are judged by openssl.
  *
- * In order on one mesh: KMI-signed intermediate → rotation → an intermediate signed by a
- * private CA made with openssl → the proxy's memory and open files searched for every
- * intermediate key (unsealed from the stopped KDC's store), with the agent as positive control.
+ * In order on one mesh: KMI-signed intermediate (over h2, the protocol the origin chose) →
+ * refusals (a self-signed origin, EICAR, a policy block rule) with their access log records →
+ * rotation → an intermediate signed by a private CA made with openssl → the proxy's memory and
+ * open files searched for every intermediate key (unsealed from the stopped KDC's store), with
+ * the agent as positive control.
  */
 import { X509Certificate } from "node:crypto";
-import { stat, writeFile } from "node:fs/promises";
+import { existsSync, readFileSync } from "node:fs";
+import { readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Mesh } from "../../fixtures/mesh/mesh.js";
-import { runTool, until } from "../../fixtures/mesh/processes.js";
+import { runTool, spawnKmi, until } from "../../fixtures/mesh/processes.js";
 import { findInFiles, keyNeedles, openFiles, PEM_PRIVATE_KEY, readOpenRegularFiles, scanMemory, unsealIntermediates, type Needle } from "../../fixtures/mesh/secrets.js";
-import { makeOriginPki, startOrigin, type Origin } from "../../fixtures/proxy/origins.js";
+import { makeOriginPki, startOrigin, type Origin, type OriginPki } from "../../fixtures/proxy/origins.js";
 import { makePrivateCa } from "../kdc/harness.js";
 
 let mesh: Mesh;
+let pki: OriginPki;
 let origin: Origin;
 let kmiRoot: string;
 /** The private CA's root (test "private CA"). */
@@ -26,7 +30,7 @@ let privateRoot = "";
 let n = 0;
 
 beforeAll(async () => {
-  const pki = makeOriginPki();
+  pki = makeOriginPki();
   [mesh, origin] = await Promise.all([Mesh.start({ proxyExtraCaPem: pki.caPem }), startOrigin({ cert: pki.good })]);
   kmiRoot = await mesh.download("root");
 }, 90_000);
@@ -36,8 +40,40 @@ afterAll(async () => {
 });
 
 /** curl through the proxy, trusting only `caFile`. */
-function curl(caFile: string, path = "/hello") {
-  return runTool("curl", ["-sS", "--max-time", "10", "-x", `http://127.0.0.1:${mesh.proxyPort}`, "--cacert", caFile, `https://localhost:${origin.port}${path}`]);
+function curl(caFile: string, path = "/hello", ...extra: string[]) {
+  return curlVia(mesh.proxyPort, caFile, `https://localhost:${origin.port}${path}`, ...extra);
+}
+
+/** curl through the proxy on `proxyPort` to `url`, trusting only `caFile`. */
+function curlVia(proxyPort: number, caFile: string, url: string, ...extra: string[]) {
+  return runTool("curl", ["-sS", "--suppress-connect-headers", "--max-time", "10", "-x", `http://127.0.0.1:${proxyPort}`, "--cacert", caFile, ...extra, url]);
+}
+
+/** An access log record as the proxy writes it to its file (one JSON object a line). */
+type AccessLine = { time: string; tenant: string; host: string; method: string; path: string; status: number; decision: string; rule?: string; proto?: string; error?: string };
+
+/** The records of the access log `logFile` that `pred` accepts, in order. */
+async function accessRecords(logFile: string, pred: (r: AccessLine) => boolean): Promise<AccessLine[]> {
+  const text = await readFile(logFile, "utf8").catch(() => "");
+  return text
+    .split("\n")
+    .slice(0, -1) // complete lines only: a write may be under way
+    .filter((l) => l.startsWith("{"))
+    .map((l) => JSON.parse(l) as AccessLine)
+    .filter(pred);
+}
+
+/** Waits until the access log `logFile` holds `count` records that `pred` accepts (the proxy batches its writes). */
+function awaitAccessRecords(logFile: string, pred: (r: AccessLine) => boolean, count = 1): Promise<AccessLine[]> {
+  return until(
+    `${count} access log record(s) in ${logFile}`,
+    async () => {
+      const found = await accessRecords(logFile, pred);
+      return found.length >= count ? found : undefined;
+    },
+    5_000,
+    () => `${mesh.proxy!.log().slice(-2000)}\n--- access log:\n${existsSync(logFile) ? readFileSync(logFile, "utf8").slice(-2000) : "(none)"}`,
+  );
 }
 
 /** What curl's TLS peer sent, as `openssl s_client -proxy … -showcerts` saw it: PEMs, leaf first. */
@@ -76,10 +112,13 @@ type VersionJson = { version: { version: number; certificatePem: string } };
 
 describe("the proxy in the real mesh", () => {
   it("serves curl through the proxy with a leaf the tenant's intermediate issued, carrying the origin's names", async () => {
-    const r = await curl(kmiRoot);
+    // curl offers h2 and http/1.1; the origin speaks h2, so the client must get h2 end to end.
+    const r = await curl(kmiRoot, "/hello", "--http2", "-w", "%{http_version}");
     expect(r.stderr).toBe("");
     expect(r.code).toBe(0);
-    expect(r.stdout).toMatch(/^hello from origin over (h2|http\/1\.1)\n$/);
+    expect(r.stdout).toBe("hello from origin over h2\n2");
+    const [rec] = await awaitAccessRecords(mesh.accessLogFile, (x) => x.path === "/hello");
+    expect(rec).toMatchObject({ tenant: mesh.tenant, host: "localhost", method: "GET", status: 200, decision: "allow", proto: "h2" });
 
     const intermediate = await mesh.read(await mesh.download("intermediate"));
     const { leaf, leafPem, chain } = await servedChain();
@@ -93,6 +132,72 @@ describe("the proxy in the real mesh", () => {
     expect(t).toMatch(/CA:FALSE/);
     expect(t).toMatch(/TLS Web Server Authentication/);
     expect(mesh.agent.entries("leaf issued").some((e) => (e.names as string[]).includes("localhost"))).toBe(true);
+  });
+
+  it("a self-signed origin gets a 502 page naming the verification error, never a trusted leaf; the access log records it", async () => {
+    const selfSigned = await startOrigin({ cert: pki.selfSigned });
+    try {
+      const url = `https://localhost:${selfSigned.port}/hello`;
+      // A client that trusts only the tenant root refuses the page: nothing is passed off as trusted.
+      const strict = await curlVia(mesh.proxyPort, kmiRoot, url);
+      expect(strict.code).toBe(60);
+      expect(strict.stdout).toBe("");
+      const page = await curlVia(mesh.proxyPort, kmiRoot, url, "-k", "-i", "--http1.1");
+      expect(page.code).toBe(0);
+      expect(page.stdout).toMatch(/^HTTP\/1.1 502 /);
+      expect(page.stdout).toContain("self-signed certificate");
+      expect(page.stdout).toMatch(/^x-kmi-rule: origin-verify\r$/m);
+      expect(selfSigned.requests).toBe(0);
+      const [rec] = await awaitAccessRecords(mesh.accessLogFile, (x) => x.path === `localhost:${selfSigned.port}` && x.rule === "origin-verify");
+      expect(rec).toMatchObject({ tenant: mesh.tenant, method: "CONNECT", status: 502, decision: "block" });
+      expect(rec!.error).toContain("DEPTH_ZERO_SELF_SIGNED_CERT");
+    } finally {
+      await selfSigned.close();
+    }
+  });
+
+  it("replaces a response carrying EICAR with a 403 page, over h2 and http/1.1", async () => {
+    for (const v of ["--http2", "--http1.1"]) {
+      const r = await curl(kmiRoot, "/eicar", v, "-i");
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stdout).toMatch(/^HTTP\/(2|1\.1) 403/);
+      expect(r.stdout).toContain("rule: <code>eicar</code>");
+      expect(r.stdout).not.toContain("EICAR-STANDARD-ANTIVIRUS-TEST-FILE");
+    }
+    const recs = await awaitAccessRecords(mesh.accessLogFile, (x) => x.path === "/eicar", 2);
+    expect(recs.map((x) => [x.proto, x.status, x.decision, x.rule])).toEqual([
+      ["h2", 403, "block", "eicar"],
+      ["http/1.1", 403, "block", "eicar"],
+    ]);
+  });
+
+  it("a policy block rule gives a 403 page naming the rule, with leaves from the real agent for the rest", async () => {
+    // The mesh's proxy runs without --policy, and its config file is one of the machine's
+    // attested measurements (proxy.config): a second `kmi proxy` on the same agent socket takes the policy.
+    const policyFile = await file("policy.json", JSON.stringify({ blockUrls: [{ name: "no-admin", pattern: "*/admin*" }] }));
+    const logFile = join(mesh.dir, "policy-access.log");
+    const proxy = await spawnKmi("policy-proxy", [
+      "proxy", "--listen", "127.0.0.1:0", "--agent-socket", mesh.socketPath, "--default-tenant", mesh.tenant,
+      "--extra-ca", await file("origin-ca.pem", pki.caPem), "--allow-private", "127.0.0.0/8",
+      "--policy", policyFile, "--access-log", logFile, "--shutdown-grace-ms", "1000",
+    ]);
+    try {
+      const port = ((proxy.entries("started")[0]?.bound ?? {}) as { port?: number }).port ?? 0;
+      expect(port).toBeGreaterThan(0);
+      const before = origin.requests;
+      const blocked = await curlVia(port, kmiRoot, `https://localhost:${origin.port}/admin/panel`, "-i");
+      expect(blocked.code, blocked.stderr).toBe(0);
+      expect(blocked.stdout).toMatch(/^HTTP\/2 403/);
+      expect(blocked.stdout).toContain("rule: <code>block-url:no-admin</code>");
+      expect(origin.requests).toBe(before);
+      const ok = await curlVia(port, kmiRoot, `https://localhost:${origin.port}/hello`);
+      expect(ok.code, ok.stderr).toBe(0);
+      expect(ok.stdout).toBe("hello from origin over h2\n");
+      const [rec] = await awaitAccessRecords(logFile, (x) => x.path === "/admin/panel");
+      expect(rec).toMatchObject({ tenant: mesh.tenant, status: 403, decision: "block", rule: "block-url:no-admin" });
+    } finally {
+      await proxy.stop("SIGTERM");
+    }
   });
 
   it("after a rotation on the KDC the next new connection gets a leaf from the new intermediate, with nothing restarted", async () => {

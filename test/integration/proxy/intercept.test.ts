@@ -99,6 +99,48 @@ describe("interception", () => {
     expect(rec).toMatchObject({ status: 200, decision: "allow", tenant: "acme" });
   });
 
+  it("answers the client with the protocol the origin chose", async () => {
+    // An origin that speaks only http/1.1, a client that offers h2 first: the client must get http/1.1.
+    const h1only = await startOrigin({ cert: h.pki.good, h2: false });
+    try {
+      const r = await run("curl", ["-sS", "--http2", "--max-time", "10", "-x", `http://127.0.0.1:${h.port}`, "--cacert", root, "-w", "%{http_version}", `https://localhost:${h1only.port}/hello`]);
+      expect(r.stderr).toBe("");
+      expect(r.code).toBe(0);
+      expect(r.stdout).toBe("hello from origin over http/1.1\n1.1");
+      const t = await tlsViaProxy(h.port, "localhost", h1only.port, { ca: h.agent.rootPem("acme"), alpn: ["h2", "http/1.1"] });
+      expect(t.alpnProtocol).toBe("http/1.1");
+      const res = await requestOver(t, "/hello", { host: "localhost" });
+      expect(res).toMatchObject({ status: 200, body: Buffer.from("hello from origin over http/1.1\n") });
+      expect(res.headers["x-origin-proto"]).toBe("http/1.1");
+    } finally {
+      await h1only.close();
+    }
+    // The converse: an h2-capable origin and a client offering h2 get h2, end to end.
+    const t2 = await tlsViaProxy(h.port, "localhost", origin.port, { ca: h.agent.rootPem("acme"), alpn: ["h2", "http/1.1"] });
+    expect(t2.alpnProtocol).toBe("h2");
+    const { connect: h2connect } = await import("node:http2");
+    const session = h2connect("https://localhost", { createConnection: () => t2 });
+    try {
+      const { status, proto, body } = await new Promise<{ status: number; proto: string; body: string }>((resolve, reject) => {
+        const req = session.request({ ":path": "/hello", ":authority": "localhost" });
+        let status = 0;
+        let proto = "";
+        let body = "";
+        req.on("response", (hd) => {
+          status = Number(hd[":status"]);
+          proto = String(hd["x-origin-proto"]);
+        });
+        req.on("data", (d: Buffer) => (body += d.toString()));
+        req.on("end", () => resolve({ status, proto, body }));
+        req.on("error", reject);
+        req.end();
+      });
+      expect({ status, proto, body }).toEqual({ status: 200, proto: "h2", body: "hello from origin over h2\n" });
+    } finally {
+      session.destroy();
+    }
+  });
+
   it("keep-alive: several requests on one intercepted connection", async () => {
     const t = await tlsViaProxy(h.port, "localhost", origin.port, { ca: h.agent.rootPem("acme") });
     const { request } = await import("node:http");
