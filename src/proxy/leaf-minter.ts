@@ -8,7 +8,7 @@
  * OpenSSL context. No KMI-managed key ever reaches the proxy: the agent API has no call that
  * returns one.
  */
-import { X509Certificate, generateKeyPairSync, randomBytes } from "node:crypto";
+import { X509Certificate, createHash, generateKeyPairSync, randomBytes } from "node:crypto";
 import { createSecureContext } from "node:tls";
 import type { IssueLeafCertificateResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { AgentCallError, type LeafIssuer } from "./agent-client.js";
@@ -30,8 +30,6 @@ export class LeafRejected extends Error {
 export interface LeafMinterOptions {
   /** The agent. */
   readonly agent: LeafIssuer;
-  /** Session ticket keys shared by every leaf context (48 bytes), so tickets survive across leaves. */
-  readonly ticketKeys: Buffer;
   /** Longest leaf lifetime the proxy asks for; at most {@link MAX_LEAF_LIFETIME_MS}. */
   readonly maxLifetimeMs?: number;
   /** Clock (ms). */
@@ -43,23 +41,41 @@ export interface LeafMinter {
   /** Mints a leaf for `tenant` that copies `origin`'s names; `host` is the name the client asked for. */
   mint(tenant: string, origin: OriginCertificate, host: string): Promise<LeafEntry>;
   /**
-   * Replaces the session ticket keys of leaves minted from now on. Why: after a revoke or a
-   * quarantine, a client must not resume a session that a dropped leaf authenticated.
+   * Replaces the session ticket keys of `tenant`'s leaves minted from now on (every tenant's
+   * when absent). Why: after a revoke or a quarantine, a client must not resume a session that
+   * a dropped leaf authenticated.
    */
-  rotateTicketKeys(): void;
+  rotateTicketKeys(tenant?: string): void;
 }
 
-/** TLS options every client-facing context shares. */
-export const CLIENT_TLS_SESSION_ID_CONTEXT = "kmi-proxy";
+/**
+ * The session id context of a tenant's leaves (at most 32 bytes, OpenSSL's limit). Why per
+ * tenant, with per-tenant ticket keys: a session resumes across the leaves of the tenant that
+ * authenticated it, never under another tenant's leaf (whose clients trust another chain), and
+ * a tenant's revoke invalidates its sessions alone.
+ */
+export function sessionIdContextOf(tenant: string): string {
+  return createHash("sha256").update(`kmi-proxy\0${tenant}`).digest("hex").slice(0, 32);
+}
 
 /** Builds a minter. */
 export function createLeafMinter(options: LeafMinterOptions): LeafMinter {
   const maxLifetime = Math.min(options.maxLifetimeMs ?? MAX_LEAF_LIFETIME_MS, MAX_LEAF_LIFETIME_MS);
   const now = options.now ?? Date.now;
-  let ticketKeys = options.ticketKeys;
+  // Session ticket keys per tenant (48 bytes, made on first use), in memory only: a restart invalidates every ticket.
+  const ticketKeys = new Map<string, Buffer>();
+  const ticketKeysOf = (tenant: string): Buffer => {
+    let k = ticketKeys.get(tenant);
+    if (k === undefined) {
+      k = randomBytes(48);
+      ticketKeys.set(tenant, k);
+    }
+    return k;
+  };
   return {
-    rotateTicketKeys() {
-      ticketKeys = randomBytes(48);
+    rotateTicketKeys(tenant) {
+      if (tenant === undefined || tenant === "") ticketKeys.clear();
+      else ticketKeys.delete(tenant);
     },
     async mint(tenant, origin, host) {
       const names = leafNames(origin, host);
@@ -109,8 +125,8 @@ export function createLeafMinter(options: LeafMinterOptions): LeafMinter {
       const context = createSecureContext({
         key: privateKey.export({ type: "pkcs8", format: "pem" }),
         cert: res.certificatePem.trimEnd() + "\n" + res.chainPem,
-        ticketKeys,
-        sessionIdContext: CLIENT_TLS_SESSION_ID_CONTEXT,
+        ticketKeys: ticketKeysOf(tenant),
+        sessionIdContext: sessionIdContextOf(tenant),
         minVersion: "TLSv1.2",
       });
       return {

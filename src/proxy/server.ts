@@ -174,9 +174,6 @@ export class ProxyServer {
     if (agent === undefined) throw new Error("agent socket: not set; give --agent-socket with the key agent's Unix socket path");
     const accessLog = typeof options.accessLog === "object" ? options.accessLog : createAccessLog(options.accessLog ?? "-", logger, { query: options.accessLogQuery ?? false });
     const blockedCa = BlockedCa.create();
-    // Ticket keys in memory only, shared by every leaf context: a session resumes across leaves
-    // and cache evictions, and a restart invalidates every ticket.
-    const ticketKeys = randomBytes(48);
     const leaves = new LeafCache({ maxEntries: options.leafCacheSize ?? 10_000 });
     const limits: ProxyLimits = { ...DEFAULT_LIMITS, ...options.limits };
     const destinations = new DestinationGuard(options.allowPrivate ?? []);
@@ -186,7 +183,7 @@ export class ProxyServer {
       policy,
       tenants,
       leaves,
-      minter: createLeafMinter({ agent, ticketKeys, maxLifetimeMs: options.leafMaxLifetimeMs ?? MAX_LEAF_LIFETIME_MS }),
+      minter: createLeafMinter({ agent, maxLifetimeMs: options.leafMaxLifetimeMs ?? MAX_LEAF_LIFETIME_MS }),
       origins: new OriginConnector({
         extraCaPem: options.extraCaPem ?? [],
         systemRoots: options.systemRoots ?? true,
@@ -248,7 +245,7 @@ export class ProxyServer {
       case KeyEventType.ROTATED:
       case KeyEventType.REVOKED:
       case KeyEventType.LEASE_EXPIRED: {
-        if (e.type === KeyEventType.REVOKED) this.context.minter.rotateTicketKeys();
+        if (e.type === KeyEventType.REVOKED) this.context.minter.rotateTicketKeys(e.tenantId);
         const n = e.tenantId === "" ? leaves.clear() : leaves.clearTenant(e.tenantId);
         log.info("leaves dropped after a key event", { event: KeyEventType[e.type], tenant: e.tenantId, dropped: n, reason: e.reason });
         break;

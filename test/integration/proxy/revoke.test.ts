@@ -114,4 +114,32 @@ describe("WatchKeys REVOKED", () => {
     expect(h.agent.issueCount("acme")).toBe(2);
     expect(h.proxy.leaves.size).toBe(2);
   });
+
+  it("a session resumes under its own tenant's leaves only; a revoke keeps the other tenants' sessions", async () => {
+    const acmeRoot = h.agent.rootPem("acme");
+    const globexRoot = h.agent.rootPem("globex");
+    const sessionOf = async (o: { ca: string; user?: string }): Promise<Buffer> => {
+      const t = await viaProxy(o);
+      const s = new Promise<Buffer>((resolve) => t.once("session", resolve));
+      expect((await requestOver(t, "/hello", { host: "localhost" })).status).toBe(200);
+      return s;
+    };
+    const acme = await sessionOf({ ca: acmeRoot });
+    const globex = await sessionOf({ ca: globexRoot, user: GLOBEX_USER });
+    // Same tenant: resumes (tickets are shared by a tenant's leaves).
+    const again = await viaProxy({ ca: acmeRoot, session: acme });
+    expect(again.isSessionReused()).toBe(true);
+    again.destroy();
+    // Another tenant's client offering acme's ticket gets a full handshake under globex's leaf.
+    const cross = await viaProxy({ ca: globexRoot, user: GLOBEX_USER, session: acme });
+    expect(cross.isSessionReused()).toBe(false);
+    expect(String(cross.getPeerCertificate().issuer.CN)).toBe("globex MITM CA v1");
+    cross.destroy();
+    // Revoking acme leaves globex's sessions alone.
+    h.agent.revoke("acme", REASON);
+    await waitUntil("the proxy drops acme's leaf", () => h.proxy.leaves.size === 1);
+    const g = await viaProxy({ ca: globexRoot, user: GLOBEX_USER, session: globex });
+    expect(g.isSessionReused()).toBe(true);
+    g.destroy();
+  });
 });

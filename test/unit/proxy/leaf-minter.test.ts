@@ -43,12 +43,11 @@ function fakeAgent(tamper: Tamper = "none", maxMs = MAX_LEAF_LIFETIME_MS): LeafI
 }
 
 const origin = (days: number): OriginCertificate => ({ fingerprint: "F", dnsNames: ["www.example.com", "example.com"], ipAddresses: ["192.0.2.1"], notAfter: new Date(Date.now() + days * DAY) });
-const ticketKeys = Buffer.alloc(48, 1);
 
 describe("leaf minter", () => {
   it("sends a fresh P-256 public key and the origin's names; gets a ready context", async () => {
     const agent = fakeAgent();
-    const m = createLeafMinter({ agent, ticketKeys });
+    const m = createLeafMinter({ agent });
     const e = await m.mint("acme", origin(90), "www.example.com");
     const req = agent.calls[0]!;
     expect(req).toMatchObject({ tenantId: "acme", dnsNames: ["www.example.com", "example.com"], ipAddresses: ["192.0.2.1"], commonName: "www.example.com", notAfter: undefined });
@@ -65,14 +64,14 @@ describe("leaf minter", () => {
   it("asks for the origin's end when it comes first", async () => {
     const agent = fakeAgent();
     const o = origin(10);
-    const e = await createLeafMinter({ agent, ticketKeys }).mint("acme", o, "example.com");
+    const e = await createLeafMinter({ agent }).mint("acme", o, "example.com");
     expect(agent.calls[0]!.notAfter?.getTime()).toBe(o.notAfter.getTime());
     expect(e.notAfter).toBeLessThanOrEqual(o.notAfter.getTime());
   });
 
   it("an agent with a shorter maximum is asked again for its maximum", async () => {
     const agent = fakeAgent("none", 30 * DAY);
-    const e = await createLeafMinter({ agent, ticketKeys }).mint("acme", origin(40), "example.com");
+    const e = await createLeafMinter({ agent }).mint("acme", origin(40), "example.com");
     expect(agent.calls).toHaveLength(2);
     expect(agent.calls[1]!.notAfter).toBeUndefined();
     expect(e.notAfter).toBeLessThan(Date.now() + 31 * DAY);
@@ -83,20 +82,20 @@ describe("leaf minter", () => {
     ["a CA certificate", "ca" as Tamper, "a ca certificate as a leaf"],
     ["a leaf that outlives the origin", "outlive" as Tamper, "outlives the origin"],
   ])("refuses %s from the agent", async (_n, tamper, message) => {
-    const m = createLeafMinter({ agent: fakeAgent(tamper), ticketKeys });
+    const m = createLeafMinter({ agent: fakeAgent(tamper) });
     const days = tamper === "outlive" ? 20 : 90;
     await expect(m.mint("acme", origin(days), "example.com")).rejects.toThrow(LeafRejected);
     await expect(m.mint("acme", origin(days), "example.com")).rejects.toThrow(message);
   });
 
   it("an origin without names cannot be copied", async () => {
-    const m = createLeafMinter({ agent: fakeAgent(), ticketKeys });
+    const m = createLeafMinter({ agent: fakeAgent() });
     await expect(m.mint("acme", { ...origin(9), dnsNames: [], ipAddresses: [] }, "x")).rejects.toThrow("names no dns name");
   });
 
   it("the leaf served is the agent's, verifiable against its issuer", async () => {
     const agent = fakeAgent();
-    await createLeafMinter({ agent, ticketKeys }).mint("acme", origin(90), "www.example.com");
+    await createLeafMinter({ agent }).mint("acme", origin(90), "www.example.com");
     // Re-issue through the fake to inspect what it signed.
     const res = await agent.issueLeafCertificate(agent.calls[0]!);
     const leaf = new X509Certificate(res.certificatePem);
