@@ -129,7 +129,7 @@ export class AuditLog {
   constructor(store: Store, options: AuditLogOptions = {}) {
     this.#store = store;
     this.#clock = options.clock ?? { now: () => new Date() };
-    this.#refusals = new RefusalBudget(options.refusals, this.#clock.now().getTime());
+    this.#refusals = new RefusalBudget(options.refusals);
   }
 
   /** Refusals of unauthenticated callers counted but not written (see {@link appendUnauthenticated}). */

@@ -41,13 +41,14 @@ export class RefusalBudget {
   /** Refusals counted but not written, since the budget was made. */
   suppressed = 0;
 
-  constructor(o: RefusalBudgetOptions = {}, nowMs = Date.now()) {
+  constructor(o: RefusalBudgetOptions = {}) {
     this.#burst = o.perSourceBurst ?? 30;
     this.#perMs = (o.perSourcePerMinute ?? 30) / 60_000;
     this.#totalBurst = o.totalPerMinute ?? 600;
     this.#totalPerMs = this.#totalBurst / 60_000;
     this.#maxSources = o.maxSources ?? 10_000;
-    this.#total = { tokens: this.#totalBurst, at: nowMs, suppressed: 0 };
+    // Full from the start; `at` is set by the first refill (no clock is read here).
+    this.#total = { tokens: this.#totalBurst, at: 0, suppressed: 0 };
   }
 
   /** Whether a refusal from `source` is written now; when it is, how many were suppressed before it. */

@@ -8,7 +8,7 @@ const T0 = Date.UTC(2026, 10, 25, 12, 0, 0);
 
 describe("RefusalBudget", () => {
   it("lets a source write its burst, then one per refill interval, and reports what it suppressed", () => {
-    const b = new RefusalBudget({ perSourceBurst: 3, perSourcePerMinute: 6, totalPerMinute: 1000 }, T0);
+    const b = new RefusalBudget({ perSourceBurst: 3, perSourcePerMinute: 6, totalPerMinute: 1000 });
     const took = Array.from({ length: 5 }, () => b.take("10.0.0.1", T0).write);
     expect(took).toEqual([true, true, true, false, false]);
     expect(b.suppressed).toBe(2);
@@ -21,14 +21,14 @@ describe("RefusalBudget", () => {
   });
 
   it("bounds all sources together (many addresses cannot add up to a flood)", () => {
-    const b = new RefusalBudget({ perSourceBurst: 5, perSourcePerMinute: 5, totalPerMinute: 10 }, T0);
+    const b = new RefusalBudget({ perSourceBurst: 5, perSourcePerMinute: 5, totalPerMinute: 10 });
     const written = Array.from({ length: 40 }, (_, i) => b.take(`10.0.${i}.1`, T0).write).filter(Boolean).length;
     expect(written).toBe(10);
     expect(b.suppressed).toBe(30);
   });
 
   it("forgets the least recently seen source past maxSources", () => {
-    const b = new RefusalBudget({ perSourceBurst: 1, perSourcePerMinute: 1, totalPerMinute: 1000, maxSources: 2 }, T0);
+    const b = new RefusalBudget({ perSourceBurst: 1, perSourcePerMinute: 1, totalPerMinute: 1000, maxSources: 2 });
     expect(b.take("a", T0).write).toBe(true);
     expect(b.take("a", T0).write).toBe(false);
     b.take("b", T0);
