@@ -40,7 +40,7 @@ export function intermediateCertificateInfo(intermediate: HeldIntermediate): Cer
 }
 
 /** The public side of a held key. */
-export function toKeyInfo(key: HeldKey, now: number): KeyInfo {
+export function toKeyInfo(key: HeldKey, now: number, dropped = false): KeyInfo {
   return create(KeyInfoSchema, {
     keyId: key.keyId,
     tenantId: key.tenantId,
@@ -48,7 +48,7 @@ export function toKeyInfo(key: HeldKey, now: number): KeyInfo {
     keyAlgorithm: key.keyAlgorithm,
     version: key.version,
     name: key.name,
-    state: key.leaseExpired || key.leaseExpiresAt <= now ? KeyState.LEASE_EXPIRED : KeyState.ACTIVE,
+    state: dropped ? KeyState.DROPPED : key.leaseExpired || key.leaseExpiresAt <= now ? KeyState.LEASE_EXPIRED : KeyState.ACTIVE,
     leaseExpiresAt: timestampFromMs(key.leaseExpiresAt),
     publicKeyPem: key.publicKeyPem,
     certificate: key.intermediate === undefined ? undefined : intermediateCertificateInfo(key.intermediate),
@@ -68,7 +68,8 @@ export function toWatchEvent(event: HolderEvent, now: number): WatchKeysResponse
   return create(WatchKeysResponseSchema, {
     type: EVENT_TYPE[event.type],
     tenantId: event.tenantId,
-    keys: event.keys.map((k) => toKeyInfo(k, now)),
+    // The keys of a revoke or a quarantine are the ones dropped: say so, not their last state.
+    keys: event.keys.map((k) => toKeyInfo(k, now, event.type === "revoked" || event.type === "quarantined")),
     reason: event.reason,
     time: timestampFromMs(event.time),
   });

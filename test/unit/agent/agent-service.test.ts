@@ -332,9 +332,13 @@ describe("WatchKeys", () => {
     h.holder.revoke(extra.keyId, "no longer needed");
     await until(4);
     expect(got[3]).toMatchObject({ type: KeyEventType.REVOKED, tenantId: "acme", reason: "no longer needed" });
+    // The dropped key is named as dropped, not in its last (active) state.
+    expect(got[3]!.keys.map((k) => [k.keyId, k.state])).toEqual([[extra.keyId, KeyState.DROPPED]]);
     h.holder.quarantineMachine("compromised");
     await until(5);
     expect(got[4]).toMatchObject({ type: KeyEventType.QUARANTINED, reason: "compromised" });
+    expect(got[4]!.keys.length).toBeGreaterThan(0);
+    expect(got[4]!.keys.every((k) => k.state === KeyState.DROPPED)).toBe(true);
     expect(got).toHaveLength(5);
     abort.abort();
     await reader;
