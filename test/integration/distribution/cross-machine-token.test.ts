@@ -6,34 +6,19 @@
  * `sub` against the certificate's machine id), on every DistributionService RPC, and the refusal
  * is in the KDC's audit log under Y; each machine with its own token is served.
  */
-import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
-import { readFile } from "node:fs/promises";
-import { createServer } from "node:net";
-import { join } from "node:path";
-import { promisify } from "node:util";
-import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { afterAll, beforeAll, expect, it } from "vitest";
-import { createAttestRequest, decodeAttestationTokenUnverified } from "../../../src/attest/index.js";
-import { AuditAdminService } from "../../../src/gen/kmi/audit/v1/admin_pb.js";
-import { AuditService } from "../../../src/gen/kmi/audit/v1/audit_pb.js";
+import { decodeAttestationTokenUnverified } from "../../../src/attest/index.js";
 import { WatchEventType, type WatchSecretsResponse } from "../../../src/gen/kmi/kdc/v1/distribution_pb.js";
 import { unwrapKey } from "../../../src/keywrap/index.js";
-import { Machine } from "../../fixtures/kdc/machines.js";
-import { distributionClient, operator } from "../../fixtures/kdc/mesh.js";
-import { cleanEnv, cleanup, initDataDir, KMI, startKdc, type DataDir, type KdcProcess } from "../kdc/harness.js";
+import type { Machine } from "../../fixtures/kdc/machines.js";
+import { operator } from "../../fixtures/kdc/mesh.js";
+import { startRealAudit, type RealAudit } from "../../fixtures/kdc/real-audit.js";
 
-const run = promisify(execFile);
 const GROUP = "edge";
 const TENANT = "acme";
-let data: DataDir;
-let caPem: string;
-let kdc: KdcProcess;
-let auditProc: ChildProcess | undefined;
-let auditUrl: string;
-let auditLog = "";
-const closers: (() => void)[] = [];
+let ra: RealAudit;
 
 interface Attested {
   machine: Machine;
@@ -42,60 +27,7 @@ interface Attested {
 let x: Attested;
 let y: Attested;
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-async function until(what: string, cond: () => Promise<boolean>, timeoutMs: number): Promise<void> {
-  const t0 = Date.now();
-  while (!(await cond())) {
-    if (Date.now() - t0 > timeoutMs) throw new Error(`${what}: not within ${timeoutMs} ms; audit log:\n${auditLog.slice(-3000)}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
-function auditClients(opts: { token?: string; m?: Machine } = {}) {
-  const auth: Interceptor = (next) => async (req) => {
-    if (opts.token !== undefined) req.header.set("authorization", `Bearer ${opts.token}`);
-    return next(req);
-  };
-  const transport = createGrpcTransport({
-    baseUrl: auditUrl,
-    interceptors: [auth],
-    nodeOptions: { ca: caPem, ...(opts.m !== undefined && opts.m.certPem !== "" ? { cert: opts.m.certPem, key: opts.m.keyPem } : {}) },
-  });
-  return { audit: createClient(AuditService, transport), admin: createClient(AuditAdminService, transport) };
-}
-
-/** Enrolls a machine in GROUP at the real Auditserver and attests it (measurement agent.code = `digest`). */
-async function enrollAndAttest(digest: string, hostname: string): Promise<Attested> {
-  const joinToken = await auditClients({ token: data.token }).admin.createJoinToken({ group: GROUP, ttlSeconds: 600 });
-  const pending = new Machine("pending");
-  const enrolled = await auditClients().audit.enroll({ joinToken: joinToken.secret, csrPem: pending.csrPem(), hostname });
-  const machine = Object.assign(new Machine(enrolled.machineId, GROUP), { certPem: enrolled.certificatePem });
-  // The enrolled certificate is for the pending machine's key.
-  Object.defineProperty(machine, "key", { value: pending.key });
-  const c = auditClients({ m: machine }).audit;
-  const nonce = (await c.getAttestationNonce({})).nonce;
-  const res = await c.attest(
-    createAttestRequest({ machineId: machine.machineId, nonce, measurements: [{ name: "agent.code", sha256: digest }], softwareVersion: "0.1.0", time: new Date() }, machine.key),
-  );
-  return { machine, token: res.attestationToken };
-}
-
-/** DistributionService over mutual TLS with `m`'s machine certificate. */
-function dist(m: Machine) {
-  const c = distributionClient(kdc.url, caPem, m);
-  closers.push(c.close);
-  return c.client;
-}
+const dist = (m: Machine) => ra.dist(m);
 
 async function refusal(p: Promise<unknown>): Promise<ConnectError> {
   const err = await p.then(
@@ -107,37 +39,24 @@ async function refusal(p: Promise<unknown>): Promise<ConnectError> {
 }
 
 beforeAll(async () => {
-  data = await initDataDir();
-  caPem = await readFile(data.caFile, "utf8");
-  const auditPort = await freePort();
-  auditUrl = `https://127.0.0.1:${auditPort}`;
-  kdc = await startKdc(data.dataDir, ["--audit-url", auditUrl]);
-  const auditDir = join(data.dir, "audit");
-  await run(process.execPath, [KMI, "audit", "init", "--data-dir", auditDir, "--kdc", kdc.url, "--kdc-ca-file", data.caFile, "--token-file", data.tokenFile], { env: cleanEnv() });
-  auditProc = spawn(process.execPath, [KMI, "audit", "--data-dir", auditDir, "--listen", `127.0.0.1:${auditPort}`, "--kdc", kdc.url], { env: cleanEnv(), stdio: ["ignore", "ignore", "pipe"] });
-  auditProc.stderr!.on("data", (b: Buffer) => (auditLog += b.toString()));
-  await until("the Auditserver serves", async () => /"msg":"audit serving"/.test(auditLog), 20_000);
-
-  const ops = operator(kdc.url, caPem, data.token);
+  ra = await startRealAudit();
+  const ops = operator(ra.kdc.url, ra.caPem, ra.data.token);
   await ops.admin.createTenant({ tenantId: TENANT, bootstrapKmiSigned: true });
-  await until("the KDC loaded the Auditserver's key", async () => (await ops.admin.getKdcStatus({})).attestationKeyLoaded, 20_000);
-  const admin = auditClients({ token: data.token }).admin;
+  await ra.until("the KDC loaded the Auditserver's key", async () => (await ops.admin.getKdcStatus({})).attestationKeyLoaded, 20_000);
+  const admin = ra.auditClients({ token: ra.data.token }).admin;
   const digest = createHash("sha256").update("agent code").digest("hex");
   await admin.createGroup({ name: GROUP, tenantIds: [TENANT] });
   await admin.approveMeasurements({ group: GROUP, approved: [{ name: "agent.code", sha256: [digest] }] });
-  x = await enrollAndAttest(digest, "proxy-x");
-  y = await enrollAndAttest(digest, "proxy-y");
+  const attested = async (hostname: string): Promise<Attested> => {
+    const { machine, attest } = await ra.enrolledMachine(GROUP, digest, hostname);
+    return { machine, token: await attest() };
+  };
+  x = await attested("proxy-x");
+  y = await attested("proxy-y");
 }, 90_000);
 
 afterAll(async () => {
-  for (const c of closers) c();
-  if (auditProc !== undefined && auditProc.exitCode === null) {
-    const exited = new Promise((r) => auditProc!.once("exit", r));
-    auditProc.kill("SIGTERM");
-    await exited;
-  }
-  await kdc?.stop();
-  if (data !== undefined) await cleanup(data.dir);
+  await ra?.stop();
 });
 
 it("the Auditserver gave X and Y distinct identities and tokens, each naming its own machine", () => {
@@ -153,7 +72,7 @@ it("FetchSecrets over Y's mutual TLS with X's token is UNAUTHENTICATED, naming b
     `attestation token: issued to machine ${x.machine.machineId}, not to ${y.machine.machineId}; each machine presents its own token`,
   );
   // The KDC's audit log has the refusal under Y (named by its certificate), the token only as a keyed hash.
-  const tail = await operator(kdc.url, caPem, data.token).admin.tailAuditLog({ last: true, limit: 1 });
+  const tail = await operator(ra.kdc.url, ra.caPem, ra.data.token).admin.tailAuditLog({ last: true, limit: 1 });
   const e = tail.entries[0]!;
   expect(e).toMatchObject({ actor: `machine:${y.machine.machineId}`, action: "secret.release", target: `machine/${y.machine.machineId}`, outcome: "refused: unauthenticated" });
   expect(e.details["error"]).toContain(`issued to machine ${x.machine.machineId}`);

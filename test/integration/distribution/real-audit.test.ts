@@ -6,117 +6,36 @@
  * token, watches, and is quarantined by an operator at the Auditserver: the KDC pushes
  * QUARANTINED and refuses it; released, it is served again.
  */
-import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
-import { readFile } from "node:fs/promises";
-import { createServer } from "node:net";
-import { join } from "node:path";
-import { promisify } from "node:util";
-import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { afterAll, beforeAll, expect, it } from "vitest";
-import { createAttestRequest, decodeAttestationTokenUnverified } from "../../../src/attest/index.js";
-import { AuditAdminService } from "../../../src/gen/kmi/audit/v1/admin_pb.js";
-import { AuditService } from "../../../src/gen/kmi/audit/v1/audit_pb.js";
+import { decodeAttestationTokenUnverified } from "../../../src/attest/index.js";
 import { WatchEventType, type WatchSecretsResponse } from "../../../src/gen/kmi/kdc/v1/distribution_pb.js";
 import { unwrapKey } from "../../../src/keywrap/index.js";
-import { Machine } from "../../fixtures/kdc/machines.js";
-import { distributionClient, operator } from "../../fixtures/kdc/mesh.js";
-import { cleanEnv, cleanup, initDataDir, KMI, startKdc, type DataDir, type KdcProcess } from "../kdc/harness.js";
+import type { Machine } from "../../fixtures/kdc/machines.js";
+import { operator } from "../../fixtures/kdc/mesh.js";
+import { startRealAudit, type RealAudit } from "../../fixtures/kdc/real-audit.js";
 
-const run = promisify(execFile);
-let data: DataDir;
-let caPem: string;
-let kdc: KdcProcess;
-let auditProc: ChildProcess | undefined;
-let auditUrl: string;
-let auditLog = "";
-const closers: (() => void)[] = [];
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-async function until(what: string, cond: () => Promise<boolean>, timeoutMs: number): Promise<void> {
-  const t0 = Date.now();
-  while (!(await cond())) {
-    if (Date.now() - t0 > timeoutMs) throw new Error(`${what}: not within ${timeoutMs} ms; audit log:\n${auditLog.slice(-3000)}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
-function auditClients(opts: { token?: string; m?: Machine } = {}) {
-  const auth: Interceptor = (next) => async (req) => {
-    if (opts.token !== undefined) req.header.set("authorization", `Bearer ${opts.token}`);
-    return next(req);
-  };
-  const transport = createGrpcTransport({
-    baseUrl: auditUrl,
-    interceptors: [auth],
-    nodeOptions: { ca: caPem, ...(opts.m !== undefined && opts.m.certPem !== "" ? { cert: opts.m.certPem, key: opts.m.keyPem } : {}) },
-  });
-  return { audit: createClient(AuditService, transport), admin: createClient(AuditAdminService, transport) };
-}
-
-/** Enrolls a machine in `group` at the real Auditserver; `attest` gets it a token for measurement agent.code = `digest`. */
-async function enrolledMachine(group: string, digest: string): Promise<{ machine: Machine; attest: () => Promise<string> }> {
-  const join = await auditClients({ token: data.token }).admin.createJoinToken({ group, ttlSeconds: 600 });
-  const m = new Machine("pending");
-  const enrolled = await auditClients().audit.enroll({ joinToken: join.secret, csrPem: m.csrPem(), hostname: "proxy-1" });
-  const machine = Object.assign(new Machine(enrolled.machineId, group), { certPem: enrolled.certificatePem });
-  Object.defineProperty(machine, "key", { value: m.key });
-  const attest = async () => {
-    const c = auditClients({ m: machine }).audit;
-    const nonce = (await c.getAttestationNonce({})).nonce;
-    return (await c.attest(createAttestRequest({ machineId: machine.machineId, nonce, measurements: [{ name: "agent.code", sha256: digest }], softwareVersion: "0.1.0", time: new Date() }, machine.key))).attestationToken;
-  };
-  return { machine, attest };
-}
-
-function dist(machine: Machine) {
-  const c = distributionClient(kdc.url, caPem, machine);
-  closers.push(c.close);
-  return c.client;
-}
+let ra: RealAudit;
+const until = (what: string, cond: () => Promise<boolean>, timeoutMs: number) => ra.until(what, cond, timeoutMs);
+const auditClients = (opts: { token?: string; m?: Machine } = {}) => ra.auditClients(opts);
+const enrolledMachine = (group: string, digest: string) => ra.enrolledMachine(group, digest);
+const dist = (m: Machine) => ra.dist(m);
 
 beforeAll(async () => {
-  data = await initDataDir();
-  caPem = await readFile(data.caFile, "utf8");
-  const auditPort = await freePort();
-  auditUrl = `https://127.0.0.1:${auditPort}`;
-  // The KDC starts first and keeps asking for the key until the Auditserver is up.
-  kdc = await startKdc(data.dataDir, ["--audit-url", auditUrl]);
-  const auditDir = join(data.dir, "audit");
-  await run(process.execPath, [KMI, "audit", "init", "--data-dir", auditDir, "--kdc", kdc.url, "--kdc-ca-file", data.caFile, "--token-file", data.tokenFile], { env: cleanEnv() });
-  auditProc = spawn(process.execPath, [KMI, "audit", "--data-dir", auditDir, "--listen", `127.0.0.1:${auditPort}`, "--kdc", kdc.url], { env: cleanEnv(), stdio: ["ignore", "ignore", "pipe"] });
-  auditProc.stderr!.on("data", (b: Buffer) => (auditLog += b.toString()));
-  await until("the Auditserver serves", async () => /"msg":"audit serving"/.test(auditLog), 20_000);
+  ra = await startRealAudit();
 }, 60_000);
 
 afterAll(async () => {
-  for (const c of closers) c();
-  if (auditProc !== undefined && auditProc.exitCode === null) {
-    const exited = new Promise((r) => auditProc!.once("exit", r));
-    auditProc.kill("SIGTERM");
-    await exited;
-  }
-  await kdc?.stop();
-  if (data !== undefined) await cleanup(data.dir);
+  await ra?.stop();
 });
 
 it("a machine attested by the real Auditserver gets its secrets; quarantine at the Auditserver reaches the KDC; release restores", async () => {
-  const ops = operator(kdc.url, caPem, data.token);
+  const ops = operator(ra.kdc.url, ra.caPem, ra.data.token);
   await ops.admin.createTenant({ tenantId: "acme", bootstrapKmiSigned: true });
   await until("the KDC loaded the Auditserver's key", async () => (await ops.admin.getKdcStatus({})).attestationKeyLoaded, 20_000);
 
-  const admin = auditClients({ token: data.token }).admin;
+  const admin = auditClients({ token: ra.data.token }).admin;
   const digest = createHash("sha256").update("agent code").digest("hex");
   await admin.createGroup({ name: "edge", tenantIds: ["acme"] });
   await admin.approveMeasurements({ group: "edge", approved: [{ name: "agent.code", sha256: [digest] }] });
@@ -156,9 +75,9 @@ it("a machine attested by the real Auditserver gets its secrets; quarantine at t
 });
 
 it('a group must name its tenants or say all_tenants; an all_tenants group\'s token says ten ["*"] and the KDC releases every tenant to it', async () => {
-  const ops = operator(kdc.url, caPem, data.token);
+  const ops = operator(ra.kdc.url, ra.caPem, ra.data.token);
   await until("the KDC loaded the Auditserver's key", async () => (await ops.admin.getKdcStatus({})).attestationKeyLoaded, 20_000);
-  const admin = auditClients({ token: data.token }).admin;
+  const admin = auditClients({ token: ra.data.token }).admin;
   const refused = await admin.createGroup({ name: "core" }).then(() => undefined, (e: unknown) => ConnectError.from(e));
   expect(refused?.code).toBe(Code.InvalidArgument);
   expect(refused?.rawMessage).toBe("tenant_ids: give the tenants this group's machines serve, or all_tenants to serve every tenant");
