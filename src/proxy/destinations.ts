@@ -5,10 +5,13 @@
  * refused unless an operator allows a range of them, and the check runs on the addresses a
  * name resolves to (not on the name), in the lookup the connection itself uses: a name that
  * resolves to a public address when checked and a private one when connecting (DNS
- * rebinding) cannot slip through, because there is only one resolution.
+ * rebinding) cannot slip through, because there is only one resolution. The machine's own
+ * interface addresses are refused too, public ones included: the KDC, the Auditserver or a
+ * metrics endpoint bound to 0.0.0.0 is reachable on them.
  */
 import { lookup as dnsLookup, type LookupAddress, type LookupAllOptions, type LookupOneOptions } from "node:dns";
 import { BlockList, isIP, type LookupFunction } from "node:net";
+import { networkInterfaces } from "node:os";
 import { parseCidr } from "./tenants.js";
 
 /** Special-use ranges (IANA IPv4/IPv6 special-purpose registries) and what to call them in a message. */
@@ -29,6 +32,7 @@ const SPECIAL: readonly (readonly [string, string])[] = [
   ["100::/64", "discard-only address"],
   ["fc00::/7", "unique-local (private) address"],
   ["fe80::/10", "link-local address"],
+  ["fec0::/10", "site-local (private) address"],
   ["ff00::/8", "multicast address"],
 ];
 
@@ -61,12 +65,15 @@ export class DestinationGuard {
   private readonly special: { list: BlockList; kind: string }[];
   private readonly allowed = new BlockList();
   private readonly allowedRanges: readonly string[];
+  private own = new Set<string>();
 
   /**
    * @param allowPrivate ranges (CIDR or single addresses) of private or special-use addresses the
    *   proxy may connect to, e.g. `127.0.0.0/8` for a local test origin; throws naming the entry.
+   * @param ownAddresses this machine's addresses (default: its network interfaces', see
+   *   {@link refreshOwnAddresses}); refused unless an allowed range holds them.
    */
-  constructor(allowPrivate: readonly string[] = []) {
+  constructor(allowPrivate: readonly string[] = [], ownAddresses?: readonly string[]) {
     this.special = SPECIAL.map(([cidr, kind]) => {
       const r = parseCidr(cidr, "special range");
       const list = new BlockList();
@@ -78,6 +85,13 @@ export class DestinationGuard {
       this.allowed.addSubnet(r.addr, r.prefix, r.type);
     });
     this.allowedRanges = [...allowPrivate];
+    this.refreshOwnAddresses(ownAddresses);
+  }
+
+  /** Rereads this machine's interface addresses (or takes `addresses`); the proxy does so on SIGHUP. */
+  refreshOwnAddresses(addresses?: readonly string[]): void {
+    const list = addresses ?? Object.values(networkInterfaces()).flatMap((ifs) => (ifs ?? []).map((i) => i.address));
+    this.own = new Set(list.map((a) => normalizeAddress(a)));
   }
 
   /** The ranges allowed despite being private, as configured. */
@@ -90,21 +104,13 @@ export class DestinationGuard {
    * IPv4-mapped and IPv4-compatible IPv6 forms are judged as the IPv4 address they carry.
    */
   refusal(address: string): string | undefined {
-    let a = address.replace(/^\[|\]$/g, "");
-    const zone = a.indexOf("%");
-    if (zone >= 0) a = a.slice(0, zone);
-    let v = isIP(a);
+    const a = normalizeAddress(address);
+    const v = isIP(a);
     if (v === 0) return "not an IP address";
-    if (v === 6) {
-      const embedded = embeddedIpv4(a);
-      if (embedded !== undefined) {
-        a = embedded;
-        v = 4;
-      }
-    }
     const type = v === 4 ? "ipv4" : "ipv6";
     if (this.allowed.check(a, type)) return undefined;
     for (const s of this.special) if (s.list.check(a, type)) return s.kind;
+    if (this.own.has(a)) return "address of this machine";
     return undefined;
   }
 
@@ -139,17 +145,34 @@ export class DestinationGuard {
   };
 }
 
-/** The IPv4 address inside `::ffff:a.b.c.d` (mapped), `::a.b.c.d` (compatible) or `64:ff9b::a.b.c.d` (NAT64), in any spelling. */
+/**
+ * An address as the checks compare it: no brackets, no zone, and an IPv6 address that carries
+ * an IPv4 one as that IPv4 address (lowercase otherwise).
+ */
+function normalizeAddress(address: string): string {
+  let a = address.replace(/^\[|\]$/g, "");
+  const zone = a.indexOf("%");
+  if (zone >= 0) a = a.slice(0, zone);
+  if (isIP(a) !== 6) return a;
+  return embeddedIpv4(a) ?? a.toLowerCase();
+}
+
+/**
+ * The IPv4 address an IPv6 address carries, in any spelling: `::ffff:a.b.c.d` (mapped),
+ * `::ffff:0:a.b.c.d` (translated), `::a.b.c.d` (compatible), `64:ff9b::a.b.c.d` and
+ * `64:ff9b:1::/48` (NAT64, RFC 6052 and 8215), and `2002:aabb:ccdd::` (6to4).
+ */
 function embeddedIpv4(v6: string): string | undefined {
   const words = expandIpv6(v6);
   if (words === undefined) return undefined;
-  const high = words.slice(0, 6);
-  const zero5 = high.slice(0, 5).every((w) => w === 0);
-  const mapped = zero5 && high[5] === 0xffff;
-  const compatible = zero5 && high[5] === 0 && (words[6]! !== 0 || words[7]! > 1);
-  const nat64 = words[0] === 0x64 && words[1] === 0xff9b && high.slice(2).every((w) => w === 0);
-  if (!mapped && !compatible && !nat64) return undefined;
-  return [words[6]! >> 8, words[6]! & 0xff, words[7]! >> 8, words[7]! & 0xff].join(".");
+  const v4 = (hi: number, lo: number): string => [hi >> 8, hi & 0xff, lo >> 8, lo & 0xff].join(".");
+  const zero = (from: number, to: number): boolean => words.slice(from, to).every((w) => w === 0);
+  if (words[0] === 0x2002) return v4(words[1]!, words[2]!);
+  const mapped = zero(0, 5) && words[5] === 0xffff;
+  const translated = zero(0, 4) && words[4] === 0xffff && words[5] === 0;
+  const compatible = zero(0, 6) && (words[6]! !== 0 || words[7]! > 1);
+  const nat64 = words[0] === 0x64 && words[1] === 0xff9b && (zero(2, 6) || words[2] === 1);
+  return mapped || translated || compatible || nat64 ? v4(words[6]!, words[7]!) : undefined;
 }
 
 /** The eight 16-bit words of an IPv6 address (with an optional dotted IPv4 tail). */

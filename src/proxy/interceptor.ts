@@ -32,7 +32,7 @@ import { splice } from "./splice.js";
 import { normalizeClientAddress } from "./tenants.js";
 
 /** Protocols the proxy can inspect, in the order it prefers them. */
-const INSPECTABLE_ALPN = new Set(["h2", "http/1.1"]);
+const INSPECTABLE_ALPN = new Set(["h2", "http/1.1", "http/1.0"]);
 
 /** Per-connection state carried on the decrypted client socket for the inner servers. */
 const kConn = Symbol("kmi.proxy.conn");

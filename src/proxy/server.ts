@@ -227,9 +227,10 @@ export class ProxyServer {
     return this.address;
   }
 
-  /** Rereads the policy file and reopens the access log (SIGHUP). */
+  /** Rereads the policy file and this machine's addresses, and reopens the access log (SIGHUP). */
   async reload(): Promise<void> {
     await this.policy.reload();
+    this.context.destinations.refreshOwnAddresses();
     this.context.accessLog.reopen();
   }
 

@@ -2,7 +2,7 @@ import { describe, expect, it } from "vitest";
 import { DestinationDenied, DestinationGuard, isDestinationDenied } from "../../../src/proxy/destinations.js";
 
 describe("DestinationGuard.refusal", () => {
-  const guard = new DestinationGuard();
+  const guard = new DestinationGuard([], []);
 
   it.each([
     ["127.0.0.1", "loopback address"],
@@ -29,6 +29,11 @@ describe("DestinationGuard.refusal", () => {
     ["0:0:0:0:0:ffff:a9fe:a9fe", "link-local address (cloud metadata lives here)"],
     ["::10.0.0.1", "private address"],
     ["64:ff9b::192.168.0.1", "private address"],
+    ["::ffff:0:7f00:1", "loopback address"],
+    ["64:ff9b:1::a9fe:a9fe", "link-local address (cloud metadata lives here)"],
+    ["2002:7f00:1::", "loopback address"],
+    ["2002:a00:1::1", "private address"],
+    ["fec0::1", "site-local (private) address"],
   ])("refuses %s as a %s", (address, kind) => {
     expect(guard.refusal(address)).toBe(kind);
   });
@@ -39,6 +44,20 @@ describe("DestinationGuard.refusal", () => {
       expect(guard.refusal(address)).toBeUndefined();
     },
   );
+
+  it("refuses this machine's own addresses, public ones included, unless allowed; rereads them on refresh", () => {
+    const g = new DestinationGuard([], ["203.0.113.7", "2001:db8::7", "127.0.0.1"]);
+    expect(g.refusal("203.0.113.7")).toBe("address of this machine");
+    expect(g.refusal("::ffff:203.0.113.7")).toBe("address of this machine");
+    expect(g.refusal("2001:DB8::7")).toBe("address of this machine");
+    expect(g.refusal("203.0.113.8")).toBeUndefined();
+    g.refreshOwnAddresses(["203.0.113.8"]);
+    expect(g.refusal("203.0.113.7")).toBeUndefined();
+    expect(g.refusal("203.0.113.8")).toBe("address of this machine");
+    expect(new DestinationGuard(["203.0.113.0/24"], ["203.0.113.7"]).refusal("203.0.113.7")).toBeUndefined();
+    // By default the interfaces' addresses: loopback at least.
+    expect(new DestinationGuard().refusal("127.0.0.1")).toBe("loopback address");
+  });
 
   it("lets allowed ranges through and nothing more", () => {
     const g = new DestinationGuard(["127.0.0.0/8", "10.1.0.0/16", "fd12::/16"]);
