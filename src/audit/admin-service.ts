@@ -38,11 +38,15 @@ async function operatorCall<T>(ctx: AuditContext, hctx: HandlerContext, action: 
   const authorization = hctx.requestHeader.get("authorization");
   let actor = actorHint(authorization);
   const source = peerSource(hctx.values.get(kPeerAddress));
+  // Until the token checked out, the caller proved nothing (whatever the failure: a bad token,
+  // or the KDC that checks tokens being unreachable).
+  let proven = false;
   return audited(
     ctx,
-    () => ({ actor, action, target, source }),
+    () => ({ actor, action, target, ...(proven ? {} : { source }) }),
     async () => {
       actor = await authenticateOperator(ctx, authorization);
+      proven = true;
       return fn(actor);
     },
   );

@@ -48,7 +48,9 @@ export function createAuditService(ctx: AuditContext, options: { keepaliveMs?: n
   const machineCall = <T>(hctx: HandlerContext, action: string, fn: () => Promise<T>): Promise<T> => {
     const actor = peerActor(hctx);
     const peer = hctx.values.get(kPeerAddress);
-    return audited(ctx, () => ({ actor, action, target: actor.startsWith("machine:") ? `machine/${actor.slice(8)}` : "", details: { peer }, source: peerSource(peer) }), fn);
+    // A verified machine or service certificate proves who calls; only the rest is budgeted.
+    const source = actor === "anonymous" ? { source: peerSource(peer) } : {};
+    return audited(ctx, () => ({ actor, action, target: actor.startsWith("machine:") ? `machine/${actor.slice(8)}` : "", details: { peer }, ...source }), fn);
   };
 
   return {

@@ -19,16 +19,13 @@ export interface AuditSubject {
   /** Non-secret details known so far. */
   details?: Record<string, string>;
   /**
-   * The caller's address (without port). When given, a refusal of a caller that proved nothing
-   * (UNAUTHENTICATED, or an anonymous or join-token caller) is written within that address's
-   * budget only (AuditSink.appendUnauthenticated), so a flood of bad calls cannot fill the disk.
+   * The caller's address (without port), given only while the caller has proved nothing (no
+   * verified certificate, no operator token that checked out, no join-token secret that
+   * matched). Its refusal is then written within that address's budget only
+   * (AuditSink.appendUnauthenticated), so a flood of bad calls cannot fill the disk; a caller
+   * that proved who it is is always logged.
    */
   source?: string;
-}
-
-/** True when the refusal is of a caller that proved nothing (see AuditSubject.source). */
-function unauthenticatedRefusal(s: AuditSubject, err: unknown): boolean {
-  return (isKmiError(err) && err.code === "unauthenticated") || s.actor === "anonymous" || s.actor.startsWith("join_token:");
 }
 
 const auditedErrors = new WeakSet<object>();
@@ -59,7 +56,7 @@ export async function audited<T>(ctx: AuditContext, subject: () => AuditSubject,
     const reason = isKmiError(err) ? err.message.slice(0, 1024) : "internal error (see the server log)";
     try {
       const entry = { actor: s.actor, action: s.action, target: s.target, outcome: refusalOutcome(err), details: { ...s.details, reason } };
-      if (s.source !== undefined && unauthenticatedRefusal(s, err)) await ctx.audit.appendUnauthenticated(entry, s.source);
+      if (s.source !== undefined) await ctx.audit.appendUnauthenticated(entry, s.source);
       else await ctx.audit.append(entry);
     } catch (logErr) {
       ctx.logger.error("audit log: cannot record a refusal", { action: s.action, target: s.target, err: logErr });

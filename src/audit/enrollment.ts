@@ -45,9 +45,11 @@ export async function enroll(ctx: AuditContext, input: EnrollInput, peerAddress:
   const details: Record<string, string> = { peer: peerAddress };
   if (input.hostname !== "") details["hostname"] = input.hostname;
   let target = `join_token/${input.tokenId}`;
+  // Until the token's secret matched, the caller proved nothing (see AuditSubject.source).
+  let proven = false;
   return audited(
     ctx,
-    () => ({ actor: `join_token:${input.tokenId}`, action: "machine.enroll", target, details, source: peerSource(peerAddress) }),
+    () => ({ actor: `join_token:${input.tokenId}`, action: "machine.enroll", target, details, ...(proven ? {} : { source: peerSource(peerAddress) }) }),
     async () => {
       const csr = ctx.csr.check(input.csrPem, "csr_pem");
       return ctx.locks.run(`token/${input.tokenId}`, async () => {
@@ -55,6 +57,7 @@ export async function enroll(ctx: AuditContext, input: EnrollInput, peerAddress:
         // Why one message for "no such id" and "wrong secret": only the holder of the real
         // secret learns anything more about the token (used, expired).
         if (token === undefined || !joinSecretMatches(input.secretPart, token.secretSha256)) throw new Unauthenticated(UNKNOWN_TOKEN);
+        proven = true;
         details["group"] = token.group;
         if (token.usedAt !== undefined) {
           throw new Unauthenticated(`join_token: already used at ${dateOf(token.usedAt).toISOString()} (machine ${token.machineId}); a join token works once, ask for a new one`);

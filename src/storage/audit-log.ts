@@ -114,6 +114,8 @@ export interface AuditLogOptions {
   clock?: Clock;
   /** Limits of {@link AuditLog.appendUnauthenticated}. */
   refusals?: RefusalBudgetOptions;
+  /** Monotonic milliseconds for the refusal budget (default performance.now: a wall-clock step must not freeze it). */
+  monotonicMs?: () => number;
 }
 
 /**
@@ -125,11 +127,13 @@ export class AuditLog {
   readonly #clock: Clock;
   readonly #mutex = new Mutex();
   readonly #refusals: RefusalBudget;
+  readonly #monotonicMs: () => number;
 
   constructor(store: Store, options: AuditLogOptions = {}) {
     this.#store = store;
     this.#clock = options.clock ?? { now: () => new Date() };
     this.#refusals = new RefusalBudget(options.refusals);
+    this.#monotonicMs = options.monotonicMs ?? (() => performance.now());
   }
 
   /** Refusals of unauthenticated callers counted but not written (see {@link appendUnauthenticated}). */
@@ -141,11 +145,24 @@ export class AuditLog {
    * Appends the refusal of a caller that proved nothing (see ./refusal-budget.ts), within the
    * budget of its `source` (the peer address, without port); past it, counts the refusal and
    * writes nothing. The next entry written for the source carries `suppressed_refusals` when
-   * some were counted. Resolves with the entry, or undefined when it was only counted.
+   * some were counted. At most once a minute while refusals are counted, a summary entry
+   * (`audit.refusals_suppressed`, actor `system`) records how many and from how many sources.
+   * Resolves with the entry, or undefined when it was only counted.
    */
   async appendUnauthenticated(entry: AuditEntryInput, source: string): Promise<AuditEntry | undefined> {
-    const d = this.#refusals.take(source, this.#clock.now().getTime());
-    if (!d.write) return undefined;
+    const d = this.#refusals.take(source, this.#monotonicMs());
+    if (!d.write) {
+      if (d.summary !== undefined) {
+        await this.append({
+          actor: "system",
+          action: "audit.refusals_suppressed",
+          target: "",
+          outcome: "ok",
+          details: { suppressed_refusals: String(d.summary.suppressed), sources: String(d.summary.sources), budget: "refusals of unauthenticated callers past their address's budget are counted, not written" },
+        });
+      }
+      return undefined;
+    }
     return this.append(d.suppressedBefore === 0 ? entry : { ...entry, details: { ...(entry.details ?? {}), suppressed_refusals: String(d.suppressedBefore) } });
   }
 

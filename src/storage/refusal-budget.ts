@@ -5,8 +5,12 @@
  * a loop of bad calls fills the disk. So each source (the peer address) may write a burst and
  * then a steady trickle, all sources together a larger one; past that, refusals are counted
  * instead of written, and the count goes into the next entry written for that source
- * (`suppressed_refusals`). Callers that authenticated are not limited: they are accountable.
+ * (`suppressed_refusals`); and at most once a minute while refusals are being counted, one
+ * summary entry says how many were and from how many sources, so the log itself shows that it
+ * was flooded. An IPv6 source is its /64 (one host usually holds a whole /64). Callers that
+ * authenticated are not limited: they are accountable.
  */
+import { isIP } from "node:net";
 
 /** Limits of a {@link RefusalBudget}. */
 export interface RefusalBudgetOptions {
@@ -26,8 +30,13 @@ interface Bucket {
   suppressed: number;
 }
 
-/** The decision on one refusal. */
-export type RefusalDecision = { readonly write: true; readonly suppressedBefore: number } | { readonly write: false };
+/** The decision on one refusal; `summary` when a summary entry is due (counted since the last one). */
+export type RefusalDecision =
+  | { readonly write: true; readonly suppressedBefore: number }
+  | { readonly write: false; readonly summary?: { readonly suppressed: number; readonly sources: number } };
+
+/** How often a summary of counted refusals is due, at most. */
+const SUMMARY_EVERY_MS = 60_000;
 
 /** Token buckets per source and in total; time comes from the caller. */
 export class RefusalBudget {
@@ -40,6 +49,9 @@ export class RefusalBudget {
   readonly #maxSources: number;
   /** Refusals counted but not written, since the budget was made. */
   suppressed = 0;
+  #sinceSummary = 0;
+  #sourcesSinceSummary = new Set<string>();
+  #lastSummaryAt = -Infinity;
 
   constructor(o: RefusalBudgetOptions = {}) {
     this.#burst = o.perSourceBurst ?? 30;
@@ -52,7 +64,8 @@ export class RefusalBudget {
   }
 
   /** Whether a refusal from `source` is written now; when it is, how many were suppressed before it. */
-  take(source: string, nowMs: number): RefusalDecision {
+  take(address: string, nowMs: number): RefusalDecision {
+    const source = sourceKey(address);
     let b = this.#sources.get(source);
     if (b === undefined) {
       b = { tokens: this.#burst, at: nowMs, suppressed: 0 };
@@ -66,7 +79,14 @@ export class RefusalBudget {
     if (b.tokens < 1 || this.#total.tokens < 1) {
       b.suppressed++;
       this.suppressed++;
-      return { write: false };
+      this.#sinceSummary++;
+      if (this.#sourcesSinceSummary.size < this.#maxSources) this.#sourcesSinceSummary.add(source);
+      if (nowMs - this.#lastSummaryAt < SUMMARY_EVERY_MS) return { write: false };
+      const summary = { suppressed: this.#sinceSummary, sources: this.#sourcesSinceSummary.size };
+      this.#lastSummaryAt = nowMs;
+      this.#sinceSummary = 0;
+      this.#sourcesSinceSummary = new Set();
+      return { write: false, summary };
     }
     b.tokens--;
     this.#total.tokens--;
@@ -74,6 +94,16 @@ export class RefusalBudget {
     b.suppressed = 0;
     return { write: true, suppressedBefore };
   }
+}
+
+/** The budget's key of an address: an IPv6 address's /64, anything else as it is. */
+function sourceKey(address: string): string {
+  if (isIP(address) !== 6) return address;
+  const [head = "", tail] = address.toLowerCase().split("::");
+  const left = head === "" ? [] : head.split(":");
+  const right = tail === undefined || tail === "" ? [] : tail.split(":");
+  const words = tail === undefined ? left : [...left, ...Array<string>(Math.max(0, 8 - left.length - right.length)).fill("0"), ...right];
+  return `${words.slice(0, 4).map((w) => (w.includes(".") ? w : String(parseInt(w, 16)))).join(":")}::/64`;
 }
 
 function refill(b: Bucket, nowMs: number, perMs: number, cap: number): void {

@@ -109,6 +109,29 @@ describe("enrollment", () => {
     }
   });
 
+  it("a flood of unknown join tokens writes at most the address's budget; a replayed real token is always written", async () => {
+    const token = await joinToken(h);
+    await h.audit.enroll({ joinToken: token, csrPem: newMachineKey().csrPem, hostname: "" });
+    const { seq } = await h.ctx.audit.head();
+    const { csrPem } = newMachineKey();
+    const unknown = "kmij_0123456789abcdef_" + token.split("_").slice(2).join("_");
+    for (let i = 0; i < 60; i++) await expectCode(h.audit.enroll({ joinToken: unknown, csrPem, hostname: "" }), "unauthenticated");
+    const flood = (await h.ctx.audit.tail({ afterSeq: seq, limit: 1000 })).filter((e) => e.action === "machine.enroll");
+    expect(flood.length).toBeGreaterThan(0);
+    expect(flood.length).toBeLessThanOrEqual(30);
+    // The log says it was flooded.
+    const summary = (await h.ctx.audit.tail({ afterSeq: seq, limit: 1000 })).find((e) => e.action === "audit.refusals_suppressed");
+    expect(summary?.actor).toBe("system");
+    expect(Number(summary?.details["suppressed_refusals"])).toBeGreaterThan(0);
+    // The holder of a real (used) token proved it knows the secret: its refusals are never budgeted.
+    for (let i = 0; i < 3; i++) {
+      const before = (await h.ctx.audit.head()).seq;
+      await expectCode(h.audit.enroll({ joinToken: token, csrPem, hostname: "" }), "unauthenticated", /already used/);
+      expect((await h.ctx.audit.head()).seq).toBe(before + 1n);
+      expect((await lastEntry(h)).outcome).toBe("refused: unauthenticated");
+    }
+  });
+
   it("never leaks the token into the audit log", async () => {
     const token = await joinToken(h);
     await h.audit.enroll({ joinToken: token, csrPem: newMachineKey().csrPem, hostname: "" });

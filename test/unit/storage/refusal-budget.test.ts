@@ -27,6 +27,24 @@ describe("RefusalBudget", () => {
     expect(b.suppressed).toBe(30);
   });
 
+  it("counts an IPv6 source by its /64 (one host usually holds a whole /64)", () => {
+    const b = new RefusalBudget({ perSourceBurst: 2, perSourcePerMinute: 1, totalPerMinute: 1000 });
+    expect(b.take("2001:db8:1:2::1", T0).write).toBe(true);
+    expect(b.take("2001:db8:1:2:ffff::9", T0).write).toBe(true);
+    expect(b.take("2001:0db8:0001:0002:abcd::", T0).write).toBe(false);
+    expect(b.take("2001:db8:1:3::1", T0).write).toBe(true);
+  });
+
+  it("asks for one summary of what it counted at most once a minute", () => {
+    const b = new RefusalBudget({ perSourceBurst: 1, perSourcePerMinute: 1, totalPerMinute: 1000 });
+    b.take("a", T0);
+    expect(b.take("a", T0)).toEqual({ write: false, summary: { suppressed: 1, sources: 1 } });
+    expect(b.take("a", T0 + 10)).toEqual({ write: false });
+    b.take("b", T0 + 20);
+    expect(b.take("b", T0 + 30)).toEqual({ write: false });
+    expect(b.take("b", T0 + 60_000)).toEqual({ write: false, summary: { suppressed: 3, sources: 2 } });
+  });
+
   it("forgets the least recently seen source past maxSources", () => {
     const b = new RefusalBudget({ perSourceBurst: 1, perSourcePerMinute: 1, totalPerMinute: 1000, maxSources: 2 });
     expect(b.take("a", T0).write).toBe(true);
@@ -47,7 +65,7 @@ describe("AuditLog.appendUnauthenticated", () => {
     let now = T0;
     const store = await openLevelStore(await tempDir(), { sync: false });
     stores.push(store);
-    const log = createAuditLog(store, { clock: { now: () => new Date(now) }, refusals: { perSourceBurst: 2, perSourcePerMinute: 2, totalPerMinute: 100 } });
+    const log = createAuditLog(store, { clock: { now: () => new Date(now) }, monotonicMs: () => now, refusals: { perSourceBurst: 2, perSourcePerMinute: 2, totalPerMinute: 100 } });
     const refusal = { actor: "anonymous", action: "ca.version.create", target: "tenant/acme", outcome: "refused: unauthenticated", details: { error: "no token" } };
     const results = [];
     for (let i = 0; i < 6; i++) results.push(await log.appendUnauthenticated(refusal, "192.0.2.7"));
@@ -59,12 +77,15 @@ describe("AuditLog.appendUnauthenticated", () => {
     const next = await log.appendUnauthenticated(refusal, "192.0.2.7");
     expect(next?.details).toEqual({ error: "no token", suppressed_refusals: "4" });
     const all = await log.tail({ limit: 100 });
-    expect(all.map((e) => [e.actor, e.details["suppressed_refusals"] ?? ""])).toEqual([
-      ["anonymous", ""],
-      ["anonymous", ""],
-      ["token:abc", ""],
-      ["anonymous", "4"],
+    // The first refusal counted brings a summary entry (the next is due a minute later).
+    expect(all.map((e) => [e.actor, e.action, e.details["suppressed_refusals"] ?? ""])).toEqual([
+      ["anonymous", "ca.version.create", ""],
+      ["anonymous", "ca.version.create", ""],
+      ["system", "audit.refusals_suppressed", "1"],
+      ["token:abc", "ca.version.create", ""],
+      ["anonymous", "ca.version.create", "4"],
     ]);
+    expect(all[2]!.details["sources"]).toBe("1");
     expect((await log.verify()).ok).toBe(true);
   });
 });
