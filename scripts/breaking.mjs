@@ -8,10 +8,16 @@ const git = (...args) => spawnSync("git", args, { cwd: root, encoding: "utf8" })
 
 let ref = process.argv[2] ?? "main";
 if (ref === "--release") {
-  const tags = git("tag", "--list", "v*", "--sort=-v:refname");
+  // versionsort.suffix: v1.0.0-rc1 sorts before v1.0.0.
+  const tags = git("-c", "versionsort.suffix=-", "tag", "--list", "v*", "--sort=-v:refname");
   const latest = tags.status === 0 ? tags.stdout.split("\n").find((t) => t.trim() !== "") : undefined;
   if (latest === undefined) {
-    console.log("buf breaking: no release tag (v*) yet, so the contracts may still change; the check starts at the first release");
+    const shallow = git("rev-parse", "--is-shallow-repository").stdout.trim() === "true";
+    if (tags.status !== 0 || shallow) {
+      console.warn(`buf breaking: cannot see the release tags (${tags.status !== 0 ? "not a git checkout" : "a shallow clone"}); run git fetch --tags --unshallow for the check`);
+    } else {
+      console.log("buf breaking: no release tag (v*) yet, so the contracts may still change; the check starts at the first release");
+    }
     process.exit(0);
   }
   ref = latest.trim();

@@ -162,7 +162,7 @@ describe.each(STACKS)("%s stack", (stack) => {
         // The call log (and the handled-calls metric) name the code the client got, not the HTTP status's loose mapping.
         await waitFor(
           () => f.logs.find((l) => l["method"] === "/kmi.kdc.v1.KdcAdminService/GetTenant" && l["protocol"] === "connect" && l["code"] === "resource_exhausted"),
-          2000,
+          10_000,
           "a connect call log line with code resource_exhausted",
         );
         const ok = await curl("GetTrustBundle", "{}");

@@ -289,7 +289,7 @@ describe("gRPC-Web (application/grpc-web+proto) over TLS, HTTP/1.1", () => {
     expect(trailers(trailer!)).toEqual({ "grpc-status": "0" });
     // The call went through the gRPC-Web protocol handler, as the call log names it (the line is
     // written when the response closes, which may be just after the client saw its end).
-    await waitFor(() => servers.connect.logs.find((l) => l["method"] === "/grpc.health.v1.Health/Check" && l["protocol"] === "grpc-web" && l["code"] === "ok"), 2000, "the grpc-web call log line");
+    await waitFor(() => servers.connect.logs.find((l) => l["method"] === "/grpc.health.v1.Health/Check" && l["protocol"] === "grpc-web" && l["code"] === "ok"), 10_000, "the grpc-web call log line");
   });
 
   it("answers an unimplemented method with no data frame and a trailer frame of grpc-status 12 and its message", async () => {
@@ -324,7 +324,7 @@ describe("gRPC-Web (application/grpc-web+proto) over TLS, HTTP/1.1", () => {
     const wire = codeToString(Number(t["grpc-status"]));
     await waitFor(
       () => servers.connect.logs.find((l) => l["method"] === "/kmi.kdc.v1.KdcAdminService/GetTenant" && l["protocol"] === "grpc-web" && l["code"] === wire),
-      2000,
+      10_000,
       `a grpc-web call log line with code ${wire}`,
     );
     expect(servers.connect.logs.some((l) => l["method"] === "/kmi.kdc.v1.KdcAdminService/GetTenant" && l["protocol"] === "grpc-web" && l["code"] === "ok")).toBe(false);

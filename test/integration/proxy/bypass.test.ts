@@ -35,6 +35,17 @@ afterAll(async () => {
   await rm(pki.dir, { recursive: true, force: true });
 });
 
+/** Writes `policy` and waits (up to 10 s) until the proxy has reloaded it; throws otherwise. */
+async function switchPolicy(policy: unknown): Promise<void> {
+  const reloads = h.proxy.context.policy.reloads;
+  await h.writePolicy(policy);
+  const end = Date.now() + 10_000;
+  while (h.proxy.context.policy.reloads === reloads) {
+    if (Date.now() > end) throw new Error("the proxy did not reload the policy file within 10 s");
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
 /** TLS through the proxy; resolves with the socket or the handshake error. */
 async function tlsThrough(target: string, o: { servername?: string; ca: string | Buffer; cert?: Buffer; key?: Buffer; alpn?: string[] }): Promise<TLSSocket> {
   const { socket, status } = await connectTunnel(h.port, target);
@@ -115,9 +126,7 @@ describe("bypass", () => {
     expect(rec.error).toContain('offers only protocols the proxy cannot inspect ("x-made-up")');
     expect(good.requests).toBe(before);
 
-    const reloads = h.proxy.context.policy.reloads;
-    await h.writePolicy({ ...POLICY, uninspectableAlpn: "tunnel" });
-    for (let i = 0; i < 50 && h.proxy.context.policy.reloads === reloads; i++) await new Promise((r) => setTimeout(r, 50));
+    await switchPolicy({ ...POLICY, uninspectableAlpn: "tunnel" });
     expect(h.proxy.context.policy.current.uninspectableAlpn).toBe("tunnel");
     // An origin that ignores ALPN (as many do) and speaks HTTP/1.1.
     let served = 0;
@@ -139,10 +148,9 @@ describe("bypass", () => {
       const tun = await h.log.waitFor((x) => x.path === `localhost:${port}` && x.rule === "alpn-uninspectable");
       expect(tun).toMatchObject({ decision: "bypass", method: "CONNECT" });
     } finally {
-      const r2 = h.proxy.context.policy.reloads;
-      await h.writePolicy(POLICY);
-      for (let i = 0; i < 50 && h.proxy.context.policy.reloads === r2; i++) await new Promise((r) => setTimeout(r, 50));
       plainTls.close();
+      await switchPolicy(POLICY);
+      expect(h.proxy.context.policy.current.uninspectableAlpn).toBe("block");
     }
   });
 
