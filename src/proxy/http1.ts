@@ -263,10 +263,11 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
           else sendPage(res, renderBlockPage(403, rec.host, "the response carries malware (eicar test file)", "eicar"));
         } else if (r.kind === "error") {
           res.destroy();
-        } else if (r.scanned < r.bytes) {
+        } else if (r.partial) {
           rec.rule = "scan-limit";
         }
       },
+      rawHeader(ures.rawHeaders, "content-encoding"),
     );
   };
 
@@ -311,6 +312,7 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
         res.destroy();
       }
     },
+    req.headers["content-encoding"],
   );
 }
 

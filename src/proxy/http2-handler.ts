@@ -212,10 +212,11 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
           respondPage(stream, renderBlockPage(403, rec.host, "the response carries malware (eicar test file)", "eicar"));
         } else if (r.kind === "error") {
           if (!stream.closed) stream.close(o.rstCode || constants.NGHTTP2_INTERNAL_ERROR);
-        } else if (r.scanned < r.bytes) {
+        } else if (r.partial) {
           rec.rule = "scan-limit";
         }
       },
+      rh["content-encoding"] === undefined ? undefined : String(rh["content-encoding"]),
     );
   };
 
@@ -225,11 +226,16 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
         if (stream.closed || stream.destroyed) return undefined;
         const o = session.request(outHeaders, { endStream });
         ostream = o;
-        o.on("response", (rh, flags) => onResponse(o, rh, flags));
+        let answered = false;
+        o.on("response", (rh, flags) => {
+          answered = true;
+          onResponse(o, rh, flags);
+        });
         o.on("error", onOriginError);
         o.on("close", () => {
-          // The origin reset the stream before answering.
-          if (!stream.headersSent && !stream.closed && rec.decision === "allow") {
+          // The origin reset the stream before answering. (An answered stream may close before
+          // its headers are passed on: a held body is still being scanned, e.g. as it decodes.)
+          if (!answered && !stream.headersSent && !stream.closed && rec.decision === "allow") {
             onOriginError(Object.assign(new Error(`stream reset (code ${o.rstCode})`), { code: "RST_STREAM" }));
           }
         });
@@ -299,5 +305,6 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
         ostream?.close(constants.NGHTTP2_CANCEL);
       }
     },
+    headers["content-encoding"] === undefined ? undefined : String(headers["content-encoding"]),
   );
 }

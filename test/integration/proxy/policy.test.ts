@@ -118,6 +118,8 @@ describe("EICAR", () => {
   it.each([
     ["in one chunk", "/eicar"],
     ["straddling two chunks", "/eicar-split"],
+    ["gzip-compressed (Content-Encoding: gzip)", "/eicar.gz"],
+    ["brotli-compressed (Content-Encoding: br)", "/eicar.br"],
   ])("a response carrying it %s is replaced by a 403 page (h1 and h2)", async (_n, path) => {
     for (const v of ["--http1.1", "--http2"]) {
       const r = await curl(`https://localhost:${good.port}${path}`, v, "-i");
@@ -128,6 +130,17 @@ describe("EICAR", () => {
     }
     const rec = await h.log.waitFor((x) => x.path === path && x.rule === "eicar");
     expect(rec).toMatchObject({ decision: "block", status: 403 });
+  });
+
+  it("a clean compressed response passes as sent (the client decodes it), not marked scan-limit", async () => {
+    for (const v of ["--http1.1", "--http2"]) {
+      const r = await curl(`https://localhost:${good.port}/hello.gz`, v, "--compressed");
+      expect(r.code).toBe(0);
+      expect(r.stdout).toMatch(/^hello from origin over (http\/1\.1|h2), compressed\n$/);
+    }
+    const rec = await h.log.waitFor((x) => x.path === "/hello.gz" && x.status === 200);
+    expect(rec.decision).toBe("allow");
+    expect(rec.rule).toBeUndefined();
   });
 
   it("an upload carrying it never reaches the origin (one chunk, and straddling delayed chunks)", async () => {
