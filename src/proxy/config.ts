@@ -39,7 +39,9 @@ export const proxyProgram = defineProgram({
     defaultTenant: { type: "string", description: "tenant of clients that no address range or proxy user matches (overrides the tenants file's)", valueName: "id" },
     tenantsFile: {
       type: "string",
-      description: 'tenants, JSON: {"tenants": [{"id", "cidrs": [...], "users": [{"name", "passwordSha256"}]}], "defaultTenant", "requireAuth"}',
+      description:
+        'tenants, JSON: {"tenants": [{"id", "cidrs": [...], "users": [{"name", "passwordHash"}]}], "defaultTenant", "requireAuth"}; ' +
+        "passwordHash from `kmi proxy hash-password` (the older passwordSha256 is accepted, with a warning)",
       valueName: "file",
     },
     requireAuth: { type: "boolean", description: "refuse clients without proxy credentials (407)", default: false },

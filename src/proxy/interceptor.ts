@@ -295,7 +295,9 @@ export class Interceptor {
     }
     rec.host = target.host;
     rec.path = `${target.host}:${target.port}`;
-    const match = ctx.tenants.resolve(socket.remoteAddress, req.headers["proxy-authorization"]);
+    const resolving = ctx.tenants.resolve(socket.remoteAddress, req.headers["proxy-authorization"]);
+    // A promise only while a scrypt password is checked; everything else stays synchronous.
+    const match = resolving instanceof Promise ? await resolving : resolving;
     if (match.kind === "auth-required") {
       return answer(renderBlockPage(407, target.host, match.reason, undefined), "block", "proxy-auth", {
         "proxy-authenticate": 'Basic realm="kmi proxy"',

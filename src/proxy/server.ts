@@ -26,7 +26,7 @@ import { DestinationGuard } from "./destinations.js";
 import { OriginConnector } from "./origin.js";
 import { PolicyStore } from "./policy.js";
 import { ClientRateLimiter } from "./rate-limit.js";
-import { createTenantResolver, normalizeClientAddress, type TenantConfig, type TenantResolver } from "./tenants.js";
+import { createTenantResolver, normalizeClientAddress, type TenantConfig, type TenantMatch, type TenantResolver } from "./tenants.js";
 
 /** The agent as the server uses it: leaf issuance and the key event stream. */
 export interface ProxyAgent extends LeafIssuer {
@@ -168,7 +168,7 @@ export class ProxyServer {
   static async create(options: ProxyServerOptions): Promise<ProxyServer> {
     const logger = options.logger;
     const metrics = options.metrics ?? (options.metricsListen !== undefined ? createMetricsRegistry() : undefined);
-    const tenants = createTenantResolver(options.tenants ?? [], options.defaultTenant, options.requireAuth ?? false);
+    const tenants = createTenantResolver(options.tenants ?? [], options.defaultTenant, options.requireAuth ?? false, { logger });
     const policy = await PolicyStore.create(options.policyFile, logger);
     const agent = options.agent ?? (options.agentSocket !== undefined ? new AgentClient({ socketPath: options.agentSocket, logger }) : undefined);
     if (agent === undefined) throw new Error("agent socket: not set; give --agent-socket with the key agent's Unix socket path");
@@ -272,10 +272,33 @@ export class ProxyServer {
     }
   }
 
-  private clientOf(req: IncomingMessage, res: ServerResponse | undefined, socket: Duplex): ClientInfo | undefined {
+  /**
+   * Resolves the client's tenant, then calls `serve` with it, or answers 407/403 itself.
+   * Synchronous unless a scrypt password has to be checked (the request body waits unread).
+   */
+  private withClient(req: IncomingMessage, res: ServerResponse | undefined, socket: Duplex, serve: (client: ClientInfo) => void): void {
+    const resolving = this.tenantResolver.resolve(req.socket.remoteAddress, req.headers["proxy-authorization"]);
+    if (!(resolving instanceof Promise)) {
+      const client = this.clientOf(req, res, socket, resolving);
+      if (client !== undefined) serve(client);
+      return;
+    }
+    resolving.then(
+      (match) => {
+        if (socket.destroyed) return;
+        const client = this.clientOf(req, res, socket, match);
+        if (client !== undefined) serve(client);
+      },
+      (err: unknown) => {
+        this.context.logger.error("tenant resolution failed", { error: err as Error });
+        socket.destroy();
+      },
+    );
+  }
+
+  private clientOf(req: IncomingMessage, res: ServerResponse | undefined, socket: Duplex, match: TenantMatch): ClientInfo | undefined {
     const s = req.socket;
     const address = normalizeClientAddress(s.remoteAddress);
-    const match = this.tenantResolver.resolve(s.remoteAddress, req.headers["proxy-authorization"]);
     if (match.kind === "tenant") return { tenant: match.tenant, client: `${address}:${s.remotePort ?? 0}`, address };
     const page =
       match.kind === "auth-required"
@@ -311,16 +334,12 @@ export class ProxyServer {
   }
 
   private onRequest(req: IncomingMessage, res: ServerResponse): void {
-    const client = this.clientOf(req, res, req.socket);
-    if (client === undefined) return;
-    handleHttp1Request(this.context, client, this.upstream(), req, res);
+    this.withClient(req, res, req.socket, (client) => handleHttp1Request(this.context, client, this.upstream(), req, res));
   }
 
   private onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
     socket.on("error", () => {});
-    const client = this.clientOf(req, undefined, socket);
-    if (client === undefined) return;
-    handleHttp1Upgrade(this.context, client, this.upstream(), req, socket, head);
+    this.withClient(req, undefined, socket, (client) => handleHttp1Upgrade(this.context, client, this.upstream(), req, socket, head));
   }
 
   /**
