@@ -5,7 +5,7 @@
  * another user on the Unix socket. After each refusal the server keeps serving. Also: graceful
  * shutdown with calls in flight, and the metrics the calls leave.
  */
-import { chmod, stat } from "node:fs/promises";
+import { chmod, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -172,6 +172,29 @@ describe.each(STACKS)("%s stack", (stack) => {
         await stillServes();
       },
     );
+
+    // A Connect streaming call carries its error in the end-stream message, behind HTTP 200.
+    if (stack === "connect") it("refuses an over-limit Connect streaming request in its end-stream message, and logs that code", async () => {
+      const json = Buffer.from(JSON.stringify({ service: "x".repeat(2000) }));
+      const envelope = Buffer.concat([Buffer.from([0, 0, 0, 0, 0]), json]);
+      envelope.writeUInt32BE(json.length, 1);
+      const file = join(tmp.path, "watch-request.bin");
+      await writeFile(file, envelope);
+      const r = await run("curl", ["-sS", "--http2", "--cacert", pki.ca.cert, "-H", "content-type: application/connect+json", "--data-binary", `@${file}`,
+        "-o", join(tmp.path, "watch-response.bin"), "-w", "%{http_code} %{content_type}", `https://127.0.0.1:${f.port}/grpc.health.v1.Health/Watch`]);
+      expect(r.stderr).toBe("");
+      expect(r.stdout).toBe("200 application/connect+json");
+      const body = await readFile(join(tmp.path, "watch-response.bin"));
+      expect(body[0]! & 0x02).toBe(0x02);
+      const end = JSON.parse(body.subarray(5, 5 + body.readUInt32BE(1)).toString()) as { error: { code: string; message: string } };
+      expect(end.error.code).toBe("resource_exhausted");
+      await waitFor(
+        () => f.logs.find((l) => l["method"] === "/grpc.health.v1.Health/Watch" && l["protocol"] === "connect" && l["code"] === "resource_exhausted"),
+        10_000,
+        "a connect call log line with code resource_exhausted",
+      );
+      await stillServes();
+    });
 
     it("refuses a frame whose length prefix declares more than the limit, then keeps serving", async () => {
       const r = await rawGrpcCall(session, "/kmi.kdc.v1.KdcAdminService/GetTenant", grpcFrame(Buffer.from("abc"), 0x7fffffff));
