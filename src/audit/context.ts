@@ -24,6 +24,8 @@ export interface AuditSink {
   append(entry: AuditEntryInput, changeOps?: readonly BatchOp[]): Promise<AuditEntry>;
   /** Appends the refusal of an unauthenticated caller within its address's budget (undefined: only counted). */
   appendUnauthenticated(entry: AuditEntryInput, source: string): Promise<AuditEntry | undefined>;
+  /** Refusals counted past their budget, not written, since start. */
+  readonly suppressedRefusals: number;
   /** Entries in order. */
   tail(options?: AuditTailOptions): Promise<AuditEntry[]>;
   /** Walks the chain. */

@@ -110,6 +110,7 @@ export class AuditServer {
         policy: { nonceTtlMs: 60_000, maxNoncesPerMachine: 16 },
       };
       const metrics = createMetricsRegistry();
+      metrics.gauge("kmi_audit_refusals_suppressed", "Refusals of unauthenticated callers counted past their address's budget, not written to the audit log, since start.", [], (g) => g.set(ctx.audit.suppressedRefusals));
       const server = ConnectServer.create({
         name: "audit",
         services: services(ctx),

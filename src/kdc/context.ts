@@ -26,6 +26,8 @@ export interface AuditSink {
   append(entry: AuditEntryInput, changeOps?: readonly BatchOp[]): Promise<AuditEntry>;
   /** Appends the refusal of an unauthenticated caller within its address's budget (undefined: only counted). */
   appendUnauthenticated(entry: AuditEntryInput, source: string): Promise<AuditEntry | undefined>;
+  /** Refusals counted past their budget, not written, since start. */
+  readonly suppressedRefusals: number;
   tail(options?: AuditTailOptions): Promise<AuditEntry[]>;
   verify(): Promise<AuditVerifyResult>;
   head(): Promise<{ seq: bigint; hash: string }>;

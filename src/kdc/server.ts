@@ -100,6 +100,7 @@ export class KdcServer {
       metrics.gauge("kmi_kdc_connected_machines", "Machines with a WatchSecrets stream open now.", [], (g) => g.set(opened.hub.connectedCount));
       metrics.gauge("kmi_kdc_quarantined_machines", "Machines the KDC refuses as quarantined.", [], (g) => g.set(opened.quarantine.list().length));
       metrics.gauge("kmi_kdc_attestation_key_loaded", "1 when the Auditserver's attestation key is loaded.", [], (g) => g.set(ctx.attestationKey.loaded ? 1 : 0));
+      metrics.gauge("kmi_kdc_audit_refusals_suppressed", "Refusals of unauthenticated callers counted past their address's budget, not written to the audit log, since start.", [], (g) => g.set(ctx.audit.suppressedRefusals));
       const server = ConnectServer.create({
         name: "kdc",
         services: services(ctx, new KdcOperations(ctx)),
