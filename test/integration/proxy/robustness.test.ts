@@ -5,6 +5,8 @@
  */
 import { connect as netConnect, createServer, type Socket } from "node:net";
 import { connect as tlsConnect } from "node:tls";
+import { setFlagsFromString } from "node:v8";
+import { runInNewContext } from "node:vm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startOrigin, type Origin } from "../../fixtures/proxy/origins.js";
 import { connectTunnel, fdCount, run, startHarness, tlsViaProxy, type Harness } from "../../fixtures/proxy/harness.js";
@@ -156,6 +158,46 @@ describe("bad clients", () => {
     }
     expect(now).toBeLessThanOrEqual(baseline);
     expect(h.proxy.openConnections).toBe(0);
+  });
+
+  it("keeps no memory from bad clients: the heap after GC stays flat across rounds of them", async () => {
+    // A collectable heap reading: expose gc to this process (the proxy runs in it).
+    setFlagsFromString("--expose-gc");
+    const gc = runInNewContext("gc") as () => void;
+    const heapAfterGc = async (): Promise<number> => {
+      await new Promise((r) => setTimeout(r, 50));
+      for (let i = 0; i < 3; i++) gc();
+      const m = process.memoryUsage();
+      return m.heapUsed + m.external; // buffers live outside the JS heap
+    };
+    /** One round: 40 bad clients of four kinds, each gone before it finished. */
+    const round = async (): Promise<void> => {
+      for (let i = 0; i < 10; i++) {
+        const a = await connectTunnel(h.port, `localhost:${good.port}`);
+        a.socket.write(clientHello.subarray(0, 60));
+        a.socket.destroy();
+        const b = await connectTunnel(h.port, `localhost:${good.port}`);
+        b.socket.write(Buffer.from([0x16, 0x03, 0x01, 0x00, 0x08, 0x02, 0, 0, 4, 1, 2, 3, 4]));
+        await closed(b.socket);
+        const t = await tlsViaProxy(h.port, "localhost", good.port, { ca: h.agent.rootPem("acme") });
+        t.write(`POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n`);
+        t.write(Buffer.alloc(10_000, 0x41));
+        t.destroy();
+        const s = netConnect({ host: "127.0.0.1", port: h.port });
+        s.write(`GET http://localhost:${good.port}/ HTTP/1.1\r\nHost: x\r\nX-Big: ${"a".repeat(20_000)}\r\n\r\n`);
+        await closed(s);
+      }
+      for (let i = 0; i < 50 && h.proxy.openConnections > 0; i++) await new Promise((r) => setTimeout(r, 50));
+    };
+    await round(); // warm-up: caches, sessions, JIT
+    const heaps: number[] = [];
+    for (let r = 0; r < 3; r++) {
+      await round();
+      heaps.push(await heapAfterGc());
+    }
+    expect(h.proxy.openConnections).toBe(0);
+    // 120 bad clients after the warm-up: a leak of even 20 KiB each would add ~2.4 MiB.
+    expect(heaps[2]! - heaps[0]!, `heap after GC per round: ${heaps.map((x) => (x / 1048576).toFixed(1)).join(", ")} MiB`).toBeLessThan(1.5 * 1024 * 1024);
   });
 
   for (const [name, path, body] of [["upload", "/upload", true], ["download", "/big?n=5000000", false]] as const) {
