@@ -12,6 +12,7 @@
 import { lookup as dnsLookup, type LookupAddress, type LookupAllOptions, type LookupOneOptions } from "node:dns";
 import { BlockList, isIP, type LookupFunction } from "node:net";
 import { networkInterfaces } from "node:os";
+import { expandIpv6 } from "../common/ip.js";
 import { parseCidr } from "./tenants.js";
 
 /** Special-use ranges (IANA IPv4/IPv6 special-purpose registries) and what to call them in a message. */
@@ -173,20 +174,4 @@ function embeddedIpv4(v6: string): string | undefined {
   const compatible = zero(0, 6) && (words[6]! !== 0 || words[7]! > 1);
   const nat64 = words[0] === 0x64 && words[1] === 0xff9b && (zero(2, 6) || words[2] === 1);
   return mapped || translated || compatible || nat64 ? v4(words[6]!, words[7]!) : undefined;
-}
-
-/** The eight 16-bit words of an IPv6 address (with an optional dotted IPv4 tail). */
-function expandIpv6(v6: string): number[] | undefined {
-  let s = v6.toLowerCase();
-  const tail = /(\d+\.\d+\.\d+\.\d+)$/.exec(s);
-  if (tail !== null) {
-    const p = tail[1]!.split(".").map(Number);
-    s = `${s.slice(0, -tail[1]!.length)}${((p[0]! << 8) | p[1]!).toString(16)}:${((p[2]! << 8) | p[3]!).toString(16)}`;
-  }
-  const [head = "", rest] = s.split("::");
-  const a = head === "" ? [] : head.split(":");
-  const b = rest === undefined || rest === "" ? [] : rest.split(":");
-  const fill = rest === undefined ? 0 : 8 - a.length - b.length;
-  const words = [...a, ...Array<string>(Math.max(fill, 0)).fill("0"), ...b].map((w) => parseInt(w, 16));
-  return words.length === 8 && words.every((w) => Number.isInteger(w) && w >= 0 && w <= 0xffff) ? words : undefined;
 }

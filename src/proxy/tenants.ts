@@ -15,6 +15,7 @@ import { createHash, createHmac, randomBytes, scrypt, timingSafeEqual } from "no
 import { BlockList, isIP } from "node:net";
 import { InvalidArgument } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
+import { budgetSource } from "../common/ip.js";
 
 /** One proxy user as configured: `passwordHash` (preferred) or `passwordSha256`, never both. */
 export interface TenantUserConfig {
@@ -191,14 +192,7 @@ export function normalizeClientAddress(address: string | undefined): string {
  * host commonly holds a whole /64, so per-address budgets there would be no budget at all).
  */
 export function budgetKey(address: string): string {
-  const a = normalizeClientAddress(address).split("%")[0] ?? "";
-  if (isIP(a) !== 6) return a;
-  const [head = "", tail] = a.split("::");
-  const h = head === "" ? [] : head.split(":");
-  const t = tail === undefined || tail === "" ? [] : tail.split(":");
-  const fill = tail === undefined ? [] : new Array<string>(Math.max(0, 8 - h.length - t.length)).fill("0");
-  const groups = [...h, ...fill, ...t].slice(0, 4).map((g) => parseInt(g, 16).toString(16));
-  return `${groups.join(":")}::/64`;
+  return budgetSource(normalizeClientAddress(address));
 }
 
 type User = { readonly tenant: string } & ({ readonly kind: "sha256"; readonly hash: Buffer } | { readonly kind: "scrypt"; readonly hash: PasswordHash });

@@ -10,7 +10,7 @@
  * was flooded. An IPv6 source is its /64 (one host usually holds a whole /64). Callers that
  * authenticated are not limited: they are accountable.
  */
-import { isIP } from "node:net";
+import { budgetSource } from "../common/ip.js";
 
 /** Limits of a {@link RefusalBudget}. */
 export interface RefusalBudgetOptions {
@@ -65,7 +65,7 @@ export class RefusalBudget {
 
   /** Whether a refusal from `source` is written now; when it is, how many were suppressed before it. */
   take(address: string, nowMs: number): RefusalDecision {
-    const source = sourceKey(address);
+    const source = budgetSource(address);
     let b = this.#sources.get(source);
     if (b === undefined) {
       b = { tokens: this.#burst, at: nowMs, suppressed: 0 };
@@ -94,16 +94,6 @@ export class RefusalBudget {
     b.suppressed = 0;
     return { write: true, suppressedBefore };
   }
-}
-
-/** The budget's key of an address: an IPv6 address's /64, anything else as it is. */
-function sourceKey(address: string): string {
-  if (isIP(address) !== 6) return address;
-  const [head = "", tail] = address.toLowerCase().split("::");
-  const left = head === "" ? [] : head.split(":");
-  const right = tail === undefined || tail === "" ? [] : tail.split(":");
-  const words = tail === undefined ? left : [...left, ...Array<string>(Math.max(0, 8 - left.length - right.length)).fill("0"), ...right];
-  return `${words.slice(0, 4).map((w) => (w.includes(".") ? w : String(parseInt(w, 16)))).join(":")}::/64`;
 }
 
 function refill(b: Bucket, nowMs: number, perMs: number, cap: number): void {
