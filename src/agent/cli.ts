@@ -8,9 +8,11 @@ import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger } from "../common/logger.js";
 import { agentProgram, resolveAgentConfig } from "./config.js";
 import { AgentServer } from "./server.js";
+import { usePrivateUmask } from "../common/data-dir.js";
 
 /** Entry point of `kmi agent`; resolves with the exit code. */
 export async function main(argv: string[]): Promise<number> {
+  usePrivateUmask(); // every file in the state dir 0600 (see data-dir.ts for why a umask)
   let loaded;
   let config;
   try {

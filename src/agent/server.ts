@@ -7,7 +7,7 @@
  * serves KeyAgentService on the Unix socket; then, in the background, attests and keeps the
  * KDC link up, renews the machine certificate at 2/3 of its life and expires leases.
  */
-import { mkdir } from "node:fs/promises";
+import { chmod, mkdir } from "node:fs/promises";
 import { dirname } from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { ConfigError } from "../common/config.js";
@@ -201,8 +201,9 @@ export class AgentServer {
       shutdownTimeoutMs: cfg.shutdownTimeoutMs,
       ...(registry !== undefined ? { metrics: registry } : {}),
     });
-    // The socket's own mode is the access control; its directory only has to exist.
-    await mkdir(dirname(cfg.socketPath), { recursive: true, mode: 0o755 });
+    // The socket's own mode is the access control; its directory only has to exist, reachable
+    // by the socket's group: folders made here are chmod'ed 0755 (the process umask is 077).
+    await makeReachableDirs(dirname(cfg.socketPath));
     const addresses = await this.grpc.start();
     if (registry !== undefined && cfg.metricsListen !== undefined) {
       this.metrics = await startMetricsServer(registry, parseListenAddress(cfg.metricsListen), this.logger);
@@ -309,5 +310,15 @@ export class AgentServer {
       }
       this.scheduleRenewal(retry);
     }
+  }
+}
+
+/** Makes `dir` and any missing parents, each one it made 0755 whatever the umask. */
+async function makeReachableDirs(dir: string): Promise<void> {
+  const first = await mkdir(dir, { recursive: true, mode: 0o755 });
+  if (first === undefined) return;
+  for (let d = dir; d.length >= first.length; d = dirname(d)) {
+    await chmod(d, 0o755);
+    if (d === first) break;
   }
 }

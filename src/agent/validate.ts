@@ -7,6 +7,8 @@ import { isIP } from "node:net";
 import { timestampMs, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { InvalidArgument } from "../common/errors.js";
 import { SignatureAlgorithm, type IssueLeafCertificateRequest, type SignRequest } from "../gen/kmi/agent/v1/agent_pb.js";
+import { unusableAddress, wildcardPublicSuffix } from "../pki/name-policy.js";
+import { encodeIpAddress } from "../pki/san.js";
 
 /** Tenant ids as the KDC makes them. */
 const TENANT_ID = /^[a-z][a-z0-9-]{0,62}$/;
@@ -16,7 +18,7 @@ const KEY_ID = /^[0-9a-f]{64}$/;
 /** Signing key names as the KDC makes them (SigningKey.name). */
 const SIGNING_NAME = /^[a-z0-9-]{1,63}$/;
 
-/** Most names of each kind in one leaf. */
+/** Most names in one leaf, DNS and IP together (the leaf builder's MAX_SAN_NAMES). */
 export const MAX_NAMES = 100;
 /** Longest subject CN (RFC 5280 ub-common-name). */
 export const MAX_COMMON_NAME = 64;
@@ -24,6 +26,10 @@ export const MAX_COMMON_NAME = 64;
 export const MAX_SIGN_MESSAGE = 64 * 1024;
 /** Largest SubjectPublicKeyInfo accepted (RSA-4096 is about 550 bytes). */
 const MAX_SPKI_BYTES = 2048;
+
+function count(n: number, one: string, many: string): string {
+  return `${n} ${n === 1 ? one : many}`;
+}
 
 function clip(value: string): string {
   return value.length > 64 ? value.slice(0, 61) + "..." : value;
@@ -71,19 +77,29 @@ export function parseLeafRequest(req: IssueLeafCertificateRequest): LeafRequest 
   const tenant = tenantId(req.tenantId);
   if (req.ca) throw new InvalidArgument("ca: the agent never issues CA certificates; set ca to false");
   const { der, type } = leafPublicKey(req.publicKey);
-  if (req.dnsNames.length > MAX_NAMES) throw new InvalidArgument(`dns_names: ${req.dnsNames.length} names, at most ${MAX_NAMES}`);
-  if (req.ipAddresses.length > MAX_NAMES) throw new InvalidArgument(`ip_addresses: ${req.ipAddresses.length} addresses, at most ${MAX_NAMES}`);
+  const names = req.dnsNames.length + req.ipAddresses.length;
+  if (names > MAX_NAMES) {
+    throw new InvalidArgument(
+      `dns_names: ${count(req.dnsNames.length, "DNS name", "DNS names")} and ${count(req.ipAddresses.length, "IP address", "IP addresses")}, ${names} in all; at most ${MAX_NAMES} names (DNS and IP together) fit one leaf`,
+    );
+  }
   const dnsNames: string[] = [];
   req.dnsNames.forEach((raw, i) => {
     const name = raw.toLowerCase();
     if (!isDnsName(name)) {
       throw new InvalidArgument(`dns_names[${i}]: "${clip(raw)}" is not a hostname or "*.<hostname>"; use letters, digits, '-' and '.', without a trailing dot`);
     }
+    const suffix = wildcardPublicSuffix(name);
+    if (suffix !== undefined) {
+      throw new InvalidArgument(`dns_names[${i}]: "${clip(raw)}" is a wildcard on the public suffix "${suffix}", which would cover every domain under it; name the host or *.<its domain>`);
+    }
     if (!dnsNames.includes(name)) dnsNames.push(name);
   });
   const ipAddresses: string[] = [];
   req.ipAddresses.forEach((raw, i) => {
     if (isIP(raw) === 0) throw new InvalidArgument(`ip_addresses[${i}]: "${clip(raw)}" is not an IPv4 or IPv6 address in text form`);
+    const unusable = unusableAddress(encodeIpAddress(raw, `ip_addresses[${i}]`));
+    if (unusable !== undefined) throw new InvalidArgument(`ip_addresses[${i}]: "${clip(raw)}" is ${unusable}, which names no server; give the server's own address`);
     if (!ipAddresses.includes(raw)) ipAddresses.push(raw);
   });
   if (dnsNames.length === 0 && ipAddresses.length === 0) {

@@ -31,10 +31,18 @@ import { compareMeasurements, summarizeProblems } from "./measurement-policy.js"
 import { approvedOf, dateOf, getGroup, ts } from "./records.js";
 import { RECORD_VERSION, Tables, nonceKey } from "./store.js";
 
-/** Issues a nonce to the calling machine. Nonces are not audited: see docs/audit.md. */
+/** The refusal of a quarantined machine, naming the quarantine, its reason and the way out. */
+function quarantined(machine: EnrolledMachineRecord): PermissionDenied {
+  return new PermissionDenied(`machine ${machine.machineId}: quarantined (${machine.statusReason}); an operator must release it (\`kmi ctl machine release ${machine.machineId}\`)`);
+}
+
+/** Issues a nonce to the calling machine (PERMISSION_DENIED while it is quarantined). Nonces are not audited: see docs/audit.md. */
 export async function issueNonce(ctx: AuditContext, caller: MachineCaller): Promise<{ nonce: Uint8Array; expiresAt: Date }> {
   return ctx.locks.run(`machine/${caller.machineId}`, async () => {
-    await loadCallerMachine(ctx, caller);
+    const machine = await loadCallerMachine(ctx, caller);
+    // A quarantined machine gets no nonce: attest would refuse it anyway, and refusing here
+    // tells its agent at the first call, and stores nothing under its id.
+    if (machine.status === MachineStatus.QUARANTINED) throw quarantined(machine);
     const now = ctx.clock.now();
     const ops: BatchOp[] = [];
     let outstanding = 0;
@@ -92,9 +100,7 @@ export async function attest(ctx: AuditContext, caller: MachineCaller, evidenceB
       if (now.getTime() >= dateOf(nonce.expiresAt).getTime()) {
         throw new Unauthenticated(`evidence.nonce: expired at ${dateOf(nonce.expiresAt).toISOString()}; get a new one and attest within ${ctx.policy.nonceTtlMs / 1000} s`);
       }
-      if (machine.status === MachineStatus.QUARANTINED) {
-        throw new PermissionDenied(`machine ${machine.machineId}: quarantined (${machine.statusReason}); an operator must release it (\`kmi ctl machine release ${machine.machineId}\`)`);
-      }
+      if (machine.status === MachineStatus.QUARANTINED) throw quarantined(machine);
       const group = await getGroup(ctx, machine.group);
       const problems = compareMeasurements(group.name, approvedOf(group), evidence.measurements);
       if (problems.length > 0) {

@@ -9,6 +9,7 @@ import { createLogger, parseLogLevel } from "../common/logger.js";
 import { initProgram, serveProgram } from "./config.js";
 import { dataPaths, initAudit, readPemFile } from "./init.js";
 import { AuditServer } from "./server.js";
+import { usePrivateUmask } from "../common/data-dir.js";
 
 function splitList(value: string | undefined): string[] {
   return (value ?? "").split(",").map((s) => s.trim()).filter((s) => s !== "");
@@ -97,6 +98,7 @@ async function serve(argv: string[]): Promise<number> {
 
 /** Entry point of `kmi audit` (called by cmd/kmi.ts). */
 export async function main(argv: string[]): Promise<number> {
+  usePrivateUmask(); // every file under the data dir 0600 (see data-dir.ts for why a umask)
   try {
     if (argv[0] === "init") return await init(argv.slice(1));
     return await serve(argv);

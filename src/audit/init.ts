@@ -247,8 +247,9 @@ export async function initAudit(opts: InitOptions): Promise<InitResult> {
           [putOp(Tables.credentials, ATTESTATION_KEY, att), putOp(Tables.credentials, SERVICE_TLS_KEY, tls), putOp(Tables.meta, META_KEY, newMeta)],
         );
       }
-      await writeFile(paths.infraCaPem, infraCaPem, { mode: 0o644 });
-      await writeFile(paths.attestationKeyPem, attestationPub, { mode: 0o644 });
+      // Public, but under the data dir every file is 0600 (the folder is 0700 anyway).
+      await writeFile(paths.infraCaPem, infraCaPem, { mode: 0o600 });
+      await writeFile(paths.attestationKeyPem, attestationPub, { mode: 0o600 });
       return {
         auditId,
         masterKeyFile: keyFile,

@@ -8,6 +8,7 @@ import { X509Certificate, createPrivateKey, createPublicKey } from "node:crypto"
 import { stat } from "node:fs/promises";
 import { ConnectServer, type BoundAddresses } from "../common/connect-server.js";
 import { FailedPrecondition } from "../common/errors.js";
+import { checkDataDirModes } from "../common/data-dir.js";
 import type { Logger } from "../common/logger.js";
 import { parseListenAddress } from "../common/listen.js";
 import { createMetricsRegistry, startMetricsServer, type MetricsServer } from "../common/metrics.js";
@@ -61,6 +62,8 @@ export class AuditServer {
 
   /** Opens the data directory and builds the server (nothing listens yet). */
   static async create(opts: AuditServerOptions): Promise<AuditServer> {
+    const tightened = await checkDataDirModes(opts.dataDir);
+    if (tightened.length > 0) opts.logger.warn("tightened files under the data dir that other users could have read had the folder been open", { data_dir: opts.dataDir, files: tightened.slice(0, 20), count: tightened.length });
     const paths = dataPaths(opts.dataDir, opts.masterKeyFile);
     const notInitialized = `data dir ${opts.dataDir} is not initialized; run \`kmi audit init --data-dir ${opts.dataDir} --kdc-ca-file <the KDC's infra-ca.pem> --token-file <operator token>\` first`;
     if (!(await stat(paths.store).then(() => true, () => false))) throw new FailedPrecondition(notInitialized);

@@ -363,7 +363,7 @@ const caCommands: Command[] = [
       ...tenantFlag,
       ...versionFlag("the pending version (default: the newest pending one)", false),
       cert: { type: "string", value: "FILE", help: "the signed intermediate, PEM or DER, exactly one certificate", required: true },
-      root: { type: "string", value: "FILE", help: "your private root, PEM or DER: the intermediate must chain to it" },
+      root: { type: "string", value: "FILE", help: "your private root, PEM or DER: the intermediate must chain to it; required on the tenant's first upload, then kept and reused when omitted" },
       activate: { type: "bool", help: "activate the version at once" },
     },
     async run(ctx) {

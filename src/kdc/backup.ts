@@ -649,7 +649,7 @@ export async function restoreKdc(opts: {
         const c = await kdc.getCredential(name);
         if (c === undefined) throw new BadBackup(`backup file ${opts.file} holds no ${name} credential; it is not a whole KDC backup`);
         written.push(path);
-        await writeFile(path, pki.certificatePem(c.certificateDer), { mode: 0o644, flag: "wx" });
+        await writeFile(path, pki.certificatePem(c.certificateDer), { mode: 0o600, flag: "wx" });
         result.files.push(path);
       }
       progress.done(`${checked.records} records restored into ${opts.dataDir}`);

@@ -12,6 +12,7 @@ import { dataPaths, initKdc } from "./init.js";
 import { KdcServer } from "./server.js";
 import { hostIp, hostName } from "./validate.js";
 import { writeFileAtomicSync } from "../common/fs.js";
+import { usePrivateUmask } from "../common/data-dir.js";
 
 function splitList(value: string | undefined): string[] {
   return (value ?? "").split(",").map((s) => s.trim()).filter((s) => s !== "");
@@ -93,6 +94,7 @@ async function serve(argv: string[]): Promise<number> {
 
 /** Entry point of `kmi kdc` (called by cmd/kmi.ts). */
 export async function main(argv: string[]): Promise<number> {
+  usePrivateUmask(); // every file under the data dir 0600 (see data-dir.ts for why a umask)
   try {
     if (argv[0] === "init") return await init(argv.slice(1));
     if (argv[0] === "backup") return await backupMain(argv.slice(1), environment());

@@ -101,11 +101,23 @@ export interface CertificateFactory {
   /** A summary of a DER certificate. */
   summarize(der: Uint8Array): CertSummary;
   /**
-   * Every check of an uploaded intermediate, before anything changes: it parses (exactly one
-   * certificate), is a CA, certifies `expectedSpki`, is valid at `now`, and chains to
-   * `customerRoot` when given. Returns the DERs; throws InvalidArgument/FailedPrecondition.
+   * Every check of an uploaded intermediate, before anything changes (pki/upload.ts): it
+   * parses (exactly one certificate); is a CA with basicConstraints critical and pathlen 0,
+   * keyCertSign, serverAuth or no EKU, no nameConstraints; has the CSR's subject and
+   * `expectedSpki`; is valid at `now` for a week or more and at most 10 years, ending before
+   * `customerRoot`; its signature verifies against `customerRoot` (required); and a leaf issued
+   * with `pkcs8` (the pending key) verifies for serverAuth. Returns the DERs; throws
+   * InvalidArgument/FailedPrecondition.
    */
-  checkUpload(p: { certificate: Uint8Array; customerRoot: Uint8Array | undefined; expectedSpki: Uint8Array; now: Date; pendingVersion?: number }): { certificateDer: Uint8Array; customerRootDer: Uint8Array | undefined };
+  checkUpload(p: {
+    certificate: Uint8Array;
+    customerRoot: Uint8Array | undefined;
+    expectedSpki: Uint8Array;
+    csr: Uint8Array;
+    pkcs8: Uint8Array;
+    now: Date;
+    pendingVersion?: number;
+  }): { certificateDer: Uint8Array; customerRootDer: Uint8Array };
   /** PEM of a DER certificate. */
   certificatePem(der: Uint8Array): string;
   /** PEM of a DER CSR. */

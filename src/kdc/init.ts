@@ -226,8 +226,9 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
     );
     const kmiRootPem = pki.certificatePem(rootDer);
     const infraCaPem = pki.certificatePem(infraDer);
-    await writeFile(paths.kmiRootPem, kmiRootPem, { mode: 0o644 });
-    await writeFile(paths.infraCaPem, infraCaPem, { mode: 0o644 });
+    // Public, but under the data dir every file is 0600 (the folder is 0700 anyway).
+    await writeFile(paths.kmiRootPem, kmiRootPem, { mode: 0o600 });
+    await writeFile(paths.infraCaPem, infraCaPem, { mode: 0o600 });
     return { operatorToken: token.bearer, operatorTokenId: token.tokenId, masterKeyFile: keyFile, kmiRootPem, infraCaPem, kdcId };
   } finally {
     await store.close();

@@ -5,7 +5,7 @@
  * then commits all its records together with its audit entry in ONE batch: a change is whole
  * or absent, and never without its log entry. Refusals are logged by the handler layer.
  */
-import { create } from "@bufbuild/protobuf";
+import { clone, create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { tenClaimServes } from "../attest/index.js";
 import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound } from "../common/errors.js";
@@ -16,6 +16,7 @@ import {
   IntermediateVersionRecordSchema,
   MachineRolloutRecordSchema,
   SigningKeyRecordSchema,
+  TenantRecordSchema,
   TokenRecordSchema,
   type CredentialRecord,
   type IntermediateVersionRecord,
@@ -313,20 +314,52 @@ export class KdcOperations {
         }
       } else target = await this.requireVersion(input.tenantId, input.version);
       planUpload(target, new Uint8Array(), undefined); // state check before the certificate checks
-      const checked = this.ctx.pki.checkUpload({
-        certificate: input.certificate,
-        customerRoot: input.customerRoot,
-        expectedSpki: target.publicKeyDer,
-        now: this.now(),
-        pendingVersion: target.version,
-      });
+      const kept = await this.keptCustomerRoot(tenant);
+      const root = input.customerRoot ?? kept; // undefined on a first upload without one: refused by the checks
+      const checked = await this.withVersionKey(target, (pkcs8) =>
+        this.ctx.pki.checkUpload({
+          certificate: input.certificate,
+          customerRoot: root,
+          expectedSpki: target.publicKeyDer,
+          csr: target.csrDer,
+          pkcs8,
+          now: this.now(),
+          pendingVersion: target.version,
+        }),
+      );
       const uploaded = planUpload(target, checked.certificateDer, checked.customerRootDer);
-      const result = await this.maybeActivate(tenant, uploaded, input.activate);
-      const details: Record<string, string> = {};
-      if (checked.customerRootDer !== undefined) details["customer_root_sha256"] = this.ctx.pki.summarize(checked.customerRootDer).sha256Fingerprint;
+      const withRoot = clone(TenantRecordSchema, tenant);
+      withRoot.customerRootDer = checked.customerRootDer;
+      const result = await this.maybeActivate(withRoot, uploaded, input.activate);
+      const details: Record<string, string> = {
+        customer_root_sha256: this.ctx.pki.summarize(checked.customerRootDer).sha256Fingerprint,
+        customer_root: input.customerRoot === undefined ? "kept" : "given",
+      };
+      if (kept !== undefined && !Buffer.from(kept).equals(checked.customerRootDer)) details["customer_root_changed"] = "true";
       await this.commitVersionChange(actor, "ca.version.upload", result, details);
       return { version: result.version, retired: result.retired };
     });
+  }
+
+  /**
+   * The customer root kept with the tenant: the tenant record's, or for a tenant whose last
+   * upload predates that field, the newest version's that has one. Undefined before the first.
+   */
+  private async keptCustomerRoot(tenant: TenantRecord): Promise<Uint8Array | undefined> {
+    if (tenant.customerRootDer.length > 0) return tenant.customerRootDer;
+    const versions = await this.ctx.store.listVersions(tenant.tenantId);
+    return versions.find((v) => v.customerRootDer.length > 0)?.customerRootDer;
+  }
+
+  /** Runs `f` with a version's private key unsealed (PKCS#8 DER), zeroed afterwards. */
+  private async withVersionKey<T>(v: IntermediateVersionRecord, f: (pkcs8: Uint8Array) => T): Promise<T> {
+    if (v.privateKey === undefined) throw new FailedPrecondition(`version ${v.version} has no key`);
+    const pkcs8 = this.ctx.sealer.open(v.privateKey, intermediateKeyAad(v.tenantId, v.keyId));
+    try {
+      return f(pkcs8);
+    } finally {
+      pkcs8.fill(0);
+    }
   }
 
   /** ActivateVersion: READY/RETIRED -> ACTIVE, the previous active -> RETIRED, in one batch. */

@@ -137,11 +137,13 @@ export function createPkiAdapter(): CertificateFactory {
       const r = checkUploadedIntermediate({
         certificate: p.certificate,
         expectedSpkiDer: p.expectedSpki,
+        ...(p.csr.length > 0 ? { expectedSubjectDer: parseCsr(p.csr, "csr").subjectNameDer } : {}),
+        issuerKey: importPrivateKeyPkcs8Der(p.pkcs8, "version key"),
         now: p.now,
         ...(p.customerRoot !== undefined ? { customerRoot: p.customerRoot } : {}),
         ...(p.pendingVersion !== undefined ? { pendingVersion: p.pendingVersion } : {}),
       });
-      return { certificateDer: r.certificate.der, customerRootDer: r.customerRoot?.der };
+      return { certificateDer: r.certificate.der, customerRootDer: r.customerRoot.der };
     },
     certificatePem: (der) => certificateToPem(der),
     csrPem: (der) => csrToPem(der),

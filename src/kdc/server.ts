@@ -8,6 +8,7 @@
  */
 import { createPrivateKey, X509Certificate } from "node:crypto";
 import { ConnectServer, type BoundAddresses } from "../common/connect-server.js";
+import { checkDataDirModes } from "../common/data-dir.js";
 import type { Logger } from "../common/logger.js";
 import { createMetricsRegistry, startMetricsServer, type MetricsServer } from "../common/metrics.js";
 import { parseListenAddress } from "../common/listen.js";
@@ -75,6 +76,8 @@ export class KdcServer {
 
   /** Opens the data directory and builds the server (nothing listens yet). */
   static async create(opts: KdcServerOptions): Promise<KdcServer> {
+    const tightened = await checkDataDirModes(opts.dataDir);
+    if (tightened.length > 0) opts.logger.warn("tightened files under the data dir that other users could have read had the folder been open", { data_dir: opts.dataDir, files: tightened.slice(0, 20), count: tightened.length });
     const fileKey = opts.attestationKeyFile === undefined ? undefined : await FileAttestationKey.load(opts.attestationKeyFile);
     // The fetching key needs the KDC's TLS material, which needs the opened store: it is
     // created first and given its fetch function once the client exists.

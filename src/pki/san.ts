@@ -4,6 +4,7 @@
  */
 import { InvalidArgument } from "../common/errors.js";
 import { contextPrimitive, sequence } from "./der.js";
+import { unusableAddress, wildcardPublicSuffix } from "./name-policy.js";
 
 /** Most names (DNS + IP) that one certificate may carry. */
 export const MAX_SAN_NAMES = 100;
@@ -24,7 +25,8 @@ function shown(value: string): string {
  * Checks a hostname for a certificate and returns it lowercased. Policy: LDH labels of 1..63
  * characters (no leading or trailing hyphen), at most 253 characters in all, no trailing dot,
  * ASCII only (IDNs in their xn-- form), and a wildcard only as the whole leftmost label of a
- * name with at least two more labels (`*.example.com`). Throws InvalidArgument naming `field`.
+ * name with at least two more labels (`*.example.com`), never on a public suffix (`*.co.uk`; see
+ * ./name-policy.ts). Throws InvalidArgument naming `field`.
  */
 export function normalizeDnsName(name: string, field: string): string {
   if (typeof name !== "string" || name.length === 0) throw new InvalidArgument(`${field}: empty hostname; give a name like www.example.com`);
@@ -41,6 +43,8 @@ export function normalizeDnsName(name: string, field: string): string {
     if (label === "*") {
       if (i !== 0) bad("a wildcard may only be the whole leftmost label");
       if (labels.length < 3) bad("a wildcard needs at least two labels after it, as in *.example.com");
+      const suffix = wildcardPublicSuffix(lower);
+      if (suffix !== undefined) bad(`a wildcard on the public suffix ${shown(suffix)} would cover every domain under it; name the host or *.<its domain>`);
       return;
     }
     if (label.includes("*")) bad("a wildcard must be the whole leftmost label, as in *.example.com");
@@ -144,7 +148,8 @@ export interface CheckedNames {
 
 /**
  * Validates and deduplicates the DNS and IP names of a certificate. Refuses (InvalidArgument)
- * an invalid name (naming `dns_names[i]` / `ip_addresses[i]`), more than `max` names, and, when
+ * an invalid name (naming `dns_names[i]` / `ip_addresses[i]`), a wildcard on a public suffix,
+ * an unspecified, broadcast or multicast address, more than `max` names in all, and, when
  * `requireOne`, no name at all.
  */
 export function checkNames(
@@ -173,6 +178,10 @@ export function checkNames(
   ips.forEach((ip, i) => {
     const b = encodeIpAddress(ip, `ip_addresses[${i}]`);
     const text = formatIpAddress(b);
+    const unusable = unusableAddress(b);
+    if (unusable !== undefined) {
+      throw new InvalidArgument(`ip_addresses[${i}]: ${shown(ip)} is ${unusable}, which names no server; give the server's own address`);
+    }
     if (!seen.has(text)) {
       outIps.push(text);
       outBytes.push(b);

@@ -2,8 +2,8 @@
  * Chain verification: builds a path from a certificate through the given intermediates to one
  * of the given roots and checks it as RFC 5280 path validation would for kmi's purposes:
  * signatures (node:crypto over the exact TBS bytes), validity at a given time, names chaining,
- * basicConstraints cA and keyCertSign on every issuer, pathLenConstraint, and no unknown
- * critical extension. Revocation is not checked (kmi's own versions carry their state).
+ * basicConstraints cA and keyCertSign on every issuer, pathLenConstraint, no unknown critical
+ * extension and, on request, extendedKeyUsage serverAuth. Revocation is not checked (kmi's own versions carry their state).
  */
 import { InvalidArgument } from "../common/errors.js";
 import { infoFromDecoded, type CertificateInfo } from "./inspect.js";
@@ -25,6 +25,11 @@ export interface VerifyChainOptions {
   readonly rootsDer: readonly Uint8Array[];
   /** The time at which every certificate must be valid. */
   readonly at: Date;
+  /**
+   * "serverAuth": also require, as OpenSSL's `-purpose sslserver` does, that every certificate
+   * of the path but the trust anchor either has no extendedKeyUsage or lists serverAuth.
+   */
+  readonly purpose?: "serverAuth";
 }
 
 /** The outcome: the path (leaf first, anchor last), or why there is none, as a sentence for a person. */
@@ -154,6 +159,10 @@ export function verifyChain(options: VerifyChainOptions): ChainVerification {
         (o) => !UNDERSTOOD_CRITICAL.has(o) && !(i === 0 && o === Oid.nameConstraints),
       );
       if (unknown) return { ok: false, reason: `${label(node, i)}: unsupported critical extension ${unknown}` };
+    }
+    const eku = node.info.extKeyUsage;
+    if (options.purpose === "serverAuth" && !isAnchor && eku !== null && !eku.includes(Oid.serverAuth)) {
+      return { ok: false, reason: `${label(node, i)}: extendedKeyUsage lacks serverAuth` };
     }
     if (i === 0) continue;
     if (!node.info.isCa) return { ok: false, reason: `${label(node, i)}: not a CA (basicConstraints cA is false)` };

@@ -154,13 +154,40 @@ describe("IssueLeafCertificate", () => {
     ["a bad hostname", { dnsNames: ["exa mple.com"] }, Code.InvalidArgument, /^dns_names\[0\]: "exa mple.com" is not a hostname/],
     ["a wildcard on a TLD", { dnsNames: ["*.com"] }, Code.InvalidArgument, /^dns_names\[0\]/],
     ["a bad IP", { ipAddresses: ["300.1.1.1"] }, Code.InvalidArgument, /^ip_addresses\[0\]: "300.1.1.1" is not an IPv4 or IPv6 address/],
-    ["101 names", { dnsNames: Array.from({ length: 101 }, (_, i) => `h${i}.example.com`) }, Code.InvalidArgument, /^dns_names: 101 names, at most 100/],
+    ["101 names", { dnsNames: Array.from({ length: 101 }, (_, i) => `h${i}.example.com`) }, Code.InvalidArgument, /^dns_names: 101 DNS names and 1 IP address, 102 in all; at most 100 names \(DNS and IP together\)/],
+    [
+      "100 DNS names and 100 IPs (the limit is 100 in all)",
+      { dnsNames: Array.from({ length: 100 }, (_, i) => `h${i}.example.com`), ipAddresses: Array.from({ length: 100 }, (_, i) => `192.0.2.${i + 1}`) },
+      Code.InvalidArgument,
+      /^dns_names: 100 DNS names and 100 IP addresses, 200 in all; at most 100 names/,
+    ],
+    ["a wildcard on the public suffix co.uk", { dnsNames: ["*.co.uk"] }, Code.InvalidArgument, /^dns_names\[0\]: "\*\.co\.uk" is a wildcard on the public suffix "co\.uk", which would cover every domain under it/],
+    ["a wildcard on a public suffix, upper case", { dnsNames: ["ok.example.com", "*.COM.AU"] }, Code.InvalidArgument, /^dns_names\[1\]: "\*\.COM\.AU" is a wildcard on the public suffix "com\.au"/],
+    ["a wildcard on a suffix of a PSL wildcard rule (*.ck)", { dnsNames: ["*.foo.ck"] }, Code.InvalidArgument, /^dns_names\[0\]: .* public suffix "foo\.ck"/],
+    ["the IPv4 unspecified address", { ipAddresses: ["0.0.0.0"] }, Code.InvalidArgument, /^ip_addresses\[0\]: "0\.0\.0\.0" is the unspecified address, which names no server/],
+    ["the IPv6 unspecified address", { ipAddresses: ["192.0.2.1", "::"] }, Code.InvalidArgument, /^ip_addresses\[1\]: "::" is the unspecified address/],
+    ["the unspecified address, IPv4-mapped", { ipAddresses: ["::ffff:0.0.0.0"] }, Code.InvalidArgument, /^ip_addresses\[0\]: "::ffff:0\.0\.0\.0" is the unspecified address/],
+    ["the broadcast address", { ipAddresses: ["255.255.255.255"] }, Code.InvalidArgument, /^ip_addresses\[0\]: "255\.255\.255\.255" is the broadcast address/],
+    ["an IPv4 multicast address", { ipAddresses: ["224.0.0.1"] }, Code.InvalidArgument, /^ip_addresses\[0\]: "224\.0\.0\.1" is a multicast address/],
+    ["the top of IPv4 multicast", { ipAddresses: ["239.255.255.250"] }, Code.InvalidArgument, /is a multicast address/],
+    ["an IPv6 multicast address", { ipAddresses: ["ff02::1"] }, Code.InvalidArgument, /^ip_addresses\[0\]: "ff02::1" is a multicast address/],
     ["a CN that is not a name", { commonName: "other.example.com" }, Code.InvalidArgument, /^common_name: "other.example.com" is not one of/],
     ["an unknown tenant", { tenantId: "globex" }, Code.NotFound, /^tenant_id: the agent holds no intermediate for tenant "globex"/],
   ])("refuses %s", async (_name, overrides, code, message) => {
     const r = await codeOf(h.client.issueLeafCertificate(leafRequest(overrides)));
     expect(r.code).toBe(code);
     expect(r.message).toMatch(message);
+  });
+
+  it.each([
+    ["a wildcard on a private-section suffix (GitHub Pages holds a real *.github.io certificate)", { dnsNames: ["*.github.io"], ipAddresses: [] }],
+    ["a wildcard under a public suffix", { dnsNames: ["*.example.co.uk"], ipAddresses: [] }],
+    ["addresses next to the refused ones", { dnsNames: [], ipAddresses: ["0.0.0.1", "223.255.255.255", "240.0.0.1", "255.255.255.254", "::1", "fe80::1"] }],
+    ["100 names in all, DNS and IP together", { dnsNames: Array.from({ length: 50 }, (_, i) => `h${i}.example.com`), ipAddresses: Array.from({ length: 50 }, (_, i) => `192.0.2.${i + 1}`) }],
+  ])("issues for %s", async (_name, names) => {
+    const res = await h.client.issueLeafCertificate(leafRequest(names));
+    const san = new X509Certificate(res.certificatePem).subjectAltName ?? "";
+    expect(san.split(", ")).toHaveLength(names.dnsNames.length + names.ipAddresses.length);
   });
 
   it("refuses its own intermediate key as the leaf key", async () => {

@@ -110,6 +110,19 @@ describe("attestation", () => {
     sub.close();
   });
 
+  it("refuses GetAttestationNonce to a quarantined machine with PERMISSION_DENIED naming the quarantine, storing nothing; serves it again after a release", async () => {
+    await h.admin.quarantineMachine({ machineId: m.machineId, reason: "stolen laptop" }, h.operator);
+    const before = await h.snapshot({ withAttestations: true });
+    await expectCode(
+      h.audit.getAttestationNonce({}, asPeer(m.certificateDer)),
+      "permission_denied",
+      new RegExp(`^machine ${m.machineId}: quarantined \\(stolen laptop\\); an operator must release it`),
+    );
+    expect(await h.snapshot({ withAttestations: true })).toEqual(before);
+    await h.admin.releaseMachine({ machineId: m.machineId, reason: "laptop found" }, h.operator);
+    expect((await h.audit.getAttestationNonce({}, asPeer(m.certificateDer))).nonce).toHaveLength(32);
+  });
+
   it("refuses a replayed nonce (the same request twice)", async () => {
     const n = await h.audit.getAttestationNonce({}, asPeer(m.certificateDer));
     const req = createAttestRequest({ machineId: m.machineId, nonce: n.nonce, measurements: GOOD, softwareVersion: "0.1.0", time: h.clock.now() }, m.key);

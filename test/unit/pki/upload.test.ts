@@ -9,6 +9,7 @@ import { exportPublicKeySpkiDer, generateKeyPair, type KeyPair } from "../../../
 import { createLeafIssuer } from "../../../src/pki/leaf.js";
 import { certificateToPem, encodePem } from "../../../src/pki/pem.js";
 import { checkUploadedIntermediate } from "../../../src/pki/upload.js";
+import { verifyChain } from "../../../src/pki/verify.js";
 import { DAY, openssl, opensslOk, tempDir, type TempDir } from "./support.js";
 
 /**
@@ -84,12 +85,11 @@ describe("CSR → customer CA (openssl) → upload check", () => {
     const tampered = goodDer.slice();
     tampered[tampered.length - 1]! ^= 0x01;
 
-    now = new Date();
     cases.set("non-CA", { certificate: sign(csrFile, "customer", EXT.leaf, "leaf") });
     cases.set("no keyCertSign", { certificate: sign(csrFile, "customer", EXT.noKeyCertSign, "nokcs") });
     cases.set("another key", { certificate: sign(otherCsr, "customer", EXT.intermediate, "otherkey") });
-    cases.set("expired", { certificate: sign(csrFile, "customer", EXT.intermediate, "short", ["-days", "1"]), now: new Date(now.getTime() + 2 * DAY * 1000) });
-    cases.set("not yet valid", { certificate: good, now: new Date(now.getTime() - 2 * DAY * 1000) });
+    cases.set("expired", { certificate: sign(csrFile, "customer", EXT.intermediate, "short", ["-days", "1"]) });
+    cases.set("not yet valid", { certificate: good });
     cases.set("SHA-1", { certificate: sign(csrFile, "customer", EXT.intermediate, "sha1", ["-sha1"]) });
     cases.set("garbage", { certificate: new Uint8Array(Buffer.from("this is not a certificate\n")) });
     cases.set("random DER-like", { certificate: Uint8Array.of(0x30, 0x03, 0x02, 0x01, 0x05) });
@@ -109,6 +109,10 @@ describe("CSR → customer CA (openssl) → upload check", () => {
     cases.set("root garbage", { certificate: good, customerRoot: "-----BEGIN CERTIFICATE-----\nAAAA\n" });
     cases.set("root bundle", { certificate: good, customerRoot: rootPem + otherRoot });
     cases.set("root pathLen 0", { certificate: underPl0, customerRoot: pathLen0Root });
+    // Every certificate is signed by now (see `now`); the clock-relative cases are set from it.
+    now = new Date();
+    cases.get("expired")!.now = new Date(now.getTime() + 2 * DAY * 1000);
+    cases.get("not yet valid")!.now = new Date(now.getTime() - 2 * DAY * 1000);
   }, 30_000);
   afterAll(() => tmp.cleanup());
 
@@ -142,8 +146,16 @@ describe("CSR → customer CA (openssl) → upload check", () => {
     expect(() => parseCsr(good)).toThrow('csr: expected one "CERTIFICATE REQUEST" PEM block, found 0');
   });
 
-  it("accepts the intermediate the customer CA issued for the CSR, as PEM or DER, with or without the root", () => {
-    const withRoot = checkUploadedIntermediate({ certificate: good, expectedSpkiDer: spki, customerRoot: rootPem, now, pendingVersion: 3 });
+  it("accepts the intermediate the customer CA issued for the CSR, as PEM or DER, with its root; refuses it without the root", () => {
+    const withRoot = checkUploadedIntermediate({
+      certificate: good,
+      expectedSpkiDer: spki,
+      expectedSubjectDer: parseCsr(csrPem).subjectNameDer,
+      issuerKey: key.privateKey,
+      customerRoot: rootPem,
+      now,
+      pendingVersion: 3,
+    });
     expect(withRoot.certificate.subject).toBe("CN=acme MITM CA v3,O=acme,C=US");
     expect(withRoot.certificate.isCa).toBe(true);
     expect(withRoot.certificate.pathLenConstraint).toBe(0);
@@ -151,13 +163,17 @@ describe("CSR → customer CA (openssl) → upload check", () => {
     const fp = opensslOk(["x509", "-noout", "-fingerprint", "-sha256"], { input: good }).trim();
     expect(fp).toBe(`sha256 Fingerprint=${withRoot.certificate.sha256Fingerprint}`);
     const der = withRoot.certificate.der;
-    const asDer = checkUploadedIntermediate({ certificate: der, expectedSpkiDer: spki, customerRoot: new Uint8Array(0), now });
-    expect(asDer.customerRoot).toBeUndefined();
+    const asDer = checkUploadedIntermediate({ certificate: der, expectedSpkiDer: spki, customerRoot: certificateInfo(withRoot.customerRoot.der).der, now });
     expect(asDer.certificate.serialHex).toBe(withRoot.certificate.serialHex);
+    for (const customerRoot of [undefined, new Uint8Array(0)]) {
+      expect(() => checkUploadedIntermediate({ certificate: der, expectedSpkiDer: spki, ...(customerRoot ? { customerRoot } : {}), now })).toThrow(
+        "customer_root: required on the tenant's first private-CA upload, so that the signature can be checked",
+      );
+    }
   });
 
   it("the uploaded intermediate issues leaves that openssl verifies against the customer root", async () => {
-    const issuer = createLeafIssuer({ certificateDer: certificateInfo(checkUploadedIntermediate({ certificate: good, expectedSpkiDer: spki, now }).certificate.der).der, privateKey: key.privateKey });
+    const issuer = createLeafIssuer({ certificateDer: certificateInfo(checkUploadedIntermediate({ certificate: good, expectedSpkiDer: spki, customerRoot: rootPem, now }).certificate.der).der, privateKey: key.privateKey });
     const leafKey = await generateKeyPair("ecdsa-p256");
     const leaf = issuer.issueLeaf({
       publicKeySpkiDer: exportPublicKeySpkiDer(leafKey.publicKey),
@@ -171,6 +187,33 @@ describe("CSR → customer CA (openssl) → upload check", () => {
     const leafFile = tmp.write("customer-leaf.pem", certificateToPem(leaf));
     const r = openssl(["verify", "-CAfile", root, "-untrusted", int, "-verify_hostname", "localhost", "-x509_strict", leafFile]);
     expect(r.stdout, r.stderr).toBe(`${leafFile}: OK\n`);
+  });
+
+  it("issues a throw-away leaf under the intermediate before accepting it, and refuses when it cannot (a key that is not the intermediate's)", async () => {
+    const stranger = await generateKeyPair("ecdsa-p256");
+    expect(() =>
+      checkUploadedIntermediate({ certificate: good, expectedSpkiDer: spki, customerRoot: rootPem, issuerKey: stranger.privateKey, now }),
+    ).toThrow("certificate: the agent could not issue a leaf under it (issuer: the private key does not belong to the CA certificate)");
+  });
+
+  it("verifyChain with purpose serverAuth refuses a path whose intermediate's extendedKeyUsage lacks serverAuth, as openssl -purpose sslserver does", async () => {
+    const clientOnly = sign(join(tmp.dir, "kmi.csr"), "customer", `${EXT.intermediate}extendedKeyUsage=clientAuth\n`, "eku-client");
+    const der = certificateInfo(new Uint8Array(Buffer.from(clientOnly.split("-----")[2]!.replace(/\s+/g, ""), "base64"))).der;
+    const leafKey = await generateKeyPair("ecdsa-p256");
+    const leaf = createLeafIssuer({ certificateDer: der, privateKey: key.privateKey }).issueLeaf({
+      publicKeySpkiDer: exportPublicKeySpkiDer(leafKey.publicKey),
+      dnsNames: ["localhost"],
+      notBefore: new Date(),
+      notAfter: new Date(Date.now() + DAY * 1000),
+    });
+    const rootDer = certificateInfo(new Uint8Array(Buffer.from(rootPem.split("-----")[2]!.replace(/\s+/g, ""), "base64"))).der;
+    const at = new Date(Date.now() + 5000);
+    expect(verifyChain({ leafDer: leaf, intermediatesDer: [der], rootsDer: [rootDer], at }).ok).toBe(true);
+    const r = verifyChain({ leafDer: leaf, intermediatesDer: [der], rootsDer: [rootDer], at, purpose: "serverAuth" });
+    expect(r).toEqual({ ok: false, reason: "issuer 1 (CN=acme MITM CA v3,O=acme,C=US): extendedKeyUsage lacks serverAuth" });
+    const leafFile = tmp.write("eku-leaf.pem", certificateToPem(leaf));
+    const o = openssl(["verify", "-purpose", "sslserver", "-CAfile", join(tmp.dir, "customer.pem"), "-untrusted", join(tmp.dir, "eku-client.pem"), leafFile]);
+    expect(o.code).not.toBe(0);
   });
 
   it.each([

@@ -38,14 +38,17 @@ export type IssueLeafCertificateRequest = Message<"kmi.agent.v1.IssueLeafCertifi
   publicKey: Uint8Array;
 
   /**
-   * DNS names for the subjectAltName, 0 to 100, each a valid hostname or "*.<hostname>".
+   * DNS names for the subjectAltName, each a valid hostname or "*.<hostname>", never a
+   * wildcard on a public suffix of the Public Suffix List's ICANN section ("*.co.uk"). At most
+   * 100 names in all, DNS and IP together, and at least one.
    *
    * @generated from field: repeated string dns_names = 3;
    */
   dnsNames: string[];
 
   /**
-   * IP addresses for the subjectAltName, in text form, 0 to 100.
+   * IP addresses for the subjectAltName, in text form; never unspecified (0.0.0.0, ::),
+   * broadcast (255.255.255.255) or multicast. Counted with dns_names (100 in all).
    *
    * @generated from field: repeated string ip_addresses = 4;
    */

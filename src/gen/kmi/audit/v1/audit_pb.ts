@@ -531,7 +531,7 @@ export const AuditService: GenService<{
   },
   /**
    * GetAttestationNonce returns a single-use nonce, valid for 60 seconds, bound to the
-   * calling machine. Needs mutual TLS.
+   * calling machine. Needs mutual TLS; a quarantined machine is PERMISSION_DENIED.
    *
    * @generated from rpc kmi.audit.v1.AuditService.GetAttestationNonce
    */

@@ -516,8 +516,9 @@ export type UploadIntermediateRequest = Message<"kmi.kdc.v1.UploadIntermediateRe
   certificate: Uint8Array;
 
   /**
-   * Optional: the customer's root certificate (PEM or DER). When given, the intermediate
-   * must chain to it, and downloads include it.
+   * The customer's root certificate (PEM or DER) that signed the intermediate. Required on
+   * the tenant's first private-CA upload; kept with the tenant, so a later upload may leave it
+   * empty (the kept root is used) or give another (which replaces it). Downloads include it.
    *
    * @generated from field: bytes customer_root = 4;
    */
@@ -1239,10 +1240,13 @@ export const KdcService: GenService<{
   /**
    * UploadIntermediate attaches the certificate that the customer's private CA signed to a
    * PENDING version. Everything is checked before anything changes: the bytes parse (PEM or
-   * DER, exactly one certificate); it is a CA (basicConstraints cA, keyUsage keyCertSign);
-   * its public key is the pending CSR's; it is valid now; and, when `customer_root` is
-   * given, it chains to that root. Any failure is INVALID_ARGUMENT or FAILED_PRECONDITION
-   * and leaves the tenant unchanged.
+   * DER, exactly one certificate); it is a CA with basicConstraints critical and pathlen 0,
+   * keyUsage keyCertSign, extendedKeyUsage absent or with serverAuth, no nameConstraints;
+   * it is valid now with 7 days or more left and at most 10 years in all, ending before its
+   * root; its public key and subject are the pending CSR's; its signature verifies against
+   * the customer root (given, or kept from the tenant's earlier upload); and a leaf issued
+   * under it verifies for serverAuth. Any failure is INVALID_ARGUMENT or FAILED_PRECONDITION
+   * naming the field and how to sign it, and leaves the tenant unchanged.
    *
    * @generated from rpc kmi.kdc.v1.KdcService.UploadIntermediate
    */
