@@ -6,7 +6,8 @@ describe("parsePolicy", () => {
   it("an empty document is the default: nothing blocked, EICAR scanned up to 1 MiB, auto-bypass off", () => {
     const p = parsePolicy({});
     expect(p.blockedHost("anything.example")).toBeUndefined();
-    expect(p.scan).toEqual({ eicar: true, maxBodyBytes: 1048576, holdMs: 2000 });
+    expect(p.scan).toEqual({ eicar: true, maxBodyBytes: 1048576, holdMs: 2000, uploads: true });
+    expect(p.icap).toEqual({});
     expect(p.autoBypass.enabled).toBe(false);
     expect(p.nonTls).toBe("tunnel");
     expect(p.uninspectableAlpn).toBe("block");
