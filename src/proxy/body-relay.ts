@@ -112,8 +112,8 @@ function decoderFor(encoding: string | undefined): Transform | undefined {
  * the sink is opened at once (streaming bodies). `encoding` is the body's Content-Encoding.
  *
  * With an `inspector`, the raw body is fed to it as well: the first `maxBodyBytes` are held
- * (as for the built-in scan) and the end of the body is withheld until it answers, so a
- * body it blocks past the hold is cut off, never completed.
+ * (as for the built-in scan) and the end of the body (its latest chunk) is withheld until
+ * it answers, so a body it blocks past the hold is cut off, never completed.
  */
 export function relayBody(
   source: Readable,
@@ -133,6 +133,13 @@ export function relayBody(
   let awaiting = false;
   /** Reasons the source is paused now (the sink's or the inspector's backpressure). */
   let pauses = 0;
+  /**
+   * The latest chunk, kept back from a released body until the inspector answers: with a
+   * Content-Length the end of the body is its last bytes, so withholding only the end would
+   * let a client complete an infected file.
+   */
+  let tail: Buffer | undefined;
+  const pending = (): boolean => inspector !== undefined && verdict === undefined;
   // With an encoding: raw chunks go to the decoder, its output to the scanner.
   let decoder = scanning ? decoderFor(encoding) : undefined;
   const decoding = decoder !== undefined;
@@ -160,6 +167,7 @@ export function relayBody(
     source.off("error", onError);
     source.off("close", onClose);
     held = [];
+    tail = undefined;
     onResult(r);
   };
 
@@ -185,6 +193,7 @@ export function relayBody(
     sink.open(length);
     const chunks = held;
     held = [];
+    if (pending() && chunks.length > 0) tail = chunks.pop();
     let ok = true;
     for (const c of chunks) ok = sink.write(c) && ok;
     if (!ok && !finished) waitFor((cb) => sink.onDrain(cb));
@@ -239,7 +248,9 @@ export function relayBody(
       if (!eicarHolding() && !inspectorHolding()) release(undefined);
       return;
     }
-    if (!sink.write(chunk)) waitFor((cb) => sink.onDrain(cb));
+    let out: Buffer | undefined = chunk;
+    if (pending()) [out, tail] = [tail, chunk];
+    if (out !== undefined && !sink.write(out)) waitFor((cb) => sink.onDrain(cb));
   };
 
   const onEnd = (): void => {
@@ -277,7 +288,9 @@ export function relayBody(
       sink.open(body.length);
       sink.end(body.length > 0 ? body : undefined);
     } else {
-      sink.end();
+      const last = tail;
+      tail = undefined;
+      sink.end(last);
     }
     const partial = scanner !== undefined && (capped || opaque || (!decoding && scanned < bytes));
     finish(verdict === undefined ? { kind: "done", bytes, scanned, partial } : { kind: "done", bytes, scanned, partial, inspection: verdict.note });
@@ -293,6 +306,10 @@ export function relayBody(
       complete();
     } else if (!released && !eicarHolding()) {
       release(undefined);
+    } else if (tail !== undefined) {
+      const t = tail;
+      tail = undefined;
+      if (!sink.write(t)) waitFor((cb) => sink.onDrain(cb));
     }
   });
 

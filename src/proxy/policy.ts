@@ -265,8 +265,8 @@ function icapService(value: unknown, field: string): IcapServiceConfig | undefin
   if (value === undefined) return undefined;
   const o = obj(value, field, ICAP_SERVICE_KEYS);
   const url = parseIcapUrl(o["url"], `${field}.url`);
-  const name = o["name"] ?? url.authority;
-  if (typeof name !== "string" || !/^[A-Za-z0-9._-]{1,64}$/.test(name)) fail(`${field}.name`, "must be 1 to 64 letters, digits, '.', '_' or '-'");
+  const name = o["name"] ?? `${url.host}:${url.port}`;
+  if (typeof name !== "string" || !/^[A-Za-z0-9._:-]{1,64}$/.test(name)) fail(`${field}.name`, "must be 1 to 64 letters, digits, '.', ':', '_' or '-'");
   const failMode = o["failMode"] ?? "closed";
   if (failMode !== "open" && failMode !== "closed") fail(`${field}.failMode`, 'must be "open" (pass bodies unscanned when the service is down) or "closed" (block them)');
   return {
