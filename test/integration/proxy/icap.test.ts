@@ -17,6 +17,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createMetricsRegistry, type MetricsRegistry } from "../../../src/common/metrics.js";
 import type { AccessRecord } from "../../../src/proxy/access-log.js";
+import { EICAR } from "../../../src/proxy/eicar.js";
 import { HASHED_THREAT, MARKER, MARKER_THREAT, startIcapPeer, type IcapPeer } from "../../fixtures/icap/c-icap.js";
 import { connect as tlsConnect, type TLSSocket } from "node:tls";
 import { connectTunnel, requestOver, run, startHarness, type Harness } from "../../fixtures/proxy/harness.js";
@@ -71,11 +72,11 @@ function icapService(failMode: "open" | "closed") {
   return { name: "clamav", url: peer.url, failMode, readTimeoutMs: 20_000 };
 }
 
-/** acme: the global policy (ICAP fail-closed). beta: no ICAP, /secret blocked. gamma: ICAP fail-open. */
+/** acme: the global policy (ICAP fail-closed). beta: no ICAP, /secret blocked, uploads not inspected. gamma: ICAP fail-open. */
 function tenants(betaBlocks = "*/secret*") {
   return [
     { id: "acme", users: [{ name: "ann", passwordSha256: sha("a-pw") }] },
-    { id: "beta", users: [{ name: "bob", passwordSha256: sha("b-pw") }], policy: { icap: {}, blockUrls: [betaBlocks] } },
+    { id: "beta", users: [{ name: "bob", passwordSha256: sha("b-pw") }], policy: { icap: {}, blockUrls: [betaBlocks], scan: { uploads: false } } },
     { id: "gamma", users: [{ name: "gus", passwordSha256: sha("g-pw") }], policy: { icap: { respmod: icapService("open"), reqmod: icapService("open") } } },
   ];
 }
@@ -233,6 +234,10 @@ describe("per-tenant policy", () => {
     const rec = await record("beta", "/infected", "h2");
     expect(rec.decision).toBe("allow");
     expect(rec.icap).toBeUndefined();
+    // Uploads: acme's are inspected (even the built-in EICAR check), beta's are not.
+    const eicarUpload = Buffer.concat([Buffer.from("data "), EICAR]);
+    expect(statusOf((await curl("acme", "http/1.1", "/upload", eicarUpload)).stdout)).toBe(403);
+    expect((await curl("beta", "http/1.1", "/upload", eicarUpload)).stdout).toContain(`received ${eicarUpload.length} bytes`);
   });
 
   it("a bad edit of the tenants file is refused, counted, and the old policy stays", async () => {

@@ -111,4 +111,22 @@ describe("ICAP client against c-icap", () => {
     expect(open).toMatchObject({ kind: "pass", note: { result: "fail-open" } });
     expect(open.note.error).toContain("ECONNREFUSED");
   });
+
+  it("a service that accepts but never answers times out (read timeout), under the fail mode", async () => {
+    const { createServer } = await import("node:net");
+    const held: import("node:net").Socket[] = [];
+    const silent = createServer((s) => held.push(s));
+    await new Promise<void>((r) => silent.listen(0, "127.0.0.1", r));
+    const port = (silent.address() as { port: number }).port;
+    try {
+      const config: IcapServiceConfig = { name: "silent", url: parseIcapUrl(`icap://127.0.0.1:${port}/x`, "url"), failMode: "closed", connectTimeoutMs: 2000, readTimeoutMs: 300, maxConnections: 2 };
+      const pool = new IcapPool({ host: "127.0.0.1", port, maxConnections: 2, connectTimeoutMs: 2000, idleTimeoutMs: 30_000 });
+      const v = await scan(respmod(new IcapService(config, pool, counters().counters, createNopLogger())), Buffer.from("x"));
+      expect(v).toMatchObject({ kind: "block", note: { result: "fail-closed", error: "no answer from the icap server within 300 ms" } });
+      pool.close();
+    } finally {
+      for (const s of held) s.destroy();
+      silent.close();
+    }
+  });
 });
