@@ -428,7 +428,7 @@ export class PolicyStore {
   /** Loads the file (if any; otherwise the default policy) and the tenants' policies. A bad one at startup is an error. */
   static async create(path: string | undefined, logger: Logger, options: PolicyStoreOptions = {}): Promise<PolicyStore> {
     const doc = path === undefined ? {} : await readJson(path, "policy file", "--policy");
-    const set = PolicyStore.compile(path, doc, options.tenants ?? []);
+    const set = PolicyStore.compile(path, doc, options.tenants ?? [], options.tenantsFile);
     const tenantsFile = options.tenantsFile === undefined ? undefined : resolve(options.tenantsFile);
     return new PolicyStore(path === undefined ? undefined : resolve(path), set, logger, { ...options, tenantsFile });
   }
@@ -438,12 +438,13 @@ export class PolicyStore {
     return new PolicyStore(undefined, { global: policy, byTenant: new Map() }, logger, {});
   }
 
-  private static compile(path: string | undefined, doc: unknown, tenants: readonly TenantPolicyEntry[]): PolicySet {
+  private static compile(path: string | undefined, doc: unknown, tenants: readonly TenantPolicyEntry[], tenantsFile: string | undefined): PolicySet {
     try {
       return compilePolicies(doc, tenants);
     } catch (err) {
       const msg = (err as Error).message;
-      throw new InvalidArgument(msg.startsWith("tenant ") || path === undefined ? msg : `policy file ${path}: ${msg}`);
+      if (msg.startsWith("tenant ")) throw new InvalidArgument(tenantsFile === undefined ? msg : `tenants file ${tenantsFile}: ${msg}`);
+      throw new InvalidArgument(path === undefined ? msg : `policy file ${path}: ${msg}`);
     }
   }
 
@@ -469,7 +470,7 @@ export class PolicyStore {
     try {
       const doc = this.path === undefined ? {} : await readJson(this.path, "policy file", "--policy");
       const tenants = tenantsFile === undefined ? (this.options.tenants ?? []) : await readTenantPolicies(tenantsFile);
-      this.set = PolicyStore.compile(this.path, doc, tenants);
+      this.set = PolicyStore.compile(this.path, doc, tenants, tenantsFile);
       this.generation++;
       this.logger.info("policy reloaded", { path: this.path, tenantsFile, generation: this.generation, tenantPolicies: this.set.byTenant.size });
       return true;
