@@ -202,7 +202,13 @@ export class IcapService {
     };
     const c = this.cached;
     if (c !== undefined && c.expires > this.now()) {
-      const t = setup(c);
+      let t: IcapTransaction | "ignored";
+      try {
+        t = setup(c);
+      } catch (err) {
+        // A method the service does not offer: a failure like any other, under the fail mode.
+        return { transaction: undefined, result: Promise.reject(err as Error) };
+      }
       return t === "ignored" ? { transaction: undefined, result: Promise.resolve("ignored") } : { transaction: t, result: t.result };
     }
     // OPTIONS not yet known: buffer what arrives meanwhile in a transaction made once they are.

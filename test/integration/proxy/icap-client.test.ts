@@ -112,6 +112,27 @@ describe("ICAP client against c-icap", () => {
     expect(open.note.error).toContain("ECONNREFUSED");
   });
 
+  it("a method the service does not offer is a failure under the fail mode (OPTIONS fetched, then cached)", async () => {
+    const { createServer } = await import("node:net");
+    // A minimal service that offers RESPMOD only: enough to see the client read Methods.
+    const server = createServer((sock) => {
+      sock.on("data", () => sock.write('ICAP/1.0 200 OK\r\nMethods: RESPMOD\r\nISTag: "x"\r\nEncapsulated: null-body=0\r\n\r\n'));
+      sock.on("error", () => {});
+    });
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    const port = (server.address() as { port: number }).port;
+    try {
+      const { svc } = service("closed", `icap://127.0.0.1:${port}/only-resp`);
+      for (let i = 0; i < 2; i++) {
+        const insp = svc.inspector({ method: "REQMOD", reqHdr: formatHttpRequestHead("POST", "/u", [["Host", "o"]]), path: "/u" });
+        const v = await scan(insp, Buffer.from("body"));
+        expect(v).toMatchObject({ kind: "block", note: { result: "fail-closed", error: "the icap service does not offer REQMOD (it offers RESPMOD)" } });
+      }
+    } finally {
+      server.close();
+    }
+  });
+
   it("a service that accepts but never answers times out (read timeout), under the fail mode", async () => {
     const { createServer } = await import("node:net");
     const held: import("node:net").Socket[] = [];
