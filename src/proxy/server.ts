@@ -219,6 +219,7 @@ export class ProxyServer {
       counters: createCounters(metrics),
     };
     metrics?.gauge("kmi_proxy_leaf_cache_entries", "Leaves in the cache.", [], (g) => g.set(leaves.size));
+    metrics?.gauge("kmi_proxy_icap_connections", "Connections open to ICAP services (idle and busy).", [], (g) => g.set(ctx.inspection.openConnections));
     return new ProxyServer(options, ctx, agent, policy, leaves, blockedCa, metrics);
   }
 

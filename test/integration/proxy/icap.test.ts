@@ -212,10 +212,18 @@ describe("uploads (REQMOD) through c-icap", () => {
     expect(rec).toMatchObject({ decision: "block", icap_result: "infection", threat: MARKER_THREAT });
   });
 
+  it("keeps ICAP connections alive: clean fetches share a pooled connection", async () => {
+    for (let i = 0; i < 3; i++) expect(statusOf((await curl("acme", "http/1.1", "/clean")).stdout)).toBe(200);
+    // A connection that carried a 200 (a finding) is closed; one that carried 204s stays, idle.
+    expect(counter("kmi_proxy_icap_connections", "")).toBeGreaterThanOrEqual(1);
+    expect(counter("kmi_proxy_icap_connections", "")).toBeLessThanOrEqual(2);
+  });
+
   it("counts the verdicts in kmi_proxy_icap_requests_total and the tenant's decisions", () => {
     expect(counter("kmi_proxy_icap_requests_total", 'service="clamav",method="RESPMOD",result="infection"')).toBeGreaterThanOrEqual(6);
     expect(counter("kmi_proxy_icap_requests_total", 'service="clamav",method="REQMOD",result="clean"')).toBeGreaterThanOrEqual(3);
     expect(counter("kmi_proxy_icap_round_trips_total", 'service="clamav"')).toBeGreaterThan(0);
+
     expect(counter("kmi_proxy_decisions_total", 'decision="block",tenant="acme"')).toBeGreaterThanOrEqual(9);
   });
 });
@@ -273,7 +281,7 @@ describe("the ICAP service killed (SIGKILL)", () => {
     try {
       for (const proto of PROTOS) {
         const closed = await curl("acme", proto, "/clean");
-        expect(statusOf(closed.stdout)).toBe(403);
+        expect(statusOf(closed.stdout), `${proto}: ${closed.stdout.slice(0, 300)} ${closed.stderr}`).toBe(403);
         expect(closed.stdout).toContain("icap-unavailable:clamav");
         expect(await record("acme", "/clean", proto, "GET", (r) => r.rule === "icap-unavailable:clamav")).toMatchObject({ decision: "block", icap_result: "fail-closed" });
         const open = await curl("gamma", proto, "/infected");
