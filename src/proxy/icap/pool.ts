@@ -7,6 +7,9 @@
 import { connect, type Socket } from "node:net";
 import { HeadReader, type IcapResponse } from "./wire.js";
 
+/** No answer from the server in time (a slow service, not a closed connection: never retried). */
+export class IcapTimeout extends Error {}
+
 /** One connection to the server, with the response heads read off it. */
 export class IcapConnection {
   private readonly reader = new HeadReader();
@@ -88,7 +91,7 @@ export class IcapConnection {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.waiter = undefined;
-        reject(new Error(`no answer from the icap server within ${timeoutMs} ms`));
+        reject(new IcapTimeout(`no answer from the icap server within ${timeoutMs} ms`));
       }, timeoutMs);
       this.waiter = { resolve, reject, timer };
     });
@@ -139,10 +142,10 @@ export class IcapPool {
     return this.idle.length;
   }
 
-  /** A connection: an idle one, a new one, or the next one released. */
-  acquire(): Promise<IcapConnection> {
+  /** A connection: an idle one (unless `fresh`), a new one, or the next one released. */
+  acquire(fresh = false): Promise<IcapConnection> {
     if (this.closed) return Promise.reject(new Error("icap pool closed"));
-    for (let e = this.idle.pop(); e !== undefined; e = this.idle.pop()) {
+    for (let e = fresh ? undefined : this.idle.pop(); e !== undefined; e = this.idle.pop()) {
       clearTimeout(e.timer);
       if (e.conn.usable) return Promise.resolve(e.conn);
       this.drop(e.conn);

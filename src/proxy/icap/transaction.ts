@@ -4,7 +4,7 @@
  * chunk of its own (no body is assembled; the queue that waits for the socket is bounded by
  * backpressure on the caller). The answer is one of: clean (204), a finding (200), or an error.
  */
-import type { IcapConnection, IcapPool } from "./pool.js";
+import { IcapTimeout, type IcapConnection, type IcapPool } from "./pool.js";
 import { chunkHeader, CRLF, findingOf, formatIcapRequest, LAST_CHUNK, LAST_CHUNK_IEOF, type IcapFinding, type IcapResponse, type IcapUrl } from "./wire.js";
 
 /** Bytes queued for the service before the caller is asked to wait. */
@@ -132,51 +132,91 @@ export class IcapTransaction {
   }
 
   private async run(): Promise<IcapOutcome> {
-    const { pool, preview } = this.s;
-    const conn = await pool.acquire();
+    const { preview } = this.s;
+    const head = formatIcapRequest({ method: this.s.method, url: this.s.url, reqHdr: this.s.reqHdr, resHdr: this.s.resHdr, body: true, preview });
+    if (preview === undefined) {
+      const conn = await this.connect(false);
+      return this.guarded(conn, () => {
+        conn.write(head);
+        return this.streamRest(conn);
+      });
+    }
+    while (this.queued < preview && !this.ended) {
+      await this.changed();
+      this.check();
+    }
+    const ieof = this.ended && this.queued <= preview;
+    const message = Buffer.concat([head, ...this.frame(this.take(preview)), ieof ? LAST_CHUNK_IEOF : LAST_CHUNK]);
+    const { conn, answer } = await this.sendPreview(message);
+    return this.guarded(conn, async () => {
+      // A final answer to the preview ends the transaction; the rest of the body is not sent.
+      if (ieof || answer.status !== 100) return this.finish(conn, answer, true);
+      return this.streamRest(conn);
+    });
+  }
+
+  /** A connection from the pool (`fresh`: a new one, not an idle one), owned by this transaction. */
+  private async connect(fresh: boolean): Promise<IcapConnection> {
+    const conn = await this.s.pool.acquire(fresh);
     if (this.abandoned) {
-      pool.release(conn, false);
+      this.s.pool.release(conn, false);
       throw new Abandoned("icap transaction abandoned");
     }
     this.conn = conn;
     conn.uses++;
-    let sentAll = false;
+    return conn;
+  }
+
+  /** Runs `fn` on `conn`; on any failure the connection is closed, never reused. */
+  private async guarded(conn: IcapConnection, fn: () => Promise<IcapOutcome> | IcapOutcome): Promise<IcapOutcome> {
     try {
-      const head = formatIcapRequest({ method: this.s.method, url: this.s.url, reqHdr: this.s.reqHdr, resHdr: this.s.resHdr, body: true, preview });
-      if (preview !== undefined) {
-        while (this.queued < preview && !this.ended) {
-          await this.changed();
-          this.check();
-        }
-        const first = this.take(preview);
-        const ieof = this.ended && this.queued === 0;
-        conn.write(Buffer.concat([head, ...this.frame(first), ieof ? LAST_CHUNK_IEOF : LAST_CHUNK]));
-        const r = await this.answer(conn);
-        // A final answer to the preview ends the transaction; the rest of the body is not sent.
-        if (ieof || r.status !== 100) return this.finish(conn, r, true);
-      } else {
-        conn.write(head);
-      }
-      for (;;) {
-        this.check();
-        if (conn.answered) break; // an early final answer: stop sending
-        if (this.queue.length > 0) {
-          if (!conn.write(Buffer.concat(this.frame(this.take(Number.MAX_SAFE_INTEGER))))) await conn.drained();
-          continue;
-        }
-        if (this.ended) {
-          conn.write(LAST_CHUNK);
-          sentAll = true;
-          break;
-        }
-        await this.changed();
-      }
-      return this.finish(conn, await this.answer(conn), sentAll);
+      return await fn();
     } catch (err) {
       this.conn = undefined;
-      pool.release(conn, false);
+      this.s.pool.release(conn, false);
       throw err;
     }
+  }
+
+  /**
+   * Sends the head and preview and reads the first answer. A reused connection that fails
+   * before answering was most likely closed by the server while idle (its keep-alive timeout
+   * or request limit): the same bytes go once more, on a new connection. Nothing of the body
+   * past the preview has been taken yet, so nothing is lost.
+   */
+  private async sendPreview(message: Buffer): Promise<{ conn: IcapConnection; answer: IcapResponse }> {
+    for (let fresh = false; ; fresh = true) {
+      const conn = await this.connect(fresh);
+      const reused = conn.uses > 1;
+      try {
+        conn.write(message);
+        return { conn, answer: await this.answer(conn) };
+      } catch (err) {
+        this.conn = undefined;
+        this.s.pool.release(conn, false);
+        if (fresh || !reused || this.abandoned || err instanceof IcapTimeout) throw err;
+      }
+    }
+  }
+
+  /** Sends the rest of the body as it comes (stopping at an early answer), then reads the final answer. */
+  private async streamRest(conn: IcapConnection): Promise<IcapOutcome> {
+    let sentAll = false;
+    for (;;) {
+      this.check();
+      if (conn.answered) break; // an early final answer: stop sending
+      if (this.queue.length > 0) {
+        if (!conn.write(Buffer.concat(this.frame(this.take(Number.MAX_SAFE_INTEGER))))) await conn.drained();
+        continue;
+      }
+      if (this.ended) {
+        conn.write(LAST_CHUNK);
+        sentAll = true;
+        break;
+      }
+      await this.changed();
+    }
+    return this.finish(conn, await this.answer(conn), sentAll);
   }
 
   private async answer(conn: IcapConnection): Promise<IcapResponse> {

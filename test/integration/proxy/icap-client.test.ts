@@ -133,6 +133,41 @@ describe("ICAP client against c-icap", () => {
     }
   });
 
+  it("a kept-alive connection the server drops as the next request arrives is replaced once, transparently", async () => {
+    const { createServer } = await import("node:net");
+    let connections = 0;
+    // A minimal service: OPTIONS, then one RESPMOD per connection (204); the next one on the same connection is dropped unanswered.
+    const server = createServer((sock) => {
+      connections++;
+      let buf = "";
+      let served = 0;
+      sock.on("error", () => {});
+      sock.on("data", (d) => {
+        buf += d.toString("latin1");
+        if (buf.startsWith("OPTIONS") && buf.endsWith("\r\n\r\n")) {
+          buf = "";
+          sock.write('ICAP/1.0 200 OK\r\nMethods: RESPMOD\r\nISTag: "x"\r\nPreview: 10\r\nAllow: 204\r\nEncapsulated: null-body=0\r\n\r\n');
+        } else if (buf.startsWith("RESPMOD") && buf.endsWith("0; ieof\r\n\r\n")) {
+          buf = "";
+          if (served++ > 0) sock.destroy();
+          else sock.write('ICAP/1.0 204 No Content\r\nISTag: "x"\r\nEncapsulated: null-body=0\r\n\r\n');
+        }
+      });
+    });
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    const port = (server.address() as { port: number }).port;
+    const { svc, pool } = service("closed", `icap://127.0.0.1:${port}/s`);
+    try {
+      await svc.options();
+      for (let i = 0; i < 3; i++) expect((await scan(respmod(svc), Buffer.from("tiny"))).note.result).toBe("clean");
+      // OPTIONS and the first body on one connection; each later body found its idle connection dropped and took a new one.
+      expect(connections).toBe(3);
+    } finally {
+      pool.close();
+      server.close();
+    }
+  });
+
   it("a service that accepts but never answers times out (read timeout), under the fail mode", async () => {
     const { createServer } = await import("node:net");
     const held: import("node:net").Socket[] = [];
