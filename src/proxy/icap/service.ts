@@ -164,22 +164,27 @@ export class IcapService {
     let onVerdict: ((v: InspectionVerdict) => void) | undefined;
     let verdict: InspectionVerdict | undefined;
     let aborted = false;
-    void tx.result.then(
-      (outcome) => this.verdictOf(message.method, outcome),
-      (err: unknown) => this.failed(message.method, err as Error),
-    ).then((v) => {
-      verdict = v;
-      // Wake a relay waiting for room (it stops feeding once it has the verdict).
-      tx.transaction?.abort();
-      if (!aborted) onVerdict?.(v);
-    });
+    // A transaction the relay abandoned (the client left, the built-in scan blocked) is neither
+    // a verdict nor a failure of the service: it is not counted.
+    void tx.result
+      .then(
+        (outcome) => (aborted ? undefined : this.verdictOf(message.method, outcome)),
+        (err: unknown) => (aborted ? undefined : this.failed(message.method, err as Error)),
+      )
+      .then((v) => {
+        if (v === undefined) return;
+        verdict = v;
+        // Wake a relay waiting for room (it stops feeding once it has the verdict).
+        tx.transaction?.abort();
+        onVerdict?.(v);
+      });
     return {
       write: (chunk) => tx.transaction?.write(chunk) ?? true,
       onDrain: (cb) => (tx.transaction === undefined ? queueMicrotask(cb) : tx.transaction.onDrain(cb)),
       end: () => tx.transaction?.end(),
       onVerdict: (cb) => {
         onVerdict = cb;
-        if (verdict !== undefined && !aborted) queueMicrotask(() => cb(verdict!));
+        if (verdict !== undefined) queueMicrotask(() => cb(verdict!));
       },
       abort: () => {
         aborted = true;

@@ -94,6 +94,22 @@ describe("ICAP client against c-icap", () => {
     expect(v.note.result).toBe("infection");
   });
 
+  it("a transaction the relay abandons is neither a verdict nor an error, and its connection is closed", async () => {
+    const { svc, pool, c } = service();
+    await svc.options();
+    const insp = respmod(svc);
+    let called = false;
+    insp.onVerdict(() => (called = true));
+    insp.write(randomBytes(5000));
+    await new Promise((r) => setTimeout(r, 100));
+    insp.abort();
+    await new Promise((r) => setTimeout(r, 200));
+    expect(called).toBe(false);
+    expect(c.requests).toEqual([]);
+    expect(pool.size).toBe(0);
+    pool.close();
+  });
+
   it("reuses one keep-alive connection for sequential transactions", async () => {
     const { svc, pool, c } = service();
     for (let i = 0; i < 5; i++) expect((await scan(respmod(svc), randomBytes(4000))).note.result).toBe("clean");
