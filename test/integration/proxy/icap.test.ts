@@ -72,12 +72,12 @@ function icapService(failMode: "open" | "closed") {
   return { name: "clamav", url: peer.url, failMode, readTimeoutMs: 20_000 };
 }
 
-/** acme: the global policy (ICAP fail-closed). beta: no ICAP, /secret blocked, uploads not inspected. gamma: ICAP fail-open. */
+/** acme: the global policy (ICAP fail-closed). beta: no ICAP, /secret blocked, uploads not inspected. gamma: ICAP fail-open, 127.0.0.1 bypassed. */
 function tenants(betaBlocks = "*/secret*") {
   return [
     { id: "acme", users: [{ name: "ann", passwordSha256: sha("a-pw") }] },
     { id: "beta", users: [{ name: "bob", passwordSha256: sha("b-pw") }], policy: { icap: {}, blockUrls: [betaBlocks], scan: { uploads: false } } },
-    { id: "gamma", users: [{ name: "gus", passwordSha256: sha("g-pw") }], policy: { icap: { respmod: icapService("open"), reqmod: icapService("open") } } },
+    { id: "gamma", users: [{ name: "gus", passwordSha256: sha("g-pw") }], policy: { icap: { respmod: icapService("open"), reqmod: icapService("open") }, bypassHosts: ["127.0.0.1"] } },
   ];
 }
 const USERS: Record<string, string> = { acme: "ann:a-pw", beta: "bob:b-pw", gamma: "gus:g-pw" };
@@ -246,6 +246,17 @@ describe("per-tenant policy", () => {
     const eicarUpload = Buffer.concat([Buffer.from("data "), EICAR]);
     expect(statusOf((await curl("acme", "http/1.1", "/upload", eicarUpload)).stdout)).toBe(403);
     expect((await curl("beta", "http/1.1", "/upload", eicarUpload)).stdout).toContain(`received ${eicarUpload.length} bytes`);
+  });
+
+  it("a tenant's bypass rule: its tunnel to the origin is not intercepted, another tenant's is", async () => {
+    const originCa = join(tenantsDir, "origin-ca.pem");
+    await writeFile(originCa, h.pki.caPem);
+    const direct = (tenant: string) =>
+      run("curl", ["-sS", "--suppress-connect-headers", "--max-time", "20", "-x", `http://127.0.0.1:${h.port}`, "--proxy-user", USERS[tenant]!, "--cacert", originCa, "-o", "/dev/null", "-w", "%{http_code}", `https://127.0.0.1:${tlsPort}/infected`]);
+    // gamma's tunnel carries the origin's own certificate (and the body unscanned); acme's carries a minted leaf.
+    expect((await direct("gamma")).stdout).toBe("200");
+    expect(await h.log.waitFor((r) => r.tenant === "gamma" && r.method === "CONNECT" && r.host === "127.0.0.1")).toMatchObject({ decision: "bypass", rule: "bypass-host:127.0.0.1" });
+    expect((await direct("acme")).code).toBe(60);
   });
 
   it("a bad edit of the tenants file is refused, counted, and the old policy stays", async () => {
