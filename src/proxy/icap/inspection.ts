@@ -55,6 +55,17 @@ function pairs(h: HeaderSource): HeaderPairs {
   return out;
 }
 
+/** The first value of header `lower` (lowercase), from either form. */
+function headerValue(h: HeaderSource, lower: string): string | undefined {
+  if (Array.isArray(h)) {
+    const raw = h as readonly string[];
+    for (let i = 0; i + 1 < raw.length; i += 2) if (raw[i]!.toLowerCase() === lower) return raw[i + 1]!.trim();
+    return undefined;
+  }
+  const v = (h as Record<string, string | string[] | number | undefined>)[lower];
+  return v === undefined ? undefined : String(Array.isArray(v) ? v[0] : v).trim();
+}
+
 function withHost(h: HeaderPairs, authority: string): HeaderPairs {
   return h.some(([k]) => k.toLowerCase() === "host") ? h : [["Host", authority], ...h];
 }
@@ -77,7 +88,9 @@ export class Inspection {
   scan(policy: Policy, side: "request" | "response", exchange: BodyExchange, contentType: string | undefined): BodyScan {
     if (side === "request" && !policy.scan.uploads) return { settings: uninspected(policy.scan) };
     const config = side === "request" ? policy.icap.reqmod : policy.icap.respmod;
-    if (config === undefined || isStreamingContentType(contentType)) return { settings: policy.scan };
+    const headers = exchange.response?.headers ?? exchange.requestHeaders;
+    // An empty body has nothing to scan: no round trip for it.
+    if (config === undefined || isStreamingContentType(contentType) || headerValue(headers, "content-length") === "0") return { settings: policy.scan };
     const reqHdr = formatHttpRequestHead(exchange.method, exchange.path, withHost(pairs(exchange.requestHeaders), exchange.authority));
     const r = exchange.response;
     const inspector = this.service(config).inspector(

@@ -38,7 +38,7 @@ const CLEAN = Buffer.concat([Buffer.from("a clean body\n"), randomBytes(200_000)
 const INFECTED = Buffer.concat([randomBytes(150_000), MARKER, randomBytes(1000)]);
 /** Larger than the hold bound (1 MiB): released before the verdict, then cut off. */
 const BIG_INFECTED = Buffer.concat([randomBytes(3 << 20), MARKER]);
-const BODIES: Record<string, () => Buffer> = { "/clean": () => CLEAN, "/infected": () => INFECTED, "/hashed": () => peer.hashedBody, "/big-infected": () => BIG_INFECTED, "/secret": () => CLEAN };
+const BODIES: Record<string, () => Buffer> = { "/empty": () => Buffer.alloc(0), "/clean": () => CLEAN, "/infected": () => INFECTED, "/hashed": () => peer.hashedBody, "/big-infected": () => BIG_INFECTED, "/secret": () => CLEAN };
 
 function sha(s: string): string {
   return createHash("sha256").update(s).digest("hex");
@@ -173,6 +173,13 @@ describe("responses (RESPMOD) through c-icap", () => {
     expect(statusOf(r.stdout)).toBe(200);
     const rec = await record("acme", "/clean", proto);
     expect(rec).toMatchObject({ decision: "allow", status: 200, icap: "clamav", icap_result: "clean", bytes_down: CLEAN.length });
+  });
+
+  it.each(PROTOS)("%s: an empty body (Content-Length: 0) costs no ICAP transaction", async (proto) => {
+    expect(statusOf((await curl("acme", proto, "/empty")).stdout)).toBe(200);
+    const rec = await record("acme", "/empty", proto);
+    expect(rec).toMatchObject({ decision: "allow", status: 200, bytes_down: 0 });
+    expect(rec.icap).toBeUndefined();
   });
 
   it.each(PROTOS)("%s: an infected body is replaced by a 403 naming the threat, logged with the verdict", async (proto) => {
