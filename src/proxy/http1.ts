@@ -304,8 +304,11 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
           ureq?.destroy();
           res.destroy();
         } else {
-          // Close after the page: the rest of the upload is not read.
-          sendPage(res, renderBlockPage(403, rec.host, page ?? "blocked", r.rule), true);
+          // The rest of the upload is read and dropped (nothing more reaches the origin): a client
+          // still sending when the verdict comes (an ICAP service that is down answers at once)
+          // would otherwise get a reset instead of the page.
+          sendPage(res, renderBlockPage(403, rec.host, page ?? "blocked", r.rule));
+          req.resume();
         }
       } else if (r.kind === "error") {
         ureq?.destroy();
