@@ -13,6 +13,7 @@
 import { closeSync, openSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { createLogger } from "../../src/common/logger.js";
+import { createMetricsRegistry } from "../../src/common/metrics.js";
 import { AgentClient } from "../../src/proxy/agent-client.js";
 import { ProxyServer, type ProxyAgent } from "../../src/proxy/server.js";
 import { nowMs } from "../lib/loop.js";
@@ -24,6 +25,8 @@ export interface ProxyChildConfig {
   readonly agentSocket: string;
   readonly originCaPem: string;
   readonly tenant: string;
+  /** A policy file (the ICAP row's proxy sends bodies to an ICAP service). */
+  readonly policyFile?: string;
 }
 
 /** What the child answers when ready. */
@@ -73,7 +76,10 @@ async function main(): Promise<void> {
     watchKeys: (onEvent, onState) => client.watchKeys(onEvent, onState),
     close: () => client.close(),
   };
+  const metrics = createMetricsRegistry();
   const proxy = await ProxyServer.create({
+    metrics,
+    ...(cfg.policyFile !== undefined ? { policyFile: cfg.policyFile } : {}),
     host: "127.0.0.1",
     port: 0,
     agent,
@@ -129,6 +135,16 @@ async function main(): Promise<void> {
       rss: async () => ({ peakRss: await peakRss(), rss: process.memoryUsage().rss }),
       resetRss: () => resetPeakRss(),
       stats: () => ({ leaves: proxy.leaves.size, open: proxy.openConnections }),
+      // Totals of the ICAP counters (all services and results): transactions and round trips.
+      icap: () => {
+        const sum = (name: string): number =>
+          metrics
+            .render()
+            .split("\n")
+            .filter((l) => l.startsWith(`${name}{`))
+            .reduce((n, l) => n + Number(l.slice(l.lastIndexOf(" ") + 1)), 0);
+        return { requests: sum("kmi_proxy_icap_requests_total"), roundTrips: sum("kmi_proxy_icap_round_trips_total") };
+      },
     },
     async () => {
       await proxy.destroy();

@@ -44,6 +44,12 @@ export interface AccessRecord {
   proto?: string;
   /** Why it failed or was blocked, in words (verification error, agent error, …). */
   error?: string;
+  /** The ICAP service a body went to, when one did. */
+  icap?: string;
+  /** Its verdict: `clean`, `infection`, `violation`, `modified`, `ignored`, `fail-open`, `fail-closed`. */
+  icap_result?: string;
+  /** The threat or violation it named. */
+  threat?: string;
 }
 
 /** Where records go. */

@@ -40,8 +40,9 @@ export const proxyProgram = defineProgram({
     tenantsFile: {
       type: "string",
       description:
-        'tenants, JSON: {"tenants": [{"id", "cidrs": [...], "users": [{"name", "passwordHash"}]}], "defaultTenant", "requireAuth"}; ' +
-        "passwordHash from `kmi proxy hash-password` (the older passwordSha256 is accepted, with a warning)",
+        'tenants, JSON: {"tenants": [{"id", "cidrs": [...], "users": [{"name", "passwordHash"}], "policy": {...}}], "defaultTenant", "requireAuth"}; ' +
+        "passwordHash from `kmi proxy hash-password` (the older passwordSha256 is accepted, with a warning); a tenant's policy " +
+        "overrides the global one field by field and is reloaded with it",
       valueName: "file",
     },
     requireAuth: { type: "boolean", description: "refuse clients without proxy credentials (407)", default: false },
@@ -183,6 +184,7 @@ export async function resolveProxyConfig(loaded: LoadedConfig<typeof proxyProgra
     defaultTenant,
     requireAuth,
     policyFile: v.policy,
+    ...(v.tenantsFile !== undefined ? { tenantsFile: v.tenantsFile } : {}),
     accessLog: v.accessLog,
     accessLogQuery: v.accessLogQuery,
     extraCaPem: v.extraCa === undefined ? [] : await readPemFiles(v.extraCa),

@@ -9,6 +9,7 @@ import type { LeafCache } from "./leaf-cache.js";
 import type { LeafMinter } from "./leaf-minter.js";
 import type { LearnedBypass } from "./learned-bypass.js";
 import type { DestinationGuard } from "./destinations.js";
+import type { Inspection } from "./icap/inspection.js";
 import type { OriginConnector } from "./origin.js";
 import type { PolicyStore } from "./policy.js";
 import type { ClientRateLimiter } from "./rate-limit.js";
@@ -36,8 +37,8 @@ export interface ProxyLimits {
 
 /** Counters the proxy keeps (exported as Prometheus metrics by the server). */
 export interface ProxyCounters {
-  /** Requests and tunnels by decision. */
-  decision(decision: string): void;
+  /** Requests and tunnels by decision and tenant ("" when none was resolved). */
+  decision(decision: string, tenant: string): void;
   /** Leaf obtained: cache, issued, joined. */
   leaf(source: string): void;
   /** A CONNECT-level outcome (intercept, bypass, block, error). */
@@ -49,6 +50,8 @@ export interface ProxyContext {
   readonly logger: Logger;
   readonly accessLog: AccessLog;
   readonly policy: PolicyStore;
+  /** Where bodies go to be scanned besides the built-in check (ICAP services). */
+  readonly inspection: Inspection;
   readonly tenants: TenantResolver;
   readonly leaves: LeafCache;
   readonly minter: LeafMinter;

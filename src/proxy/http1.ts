@@ -14,6 +14,7 @@ import type { ClientInfo, ProxyContext } from "./context.js";
 import { isDestinationDenied } from "./destinations.js";
 import { describeError } from "./origin.js";
 import { normalizeHost, ruleId, type Policy } from "./policy.js";
+import { recordScan } from "./scan-outcome.js";
 import { splice } from "./splice.js";
 
 /** Where a client connection's requests go. */
@@ -181,7 +182,7 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
     if (!res.writableFinished) ureq?.destroy();
     rec.status = res.headersSent ? res.statusCode : 0;
     rec.duration_ms = Math.round((performance.now() - start) * 10) / 10;
-    ctx.counters.decision(rec.decision);
+    ctx.counters.decision(rec.decision, rec.tenant);
     ctx.accessLog.write(rec);
   });
   if ("error" in target) {
@@ -192,7 +193,7 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
     req.resume();
     return;
   }
-  const policy = ctx.policy.current;
+  const policy = ctx.policy.forTenant(client.tenant);
   const rule = requestBlockRule(policy, up.scheme, target.authority, target.path, up.tunnel?.requestedHost);
   if (rule !== undefined) {
     rec.decision = "block";
@@ -241,10 +242,13 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
       return;
     }
     // From the raw list: `ures.headers` would build the whole header object for one lookup.
-    const hold = !isStreamingContentType(rawHeader(ures.rawHeaders, "content-type"));
+    const contentType = rawHeader(ures.rawHeaders, "content-type");
+    const hold = !isStreamingContentType(contentType);
+    const exchange = { method, path: target.path, authority: target.authority, requestHeaders: headers };
+    const scan = ctx.inspection.scan(policy, "response", { ...exchange, response: { status, reason: ures.statusMessage ?? "", headers: rheaders } }, contentType);
     relayBody(
       ures,
-      policy.scan,
+      scan.settings,
       hold,
       {
         open: () => res.writeHead(status, ures.statusMessage, rheaders),
@@ -254,20 +258,17 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
       },
       (r: RelayResult) => {
         rec.bytes_down = r.bytes;
+        const page = recordScan(rec, r, "response");
         if (r.kind === "blocked") {
-          rec.decision = "block";
-          rec.rule = "eicar";
-          rec.error = "response body carries the eicar test file";
           ures.destroy();
           if (r.released) res.destroy();
-          else sendPage(res, renderBlockPage(403, rec.host, "the response carries malware (eicar test file)", "eicar"));
+          else sendPage(res, renderBlockPage(403, rec.host, page ?? "blocked", r.rule));
         } else if (r.kind === "error") {
           res.destroy();
-        } else if (r.partial) {
-          rec.rule = "scan-limit";
         }
       },
       rawHeader(ures.rawHeaders, "content-encoding"),
+      scan.inspector,
     );
   };
 
@@ -284,9 +285,10 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
     req.resume();
     return;
   }
+  const upload = ctx.inspection.scan(policy, "request", { method, path: target.path, authority: target.authority, requestHeaders: headers }, req.headers["content-type"]);
   relayBody(
     req,
-    policy.scan,
+    upload.settings,
     !isStreamingContentType(req.headers["content-type"]),
     {
       open: () => void openUpstream(),
@@ -296,16 +298,17 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
     },
     (r: RelayResult) => {
       rec.bytes_up = r.bytes;
+      const page = recordScan(rec, r, "request");
       if (r.kind === "blocked") {
-        rec.decision = "block";
-        rec.rule = "eicar";
-        rec.error = "request body carries the eicar test file";
         if (r.released) {
           ureq?.destroy();
           res.destroy();
         } else {
-          // Close after the page: the rest of the upload is not read.
-          sendPage(res, renderBlockPage(403, rec.host, "the upload carries malware (eicar test file)", "eicar"), true);
+          // The rest of the upload is read and dropped (nothing more reaches the origin): a client
+          // still sending when the verdict comes (an ICAP service that is down answers at once)
+          // would otherwise get a reset instead of the page.
+          sendPage(res, renderBlockPage(403, rec.host, page ?? "blocked", r.rule));
+          req.resume();
         }
       } else if (r.kind === "error") {
         ureq?.destroy();
@@ -313,6 +316,7 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
       }
     },
     req.headers["content-encoding"],
+    upload.inspector,
   );
 }
 
@@ -368,7 +372,7 @@ export function handleHttp1Upgrade(
   };
   const log = (): void => {
     rec.duration_ms = Math.round((performance.now() - start) * 10) / 10;
-    ctx.counters.decision(rec.decision);
+    ctx.counters.decision(rec.decision, rec.tenant);
     ctx.accessLog.write(rec);
   };
   socket.on("error", () => {});
@@ -384,7 +388,7 @@ export function handleHttp1Upgrade(
   if ((req.headers.upgrade ?? "").toLowerCase() !== "websocket") {
     return refuse(renderBlockPage(400, rec.host, "only websocket upgrades pass the proxy", "upgrade"), "block", "upgrade");
   }
-  const rule = requestBlockRule(ctx.policy.current, up.scheme, target.authority, target.path, up.tunnel?.requestedHost);
+  const rule = requestBlockRule(ctx.policy.forTenant(client.tenant), up.scheme, target.authority, target.path, up.tunnel?.requestedHost);
   if (rule !== undefined) return refuse(renderBlockPage(403, rec.host, "the request matches a block rule", rule), "block", rule);
   const denied = up.tunnel === undefined ? destinationRefusal(ctx, target.host) : undefined;
   if (denied !== undefined) return refuse(renderBlockPage(403, rec.host, denied, "private-destination"), "block", "private-destination", denied);

@@ -21,6 +21,7 @@ import type { ClientInfo, ProxyContext } from "./context.js";
 import { requestBlockRule } from "./http1.js";
 import { describeError } from "./origin.js";
 import { normalizeHost } from "./policy.js";
+import { recordScan } from "./scan-outcome.js";
 
 /** Stream and session flow-control window: 64 KiB (the default) throttles large bodies badly. */
 export const H2_WINDOW = 1 << 20;
@@ -146,7 +147,7 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
     if (ostream !== undefined && !ostream.closed) ostream.close(constants.NGHTTP2_CANCEL);
     rec.status = stream.headersSent ? Number(stream.sentHeaders[":status"] ?? 0) : 0;
     rec.duration_ms = Math.round((performance.now() - start) * 10) / 10;
-    ctx.counters.decision(rec.decision);
+    ctx.counters.decision(rec.decision, rec.tenant);
     ctx.accessLog.write(rec);
   });
   if (method === "CONNECT") {
@@ -155,7 +156,7 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
     respondPage(stream, renderBlockPage(400, rec.host, "CONNECT inside an intercepted HTTP/2 connection is not supported", undefined));
     return;
   }
-  const policy = ctx.policy.current;
+  const policy = ctx.policy.forTenant(client.tenant);
   const rule = requestBlockRule(policy, "https", authority, path, up.requestedHost);
   if (rule !== undefined) {
     rec.decision = "block";
@@ -192,10 +193,12 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
       o.on("trailers", (t: IncomingHttpHeaders) => (trailers = forwardHeaders(t, false)));
       stream.on("wantTrailers", () => stream.sendTrailers(trailers ?? {}));
     }
+    const ct = contentType === undefined ? undefined : String(contentType);
+    const scan = ctx.inspection.scan(policy, "response", { method, path, authority, requestHeaders: outHeaders, response: { status, headers: out } }, ct);
     relayBody(
       o,
-      policy.scan,
-      !isStreamingContentType(contentType === undefined ? undefined : String(contentType)),
+      scan.settings,
+      !isStreamingContentType(ct),
       {
         open: () => stream.respond(out, { waitForTrailers: mayHaveTrailers }),
         write: (c) => stream.write(c),
@@ -204,19 +207,16 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
       },
       (r: RelayResult) => {
         rec.bytes_down = r.bytes;
+        const page = recordScan(rec, r, "response");
         if (r.kind === "blocked") {
-          rec.decision = "block";
-          rec.rule = "eicar";
-          rec.error = "response body carries the eicar test file";
           o.close(constants.NGHTTP2_CANCEL);
-          respondPage(stream, renderBlockPage(403, rec.host, "the response carries malware (eicar test file)", "eicar"));
+          respondPage(stream, renderBlockPage(403, rec.host, page ?? "blocked", r.rule));
         } else if (r.kind === "error") {
           if (!stream.closed) stream.close(o.rstCode || constants.NGHTTP2_INTERNAL_ERROR);
-        } else if (r.partial) {
-          rec.rule = "scan-limit";
         }
       },
       rh["content-encoding"] === undefined ? undefined : String(rh["content-encoding"]),
+      scan.inspector,
     );
   };
 
@@ -255,10 +255,12 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
   const pending: Buffer[] = [];
   let pendingEnd = false;
   let drainCb: (() => void) | undefined;
+  const requestType = headers["content-type"] === undefined ? undefined : String(headers["content-type"]);
+  const upload = ctx.inspection.scan(policy, "request", { method, path, authority, requestHeaders: outHeaders }, requestType);
   relayBody(
     stream,
-    policy.scan,
-    !isStreamingContentType(headers["content-type"] === undefined ? undefined : String(headers["content-type"])),
+    upload.settings,
+    !isStreamingContentType(requestType),
     {
       open: () => {
         void openOrigin(false).then((o) => {
@@ -295,16 +297,15 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
     },
     (r: RelayResult) => {
       rec.bytes_up = r.bytes;
+      const page = recordScan(rec, r, "request");
       if (r.kind === "blocked") {
-        rec.decision = "block";
-        rec.rule = "eicar";
-        rec.error = "request body carries the eicar test file";
         ostream?.close(constants.NGHTTP2_CANCEL);
-        respondPage(stream, renderBlockPage(403, rec.host, "the upload carries malware (eicar test file)", "eicar"));
+        respondPage(stream, renderBlockPage(403, rec.host, page ?? "blocked", r.rule));
       } else if (r.kind === "error") {
         ostream?.close(constants.NGHTTP2_CANCEL);
       }
     },
     headers["content-encoding"] === undefined ? undefined : String(headers["content-encoding"]),
+    upload.inspector,
   );
 }

@@ -277,7 +277,7 @@ export class Interceptor {
       if (rule !== undefined) rec.rule = rule;
       if (error !== undefined) rec.error = error;
       rec.duration_ms = Math.round((performance.now() - start) * 10) / 10;
-      ctx.counters.decision(decision);
+      ctx.counters.decision(decision, rec.tenant);
       ctx.accessLog.write(rec);
     };
     const answer = (page: BlockPage, decision: Decision, rule: string | undefined, extra: Record<string, string> = {}): void => {
@@ -308,7 +308,7 @@ export class Interceptor {
     }
     rec.tenant = match.tenant;
     const client: ClientInfo = { tenant: match.tenant, client: clientId, address };
-    const policy = ctx.policy.current;
+    const policy = ctx.policy.forTenant(match.tenant);
     const blocked = policy.blockedHost(target.host);
     if (blocked !== undefined) {
       return answer(renderBlockPage(403, target.host, "the host matches a block rule", ruleId(blocked)), "block", ruleId(blocked));
@@ -497,7 +497,7 @@ export class Interceptor {
 
   /** Counts a client's refusal of the minted leaf (pinned-app detection, when the policy turns it on). */
   private rejected(client: ClientInfo, host: string): void {
-    if (this.ctx.learned.recordRejection(client.tenant, host, this.ctx.policy.current.autoBypass)) {
+    if (this.ctx.learned.recordRejection(client.tenant, host, this.ctx.policy.forTenant(client.tenant).autoBypass)) {
       this.ctx.logger.info("auto-bypass on: clients keep rejecting the minted certificate", { tenant: client.tenant, host });
     }
   }

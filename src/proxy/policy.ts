@@ -8,7 +8,9 @@
  *   "blockHosts":  ["evil.example", "*.ads.example", {"name": "gambling", "pattern": "*.casino.example"}],
  *   "blockUrls":   ["*://*.example/admin*", "https://files.example/*.exe"],
  *   "bypassHosts": ["*.bank.example"],
- *   "scan":        {"eicar": true, "maxBodyBytes": 1048576, "holdMs": 2000},
+ *   "scan":        {"eicar": true, "maxBodyBytes": 1048576, "holdMs": 2000, "uploads": true},
+ *   "icap":        {"respmod": {"name": "clamav", "url": "icap://127.0.0.1:1344/virus_scan", "failMode": "closed"},
+ *                   "reqmod":  {"name": "clamav", "url": "icap://127.0.0.1:1344/virus_scan", "failMode": "closed"}},
  *   "autoBypass":  {"enabled": false, "threshold": 3, "windowSeconds": 300, "ttlSeconds": 3600},
  *   "nonTls":      "tunnel",
  *   "uninspectableAlpn": "block",
@@ -20,12 +22,18 @@
  * it at any depth (not `example` itself). URL patterns are globs (`*` = any run of
  * characters) matched against `scheme://host[:port]/path?query` (default port omitted, host
  * lowercase); a pattern without `://` matches `host[:port]/path?query` under either scheme.
+ *
+ * Per tenant: a tenant in the tenants file may carry a `policy` of the same shape. Each
+ * top-level field it sets replaces the global policy's; the fields it leaves out are
+ * inherited. A tenant without one has the global policy.
  */
 import { readFile } from "node:fs/promises";
 import { watch, type FSWatcher } from "node:fs";
 import { basename, dirname, resolve } from "node:path";
 import { InvalidArgument } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
+import type { IcapServiceConfig } from "./icap/service.js";
+import { parseIcapUrl } from "./icap/wire.js";
 
 /** A rule that matched, as it appears on block pages and in the access log. */
 export interface PolicyRule {
@@ -54,6 +62,16 @@ export interface ScanSettings {
    * of answering with a block page). Default 2000 ms.
    */
   readonly holdMs: number;
+  /** Inspect uploads (request bodies) too, with the built-in scan and the REQMOD service; default true. */
+  readonly uploads: boolean;
+}
+
+/** The ICAP services bodies are sent to (none by default: the built-in EICAR scan needs nothing). */
+export interface IcapSettings {
+  /** The service responses go to (RESPMOD). */
+  readonly respmod?: IcapServiceConfig;
+  /** The service uploads go to (REQMOD), when uploads are inspected. */
+  readonly reqmod?: IcapServiceConfig;
 }
 
 /** Automatic bypass of hosts whose clients keep rejecting the minted certificate (pinned apps). */
@@ -78,6 +96,8 @@ export interface Policy {
   blockedUrl(url: string): PolicyRule | undefined;
   /** Body scanning. */
   readonly scan: ScanSettings;
+  /** ICAP services. */
+  readonly icap: IcapSettings;
   /** Pinned-app auto-bypass. */
   readonly autoBypass: AutoBypassSettings;
   /** What a CONNECT that does not carry TLS gets: a plain tunnel (default) or a close. */
@@ -93,7 +113,8 @@ export interface Policy {
   readonly clientCertOrigins: "bypass" | "block";
 }
 
-const DEFAULT_SCAN: ScanSettings = { eicar: true, maxBodyBytes: 1024 * 1024, holdMs: 2000 };
+const DEFAULT_SCAN: ScanSettings = { eicar: true, maxBodyBytes: 1024 * 1024, holdMs: 2000, uploads: true };
+const ICAP_SERVICE_KEYS = ["name", "url", "failMode", "connectTimeoutMs", "readTimeoutMs", "maxConnections"] as const;
 const DEFAULT_AUTO_BYPASS: AutoBypassSettings = { enabled: false, threshold: 3, windowSeconds: 300, ttlSeconds: 3600 };
 
 /** Normalizes a host for matching: lowercase, no trailing dot, no brackets. */
@@ -145,6 +166,7 @@ class CompiledPolicy implements Policy {
     private readonly bypassHosts: HostMatcher,
     private readonly urls: { rule: PolicyRule; re: RegExp; schemeless: boolean }[],
     readonly scan: ScanSettings,
+    readonly icap: IcapSettings,
     readonly autoBypass: AutoBypassSettings,
     readonly nonTls: "tunnel" | "block",
     readonly uninspectableAlpn: "tunnel" | "block",
@@ -237,7 +259,32 @@ function obj(value: unknown, field: string, keys: readonly string[]): Record<str
   return value as Record<string, unknown>;
 }
 
-const TOP_KEYS = ["blockHosts", "blockUrls", "bypassHosts", "scan", "autoBypass", "nonTls", "uninspectableAlpn", "clientCertOrigins", "$comment"] as const;
+const TOP_KEYS = ["blockHosts", "blockUrls", "bypassHosts", "scan", "icap", "autoBypass", "nonTls", "uninspectableAlpn", "clientCertOrigins", "$comment"] as const;
+
+function icapService(value: unknown, field: string): IcapServiceConfig | undefined {
+  if (value === undefined) return undefined;
+  const o = obj(value, field, ICAP_SERVICE_KEYS);
+  const url = parseIcapUrl(o["url"], `${field}.url`);
+  const name = o["name"] ?? `${url.host}:${url.port}`;
+  if (typeof name !== "string" || !/^[A-Za-z0-9._:-]{1,64}$/.test(name)) fail(`${field}.name`, "must be 1 to 64 letters, digits, '.', ':', '_' or '-'");
+  const failMode = o["failMode"] ?? "closed";
+  if (failMode !== "open" && failMode !== "closed") fail(`${field}.failMode`, 'must be "open" (pass bodies unscanned when the service is down) or "closed" (block them)');
+  return {
+    name,
+    url,
+    failMode,
+    connectTimeoutMs: num(o, "connectTimeoutMs", field, 1, 60_000, 2_000),
+    readTimeoutMs: num(o, "readTimeoutMs", field, 1, 600_000, 30_000),
+    maxConnections: num(o, "maxConnections", field, 1, 1024, 32),
+  };
+}
+
+function icapSettings(value: unknown): IcapSettings {
+  const o = obj(value, "policy.icap", ["respmod", "reqmod"]);
+  const respmod = icapService(o["respmod"], "policy.icap.respmod");
+  const reqmod = icapService(o["reqmod"], "policy.icap.reqmod");
+  return { ...(respmod !== undefined ? { respmod } : {}), ...(reqmod !== undefined ? { reqmod } : {}) };
+}
 
 /** Validates a parsed policy document; throws InvalidArgument naming the first bad field. */
 export function parsePolicy(doc: unknown): Policy {
@@ -251,13 +298,16 @@ export function parsePolicy(doc: unknown): Policy {
     re: globToRegExp(pattern),
     schemeless: !pattern.includes("://"),
   }));
-  const scanObj = obj(top["scan"], "policy.scan", ["eicar", "maxBodyBytes", "holdMs"]);
+  const scanObj = obj(top["scan"], "policy.scan", ["eicar", "maxBodyBytes", "holdMs", "uploads"]);
   if (scanObj["eicar"] !== undefined && typeof scanObj["eicar"] !== "boolean") fail("policy.scan.eicar", "must be true or false");
+  if (scanObj["uploads"] !== undefined && typeof scanObj["uploads"] !== "boolean") fail("policy.scan.uploads", "must be true or false");
   const scan: ScanSettings = {
     eicar: (scanObj["eicar"] as boolean | undefined) ?? DEFAULT_SCAN.eicar,
     maxBodyBytes: num(scanObj, "maxBodyBytes", "policy.scan", 0, 256 * 1024 * 1024, DEFAULT_SCAN.maxBodyBytes),
     holdMs: num(scanObj, "holdMs", "policy.scan", 0, 600_000, DEFAULT_SCAN.holdMs),
+    uploads: (scanObj["uploads"] as boolean | undefined) ?? DEFAULT_SCAN.uploads,
   };
+  const icap = icapSettings(top["icap"]);
   const abObj = obj(top["autoBypass"], "policy.autoBypass", ["enabled", "threshold", "windowSeconds", "ttlSeconds"]);
   if (abObj["enabled"] !== undefined && typeof abObj["enabled"] !== "boolean") fail("policy.autoBypass.enabled", "must be true or false");
   const autoBypass: AutoBypassSettings = {
@@ -272,23 +322,27 @@ export function parsePolicy(doc: unknown): Policy {
   if (uninspectableAlpn !== "tunnel" && uninspectableAlpn !== "block") fail("policy.uninspectableAlpn", 'must be "tunnel" or "block"');
   const clientCertOrigins = top["clientCertOrigins"] ?? "bypass";
   if (clientCertOrigins !== "bypass" && clientCertOrigins !== "block") fail("policy.clientCertOrigins", 'must be "bypass" or "block"');
-  return new CompiledPolicy(blockHosts, bypassHosts, urls, scan, autoBypass, nonTls, uninspectableAlpn, clientCertOrigins);
+  return new CompiledPolicy(blockHosts, bypassHosts, urls, scan, icap, autoBypass, nonTls, uninspectableAlpn, clientCertOrigins);
 }
 
-/** Reads and validates a policy file; errors name the file and the field. */
-export async function loadPolicyFile(path: string): Promise<Policy> {
+/** Reads a JSON file; errors name the file and say what to check. */
+async function readJson(path: string, what: string, flag: string): Promise<unknown> {
   let text: string;
   try {
     text = await readFile(path, "utf8");
   } catch (err) {
-    throw new InvalidArgument(`policy file ${path}: cannot read it (${(err as NodeJS.ErrnoException).code ?? String(err)}); check --policy`);
+    throw new InvalidArgument(`${what} ${path}: cannot read it (${(err as NodeJS.ErrnoException).code ?? String(err)}); check ${flag}`);
   }
-  let doc: unknown;
   try {
-    doc = JSON.parse(text);
+    return JSON.parse(text);
   } catch (err) {
-    throw new InvalidArgument(`policy file ${path}: not valid JSON (${(err as Error).message})`);
+    throw new InvalidArgument(`${what} ${path}: not valid JSON (${(err as Error).message})`);
   }
+}
+
+/** Reads and validates a policy file; errors name the file and the field. */
+export async function loadPolicyFile(path: string): Promise<Policy> {
+  const doc = await readJson(path, "policy file", "--policy");
   try {
     return parsePolicy(doc);
   } catch (err) {
@@ -296,39 +350,112 @@ export async function loadPolicyFile(path: string): Promise<Policy> {
   }
 }
 
+/** A tenant's own policy document, as the tenants file carries it. */
+export interface TenantPolicyEntry {
+  readonly id: string;
+  readonly policy?: unknown;
+}
+
+/** The policies in force: the global one and each tenant's own. */
+export interface PolicySet {
+  readonly global: Policy;
+  readonly byTenant: ReadonlyMap<string, Policy>;
+}
+
 /**
- * Holds the policy in force and reloads it from its file: on {@link PolicyStore.reload}
- * (the server calls it on SIGHUP) and when the file changes. A file that does not load
- * leaves the previous policy in force and is logged.
+ * Compiles the global policy document and each tenant's: a tenant's top-level fields replace
+ * the global ones. Throws InvalidArgument naming the tenant and the field.
+ */
+export function compilePolicies(globalDoc: unknown, tenants: readonly TenantPolicyEntry[]): PolicySet {
+  const global = parsePolicy(globalDoc);
+  const base = obj(globalDoc, "policy", TOP_KEYS);
+  const byTenant = new Map<string, Policy>();
+  for (const t of tenants) {
+    if (t.policy === undefined) continue;
+    try {
+      byTenant.set(t.id, parsePolicy({ ...base, ...obj(t.policy, "policy", TOP_KEYS) }));
+    } catch (err) {
+      throw new InvalidArgument(`tenant "${t.id}": ${(err as Error).message}`);
+    }
+  }
+  return { global, byTenant };
+}
+
+/** Reads the tenants file's per-tenant policies (its users and ranges are the resolver's). */
+async function readTenantPolicies(path: string): Promise<TenantPolicyEntry[]> {
+  const doc = await readJson(path, "tenants file", "--tenants-file");
+  const tenants = (doc as { tenants?: unknown } | null)?.tenants;
+  if (tenants === undefined) return [];
+  if (!Array.isArray(tenants)) throw new InvalidArgument(`tenants file ${path}: "tenants" must be a list`);
+  return tenants.map((t: unknown, i) => {
+    const e = t as { id?: unknown; policy?: unknown } | null;
+    if (e === null || typeof e !== "object" || typeof e.id !== "string") throw new InvalidArgument(`tenants file ${path}: tenants[${i}].id: must be a string`);
+    return { id: e.id, policy: e.policy };
+  });
+}
+
+/** Options of {@link PolicyStore.create}. */
+export interface PolicyStoreOptions {
+  /** The tenants as configured at start (their `policy` fields). */
+  readonly tenants?: readonly TenantPolicyEntry[];
+  /** The tenants file, reread (for its policies) on every reload. */
+  readonly tenantsFile?: string;
+  /** Called when a reload is refused (a metric counts it). */
+  readonly onReloadFailed?: (error: string) => void;
+}
+
+/**
+ * Holds the policies in force (the global one and each tenant's) and reloads them from
+ * their files: on {@link PolicyStore.reload} (the server calls it on SIGHUP) and when a file
+ * changes. A reload that does not load leaves every previous policy in force, is logged as
+ * an error and counted; requests and connections in flight keep the policy they started with.
  */
 export class PolicyStore {
-  private policy: Policy;
-  private watcher: FSWatcher | undefined;
+  private set: PolicySet;
+  private readonly watchers: FSWatcher[] = [];
   private debounce: NodeJS.Timeout | undefined;
   private generation = 0;
 
   private constructor(
     private readonly path: string | undefined,
-    initial: Policy,
+    initial: PolicySet,
     private readonly logger: Logger,
+    private readonly options: PolicyStoreOptions,
   ) {
-    this.policy = initial;
+    this.set = initial;
   }
 
-  /** Loads the file (if any; otherwise the default policy). A bad file at startup is an error. */
-  static async create(path: string | undefined, logger: Logger): Promise<PolicyStore> {
-    const p = path === undefined ? defaultPolicy() : await loadPolicyFile(path);
-    return new PolicyStore(path === undefined ? undefined : resolve(path), p, logger);
+  /** Loads the file (if any; otherwise the default policy) and the tenants' policies. A bad one at startup is an error. */
+  static async create(path: string | undefined, logger: Logger, options: PolicyStoreOptions = {}): Promise<PolicyStore> {
+    const doc = path === undefined ? {} : await readJson(path, "policy file", "--policy");
+    const set = PolicyStore.compile(path, doc, options.tenants ?? [], options.tenantsFile);
+    const tenantsFile = options.tenantsFile === undefined ? undefined : resolve(options.tenantsFile);
+    return new PolicyStore(path === undefined ? undefined : resolve(path), set, logger, { ...options, tenantsFile });
   }
 
   /** A store with a fixed policy (tests). */
   static fixed(policy: Policy, logger: Logger): PolicyStore {
-    return new PolicyStore(undefined, policy, logger);
+    return new PolicyStore(undefined, { global: policy, byTenant: new Map() }, logger, {});
   }
 
-  /** The policy in force. */
+  private static compile(path: string | undefined, doc: unknown, tenants: readonly TenantPolicyEntry[], tenantsFile: string | undefined): PolicySet {
+    try {
+      return compilePolicies(doc, tenants);
+    } catch (err) {
+      const msg = (err as Error).message;
+      if (msg.startsWith("tenant ")) throw new InvalidArgument(tenantsFile === undefined ? msg : `tenants file ${tenantsFile}: ${msg}`);
+      throw new InvalidArgument(path === undefined ? msg : `policy file ${path}: ${msg}`);
+    }
+  }
+
+  /** The global policy in force. */
   get current(): Policy {
-    return this.policy;
+    return this.set.global;
+  }
+
+  /** The policy in force for a tenant: its own, or the global one. */
+  forTenant(tenant: string): Policy {
+    return this.set.byTenant.get(tenant) ?? this.set.global;
   }
 
   /** Times the policy was replaced since start. */
@@ -336,44 +463,52 @@ export class PolicyStore {
     return this.generation;
   }
 
-  /** Rereads the file; returns true when the new policy is in force. */
+  /** Rereads the files; returns true when the new policies are in force. */
   async reload(): Promise<boolean> {
-    if (this.path === undefined) return false;
+    const tenantsFile = this.options.tenantsFile;
+    if (this.path === undefined && tenantsFile === undefined) return false;
     try {
-      this.policy = await loadPolicyFile(this.path);
+      const doc = this.path === undefined ? {} : await readJson(this.path, "policy file", "--policy");
+      const tenants = tenantsFile === undefined ? (this.options.tenants ?? []) : await readTenantPolicies(tenantsFile);
+      this.set = PolicyStore.compile(this.path, doc, tenants, tenantsFile);
       this.generation++;
-      this.logger.info("policy reloaded", { path: this.path, generation: this.generation });
+      this.logger.info("policy reloaded", { path: this.path, tenantsFile, generation: this.generation, tenantPolicies: this.set.byTenant.size });
       return true;
     } catch (err) {
-      this.logger.error("policy reload failed; the previous policy stays in force", { path: this.path, error: (err as Error).message });
+      const error = (err as Error).message;
+      this.logger.error("policy reload failed; the previous policy stays in force", { path: this.path, tenantsFile, error });
+      this.options.onReloadFailed?.(error);
       return false;
     }
   }
 
   /**
-   * Watches the file's directory (editors and config managers replace files by rename, which
-   * a watch on the file itself would miss) and reloads shortly after a change.
+   * Watches the files' directories (editors and config managers replace files by rename,
+   * which a watch on the file itself would miss) and reloads shortly after a change.
    */
   watch(): void {
-    if (this.path === undefined || this.watcher !== undefined) return;
-    const name = basename(this.path);
-    try {
-      this.watcher = watch(dirname(this.path), { persistent: false }, (_event, file) => {
-        if (file !== null && file !== name) return;
-        clearTimeout(this.debounce);
-        this.debounce = setTimeout(() => void this.reload(), 100);
-        this.debounce.unref();
-      });
-      this.watcher.on("error", (err) => this.logger.warn("policy file watch failed; reload with SIGHUP", { error: err.message }));
-    } catch (err) {
-      this.logger.warn("cannot watch the policy file; reload with SIGHUP", { path: this.path, error: (err as Error).message });
+    if (this.watchers.length > 0) return;
+    const files = [this.path, this.options.tenantsFile].filter((f): f is string => f !== undefined);
+    for (const file of files) {
+      const name = basename(file);
+      try {
+        const w = watch(dirname(file), { persistent: false }, (_event, changed) => {
+          if (changed !== null && changed !== name) return;
+          clearTimeout(this.debounce);
+          this.debounce = setTimeout(() => void this.reload(), 100);
+          this.debounce.unref();
+        });
+        w.on("error", (err) => this.logger.warn("policy file watch failed; reload with SIGHUP", { path: file, error: err.message }));
+        this.watchers.push(w);
+      } catch (err) {
+        this.logger.warn("cannot watch the policy file; reload with SIGHUP", { path: file, error: (err as Error).message });
+      }
     }
   }
 
   /** Stops watching. */
   close(): void {
     clearTimeout(this.debounce);
-    this.watcher?.close();
-    this.watcher = undefined;
+    for (const w of this.watchers.splice(0)) w.close();
   }
 }

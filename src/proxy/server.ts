@@ -17,6 +17,8 @@ import { AgentClient, type KeyWatch, type LeafIssuer } from "./agent-client.js";
 import { BlockedCa } from "./blocked-ca.js";
 import { rawHttpResponse, renderBlockPage } from "./block-page.js";
 import type { ClientInfo, ProxyContext, ProxyCounters, ProxyLimits } from "./context.js";
+import { Inspection } from "./icap/inspection.js";
+import type { IcapCounters } from "./icap/service.js";
 import { answerClientError, handleHttp1Request, handleHttp1Upgrade, type Http1Upstream } from "./http1.js";
 import { Interceptor } from "./interceptor.js";
 import { LeafCache } from "./leaf-cache.js";
@@ -58,8 +60,10 @@ export interface ProxyServerOptions {
   readonly agentSocket?: string;
   /** An agent client (tests, or a shared one); the server closes it on destroy. */
   readonly agent?: ProxyAgent;
-  /** Tenants by address range and credentials. */
+  /** Tenants by address range and credentials, with their own policies. */
   readonly tenants?: readonly TenantConfig[];
+  /** The tenants file: reread for the tenants' policies on every policy reload. */
+  readonly tenantsFile?: string;
   /** Tenant of clients no rule matches. */
   readonly defaultTenant?: string;
   /** Refuse clients without proxy credentials (407). */
@@ -109,13 +113,23 @@ export interface ProxyAddress {
 
 function createCounters(registry: MetricsRegistry | undefined): ProxyCounters {
   if (registry === undefined) return { decision() {}, leaf() {}, connect() {} };
-  const decisions = registry.counter("kmi_proxy_decisions_total", "Requests and tunnels by decision.", ["decision"]);
+  const decisions = registry.counter("kmi_proxy_decisions_total", "Requests and tunnels by decision and tenant.", ["decision", "tenant"]);
   const leaves = registry.counter("kmi_proxy_leaves_total", "Leaves served by source (cache, issued, joined).", ["source"]);
   const connects = registry.counter("kmi_proxy_connects_total", "CONNECT outcomes.", ["outcome"]);
   return {
-    decision: (d) => decisions.labels(d).inc(),
+    decision: (d, tenant) => decisions.labels(d, tenant).inc(),
     leaf: (s) => leaves.labels(s).inc(),
     connect: (o) => connects.labels(o).inc(),
+  };
+}
+
+function createIcapCounters(registry: MetricsRegistry | undefined): IcapCounters {
+  if (registry === undefined) return { request() {}, roundTrips() {} };
+  const requests = registry.counter("kmi_proxy_icap_requests_total", "ICAP transactions by service, method and result (clean, infection, violation, modified, ignored, error).", ["service", "method", "result"]);
+  const trips = registry.counter("kmi_proxy_icap_round_trips_total", "ICAP request/answer exchanges (OPTIONS, preview, final) by service.", ["service"]);
+  return {
+    request: (service, method, result) => requests.labels(service, method, result).inc(),
+    roundTrips: (service, n) => trips.labels(service).inc(n),
   };
 }
 
@@ -169,7 +183,12 @@ export class ProxyServer {
     const logger = options.logger;
     const metrics = options.metrics ?? (options.metricsListen !== undefined ? createMetricsRegistry() : undefined);
     const tenants = createTenantResolver(options.tenants ?? [], options.defaultTenant, options.requireAuth ?? false, { logger });
-    const policy = await PolicyStore.create(options.policyFile, logger);
+    const reloadFailures = metrics?.counter("kmi_proxy_policy_reload_failures_total", "Policy reloads refused (the previous policy stayed in force).", []);
+    const policy = await PolicyStore.create(options.policyFile, logger, {
+      tenants: options.tenants ?? [],
+      ...(options.tenantsFile !== undefined ? { tenantsFile: options.tenantsFile } : {}),
+      onReloadFailed: () => reloadFailures?.labels().inc(),
+    });
     const agent = options.agent ?? (options.agentSocket !== undefined ? new AgentClient({ socketPath: options.agentSocket, logger }) : undefined);
     if (agent === undefined) throw new Error("agent socket: not set; give --agent-socket with the key agent's Unix socket path");
     const accessLog = typeof options.accessLog === "object" ? options.accessLog : createAccessLog(options.accessLog ?? "-", logger, { query: options.accessLogQuery ?? false });
@@ -181,6 +200,7 @@ export class ProxyServer {
       logger,
       accessLog,
       policy,
+      inspection: new Inspection(createIcapCounters(metrics), logger),
       tenants,
       leaves,
       minter: createLeafMinter({ agent, maxLifetimeMs: options.leafMaxLifetimeMs ?? MAX_LEAF_LIFETIME_MS }),
@@ -199,6 +219,7 @@ export class ProxyServer {
       counters: createCounters(metrics),
     };
     metrics?.gauge("kmi_proxy_leaf_cache_entries", "Leaves in the cache.", [], (g) => g.set(leaves.size));
+    metrics?.gauge("kmi_proxy_icap_connections", "Connections open to ICAP services (idle and busy).", [], (g) => g.set(ctx.inspection.openConnections));
     return new ProxyServer(options, ctx, agent, policy, leaves, blockedCa, metrics);
   }
 
@@ -365,6 +386,7 @@ export class ProxyServer {
       for (const s of this.sockets) s.destroy();
     }
     this.plainAgent.destroy();
+    this.context.inspection.close();
     await this.metricsServer?.close();
     this.metricsServer = undefined;
     this.agent.close();

@@ -35,6 +35,8 @@ export interface TenantConfig {
   readonly cidrs?: readonly string[];
   /** Proxy users of this tenant. */
   readonly users?: readonly TenantUserConfig[];
+  /** The tenant's own inspection policy (see ./policy.ts); without one, the global policy applies. */
+  readonly policy?: unknown;
 }
 
 /** How a client was matched to its tenant. */

@@ -1,7 +1,7 @@
 import { PassThrough } from "node:stream";
 import { brotliCompressSync, deflateSync, gzipSync } from "node:zlib";
 import { describe, expect, it } from "vitest";
-import { isStreamingContentType, relayBody, type RelayResult, type RelaySink } from "../../../src/proxy/body-relay.js";
+import { isStreamingContentType, relayBody, type BodyInspector, type InspectionVerdict, type RelayResult, type RelaySink } from "../../../src/proxy/body-relay.js";
 import { EICAR } from "../../../src/proxy/eicar.js";
 
 function sink(): RelaySink & { opened: number | undefined | null; chunks: Buffer[]; ended: boolean } {
@@ -31,7 +31,7 @@ function relay(settings: { eicar?: boolean; maxBodyBytes?: number; holdMs?: numb
   const src = new PassThrough();
   const out = sink();
   const result = new Promise<RelayResult>((resolve) =>
-    relayBody(src, { eicar: true, maxBodyBytes: 1 << 20, holdMs: 0, ...settings }, hold, out, resolve, encoding),
+    relayBody(src, { eicar: true, maxBodyBytes: 1 << 20, holdMs: 0, uploads: true, ...settings }, hold, out, resolve, encoding),
   );
   return { src, out, result };
 }
@@ -165,5 +165,120 @@ describe("relayBody", () => {
     [undefined, false],
   ])("isStreamingContentType(%s) = %s", (ct, want) => {
     expect(isStreamingContentType(ct)).toBe(want);
+  });
+});
+
+/** An inspector whose verdict the test gives: records what it was fed. */
+function scriptedInspector(room = Infinity) {
+  const s = {
+    room,
+    fed: [] as Buffer[],
+    ended: false,
+    aborted: false,
+    cb: undefined as ((v: InspectionVerdict) => void) | undefined,
+    drains: [] as (() => void)[],
+    answer(v: InspectionVerdict) {
+      s.cb?.(v);
+    },
+  };
+  const inspector: BodyInspector = {
+    write(c) {
+      s.fed.push(c);
+      return Buffer.concat(s.fed).length < s.room;
+    },
+    onDrain: (cb) => s.drains.push(cb),
+    end: () => (s.ended = true),
+    onVerdict: (cb) => (s.cb = cb),
+    abort: () => (s.aborted = true),
+  };
+  return { s, inspector };
+}
+
+const PASS: InspectionVerdict = { kind: "pass", note: { service: "svc", result: "clean" } };
+const BLOCK: InspectionVerdict = { kind: "block", rule: "icap:svc", reason: "Bad.Thing (icap service svc)", note: { service: "svc", result: "infection", threat: "Bad.Thing" } };
+
+function inspected(settings: { eicar?: boolean; maxBodyBytes?: number; holdMs?: number }, room?: number) {
+  const src = new PassThrough();
+  const out = sink();
+  const { s, inspector } = scriptedInspector(room);
+  const result = new Promise<RelayResult>((resolve) =>
+    relayBody(src, { eicar: true, maxBodyBytes: 1 << 20, holdMs: 0, uploads: true, ...settings }, true, out, resolve, undefined, inspector),
+  );
+  return { src, out, s, result };
+}
+
+describe("relayBody with an inspector", () => {
+  it("holds a body that has ended until the inspector passes it, then releases it whole with the note", async () => {
+    const { src, out, s, result } = inspected({ eicar: false });
+    src.end("clean body");
+    await tick();
+    expect(s.ended).toBe(true);
+    expect(out.opened).toBeNull();
+    s.answer(PASS);
+    expect(await result).toMatchObject({ kind: "done", bytes: 10, inspection: { service: "svc", result: "clean" } });
+    expect(Buffer.concat(out.chunks).toString()).toBe("clean body");
+    expect(Buffer.concat(s.fed).toString()).toBe("clean body");
+  });
+
+  it("a block before release: nothing reaches the receiver; the rule and reason are the inspector's", async () => {
+    const { src, out, s, result } = inspected({});
+    src.end("bad body");
+    await tick();
+    s.answer(BLOCK);
+    expect(await result).toMatchObject({ kind: "blocked", released: false, rule: "icap:svc", reason: "Bad.Thing (icap service svc)", inspection: { threat: "Bad.Thing" } });
+    expect(out.opened).toBeNull();
+  });
+
+  it("past the hold bound: released, but the latest chunk and the end wait for the verdict; a block cuts the body off", async () => {
+    const { src, out, s, result } = inspected({ maxBodyBytes: 4 });
+    src.write("0123456789");
+    await tick();
+    src.write("last");
+    await tick();
+    expect(out.opened).toBeUndefined();
+    expect(Buffer.concat(out.chunks).toString()).toBe("0123456789");
+    src.end();
+    await tick();
+    expect(out.ended).toBe(false);
+    s.answer(BLOCK);
+    expect(await result).toMatchObject({ kind: "blocked", released: true, rule: "icap:svc" });
+    expect(Buffer.concat(out.chunks).toString()).toBe("0123456789");
+    expect(out.ended).toBe(false);
+  });
+
+  it("past the hold bound: a pass sends the withheld chunk with the end", async () => {
+    const { src, out, s, result } = inspected({ maxBodyBytes: 4 });
+    src.write("0123456789");
+    await tick();
+    src.end("last");
+    await tick();
+    s.answer(PASS);
+    expect(await result).toMatchObject({ kind: "done", bytes: 14 });
+    expect(Buffer.concat(out.chunks).toString()).toBe("0123456789last");
+    expect(out.ended).toBe(true);
+  });
+
+  it("EICAR found by the built-in scan aborts the inspector", async () => {
+    const { src, s, result } = inspected({});
+    src.write(Buffer.concat([Buffer.from("x"), EICAR]));
+    expect(await result).toMatchObject({ kind: "blocked", rule: "eicar" });
+    expect(s.aborted).toBe(true);
+  });
+
+  it("waits for the inspector's room before reading more", async () => {
+    const { src, s, result } = inspected({ eicar: false }, 4);
+    src.write("01234567");
+    await tick();
+    src.write("89");
+    await tick();
+    expect(Buffer.concat(s.fed).toString()).toBe("01234567");
+    s.room = Infinity;
+    for (const d of s.drains.splice(0)) d();
+    await tick();
+    expect(Buffer.concat(s.fed).toString()).toBe("0123456789");
+    src.end();
+    await tick();
+    s.answer(PASS);
+    expect((await result).kind).toBe("done");
   });
 });

@@ -1,12 +1,13 @@
 import { describe, expect, it } from "vitest";
 import { InvalidArgument } from "../../../src/common/errors.js";
-import { defaultPolicy, parsePolicy, ruleId } from "../../../src/proxy/policy.js";
+import { compilePolicies, defaultPolicy, parsePolicy, ruleId } from "../../../src/proxy/policy.js";
 
 describe("parsePolicy", () => {
   it("an empty document is the default: nothing blocked, EICAR scanned up to 1 MiB, auto-bypass off", () => {
     const p = parsePolicy({});
     expect(p.blockedHost("anything.example")).toBeUndefined();
-    expect(p.scan).toEqual({ eicar: true, maxBodyBytes: 1048576, holdMs: 2000 });
+    expect(p.scan).toEqual({ eicar: true, maxBodyBytes: 1048576, holdMs: 2000, uploads: true });
+    expect(p.icap).toEqual({});
     expect(p.autoBypass.enabled).toBe(false);
     expect(p.nonTls).toBe("tunnel");
     expect(p.uninspectableAlpn).toBe("block");
@@ -29,9 +30,39 @@ describe("parsePolicy", () => {
     ["a bad nonTls", { nonTls: "drop" }, 'policy.nonTls: must be "tunnel" or "block"'],
     ["a bad uninspectableAlpn", { uninspectableAlpn: "bypass" }, 'policy.uninspectableAlpn: must be "tunnel" or "block"'],
     ["a bad clientCertOrigins", { clientCertOrigins: "tunnel" }, 'policy.clientCertOrigins: must be "bypass" or "block"'],
+    ["uploads not a boolean", { scan: { uploads: 1 } }, "policy.scan.uploads: must be true or false"],
+    ["an unknown icap side", { icap: { options: {} } }, "policy.icap.options: unknown field"],
+    ["an icap url that is not icap://", { icap: { respmod: { url: "http://x/y" } } }, "policy.icap.respmod.url: must be an icap:// url"],
+    ["a bad fail mode", { icap: { reqmod: { url: "icap://x/y", failMode: "maybe" } } }, 'policy.icap.reqmod.failMode: must be "open"'],
+    ["a zero read timeout", { icap: { respmod: { url: "icap://x/y", readTimeoutMs: 0 } } }, "policy.icap.respmod.readTimeoutMs: must be an integer from 1"],
+    ["a bad service name", { icap: { respmod: { url: "icap://x/y", name: "a b" } } }, "policy.icap.respmod.name: must be 1 to 64"],
   ])("refuses %s, naming the field", (_n, doc, message) => {
     expect(() => parsePolicy(doc)).toThrow(InvalidArgument);
     expect(() => parsePolicy(doc)).toThrow(message);
+  });
+});
+
+describe("icap settings and tenant policies", () => {
+  it("reads a service with its defaults: fail-closed, 2 s connect, 30 s read, 32 connections", () => {
+    const p = parsePolicy({ icap: { respmod: { url: "icap://127.0.0.1:1344/avscan" } } });
+    expect(p.icap.respmod).toMatchObject({ name: "127.0.0.1:1344", failMode: "closed", connectTimeoutMs: 2000, readTimeoutMs: 30000, maxConnections: 32 });
+    expect(p.icap.reqmod).toBeUndefined();
+  });
+
+  it("a tenant's fields replace the global ones; the rest are inherited", () => {
+    const global = { blockHosts: ["evil.example"], scan: { maxBodyBytes: 10 }, icap: { respmod: { url: "icap://i/s" } } };
+    const set = compilePolicies(global, [{ id: "a" }, { id: "b", policy: { icap: {}, blockUrls: ["*/x"] } }]);
+    expect(set.byTenant.has("a")).toBe(false);
+    const b = set.byTenant.get("b")!;
+    expect(b.icap).toEqual({});
+    expect(b.blockedUrl("https://h/x")).toBeDefined();
+    expect(b.blockedHost("evil.example")).toBeDefined();
+    expect(b.scan.maxBodyBytes).toBe(10);
+    expect(set.global.blockedUrl("https://h/x")).toBeUndefined();
+  });
+
+  it("a bad tenant policy names the tenant and the field", () => {
+    expect(() => compilePolicies({}, [{ id: "b", policy: { scan: { holdMs: -1 } } }])).toThrow('tenant "b": policy.scan.holdMs: must be an integer');
   });
 });
 
