@@ -13,7 +13,7 @@
 import { closeSync, openSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { createLogger } from "../../src/common/logger.js";
-import { AgentClient } from "../../src/proxy/agent-client.js";
+import { AgentClient } from "../../src/clients/agent-client.js";
 import { ProxyServer, type ProxyAgent } from "../../src/proxy/server.js";
 import { nowMs } from "../lib/loop.js";
 import { childConfig, dieOnError, peakRss, resetPeakRss, serveParent } from "../lib/serve.js";

@@ -24,7 +24,7 @@ import type { AgentChildConfig, AgentChildInfo } from "../children/agent.js";
 import type { Child } from "../lib/child.js";
 import type { Env } from "../lib/env.js";
 import { ROW_TITLES } from "./titles.js";
-import { LeanClient } from "../lib/grpc-client.js";
+import { LeanClient } from "../../src/clients/grpc-client.js";
 import { closedLoop, tightLoop, type LoopResult } from "../lib/loop.js";
 import { profileSummary } from "../lib/profile.js";
 import { RowBuilder, fmtPct, type Figure } from "../lib/results.js";

@@ -16,7 +16,7 @@ import { connect as netConnect, isIP, type Socket } from "node:net";
 import { TLSSocket } from "node:tls";
 import type { Duplex } from "node:stream";
 import type { AccessRecord, Decision } from "./access-log.js";
-import { AgentCallError } from "./agent-client.js";
+import { AgentCallError } from "../clients/agent-client.js";
 import { rawHttpResponse, renderBlockPage, type BlockPage } from "./block-page.js";
 import { parseClientHello, type ClientHello } from "./clienthello.js";
 import type { ClientInfo, ProxyContext } from "./context.js";

@@ -19,7 +19,7 @@ import { Progress } from "./progress.js";
 import type { UpConfig, TcpAddress } from "./config.js";
 import { layout, PARTS, type Layout, type PartName } from "./layout.js";
 import { PartStartError, Supervisor, summarizeLogLines, type PartDefinition, type PartProcess } from "./supervisor.js";
-import { AgentStatusClient, attestationWord, heldVersions, isServing, serverClients, tcpOpen, type ServerClients } from "../common/mesh-health.js";
+import { AgentStatusClient, attestationWord, heldVersions, isServing, serverClients, tcpOpen, type ServerClients } from "../clients/mesh-health.js";
 import {
   StepError,
   agentEnrolled,

@@ -25,8 +25,8 @@ import { MachineStatus } from "../gen/kmi/audit/v1/audit_pb.js";
 import { KeyPurpose } from "../gen/kmi/common/v1/common_pb.js";
 import { KdcAdminService } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { KdcService } from "../gen/kmi/kdc/v1/kdc_pb.js";
-import { parseListenAddress } from "./listen.js";
-import { serviceIdentityCheck } from "./http2-client.js";
+import { parseListenAddress } from "../common/listen.js";
+import { serviceIdentityCheck } from "../common/http2-client.js";
 
 // ── clients ─────────────────────────────────────────────────────────────────────────────────
 
