@@ -2,6 +2,15 @@
  * The adapter from a grpc-js server call to Connect's `HandlerContext`, so that services
  * written once in Connect's handler style (`ServiceImpl`) run on the agent's grpc-js server
  * (./grpc-server.ts). The one place that builds a `HandlerContext` or a `Headers` by hand.
+ *
+ * Why not connect's public `createHandlerContext`: it makes everything eagerly (a deadline
+ * timer, two linked AbortControllers, a `Headers` copy of the metadata) and a unary handler on
+ * the agent's socket reads one header. Measured on the 2-core dev machine, per call with the
+ * abort at the end: ~1 us here against ~60 us for `createHandlerContext`, on a hot path whose
+ * whole server CPU is ~40 us per call (docs/architecture.md). What this relies on, checked by
+ * test/unit/common/grpc-handler-context.contract.test.ts on every upgrade: the members and
+ * reasons of connect's own context, and that Node's `Headers` can be subclassed and its
+ * prototype methods called on the subclass.
  */
 import { Code, ConnectError, createContextValues, type ContextValues, type HandlerContext } from "@connectrpc/connect";
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
