@@ -26,6 +26,17 @@ export const DEFAULT_LATENCY_BUCKETS: readonly number[] = [
 
 type AnyMetric = Counter | Gauge | Histogram;
 
+/** prom-client's `collect` option (called with the metric as `this`) for `fn`, or nothing. */
+function collector<M>(fn: ((m: M) => void) | undefined): { collect?: (this: M) => void } {
+  return fn === undefined
+    ? {}
+    : {
+        collect(this: M) {
+          fn(this);
+        },
+      };
+}
+
 /** A set of metrics rendered together: a prom-client `Registry` of its own. */
 export class MetricsRegistry {
   /** The prom-client registry behind it. */
@@ -45,42 +56,12 @@ export class MetricsRegistry {
 
   /** Registers (or returns the existing) counter; `collect` runs before each render. */
   counter(name: string, help: string, labelNames: readonly string[] = [], collect?: (c: Counter) => void): Counter {
-    return (
-      this.existing(name, Counter, labelNames) ??
-      new Counter({
-        name,
-        help,
-        labelNames: [...labelNames],
-        registers: [this.prom],
-        ...(collect !== undefined
-          ? {
-              collect(this: Counter) {
-                collect(this);
-              },
-            }
-          : {}),
-      })
-    );
+    return this.existing(name, Counter, labelNames) ?? new Counter({ name, help, labelNames: [...labelNames], registers: [this.prom], ...collector(collect) });
   }
 
   /** Registers (or returns the existing) gauge; `collect` runs before each render. */
   gauge(name: string, help: string, labelNames: readonly string[] = [], collect?: (g: Gauge) => void): Gauge {
-    return (
-      this.existing(name, Gauge, labelNames) ??
-      new Gauge({
-        name,
-        help,
-        labelNames: [...labelNames],
-        registers: [this.prom],
-        ...(collect !== undefined
-          ? {
-              collect(this: Gauge) {
-                collect(this);
-              },
-            }
-          : {}),
-      })
-    );
+    return this.existing(name, Gauge, labelNames) ?? new Gauge({ name, help, labelNames: [...labelNames], registers: [this.prom], ...collector(collect) });
   }
 
   /** Registers (or returns the existing) histogram. */
