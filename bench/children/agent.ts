@@ -13,7 +13,7 @@ import { createKeyAgentService } from "../../src/agent/agent-service.js";
 import type { AgentRuntimeStatus, AgentServiceContext } from "../../src/agent/context.js";
 import { KeyHolder } from "../../src/agent/key-holder.js";
 import { pkiLeafIssuerFactory } from "../../src/agent/leaf-issuer.js";
-import { WORKLOAD_HEADER, WORKLOAD_HEADER_VALUE } from "../../src/agent/workload.js";
+import { WORKLOAD_HEADER, WORKLOAD_HEADER_VALUE } from "../../src/clients/workload-header.js";
 import { GrpcServer } from "../../src/common/grpc-server.js";
 import { createLogger } from "../../src/common/logger.js";
 import { serviceRegistration } from "../../src/common/rpc.js";

@@ -14,7 +14,7 @@ import { closeSync, openSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { createLogger } from "../../src/common/logger.js";
 import { createMetricsRegistry } from "../../src/common/metrics.js";
-import { AgentClient } from "../../src/proxy/agent-client.js";
+import { AgentClient } from "../../src/clients/agent-client.js";
 import { ProxyServer, type ProxyAgent } from "../../src/proxy/server.js";
 import { nowMs } from "../lib/loop.js";
 import { childConfig, dieOnError, peakRss, resetPeakRss, serveParent } from "../lib/serve.js";
@@ -136,10 +136,10 @@ async function main(): Promise<void> {
       resetRss: () => resetPeakRss(),
       stats: () => ({ leaves: proxy.leaves.size, open: proxy.openConnections }),
       // Totals of the ICAP counters (all services and results): transactions and round trips.
-      icap: () => {
+      icap: async () => {
+        const text = await metrics.render();
         const sum = (name: string): number =>
-          metrics
-            .render()
+          text
             .split("\n")
             .filter((l) => l.startsWith(`${name}{`))
             .reduce((n, l) => n + Number(l.slice(l.lastIndexOf(" ") + 1)), 0);

@@ -15,7 +15,7 @@ import { AuditAdminService } from "../../src/gen/kmi/audit/v1/admin_pb.js";
 import { AuditService } from "../../src/gen/kmi/audit/v1/audit_pb.js";
 import { KdcAdminService } from "../../src/gen/kmi/kdc/v1/admin_pb.js";
 import { createCsr, csrToPem } from "../../src/pki/csr.js";
-import { LeanClient } from "./grpc-client.js";
+import { LeanClient } from "../../src/clients/grpc-client.js";
 
 const run = promisify(execFile);
 const KMI = fileURLToPath(new URL("../../cmd/kmi.js", import.meta.url));

@@ -12,7 +12,7 @@ import { DistributionService } from "../../src/gen/kmi/kdc/v1/distribution_pb.js
 import { CertificateFormat, KdcService, Signer } from "../../src/gen/kmi/kdc/v1/kdc_pb.js";
 import type { Env } from "../lib/env.js";
 import { ROW_TITLES } from "./titles.js";
-import { CallError, type LeanClient } from "../lib/grpc-client.js";
+import { CallError, type LeanClient } from "../../src/clients/grpc-client.js";
 import { closedLoop, type LoopResult } from "../lib/loop.js";
 import { Mesh, type Machine } from "../lib/mesh.js";
 import { RowBuilder, type Figure } from "../lib/results.js";

@@ -12,7 +12,7 @@ import { DistributionService, WatchEventType, type WatchSecretsResponse } from "
 import { KdcService, Signer } from "../../src/gen/kmi/kdc/v1/kdc_pb.js";
 import type { Env } from "../lib/env.js";
 import { ROW_TITLES } from "./titles.js";
-import type { LeanClient } from "../lib/grpc-client.js";
+import type { LeanClient } from "../../src/clients/grpc-client.js";
 import { nowMs } from "../lib/loop.js";
 import type { Machine, Mesh } from "../lib/mesh.js";
 import { RowBuilder, type Figure } from "../lib/results.js";

@@ -15,7 +15,7 @@ import { createContextValues, createHandlerContext } from "@connectrpc/connect";
 import { createKeyAgentService } from "../../src/agent/agent-service.js";
 import { KeyHolder } from "../../src/agent/key-holder.js";
 import { pkiLeafIssuerFactory } from "../../src/agent/leaf-issuer.js";
-import { WORKLOAD_HEADER, WORKLOAD_HEADER_VALUE } from "../../src/agent/workload.js";
+import { WORKLOAD_HEADER, WORKLOAD_HEADER_VALUE } from "../../src/clients/workload-header.js";
 import { createLogger } from "../../src/common/logger.js";
 import { Health, HealthCheckRequestSchema } from "../../src/gen/grpc/health/v1/health_pb.js";
 import { IssueLeafCertificateRequestSchema, KeyAgentService, SignatureAlgorithm, SignRequestSchema } from "../../src/gen/kmi/agent/v1/agent_pb.js";
@@ -24,7 +24,8 @@ import type { AgentChildConfig, AgentChildInfo } from "../children/agent.js";
 import type { Child } from "../lib/child.js";
 import type { Env } from "../lib/env.js";
 import { ROW_TITLES } from "./titles.js";
-import { LeanClient } from "../lib/grpc-client.js";
+import { createAgentGrpcClient } from "../../src/clients/agent-client.js";
+import type { LeanClient } from "../../src/clients/grpc-client.js";
 import { closedLoop, tightLoop, type LoopResult } from "../lib/loop.js";
 import { profileSummary } from "../lib/profile.js";
 import { RowBuilder, fmtPct, type Figure } from "../lib/results.js";
@@ -43,7 +44,7 @@ export function agentChild(env: Env) {
 
 /** A lean client of the agent's socket that sends the workload header. */
 export function agentClient(socketPath: string): LeanClient {
-  return new LeanClient({ target: `unix:${socketPath}`, metadata: { [WORKLOAD_HEADER]: WORKLOAD_HEADER_VALUE, "kmi-caller-pid": String(process.pid) } });
+  return createAgentGrpcClient(socketPath, { metadata: { "kmi-caller-pid": String(process.pid) } });
 }
 
 const methodOf = (name: string) => KeyAgentService.methods.find((m) => m.name === name)!;

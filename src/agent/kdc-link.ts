@@ -16,6 +16,7 @@
  */
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
+import { backoffMs, sleep } from "../common/backoff.js";
 import type { Logger } from "../common/logger.js";
 import { AuditService } from "../gen/kmi/audit/v1/audit_pb.js";
 import { DistributionService, WatchEventType, type ReleasedSecret, type WatchSecretsResponse } from "../gen/kmi/kdc/v1/distribution_pb.js";
@@ -153,7 +154,7 @@ export class KdcLink {
         this.lastError = describe(err);
         await this.onFailure(err);
       }
-      const delay = backoff(failures, this.o.timing);
+      const delay = backoffMs(failures, this.o.timing.reconnectInitialMs, this.o.timing.reconnectMaxMs);
       this.o.logger.warn("kdc link down; retrying", { error: this.lastError, retry_in_ms: delay, attempt: failures });
       await this.sleep(delay);
     }
@@ -340,20 +341,8 @@ export class KdcLink {
     if (this.stopped) return Promise.resolve();
     const abort = new AbortController();
     this.sleepAbort = abort;
-    return new Promise((resolve) => {
-      const t = setTimeout(resolve, ms);
-      abort.signal.addEventListener("abort", () => {
-        clearTimeout(t);
-        resolve();
-      });
-    });
+    return sleep(ms, abort.signal);
   }
-}
-
-/** Exponential backoff with full jitter: a random delay in [initial, min(max, initial * 2^(n-1))]. */
-export function backoff(failures: number, timing: Pick<KdcLinkTiming, "reconnectInitialMs" | "reconnectMaxMs">, random = Math.random): number {
-  const cap = Math.min(timing.reconnectMaxMs, timing.reconnectInitialMs * 2 ** Math.min(30, Math.max(0, failures - 1)));
-  return Math.round(timing.reconnectInitialMs + random() * (cap - timing.reconnectInitialMs));
 }
 
 /** Settles as `p` does, or rejects with the signal's reason as soon as it aborts (`p` runs on). */

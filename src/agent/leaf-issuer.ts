@@ -4,7 +4,6 @@
  * adapter onto pki's fast leaf builder, which enforces the leaf policy itself.
  */
 import type { KeyObject } from "node:crypto";
-import { InvalidArgument, isKmiError } from "../common/errors.js";
 import { createLeafIssuer } from "../pki/leaf.js";
 
 /** One leaf to build; already validated against the agent's policy. */
@@ -42,40 +41,21 @@ export interface LeafIssuer {
 /** Makes a LeafIssuer for an intermediate certificate (DER) and its private key. */
 export type LeafIssuerFactory = (certificateDer: Uint8Array, privateKey: KeyObject) => LeafIssuer;
 
-/** The builder's field names → the agent API's (so a refusal names the proto field). */
-const FIELD_NAMES: [RegExp, string][] = [
-  [/^publicKey\b/, "public_key"],
-  [/^commonName\b/, "common_name"],
-  [/^dnsNames\b/, "dns_names"],
-  [/^ipAddresses\b/, "ip_addresses"],
-  [/^notAfter\b/, "not_after"],
-  [/^notBefore\b/, "not_after"],
-];
-
-function renameField(err: unknown): unknown {
-  if (!(err instanceof InvalidArgument)) return err;
-  for (const [re, name] of FIELD_NAMES) if (re.test(err.message)) return new InvalidArgument(err.message.replace(re, name), { cause: err });
-  return err;
-}
-
 /** The leaf issuer factory over pki's fast builder (pki/leaf.ts). */
 export const pkiLeafIssuerFactory: LeafIssuerFactory = (certificateDer, privateKey) => {
   const issuer = createLeafIssuer({ certificateDer, privateKey });
   return {
     issueLeaf(spec) {
-      try {
-        const leaf = issuer.issueLeafDetailed({
-          publicKeySpkiDer: spec.publicKeySpkiDer,
-          dnsNames: spec.dnsNames,
-          ipAddresses: spec.ipAddresses,
-          commonName: spec.commonName ?? null,
-          notBefore: spec.notBefore,
-          notAfter: spec.notAfter,
-        });
-        return { certificateDer: leaf.der, serialHex: leaf.serialHex, notAfter: leaf.notAfter };
-      } catch (err) {
-        throw isKmiError(err) ? renameField(err) : err;
-      }
+      // pki/leaf.ts already names the agent API's proto fields in its refusals.
+      const leaf = issuer.issueLeafDetailed({
+        publicKeySpkiDer: spec.publicKeySpkiDer,
+        dnsNames: spec.dnsNames,
+        ipAddresses: spec.ipAddresses,
+        commonName: spec.commonName ?? null,
+        notBefore: spec.notBefore,
+        notAfter: spec.notAfter,
+      });
+      return { certificateDer: leaf.der, serialHex: leaf.serialHex, notAfter: leaf.notAfter };
     },
   };
 };

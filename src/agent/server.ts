@@ -31,7 +31,7 @@ import { KeyHolder } from "./key-holder.js";
 import { pkiLeafIssuerFactory } from "./leaf-issuer.js";
 import { SealedCache } from "./sealed-cache.js";
 import { StateDir } from "./state-dir.js";
-import { WORKLOAD_HEADER, WORKLOAD_HEADER_VALUE } from "./workload.js";
+import { WORKLOAD_HEADER, WORKLOAD_HEADER_VALUE } from "../clients/workload-header.js";
 
 /** The largest request the socket takes: a leaf request with 200 names is a few KiB. */
 const MAX_MESSAGE_BYTES = 1024 * 1024;

@@ -8,7 +8,7 @@ import { constants } from "node:fs";
 import { chmod, lstat, mkdir, open, readdir, rename, rm } from "node:fs/promises";
 import { basename, join } from "node:path";
 import { FailedPrecondition } from "../common/errors.js";
-import { createMasterKeyFile, readMasterKeyFile } from "../storage/master-key.js";
+import { readOrCreateMasterKeyFile } from "../storage/master-key.js";
 
 /** File names in the state directory. */
 export const STATE_FILES = {
@@ -52,13 +52,7 @@ export class StateDir {
 
   /** The sealing key: read from `sealing.key` (0600, checked), created on first start. */
   async sealingKey(): Promise<Buffer> {
-    const path = this.file(STATE_FILES.sealingKey);
-    try {
-      return await readMasterKeyFile(path);
-    } catch (err) {
-      if (!(await exists(path))) return (await createMasterKeyFile(path)).key;
-      throw err;
-    }
+    return readOrCreateMasterKeyFile(this.file(STATE_FILES.sealingKey));
   }
 
   /** Reads a file (checked: regular, ours, 0600); undefined when it does not exist. */
@@ -122,15 +116,6 @@ export class StateDir {
     } finally {
       await dir.close();
     }
-  }
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await lstat(path);
-    return true;
-  } catch {
-    return false;
   }
 }
 

@@ -3,12 +3,8 @@
  * requires `workload.spiffe.io: true`.
  */
 import type { HandlerContext } from "@connectrpc/connect";
+import { WORKLOAD_HEADER, WORKLOAD_HEADER_VALUE } from "../clients/workload-header.js";
 import { InvalidArgument } from "../common/errors.js";
-
-/** Name of the header. */
-export const WORKLOAD_HEADER = "kmi-agent-workload";
-/** Its required value. */
-export const WORKLOAD_HEADER_VALUE = "true";
 
 /**
  * Refuses a call without `kmi-agent-workload: true`. Why: a browser or another program

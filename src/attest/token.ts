@@ -20,6 +20,14 @@
  * must be exactly ES256 with the explicit `typ` (RFC 8725 §3.11, so no other JWT signed by
  * the same key can pass), the signature must verify, then issuer, time, machine and
  * certificate are checked, in that order.
+ *
+ * Why not `jose` (considered for #12): the JWS here is two node:crypto calls (ES256 with the
+ * raw r||s form) over one fixed header, and what jose would guard against (alg "none" or
+ * HS256 confusion, `crit`) is refused explicitly and tested (test/unit/attest/token.test.ts).
+ * jose would make verification asynchronous on the KDC's per-call path and still leave to this
+ * module the `kid` match, the `iat` skew rule (jose's tolerance also stretches `exp`, which
+ * has none here), the `cnf` binding and the precise refusal kinds: a dependency in the trust
+ * path without less code to review.
  */
 import { randomBytes, sign, verify, type KeyObject } from "node:crypto";
 import { InvalidArgument } from "../common/errors.js";

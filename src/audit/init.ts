@@ -26,12 +26,11 @@ import { AuditCredentialRecordSchema, AuditMetaRecordSchema, type AuditCredentia
 import { createCsr, csrToPem } from "../pki/csr.js";
 import { AuditLog, deriveAuditKey, keyedHash } from "../storage/audit-log.js";
 import { openLevelStore, type LevelStore } from "../storage/level-store.js";
-import { createMasterKeyFile, loadMasterKey, parseMasterKey } from "../storage/master-key.js";
+import { initServerMasterKey, loadServerMasterKey, type MasterKeyOptions } from "../storage/master-key.js";
 import { open as unseal, seal } from "../storage/seal.js";
 import { putOp } from "../storage/store.js";
 import type { Clock } from "./context.js";
 import { ATTESTATION_KEY, AUDIT_SCHEMA_VERSION, AUDIT_STORE_OWNER, META_KEY, RECORD_VERSION, SERVICE_TLS_KEY, Tables } from "./store.js";
-import { pathExists } from "../common/fs.js";
 
 /** Paths inside a data directory. */
 export function dataPaths(dataDir: string, masterKeyFile?: string) {
@@ -44,12 +43,7 @@ export function dataPaths(dataDir: string, masterKeyFile?: string) {
 }
 
 /** Where the master key comes from. */
-export interface MasterKeyOptions {
-  /** Base64 key from the environment or a flag, if any. */
-  masterKey?: string | undefined;
-  /** Key file; default <data-dir>/master.key. */
-  masterKeyFile?: string | undefined;
-}
+export type { MasterKeyOptions };
 
 /** AAD of a sealed credential. */
 export function credentialAad(name: string): string {
@@ -64,11 +58,7 @@ export async function openAuditStore(dataDir: string, createIfMissing: boolean):
 
 /** Loads the master key of an initialized data directory. */
 export async function loadAuditMasterKey(dataDir: string, opts: MasterKeyOptions): Promise<Buffer> {
-  if (opts.masterKey !== undefined && opts.masterKey !== "") {
-    if (opts.masterKeyFile !== undefined) throw new FailedPrecondition("master key: both KMI_AUDIT_MASTER_KEY (or --master-key) and --master-key-file are set; set only one");
-    return parseMasterKey(opts.masterKey, "KMI_AUDIT_MASTER_KEY");
-  }
-  return loadMasterKey({ file: dataPaths(dataDir, opts.masterKeyFile).masterKey });
+  return loadServerMasterKey(opts, "KMI_AUDIT_MASTER_KEY", dataPaths(dataDir).masterKey);
 }
 
 /** Names of the Auditserver's TLS certificate beyond localhost, 127.0.0.1 and ::1. */
@@ -193,18 +183,8 @@ export async function initAudit(opts: InitOptions): Promise<InitResult> {
     if (meta === undefined && opts.reissueCertificate === true) {
       throw new FailedPrecondition(`data dir ${opts.dataDir} is not initialized; run \`kmi audit init\` without --reissue-certificate`);
     }
-    let key: Buffer;
-    let keyFile: string | undefined;
-    if (opts.masterKey !== undefined && opts.masterKey !== "") {
-      key = parseMasterKey(opts.masterKey, "KMI_AUDIT_MASTER_KEY");
-    } else if (await pathExists(paths.masterKey)) {
-      // An initialized directory's key, or one left by an init that stopped before its batch.
-      key = await loadMasterKey({ file: paths.masterKey });
-      keyFile = paths.masterKey;
-    } else {
-      key = (await createMasterKeyFile(paths.masterKey)).key;
-      keyFile = paths.masterKey;
-    }
+    // An initialized directory's key, or one left by an init that stopped before its batch.
+    const { key, keyFile } = await initServerMasterKey(opts.masterKey, "KMI_AUDIT_MASTER_KEY", paths.masterKey);
     try {
       const now = clock.now();
       const identity = await issueServiceIdentity(opts);

@@ -26,9 +26,9 @@ import {
   type StreamResponse,
 } from "@connectrpc/connect";
 import type { UniversalHandler, UniversalServerResponse } from "@connectrpc/connect/protocol";
-import { codeFromHttpStatus, codeFromString } from "@connectrpc/connect/protocol-connect";
 import { compressionGzip, universalRequestFromNodeRequest, universalResponseToNodeResponse } from "@connectrpc/connect-node";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
+import { responseStatus, tapBodyChunks } from "./connect-refusal.js";
 import { toConnectError } from "./error-mapping.js";
 import { HealthStatus, ServingStatus } from "./health.js";
 import { formatListenAddress, listenUnixSocket, parseListenAddress, removeUnixSocket } from "./listen.js";
@@ -142,79 +142,7 @@ function outcome(rec: CallRecord, uRes: UniversalServerResponse | undefined, fin
     return { code: rec.code, message: rec.message };
   }
   if (uRes === undefined) return { code: Code.Canceled, message: "the client went away" };
-  const status = uRes.header?.get("grpc-status") ?? uRes.trailer?.get("grpc-status");
-  if (status !== null && status !== undefined) {
-    const m = uRes.header?.get("grpc-message") ?? uRes.trailer?.get("grpc-message");
-    let message: string | undefined;
-    try {
-      message = m === null || m === undefined ? undefined : decodeURIComponent(m);
-    } catch {
-      message = m ?? undefined;
-    }
-    return { code: Number(status), message };
-  }
-  return codeInBody(uRes, lastChunk) ?? { code: uRes.status === 200 ? 0 : codeFromHttpStatus(uRes.status), message: undefined };
-}
-
-/**
- * The code a refusal carries in its body rather than its headers: gRPC-Web puts its status in a
- * trailer frame (behind HTTP 200), and a Connect unary error is a JSON body whose HTTP status
- * maps to a code only loosely (429 is both resource_exhausted and unavailable). `lastChunk` is
- * the last piece of body written: a trailer frame, or the whole error JSON.
- */
-function codeInBody(uRes: UniversalServerResponse, lastChunk: Uint8Array | undefined): { code: number; message: string | undefined } | undefined {
-  const body = lastChunk;
-  if (body === undefined) return undefined;
-  const type = uRes.header?.get("content-type") ?? "";
-  const bytes = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
-  if (type.startsWith("application/grpc-web")) {
-    for (let i = 0; i + 5 <= bytes.length; ) {
-      const flags = bytes[i]!;
-      const len = bytes.readUInt32BE(i + 1);
-      if ((flags & 0x80) !== 0) {
-        const fields = new Map<string, string>();
-        for (const line of bytes.subarray(i + 5, i + 5 + len).toString("utf8").split("\r\n")) {
-          const colon = line.indexOf(":");
-          if (colon > 0) fields.set(line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim());
-        }
-        const status = fields.get("grpc-status");
-        if (status === undefined || !/^\d+$/.test(status)) return undefined;
-        let message = fields.get("grpc-message");
-        try {
-          message = message === undefined ? undefined : decodeURIComponent(message);
-        } catch {
-          // keep it as sent
-        }
-        return { code: Number(status), message };
-      }
-      i += 5 + len;
-    }
-    return undefined;
-  }
-  if (type.startsWith("application/json") && uRes.status !== 200) {
-    try {
-      const doc = JSON.parse(bytes.toString("utf8")) as { code?: unknown; message?: unknown };
-      const code = typeof doc.code === "string" ? codeFromString(doc.code) : undefined;
-      if (code === undefined) return undefined;
-      return { code, message: typeof doc.message === "string" ? doc.message : undefined };
-    } catch {
-      return undefined;
-    }
-  }
-  return undefined;
-}
-
-/** `r` with a body that reports each chunk it yields to `onChunk` (the bytes are not copied). */
-function rememberLastChunk(r: UniversalServerResponse, onChunk: (chunk: Uint8Array) => void): UniversalServerResponse {
-  const body = r.body;
-  if (body === undefined || body instanceof Uint8Array || !(Symbol.asyncIterator in body)) return r;
-  async function* tap(): AsyncIterable<Uint8Array> {
-    for await (const chunk of body as AsyncIterable<Uint8Array>) {
-      onChunk(chunk);
-      yield chunk;
-    }
-  }
-  return { ...r, body: tap() };
+  return responseStatus(uRes, lastChunk);
 }
 
 /**
@@ -526,7 +454,7 @@ export class ConnectServer {
       .then((r) => {
         uRes = r;
         // gRPC-Web and Connect may carry a refusal's code in the body only: keep its last chunk.
-        const out = protocol === "grpc" ? withSpecGrpcMessage(r) : rec.code === undefined ? rememberLastChunk(r, (c) => (lastChunk = c)) : r;
+        const out = protocol === "grpc" ? withSpecGrpcMessage(r) : rec.code === undefined ? tapBodyChunks(r, (c) => (lastChunk = c)) : r;
         return universalResponseToNodeResponse(out, res);
       })
       .catch((reason: unknown) => {

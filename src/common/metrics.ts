@@ -1,270 +1,92 @@
 /**
- * A minimal Prometheus registry (counter, gauge, histogram; text exposition format 0.0.4),
- * the per-RPC metrics both server stacks record, and an optional `/metrics` HTTP endpoint.
+ * The Prometheus registry of every program (prom-client, one registry per server, never the
+ * global one), the per-RPC metrics both server stacks record, and an optional `/metrics` HTTP
+ * endpoint.
  *
  * RPC metric names follow go-grpc-prometheus, which dashboards already know:
  * `grpc_server_started_total`, `grpc_server_handled_total{grpc_code}`,
- * `grpc_server_handling_seconds`.
+ * `grpc_server_handling_seconds`. Process metrics are prom-client's defaults
+ * (`process_cpu_seconds_total` a counter, `process_resident_memory_bytes`,
+ * `nodejs_eventloop_lag_seconds` and its percentiles: the proxy's saturation signal, ...).
  */
 import { createServer } from "node:http";
 import type { AddressInfo, Server } from "node:net";
 import { Code } from "@connectrpc/connect";
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
 import { formatListenAddress, listenUnixSocket, removeUnixSocket, type ListenAddress } from "./listen.js";
 import type { Logger } from "./logger.js";
 import { VERSION } from "./version.js";
 
-function escapeLabel(v: string): string {
-  return v.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
-}
-
-function escapeHelp(v: string): string {
-  return v.replace(/\\/g, "\\\\").replace(/\n/g, "\\n");
-}
-
-function formatNumber(v: number): string {
-  if (Number.isNaN(v)) return "NaN";
-  if (v === Infinity) return "+Inf";
-  if (v === -Infinity) return "-Inf";
-  return String(v);
-}
-
-function labelText(names: readonly string[], values: readonly string[], extra?: [string, string]): string {
-  const parts = names.map((n, i) => `${n}="${escapeLabel(values[i] ?? "")}"`);
-  if (extra !== undefined) parts.push(`${extra[0]}="${escapeLabel(extra[1])}"`);
-  return parts.length === 0 ? "" : `{${parts.join(",")}}`;
-}
-
-const NAME_RE = /^[a-zA-Z_:][a-zA-Z0-9_:]*$/;
-const LABEL_RE = /^[a-zA-Z_][a-zA-Z0-9_]*$/;
-
-abstract class Metric<Child> {
-  protected readonly children = new Map<string, { values: readonly string[]; child: Child }>();
-
-  constructor(
-    readonly name: string,
-    readonly help: string,
-    readonly labelNames: readonly string[],
-    private readonly collectFn?: () => void,
-  ) {
-    if (!NAME_RE.test(name)) throw new Error(`metric name "${name}" is not valid`);
-    for (const l of labelNames) if (!LABEL_RE.test(l) || l === "le") throw new Error(`label name "${l}" of ${name} is not valid`);
-  }
-
-  /** The child for these label values (created on first use); keep it to skip the lookup. */
-  labels(...values: string[]): Child {
-    if (values.length !== this.labelNames.length) {
-      throw new Error(`metric ${this.name} takes ${this.labelNames.length} label values, got ${values.length}`);
-    }
-    const key = values.join("\u0000");
-    let entry = this.children.get(key);
-    if (entry === undefined) {
-      entry = { values: [...values], child: this.newChild() };
-      this.children.set(key, entry);
-    }
-    return entry.child;
-  }
-
-  protected abstract newChild(): Child;
-  protected abstract get type(): string;
-  protected abstract renderChild(values: readonly string[], child: Child, out: string[]): void;
-
-  /** Appends this metric in the text format. */
-  render(out: string[]): void {
-    this.collectFn?.();
-    out.push(`# HELP ${this.name} ${escapeHelp(this.help)}`, `# TYPE ${this.name} ${this.type}`);
-    for (const { values, child } of this.children.values()) this.renderChild(values, child, out);
-  }
-}
-
-/** One labelled series of a counter. */
-export interface CounterChild {
-  /** Adds `n` (default 1; must not be negative). */
-  inc(n?: number): void;
-  /** The current value. */
-  readonly value: number;
-}
-
-class CounterValue implements CounterChild {
-  value = 0;
-  inc(n = 1): void {
-    if (n < 0) throw new Error("a counter only goes up");
-    this.value += n;
-  }
-}
-
-/** A monotonically increasing counter. */
-export class Counter extends Metric<CounterChild> {
-  protected newChild(): CounterChild {
-    return new CounterValue();
-  }
-  protected get type(): string {
-    return "counter";
-  }
-  protected renderChild(values: readonly string[], child: CounterChild, out: string[]): void {
-    out.push(`${this.name}${labelText(this.labelNames, values)} ${formatNumber(child.value)}`);
-  }
-  /** Adds `n` to the unlabelled series. */
-  inc(n = 1): void {
-    this.labels().inc(n);
-  }
-}
-
-/** One labelled series of a gauge. */
-export interface GaugeChild {
-  /** Sets the value. */
-  set(v: number): void;
-  /** Adds `n` (default 1). */
-  inc(n?: number): void;
-  /** Subtracts `n` (default 1). */
-  dec(n?: number): void;
-  /** The current value. */
-  readonly value: number;
-}
-
-class GaugeValue implements GaugeChild {
-  value = 0;
-  set(v: number): void {
-    this.value = v;
-  }
-  inc(n = 1): void {
-    this.value += n;
-  }
-  dec(n = 1): void {
-    this.value -= n;
-  }
-}
-
-/** A value that goes up and down. */
-export class Gauge extends Metric<GaugeChild> {
-  protected newChild(): GaugeChild {
-    return new GaugeValue();
-  }
-  protected get type(): string {
-    return "gauge";
-  }
-  protected renderChild(values: readonly string[], child: GaugeChild, out: string[]): void {
-    out.push(`${this.name}${labelText(this.labelNames, values)} ${formatNumber(child.value)}`);
-  }
-  /** Sets the unlabelled series. */
-  set(v: number): void {
-    this.labels().set(v);
-  }
-}
-
-/** One labelled series of a histogram. */
-export interface HistogramChild {
-  /** Records one observation. */
-  observe(v: number): void;
-  /** Number of observations. */
-  readonly count: number;
-  /** Sum of observations. */
-  readonly sum: number;
-}
-
-class HistogramValue implements HistogramChild {
-  count = 0;
-  sum = 0;
-  readonly buckets: number[];
-  constructor(private readonly bounds: readonly number[]) {
-    this.buckets = new Array<number>(bounds.length).fill(0);
-  }
-  observe(v: number): void {
-    this.count++;
-    this.sum += v;
-    const b = this.bounds;
-    for (let i = 0; i < b.length; i++) {
-      if (v <= b[i]!) {
-        this.buckets[i]!++;
-        return;
-      }
-    }
-  }
-}
+export type { Counter, Gauge, Histogram } from "prom-client";
 
 /** Default latency buckets, in seconds: 0.1 ms to 10 s. */
 export const DEFAULT_LATENCY_BUCKETS: readonly number[] = [
   0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 ];
 
-/** A histogram with fixed buckets (cumulative in the output, as Prometheus expects). */
-export class Histogram extends Metric<HistogramChild> {
-  readonly bounds: readonly number[];
-  constructor(name: string, help: string, labelNames: readonly string[], buckets: readonly number[] = DEFAULT_LATENCY_BUCKETS) {
-    super(name, help, labelNames);
-    this.bounds = [...buckets].sort((a, b) => a - b);
-  }
-  protected newChild(): HistogramChild {
-    return new HistogramValue(this.bounds);
-  }
-  protected get type(): string {
-    return "histogram";
-  }
-  protected renderChild(values: readonly string[], child: HistogramChild, out: string[]): void {
-    const c = child as HistogramValue;
-    let cumulative = 0;
-    for (let i = 0; i < this.bounds.length; i++) {
-      cumulative += c.buckets[i]!;
-      out.push(`${this.name}_bucket${labelText(this.labelNames, values, ["le", formatNumber(this.bounds[i]!)])} ${cumulative}`);
-    }
-    out.push(`${this.name}_bucket${labelText(this.labelNames, values, ["le", "+Inf"])} ${c.count}`);
-    out.push(`${this.name}_sum${labelText(this.labelNames, values)} ${formatNumber(c.sum)}`);
-    out.push(`${this.name}_count${labelText(this.labelNames, values)} ${c.count}`);
-  }
-  /** Records one observation on the unlabelled series. */
-  observe(v: number): void {
-    this.labels().observe(v);
-  }
+type AnyMetric = Counter | Gauge | Histogram;
+
+/** prom-client's `collect` option (called with the metric as `this`) for `fn`, or nothing. */
+function collector<M>(fn: ((m: M) => void) | undefined): { collect?: (this: M) => void } {
+  return fn === undefined
+    ? {}
+    : {
+        collect(this: M) {
+          fn(this);
+        },
+      };
 }
 
-/** A set of metrics rendered together. */
+/** A set of metrics rendered together: a prom-client `Registry` of its own. */
 export class MetricsRegistry {
-  private readonly metrics = new Map<string, Metric<unknown>>();
+  /** The prom-client registry behind it. */
+  readonly prom = new Registry();
 
-  private add<M extends Metric<unknown>>(m: M): M {
-    const existing = this.metrics.get(m.name);
-    if (existing !== undefined) {
-      if (existing.constructor !== m.constructor || existing.labelNames.join() !== m.labelNames.join()) {
-        throw new Error(`metric ${m.name} is registered already with another type or labels`);
-      }
-      return existing as M;
+  /** The metric already registered under `name`, if its type and labels are the same; refuses another. */
+  private existing<M extends AnyMetric>(name: string, type: new (...args: never[]) => M, labelNames: readonly string[]): M | undefined {
+    const m = this.prom.getSingleMetric(name);
+    if (m === undefined) return undefined;
+    // prom-client keeps a metric's label names on the instance (not in its typings).
+    const registered = (m as unknown as { labelNames?: string[] }).labelNames ?? [];
+    if (!(m instanceof type) || registered.join() !== labelNames.join()) {
+      throw new Error(`metric ${name} is registered already with another type or labels`);
     }
-    this.metrics.set(m.name, m);
     return m;
   }
 
-  /** Registers (or returns the existing) counter. */
-  counter(name: string, help: string, labelNames: readonly string[] = []): Counter {
-    return this.add(new Counter(name, help, labelNames));
+  /** Registers (or returns the existing) counter; `collect` runs before each render. */
+  counter(name: string, help: string, labelNames: readonly string[] = [], collect?: (c: Counter) => void): Counter {
+    return this.existing(name, Counter, labelNames) ?? new Counter({ name, help, labelNames: [...labelNames], registers: [this.prom], ...collector(collect) });
   }
+
   /** Registers (or returns the existing) gauge; `collect` runs before each render. */
   gauge(name: string, help: string, labelNames: readonly string[] = [], collect?: (g: Gauge) => void): Gauge {
-    const g: Gauge = new Gauge(name, help, labelNames, collect ? () => collect(g) : undefined);
-    return this.add(g);
+    return this.existing(name, Gauge, labelNames) ?? new Gauge({ name, help, labelNames: [...labelNames], registers: [this.prom], ...collector(collect) });
   }
+
   /** Registers (or returns the existing) histogram. */
-  histogram(name: string, help: string, labelNames: readonly string[] = [], buckets?: readonly number[]): Histogram {
-    return this.add(new Histogram(name, help, labelNames, buckets));
+  histogram(name: string, help: string, labelNames: readonly string[] = [], buckets: readonly number[] = DEFAULT_LATENCY_BUCKETS): Histogram {
+    return this.existing(name, Histogram, labelNames) ?? new Histogram({ name, help, labelNames: [...labelNames], buckets: [...buckets], registers: [this.prom] });
   }
+
   /** The whole registry in the Prometheus text exposition format. */
-  render(): string {
-    const out: string[] = [];
-    for (const m of this.metrics.values()) m.render(out);
-    return out.join("\n") + "\n";
+  render(): Promise<string> {
+    return this.prom.metrics();
+  }
+
+  /** The content type of {@link render}'s text. */
+  get contentType(): string {
+    return this.prom.contentType;
   }
 }
 
-/** Creates a registry with process metrics and `kmi_build_info`. */
+/** Creates a registry with prom-client's process and Node.js metrics and `kmi_build_info`. */
 export function createMetricsRegistry(): MetricsRegistry {
   const r = new MetricsRegistry();
   r.gauge("kmi_build_info", "kmi version; always 1.", ["version"]).labels(VERSION).set(1);
-  const startSeconds = Math.round(Date.now() / 1000 - process.uptime());
-  r.gauge("process_start_time_seconds", "Start time of the process since the Unix epoch, in seconds.").set(startSeconds);
-  r.gauge("process_resident_memory_bytes", "Resident memory size, in bytes.", [], (g) => g.set(process.memoryUsage.rss()));
+  collectDefaultMetrics({ register: r.prom });
+  // Kept under its earlier name for existing dashboards (prom-client's is nodejs_heap_size_used_bytes).
   r.gauge("nodejs_heap_used_bytes", "V8 heap used, in bytes.", [], (g) => g.set(process.memoryUsage().heapUsed));
-  r.gauge("process_cpu_seconds_total", "User and system CPU time spent, in seconds.", [], (g) => {
-    const u = process.cpuUsage();
-    g.set((u.user + u.system) / 1e6);
-  });
   return r;
 }
 
@@ -303,11 +125,43 @@ export interface RpcMetrics {
   method(service: string, method: string, type: string): MethodMetrics;
 }
 
-/** Registers the per-RPC metrics on `registry`. */
+/** One series of a counter that the hot path counts in a plain number, read at scrape time. */
+interface CountedSeries {
+  readonly labels: Readonly<Record<string, string>>;
+  n: number;
+}
+
+/** A counter whose series are plain numbers on the hot path, handed to prom-client when scraped. */
+function scrapedCounter(registry: MetricsRegistry, name: string, help: string, labelNames: readonly string[]): CountedSeries[] {
+  const series: CountedSeries[] = [];
+  registry.counter(name, help, labelNames, (c) => {
+    c.reset();
+    for (const s of series) c.inc(s.labels, s.n);
+  });
+  return series;
+}
+
+/** The per-RPC series of a registry: one set however many servers record into it. */
+const rpcSeries = new WeakMap<MetricsRegistry, { started: CountedSeries[]; handled: CountedSeries[] }>();
+
+/**
+ * Registers the per-RPC metrics on `registry`. Why the two counters count in plain numbers
+ * that prom-client reads at scrape time: a prom-client `inc()` validates and hashes the labels
+ * on every call. Measured per call (started + handled) on the 2-core dev machine: ~5.4 us with
+ * every recorder in prom-client, ~1.3 us with these two counters scraped (the histogram and
+ * the gauge still recorded directly), against ~40-50 us of server CPU per agent call.
+ */
 export function createRpcMetrics(registry: MetricsRegistry): RpcMetrics {
   const labels = ["grpc_type", "grpc_service", "grpc_method"];
-  const started = registry.counter("grpc_server_started_total", "RPCs started on the server.", labels);
-  const handled = registry.counter("grpc_server_handled_total", "RPCs completed on the server, by code.", [...labels, "grpc_code"]);
+  let counted = rpcSeries.get(registry);
+  if (counted === undefined) {
+    counted = {
+      started: scrapedCounter(registry, "grpc_server_started_total", "RPCs started on the server.", labels),
+      handled: scrapedCounter(registry, "grpc_server_handled_total", "RPCs completed on the server, by code.", [...labels, "grpc_code"]),
+    };
+    rpcSeries.set(registry, counted);
+  }
+  const { started, handled } = counted;
   const seconds = registry.histogram("grpc_server_handling_seconds", "Time from the start of an RPC to its end, in seconds.", labels);
   const inFlight = registry.gauge("grpc_server_in_flight", "RPCs in progress.", []);
   const cache = new Map<string, MethodMetrics>();
@@ -316,23 +170,24 @@ export function createRpcMetrics(registry: MetricsRegistry): RpcMetrics {
       const key = `${type}/${service}/${method}`;
       const hit = cache.get(key);
       if (hit !== undefined) return hit;
-      const s = started.labels(type, service, method);
+      const s: CountedSeries = { labels: { grpc_type: type, grpc_service: service, grpc_method: method }, n: 0 };
+      started.push(s);
       const h = seconds.labels(type, service, method);
-      const byCode: (CounterChild | undefined)[] = [];
-      const inFlightAll = inFlight.labels();
+      const byCode: (CountedSeries | undefined)[] = [];
       const m: MethodMetrics = {
         started() {
-          s.inc();
-          inFlightAll.inc();
+          s.n++;
+          inFlight.inc();
         },
         handled(code, secs) {
-          inFlightAll.dec();
+          inFlight.dec();
           let c = byCode[code];
           if (c === undefined) {
-            c = handled.labels(type, service, method, GRPC_CODE_LABELS[code] ?? String(code));
+            c = { labels: { ...s.labels, grpc_code: GRPC_CODE_LABELS[code] ?? String(code) }, n: 0 };
+            handled.push(c);
             byCode[code] = c;
           }
-          c.inc();
+          c.n++;
           h.observe(secs);
         },
       };
@@ -361,9 +216,16 @@ export async function startMetricsServer(registry: MetricsRegistry, listen: List
       res.writeHead(404, { "content-type": "text/plain" }).end("not found; try GET /metrics\n");
       return;
     }
-    const body = registry.render();
-    res.writeHead(200, { "content-type": "text/plain; version=0.0.4; charset=utf-8" });
-    res.end(req.method === "HEAD" ? undefined : body);
+    registry.render().then(
+      (body) => {
+        res.writeHead(200, { "content-type": registry.contentType });
+        res.end(req.method === "HEAD" ? undefined : body);
+      },
+      (err: unknown) => {
+        logger.warn("metrics: a collector failed", { err });
+        res.writeHead(500, { "content-type": "text/plain" }).end("a metrics collector failed; see the log\n");
+      },
+    );
   });
   http.keepAliveTimeout = 5000;
   let address: string;

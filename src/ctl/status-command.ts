@@ -1,12 +1,12 @@
 /**
  * `kmi ctl status`: the health summary of every part of the mesh, the same entries `kmi up
- * --json` prints (src/common/mesh-health.ts): the KDC (--kdc, always asked), and the parts whose
+ * --json` prints (src/clients/mesh-health.ts): the KDC (--kdc, always asked), and the parts whose
  * address is given: the Auditserver (--audit), a machine's agent (--agent-socket) and proxy
  * (--proxy-metrics). A table for people, `--json` for scripts. A part that does not answer is shown as unreachable with the
  * error; the command still prints everything else, and exits 1 when any part asked is not
  * healthy.
  */
-import { agentHealth, auditHealth, kdcHealth, proxyHealth, serverClients, type PartHealth } from "../common/mesh-health.js";
+import { agentHealth, auditHealth, kdcHealth, proxyHealth, serverClients, type PartHealth } from "../clients/mesh-health.js";
 import { VERSION } from "../common/version.js";
 import { auditConnectionFlags, DEFAULT_AUDIT_URL } from "./audit-commands.js";
 import { connectionSettings, DEFAULT_KDC_URL, kdcConnectionFlags, type ConnectionSettings } from "./client.js";

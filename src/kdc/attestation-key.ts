@@ -9,7 +9,7 @@ import { readFile } from "node:fs/promises";
 import { attestationKeyId, toP256PublicKey } from "../attest/index.js";
 import { FailedPrecondition, Unavailable } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
-import { backoffMs, sleep } from "./audit-client.js";
+import { backoffMs, sleep } from "../common/backoff.js";
 import type { AttestationKeyProvider } from "./context.js";
 
 /** No key configured at all: every distribution call says how to configure one. */

@@ -37,23 +37,3 @@ export function createAuditClient(o: AuditClientOptions): AuditClient {
   });
   return { client: createClient(AuditService, transport), close };
 }
-
-/** Exponential backoff with full jitter between `initialMs` and `min(maxMs, initialMs·2^(n-1))`. */
-export function backoffMs(failures: number, initialMs: number, maxMs: number, random = Math.random): number {
-  const cap = Math.min(maxMs, initialMs * 2 ** Math.min(30, Math.max(0, failures - 1)));
-  return Math.round(initialMs + random() * (cap - initialMs));
-}
-
-/** An abortable sleep; resolves early (without error) when `signal` aborts. */
-export function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
-    const done = () => {
-      clearTimeout(t);
-      signal.removeEventListener("abort", done);
-      resolve();
-    };
-    const t = setTimeout(done, ms);
-    signal.addEventListener("abort", done, { once: true });
-  });
-}

@@ -1,12 +1,12 @@
 /**
  * Entry point of `kmi kdc` (serve), `kmi kdc init`, and `kmi kdc backup` / `kmi kdc restore`
- * (./backup.ts).
+ * (./backup/cli.ts).
  */
 import { ConfigError, formatHelp, loadConfig } from "../common/config.js";
 import { isKmiError } from "../common/errors.js";
 import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger, parseLogLevel } from "../common/logger.js";
-import { backupMain, restoreMain } from "./backup.js";
+import { backupMain, restoreMain } from "./backup/cli.js";
 import { initProgram, parseLease, serveProgram } from "./config.js";
 import { dataPaths, initKdc } from "./init.js";
 import { KdcServer } from "./server.js";

@@ -6,6 +6,7 @@
  */
 import type { HandlerContext } from "@connectrpc/connect";
 import { isKmiError, Unauthenticated } from "../common/errors.js";
+import { recordRefusal, refusalMessage } from "../common/refusal-audit.js";
 import { kPeer, kPeerAddress, peerSource } from "../common/rpc.js";
 import { actorOf, authenticateToken, authorize, callerFromPeer, type Caller, type Requirement } from "./authz.js";
 import type { KdcContext } from "./context.js";
@@ -76,25 +77,23 @@ export async function handle<Req, In, Out>(ctx: KdcContext, hctx: HandlerContext
     authorize(caller, call.need(input));
     return await call.act(caller, input);
   } catch (err) {
-    const code = isKmiError(err) ? err.code : "internal";
-    if (call.action !== undefined || code === "permission_denied") {
-      const action = call.action ?? `${hctx.method.parent.name}.${hctx.method.name}`;
-      try {
-        const details: Record<string, string> = { error: clean(isKmiError(err) ? err.message : "internal error (see the server log)") };
-        if (call.auth === "machine") {
-          const peer = hctx.values.get(kPeer);
-          if (peer !== undefined) details["peer_cert_sha256"] = peer.fingerprint256;
-          // The token is a bearer credential for its lifetime: only its keyed hash is logged.
-          details["attestation_token"] = token === "" ? "none" : ctx.sealer.keyedHash(token);
-        }
-        const who = refusalActor(caller, call.auth, hctx);
-        const entry = { actor: actorOf(who), action, target: clean(safeTarget(call, req)), outcome: `refused: ${code}`, details };
-        // A caller that proved nothing writes within a budget per address (a flood must not fill the disk).
-        if (who.kind === "anonymous") await ctx.audit.appendUnauthenticated(entry, peerSource(hctx.values.get(kPeerAddress)));
-        else await ctx.audit.append(entry);
-      } catch (auditErr) {
-        ctx.logger.error("cannot write the audit entry of a refused call", { action, err: auditErr });
+    if (call.action !== undefined || (isKmiError(err) && err.code === "permission_denied")) {
+      const details: Record<string, string> = { error: clean(refusalMessage(err)) };
+      if (call.auth === "machine") {
+        const peer = hctx.values.get(kPeer);
+        if (peer !== undefined) details["peer_cert_sha256"] = peer.fingerprint256;
+        // The token is a bearer credential for its lifetime: only its keyed hash is logged.
+        details["attestation_token"] = token === "" ? "none" : ctx.sealer.keyedHash(token);
       }
+      const who = refusalActor(caller, call.auth, hctx);
+      await recordRefusal(ctx.audit, ctx.logger, {
+        actor: actorOf(who),
+        action: call.action ?? `${hctx.method.parent.name}.${hctx.method.name}`,
+        target: clean(safeTarget(call, req)),
+        details,
+        // A caller that proved nothing writes within a budget per address (a flood must not fill the disk).
+        source: who.kind === "anonymous" ? peerSource(hctx.values.get(kPeerAddress)) : undefined,
+      }, err);
     }
     throw err;
   }

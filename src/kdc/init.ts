@@ -20,7 +20,7 @@ import { Role } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { CredentialRecordSchema, KdcMetaRecordSchema, TokenRecordSchema, type CredentialRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import { AuditLog } from "../storage/audit-log.js";
 import { openLevelStore, type LevelStore } from "../storage/level-store.js";
-import { createMasterKeyFile, loadMasterKey, parseMasterKey } from "../storage/master-key.js";
+import { initServerMasterKey, loadServerMasterKey, type MasterKeyOptions } from "../storage/master-key.js";
 import type { BatchOp } from "../storage/store.js";
 import type { AttestationKeyProvider, CertificateFactory, Clock, KdcContext, Sealer } from "./context.js";
 import { CREDENTIAL, credentialAad, KDC_SCHEMA_VERSION, KdcStore, put } from "./kdc-store.js";
@@ -51,12 +51,7 @@ export function dataPaths(dataDir: string, masterKeyFile?: string) {
 }
 
 /** Where the master key comes from. */
-export interface MasterKeyOptions {
-  /** Base64 key from the environment or a flag, if any. */
-  masterKey?: string | undefined;
-  /** Key file; default <data-dir>/master.key. */
-  masterKeyFile?: string | undefined;
-}
+export type { MasterKeyOptions };
 
 /** Names for the KDC's TLS certificate beyond localhost, 127.0.0.1 and ::1. */
 export interface TlsNames {
@@ -100,13 +95,7 @@ export async function openKdcStore(dataDir: string, createIfMissing: boolean): P
 
 /** Loads the master key for an initialized data directory. */
 export async function loadKdcMasterKey(dataDir: string, opts: MasterKeyOptions): Promise<Buffer> {
-  if (opts.masterKey !== undefined && opts.masterKey !== "") {
-    if (opts.masterKeyFile !== undefined) {
-      throw new FailedPrecondition("master key: both KMI_KDC_MASTER_KEY (or --master-key) and --master-key-file are set; set only one");
-    }
-    return parseMasterKey(opts.masterKey, "KMI_KDC_MASTER_KEY");
-  }
-  return loadMasterKey({ file: dataPaths(dataDir, opts.masterKeyFile).masterKey });
+  return loadServerMasterKey(opts, "KMI_KDC_MASTER_KEY", dataPaths(dataDir).masterKey);
 }
 
 /** Makes a certificate+sealed-key credential record. */
@@ -160,18 +149,8 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
     if ((await kdcStore.getMeta()) !== undefined) {
       throw new AlreadyExists(`data dir ${opts.dataDir} is initialized already; run \`kmi kdc --data-dir ${opts.dataDir}\`, or init another directory`);
     }
-    let key: Buffer;
-    let keyFile: string | undefined;
-    if (opts.masterKey !== undefined && opts.masterKey !== "") {
-      key = parseMasterKey(opts.masterKey, "KMI_KDC_MASTER_KEY");
-    } else if (await pathExists(paths.masterKey)) {
-      // Left by an init that stopped before its batch: nothing was sealed with it yet, reuse it.
-      key = await loadMasterKey({ file: paths.masterKey });
-      keyFile = paths.masterKey;
-    } else {
-      key = (await createMasterKeyFile(paths.masterKey)).key;
-      keyFile = paths.masterKey;
-    }
+    // A key file left by an init that stopped before its batch sealed nothing yet: it is reused.
+    const { key, keyFile } = await initServerMasterKey(opts.masterKey, "KMI_KDC_MASTER_KEY", paths.masterKey);
     const sealer = createSealer(key);
     key.fill(0);
     const now = clock.now();

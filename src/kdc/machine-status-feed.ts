@@ -10,7 +10,7 @@ import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Logger } from "../common/logger.js";
 import { MachineStatus, type MachineStatusChange, type WatchMachineStatusResponse } from "../gen/kmi/audit/v1/audit_pb.js";
-import { backoffMs, sleep } from "./audit-client.js";
+import { backoffMs, sleep } from "../common/backoff.js";
 import type { MachineStatusUpdate, QuarantineRegistry } from "./quarantine.js";
 
 /** Options of the feed. */

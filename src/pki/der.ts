@@ -4,7 +4,9 @@
  * Why hand-written: the agent's leaf builder runs once per new origin on the proxy's hot path,
  * and building pkijs/asn1js object trees costs ~0.9 ms per certificate, while the ECDSA
  * signature costs ~25 us. Encoding bytes directly removes that overhead. Everything here is
- * strict DER (definite, minimal lengths; single-byte tags), which is all X.509 needs.
+ * strict DER (definite, minimal lengths; single-byte tags), which is all X.509 needs. Kept
+ * hand-written on that measurement (#12); the leaves it builds are checked against pkijs and
+ * `openssl x509` in the tests.
  */
 
 /** Universal and context tag bytes used by X.509. */

@@ -67,12 +67,10 @@ export {
 export {
   createLeafIssuer,
   MAX_COMMON_NAME_LENGTH,
-  measureRate,
   type IssuedLeaf,
   type IssueLeafRequest,
   type LeafIssuer,
   type LeafIssuerOptions,
-  type RateMeasurement,
 } from "./leaf.js";
 export { certificateInfo, sha256Fingerprint, type CertificateInfo } from "./inspect.js";
 export { verifyChain, type ChainVerification, type VerifyChainOptions } from "./verify.js";

@@ -315,32 +315,3 @@ export function createLeafIssuer(options: LeafIssuerOptions): LeafIssuer {
     issueLeafDetailed,
   };
 }
-
-/** Throughput of a repeated call. */
-export interface RateMeasurement {
-  /** Calls completed. */
-  readonly count: number;
-  /** Wall time taken, seconds. */
-  readonly seconds: number;
-  /** count / seconds. */
-  readonly perSecond: number;
-}
-
-/**
- * Calls `fn` repeatedly for about `durationMs` (after `warmup` untimed calls) and reports the
- * rate; used to measure leaf issuance (e.g. `measureRate(() => issuer.issueLeaf(req))`).
- */
-export function measureRate(fn: () => unknown, durationMs = 1000, warmup = 200): RateMeasurement {
-  for (let i = 0; i < warmup; i++) fn();
-  const start = process.hrtime.bigint();
-  const deadline = start + BigInt(Math.round(durationMs * 1e6));
-  let count = 0;
-  let now = start;
-  while (now < deadline) {
-    for (let i = 0; i < 50; i++) fn();
-    count += 50;
-    now = process.hrtime.bigint();
-  }
-  const seconds = Number(now - start) / 1e9;
-  return { count, seconds, perSecond: count / seconds };
-}

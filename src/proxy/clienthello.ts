@@ -6,6 +6,13 @@
  * The ClientHello may span several TLS records (post-quantum key shares make it ~1.8 KiB, a
  * client may fragment it anyway); {@link parseClientHello} reassembles the handshake message
  * across records and says when it needs more bytes.
+ *
+ * Why hand-written (a missing API, #12): node:tls reads the ClientHello only inside a TLS
+ * handshake it is already serving, and its hooks there (`SNICallback`, `ALPNCallback`) must
+ * answer before the proxy could ask the origin, which it has to do first (to copy the origin's
+ * protocol choice and refuse or bypass before any leaf is shown); no well-kept npm package
+ * parses a ClientHello from bytes. This reads only the record and handshake framing, SNI and
+ * ALPN, bounded by MAX_CLIENT_HELLO_BYTES.
  */
 
 /** Largest ClientHello the proxy waits for (records plus headers); real ones are < 8 KiB. */

@@ -16,7 +16,7 @@ import { connect as netConnect, isIP, type Socket } from "node:net";
 import { TLSSocket } from "node:tls";
 import type { Duplex } from "node:stream";
 import type { AccessRecord, Decision } from "./access-log.js";
-import { AgentCallError } from "./agent-client.js";
+import { AgentCallError } from "../clients/agent-client.js";
 import { rawHttpResponse, renderBlockPage, type BlockPage } from "./block-page.js";
 import { parseClientHello, type ClientHello } from "./clienthello.js";
 import type { ClientInfo, ProxyContext } from "./context.js";
@@ -353,7 +353,7 @@ export class Interceptor {
       const b = policy.blockedHost(host);
       if (b !== undefined) {
         tcp.destroy();
-        return this.servePage(socket, peek.data, hello, host, renderBlockPage(403, host, "the host matches a block rule", ruleId(b)), rec, log, "block", ruleId(b));
+        return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(403, host, "the host matches a block rule", ruleId(b)), decision: "block", rule: ruleId(b) });
       }
       const bp = policy.bypassedHost(host);
       if (bp !== undefined) return this.tunnel(socket, tcp, peek.data, rec, ruleId(bp), log);
@@ -372,13 +372,13 @@ export class Interceptor {
     if (origin.kind === "client-cert") {
       ctx.learned.markClientCert(originKey);
       if (policy.clientCertOrigins === "bypass") return this.retunnel(socket, target, peek.data, rec, log);
-      return this.servePage(socket, peek.data, hello, host, renderBlockPage(502, host, origin.reason, "client-cert", "block"), rec, log, "block", "client-cert");
+      return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(502, host, origin.reason, "client-cert", "block"), decision: "block", rule: "client-cert" });
     }
     if (origin.kind === "unverified") {
-      return this.servePage(socket, peek.data, hello, host, renderBlockPage(502, host, origin.reason, "origin-verify", "block"), rec, log, "block", "origin-verify");
+      return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(502, host, origin.reason, "origin-verify", "block"), decision: "block", rule: "origin-verify" });
     }
     if (origin.kind === "failed") {
-      return this.servePage(socket, peek.data, hello, host, renderBlockPage(502, host, origin.reason, "origin-tls"), rec, log, "error", "origin-tls");
+      return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(502, host, origin.reason, "origin-tls"), decision: "error", rule: "origin-tls" });
     }
     const osock = origin.socket;
     // A TLS 1.3 origin that wants a client certificate says so only after its handshake.
@@ -404,7 +404,7 @@ export class Interceptor {
               ? [503, "leaf-rejected", err.message]
               : [503, "leaf-error", (err as Error).message];
       if (!(err instanceof IssuanceRefused)) ctx.logger.warn("leaf issuance failed", { tenant: client.tenant, host, error: err as Error });
-      return this.servePage(socket, peek.data, hello, host, renderBlockPage(status, host, why, rule), rec, log, "error", rule);
+      return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(status, host, why, rule), decision: "error", rule });
     }
     if (socket.destroyed) {
       osock.destroy();
@@ -415,9 +415,9 @@ export class Interceptor {
       if (isClientCertRequired(lateError)) {
         ctx.learned.markClientCert(originKey);
         if (policy.clientCertOrigins === "bypass") return this.retunnel(socket, target, peek.data, rec, log);
-        return this.servePage(socket, peek.data, hello, host, renderBlockPage(502, host, "origin demands a client certificate", "client-cert", "block"), rec, log, "block", "client-cert");
+        return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(502, host, "origin demands a client certificate", "client-cert", "block"), decision: "block", rule: "client-cert" });
       }
-      return this.servePage(socket, peek.data, hello, host, renderBlockPage(502, host, `origin ${describeError(lateError)}`, "origin-tls"), rec, log, "error", "origin-tls");
+      return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(502, host, `origin ${describeError(lateError)}`, "origin-tls"), decision: "error", rule: "origin-tls" });
     }
 
     // Terminate the client's TLS with the leaf and the origin's protocol choice.
@@ -568,18 +568,9 @@ export class Interceptor {
     );
   }
 
-  /** Answers with `page` under a leaf of the untrusted kmi-blocked CA. */
-  private servePage(
-    socket: Socket,
-    data: Buffer,
-    hello: ClientHello,
-    host: string,
-    page: BlockPage,
-    rec: AccessRecord,
-    log: (d: Decision, rule: string | undefined, error?: string) => void,
-    decision: Decision,
-    rule: string,
-  ): void {
+  /** Answers with `o.page` under a leaf of the untrusted kmi-blocked CA. */
+  private servePage(o: PageAnswer): void {
+    const { socket, data, hello, host, page, rec, log, decision, rule } = o;
     rec.status = page.status;
     log(decision, rule, page.headers["x-kmi-reason"]);
     this.ctx.counters.connect(decision);
@@ -606,6 +597,25 @@ export class Interceptor {
       this.pages.emit("connection", tls);
     });
   }
+}
+
+/** A page served instead of the origin on a tunnel (see `Interceptor.servePage`). */
+interface PageAnswer {
+  /** The client's socket. */
+  readonly socket: Socket;
+  /** The bytes peeked from it (the ClientHello), put back for the TLS layer. */
+  readonly data: Buffer;
+  /** The client's ClientHello. */
+  readonly hello: ClientHello;
+  /** The host the client asked for. */
+  readonly host: string;
+  /** The tunnel's access-log record, and its logger. */
+  readonly rec: AccessRecord;
+  readonly log: (d: Decision, rule: string | undefined, error?: string) => void;
+  /** The page, and how the log line reads. */
+  readonly page: BlockPage;
+  readonly decision: Decision;
+  readonly rule: string;
 }
 
 /**

@@ -11,7 +11,7 @@
 import { X509Certificate, createHash, generateKeyPairSync, randomBytes } from "node:crypto";
 import { createSecureContext } from "node:tls";
 import type { IssueLeafCertificateResponse } from "../gen/kmi/agent/v1/agent_pb.js";
-import { AgentCallError, type LeafIssuer } from "./agent-client.js";
+import { AgentCallError, type LeafIssuer } from "../clients/agent-client.js";
 import type { LeafEntry } from "./leaf-cache.js";
 import { leafNames, type OriginCertificate } from "./origin-cert.js";
 

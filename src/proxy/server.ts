@@ -13,7 +13,7 @@ import type { Logger } from "../common/logger.js";
 import { KeyEventType, KeyState, type WatchKeysResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { KeyPurpose } from "../gen/kmi/common/v1/common_pb.js";
 import { createAccessLog, type AccessLog } from "./access-log.js";
-import { AgentClient, type KeyWatch, type LeafIssuer } from "./agent-client.js";
+import { AgentClient, type KeyWatch, type LeafIssuer } from "../clients/agent-client.js";
 import { BlockedCa } from "./blocked-ca.js";
 import { rawHttpResponse, renderBlockPage } from "./block-page.js";
 import type { ClientInfo, ProxyContext, ProxyCounters, ProxyLimits } from "./context.js";

@@ -8,6 +8,7 @@ import { link, open as openFile, unlink } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { randomBytes } from "node:crypto";
 import { AlreadyExists, FailedPrecondition, InvalidArgument } from "../common/errors.js";
+import { pathExists } from "../common/fs.js";
 import { KEY_BYTES, masterKeyId } from "./seal.js";
 
 export { masterKeyId } from "./seal.js";
@@ -63,6 +64,45 @@ export async function loadMasterKey(source: MasterKeySource): Promise<Buffer> {
   if (env !== undefined) return parseMasterKey(env, envName);
   if (file !== undefined) return readMasterKeyFile(file);
   throw new FailedPrecondition(`master key: none given; set ${envName} or a master key file (made by init)`);
+}
+
+/** How a server (KDC, Auditserver) is given its master key: a base64 value, or a key file. */
+export interface MasterKeyOptions {
+  /** Base64 key from the environment or a flag, if any. */
+  masterKey?: string | undefined;
+  /** Key file; default <data-dir>/master.key. */
+  masterKeyFile?: string | undefined;
+}
+
+/**
+ * The master key of a server's initialized data directory: `opts.masterKey` (base64; `envName`
+ * names it in messages), else the key file (`opts.masterKeyFile`, else `defaultFile`). A value
+ * and an explicit file together are refused.
+ */
+export async function loadServerMasterKey(opts: MasterKeyOptions, envName: string, defaultFile: string): Promise<Buffer> {
+  if (opts.masterKey !== undefined && opts.masterKey !== "") {
+    if (opts.masterKeyFile !== undefined) {
+      throw new FailedPrecondition(`master key: both ${envName} (or --master-key) and --master-key-file are set; set only one`);
+    }
+    return parseMasterKey(opts.masterKey, envName);
+  }
+  return loadMasterKey({ file: opts.masterKeyFile ?? defaultFile });
+}
+
+/**
+ * The master key for a server's init: the given base64 value (no file), else the key file at
+ * `file` when it exists (left by an init that stopped before its batch, or the directory's
+ * own), else a new key file. `keyFile` is the file the key is in, if any.
+ */
+export async function initServerMasterKey(masterKey: string | undefined, envName: string, file: string): Promise<{ key: Buffer; keyFile?: string }> {
+  if (masterKey !== undefined && masterKey !== "") return { key: parseMasterKey(masterKey, envName) };
+  return { key: await readOrCreateMasterKeyFile(file), keyFile: file };
+}
+
+/** Reads the key file at `path` (checked as `readMasterKeyFile` does), or creates it when it does not exist. */
+export async function readOrCreateMasterKeyFile(path: string): Promise<Buffer> {
+  if (await pathExists(path)) return readMasterKeyFile(path);
+  return (await createMasterKeyFile(path)).key;
 }
 
 /** Reads and checks a master key file; see `loadMasterKey`. */

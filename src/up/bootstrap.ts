@@ -12,7 +12,7 @@ import { createInterface } from "node:readline";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { measureFiles, measureValue, type MeasurementValue } from "../attest/index.js";
 import { VERSION } from "../common/version.js";
-import type { ServerClients } from "../common/mesh-health.js";
+import type { ServerClients } from "../clients/mesh-health.js";
 import type { Layout, PartName } from "./layout.js";
 import type { Progress } from "./progress.js";
 import { pathExists } from "../common/fs.js";

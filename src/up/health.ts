@@ -1,11 +1,11 @@
 /**
  * The health summary of the mesh `kmi up` runs: what `kmi up --json` prints once ready and what
  * `kmi up status` prints at any time. Each part's entry is what the part itself reports (asked
- * by src/common/mesh-health.ts, which `kmi ctl status` shares) plus whether its process runs;
+ * by src/clients/mesh-health.ts, which `kmi ctl status` shares) plus whether its process runs;
  * then where the trust files are and the `kmi ctl` environment for this mesh.
  */
 import { access } from "node:fs/promises";
-import { agentHealth, auditHealth, kdcHealth, proxyHealth, type ServerClients } from "../common/mesh-health.js";
+import { agentHealth, auditHealth, kdcHealth, proxyHealth, type ServerClients } from "../clients/mesh-health.js";
 import { VERSION } from "../common/version.js";
 import type { Layout, PartName } from "./layout.js";
 

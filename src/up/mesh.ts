@@ -19,7 +19,7 @@ import { Progress } from "./progress.js";
 import type { UpConfig, TcpAddress } from "./config.js";
 import { layout, PARTS, type Layout, type PartName } from "./layout.js";
 import { PartStartError, Supervisor, summarizeLogLines, type PartDefinition, type PartProcess } from "./supervisor.js";
-import { AgentStatusClient, attestationWord, heldVersions, isServing, serverClients, tcpOpen, type ServerClients } from "../common/mesh-health.js";
+import { AgentStatusClient, attestationWord, heldVersions, isServing, serverClients, tcpOpen, type ServerClients } from "../clients/mesh-health.js";
 import {
   StepError,
   agentEnrolled,
@@ -42,6 +42,7 @@ import { isKmiProcess, pidAlive, readRunState, removeRunState, writeRunState, ty
 import { healthSummary, ctlEnv, type ProcessInfo } from "./health.js";
 import { AttestationState, type GetStatusResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { VERSION } from "../common/version.js";
+import { sleep } from "../common/backoff.js";
 
 /** What `kmi up` needs from its surroundings (the process, in production). */
 export interface UpIo {
@@ -68,21 +69,6 @@ export interface UpIo {
 /** The user asked to stop (a signal). */
 class StopRequested extends Error {
   override name = "StopRequested";
-}
-
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal.aborted) return reject(signal.reason);
-    const t = setTimeout(() => {
-      signal.removeEventListener("abort", onAbort);
-      resolve();
-    }, ms);
-    const onAbort = () => {
-      clearTimeout(t);
-      reject(signal.reason);
-    };
-    signal.addEventListener("abort", onAbort, { once: true });
-  });
 }
 
 /** Rejects when `signal` aborts, else settles as `p` does (whose later rejection is then ignored). */
@@ -115,6 +101,7 @@ async function poll<T>(fn: () => Promise<T | undefined>, signal: AbortSignal, in
       // not yet
     }
     await sleep(intervalMs, signal);
+    signal.throwIfAborted();
   }
 }
 
@@ -570,6 +557,7 @@ async function waitForAgentKey(
       throw new StepError("agent", `no key of tenant ${cfg.tenant} after ${Math.round(cfg.readyTimeoutMs / 1000)} s (${why.trim()})`, proc.tail(12));
     }
     await sleep(250, signal);
+    signal.throwIfAborted();
   }
 }
 

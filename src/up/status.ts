@@ -4,7 +4,7 @@
  */
 import { readFile } from "node:fs/promises";
 import type { UpConfig } from "./config.js";
-import { serverClients } from "../common/mesh-health.js";
+import { serverClients } from "../clients/mesh-health.js";
 import { healthSummary, type HealthSummary, type ProcessInfo } from "./health.js";
 import { layout, PARTS, type PartName } from "./layout.js";
 import { isKmiProcess, pidAlive, readRunState } from "./run-state.js";

@@ -76,8 +76,8 @@ export interface Spawned {
   stdout(): string;
   /** stderr so far. */
   stderr(): string;
-  /** Resolves with the first stdout line that matches, or rejects on exit or timeout. */
-  waitForLine(match: RegExp, timeoutMs?: number): Promise<string>;
+  /** Resolves with the first line of `stream` (default stdout) that matches, or rejects on exit or timeout. */
+  waitForLine(match: RegExp, timeoutMs?: number, stream?: "stdout" | "stderr"): Promise<string>;
   /** Resolves with the exit code and signal. */
   exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   /** Kills the process (SIGKILL) if it still runs. */
@@ -96,7 +96,10 @@ export function spawnProcess(cmd: string, args: readonly string[], opts: RunOpti
     out += d;
     for (const w of [...waiters]) w();
   });
-  child.stderr?.setEncoding("utf8").on("data", (d: string) => (err += d));
+  child.stderr?.setEncoding("utf8").on("data", (d: string) => {
+    err += d;
+    for (const w of [...waiters]) w();
+  });
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
     child.once("exit", (code, signal) => {
       resolve({ code, signal });
@@ -113,10 +116,10 @@ export function spawnProcess(cmd: string, args: readonly string[], opts: RunOpti
     kill() {
       if (!done) child.kill("SIGKILL");
     },
-    waitForLine(match, timeoutMs = 20_000) {
+    waitForLine(match, timeoutMs = 20_000, stream = "stdout") {
       return new Promise((resolve, reject) => {
         const check = () => {
-          const line = out.split("\n").find((l) => match.test(l));
+          const line = (stream === "stdout" ? out : err).split("\n").find((l) => match.test(l));
           if (line !== undefined) {
             cleanup();
             resolve(line);

@@ -14,7 +14,7 @@ import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createKeyAgentService } from "../../../src/agent/agent-service.js";
-import { WORKLOAD_HEADER, WORKLOAD_HEADER_VALUE } from "../../../src/agent/workload.js";
+import { WORKLOAD_HEADER, WORKLOAD_HEADER_VALUE } from "../../../src/clients/workload-header.js";
 import { GrpcServer } from "../../../src/common/grpc-server.js";
 import { serviceRegistration } from "../../../src/common/rpc.js";
 import { KeyAgentService, SignatureAlgorithm } from "../../../src/gen/kmi/agent/v1/agent_pb.js";

@@ -61,7 +61,8 @@ describe.each(["connect", "grpc"])("%s stack as a process", (stack) => {
       expect((await unary(tlsKdc, "GetTrustBundle", {})).ok).toBe(true);
       const slowUnix = unary(kdc, "GetTrustBundle", {}, { "kmi-fixture-delay-ms": "1200" });
       const slowTls = unary(tlsKdc, "GetTrustBundle", {}, { "kmi-fixture-delay-ms": "1200" });
-      await new Promise((r) => setTimeout(r, 300));
+      // Both calls are in their handlers.
+      await p.waitForLine(/"delayed_calls":2\b/);
       const t0 = Date.now();
       expect(p.child.kill("SIGTERM")).toBe(true);
 
@@ -96,9 +97,10 @@ describe.each(["connect", "grpc"])("%s stack as a process", (stack) => {
     try {
       expect((await unary(kdc, "GetTrustBundle", {})).ok).toBe(true);
       void unary(kdc, "GetTrustBundle", {}, { "kmi-fixture-delay-ms": "20000" });
-      await new Promise((r) => setTimeout(r, 300));
+      await p.waitForLine(/"delayed_calls":1\b/);
       p.child.kill("SIGTERM");
-      await new Promise((r) => setTimeout(r, 300));
+      // Shutting down, and still waiting for the call.
+      await p.waitForLine(/"msg":"shutting down"/, 20_000, "stderr");
       expect(p.child.exitCode).toBe(null);
       p.child.kill("SIGINT");
       const exit = await p.exited;

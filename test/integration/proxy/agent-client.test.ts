@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createNopLogger } from "../../../src/common/logger.js";
 import { GetCertificateChainRequestSchema, GetCertificateChainResponseSchema, KeyEventType, type WatchKeysResponse } from "../../../src/gen/kmi/agent/v1/agent_pb.js";
 import { MemoryAccessLog } from "../../../src/proxy/access-log.js";
-import { AgentCallError, AgentClient } from "../../../src/proxy/agent-client.js";
+import { AgentCallError, AgentClient } from "../../../src/clients/agent-client.js";
 import { ProxyServer } from "../../../src/proxy/server.js";
 import { FixtureAgent } from "../../fixtures/proxy/fixture-agent.js";
 import { makeOriginPki, startOrigin } from "../../fixtures/proxy/origins.js";

@@ -159,8 +159,8 @@ function record(tenant: string, path: string, proto: Proto, method = "GET", more
   return h.log.waitFor((r) => r.tenant === tenant && r.path === path && r.proto === p && r.method === method && r.host === (proto === "plain" ? "127.0.0.1" : "localhost") && more(r), 20_000);
 }
 
-function counter(name: string, labels: string): number {
-  const line = metrics.render().split("\n").find((l) => l.startsWith(`${name}{${labels}}`) || (labels === "" && l.startsWith(`${name} `)));
+async function counter(name: string, labels: string): Promise<number> {
+  const line = (await metrics.render()).split("\n").find((l) => l.startsWith(`${name}{${labels}}`) || (labels === "" && l.startsWith(`${name} `)));
   return line === undefined ? 0 : Number(line.split(" ").pop());
 }
 
@@ -222,16 +222,16 @@ describe("uploads (REQMOD) through c-icap", () => {
   it("keeps ICAP connections alive: clean fetches share a pooled connection", async () => {
     for (let i = 0; i < 3; i++) expect(statusOf((await curl("acme", "http/1.1", "/clean")).stdout)).toBe(200);
     // A connection that carried a 200 (a finding) is closed; one that carried 204s stays, idle.
-    expect(counter("kmi_proxy_icap_connections", "")).toBeGreaterThanOrEqual(1);
-    expect(counter("kmi_proxy_icap_connections", "")).toBeLessThanOrEqual(2);
+    expect(await counter("kmi_proxy_icap_connections", "")).toBeGreaterThanOrEqual(1);
+    expect(await counter("kmi_proxy_icap_connections", "")).toBeLessThanOrEqual(2);
   });
 
-  it("counts the verdicts in kmi_proxy_icap_requests_total and the tenant's decisions", () => {
-    expect(counter("kmi_proxy_icap_requests_total", 'service="clamav",method="RESPMOD",result="infection"')).toBeGreaterThanOrEqual(6);
-    expect(counter("kmi_proxy_icap_requests_total", 'service="clamav",method="REQMOD",result="clean"')).toBeGreaterThanOrEqual(3);
-    expect(counter("kmi_proxy_icap_round_trips_total", 'service="clamav"')).toBeGreaterThan(0);
+  it("counts the verdicts in kmi_proxy_icap_requests_total and the tenant's decisions", async () => {
+    expect(await counter("kmi_proxy_icap_requests_total", 'service="clamav",method="RESPMOD",result="infection"')).toBeGreaterThanOrEqual(6);
+    expect(await counter("kmi_proxy_icap_requests_total", 'service="clamav",method="REQMOD",result="clean"')).toBeGreaterThanOrEqual(3);
+    expect(await counter("kmi_proxy_icap_round_trips_total", 'service="clamav"')).toBeGreaterThan(0);
 
-    expect(counter("kmi_proxy_decisions_total", 'decision="block",tenant="acme"')).toBeGreaterThanOrEqual(9);
+    expect(await counter("kmi_proxy_decisions_total", 'decision="block",tenant="acme"')).toBeGreaterThanOrEqual(9);
   });
 });
 
@@ -267,10 +267,10 @@ describe("per-tenant policy", () => {
   });
 
   it("a bad edit of the tenants file is refused, counted, and the old policy stays", async () => {
-    const failures = counter("kmi_proxy_policy_reload_failures_total", "");
+    const failures = await counter("kmi_proxy_policy_reload_failures_total", "");
     await writeTenants({ tenants: tenants().map((t) => (t.id === "beta" ? { ...t, policy: { icap: { respmod: { url: "http://not-icap" } } } } : t)) });
     expect(await h.proxy.context.policy.reload()).toBe(false);
-    expect(counter("kmi_proxy_policy_reload_failures_total", "")).toBe(failures + 1);
+    expect(await counter("kmi_proxy_policy_reload_failures_total", "")).toBe(failures + 1);
     expect(statusOf((await curl("beta", "h2", "/secret")).stdout)).toBe(403);
   });
 

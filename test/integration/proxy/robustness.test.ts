@@ -10,6 +10,7 @@ import { runInNewContext } from "node:vm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startOrigin, type Origin } from "../../fixtures/proxy/origins.js";
 import { connectTunnel, fdCount, run, startHarness, tlsViaProxy, type Harness } from "../../fixtures/proxy/harness.js";
+import { waitFor } from "../../helpers/process.js";
 
 let h: Harness;
 let good: Origin;
@@ -74,7 +75,7 @@ describe("bad clients", () => {
   it("survives every kind of bad client, and file descriptors return to the baseline", async () => {
     // Warm up: agent channel, leaf cache, origin sessions, curl once.
     await curlOk();
-    await new Promise((r) => setTimeout(r, 400));
+    await waitFor(() => (h.proxy.openConnections === 0 ? true : undefined), 10_000, "curl's connection to close");
     const baseline = await fdCount();
 
     // 1. TLS-looking garbage after the CONNECT: closed, logged.
@@ -101,15 +102,18 @@ describe("bad clients", () => {
     {
       const { socket } = await connectTunnel(h.port, `localhost:${good.port}`);
       socket.write(clientHello);
-      await new Promise((r) => setTimeout(r, 20));
+      // The proxy's first handshake flight: it read the ClientHello and is mid-handshake.
+      const flight = new Promise((r) => socket.once("data", r));
+      socket.resume();
+      await flight;
       socket.destroy();
     }
     // 5. Gone in the middle of an upload.
     {
       const t = await tlsViaProxy(h.port, "localhost", good.port, { ca: h.agent.rootPem("acme") });
       t.write(`POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n`);
-      t.write(Buffer.alloc(20_000, 0x41));
-      await new Promise((r) => setTimeout(r, 30));
+      // Flushed to the kernel before the close, so the proxy reads the partial body, then the end.
+      await new Promise((r) => t.write(Buffer.alloc(20_000, 0x41), r));
       t.destroy();
     }
     // 6. Gone in the middle of a download.
@@ -205,8 +209,8 @@ describe("bad clients", () => {
       const t = await tlsViaProxy(h.port, "localhost", good.port, { ca: h.agent.rootPem("acme") });
       if (body) {
         t.write(`POST ${path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n`);
-        t.write(Buffer.alloc(20_000, 0x41));
-        await new Promise((r) => setTimeout(r, 30));
+        // Flushed to the kernel before the close, so the proxy reads the partial body, then the end.
+        await new Promise((r) => t.write(Buffer.alloc(20_000, 0x41), r));
       } else {
         t.write(`GET ${path} HTTP/1.1\r\nHost: localhost\r\n\r\n`);
         await new Promise((r) => t.once("data", r));

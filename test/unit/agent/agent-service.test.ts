@@ -3,7 +3,7 @@ import { constants, createPublicKey, generateKeyPairSync, verify, X509Certificat
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { create } from "@bufbuild/protobuf";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
@@ -60,7 +60,7 @@ beforeEach(() => {
   h.holder.replaceAll([intermediateSecret(acme, DAY, now), intermediateSecret(shortLived, DAY, now), signingSecret(ecSigner, DAY, now), signingSecret(rsaSigner, DAY, now)]);
 });
 
-function leafRequest(overrides: Partial<IssueLeafCertificateRequest> = {}): IssueLeafCertificateRequest {
+function leafRequest(overrides: Omit<MessageInitShape<typeof IssueLeafCertificateRequestSchema>, "$typeName"> = {}): IssueLeafCertificateRequest {
   return create(IssueLeafCertificateRequestSchema, { tenantId: "acme", publicKey: leafSpki, dnsNames: ["www.example.com", "*.cdn.example.com"], ipAddresses: ["192.0.2.7"], ...overrides });
 }
 

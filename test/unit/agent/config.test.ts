@@ -3,7 +3,6 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { agentProgram, installDir, parseMeasure, resolveAgentConfig } from "../../../src/agent/config.js";
-import { backoff } from "../../../src/agent/kdc-link.js";
 import { ConfigError, loadConfig } from "../../../src/common/config.js";
 import { makeInfra } from "../../fixtures/agent/infra.js";
 
@@ -68,19 +67,5 @@ describe("agent configuration", () => {
     expect(() => parseMeasure("a=/x,a=/y")).toThrow(/appears twice/);
     expect(() => parseMeasure("a=relative")).toThrow(/must be absolute/);
     expect(() => parseMeasure("noequals")).toThrow(/is not name=path/);
-  });
-});
-
-describe("reconnect backoff", () => {
-  const timing = { reconnectInitialMs: 500, reconnectMaxMs: 30_000 };
-  it("grows exponentially, is capped, and is jittered", () => {
-    expect(backoff(1, timing, () => 1)).toBe(500);
-    expect(backoff(2, timing, () => 1)).toBe(1000);
-    expect(backoff(5, timing, () => 1)).toBe(8000);
-    expect(backoff(40, timing, () => 1)).toBe(30_000);
-    expect(backoff(40, timing, () => 0)).toBe(500);
-    const samples = new Set(Array.from({ length: 50 }, () => backoff(6, timing)));
-    expect(samples.size).toBeGreaterThan(10);
-    for (const s of samples) expect(s).toBeGreaterThanOrEqual(500);
   });
 });

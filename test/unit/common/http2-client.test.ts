@@ -10,7 +10,7 @@ import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createPeerClient } from "../../../src/agent/client.js";
 import { createGrpcClientTransport } from "../../../src/common/http2-client.js";
-import { serverClients } from "../../../src/common/mesh-health.js";
+import { serverClients } from "../../../src/clients/mesh-health.js";
 import { Health } from "../../../src/gen/grpc/health/v1/health_pb.js";
 import { AuditService } from "../../../src/gen/kmi/audit/v1/audit_pb.js";
 import { DistributionService } from "../../../src/gen/kmi/kdc/v1/distribution_pb.js";

@@ -1,5 +1,5 @@
 import "../../../src/pki/engine.js";
-import { generateKeyPairSync, sign, type KeyObject } from "node:crypto";
+import { generateKeyPairSync } from "node:crypto";
 import * as asn1js from "asn1js";
 import * as pkijs from "pkijs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -8,7 +8,7 @@ import { certificateInfo } from "../../../src/pki/inspect.js";
 import { decodeCertificate } from "../../../src/pki/parse.js";
 import { issueServiceCertificate } from "../../../src/pki/issue.js";
 import { exportPublicKeySpkiDer, generateKeyPair, subjectKeyIdentifier } from "../../../src/pki/keys.js";
-import { createLeafIssuer, measureRate, type IssueLeafRequest, type LeafIssuer } from "../../../src/pki/leaf.js";
+import { createLeafIssuer, type IssueLeafRequest, type LeafIssuer } from "../../../src/pki/leaf.js";
 import { certificateToPem } from "../../../src/pki/pem.js";
 import { DAY, makeKmiPki, openssl, opensslOk, tempDir, x509Text, type KmiPki, type TempDir } from "./support.js";
 
@@ -251,83 +251,4 @@ describe("fast leaf builder", () => {
       "issuer: the private key does not belong to the CA certificate",
     );
   });
-
-  it("measures leaves/s: fast builder vs a naive pkijs build of the same leaf (printed, not asserted)", () => {
-    const naive = naivePkijsIssuer(pki.intermediate.der, pki.intermediate.key.privateKey);
-    const request = { ...base, dnsNames: ["www.example.com", "example.com"] };
-    // The naive build must be a real certificate, or the comparison means nothing.
-    const naiveDer = naive(request);
-    expect(x509Text(naiveDer)).toContain("DNS:www.example.com, DNS:example.com");
-    const fast = measureRate(() => issuer.issueLeaf(request), 1500);
-    const slow = measureRate(() => naive(request), 1500);
-    console.log(
-      `leaf issuance (ECDSA P-256, 2 SANs): fast ${fast.perSecond.toFixed(0)}/s (${fast.count} in ${fast.seconds.toFixed(2)} s); ` +
-        `naive pkijs ${slow.perSecond.toFixed(0)}/s (${slow.count} in ${slow.seconds.toFixed(2)} s); ` +
-        `${(fast.perSecond / slow.perSecond).toFixed(1)}x`,
-    );
-    expect(fast.count).toBeGreaterThan(0);
-    expect(slow.count).toBeGreaterThan(0);
-  });
 });
-
-/** The straightforward pkijs way to build the same leaf: object tree per certificate, node:crypto signature. */
-function naivePkijsIssuer(issuerDer: Uint8Array, key: KeyObject): (r: IssueLeafRequest) => Uint8Array {
-  const issuerCert = pkijs.Certificate.fromBER(ab(issuerDer));
-  const issuerSki = certificateInfo(issuerDer).subjectKeyIdHex!;
-  return (r) => {
-    const cert = new pkijs.Certificate();
-    cert.version = 2;
-    const serial = new Uint8Array(16);
-    crypto.getRandomValues(serial);
-    serial[0] = (serial[0]! & 0x7f) | 0x40;
-    cert.serialNumber = new asn1js.Integer({ valueHex: ab(serial) });
-    cert.issuer = issuerCert.subject;
-    cert.subject.typesAndValues.push(
-      new pkijs.AttributeTypeAndValue({ type: "2.5.4.3", value: new asn1js.Utf8String({ value: r.dnsNames![0]! }) }),
-    );
-    cert.notBefore.value = r.notBefore;
-    cert.notAfter.value = r.notAfter;
-    cert.subjectPublicKeyInfo = pkijs.PublicKeyInfo.fromBER(ab(r.publicKeySpkiDer));
-    const ski = subjectKeyIdentifier(r.publicKeySpkiDer);
-    cert.extensions = [
-      new pkijs.Extension({
-        extnID: "2.5.29.19",
-        critical: true,
-        extnValue: new pkijs.BasicConstraints({ cA: false }).toSchema().toBER(false),
-      }),
-      new pkijs.Extension({
-        extnID: "2.5.29.15",
-        critical: true,
-        extnValue: new asn1js.BitString({ valueHex: new Uint8Array([0x80]).buffer, unusedBits: 7 }).toBER(false),
-      }),
-      new pkijs.Extension({
-        extnID: "2.5.29.37",
-        extnValue: new pkijs.ExtKeyUsage({ keyPurposes: ["1.3.6.1.5.5.7.3.1"] }).toSchema().toBER(false),
-      }),
-      new pkijs.Extension({
-        extnID: "2.5.29.17",
-        extnValue: new pkijs.AltName({
-          altNames: (r.dnsNames ?? []).map((d) => new pkijs.GeneralName({ type: 2, value: d })),
-        })
-          .toSchema()
-          .toBER(false),
-      }),
-      new pkijs.Extension({ extnID: "2.5.29.14", extnValue: new asn1js.OctetString({ valueHex: ab(ski) }).toBER(false) }),
-      new pkijs.Extension({
-        extnID: "2.5.29.35",
-        extnValue: new pkijs.AuthorityKeyIdentifier({
-          keyIdentifier: new asn1js.OctetString({ valueHex: ab(Buffer.from(issuerSki, "hex")) }),
-        })
-          .toSchema()
-          .toBER(false),
-      }),
-    ];
-    cert.signature = new pkijs.AlgorithmIdentifier({ algorithmId: "1.2.840.10045.4.3.2" });
-    cert.signatureAlgorithm = new pkijs.AlgorithmIdentifier({ algorithmId: "1.2.840.10045.4.3.2" });
-    const tbs = cert.encodeTBS().toBER(false);
-    cert.tbsView = new Uint8Array(tbs);
-    cert.signatureValue = new asn1js.BitString({ valueHex: ab(sign("sha256", new Uint8Array(tbs), key)) });
-    return new Uint8Array(cert.toSchema(true).toBER(false));
-  };
-}
-

@@ -6,7 +6,7 @@ import { createRootCa, issueIntermediateCa } from "../../../src/pki/issue.js";
 import { exportPublicKeySpkiDer } from "../../../src/pki/keys.js";
 import { createLeafIssuer } from "../../../src/pki/leaf.js";
 import { certificateToPem } from "../../../src/pki/pem.js";
-import { AgentCallError, type LeafIssuer, type LeafRequest } from "../../../src/proxy/agent-client.js";
+import { AgentCallError, type LeafIssuer, type LeafRequest } from "../../../src/clients/agent-client.js";
 import { createLeafMinter, LeafRejected, MAX_LEAF_LIFETIME_MS } from "../../../src/proxy/leaf-minter.js";
 import type { OriginCertificate } from "../../../src/proxy/origin-cert.js";
 

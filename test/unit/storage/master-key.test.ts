@@ -3,7 +3,7 @@ import { chmod, chown, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { AlreadyExists, FailedPrecondition, InvalidArgument } from "../../../src/common/errors.js";
-import { createMasterKeyFile, loadMasterKey, masterKeyId } from "../../../src/storage/master-key.js";
+import { createMasterKeyFile, initServerMasterKey, loadMasterKey, loadServerMasterKey, masterKeyId } from "../../../src/storage/master-key.js";
 import { tempDir } from "./tmp-dir.js";
 
 describe("master key file", () => {
@@ -88,5 +88,36 @@ describe("master key from the environment", () => {
       /both KMI_KDC_MASTER_KEY and a key file .* are set; set only one/,
     );
     await expect(loadMasterKey({ envName })).rejects.toThrow(/none given; set KMI_KDC_MASTER_KEY/);
+  });
+});
+
+describe("a server's master key (KDC, Auditserver)", () => {
+  it("init creates the key file once and reuses it; a given value writes no file", async () => {
+    const dir = await tempDir();
+    const path = join(dir, "master.key");
+    const made = await initServerMasterKey(undefined, "KMI_KDC_MASTER_KEY", path);
+    expect(made.keyFile).toBe(path);
+    expect((await stat(path)).mode & 0o777).toBe(0o600);
+    const again = await initServerMasterKey("", "KMI_KDC_MASTER_KEY", path);
+    expect(again.key.equals(made.key)).toBe(true);
+    const given = randomBytes(32);
+    const other = join(dir, "unused.key");
+    const fromValue = await initServerMasterKey(given.toString("base64"), "KMI_KDC_MASTER_KEY", other);
+    expect(fromValue).toEqual({ key: given });
+    await expect(stat(other)).rejects.toThrow(/ENOENT/);
+  });
+
+  it("loads the value, else the explicit file, else the data dir's; a value and an explicit file together are refused", async () => {
+    const dir = await tempDir();
+    const dataDirKey = (await createMasterKeyFile(join(dir, "master.key"))).key;
+    const explicit = (await createMasterKeyFile(join(dir, "elsewhere.key"))).key;
+    const given = randomBytes(32);
+    const defaultFile = join(dir, "master.key");
+    expect((await loadServerMasterKey({ masterKey: given.toString("base64") }, "KMI_AUDIT_MASTER_KEY", defaultFile)).equals(given)).toBe(true);
+    expect((await loadServerMasterKey({ masterKeyFile: join(dir, "elsewhere.key") }, "KMI_AUDIT_MASTER_KEY", defaultFile)).equals(explicit)).toBe(true);
+    expect((await loadServerMasterKey({}, "KMI_AUDIT_MASTER_KEY", defaultFile)).equals(dataDirKey)).toBe(true);
+    const err = await loadServerMasterKey({ masterKey: given.toString("base64"), masterKeyFile: defaultFile }, "KMI_AUDIT_MASTER_KEY", defaultFile).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(FailedPrecondition);
+    expect((err as Error).message).toBe("master key: both KMI_AUDIT_MASTER_KEY (or --master-key) and --master-key-file are set; set only one");
   });
 });

@@ -7,31 +7,28 @@
  * proxy: whether it listens, and its leaf cache size and version from its metrics endpoint.
  *
  * A part that cannot be asked gets `healthy: false` and an `error` (and `reachable: false` when
- * it did not answer at all), never a crash. Generated code and common/ only: callers reach the
- * programs through their APIs, never their modules.
+ * it did not answer at all), never a crash. Generated code, common/ and the clients here only:
+ * callers reach the programs through their APIs, never their modules.
  */
 import { request as httpRequest } from "node:http";
 import { Agent as HttpsAgent } from "node:https";
 import { connect } from "node:net";
-import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
-import { Client as GrpcClient, Metadata, credentials, status as GrpcStatus, type ServiceError } from "@grpc/grpc-js";
+import { status as GrpcStatus } from "@grpc/grpc-js";
 import { Health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
-import { AttestationState, GetStatusRequestSchema, GetStatusResponseSchema, KeyState, type GetStatusResponse } from "../gen/kmi/agent/v1/agent_pb.js";
+import { AttestationState, KeyState, type GetStatusResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { AuditAdminService } from "../gen/kmi/audit/v1/admin_pb.js";
 import { MachineStatus } from "../gen/kmi/audit/v1/audit_pb.js";
 import { KeyPurpose } from "../gen/kmi/common/v1/common_pb.js";
 import { KdcAdminService } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { KdcService } from "../gen/kmi/kdc/v1/kdc_pb.js";
-import { parseListenAddress } from "./listen.js";
-import { serviceIdentityCheck } from "./http2-client.js";
+import { parseListenAddress } from "../common/listen.js";
+import { serviceIdentityCheck } from "../common/http2-client.js";
+import { AgentCallError, AgentClient } from "./agent-client.js";
 
 // ── clients ─────────────────────────────────────────────────────────────────────────────────
-
-/** The metadata header every agent call must carry (the agent refuses calls without it). */
-const AGENT_WORKLOAD_HEADER = "kmi-agent-workload";
 
 /** Clients of one TLS server (KDC or Auditserver). */
 export interface ServerClients {
@@ -89,37 +86,10 @@ export async function isServing(c: ServerClients): Promise<boolean> {
   return r.status === HealthCheckResponse_ServingStatus.SERVING;
 }
 
-/** A client of the agent's socket for GetStatus. */
-export class AgentStatusClient {
-  private readonly client: GrpcClient;
-
+/** The agent's client as `kmi up` holds it: GetStatus over the socket, deadlines per call. */
+export class AgentStatusClient extends AgentClient {
   constructor(socketPath: string) {
-    this.client = new GrpcClient(`unix:${socketPath}`, credentials.createInsecure());
-  }
-
-  /** Calls GetStatus; rejects with the gRPC error. */
-  getStatus(timeoutMs = 5000): Promise<GetStatusResponse> {
-    const md = new Metadata();
-    md.set(AGENT_WORKLOAD_HEADER, "true");
-    return new Promise((resolve, reject) => {
-      this.client.makeUnaryRequest(
-        "/kmi.agent.v1.KeyAgentService/GetStatus",
-        (m: ReturnType<typeof create<typeof GetStatusRequestSchema>>) => Buffer.from(toBinary(GetStatusRequestSchema, m)),
-        (b: Buffer) => fromBinary(GetStatusResponseSchema, b),
-        create(GetStatusRequestSchema),
-        md,
-        { deadline: Date.now() + timeoutMs },
-        (err: ServiceError | null, res?: GetStatusResponse) => {
-          if (err !== null || res === undefined) reject(err ?? new Error("GetStatus: empty response"));
-          else resolve(res);
-        },
-      );
-    });
-  }
-
-  /** Closes the channel. */
-  close(): void {
-    this.client.close();
+    super({ socketPath });
   }
 }
 
@@ -194,6 +164,7 @@ function iso(ts: Timestamp | undefined): string | undefined {
 }
 
 function errorText(err: unknown): string {
+  if (err instanceof AgentCallError) return `${err.code.toUpperCase()}: ${err.message}`;
   return err instanceof Error ? err.message : String(err);
 }
 
@@ -202,6 +173,7 @@ const UNREACHABLE_ERRNO = new Set(["ECONNREFUSED", "ENOENT", "EHOSTUNREACH", "EN
 /** True when `err` says the part did not answer at all (as opposed to answering with an error). */
 export function isUnreachable(err: unknown): boolean {
   if (err instanceof ConnectError) return err.code === Code.Unavailable || err.code === Code.DeadlineExceeded;
+  if (err instanceof AgentCallError) return err.grpcCode === GrpcStatus.UNAVAILABLE || err.grpcCode === GrpcStatus.DEADLINE_EXCEEDED;
   const e = err as { code?: unknown } | undefined;
   if (typeof e?.code === "number") return e.code === GrpcStatus.UNAVAILABLE || e.code === GrpcStatus.DEADLINE_EXCEEDED;
   if (typeof e?.code === "string") return UNREACHABLE_ERRNO.has(e.code);
@@ -312,7 +284,7 @@ export async function auditHealth(audit: ServerClients): Promise<PartHealth> {
  * it holds that tenant's active intermediate.
  */
 export async function agentHealth(socket: string, tenant?: string, timeoutMs = 3000): Promise<PartHealth> {
-  const client = new AgentStatusClient(socket);
+  const client = new AgentClient({ socketPath: socket });
   try {
     const s = await client.getStatus(timeoutMs);
     return { healthy: true, ...(tenant !== undefined ? { holds_tenant_key: heldVersions(s)[tenant] !== undefined } : {}), ...agentFields(s) };

@@ -1,7 +1,8 @@
 /**
- * A lean `@grpc/grpc-js` client for any generated service: one channel (one HTTP/2
- * connection), protobuf-es binary (de)serialization, fixed metadata on every call. Used for
- * the agent's Unix socket and for the KDC over TLS.
+ * The typed `@grpc/grpc-js` client for any generated service: one channel (one HTTP/2
+ * connection), protobuf-es binary (de)serialization from the service's descriptors, fixed
+ * metadata on every call. The agent's client (./agent-client.ts) is built on it; the bench uses
+ * it for the KDC and the Auditserver over TLS too.
  */
 import { create, fromBinary, toBinary, type DescMessage, type DescMethod, type MessageInitShape, type MessageShape } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
@@ -23,6 +24,8 @@ export interface LeanClientOptions {
   readonly serverName?: string;
   /** A connection of its own (grpc-js otherwise shares one between clients of the same target). */
   readonly ownConnection?: boolean;
+  /** More grpc-js channel options (they win over the defaults). */
+  readonly channelOptions?: grpc.ChannelOptions;
 }
 
 const serializers = new WeakMap<DescMessage, (v: unknown) => Buffer>();
@@ -51,6 +54,7 @@ function deserializer(schema: DescMessage): (b: Buffer) => unknown {
 
 /** A failed call: the gRPC status code and details. */
 export class CallError extends Error {
+  override name = "CallError";
   constructor(
     readonly code: number,
     readonly details: string,
@@ -75,7 +79,7 @@ export class LeanClient {
     };
     if (options.serverName !== undefined) channelOptions["grpc.ssl_target_name_override"] = options.serverName;
     if (options.ownConnection === true) channelOptions["grpc.use_local_subchannel_pool"] = 1;
-    this.client = new grpc.Client(options.target, creds, channelOptions);
+    this.client = new grpc.Client(options.target, creds, { ...channelOptions, ...options.channelOptions });
     this.metadata = new grpc.Metadata();
     for (const [k, v] of Object.entries(options.metadata ?? {})) this.metadata.set(k, v);
   }
@@ -97,7 +101,8 @@ export class LeanClient {
         { deadline: Date.now() + timeoutMs },
         (err, res) => {
           if (err) reject(new CallError(err.code, err.details));
-          else resolve(res as MessageShape<O>);
+          else if (res === undefined) reject(new CallError(grpc.status.INTERNAL, "the server sent no response"));
+          else resolve(res);
         },
       );
     });

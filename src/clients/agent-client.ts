@@ -1,32 +1,24 @@
 /**
- * A lean client of the key agent's Unix-socket gRPC API (`kmi.agent.v1.KeyAgentService`),
- * on `@grpc/grpc-js` (the agent socket is the proxy's hot path; grpc-js costs far less per
- * call than connect-node's gRPC stack). Every call carries the `kmi-agent-workload: true`
- * header the agent requires. `WatchKeys` is kept open and reopened with backoff.
+ * The client of the key agent's Unix-socket gRPC API (`kmi.agent.v1.KeyAgentService`), on the
+ * shared grpc-js client (./grpc-client.ts; the agent socket is the proxy's hot path, and
+ * grpc-js costs far less per call than connect-node's gRPC stack). Every call carries the
+ * workload header the agent requires (./workload-header.ts). `WatchKeys` is kept open and
+ * reopened with backoff. Used by the proxy, `kmi up`, `kmi ctl status` and the bench.
  */
-import { create, fromBinary, toBinary, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
+import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { Client, Metadata, credentials, status, type ClientReadableStream, type ServiceError } from "@grpc/grpc-js";
+import { status, type ClientReadableStream } from "@grpc/grpc-js";
 import {
-  GetCertificateChainRequestSchema,
-  GetCertificateChainResponseSchema,
-  GetStatusRequestSchema,
-  GetStatusResponseSchema,
   IssueLeafCertificateRequestSchema,
-  IssueLeafCertificateResponseSchema,
   KeyAgentService,
-  WatchKeysRequestSchema,
-  WatchKeysResponseSchema,
   type GetCertificateChainResponse,
   type GetStatusResponse,
   type IssueLeafCertificateResponse,
-  type WatchKeysRequest,
   type WatchKeysResponse,
 } from "../gen/kmi/agent/v1/agent_pb.js";
 import type { Logger } from "../common/logger.js";
-
-/** The metadata header every agent call carries (the agent refuses calls without it). */
-export const AGENT_WORKLOAD_HEADER = "kmi-agent-workload";
+import { CallError, LeanClient } from "./grpc-client.js";
+import { WORKLOAD_HEADER, WORKLOAD_HEADER_VALUE } from "./workload-header.js";
 
 /** A failed agent call: the gRPC status name and the agent's message. */
 export class AgentCallError extends Error {
@@ -76,77 +68,54 @@ export interface AgentClientOptions {
   readonly socketPath: string;
   /** Deadline of a unary call; default 5000 ms. */
   readonly callTimeoutMs?: number;
-  /** Logger for watch reconnects. */
-  readonly logger: Logger;
+  /** Logger for watch reconnects (WatchKeys only). */
+  readonly logger?: Logger;
+  /** Metadata sent on every call besides the workload header (e.g. `kmi-caller-pid`). */
+  readonly metadata?: Readonly<Record<string, string>>;
 }
 
-const SERVICE = `/${KeyAgentService.typeName}/`;
 const CODE_NAMES: Record<number, string> = Object.fromEntries(
   Object.entries(status)
     .filter(([, v]) => typeof v === "number")
     .map(([k, v]) => [v as number, k.toLowerCase()]),
 );
 
-function serializer<D extends DescMessage>(schema: D): (m: MessageShape<D>) => Buffer {
-  return (m) => {
-    const b = toBinary(schema, m);
-    return Buffer.from(b.buffer, b.byteOffset, b.byteLength);
-  };
-}
-
-function deserializer<D extends DescMessage>(schema: D): (b: Buffer) => MessageShape<D> {
-  return (b) => fromBinary(schema, b);
-}
-
-function toCallError(err: ServiceError): AgentCallError {
+function toAgentError(err: unknown): unknown {
+  if (!(err instanceof CallError)) return err;
   return new AgentCallError(CODE_NAMES[err.code] ?? "unknown", err.code, err.details || err.message);
 }
 
-/** The client. One per proxy process; it keeps one HTTP/2 connection to the socket. */
-export class AgentClient implements LeafIssuer {
-  private readonly client: Client;
-  private readonly timeoutMs: number;
-  private readonly logger: Logger;
-
-  constructor(options: AgentClientOptions) {
+/**
+ * A typed grpc-js client of the agent's socket that sends the workload header: for a caller
+ * that needs the raw methods (the bench); others use {@link AgentClient}.
+ */
+export function createAgentGrpcClient(socketPath: string, options: { metadata?: Readonly<Record<string, string>>; ownConnection?: boolean } = {}): LeanClient {
+  return new LeanClient({
     // grpc-js reads "unix:<absolute path>" as a Unix-socket target.
-    this.client = new Client(`unix:${options.socketPath}`, credentials.createInsecure(), {
+    target: `unix:${socketPath}`,
+    metadata: { ...options.metadata, [WORKLOAD_HEADER]: WORKLOAD_HEADER_VALUE },
+    ...(options.ownConnection === true ? { ownConnection: true } : {}),
+    channelOptions: {
       "grpc.max_receive_message_length": 4 * 1024 * 1024,
       // The agent is local: fail fast instead of queueing calls while it is down.
       "grpc.initial_reconnect_backoff_ms": 100,
       "grpc.max_reconnect_backoff_ms": 2000,
-    });
+    },
+  });
+}
+
+const M = KeyAgentService.method;
+
+/** The client. One per proxy process; it keeps one HTTP/2 connection to the socket. */
+export class AgentClient implements LeafIssuer {
+  private readonly client: LeanClient;
+  private readonly timeoutMs: number;
+  private readonly logger: Logger | undefined;
+
+  constructor(options: AgentClientOptions) {
+    this.client = createAgentGrpcClient(options.socketPath, { ...(options.metadata !== undefined ? { metadata: options.metadata } : {}) });
     this.timeoutMs = options.callTimeoutMs ?? 5000;
     this.logger = options.logger;
-  }
-
-  private metadata(): Metadata {
-    const md = new Metadata();
-    md.set(AGENT_WORKLOAD_HEADER, "true");
-    return md;
-  }
-
-  private unary<I extends DescMessage, O extends DescMessage>(
-    method: string,
-    inSchema: I,
-    outSchema: O,
-    req: MessageShape<I>,
-  ): Promise<MessageShape<O>> {
-    return new Promise((resolve, reject) => {
-      this.client.makeUnaryRequest(
-        SERVICE + method,
-        serializer(inSchema),
-        deserializer(outSchema),
-        req,
-        this.metadata(),
-        { deadline: Date.now() + this.timeoutMs },
-        (err, res) => {
-          if (err) reject(toCallError(err));
-          else if (res === undefined) reject(new AgentCallError("internal", status.INTERNAL, "agent sent no response"));
-          else resolve(res);
-        },
-      );
-    });
   }
 
   /** IssueLeafCertificate for the proxy's in-memory public key. */
@@ -160,17 +129,17 @@ export class AgentClient implements LeafIssuer {
       ca: false,
     });
     if (req.notAfter !== undefined) msg.notAfter = timestampFromDate(req.notAfter);
-    return this.unary("IssueLeafCertificate", IssueLeafCertificateRequestSchema, IssueLeafCertificateResponseSchema, msg);
+    return this.client.unaryMessage(M.issueLeafCertificate, msg, this.timeoutMs).catch((err: unknown) => Promise.reject(toAgentError(err)));
   }
 
   /** GetCertificateChain of a tenant (its active intermediate and issuers). */
   getCertificateChain(tenantId: string): Promise<GetCertificateChainResponse> {
-    return this.unary("GetCertificateChain", GetCertificateChainRequestSchema, GetCertificateChainResponseSchema, create(GetCertificateChainRequestSchema, { tenantId }));
+    return this.client.unary(M.getCertificateChain, { tenantId }, this.timeoutMs).catch((err: unknown) => Promise.reject(toAgentError(err)));
   }
 
-  /** GetStatus of the agent. */
-  getStatus(): Promise<GetStatusResponse> {
-    return this.unary("GetStatus", GetStatusRequestSchema, GetStatusResponseSchema, create(GetStatusRequestSchema, {}));
+  /** GetStatus of the agent; `timeoutMs` defaults to the client's call timeout. */
+  getStatus(timeoutMs = this.timeoutMs): Promise<GetStatusResponse> {
+    return this.client.unary(M.getStatus, {}, timeoutMs).catch((err: unknown) => Promise.reject(toAgentError(err)));
   }
 
   /**
@@ -185,37 +154,27 @@ export class AgentClient implements LeafIssuer {
     let backoff = 100;
     const open = (): void => {
       if (closed) return;
-      const c = this.client.makeServerStreamRequest<WatchKeysRequest, WatchKeysResponse>(
-        SERVICE + "WatchKeys",
-        serializer(WatchKeysRequestSchema),
-        deserializer(WatchKeysResponseSchema),
-        create(WatchKeysRequestSchema, {}),
-        this.metadata(),
-      );
-      call = c;
-      let ended = false;
       const retry = (why: string): void => {
-        if (ended) return;
-        ended = true;
         call = undefined;
         onState?.(false);
         if (closed) return;
-        this.logger.warn("agent watch stream ended; reopening", { reason: why, retryInMs: backoff });
+        this.logger?.warn("agent watch stream ended; reopening", { reason: why, retryInMs: backoff });
         timer = setTimeout(open, backoff);
         timer.unref();
         backoff = Math.min(backoff * 2, 5000);
       };
-      c.on("data", (ev: WatchKeysResponse) => {
+      const onMessage = (ev: WatchKeysResponse): void => {
         backoff = 100;
         try {
           onEvent(ev);
         } catch (err) {
-          this.logger.error("agent watch event handler failed", { error: err as Error });
+          this.logger?.error("agent watch event handler failed", { error: err as Error });
         }
-      });
+      };
+      const onEnd = (err: CallError | undefined): void => retry(err === undefined ? "stream closed by the agent" : (toAgentError(err) as Error).message);
+      const c = this.client.serverStream(M.watchKeys, {}, onMessage, onEnd);
+      call = c;
       c.on("metadata", () => onState?.(true));
-      c.on("error", (err: ServiceError) => retry(toCallError(err).message));
-      c.on("end", () => retry("stream closed by the agent"));
     };
     open();
     return {
