@@ -10,6 +10,7 @@ import { kPeer, kPeerAddress, peerSource } from "../common/rpc.js";
 import { actorOf, authenticateToken, authorize, callerFromPeer, type Caller, type Requirement } from "./authz.js";
 import type { KdcContext } from "./context.js";
 import { authenticateMachine } from "./machine-auth.js";
+import { authenticateSession } from "./portal-session.js";
 
 /**
  * How a call authenticates its caller: a bearer token, a kmi service's mutual-TLS certificate,
@@ -50,8 +51,12 @@ async function authenticate(ctx: KdcContext, hctx: HandlerContext, mode: AuthMod
       return authenticateMachine(ctx, hctx.values.get(kPeer), token);
     case "none":
       return { kind: "anonymous" };
-    case "token":
-      return authenticateToken(hctx.requestHeader.get("authorization"), ctx.store, ctx.clock.now());
+    case "token": {
+      const authorization = hctx.requestHeader.get("authorization");
+      // Without a bearer token, a portal session cookie (CSRF-checked) stands for the same caller.
+      const session = authorization === null ? await authenticateSession(hctx, ctx.store, ctx.clock.now()) : undefined;
+      return session ?? authenticateToken(authorization, ctx.store, ctx.clock.now());
+    }
     case "peer": {
       const peer = hctx.values.get(kPeer);
       if (peer === undefined || !peer.authorized) {

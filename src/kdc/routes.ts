@@ -8,12 +8,14 @@ import { KdcAdminService } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { DistributionService } from "../gen/kmi/kdc/v1/distribution_pb.js";
 import { KdcService } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import { PeerService } from "../gen/kmi/kdc/v1/peer_pb.js";
+import { PortalService } from "../gen/kmi/kdc/v1/portal_pb.js";
 import { createAdminService } from "./admin-service.js";
 import type { KdcContext } from "./context.js";
 import { createDistributionService } from "./distribution-service.js";
 import { createKdcService } from "./kdc-service.js";
 import { KdcOperations } from "./operations.js";
 import { createPeerService } from "./peer-service.js";
+import { createPortalService } from "./portal-service.js";
 
 /** Every KDC service over `ctx`. */
 export function services(ctx: KdcContext, ops = new KdcOperations(ctx)): ServiceRegistration[] {
@@ -22,6 +24,7 @@ export function services(ctx: KdcContext, ops = new KdcOperations(ctx)): Service
     serviceRegistration(KdcAdminService, createAdminService(ctx, ops)),
     serviceRegistration(PeerService, createPeerService(ctx, ops)),
     serviceRegistration(DistributionService, createDistributionService(ctx, ops)),
+    serviceRegistration(PortalService, createPortalService(ctx, ops)),
   ];
 }
 
