@@ -108,5 +108,6 @@ async function start(message?: string): Promise<void> {
   else await route();
 }
 
-window.addEventListener("hashchange", () => void route());
+// A login link opened in a tab that shows the portal already changes only the hash.
+window.addEventListener("hashchange", () => void (location.hash.startsWith("#login=") ? start() : route()));
 void start();
