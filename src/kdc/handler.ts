@@ -45,18 +45,24 @@ function clean(s: string): string {
   return t.length > MAX_TARGET ? t.slice(0, MAX_TARGET) + "..." : t;
 }
 
+/**
+ * The caller of a call made with a bearer token or, without one, a portal session cookie
+ * (CSRF-checked; it stands for the same caller).
+ */
+export async function authenticateTokenOrSession(ctx: KdcContext, hctx: HandlerContext): Promise<Caller & { kind: "token" }> {
+  const authorization = hctx.requestHeader.get("authorization");
+  const session = authorization === null ? await authenticateSession(hctx, ctx.store, ctx.clock.now()) : undefined;
+  return session ?? authenticateToken(authorization, ctx.store, ctx.clock.now());
+}
+
 async function authenticate(ctx: KdcContext, hctx: HandlerContext, mode: AuthMode, token: string): Promise<Caller> {
   switch (mode) {
     case "machine":
       return authenticateMachine(ctx, hctx.values.get(kPeer), token);
     case "none":
       return { kind: "anonymous" };
-    case "token": {
-      const authorization = hctx.requestHeader.get("authorization");
-      // Without a bearer token, a portal session cookie (CSRF-checked) stands for the same caller.
-      const session = authorization === null ? await authenticateSession(hctx, ctx.store, ctx.clock.now()) : undefined;
-      return session ?? authenticateToken(authorization, ctx.store, ctx.clock.now());
-    }
+    case "token":
+      return authenticateTokenOrSession(ctx, hctx);
     case "peer": {
       const peer = hctx.values.get(kPeer);
       if (peer === undefined || !peer.authorized) {

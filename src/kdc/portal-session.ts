@@ -181,6 +181,30 @@ export function callerOfSession(r: PortalSessionRecord): Caller & { kind: "token
   };
 }
 
+/**
+ * A session as a bearer string, `kmi_<session id>_<secret>` (the shape of a token): what the
+ * KDC forwards when it relays a portal call to the Auditserver, which asks the KDC about it
+ * (PeerService.AuthenticateToken) as it asks about any token.
+ */
+export function sessionBearer(sessionId: string, secret: string): string {
+  return `kmi_${sessionId}_${secret}`;
+}
+
+/**
+ * The live session a secret names (and, when given, whose public id is `sessionId`), or
+ * undefined. A session that came from a token is dead once that token is revoked or expired.
+ */
+export async function liveSession(store: PortalStore, secret: string, now: Date, sessionId?: string): Promise<PortalSessionRecord | undefined> {
+  if (!isSecretShaped(secret)) return undefined;
+  const record = await getSession(store, secretKey(secret));
+  if (record === undefined || !sessionLive(record, now) || (sessionId !== undefined && record.sessionId !== sessionId)) return undefined;
+  if (record.tokenId !== "") {
+    const t = await store.getToken(record.tokenId);
+    if (t === undefined || t.revokedAt !== undefined || before(t.expiresAt, now)) return undefined;
+  }
+  return record;
+}
+
 const INVALID_SESSION = "the portal session is invalid, expired or signed out; sign in again with a login link (`kmi ctl portal login-link`)";
 
 /**
@@ -192,11 +216,7 @@ export async function authenticateSession(hctx: HandlerContext, store: PortalSto
   if (raw === null || !raw.includes(SESSION_COOKIE)) return undefined;
   checkSameOrigin(hctx);
   const secret = sessionSecretFromCookie(raw);
-  const record = secret === undefined ? undefined : await getSession(store, secretKey(secret));
-  if (record === undefined || !sessionLive(record, now)) throw new Unauthenticated(INVALID_SESSION);
-  if (record.tokenId !== "") {
-    const t = await store.getToken(record.tokenId);
-    if (t === undefined || t.revokedAt !== undefined || before(t.expiresAt, now)) throw new Unauthenticated(INVALID_SESSION);
-  }
+  const record = secret === undefined ? undefined : await liveSession(store, secret, now);
+  if (record === undefined) throw new Unauthenticated(INVALID_SESSION);
   return callerOfSession(record);
 }

@@ -109,7 +109,8 @@ export class KdcServer {
       if (portal === undefined) opts.logger.warn("the portal is not built (run `npm run build:web`); the KDC serves its API only", {});
       const server = ConnectServer.create({
         name: "kdc",
-        services: services(ctx, new KdcOperations(ctx)),
+        // The portal's operator pages reach the Auditserver through this KDC (when it knows one).
+        services: services(ctx, new KdcOperations(ctx), opts.auditUrl !== undefined ? () => fetcher?.admin : undefined),
         tcp: { listen: opts.listen, tls, mtls: "optional" },
         ...(portal !== undefined ? { fallback: (req, res) => portal.serve(req, res) } : {}),
         logger: opts.logger,

@@ -6,6 +6,7 @@
 import { createClient, type Client } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-web";
 import type { DescService } from "@bufbuild/protobuf";
+import { AuditAdminService } from "../../src/gen/kmi/audit/v1/admin_pb.js";
 import { KdcAdminService, Role } from "../../src/gen/kmi/kdc/v1/admin_pb.js";
 import { KdcService } from "../../src/gen/kmi/kdc/v1/kdc_pb.js";
 import { PortalService, type Session } from "../../src/gen/kmi/kdc/v1/portal_pb.js";
@@ -16,11 +17,12 @@ function client<S extends DescService>(s: S): Client<S> {
   return createClient(s, transport);
 }
 
-/** The KDC's services. */
+/** The KDC's services, and the Auditserver's admin service as the KDC relays it. */
 export const api = {
   portal: client(PortalService),
   ca: client(KdcService),
   admin: client(KdcAdminService),
+  audit: client(AuditAdminService),
 };
 
 /** Who is signed in. */

@@ -8,6 +8,7 @@ import { auditPage } from "./pages/audit.js";
 import { caPage } from "./pages/ca.js";
 import type { Page } from "./pages/common.js";
 import { newVersionPage } from "./pages/new-version.js";
+import { joinTokensPage, machinesPage } from "./pages/machines.js";
 import { meshPage, tenantsPage } from "./pages/operator.js";
 import { rolloutPage } from "./pages/rollout.js";
 import { signInPage } from "./pages/signin.js";
@@ -27,6 +28,8 @@ const ROUTES: [RegExp, Page][] = [
   [/^\/t\/([a-z][a-z0-9-]*)\/audit$/, auditPage],
   [/^\/tenants$/, tenantsPage],
   [/^\/mesh$/, meshPage],
+  [/^\/machines$/, machinesPage],
+  [/^\/join-tokens$/, joinTokensPage],
   [/^\/audit$/, auditPage],
 ];
 
@@ -44,7 +47,7 @@ function drawChrome(w: Who | undefined): void {
     return;
   }
   const links: [string, string][] = w.operator
-    ? [["#/tenants", "Tenants"], ["#/mesh", "Mesh status"], ["#/audit", "Audit log"]]
+    ? [["#/tenants", "Tenants"], ["#/machines", "Machines"], ["#/join-tokens", "Join tokens"], ["#/mesh", "Mesh status"], ["#/audit", "Audit log"]]
     : [[`#/t/${w.tenant}/ca`, "Certificate menu"]];
   nav.replaceChildren(...links.map(([href, label]) => h("a", { href }, label)));
   const out = h("button", { type: "button", class: "link", onclick: () => void signOut() }, "Sign out");

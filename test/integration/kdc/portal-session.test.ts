@@ -183,6 +183,39 @@ describe("ending sessions", () => {
   });
 });
 
+describe("WatchRolloutStatus", () => {
+  it("sends the status at once and again when it changes, and ends when the session is revoked", async () => {
+    const { secret } = await signIn(await loginCode(["--tenant", "acme"]));
+    const ca = browser({ cookie: secret }).c(KdcService);
+    const ctl_ = new AbortController();
+    const stream = ca.watchRolloutStatus({ tenantId: "acme" }, { signal: ctl_.signal })[Symbol.asyncIterator]();
+    try {
+      const first = await stream.next();
+      const active = first.value?.status?.activeVersion ?? 0;
+      expect(active).toBeGreaterThan(0);
+      const op = clients(kdc.url, caPem, { token: data.token })(KdcService);
+      await op.createVersion({ tenantId: "acme", signer: 1, activate: true });
+      const second = await stream.next();
+      expect(second.value?.status?.activeVersion).toBe(active + 1);
+      const id = (await browser({ cookie: secret }).c(PortalService).getSession({})).session!.sessionId;
+      expect((await ctl(kdc, data, ["portal", "revoke-session", id])).code).toBe(0);
+      await refused(stream.next(), Code.Unauthenticated, "sign in again");
+    } finally {
+      ctl_.abort();
+    }
+  });
+
+  it("of another tenant is PERMISSION_DENIED before anything is sent", async () => {
+    await refused(
+      (async () => {
+        for await (const m of clients(kdc.url, caPem, { token: acmeToken })(KdcService).watchRolloutStatus({ tenantId: "globex" })) return m;
+      })(),
+      Code.PermissionDenied,
+      'may not act on tenant "globex"',
+    );
+  });
+});
+
 describe("at rest", () => {
   it("the store holds sessions and links under the SHA-256 of their secrets, never the secrets", async () => {
     const code = await loginCode(["--tenant", "acme"]);

@@ -234,7 +234,8 @@ describe("the portal in Chromium", () => {
       await confirm(page, "rotate acme");
       await page.getByRole("heading", { name: "Version 2 made" }).waitFor();
       await page.getByRole("link", { name: "Rollout" }).click();
-      // The page polls GetRolloutStatus; the agent gets version 2 on its watch stream and reports it.
+      // The page follows WatchRolloutStatus; the agent gets version 2 on its watch stream and reports it.
+      await expect.poll(() => page.locator("#rollout-live").textContent()).toContain("Live");
       await expect.poll(() => page.locator(`#rollout tr[data-machine="${mesh.machineId}"]`).getAttribute("data-held"), { timeout: 60_000, intervals: [500] }).toBe("2");
       await expect.poll(async () => (await mesh.agentClient().unary("getStatus", {})).keys.some((k) => k.tenantId === "acme" && k.version === 2), { timeout: 10_000 }).toBe(true);
       await shot(page, "rollout");
@@ -261,6 +262,10 @@ describe("the portal in Chromium", () => {
       expect(await page.locator("#versions").count()).toBe(0);
       await page.goto(`${mesh.kdcUrl}/#/tenants`);
       await page.getByText("operator role required").waitFor();
+      // The relayed Auditserver pages: the Auditserver itself refuses a tenant admin's session.
+      await page.goto(`${mesh.kdcUrl}/#/machines`);
+      await page.getByText("not an operator token").waitFor();
+      expect(await page.locator("#machines").count()).toBe(0);
     } finally {
       await ctx.close();
     }
@@ -331,6 +336,12 @@ describe("the portal in Chromium", () => {
       await expect.poll(() => page.locator("#connected-agents").textContent()).toBe("1");
       await shot(page, "mesh");
       expect(await unnamedControls(page)).toEqual([]);
+      await page.getByRole("link", { name: "Join tokens" }).click();
+      await page.getByLabel("Description").fill("portal test");
+      await page.getByRole("button", { name: "Make a join token" }).click();
+      expect((await page.locator("#join-token-secret").inputValue()).length).toBeGreaterThan(20);
+      expect((await mesh.ctlOk(["audit", "tail", "--server", "audit"])).stdout).toMatch(/token:[0-9a-f]{16} +join_token\.create/);
+      await shot(page, "join-tokens");
     } finally {
       await ctx.close();
     }
@@ -351,6 +362,37 @@ describe("the portal in Chromium", () => {
       expect(dl.suggestedFilename()).toMatch(/^acme-root-v\d+\.der$/);
     } finally {
       await phone.ctx.close();
+    }
+  });
+
+  it("quarantines a machine with a reason and sees it on the page, then releases it (through the KDC's relay to the Auditserver)", async () => {
+    const { ctx, page } = await signedIn(["--operator"]);
+    try {
+      await page.getByRole("link", { name: "Machines", exact: true }).click();
+      const row = page.locator(`#machines tr[data-machine="${mesh.machineId}"]`);
+      await row.waitFor();
+      expect(await row.getAttribute("data-status")).toBe("active");
+      expect(await row.locator("td").nth(4).textContent()).toMatch(/acme v2/);
+      expect(await unnamedControls(page)).toEqual([]);
+      await shot(page, "machines");
+      await page.getByRole("button", { name: `Quarantine ${mesh.machineId}` }).click();
+      await page.getByRole("dialog").getByLabel("Reason").fill("portal test: disk image leaked");
+      await confirm(page, `quarantine ${mesh.machineId}`);
+      await expect.poll(() => row.getAttribute("data-status")).toBe("quarantined");
+      expect(await row.textContent()).toContain("portal test: disk image leaked");
+      await shot(page, "machines-quarantined");
+      // The same state through kmi ctl, and the KDC refuses the machine: its agent drops its keys.
+      expect((await mesh.ctlOk(["machine", "show", mesh.machineId])).stdout).toMatch(/quarantined/);
+      await expect.poll(async () => (await mesh.agentClient().unary("getStatus", {})).keys.filter((k) => k.tenantId === "acme").length, { timeout: 30_000 }).toBe(0);
+      await page.getByRole("link", { name: "Mesh status" }).click();
+      await expect.poll(() => page.locator("#machines-quarantined").textContent()).toBe("1");
+      await page.getByRole("link", { name: "Machines", exact: true }).click();
+      await page.getByRole("button", { name: `Release ${mesh.machineId}` }).click();
+      await page.getByRole("dialog").getByLabel("Reason").fill("portal test: reimaged");
+      await confirm(page, `release ${mesh.machineId}`);
+      await expect.poll(() => page.locator(`#machines tr[data-machine="${mesh.machineId}"]`).getAttribute("data-status")).toBe("active");
+    } finally {
+      await ctx.close();
     }
   });
 

@@ -1,16 +1,16 @@
 /**
- * The rollout: which version each agent holds, against the tenant's active version. There is
- * no streaming RPC for it yet, so the page asks GetRolloutStatus (what `kmi ctl ca status`
- * shows) every 2 seconds while it is open.
+ * The rollout: which version each agent holds, against the tenant's active version, live from
+ * the WatchRolloutStatus server stream (the KDC sends the status at once and again when it
+ * changes). When the stream breaks, the page says so and opens it again a few seconds later.
  */
 import type { GetRolloutStatusResponse } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
-import { api } from "../api.js";
-import { announce, h, when } from "../dom.js";
+import { api, isUnauthenticated } from "../api.js";
+import { announce, errorText, h, when } from "../dom.js";
 import { date } from "../format.js";
-import { pageError, tenantHeader, type Page } from "./common.js";
+import { tenantHeader, type Page } from "./common.js";
 
-/** How often the page asks, ms. */
-const POLL_MS = 2000;
+/** How long the page waits before opening a broken stream again, ms. */
+const RETRY_MS = 3000;
 
 function table(res: GetRolloutStatusResponse): HTMLElement {
   if (res.machines.length === 0) return h("p", {}, "No machine has reported yet.");
@@ -38,23 +38,33 @@ function table(res: GetRolloutStatusResponse): HTMLElement {
   );
 }
 
-/** The rollout page. */
-export const rolloutPage: Page = async ({ main, params, signal }) => {
-  const tenant = params[0]!;
-  const body = h("section", { class: "card scroll", "aria-labelledby": "ro-h" }, h("h2", { id: "ro-h" }, "Rollout per machine"), h("p", {}, "Loading…"));
-  main.replaceChildren(tenantHeader(tenant, "rollout"), h("p", { class: "hint" }, `Updated every ${POLL_MS / 1000} seconds while this page is open.`), body);
+/** Follows the stream until the page ends, reopening it after a break. */
+async function follow(tenant: string, body: HTMLElement, state: HTMLElement, signal: AbortSignal): Promise<void> {
   let last = "";
   while (!signal.aborted) {
     try {
-      const res = await api.ca.getRolloutStatus({ tenantId: tenant }, { signal });
-      body.replaceChildren(body.firstChild!, table(res));
-      const summary = `${res.upToDateCount} of ${res.machines.length} machines hold version ${res.activeVersion}`;
-      if (summary !== last) announce(summary);
-      last = summary;
+      for await (const { status } of api.ca.watchRolloutStatus({ tenantId: tenant }, { signal })) {
+        if (status === undefined) continue;
+        state.textContent = "Live: updated by the KDC as agents report.";
+        body.replaceChildren(body.firstChild!, state, table(status));
+        const summary = `${status.upToDateCount} of ${status.machines.length} machines hold version ${status.activeVersion}`;
+        if (summary !== last) announce(summary);
+        last = summary;
+      }
     } catch (err) {
       if (signal.aborted) return;
-      body.replaceChildren(body.firstChild!, pageError(err));
+      state.textContent = `Not live: ${errorText(err)}`;
+      if (isUnauthenticated(err)) return;
     }
-    await new Promise((r) => setTimeout(r, POLL_MS));
+    await new Promise((r) => setTimeout(r, RETRY_MS));
   }
+}
+
+/** The rollout page. */
+export const rolloutPage: Page = async ({ main, params, signal }) => {
+  const tenant = params[0]!;
+  const state = h("p", { class: "hint", id: "rollout-live", role: "status" }, "Connecting…");
+  const body = h("section", { class: "card scroll", "aria-labelledby": "ro-h" }, h("h2", { id: "ro-h" }, "Rollout per machine"), state, h("p", {}, "Loading…"));
+  main.replaceChildren(tenantHeader(tenant, "rollout"), body);
+  void follow(tenant, body, state, signal);
 };
