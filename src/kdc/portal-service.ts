@@ -38,6 +38,7 @@ import {
   mintSecret,
   newLink,
   newSession,
+  purgeOps,
   putPortal,
   secretKey,
   sessionCookie,
@@ -125,7 +126,7 @@ export function createPortalService(ctx: KdcContext, ops: KdcOperations): Servic
         outcome: "ok",
         details: { via: p.linkId !== "" ? `link:${p.linkId}` : `token:${p.tokenId}`, role: p.role === Role.OPERATOR ? "operator" : "tenant-admin", tenant: p.tenantId },
       },
-      [putPortal.session(minted.key, record), ...(p.linkOp ? [p.linkOp] : [])],
+      [putPortal.session(minted.key, record), ...(p.linkOp ? [p.linkOp] : []), ...(await purgeOps(ctx.store, now()))],
     );
     hctx.responseHeader.append("set-cookie", sessionCookie(minted.secret, timestampDate(record.expiresAt!), now()));
     return record;

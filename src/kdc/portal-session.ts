@@ -25,7 +25,7 @@ import {
   type PortalLoginLinkRecord,
   type PortalSessionRecord,
 } from "../gen/kmi/store/v1/portal_pb.js";
-import { defineTable, putOp, type BatchOp, type Store } from "../storage/store.js";
+import { defineTable, delOp, putOp, type BatchOp, type Store, type Table } from "../storage/store.js";
 import type { Caller, TokenLookup } from "./authz.js";
 
 /** The portal's tables. */
@@ -121,6 +121,25 @@ export async function listSessions(store: PortalStore): Promise<{ key: string; r
   const out: { key: string; record: PortalSessionRecord }[] = [];
   for await (const [key, record] of store.store.iterate(PORTAL_TABLES.sessions)) out.push({ key, record });
   return out;
+}
+
+/** At most this many ended records are removed per sign-in. */
+const PURGE_LIMIT = 500;
+
+/**
+ * Delete ops for records that can never work again: sessions past their expiry, links past
+ * theirs (used or not). Signing in removes them in its batch, so the tables stay as small as the
+ * live sessions and links; a revoked session stays until its expiry (ListSessions skips it).
+ */
+export async function purgeOps(store: PortalStore, now: Date): Promise<BatchOp[]> {
+  const ops: BatchOp[] = [];
+  for (const table of [PORTAL_TABLES.sessions, PORTAL_TABLES.links] as const) {
+    for await (const [key, r] of store.store.iterate(table as Table)) {
+      if (ops.length >= PURGE_LIMIT) return ops;
+      if (before((r as PortalSessionRecord | PortalLoginLinkRecord).expiresAt, now)) ops.push(delOp(table, key));
+    }
+  }
+  return ops;
 }
 
 /** Put ops of the portal's records. */

@@ -111,6 +111,11 @@ async function start(message?: string): Promise<void> {
   else await route();
 }
 
+// The skip link moves focus; it must not change the hash the pages are routed by.
+document.querySelector(".skip")?.addEventListener("click", (ev) => {
+  ev.preventDefault();
+  main.focus();
+});
 // A login link opened in a tab that shows the portal already changes only the hash.
 window.addEventListener("hashchange", () => void (location.hash.startsWith("#login=") ? start() : route()));
 void start();

@@ -6,6 +6,7 @@
  */
 import { createHash } from "node:crypto";
 import { readFile } from "node:fs/promises";
+import { connect } from "node:http2";
 import { join } from "node:path";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
@@ -180,6 +181,56 @@ describe("ending sessions", () => {
     expect(r.code, r.stderr).toBe(0);
     await refused(browser({ cookie: secret }).c(KdcService).listVersions({ tenantId: "globex" }), Code.Unauthenticated);
     expect((await ctl(kdc, data, ["portal", "sessions"])).stdout).not.toContain(id);
+  });
+});
+
+describe("serving the portal", () => {
+  /** One HTTP/2 request to the KDC; status, headers and body. */
+  async function get(path: string, method = "GET"): Promise<{ status: number; headers: Record<string, string>; body: string }> {
+    const session = connect(kdc.url, { ca: caPem });
+    try {
+      return await new Promise((resolve, reject) => {
+        const req = session.request({ ":method": method, ":path": path });
+        let body = "";
+        let headers: Record<string, string> = {};
+        req.on("response", (h) => (headers = Object.fromEntries(Object.entries(h).map(([k, v]) => [k, String(v)]))));
+        req.setEncoding("utf8");
+        req.on("data", (d: string) => (body += d));
+        req.on("end", () => resolve({ status: Number(headers[":status"]), headers, body }));
+        req.on("error", reject);
+        req.end();
+      });
+    } finally {
+      session.close();
+    }
+  }
+
+  it.each([
+    ["/", 200, "text/html; charset=utf-8"],
+    ["/app.js", 200, "text/javascript; charset=utf-8"],
+    ["/app.css", 200, "text/css; charset=utf-8"],
+    ["/no-such-page", 404, "text/plain; charset=utf-8"],
+  ])("GET %s: %d %s, with CSP default-src 'self' and the other security headers", async (path, status, type) => {
+    const r = await get(path);
+    expect(r.status).toBe(status);
+    expect(r.headers["content-type"]).toBe(type);
+    expect(r.headers["content-security-policy"]).toBe("default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; object-src 'none'");
+    expect(r.headers["x-frame-options"]).toBe("DENY");
+    expect(r.headers["x-content-type-options"]).toBe("nosniff");
+    expect(r.headers["referrer-policy"]).toBe("no-referrer");
+  });
+
+  it("the page loads only its own files: no absolute URL in index.html, no inline script", async () => {
+    const html = (await get("/")).body;
+    expect([...html.matchAll(/(?:src|href)="([^"]+)"/g)].map((m) => m[1])).toEqual(["/app.css", "/app.js", "#main"]);
+    expect(html).not.toMatch(/<script(?![^>]*\bsrc=)[^>]*>/);
+  });
+
+  it("answers other methods on pages with 405, and HEAD without a body", async () => {
+    expect((await get("/", "POST")).status).toBe(405);
+    const head = await get("/", "HEAD");
+    expect(head.status).toBe(200);
+    expect(head.body).toBe("");
   });
 });
 

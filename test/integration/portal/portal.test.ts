@@ -26,6 +26,8 @@ let work: string;
 let priv: PrivateCa;
 let caPem: string;
 let operatorToken: string;
+/** Every URL the portal's pages requested (the attacker's page of the CSRF test is not one). */
+const requested: string[] = [];
 
 /** A fresh login link from `kmi ctl portal login-link`. */
 async function loginLink(args: string[]): Promise<string> {
@@ -37,6 +39,7 @@ async function loginLink(args: string[]): Promise<string> {
 async function signedIn(args: string[], viewport = { width: 1280, height: 900 }): Promise<{ ctx: BrowserContext; page: Page }> {
   const ctx = await chrome.browser.newContext({ acceptDownloads: true, viewport });
   const page = await ctx.newPage();
+  page.on("request", (r) => requested.push(r.url()));
   await page.goto(await loginLink(args));
   await page.locator("#who-label").waitFor();
   return { ctx, page };
@@ -394,6 +397,12 @@ describe("the portal in Chromium", () => {
     } finally {
       await ctx.close();
     }
+  });
+
+  it("loaded nothing from elsewhere: every request of the portal's pages went to the KDC", () => {
+    expect(requested.length).toBeGreaterThan(50);
+    const origin = new URL(mesh.kdcUrl).origin;
+    expect(requested.filter((u) => new URL(u).origin !== origin && !u.startsWith("blob:"))).toEqual([]);
   });
 
   it("signs out: the session is gone and the page asks to sign in", async () => {
