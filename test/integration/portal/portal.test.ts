@@ -242,6 +242,25 @@ describe("the portal in Chromium", () => {
       await expect.poll(() => page.locator(`#rollout tr[data-machine="${mesh.machineId}"]`).getAttribute("data-held"), { timeout: 60_000, intervals: [500] }).toBe("2");
       await expect.poll(async () => (await mesh.agentClient().unary("getStatus", {})).keys.some((k) => k.tenantId === "acme" && k.version === 2), { timeout: 10_000 }).toBe(true);
       await shot(page, "rollout");
+      // History: revoke the retired version 1 (with a reason), renew version 2 (same key,
+      // KMI-signed: ready at once) and activate the renewal — each behind its typed confirmation.
+      await page.getByRole("link", { name: "History" }).click();
+      await page.getByRole("button", { name: "Revoke version 1" }).click();
+      await page.getByRole("dialog").getByLabel("Reason").fill("portal test: retired and unused");
+      await confirm(page, "revoke 1");
+      await page.locator('#versions tr[data-version="1"][data-state="revoked"]').waitFor();
+      await page.getByRole("button", { name: "Renew version 2" }).click();
+      await confirm(page, "renew 2");
+      await page.locator('#versions tr[data-version="3"][data-state="ready"]').waitFor();
+      await page.getByRole("button", { name: "Activate version 3" }).click();
+      await confirm(page, "activate 3");
+      await page.locator('#versions tr[data-version="3"][data-state="active"]').waitFor();
+      const h = JSON.parse(await history("acme")) as { versions: { version: number; state: string; keyId: string; revokeReason?: string }[] };
+      const byVersion = new Map(h.versions.map((v) => [v.version, v]));
+      expect(byVersion.get(1)?.state).toBe("VERSION_STATE_REVOKED");
+      expect(byVersion.get(1)?.revokeReason).toBe("portal test: retired and unused");
+      expect(byVersion.get(2)?.state).toBe("VERSION_STATE_RETIRED");
+      expect(byVersion.get(3)?.keyId).toBe(byVersion.get(2)?.keyId);
       await page.getByRole("link", { name: "Audit trail" }).click();
       await page.locator("#audit").getByText("ca.version.create").first().waitFor();
       const targets = await page.locator("#audit tbody tr td:nth-child(5)").allTextContents();
@@ -375,7 +394,7 @@ describe("the portal in Chromium", () => {
       const row = page.locator(`#machines tr[data-machine="${mesh.machineId}"]`);
       await row.waitFor();
       expect(await row.getAttribute("data-status")).toBe("active");
-      expect(await row.locator("td").nth(4).textContent()).toMatch(/acme v2/);
+      expect(await row.locator("td").nth(4).textContent()).toMatch(/acme v[23]/);
       expect(await unnamedControls(page)).toEqual([]);
       await shot(page, "machines");
       await page.getByRole("button", { name: `Quarantine ${mesh.machineId}` }).click();
