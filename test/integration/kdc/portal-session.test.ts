@@ -184,6 +184,31 @@ describe("ending sessions", () => {
   });
 });
 
+describe("authorization of the new RPCs", () => {
+  const calls: [string, (c: ReturnType<typeof clients>) => Promise<unknown>][] = [
+    ["CreateLoginLink", (c) => c(PortalService).createLoginLink({ tenantId: "acme" })],
+    ["GetSession", (c) => c(PortalService).getSession({})],
+    ["SignOut", (c) => c(PortalService).signOut({})],
+    ["ListSessions", (c) => c(PortalService).listSessions({})],
+    ["RevokeSession", (c) => c(PortalService).revokeSession({ sessionId: "0123456789abcdef" })],
+    ["WatchRolloutStatus", async (c) => {
+      for await (const m of c(KdcService).watchRolloutStatus({ tenantId: "acme" })) return m;
+    }],
+  ];
+
+  it.each(calls)("%s requires a token or a session (UNAUTHENTICATED without)", async (_name, call) => {
+    await refused(call(clients(kdc.url, caPem)), Code.Unauthenticated, "bearer token");
+  });
+
+  it.each([calls[0]!, calls[3]!, calls[4]!])("operator-only %s with a tenant-admin token is PERMISSION_DENIED", async (_name, call) => {
+    await refused(call(clients(kdc.url, caPem, { token: acmeToken })), Code.PermissionDenied, "operator role required");
+  });
+
+  it.each([calls[1]!, calls[2]!])("%s with a bearer token (no session) is FAILED_PRECONDITION", async (_name, call) => {
+    await refused(call(clients(kdc.url, caPem, { token: acmeToken })), Code.FailedPrecondition, "needs a portal session");
+  });
+});
+
 describe("serving the portal", () => {
   /** One HTTP/2 request to the KDC; status, headers and body. */
   async function get(path: string, method = "GET"): Promise<{ status: number; headers: Record<string, string>; body: string }> {
