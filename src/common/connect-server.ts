@@ -76,6 +76,8 @@ export interface ConnectServerOptions {
   callLog?: Partial<CallLogPolicy>;
   /** More interceptors, run inside the error-mapping one (auth, audit). */
   interceptors?: Interceptor[];
+  /** Answers requests to paths that are no RPC (the KDC's portal); default a 404 naming the path. */
+  fallback?: (req: NodeRequest, res: NodeResponse) => void;
 }
 
 /** Per-call facts the interceptor fills in and the request wrapper logs. */
@@ -200,8 +202,10 @@ function withSpecGrpcMessage(r: UniversalServerResponse): UniversalServerRespons
   return { ...r, body: wrapped() };
 }
 
-type NodeRequest = IncomingMessage | Http2ServerRequest;
-type NodeResponse = ServerResponse | Http2ServerResponse;
+/** A request of either HTTP version, as node's servers give it. */
+export type NodeRequest = IncomingMessage | Http2ServerRequest;
+/** A response of either HTTP version. */
+export type NodeResponse = ServerResponse | Http2ServerResponse;
 
 interface Route {
   handler: UniversalHandler;
@@ -438,6 +442,10 @@ export class ConnectServer {
       if (this.inFlight === 0) this.idle?.();
     });
 
+    if (route === undefined && this.opts.fallback !== undefined) {
+      this.opts.fallback(req, res);
+      return;
+    }
     if (route === undefined) {
       res.writeHead(404, { "content-type": "text/plain; charset=utf-8" });
       res.end(`no such method: ${path}; list the methods with server reflection\n`);

@@ -13,12 +13,13 @@ import type { Command, CommandContext } from "./command.js";
 import { Args, flagHelp, parseFlags, type FlagSpecs } from "./flags.js";
 import { registerAuditCommands } from "./audit-commands.js";
 import { kdcCommands } from "./kdc-commands.js";
+import { portalCommands } from "./portal-commands.js";
 import { statusCommand } from "./status-command.js";
 import { EXIT_CODE_HELP, ExitCode, Output, UsageError, type Streams } from "./output.js";
 import { writeFileAtomicSync } from "../common/fs.js";
 
 /** The one table of `kmi ctl` commands: the KDC's, the Auditserver's (src/ctl/audit-commands.ts), then `status` (src/ctl/status-command.ts). */
-export const commandTable: readonly Command[] = [...registerAuditCommands(kdcCommands), statusCommand];
+export const commandTable: readonly Command[] = [...registerAuditCommands(kdcCommands), ...portalCommands, statusCommand];
 
 const globalFlags: FlagSpecs = {
   json: { type: "bool", help: "print results as JSON for scripts (errors as JSON on stderr)" },

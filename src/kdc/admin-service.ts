@@ -21,6 +21,7 @@ import {
   VerifyAuditLogResponseSchema,
 } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { actorOf } from "./authz.js";
+import type { AuditEntry } from "../storage/audit-log.js";
 import type { KdcContext } from "./context.js";
 import { handle } from "./handler.js";
 import { CREDENTIAL } from "./kdc-store.js";
@@ -30,6 +31,32 @@ import * as V from "./validate.js";
 
 const operator = () => ({ kind: "operator" }) as const;
 const none = () => ({});
+
+/** How far back a tenant's audit trail looks: the newest this many entries of the log. */
+const TENANT_TRAIL_WINDOW = 10_000n;
+
+/**
+ * The entries about one tenant (target "tenant/<id>" or below it) among the newest
+ * {@link TENANT_TRAIL_WINDOW}, read forward a page at a time: the first or last `limit`.
+ */
+async function tenantEntries(ctx: KdcContext, i: V.TailAuditLogInput): Promise<AuditEntry[]> {
+  const head = await ctx.audit.head();
+  const floor = head.seq > TENANT_TRAIL_WINDOW ? head.seq - TENANT_TRAIL_WINDOW : 0n;
+  let after = i.afterSeq > floor ? i.afterSeq : floor;
+  const out: AuditEntry[] = [];
+  const mine = (e: AuditEntry) => e.target === `tenant/${i.tenantId}` || e.target.startsWith(`tenant/${i.tenantId}/`);
+  for (;;) {
+    const page = await ctx.audit.tail({ afterSeq: after, limit: 1000 });
+    for (const e of page) {
+      if (!mine(e)) continue;
+      out.push(e);
+      if (!i.last && out.length === i.limit) return out;
+      if (i.last && out.length > i.limit) out.shift();
+    }
+    if (page.length < 1000) return out;
+    after = page[page.length - 1]!.seq;
+  }
+}
 
 /** KdcAdminService over the KDC's context and operations. */
 export function createAdminService(ctx: KdcContext, ops: KdcOperations): ServiceImpl<typeof KdcAdminService> {
@@ -129,9 +156,9 @@ export function createAdminService(ctx: KdcContext, ops: KdcOperations): Service
         target: () => "audit-log",
         auth: "token",
         parse: V.tailAuditLog,
-        need: operator,
+        need: (i) => (i.tenantId === "" ? operator() : ({ kind: "tenant", tenantId: i.tenantId } as const)),
         act: async (_c, i) => {
-          const entries = await ctx.audit.tail({ afterSeq: i.afterSeq, limit: i.limit, last: i.last });
+          const entries = i.tenantId === "" ? await ctx.audit.tail({ afterSeq: i.afterSeq, limit: i.limit, last: i.last }) : await tenantEntries(ctx, i);
           const head = await ctx.audit.head();
           return create(TailAuditLogResponseSchema, { entries: entries.map(auditEntry), headSeq: head.seq });
         },

@@ -5,6 +5,7 @@
  */
 import { createClient, type Client } from "@connectrpc/connect";
 import { createGrpcClientTransport } from "../common/http2-client.js";
+import { AuditAdminService } from "../gen/kmi/audit/v1/admin_pb.js";
 import { AuditService } from "../gen/kmi/audit/v1/audit_pb.js";
 
 /** How to reach the Auditserver. */
@@ -18,9 +19,11 @@ export interface AuditClientOptions {
   keyPem: string;
 }
 
-/** An AuditService client with its HTTP/2 session. */
+/** AuditService and AuditAdminService clients with their HTTP/2 session. */
 export interface AuditClient {
   readonly client: Client<typeof AuditService>;
+  /** AuditAdminService on the same connection (the portal's relay, ./audit-relay.ts). */
+  readonly admin: Client<typeof AuditAdminService>;
   /** Closes the session and every stream on it. */
   close(): void;
 }
@@ -35,5 +38,5 @@ export function createAuditClient(o: AuditClientOptions): AuditClient {
     // HTTP/2 pings notice a dead connection under a quiet watch stream.
     session: { pingIntervalMs: 15_000, pingTimeoutMs: 10_000, idleConnectionTimeoutMs: 60_000 },
   });
-  return { client: createClient(AuditService, transport), close };
+  return { client: createClient(AuditService, transport), admin: createClient(AuditAdminService, transport), close };
 }

@@ -28,7 +28,8 @@ export interface MachineAttestation {
 
 /** Who is calling. */
 export type Caller =
-  | { kind: "token"; tokenId: string; role: RoleName; tenantId: string }
+  /** A bearer token, or a portal session (`sessionId`; `tokenId` is empty when it came from a login link). */
+  | { kind: "token"; tokenId: string; role: RoleName; tenantId: string; sessionId?: string }
   | { kind: "service"; name: string }
   | { kind: "machine"; machineId: string; attestation?: MachineAttestation }
   | { kind: "anonymous" };
@@ -49,11 +50,14 @@ export type Requirement =
   /** Anybody. */
   | { kind: "public" };
 
-/** The actor string of the audit log: "token:<id>", "service:<name>", "machine:<id>" or "anonymous". */
+/**
+ * The actor string of the audit log: "token:<id>", "session:<id>" (a portal session from a
+ * login link), "service:<name>", "machine:<id>" or "anonymous".
+ */
 export function actorOf(caller: Caller): string {
   switch (caller.kind) {
     case "token":
-      return `token:${caller.tokenId}`;
+      return caller.tokenId === "" && caller.sessionId !== undefined ? `session:${caller.sessionId}` : `token:${caller.tokenId}`;
     case "service":
       return `service:${caller.name}`;
     case "machine":

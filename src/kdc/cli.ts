@@ -86,6 +86,7 @@ async function serve(argv: string[]): Promise<number> {
     shutdownTimeoutMs: v.shutdownTimeoutMs,
     auditUrl: v.auditUrl,
     attestationKeyFile: v.attestationKeyFile,
+    portalDir: v.portalDir,
     leaseMs: parseLease(v.lease),
   });
   // A clean stop lets the event loop drain (log lines flushed); a forced or failed one exits now.

@@ -44,6 +44,11 @@ export const serveProgram = defineProgram({
       description: "the Auditserver's attestation public key, PEM (its attestation-key.pem); instead of fetching it from --audit-url",
       valueName: "file",
     },
+    portalDir: {
+      type: "string",
+      description: "folder of the web portal's bundle, served on the KDC's origin (default: the dist/web built by `npm run build:web`)",
+      valueName: "dir",
+    },
     lease: {
       type: "string",
       description: "how long an agent may use a released secret without hearing from the KDC again (e.g. 90m, 24h, 7d; 1m to 30d)",

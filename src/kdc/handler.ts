@@ -11,6 +11,7 @@ import { kPeer, kPeerAddress, peerSource } from "../common/rpc.js";
 import { actorOf, authenticateToken, authorize, callerFromPeer, type Caller, type Requirement } from "./authz.js";
 import type { KdcContext } from "./context.js";
 import { authenticateMachine } from "./machine-auth.js";
+import { authenticateSession } from "./portal-session.js";
 
 /**
  * How a call authenticates its caller: a bearer token, a kmi service's mutual-TLS certificate,
@@ -45,6 +46,16 @@ function clean(s: string): string {
   return t.length > MAX_TARGET ? t.slice(0, MAX_TARGET) + "..." : t;
 }
 
+/**
+ * The caller of a call made with a bearer token or, without one, a portal session cookie
+ * (CSRF-checked; it stands for the same caller).
+ */
+export async function authenticateTokenOrSession(ctx: KdcContext, hctx: HandlerContext): Promise<Caller & { kind: "token" }> {
+  const authorization = hctx.requestHeader.get("authorization");
+  const session = authorization === null ? await authenticateSession(hctx, ctx.store, ctx.clock.now()) : undefined;
+  return session ?? authenticateToken(authorization, ctx.store, ctx.clock.now());
+}
+
 async function authenticate(ctx: KdcContext, hctx: HandlerContext, mode: AuthMode, token: string): Promise<Caller> {
   switch (mode) {
     case "machine":
@@ -52,7 +63,7 @@ async function authenticate(ctx: KdcContext, hctx: HandlerContext, mode: AuthMod
     case "none":
       return { kind: "anonymous" };
     case "token":
-      return authenticateToken(hctx.requestHeader.get("authorization"), ctx.store, ctx.clock.now());
+      return authenticateTokenOrSession(ctx, hctx);
     case "peer": {
       const peer = hctx.values.get(kPeer);
       if (peer === undefined || !peer.authorized) {

@@ -11,24 +11,24 @@ import {
   CreateSigningKeyResponseSchema,
   CreateVersionResponseSchema,
   GetCaCertificatesResponseSchema,
-  GetRolloutStatusResponseSchema,
   GetVersionCsrResponseSchema,
   KdcService,
   ListSigningKeysResponseSchema,
   ListVersionsResponseSchema,
-  MachineRolloutSchema,
   RenewVersionResponseSchema,
   RevokeSigningKeyResponseSchema,
   RevokeVersionResponseSchema,
   Signer,
   UploadIntermediateResponseSchema,
 } from "../gen/kmi/kdc/v1/kdc_pb.js";
+import { kDraining } from "../common/rpc.js";
 import { encodePem } from "../pki/pem.js";
-import { actorOf } from "./authz.js";
+import { actorOf, authorize } from "./authz.js";
 import type { KdcContext } from "./context.js";
-import { handle } from "./handler.js";
+import { authenticateTokenOrSession, handle } from "./handler.js";
 import { intermediateVersion, signingKey } from "./mapping.js";
 import { versionTarget, type KdcOperations } from "./operations.js";
+import { RolloutStreams, rolloutStatus, watchRollout } from "./rollout-status.js";
 import * as V from "./validate.js";
 
 const tenantNeed = (i: { tenantId: string }) => ({ kind: "tenant", tenantId: i.tenantId }) as const;
@@ -37,6 +37,7 @@ const tenantNeed = (i: { tenantId: string }) => ({ kind: "tenant", tenantId: i.t
 export function createKdcService(ctx: KdcContext, ops: KdcOperations): ServiceImpl<typeof KdcService> {
   const pem = (spki: Uint8Array) => encodePem("PUBLIC KEY", spki);
   const iv = (r: Parameters<typeof intermediateVersion>[0]) => intermediateVersion(r, ctx.pki);
+  const rolloutStreams = new RolloutStreams();
 
   return {
     getCaCertificates: (req, hctx) =>
@@ -148,27 +149,30 @@ export function createKdcService(ctx: KdcContext, ops: KdcOperations): ServiceIm
         auth: "token",
         parse: (r) => ({ tenantId: V.tenantId(r.tenantId) }),
         need: tenantNeed,
+        act: (_c, i) => rolloutStatus(ctx, ops, i.tenantId),
+      }),
+
+    async *watchRolloutStatus(req, hctx) {
+      const signal = AbortSignal.any([hctx.signal, hctx.values.get(kDraining)]);
+      const stream = await handle(ctx, hctx, req, {
+        target: (r) => `tenant/${r.tenantId}`,
+        auth: "token",
+        parse: (r) => ({ tenantId: V.tenantId(r.tenantId) }),
+        need: tenantNeed,
         act: async (_c, i) => {
-          const tenant = await ops.requireTenant(i.tenantId);
-          const reports = await ctx.store.listRollout(i.tenantId);
-          const machines = reports.map((m) =>
-            create(MachineRolloutSchema, {
-              machineId: m.machineId,
-              group: m.group,
-              heldVersion: m.heldVersion,
-              upToDate: tenant.activeVersion !== 0 && m.heldVersion === tenant.activeVersion,
-              connected: ctx.watches.isConnected(m.machineId),
-              ...(m.lastReport ? { lastReport: m.lastReport } : {}),
-            }),
-          );
-          return create(GetRolloutStatusResponseSchema, {
-            activeVersion: tenant.activeVersion,
-            machines,
-            upToDateCount: machines.filter((m) => m.upToDate).length,
-            connectedCount: machines.filter((m) => m.connected).length,
+          await ops.requireTenant(i.tenantId);
+          const release = rolloutStreams.take();
+          return watchRollout({
+            read: () => rolloutStatus(ctx, ops, i.tenantId),
+            // The caller again each turn: a revoked token or ended session ends the stream.
+            check: async () => authorize(await authenticateTokenOrSession(ctx, hctx), { kind: "tenant", tenantId: i.tenantId }),
+            signal,
+            release,
           });
         },
-      }),
+      });
+      yield* stream;
+    },
 
     createSigningKey: (req, hctx) =>
       handle(ctx, hctx, req, {

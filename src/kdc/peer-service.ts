@@ -11,6 +11,7 @@ import { actorOf, authenticateToken } from "./authz.js";
 import type { KdcContext } from "./context.js";
 import { handle } from "./handler.js";
 import { tokenInfo } from "./mapping.js";
+import { liveSession } from "./portal-session.js";
 import type { KdcOperations } from "./operations.js";
 import * as V from "./validate.js";
 
@@ -30,9 +31,21 @@ export function createPeerService(ctx: KdcContext, ops: KdcOperations): ServiceI
         },
         need: service,
         act: async (_c, i) => {
-          const caller = await authenticateToken(`Bearer ${i.token}`, ctx.store, ctx.clock.now());
-          const record = await ctx.store.getToken(caller.tokenId);
-          return create(AuthenticateTokenResponseSchema, { token: tokenInfo(record!) });
+          const now = ctx.clock.now();
+          const caller = await authenticateToken(`Bearer ${i.token}`, ctx.store, now).catch(async (err: unknown) => {
+            // A portal session relayed by a KDC (./audit-relay.ts) is shaped like a token.
+            const s = /^kmi_([0-9a-f]{16})_(.+)$/.exec(i.token);
+            const session = s === null ? undefined : await liveSession(ctx.store, s[2]!, now, s[1]!);
+            if (session === undefined) throw err;
+            return session;
+          });
+          if ("kind" in caller) {
+            const record = await ctx.store.getToken(caller.tokenId);
+            return create(AuthenticateTokenResponseSchema, { token: tokenInfo(record!) });
+          }
+          return create(AuthenticateTokenResponseSchema, {
+            token: { tokenId: caller.sessionId, role: caller.role, tenantId: caller.tenantId, description: "portal session", ...(caller.createdAt ? { createdAt: caller.createdAt } : {}), ...(caller.expiresAt ? { expiresAt: caller.expiresAt } : {}) },
+          });
         },
       }),
 

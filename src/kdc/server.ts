@@ -22,6 +22,7 @@ import { MachineStatusFeed } from "./machine-status-feed.js";
 import type { WatchHubOptions } from "./watch-hub.js";
 import { CREDENTIAL, credentialAad, put } from "./kdc-store.js";
 import { KdcOperations } from "./operations.js";
+import { defaultPortalDir, PortalSite } from "./portal-static.js";
 import { services } from "./routes.js";
 
 /** Re-issue the KDC's TLS certificate when less than this is left. */
@@ -44,6 +45,8 @@ export interface KdcServerOptions extends MasterKeyOptions {
   attestationKeyFile?: string | undefined;
   /** Lease of released secrets, ms (default one day). */
   leaseMs?: number | undefined;
+  /** Folder of the portal's bundle; default dist/web when it is built (else no portal). */
+  portalDir?: string | undefined;
   /** Watch stream tuning (tests). */
   watch?: WatchHubOptions;
 }
@@ -104,10 +107,15 @@ export class KdcServer {
       metrics.gauge("kmi_kdc_quarantined_machines", "Machines the KDC refuses as quarantined.", [], (g) => g.set(opened.quarantine.list().length));
       metrics.gauge("kmi_kdc_attestation_key_loaded", "1 when the Auditserver's attestation key is loaded.", [], (g) => g.set(ctx.attestationKey.loaded ? 1 : 0));
       metrics.gauge("kmi_kdc_audit_refusals_suppressed", "Refusals of unauthenticated callers counted past their address's budget, not written to the audit log, since start.", [], (g) => g.set(ctx.audit.suppressedRefusals));
+      const portalDir = opts.portalDir ?? defaultPortalDir();
+      const portal = portalDir === undefined ? undefined : await PortalSite.load(portalDir);
+      if (portal === undefined) opts.logger.warn("the portal is not built (run `npm run build:web`); the KDC serves its API only", {});
       const server = ConnectServer.create({
         name: "kdc",
-        services: services(ctx, new KdcOperations(ctx)),
+        // The portal's operator pages reach the Auditserver through this KDC (when it knows one).
+        services: services(ctx, new KdcOperations(ctx), opts.auditUrl !== undefined ? () => fetcher?.admin : undefined),
         tcp: { listen: opts.listen, tls, mtls: "optional" },
+        ...(portal !== undefined ? { fallback: (req, res) => portal.serve(req, res) } : {}),
         logger: opts.logger,
         metrics,
         ...(opts.shutdownTimeoutMs !== undefined ? { shutdownTimeoutMs: opts.shutdownTimeoutMs } : {}),

@@ -327,12 +327,12 @@ export function reportHeldVersions(req: ReportHeldVersionsRequest): ReportHeldVe
 }
 
 /** TailAuditLog, validated. */
-export interface TailAuditLogInput { afterSeq: bigint; limit: number; last: boolean }
+export interface TailAuditLogInput { afterSeq: bigint; limit: number; last: boolean; tenantId: string }
 /** Parses TailAuditLogRequest. */
 export function tailAuditLog(req: TailAuditLogRequest): TailAuditLogInput {
   const limit = req.limit === 0 ? 100 : req.limit;
   if (limit < 1 || limit > 1000) throw new InvalidArgument(`limit: ${req.limit} is out of range; use 1 to 1000 (0 means 100)`);
-  return { afterSeq: req.afterSeq, limit, last: req.last };
+  return { afterSeq: req.afterSeq, limit, last: req.last, tenantId: req.tenantId === "" ? "" : tenantId(req.tenantId) };
 }
 
 /** A DNS name or IP address given on a command line (for the KDC's own certificate). */

@@ -15,6 +15,7 @@
 import { readFileSync } from "node:fs";
 import { chmod, mkdir, readFile } from "node:fs/promises";
 import { isAbsolute, relative } from "node:path";
+import { operatorLoginLink } from "./portal-link.js";
 import { Progress } from "./progress.js";
 import type { UpConfig, TcpAddress } from "./config.js";
 import { layout, PARTS, type Layout, type PartName } from "./layout.js";
@@ -396,7 +397,8 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
       progress.step("up", `ready in ${seconds} s: KDC, Auditserver, agent and proxy are healthy`);
       safeWrite(io.out)(JSON.stringify(summary) + "\n");
     } else {
-      progress.stepWith("up", `ready in ${seconds} s: KDC, Auditserver, agent and proxy are healthy`, banner({ L, urls, cfg, show, status: first }));
+      const portal = await operatorLoginLink({ kdcUrl: urls.kdc, caPem, token: token() ?? "" });
+      progress.stepWith("up", `ready in ${seconds} s: KDC, Auditserver, agent and proxy are healthy`, banner({ L, urls, cfg, show, status: first, portal }));
     }
 
     // ── watch until told to stop ──────────────────────────────────────────────────────────
@@ -602,6 +604,8 @@ function banner(o: {
   cfg: UpConfig;
   show: (p: string) => string;
   status: GetStatusResponse | undefined;
+  /** A one-time operator login link to the portal, when one could be made. */
+  portal?: string | undefined;
 }): string {
   const { L, urls, cfg, show } = o;
   const env = ctlEnv(L, urls);
@@ -626,6 +630,9 @@ function banner(o: {
     "",
     `Trust this root CA on your devices (and in curl): ${root}`,
     `Operator token (secret, 0600):                    ${show(L.operatorToken)}`,
+    "",
+    `Portal (the Certificate menu in a browser that trusts ${show(L.infraCaPem)}): ${urls.kdc}/`,
+    ...(o.portal !== undefined ? [`  one-time operator login link (15 min): ${o.portal}`, `  more: kmi ctl portal login-link --tenant ${cfg.tenant}`] : []),
     "",
     "Browse through the inspecting proxy:",
     `  curl -x ${urls.proxy} --cacert ${root} https://example.com/`,

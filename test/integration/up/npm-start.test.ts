@@ -397,6 +397,9 @@ describe("npm start and the five-minute tour, exactly as README.md says", () => 
     // The banner's curl is the tour's, with this run's proxy.
     expect(banner.curl).toBe(pick(2, /^curl /).cmd.text.replace("127.0.0.1:8080", site.proxy));
     expect(ctlEnv.KMI_CTL_TOKEN_FILE).toBe(join(copy, "data", "operator.token"));
+    // The portal's address and a one-time operator login link to it.
+    expect(out).toContain(`Portal (the Certificate menu in a browser that trusts data/kdc/infra-ca.pem): ${ctlEnv.KMI_CTL_KDC}/`);
+    expect(out).toMatch(new RegExp(`one-time operator login link \\(15 min\\): ${ctlEnv.KMI_CTL_KDC.replace(/\./g, "\\.")}/#login=[A-Za-z0-9_-]{43}$`, "m"));
     expect((await stat(ctlEnv.KMI_CTL_TOKEN_FILE)).mode & 0o777).toBe(0o600);
     // The join token was spent and removed; every part logs to data/logs.
     await expect(stat(join(copy, "data", "agent-join.token"))).rejects.toThrow();
