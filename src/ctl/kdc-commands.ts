@@ -27,6 +27,7 @@ import {
   CertificateFormat,
   CreateSigningKeyResponseSchema,
   CreateVersionResponseSchema,
+  DiscardPendingVersionResponseSchema,
   GetRolloutStatusResponseSchema,
   GetVersionCsrResponseSchema,
   IntermediateVersionSchema,
@@ -89,6 +90,11 @@ export function stateLabel(s: VersionState): string {
   return (VersionState[s] ?? "unspecified").toLowerCase();
 }
 
+/** A version's state for people: "pending (expired)" for a PENDING version past its CSR's expiry. */
+export function versionStateLabel(v: IntermediateVersion): string {
+  return stateLabel(v.state) + (v.state === VersionState.PENDING && v.pendingExpired ? " (expired)" : "");
+}
+
 function signerLabel(s: Signer): string {
   return s === Signer.KMI_ROOT ? "kmi-root" : s === Signer.PRIVATE_CA ? "private-ca" : "-";
 }
@@ -105,7 +111,7 @@ function versionFields(v: IntermediateVersion): string {
   return renderFields([
     ["tenant", v.tenantId],
     ["version", v.version],
-    ["state", stateLabel(v.state)],
+    ["state", versionStateLabel(v)],
     ["signer", signerLabel(v.signer)],
     ["algorithm", algorithmLabel(v.keyAlgorithm)],
     ["key id", v.keyId],
@@ -115,6 +121,8 @@ function versionFields(v: IntermediateVersion): string {
     ["not after", time(v.certificate?.notAfter)],
     ["sha256", v.certificate?.sha256Fingerprint],
     ["renewed from", v.renewedFrom === 0 ? undefined : v.renewedFrom],
+    ...(v.pendingExpiresAt !== undefined ? ([["csr expires", time(v.pendingExpiresAt)]] as const) : []),
+    ...(v.discardedAt !== undefined ? ([["discarded", time(v.discardedAt)], ["discard reason", v.discardReason]] as const) : []),
   ]);
 }
 
@@ -466,6 +474,25 @@ const caCommands: Command[] = [
     },
   },
   {
+    name: ["ca", "discard"],
+    summary: "give up a pending version whose signed certificate will never come: it becomes discarded and its key is erased",
+    details:
+      "only a pending version (made by `ca csr` or `ca renew --signer private-ca`) can be discarded; it stays in history.\n" +
+      "A pending version also expires by itself after the KDC's --pending-ttl (default 30d): an upload is then refused.\n" +
+      "example:\n  kmi ctl ca discard --tenant acme --version 4 --reason 'CSR lost'",
+    flags: {
+      ...kdcConnectionFlags,
+      ...tenantFlag,
+      ...versionFlag("the pending version to discard"),
+      reason: { type: "string", value: "TEXT", help: "why (kept in history and the audit log; optional)" },
+    },
+    async run(ctx) {
+      ctx.args.noPositionals();
+      const res = await kdc(ctx).ca.discardPendingVersion({ tenantId: ctx.args.need("tenant"), version: ctx.args.int("version"), reason: ctx.args.str("reason") ?? "" });
+      ctx.out.result(json(DiscardPendingVersionResponseSchema, res), () => `version ${res.version?.version ?? 0} is discarded; its key is erased\n`);
+    },
+  },
+  {
     name: ["ca", "history"],
     summary: "list a tenant's versions, newest first, with states, fingerprints and validity",
     flags: { ...kdcConnectionFlags, ...tenantFlag },
@@ -475,7 +502,7 @@ const caCommands: Command[] = [
       ctx.out.table<IntermediateVersion>(
         [
           { header: "version", value: (v) => v.version },
-          { header: "state", value: (v) => stateLabel(v.state) },
+          { header: "state", value: (v) => versionStateLabel(v) },
           { header: "signer", value: (v) => signerLabel(v.signer) },
           { header: "algorithm", value: (v) => algorithmLabel(v.keyAlgorithm) },
           { header: "not after", value: (v) => time(v.certificate?.notAfter) },
