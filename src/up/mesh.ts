@@ -15,6 +15,7 @@
 import { readFileSync } from "node:fs";
 import { chmod, mkdir, readFile } from "node:fs/promises";
 import { isAbsolute, relative } from "node:path";
+import { banner } from "./banner.js";
 import { Progress } from "./progress.js";
 import type { UpConfig, TcpAddress } from "./config.js";
 import { layout, PARTS, type Layout, type PartName } from "./layout.js";
@@ -39,7 +40,7 @@ import {
 } from "./bootstrap.js";
 import { PortError, formatHostPort, httpUrl, httpsUrl, resolvePort } from "./ports.js";
 import { isKmiProcess, pidAlive, readRunState, removeRunState, writeRunState, type RunState } from "./run-state.js";
-import { healthSummary, ctlEnv, type ProcessInfo } from "./health.js";
+import { healthSummary, type ProcessInfo } from "./health.js";
 import { AttestationState, type GetStatusResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { VERSION } from "../common/version.js";
 
@@ -409,7 +410,7 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
       progress.step("up", `ready in ${seconds} s: KDC, Auditserver, agent and proxy are healthy`);
       safeWrite(io.out)(JSON.stringify(summary) + "\n");
     } else {
-      progress.stepWith("up", `ready in ${seconds} s: KDC, Auditserver, agent and proxy are healthy`, banner({ L, urls, cfg, show, status: first }));
+      progress.stepWith("up", `ready in ${seconds} s: KDC, Auditserver, agent and proxy are healthy`, banner({ L, urls, cfg, kmiScript: io.kmiScript, status: first }));
     }
 
     // ── watch until told to stop ──────────────────────────────────────────────────────────
@@ -530,8 +531,9 @@ async function waitForAgentKey(
   signal: AbortSignal,
   enrolledBefore: boolean,
 ): Promise<void> {
-  const deadline = Date.now() + cfg.readyTimeoutMs;
-  let said = { machine: false, attested: false, refused: "", kdcError: "" };
+  const started = Date.now();
+  const deadline = started + cfg.readyTimeoutMs;
+  const said = { machine: false, attested: false, refused: "", kdcError: "" };
   for (;;) {
     const s = await client.getStatus(2000).catch(() => undefined);
     if (s !== undefined) {
@@ -559,8 +561,8 @@ async function waitForAgentKey(
         progress.step("agent", `holds tenant ${cfg.tenant}'s intermediate v${held}${s.kdcConnected ? "; watching the KDC for changes" : ""}`);
         return;
       }
-      if (s.kdcError !== "" && s.kdcError !== said.kdcError && s.attestation === AttestationState.ATTESTED) {
-        progress.step("agent", `waiting for its secrets from the KDC (${s.kdcError})`);
+      if (shouldReportSecretsWait(s, said.kdcError, Date.now() - started)) {
+        progress.step("agent", `still waiting for its secrets from the KDC after ${Math.round((Date.now() - started) / 1000)} s (${s.kdcError})`);
         said.kdcError = s.kdcError;
       }
     }
@@ -571,6 +573,18 @@ async function waitForAgentKey(
     }
     await sleep(250, signal);
   }
+}
+
+/**
+ * How long a first start may wait for the agent's secrets before the KDC link's error is shown:
+ * the KDC loads the attestation key and the agent attests in the first seconds, and the
+ * transient "attestation key not loaded yet" would make a healthy start look broken.
+ */
+export const SECRETS_WAIT_GRACE_MS = 10_000;
+
+/** Whether to print the agent's KDC-link error while waiting for its key: attested, a new error, and past the grace period. */
+export function shouldReportSecretsWait(s: Pick<GetStatusResponse, "kdcError" | "attestation">, lastShown: string, waitedMs: number, graceMs = SECRETS_WAIT_GRACE_MS): boolean {
+  return s.kdcError !== "" && s.kdcError !== lastShown && s.attestation === AttestationState.ATTESTED && waitedMs >= graceMs;
 }
 
 /** Why the agent says its machine is quarantined, without the agent's own "machine quarantined:" prefix. */
@@ -605,51 +619,4 @@ function reportAgentChanges(prev: GetStatusResponse | undefined, s: GetStatusRes
     if (s.kdcConnected) progress.step("agent", "KDC link up");
     else progress.warn("agent", `KDC link down${s.kdcError !== "" ? `: ${s.kdcError}` : ""} (the agent serves what it holds until the leases run out)`);
   }
-}
-
-/** The text printed once everything is healthy. */
-function banner(o: {
-  L: Layout;
-  urls: { kdc: string; audit: string; proxy: string };
-  cfg: UpConfig;
-  show: (p: string) => string;
-  status: GetStatusResponse | undefined;
-}): string {
-  const { L, urls, cfg, show } = o;
-  const env = ctlEnv(L, urls);
-  const held = o.status !== undefined ? heldVersions(o.status)[cfg.tenant] : undefined;
-  const agentLine =
-    o.status === undefined
-      ? "status unknown"
-      : `machine ${o.status.machineId}, ${attestationWord(o.status.attestation)}${held !== undefined ? `, holds ${cfg.tenant} v${held}` : ""}`;
-  const rows: [string, string, string][] = [
-    ["KDC", urls.kdc, show(L.log("kdc"))],
-    ["Auditserver", urls.audit, show(L.log("audit"))],
-    ["agent", show(L.agentSocket), `${show(L.log("agent"))}  (${agentLine})`],
-    ["proxy", urls.proxy, `${show(L.log("proxy"))}  (default tenant ${cfg.tenant}; access log ${show(L.accessLog)})`],
-  ];
-  const w0 = Math.max(...rows.map((r) => r[0].length));
-  const w1 = Math.max(...rows.map((r) => r[1].length));
-  const root = show(L.kmiRootPem);
-  return [
-    "",
-    "kmi is up:",
-    ...rows.map(([a, b, c]) => `  ${a.padEnd(w0)}  ${b.padEnd(w1)}  log ${c}`),
-    "",
-    `Trust this root CA on your devices (and in curl): ${root}`,
-    `Operator token (secret, 0600):                    ${show(L.operatorToken)}`,
-    "",
-    "Browse through the inspecting proxy:",
-    `  curl -x ${urls.proxy} --cacert ${root} https://example.com/`,
-    "",
-    "Administer it with kmi ctl (alias kmi=\"node dist/cmd/kmi.js\"):",
-    `  export KMI_CTL_KDC=${env["KMI_CTL_KDC"]} KMI_CTL_AUDIT=${env["KMI_CTL_AUDIT"]} \\`,
-    `         KMI_CTL_TOKEN_FILE=${show(env["KMI_CTL_TOKEN_FILE"]!)} KMI_CTL_CA_FILE=${show(env["KMI_CTL_CA_FILE"]!)}`,
-    `  kmi ctl ca status --tenant ${cfg.tenant}`,
-    `  kmi ctl machine list`,
-    `  kmi up status                 (this mesh's health, from another terminal)`,
-    "",
-    "Ctrl-C stops everything.",
-    "",
-  ].join("\n");
 }
