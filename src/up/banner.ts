@@ -48,8 +48,8 @@ export function browseLines(proxyUrl: string, rootFile: string, cfg: BannerInput
   const loopback = loopbackAllowed(cfg.proxyAllowPrivate);
   return [
     `Browse through the inspecting proxy to an origin signed by ${cfg.originCaFiles.join(", ")} (the --origin-ca-file it was started with)` +
-      (loopback ? "; loopback is allowed (--proxy-allow-private), so a local one works:" : "; allow its address with --proxy-allow-private if it is private:"),
-    `  curl -x ${proxyUrl} --cacert ${rootFile} https://${loopback ? "localhost" : "<origin host>"}:<origin port>/`,
+      (loopback ? "; loopback is allowed (--proxy-allow-private), so a local one works (<port>: the origin's):" : "; allow its address with --proxy-allow-private if it is private (<host> and <port>: the origin's):"),
+    `  curl -x ${proxyUrl} --cacert ${rootFile} https://${loopback ? "localhost" : "<host>"}:<port>/`,
   ];
 }
 

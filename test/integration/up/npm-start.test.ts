@@ -396,8 +396,8 @@ describe("npm start and the five-minute tour, exactly as README.md says", () => 
     expect(rootFile).toBe(join(copy, "data", "kdc", "kmi-root.pem"));
     // Started offline with an origin CA and loopback allowed, the banner's curl goes to a local
     // origin that CA signed (not example.com), with absolute paths: it works from any directory.
-    expect(banner.curl).toBe(`curl -x http://${site.proxy} --cacert ${rootFile} https://localhost:<origin port>/`);
-    const curl = await run("bash", ["-c", banner.curl.replace("<origin port>", String(origin.port))], { cwd: tmp.path });
+    expect(banner.curl).toBe(`curl -x http://${site.proxy} --cacert ${rootFile} https://localhost:<port>/`);
+    const curl = await run("bash", ["-c", banner.curl.replace("<port>", String(origin.port))], { cwd: tmp.path });
     expect(curl.stdout, curl.stderr).toBe(origin.body);
     // The banner's alias and export lines, pasted in another directory, reach this mesh.
     const paste = /^ {2}(alias kmi="node \/\S+"\n {2}export KMI_CTL_KDC=\S+ KMI_CTL_AUDIT=\S+ \\\n {9}KMI_CTL_TOKEN_FILE=\/\S+ KMI_CTL_CA_FILE=\/\S+)$/m.exec(out);

@@ -23,9 +23,9 @@ describe("the start banner", () => {
 
   it.each([
     ["online", [], [], "https://example.com/"],
-    ["offline with an origin CA, loopback allowed", ["/ca/origin.pem"], ["127.0.0.0/8"], "https://localhost:<origin port>/"],
-    ["offline with an origin CA, one loopback address allowed", ["/ca/origin.pem"], ["10.0.0.0/8", "127.0.0.1"], "https://localhost:<origin port>/"],
-    ["offline with an origin CA, loopback not allowed", ["/ca/origin.pem"], ["10.0.0.0/8"], "https://<origin host>:<origin port>/"],
+    ["offline with an origin CA, loopback allowed", ["/ca/origin.pem"], ["127.0.0.0/8"], "https://localhost:<port>/"],
+    ["offline with an origin CA, one loopback address allowed", ["/ca/origin.pem"], ["10.0.0.0/8", "127.0.0.1"], "https://localhost:<port>/"],
+    ["offline with an origin CA, loopback not allowed", ["/ca/origin.pem"], ["10.0.0.0/8"], "https://<host>:<port>/"],
   ] as const)("%s: the curl goes to %s", (_name, originCaFiles, proxyAllowPrivate, target) => {
     const lines = browseLines(urls.proxy, "/r/root.pem", { tenant: "dev", originCaFiles, proxyAllowPrivate });
     expect(lines[1]).toBe(`  curl -x http://127.0.0.1:8080 --cacert /r/root.pem ${target}`);
