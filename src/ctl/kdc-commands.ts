@@ -40,10 +40,12 @@ import {
   Signer,
   UploadIntermediateResponseSchema,
   VersionState,
+  type GetRolloutStatusResponse,
   type IntermediateVersion,
   type MachineRollout,
   type SigningKey,
 } from "../gen/kmi/kdc/v1/kdc_pb.js";
+import { ProgressMeter, progressWanted } from "../common/progress-meter.js";
 import { DEFAULT_KDC_URL, kdcConnectionFlags } from "./client.js";
 import type { Command, CommandContext } from "./command.js";
 import type { FlagSpecs } from "./flags.js";
@@ -516,14 +518,24 @@ const caCommands: Command[] = [
   },
   {
     name: ["ca", "status"],
-    summary: "show the rollout of the active version: which machines hold it, which not yet, which are unreachable",
+    summary: "show the rollout of the active version: which machines hold it, which not yet, which are unreachable (--wait: until all hold it)",
     details:
       "a machine is unreachable while its agent has no watch stream open to this KDC; it keeps what it last reported\n" +
-      "(and serves from its sealed cache until the lease runs out)",
-    flags: { ...kdcConnectionFlags, ...tenantFlag },
+      "(and serves from its sealed cache until the lease runs out)\n" +
+      "--wait polls until every machine that reported holds the active version (exit 0), or --wait-timeout passes (exit 1);\n" +
+      "meanwhile it shows \"N of M machines hold vX\" with an estimate on stderr (on a terminal, or with --progress)\n" +
+      "example:\n  kmi ctl ca rotate --tenant acme --activate && kmi ctl ca status --tenant acme --wait",
+    flags: {
+      ...kdcConnectionFlags,
+      ...tenantFlag,
+      wait: { type: "bool", help: "wait until every machine holds the active version" },
+      "wait-timeout": { type: "int", value: "SECONDS", help: "give up waiting after this long, exit 1 (default 600)" },
+      progress: { type: "bool", help: "show the rollout's progress on stderr also when it is not a terminal" },
+    },
     async run(ctx) {
       ctx.args.noPositionals();
-      const res = await kdc(ctx).ca.getRolloutStatus({ tenantId: ctx.args.need("tenant") });
+      const tenantId = ctx.args.need("tenant");
+      const res = ctx.args.bool("wait") ? await waitForRollout(ctx, tenantId) : await kdc(ctx).ca.getRolloutStatus({ tenantId });
       ctx.out.result(json(GetRolloutStatusResponseSchema, res), () => {
         const unreachable = res.machines.filter((m) => !m.connected).length;
         const notYet = res.machines.filter((m) => m.connected && !m.upToDate).length;
@@ -533,9 +545,34 @@ const caCommands: Command[] = [
         if (res.machines.length === 0) return head + "(no machine has reported yet)\n";
         return head + "\n" + renderTableOf(res.machines);
       });
+      if (ctx.args.bool("wait") && !rolloutComplete(res)) {
+        ctx.out.note(`kmi ctl: the rollout of version ${res.activeVersion} is not complete after ${ctx.args.int("wait-timeout", 600)} s: ${res.upToDateCount} of ${res.machines.length} machines hold it`);
+        return ExitCode.failure;
+      }
     },
   },
 ];
+
+/** Every machine that reported holds the active version. */
+function rolloutComplete(res: GetRolloutStatusResponse): boolean {
+  return res.activeVersion !== 0 && res.machines.length > 0 && res.upToDateCount === res.machines.length;
+}
+
+/** Polls the rollout once a second until it is complete or --wait-timeout passes, with progress and an estimate on stderr. */
+async function waitForRollout(ctx: CommandContext, tenantId: string): Promise<GetRolloutStatusResponse> {
+  const deadline = Date.now() + ctx.args.int("wait-timeout", 600) * 1000;
+  let meter: ProgressMeter | undefined;
+  for (;;) {
+    const res = await kdc(ctx).ca.getRolloutStatus({ tenantId });
+    meter ??= new ProgressMeter({ out: ctx.stderr, label: "kmi ctl ca status", unit: `machines hold v${res.activeVersion}`, intervalMs: 0, enabled: progressWanted(ctx.stderr, ctx.args.bool("progress"), ctx.out.json) });
+    meter.update(res.upToDateCount, res.machines.length);
+    if (rolloutComplete(res) || Date.now() >= deadline) {
+      meter.finish(rolloutComplete(res) ? `${res.upToDateCount} of ${res.machines.length} machines hold v${res.activeVersion}` : undefined);
+      return res;
+    }
+    await new Promise((r) => setTimeout(r, Math.min(1000, Math.max(0, deadline - Date.now()))));
+  }
+}
 
 /** Where a machine is in the rollout, for people. */
 function rolloutState(m: MachineRollout): string {

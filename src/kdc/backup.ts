@@ -29,11 +29,12 @@
  */
 import { createHash, randomBytes } from "node:crypto";
 import { constants } from "node:fs";
-import { chmod, link, mkdir, open, readdir, rm, unlink, writeFile, type FileHandle } from "node:fs/promises";
+import { chmod, link, mkdir, open, readdir, rm, stat, unlink, writeFile, type FileHandle } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { ConfigError, defineProgram, formatHelp, loadConfig } from "../common/config.js";
 import { AlreadyExists, FailedPrecondition, InvalidArgument, isKmiError } from "../common/errors.js";
+import { formatBytes, ProgressMeter, progressWanted } from "../common/progress-meter.js";
 import { VERSION } from "../common/version.js";
 import { CredentialRecordSchema } from "../gen/kmi/store/v1/kdc_pb.js";
 import { StoreInfoSchema, StoreRecordSchema, type StoreRecord } from "../gen/kmi/store/v1/store_pb.js";
@@ -105,6 +106,7 @@ export interface BackupHeader {
 
 const dataDir = { type: "string", description: "the KDC's data directory", default: "data/kdc", valueName: "dir" } as const;
 const json = { type: "boolean", description: "print the result as one JSON document on stdout (no progress lines)", noEnv: true } as const;
+const progressOption = { type: "boolean", description: "show progress with an estimate on stderr also when it is not a terminal (it is shown on a terminal anyway)", noEnv: true } as const;
 
 /** `kmi kdc backup`. */
 export const backupProgram = defineProgram({
@@ -121,6 +123,7 @@ export const backupProgram = defineProgram({
     dataDir,
     out: { type: "string", description: "the backup file to write (must not exist)", required: true, valueName: "file", noEnv: true },
     json,
+    progress: progressOption,
   },
 });
 
@@ -142,6 +145,7 @@ export const restoreProgram = defineProgram({
     masterKey: { type: "string", description: "master key as base64 to check against the backup (prefer the environment; KMI_MASTER_KEY works too)", secret: true, valueName: "base64" },
     check: { type: "boolean", description: "only check the backup file (and the master key when given); write nothing", noEnv: true },
     json,
+    progress: progressOption,
   },
 });
 
@@ -150,24 +154,22 @@ export const restoreProgram = defineProgram({
 /** Where the commands write: results on stdout, progress on stderr. */
 export interface BackupIo {
   stdout: { write(s: string): unknown };
-  stderr: { write(s: string): unknown };
+  stderr: { write(s: string): unknown; isTTY?: boolean };
 }
 
-/** Reports a count on stderr at most once a second (and not at all for scripts). */
-class Progress {
-  #last = Date.now();
-  constructor(
-    private readonly io: BackupIo | undefined,
-    private readonly what: string,
-  ) {}
-  tick(n: number): void {
-    if (this.io === undefined || n % 1000 !== 0 || Date.now() - this.#last < 1000) return;
-    this.#last = Date.now();
-    this.io.stderr.write(`${this.what}: ${n} records…\n`);
-  }
-  done(line: string): void {
-    this.io?.stderr.write(`${this.what}: ${line}\n`);
-  }
+/**
+ * Progress of a backup or restore on stderr (src/common/progress-meter.ts): with an estimate, on
+ * a terminal or with --progress; the closing line always (never for scripts: no io with --json).
+ */
+function progressMeter(io: BackupIo | undefined, asked: boolean, label: string, unit: string, format?: (n: number) => string): ProgressMeter {
+  return new ProgressMeter({ out: io?.stderr ?? { write: () => undefined }, label, unit, enabled: io !== undefined && progressWanted(io.stderr, asked), ...(format ? { format } : {}) });
+}
+
+/** The bytes of the files in `dir` (a LevelDB store is one flat folder); 0 when it cannot be read. */
+async function directorySize(dir: string): Promise<number> {
+  let total = 0;
+  for (const name of await readdir(dir).catch(() => [] as string[])) total += (await stat(join(dir, name)).catch(() => undefined))?.size ?? 0;
+  return total;
 }
 
 function u32(n: number): Buffer {
@@ -225,7 +227,7 @@ async function openForBackup(dir: string) {
  * Writes a backup of the KDC store in `dir` to `out` (mode 0600; never overwrites: it is
  * written to a temporary file next to `out` and hard-linked into place).
  */
-export async function backupKdc(opts: { dataDir: string; out: string; io?: BackupIo; now?: Date }): Promise<BackupResult> {
+export async function backupKdc(opts: { dataDir: string; out: string; io?: BackupIo; now?: Date; progress?: boolean }): Promise<BackupResult> {
   const out = resolve(opts.out);
   if (await pathExists(out)) throw new DestinationRefused(`--out ${opts.out} exists already; a backup never overwrites one: choose a new name (e.g. with the date) or move the old one`);
   if (!(await pathExists(dirname(out)))) throw new DestinationRefused(`--out ${opts.out}: directory ${dirname(out)} does not exist; create it first`);
@@ -269,7 +271,9 @@ export async function backupKdc(opts: { dataDir: string; out: string; io?: Backu
     await write(BACKUP_MAGIC);
     await write(u32(headerBytes.length));
     await write(headerBytes);
-    const progress = new Progress(opts.io, "kmi kdc backup");
+    // The store's size on disk estimates the backup's (sealed keys do not compress).
+    const progress = progressMeter(opts.io, opts.progress === true, "kmi kdc backup", "written (estimated from the store's size)", formatBytes);
+    const estimate = await directorySize(dataPaths(opts.dataDir).store);
     const tables: Record<string, number> = {};
     let records = 0;
     for await (const r of store.exportSnapshot()) {
@@ -278,7 +282,7 @@ export async function backupKdc(opts: { dataDir: string; out: string; io?: Backu
       await write(enc);
       records++;
       tables[r.table] = (tables[r.table] ?? 0) + 1;
-      progress.tick(records);
+      progress.update(bytes + pendingBytes, Math.max(estimate, bytes + pendingBytes + 1));
     }
     await write(Buffer.alloc(0), true);
     const sha256 = hash.digest();
@@ -298,7 +302,7 @@ export async function backupKdc(opts: { dataDir: string; out: string; io?: Backu
       throw err;
     }
     await syncDir(dirname(out));
-    progress.done(`${records} records written to ${opts.out}`);
+    progress.finish(`${records} records written to ${opts.out}`);
     return { file: out, bytes, sha256: sha256.toString("hex"), records, tables, header };
   } finally {
     await handle?.close().catch(() => {});
@@ -575,6 +579,8 @@ export async function restoreKdc(opts: {
   masterKeyFile?: string | undefined;
   check?: boolean;
   io?: BackupIo;
+  /** Show progress on stderr also when it is not a terminal. */
+  progress?: boolean;
 }): Promise<RestoreResult> {
   const checked = await checkBackup(opts.file);
   const before = opts.check === true ? undefined : await entries(opts.dataDir);
@@ -623,12 +629,12 @@ export async function restoreKdc(opts: {
         await b.handle.close();
         throw new BadBackup(`backup file ${opts.file} changed while it was being restored; make sure nothing writes it, and restore again`);
       }
-      const progress = new Progress(opts.io, "kmi kdc restore");
+      const progress = progressMeter(opts.io, opts.progress === true, "kmi kdc restore", "records");
       try {
         let n = 0;
         const counted = async function* () {
           for await (const r of backupRecords(opts.file, b)) {
-            progress.tick(++n);
+            progress.update(++n, checked.records);
             yield r;
           }
         };
@@ -652,7 +658,7 @@ export async function restoreKdc(opts: {
         await writeFile(path, pki.certificatePem(c.certificateDer), { mode: 0o644, flag: "wx" });
         result.files.push(path);
       }
-      progress.done(`${checked.records} records restored into ${opts.dataDir}`);
+      progress.finish(`${checked.records} records restored into ${opts.dataDir}`);
     } finally {
       await store.close();
     }
@@ -706,7 +712,7 @@ export async function backupMain(argv: string[], env: Record<string, string | un
       return BackupExit.ok;
     }
     const v = loaded.values;
-    const r = await backupKdc({ dataDir: v.dataDir, out: v.out, ...(v.json === true ? {} : { io }) });
+    const r = await backupKdc({ dataDir: v.dataDir, out: v.out, progress: v.progress === true, ...(v.json === true ? {} : { io }) });
     if (v.json === true) {
       io.stdout.write(
         JSON.stringify({ file: r.file, bytes: r.bytes, sha256: r.sha256, records: r.records, tables: r.tables, ...r.header, master_key_included: false }, null, 2) + "\n",
@@ -737,7 +743,7 @@ export async function restoreMain(argv: string[], env: Record<string, string | u
       return BackupExit.ok;
     }
     const v = loaded.values;
-    const r = await restoreKdc({ dataDir: v.dataDir, file: v.in, masterKey: v.masterKey, masterKeyFile: v.masterKeyFile, check: v.check === true, ...(v.json === true ? {} : { io }) });
+    const r = await restoreKdc({ dataDir: v.dataDir, file: v.in, masterKey: v.masterKey, masterKeyFile: v.masterKeyFile, check: v.check === true, progress: v.progress === true, ...(v.json === true ? {} : { io }) });
     if (v.json === true) {
       io.stdout.write(
         JSON.stringify(
