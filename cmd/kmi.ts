@@ -7,7 +7,7 @@
  */
 import { VERSION } from "../src/common/version.js";
 import type { CompletionNode } from "../src/ctl/completion.js";
-import { didYouMean } from "../src/ctl/suggest.js";
+import { didYouMean } from "../src/common/suggest.js";
 
 type ProgramMain = (argv: string[]) => Promise<number>;
 

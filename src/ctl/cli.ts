@@ -11,7 +11,7 @@ import { VERSION } from "../common/version.js";
 import { Clients, connectionSettings } from "./client.js";
 import type { Command, CommandContext } from "./command.js";
 import { applyEnv, Args, checkRequired, flagHelp, parseArgv, type FlagSpecs } from "./flags.js";
-import { didYouMean, editDistance } from "./suggest.js";
+import { didYouMean, editDistance } from "../common/suggest.js";
 import { registerAuditCommands } from "./audit-commands.js";
 import { kdcCommands } from "./kdc-commands.js";
 import { statusCommand } from "./status-command.js";

@@ -6,7 +6,7 @@
  */
 import { parseArgs } from "node:util";
 import { UsageError } from "./output.js";
-import { didYouMean } from "./suggest.js";
+import { didYouMean } from "../common/suggest.js";
 
 /** One flag's declaration. */
 export interface FlagSpec {

@@ -73,6 +73,8 @@ describe("mistakes", () => {
     ["a mistyped flag", ["ctl", "ca", "history", "--tennant", "acme"], 'unknown flag "--tennant"; did you mean "--tenant"?'],
     ["a mistyped global flag", ["ctl", "--jsn"], 'unknown flag "--jsn"; did you mean "--json"?'],
     ["a mistyped program", ["ctll"], 'unknown program "ctll"; did you mean "ctl"?'],
+    ["a mistyped flag of kmi up", ["up", "--tennant", "x"], 'unknown flag --tennant; did you mean "--tenant"?'],
+    ["a mistyped flag of kmi kdc", ["kdc", "--listn", "127.0.0.1:0"], 'unknown flag --listn; did you mean "--listen"?'],
     ["no machine id, before the missing --reason", ["ctl", "machine", "quarantine"], "missing MACHINE_ID"],
     ["a flag without its value", ["ctl", "ca", "activate", "--tenant", "acme", "--version"], "--version: needs a value (N)"],
     ["a value that looks like a flag", ["ctl", "ca", "activate", "--tenant", "acme", "--version", "-3"], 'write --version=VALUE'],
