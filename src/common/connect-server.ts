@@ -82,6 +82,8 @@ export interface ConnectServerOptions {
 interface CallRecord {
   code: Code | 0 | undefined;
   message: string | undefined;
+  /** The call got past connect-node's own checks (size limit, framing, decoding) to the interceptors. */
+  reached?: boolean;
 }
 
 const kCallRecord = createContextKey<CallRecord | undefined>(undefined, { description: "kmi call record" });
@@ -96,6 +98,7 @@ function isClientGone(err: unknown, signal: AbortSignal): boolean {
 function errorMappingInterceptor(logger: Logger): Interceptor {
   return (next) => async (req) => {
     const rec = req.contextValues.get(kCallRecord);
+    if (rec !== undefined) rec.reached = true;
     const map = (err: unknown) =>
       !(err instanceof ConnectError) && isClientGone(err, req.signal)
         ? new ConnectError(CANCELED, Code.Canceled)
@@ -627,12 +630,11 @@ export class ConnectServer {
       .set(kCallRecord, rec);
     route.metrics?.started();
     const uReq = { ...universalRequestFromNodeRequest(req, res, undefined, values), body: requestBody(req) };
-    // A unary or server-streaming call's handler has read the whole request before it answers;
-    // one that answers earlier refused the request (over the size limit, a bad frame).
-    const singleRequest = route.handler.method.methodKind === "unary" || route.handler.method.methodKind === "server_streaming";
     route.handler(uReq)
       .then(async (r) => {
-        if (singleRequest && !req.readableEnded) await drainRequest(req);
+        // Refused by connect-node itself before the request was read (over the size limit, a bad
+        // frame): drop the rest of the body before answering, so the client sees the refusal.
+        if (rec.reached !== true && !req.readableEnded) await drainRequest(req);
         uRes = r;
         // gRPC-Web and Connect may carry a refusal's code in the body only: keep its last chunk.
         const out = protocol === "grpc" ? withSpecGrpcMessage(r) : rec.code === undefined ? rememberLastChunk(r, (c) => (lastChunk = c)) : r;
