@@ -7,6 +7,7 @@
  */
 import { readFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
+import { didYouMean } from "./suggest.js";
 
 /** The value types an option can have. */
 export type OptionType = "string" | "integer" | "boolean";
@@ -176,7 +177,7 @@ export async function loadConfig<O extends Record<string, OptionSpec>>(
     const what = m?.[1] ?? "";
     switch (e.code) {
       case "ERR_PARSE_ARGS_UNKNOWN_OPTION":
-        throw new ConfigError(`unknown flag ${what}; ${help}`);
+        throw new ConfigError(`unknown flag ${what}${didYouMean(what.replace(/^-+/, ""), Object.keys(parseOptions), (c) => `--${c}`)}; ${help}`);
       case "ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL":
         throw new ConfigError(`unexpected argument ${what}; flags start with --; ${help}`);
       case "ERR_PARSE_ARGS_INVALID_OPTION_VALUE":

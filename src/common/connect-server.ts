@@ -84,6 +84,8 @@ export interface ConnectServerOptions {
 interface CallRecord {
   code: Code | 0 | undefined;
   message: string | undefined;
+  /** The call got past connect-node's own checks (size limit, framing, decoding) to the interceptors. */
+  reached?: boolean;
 }
 
 const kCallRecord = createContextKey<CallRecord | undefined>(undefined, { description: "kmi call record" });
@@ -98,6 +100,7 @@ function isClientGone(err: unknown, signal: AbortSignal): boolean {
 function errorMappingInterceptor(logger: Logger): Interceptor {
   return (next) => async (req) => {
     const rec = req.contextValues.get(kCallRecord);
+    if (rec !== undefined) rec.reached = true;
     const map = (err: unknown) =>
       !(err instanceof ConnectError) && isClientGone(err, req.signal)
         ? new ConnectError(CANCELED, Code.Canceled)
@@ -212,6 +215,108 @@ interface Route {
   metrics: MethodMetrics | undefined;
 }
 
+/**
+ * The request body as connect-node reads it, but a handler that stops reading early (a refusal
+ * of an over-limit message after its length prefix) leaves the request open instead of
+ * destroying it, as `for await` over the request would: the server then drains what the client
+ * still sends ({@link drainRequest}) and answers on a stream that still works.
+ */
+async function* requestBody(req: NodeRequest): AsyncGenerator<Uint8Array> {
+  let failure: Error | undefined;
+  const onError = (err: Error) => (failure = err);
+  req.on("error", onError);
+  try {
+    for (;;) {
+      const chunk = req.read() as Buffer | null;
+      if (chunk !== null) {
+        yield chunk;
+        continue;
+      }
+      if (req.readableEnded) return;
+      if (failure !== undefined) throw failure;
+      // The same code as the stream's own iterator, so that a client that went away is told apart (isClientGone).
+      if (req.destroyed) throw Object.assign(new Error("the client closed the request before its end"), { code: "ERR_STREAM_PREMATURE_CLOSE" });
+      await new Promise<void>((resolve) => {
+        const wake = () => {
+          req.off("readable", wake);
+          req.off("end", wake);
+          req.off("close", wake);
+          req.off("error", wake);
+          resolve();
+        };
+        req.on("readable", wake);
+        req.on("end", wake);
+        req.on("close", wake);
+        req.on("error", wake);
+      });
+    }
+  } finally {
+    req.off("error", onError);
+  }
+}
+
+/** How much of a refused request's unread body is read and dropped before the refusal is sent, at most. */
+const DRAIN_MAX_BYTES = 64 * 1024 * 1024;
+/** How long the server reads a refused request's unread body before sending the refusal anyway. */
+const DRAIN_MAX_MS = 5_000;
+/** A client that sends nothing for this long is answered at once (it is not writing a large message). */
+const DRAIN_IDLE_MS = 1_000;
+
+/**
+ * Reads and drops what is left of a request body, up to `maxBytes` or `maxMs`; resolves true
+ * when the body ended. A client that wrote a whole over-limit message at once (connect-node
+ * queues it in its HTTP/2 session) refuses every frame of the connection with
+ * ENHANCE_YOUR_CALM while that much is queued past its session memory (10 MB by default):
+ * the refusal must reach it only after its queue has drained, or it never sees the
+ * RESOURCE_EXHAUSTED and its next calls fail too.
+ */
+function drainRequest(req: NodeRequest, maxBytes = DRAIN_MAX_BYTES, maxMs = DRAIN_MAX_MS): Promise<boolean> {
+  if (req.readableEnded) return Promise.resolve(true);
+  if (req.destroyed) return Promise.resolve(false);
+  return new Promise((resolve) => {
+    let read = 0;
+    const finish = (ended: boolean) => {
+      clearTimeout(timer);
+      clearTimeout(idle);
+      req.off("readable", onReadable);
+      req.off("end", onEnd);
+      req.off("close", onClose);
+      resolve(ended);
+    };
+    // read() rather than resume(): connect-node's body iterator may hold a 'readable' listener, which beats flowing mode.
+    const onReadable = () => {
+      for (let chunk = req.read() as Buffer | null; chunk !== null; chunk = req.read() as Buffer | null) {
+        idle.refresh();
+        read += chunk.length;
+        if (read > maxBytes) return finish(false);
+      }
+    };
+    const onEnd = () => finish(true);
+    const onClose = () => finish(req.readableEnded);
+    const timer = setTimeout(() => finish(false), maxMs);
+    const idle = setTimeout(() => finish(false), DRAIN_IDLE_MS);
+    req.on("readable", onReadable);
+    req.once("end", onEnd);
+    req.once("close", onClose);
+    onReadable();
+  });
+}
+
+/**
+ * When a response is complete while the client is still sending its request (a refusal of an
+ * over-limit message before its body was read), the rest of the body is discarded and, on
+ * HTTP/2, the stream is reset with NO_ERROR: RFC 9113 §8.1 lets a server ask a client to stop
+ * sending after a complete response this way. Without it the unread body piles up in the
+ * session until nghttp2 refuses every stream on the connection with ENHANCE_YOUR_CALM.
+ */
+function discardUnreadBodyAfterResponse(req: NodeRequest, res: NodeResponse): void {
+  res.once("finish", () => {
+    if (req.readableEnded) return;
+    req.resume();
+    if ("stream" in req && !req.stream.closed) req.stream.close(http2.constants.NGHTTP2_NO_ERROR);
+  });
+}
+
 /** Reads the first bytes of a cleartext connection: HTTP/2 prior knowledge starts with "PRI". */
 function sniffHttp2(socket: Socket, onResult: (h2: boolean) => void): void {
   let buffered = Buffer.alloc(0);
@@ -279,6 +384,8 @@ export class ConnectServer {
       grpcWeb: true,
       connect: true,
       readMaxBytes: opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES,
+      // A misspelled field in Connect JSON is INVALID_ARGUMENT naming it, not silently dropped.
+      jsonOptions: { ignoreUnknownFields: false },
       acceptCompression: [compressionGzip],
       shutdownSignal: this.shutdown.signal,
       interceptors: [errorMappingInterceptor(this.logger), ...(opts.interceptors ?? [])],
@@ -451,15 +558,19 @@ export class ConnectServer {
       res.end(`no such method: ${path}; list the methods with server reflection\n`);
       return;
     }
+    discardUnreadBodyAfterResponse(req, res);
     const values = createContextValues()
       .set(kPeer, peer)
       .set(kPeerAddress, peerAddress)
       .set(kDraining, this.draining.signal)
       .set(kCallRecord, rec);
     route.metrics?.started();
-    const uReq = universalRequestFromNodeRequest(req, res, undefined, values);
+    const uReq = { ...universalRequestFromNodeRequest(req, res, undefined, values), body: requestBody(req) };
     route.handler(uReq)
-      .then((r) => {
+      .then(async (r) => {
+        // Refused by connect-node itself before the request was read (over the size limit, a bad
+        // frame): drop the rest of the body before answering, so the client sees the refusal.
+        if (rec.reached !== true && !req.readableEnded) await drainRequest(req);
         uRes = r;
         // gRPC-Web and Connect may carry a refusal's code in the body only: keep its last chunk.
         const out = protocol === "grpc" ? withSpecGrpcMessage(r) : rec.code === undefined ? tapBodyChunks(r, (c) => (lastChunk = c)) : r;

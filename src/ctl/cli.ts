@@ -10,7 +10,8 @@ import { readFileSync } from "node:fs";
 import { VERSION } from "../common/version.js";
 import { Clients, connectionSettings } from "./client.js";
 import type { Command, CommandContext } from "./command.js";
-import { Args, flagHelp, parseFlags, type FlagSpecs } from "./flags.js";
+import { applyEnv, Args, checkRequired, flagHelp, parseArgv, type FlagSpecs } from "./flags.js";
+import { didYouMean, editDistance } from "../common/suggest.js";
 import { registerAuditCommands } from "./audit-commands.js";
 import { kdcCommands } from "./kdc-commands.js";
 import { portalCommands } from "./portal-commands.js";
@@ -41,22 +42,49 @@ function findCommand(commands: readonly Command[], words: readonly string[]): { 
   return best === undefined ? undefined : { command: best, rest: words.slice(best.name.length) };
 }
 
-/** The top-level help: every command, the connection environment and the exit codes. */
-export function usage(commands: readonly Command[] = commandTable): string {
+/** The commands of the group `word` (the first word of their names), e.g. every `ca …` command. */
+function groupOf(commands: readonly Command[], word: string): Command[] {
+  return commands.filter((c) => c.name.length > 1 && c.name[0] === word);
+}
+
+function commandLines(commands: readonly Command[]): string[] {
   const names = commands.map((c) => c.name.join(" ") + (c.args ? ` ${c.args}` : ""));
   const width = Math.max(...names.map((n) => n.length));
+  return commands.map((c, i) => `  ${names[i]!.padEnd(width)}  ${c.summary}`);
+}
+
+const CONNECTION_HELP = [
+  "every command takes --json (results as JSON for scripts) and the connection flags:",
+  "  --kdc URL (KMI_CTL_KDC, default https://127.0.0.1:7443), --token TOKEN (KMI_CTL_TOKEN),",
+  "  --token-file FILE (KMI_CTL_TOKEN_FILE), --ca-file FILE (KMI_CTL_CA_FILE: the KDC's infra-ca.pem);",
+  "  the Auditserver's commands take --audit URL (KMI_CTL_AUDIT, default https://127.0.0.1:7444) instead of --kdc",
+];
+
+/** The top-level help: every command, the connection environment and the exit codes. */
+export function usage(commands: readonly Command[] = commandTable): string {
   return [
     `kmi ctl ${VERSION}: operator and tenant-admin commands`,
     "",
-    "usage: kmi ctl <command> [flags]     (kmi ctl <command> --help for its flags)",
+    "usage: kmi ctl <command> [flags]     (kmi ctl <command> --help for its flags, kmi ctl <group> --help for a group)",
     "",
     "commands:",
-    ...commands.map((c, i) => `  ${names[i]!.padEnd(width)}  ${c.summary}`),
+    ...commandLines(commands),
     "",
-    "every command takes --json (results as JSON for scripts) and the connection flags:",
-    "  --kdc URL (KMI_CTL_KDC, default https://127.0.0.1:7443), --token TOKEN (KMI_CTL_TOKEN),",
-    "  --token-file FILE (KMI_CTL_TOKEN_FILE), --ca-file FILE (KMI_CTL_CA_FILE: the KDC's infra-ca.pem);",
-    "  the Auditserver's commands take --audit URL (KMI_CTL_AUDIT, default https://127.0.0.1:7444) instead of --kdc",
+    ...CONNECTION_HELP,
+    "",
+    EXIT_CODE_HELP,
+  ].join("\n") + "\n";
+}
+
+/** The help of one group (`kmi ctl ca --help`): its commands and the connection flags. */
+export function groupUsage(commands: readonly Command[], word: string): string {
+  return [
+    `usage: kmi ctl ${word} <command> [flags]     (kmi ctl ${word} <command> --help for its flags)`,
+    "",
+    `${word} commands:`,
+    ...commandLines(groupOf(commands, word)),
+    "",
+    ...CONNECTION_HELP,
     "",
     EXIT_CODE_HELP,
   ].join("\n") + "\n";
@@ -76,6 +104,32 @@ function commandHelp(c: Command, specs: FlagSpecs): string {
   ].join("\n") + "\n";
 }
 
+/** The message for words that name no command: the group's commands, or the nearest command name. */
+function unknownCommand(commands: readonly Command[], words: readonly string[]): string {
+  const typed = words.join(" ");
+  let best: { name: string; d: number } | undefined;
+  for (const c of commands) {
+    const name = c.name.join(" ");
+    const same = words.slice(0, c.name.length).join(" ");
+    const hint = didYouMean(same, [name]);
+    if (hint !== "") {
+      const d = editDistance(same, name);
+      if (best === undefined || d < best.d) best = { name, d };
+    }
+  }
+  if (best !== undefined) return `kmi ctl: unknown command "${typed}"; did you mean "${best.name}"?`;
+  const group = groupOf(commands, words[0]!);
+  const hint = group.length > 0 ? `; "${words[0]}" has: ${group.map((c) => c.name.slice(1).join(" ")).join(", ")}` : "; run `kmi ctl --help` for the list";
+  return `kmi ctl: unknown command "${typed}"${hint}`;
+}
+
+/** Refuses a command without its positional argument, before any flag is found missing: the first thing a person forgets is named first. */
+function checkPositionals(command: Command, args: Args): void {
+  if (command.args !== undefined && command.args !== "" && !command.args.startsWith("[") && args.positionals.length === 0) {
+    throw new UsageError(`missing ${command.args.split(" ")[0]}: usage: kmi ctl ${command.name.join(" ")} ${command.args}`);
+  }
+}
+
 /** Runs `kmi ctl` with argv; returns the exit code. */
 export async function run(argv: readonly string[], opts: CtlOptions = {}): Promise<number> {
   const streams = opts.streams ?? { stdout: process.stdout, stderr: process.stderr };
@@ -87,56 +141,77 @@ export async function run(argv: readonly string[], opts: CtlOptions = {}): Promi
   argv = argv.filter((a) => a !== "--json");
   const firstFlag = argv.findIndex((a) => a.startsWith("-"));
   const words = firstFlag === -1 ? [...argv] : argv.slice(0, firstFlag);
-  if (argv.length === 0 || words.length === 0 || words[0] === "help") {
-    const helpAsked = argv.includes("--help") || argv.includes("-h") || words[0] === "help";
+  const helpAsked = argv.includes("--help") || argv.includes("-h") || words[0] === "help";
+  if (words[0] === "help") words.shift();
+  if (words.length === 0) {
+    if (argv.includes("--version") || argv.includes("-V")) {
+      streams.stdout.write(wantsJson ? JSON.stringify({ version: VERSION }) + "\n" : VERSION + "\n");
+      return ExitCode.ok;
+    }
+    if (!helpAsked && argv.length > 0) {
+      const hint = didYouMean(argv[0]!.replace(/^-+/, ""), ["help", "version", "json"], (c) => `--${c}`);
+      streams.stderr.write(`kmi ctl: unknown flag "${argv[0]}"${hint === "" ? "; run `kmi ctl --help`" : hint}\n`);
+      return ExitCode.usage;
+    }
     (helpAsked ? streams.stdout : streams.stderr).write(usage(commands));
     return helpAsked ? ExitCode.ok : ExitCode.usage;
   }
   const found = findCommand(commands, words);
   if (found === undefined) {
-    const group = commands.filter((c) => c.name[0] === words[0]);
-    const hint = group.length > 0 ? `; "${words[0]}" has: ${group.map((c) => c.name.slice(1).join(" ")).join(", ")}` : "; run `kmi ctl --help` for the list";
-    streams.stderr.write(`kmi ctl: unknown command "${words.join(" ")}"${hint}\n`);
+    // A group's name alone (`kmi ctl ca`, `kmi ctl ca --help`) shows the group's commands.
+    if (words.length === 1 && groupOf(commands, words[0]!).length > 0) {
+      (helpAsked ? streams.stdout : streams.stderr).write(groupUsage(commands, words[0]!));
+      return helpAsked ? ExitCode.ok : ExitCode.usage;
+    }
+    streams.stderr.write(unknownCommand(commands, words) + "\n");
     return ExitCode.usage;
   }
   const { command } = found;
   const specs: FlagSpecs = { ...command.flags, ...globalFlags };
   try {
-    const parsed = parseFlags(argv.slice(command.name.length), specs, env);
+    const parsed = parseArgv(argv.slice(command.name.length), specs);
     if (wantsJson) parsed.flags.set("json", true);
-    if (parsed.help) {
+    if (parsed.help || helpAsked) {
       streams.stdout.write(commandHelp(command, specs));
       return ExitCode.ok;
     }
+    applyEnv(parsed, specs, env);
     const args = new Args(parsed);
-    const clientCache = new Map<string, Clients>();
-    const ctx: CommandContext = {
-      args,
-      out,
-      clients(urlFlag, defaultUrl) {
-        let c = clientCache.get(urlFlag);
-        if (c === undefined) {
-          c = new Clients(() => connectionSettings(args, urlFlag, defaultUrl));
-          clientCache.set(urlFlag, c);
-        }
-        return c;
-      },
-      readFile(flag, path) {
-        try {
-          return new Uint8Array(readFileSync(path));
-        } catch (err) {
-          throw new UsageError(`--${flag}: cannot read ${path} (${(err as NodeJS.ErrnoException).code ?? "error"}); check the path`);
-        }
-      },
-      writeFile(path, data, mode = 0o644) {
-        writeFileAtomicSync(path, data, mode);
-      },
-    };
-    const code = await command.run(ctx);
+    checkPositionals(command, args);
+    checkRequired(parsed, specs);
+    const code = await command.run(commandContext(args, out, streams));
     return code ?? ExitCode.ok;
   } catch (err) {
     return out.error(err);
   }
+}
+
+/** What a command's run function gets: its arguments, the output, clients made on first use, file access. */
+function commandContext(args: Args, out: Output, streams: Streams): CommandContext {
+  const clientCache = new Map<string, Clients>();
+  return {
+    args,
+    out,
+    stderr: streams.stderr,
+    clients(urlFlag, defaultUrl) {
+      let c = clientCache.get(urlFlag);
+      if (c === undefined) {
+        c = new Clients(() => connectionSettings(args, urlFlag, defaultUrl));
+        clientCache.set(urlFlag, c);
+      }
+      return c;
+    },
+    readFile(flag, path) {
+      try {
+        return new Uint8Array(readFileSync(path));
+      } catch (err) {
+        throw new UsageError(`--${flag}: cannot read ${path} (${(err as NodeJS.ErrnoException).code ?? "error"}); check the path`);
+      }
+    },
+    writeFile(path, data, mode = 0o644) {
+      writeFileAtomicSync(path, data, mode);
+    },
+  };
 }
 
 /** Entry point of `kmi ctl` (called by cmd/kmi.ts). */

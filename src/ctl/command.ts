@@ -5,7 +5,7 @@
  */
 import type { Args, FlagSpecs } from "./flags.js";
 import type { Clients } from "./client.js";
-import type { Output } from "./output.js";
+import type { Output, Streams } from "./output.js";
 
 /** Everything a command's run function may use. */
 export interface CommandContext {
@@ -13,6 +13,8 @@ export interface CommandContext {
   args: Args;
   /** Where results and notes go. */
   out: Output;
+  /** The error stream, for progress lines (src/ctl/progress.ts). */
+  stderr: Streams["stderr"];
   /** Clients of the server whose URL flag is `urlFlag` (e.g. "kdc"), made on first use. */
   clients(urlFlag: string, defaultUrl: string): Clients;
   /** Reads a file named on the command line (errors name the flag). */

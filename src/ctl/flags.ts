@@ -1,9 +1,12 @@
 /**
- * The command-line parser of `kmi ctl`: `--name value`, `--name=value`, boolean
- * `--name`, repeatable flags, positional arguments, and help text made from the same
- * declarations. Mistakes are UsageErrors (exit 2).
+ * The command-line parser of `kmi ctl`, on node:util's `parseArgs` (as src/common/config.ts):
+ * `--name value`, `--name=value`, boolean `--name`, repeatable flags, positional arguments, and
+ * help text made from the same declarations. Mistakes are UsageErrors (exit 2) that name the
+ * flag and, for a typo, the flag that was probably meant.
  */
+import { parseArgs } from "node:util";
 import { UsageError } from "./output.js";
+import { didYouMean } from "../common/suggest.js";
 
 /** One flag's declaration. */
 export interface FlagSpec {
@@ -19,6 +22,8 @@ export interface FlagSpec {
   required?: boolean;
   /** Allowed values. */
   choices?: readonly string[];
+  /** What shell completion offers for the value: files, or nothing special (default: choices, else nothing). */
+  complete?: "file";
 }
 
 /** Flag declarations by name (without the leading dashes). */
@@ -31,61 +36,75 @@ export interface Parsed {
   help: boolean;
 }
 
-/** Parses argv against the specs; `env` supplies the flags' environment variables. */
+/** Parses argv against the specs; `env` supplies the flags' environment variables; required flags are checked. */
 export function parseFlags(argv: readonly string[], specs: FlagSpecs, env: Readonly<Record<string, string | undefined>> = {}): Parsed {
-  const flags = new Map<string, string | boolean | number | string[]>();
-  const positionals: string[] = [];
-  let help = false;
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i]!;
-    if (arg === "--") {
-      positionals.push(...argv.slice(i + 1));
-      break;
-    }
-    if (arg === "-h" || arg === "--help") {
-      help = true;
-      continue;
-    }
-    if (!arg.startsWith("--") || arg === "-") {
-      if (arg.startsWith("-") && arg !== "-") throw new UsageError(`unknown flag "${arg}"`);
-      positionals.push(arg);
-      continue;
-    }
-    const eq = arg.indexOf("=");
-    const flagName = eq === -1 ? arg.slice(2) : arg.slice(2, eq);
-    const spec = specs[flagName];
-    if (spec === undefined) throw new UsageError(`unknown flag "--${flagName}"`);
-    if (spec.type === "bool") {
-      if (eq !== -1) {
-        const v = arg.slice(eq + 1);
-        if (v !== "true" && v !== "false") throw new UsageError(`--${flagName}: takes no value (or =true/=false)`);
-        flags.set(flagName, v === "true");
-      } else flags.set(flagName, true);
-      continue;
-    }
-    let value: string;
-    if (eq !== -1) value = arg.slice(eq + 1);
-    else {
-      const next = argv[i + 1];
-      if (next === undefined) throw new UsageError(`--${flagName}: needs a value (${spec.value ?? "VALUE"})`);
-      value = next;
-      i++;
-    }
-    setValue(flags, flagName, spec, value);
+  const parsed = parseArgv(argv, specs);
+  applyEnv(parsed, specs, env);
+  if (!parsed.help) checkRequired(parsed, specs);
+  return parsed;
+}
+
+/** Parses argv alone (no environment, no required check): the first stage of {@link parseFlags}. */
+export function parseArgv(argv: readonly string[], specs: FlagSpecs): Parsed {
+  const options: Record<string, { type: "string" | "boolean"; multiple?: boolean; short?: string }> = { help: { type: "boolean", short: "h" } };
+  for (const [name, spec] of Object.entries(specs)) {
+    options[name] = spec.type === "bool" ? { type: "boolean" } : spec.type === "list" ? { type: "string", multiple: true } : { type: "string" };
   }
-  for (const [flagName, spec] of Object.entries(specs)) {
-    if (!flags.has(flagName) && spec.env !== undefined) {
-      const v = env[spec.env];
-      if (v !== undefined && v !== "") {
-        if (spec.type === "bool") flags.set(flagName, v === "1" || v === "true");
-        else setValue(flags, flagName, spec, v, spec.env);
-      }
+  let result: { values: Record<string, string | boolean | string[] | undefined>; positionals: string[] };
+  try {
+    result = parseArgs({ args: [...argv], options, strict: true, allowPositionals: true }) as typeof result;
+  } catch (err) {
+    throw usageFromParseArgs(err, specs);
+  }
+  const flags: Parsed["flags"] = new Map();
+  for (const [name, v] of Object.entries(result.values)) {
+    if (name === "help" || v === undefined) continue;
+    const spec = specs[name]!;
+    if (spec.type === "list") for (const item of v as string[]) setValue(flags, name, spec, item);
+    else if (spec.type === "bool") flags.set(name, v === true);
+    else setValue(flags, name, spec, v as string);
+  }
+  return { flags, positionals: result.positionals, help: result.values["help"] === true };
+}
+
+/** Turns a parseArgs error into a UsageError that names the flag, with "did you mean" for a typo. */
+function usageFromParseArgs(err: unknown, specs: FlagSpecs): UsageError {
+  const e = err as { code?: string; message?: string };
+  const message = e.message ?? String(err);
+  const flag = /'(-{1,2}[^' ]+)/.exec(message)?.[1] ?? "";
+  const name = flag.replace(/^-+/, "");
+  switch (e.code) {
+    case "ERR_PARSE_ARGS_UNKNOWN_OPTION":
+      return new UsageError(`unknown flag "${flag}"${didYouMean(name, Object.keys(specs), (c) => `--${c}`)}`);
+    case "ERR_PARSE_ARGS_INVALID_OPTION_VALUE": {
+      const spec = specs[name];
+      if (spec === undefined || spec.type === "bool") return new UsageError(`${flag}: takes no value`);
+      if (/ambiguous/.test(message)) return new UsageError(`${flag}: needs a value (${spec.value ?? "VALUE"}); to pass one that starts with "-", write ${flag}=VALUE`);
+      return new UsageError(`${flag}: needs a value (${spec.value ?? "VALUE"})`);
     }
-    if (!help && spec.required === true && !flags.has(flagName)) {
+    default:
+      return new UsageError(message.split("\n", 1)[0]!);
+  }
+}
+
+/** Fills flags that are absent on the command line from their environment variables. */
+export function applyEnv(parsed: Parsed, specs: FlagSpecs, env: Readonly<Record<string, string | undefined>>): void {
+  for (const [flagName, spec] of Object.entries(specs)) {
+    if (parsed.flags.has(flagName) || spec.env === undefined) continue;
+    const v = env[spec.env];
+    if (v === undefined || v === "") continue;
+    if (spec.type === "bool") parsed.flags.set(flagName, v === "1" || v === "true");
+    else setValue(parsed.flags, flagName, spec, v, spec.env);
+  }
+}
+
+/** Refuses a parse that lacks a required flag. */
+export function checkRequired(parsed: Parsed, specs: FlagSpecs): void {
+  for (const [flagName, spec] of Object.entries(specs)) {
+    if (spec.required === true && !parsed.flags.has(flagName)) {
       throw new UsageError(`--${flagName} is required${spec.env !== undefined ? ` (or set ${spec.env})` : ""}`);
     }
   }
-  return { flags, positionals, help };
 }
 
 function setValue(flags: Parsed["flags"], flagName: string, spec: FlagSpec, value: string, from = `--${flagName}`): void {

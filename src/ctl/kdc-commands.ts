@@ -27,6 +27,7 @@ import {
   CertificateFormat,
   CreateSigningKeyResponseSchema,
   CreateVersionResponseSchema,
+  DiscardPendingVersionResponseSchema,
   GetRolloutStatusResponseSchema,
   GetVersionCsrResponseSchema,
   IntermediateVersionSchema,
@@ -39,10 +40,12 @@ import {
   Signer,
   UploadIntermediateResponseSchema,
   VersionState,
+  type GetRolloutStatusResponse,
   type IntermediateVersion,
   type MachineRollout,
   type SigningKey,
 } from "../gen/kmi/kdc/v1/kdc_pb.js";
+import { ProgressMeter, progressWanted } from "../common/progress-meter.js";
 import { DEFAULT_KDC_URL, kdcConnectionFlags } from "./client.js";
 import type { Command, CommandContext } from "./command.js";
 import type { FlagSpecs } from "./flags.js";
@@ -89,6 +92,11 @@ export function stateLabel(s: VersionState): string {
   return (VersionState[s] ?? "unspecified").toLowerCase();
 }
 
+/** A version's state for people: "pending (expired)" for a PENDING version past its CSR's expiry. */
+export function versionStateLabel(v: IntermediateVersion): string {
+  return stateLabel(v.state) + (v.state === VersionState.PENDING && v.pendingExpired ? " (expired)" : "");
+}
+
 function signerLabel(s: Signer): string {
   return s === Signer.KMI_ROOT ? "kmi-root" : s === Signer.PRIVATE_CA ? "private-ca" : "-";
 }
@@ -105,7 +113,7 @@ function versionFields(v: IntermediateVersion): string {
   return renderFields([
     ["tenant", v.tenantId],
     ["version", v.version],
-    ["state", stateLabel(v.state)],
+    ["state", versionStateLabel(v)],
     ["signer", signerLabel(v.signer)],
     ["algorithm", algorithmLabel(v.keyAlgorithm)],
     ["key id", v.keyId],
@@ -115,6 +123,8 @@ function versionFields(v: IntermediateVersion): string {
     ["not after", time(v.certificate?.notAfter)],
     ["sha256", v.certificate?.sha256Fingerprint],
     ["renewed from", v.renewedFrom === 0 ? undefined : v.renewedFrom],
+    ...(v.pendingExpiresAt !== undefined ? ([["csr expires", time(v.pendingExpiresAt)]] as const) : []),
+    ...(v.discardedAt !== undefined ? ([["discarded", time(v.discardedAt)], ["discard reason", v.discardReason]] as const) : []),
   ]);
 }
 
@@ -466,6 +476,25 @@ const caCommands: Command[] = [
     },
   },
   {
+    name: ["ca", "discard"],
+    summary: "give up a pending version whose signed certificate will never come: it becomes discarded and its key is erased",
+    details:
+      "only a pending version (made by `ca csr` or `ca renew --signer private-ca`) can be discarded; it stays in history.\n" +
+      "A pending version also expires by itself after the KDC's --pending-ttl (default 30d): an upload is then refused.\n" +
+      "example:\n  kmi ctl ca discard --tenant acme --version 4 --reason 'CSR lost'",
+    flags: {
+      ...kdcConnectionFlags,
+      ...tenantFlag,
+      ...versionFlag("the pending version to discard"),
+      reason: { type: "string", value: "TEXT", help: "why (kept in history and the audit log; optional)" },
+    },
+    async run(ctx) {
+      ctx.args.noPositionals();
+      const res = await kdc(ctx).ca.discardPendingVersion({ tenantId: ctx.args.need("tenant"), version: ctx.args.int("version"), reason: ctx.args.str("reason") ?? "" });
+      ctx.out.result(json(DiscardPendingVersionResponseSchema, res), () => `version ${res.version?.version ?? 0} is discarded; its key is erased\n`);
+    },
+  },
+  {
     name: ["ca", "history"],
     summary: "list a tenant's versions, newest first, with states, fingerprints and validity",
     flags: { ...kdcConnectionFlags, ...tenantFlag },
@@ -475,7 +504,7 @@ const caCommands: Command[] = [
       ctx.out.table<IntermediateVersion>(
         [
           { header: "version", value: (v) => v.version },
-          { header: "state", value: (v) => stateLabel(v.state) },
+          { header: "state", value: (v) => versionStateLabel(v) },
           { header: "signer", value: (v) => signerLabel(v.signer) },
           { header: "algorithm", value: (v) => algorithmLabel(v.keyAlgorithm) },
           { header: "not after", value: (v) => time(v.certificate?.notAfter) },
@@ -489,14 +518,24 @@ const caCommands: Command[] = [
   },
   {
     name: ["ca", "status"],
-    summary: "show the rollout of the active version: which machines hold it, which not yet, which are unreachable",
+    summary: "show the rollout of the active version: which machines hold it, which not yet, which are unreachable (--wait: until all hold it)",
     details:
       "a machine is unreachable while its agent has no watch stream open to this KDC; it keeps what it last reported\n" +
-      "(and serves from its sealed cache until the lease runs out)",
-    flags: { ...kdcConnectionFlags, ...tenantFlag },
+      "(and serves from its sealed cache until the lease runs out)\n" +
+      "--wait polls until every machine that reported holds the active version (exit 0), or --wait-timeout passes (exit 1);\n" +
+      "meanwhile it shows \"N of M machines hold vX\" with an estimate on stderr (on a terminal, or with --progress)\n" +
+      "example:\n  kmi ctl ca rotate --tenant acme --activate && kmi ctl ca status --tenant acme --wait",
+    flags: {
+      ...kdcConnectionFlags,
+      ...tenantFlag,
+      wait: { type: "bool", help: "wait until every machine holds the active version" },
+      "wait-timeout": { type: "int", value: "SECONDS", help: "give up waiting after this long, exit 1 (default 600)" },
+      progress: { type: "bool", help: "show the rollout's progress on stderr also when it is not a terminal" },
+    },
     async run(ctx) {
       ctx.args.noPositionals();
-      const res = await kdc(ctx).ca.getRolloutStatus({ tenantId: ctx.args.need("tenant") });
+      const tenantId = ctx.args.need("tenant");
+      const res = ctx.args.bool("wait") ? await waitForRollout(ctx, tenantId) : await kdc(ctx).ca.getRolloutStatus({ tenantId });
       ctx.out.result(json(GetRolloutStatusResponseSchema, res), () => {
         const unreachable = res.machines.filter((m) => !m.connected).length;
         const notYet = res.machines.filter((m) => m.connected && !m.upToDate).length;
@@ -506,9 +545,34 @@ const caCommands: Command[] = [
         if (res.machines.length === 0) return head + "(no machine has reported yet)\n";
         return head + "\n" + renderTableOf(res.machines);
       });
+      if (ctx.args.bool("wait") && !rolloutComplete(res)) {
+        ctx.out.note(`kmi ctl: the rollout of version ${res.activeVersion} is not complete after ${ctx.args.int("wait-timeout", 600)} s: ${res.upToDateCount} of ${res.machines.length} machines hold it`);
+        return ExitCode.failure;
+      }
     },
   },
 ];
+
+/** Every machine that reported holds the active version. */
+function rolloutComplete(res: GetRolloutStatusResponse): boolean {
+  return res.activeVersion !== 0 && res.machines.length > 0 && res.upToDateCount === res.machines.length;
+}
+
+/** Polls the rollout once a second until it is complete or --wait-timeout passes, with progress and an estimate on stderr. */
+async function waitForRollout(ctx: CommandContext, tenantId: string): Promise<GetRolloutStatusResponse> {
+  const deadline = Date.now() + ctx.args.int("wait-timeout", 600) * 1000;
+  let meter: ProgressMeter | undefined;
+  for (;;) {
+    const res = await kdc(ctx).ca.getRolloutStatus({ tenantId });
+    meter ??= new ProgressMeter({ out: ctx.stderr, label: "kmi ctl ca status", unit: `machines hold v${res.activeVersion}`, intervalMs: 0, enabled: progressWanted(ctx.stderr, ctx.args.bool("progress"), ctx.out.json) });
+    meter.update(res.upToDateCount, res.machines.length);
+    if (rolloutComplete(res) || Date.now() >= deadline) {
+      meter.finish(rolloutComplete(res) ? `${res.upToDateCount} of ${res.machines.length} machines hold v${res.activeVersion}` : undefined);
+      return res;
+    }
+    await new Promise((r) => setTimeout(r, Math.min(1000, Math.max(0, deadline - Date.now()))));
+  }
+}
 
 /** Where a machine is in the rollout, for people. */
 function rolloutState(m: MachineRollout): string {

@@ -6,6 +6,7 @@
  * error; the command still prints everything else, and exits 1 when any part asked is not
  * healthy.
  */
+import { resolve } from "node:path";
 import { agentHealth, auditHealth, kdcHealth, proxyHealth, serverClients, type PartHealth } from "../clients/mesh-health.js";
 import { VERSION } from "../common/version.js";
 import { auditConnectionFlags, DEFAULT_AUDIT_URL } from "./audit-commands.js";
@@ -111,6 +112,19 @@ function probeSettings(ctx: CommandContext, urlFlag: string, defaultUrl: string)
   return ctx.args.parsed.flags.has("timeout") ? s : { ...s, timeoutMs: DEFAULT_PROBE_TIMEOUT_MS };
 }
 
+/** A socket path made absolute against the working directory (`run/agent.sock` works as typed from the repo folder). */
+function absoluteSocket(path: string | undefined): string | undefined {
+  return path === undefined ? undefined : resolve(path);
+}
+
+/** `unix:REL` (or a relative path that names a socket) made absolute; host:port and URLs as given. */
+export function absoluteMetricsAddress(address: string | undefined): string | undefined {
+  if (address === undefined) return undefined;
+  if (address.startsWith("unix:")) return `unix:${resolve(address.slice("unix:".length))}`;
+  if (address.startsWith("./") || address.startsWith("../")) return `unix:${resolve(address)}`;
+  return address;
+}
+
 /** `kmi ctl status`. */
 export const statusCommand: Command = {
   name: ["status"],
@@ -128,7 +142,7 @@ export const statusCommand: Command = {
     "proxy-metrics": {
       type: "string",
       value: "ADDRESS",
-      help: "the proxy's metrics endpoint (its --metrics-listen: unix:/path, host:port or http://host:port; not asked when unset)",
+      help: "the proxy's metrics endpoint (its --metrics-listen: unix:PATH, relative or absolute, host:port or http://host:port; not asked when unset)",
       env: "KMI_CTL_PROXY_METRICS",
     },
   },
@@ -141,8 +155,8 @@ export const statusCommand: Command = {
     const clients = (s: ConnectionSettings) => serverClients({ url: s.url, caPem: s.caPem, token: () => s.token, timeoutMs: s.timeoutMs, expectedService: s.service });
     const kdc = clients(kdcSettings);
     const audit = auditSettings === undefined ? undefined : clients(auditSettings);
-    const agentSocket = ctx.args.str("agent-socket");
-    const metrics = ctx.args.str("proxy-metrics");
+    const agentSocket = absoluteSocket(ctx.args.str("agent-socket"));
+    const metrics = absoluteMetricsAddress(ctx.args.str("proxy-metrics"));
     try {
       const [k, a, g, p] = await Promise.all([
         kdcHealth(kdc),

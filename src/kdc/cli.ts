@@ -7,7 +7,7 @@ import { isKmiError } from "../common/errors.js";
 import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger, parseLogLevel } from "../common/logger.js";
 import { backupMain, restoreMain } from "./backup/cli.js";
-import { initProgram, parseLease, serveProgram } from "./config.js";
+import { initProgram, parseLease, parsePendingTtl, serveProgram } from "./config.js";
 import { dataPaths, initKdc } from "./init.js";
 import { KdcServer } from "./server.js";
 import { hostIp, hostName } from "./validate.js";
@@ -88,6 +88,7 @@ async function serve(argv: string[]): Promise<number> {
     attestationKeyFile: v.attestationKeyFile,
     portalDir: v.portalDir,
     leaseMs: parseLease(v.lease),
+    pendingTtlMs: parsePendingTtl(v.pendingTtl),
   });
   // A clean stop lets the event loop drain (log lines flushed); a forced or failed one exits now.
   return runUntilSignal(server, { logger, exit: (code) => (code === 0 ? void (process.exitCode = 0) : process.exit(code)) });

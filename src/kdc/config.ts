@@ -56,6 +56,13 @@ export const serveProgram = defineProgram({
       valueName: "duration",
       validate: (v: string) => void parseLease(v),
     },
+    pendingTtl: {
+      type: "string",
+      description: "how long a pending version (a CSR from `kmi ctl ca csr`) waits for its signed certificate before an upload is refused (e.g. 30d; 1s to 365d)",
+      default: "30d",
+      valueName: "duration",
+      validate: (v: string) => void parsePendingTtl(v),
+    },
   },
 });
 
@@ -65,6 +72,15 @@ export function parseLease(text: string): number {
   if (m === null) throw new Error(`"${text}" is not a duration; use e.g. 90m, 24h or 7d`);
   const seconds = Number(m[1]) * { "": 1, s: 1, m: 60, h: 3600, d: 86400 }[m[2] as "" | "s" | "m" | "h" | "d"];
   if (seconds < 60 || seconds > 30 * 86400) throw new Error(`"${text}" is out of range; use 1m to 30d`);
+  return seconds * 1000;
+}
+
+/** Parses the pending-version TTL: a number with s, m, h or d (seconds without a unit), 1 second to 365 days; returns ms. */
+export function parsePendingTtl(text: string): number {
+  const m = /^(\d{1,9})([smhd]?)$/.exec(text.trim());
+  if (m === null) throw new Error(`"${text}" is not a duration; use e.g. 30d, 72h or 90m`);
+  const seconds = Number(m[1]) * { "": 1, s: 1, m: 60, h: 3600, d: 86400 }[m[2] as "" | "s" | "m" | "h" | "d"];
+  if (seconds < 1 || seconds > 365 * 86400) throw new Error(`"${text}" is out of range; use 1s to 365d`);
   return seconds * 1000;
 }
 

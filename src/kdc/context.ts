@@ -190,4 +190,6 @@ export interface KdcContext {
   watches: WatchStreams;
   /** How long a released secret may be used without hearing from the KDC again, ms. */
   leaseMs: number;
+  /** How long a PENDING version waits for its signed certificate, ms (then an upload is refused). */
+  pendingTtlMs: number;
 }

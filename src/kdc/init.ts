@@ -227,6 +227,9 @@ export interface OpenedKdc {
 /** Default lease of a released secret: one day. */
 export const DEFAULT_LEASE_MS = 24 * 3600 * 1000;
 
+/** Default time a PENDING version waits for its signed certificate: 30 days. */
+export const DEFAULT_PENDING_TTL_MS = 30 * 86400 * 1000;
+
 /** Options of `openKdc`. */
 export interface OpenKdcOptions extends MasterKeyOptions {
   dataDir: string;
@@ -237,6 +240,8 @@ export interface OpenKdcOptions extends MasterKeyOptions {
   attestationKey?: AttestationKeyProvider;
   /** Lease of released secrets, ms (default one day). */
   leaseMs?: number;
+  /** How long a PENDING version waits for its certificate, ms (default 30 days). */
+  pendingTtlMs?: number;
   /** Watch stream tuning (heartbeat period, queue bound). */
   watch?: WatchHubOptions;
 }
@@ -272,6 +277,7 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
       startedAt: clock.now(),
       attestationKey: opts.attestationKey ?? new NoAttestationKey(),
       leaseMs: opts.leaseMs ?? DEFAULT_LEASE_MS,
+      pendingTtlMs: opts.pendingTtlMs ?? DEFAULT_PENDING_TTL_MS,
     };
     // Quarantined machines are refused from the first call on, before the Auditserver answers.
     const quarantine = await QuarantineRegistry.load(base);

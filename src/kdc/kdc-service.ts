@@ -10,6 +10,7 @@ import {
   CertificateFormat,
   CreateSigningKeyResponseSchema,
   CreateVersionResponseSchema,
+  DiscardPendingVersionResponseSchema,
   GetCaCertificatesResponseSchema,
   GetVersionCsrResponseSchema,
   KdcService,
@@ -36,7 +37,7 @@ const tenantNeed = (i: { tenantId: string }) => ({ kind: "tenant", tenantId: i.t
 /** KdcService over the KDC's context and operations. */
 export function createKdcService(ctx: KdcContext, ops: KdcOperations): ServiceImpl<typeof KdcService> {
   const pem = (spki: Uint8Array) => encodePem("PUBLIC KEY", spki);
-  const iv = (r: Parameters<typeof intermediateVersion>[0]) => intermediateVersion(r, ctx.pki);
+  const iv = (r: Parameters<typeof intermediateVersion>[0]) => intermediateVersion(r, ctx.pki, { pendingTtlMs: ctx.pendingTtlMs, now: ctx.clock.now() });
   const rolloutStreams = new RolloutStreams();
 
   return {
@@ -132,6 +133,16 @@ export function createKdcService(ctx: KdcContext, ops: KdcOperations): ServiceIm
         parse: V.revokeVersion,
         need: tenantNeed,
         act: async (c, i) => create(RevokeVersionResponseSchema, { version: iv(await ops.revokeVersion(actorOf(c), i)) }),
+      }),
+
+    discardPendingVersion: (req, hctx) =>
+      handle(ctx, hctx, req, {
+        action: "ca.version.discard",
+        target: (r) => versionTarget(r.tenantId, r.version),
+        auth: "token",
+        parse: V.discardPendingVersion,
+        need: tenantNeed,
+        act: async (c, i) => create(DiscardPendingVersionResponseSchema, { version: iv(await ops.discardPendingVersion(actorOf(c), i)) }),
       }),
 
     listVersions: (req, hctx) =>

@@ -9,6 +9,7 @@ import { IntermediateVersionSchema, SigningKeySchema, type IntermediateVersion, 
 import type { IntermediateVersionRecord, SigningKeyRecord, TenantRecord, TokenRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import type { AuditEntry } from "../storage/audit-log.js";
 import type { CertificateFactory, CertSummary } from "./context.js";
+import { pendingExpiry } from "./model.js";
 
 /** CertificateInfo of a certificate summary. */
 export function certificateInfo(s: CertSummary): CertificateInfo {
@@ -30,9 +31,13 @@ export function certificateInfo(s: CertSummary): CertificateInfo {
   });
 }
 
-/** IntermediateVersion of a version record (never its key). */
-export function intermediateVersion(r: IntermediateVersionRecord, pki: CertificateFactory): IntermediateVersion {
+/**
+ * IntermediateVersion of a version record (never its key). With `pending`, a PENDING version
+ * carries when its CSR expires and whether it has.
+ */
+export function intermediateVersion(r: IntermediateVersionRecord, pki: CertificateFactory, pending?: { pendingTtlMs: number; now: Date }): IntermediateVersion {
   const hasCert = r.certificateDer.length > 0;
+  const expires = pending === undefined ? undefined : pendingExpiry(r, pending.pendingTtlMs);
   return create(IntermediateVersionSchema, {
     tenantId: r.tenantId,
     version: r.version,
@@ -50,6 +55,9 @@ export function intermediateVersion(r: IntermediateVersionRecord, pki: Certifica
     revokeReason: r.revokeReason,
     renewedFrom: r.renewedFrom,
     customerRootSha256: r.customerRootDer.length > 0 ? pki.summarize(r.customerRootDer).sha256Fingerprint : "",
+    ...(expires !== undefined ? { pendingExpiresAt: timestampFromDate(expires), pendingExpired: expires.getTime() <= pending!.now.getTime() } : {}),
+    ...(r.discardedAt ? { discardedAt: r.discardedAt } : {}),
+    discardReason: r.discardReason,
   });
 }
 

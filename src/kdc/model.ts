@@ -7,10 +7,11 @@
  *   PENDING --upload--> READY --activate--> ACTIVE --(another activated)--> RETIRED
  *                                  ^                                           |
  *                                  +----------------activate-------------------+
- *   any state but REVOKED --revoke--> REVOKED  (ACTIVE only with allow_active)
+ *   any state but REVOKED/DISCARDED --revoke--> REVOKED  (ACTIVE only with allow_active)
+ *   PENDING --discard--> DISCARDED  (key erased); a PENDING version expires (no upload) after the pending TTL
  */
 import { clone, create } from "@bufbuild/protobuf";
-import { timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
+import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { FailedPrecondition } from "../common/errors.js";
 import { VersionState } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import { IntermediateVersionRecordSchema, TenantRecordSchema, type IntermediateVersionRecord, type TenantRecord } from "../gen/kmi/store/v1/kdc_pb.js";
@@ -28,6 +29,8 @@ export function stateName(state: VersionState): string {
       return "retired";
     case VersionState.REVOKED:
       return "revoked";
+    case VersionState.DISCARDED:
+      return "discarded";
     default:
       return "unspecified";
   }
@@ -79,6 +82,8 @@ export function planActivate(
       throw new FailedPrecondition(`version ${v} is pending; upload its signed certificate first (\`kmi ctl ca upload --version ${v}\`)`);
     case VersionState.REVOKED:
       throw new FailedPrecondition(`version ${v} is revoked and cannot be activated; make a new version (\`kmi ctl ca rotate\`)`);
+    case VersionState.DISCARDED:
+      throw new FailedPrecondition(`version ${v} is discarded and cannot be activated; make a new version (\`kmi ctl ca csr\` or \`kmi ctl ca rotate\`)`);
     case VersionState.READY:
     case VersionState.RETIRED:
       break;
@@ -114,6 +119,7 @@ export interface RevocationPlan {
 export function planRevoke(tenant: TenantRecord, target: IntermediateVersionRecord, reason: string, allowActive: boolean, now: Date): RevocationPlan {
   const v = target.version;
   if (target.state === VersionState.REVOKED) throw new FailedPrecondition(`version ${v} is already revoked`);
+  if (target.state === VersionState.DISCARDED) throw new FailedPrecondition(`version ${v} is discarded and has no key; nothing to revoke`);
   const wasActive = target.state === VersionState.ACTIVE;
   if (wasActive && !allowActive) {
     throw new FailedPrecondition(
@@ -148,6 +154,48 @@ export function planUpload(target: IntermediateVersionRecord, certificateDer: Ui
   return r;
 }
 
+/** When a PENDING version's CSR expires (made + `ttlMs`); undefined for other states or an unknown creation time. */
+export function pendingExpiry(v: IntermediateVersionRecord, ttlMs: number): Date | undefined {
+  if (v.state !== VersionState.PENDING || v.createdAt === undefined) return undefined;
+  return new Date(timestampDate(v.createdAt).getTime() + ttlMs);
+}
+
+/** Refuses a PENDING version whose CSR has expired: the signed certificate would come too late. */
+export function requireNotExpired(v: IntermediateVersionRecord, ttlMs: number, now: Date): void {
+  const end = pendingExpiry(v, ttlMs);
+  if (end !== undefined && end.getTime() <= now.getTime()) {
+    throw new FailedPrecondition(
+      `version ${v.version}: its CSR expired on ${end.toISOString()} (pending versions expire ${durationText(ttlMs)} after \`ca csr\`); ` +
+        `discard it (\`kmi ctl ca discard --tenant ${v.tenantId} --version ${v.version}\`) and make a new CSR (\`kmi ctl ca csr\`)`,
+    );
+  }
+}
+
+/** "30 days", "12 hours", "2 seconds": a configured duration in its largest whole unit. */
+function durationText(ms: number): string {
+  for (const [unit, size] of [["day", 86400_000], ["hour", 3600_000], ["minute", 60_000]] as const) {
+    if (ms >= size && ms % size === 0) return `${ms / size} ${unit}${ms === size ? "" : "s"}`;
+  }
+  const s = Math.round(ms / 1000);
+  return `${s} second${s === 1 ? "" : "s"}`;
+}
+
+/** A PENDING version given up: DISCARDED, its sealed key erased (the CSR and subject stay for history). */
+export function planDiscard(target: IntermediateVersionRecord, reason: string, now: Date): IntermediateVersionRecord {
+  if (target.state !== VersionState.PENDING) {
+    throw new FailedPrecondition(
+      `version ${target.version} is ${stateName(target.state)}, not pending; only a pending version (a CSR waiting for its certificate) can be discarded` +
+        (target.state === VersionState.DISCARDED ? "" : "; to stop using a version, revoke it (`kmi ctl ca revoke`)"),
+    );
+  }
+  const r = clone(IntermediateVersionRecordSchema, target);
+  r.state = VersionState.DISCARDED;
+  r.privateKey = undefined;
+  r.discardedAt = ts(now);
+  r.discardReason = reason;
+  return r;
+}
+
 /** Checks that `source` may lend its key to a renewal. */
 export function requireRenewable(source: IntermediateVersionRecord): void {
   if (source.state === VersionState.REVOKED) {
@@ -155,6 +203,9 @@ export function requireRenewable(source: IntermediateVersionRecord): void {
   }
   if (source.state === VersionState.PENDING) {
     throw new FailedPrecondition(`version ${source.version} is pending; upload its certificate, or renew a version that has one`);
+  }
+  if (source.state === VersionState.DISCARDED) {
+    throw new FailedPrecondition(`version ${source.version} is discarded and its key is gone; renew another version, or make a new key (\`kmi ctl ca rotate\`)`);
   }
 }
 

@@ -29,7 +29,7 @@ import type { BatchOp } from "../storage/store.js";
 import type { AttestedMachine } from "./authz.js";
 import type { CertSummary, Issuer, KdcContext } from "./context.js";
 import { CREDENTIAL, credentialAad, intermediateKeyAad, put, signingKeyAad } from "./kdc-store.js";
-import { newTenant, nextVersion, planActivate, planRevoke, planUpload, requireRenewable, stateName, type Validity } from "./model.js";
+import { newTenant, nextVersion, pendingExpiry, planActivate, planDiscard, planRevoke, planUpload, requireNotExpired, requireRenewable, stateName, type Validity } from "./model.js";
 import { mintToken } from "./tokens.js";
 import type * as V from "./validate.js";
 
@@ -314,6 +314,7 @@ export class KdcOperations {
         }
       } else target = await this.requireVersion(input.tenantId, input.version);
       planUpload(target, new Uint8Array(), undefined); // state check before the certificate checks
+      requireNotExpired(target, this.ctx.pendingTtlMs, this.now());
       const kept = await this.keptCustomerRoot(tenant);
       const root = input.customerRoot ?? kept; // undefined on a first upload without one: refused by the checks
       const checked = await this.withVersionKey(target, (pkcs8) =>
@@ -398,6 +399,23 @@ export class KdcOperations {
     });
   }
 
+  /** DiscardPendingVersion: PENDING -> DISCARDED (its sealed key erased), audited, in one batch. */
+  async discardPendingVersion(actor: string, input: V.DiscardVersionInput): Promise<IntermediateVersionRecord> {
+    return this.tenantLock(input.tenantId, async () => {
+      await this.requireTenant(input.tenantId);
+      const target = await this.requireVersion(input.tenantId, input.version);
+      const end = pendingExpiry(target, this.ctx.pendingTtlMs);
+      const discarded = planDiscard(target, input.reason, this.now());
+      const details: Record<string, string> = { key_id: target.keyId, was_expired: String(end !== undefined && end <= this.now()) };
+      if (input.reason !== "") details["reason"] = input.reason;
+      await this.ctx.audit.append(
+        { actor, action: "ca.version.discard", target: versionTarget(input.tenantId, input.version), outcome: "ok", details },
+        [put.version(discarded)],
+      );
+      return discarded;
+    });
+  }
+
   /** The version to download: `version`, or the active one when 0. */
   async versionForDownload(tenantId: string, version: number): Promise<IntermediateVersionRecord> {
     const tenant = await this.requireTenant(tenantId);
@@ -433,6 +451,7 @@ export class KdcOperations {
     if (v.state !== VersionState.PENDING || v.csrDer.length === 0) {
       throw new FailedPrecondition(`version ${v.version} is ${stateName(v.state)}, not pending; only a pending version has a CSR to sign`);
     }
+    requireNotExpired(v, this.ctx.pendingTtlMs, this.now());
     return v.csrDer;
   }
 

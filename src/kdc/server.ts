@@ -47,6 +47,8 @@ export interface KdcServerOptions extends MasterKeyOptions {
   leaseMs?: number | undefined;
   /** Folder of the portal's bundle; default dist/web when it is built (else no portal). */
   portalDir?: string | undefined;
+  /** How long a PENDING version waits for its certificate, ms (default 30 days). */
+  pendingTtlMs?: number | undefined;
   /** Watch stream tuning (tests). */
   watch?: WatchHubOptions;
 }
@@ -97,7 +99,7 @@ export class KdcServer {
           })
         : undefined;
     const attestationKey: AttestationKeyProvider | undefined = fileKey ?? fetchedKey;
-    const opened = await openKdc({ ...opts, ...(attestationKey ? { attestationKey } : {}), ...(opts.leaseMs !== undefined ? { leaseMs: opts.leaseMs } : {}) });
+    const opened = await openKdc({ ...opts, ...(attestationKey ? { attestationKey } : {}), ...(opts.leaseMs !== undefined ? { leaseMs: opts.leaseMs } : {}), ...(opts.pendingTtlMs !== undefined ? { pendingTtlMs: opts.pendingTtlMs } : {}) });
     const { ctx, store } = opened;
     try {
       const tls = await KdcServer.tlsMaterial(ctx, opts.tls);

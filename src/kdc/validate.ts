@@ -230,6 +230,13 @@ export function revokeVersion(req: RevokeVersionRequest): RevokeVersionInput {
   return { tenantId: tenantId(req.tenantId), version: versionNumber(req.version), reason: reason(req.reason), allowActive: req.allowActive };
 }
 
+/** DiscardPendingVersion, validated. */
+export interface DiscardVersionInput { tenantId: string; version: number; reason: string }
+/** Parses DiscardPendingVersionRequest (the reason is optional). */
+export function discardPendingVersion(req: { tenantId: string; version: number; reason: string }): DiscardVersionInput {
+  return { tenantId: tenantId(req.tenantId), version: versionNumber(req.version), reason: freeText("reason", req.reason, 256, false) };
+}
+
 /** ActivateVersion, validated. */
 export function activateVersion(req: ActivateVersionRequest): TenantVersionInput {
   return tenantVersion(req);

@@ -11,11 +11,15 @@
  *   7. print where everything is (or the JSON summary), then watch the agent and report
  *      what changes (rotations reaching it, quarantine, the KDC link) until SIGINT/SIGTERM
  *   8. stop the parts in reverse order and exit 0 once all have exited
+ *
+ * `runUp` reads as these stages (resolveSite, initKdcIfNeeded, bringUpKdc, bringUpAudit,
+ * prepareAgent, bringUpAgent, bringUpProxy, the banner, watchAgent); each takes what it needs.
  */
 import { readFileSync } from "node:fs";
 import { chmod, mkdir, readFile } from "node:fs/promises";
 import { isAbsolute, relative } from "node:path";
 import { operatorLoginLink } from "./portal-link.js";
+import { banner } from "./banner.js";
 import { Progress } from "./progress.js";
 import type { UpConfig, TcpAddress } from "./config.js";
 import { layout, PARTS, type Layout, type PartName } from "./layout.js";
@@ -40,7 +44,7 @@ import {
 } from "./bootstrap.js";
 import { PortError, formatHostPort, httpUrl, httpsUrl, resolvePort } from "./ports.js";
 import { isKmiProcess, pidAlive, readRunState, removeRunState, writeRunState, type RunState } from "./run-state.js";
-import { healthSummary, ctlEnv, type ProcessInfo } from "./health.js";
+import { healthSummary, type ProcessInfo } from "./health.js";
 import { AttestationState, type GetStatusResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { VERSION } from "../common/version.js";
 import { sleep } from "../common/backoff.js";
@@ -133,25 +137,41 @@ async function prepareDirectories(l: Layout): Promise<void> {
   }
 }
 
-/** Runs `kmi up`; resolves with the exit code. */
-export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
-  const t0 = Date.now();
-  const progressOut = cfg.json ? io.err : io.out;
-  const safeWrite = (stream: NodeJS.WritableStream) => (text: string) => {
+/** What every stage of `kmi up` works with; none of it changes once the stages begin. */
+interface Stage {
+  readonly cfg: UpConfig;
+  readonly io: UpIo;
+  readonly L: Layout;
+  readonly progress: Progress;
+  /** A path as the operator would type it (relative to the working directory when inside it). */
+  readonly show: (p: string) => string;
+  readonly sup: Supervisor;
+  /** Aborts when the operator asks to stop. */
+  readonly signal: AbortSignal;
+}
+
+/** The mesh's addresses: what each part listens on (ports resolved) and its URL. */
+interface Site {
+  readonly listen: { kdc: TcpAddress; audit: TcpAddress; proxy: TcpAddress };
+  readonly urls: { kdc: string; audit: string; proxy: string };
+}
+
+/** Writes to a stream, ignoring a closed terminal (it must not stop the shutdown). */
+function safeWrite(stream: NodeJS.WritableStream): (text: string) => void {
+  return (text) => {
     try {
       stream.write(text);
     } catch {
       // a closed terminal must not stop the shutdown
     }
   };
-  for (const s of [io.out, io.err]) s.on("error", () => undefined);
-  const progress = new Progress({ write: safeWrite(progressOut), color: progressOut.isTTY === true && io.color });
-  const L = layout(cfg.dataDir, cfg.runDir);
-  const show = (p: string) => shown(io.cwd, p);
+}
 
-  // Signals: the first one stops in order, a second one kills.
-  const stop = new AbortController();
-  let supervisor: Supervisor | undefined;
+/**
+ * Signals: the first one stops in order (aborts `stop`), a second one kills every part at once.
+ * Returns the function that removes the handlers.
+ */
+function installSignals(io: UpIo, progress: Progress, stop: AbortController, livePids: () => number[]): () => void {
   const onSignal = (sig: NodeJS.Signals) => {
     if (!stop.signal.aborted) {
       progress.step("up", `${sig} received: stopping the parts in reverse order (again to kill them at once)…`);
@@ -159,7 +179,7 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
       return;
     }
     progress.warn("up", `second ${sig}: killing every part now`);
-    for (const pid of supervisor?.livePids() ?? []) {
+    for (const pid of livePids()) {
       try {
         process.kill(pid, "SIGKILL");
       } catch {
@@ -171,6 +191,226 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
   // SIGHUP too: a closed terminal must not leave the parts running without their supervisor.
   const signals: NodeJS.Signals[] = ["SIGINT", "SIGTERM", "SIGHUP"];
   for (const sig of signals) io.signals.on(sig, onSignal);
+  return () => {
+    for (const sig of signals) io.signals.off(sig, onSignal);
+  };
+}
+
+/** Resolves the listen ports (port 0 picks one; a taken port is named with the variable that moves it). */
+async function resolveSite(cfg: UpConfig): Promise<Site> {
+  const listen = {
+    kdc: await resolvePort(cfg.listen.kdc, "KDC", "--kdc-listen", "KMI_UP_KDC_LISTEN"),
+    audit: await resolvePort(cfg.listen.audit, "Auditserver", "--audit-listen", "KMI_UP_AUDIT_LISTEN"),
+    proxy: await resolvePort(cfg.listen.proxy, "proxy", "--proxy-listen", "KMI_UP_PROXY_LISTEN"),
+  };
+  return { listen, urls: { kdc: httpsUrl(listen.kdc), audit: httpsUrl(listen.audit), proxy: httpUrl(listen.proxy) } };
+}
+
+/** Refuses an --origin-ca-file that cannot be read or holds no certificate, before anything starts. */
+async function checkOriginCaFiles(files: readonly string[]): Promise<void> {
+  for (const f of files) {
+    const pem = await readFile(f, "utf8").catch((err: NodeJS.ErrnoException) => {
+      throw new StepError("up", `--origin-ca-file: cannot read ${f} (${err.code ?? err.message})`);
+    });
+    if (!pem.includes("-----BEGIN CERTIFICATE-----")) throw new StepError("up", `--origin-ca-file: ${f} holds no PEM certificate`);
+  }
+}
+
+/** `kmi kdc init` on first run (the master key, the roots, the operator token), then the token is checked. */
+async function initKdcIfNeeded(s: Stage): Promise<void> {
+  const { L, progress, show, io } = s;
+  if (!(await kdcInitialized(L))) {
+    progress.step("kdc", "first run: generating the master key, the KMI root CA and the infrastructure CA…");
+    await abortable(initKdc(L, { kmi: io.kmi, cwd: io.cwd, env: io.env }), s.signal);
+    progress.step("kdc", `initialized ${show(L.kdcDir)}; operator token in ${show(L.operatorToken)} (0600)`);
+  } else {
+    progress.step("kdc", `reusing ${show(L.kdcDir)}`);
+  }
+  await checkOperatorToken(L);
+}
+
+/** Clients of the KDC and the Auditserver with the operator token, trusting the infrastructure CA. */
+async function meshClients(L: Layout, site: Site): Promise<{ kdc: ServerClients; audit: ServerClients }> {
+  const caPem = await readFile(L.infraCaPem, "utf8");
+  // Read per call (the file is tiny): a replaced token is picked up without a restart.
+  const token = () => {
+    try {
+      return readFileSync(L.operatorToken, "utf8").trim();
+    } catch {
+      return undefined;
+    }
+  };
+  return {
+    kdc: serverClients({ url: site.urls.kdc, caPem, token, expectedService: "kdc" }),
+    audit: serverClients({ url: site.urls.audit, caPem, token, expectedService: "audit" }),
+  };
+}
+
+/** The KDC, started and healthy (it answers GetKdcStatus). */
+async function bringUpKdc(s: Stage, site: Site, kdc: ServerClients): Promise<void> {
+  const { L, progress } = s;
+  progress.step("kdc", `starting on ${formatHostPort(site.listen.kdc)}…`);
+  const kdcDef: PartDefinition = {
+    name: "kdc",
+    args: async () => [
+      "kdc",
+      "--data-dir",
+      L.kdcDir,
+      "--listen",
+      formatHostPort(site.listen.kdc),
+      "--metrics-listen",
+      `unix:${L.metricsSocket("kdc")}`,
+      "--log-level",
+      s.cfg.logLevel,
+      ...(await kdcAuditLinkFlags(L, site.urls.audit)),
+    ],
+    ready: async (proc, sig) => {
+      await proc.waitForLog((r) => r.msg === "started", sig);
+      await poll(async () => (await kdc.kdcAdmin.getKdcStatus({})).version, sig);
+      return `healthy on ${formatHostPort(site.listen.kdc)}`;
+    },
+  };
+  progress.step("kdc", `${await abortable(s.sup.start(kdcDef), s.signal)} (pid ${s.sup.status("kdc")?.pid})`);
+}
+
+/** The Auditserver: `kmi audit init` on first run (its certificate from the KDC), then started and serving. */
+async function bringUpAudit(s: Stage, site: Site, audit: ServerClients): Promise<void> {
+  const { L, progress, show, io } = s;
+  if (!(await auditInitialized(L))) {
+    progress.step("audit", "first run: generating the attestation-token key; asking the KDC for the Auditserver's TLS certificate…");
+    await abortable(initAudit(L, site.urls.kdc, { kmi: io.kmi, cwd: io.cwd, env: io.env }), s.signal);
+    progress.step("audit", `initialized ${show(L.auditDir)}`);
+  } else {
+    progress.step("audit", `reusing ${show(L.auditDir)}`);
+  }
+  progress.step("audit", `starting on ${formatHostPort(site.listen.audit)}…`);
+  const auditDef: PartDefinition = {
+    name: "audit",
+    args: () => ["audit", "--data-dir", L.auditDir, "--listen", formatHostPort(site.listen.audit), "--kdc", site.urls.kdc, "--metrics-listen", `unix:${L.metricsSocket("audit")}`, "--log-level", s.cfg.logLevel],
+    ready: async (proc, sig) => {
+      await proc.waitForLog((r) => r.msg === "started", sig);
+      await poll(async () => ((await isServing(audit)) ? true : undefined), sig);
+      return `healthy on ${formatHostPort(site.listen.audit)}`;
+    },
+  };
+  progress.step("audit", `${await abortable(s.sup.start(auditDef), s.signal)} (pid ${s.sup.status("audit")?.pid})`);
+}
+
+/**
+ * The dev tenant, the agent's config file, the machine group with this build's measurements,
+ * and a join token when the agent has not enrolled. Returns whether it had enrolled before.
+ */
+async function prepareAgent(s: Stage, site: Site, kdc: ServerClients, audit: ServerClients): Promise<boolean> {
+  const { L, progress, show, cfg } = s;
+  s.signal.throwIfAborted();
+  await abortable(ensureTenant(kdc, cfg.tenant, progress), s.signal);
+  const plan = { codeDir: s.io.codeDir, agentConfig: L.agentConfig };
+  const agentConfig = {
+    socket: L.agentSocket,
+    "state-dir": L.agentStateDir,
+    "audit-url": site.urls.audit,
+    "kdc-url": site.urls.kdc,
+    "ca-file": L.infraCaPem,
+    measure: measureFlag(plan),
+    "metrics-listen": `unix:${L.metricsSocket("agent")}`,
+    "log-level": cfg.logLevel,
+    // A dev mesh restarts parts often: come back within seconds, not half a minute.
+    "reconnect-max-ms": 5000,
+  };
+  if (await writeIfChanged(L.agentConfig, JSON.stringify(agentConfig, null, 2) + "\n")) {
+    progress.step("agent", `config written to ${show(L.agentConfig)}`);
+  }
+  const measurements = await expectedMeasurements(plan);
+  await abortable(ensureGroup(audit, cfg.tenant, measurements, progress), s.signal);
+  const enrolledBefore = await agentEnrolled(L);
+  if (!enrolledBefore) {
+    await abortable(writeJoinToken(audit, L), s.signal);
+    progress.step("audit", `one-time join token for the agent written to ${show(L.joinToken)} (0600, expires in 1 h)`);
+  }
+  return enrolledBefore;
+}
+
+/** The agent: started, its join token spent, then attested and holding the tenant's key. */
+async function bringUpAgent(s: Stage, agentStatus: AgentStatusClient, enrolledBefore: boolean): Promise<void> {
+  const { L, progress, show } = s;
+  progress.step("agent", `starting (socket ${show(L.agentSocket)}, state ${show(L.agentStateDir)})…`);
+  const agentDef: PartDefinition = {
+    name: "agent",
+    args: async () => ["agent", "--config", L.agentConfig, ...((await agentEnrolled(L)) ? [] : ["--join-token-file", L.joinToken])],
+    ready: async (proc, sig) => {
+      await proc.waitForLog((r) => r.msg === "started", sig);
+      const st = await poll(() => agentStatus.getStatus(2000), sig);
+      return `serving on ${show(L.agentSocket)} (machine ${st.machineId})`;
+    },
+  };
+  progress.step("agent", `${await abortable(s.sup.start(agentDef), s.signal)} (pid ${s.sup.status("agent")?.pid})`);
+  // The agent serves only once it has an identity: the join token is spent.
+  await removeJoinToken(L);
+  await waitForAgentKey(agentStatus, s.cfg, s.sup.process("agent")!, progress, s.signal, enrolledBefore);
+  s.signal.throwIfAborted();
+}
+
+/** The proxy: its policy file on first run, then started and listening. */
+async function bringUpProxy(s: Stage, site: Site): Promise<void> {
+  const { L, progress, show, cfg } = s;
+  if (await writeIfAbsent(L.proxyPolicy, DEFAULT_POLICY)) progress.step("proxy", `inspection policy written to ${show(L.proxyPolicy)} (edit it: the proxy reloads it)`);
+  progress.step("proxy", `starting on ${formatHostPort(site.listen.proxy)} (default tenant ${cfg.tenant})…`);
+  const proxyDef: PartDefinition = {
+    name: "proxy",
+    args: () => proxyArgs(L, cfg, site.listen.proxy),
+    ready: async (_proc, sig) => {
+      const host = new URL(site.urls.proxy).hostname.replace(/^\[|\]$/g, "");
+      await poll(async () => ((await tcpOpen(host, site.listen.proxy.port)) ? true : undefined), sig, 100);
+      return `listening on ${formatHostPort(site.listen.proxy)}`;
+    },
+  };
+  progress.step("proxy", `${await abortable(s.sup.start(proxyDef), s.signal)} (pid ${s.sup.status("proxy")?.pid})`);
+}
+
+/** Every 2 s, prints what changed in the agent (rotations reaching it, quarantine, the KDC link). Returns the timer. */
+function watchAgent(agentStatus: AgentStatusClient, first: GetStatusResponse | undefined, progress: Progress): NodeJS.Timeout {
+  let last = first;
+  let busy = false;
+  return setInterval(() => {
+    if (busy) return;
+    busy = true;
+    agentStatus
+      .getStatus(2000)
+      .then((st) => {
+        reportAgentChanges(last, st, progress);
+        last = st;
+      })
+      .catch(() => undefined)
+      .finally(() => (busy = false));
+  }, 2000);
+}
+
+/** Prints why `kmi up` failed (a part's last log lines when it was a part); returns the exit code (0 when asked to stop). */
+function reportFailure(err: unknown, stop: AbortSignal, progress: Progress, L: Layout, show: (p: string) => string): number {
+  if (stop.aborted && (err === stop.reason || err instanceof StopRequested || /stopping/.test(errorText(err)))) return 0; // asked to stop while starting
+  if (err instanceof PartStartError || err instanceof StepError) {
+    progress.error(err.part, err.message);
+    if (err.lastLines.length > 0 && err.part !== "up") {
+      progress.detail([`its last log lines (${show(L.log(err.part))}):`]);
+      progress.detail(summarizeLogLines(err.lastLines).map((l) => "  " + l));
+    }
+  } else if (err instanceof PortError) progress.error("up", err.message);
+  else progress.error("up", errorText(err));
+  return 1;
+}
+
+/** Runs `kmi up`; resolves with the exit code. */
+export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
+  const t0 = Date.now();
+  const progressOut = cfg.json ? io.err : io.out;
+  for (const st of [io.out, io.err]) st.on("error", () => undefined);
+  const progress = new Progress({ write: safeWrite(progressOut), color: progressOut.isTTY === true && io.color });
+  const L = layout(cfg.dataDir, cfg.runDir);
+  const show = (p: string) => shown(io.cwd, p);
+
+  const stop = new AbortController();
+  let supervisor: Supervisor | undefined;
+  const removeSignals = installSignals(io, progress, stop, () => supervisor?.livePids() ?? []);
   // If kmi up itself dies of an error, its parts must not live on without it.
   const onExit = () => supervisor?.terminateAll();
   process.on("exit", onExit);
@@ -183,32 +423,16 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
   let monitor: NodeJS.Timeout | undefined;
   let agentClient: AgentStatusClient | undefined;
   const urls = { kdc: "", audit: "", proxy: "" };
-  let listen: { kdc: TcpAddress; audit: TcpAddress; proxy: TcpAddress } = cfg.listen;
 
   const processes = (): Partial<Record<PartName, ProcessInfo>> => {
     const out: Partial<Record<PartName, ProcessInfo>> = {};
-    for (const s of supervisor?.statuses() ?? []) out[s.name] = { state: s.state, pid: s.pid, restarts: s.restarts, version: s.version, log: L.log(s.name) };
+    for (const st of supervisor?.statuses() ?? []) out[st.name] = { state: st.state, pid: st.pid, restarts: st.restarts, version: st.version, log: L.log(st.name) };
     return out;
   };
   let stateWrite = Promise.resolve();
   const saveRunState = (): Promise<void> => {
     if (!ownsRunState) return stateWrite;
-    const parts: RunState["parts"] = {};
-    for (const [name, p] of Object.entries(processes())) {
-      (parts as Record<string, unknown>)[name] = { pid: p.pid ?? null, state: p.state, restarts: p.restarts, log: p.log, ...(p.version !== undefined ? { version: p.version } : {}) };
-    }
-    const state: RunState = {
-      pid: process.pid,
-      kmi_script: io.kmiScript,
-      version: VERSION,
-      started_at: new Date(t0).toISOString(),
-      ready,
-      data_dir: L.dataDir,
-      run_dir: L.runDir,
-      tenant: cfg.tenant,
-      urls: { ...urls },
-      parts,
-    };
+    const state = runStateOf({ t0, kmiScript: io.kmiScript, ready, L, tenant: cfg.tenant, urls, processes: processes() });
     stateWrite = stateWrite.then(() => writeRunState(L.stateFile, state)).catch(() => undefined);
     return stateWrite;
   };
@@ -218,178 +442,29 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
     await claimRunState(L, progress);
     ownsRunState = true;
     saveRunState();
+    const site = await resolveSite(cfg);
+    Object.assign(urls, site.urls);
+    await checkOriginCaFiles(cfg.originCaFiles);
 
-    listen = {
-      kdc: await resolvePort(cfg.listen.kdc, "KDC", "--kdc-listen", "KMI_UP_KDC_LISTEN"),
-      audit: await resolvePort(cfg.listen.audit, "Auditserver", "--audit-listen", "KMI_UP_AUDIT_LISTEN"),
-      proxy: await resolvePort(cfg.listen.proxy, "proxy", "--proxy-listen", "KMI_UP_PROXY_LISTEN"),
-    };
-    urls.kdc = httpsUrl(listen.kdc);
-    urls.audit = httpsUrl(listen.audit);
-    urls.proxy = httpUrl(listen.proxy);
-    for (const f of cfg.originCaFiles) {
-      const pem = await readFile(f, "utf8").catch((err: NodeJS.ErrnoException) => {
-        throw new StepError("up", `--origin-ca-file: cannot read ${f} (${err.code ?? err.message})`);
-      });
-      if (!pem.includes("-----BEGIN CERTIFICATE-----")) throw new StepError("up", `--origin-ca-file: ${f} holds no PEM certificate`);
-    }
+    supervisor = new Supervisor({ kmi: io.kmi, cwd: io.cwd, env: io.env, logFile: (p) => L.log(p), progress, readyTimeoutMs: cfg.readyTimeoutMs, onChange: saveRunState });
+    const s: Stage = { cfg, io, L, progress, show, sup: supervisor, signal: stop.signal };
 
-    const sup = new Supervisor({
-      kmi: io.kmi,
-      cwd: io.cwd,
-      env: io.env,
-      logFile: (p) => L.log(p),
-      progress,
-      readyTimeoutMs: cfg.readyTimeoutMs,
-      onChange: saveRunState,
-    });
-    supervisor = sup;
-    const once = { kmi: io.kmi, cwd: io.cwd, env: io.env };
-    const signal = stop.signal;
-
-    // ── KDC ───────────────────────────────────────────────────────────────────────────────
-    if (!(await kdcInitialized(L))) {
-      progress.step("kdc", "first run: generating the master key, the KMI root CA and the infrastructure CA…");
-      await abortable(initKdc(L, once), signal);
-      progress.step("kdc", `initialized ${show(L.kdcDir)}; operator token in ${show(L.operatorToken)} (0600)`);
-    } else {
-      progress.step("kdc", `reusing ${show(L.kdcDir)}`);
-    }
-    await checkOperatorToken(L);
-    const caPem = await readFile(L.infraCaPem, "utf8");
-    // Read per call (the file is tiny): a replaced token is picked up without a restart.
-    const token = () => {
-      try {
-        return readFileSync(L.operatorToken, "utf8").trim();
-      } catch {
-        return undefined;
-      }
-    };
-    kdcClients = serverClients({ url: urls.kdc, caPem, token, expectedService: "kdc" });
-    auditClients = serverClients({ url: urls.audit, caPem, token, expectedService: "audit" });
-    const kdc = kdcClients;
-    const audit = auditClients;
-
-    progress.step("kdc", `starting on ${formatHostPort(listen.kdc)}…`);
-    const kdcDef: PartDefinition = {
-      name: "kdc",
-      args: async () => [
-        "kdc",
-        "--data-dir",
-        L.kdcDir,
-        "--listen",
-        formatHostPort(listen.kdc),
-        "--metrics-listen",
-        `unix:${L.metricsSocket("kdc")}`,
-        "--log-level",
-        cfg.logLevel,
-        ...(await kdcAuditLinkFlags(L, urls.audit)),
-      ],
-      ready: async (proc, s) => {
-        await proc.waitForLog((r) => r.msg === "started", s);
-        await poll(async () => (await kdc.kdcAdmin.getKdcStatus({})).version, s);
-        return `healthy on ${formatHostPort(listen.kdc)}`;
-      },
-    };
-    progress.step("kdc", `${await abortable(sup.start(kdcDef), signal)} (pid ${sup.status("kdc")?.pid})`);
-
-    // ── Auditserver ───────────────────────────────────────────────────────────────────────
-    if (!(await auditInitialized(L))) {
-      progress.step("audit", "first run: generating the attestation-token key; asking the KDC for the Auditserver's TLS certificate…");
-      await abortable(initAudit(L, urls.kdc, once), signal);
-      progress.step("audit", `initialized ${show(L.auditDir)}`);
-    } else {
-      progress.step("audit", `reusing ${show(L.auditDir)}`);
-    }
-    progress.step("audit", `starting on ${formatHostPort(listen.audit)}…`);
-    const auditDef: PartDefinition = {
-      name: "audit",
-      args: () => [
-        "audit",
-        "--data-dir",
-        L.auditDir,
-        "--listen",
-        formatHostPort(listen.audit),
-        "--kdc",
-        urls.kdc,
-        "--metrics-listen",
-        `unix:${L.metricsSocket("audit")}`,
-        "--log-level",
-        cfg.logLevel,
-      ],
-      ready: async (proc, s) => {
-        await proc.waitForLog((r) => r.msg === "started", s);
-        await poll(async () => ((await isServing(audit)) ? true : undefined), s);
-        return `healthy on ${formatHostPort(listen.audit)}`;
-      },
-    };
-    progress.step("audit", `${await abortable(sup.start(auditDef), signal)} (pid ${sup.status("audit")?.pid})`);
-
-    // ── tenant, group, agent config, join token ───────────────────────────────────────────
-    signal.throwIfAborted();
-    await abortable(ensureTenant(kdc, cfg.tenant, progress), signal);
-    const plan = { codeDir: io.codeDir, agentConfig: L.agentConfig };
-    const agentConfig = {
-      socket: L.agentSocket,
-      "state-dir": L.agentStateDir,
-      "audit-url": urls.audit,
-      "kdc-url": urls.kdc,
-      "ca-file": L.infraCaPem,
-      measure: measureFlag(plan),
-      "metrics-listen": `unix:${L.metricsSocket("agent")}`,
-      "log-level": cfg.logLevel,
-      // A dev mesh restarts parts often: come back within seconds, not half a minute.
-      "reconnect-max-ms": 5000,
-    };
-    if (await writeIfChanged(L.agentConfig, JSON.stringify(agentConfig, null, 2) + "\n")) {
-      progress.step("agent", `config written to ${show(L.agentConfig)}`);
-    }
-    const measurements = await expectedMeasurements(plan);
-    await abortable(ensureGroup(audit, cfg.tenant, measurements, progress), signal);
-    const enrolledBefore = await agentEnrolled(L);
-    if (!enrolledBefore) {
-      await abortable(writeJoinToken(audit, L), signal);
-      progress.step("audit", `one-time join token for the agent written to ${show(L.joinToken)} (0600, expires in 1 h)`);
-    }
-
-    // ── agent ─────────────────────────────────────────────────────────────────────────────
-    progress.step("agent", `starting (socket ${show(L.agentSocket)}, state ${show(L.agentStateDir)})…`);
-    const agentStatus = new AgentStatusClient(L.agentSocket);
-    agentClient = agentStatus;
-    const agentDef: PartDefinition = {
-      name: "agent",
-      args: async () => ["agent", "--config", L.agentConfig, ...((await agentEnrolled(L)) ? [] : ["--join-token-file", L.joinToken])],
-      ready: async (proc, s) => {
-        await proc.waitForLog((r) => r.msg === "started", s);
-        const st = await poll(() => agentStatus.getStatus(2000), s);
-        return `serving on ${show(L.agentSocket)} (machine ${st.machineId})`;
-      },
-    };
-    progress.step("agent", `${await abortable(sup.start(agentDef), signal)} (pid ${sup.status("agent")?.pid})`);
-    // The agent serves only once it has an identity: the join token is spent.
-    await removeJoinToken(L);
-    await waitForAgentKey(agentStatus, cfg, sup.process("agent")!, progress, signal, enrolledBefore);
-    signal.throwIfAborted();
-
-    // ── proxy ─────────────────────────────────────────────────────────────────────────────
-    if (await writeIfAbsent(L.proxyPolicy, DEFAULT_POLICY)) progress.step("proxy", `inspection policy written to ${show(L.proxyPolicy)} (edit it: the proxy reloads it)`);
-    progress.step("proxy", `starting on ${formatHostPort(listen.proxy)} (default tenant ${cfg.tenant})…`);
-    const proxyDef: PartDefinition = {
-      name: "proxy",
-      args: () => proxyArgs(L, cfg, listen.proxy),
-      ready: async (_proc, s) => {
-        const host = new URL(urls.proxy).hostname.replace(/^\[|\]$/g, "");
-        await poll(async () => ((await tcpOpen(host, listen.proxy.port)) ? true : undefined), s, 100);
-        return `listening on ${formatHostPort(listen.proxy)}`;
-      },
-    };
-    progress.step("proxy", `${await abortable(sup.start(proxyDef), signal)} (pid ${sup.status("proxy")?.pid})`);
+    await initKdcIfNeeded(s);
+    const { kdc, audit } = await meshClients(L, site);
+    kdcClients = kdc;
+    auditClients = audit;
+    await bringUpKdc(s, site, kdc);
+    await bringUpAudit(s, site, audit);
+    const enrolledBefore = await prepareAgent(s, site, kdc, audit);
+    agentClient = new AgentStatusClient(L.agentSocket);
+    await bringUpAgent(s, agentClient, enrolledBefore);
+    await bringUpProxy(s, site);
 
     // ── ready ─────────────────────────────────────────────────────────────────────────────
-    signal.throwIfAborted();
+    stop.signal.throwIfAborted();
     ready = true;
     await saveRunState();
-    const first = await agentStatus.getStatus(3000).catch(() => undefined);
+    const first = await agentClient.getStatus(3000).catch(() => undefined);
     const seconds = ((Date.now() - t0) / 1000).toFixed(1);
     // The ready line and what follows it go out in one write: whoever waits for "ready" sees all of it.
     if (cfg.json) {
@@ -397,43 +472,19 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
       progress.step("up", `ready in ${seconds} s: KDC, Auditserver, agent and proxy are healthy`);
       safeWrite(io.out)(JSON.stringify(summary) + "\n");
     } else {
-      const portal = await operatorLoginLink({ kdcUrl: urls.kdc, caPem, token: token() ?? "" });
-      progress.stepWith("up", `ready in ${seconds} s: KDC, Auditserver, agent and proxy are healthy`, banner({ L, urls, cfg, show, status: first, portal }));
+      const portal = await operatorLoginLink({
+        kdcUrl: urls.kdc,
+        caPem: await readFile(L.infraCaPem, "utf8"),
+        token: readFileSync(L.operatorToken, "utf8").trim(),
+      }).catch(() => undefined);
+      progress.stepWith("up", `ready in ${seconds} s: KDC, Auditserver, agent and proxy are healthy`, banner({ L, urls, cfg, kmiScript: io.kmiScript, status: first, portal }));
     }
 
     // ── watch until told to stop ──────────────────────────────────────────────────────────
-    let last = first;
-    let busy = false;
-    monitor = setInterval(() => {
-      if (busy) return;
-      busy = true;
-      agentStatus
-        .getStatus(2000)
-        .then((s) => {
-          reportAgentChanges(last, s, progress);
-          last = s;
-        })
-        .catch(() => undefined)
-        .finally(() => (busy = false));
-    }, 2000);
+    monitor = watchAgent(agentClient, first, progress);
     if (!stop.signal.aborted) await new Promise<void>((resolve) => stop.signal.addEventListener("abort", () => resolve(), { once: true }));
   } catch (err) {
-    if (stop.signal.aborted && (err === stop.signal.reason || err instanceof StopRequested || /stopping/.test(errorText(err)))) {
-      // Asked to stop while starting: not a failure.
-    } else if (err instanceof PartStartError || err instanceof StepError) {
-      code = 1;
-      progress.error(err.part, err.message);
-      if (err.lastLines.length > 0 && err.part !== "up") {
-        progress.detail([`its last log lines (${show(L.log(err.part))}):`]);
-        progress.detail(summarizeLogLines(err.lastLines).map((l) => "  " + l));
-      }
-    } else if (err instanceof PortError) {
-      code = 1;
-      progress.error("up", err.message);
-    } else {
-      code = 1;
-      progress.error("up", errorText(err));
-    }
+    code = reportFailure(err, stop.signal, progress, L, show);
   } finally {
     if (monitor !== undefined) clearInterval(monitor);
     if (supervisor !== undefined) {
@@ -445,11 +496,31 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
     agentClient?.close();
     await stateWrite;
     if (ownsRunState) await removeRunState(L.stateFile);
-    for (const sig of signals) io.signals.off(sig, onSignal);
+    removeSignals();
     process.off("exit", onExit);
     progress.step("up", code === 0 ? "stopped; every part has exited" : "stopped after the failure above; every part has exited");
   }
   return code;
+}
+
+/** The run-state file's content (`run/up.json`): pids, states and addresses, for `kmi up status` and the next `kmi up`. */
+function runStateOf(o: { t0: number; kmiScript: string; ready: boolean; L: Layout; tenant: string; urls: RunState["urls"]; processes: Partial<Record<PartName, ProcessInfo>> }): RunState {
+  const parts: RunState["parts"] = {};
+  for (const [name, p] of Object.entries(o.processes)) {
+    (parts as Record<string, unknown>)[name] = { pid: p.pid ?? null, state: p.state, restarts: p.restarts, log: p.log, ...(p.version !== undefined ? { version: p.version } : {}) };
+  }
+  return {
+    pid: process.pid,
+    kmi_script: o.kmiScript,
+    version: VERSION,
+    started_at: new Date(o.t0).toISOString(),
+    ready: o.ready,
+    data_dir: o.L.dataDir,
+    run_dir: o.L.runDir,
+    tenant: o.tenant,
+    urls: { ...o.urls },
+    parts,
+  };
 }
 
 /**
@@ -519,8 +590,9 @@ async function waitForAgentKey(
   signal: AbortSignal,
   enrolledBefore: boolean,
 ): Promise<void> {
-  const deadline = Date.now() + cfg.readyTimeoutMs;
-  let said = { machine: false, attested: false, refused: "", kdcError: "" };
+  const started = Date.now();
+  const deadline = started + cfg.readyTimeoutMs;
+  const said = { machine: false, attested: false, refused: "", kdcError: "" };
   for (;;) {
     const s = await client.getStatus(2000).catch(() => undefined);
     if (s !== undefined) {
@@ -548,8 +620,8 @@ async function waitForAgentKey(
         progress.step("agent", `holds tenant ${cfg.tenant}'s intermediate v${held}${s.kdcConnected ? "; watching the KDC for changes" : ""}`);
         return;
       }
-      if (s.kdcError !== "" && s.kdcError !== said.kdcError && s.attestation === AttestationState.ATTESTED) {
-        progress.step("agent", `waiting for its secrets from the KDC (${s.kdcError})`);
+      if (shouldReportSecretsWait(s, said.kdcError, Date.now() - started)) {
+        progress.step("agent", `still waiting for its secrets from the KDC after ${Math.round((Date.now() - started) / 1000)} s (${s.kdcError})`);
         said.kdcError = s.kdcError;
       }
     }
@@ -561,6 +633,18 @@ async function waitForAgentKey(
     await sleep(250, signal);
     signal.throwIfAborted();
   }
+}
+
+/**
+ * How long a first start may wait for the agent's secrets before the KDC link's error is shown:
+ * the KDC loads the attestation key and the agent attests in the first seconds, and the
+ * transient "attestation key not loaded yet" would make a healthy start look broken.
+ */
+export const SECRETS_WAIT_GRACE_MS = 10_000;
+
+/** Whether to print the agent's KDC-link error while waiting for its key: attested, a new error, and past the grace period. */
+export function shouldReportSecretsWait(s: Pick<GetStatusResponse, "kdcError" | "attestation">, lastShown: string, waitedMs: number, graceMs = SECRETS_WAIT_GRACE_MS): boolean {
+  return s.kdcError !== "" && s.kdcError !== lastShown && s.attestation === AttestationState.ATTESTED && waitedMs >= graceMs;
 }
 
 /** Why the agent says its machine is quarantined, without the agent's own "machine quarantined:" prefix. */
@@ -595,56 +679,4 @@ function reportAgentChanges(prev: GetStatusResponse | undefined, s: GetStatusRes
     if (s.kdcConnected) progress.step("agent", "KDC link up");
     else progress.warn("agent", `KDC link down${s.kdcError !== "" ? `: ${s.kdcError}` : ""} (the agent serves what it holds until the leases run out)`);
   }
-}
-
-/** The text printed once everything is healthy. */
-function banner(o: {
-  L: Layout;
-  urls: { kdc: string; audit: string; proxy: string };
-  cfg: UpConfig;
-  show: (p: string) => string;
-  status: GetStatusResponse | undefined;
-  /** A one-time operator login link to the portal, when one could be made. */
-  portal?: string | undefined;
-}): string {
-  const { L, urls, cfg, show } = o;
-  const env = ctlEnv(L, urls);
-  const held = o.status !== undefined ? heldVersions(o.status)[cfg.tenant] : undefined;
-  const agentLine =
-    o.status === undefined
-      ? "status unknown"
-      : `machine ${o.status.machineId}, ${attestationWord(o.status.attestation)}${held !== undefined ? `, holds ${cfg.tenant} v${held}` : ""}`;
-  const rows: [string, string, string][] = [
-    ["KDC", urls.kdc, show(L.log("kdc"))],
-    ["Auditserver", urls.audit, show(L.log("audit"))],
-    ["agent", show(L.agentSocket), `${show(L.log("agent"))}  (${agentLine})`],
-    ["proxy", urls.proxy, `${show(L.log("proxy"))}  (default tenant ${cfg.tenant}; access log ${show(L.accessLog)})`],
-  ];
-  const w0 = Math.max(...rows.map((r) => r[0].length));
-  const w1 = Math.max(...rows.map((r) => r[1].length));
-  const root = show(L.kmiRootPem);
-  return [
-    "",
-    "kmi is up:",
-    ...rows.map(([a, b, c]) => `  ${a.padEnd(w0)}  ${b.padEnd(w1)}  log ${c}`),
-    "",
-    `Trust this root CA on your devices (and in curl): ${root}`,
-    `Operator token (secret, 0600):                    ${show(L.operatorToken)}`,
-    "",
-    `Portal (the Certificate menu in a browser that trusts ${show(L.infraCaPem)}): ${urls.kdc}/`,
-    ...(o.portal !== undefined ? [`  one-time operator login link (15 min): ${o.portal}`, `  more: kmi ctl portal login-link --tenant ${cfg.tenant}`] : []),
-    "",
-    "Browse through the inspecting proxy:",
-    `  curl -x ${urls.proxy} --cacert ${root} https://example.com/`,
-    "",
-    "Administer it with kmi ctl (alias kmi=\"node dist/cmd/kmi.js\"):",
-    `  export KMI_CTL_KDC=${env["KMI_CTL_KDC"]} KMI_CTL_AUDIT=${env["KMI_CTL_AUDIT"]} \\`,
-    `         KMI_CTL_TOKEN_FILE=${show(env["KMI_CTL_TOKEN_FILE"]!)} KMI_CTL_CA_FILE=${show(env["KMI_CTL_CA_FILE"]!)}`,
-    `  kmi ctl ca status --tenant ${cfg.tenant}`,
-    `  kmi ctl machine list`,
-    `  kmi up status                 (this mesh's health, from another terminal)`,
-    "",
-    "Ctrl-C stops everything.",
-    "",
-  ].join("\n");
 }

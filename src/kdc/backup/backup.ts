@@ -25,7 +25,8 @@ import { dataPaths, openKdcStore } from "../init.js";
 import { CREDENTIAL, KdcStore } from "../kdc-store.js";
 import { DestinationRefused, StoreInUse } from "./errors.js";
 import { BACKUP_FORMAT, BACKUP_MAGIC, FOOTER_BYTES, FOOTER_MAGIC, u32, type BackupHeader } from "./format.js";
-import { Progress, type BackupIo } from "./progress.js";
+import { formatBytes } from "../../common/progress-meter.js";
+import { directorySize, progressMeter, type BackupIo } from "./progress.js";
 
 /** True when `err` (or a cause of it) is LevelDB's "locked by another process". */
 function isLocked(err: unknown): boolean {
@@ -76,7 +77,7 @@ async function openForBackup(dir: string) {
  * Writes a backup of the KDC store in `dir` to `out` (mode 0600; never overwrites: it is
  * written to a temporary file next to `out` and hard-linked into place).
  */
-export async function backupKdc(opts: { dataDir: string; out: string; io?: BackupIo; now?: Date }): Promise<BackupResult> {
+export async function backupKdc(opts: { dataDir: string; out: string; io?: BackupIo; now?: Date; progress?: boolean }): Promise<BackupResult> {
   const out = resolve(opts.out);
   if (await pathExists(out)) throw new DestinationRefused(`--out ${opts.out} exists already; a backup never overwrites one: choose a new name (e.g. with the date) or move the old one`);
   if (!(await pathExists(dirname(out)))) throw new DestinationRefused(`--out ${opts.out}: directory ${dirname(out)} does not exist; create it first`);
@@ -120,7 +121,9 @@ export async function backupKdc(opts: { dataDir: string; out: string; io?: Backu
     await write(BACKUP_MAGIC);
     await write(u32(headerBytes.length));
     await write(headerBytes);
-    const progress = new Progress(opts.io, "kmi kdc backup");
+    // The store's size on disk estimates the backup's (sealed keys do not compress).
+    const progress = progressMeter(opts.io, opts.progress === true, "kmi kdc backup", "written (estimated from the store's size)", formatBytes);
+    const estimate = await directorySize(dataPaths(opts.dataDir).store);
     const tables: Record<string, number> = {};
     let records = 0;
     for await (const r of store.exportSnapshot()) {
@@ -129,7 +132,7 @@ export async function backupKdc(opts: { dataDir: string; out: string; io?: Backu
       await write(enc);
       records++;
       tables[r.table] = (tables[r.table] ?? 0) + 1;
-      progress.tick(records);
+      progress.update(bytes + pendingBytes, Math.max(estimate, bytes + pendingBytes + 1));
     }
     await write(Buffer.alloc(0), true);
     const sha256 = hash.digest();
@@ -149,7 +152,7 @@ export async function backupKdc(opts: { dataDir: string; out: string; io?: Backu
       throw err;
     }
     await syncDir(dirname(out));
-    progress.done(`${records} records written to ${opts.out}`);
+    progress.finish(`${records} records written to ${opts.out}`);
     return { file: out, bytes, sha256: sha256.toString("hex"), records, tables, header };
   } finally {
     await handle?.close().catch(() => {});

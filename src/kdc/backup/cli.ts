@@ -33,6 +33,7 @@ const EXIT_HELP = [
 
 const dataDir = { type: "string", description: "the KDC's data directory", default: "data/kdc", valueName: "dir" } as const;
 const json = { type: "boolean", description: "print the result as one JSON document on stdout (no progress lines)", noEnv: true } as const;
+const progressOption = { type: "boolean", description: "show progress with an estimate on stderr also when it is not a terminal (it is shown on a terminal anyway)", noEnv: true } as const;
 
 /** `kmi kdc backup`. */
 export const backupProgram = defineProgram({
@@ -49,6 +50,7 @@ export const backupProgram = defineProgram({
     dataDir,
     out: { type: "string", description: "the backup file to write (must not exist)", required: true, valueName: "file", noEnv: true },
     json,
+    progress: progressOption,
   },
 });
 
@@ -70,6 +72,7 @@ export const restoreProgram = defineProgram({
     masterKey: { type: "string", description: "master key as base64 to check against the backup (prefer the environment; KMI_MASTER_KEY works too)", secret: true, valueName: "base64" },
     check: { type: "boolean", description: "only check the backup file (and the master key when given); write nothing", noEnv: true },
     json,
+    progress: progressOption,
   },
 });
 
@@ -110,7 +113,7 @@ export async function backupMain(argv: string[], env: Record<string, string | un
       return BackupExit.ok;
     }
     const v = loaded.values;
-    const r = await backupKdc({ dataDir: v.dataDir, out: v.out, ...(v.json === true ? {} : { io }) });
+    const r = await backupKdc({ dataDir: v.dataDir, out: v.out, progress: v.progress === true, ...(v.json === true ? {} : { io }) });
     if (v.json === true) {
       io.stdout.write(
         JSON.stringify({ file: r.file, bytes: r.bytes, sha256: r.sha256, records: r.records, tables: r.tables, ...r.header, master_key_included: false }, null, 2) + "\n",
@@ -141,7 +144,7 @@ export async function restoreMain(argv: string[], env: Record<string, string | u
       return BackupExit.ok;
     }
     const v = loaded.values;
-    const r = await restoreKdc({ dataDir: v.dataDir, file: v.in, masterKey: v.masterKey, masterKeyFile: v.masterKeyFile, check: v.check === true, ...(v.json === true ? {} : { io }) });
+    const r = await restoreKdc({ dataDir: v.dataDir, file: v.in, masterKey: v.masterKey, masterKeyFile: v.masterKeyFile, check: v.check === true, progress: v.progress === true, ...(v.json === true ? {} : { io }) });
     if (v.json === true) {
       io.stdout.write(
         JSON.stringify(

@@ -16,7 +16,7 @@ import { createPkiAdapter } from "../pki-adapter.js";
 import { checkBackup, checkMasterKey } from "./check.js";
 import { BadBackup, DestinationRefused } from "./errors.js";
 import { backupRecords, openBackup, type BackupHeader } from "./format.js";
-import { Progress, type BackupIo } from "./progress.js";
+import { progressMeter, type BackupIo } from "./progress.js";
 
 /** What a restore did. */
 export interface RestoreResult {
@@ -57,6 +57,8 @@ export async function restoreKdc(opts: {
   masterKeyFile?: string | undefined;
   check?: boolean;
   io?: BackupIo;
+  /** Show progress on stderr also when it is not a terminal. */
+  progress?: boolean;
 }): Promise<RestoreResult> {
   const checked = await checkBackup(opts.file);
   const before = opts.check === true ? undefined : await entries(opts.dataDir);
@@ -105,12 +107,12 @@ export async function restoreKdc(opts: {
         await b.handle.close();
         throw new BadBackup(`backup file ${opts.file} changed while it was being restored; make sure nothing writes it, and restore again`);
       }
-      const progress = new Progress(opts.io, "kmi kdc restore");
+      const progress = progressMeter(opts.io, opts.progress === true, "kmi kdc restore", "records");
       try {
         let n = 0;
         const counted = async function* () {
           for await (const r of backupRecords(opts.file, b)) {
-            progress.tick(++n);
+            progress.update(++n, checked.records);
             yield r;
           }
         };
@@ -134,7 +136,7 @@ export async function restoreKdc(opts: {
         await writeFile(path, pki.certificatePem(c.certificateDer), { mode: 0o600, flag: "wx" });
         result.files.push(path);
       }
-      progress.done(`${checked.records} records restored into ${opts.dataDir}`);
+      progress.finish(`${checked.records} records restored into ${opts.dataDir}`);
     } finally {
       await store.close();
     }

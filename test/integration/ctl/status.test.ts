@@ -6,11 +6,12 @@
  */
 import { createServer as createHttpServer, type Server } from "node:http";
 import { createServer as createTcpServer } from "node:net";
+import { execFile } from "node:child_process";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { KdcAdminService } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
-import { cleanup, clients, ctl, initDataDir, startKdc, type DataDir, type KdcProcess } from "../kdc/harness.js";
+import { cleanEnv, cleanup, clients, ctl, initDataDir, KMI, startKdc, type DataDir, type KdcProcess } from "../kdc/harness.js";
 
 let data: DataDir;
 let kdc: KdcProcess;
@@ -98,5 +99,19 @@ describe("kmi ctl status", () => {
     const d = JSON.parse(denied.stdout) as { kdc: Part };
     expect(d.kdc).toMatchObject({ healthy: false, reachable: true });
     expect(String(d.kdc["error"])).toMatch(/unauthenticated/i);
+  });
+
+  it("takes a relative unix: socket path for --proxy-metrics and --agent-socket, read from the working directory", async () => {
+    const r = await new Promise<{ code: number; stdout: string; stderr: string }>((res) =>
+      execFile(
+        process.execPath,
+        [KMI, "ctl", "status", "--json", "--proxy-metrics", "unix:proxy-metrics.sock", "--agent-socket", "no-agent.sock"],
+        { cwd: data.dir, encoding: "utf8", env: cleanEnv({ KMI_CTL_KDC: kdc.url, KMI_CTL_CA_FILE: data.caFile, KMI_CTL_TOKEN_FILE: data.tokenFile }) },
+        (err, stdout, stderr) => res({ code: err === null ? 0 : Number((err as { code?: number }).code), stdout, stderr }),
+      ),
+    );
+    const j = JSON.parse(r.stdout) as { proxy: Part; agent: Part };
+    expect(j.proxy).toEqual({ metrics_address: `unix:${metricsSocket}`, healthy: true, version: "0.1.0", leaf_cache_entries: 3 });
+    expect(j.agent).toMatchObject({ socket: join(data.dir, "no-agent.sock"), reachable: false });
   });
 });

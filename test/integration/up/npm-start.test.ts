@@ -394,8 +394,17 @@ describe("npm start and the five-minute tour, exactly as README.md says", () => 
     ctlEnv = banner.env;
     rootFile = banner.root;
     expect(rootFile).toBe(join(copy, "data", "kdc", "kmi-root.pem"));
-    // The banner's curl is the tour's, with this run's proxy.
-    expect(banner.curl).toBe(pick(2, /^curl /).cmd.text.replace("127.0.0.1:8080", site.proxy));
+    // Started offline with an origin CA and loopback allowed, the banner's curl goes to a local
+    // origin that CA signed (not example.com), with absolute paths: it works from any directory.
+    expect(banner.curl).toBe(`curl -x http://${site.proxy} --cacert ${rootFile} https://localhost:<port>/`);
+    const curl = await run("bash", ["-c", banner.curl.replace("<port>", String(origin.port))], { cwd: tmp.path });
+    expect(curl.stdout, curl.stderr).toBe(origin.body);
+    // The banner's alias and export lines, pasted in another directory, reach this mesh.
+    const paste = /^ {2}(alias kmi="node \/\S+"\n {2}export KMI_CTL_KDC=\S+ KMI_CTL_AUDIT=\S+ \\\n {9}KMI_CTL_TOKEN_FILE=\/\S+ KMI_CTL_CA_FILE=\/\S+)$/m.exec(out);
+    expect(paste, out).not.toBeNull();
+    const pasted = await run("bash", ["-O", "expand_aliases", "-c", `${paste![1]!}\nkmi ctl tenant list`], { cwd: tmp.path });
+    expect(pasted.code, pasted.stderr).toBe(0);
+    expect(pasted.stdout).toMatch(/^dev\s/m);
     expect(ctlEnv.KMI_CTL_TOKEN_FILE).toBe(join(copy, "data", "operator.token"));
     // The portal's address and a one-time operator login link to it.
     expect(out).toContain(`Portal (the Certificate menu in a browser that trusts data/kdc/infra-ca.pem): ${ctlEnv.KMI_CTL_KDC}/`);

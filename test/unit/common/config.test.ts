@@ -66,7 +66,7 @@ describe("config", () => {
   });
 
   it.each([
-    [["--lisen", "x"], {}, "unknown flag --lisen; run `kmi kdc --help` for the list"],
+    [["--lisen", "x"], {}, 'unknown flag --lisen; did you mean "--listen"?; run `kmi kdc --help` for the list'],
     [["extra"], {}, "unexpected argument extra; flags start with --; run `kmi kdc --help` for the list"],
     [[], {}, '--data-dir is required (or KMI_KDC_DATA_DIR, or "data-dir" in the config file)'],
     [["--data-dir", "/d", "--max-message-bytes", "12x"], {}, 'flag --max-message-bytes: "12x" is not an integer'],

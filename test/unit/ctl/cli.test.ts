@@ -30,7 +30,10 @@ describe("flags", () => {
     expect([p.str("a"), p.bool("b"), p.list("l"), p.int("i"), p.str("e"), p.positionals]).toEqual(["x", true, ["1", "2", "3"], 7, "fromenv", ["pos"]]);
     expect(() => parseFlags(["--nope"], specs)).toThrow(UsageError);
     expect(() => parseFlags(["--a"], specs)).toThrow("needs a value");
-    expect(() => parseFlags(["--i", "-3"], specs)).toThrow("not a non-negative integer");
+    expect(() => parseFlags(["--i", "-3"], specs)).toThrow("--i=VALUE");
+    expect(() => parseFlags(["--i=-3"], specs)).toThrow("not a non-negative integer");
+    expect(() => parseFlags(["--b=yes"], specs)).toThrow("--b: takes no value");
+    expect(() => parseFlags(["--ae", "x"], specs)).toThrow('did you mean "--a"?');
     expect(() => parseFlags([], { r: { type: "string", help: "", required: true, env: "R" } })).toThrow("--r is required (or set R)");
   });
 });
@@ -69,6 +72,9 @@ describe("run", () => {
   it("exits 2 on an unknown command or a missing flag, naming what to do", async () => {
     let t = streams();
     expect(await run(["thing", "undo"], { streams: t.s, env: {}, commands: [fake(async () => {})] })).toBe(2);
+    expect(t.err()).toContain('did you mean "thing do"?');
+    t = streams();
+    expect(await run(["thing", "xyzzyplugh"], { streams: t.s, env: {}, commands: [fake(async () => {})] })).toBe(2);
     expect(t.err()).toContain('"thing" has: do');
     t = streams();
     expect(await run(["thing", "do"], { streams: t.s, env: {}, commands: [fake(async () => {})] })).toBe(2);

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kmi/kdc/v1/kdc.proto.
  */
 export const file_kmi_kdc_v1_kdc: GenFile = /*@__PURE__*/
-  fileDesc("ChRrbWkva2RjL3YxL2tkYy5wcm90bxIKa21pLmtkYy52MSJiCgdTdWJqZWN0EhMKC2NvbW1vbl9uYW1lGAEgASgJEhQKDG9yZ2FuaXphdGlvbhgCIAEoCRIbChNvcmdhbml6YXRpb25hbF91bml0GAMgASgJEg8KB2NvdW50cnkYBCABKAkitgQKE0ludGVybWVkaWF0ZVZlcnNpb24SEQoJdGVuYW50X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKA0SJwoFc3RhdGUYAyABKA4yGC5rbWkua2RjLnYxLlZlcnNpb25TdGF0ZRIiCgZzaWduZXIYBCABKA4yEi5rbWkua2RjLnYxLlNpZ25lchIyCg1rZXlfYWxnb3JpdGhtGAUgASgOMhsua21pLmNvbW1vbi52MS5LZXlBbGdvcml0aG0SDgoGa2V5X2lkGAYgASgJEhcKD2NlcnRpZmljYXRlX3BlbRgHIAEoCRIzCgtjZXJ0aWZpY2F0ZRgIIAEoCzIeLmttaS5jb21tb24udjEuQ2VydGlmaWNhdGVJbmZvEg8KB2Nzcl9wZW0YCSABKAkSLgoKY3JlYXRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMYWN0aXZhdGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXRpcmVkX2F0GAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXZva2VkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yZXZva2VfcmVhc29uGA4gASgJEhQKDHJlbmV3ZWRfZnJvbRgPIAEoDRIcChRjdXN0b21lcl9yb290X3NoYTI1NhgQIAEoCSJtChhHZXRDYUNlcnRpZmljYXRlc1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKA0SLQoGZm9ybWF0GAMgASgOMh0ua21pLmtkYy52MS5DZXJ0aWZpY2F0ZUZvcm1hdCKyAQoZR2V0Q2FDZXJ0aWZpY2F0ZXNSZXNwb25zZRIwCgd2ZXJzaW9uGAEgASgLMh8ua21pLmtkYy52MS5JbnRlcm1lZGlhdGVWZXJzaW9uEhQKDGludGVybWVkaWF0ZRgCIAEoDBIMCgRyb290GAMgASgMEg0KBWNoYWluGAQgASgMEhsKE2ludGVybWVkaWF0ZV9zaGEyNTYYBSABKAkSEwoLcm9vdF9zaGEyNTYYBiABKAki0AEKFENyZWF0ZVZlcnNpb25SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIiCgZzaWduZXIYAiABKA4yEi5rbWkua2RjLnYxLlNpZ25lchIyCg1rZXlfYWxnb3JpdGhtGAMgASgOMhsua21pLmNvbW1vbi52MS5LZXlBbGdvcml0aG0SJAoHc3ViamVjdBgEIAEoCzITLmttaS5rZGMudjEuU3ViamVjdBIVCg12YWxpZGl0eV9kYXlzGAUgASgNEhAKCGFjdGl2YXRlGAYgASgIIloKFUNyZWF0ZVZlcnNpb25SZXNwb25zZRIwCgd2ZXJzaW9uGAEgASgLMh8ua21pLmtkYy52MS5JbnRlcm1lZGlhdGVWZXJzaW9uEg8KB2Nzcl9wZW0YAiABKAkihgEKE1JlbmV3VmVyc2lvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKA0SIgoGc2lnbmVyGAMgASgOMhIua21pLmtkYy52MS5TaWduZXISFQoNdmFsaWRpdHlfZGF5cxgEIAEoDRIQCghhY3RpdmF0ZRgFIAEoCCJZChRSZW5ld1ZlcnNpb25SZXNwb25zZRIwCgd2ZXJzaW9uGAEgASgLMh8ua21pLmtkYy52MS5JbnRlcm1lZGlhdGVWZXJzaW9uEg8KB2Nzcl9wZW0YAiABKAkiOgoUR2V0VmVyc2lvbkNzclJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKA0iKAoVR2V0VmVyc2lvbkNzclJlc3BvbnNlEg8KB2Nzcl9wZW0YASABKAkifQoZVXBsb2FkSW50ZXJtZWRpYXRlUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDRITCgtjZXJ0aWZpY2F0ZRgDIAEoDBIVCg1jdXN0b21lcl9yb290GAQgASgMEhAKCGFjdGl2YXRlGAUgASgIIk4KGlVwbG9hZEludGVybWVkaWF0ZVJlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24iPAoWQWN0aXZhdGVWZXJzaW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDSJ9ChdBY3RpdmF0ZVZlcnNpb25SZXNwb25zZRIwCgd2ZXJzaW9uGAEgASgLMh8ua21pLmtkYy52MS5JbnRlcm1lZGlhdGVWZXJzaW9uEjAKB3JldGlyZWQYAiABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24iYAoUUmV2b2tlVmVyc2lvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKA0SDgoGcmVhc29uGAMgASgJEhQKDGFsbG93X2FjdGl2ZRgEIAEoCCJJChVSZXZva2VWZXJzaW9uUmVzcG9uc2USMAoHdmVyc2lvbhgBIAEoCzIfLmttaS5rZGMudjEuSW50ZXJtZWRpYXRlVmVyc2lvbiIoChNMaXN0VmVyc2lvbnNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCSJJChRMaXN0VmVyc2lvbnNSZXNwb25zZRIxCgh2ZXJzaW9ucxgBIAMoCzIfLmttaS5rZGMudjEuSW50ZXJtZWRpYXRlVmVyc2lvbiIsChdHZXRSb2xsb3V0U3RhdHVzUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkioQEKDk1hY2hpbmVSb2xsb3V0EhIKCm1hY2hpbmVfaWQYASABKAkSDQoFZ3JvdXAYAiABKAkSFAoMaGVsZF92ZXJzaW9uGAMgASgNEhIKCnVwX3RvX2RhdGUYBCABKAgSEQoJY29ubmVjdGVkGAUgASgIEi8KC2xhc3RfcmVwb3J0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKTAQoYR2V0Um9sbG91dFN0YXR1c1Jlc3BvbnNlEhYKDmFjdGl2ZV92ZXJzaW9uGAEgASgNEiwKCG1hY2hpbmVzGAIgAygLMhoua21pLmtkYy52MS5NYWNoaW5lUm9sbG91dBIYChB1cF90b19kYXRlX2NvdW50GAMgASgNEhcKD2Nvbm5lY3RlZF9jb3VudBgEIAEoDSLKAQoKU2lnbmluZ0tleRIRCgl0ZW5hbnRfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIOCgZrZXlfaWQYAyABKAkSMgoNa2V5X2FsZ29yaXRobRgEIAEoDjIbLmttaS5jb21tb24udjEuS2V5QWxnb3JpdGhtEhYKDnB1YmxpY19rZXlfcGVtGAUgASgJEi4KCmNyZWF0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3Jldm9rZWQYByABKAgibgoXQ3JlYXRlU2lnbmluZ0tleVJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSMgoNa2V5X2FsZ29yaXRobRgDIAEoDjIbLmttaS5jb21tb24udjEuS2V5QWxnb3JpdGhtIj8KGENyZWF0ZVNpZ25pbmdLZXlSZXNwb25zZRIjCgNrZXkYASABKAsyFi5rbWkua2RjLnYxLlNpZ25pbmdLZXkiKwoWTGlzdFNpZ25pbmdLZXlzUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiPwoXTGlzdFNpZ25pbmdLZXlzUmVzcG9uc2USJAoEa2V5cxgBIAMoCzIWLmttaS5rZGMudjEuU2lnbmluZ0tleSJKChdSZXZva2VTaWduaW5nS2V5UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIOCgZyZWFzb24YAyABKAkiPwoYUmV2b2tlU2lnbmluZ0tleVJlc3BvbnNlEiMKA2tleRgBIAEoCzIWLmttaS5rZGMudjEuU2lnbmluZ0tleSIuChlXYXRjaFJvbGxvdXRTdGF0dXNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCSJSChpXYXRjaFJvbGxvdXRTdGF0dXNSZXNwb25zZRI0CgZzdGF0dXMYASABKAsyJC5rbWkua2RjLnYxLkdldFJvbGxvdXRTdGF0dXNSZXNwb25zZSpMCgZTaWduZXISFgoSU0lHTkVSX1VOU1BFQ0lGSUVEEAASEwoPU0lHTkVSX0tNSV9ST09UEAESFQoRU0lHTkVSX1BSSVZBVEVfQ0EQAiqxAQoMVmVyc2lvblN0YXRlEh0KGVZFUlNJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIZChVWRVJTSU9OX1NUQVRFX1BFTkRJTkcQARIXChNWRVJTSU9OX1NUQVRFX1JFQURZEAISGAoUVkVSU0lPTl9TVEFURV9BQ1RJVkUQAxIZChVWRVJTSU9OX1NUQVRFX1JFVElSRUQQBBIZChVWRVJTSU9OX1NUQVRFX1JFVk9LRUQQBSpvChFDZXJ0aWZpY2F0ZUZvcm1hdBIiCh5DRVJUSUZJQ0FURV9GT1JNQVRfVU5TUEVDSUZJRUQQABIaChZDRVJUSUZJQ0FURV9GT1JNQVRfUEVNEAESGgoWQ0VSVElGSUNBVEVfRk9STUFUX0RFUhACMrcJCgpLZGNTZXJ2aWNlEmAKEUdldENhQ2VydGlmaWNhdGVzEiQua21pLmtkYy52MS5HZXRDYUNlcnRpZmljYXRlc1JlcXVlc3QaJS5rbWkua2RjLnYxLkdldENhQ2VydGlmaWNhdGVzUmVzcG9uc2USVAoNQ3JlYXRlVmVyc2lvbhIgLmttaS5rZGMudjEuQ3JlYXRlVmVyc2lvblJlcXVlc3QaIS5rbWkua2RjLnYxLkNyZWF0ZVZlcnNpb25SZXNwb25zZRJRCgxSZW5ld1ZlcnNpb24SHy5rbWkua2RjLnYxLlJlbmV3VmVyc2lvblJlcXVlc3QaIC5rbWkua2RjLnYxLlJlbmV3VmVyc2lvblJlc3BvbnNlElQKDUdldFZlcnNpb25Dc3ISIC5rbWkua2RjLnYxLkdldFZlcnNpb25Dc3JSZXF1ZXN0GiEua21pLmtkYy52MS5HZXRWZXJzaW9uQ3NyUmVzcG9uc2USYwoSVXBsb2FkSW50ZXJtZWRpYXRlEiUua21pLmtkYy52MS5VcGxvYWRJbnRlcm1lZGlhdGVSZXF1ZXN0GiYua21pLmtkYy52MS5VcGxvYWRJbnRlcm1lZGlhdGVSZXNwb25zZRJaCg9BY3RpdmF0ZVZlcnNpb24SIi5rbWkua2RjLnYxLkFjdGl2YXRlVmVyc2lvblJlcXVlc3QaIy5rbWkua2RjLnYxLkFjdGl2YXRlVmVyc2lvblJlc3BvbnNlElQKDVJldm9rZVZlcnNpb24SIC5rbWkua2RjLnYxLlJldm9rZVZlcnNpb25SZXF1ZXN0GiEua21pLmtkYy52MS5SZXZva2VWZXJzaW9uUmVzcG9uc2USUQoMTGlzdFZlcnNpb25zEh8ua21pLmtkYy52MS5MaXN0VmVyc2lvbnNSZXF1ZXN0GiAua21pLmtkYy52MS5MaXN0VmVyc2lvbnNSZXNwb25zZRJdChBHZXRSb2xsb3V0U3RhdHVzEiMua21pLmtkYy52MS5HZXRSb2xsb3V0U3RhdHVzUmVxdWVzdBokLmttaS5rZGMudjEuR2V0Um9sbG91dFN0YXR1c1Jlc3BvbnNlEl0KEENyZWF0ZVNpZ25pbmdLZXkSIy5rbWkua2RjLnYxLkNyZWF0ZVNpZ25pbmdLZXlSZXF1ZXN0GiQua21pLmtkYy52MS5DcmVhdGVTaWduaW5nS2V5UmVzcG9uc2USWgoPTGlzdFNpZ25pbmdLZXlzEiIua21pLmtkYy52MS5MaXN0U2lnbmluZ0tleXNSZXF1ZXN0GiMua21pLmtkYy52MS5MaXN0U2lnbmluZ0tleXNSZXNwb25zZRJdChBSZXZva2VTaWduaW5nS2V5EiMua21pLmtkYy52MS5SZXZva2VTaWduaW5nS2V5UmVxdWVzdBokLmttaS5rZGMudjEuUmV2b2tlU2lnbmluZ0tleVJlc3BvbnNlEmUKEldhdGNoUm9sbG91dFN0YXR1cxIlLmttaS5rZGMudjEuV2F0Y2hSb2xsb3V0U3RhdHVzUmVxdWVzdBomLmttaS5rZGMudjEuV2F0Y2hSb2xsb3V0U3RhdHVzUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_kmi_common_v1_common]);
+  fileDesc("ChRrbWkva2RjL3YxL2tkYy5wcm90bxIKa21pLmtkYy52MSJiCgdTdWJqZWN0EhMKC2NvbW1vbl9uYW1lGAEgASgJEhQKDG9yZ2FuaXphdGlvbhgCIAEoCRIbChNvcmdhbml6YXRpb25hbF91bml0GAMgASgJEg8KB2NvdW50cnkYBCABKAki0QUKE0ludGVybWVkaWF0ZVZlcnNpb24SEQoJdGVuYW50X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKA0SJwoFc3RhdGUYAyABKA4yGC5rbWkua2RjLnYxLlZlcnNpb25TdGF0ZRIiCgZzaWduZXIYBCABKA4yEi5rbWkua2RjLnYxLlNpZ25lchIyCg1rZXlfYWxnb3JpdGhtGAUgASgOMhsua21pLmNvbW1vbi52MS5LZXlBbGdvcml0aG0SDgoGa2V5X2lkGAYgASgJEhcKD2NlcnRpZmljYXRlX3BlbRgHIAEoCRIzCgtjZXJ0aWZpY2F0ZRgIIAEoCzIeLmttaS5jb21tb24udjEuQ2VydGlmaWNhdGVJbmZvEg8KB2Nzcl9wZW0YCSABKAkSLgoKY3JlYXRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMYWN0aXZhdGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXRpcmVkX2F0GAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXZva2VkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yZXZva2VfcmVhc29uGA4gASgJEhQKDHJlbmV3ZWRfZnJvbRgPIAEoDRIcChRjdXN0b21lcl9yb290X3NoYTI1NhgQIAEoCRI2ChJwZW5kaW5nX2V4cGlyZXNfYXQYHiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3BlbmRpbmdfZXhwaXJlZBgfIAEoCBIwCgxkaXNjYXJkZWRfYXQYICABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKDmRpc2NhcmRfcmVhc29uGCEgASgJIm0KGEdldENhQ2VydGlmaWNhdGVzUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDRItCgZmb3JtYXQYAyABKA4yHS5rbWkua2RjLnYxLkNlcnRpZmljYXRlRm9ybWF0IrIBChlHZXRDYUNlcnRpZmljYXRlc1Jlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24SFAoMaW50ZXJtZWRpYXRlGAIgASgMEgwKBHJvb3QYAyABKAwSDQoFY2hhaW4YBCABKAwSGwoTaW50ZXJtZWRpYXRlX3NoYTI1NhgFIAEoCRITCgtyb290X3NoYTI1NhgGIAEoCSLQAQoUQ3JlYXRlVmVyc2lvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEiIKBnNpZ25lchgCIAEoDjISLmttaS5rZGMudjEuU2lnbmVyEjIKDWtleV9hbGdvcml0aG0YAyABKA4yGy5rbWkuY29tbW9uLnYxLktleUFsZ29yaXRobRIkCgdzdWJqZWN0GAQgASgLMhMua21pLmtkYy52MS5TdWJqZWN0EhUKDXZhbGlkaXR5X2RheXMYBSABKA0SEAoIYWN0aXZhdGUYBiABKAgiWgoVQ3JlYXRlVmVyc2lvblJlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24SDwoHY3NyX3BlbRgCIAEoCSKGAQoTUmVuZXdWZXJzaW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDRIiCgZzaWduZXIYAyABKA4yEi5rbWkua2RjLnYxLlNpZ25lchIVCg12YWxpZGl0eV9kYXlzGAQgASgNEhAKCGFjdGl2YXRlGAUgASgIIlkKFFJlbmV3VmVyc2lvblJlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24SDwoHY3NyX3BlbRgCIAEoCSI6ChRHZXRWZXJzaW9uQ3NyUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDSIoChVHZXRWZXJzaW9uQ3NyUmVzcG9uc2USDwoHY3NyX3BlbRgBIAEoCSJ9ChlVcGxvYWRJbnRlcm1lZGlhdGVSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgNEhMKC2NlcnRpZmljYXRlGAMgASgMEhUKDWN1c3RvbWVyX3Jvb3QYBCABKAwSEAoIYWN0aXZhdGUYBSABKAgiTgoaVXBsb2FkSW50ZXJtZWRpYXRlUmVzcG9uc2USMAoHdmVyc2lvbhgBIAEoCzIfLmttaS5rZGMudjEuSW50ZXJtZWRpYXRlVmVyc2lvbiI8ChZBY3RpdmF0ZVZlcnNpb25SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgNIn0KF0FjdGl2YXRlVmVyc2lvblJlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24SMAoHcmV0aXJlZBgCIAEoCzIfLmttaS5rZGMudjEuSW50ZXJtZWRpYXRlVmVyc2lvbiJgChRSZXZva2VWZXJzaW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDRIOCgZyZWFzb24YAyABKAkSFAoMYWxsb3dfYWN0aXZlGAQgASgIIkkKFVJldm9rZVZlcnNpb25SZXNwb25zZRIwCgd2ZXJzaW9uGAEgASgLMh8ua21pLmtkYy52MS5JbnRlcm1lZGlhdGVWZXJzaW9uIlIKHERpc2NhcmRQZW5kaW5nVmVyc2lvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKA0SDgoGcmVhc29uGAMgASgJIlEKHURpc2NhcmRQZW5kaW5nVmVyc2lvblJlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24iKAoTTGlzdFZlcnNpb25zUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiSQoUTGlzdFZlcnNpb25zUmVzcG9uc2USMQoIdmVyc2lvbnMYASADKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24iLAoXR2V0Um9sbG91dFN0YXR1c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIqEBCg5NYWNoaW5lUm9sbG91dBISCgptYWNoaW5lX2lkGAEgASgJEg0KBWdyb3VwGAIgASgJEhQKDGhlbGRfdmVyc2lvbhgDIAEoDRISCgp1cF90b19kYXRlGAQgASgIEhEKCWNvbm5lY3RlZBgFIAEoCBIvCgtsYXN0X3JlcG9ydBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAikwEKGEdldFJvbGxvdXRTdGF0dXNSZXNwb25zZRIWCg5hY3RpdmVfdmVyc2lvbhgBIAEoDRIsCghtYWNoaW5lcxgCIAMoCzIaLmttaS5rZGMudjEuTWFjaGluZVJvbGxvdXQSGAoQdXBfdG9fZGF0ZV9jb3VudBgDIAEoDRIXCg9jb25uZWN0ZWRfY291bnQYBCABKA0iygEKClNpZ25pbmdLZXkSEQoJdGVuYW50X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDgoGa2V5X2lkGAMgASgJEjIKDWtleV9hbGdvcml0aG0YBCABKA4yGy5rbWkuY29tbW9uLnYxLktleUFsZ29yaXRobRIWCg5wdWJsaWNfa2V5X3BlbRgFIAEoCRIuCgpjcmVhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdyZXZva2VkGAcgASgIIm4KF0NyZWF0ZVNpZ25pbmdLZXlSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEjIKDWtleV9hbGdvcml0aG0YAyABKA4yGy5rbWkuY29tbW9uLnYxLktleUFsZ29yaXRobSI/ChhDcmVhdGVTaWduaW5nS2V5UmVzcG9uc2USIwoDa2V5GAEgASgLMhYua21pLmtkYy52MS5TaWduaW5nS2V5IisKFkxpc3RTaWduaW5nS2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIj8KF0xpc3RTaWduaW5nS2V5c1Jlc3BvbnNlEiQKBGtleXMYASADKAsyFi5rbWkua2RjLnYxLlNpZ25pbmdLZXkiSgoXUmV2b2tlU2lnbmluZ0tleVJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDgoGcmVhc29uGAMgASgJIj8KGFJldm9rZVNpZ25pbmdLZXlSZXNwb25zZRIjCgNrZXkYASABKAsyFi5rbWkua2RjLnYxLlNpZ25pbmdLZXkiLgoZV2F0Y2hSb2xsb3V0U3RhdHVzUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiUgoaV2F0Y2hSb2xsb3V0U3RhdHVzUmVzcG9uc2USNAoGc3RhdHVzGAEgASgLMiQua21pLmtkYy52MS5HZXRSb2xsb3V0U3RhdHVzUmVzcG9uc2UqTAoGU2lnbmVyEhYKElNJR05FUl9VTlNQRUNJRklFRBAAEhMKD1NJR05FUl9LTUlfUk9PVBABEhUKEVNJR05FUl9QUklWQVRFX0NBEAIqzgEKDFZlcnNpb25TdGF0ZRIdChlWRVJTSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVVkVSU0lPTl9TVEFURV9QRU5ESU5HEAESFwoTVkVSU0lPTl9TVEFURV9SRUFEWRACEhgKFFZFUlNJT05fU1RBVEVfQUNUSVZFEAMSGQoVVkVSU0lPTl9TVEFURV9SRVRJUkVEEAQSGQoVVkVSU0lPTl9TVEFURV9SRVZPS0VEEAUSGwoXVkVSU0lPTl9TVEFURV9ESVNDQVJERUQQBipvChFDZXJ0aWZpY2F0ZUZvcm1hdBIiCh5DRVJUSUZJQ0FURV9GT1JNQVRfVU5TUEVDSUZJRUQQABIaChZDRVJUSUZJQ0FURV9GT1JNQVRfUEVNEAESGgoWQ0VSVElGSUNBVEVfRk9STUFUX0RFUhACMqUKCgpLZGNTZXJ2aWNlEmAKEUdldENhQ2VydGlmaWNhdGVzEiQua21pLmtkYy52MS5HZXRDYUNlcnRpZmljYXRlc1JlcXVlc3QaJS5rbWkua2RjLnYxLkdldENhQ2VydGlmaWNhdGVzUmVzcG9uc2USVAoNQ3JlYXRlVmVyc2lvbhIgLmttaS5rZGMudjEuQ3JlYXRlVmVyc2lvblJlcXVlc3QaIS5rbWkua2RjLnYxLkNyZWF0ZVZlcnNpb25SZXNwb25zZRJRCgxSZW5ld1ZlcnNpb24SHy5rbWkua2RjLnYxLlJlbmV3VmVyc2lvblJlcXVlc3QaIC5rbWkua2RjLnYxLlJlbmV3VmVyc2lvblJlc3BvbnNlElQKDUdldFZlcnNpb25Dc3ISIC5rbWkua2RjLnYxLkdldFZlcnNpb25Dc3JSZXF1ZXN0GiEua21pLmtkYy52MS5HZXRWZXJzaW9uQ3NyUmVzcG9uc2USYwoSVXBsb2FkSW50ZXJtZWRpYXRlEiUua21pLmtkYy52MS5VcGxvYWRJbnRlcm1lZGlhdGVSZXF1ZXN0GiYua21pLmtkYy52MS5VcGxvYWRJbnRlcm1lZGlhdGVSZXNwb25zZRJaCg9BY3RpdmF0ZVZlcnNpb24SIi5rbWkua2RjLnYxLkFjdGl2YXRlVmVyc2lvblJlcXVlc3QaIy5rbWkua2RjLnYxLkFjdGl2YXRlVmVyc2lvblJlc3BvbnNlElQKDVJldm9rZVZlcnNpb24SIC5rbWkua2RjLnYxLlJldm9rZVZlcnNpb25SZXF1ZXN0GiEua21pLmtkYy52MS5SZXZva2VWZXJzaW9uUmVzcG9uc2USbAoVRGlzY2FyZFBlbmRpbmdWZXJzaW9uEigua21pLmtkYy52MS5EaXNjYXJkUGVuZGluZ1ZlcnNpb25SZXF1ZXN0Gikua21pLmtkYy52MS5EaXNjYXJkUGVuZGluZ1ZlcnNpb25SZXNwb25zZRJRCgxMaXN0VmVyc2lvbnMSHy5rbWkua2RjLnYxLkxpc3RWZXJzaW9uc1JlcXVlc3QaIC5rbWkua2RjLnYxLkxpc3RWZXJzaW9uc1Jlc3BvbnNlEl0KEEdldFJvbGxvdXRTdGF0dXMSIy5rbWkua2RjLnYxLkdldFJvbGxvdXRTdGF0dXNSZXF1ZXN0GiQua21pLmtkYy52MS5HZXRSb2xsb3V0U3RhdHVzUmVzcG9uc2USXQoQQ3JlYXRlU2lnbmluZ0tleRIjLmttaS5rZGMudjEuQ3JlYXRlU2lnbmluZ0tleVJlcXVlc3QaJC5rbWkua2RjLnYxLkNyZWF0ZVNpZ25pbmdLZXlSZXNwb25zZRJaCg9MaXN0U2lnbmluZ0tleXMSIi5rbWkua2RjLnYxLkxpc3RTaWduaW5nS2V5c1JlcXVlc3QaIy5rbWkua2RjLnYxLkxpc3RTaWduaW5nS2V5c1Jlc3BvbnNlEl0KEFJldm9rZVNpZ25pbmdLZXkSIy5rbWkua2RjLnYxLlJldm9rZVNpZ25pbmdLZXlSZXF1ZXN0GiQua21pLmtkYy52MS5SZXZva2VTaWduaW5nS2V5UmVzcG9uc2USZQoSV2F0Y2hSb2xsb3V0U3RhdHVzEiUua21pLmtkYy52MS5XYXRjaFJvbGxvdXRTdGF0dXNSZXF1ZXN0GiYua21pLmtkYy52MS5XYXRjaFJvbGxvdXRTdGF0dXNSZXNwb25zZTABYgZwcm90bzM", [file_google_protobuf_timestamp, file_kmi_common_v1_common]);
 
 /**
  * Subject is the distinguished name of a new intermediate CA.
@@ -177,6 +177,35 @@ export type IntermediateVersion = Message<"kmi.kdc.v1.IntermediateVersion"> & {
    * @generated from field: string customer_root_sha256 = 16;
    */
   customerRootSha256: string;
+
+  /**
+   * For a PENDING version: when its CSR expires (created_at + the KDC's --pending-ttl); an
+   * upload after that is refused. Absent in other states.
+   *
+   * @generated from field: google.protobuf.Timestamp pending_expires_at = 30;
+   */
+  pendingExpiresAt?: Timestamp | undefined;
+
+  /**
+   * True for a PENDING version past pending_expires_at: discard it and make a new CSR.
+   *
+   * @generated from field: bool pending_expired = 31;
+   */
+  pendingExpired: boolean;
+
+  /**
+   * When it was discarded; absent if never.
+   *
+   * @generated from field: google.protobuf.Timestamp discarded_at = 32;
+   */
+  discardedAt?: Timestamp | undefined;
+
+  /**
+   * Why it was discarded, as given by the caller (may be empty).
+   *
+   * @generated from field: string discard_reason = 33;
+   */
+  discardReason: string;
 };
 
 /**
@@ -680,6 +709,62 @@ export const RevokeVersionResponseSchema: GenMessage<RevokeVersionResponse> = /*
   messageDesc(file_kmi_kdc_v1_kdc, 15);
 
 /**
+ * DiscardPendingVersionRequest selects the PENDING version to give up.
+ *
+ * @generated from message kmi.kdc.v1.DiscardPendingVersionRequest
+ */
+export type DiscardPendingVersionRequest = Message<"kmi.kdc.v1.DiscardPendingVersionRequest"> & {
+  /**
+   * Tenant id; required.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * The PENDING version; required (1 or more).
+   *
+   * @generated from field: uint32 version = 2;
+   */
+  version: number;
+
+  /**
+   * Why; optional, at most 256 characters; kept in history and the audit log.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.DiscardPendingVersionRequest.
+ * Use `create(DiscardPendingVersionRequestSchema)` to create a new message.
+ */
+export const DiscardPendingVersionRequestSchema: GenMessage<DiscardPendingVersionRequest> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_kdc, 16);
+
+/**
+ * DiscardPendingVersionResponse returns the discarded version.
+ *
+ * @generated from message kmi.kdc.v1.DiscardPendingVersionResponse
+ */
+export type DiscardPendingVersionResponse = Message<"kmi.kdc.v1.DiscardPendingVersionResponse"> & {
+  /**
+   * The version, now DISCARDED.
+   *
+   * @generated from field: kmi.kdc.v1.IntermediateVersion version = 1;
+   */
+  version?: IntermediateVersion | undefined;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.DiscardPendingVersionResponse.
+ * Use `create(DiscardPendingVersionResponseSchema)` to create a new message.
+ */
+export const DiscardPendingVersionResponseSchema: GenMessage<DiscardPendingVersionResponse> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_kdc, 17);
+
+/**
  * ListVersionsRequest selects a tenant.
  *
  * @generated from message kmi.kdc.v1.ListVersionsRequest
@@ -698,7 +783,7 @@ export type ListVersionsRequest = Message<"kmi.kdc.v1.ListVersionsRequest"> & {
  * Use `create(ListVersionsRequestSchema)` to create a new message.
  */
 export const ListVersionsRequestSchema: GenMessage<ListVersionsRequest> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 16);
+  messageDesc(file_kmi_kdc_v1_kdc, 18);
 
 /**
  * ListVersionsResponse is the tenant's history.
@@ -719,7 +804,7 @@ export type ListVersionsResponse = Message<"kmi.kdc.v1.ListVersionsResponse"> & 
  * Use `create(ListVersionsResponseSchema)` to create a new message.
  */
 export const ListVersionsResponseSchema: GenMessage<ListVersionsResponse> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 17);
+  messageDesc(file_kmi_kdc_v1_kdc, 19);
 
 /**
  * GetRolloutStatusRequest selects a tenant.
@@ -740,7 +825,7 @@ export type GetRolloutStatusRequest = Message<"kmi.kdc.v1.GetRolloutStatusReques
  * Use `create(GetRolloutStatusRequestSchema)` to create a new message.
  */
 export const GetRolloutStatusRequestSchema: GenMessage<GetRolloutStatusRequest> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 18);
+  messageDesc(file_kmi_kdc_v1_kdc, 20);
 
 /**
  * MachineRollout is what one machine's agent holds of a tenant's CA.
@@ -796,7 +881,7 @@ export type MachineRollout = Message<"kmi.kdc.v1.MachineRollout"> & {
  * Use `create(MachineRolloutSchema)` to create a new message.
  */
 export const MachineRolloutSchema: GenMessage<MachineRollout> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 19);
+  messageDesc(file_kmi_kdc_v1_kdc, 21);
 
 /**
  * GetRolloutStatusResponse lists the rollout of the active version.
@@ -838,7 +923,7 @@ export type GetRolloutStatusResponse = Message<"kmi.kdc.v1.GetRolloutStatusRespo
  * Use `create(GetRolloutStatusResponseSchema)` to create a new message.
  */
 export const GetRolloutStatusResponseSchema: GenMessage<GetRolloutStatusResponse> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 20);
+  messageDesc(file_kmi_kdc_v1_kdc, 22);
 
 /**
  * SigningKey is the public side of a tenant's plain signing key.
@@ -901,7 +986,7 @@ export type SigningKey = Message<"kmi.kdc.v1.SigningKey"> & {
  * Use `create(SigningKeySchema)` to create a new message.
  */
 export const SigningKeySchema: GenMessage<SigningKey> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 21);
+  messageDesc(file_kmi_kdc_v1_kdc, 23);
 
 /**
  * CreateSigningKeyRequest asks for a new plain signing key.
@@ -936,7 +1021,7 @@ export type CreateSigningKeyRequest = Message<"kmi.kdc.v1.CreateSigningKeyReques
  * Use `create(CreateSigningKeyRequestSchema)` to create a new message.
  */
 export const CreateSigningKeyRequestSchema: GenMessage<CreateSigningKeyRequest> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 22);
+  messageDesc(file_kmi_kdc_v1_kdc, 24);
 
 /**
  * CreateSigningKeyResponse returns the new key's public side.
@@ -957,7 +1042,7 @@ export type CreateSigningKeyResponse = Message<"kmi.kdc.v1.CreateSigningKeyRespo
  * Use `create(CreateSigningKeyResponseSchema)` to create a new message.
  */
 export const CreateSigningKeyResponseSchema: GenMessage<CreateSigningKeyResponse> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 23);
+  messageDesc(file_kmi_kdc_v1_kdc, 25);
 
 /**
  * ListSigningKeysRequest selects a tenant.
@@ -978,7 +1063,7 @@ export type ListSigningKeysRequest = Message<"kmi.kdc.v1.ListSigningKeysRequest"
  * Use `create(ListSigningKeysRequestSchema)` to create a new message.
  */
 export const ListSigningKeysRequestSchema: GenMessage<ListSigningKeysRequest> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 24);
+  messageDesc(file_kmi_kdc_v1_kdc, 26);
 
 /**
  * ListSigningKeysResponse lists the tenant's keys.
@@ -999,7 +1084,7 @@ export type ListSigningKeysResponse = Message<"kmi.kdc.v1.ListSigningKeysRespons
  * Use `create(ListSigningKeysResponseSchema)` to create a new message.
  */
 export const ListSigningKeysResponseSchema: GenMessage<ListSigningKeysResponse> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 25);
+  messageDesc(file_kmi_kdc_v1_kdc, 27);
 
 /**
  * RevokeSigningKeyRequest selects a key to revoke.
@@ -1034,7 +1119,7 @@ export type RevokeSigningKeyRequest = Message<"kmi.kdc.v1.RevokeSigningKeyReques
  * Use `create(RevokeSigningKeyRequestSchema)` to create a new message.
  */
 export const RevokeSigningKeyRequestSchema: GenMessage<RevokeSigningKeyRequest> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 26);
+  messageDesc(file_kmi_kdc_v1_kdc, 28);
 
 /**
  * RevokeSigningKeyResponse returns the revoked key.
@@ -1055,7 +1140,7 @@ export type RevokeSigningKeyResponse = Message<"kmi.kdc.v1.RevokeSigningKeyRespo
  * Use `create(RevokeSigningKeyResponseSchema)` to create a new message.
  */
 export const RevokeSigningKeyResponseSchema: GenMessage<RevokeSigningKeyResponse> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 27);
+  messageDesc(file_kmi_kdc_v1_kdc, 29);
 
 /**
  * WatchRolloutStatusRequest names the tenant.
@@ -1076,7 +1161,7 @@ export type WatchRolloutStatusRequest = Message<"kmi.kdc.v1.WatchRolloutStatusRe
  * Use `create(WatchRolloutStatusRequestSchema)` to create a new message.
  */
 export const WatchRolloutStatusRequestSchema: GenMessage<WatchRolloutStatusRequest> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 28);
+  messageDesc(file_kmi_kdc_v1_kdc, 30);
 
 /**
  * WatchRolloutStatusResponse is one state of the rollout.
@@ -1097,7 +1182,7 @@ export type WatchRolloutStatusResponse = Message<"kmi.kdc.v1.WatchRolloutStatusR
  * Use `create(WatchRolloutStatusResponseSchema)` to create a new message.
  */
 export const WatchRolloutStatusResponseSchema: GenMessage<WatchRolloutStatusResponse> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_kdc, 29);
+  messageDesc(file_kmi_kdc_v1_kdc, 31);
 
 /**
  * Signer says who signs an intermediate version's certificate.
@@ -1180,6 +1265,14 @@ export enum VersionState {
    * @generated from enum value: VERSION_STATE_REVOKED = 5;
    */
   REVOKED = 5,
+
+  /**
+   * A PENDING version given up before its certificate came (DiscardPendingVersion); its key
+   * is erased. Kept for history.
+   *
+   * @generated from enum value: VERSION_STATE_DISCARDED = 6;
+   */
+  DISCARDED = 6,
 }
 
 /**
@@ -1318,6 +1411,18 @@ export const KdcService: GenService<{
     methodKind: "unary";
     input: typeof RevokeVersionRequestSchema;
     output: typeof RevokeVersionResponseSchema;
+  },
+  /**
+   * DiscardPendingVersion gives up a PENDING version whose certificate will never come (an
+   * abandoned or failed private-CA upload): it becomes DISCARDED, its sealed key is erased, and
+   * it stays in history. A version in any other state is FAILED_PRECONDITION.
+   *
+   * @generated from rpc kmi.kdc.v1.KdcService.DiscardPendingVersion
+   */
+  discardPendingVersion: {
+    methodKind: "unary";
+    input: typeof DiscardPendingVersionRequestSchema;
+    output: typeof DiscardPendingVersionResponseSchema;
   },
   /**
    * ListVersions is the tenant's history: every version, newest first.
