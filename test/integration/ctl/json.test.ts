@@ -81,6 +81,10 @@ const cases: Record<string, Case> = {
   "machine show": { argv: () => ["machine", "show", "m-0123456789abcdef"], code: 3 },
   "machine quarantine": { argv: () => ["machine", "quarantine", "m-0123456789abcdef", "--reason", "json test"], code: 3 },
   "machine release": { argv: () => ["machine", "release", "m-0123456789abcdef", "--reason", "json test"], code: 3 },
+  "portal login-link": { argv: () => ["portal", "login-link", "--tenant", "acme"] },
+  "portal sessions": { argv: () => ["portal", "sessions"] },
+  // No one signs in to the portal in this test: the session is unknown, a JSON NOT_FOUND error.
+  "portal revoke-session": { argv: () => ["portal", "revoke-session", "0123456789abcdef"], code: 3 },
   status: { argv: () => ["status"] },
 };
 
