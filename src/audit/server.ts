@@ -12,6 +12,8 @@ import type { Logger } from "../common/logger.js";
 import { parseListenAddress } from "../common/listen.js";
 import { createMetricsRegistry, startMetricsServer, type MetricsServer } from "../common/metrics.js";
 import { createAuditLog, deriveAuditKey, keyedHash } from "../storage/audit-log.js";
+import { CheckpointWitness, deriveCheckpointKey } from "../storage/audit-checkpoint.js";
+import { AuditCheckpointer } from "../storage/audit-checkpointer.js";
 import type { LevelStore } from "../storage/level-store.js";
 import { open as unseal } from "../storage/seal.js";
 import { sweepNonces } from "./attestation.js";
@@ -57,6 +59,7 @@ export class AuditServer {
     private readonly server: ConnectServer,
     private readonly opts: AuditServerOptions,
     private readonly metrics: ReturnType<typeof createMetricsRegistry>,
+    private readonly checkpoints: AuditCheckpointer,
   ) {}
 
   /** Opens the data directory and builds the server (nothing listens yet). */
@@ -78,6 +81,7 @@ export class AuditServer {
       const attPkcs8 = unseal(masterKey, att.privateKey, credentialAad(ATTESTATION_KEY));
       const tlsPkcs8 = unseal(masterKey, tls.privateKey, credentialAad(SERVICE_TLS_KEY));
       const hmacKey = deriveAuditKey(masterKey);
+      const checkpointKey = deriveCheckpointKey(masterKey);
       masterKey.fill(0);
       const attestationPrivate = createPrivateKey({ key: Buffer.from(attPkcs8), format: "der", type: "pkcs8" });
       // The TLS key stays in this process's memory only; node's TLS wants PEM.
@@ -94,10 +98,22 @@ export class AuditServer {
         logger.warn("the Auditserver's TLS certificate expires soon; run `kmi audit init --reissue-certificate` with an operator token", { not_after: notAfter.toISOString() });
       }
       const kdcUrl = opts.kdcUrl ?? meta.kdcUrl;
-      const kdc = opts.kdc ?? createKdcPeer({ url: kdcUrl, caPem, certPem, keyPem: tlsKeyPem, logger });
+      const realKdc = opts.kdc === undefined ? createKdcPeer({ url: kdcUrl, caPem, certPem, keyPem: tlsKeyPem, logger }) : undefined;
+      const kdc = opts.kdc ?? realKdc!;
+      const checkpoints = new AuditCheckpointer(store, createAuditLog(store, { clock }), { key: checkpointKey, origin: `audit/${meta.auditId}`, clock, logger });
+      if (realKdc !== undefined) {
+        // The KDC keeps the Auditserver's newest audit checkpoint (and the Auditserver the KDC's).
+        checkpoints.setWitness({
+          name: "the KDC",
+          submit: async (checkpoint) => (await realKdc.client.witnessCheckpoint({ checkpoint })).witnessed,
+          fetch: async () => (await realKdc.client.getWitnessedCheckpoint({})).witnessed,
+        });
+      }
       const ctx: AuditContext = {
         store,
-        audit: createAuditLog(store, { clock }),
+        audit: checkpoints.log,
+        checkpoints,
+        witness: new CheckpointWitness(store, clock),
         keyedHash: (v) => keyedHash(hmacKey, v),
         kdc,
         csr: createCsrChecker(),
@@ -120,7 +136,7 @@ export class AuditServer {
         ...(opts.shutdownTimeoutMs !== undefined ? { shutdownTimeoutMs: opts.shutdownTimeoutMs } : {}),
       });
       logger.info("audit store opened", { data_dir: opts.dataDir, audit_id: meta.auditId, kdc: kdcUrl, attestation_key_id: att.keyId });
-      return new AuditServer(ctx, store, server, opts, metrics);
+      return new AuditServer(ctx, store, server, opts, metrics, checkpoints);
     } catch (err) {
       masterKey.fill(0);
       await store.close();
@@ -131,6 +147,7 @@ export class AuditServer {
   /** Starts listening; resolves with the bound addresses. */
   async start(): Promise<BoundAddresses> {
     const bound = await this.server.start();
+    await this.checkpoints.start();
     if (this.opts.metricsListen !== undefined) {
       this.metricsServer = await startMetricsServer(this.metrics, parseListenAddress(this.opts.metricsListen), this.opts.logger);
     }
@@ -151,6 +168,8 @@ export class AuditServer {
     clearInterval(this.sweeper);
     try {
       await this.server.destroy();
+      // The last entries get signed and handed to the witness before the store closes.
+      await this.checkpoints.close();
       await this.metricsServer?.close();
     } finally {
       await this.store.close();

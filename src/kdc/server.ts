@@ -120,6 +120,12 @@ export class KdcServer {
           watch: (signal) => client.client.watchMachineStatus({}, { signal }),
         });
         audit = { client, key: fetchedKey, feed };
+        // The Auditserver keeps the KDC's newest audit checkpoint (and the KDC the Auditserver's).
+        opened.checkpoints.setWitness({
+          name: "the Auditserver",
+          submit: async (checkpoint) => (await client.client.witnessCheckpoint({ checkpoint }, { timeoutMs: 10_000 })).witnessed,
+          fetch: async () => (await client.client.getWitnessedCheckpoint({}, { timeoutMs: 10_000 })).witnessed,
+        });
       } else {
         opts.logger.warn("no --audit-url: quarantines are not received from the Auditserver (the ones stored still apply)", {
           quarantined: opened.quarantine.list().length,
@@ -188,6 +194,7 @@ export class KdcServer {
     const bound = await this.server.start();
     this.audit?.key?.start();
     this.audit?.feed.start();
+    await this.opened.checkpoints.start();
     if (this.opts.metricsListen !== undefined) {
       this.metricsServer = await startMetricsServer(this.metrics, parseListenAddress(this.opts.metricsListen), this.opts.logger);
     }
@@ -202,11 +209,13 @@ export class KdcServer {
     try {
       await this.audit?.feed.close();
       await this.audit?.key?.close();
-      this.audit?.client.close();
       // Watch streams end now (OK): agents reconnect to another KDC or when this one is back.
       this.opened.hub.closeAll();
       await this.server.destroy();
       await this.opened.hub.settled();
+      // The last entries get signed and handed to the witness before the store closes.
+      await this.opened.checkpoints.close();
+      this.audit?.client.close();
       await this.metricsServer?.close();
     } finally {
       await this.store.close();

@@ -6,13 +6,15 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { AuditCheckpoint } from "../../common/v1/checkpoint_pb.js";
+import { file_kmi_common_v1_checkpoint } from "../../common/v1/checkpoint_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file kmi/kdc/v1/admin.proto.
  */
 export const file_kmi_kdc_v1_admin: GenFile = /*@__PURE__*/
-  fileDesc("ChZrbWkva2RjL3YxL2FkbWluLnByb3RvEgprbWkua2RjLnYxInkKBlRlbmFudBIRCgl0ZW5hbnRfaWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEhYKDmFjdGl2ZV92ZXJzaW9uGAMgASgNEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlwKE0NyZWF0ZVRlbmFudFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRIcChRib290c3RyYXBfa21pX3NpZ25lZBgDIAEoCCI6ChRDcmVhdGVUZW5hbnRSZXNwb25zZRIiCgZ0ZW5hbnQYASABKAsyEi5rbWkua2RjLnYxLlRlbmFudCIUChJMaXN0VGVuYW50c1JlcXVlc3QiOgoTTGlzdFRlbmFudHNSZXNwb25zZRIjCgd0ZW5hbnRzGAEgAygLMhIua21pLmtkYy52MS5UZW5hbnQiJQoQR2V0VGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiNwoRR2V0VGVuYW50UmVzcG9uc2USIgoGdGVuYW50GAEgASgLMhIua21pLmtkYy52MS5UZW5hbnQi1gEKCVRva2VuSW5mbxIQCgh0b2tlbl9pZBgBIAEoCRIeCgRyb2xlGAIgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgDIAEoCRITCgtkZXNjcmlwdGlvbhgEIAEoCRIuCgpjcmVhdGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdyZXZva2VkGAcgASgIInEKEkNyZWF0ZVRva2VuUmVxdWVzdBIeCgRyb2xlGAEgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRITCgt0dGxfc2Vjb25kcxgEIAEoBCJLChNDcmVhdGVUb2tlblJlc3BvbnNlEiQKBXRva2VuGAEgASgLMhUua21pLmtkYy52MS5Ub2tlbkluZm8SDgoGc2VjcmV0GAIgASgJIiYKElJldm9rZVRva2VuUmVxdWVzdBIQCgh0b2tlbl9pZBgBIAEoCSI7ChNSZXZva2VUb2tlblJlc3BvbnNlEiQKBXRva2VuGAEgASgLMhUua21pLmtkYy52MS5Ub2tlbkluZm8iEwoRTGlzdFRva2Vuc1JlcXVlc3QiOwoSTGlzdFRva2Vuc1Jlc3BvbnNlEiUKBnRva2VucxgBIAMoCzIVLmttaS5rZGMudjEuVG9rZW5JbmZvIocBCh5Jc3N1ZVNlcnZpY2VDZXJ0aWZpY2F0ZVJlcXVlc3QSDwoHY3NyX3BlbRgBIAEoCRIUCgxzZXJ2aWNlX25hbWUYAiABKAkSEQoJZG5zX25hbWVzGAMgAygJEhQKDGlwX2FkZHJlc3NlcxgEIAMoCRIVCg12YWxpZGl0eV9kYXlzGAUgASgNIkoKH0lzc3VlU2VydmljZUNlcnRpZmljYXRlUmVzcG9uc2USFwoPY2VydGlmaWNhdGVfcGVtGAEgASgJEg4KBmNhX3BlbRgCIAEoCSIXChVHZXRUcnVzdEJ1bmRsZVJlcXVlc3QiTQoWR2V0VHJ1c3RCdW5kbGVSZXNwb25zZRIUCgxrbWlfcm9vdF9wZW0YASABKAkSHQoVaW5mcmFzdHJ1Y3R1cmVfY2FfcGVtGAIgASgJIooCCgpBdWRpdEVudHJ5EgsKA3NlcRgBIAEoBBIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgDIAEoCRIOCgZhY3Rpb24YBCABKAkSDgoGdGFyZ2V0GAUgASgJEg8KB291dGNvbWUYBiABKAkSNAoHZGV0YWlscxgHIAMoCzIjLmttaS5rZGMudjEuQXVkaXRFbnRyeS5EZXRhaWxzRW50cnkSEQoJcHJldl9oYXNoGAggASgJEgwKBGhhc2gYCSABKAkaLgoMRGV0YWlsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiRQoTVGFpbEF1ZGl0TG9nUmVxdWVzdBIRCglhZnRlcl9zZXEYASABKAQSDQoFbGltaXQYAiABKA0SDAoEbGFzdBgDIAEoCCJRChRUYWlsQXVkaXRMb2dSZXNwb25zZRInCgdlbnRyaWVzGAEgAygLMhYua21pLmtkYy52MS5BdWRpdEVudHJ5EhAKCGhlYWRfc2VxGAIgASgEIhcKFVZlcmlmeUF1ZGl0TG9nUmVxdWVzdCJwChZWZXJpZnlBdWRpdExvZ1Jlc3BvbnNlEgoKAm9rGAEgASgIEg8KB2VudHJpZXMYAiABKAQSFQoNZmlyc3RfYmFkX3NlcRgDIAEoBBIPCgdwcm9ibGVtGAQgASgJEhEKCWhlYWRfaGFzaBgFIAEoCSIVChNHZXRLZGNTdGF0dXNSZXF1ZXN0Im4KDFRlbmFudFN0YXR1cxIRCgl0ZW5hbnRfaWQYASABKAkSFgoOYWN0aXZlX3ZlcnNpb24YAiABKA0SGwoTbWFjaGluZXNfdXBfdG9fZGF0ZRgDIAEoDRIWCg5tYWNoaW5lc190b3RhbBgEIAEoDSK8AQoUR2V0S2RjU3RhdHVzUmVzcG9uc2USDwoHdmVyc2lvbhgBIAEoCRIWCg51cHRpbWVfc2Vjb25kcxgCIAEoBBIpCgd0ZW5hbnRzGAMgAygLMhgua21pLmtkYy52MS5UZW5hbnRTdGF0dXMSGAoQY29ubmVjdGVkX2FnZW50cxgEIAEoDRIWCg5hdWRpdF9oZWFkX3NlcRgFIAEoBBIeChZhdHRlc3RhdGlvbl9rZXlfbG9hZGVkGAYgASgIKkYKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEhEKDVJPTEVfT1BFUkFUT1IQARIVChFST0xFX1RFTkFOVF9BRE1JThACMrcHCg9LZGNBZG1pblNlcnZpY2USUQoMQ3JlYXRlVGVuYW50Eh8ua21pLmtkYy52MS5DcmVhdGVUZW5hbnRSZXF1ZXN0GiAua21pLmtkYy52MS5DcmVhdGVUZW5hbnRSZXNwb25zZRJOCgtMaXN0VGVuYW50cxIeLmttaS5rZGMudjEuTGlzdFRlbmFudHNSZXF1ZXN0Gh8ua21pLmtkYy52MS5MaXN0VGVuYW50c1Jlc3BvbnNlEkgKCUdldFRlbmFudBIcLmttaS5rZGMudjEuR2V0VGVuYW50UmVxdWVzdBodLmttaS5rZGMudjEuR2V0VGVuYW50UmVzcG9uc2USTgoLQ3JlYXRlVG9rZW4SHi5rbWkua2RjLnYxLkNyZWF0ZVRva2VuUmVxdWVzdBofLmttaS5rZGMudjEuQ3JlYXRlVG9rZW5SZXNwb25zZRJOCgtSZXZva2VUb2tlbhIeLmttaS5rZGMudjEuUmV2b2tlVG9rZW5SZXF1ZXN0Gh8ua21pLmtkYy52MS5SZXZva2VUb2tlblJlc3BvbnNlEksKCkxpc3RUb2tlbnMSHS5rbWkua2RjLnYxLkxpc3RUb2tlbnNSZXF1ZXN0Gh4ua21pLmtkYy52MS5MaXN0VG9rZW5zUmVzcG9uc2UScgoXSXNzdWVTZXJ2aWNlQ2VydGlmaWNhdGUSKi5rbWkua2RjLnYxLklzc3VlU2VydmljZUNlcnRpZmljYXRlUmVxdWVzdBorLmttaS5rZGMudjEuSXNzdWVTZXJ2aWNlQ2VydGlmaWNhdGVSZXNwb25zZRJXCg5HZXRUcnVzdEJ1bmRsZRIhLmttaS5rZGMudjEuR2V0VHJ1c3RCdW5kbGVSZXF1ZXN0GiIua21pLmtkYy52MS5HZXRUcnVzdEJ1bmRsZVJlc3BvbnNlElEKDFRhaWxBdWRpdExvZxIfLmttaS5rZGMudjEuVGFpbEF1ZGl0TG9nUmVxdWVzdBogLmttaS5rZGMudjEuVGFpbEF1ZGl0TG9nUmVzcG9uc2USVwoOVmVyaWZ5QXVkaXRMb2cSIS5rbWkua2RjLnYxLlZlcmlmeUF1ZGl0TG9nUmVxdWVzdBoiLmttaS5rZGMudjEuVmVyaWZ5QXVkaXRMb2dSZXNwb25zZRJRCgxHZXRLZGNTdGF0dXMSHy5rbWkua2RjLnYxLkdldEtkY1N0YXR1c1JlcXVlc3QaIC5rbWkua2RjLnYxLkdldEtkY1N0YXR1c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("ChZrbWkva2RjL3YxL2FkbWluLnByb3RvEgprbWkua2RjLnYxInkKBlRlbmFudBIRCgl0ZW5hbnRfaWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEhYKDmFjdGl2ZV92ZXJzaW9uGAMgASgNEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlwKE0NyZWF0ZVRlbmFudFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRIcChRib290c3RyYXBfa21pX3NpZ25lZBgDIAEoCCI6ChRDcmVhdGVUZW5hbnRSZXNwb25zZRIiCgZ0ZW5hbnQYASABKAsyEi5rbWkua2RjLnYxLlRlbmFudCIUChJMaXN0VGVuYW50c1JlcXVlc3QiOgoTTGlzdFRlbmFudHNSZXNwb25zZRIjCgd0ZW5hbnRzGAEgAygLMhIua21pLmtkYy52MS5UZW5hbnQiJQoQR2V0VGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiNwoRR2V0VGVuYW50UmVzcG9uc2USIgoGdGVuYW50GAEgASgLMhIua21pLmtkYy52MS5UZW5hbnQi1gEKCVRva2VuSW5mbxIQCgh0b2tlbl9pZBgBIAEoCRIeCgRyb2xlGAIgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgDIAEoCRITCgtkZXNjcmlwdGlvbhgEIAEoCRIuCgpjcmVhdGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdyZXZva2VkGAcgASgIInEKEkNyZWF0ZVRva2VuUmVxdWVzdBIeCgRyb2xlGAEgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRITCgt0dGxfc2Vjb25kcxgEIAEoBCJLChNDcmVhdGVUb2tlblJlc3BvbnNlEiQKBXRva2VuGAEgASgLMhUua21pLmtkYy52MS5Ub2tlbkluZm8SDgoGc2VjcmV0GAIgASgJIiYKElJldm9rZVRva2VuUmVxdWVzdBIQCgh0b2tlbl9pZBgBIAEoCSI7ChNSZXZva2VUb2tlblJlc3BvbnNlEiQKBXRva2VuGAEgASgLMhUua21pLmtkYy52MS5Ub2tlbkluZm8iEwoRTGlzdFRva2Vuc1JlcXVlc3QiOwoSTGlzdFRva2Vuc1Jlc3BvbnNlEiUKBnRva2VucxgBIAMoCzIVLmttaS5rZGMudjEuVG9rZW5JbmZvIocBCh5Jc3N1ZVNlcnZpY2VDZXJ0aWZpY2F0ZVJlcXVlc3QSDwoHY3NyX3BlbRgBIAEoCRIUCgxzZXJ2aWNlX25hbWUYAiABKAkSEQoJZG5zX25hbWVzGAMgAygJEhQKDGlwX2FkZHJlc3NlcxgEIAMoCRIVCg12YWxpZGl0eV9kYXlzGAUgASgNIkoKH0lzc3VlU2VydmljZUNlcnRpZmljYXRlUmVzcG9uc2USFwoPY2VydGlmaWNhdGVfcGVtGAEgASgJEg4KBmNhX3BlbRgCIAEoCSIXChVHZXRUcnVzdEJ1bmRsZVJlcXVlc3QiTQoWR2V0VHJ1c3RCdW5kbGVSZXNwb25zZRIUCgxrbWlfcm9vdF9wZW0YASABKAkSHQoVaW5mcmFzdHJ1Y3R1cmVfY2FfcGVtGAIgASgJIooCCgpBdWRpdEVudHJ5EgsKA3NlcRgBIAEoBBIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgDIAEoCRIOCgZhY3Rpb24YBCABKAkSDgoGdGFyZ2V0GAUgASgJEg8KB291dGNvbWUYBiABKAkSNAoHZGV0YWlscxgHIAMoCzIjLmttaS5rZGMudjEuQXVkaXRFbnRyeS5EZXRhaWxzRW50cnkSEQoJcHJldl9oYXNoGAggASgJEgwKBGhhc2gYCSABKAkaLgoMRGV0YWlsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiRQoTVGFpbEF1ZGl0TG9nUmVxdWVzdBIRCglhZnRlcl9zZXEYASABKAQSDQoFbGltaXQYAiABKA0SDAoEbGFzdBgDIAEoCCJRChRUYWlsQXVkaXRMb2dSZXNwb25zZRInCgdlbnRyaWVzGAEgAygLMhYua21pLmtkYy52MS5BdWRpdEVudHJ5EhAKCGhlYWRfc2VxGAIgASgEIksKFVZlcmlmeUF1ZGl0TG9nUmVxdWVzdBIyCgpjaGVja3BvaW50GAEgASgLMh4ua21pLmNvbW1vbi52MS5BdWRpdENoZWNrcG9pbnQiqwEKFlZlcmlmeUF1ZGl0TG9nUmVzcG9uc2USCgoCb2sYASABKAgSDwoHZW50cmllcxgCIAEoBBIVCg1maXJzdF9iYWRfc2VxGAMgASgEEg8KB3Byb2JsZW0YBCABKAkSEQoJaGVhZF9oYXNoGAUgASgJEhYKDmNoZWNrcG9pbnRfc2VxGAYgASgEEg8KB3dpdG5lc3MYByABKAkSEAoIaGVhZF9zZXEYCCABKAQiGwoZR2V0QXVkaXRDaGVja3BvaW50UmVxdWVzdCJhChpHZXRBdWRpdENoZWNrcG9pbnRSZXNwb25zZRIyCgpjaGVja3BvaW50GAEgASgLMh4ua21pLmNvbW1vbi52MS5BdWRpdENoZWNrcG9pbnQSDwoHd2l0bmVzcxgCIAEoCSIVChNHZXRLZGNTdGF0dXNSZXF1ZXN0Im4KDFRlbmFudFN0YXR1cxIRCgl0ZW5hbnRfaWQYASABKAkSFgoOYWN0aXZlX3ZlcnNpb24YAiABKA0SGwoTbWFjaGluZXNfdXBfdG9fZGF0ZRgDIAEoDRIWCg5tYWNoaW5lc190b3RhbBgEIAEoDSK8AQoUR2V0S2RjU3RhdHVzUmVzcG9uc2USDwoHdmVyc2lvbhgBIAEoCRIWCg51cHRpbWVfc2Vjb25kcxgCIAEoBBIpCgd0ZW5hbnRzGAMgAygLMhgua21pLmtkYy52MS5UZW5hbnRTdGF0dXMSGAoQY29ubmVjdGVkX2FnZW50cxgEIAEoDRIWCg5hdWRpdF9oZWFkX3NlcRgFIAEoBBIeChZhdHRlc3RhdGlvbl9rZXlfbG9hZGVkGAYgASgIKkYKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEhEKDVJPTEVfT1BFUkFUT1IQARIVChFST0xFX1RFTkFOVF9BRE1JThACMpwICg9LZGNBZG1pblNlcnZpY2USUQoMQ3JlYXRlVGVuYW50Eh8ua21pLmtkYy52MS5DcmVhdGVUZW5hbnRSZXF1ZXN0GiAua21pLmtkYy52MS5DcmVhdGVUZW5hbnRSZXNwb25zZRJOCgtMaXN0VGVuYW50cxIeLmttaS5rZGMudjEuTGlzdFRlbmFudHNSZXF1ZXN0Gh8ua21pLmtkYy52MS5MaXN0VGVuYW50c1Jlc3BvbnNlEkgKCUdldFRlbmFudBIcLmttaS5rZGMudjEuR2V0VGVuYW50UmVxdWVzdBodLmttaS5rZGMudjEuR2V0VGVuYW50UmVzcG9uc2USTgoLQ3JlYXRlVG9rZW4SHi5rbWkua2RjLnYxLkNyZWF0ZVRva2VuUmVxdWVzdBofLmttaS5rZGMudjEuQ3JlYXRlVG9rZW5SZXNwb25zZRJOCgtSZXZva2VUb2tlbhIeLmttaS5rZGMudjEuUmV2b2tlVG9rZW5SZXF1ZXN0Gh8ua21pLmtkYy52MS5SZXZva2VUb2tlblJlc3BvbnNlEksKCkxpc3RUb2tlbnMSHS5rbWkua2RjLnYxLkxpc3RUb2tlbnNSZXF1ZXN0Gh4ua21pLmtkYy52MS5MaXN0VG9rZW5zUmVzcG9uc2UScgoXSXNzdWVTZXJ2aWNlQ2VydGlmaWNhdGUSKi5rbWkua2RjLnYxLklzc3VlU2VydmljZUNlcnRpZmljYXRlUmVxdWVzdBorLmttaS5rZGMudjEuSXNzdWVTZXJ2aWNlQ2VydGlmaWNhdGVSZXNwb25zZRJXCg5HZXRUcnVzdEJ1bmRsZRIhLmttaS5rZGMudjEuR2V0VHJ1c3RCdW5kbGVSZXF1ZXN0GiIua21pLmtkYy52MS5HZXRUcnVzdEJ1bmRsZVJlc3BvbnNlElEKDFRhaWxBdWRpdExvZxIfLmttaS5rZGMudjEuVGFpbEF1ZGl0TG9nUmVxdWVzdBogLmttaS5rZGMudjEuVGFpbEF1ZGl0TG9nUmVzcG9uc2USVwoOVmVyaWZ5QXVkaXRMb2cSIS5rbWkua2RjLnYxLlZlcmlmeUF1ZGl0TG9nUmVxdWVzdBoiLmttaS5rZGMudjEuVmVyaWZ5QXVkaXRMb2dSZXNwb25zZRJjChJHZXRBdWRpdENoZWNrcG9pbnQSJS5rbWkua2RjLnYxLkdldEF1ZGl0Q2hlY2twb2ludFJlcXVlc3QaJi5rbWkua2RjLnYxLkdldEF1ZGl0Q2hlY2twb2ludFJlc3BvbnNlElEKDEdldEtkY1N0YXR1cxIfLmttaS5rZGMudjEuR2V0S2RjU3RhdHVzUmVxdWVzdBogLmttaS5rZGMudjEuR2V0S2RjU3RhdHVzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_kmi_common_v1_checkpoint]);
 
 /**
  * Tenant is one customer.
@@ -663,11 +665,19 @@ export const TailAuditLogResponseSchema: GenMessage<TailAuditLogResponse> = /*@_
   messageDesc(file_kmi_kdc_v1_admin, 20);
 
 /**
- * VerifyAuditLogRequest has no fields.
+ * VerifyAuditLogRequest may carry an exported checkpoint.
  *
  * @generated from message kmi.kdc.v1.VerifyAuditLogRequest
  */
 export type VerifyAuditLogRequest = Message<"kmi.kdc.v1.VerifyAuditLogRequest"> & {
+  /**
+   * A checkpoint exported earlier (`kmi ctl audit checkpoint`); optional. When given, the log
+   * must still extend it: its signature verifies with this server's checkpoint key, its origin
+   * is this log, and the entry at its seq has its hash (else ok is false, naming the seq).
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint checkpoint = 1;
+   */
+  checkpoint?: AuditCheckpoint | undefined;
 };
 
 /**
@@ -717,6 +727,29 @@ export type VerifyAuditLogResponse = Message<"kmi.kdc.v1.VerifyAuditLogResponse"
    * @generated from field: string head_hash = 5;
    */
   headHash: string;
+
+  /**
+   * Seq of the newest signed checkpoint the log was checked against (stored, held by the
+   * witness, or given in the request); 0 when there was none.
+   *
+   * @generated from field: uint64 checkpoint_seq = 6;
+   */
+  checkpointSeq: bigint;
+
+  /**
+   * What the witness (the other server) holds of this log: "checked at seq N", "none yet",
+   * "not configured", or "unreachable: <why>" (then only the stored checkpoints were checked).
+   *
+   * @generated from field: string witness = 7;
+   */
+  witness: string;
+
+  /**
+   * Seq of the last entry (the head).
+   *
+   * @generated from field: uint64 head_seq = 8;
+   */
+  headSeq: bigint;
 };
 
 /**
@@ -725,6 +758,51 @@ export type VerifyAuditLogResponse = Message<"kmi.kdc.v1.VerifyAuditLogResponse"
  */
 export const VerifyAuditLogResponseSchema: GenMessage<VerifyAuditLogResponse> = /*@__PURE__*/
   messageDesc(file_kmi_kdc_v1_admin, 22);
+
+/**
+ * GetAuditCheckpointRequest has no fields.
+ *
+ * @generated from message kmi.kdc.v1.GetAuditCheckpointRequest
+ */
+export type GetAuditCheckpointRequest = Message<"kmi.kdc.v1.GetAuditCheckpointRequest"> & {
+};
+
+/**
+ * Describes the message kmi.kdc.v1.GetAuditCheckpointRequest.
+ * Use `create(GetAuditCheckpointRequestSchema)` to create a new message.
+ */
+export const GetAuditCheckpointRequestSchema: GenMessage<GetAuditCheckpointRequest> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_admin, 23);
+
+/**
+ * GetAuditCheckpointResponse carries a checkpoint to keep outside the server.
+ *
+ * @generated from message kmi.kdc.v1.GetAuditCheckpointResponse
+ */
+export type GetAuditCheckpointResponse = Message<"kmi.kdc.v1.GetAuditCheckpointResponse"> & {
+  /**
+   * A checkpoint of the log's current head, signed now (or the newest one when the head has
+   * not moved). Keep it: `kmi ctl audit verify --checkpoint FILE` proves later that the log
+   * still extends it.
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint checkpoint = 1;
+   */
+  checkpoint?: AuditCheckpoint | undefined;
+
+  /**
+   * What the witness holds, as in VerifyAuditLogResponse.witness.
+   *
+   * @generated from field: string witness = 2;
+   */
+  witness: string;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.GetAuditCheckpointResponse.
+ * Use `create(GetAuditCheckpointResponseSchema)` to create a new message.
+ */
+export const GetAuditCheckpointResponseSchema: GenMessage<GetAuditCheckpointResponse> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_admin, 24);
 
 /**
  * GetKdcStatusRequest has no fields.
@@ -739,7 +817,7 @@ export type GetKdcStatusRequest = Message<"kmi.kdc.v1.GetKdcStatusRequest"> & {
  * Use `create(GetKdcStatusRequestSchema)` to create a new message.
  */
 export const GetKdcStatusRequestSchema: GenMessage<GetKdcStatusRequest> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_admin, 23);
+  messageDesc(file_kmi_kdc_v1_admin, 25);
 
 /**
  * TenantStatus is a tenant's line in the KDC's status.
@@ -781,7 +859,7 @@ export type TenantStatus = Message<"kmi.kdc.v1.TenantStatus"> & {
  * Use `create(TenantStatusSchema)` to create a new message.
  */
 export const TenantStatusSchema: GenMessage<TenantStatus> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_admin, 24);
+  messageDesc(file_kmi_kdc_v1_admin, 26);
 
 /**
  * GetKdcStatusResponse is the KDC's health summary.
@@ -837,7 +915,7 @@ export type GetKdcStatusResponse = Message<"kmi.kdc.v1.GetKdcStatusResponse"> & 
  * Use `create(GetKdcStatusResponseSchema)` to create a new message.
  */
 export const GetKdcStatusResponseSchema: GenMessage<GetKdcStatusResponse> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_admin, 25);
+  messageDesc(file_kmi_kdc_v1_admin, 27);
 
 /**
  * Role is what a bearer token may do.
@@ -978,7 +1056,9 @@ export const KdcAdminService: GenService<{
     output: typeof TailAuditLogResponseSchema;
   },
   /**
-   * VerifyAuditLog walks the whole hash chain and reports the first entry that breaks it.
+   * VerifyAuditLog walks the whole hash chain, checks it against the signed checkpoints
+   * (stored, held by the witness, and the one in the request, if any) and reports the first
+   * entry that breaks it or differs from what was signed.
    *
    * @generated from rpc kmi.kdc.v1.KdcAdminService.VerifyAuditLog
    */
@@ -986,6 +1066,17 @@ export const KdcAdminService: GenService<{
     methodKind: "unary";
     input: typeof VerifyAuditLogRequestSchema;
     output: typeof VerifyAuditLogResponseSchema;
+  },
+  /**
+   * GetAuditCheckpoint signs a checkpoint of the log's current head and returns it, for an
+   * operator to keep outside the server (`kmi ctl audit checkpoint --out FILE`).
+   *
+   * @generated from rpc kmi.kdc.v1.KdcAdminService.GetAuditCheckpoint
+   */
+  getAuditCheckpoint: {
+    methodKind: "unary";
+    input: typeof GetAuditCheckpointRequestSchema;
+    output: typeof GetAuditCheckpointResponseSchema;
   },
   /**
    * GetKdcStatus is a health summary: version, tenants and their active versions,
