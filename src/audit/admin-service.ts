@@ -151,7 +151,7 @@ export function createAuditAdminService(ctx: AuditContext): ServiceImpl<typeof A
       operatorCall(ctx, hctx, "audit.checkpoint", "audit_log", async () => {
         const checkpoint = await ctx.checkpoints?.checkpoint();
         if (checkpoint === undefined) throw new FailedPrecondition("audit log: no checkpoint to export (the log is empty, or this Auditserver keeps none)");
-        return create(GetAuditCheckpointResponseSchema, { checkpoint, witness: ctx.checkpoints!.witnessState });
+        return create(GetAuditCheckpointResponseSchema, { checkpoint, witness: await ctx.checkpoints!.witnessed() });
       }),
   };
 }

@@ -175,7 +175,7 @@ export function createAdminService(ctx: KdcContext, ops: KdcOperations): Service
         act: async () => {
           const checkpoint = await ctx.checkpoints?.checkpoint();
           if (checkpoint === undefined) throw new FailedPrecondition("audit log: no checkpoint to export (the log is empty, or this KDC keeps none)");
-          return create(GetAuditCheckpointResponseSchema, { checkpoint, witness: ctx.checkpoints!.witnessState });
+          return create(GetAuditCheckpointResponseSchema, { checkpoint, witness: await ctx.checkpoints!.witnessed() });
         },
       }),
 

@@ -41,8 +41,8 @@ export interface AuditCheckpoints {
   verify(exported?: AuditCheckpoint): Promise<CheckpointedVerifyResult>;
   /** Signs the head now (when it moved) and returns the newest checkpoint; undefined for an empty log. */
   checkpoint(): Promise<AuditCheckpoint | undefined>;
-  /** What the witness holds, as last seen. */
-  readonly witnessState: string;
+  /** Waits for the checkpoints handed to the witness so far, then says what it holds. */
+  witnessed(): Promise<string>;
 }
 
 /** The other server's checkpoints that this server keeps as its witness. */

@@ -124,6 +124,12 @@ export class AuditCheckpointer {
     return this.#witnessState;
   }
 
+  /** Waits for the checkpoints handed to the witness so far, then says what it holds. */
+  async witnessed(): Promise<string> {
+    await this.#push;
+    return this.#witnessState;
+  }
+
   /** Sets the other server as witness (it may only exist after the store was opened). */
   setWitness(witness: CheckpointWitnessPeer): void {
     this.#witness = witness;

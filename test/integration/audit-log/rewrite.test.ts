@@ -6,6 +6,7 @@
  * number that differs. Then the same with the checkpoint records deleted as well (only the
  * witness's copy is left), and with an exported checkpoint file.
  */
+import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AuditAdminService } from "../../../src/gen/kmi/audit/v1/admin_pb.js";
@@ -37,6 +38,11 @@ beforeAll(async () => {
   heads.audit = Number((await audit(AuditAdminService).tailAuditLog({ last: true, limit: 1 }, {})).headSeq);
   expect(heads.kdc).toBeGreaterThan(25);
   expect(heads.audit).toBeGreaterThan(25);
+  for (const server of ["kdc", "audit"] as const) {
+    const r = await ctl({ url: pair.kdcUrl }, { caFile: pair.caFile, tokenFile: pair.tokenFile }, ["audit", "checkpoint", "--server", server, "--audit", pair.auditUrl, "--out", join(pair.dir, `${server}.checkpoint.json`)]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(new RegExp(`^seq: +${heads[server]}\nhash: +[0-9a-f]{64}\n[^]*^witness: +holds seq ${heads[server]}$`, "m"));
+  }
   await pair.stop();
   await pair.save("pristine");
 });
@@ -77,6 +83,38 @@ describe.each(["kdc", "audit"] as const)("the %s's audit log rewritten in its st
       const human = await ctl({ url: pair.kdcUrl }, { caFile: pair.caFile, tokenFile: pair.tokenFile }, ["audit", "verify", "--server", server, "--audit", pair.auditUrl]);
       expect(human.code).toBe(1);
       expect(human.stdout).toContain(`audit log BROKEN at entry ${expected(heads[server])}: `);
+    } finally {
+      await pair.stop();
+    }
+  });
+
+  it("an exported checkpoint: verify --checkpoint proves the log extends it, refuses another log's or an edited file, and names the entry after a rewrite", async () => {
+    const file = join(pair.dir, `${server}.checkpoint.json`);
+    const otherFile = join(pair.dir, `${server === "kdc" ? "audit" : "kdc"}.checkpoint.json`);
+    const edited = join(pair.dir, `${server}.edited.json`);
+    const json = JSON.parse(await readFile(file, "utf8")) as Record<string, unknown>;
+    await writeFile(edited, JSON.stringify({ ...json, seq: String(Number(json["seq"]) + 1) }));
+    await pair.restore("pristine");
+    await pair.start();
+    try {
+      const ok = await ctl({ url: pair.kdcUrl }, { caFile: pair.caFile, tokenFile: pair.tokenFile }, ["audit", "verify", "--server", server, "--audit", pair.auditUrl, "--checkpoint", file]);
+      expect(ok.code, ok.stderr).toBe(0);
+      expect(ok.stdout).toContain(`given checkpoint: seq ${heads[server]} is still part of the log`);
+      const other = await verify(server, ["--checkpoint", otherFile]);
+      expect(other.code).toBe(5);
+      expect(other.stderr).toMatch(/checkpoint: signed by key [0-9a-f]{16}…, not by this log's checkpoint key/);
+      const bad = await verify(server, ["--checkpoint", edited]);
+      expect(bad.code).toBe(5);
+      expect(bad.stderr).toMatch(/checkpoint: signature does not verify/);
+    } finally {
+      await pair.stop();
+    }
+    await rewriteAuditLog(join(server === "kdc" ? pair.kdcDir : pair.auditDir, "store"), { kind: "edit", at: 3 });
+    await pair.start();
+    try {
+      const r = await verify(server, ["--checkpoint", file]);
+      expect(r.code).toBe(1);
+      expect(r.json).toMatchObject({ ok: false, firstBadSeq: "3" });
     } finally {
       await pair.stop();
     }
