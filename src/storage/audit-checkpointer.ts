@@ -365,12 +365,15 @@ export class AuditCheckpointer {
   }
 
   /**
-   * Verifies the log's chain and checks it against every stored checkpoint, this process's
+   * Signs the head when it moved, then verifies the log's chain and checks it against every stored checkpoint, this process's
    * newest, the witness's copy and `exported` (an operator's, checked first: a checkpoint of
    * another log or with a bad signature is INVALID_ARGUMENT naming `checkpoint`).
    */
   async verify(exported?: AuditCheckpoint): Promise<CheckpointedVerifyResult> {
     if (exported !== undefined) requireCheckpoint(exported, "checkpoint", this.identity);
+    // The head is signed first (when it extends the last checkpoint), so the newest checkpoint
+    // is the head; a log that does not extend it is not signed, and is reported below.
+    if (this.#started && !this.#closed) await this.checkpoint().catch(() => undefined);
     const chain = await this.#log.verify();
     const head = await this.#store.get(AUDIT_META_TABLE, AUDIT_HEAD_KEY);
     const findings: Finding[] = chain.ok ? [] : [{ seq: chain.firstBadSeq, problem: chain.problem }];
