@@ -99,7 +99,8 @@ export class AuditCheckpointer {
   #timer: NodeJS.Timeout | undefined;
   #requested: Promise<void> | undefined;
   #again = false;
-  #push: Promise<void> = Promise.resolve();
+  #pushing: Promise<void> | undefined;
+  #pushAgain = false;
   #closed = false;
   #started = false;
 
@@ -126,7 +127,7 @@ export class AuditCheckpointer {
 
   /** Waits for the checkpoints handed to the witness so far, then says what it holds. */
   async witnessed(): Promise<string> {
-    await this.#push;
+    await this.#pushing;
     return this.#witnessState;
   }
 
@@ -215,7 +216,7 @@ export class AuditCheckpointer {
     if (this.#broken !== undefined) throw new FailedPrecondition(`audit checkpoints stopped: ${this.#broken}; run \`kmi ctl audit verify\``);
     if (newest !== undefined && this.#witness !== undefined) {
       const witness = this.#witness;
-      this.#push = this.#push.then(() => this.#pushTo(witness));
+      this.#schedulePush(witness);
     }
     return newest;
   }
@@ -227,7 +228,19 @@ export class AuditCheckpointer {
     clearInterval(this.#timer);
     await this.#requested;
     await this.checkpoint().catch((err: unknown) => this.#failed(err));
-    await this.#push;
+    await this.#pushing;
+  }
+
+  /** Hands the newest checkpoint to the witness; pushes asked for while one runs make one more (of the newest then). */
+  #schedulePush(witness: CheckpointWitnessPeer): void {
+    this.#pushAgain = true;
+    if (this.#pushing !== undefined) return;
+    this.#pushing = (async () => {
+      while (this.#pushAgain) {
+        this.#pushAgain = false;
+        await this.#pushTo(witness);
+      }
+    })().finally(() => (this.#pushing = undefined));
   }
 
   async #signNew(): Promise<AuditCheckpoint | undefined> {
