@@ -163,9 +163,10 @@ export class AuditCheckpointer {
   }
 
   /**
-   * Loads the newest stored checkpoint, checks that the log still extends it, signs the head,
-   * and starts the periodic checkpoints. Never throws for a tampered log: it logs why and
-   * stops signing (verify reports the entry).
+   * Loads the newest stored checkpoint, checks that the log still extends it, and starts the
+   * checkpoints: the head is signed in the background (after the witness answered), then
+   * periodically. Never throws for a tampered log: it logs why and stops signing (verify
+   * reports the entry).
    */
   async start(): Promise<void> {
     await this.#mutex.runExclusive(async () => {
@@ -180,7 +181,8 @@ export class AuditCheckpointer {
       }
     });
     this.#started = true;
-    await this.checkpoint().catch((err: unknown) => this.#failed(err));
+    // Not awaited: a witness that does not answer must not hold up the server's start.
+    this.request();
     this.#timer = setInterval(() => this.request(), this.#o.intervalMs);
     this.#timer.unref();
   }
