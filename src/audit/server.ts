@@ -127,6 +127,8 @@ export class AuditServer {
       };
       const metrics = createMetricsRegistry();
       metrics.gauge("kmi_audit_refusals_suppressed", "Refusals of unauthenticated callers counted past their address's budget, not written to the audit log, since start.", [], (g) => g.set(ctx.audit.suppressedRefusals));
+      metrics.gauge("kmi_audit_audit_checkpoint_seq", "Seq of the newest signed checkpoint of the Auditserver's audit log.", [], (g) => g.set(Number(checkpoints.lastSeq)));
+      metrics.gauge("kmi_audit_audit_checkpoints_stopped", "1 when the audit log does not extend its signed checkpoints and no more are signed (run kmi ctl audit verify --server audit).", [], (g) => g.set(checkpoints.broken === undefined ? 0 : 1));
       const server = ConnectServer.create({
         name: "audit",
         services: services(ctx),

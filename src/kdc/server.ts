@@ -101,6 +101,8 @@ export class KdcServer {
       metrics.gauge("kmi_kdc_quarantined_machines", "Machines the KDC refuses as quarantined.", [], (g) => g.set(opened.quarantine.list().length));
       metrics.gauge("kmi_kdc_attestation_key_loaded", "1 when the Auditserver's attestation key is loaded.", [], (g) => g.set(ctx.attestationKey.loaded ? 1 : 0));
       metrics.gauge("kmi_kdc_audit_refusals_suppressed", "Refusals of unauthenticated callers counted past their address's budget, not written to the audit log, since start.", [], (g) => g.set(ctx.audit.suppressedRefusals));
+      metrics.gauge("kmi_kdc_audit_checkpoint_seq", "Seq of the newest signed checkpoint of the KDC's audit log.", [], (g) => g.set(Number(opened.checkpoints.lastSeq)));
+      metrics.gauge("kmi_kdc_audit_checkpoints_stopped", "1 when the audit log does not extend its signed checkpoints and no more are signed (run kmi ctl audit verify).", [], (g) => g.set(opened.checkpoints.broken === undefined ? 0 : 1));
       const server = ConnectServer.create({
         name: "kdc",
         services: services(ctx, new KdcOperations(ctx)),

@@ -115,6 +115,11 @@ export class AuditCheckpointer {
     return { keyId: this.#o.key.keyId, origin: this.#o.origin };
   }
 
+  /** Seq of the newest checkpoint signed or loaded; 0n when none yet. */
+  get lastSeq(): bigint {
+    return this.#last?.seq ?? 0n;
+  }
+
   /** Why signing stopped (the log does not extend its last checkpoint), or undefined. */
   get broken(): string | undefined {
     return this.#broken;

@@ -66,6 +66,9 @@ describe.each(["kdc", "audit"] as const)("the %s's audit log rewritten in its st
       expect(r.code, r.stderr).toBe(0);
       expect(r.json).toMatchObject({ ok: true, witness: expect.stringMatching(/^checked at seq \d+$/) });
       expect(Number(r.json["checkpointSeq"])).toBeGreaterThanOrEqual(heads[server]);
+      const metrics = await pair.metrics(server);
+      expect(metrics).toMatch(new RegExp(`^kmi_${server}_audit_checkpoints_stopped 0$`, "m"));
+      expect(Number(new RegExp(`^kmi_${server}_audit_checkpoint_seq (\\d+)$`, "m").exec(metrics)?.[1])).toBeGreaterThanOrEqual(heads[server]);
     } finally {
       await pair.stop();
     }
@@ -83,6 +86,10 @@ describe.each(["kdc", "audit"] as const)("the %s's audit log rewritten in its st
       const human = await ctl({ url: pair.kdcUrl }, { caFile: pair.caFile, tokenFile: pair.tokenFile }, ["audit", "verify", "--server", server, "--audit", pair.auditUrl]);
       expect(human.code).toBe(1);
       expect(human.stdout).toContain(`audit log BROKEN at entry ${expected(heads[server])}: `);
+      // The rewritten server stopped signing (and says so to monitoring); the other did not.
+      expect(await pair.metrics(server)).toMatch(new RegExp(`^kmi_${server}_audit_checkpoints_stopped 1$`, "m"));
+      const other = server === "kdc" ? "audit" : "kdc";
+      expect(await pair.metrics(other)).toMatch(new RegExp(`^kmi_${other}_audit_checkpoints_stopped 0$`, "m"));
     } finally {
       await pair.stop();
     }
