@@ -107,9 +107,9 @@ export function createAuditService(ctx: AuditContext, options: { keepaliveMs?: n
         return create(WitnessCheckpointResponseSchema, { witnessed });
       }),
 
-    getWitnessedCheckpoint: (_req, hctx) =>
+    getWitnessedCheckpoint: (req, hctx) =>
       machineCall(hctx, "audit.checkpoint.get_witnessed", async () => {
-        const witnessed = await kdcWitness(ctx, hctx).get("kdc");
+        const witnessed = await kdcWitness(ctx, hctx).get("kdc", req.keyId);
         return create(GetWitnessedCheckpointResponseSchema, witnessed === undefined ? {} : { witnessed });
       }),
 

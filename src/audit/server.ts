@@ -106,7 +106,7 @@ export class AuditServer {
         checkpoints.setWitness({
           name: "the KDC",
           submit: async (checkpoint) => (await realKdc.client.witnessCheckpoint({ checkpoint })).witnessed,
-          fetch: async () => (await realKdc.client.getWitnessedCheckpoint({})).witnessed,
+          fetch: async () => (await realKdc.client.getWitnessedCheckpoint({ keyId: checkpoints.identity.keyId })).witnessed,
         });
       }
       const ctx: AuditContext = {

@@ -49,8 +49,8 @@ export interface AuditCheckpoints {
 export interface CheckpointWitnessKeeper {
   /** Checks and keeps `cp` for `peer`; FAILED_PRECONDITION when it does not extend the one held. */
   accept(peer: string, cp: AuditCheckpoint | undefined): Promise<AuditCheckpoint>;
-  /** The latest checkpoint held for `peer`. */
-  get(peer: string): Promise<AuditCheckpoint | undefined>;
+  /** The latest checkpoint held for `peer`'s checkpoint key `keyId`. */
+  get(peer: string, keyId: string): Promise<AuditCheckpoint | undefined>;
 }
 
 /** Envelope encryption under the master key. */

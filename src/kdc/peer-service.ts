@@ -47,10 +47,10 @@ export function createPeerService(ctx: KdcContext, ops: KdcOperations): ServiceI
       handle(ctx, hctx, req, {
         target: () => "audit-checkpoint/audit",
         auth: "peer",
-        parse: () => ({}),
+        parse: (r) => ({ keyId: r.keyId }),
         need: auditService,
-        act: async () => {
-          const witnessed = await witness(ctx).get("audit");
+        act: async (_c, i) => {
+          const witnessed = await witness(ctx).get("audit", i.keyId);
           return create(GetWitnessedCheckpointResponseSchema, witnessed === undefined ? {} : { witnessed });
         },
       }),

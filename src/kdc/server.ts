@@ -126,7 +126,7 @@ export class KdcServer {
         opened.checkpoints.setWitness({
           name: "the Auditserver",
           submit: async (checkpoint) => (await client.client.witnessCheckpoint({ checkpoint }, { timeoutMs: 10_000 })).witnessed,
-          fetch: async () => (await client.client.getWitnessedCheckpoint({}, { timeoutMs: 10_000 })).witnessed,
+          fetch: async () => (await client.client.getWitnessedCheckpoint({ keyId: opened.checkpoints.identity.keyId }, { timeoutMs: 10_000 })).witnessed,
         });
       } else {
         opts.logger.warn("no --audit-url: quarantines are not received from the Auditserver (the ones stored still apply)", {

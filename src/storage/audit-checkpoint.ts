@@ -15,7 +15,7 @@
  * | table               | key                           | value                              |
  * |---------------------|-------------------------------|------------------------------------|
  * | `audit_checkpoints` | `numericKey(seq)` (20 digits) | kmi.store.v1.AuditCheckpointRecord |
- * | `audit_witness`     | the peer's name (kdc, audit)  | kmi.store.v1.AuditWitnessRecord    |
+ * | `audit_witness`     | `<peer>/<key id>`             | kmi.store.v1.AuditWitnessRecord    |
  */
 import { createHash, createPrivateKey, createPublicKey, hkdfSync, sign, verify, type KeyObject } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
@@ -179,12 +179,14 @@ export function requireCheckpoint(cp: AuditCheckpoint | undefined, field: string
 }
 
 /**
- * The witness's side: keeps the latest checkpoint of each peer's log in this server's store.
- * The first checkpoint pins the peer's key and origin (trust on first use, over the mutual TLS
- * that already names the peer); after that a checkpoint is accepted only when it is signed by
- * that key and does not go back: a lower seq, or the same seq with another hash, means the
- * peer's log was truncated or rewritten, and is refused with FailedPrecondition, keeping the
- * copy that proves it.
+ * The witness's side: keeps the latest checkpoint of each peer's log in this server's store,
+ * one per peer and checkpoint key (key "<peer>/<key_id>"). A checkpoint is accepted only when
+ * its signature verifies and it does not go back on the one held for its key: a lower seq, or
+ * the same seq with another hash, means the peer's log was truncated or rewritten, and is
+ * refused with FailedPrecondition, keeping the copy that proves it. Why per key: a writer of the
+ * peer's store cannot change the peer's key (it is derived from the peer's master key), while a
+ * peer installed afresh has a new one and must not be taken for a rewritten log. Only the peer
+ * itself can hand one over (mutual TLS with its service certificate, whose key the store seals).
  */
 export class CheckpointWitness {
   readonly #store: Store;
@@ -200,11 +202,8 @@ export class CheckpointWitness {
   async accept(peer: string, cp: AuditCheckpoint | undefined): Promise<AuditCheckpoint> {
     const given = requireCheckpoint(cp, "checkpoint");
     return this.#mutex.runExclusive(async () => {
-      const held = (await this.#store.get(AUDIT_WITNESS_TABLE, peer))?.checkpoint;
+      const held = (await this.#store.get(AUDIT_WITNESS_TABLE, witnessKey(peer, given.keyId)))?.checkpoint;
       if (held !== undefined) {
-        if (given.keyId !== held.keyId) {
-          throw new FailedPrecondition(`checkpoint: signed by key ${given.keyId.slice(0, 16)}…, but the ${peer}'s pinned checkpoint key is ${held.keyId.slice(0, 16)}…; a ${peer} with a new master key needs its old witness record removed by an operator`);
-        }
         if (given.origin !== held.origin) throw new FailedPrecondition(`checkpoint: origin "${given.origin}" is not the ${peer}'s log "${held.origin}"`);
         if (given.seq < held.seq) {
           throw new FailedPrecondition(`checkpoint: seq ${given.seq} is older than the witnessed seq ${held.seq}: the ${peer}'s audit log was truncated or rolled back`);
@@ -215,15 +214,20 @@ export class CheckpointWitness {
         }
       }
       const record = create(AuditWitnessRecordSchema, { format: 1, peer, checkpoint: given, witnessedAt: timestampFromDate(this.#clock.now()) });
-      await this.#store.batch([putOp(AUDIT_WITNESS_TABLE, peer, record)]);
+      await this.#store.batch([putOp(AUDIT_WITNESS_TABLE, witnessKey(peer, given.keyId), record)]);
       return given;
     });
   }
 
-  /** The latest checkpoint held for `peer`, or undefined. */
-  async get(peer: string): Promise<AuditCheckpoint | undefined> {
-    return (await this.#store.get(AUDIT_WITNESS_TABLE, peer))?.checkpoint;
+  /** The latest checkpoint held for `peer`'s checkpoint key `keyId`, or undefined; InvalidArgument for a malformed key id. */
+  async get(peer: string, keyId: string): Promise<AuditCheckpoint | undefined> {
+    if (!/^[0-9a-f]{64}$/.test(keyId)) throw new InvalidArgument("key_id: must be 64 lowercase hex characters (the SHA-256 of your checkpoint public key)");
+    return (await this.#store.get(AUDIT_WITNESS_TABLE, witnessKey(peer, keyId)))?.checkpoint;
   }
+}
+
+function witnessKey(peer: string, keyId: string): string {
+  return `${peer}/${keyId}`;
 }
 
 function sha256Hex(b: Uint8Array): string {

@@ -385,9 +385,10 @@ export class AuditCheckpointer {
   }
 
   /**
-   * Signs the head when it moved, then verifies the log's chain and checks it against every stored checkpoint, this process's
-   * newest, the witness's copy and `exported` (an operator's, checked first: a checkpoint of
-   * another log or with a bad signature is INVALID_ARGUMENT naming `checkpoint`).
+   * Signs the head when it moved, then verifies the log's chain and checks it against every
+   * stored checkpoint, this process's newest, the witness's copy and `exported` (an
+   * operator's, checked first: a checkpoint of another log or with a bad signature is
+   * INVALID_ARGUMENT naming `checkpoint`). Names the smallest seq at which anything differs.
    */
   async verify(exported?: AuditCheckpoint): Promise<CheckpointedVerifyResult> {
     if (exported !== undefined) requireCheckpoint(exported, "checkpoint", this.identity);

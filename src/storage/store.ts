@@ -15,7 +15,7 @@
  * | `audit_log`  | `numericKey(seq)` (20 digits) | kmi.store.v1.AuditEntryRecord  | ./audit-log.ts   |
  * | `audit_meta` | `head`                        | kmi.store.v1.AuditHeadRecord   | ./audit-log.ts   |
  * | `audit_checkpoints` | `numericKey(seq)`      | kmi.store.v1.AuditCheckpointRecord | ./audit-checkpointer.ts |
- * | `audit_witness` | the peer's name (`kdc`, `audit`) | kmi.store.v1.AuditWitnessRecord | ./audit-checkpoint.ts |
+ * | `audit_witness` | `<peer>/<key id>`      | kmi.store.v1.AuditWitnessRecord | ./audit-checkpoint.ts |
  * | KDC tables   | see below                     | see below                      | src/kdc          |
  *
  * The KDC's tables (`meta`, `credentials`, `tenants`, `tokens`, `versions`, `signing_keys`,

@@ -34,10 +34,10 @@ const at = (seq: bigint, fill = Number(seq)) => {
 describe("the Auditserver as the KDC's witness", () => {
   it("keeps the KDC's newest checkpoint and gives it back to the KDC only", async () => {
     const kdc = asPeer(serviceCert("kdc"));
-    expect((await h.audit.getWitnessedCheckpoint({}, kdc)).witnessed).toBeUndefined();
+    expect((await h.audit.getWitnessedCheckpoint({ keyId: key.keyId }, kdc)).witnessed).toBeUndefined();
     expect((await h.audit.witnessCheckpoint({ checkpoint: at(4n) }, kdc)).witnessed?.seq).toBe(4n);
     expect((await h.audit.witnessCheckpoint({ checkpoint: at(9n) }, kdc)).witnessed?.seq).toBe(9n);
-    expect((await h.audit.getWitnessedCheckpoint({}, kdc)).witnessed?.seq).toBe(9n);
+    expect((await h.audit.getWitnessedCheckpoint({ keyId: key.keyId }, kdc)).witnessed?.seq).toBe(9n);
   });
 
   it.each([
@@ -48,7 +48,7 @@ describe("the Auditserver as the KDC's witness", () => {
     await h.audit.witnessCheckpoint({ checkpoint: at(5n) }, kdc);
     await expectCode(h.audit.witnessCheckpoint({ checkpoint: cp() }, kdc), "failed_precondition", message);
     expect(await lastEntry(h)).toMatchObject({ actor: "service:kdc", action: "audit.checkpoint.witness", outcome: "refused: failed_precondition" });
-    expect((await h.audit.getWitnessedCheckpoint({}, kdc)).witnessed?.seq).toBe(5n);
+    expect((await h.audit.getWitnessedCheckpoint({ keyId: key.keyId }, kdc)).witnessed?.seq).toBe(5n);
   });
 
   it("refuses a forged checkpoint as INVALID_ARGUMENT naming the field", async () => {
@@ -63,7 +63,7 @@ describe("the Auditserver as the KDC's witness", () => {
     ["another service", () => asPeer(serviceCert("proxy")), "permission_denied", /only the KDC \(kmi:\/\/service\/kdc\)/],
   ])("refuses %s on both calls", async (_name, opts, code, message) => {
     await expectCode(h.audit.witnessCheckpoint({ checkpoint: at(5n) }, opts()), code, message);
-    await expectCode(h.audit.getWitnessedCheckpoint({}, opts()), code, message);
+    await expectCode(h.audit.getWitnessedCheckpoint({ keyId: key.keyId }, opts()), code, message);
   });
 
   it("refuses a machine's certificate", async () => {

@@ -26,6 +26,8 @@ import { delOp, numericKey, putOp, type Store } from "../../../src/storage/store
 import { tempDir } from "./tmp-dir.js";
 
 const run = promisify(execFile);
+/** The checkpoint key of the checkpointer tests' log. */
+const cpKey = deriveCheckpointKey(randomBytes(32));
 const logger = createLogger({ level: "error", write: () => {} });
 const clock = { now: () => new Date(Date.UTC(2026, 0, 2, 3, 4, 5)) };
 
@@ -114,7 +116,6 @@ describe("the witness", () => {
   it.each<[string, AuditCheckpoint, RegExp]>([
     ["an older seq (truncated or rolled back)", at(4n), /^checkpoint: seq 4 is older than the witnessed seq 5: the kdc's audit log was truncated or rolled back/],
     ["the same seq with another hash (rewritten)", at(5n, new Uint8Array(32).fill(99)), /^checkpoint: seq 5 has another hash than the witnessed one: the kdc's audit log was rewritten/],
-    ["another key", at(6n, undefined, undefined, deriveCheckpointKey(randomBytes(32))), /^checkpoint: signed by key [0-9a-f]{16}…, but the kdc's pinned checkpoint key is/],
     ["another origin", at(6n, undefined, "kdc/ffffffffffffffff"), /^checkpoint: origin "kdc\/ffffffffffffffff" is not the kdc's log/],
   ])("refuses %s and keeps the copy it holds", async (_name, cp, message) => {
     const w = new CheckpointWitness(await openStore(), clock);
@@ -123,12 +124,22 @@ describe("the witness", () => {
     const err = await w.accept("kdc", cp).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(FailedPrecondition);
     expect((err as Error).message).toMatch(message);
-    expect((await w.get("kdc"))?.seq).toBe(5n);
+    expect((await w.get("kdc", key.keyId))?.seq).toBe(5n);
+  });
+
+  it("keeps a peer installed afresh (another checkpoint key) apart, leaving the old record as it was", async () => {
+    const w = new CheckpointWitness(await openStore(), clock);
+    await w.accept("kdc", at(5n));
+    const fresh = deriveCheckpointKey(randomBytes(32));
+    expect((await w.accept("kdc", at(1n, undefined, undefined, fresh))).seq).toBe(1n);
+    expect((await w.get("kdc", fresh.keyId))?.seq).toBe(1n);
+    expect((await w.get("kdc", key.keyId))?.seq).toBe(5n);
+    await expect(w.get("kdc", "not-a-key-id")).rejects.toThrow(/^key_id: must be 64 lowercase hex characters/);
   });
 
   it("accepts a newer checkpoint and the same one again, and refuses a forged one as INVALID_ARGUMENT", async () => {
     const w = new CheckpointWitness(await openStore(), clock);
-    expect(await w.get("kdc")).toBeUndefined();
+    expect(await w.get("kdc", key.keyId)).toBeUndefined();
     await w.accept("kdc", at(5n));
     expect((await w.accept("kdc", at(5n))).seq).toBe(5n);
     expect((await w.accept("kdc", at(9n))).seq).toBe(9n);
@@ -136,7 +147,7 @@ describe("the witness", () => {
     forged.seq = 20n;
     await expect(w.accept("kdc", forged)).rejects.toThrow(/^checkpoint: signature does not verify/);
     await expect(w.accept("kdc", undefined)).rejects.toThrow(/^checkpoint: missing/);
-    expect((await w.get("kdc"))?.seq).toBe(9n);
+    expect((await w.get("kdc", key.keyId))?.seq).toBe(9n);
   });
 });
 
@@ -159,7 +170,7 @@ function witnessPeer(w: CheckpointWitness): CheckpointWitnessPeer & { up: boolea
     },
     fetch: async () => {
       if (!peer.up) throw new Unavailable("connection refused");
-      return w.get("kdc");
+      return w.get("kdc", cpKey.keyId);
     },
   };
   return peer;
@@ -169,12 +180,11 @@ describe("the checkpointer", () => {
   async function setup(dir?: string, witness?: CheckpointWitnessPeer) {
     const store = await openStore(dir);
     const log = createAuditLog(store, { clock });
-    const cp = new AuditCheckpointer(store, log, { key: deriveCheckpointKey(mk), origin: "kdc/0011223344556677", clock, logger });
+    const cp = new AuditCheckpointer(store, log, { key: cpKey, origin: "kdc/0011223344556677", clock, logger });
     if (witness !== undefined) cp.setWitness(witness);
     await cp.start();
     return { store, log: cp.log, cp };
   }
-  const mk = randomBytes(32);
 
   it("signs every entry, at most 1000 per checkpoint, chained without gaps", async () => {
     const { store, log, cp } = await setup();
@@ -228,7 +238,7 @@ describe("the checkpointer", () => {
     for (let i = 1; i <= 3; i++) await first.log.append(entry(i));
     expect((await first.cp.checkpoint())?.seq).toBe(3n);
     await first.cp.close();
-    expect((await w.get("kdc"))?.seq).toBe(3n);
+    expect((await w.get("kdc", cpKey.keyId))?.seq).toBe(3n);
     await first.store.close();
 
     // The store loses its checkpoints (deleted, or an older copy put back).

@@ -922,7 +922,8 @@ export type GetAuditCheckpointResponse = Message<"kmi.audit.v1.GetAuditCheckpoin
   checkpoint?: AuditCheckpoint | undefined;
 
   /**
-   * What the witness holds, as in VerifyAuditLogResponse.witness.
+   * What the witness holds once this checkpoint was handed to it: "holds seq N", "none yet",
+   * "not configured", "unreachable: <why>", "refused: <why>" or "mismatch at seq N".
    *
    * @generated from field: string witness = 2;
    */

@@ -790,7 +790,8 @@ export type GetAuditCheckpointResponse = Message<"kmi.kdc.v1.GetAuditCheckpointR
   checkpoint?: AuditCheckpoint | undefined;
 
   /**
-   * What the witness holds, as in VerifyAuditLogResponse.witness.
+   * What the witness holds once this checkpoint was handed to it: "holds seq N", "none yet",
+   * "not configured", "unreachable: <why>", "refused: <why>" or "mismatch at seq N".
    *
    * @generated from field: string witness = 2;
    */

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kmi/kdc/v1/peer.proto.
  */
 export const file_kmi_kdc_v1_peer: GenFile = /*@__PURE__*/
-  fileDesc("ChVrbWkva2RjL3YxL3BlZXIucHJvdG8SCmttaS5rZGMudjEiKQoYQXV0aGVudGljYXRlVG9rZW5SZXF1ZXN0Eg0KBXRva2VuGAEgASgJIkEKGUF1dGhlbnRpY2F0ZVRva2VuUmVzcG9uc2USJAoFdG9rZW4YASABKAsyFS5rbWkua2RjLnYxLlRva2VuSW5mbyJpCh5Jc3N1ZU1hY2hpbmVDZXJ0aWZpY2F0ZVJlcXVlc3QSDwoHY3NyX3BlbRgBIAEoCRISCgptYWNoaW5lX2lkGAIgASgJEg0KBWdyb3VwGAMgASgJEhMKC3R0bF9zZWNvbmRzGAQgASgNInkKH0lzc3VlTWFjaGluZUNlcnRpZmljYXRlUmVzcG9uc2USFwoPY2VydGlmaWNhdGVfcGVtGAEgASgJEg4KBmNhX3BlbRgCIAEoCRItCglub3RfYWZ0ZXIYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIk4KGFdpdG5lc3NDaGVja3BvaW50UmVxdWVzdBIyCgpjaGVja3BvaW50GAEgASgLMh4ua21pLmNvbW1vbi52MS5BdWRpdENoZWNrcG9pbnQiTgoZV2l0bmVzc0NoZWNrcG9pbnRSZXNwb25zZRIxCgl3aXRuZXNzZWQYASABKAsyHi5rbWkuY29tbW9uLnYxLkF1ZGl0Q2hlY2twb2ludCIfCh1HZXRXaXRuZXNzZWRDaGVja3BvaW50UmVxdWVzdCJTCh5HZXRXaXRuZXNzZWRDaGVja3BvaW50UmVzcG9uc2USMQoJd2l0bmVzc2VkGAEgASgLMh4ua21pLmNvbW1vbi52MS5BdWRpdENoZWNrcG9pbnQytgMKC1BlZXJTZXJ2aWNlEmAKEUF1dGhlbnRpY2F0ZVRva2VuEiQua21pLmtkYy52MS5BdXRoZW50aWNhdGVUb2tlblJlcXVlc3QaJS5rbWkua2RjLnYxLkF1dGhlbnRpY2F0ZVRva2VuUmVzcG9uc2UScgoXSXNzdWVNYWNoaW5lQ2VydGlmaWNhdGUSKi5rbWkua2RjLnYxLklzc3VlTWFjaGluZUNlcnRpZmljYXRlUmVxdWVzdBorLmttaS5rZGMudjEuSXNzdWVNYWNoaW5lQ2VydGlmaWNhdGVSZXNwb25zZRJgChFXaXRuZXNzQ2hlY2twb2ludBIkLmttaS5rZGMudjEuV2l0bmVzc0NoZWNrcG9pbnRSZXF1ZXN0GiUua21pLmtkYy52MS5XaXRuZXNzQ2hlY2twb2ludFJlc3BvbnNlEm8KFkdldFdpdG5lc3NlZENoZWNrcG9pbnQSKS5rbWkua2RjLnYxLkdldFdpdG5lc3NlZENoZWNrcG9pbnRSZXF1ZXN0Gioua21pLmtkYy52MS5HZXRXaXRuZXNzZWRDaGVja3BvaW50UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_kmi_common_v1_checkpoint, file_kmi_kdc_v1_admin]);
+  fileDesc("ChVrbWkva2RjL3YxL3BlZXIucHJvdG8SCmttaS5rZGMudjEiKQoYQXV0aGVudGljYXRlVG9rZW5SZXF1ZXN0Eg0KBXRva2VuGAEgASgJIkEKGUF1dGhlbnRpY2F0ZVRva2VuUmVzcG9uc2USJAoFdG9rZW4YASABKAsyFS5rbWkua2RjLnYxLlRva2VuSW5mbyJpCh5Jc3N1ZU1hY2hpbmVDZXJ0aWZpY2F0ZVJlcXVlc3QSDwoHY3NyX3BlbRgBIAEoCRISCgptYWNoaW5lX2lkGAIgASgJEg0KBWdyb3VwGAMgASgJEhMKC3R0bF9zZWNvbmRzGAQgASgNInkKH0lzc3VlTWFjaGluZUNlcnRpZmljYXRlUmVzcG9uc2USFwoPY2VydGlmaWNhdGVfcGVtGAEgASgJEg4KBmNhX3BlbRgCIAEoCRItCglub3RfYWZ0ZXIYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIk4KGFdpdG5lc3NDaGVja3BvaW50UmVxdWVzdBIyCgpjaGVja3BvaW50GAEgASgLMh4ua21pLmNvbW1vbi52MS5BdWRpdENoZWNrcG9pbnQiTgoZV2l0bmVzc0NoZWNrcG9pbnRSZXNwb25zZRIxCgl3aXRuZXNzZWQYASABKAsyHi5rbWkuY29tbW9uLnYxLkF1ZGl0Q2hlY2twb2ludCIvCh1HZXRXaXRuZXNzZWRDaGVja3BvaW50UmVxdWVzdBIOCgZrZXlfaWQYASABKAkiUwoeR2V0V2l0bmVzc2VkQ2hlY2twb2ludFJlc3BvbnNlEjEKCXdpdG5lc3NlZBgBIAEoCzIeLmttaS5jb21tb24udjEuQXVkaXRDaGVja3BvaW50MrYDCgtQZWVyU2VydmljZRJgChFBdXRoZW50aWNhdGVUb2tlbhIkLmttaS5rZGMudjEuQXV0aGVudGljYXRlVG9rZW5SZXF1ZXN0GiUua21pLmtkYy52MS5BdXRoZW50aWNhdGVUb2tlblJlc3BvbnNlEnIKF0lzc3VlTWFjaGluZUNlcnRpZmljYXRlEioua21pLmtkYy52MS5Jc3N1ZU1hY2hpbmVDZXJ0aWZpY2F0ZVJlcXVlc3QaKy5rbWkua2RjLnYxLklzc3VlTWFjaGluZUNlcnRpZmljYXRlUmVzcG9uc2USYAoRV2l0bmVzc0NoZWNrcG9pbnQSJC5rbWkua2RjLnYxLldpdG5lc3NDaGVja3BvaW50UmVxdWVzdBolLmttaS5rZGMudjEuV2l0bmVzc0NoZWNrcG9pbnRSZXNwb25zZRJvChZHZXRXaXRuZXNzZWRDaGVja3BvaW50Eikua21pLmtkYy52MS5HZXRXaXRuZXNzZWRDaGVja3BvaW50UmVxdWVzdBoqLmttaS5rZGMudjEuR2V0V2l0bmVzc2VkQ2hlY2twb2ludFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_kmi_common_v1_checkpoint, file_kmi_kdc_v1_admin]);
 
 /**
  * AuthenticateTokenRequest carries the bearer secret.
@@ -145,10 +145,10 @@ export const IssueMachineCertificateResponseSchema: GenMessage<IssueMachineCerti
  */
 export type WitnessCheckpointRequest = Message<"kmi.kdc.v1.WitnessCheckpointRequest"> & {
   /**
-   * The checkpoint; required. Its signature must verify with its public_key_der, which must
-   * be the key this witness pinned for the caller (the first one it saw); its origin must be
-   * the pinned one; it must not be older than the witnessed one (a lower seq, or the same
-   * seq with another hash, is FAILED_PRECONDITION: the caller's log was rewritten).
+   * The checkpoint; required. Its signature must verify with its public_key_der. The witness
+   * keeps one checkpoint per caller and checkpoint key: against the one it holds for that key,
+   * the origin must be the same and it must not be older (a lower seq, or the same seq with
+   * another hash, is FAILED_PRECONDITION: the caller's log was truncated or rewritten).
    *
    * @generated from field: kmi.common.v1.AuditCheckpoint checkpoint = 1;
    */
@@ -184,11 +184,20 @@ export const WitnessCheckpointResponseSchema: GenMessage<WitnessCheckpointRespon
   messageDesc(file_kmi_kdc_v1_peer, 5);
 
 /**
- * GetWitnessedCheckpointRequest has no fields: the caller is named by its certificate.
+ * GetWitnessedCheckpointRequest names the caller's checkpoint key (the caller itself is named
+ * by its certificate).
  *
  * @generated from message kmi.kdc.v1.GetWitnessedCheckpointRequest
  */
 export type GetWitnessedCheckpointRequest = Message<"kmi.kdc.v1.GetWitnessedCheckpointRequest"> & {
+  /**
+   * The caller's checkpoint key id (AuditCheckpoint.key_id): 64 lowercase hex characters;
+   * required. A witness keeps one checkpoint per peer and key, so a peer installed afresh (a
+   * new master key, hence a new checkpoint key) starts a new record instead of being refused.
+   *
+   * @generated from field: string key_id = 1;
+   */
+  keyId: string;
 };
 
 /**

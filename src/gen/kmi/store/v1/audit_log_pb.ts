@@ -189,9 +189,9 @@ export const AuditCheckpointRecordSchema: GenMessage<AuditCheckpointRecord> = /*
 
 /**
  * AuditWitnessRecord is the latest checkpoint of the OTHER server's audit log that this
- * server witnessed (table `audit_witness`, key the peer's service name, "kdc" or "audit").
- * Its public key is the one pinned for that peer: a checkpoint signed by another key, of
- * another origin, or that does not extend this one is refused.
+ * server witnessed (table `audit_witness`, key "<peer>/<key_id>": the peer's service name,
+ * "kdc" or "audit", and its checkpoint key id). A checkpoint of another origin under the same
+ * key, or one that does not extend this one, is refused.
  *
  * @generated from message kmi.store.v1.AuditWitnessRecord
  */
