@@ -615,8 +615,9 @@ const auditLogCommands: Command[] = [
     summary: "check the audit log's hash chain against its signed checkpoints and the witness's copy; exit 1 naming the first entry that differs (operator)",
     details: [
       "Checks every entry's hash and link, every signed checkpoint in the store against the entries",
-      "it signed, and the copy the Auditserver keeps as witness. With --checkpoint FILE (from",
-      "`kmi ctl audit checkpoint --out FILE`) it also proves the log still extends that checkpoint.",
+      "it signed, and the copy the other server keeps as witness (the Auditserver for the KDC's log,",
+      "the KDC for the Auditserver's). With --checkpoint FILE (from `kmi ctl audit checkpoint --out",
+      "FILE`) it also proves the log still extends that checkpoint.",
     ].join("\n"),
     flags: { ...kdcConnectionFlags, checkpoint: { type: "string", value: "FILE", help: "an exported checkpoint the log must still extend" } },
     async run(ctx) {
