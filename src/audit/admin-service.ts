@@ -19,7 +19,10 @@ import {
   ReleaseMachineResponseSchema,
   TailAuditLogResponseSchema,
   VerifyAuditLogResponseSchema,
+  GetAuditCheckpointResponseSchema,
 } from "../gen/kmi/audit/v1/admin_pb.js";
+import { FailedPrecondition } from "../common/errors.js";
+import { requireCheckpoint } from "../storage/audit-checkpoint.js";
 import type { AuditEntry } from "../storage/audit-log.js";
 import { kPeerAddress, peerSource } from "../common/rpc.js";
 import { audited } from "./audited.js";
@@ -123,10 +126,32 @@ export function createAuditAdminService(ctx: AuditContext): ServiceImpl<typeof A
         return create(TailAuditLogResponseSchema, { entries: entries.map(auditEntryToProto), headSeq: head.seq });
       }),
 
-    verifyAuditLog: (_req, hctx) =>
+    verifyAuditLog: (req, hctx) =>
       operatorCall(ctx, hctx, "audit.verify", "audit_log", async () => {
-        const r = await ctx.audit.verify();
-        return create(VerifyAuditLogResponseSchema, { ok: r.ok, entries: BigInt(r.entries), firstBadSeq: r.firstBadSeq, problem: r.problem, headHash: r.headHash });
+        const exported = req.checkpoint === undefined ? undefined : requireCheckpoint(req.checkpoint, "checkpoint");
+        if (ctx.checkpoints === undefined) {
+          if (exported !== undefined) throw new FailedPrecondition("checkpoint: this Auditserver keeps no checkpoints");
+          const r = await ctx.audit.verify();
+          return create(VerifyAuditLogResponseSchema, { ok: r.ok, entries: BigInt(r.entries), firstBadSeq: r.firstBadSeq, problem: r.problem, headHash: r.headHash, witness: "not configured" });
+        }
+        const r = await ctx.checkpoints.verify(exported);
+        return create(VerifyAuditLogResponseSchema, {
+          ok: r.ok,
+          entries: BigInt(r.entries),
+          firstBadSeq: r.firstBadSeq,
+          problem: r.problem,
+          headHash: r.headHash,
+          checkpointSeq: r.checkpointSeq,
+          witness: r.witness,
+          headSeq: r.headSeq,
+        });
+      }),
+
+    getAuditCheckpoint: (_req, hctx) =>
+      operatorCall(ctx, hctx, "audit.checkpoint", "audit_log", async () => {
+        const checkpoint = await ctx.checkpoints?.checkpoint();
+        if (checkpoint === undefined) throw new FailedPrecondition("audit log: no checkpoint to export (the log is empty, or this Auditserver keeps none)");
+        return create(GetAuditCheckpointResponseSchema, { checkpoint, witness: await ctx.checkpoints!.witnessed() });
       }),
   };
 }

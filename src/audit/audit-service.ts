@@ -7,6 +7,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { publicKeyPem } from "../attest/index.js";
+import { FailedPrecondition, PermissionDenied } from "../common/errors.js";
 import { kDraining, kPeer, kPeerAddress, peerSource } from "../common/rpc.js";
 import {
   AttestResponseSchema,
@@ -14,9 +15,11 @@ import {
   EnrollResponseSchema,
   GetAttestationKeyResponseSchema,
   GetAttestationNonceResponseSchema,
+  GetWitnessedCheckpointResponseSchema,
   MachineStatusChangeSchema,
   RenewMachineCertificateResponseSchema,
   WatchMachineStatusResponseSchema,
+  WitnessCheckpointResponseSchema,
   type WatchMachineStatusResponse,
 } from "../gen/kmi/audit/v1/audit_pb.js";
 import { attest, issueNonce } from "./attestation.js";
@@ -36,6 +39,15 @@ function peerActor(hctx: HandlerContext): string {
   if (peer?.authorized && peer.machineId !== undefined) return `machine:${peer.machineId}`;
   if (peer?.authorized && peer.serviceName !== undefined) return `service:${peer.serviceName}`;
   return "anonymous";
+}
+
+/** The witness keeper, and the caller, which must be the KDC (kmi://service/kdc). */
+function kdcWitness(ctx: AuditContext, hctx: HandlerContext) {
+  if (requireServicePeer(hctx.values.get(kPeer)) !== "kdc") {
+    throw new PermissionDenied("client certificate: only the KDC (kmi://service/kdc) keeps its audit checkpoints here");
+  }
+  if (ctx.witness === undefined) throw new FailedPrecondition("this Auditserver keeps no checkpoints");
+  return ctx.witness;
 }
 
 function changeToProto(c: StatusChange) {
@@ -88,6 +100,18 @@ export function createAuditService(ctx: AuditContext, options: { keepaliveMs?: n
 
     getAttestationKey: async () =>
       create(GetAttestationKeyResponseSchema, { publicKeyPem: publicKeyPem(ctx.attestationKey.publicKey), keyId: ctx.attestationKey.keyId }),
+
+    witnessCheckpoint: (req, hctx) =>
+      machineCall(hctx, "audit.checkpoint.witness", async () => {
+        const witnessed = await kdcWitness(ctx, hctx).accept("kdc", req.checkpoint);
+        return create(WitnessCheckpointResponseSchema, { witnessed });
+      }),
+
+    getWitnessedCheckpoint: (req, hctx) =>
+      machineCall(hctx, "audit.checkpoint.get_witnessed", async () => {
+        const witnessed = await kdcWitness(ctx, hctx).get("kdc", req.keyId);
+        return create(GetWitnessedCheckpointResponseSchema, witnessed === undefined ? {} : { witnessed });
+      }),
 
     async *watchMachineStatus(_req, hctx): AsyncGenerator<WatchMachineStatusResponse> {
       // Subscribe before reading the snapshot, so no change falls between the two (a change

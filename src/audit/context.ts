@@ -8,6 +8,8 @@ import type { KeyObject } from "node:crypto";
 import type { Logger } from "../common/logger.js";
 import type { TokenInfo } from "../gen/kmi/kdc/v1/admin_pb.js";
 import type { AuditEntry, AuditEntryInput, AuditTailOptions, AuditVerifyResult } from "../storage/audit-log.js";
+import type { AuditCheckpoint } from "../storage/audit-checkpoint.js";
+import type { CheckpointedVerifyResult } from "../storage/audit-checkpointer.js";
 import type { BatchOp, Store } from "../storage/store.js";
 import type { KeyedMutex } from "./mutex.js";
 import type { MachineStatusHub } from "./status-hub.js";
@@ -32,6 +34,24 @@ export interface AuditSink {
   verify(): Promise<AuditVerifyResult>;
   /** Last seq and hash. */
   head(): Promise<{ seq: bigint; hash: string }>;
+}
+
+/** Signed checkpoints of this server's audit log (src/storage/audit-checkpointer.ts). */
+export interface AuditCheckpoints {
+  /** Checks the chain and the signed checkpoints (stored, witnessed, and `exported` when given). */
+  verify(exported?: AuditCheckpoint): Promise<CheckpointedVerifyResult>;
+  /** Signs the head now (when it moved) and returns the newest checkpoint; undefined for an empty log. */
+  checkpoint(): Promise<AuditCheckpoint | undefined>;
+  /** Waits for the checkpoints handed to the witness so far, then says what it holds. */
+  witnessed(): Promise<string>;
+}
+
+/** The other server's checkpoints that this server keeps as its witness. */
+export interface CheckpointWitnessKeeper {
+  /** Checks and keeps `cp` for `peer`; FAILED_PRECONDITION when it does not extend the one held. */
+  accept(peer: string, cp: AuditCheckpoint | undefined): Promise<AuditCheckpoint>;
+  /** The latest checkpoint held for `peer`'s checkpoint key `keyId`. */
+  get(peer: string, keyId: string): Promise<AuditCheckpoint | undefined>;
 }
 
 /** A machine certificate as the KDC returns it. */
@@ -115,4 +135,8 @@ export interface AuditContext {
   logger: Logger;
   /** Tunables. */
   policy: AuditPolicy;
+  /** Signed checkpoints of `audit` (absent in tests that build a context by hand: verify walks the chain only). */
+  checkpoints?: AuditCheckpoints;
+  /** The KDC's checkpoints kept here as its witness. */
+  witness?: CheckpointWitnessKeeper;
 }

@@ -13,6 +13,8 @@ import type { Logger } from "../common/logger.js";
 import { parseListenAddress } from "../common/listen.js";
 import { createMetricsRegistry, startMetricsServer, type MetricsServer } from "../common/metrics.js";
 import { createAuditLog, deriveAuditKey, keyedHash } from "../storage/audit-log.js";
+import { CheckpointWitness, deriveCheckpointKey } from "../storage/audit-checkpoint.js";
+import { AuditCheckpointer } from "../storage/audit-checkpointer.js";
 import type { LevelStore } from "../storage/level-store.js";
 import { open as unseal } from "../storage/seal.js";
 import { sweepNonces } from "./attestation.js";
@@ -58,6 +60,7 @@ export class AuditServer {
     private readonly server: ConnectServer,
     private readonly opts: AuditServerOptions,
     private readonly metrics: ReturnType<typeof createMetricsRegistry>,
+    private readonly checkpoints: AuditCheckpointer,
   ) {}
 
   /** Opens the data directory and builds the server (nothing listens yet). */
@@ -81,6 +84,7 @@ export class AuditServer {
       const attPkcs8 = unseal(masterKey, att.privateKey, credentialAad(ATTESTATION_KEY));
       const tlsPkcs8 = unseal(masterKey, tls.privateKey, credentialAad(SERVICE_TLS_KEY));
       const hmacKey = deriveAuditKey(masterKey);
+      const checkpointKey = deriveCheckpointKey(masterKey);
       masterKey.fill(0);
       const attestationPrivate = createPrivateKey({ key: Buffer.from(attPkcs8), format: "der", type: "pkcs8" });
       // The TLS key stays in this process's memory only; node's TLS wants PEM.
@@ -97,10 +101,22 @@ export class AuditServer {
         logger.warn("the Auditserver's TLS certificate expires soon; run `kmi audit init --reissue-certificate` with an operator token", { not_after: notAfter.toISOString() });
       }
       const kdcUrl = opts.kdcUrl ?? meta.kdcUrl;
-      const kdc = opts.kdc ?? createKdcPeer({ url: kdcUrl, caPem, certPem, keyPem: tlsKeyPem, logger });
+      const realKdc = opts.kdc === undefined ? createKdcPeer({ url: kdcUrl, caPem, certPem, keyPem: tlsKeyPem, logger }) : undefined;
+      const kdc = opts.kdc ?? realKdc!;
+      const checkpoints = new AuditCheckpointer(store, createAuditLog(store, { clock }), { key: checkpointKey, origin: `audit/${meta.auditId}`, clock, logger });
+      if (realKdc !== undefined) {
+        // The KDC keeps the Auditserver's newest audit checkpoint (and the Auditserver the KDC's).
+        checkpoints.setWitness({
+          name: "the KDC",
+          submit: async (checkpoint) => (await realKdc.client.witnessCheckpoint({ checkpoint })).witnessed,
+          fetch: async () => (await realKdc.client.getWitnessedCheckpoint({ keyId: checkpoints.identity.keyId })).witnessed,
+        });
+      }
       const ctx: AuditContext = {
         store,
-        audit: createAuditLog(store, { clock }),
+        audit: checkpoints.log,
+        checkpoints,
+        witness: new CheckpointWitness(store, clock),
         keyedHash: (v) => keyedHash(hmacKey, v),
         kdc,
         csr: createCsrChecker(),
@@ -114,6 +130,8 @@ export class AuditServer {
       };
       const metrics = createMetricsRegistry();
       metrics.gauge("kmi_audit_refusals_suppressed", "Refusals of unauthenticated callers counted past their address's budget, not written to the audit log, since start.", [], (g) => g.set(ctx.audit.suppressedRefusals));
+      metrics.gauge("kmi_audit_audit_checkpoint_seq", "Seq of the newest signed checkpoint of the Auditserver's audit log.", [], (g) => g.set(Number(checkpoints.lastSeq)));
+      metrics.gauge("kmi_audit_audit_checkpoints_stopped", "1 when the audit log does not extend its signed checkpoints and no more are signed (run kmi ctl audit verify --server audit).", [], (g) => g.set(checkpoints.broken === undefined ? 0 : 1));
       const server = ConnectServer.create({
         name: "audit",
         services: services(ctx),
@@ -123,7 +141,7 @@ export class AuditServer {
         ...(opts.shutdownTimeoutMs !== undefined ? { shutdownTimeoutMs: opts.shutdownTimeoutMs } : {}),
       });
       logger.info("audit store opened", { data_dir: opts.dataDir, audit_id: meta.auditId, kdc: kdcUrl, attestation_key_id: att.keyId });
-      return new AuditServer(ctx, store, server, opts, metrics);
+      return new AuditServer(ctx, store, server, opts, metrics, checkpoints);
     } catch (err) {
       masterKey.fill(0);
       await store.close();
@@ -134,6 +152,7 @@ export class AuditServer {
   /** Starts listening; resolves with the bound addresses. */
   async start(): Promise<BoundAddresses> {
     const bound = await this.server.start();
+    await this.checkpoints.start();
     if (this.opts.metricsListen !== undefined) {
       this.metricsServer = await startMetricsServer(this.metrics, parseListenAddress(this.opts.metricsListen), this.opts.logger);
     }
@@ -154,6 +173,8 @@ export class AuditServer {
     clearInterval(this.sweeper);
     try {
       await this.server.destroy();
+      // The last entries get signed and handed to the witness before the store closes.
+      await this.checkpoints.close();
       await this.metricsServer?.close();
     } finally {
       await this.store.close();

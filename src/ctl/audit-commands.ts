@@ -1,13 +1,13 @@
 /**
  * The Auditserver's `kmi ctl` commands: machine groups and their approved measurements, join
- * tokens, machines and quarantine, and `audit tail|verify --server audit`.
+ * tokens, machines and quarantine, and `audit tail|verify|checkpoint --server audit`.
  *
  * They talk to the Auditserver (`--audit URL`, KMI_CTL_AUDIT, default https://127.0.0.1:7444)
  * with the same operator token and CA file as the KDC's commands (the Auditserver checks the
  * token with the KDC; both servers' certificates come from the infrastructure CA).
  *
  * `registerAuditCommands(kdcCommands)` returns the command table with these commands added,
- * and with the KDC's `audit tail` and `audit verify` taking `--server kdc|audit`.
+ * and with the KDC's `audit tail`, `audit verify` and `audit checkpoint` taking `--server kdc|audit`.
  */
 import { toJson, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
 import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
@@ -29,6 +29,7 @@ import {
   type Machine,
 } from "../gen/kmi/audit/v1/admin_pb.js";
 import { MachineStatus } from "../gen/kmi/audit/v1/audit_pb.js";
+import { outputCheckpoint, readCheckpointFile, verifyText } from "./checkpoint-file.js";
 import { kdcConnectionFlags } from "./client.js";
 import type { Command, CommandContext } from "./command.js";
 import type { FlagSpecs } from "./flags.js";
@@ -337,14 +338,20 @@ async function tailAudit(ctx: CommandContext): Promise<void> {
 /** `audit verify --server audit`. */
 async function verifyAudit(ctx: CommandContext): Promise<number | void> {
   ctx.args.noPositionals();
-  const res = await admin(ctx).verifyAuditLog({});
-  ctx.out.result(json(VerifyAuditLogResponseSchema, res), () =>
-    res.ok ? `audit log ok: ${res.entries} entries, head ${res.headHash}\n` : `audit log BROKEN at entry ${res.firstBadSeq}: ${res.problem} (${res.entries} entries checked)\n`,
-  );
+  const given = readCheckpointFile(ctx);
+  const res = await admin(ctx).verifyAuditLog(given === undefined ? {} : { checkpoint: given });
+  ctx.out.result(json(VerifyAuditLogResponseSchema, res), () => verifyText(res, given));
   if (!res.ok) {
     ctx.out.note(`kmi ctl: the Auditserver's audit log does not verify at entry ${res.firstBadSeq}: ${res.problem}; treat its store as tampered with`);
     return ExitCode.failure;
   }
+}
+
+/** `audit checkpoint --server audit`. */
+async function checkpointAudit(ctx: CommandContext): Promise<void> {
+  ctx.args.noPositionals();
+  const res = await admin(ctx).getAuditCheckpoint({});
+  outputCheckpoint(ctx, res.checkpoint!, res.witness);
 }
 
 /** Wraps the KDC's `audit tail`/`audit verify` so that `--server audit` asks the Auditserver. */
@@ -367,7 +374,9 @@ export const auditCommands: readonly Command[] = [...groupCommands, ...joinToken
  */
 export function registerAuditCommands(base: readonly Command[]): Command[] {
   const isName = (c: Command, verb: string) => c.name.length === 2 && c.name[0] === "audit" && c.name[1] === verb;
-  const out = base.map((c) => (isName(c, "tail") ? withServerFlag(c, tailAudit) : isName(c, "verify") ? withServerFlag(c, verifyAudit) : c));
+  const out = base.map((c) =>
+    isName(c, "tail") ? withServerFlag(c, tailAudit) : isName(c, "verify") ? withServerFlag(c, verifyAudit) : isName(c, "checkpoint") ? withServerFlag(c, checkpointAudit) : c,
+  );
   if (!base.some((c) => isName(c, "tail"))) {
     out.push({
       name: ["audit", "tail"],
@@ -377,7 +386,10 @@ export function registerAuditCommands(base: readonly Command[]): Command[] {
     });
   }
   if (!base.some((c) => isName(c, "verify"))) {
-    out.push({ name: ["audit", "verify"], summary: "walk the Auditserver's audit log hash chain (operator)", flags: { ...auditConnectionFlags, ...serverFlag }, run: verifyAudit });
+    out.push({ name: ["audit", "verify"], summary: "check the Auditserver's audit log against its signed checkpoints (operator)", flags: { ...auditConnectionFlags, ...serverFlag, checkpoint: { type: "string", value: "FILE", help: "an exported checkpoint the log must still extend" } }, run: verifyAudit });
+  }
+  if (!base.some((c) => isName(c, "checkpoint"))) {
+    out.push({ name: ["audit", "checkpoint"], summary: "export a signed checkpoint of the Auditserver's audit log (operator)", flags: { ...auditConnectionFlags, ...serverFlag, out: { type: "string", value: "FILE", help: "write it to FILE" } }, run: checkpointAudit });
   }
   return [...out, ...auditCommands];
 }

@@ -46,6 +46,7 @@ import {
   type SigningKey,
 } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import { ProgressMeter, progressWanted } from "../common/progress-meter.js";
+import { outputCheckpoint, readCheckpointFile, verifyText } from "./checkpoint-file.js";
 import { DEFAULT_KDC_URL, kdcConnectionFlags } from "./client.js";
 import type { Command, CommandContext } from "./command.js";
 import type { FlagSpecs } from "./flags.js";
@@ -675,20 +676,34 @@ const auditLogCommands: Command[] = [
   },
   {
     name: ["audit", "verify"],
-    summary: "walk the audit log's hash chain; exit 1 naming the first bad entry (operator)",
-    flags: { ...kdcConnectionFlags },
+    summary: "check the audit log's hash chain against its signed checkpoints and the witness's copy; exit 1 naming the first entry that differs (operator)",
+    details: [
+      "Checks every entry's hash and link, every signed checkpoint in the store against the entries",
+      "it signed, and the copy the other server keeps as witness (the Auditserver for the KDC's log,",
+      "the KDC for the Auditserver's). With --checkpoint FILE (from `kmi ctl audit checkpoint --out",
+      "FILE`) it also proves the log still extends that checkpoint.",
+    ].join("\n"),
+    flags: { ...kdcConnectionFlags, checkpoint: { type: "string", value: "FILE", help: "an exported checkpoint the log must still extend" } },
     async run(ctx) {
       ctx.args.noPositionals();
-      const res = await kdc(ctx).admin.verifyAuditLog({});
-      ctx.out.result(json(VerifyAuditLogResponseSchema, res), () =>
-        res.ok
-          ? `audit log ok: ${res.entries} entries, head ${res.headHash}\n`
-          : `audit log BROKEN at entry ${res.firstBadSeq}: ${res.problem} (${res.entries} entries checked)\n`,
-      );
+      const given = readCheckpointFile(ctx);
+      const res = await kdc(ctx).admin.verifyAuditLog(given === undefined ? {} : { checkpoint: given });
+      ctx.out.result(json(VerifyAuditLogResponseSchema, res), () => verifyText(res, given));
       if (!res.ok) {
         ctx.out.note(`kmi ctl: the audit log does not verify at entry ${res.firstBadSeq}: ${res.problem}; treat the KDC's store as tampered with`);
         return ExitCode.failure;
       }
+    },
+  },
+  {
+    name: ["audit", "checkpoint"],
+    summary: "sign the audit log's head now and export the checkpoint, to keep outside the server (operator)",
+    details: "example:\n  kmi ctl audit checkpoint --out kdc-audit-$(date +%F).json\n  kmi ctl audit verify --checkpoint kdc-audit-2026-01-31.json",
+    flags: { ...kdcConnectionFlags, out: { type: "string", value: "FILE", help: "write the checkpoint (JSON) to FILE instead of stdout" } },
+    async run(ctx) {
+      ctx.args.noPositionals();
+      const res = await kdc(ctx).admin.getAuditCheckpoint({});
+      outputCheckpoint(ctx, res.checkpoint!, res.witness);
     },
   },
 ];

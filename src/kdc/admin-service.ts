@@ -4,7 +4,9 @@
  */
 import { create } from "@bufbuild/protobuf";
 import type { ServiceImpl } from "@connectrpc/connect";
+import { FailedPrecondition } from "../common/errors.js";
 import { VERSION } from "../common/version.js";
+import { requireCheckpoint } from "../storage/audit-checkpoint.js";
 import {
   CreateTenantResponseSchema,
   CreateTokenResponseSchema,
@@ -19,6 +21,7 @@ import {
   TailAuditLogResponseSchema,
   TenantStatusSchema,
   VerifyAuditLogResponseSchema,
+  GetAuditCheckpointResponseSchema,
 } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { actorOf } from "./authz.js";
 import type { AuditEntry } from "../storage/audit-log.js";
@@ -168,11 +171,38 @@ export function createAdminService(ctx: KdcContext, ops: KdcOperations): Service
       handle(ctx, hctx, req, {
         target: () => "audit-log",
         auth: "token",
+        parse: (r) => ({ checkpoint: r.checkpoint === undefined ? undefined : requireCheckpoint(r.checkpoint, "checkpoint") }),
+        need: operator,
+        act: async (_c, i) => {
+          if (ctx.checkpoints === undefined) {
+            if (i.checkpoint !== undefined) throw new FailedPrecondition("checkpoint: this KDC keeps no checkpoints");
+            const r = await ctx.audit.verify();
+            return create(VerifyAuditLogResponseSchema, { ok: r.ok, entries: BigInt(r.entries), firstBadSeq: r.firstBadSeq, problem: r.problem, headHash: r.headHash, witness: "not configured" });
+          }
+          const r = await ctx.checkpoints.verify(i.checkpoint);
+          return create(VerifyAuditLogResponseSchema, {
+            ok: r.ok,
+            entries: BigInt(r.entries),
+            firstBadSeq: r.firstBadSeq,
+            problem: r.problem,
+            headHash: r.headHash,
+            checkpointSeq: r.checkpointSeq,
+            witness: r.witness,
+            headSeq: r.headSeq,
+          });
+        },
+      }),
+
+    getAuditCheckpoint: (req, hctx) =>
+      handle(ctx, hctx, req, {
+        target: () => "audit-log",
+        auth: "token",
         parse: none,
         need: operator,
         act: async () => {
-          const r = await ctx.audit.verify();
-          return create(VerifyAuditLogResponseSchema, { ok: r.ok, entries: BigInt(r.entries), firstBadSeq: r.firstBadSeq, problem: r.problem, headHash: r.headHash });
+          const checkpoint = await ctx.checkpoints?.checkpoint();
+          if (checkpoint === undefined) throw new FailedPrecondition("audit log: no checkpoint to export (the log is empty, or this KDC keeps none)");
+          return create(GetAuditCheckpointResponseSchema, { checkpoint, witness: await ctx.checkpoints!.witnessed() });
         },
       }),
 

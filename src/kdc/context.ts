@@ -10,6 +10,8 @@ import type { SealedBlob } from "../gen/kmi/store/v1/envelope_pb.js";
 import type { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
 import type { Logger } from "../common/logger.js";
 import type { AuditEntry, AuditEntryInput, AuditTailOptions, AuditVerifyResult } from "../storage/audit-log.js";
+import type { AuditCheckpoint } from "../storage/audit-checkpoint.js";
+import type { CheckpointedVerifyResult } from "../storage/audit-checkpointer.js";
 import type { BatchOp } from "../storage/store.js";
 import type { AttestedMachine } from "./authz.js";
 import type { KdcStore } from "./kdc-store.js";
@@ -31,6 +33,24 @@ export interface AuditSink {
   tail(options?: AuditTailOptions): Promise<AuditEntry[]>;
   verify(): Promise<AuditVerifyResult>;
   head(): Promise<{ seq: bigint; hash: string }>;
+}
+
+/** Signed checkpoints of this server's audit log (src/storage/audit-checkpointer.ts). */
+export interface AuditCheckpoints {
+  /** Checks the chain and the signed checkpoints (stored, witnessed, and `exported` when given). */
+  verify(exported?: AuditCheckpoint): Promise<CheckpointedVerifyResult>;
+  /** Signs the head now (when it moved) and returns the newest checkpoint; undefined for an empty log. */
+  checkpoint(): Promise<AuditCheckpoint | undefined>;
+  /** Waits for the checkpoints handed to the witness so far, then says what it holds. */
+  witnessed(): Promise<string>;
+}
+
+/** The other server's checkpoints that this server keeps as its witness. */
+export interface CheckpointWitnessKeeper {
+  /** Checks and keeps `cp` for `peer`; FAILED_PRECONDITION when it does not extend the one held. */
+  accept(peer: string, cp: AuditCheckpoint | undefined): Promise<AuditCheckpoint>;
+  /** The latest checkpoint held for `peer`'s checkpoint key `keyId`. */
+  get(peer: string, keyId: string): Promise<AuditCheckpoint | undefined>;
 }
 
 /** Envelope encryption under the master key. */
@@ -192,4 +212,8 @@ export interface KdcContext {
   leaseMs: number;
   /** How long a PENDING version waits for its signed certificate, ms (then an upload is refused). */
   pendingTtlMs: number;
+  /** Signed checkpoints of `audit` (absent in tests that build a context by hand: verify walks the chain only). */
+  checkpoints?: AuditCheckpoints;
+  /** The Auditserver's checkpoints kept here as its witness. */
+  witness?: CheckpointWitnessKeeper;
 }

@@ -19,6 +19,8 @@ import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
 import { Role } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { CredentialRecordSchema, KdcMetaRecordSchema, TokenRecordSchema, type CredentialRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import { AuditLog } from "../storage/audit-log.js";
+import { CheckpointWitness, deriveCheckpointKey } from "../storage/audit-checkpoint.js";
+import { AuditCheckpointer } from "../storage/audit-checkpointer.js";
 import { openLevelStore, type LevelStore } from "../storage/level-store.js";
 import { initServerMasterKey, loadServerMasterKey, type MasterKeyOptions } from "../storage/master-key.js";
 import type { BatchOp } from "../storage/store.js";
@@ -222,6 +224,8 @@ export interface OpenedKdc {
   hub: WatchHub;
   /** The quarantine set (also `ctx.quarantine`), fed by the Auditserver's status stream. */
   quarantine: QuarantineRegistry;
+  /** Signed checkpoints of the audit log (also `ctx.checkpoints`); started by the server. */
+  checkpoints: AuditCheckpointer;
 }
 
 /** Default lease of a released secret: one day. */
@@ -261,14 +265,18 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
     }
     const clock = opts.clock ?? { now: () => new Date() };
     const sealer = createSealer(key);
+    const checkpointKey = deriveCheckpointKey(key);
     key.fill(0);
     // Fail at start, not on the first call, when the master key is not this store's.
     const root = await kdcStore.getCredential(CREDENTIAL.kmiRoot);
     if (root?.privateKey === undefined) throw new FailedPrecondition(`data dir ${opts.dataDir}: the KMI root credential is missing; restore the store from a backup`);
     sealer.open(root.privateKey, credentialAad(CREDENTIAL.kmiRoot)).fill(0);
+    const checkpoints = new AuditCheckpointer(store, new AuditLog(store, { clock }), { key: checkpointKey, origin: `kdc/${meta.kdcId}`, clock, logger: opts.logger });
     const base = {
       store: kdcStore,
-      audit: new AuditLog(store, { clock }),
+      audit: checkpoints.log,
+      checkpoints,
+      witness: new CheckpointWitness(store, clock),
       sealer,
       pki: opts.pki ?? createPkiAdapter(),
       clock,
@@ -284,7 +292,7 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
     const hub = new WatchHub({ ...base, quarantine }, new SecretRelease(base), opts.watch);
     quarantine.setListener(hub);
     const ctx: KdcContext = { ...base, quarantine, events: hub, watches: hub };
-    return { ctx, store, hub, quarantine };
+    return { ctx, store, hub, quarantine, checkpoints };
   } catch (err) {
     await store.close();
     throw err;

@@ -5,8 +5,14 @@
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
-import { InvalidArgument } from "../common/errors.js";
-import { AuthenticateTokenResponseSchema, IssueMachineCertificateResponseSchema, PeerService } from "../gen/kmi/kdc/v1/peer_pb.js";
+import { FailedPrecondition, InvalidArgument } from "../common/errors.js";
+import {
+  AuthenticateTokenResponseSchema,
+  GetWitnessedCheckpointResponseSchema,
+  IssueMachineCertificateResponseSchema,
+  PeerService,
+  WitnessCheckpointResponseSchema,
+} from "../gen/kmi/kdc/v1/peer_pb.js";
 import { actorOf, authenticateToken } from "./authz.js";
 import type { KdcContext } from "./context.js";
 import { handle } from "./handler.js";
@@ -18,9 +24,38 @@ import * as V from "./validate.js";
 const service = () => ({ kind: "service" }) as const;
 const auditService = () => ({ kind: "service", names: ["audit"] }) as const;
 
+function witness(ctx: KdcContext) {
+  if (ctx.witness === undefined) throw new FailedPrecondition("this KDC keeps no checkpoints");
+  return ctx.witness;
+}
+
 /** PeerService over the KDC's context and operations. */
 export function createPeerService(ctx: KdcContext, ops: KdcOperations): ServiceImpl<typeof PeerService> {
   return {
+    witnessCheckpoint: (req, hctx) =>
+      handle(ctx, hctx, req, {
+        // Why only refusals are logged: an accepted checkpoint is not a change of the KDC's
+        // security state, and logging it would checkpoint again, back and forth.
+        action: "audit.checkpoint.witness",
+        target: () => "audit-checkpoint/audit",
+        auth: "peer",
+        parse: (r) => ({ checkpoint: r.checkpoint }),
+        need: auditService,
+        act: async (_c, i) => create(WitnessCheckpointResponseSchema, { witnessed: await witness(ctx).accept("audit", i.checkpoint) }),
+      }),
+
+    getWitnessedCheckpoint: (req, hctx) =>
+      handle(ctx, hctx, req, {
+        target: () => "audit-checkpoint/audit",
+        auth: "peer",
+        parse: (r) => ({ keyId: r.keyId }),
+        need: auditService,
+        act: async (_c, i) => {
+          const witnessed = await witness(ctx).get("audit", i.keyId);
+          return create(GetWitnessedCheckpointResponseSchema, witnessed === undefined ? {} : { witnessed });
+        },
+      }),
+
     authenticateToken: (req, hctx) =>
       handle(ctx, hctx, req, {
         target: () => "token",

@@ -112,6 +112,8 @@ export class KdcServer {
       const portalDir = opts.portalDir ?? defaultPortalDir();
       const portal = portalDir === undefined ? undefined : await PortalSite.load(portalDir);
       if (portal === undefined) opts.logger.warn("the portal is not built (run `npm run build:web`); the KDC serves its API only", {});
+      metrics.gauge("kmi_kdc_audit_checkpoint_seq", "Seq of the newest signed checkpoint of the KDC's audit log.", [], (g) => g.set(Number(opened.checkpoints.lastSeq)));
+      metrics.gauge("kmi_kdc_audit_checkpoints_stopped", "1 when the audit log does not extend its signed checkpoints and no more are signed (run kmi ctl audit verify).", [], (g) => g.set(opened.checkpoints.broken === undefined ? 0 : 1));
       const server = ConnectServer.create({
         name: "kdc",
         // The portal's operator pages reach the Auditserver through this KDC (when it knows one).
@@ -133,6 +135,12 @@ export class KdcServer {
           watch: (signal) => client.client.watchMachineStatus({}, { signal }),
         });
         audit = { client, key: fetchedKey, feed };
+        // The Auditserver keeps the KDC's newest audit checkpoint (and the KDC the Auditserver's).
+        opened.checkpoints.setWitness({
+          name: "the Auditserver",
+          submit: async (checkpoint) => (await client.client.witnessCheckpoint({ checkpoint }, { timeoutMs: 10_000 })).witnessed,
+          fetch: async () => (await client.client.getWitnessedCheckpoint({ keyId: opened.checkpoints.identity.keyId }, { timeoutMs: 10_000 })).witnessed,
+        });
       } else {
         opts.logger.warn("no --audit-url: quarantines are not received from the Auditserver (the ones stored still apply)", {
           quarantined: opened.quarantine.list().length,
@@ -201,6 +209,7 @@ export class KdcServer {
     const bound = await this.server.start();
     this.audit?.key?.start();
     this.audit?.feed.start();
+    await this.opened.checkpoints.start();
     if (this.opts.metricsListen !== undefined) {
       this.metricsServer = await startMetricsServer(this.metrics, parseListenAddress(this.opts.metricsListen), this.opts.logger);
     }
@@ -215,11 +224,13 @@ export class KdcServer {
     try {
       await this.audit?.feed.close();
       await this.audit?.key?.close();
-      this.audit?.client.close();
       // Watch streams end now (OK): agents reconnect to another KDC or when this one is back.
       this.opened.hub.closeAll();
       await this.server.destroy();
       await this.opened.hub.settled();
+      // The last entries get signed and handed to the witness before the store closes.
+      await this.opened.checkpoints.close();
+      this.audit?.client.close();
       await this.metricsServer?.close();
     } finally {
       await this.store.close();

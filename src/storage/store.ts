@@ -14,6 +14,8 @@
  * | `_meta`      | `store`                       | kmi.store.v1.StoreInfo         | the store itself |
  * | `audit_log`  | `numericKey(seq)` (20 digits) | kmi.store.v1.AuditEntryRecord  | ./audit-log.ts   |
  * | `audit_meta` | `head`                        | kmi.store.v1.AuditHeadRecord   | ./audit-log.ts   |
+ * | `audit_checkpoints` | `numericKey(seq)`      | kmi.store.v1.AuditCheckpointRecord | ./audit-checkpointer.ts |
+ * | `audit_witness` | `<peer>/<key id>`      | kmi.store.v1.AuditWitnessRecord | ./audit-checkpoint.ts |
  * | KDC tables   | see below                     | see below                      | src/kdc          |
  *
  * The KDC's tables (`meta`, `credentials`, `tenants`, `tokens`, `versions`, `signing_keys`,

@@ -65,6 +65,7 @@ const cases: Record<string, Case> = {
   "signing-key revoke": { argv: () => ["signing-key", "revoke", "sk1", "--tenant", "acme", "--reason", "json test"] },
   "audit tail": { argv: () => ["audit", "tail", "--limit", "5"] },
   "audit verify": { argv: () => ["audit", "verify"] },
+  "audit checkpoint": { argv: () => ["audit", "checkpoint"] },
   "service-cert issue": {
     argv: async () => {
       const csr = join(mesh.data.dir, "svc.csr");

@@ -494,11 +494,14 @@ describe("authorization", () => {
     ["IssueServiceCertificate", (c) => c(KdcAdminService).issueServiceCertificate({ csrPem: "x", serviceName: "evil", dnsNames: ["a"] })],
     ["TailAuditLog", (c) => c(KdcAdminService).tailAuditLog({})],
     ["VerifyAuditLog", (c) => c(KdcAdminService).verifyAuditLog({})],
+    ["GetAuditCheckpoint", (c) => c(KdcAdminService).getAuditCheckpoint({})],
     ["GetKdcStatus", (c) => c(KdcAdminService).getKdcStatus({})],
   ];
   const peerCalls: [string, (c: ReturnType<typeof clients>) => Promise<unknown>][] = [
     ["AuthenticateToken", (c) => c(PeerService).authenticateToken({ token: "x" })],
     ["IssueMachineCertificate", (c) => c(PeerService).issueMachineCertificate({ csrPem: "x", machineId: "m1", group: "g", ttlSeconds: 600 })],
+    ["WitnessCheckpoint", (c) => c(PeerService).witnessCheckpoint({})],
+    ["GetWitnessedCheckpoint", (c) => c(PeerService).getWitnessedCheckpoint({})],
   ];
 
   it.each([...tenantCalls.map(([n, f]) => [n, (c: ReturnType<typeof clients>) => f(c, "acme")] as const), ...operatorCalls])(

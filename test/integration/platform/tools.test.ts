@@ -54,7 +54,7 @@ beforeAll(async () => {
   const plugin = "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin";
   const gen1 = await run("protoc", [
     `--descriptor_set_in=${image}`, `--python_out=${pyGen}`, `--grpc_python_out=${pyGen}`, plugin,
-    "kmi/kdc/v1/admin.proto", "kmi/agent/v1/agent.proto", "kmi/common/v1/common.proto",
+    "kmi/kdc/v1/admin.proto", "kmi/agent/v1/agent.proto", "kmi/common/v1/common.proto", "kmi/common/v1/checkpoint.proto",
   ]);
   expect(gen1.code, gen1.stderr).toBe(0);
   await cp(join(REPO_ROOT, "third_party/proto/grpc/health/v1/health.proto"), join(tmp.path, "pysrc/kmihealth/v1/health.proto"));

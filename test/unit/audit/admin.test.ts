@@ -24,6 +24,7 @@ const calls: [string, Call][] = [
   ["ReleaseMachine", (o) => h.admin.releaseMachine({ machineId: "m-0000000000000000", reason: "x" }, o)],
   ["TailAuditLog", (o) => h.admin.tailAuditLog({}, o)],
   ["VerifyAuditLog", (o) => h.admin.verifyAuditLog({}, o)],
+  ["GetAuditCheckpoint", (o) => h.admin.getAuditCheckpoint({}, o)],
 ];
 
 describe("operator authentication", () => {

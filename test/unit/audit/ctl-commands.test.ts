@@ -24,11 +24,11 @@ describe("kmi ctl: Auditserver commands", () => {
     expect(() => parseMeasurementFlags(["agent.code=abc"])).toThrow(/not 64 hex characters/);
   });
 
-  it("adds its commands to the table and gives the KDC's audit tail/verify a --server flag", async () => {
+  it("adds its commands to the table and gives the KDC's audit tail/verify/checkpoint a --server flag", async () => {
     const calls: string[] = [];
     const kdcTail: Command = { name: ["audit", "tail"], summary: "print audit log entries (operator)", flags: {}, run: async () => void calls.push("kdc tail") };
     const table = registerAuditCommands([kdcTail]);
-    expect(table.map((c) => c.name.join(" "))).toEqual(["audit tail", "audit verify", ...auditCommands.map((c) => c.name.join(" "))]);
+    expect(table.map((c) => c.name.join(" "))).toEqual(["audit tail", "audit verify", "audit checkpoint", ...auditCommands.map((c) => c.name.join(" "))]);
     expect(Object.keys(table[0]!.flags)).toEqual(expect.arrayContaining(["server", "audit"]));
     const io = streams();
     expect(await run(["audit", "tail"], { streams: io.s, env: {}, commands: table })).toBe(0);

@@ -6,6 +6,8 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { AuditCheckpoint } from "../../common/v1/checkpoint_pb.js";
+import { file_kmi_common_v1_checkpoint } from "../../common/v1/checkpoint_pb.js";
 import type { MachineStatus } from "./audit_pb.js";
 import { file_kmi_audit_v1_audit } from "./audit_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -14,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kmi/audit/v1/admin.proto.
  */
 export const file_kmi_audit_v1_admin: GenFile = /*@__PURE__*/
-  fileDesc("ChhrbWkvYXVkaXQvdjEvYWRtaW4ucHJvdG8SDGttaS5hdWRpdC52MSL/AQoFR3JvdXASDAoEbmFtZRgBIAEoCRISCgp0ZW5hbnRfaWRzGAIgAygJEjMKCGFwcHJvdmVkGAMgAygLMiEua21pLmF1ZGl0LnYxLkFwcHJvdmVkTWVhc3VyZW1lbnQSHgoWcXVhcmFudGluZV9vbl9taXNtYXRjaBgEIAEoCBIfChdjZXJ0aWZpY2F0ZV90dGxfc2Vjb25kcxgFIAEoDRIZChF0b2tlbl90dGxfc2Vjb25kcxgGIAEoDRIuCgpjcmVhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgthbGxfdGVuYW50cxgIIAEoCCIzChNBcHByb3ZlZE1lYXN1cmVtZW50EgwKBG5hbWUYASABKAkSDgoGc2hhMjU2GAIgAygJIqcBChJDcmVhdGVHcm91cFJlcXVlc3QSDAoEbmFtZRgBIAEoCRISCgp0ZW5hbnRfaWRzGAIgAygJEh4KFnF1YXJhbnRpbmVfb25fbWlzbWF0Y2gYAyABKAgSHwoXY2VydGlmaWNhdGVfdHRsX3NlY29uZHMYBCABKA0SGQoRdG9rZW5fdHRsX3NlY29uZHMYBSABKA0SEwoLYWxsX3RlbmFudHMYBiABKAgiOQoTQ3JlYXRlR3JvdXBSZXNwb25zZRIiCgVncm91cBgBIAEoCzITLmttaS5hdWRpdC52MS5Hcm91cCITChFMaXN0R3JvdXBzUmVxdWVzdCI5ChJMaXN0R3JvdXBzUmVzcG9uc2USIwoGZ3JvdXBzGAEgAygLMhMua21pLmF1ZGl0LnYxLkdyb3VwImAKGkFwcHJvdmVNZWFzdXJlbWVudHNSZXF1ZXN0Eg0KBWdyb3VwGAEgASgJEjMKCGFwcHJvdmVkGAIgAygLMiEua21pLmF1ZGl0LnYxLkFwcHJvdmVkTWVhc3VyZW1lbnQiQQobQXBwcm92ZU1lYXN1cmVtZW50c1Jlc3BvbnNlEiIKBWdyb3VwGAEgASgLMhMua21pLmF1ZGl0LnYxLkdyb3VwIlEKFkNyZWF0ZUpvaW5Ub2tlblJlcXVlc3QSDQoFZ3JvdXAYASABKAkSEwoLdHRsX3NlY29uZHMYAiABKA0SEwoLZGVzY3JpcHRpb24YAyABKAkiawoXQ3JlYXRlSm9pblRva2VuUmVzcG9uc2USEAoIdG9rZW5faWQYASABKAkSDgoGc2VjcmV0GAIgASgJEi4KCmV4cGlyZXNfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIm4KC0F0dGVzdGF0aW9uEigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgoKAm9rGAIgASgIEg8KB3Byb2JsZW0YAyABKAkSGAoQc29mdHdhcmVfdmVyc2lvbhgEIAEoCSK/AgoHTWFjaGluZRISCgptYWNoaW5lX2lkGAEgASgJEg0KBWdyb3VwGAIgASgJEhAKCGhvc3RuYW1lGAMgASgJEisKBnN0YXR1cxgEIAEoDjIbLmttaS5hdWRpdC52MS5NYWNoaW5lU3RhdHVzEhUKDXN0YXR1c19yZWFzb24YBSABKAkSLwoLZW5yb2xsZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjkKFWNlcnRpZmljYXRlX25vdF9hZnRlchgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGgoSY2VydGlmaWNhdGVfc2hhMjU2GAggASgJEjMKEGxhc3RfYXR0ZXN0YXRpb24YCSABKAsyGS5rbWkuYXVkaXQudjEuQXR0ZXN0YXRpb24iJAoTTGlzdE1hY2hpbmVzUmVxdWVzdBINCgVncm91cBgBIAEoCSI/ChRMaXN0TWFjaGluZXNSZXNwb25zZRInCghtYWNoaW5lcxgBIAMoCzIVLmttaS5hdWRpdC52MS5NYWNoaW5lIicKEUdldE1hY2hpbmVSZXF1ZXN0EhIKCm1hY2hpbmVfaWQYASABKAkiPAoSR2V0TWFjaGluZVJlc3BvbnNlEiYKB21hY2hpbmUYASABKAsyFS5rbWkuYXVkaXQudjEuTWFjaGluZSI+ChhRdWFyYW50aW5lTWFjaGluZVJlcXVlc3QSEgoKbWFjaGluZV9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiQwoZUXVhcmFudGluZU1hY2hpbmVSZXNwb25zZRImCgdtYWNoaW5lGAEgASgLMhUua21pLmF1ZGl0LnYxLk1hY2hpbmUiOwoVUmVsZWFzZU1hY2hpbmVSZXF1ZXN0EhIKCm1hY2hpbmVfaWQYASABKAkSDgoGcmVhc29uGAIgASgJIkAKFlJlbGVhc2VNYWNoaW5lUmVzcG9uc2USJgoHbWFjaGluZRgBIAEoCzIVLmttaS5hdWRpdC52MS5NYWNoaW5lIkUKE1RhaWxBdWRpdExvZ1JlcXVlc3QSEQoJYWZ0ZXJfc2VxGAEgASgEEg0KBWxpbWl0GAIgASgNEgwKBGxhc3QYAyABKAgikgIKDUF1ZGl0TG9nRW50cnkSCwoDc2VxGAEgASgEEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAMgASgJEg4KBmFjdGlvbhgEIAEoCRIOCgZ0YXJnZXQYBSABKAkSDwoHb3V0Y29tZRgGIAEoCRI5CgdkZXRhaWxzGAcgAygLMigua21pLmF1ZGl0LnYxLkF1ZGl0TG9nRW50cnkuRGV0YWlsc0VudHJ5EhEKCXByZXZfaGFzaBgIIAEoCRIMCgRoYXNoGAkgASgJGi4KDERldGFpbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIlYKFFRhaWxBdWRpdExvZ1Jlc3BvbnNlEiwKB2VudHJpZXMYASADKAsyGy5rbWkuYXVkaXQudjEuQXVkaXRMb2dFbnRyeRIQCghoZWFkX3NlcRgCIAEoBCIXChVWZXJpZnlBdWRpdExvZ1JlcXVlc3QicAoWVmVyaWZ5QXVkaXRMb2dSZXNwb25zZRIKCgJvaxgBIAEoCBIPCgdlbnRyaWVzGAIgASgEEhUKDWZpcnN0X2JhZF9zZXEYAyABKAQSDwoHcHJvYmxlbRgEIAEoCRIRCgloZWFkX2hhc2gYBSABKAkyowcKEUF1ZGl0QWRtaW5TZXJ2aWNlElIKC0NyZWF0ZUdyb3VwEiAua21pLmF1ZGl0LnYxLkNyZWF0ZUdyb3VwUmVxdWVzdBohLmttaS5hdWRpdC52MS5DcmVhdGVHcm91cFJlc3BvbnNlEk8KCkxpc3RHcm91cHMSHy5rbWkuYXVkaXQudjEuTGlzdEdyb3Vwc1JlcXVlc3QaIC5rbWkuYXVkaXQudjEuTGlzdEdyb3Vwc1Jlc3BvbnNlEmoKE0FwcHJvdmVNZWFzdXJlbWVudHMSKC5rbWkuYXVkaXQudjEuQXBwcm92ZU1lYXN1cmVtZW50c1JlcXVlc3QaKS5rbWkuYXVkaXQudjEuQXBwcm92ZU1lYXN1cmVtZW50c1Jlc3BvbnNlEl4KD0NyZWF0ZUpvaW5Ub2tlbhIkLmttaS5hdWRpdC52MS5DcmVhdGVKb2luVG9rZW5SZXF1ZXN0GiUua21pLmF1ZGl0LnYxLkNyZWF0ZUpvaW5Ub2tlblJlc3BvbnNlElUKDExpc3RNYWNoaW5lcxIhLmttaS5hdWRpdC52MS5MaXN0TWFjaGluZXNSZXF1ZXN0GiIua21pLmF1ZGl0LnYxLkxpc3RNYWNoaW5lc1Jlc3BvbnNlEk8KCkdldE1hY2hpbmUSHy5rbWkuYXVkaXQudjEuR2V0TWFjaGluZVJlcXVlc3QaIC5rbWkuYXVkaXQudjEuR2V0TWFjaGluZVJlc3BvbnNlEmQKEVF1YXJhbnRpbmVNYWNoaW5lEiYua21pLmF1ZGl0LnYxLlF1YXJhbnRpbmVNYWNoaW5lUmVxdWVzdBonLmttaS5hdWRpdC52MS5RdWFyYW50aW5lTWFjaGluZVJlc3BvbnNlElsKDlJlbGVhc2VNYWNoaW5lEiMua21pLmF1ZGl0LnYxLlJlbGVhc2VNYWNoaW5lUmVxdWVzdBokLmttaS5hdWRpdC52MS5SZWxlYXNlTWFjaGluZVJlc3BvbnNlElUKDFRhaWxBdWRpdExvZxIhLmttaS5hdWRpdC52MS5UYWlsQXVkaXRMb2dSZXF1ZXN0GiIua21pLmF1ZGl0LnYxLlRhaWxBdWRpdExvZ1Jlc3BvbnNlElsKDlZlcmlmeUF1ZGl0TG9nEiMua21pLmF1ZGl0LnYxLlZlcmlmeUF1ZGl0TG9nUmVxdWVzdBokLmttaS5hdWRpdC52MS5WZXJpZnlBdWRpdExvZ1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_kmi_audit_v1_audit]);
+  fileDesc("ChhrbWkvYXVkaXQvdjEvYWRtaW4ucHJvdG8SDGttaS5hdWRpdC52MSL/AQoFR3JvdXASDAoEbmFtZRgBIAEoCRISCgp0ZW5hbnRfaWRzGAIgAygJEjMKCGFwcHJvdmVkGAMgAygLMiEua21pLmF1ZGl0LnYxLkFwcHJvdmVkTWVhc3VyZW1lbnQSHgoWcXVhcmFudGluZV9vbl9taXNtYXRjaBgEIAEoCBIfChdjZXJ0aWZpY2F0ZV90dGxfc2Vjb25kcxgFIAEoDRIZChF0b2tlbl90dGxfc2Vjb25kcxgGIAEoDRIuCgpjcmVhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgthbGxfdGVuYW50cxgIIAEoCCIzChNBcHByb3ZlZE1lYXN1cmVtZW50EgwKBG5hbWUYASABKAkSDgoGc2hhMjU2GAIgAygJIqcBChJDcmVhdGVHcm91cFJlcXVlc3QSDAoEbmFtZRgBIAEoCRISCgp0ZW5hbnRfaWRzGAIgAygJEh4KFnF1YXJhbnRpbmVfb25fbWlzbWF0Y2gYAyABKAgSHwoXY2VydGlmaWNhdGVfdHRsX3NlY29uZHMYBCABKA0SGQoRdG9rZW5fdHRsX3NlY29uZHMYBSABKA0SEwoLYWxsX3RlbmFudHMYBiABKAgiOQoTQ3JlYXRlR3JvdXBSZXNwb25zZRIiCgVncm91cBgBIAEoCzITLmttaS5hdWRpdC52MS5Hcm91cCITChFMaXN0R3JvdXBzUmVxdWVzdCI5ChJMaXN0R3JvdXBzUmVzcG9uc2USIwoGZ3JvdXBzGAEgAygLMhMua21pLmF1ZGl0LnYxLkdyb3VwImAKGkFwcHJvdmVNZWFzdXJlbWVudHNSZXF1ZXN0Eg0KBWdyb3VwGAEgASgJEjMKCGFwcHJvdmVkGAIgAygLMiEua21pLmF1ZGl0LnYxLkFwcHJvdmVkTWVhc3VyZW1lbnQiQQobQXBwcm92ZU1lYXN1cmVtZW50c1Jlc3BvbnNlEiIKBWdyb3VwGAEgASgLMhMua21pLmF1ZGl0LnYxLkdyb3VwIlEKFkNyZWF0ZUpvaW5Ub2tlblJlcXVlc3QSDQoFZ3JvdXAYASABKAkSEwoLdHRsX3NlY29uZHMYAiABKA0SEwoLZGVzY3JpcHRpb24YAyABKAkiawoXQ3JlYXRlSm9pblRva2VuUmVzcG9uc2USEAoIdG9rZW5faWQYASABKAkSDgoGc2VjcmV0GAIgASgJEi4KCmV4cGlyZXNfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIm4KC0F0dGVzdGF0aW9uEigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgoKAm9rGAIgASgIEg8KB3Byb2JsZW0YAyABKAkSGAoQc29mdHdhcmVfdmVyc2lvbhgEIAEoCSK/AgoHTWFjaGluZRISCgptYWNoaW5lX2lkGAEgASgJEg0KBWdyb3VwGAIgASgJEhAKCGhvc3RuYW1lGAMgASgJEisKBnN0YXR1cxgEIAEoDjIbLmttaS5hdWRpdC52MS5NYWNoaW5lU3RhdHVzEhUKDXN0YXR1c19yZWFzb24YBSABKAkSLwoLZW5yb2xsZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjkKFWNlcnRpZmljYXRlX25vdF9hZnRlchgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGgoSY2VydGlmaWNhdGVfc2hhMjU2GAggASgJEjMKEGxhc3RfYXR0ZXN0YXRpb24YCSABKAsyGS5rbWkuYXVkaXQudjEuQXR0ZXN0YXRpb24iJAoTTGlzdE1hY2hpbmVzUmVxdWVzdBINCgVncm91cBgBIAEoCSI/ChRMaXN0TWFjaGluZXNSZXNwb25zZRInCghtYWNoaW5lcxgBIAMoCzIVLmttaS5hdWRpdC52MS5NYWNoaW5lIicKEUdldE1hY2hpbmVSZXF1ZXN0EhIKCm1hY2hpbmVfaWQYASABKAkiPAoSR2V0TWFjaGluZVJlc3BvbnNlEiYKB21hY2hpbmUYASABKAsyFS5rbWkuYXVkaXQudjEuTWFjaGluZSI+ChhRdWFyYW50aW5lTWFjaGluZVJlcXVlc3QSEgoKbWFjaGluZV9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiQwoZUXVhcmFudGluZU1hY2hpbmVSZXNwb25zZRImCgdtYWNoaW5lGAEgASgLMhUua21pLmF1ZGl0LnYxLk1hY2hpbmUiOwoVUmVsZWFzZU1hY2hpbmVSZXF1ZXN0EhIKCm1hY2hpbmVfaWQYASABKAkSDgoGcmVhc29uGAIgASgJIkAKFlJlbGVhc2VNYWNoaW5lUmVzcG9uc2USJgoHbWFjaGluZRgBIAEoCzIVLmttaS5hdWRpdC52MS5NYWNoaW5lIkUKE1RhaWxBdWRpdExvZ1JlcXVlc3QSEQoJYWZ0ZXJfc2VxGAEgASgEEg0KBWxpbWl0GAIgASgNEgwKBGxhc3QYAyABKAgikgIKDUF1ZGl0TG9nRW50cnkSCwoDc2VxGAEgASgEEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAMgASgJEg4KBmFjdGlvbhgEIAEoCRIOCgZ0YXJnZXQYBSABKAkSDwoHb3V0Y29tZRgGIAEoCRI5CgdkZXRhaWxzGAcgAygLMigua21pLmF1ZGl0LnYxLkF1ZGl0TG9nRW50cnkuRGV0YWlsc0VudHJ5EhEKCXByZXZfaGFzaBgIIAEoCRIMCgRoYXNoGAkgASgJGi4KDERldGFpbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIlYKFFRhaWxBdWRpdExvZ1Jlc3BvbnNlEiwKB2VudHJpZXMYASADKAsyGy5rbWkuYXVkaXQudjEuQXVkaXRMb2dFbnRyeRIQCghoZWFkX3NlcRgCIAEoBCJLChVWZXJpZnlBdWRpdExvZ1JlcXVlc3QSMgoKY2hlY2twb2ludBgBIAEoCzIeLmttaS5jb21tb24udjEuQXVkaXRDaGVja3BvaW50IqsBChZWZXJpZnlBdWRpdExvZ1Jlc3BvbnNlEgoKAm9rGAEgASgIEg8KB2VudHJpZXMYAiABKAQSFQoNZmlyc3RfYmFkX3NlcRgDIAEoBBIPCgdwcm9ibGVtGAQgASgJEhEKCWhlYWRfaGFzaBgFIAEoCRIWCg5jaGVja3BvaW50X3NlcRgGIAEoBBIPCgd3aXRuZXNzGAcgASgJEhAKCGhlYWRfc2VxGAggASgEIhsKGUdldEF1ZGl0Q2hlY2twb2ludFJlcXVlc3QiYQoaR2V0QXVkaXRDaGVja3BvaW50UmVzcG9uc2USMgoKY2hlY2twb2ludBgBIAEoCzIeLmttaS5jb21tb24udjEuQXVkaXRDaGVja3BvaW50Eg8KB3dpdG5lc3MYAiABKAkyjAgKEUF1ZGl0QWRtaW5TZXJ2aWNlElIKC0NyZWF0ZUdyb3VwEiAua21pLmF1ZGl0LnYxLkNyZWF0ZUdyb3VwUmVxdWVzdBohLmttaS5hdWRpdC52MS5DcmVhdGVHcm91cFJlc3BvbnNlEk8KCkxpc3RHcm91cHMSHy5rbWkuYXVkaXQudjEuTGlzdEdyb3Vwc1JlcXVlc3QaIC5rbWkuYXVkaXQudjEuTGlzdEdyb3Vwc1Jlc3BvbnNlEmoKE0FwcHJvdmVNZWFzdXJlbWVudHMSKC5rbWkuYXVkaXQudjEuQXBwcm92ZU1lYXN1cmVtZW50c1JlcXVlc3QaKS5rbWkuYXVkaXQudjEuQXBwcm92ZU1lYXN1cmVtZW50c1Jlc3BvbnNlEl4KD0NyZWF0ZUpvaW5Ub2tlbhIkLmttaS5hdWRpdC52MS5DcmVhdGVKb2luVG9rZW5SZXF1ZXN0GiUua21pLmF1ZGl0LnYxLkNyZWF0ZUpvaW5Ub2tlblJlc3BvbnNlElUKDExpc3RNYWNoaW5lcxIhLmttaS5hdWRpdC52MS5MaXN0TWFjaGluZXNSZXF1ZXN0GiIua21pLmF1ZGl0LnYxLkxpc3RNYWNoaW5lc1Jlc3BvbnNlEk8KCkdldE1hY2hpbmUSHy5rbWkuYXVkaXQudjEuR2V0TWFjaGluZVJlcXVlc3QaIC5rbWkuYXVkaXQudjEuR2V0TWFjaGluZVJlc3BvbnNlEmQKEVF1YXJhbnRpbmVNYWNoaW5lEiYua21pLmF1ZGl0LnYxLlF1YXJhbnRpbmVNYWNoaW5lUmVxdWVzdBonLmttaS5hdWRpdC52MS5RdWFyYW50aW5lTWFjaGluZVJlc3BvbnNlElsKDlJlbGVhc2VNYWNoaW5lEiMua21pLmF1ZGl0LnYxLlJlbGVhc2VNYWNoaW5lUmVxdWVzdBokLmttaS5hdWRpdC52MS5SZWxlYXNlTWFjaGluZVJlc3BvbnNlElUKDFRhaWxBdWRpdExvZxIhLmttaS5hdWRpdC52MS5UYWlsQXVkaXRMb2dSZXF1ZXN0GiIua21pLmF1ZGl0LnYxLlRhaWxBdWRpdExvZ1Jlc3BvbnNlElsKDlZlcmlmeUF1ZGl0TG9nEiMua21pLmF1ZGl0LnYxLlZlcmlmeUF1ZGl0TG9nUmVxdWVzdBokLmttaS5hdWRpdC52MS5WZXJpZnlBdWRpdExvZ1Jlc3BvbnNlEmcKEkdldEF1ZGl0Q2hlY2twb2ludBInLmttaS5hdWRpdC52MS5HZXRBdWRpdENoZWNrcG9pbnRSZXF1ZXN0Gigua21pLmF1ZGl0LnYxLkdldEF1ZGl0Q2hlY2twb2ludFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_kmi_common_v1_checkpoint, file_kmi_audit_v1_audit]);
 
 /**
  * Group is a set of machines configured alike.
@@ -795,11 +797,19 @@ export const TailAuditLogResponseSchema: GenMessage<TailAuditLogResponse> = /*@_
   messageDesc(file_kmi_audit_v1_admin, 22);
 
 /**
- * VerifyAuditLogRequest has no fields.
+ * VerifyAuditLogRequest may carry an exported checkpoint.
  *
  * @generated from message kmi.audit.v1.VerifyAuditLogRequest
  */
 export type VerifyAuditLogRequest = Message<"kmi.audit.v1.VerifyAuditLogRequest"> & {
+  /**
+   * A checkpoint exported earlier (`kmi ctl audit checkpoint`); optional. When given, the log
+   * must still extend it: its signature verifies with this server's checkpoint key, its origin
+   * is this log, and the entry at its seq has its hash (else ok is false, naming the seq).
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint checkpoint = 1;
+   */
+  checkpoint?: AuditCheckpoint | undefined;
 };
 
 /**
@@ -849,6 +859,29 @@ export type VerifyAuditLogResponse = Message<"kmi.audit.v1.VerifyAuditLogRespons
    * @generated from field: string head_hash = 5;
    */
   headHash: string;
+
+  /**
+   * Seq of the newest signed checkpoint the log was checked against (stored, held by the
+   * witness, or given in the request); 0 when there was none.
+   *
+   * @generated from field: uint64 checkpoint_seq = 6;
+   */
+  checkpointSeq: bigint;
+
+  /**
+   * What the witness (the other server) holds of this log: "checked at seq N", "none yet",
+   * "not configured", or "unreachable: <why>" (then only the stored checkpoints were checked).
+   *
+   * @generated from field: string witness = 7;
+   */
+  witness: string;
+
+  /**
+   * Seq of the last entry (the head).
+   *
+   * @generated from field: uint64 head_seq = 8;
+   */
+  headSeq: bigint;
 };
 
 /**
@@ -857,6 +890,52 @@ export type VerifyAuditLogResponse = Message<"kmi.audit.v1.VerifyAuditLogRespons
  */
 export const VerifyAuditLogResponseSchema: GenMessage<VerifyAuditLogResponse> = /*@__PURE__*/
   messageDesc(file_kmi_audit_v1_admin, 24);
+
+/**
+ * GetAuditCheckpointRequest has no fields.
+ *
+ * @generated from message kmi.audit.v1.GetAuditCheckpointRequest
+ */
+export type GetAuditCheckpointRequest = Message<"kmi.audit.v1.GetAuditCheckpointRequest"> & {
+};
+
+/**
+ * Describes the message kmi.audit.v1.GetAuditCheckpointRequest.
+ * Use `create(GetAuditCheckpointRequestSchema)` to create a new message.
+ */
+export const GetAuditCheckpointRequestSchema: GenMessage<GetAuditCheckpointRequest> = /*@__PURE__*/
+  messageDesc(file_kmi_audit_v1_admin, 25);
+
+/**
+ * GetAuditCheckpointResponse carries a checkpoint to keep outside the server.
+ *
+ * @generated from message kmi.audit.v1.GetAuditCheckpointResponse
+ */
+export type GetAuditCheckpointResponse = Message<"kmi.audit.v1.GetAuditCheckpointResponse"> & {
+  /**
+   * A checkpoint of the log's current head, signed now (or the newest one when the head has
+   * not moved). Keep it: `kmi ctl audit verify --checkpoint FILE` proves later that the log
+   * still extends it.
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint checkpoint = 1;
+   */
+  checkpoint?: AuditCheckpoint | undefined;
+
+  /**
+   * What the witness holds once this checkpoint was handed to it: "holds seq N", "none yet",
+   * "not configured", "unreachable: <why>", "refused: <why>" or "mismatch at seq N".
+   *
+   * @generated from field: string witness = 2;
+   */
+  witness: string;
+};
+
+/**
+ * Describes the message kmi.audit.v1.GetAuditCheckpointResponse.
+ * Use `create(GetAuditCheckpointResponseSchema)` to create a new message.
+ */
+export const GetAuditCheckpointResponseSchema: GenMessage<GetAuditCheckpointResponse> = /*@__PURE__*/
+  messageDesc(file_kmi_audit_v1_admin, 26);
 
 /**
  * AuditAdminService is what an operator does on the Auditserver: machine groups, approved
@@ -960,7 +1039,8 @@ export const AuditAdminService: GenService<{
     output: typeof TailAuditLogResponseSchema;
   },
   /**
-   * VerifyAuditLog walks the Auditserver's hash chain.
+   * VerifyAuditLog walks the Auditserver's hash chain and checks it against its signed
+   * checkpoints (stored, held by the KDC as witness, and the one in the request, if any).
    *
    * @generated from rpc kmi.audit.v1.AuditAdminService.VerifyAuditLog
    */
@@ -968,6 +1048,17 @@ export const AuditAdminService: GenService<{
     methodKind: "unary";
     input: typeof VerifyAuditLogRequestSchema;
     output: typeof VerifyAuditLogResponseSchema;
+  },
+  /**
+   * GetAuditCheckpoint signs a checkpoint of the Auditserver's log head and returns it, for
+   * an operator to keep outside the server.
+   *
+   * @generated from rpc kmi.audit.v1.AuditAdminService.GetAuditCheckpoint
+   */
+  getAuditCheckpoint: {
+    methodKind: "unary";
+    input: typeof GetAuditCheckpointRequestSchema;
+    output: typeof GetAuditCheckpointResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_kmi_audit_v1_admin, 0);

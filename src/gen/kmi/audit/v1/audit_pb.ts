@@ -6,13 +6,15 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { AuditCheckpoint } from "../../common/v1/checkpoint_pb.js";
+import { file_kmi_common_v1_checkpoint } from "../../common/v1/checkpoint_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file kmi/audit/v1/audit.proto.
  */
 export const file_kmi_audit_v1_audit: GenFile = /*@__PURE__*/
-  fileDesc("ChhrbWkvYXVkaXQvdjEvYXVkaXQucHJvdG8SDGttaS5hdWRpdC52MSIrCgtNZWFzdXJlbWVudBIMCgRuYW1lGAEgASgJEg4KBnNoYTI1NhgCIAEoCSJGCg1FbnJvbGxSZXF1ZXN0EhIKCmpvaW5fdG9rZW4YASABKAkSDwoHY3NyX3BlbRgCIAEoCRIQCghob3N0bmFtZRgDIAEoCSKLAQoORW5yb2xsUmVzcG9uc2USEgoKbWFjaGluZV9pZBgBIAEoCRINCgVncm91cBgCIAEoCRIXCg9jZXJ0aWZpY2F0ZV9wZW0YAyABKAkSDgoGY2FfcGVtGAQgASgJEi0KCW5vdF9hZnRlchgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiMQoeUmVuZXdNYWNoaW5lQ2VydGlmaWNhdGVSZXF1ZXN0Eg8KB2Nzcl9wZW0YASABKAkieQofUmVuZXdNYWNoaW5lQ2VydGlmaWNhdGVSZXNwb25zZRIXCg9jZXJ0aWZpY2F0ZV9wZW0YASABKAkSDgoGY2FfcGVtGAIgASgJEi0KCW5vdF9hZnRlchgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiHAoaR2V0QXR0ZXN0YXRpb25Ob25jZVJlcXVlc3QiXAobR2V0QXR0ZXN0YXRpb25Ob25jZVJlc3BvbnNlEg0KBW5vbmNlGAEgASgMEi4KCmV4cGlyZXNfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIqIBCghFdmlkZW5jZRISCgptYWNoaW5lX2lkGAEgASgJEg0KBW5vbmNlGAIgASgMEi8KDG1lYXN1cmVtZW50cxgDIAMoCzIZLmttaS5hdWRpdC52MS5NZWFzdXJlbWVudBIYChBzb2Z0d2FyZV92ZXJzaW9uGAQgASgJEigKBHRpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjQKDUF0dGVzdFJlcXVlc3QSEAoIZXZpZGVuY2UYASABKAwSEQoJc2lnbmF0dXJlGAIgASgMIlsKDkF0dGVzdFJlc3BvbnNlEhkKEWF0dGVzdGF0aW9uX3Rva2VuGAEgASgJEi4KCmV4cGlyZXNfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIhoKGEdldEF0dGVzdGF0aW9uS2V5UmVxdWVzdCJDChlHZXRBdHRlc3RhdGlvbktleVJlc3BvbnNlEhYKDnB1YmxpY19rZXlfcGVtGAEgASgJEg4KBmtleV9pZBgCIAEoCSIbChlXYXRjaE1hY2hpbmVTdGF0dXNSZXF1ZXN0ImIKGldhdGNoTWFjaGluZVN0YXR1c1Jlc3BvbnNlEhAKCHNuYXBzaG90GAEgASgIEjIKB2NoYW5nZXMYAiADKAsyIS5rbWkuYXVkaXQudjEuTWFjaGluZVN0YXR1c0NoYW5nZSKQAQoTTWFjaGluZVN0YXR1c0NoYW5nZRISCgptYWNoaW5lX2lkGAEgASgJEisKBnN0YXR1cxgCIAEoDjIbLmttaS5hdWRpdC52MS5NYWNoaW5lU3RhdHVzEg4KBnJlYXNvbhgDIAEoCRIoCgR0aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCpqCg1NYWNoaW5lU3RhdHVzEh4KGk1BQ0hJTkVfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGQoVTUFDSElORV9TVEFUVVNfQUNUSVZFEAESHgoaTUFDSElORV9TVEFUVVNfUVVBUkFOVElORUQQAjLNBAoMQXVkaXRTZXJ2aWNlEkMKBkVucm9sbBIbLmttaS5hdWRpdC52MS5FbnJvbGxSZXF1ZXN0Ghwua21pLmF1ZGl0LnYxLkVucm9sbFJlc3BvbnNlEnYKF1JlbmV3TWFjaGluZUNlcnRpZmljYXRlEiwua21pLmF1ZGl0LnYxLlJlbmV3TWFjaGluZUNlcnRpZmljYXRlUmVxdWVzdBotLmttaS5hdWRpdC52MS5SZW5ld01hY2hpbmVDZXJ0aWZpY2F0ZVJlc3BvbnNlEmoKE0dldEF0dGVzdGF0aW9uTm9uY2USKC5rbWkuYXVkaXQudjEuR2V0QXR0ZXN0YXRpb25Ob25jZVJlcXVlc3QaKS5rbWkuYXVkaXQudjEuR2V0QXR0ZXN0YXRpb25Ob25jZVJlc3BvbnNlEkMKBkF0dGVzdBIbLmttaS5hdWRpdC52MS5BdHRlc3RSZXF1ZXN0Ghwua21pLmF1ZGl0LnYxLkF0dGVzdFJlc3BvbnNlEmQKEUdldEF0dGVzdGF0aW9uS2V5EiYua21pLmF1ZGl0LnYxLkdldEF0dGVzdGF0aW9uS2V5UmVxdWVzdBonLmttaS5hdWRpdC52MS5HZXRBdHRlc3RhdGlvbktleVJlc3BvbnNlEmkKEldhdGNoTWFjaGluZVN0YXR1cxInLmttaS5hdWRpdC52MS5XYXRjaE1hY2hpbmVTdGF0dXNSZXF1ZXN0Gigua21pLmF1ZGl0LnYxLldhdGNoTWFjaGluZVN0YXR1c1Jlc3BvbnNlMAFiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("ChhrbWkvYXVkaXQvdjEvYXVkaXQucHJvdG8SDGttaS5hdWRpdC52MSIrCgtNZWFzdXJlbWVudBIMCgRuYW1lGAEgASgJEg4KBnNoYTI1NhgCIAEoCSJGCg1FbnJvbGxSZXF1ZXN0EhIKCmpvaW5fdG9rZW4YASABKAkSDwoHY3NyX3BlbRgCIAEoCRIQCghob3N0bmFtZRgDIAEoCSKLAQoORW5yb2xsUmVzcG9uc2USEgoKbWFjaGluZV9pZBgBIAEoCRINCgVncm91cBgCIAEoCRIXCg9jZXJ0aWZpY2F0ZV9wZW0YAyABKAkSDgoGY2FfcGVtGAQgASgJEi0KCW5vdF9hZnRlchgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiMQoeUmVuZXdNYWNoaW5lQ2VydGlmaWNhdGVSZXF1ZXN0Eg8KB2Nzcl9wZW0YASABKAkieQofUmVuZXdNYWNoaW5lQ2VydGlmaWNhdGVSZXNwb25zZRIXCg9jZXJ0aWZpY2F0ZV9wZW0YASABKAkSDgoGY2FfcGVtGAIgASgJEi0KCW5vdF9hZnRlchgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiHAoaR2V0QXR0ZXN0YXRpb25Ob25jZVJlcXVlc3QiXAobR2V0QXR0ZXN0YXRpb25Ob25jZVJlc3BvbnNlEg0KBW5vbmNlGAEgASgMEi4KCmV4cGlyZXNfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIqIBCghFdmlkZW5jZRISCgptYWNoaW5lX2lkGAEgASgJEg0KBW5vbmNlGAIgASgMEi8KDG1lYXN1cmVtZW50cxgDIAMoCzIZLmttaS5hdWRpdC52MS5NZWFzdXJlbWVudBIYChBzb2Z0d2FyZV92ZXJzaW9uGAQgASgJEigKBHRpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjQKDUF0dGVzdFJlcXVlc3QSEAoIZXZpZGVuY2UYASABKAwSEQoJc2lnbmF0dXJlGAIgASgMIlsKDkF0dGVzdFJlc3BvbnNlEhkKEWF0dGVzdGF0aW9uX3Rva2VuGAEgASgJEi4KCmV4cGlyZXNfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIhoKGEdldEF0dGVzdGF0aW9uS2V5UmVxdWVzdCJDChlHZXRBdHRlc3RhdGlvbktleVJlc3BvbnNlEhYKDnB1YmxpY19rZXlfcGVtGAEgASgJEg4KBmtleV9pZBgCIAEoCSIbChlXYXRjaE1hY2hpbmVTdGF0dXNSZXF1ZXN0ImIKGldhdGNoTWFjaGluZVN0YXR1c1Jlc3BvbnNlEhAKCHNuYXBzaG90GAEgASgIEjIKB2NoYW5nZXMYAiADKAsyIS5rbWkuYXVkaXQudjEuTWFjaGluZVN0YXR1c0NoYW5nZSKQAQoTTWFjaGluZVN0YXR1c0NoYW5nZRISCgptYWNoaW5lX2lkGAEgASgJEisKBnN0YXR1cxgCIAEoDjIbLmttaS5hdWRpdC52MS5NYWNoaW5lU3RhdHVzEg4KBnJlYXNvbhgDIAEoCRIoCgR0aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJOChhXaXRuZXNzQ2hlY2twb2ludFJlcXVlc3QSMgoKY2hlY2twb2ludBgBIAEoCzIeLmttaS5jb21tb24udjEuQXVkaXRDaGVja3BvaW50Ik4KGVdpdG5lc3NDaGVja3BvaW50UmVzcG9uc2USMQoJd2l0bmVzc2VkGAEgASgLMh4ua21pLmNvbW1vbi52MS5BdWRpdENoZWNrcG9pbnQiLwodR2V0V2l0bmVzc2VkQ2hlY2twb2ludFJlcXVlc3QSDgoGa2V5X2lkGAEgASgJIlMKHkdldFdpdG5lc3NlZENoZWNrcG9pbnRSZXNwb25zZRIxCgl3aXRuZXNzZWQYASABKAsyHi5rbWkuY29tbW9uLnYxLkF1ZGl0Q2hlY2twb2ludCpqCg1NYWNoaW5lU3RhdHVzEh4KGk1BQ0hJTkVfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGQoVTUFDSElORV9TVEFUVVNfQUNUSVZFEAESHgoaTUFDSElORV9TVEFUVVNfUVVBUkFOVElORUQQAjKoBgoMQXVkaXRTZXJ2aWNlEkMKBkVucm9sbBIbLmttaS5hdWRpdC52MS5FbnJvbGxSZXF1ZXN0Ghwua21pLmF1ZGl0LnYxLkVucm9sbFJlc3BvbnNlEnYKF1JlbmV3TWFjaGluZUNlcnRpZmljYXRlEiwua21pLmF1ZGl0LnYxLlJlbmV3TWFjaGluZUNlcnRpZmljYXRlUmVxdWVzdBotLmttaS5hdWRpdC52MS5SZW5ld01hY2hpbmVDZXJ0aWZpY2F0ZVJlc3BvbnNlEmoKE0dldEF0dGVzdGF0aW9uTm9uY2USKC5rbWkuYXVkaXQudjEuR2V0QXR0ZXN0YXRpb25Ob25jZVJlcXVlc3QaKS5rbWkuYXVkaXQudjEuR2V0QXR0ZXN0YXRpb25Ob25jZVJlc3BvbnNlEkMKBkF0dGVzdBIbLmttaS5hdWRpdC52MS5BdHRlc3RSZXF1ZXN0Ghwua21pLmF1ZGl0LnYxLkF0dGVzdFJlc3BvbnNlEmQKEUdldEF0dGVzdGF0aW9uS2V5EiYua21pLmF1ZGl0LnYxLkdldEF0dGVzdGF0aW9uS2V5UmVxdWVzdBonLmttaS5hdWRpdC52MS5HZXRBdHRlc3RhdGlvbktleVJlc3BvbnNlEmkKEldhdGNoTWFjaGluZVN0YXR1cxInLmttaS5hdWRpdC52MS5XYXRjaE1hY2hpbmVTdGF0dXNSZXF1ZXN0Gigua21pLmF1ZGl0LnYxLldhdGNoTWFjaGluZVN0YXR1c1Jlc3BvbnNlMAESZAoRV2l0bmVzc0NoZWNrcG9pbnQSJi5rbWkuYXVkaXQudjEuV2l0bmVzc0NoZWNrcG9pbnRSZXF1ZXN0Gicua21pLmF1ZGl0LnYxLldpdG5lc3NDaGVja3BvaW50UmVzcG9uc2UScwoWR2V0V2l0bmVzc2VkQ2hlY2twb2ludBIrLmttaS5hdWRpdC52MS5HZXRXaXRuZXNzZWRDaGVja3BvaW50UmVxdWVzdBosLmttaS5hdWRpdC52MS5HZXRXaXRuZXNzZWRDaGVja3BvaW50UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_kmi_common_v1_checkpoint]);
 
 /**
  * Measurement is the SHA-256 digest of one thing the machine runs.
@@ -464,6 +466,96 @@ export const MachineStatusChangeSchema: GenMessage<MachineStatusChange> = /*@__P
   messageDesc(file_kmi_audit_v1_audit, 14);
 
 /**
+ * WitnessCheckpointRequest carries the caller's newest signed audit checkpoint.
+ *
+ * @generated from message kmi.audit.v1.WitnessCheckpointRequest
+ */
+export type WitnessCheckpointRequest = Message<"kmi.audit.v1.WitnessCheckpointRequest"> & {
+  /**
+   * The checkpoint; required. Its signature must verify with its public_key_der. The witness
+   * keeps one checkpoint per caller and checkpoint key: against the one it holds for that key,
+   * the origin must be the same and it must not be older (a lower seq, or the same seq with
+   * another hash, is FAILED_PRECONDITION: the caller's log was truncated or rewritten).
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint checkpoint = 1;
+   */
+  checkpoint?: AuditCheckpoint | undefined;
+};
+
+/**
+ * Describes the message kmi.audit.v1.WitnessCheckpointRequest.
+ * Use `create(WitnessCheckpointRequestSchema)` to create a new message.
+ */
+export const WitnessCheckpointRequestSchema: GenMessage<WitnessCheckpointRequest> = /*@__PURE__*/
+  messageDesc(file_kmi_audit_v1_audit, 15);
+
+/**
+ * WitnessCheckpointResponse carries what the witness now holds.
+ *
+ * @generated from message kmi.audit.v1.WitnessCheckpointResponse
+ */
+export type WitnessCheckpointResponse = Message<"kmi.audit.v1.WitnessCheckpointResponse"> & {
+  /**
+   * The checkpoint this witness holds for the caller after the call.
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint witnessed = 1;
+   */
+  witnessed?: AuditCheckpoint | undefined;
+};
+
+/**
+ * Describes the message kmi.audit.v1.WitnessCheckpointResponse.
+ * Use `create(WitnessCheckpointResponseSchema)` to create a new message.
+ */
+export const WitnessCheckpointResponseSchema: GenMessage<WitnessCheckpointResponse> = /*@__PURE__*/
+  messageDesc(file_kmi_audit_v1_audit, 16);
+
+/**
+ * GetWitnessedCheckpointRequest names the caller's checkpoint key (the caller itself is named
+ * by its certificate).
+ *
+ * @generated from message kmi.audit.v1.GetWitnessedCheckpointRequest
+ */
+export type GetWitnessedCheckpointRequest = Message<"kmi.audit.v1.GetWitnessedCheckpointRequest"> & {
+  /**
+   * The caller's checkpoint key id (AuditCheckpoint.key_id): 64 lowercase hex characters;
+   * required. A witness keeps one checkpoint per peer and key, so a peer installed afresh (a
+   * new master key, hence a new checkpoint key) starts a new record instead of being refused.
+   *
+   * @generated from field: string key_id = 1;
+   */
+  keyId: string;
+};
+
+/**
+ * Describes the message kmi.audit.v1.GetWitnessedCheckpointRequest.
+ * Use `create(GetWitnessedCheckpointRequestSchema)` to create a new message.
+ */
+export const GetWitnessedCheckpointRequestSchema: GenMessage<GetWitnessedCheckpointRequest> = /*@__PURE__*/
+  messageDesc(file_kmi_audit_v1_audit, 17);
+
+/**
+ * GetWitnessedCheckpointResponse carries the caller's checkpoint as this witness holds it.
+ *
+ * @generated from message kmi.audit.v1.GetWitnessedCheckpointResponse
+ */
+export type GetWitnessedCheckpointResponse = Message<"kmi.audit.v1.GetWitnessedCheckpointResponse"> & {
+  /**
+   * The latest checkpoint of the caller's log this witness accepted; absent when none yet.
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint witnessed = 1;
+   */
+  witnessed?: AuditCheckpoint | undefined;
+};
+
+/**
+ * Describes the message kmi.audit.v1.GetWitnessedCheckpointResponse.
+ * Use `create(GetWitnessedCheckpointResponseSchema)` to create a new message.
+ */
+export const GetWitnessedCheckpointResponseSchema: GenMessage<GetWitnessedCheckpointResponse> = /*@__PURE__*/
+  messageDesc(file_kmi_audit_v1_audit, 18);
+
+/**
  * MachineStatus is what the Auditserver thinks of a machine.
  *
  * @generated from enum kmi.audit.v1.MachineStatus
@@ -575,6 +667,29 @@ export const AuditService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchMachineStatusRequestSchema;
     output: typeof WatchMachineStatusResponseSchema;
+  },
+  /**
+   * WitnessCheckpoint gives the Auditserver the KDC's newest signed audit checkpoint to keep
+   * as a witness (the mirror of kmi.kdc.v1.PeerService.WitnessCheckpoint). Only the KDC
+   * (mutual TLS with kmi://service/kdc) may call it.
+   *
+   * @generated from rpc kmi.audit.v1.AuditService.WitnessCheckpoint
+   */
+  witnessCheckpoint: {
+    methodKind: "unary";
+    input: typeof WitnessCheckpointRequestSchema;
+    output: typeof WitnessCheckpointResponseSchema;
+  },
+  /**
+   * GetWitnessedCheckpoint returns the KDC's checkpoint as the Auditserver holds it. Only the
+   * KDC may call it.
+   *
+   * @generated from rpc kmi.audit.v1.AuditService.GetWitnessedCheckpoint
+   */
+  getWitnessedCheckpoint: {
+    methodKind: "unary";
+    input: typeof GetWitnessedCheckpointRequestSchema;
+    output: typeof GetWitnessedCheckpointResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_kmi_audit_v1_audit, 0);

@@ -6,13 +6,15 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { AuditCheckpoint } from "../../common/v1/checkpoint_pb.js";
+import { file_kmi_common_v1_checkpoint } from "../../common/v1/checkpoint_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file kmi/kdc/v1/admin.proto.
  */
 export const file_kmi_kdc_v1_admin: GenFile = /*@__PURE__*/
-  fileDesc("ChZrbWkva2RjL3YxL2FkbWluLnByb3RvEgprbWkua2RjLnYxInkKBlRlbmFudBIRCgl0ZW5hbnRfaWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEhYKDmFjdGl2ZV92ZXJzaW9uGAMgASgNEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlwKE0NyZWF0ZVRlbmFudFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRIcChRib290c3RyYXBfa21pX3NpZ25lZBgDIAEoCCI6ChRDcmVhdGVUZW5hbnRSZXNwb25zZRIiCgZ0ZW5hbnQYASABKAsyEi5rbWkua2RjLnYxLlRlbmFudCIUChJMaXN0VGVuYW50c1JlcXVlc3QiOgoTTGlzdFRlbmFudHNSZXNwb25zZRIjCgd0ZW5hbnRzGAEgAygLMhIua21pLmtkYy52MS5UZW5hbnQiJQoQR2V0VGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiNwoRR2V0VGVuYW50UmVzcG9uc2USIgoGdGVuYW50GAEgASgLMhIua21pLmtkYy52MS5UZW5hbnQi1gEKCVRva2VuSW5mbxIQCgh0b2tlbl9pZBgBIAEoCRIeCgRyb2xlGAIgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgDIAEoCRITCgtkZXNjcmlwdGlvbhgEIAEoCRIuCgpjcmVhdGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdyZXZva2VkGAcgASgIInEKEkNyZWF0ZVRva2VuUmVxdWVzdBIeCgRyb2xlGAEgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRITCgt0dGxfc2Vjb25kcxgEIAEoBCJLChNDcmVhdGVUb2tlblJlc3BvbnNlEiQKBXRva2VuGAEgASgLMhUua21pLmtkYy52MS5Ub2tlbkluZm8SDgoGc2VjcmV0GAIgASgJIiYKElJldm9rZVRva2VuUmVxdWVzdBIQCgh0b2tlbl9pZBgBIAEoCSI7ChNSZXZva2VUb2tlblJlc3BvbnNlEiQKBXRva2VuGAEgASgLMhUua21pLmtkYy52MS5Ub2tlbkluZm8iEwoRTGlzdFRva2Vuc1JlcXVlc3QiOwoSTGlzdFRva2Vuc1Jlc3BvbnNlEiUKBnRva2VucxgBIAMoCzIVLmttaS5rZGMudjEuVG9rZW5JbmZvIocBCh5Jc3N1ZVNlcnZpY2VDZXJ0aWZpY2F0ZVJlcXVlc3QSDwoHY3NyX3BlbRgBIAEoCRIUCgxzZXJ2aWNlX25hbWUYAiABKAkSEQoJZG5zX25hbWVzGAMgAygJEhQKDGlwX2FkZHJlc3NlcxgEIAMoCRIVCg12YWxpZGl0eV9kYXlzGAUgASgNIkoKH0lzc3VlU2VydmljZUNlcnRpZmljYXRlUmVzcG9uc2USFwoPY2VydGlmaWNhdGVfcGVtGAEgASgJEg4KBmNhX3BlbRgCIAEoCSIXChVHZXRUcnVzdEJ1bmRsZVJlcXVlc3QiTQoWR2V0VHJ1c3RCdW5kbGVSZXNwb25zZRIUCgxrbWlfcm9vdF9wZW0YASABKAkSHQoVaW5mcmFzdHJ1Y3R1cmVfY2FfcGVtGAIgASgJIooCCgpBdWRpdEVudHJ5EgsKA3NlcRgBIAEoBBIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgDIAEoCRIOCgZhY3Rpb24YBCABKAkSDgoGdGFyZ2V0GAUgASgJEg8KB291dGNvbWUYBiABKAkSNAoHZGV0YWlscxgHIAMoCzIjLmttaS5rZGMudjEuQXVkaXRFbnRyeS5EZXRhaWxzRW50cnkSEQoJcHJldl9oYXNoGAggASgJEgwKBGhhc2gYCSABKAkaLgoMRGV0YWlsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiWAoTVGFpbEF1ZGl0TG9nUmVxdWVzdBIRCglhZnRlcl9zZXEYASABKAQSDQoFbGltaXQYAiABKA0SDAoEbGFzdBgDIAEoCBIRCgl0ZW5hbnRfaWQYBCABKAkiUQoUVGFpbEF1ZGl0TG9nUmVzcG9uc2USJwoHZW50cmllcxgBIAMoCzIWLmttaS5rZGMudjEuQXVkaXRFbnRyeRIQCghoZWFkX3NlcRgCIAEoBCIXChVWZXJpZnlBdWRpdExvZ1JlcXVlc3QicAoWVmVyaWZ5QXVkaXRMb2dSZXNwb25zZRIKCgJvaxgBIAEoCBIPCgdlbnRyaWVzGAIgASgEEhUKDWZpcnN0X2JhZF9zZXEYAyABKAQSDwoHcHJvYmxlbRgEIAEoCRIRCgloZWFkX2hhc2gYBSABKAkiFQoTR2V0S2RjU3RhdHVzUmVxdWVzdCJuCgxUZW5hbnRTdGF0dXMSEQoJdGVuYW50X2lkGAEgASgJEhYKDmFjdGl2ZV92ZXJzaW9uGAIgASgNEhsKE21hY2hpbmVzX3VwX3RvX2RhdGUYAyABKA0SFgoObWFjaGluZXNfdG90YWwYBCABKA0ivAEKFEdldEtkY1N0YXR1c1Jlc3BvbnNlEg8KB3ZlcnNpb24YASABKAkSFgoOdXB0aW1lX3NlY29uZHMYAiABKAQSKQoHdGVuYW50cxgDIAMoCzIYLmttaS5rZGMudjEuVGVuYW50U3RhdHVzEhgKEGNvbm5lY3RlZF9hZ2VudHMYBCABKA0SFgoOYXVkaXRfaGVhZF9zZXEYBSABKAQSHgoWYXR0ZXN0YXRpb25fa2V5X2xvYWRlZBgGIAEoCCpGCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABIRCg1ST0xFX09QRVJBVE9SEAESFQoRUk9MRV9URU5BTlRfQURNSU4QAjK3BwoPS2RjQWRtaW5TZXJ2aWNlElEKDENyZWF0ZVRlbmFudBIfLmttaS5rZGMudjEuQ3JlYXRlVGVuYW50UmVxdWVzdBogLmttaS5rZGMudjEuQ3JlYXRlVGVuYW50UmVzcG9uc2USTgoLTGlzdFRlbmFudHMSHi5rbWkua2RjLnYxLkxpc3RUZW5hbnRzUmVxdWVzdBofLmttaS5rZGMudjEuTGlzdFRlbmFudHNSZXNwb25zZRJICglHZXRUZW5hbnQSHC5rbWkua2RjLnYxLkdldFRlbmFudFJlcXVlc3QaHS5rbWkua2RjLnYxLkdldFRlbmFudFJlc3BvbnNlEk4KC0NyZWF0ZVRva2VuEh4ua21pLmtkYy52MS5DcmVhdGVUb2tlblJlcXVlc3QaHy5rbWkua2RjLnYxLkNyZWF0ZVRva2VuUmVzcG9uc2USTgoLUmV2b2tlVG9rZW4SHi5rbWkua2RjLnYxLlJldm9rZVRva2VuUmVxdWVzdBofLmttaS5rZGMudjEuUmV2b2tlVG9rZW5SZXNwb25zZRJLCgpMaXN0VG9rZW5zEh0ua21pLmtkYy52MS5MaXN0VG9rZW5zUmVxdWVzdBoeLmttaS5rZGMudjEuTGlzdFRva2Vuc1Jlc3BvbnNlEnIKF0lzc3VlU2VydmljZUNlcnRpZmljYXRlEioua21pLmtkYy52MS5Jc3N1ZVNlcnZpY2VDZXJ0aWZpY2F0ZVJlcXVlc3QaKy5rbWkua2RjLnYxLklzc3VlU2VydmljZUNlcnRpZmljYXRlUmVzcG9uc2USVwoOR2V0VHJ1c3RCdW5kbGUSIS5rbWkua2RjLnYxLkdldFRydXN0QnVuZGxlUmVxdWVzdBoiLmttaS5rZGMudjEuR2V0VHJ1c3RCdW5kbGVSZXNwb25zZRJRCgxUYWlsQXVkaXRMb2cSHy5rbWkua2RjLnYxLlRhaWxBdWRpdExvZ1JlcXVlc3QaIC5rbWkua2RjLnYxLlRhaWxBdWRpdExvZ1Jlc3BvbnNlElcKDlZlcmlmeUF1ZGl0TG9nEiEua21pLmtkYy52MS5WZXJpZnlBdWRpdExvZ1JlcXVlc3QaIi5rbWkua2RjLnYxLlZlcmlmeUF1ZGl0TG9nUmVzcG9uc2USUQoMR2V0S2RjU3RhdHVzEh8ua21pLmtkYy52MS5HZXRLZGNTdGF0dXNSZXF1ZXN0GiAua21pLmtkYy52MS5HZXRLZGNTdGF0dXNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChZrbWkva2RjL3YxL2FkbWluLnByb3RvEgprbWkua2RjLnYxInkKBlRlbmFudBIRCgl0ZW5hbnRfaWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEhYKDmFjdGl2ZV92ZXJzaW9uGAMgASgNEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlwKE0NyZWF0ZVRlbmFudFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRIcChRib290c3RyYXBfa21pX3NpZ25lZBgDIAEoCCI6ChRDcmVhdGVUZW5hbnRSZXNwb25zZRIiCgZ0ZW5hbnQYASABKAsyEi5rbWkua2RjLnYxLlRlbmFudCIUChJMaXN0VGVuYW50c1JlcXVlc3QiOgoTTGlzdFRlbmFudHNSZXNwb25zZRIjCgd0ZW5hbnRzGAEgAygLMhIua21pLmtkYy52MS5UZW5hbnQiJQoQR2V0VGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiNwoRR2V0VGVuYW50UmVzcG9uc2USIgoGdGVuYW50GAEgASgLMhIua21pLmtkYy52MS5UZW5hbnQi1gEKCVRva2VuSW5mbxIQCgh0b2tlbl9pZBgBIAEoCRIeCgRyb2xlGAIgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgDIAEoCRITCgtkZXNjcmlwdGlvbhgEIAEoCRIuCgpjcmVhdGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdyZXZva2VkGAcgASgIInEKEkNyZWF0ZVRva2VuUmVxdWVzdBIeCgRyb2xlGAEgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRITCgt0dGxfc2Vjb25kcxgEIAEoBCJLChNDcmVhdGVUb2tlblJlc3BvbnNlEiQKBXRva2VuGAEgASgLMhUua21pLmtkYy52MS5Ub2tlbkluZm8SDgoGc2VjcmV0GAIgASgJIiYKElJldm9rZVRva2VuUmVxdWVzdBIQCgh0b2tlbl9pZBgBIAEoCSI7ChNSZXZva2VUb2tlblJlc3BvbnNlEiQKBXRva2VuGAEgASgLMhUua21pLmtkYy52MS5Ub2tlbkluZm8iEwoRTGlzdFRva2Vuc1JlcXVlc3QiOwoSTGlzdFRva2Vuc1Jlc3BvbnNlEiUKBnRva2VucxgBIAMoCzIVLmttaS5rZGMudjEuVG9rZW5JbmZvIocBCh5Jc3N1ZVNlcnZpY2VDZXJ0aWZpY2F0ZVJlcXVlc3QSDwoHY3NyX3BlbRgBIAEoCRIUCgxzZXJ2aWNlX25hbWUYAiABKAkSEQoJZG5zX25hbWVzGAMgAygJEhQKDGlwX2FkZHJlc3NlcxgEIAMoCRIVCg12YWxpZGl0eV9kYXlzGAUgASgNIkoKH0lzc3VlU2VydmljZUNlcnRpZmljYXRlUmVzcG9uc2USFwoPY2VydGlmaWNhdGVfcGVtGAEgASgJEg4KBmNhX3BlbRgCIAEoCSIXChVHZXRUcnVzdEJ1bmRsZVJlcXVlc3QiTQoWR2V0VHJ1c3RCdW5kbGVSZXNwb25zZRIUCgxrbWlfcm9vdF9wZW0YASABKAkSHQoVaW5mcmFzdHJ1Y3R1cmVfY2FfcGVtGAIgASgJIooCCgpBdWRpdEVudHJ5EgsKA3NlcRgBIAEoBBIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgDIAEoCRIOCgZhY3Rpb24YBCABKAkSDgoGdGFyZ2V0GAUgASgJEg8KB291dGNvbWUYBiABKAkSNAoHZGV0YWlscxgHIAMoCzIjLmttaS5rZGMudjEuQXVkaXRFbnRyeS5EZXRhaWxzRW50cnkSEQoJcHJldl9oYXNoGAggASgJEgwKBGhhc2gYCSABKAkaLgoMRGV0YWlsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiWAoTVGFpbEF1ZGl0TG9nUmVxdWVzdBIRCglhZnRlcl9zZXEYASABKAQSDQoFbGltaXQYAiABKA0SDAoEbGFzdBgDIAEoCBIRCgl0ZW5hbnRfaWQYBCABKAkiUQoUVGFpbEF1ZGl0TG9nUmVzcG9uc2USJwoHZW50cmllcxgBIAMoCzIWLmttaS5rZGMudjEuQXVkaXRFbnRyeRIQCghoZWFkX3NlcRgCIAEoBCJLChVWZXJpZnlBdWRpdExvZ1JlcXVlc3QSMgoKY2hlY2twb2ludBgBIAEoCzIeLmttaS5jb21tb24udjEuQXVkaXRDaGVja3BvaW50IqsBChZWZXJpZnlBdWRpdExvZ1Jlc3BvbnNlEgoKAm9rGAEgASgIEg8KB2VudHJpZXMYAiABKAQSFQoNZmlyc3RfYmFkX3NlcRgDIAEoBBIPCgdwcm9ibGVtGAQgASgJEhEKCWhlYWRfaGFzaBgFIAEoCRIWCg5jaGVja3BvaW50X3NlcRgGIAEoBBIPCgd3aXRuZXNzGAcgASgJEhAKCGhlYWRfc2VxGAggASgEIhsKGUdldEF1ZGl0Q2hlY2twb2ludFJlcXVlc3QiYQoaR2V0QXVkaXRDaGVja3BvaW50UmVzcG9uc2USMgoKY2hlY2twb2ludBgBIAEoCzIeLmttaS5jb21tb24udjEuQXVkaXRDaGVja3BvaW50Eg8KB3dpdG5lc3MYAiABKAkiFQoTR2V0S2RjU3RhdHVzUmVxdWVzdCJuCgxUZW5hbnRTdGF0dXMSEQoJdGVuYW50X2lkGAEgASgJEhYKDmFjdGl2ZV92ZXJzaW9uGAIgASgNEhsKE21hY2hpbmVzX3VwX3RvX2RhdGUYAyABKA0SFgoObWFjaGluZXNfdG90YWwYBCABKA0ivAEKFEdldEtkY1N0YXR1c1Jlc3BvbnNlEg8KB3ZlcnNpb24YASABKAkSFgoOdXB0aW1lX3NlY29uZHMYAiABKAQSKQoHdGVuYW50cxgDIAMoCzIYLmttaS5rZGMudjEuVGVuYW50U3RhdHVzEhgKEGNvbm5lY3RlZF9hZ2VudHMYBCABKA0SFgoOYXVkaXRfaGVhZF9zZXEYBSABKAQSHgoWYXR0ZXN0YXRpb25fa2V5X2xvYWRlZBgGIAEoCCpGCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABIRCg1ST0xFX09QRVJBVE9SEAESFQoRUk9MRV9URU5BTlRfQURNSU4QAjKcCAoPS2RjQWRtaW5TZXJ2aWNlElEKDENyZWF0ZVRlbmFudBIfLmttaS5rZGMudjEuQ3JlYXRlVGVuYW50UmVxdWVzdBogLmttaS5rZGMudjEuQ3JlYXRlVGVuYW50UmVzcG9uc2USTgoLTGlzdFRlbmFudHMSHi5rbWkua2RjLnYxLkxpc3RUZW5hbnRzUmVxdWVzdBofLmttaS5rZGMudjEuTGlzdFRlbmFudHNSZXNwb25zZRJICglHZXRUZW5hbnQSHC5rbWkua2RjLnYxLkdldFRlbmFudFJlcXVlc3QaHS5rbWkua2RjLnYxLkdldFRlbmFudFJlc3BvbnNlEk4KC0NyZWF0ZVRva2VuEh4ua21pLmtkYy52MS5DcmVhdGVUb2tlblJlcXVlc3QaHy5rbWkua2RjLnYxLkNyZWF0ZVRva2VuUmVzcG9uc2USTgoLUmV2b2tlVG9rZW4SHi5rbWkua2RjLnYxLlJldm9rZVRva2VuUmVxdWVzdBofLmttaS5rZGMudjEuUmV2b2tlVG9rZW5SZXNwb25zZRJLCgpMaXN0VG9rZW5zEh0ua21pLmtkYy52MS5MaXN0VG9rZW5zUmVxdWVzdBoeLmttaS5rZGMudjEuTGlzdFRva2Vuc1Jlc3BvbnNlEnIKF0lzc3VlU2VydmljZUNlcnRpZmljYXRlEioua21pLmtkYy52MS5Jc3N1ZVNlcnZpY2VDZXJ0aWZpY2F0ZVJlcXVlc3QaKy5rbWkua2RjLnYxLklzc3VlU2VydmljZUNlcnRpZmljYXRlUmVzcG9uc2USVwoOR2V0VHJ1c3RCdW5kbGUSIS5rbWkua2RjLnYxLkdldFRydXN0QnVuZGxlUmVxdWVzdBoiLmttaS5rZGMudjEuR2V0VHJ1c3RCdW5kbGVSZXNwb25zZRJRCgxUYWlsQXVkaXRMb2cSHy5rbWkua2RjLnYxLlRhaWxBdWRpdExvZ1JlcXVlc3QaIC5rbWkua2RjLnYxLlRhaWxBdWRpdExvZ1Jlc3BvbnNlElcKDlZlcmlmeUF1ZGl0TG9nEiEua21pLmtkYy52MS5WZXJpZnlBdWRpdExvZ1JlcXVlc3QaIi5rbWkua2RjLnYxLlZlcmlmeUF1ZGl0TG9nUmVzcG9uc2USYwoSR2V0QXVkaXRDaGVja3BvaW50EiUua21pLmtkYy52MS5HZXRBdWRpdENoZWNrcG9pbnRSZXF1ZXN0GiYua21pLmtkYy52MS5HZXRBdWRpdENoZWNrcG9pbnRSZXNwb25zZRJRCgxHZXRLZGNTdGF0dXMSHy5rbWkua2RjLnYxLkdldEtkY1N0YXR1c1JlcXVlc3QaIC5rbWkua2RjLnYxLkdldEtkY1N0YXR1c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_kmi_common_v1_checkpoint]);
 
 /**
  * Tenant is one customer.
@@ -671,11 +673,19 @@ export const TailAuditLogResponseSchema: GenMessage<TailAuditLogResponse> = /*@_
   messageDesc(file_kmi_kdc_v1_admin, 20);
 
 /**
- * VerifyAuditLogRequest has no fields.
+ * VerifyAuditLogRequest may carry an exported checkpoint.
  *
  * @generated from message kmi.kdc.v1.VerifyAuditLogRequest
  */
 export type VerifyAuditLogRequest = Message<"kmi.kdc.v1.VerifyAuditLogRequest"> & {
+  /**
+   * A checkpoint exported earlier (`kmi ctl audit checkpoint`); optional. When given, the log
+   * must still extend it: its signature verifies with this server's checkpoint key, its origin
+   * is this log, and the entry at its seq has its hash (else ok is false, naming the seq).
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint checkpoint = 1;
+   */
+  checkpoint?: AuditCheckpoint | undefined;
 };
 
 /**
@@ -725,6 +735,29 @@ export type VerifyAuditLogResponse = Message<"kmi.kdc.v1.VerifyAuditLogResponse"
    * @generated from field: string head_hash = 5;
    */
   headHash: string;
+
+  /**
+   * Seq of the newest signed checkpoint the log was checked against (stored, held by the
+   * witness, or given in the request); 0 when there was none.
+   *
+   * @generated from field: uint64 checkpoint_seq = 6;
+   */
+  checkpointSeq: bigint;
+
+  /**
+   * What the witness (the other server) holds of this log: "checked at seq N", "none yet",
+   * "not configured", or "unreachable: <why>" (then only the stored checkpoints were checked).
+   *
+   * @generated from field: string witness = 7;
+   */
+  witness: string;
+
+  /**
+   * Seq of the last entry (the head).
+   *
+   * @generated from field: uint64 head_seq = 8;
+   */
+  headSeq: bigint;
 };
 
 /**
@@ -733,6 +766,52 @@ export type VerifyAuditLogResponse = Message<"kmi.kdc.v1.VerifyAuditLogResponse"
  */
 export const VerifyAuditLogResponseSchema: GenMessage<VerifyAuditLogResponse> = /*@__PURE__*/
   messageDesc(file_kmi_kdc_v1_admin, 22);
+
+/**
+ * GetAuditCheckpointRequest has no fields.
+ *
+ * @generated from message kmi.kdc.v1.GetAuditCheckpointRequest
+ */
+export type GetAuditCheckpointRequest = Message<"kmi.kdc.v1.GetAuditCheckpointRequest"> & {
+};
+
+/**
+ * Describes the message kmi.kdc.v1.GetAuditCheckpointRequest.
+ * Use `create(GetAuditCheckpointRequestSchema)` to create a new message.
+ */
+export const GetAuditCheckpointRequestSchema: GenMessage<GetAuditCheckpointRequest> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_admin, 23);
+
+/**
+ * GetAuditCheckpointResponse carries a checkpoint to keep outside the server.
+ *
+ * @generated from message kmi.kdc.v1.GetAuditCheckpointResponse
+ */
+export type GetAuditCheckpointResponse = Message<"kmi.kdc.v1.GetAuditCheckpointResponse"> & {
+  /**
+   * A checkpoint of the log's current head, signed now (or the newest one when the head has
+   * not moved). Keep it: `kmi ctl audit verify --checkpoint FILE` proves later that the log
+   * still extends it.
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint checkpoint = 1;
+   */
+  checkpoint?: AuditCheckpoint | undefined;
+
+  /**
+   * What the witness holds once this checkpoint was handed to it: "holds seq N", "none yet",
+   * "not configured", "unreachable: <why>", "refused: <why>" or "mismatch at seq N".
+   *
+   * @generated from field: string witness = 2;
+   */
+  witness: string;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.GetAuditCheckpointResponse.
+ * Use `create(GetAuditCheckpointResponseSchema)` to create a new message.
+ */
+export const GetAuditCheckpointResponseSchema: GenMessage<GetAuditCheckpointResponse> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_admin, 24);
 
 /**
  * GetKdcStatusRequest has no fields.
@@ -747,7 +826,7 @@ export type GetKdcStatusRequest = Message<"kmi.kdc.v1.GetKdcStatusRequest"> & {
  * Use `create(GetKdcStatusRequestSchema)` to create a new message.
  */
 export const GetKdcStatusRequestSchema: GenMessage<GetKdcStatusRequest> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_admin, 23);
+  messageDesc(file_kmi_kdc_v1_admin, 25);
 
 /**
  * TenantStatus is a tenant's line in the KDC's status.
@@ -789,7 +868,7 @@ export type TenantStatus = Message<"kmi.kdc.v1.TenantStatus"> & {
  * Use `create(TenantStatusSchema)` to create a new message.
  */
 export const TenantStatusSchema: GenMessage<TenantStatus> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_admin, 24);
+  messageDesc(file_kmi_kdc_v1_admin, 26);
 
 /**
  * GetKdcStatusResponse is the KDC's health summary.
@@ -845,7 +924,7 @@ export type GetKdcStatusResponse = Message<"kmi.kdc.v1.GetKdcStatusResponse"> & 
  * Use `create(GetKdcStatusResponseSchema)` to create a new message.
  */
 export const GetKdcStatusResponseSchema: GenMessage<GetKdcStatusResponse> = /*@__PURE__*/
-  messageDesc(file_kmi_kdc_v1_admin, 25);
+  messageDesc(file_kmi_kdc_v1_admin, 27);
 
 /**
  * Role is what a bearer token may do.
@@ -986,7 +1065,9 @@ export const KdcAdminService: GenService<{
     output: typeof TailAuditLogResponseSchema;
   },
   /**
-   * VerifyAuditLog walks the whole hash chain and reports the first entry that breaks it.
+   * VerifyAuditLog walks the whole hash chain, checks it against the signed checkpoints
+   * (stored, held by the witness, and the one in the request, if any) and reports the first
+   * entry that breaks it or differs from what was signed.
    *
    * @generated from rpc kmi.kdc.v1.KdcAdminService.VerifyAuditLog
    */
@@ -994,6 +1075,17 @@ export const KdcAdminService: GenService<{
     methodKind: "unary";
     input: typeof VerifyAuditLogRequestSchema;
     output: typeof VerifyAuditLogResponseSchema;
+  },
+  /**
+   * GetAuditCheckpoint signs a checkpoint of the log's current head and returns it, for an
+   * operator to keep outside the server (`kmi ctl audit checkpoint --out FILE`).
+   *
+   * @generated from rpc kmi.kdc.v1.KdcAdminService.GetAuditCheckpoint
+   */
+  getAuditCheckpoint: {
+    methodKind: "unary";
+    input: typeof GetAuditCheckpointRequestSchema;
+    output: typeof GetAuditCheckpointResponseSchema;
   },
   /**
    * GetKdcStatus is a health summary: version, tenants and their active versions,

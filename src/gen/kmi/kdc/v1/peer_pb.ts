@@ -6,6 +6,8 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { AuditCheckpoint } from "../../common/v1/checkpoint_pb.js";
+import { file_kmi_common_v1_checkpoint } from "../../common/v1/checkpoint_pb.js";
 import type { TokenInfo } from "./admin_pb.js";
 import { file_kmi_kdc_v1_admin } from "./admin_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -14,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kmi/kdc/v1/peer.proto.
  */
 export const file_kmi_kdc_v1_peer: GenFile = /*@__PURE__*/
-  fileDesc("ChVrbWkva2RjL3YxL3BlZXIucHJvdG8SCmttaS5rZGMudjEiKQoYQXV0aGVudGljYXRlVG9rZW5SZXF1ZXN0Eg0KBXRva2VuGAEgASgJIkEKGUF1dGhlbnRpY2F0ZVRva2VuUmVzcG9uc2USJAoFdG9rZW4YASABKAsyFS5rbWkua2RjLnYxLlRva2VuSW5mbyJpCh5Jc3N1ZU1hY2hpbmVDZXJ0aWZpY2F0ZVJlcXVlc3QSDwoHY3NyX3BlbRgBIAEoCRISCgptYWNoaW5lX2lkGAIgASgJEg0KBWdyb3VwGAMgASgJEhMKC3R0bF9zZWNvbmRzGAQgASgNInkKH0lzc3VlTWFjaGluZUNlcnRpZmljYXRlUmVzcG9uc2USFwoPY2VydGlmaWNhdGVfcGVtGAEgASgJEg4KBmNhX3BlbRgCIAEoCRItCglub3RfYWZ0ZXIYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wMuMBCgtQZWVyU2VydmljZRJgChFBdXRoZW50aWNhdGVUb2tlbhIkLmttaS5rZGMudjEuQXV0aGVudGljYXRlVG9rZW5SZXF1ZXN0GiUua21pLmtkYy52MS5BdXRoZW50aWNhdGVUb2tlblJlc3BvbnNlEnIKF0lzc3VlTWFjaGluZUNlcnRpZmljYXRlEioua21pLmtkYy52MS5Jc3N1ZU1hY2hpbmVDZXJ0aWZpY2F0ZVJlcXVlc3QaKy5rbWkua2RjLnYxLklzc3VlTWFjaGluZUNlcnRpZmljYXRlUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_kmi_kdc_v1_admin]);
+  fileDesc("ChVrbWkva2RjL3YxL3BlZXIucHJvdG8SCmttaS5rZGMudjEiKQoYQXV0aGVudGljYXRlVG9rZW5SZXF1ZXN0Eg0KBXRva2VuGAEgASgJIkEKGUF1dGhlbnRpY2F0ZVRva2VuUmVzcG9uc2USJAoFdG9rZW4YASABKAsyFS5rbWkua2RjLnYxLlRva2VuSW5mbyJpCh5Jc3N1ZU1hY2hpbmVDZXJ0aWZpY2F0ZVJlcXVlc3QSDwoHY3NyX3BlbRgBIAEoCRISCgptYWNoaW5lX2lkGAIgASgJEg0KBWdyb3VwGAMgASgJEhMKC3R0bF9zZWNvbmRzGAQgASgNInkKH0lzc3VlTWFjaGluZUNlcnRpZmljYXRlUmVzcG9uc2USFwoPY2VydGlmaWNhdGVfcGVtGAEgASgJEg4KBmNhX3BlbRgCIAEoCRItCglub3RfYWZ0ZXIYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIk4KGFdpdG5lc3NDaGVja3BvaW50UmVxdWVzdBIyCgpjaGVja3BvaW50GAEgASgLMh4ua21pLmNvbW1vbi52MS5BdWRpdENoZWNrcG9pbnQiTgoZV2l0bmVzc0NoZWNrcG9pbnRSZXNwb25zZRIxCgl3aXRuZXNzZWQYASABKAsyHi5rbWkuY29tbW9uLnYxLkF1ZGl0Q2hlY2twb2ludCIvCh1HZXRXaXRuZXNzZWRDaGVja3BvaW50UmVxdWVzdBIOCgZrZXlfaWQYASABKAkiUwoeR2V0V2l0bmVzc2VkQ2hlY2twb2ludFJlc3BvbnNlEjEKCXdpdG5lc3NlZBgBIAEoCzIeLmttaS5jb21tb24udjEuQXVkaXRDaGVja3BvaW50MrYDCgtQZWVyU2VydmljZRJgChFBdXRoZW50aWNhdGVUb2tlbhIkLmttaS5rZGMudjEuQXV0aGVudGljYXRlVG9rZW5SZXF1ZXN0GiUua21pLmtkYy52MS5BdXRoZW50aWNhdGVUb2tlblJlc3BvbnNlEnIKF0lzc3VlTWFjaGluZUNlcnRpZmljYXRlEioua21pLmtkYy52MS5Jc3N1ZU1hY2hpbmVDZXJ0aWZpY2F0ZVJlcXVlc3QaKy5rbWkua2RjLnYxLklzc3VlTWFjaGluZUNlcnRpZmljYXRlUmVzcG9uc2USYAoRV2l0bmVzc0NoZWNrcG9pbnQSJC5rbWkua2RjLnYxLldpdG5lc3NDaGVja3BvaW50UmVxdWVzdBolLmttaS5rZGMudjEuV2l0bmVzc0NoZWNrcG9pbnRSZXNwb25zZRJvChZHZXRXaXRuZXNzZWRDaGVja3BvaW50Eikua21pLmtkYy52MS5HZXRXaXRuZXNzZWRDaGVja3BvaW50UmVxdWVzdBoqLmttaS5rZGMudjEuR2V0V2l0bmVzc2VkQ2hlY2twb2ludFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_kmi_common_v1_checkpoint, file_kmi_kdc_v1_admin]);
 
 /**
  * AuthenticateTokenRequest carries the bearer secret.
@@ -137,6 +139,96 @@ export const IssueMachineCertificateResponseSchema: GenMessage<IssueMachineCerti
   messageDesc(file_kmi_kdc_v1_peer, 3);
 
 /**
+ * WitnessCheckpointRequest carries the caller's newest signed audit checkpoint.
+ *
+ * @generated from message kmi.kdc.v1.WitnessCheckpointRequest
+ */
+export type WitnessCheckpointRequest = Message<"kmi.kdc.v1.WitnessCheckpointRequest"> & {
+  /**
+   * The checkpoint; required. Its signature must verify with its public_key_der. The witness
+   * keeps one checkpoint per caller and checkpoint key: against the one it holds for that key,
+   * the origin must be the same and it must not be older (a lower seq, or the same seq with
+   * another hash, is FAILED_PRECONDITION: the caller's log was truncated or rewritten).
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint checkpoint = 1;
+   */
+  checkpoint?: AuditCheckpoint | undefined;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.WitnessCheckpointRequest.
+ * Use `create(WitnessCheckpointRequestSchema)` to create a new message.
+ */
+export const WitnessCheckpointRequestSchema: GenMessage<WitnessCheckpointRequest> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_peer, 4);
+
+/**
+ * WitnessCheckpointResponse carries what the witness now holds.
+ *
+ * @generated from message kmi.kdc.v1.WitnessCheckpointResponse
+ */
+export type WitnessCheckpointResponse = Message<"kmi.kdc.v1.WitnessCheckpointResponse"> & {
+  /**
+   * The checkpoint this witness holds for the caller after the call.
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint witnessed = 1;
+   */
+  witnessed?: AuditCheckpoint | undefined;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.WitnessCheckpointResponse.
+ * Use `create(WitnessCheckpointResponseSchema)` to create a new message.
+ */
+export const WitnessCheckpointResponseSchema: GenMessage<WitnessCheckpointResponse> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_peer, 5);
+
+/**
+ * GetWitnessedCheckpointRequest names the caller's checkpoint key (the caller itself is named
+ * by its certificate).
+ *
+ * @generated from message kmi.kdc.v1.GetWitnessedCheckpointRequest
+ */
+export type GetWitnessedCheckpointRequest = Message<"kmi.kdc.v1.GetWitnessedCheckpointRequest"> & {
+  /**
+   * The caller's checkpoint key id (AuditCheckpoint.key_id): 64 lowercase hex characters;
+   * required. A witness keeps one checkpoint per peer and key, so a peer installed afresh (a
+   * new master key, hence a new checkpoint key) starts a new record instead of being refused.
+   *
+   * @generated from field: string key_id = 1;
+   */
+  keyId: string;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.GetWitnessedCheckpointRequest.
+ * Use `create(GetWitnessedCheckpointRequestSchema)` to create a new message.
+ */
+export const GetWitnessedCheckpointRequestSchema: GenMessage<GetWitnessedCheckpointRequest> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_peer, 6);
+
+/**
+ * GetWitnessedCheckpointResponse carries the caller's checkpoint as this witness holds it.
+ *
+ * @generated from message kmi.kdc.v1.GetWitnessedCheckpointResponse
+ */
+export type GetWitnessedCheckpointResponse = Message<"kmi.kdc.v1.GetWitnessedCheckpointResponse"> & {
+  /**
+   * The latest checkpoint of the caller's log this witness accepted; absent when none yet.
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint witnessed = 1;
+   */
+  witnessed?: AuditCheckpoint | undefined;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.GetWitnessedCheckpointResponse.
+ * Use `create(GetWitnessedCheckpointResponseSchema)` to create a new message.
+ */
+export const GetWitnessedCheckpointResponseSchema: GenMessage<GetWitnessedCheckpointResponse> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_peer, 7);
+
+/**
  * PeerService is what other kmi services (the Auditserver) ask of the KDC.
  *
  * Every call needs mutual TLS with a service certificate from the infrastructure CA whose
@@ -168,6 +260,31 @@ export const PeerService: GenService<{
     methodKind: "unary";
     input: typeof IssueMachineCertificateRequestSchema;
     output: typeof IssueMachineCertificateResponseSchema;
+  },
+  /**
+   * WitnessCheckpoint gives the KDC the Auditserver's newest signed audit checkpoint to keep
+   * as a witness (the KDC holds the Auditserver's, and the Auditserver the KDC's), so that a
+   * writer of the Auditserver's store cannot rewrite its log unnoticed. Only the Auditserver
+   * (kmi://service/audit) may call it.
+   *
+   * @generated from rpc kmi.kdc.v1.PeerService.WitnessCheckpoint
+   */
+  witnessCheckpoint: {
+    methodKind: "unary";
+    input: typeof WitnessCheckpointRequestSchema;
+    output: typeof WitnessCheckpointResponseSchema;
+  },
+  /**
+   * GetWitnessedCheckpoint returns the Auditserver's checkpoint as the KDC holds it (what
+   * `kmi ctl audit verify --server audit` and the Auditserver's start check against). Only
+   * the Auditserver may call it.
+   *
+   * @generated from rpc kmi.kdc.v1.PeerService.GetWitnessedCheckpoint
+   */
+  getWitnessedCheckpoint: {
+    methodKind: "unary";
+    input: typeof GetWitnessedCheckpointRequestSchema;
+    output: typeof GetWitnessedCheckpointResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_kmi_kdc_v1_peer, 0);

@@ -6,13 +6,15 @@ import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { AuditCheckpoint } from "../../common/v1/checkpoint_pb.js";
+import { file_kmi_common_v1_checkpoint } from "../../common/v1/checkpoint_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file kmi/store/v1/audit_log.proto.
  */
 export const file_kmi_store_v1_audit_log: GenFile = /*@__PURE__*/
-  fileDesc("ChxrbWkvc3RvcmUvdjEvYXVkaXRfbG9nLnByb3RvEgxrbWkuc3RvcmUudjEiqAIKEEF1ZGl0RW50cnlSZWNvcmQSDgoGZm9ybWF0GAEgASgNEgsKA3NlcRgCIAEoBBIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgEIAEoCRIOCgZhY3Rpb24YBSABKAkSDgoGdGFyZ2V0GAYgASgJEg8KB291dGNvbWUYByABKAkSPAoHZGV0YWlscxgIIAMoCzIrLmttaS5zdG9yZS52MS5BdWRpdEVudHJ5UmVjb3JkLkRldGFpbHNFbnRyeRIRCglwcmV2X2hhc2gYCSABKAwSDAoEaGFzaBgKIAEoDBouCgxEZXRhaWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI8Cg9BdWRpdEhlYWRSZWNvcmQSDgoGZm9ybWF0GAEgASgNEgsKA3NlcRgCIAEoBBIMCgRoYXNoGAMgASgMYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("ChxrbWkvc3RvcmUvdjEvYXVkaXRfbG9nLnByb3RvEgxrbWkuc3RvcmUudjEiqAIKEEF1ZGl0RW50cnlSZWNvcmQSDgoGZm9ybWF0GAEgASgNEgsKA3NlcRgCIAEoBBIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgEIAEoCRIOCgZhY3Rpb24YBSABKAkSDgoGdGFyZ2V0GAYgASgJEg8KB291dGNvbWUYByABKAkSPAoHZGV0YWlscxgIIAMoCzIrLmttaS5zdG9yZS52MS5BdWRpdEVudHJ5UmVjb3JkLkRldGFpbHNFbnRyeRIRCglwcmV2X2hhc2gYCSABKAwSDAoEaGFzaBgKIAEoDBouCgxEZXRhaWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI8Cg9BdWRpdEhlYWRSZWNvcmQSDgoGZm9ybWF0GAEgASgNEgsKA3NlcRgCIAEoBBIMCgRoYXNoGAMgASgMInEKFUF1ZGl0Q2hlY2twb2ludFJlY29yZBIOCgZmb3JtYXQYASABKA0SMgoKY2hlY2twb2ludBgCIAEoCzIeLmttaS5jb21tb24udjEuQXVkaXRDaGVja3BvaW50EhQKDGVudHJ5X2hhc2hlcxgDIAMoDCKYAQoSQXVkaXRXaXRuZXNzUmVjb3JkEg4KBmZvcm1hdBgBIAEoDRIMCgRwZWVyGAIgASgJEjIKCmNoZWNrcG9pbnQYAyABKAsyHi5rbWkuY29tbW9uLnYxLkF1ZGl0Q2hlY2twb2ludBIwCgx3aXRuZXNzZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wYgZwcm90bzM", [file_google_protobuf_timestamp, file_kmi_common_v1_checkpoint]);
 
 /**
  * AuditEntryRecord is one entry of the hash-chained audit log (table `audit_log`, key the
@@ -145,4 +147,88 @@ export type AuditHeadRecord = Message<"kmi.store.v1.AuditHeadRecord"> & {
  */
 export const AuditHeadRecordSchema: GenMessage<AuditHeadRecord> = /*@__PURE__*/
   messageDesc(file_kmi_store_v1_audit_log, 1);
+
+/**
+ * AuditCheckpointRecord is one signed checkpoint of this server's own audit log (table
+ * `audit_checkpoints`, key the checkpoint's seq as 20 zero-padded digits, like `audit_log`).
+ * Checkpoints follow each other without gaps (each one's from_seq is the seq of the one
+ * before), so together they sign every entry's hash; see src/storage/audit-checkpoint.ts.
+ *
+ * @generated from message kmi.store.v1.AuditCheckpointRecord
+ */
+export type AuditCheckpointRecord = Message<"kmi.store.v1.AuditCheckpointRecord"> & {
+  /**
+   * Format version of this record; 1.
+   *
+   * @generated from field: uint32 format = 1;
+   */
+  format: number;
+
+  /**
+   * The signed checkpoint.
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint checkpoint = 2;
+   */
+  checkpoint?: AuditCheckpoint | undefined;
+
+  /**
+   * Hashes (32 bytes each) of the entries checkpoint.from_seq+1 to checkpoint.seq, in order;
+   * their SHA-256 is checkpoint.entries_digest. At most 1000.
+   *
+   * @generated from field: repeated bytes entry_hashes = 3;
+   */
+  entryHashes: Uint8Array[];
+};
+
+/**
+ * Describes the message kmi.store.v1.AuditCheckpointRecord.
+ * Use `create(AuditCheckpointRecordSchema)` to create a new message.
+ */
+export const AuditCheckpointRecordSchema: GenMessage<AuditCheckpointRecord> = /*@__PURE__*/
+  messageDesc(file_kmi_store_v1_audit_log, 2);
+
+/**
+ * AuditWitnessRecord is the latest checkpoint of the OTHER server's audit log that this
+ * server witnessed (table `audit_witness`, key "<peer>/<key_id>": the peer's service name,
+ * "kdc" or "audit", and its checkpoint key id). A checkpoint of another origin under the same
+ * key, or one that does not extend this one, is refused.
+ *
+ * @generated from message kmi.store.v1.AuditWitnessRecord
+ */
+export type AuditWitnessRecord = Message<"kmi.store.v1.AuditWitnessRecord"> & {
+  /**
+   * Format version of this record; 1.
+   *
+   * @generated from field: uint32 format = 1;
+   */
+  format: number;
+
+  /**
+   * The peer's service name, "kdc" or "audit".
+   *
+   * @generated from field: string peer = 2;
+   */
+  peer: string;
+
+  /**
+   * The peer's latest checkpoint, signature checked.
+   *
+   * @generated from field: kmi.common.v1.AuditCheckpoint checkpoint = 3;
+   */
+  checkpoint?: AuditCheckpoint | undefined;
+
+  /**
+   * When this server accepted it.
+   *
+   * @generated from field: google.protobuf.Timestamp witnessed_at = 4;
+   */
+  witnessedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message kmi.store.v1.AuditWitnessRecord.
+ * Use `create(AuditWitnessRecordSchema)` to create a new message.
+ */
+export const AuditWitnessRecordSchema: GenMessage<AuditWitnessRecord> = /*@__PURE__*/
+  messageDesc(file_kmi_store_v1_audit_log, 3);
 
