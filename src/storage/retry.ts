@@ -18,6 +18,8 @@ export interface RetryOptions {
   maxMs?: number;
   /** Source of randomness in [0, 1) for the jitter (default Math.random). */
   random?: () => number;
+  /** Which conflicts to retry (default: all); the others are thrown at once. */
+  retryIf?: (err: Conflict) => boolean;
   /** Told of each conflict before the backoff (metrics, logs). */
   onConflict?: (attempt: number, err: Conflict) => void;
 }
@@ -41,7 +43,7 @@ export async function retryOnConflict<T>(step: (attempt: number) => Promise<T>, 
     try {
       return await step(attempt);
     } catch (err) {
-      if (!(err instanceof Conflict) || attempt >= attempts) throw err;
+      if (!(err instanceof Conflict) || attempt >= attempts || (options.retryIf !== undefined && !options.retryIf(err))) throw err;
       options.onConflict?.(attempt, err);
       const cap = Math.min(maxMs, baseMs * 2 ** (attempt - 1));
       const wait = Math.floor(random() * cap);

@@ -9,6 +9,7 @@ import { create } from "@bufbuild/protobuf";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { CredentialRecordSchema, TokenRecordSchema } from "../../../src/gen/kmi/store/v1/kdc_pb.js";
 import { openEtcdStore, type EtcdStore } from "../../../src/storage/etcd-store.js";
+import { createAuditLog } from "../../../src/storage/audit-log.js";
 import { open as unseal, seal } from "../../../src/storage/seal.js";
 import { defineTable, putOp } from "../../../src/storage/store.js";
 import { mintToken, parseToken } from "../../../src/kdc/tokens.js";
@@ -91,4 +92,15 @@ describe("etcd store", () => {
     expect(Buffer.from(unseal(master, back!.privateKey!, "kdc/credential/kmi-root")).equals(Buffer.from(pkcs8))).toBe(true);
   });
 
+
+  it("keeps one linear audit chain when two clients on two members append at once", async () => {
+    const a = await openStore("t/audit", [cluster.endpoints[0]!]);
+    const b = await openStore("t/audit", [cluster.endpoints[2]!]);
+    const [one, two] = [createAuditLog(a), createAuditLog(b)];
+    const written = await Promise.all(
+      Array.from({ length: 30 }, (_, i) => (i % 2 === 0 ? one : two).append({ actor: "system", action: "test.append", target: `t/${i}`, outcome: "ok" })),
+    );
+    expect(written.map((e) => e.seq).sort((x, y) => Number(x - y))).toEqual(Array.from({ length: 30 }, (_, i) => BigInt(i + 1)));
+    expect(await one.verify()).toMatchObject({ ok: true, entries: 30 });
+  });
 });
