@@ -19,7 +19,6 @@ import type { AuditContext, Clock, KdcPeer } from "./context.js";
 import { createCsrChecker } from "./csr.js";
 import { credentialAad, dataPaths, loadAuditMasterKey, openAuditStore, type MasterKeyOptions } from "./init.js";
 import { createKdcPeer } from "./kdc-client.js";
-import { KeyedMutex } from "./mutex.js";
 import { services } from "./routes.js";
 import { MachineStatusHub } from "./status-hub.js";
 import { ATTESTATION_KEY, META_KEY, SERVICE_TLS_KEY, Tables } from "./store.js";
@@ -104,7 +103,6 @@ export class AuditServer {
         attestationKey: { privateKey: attestationPrivate, publicKey: createPublicKey(attestationPrivate), keyId: att.keyId },
         caPem,
         statusHub: new MachineStatusHub(),
-        locks: new KeyedMutex(),
         clock,
         logger,
         policy: { nonceTtlMs: 60_000, maxNoncesPerMachine: 16 },

@@ -24,7 +24,6 @@ import { createMasterKeyFile, loadMasterKey, parseMasterKey } from "../storage/m
 import type { BatchOp } from "../storage/store.js";
 import type { AttestationKeyProvider, CertificateFactory, Clock, KdcContext, Sealer } from "./context.js";
 import { CREDENTIAL, credentialAad, KDC_SCHEMA_VERSION, KdcStore, put } from "./kdc-store.js";
-import { KeyedMutex } from "./mutex.js";
 import { createPkiAdapter } from "./pki-adapter.js";
 import { createSealer } from "./sealer.js";
 import { NoAttestationKey } from "./attestation-key.js";
@@ -288,7 +287,6 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
       pki: opts.pki ?? createPkiAdapter(),
       clock,
       logger: opts.logger,
-      locks: new KeyedMutex(),
       startedAt: clock.now(),
       attestationKey: opts.attestationKey ?? new NoAttestationKey(),
       leaseMs: opts.leaseMs ?? DEFAULT_LEASE_MS,

@@ -27,7 +27,6 @@ import { createAuditLog, deriveAuditKey, keyedHash } from "../../../src/storage/
 import { openLevelStore, type LevelStore } from "../../../src/storage/level-store.js";
 import type { AuditContext, KdcPeer } from "../../../src/audit/context.js";
 import { createCsrChecker } from "../../../src/audit/csr.js";
-import { KeyedMutex } from "../../../src/audit/mutex.js";
 import { routes } from "../../../src/audit/routes.js";
 import { MachineStatusHub } from "../../../src/audit/status-hub.js";
 import { AUDIT_SCHEMA_VERSION, AUDIT_STORE_OWNER, Tables } from "../../../src/audit/store.js";
@@ -150,7 +149,6 @@ export async function makeHarness(): Promise<Harness> {
     attestationKey: { privateKey: attestation.privateKey, publicKey: attestation.publicKey, keyId: attestationKeyId(attestation.publicKey) },
     caPem: kdc.caPem,
     statusHub: new MachineStatusHub(),
-    locks: new KeyedMutex(),
     clock,
     logger,
     policy: { nonceTtlMs: 60_000, maxNoncesPerMachine: 16 },
