@@ -19,9 +19,10 @@ import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
 import { Role } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { CredentialRecordSchema, KdcMetaRecordSchema, TokenRecordSchema, type CredentialRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import { AuditLog } from "../storage/audit-log.js";
+import { openStoreBackend, type StoreBackend } from "../storage/backend.js";
 import { openLevelStore, type LevelStore } from "../storage/level-store.js";
 import { createMasterKeyFile, loadMasterKey, parseMasterKey } from "../storage/master-key.js";
-import type { BatchOp } from "../storage/store.js";
+import type { BatchOp, Store } from "../storage/store.js";
 import type { AttestationKeyProvider, CertificateFactory, Clock, KdcContext, Sealer } from "./context.js";
 import { CREDENTIAL, credentialAad, KDC_SCHEMA_VERSION, KdcStore, put } from "./kdc-store.js";
 import { createPkiAdapter } from "./pki-adapter.js";
@@ -74,6 +75,8 @@ export function allTlsNames(extra: TlsNames): TlsNames {
 /** Options of `initKdc`. */
 export interface InitOptions extends MasterKeyOptions {
   dataDir: string;
+  /** Where the store lives (default LevelDB in the data dir); the files stay in the data dir. */
+  store?: StoreBackend;
   tls: TlsNames;
   clock?: Clock;
   pki?: CertificateFactory;
@@ -91,9 +94,14 @@ export interface InitResult {
   kdcId: string;
 }
 
-/** Opens an existing (or, for init, new) KDC store in `dataDir`. */
+/** Opens an existing (or, for init, new) KDC LevelDB store in `dataDir` (backup and restore work on it). */
 export async function openKdcStore(dataDir: string, createIfMissing: boolean): Promise<LevelStore> {
   return openLevelStore(dataPaths(dataDir).store, { owner: "kdc", schemaVersion: KDC_SCHEMA_VERSION, create: createIfMissing });
+}
+
+/** Opens the KDC's store where `backend` says: LevelDB in `dataDir` (default) or etcd. */
+export async function openKdcBackend(dataDir: string, createIfMissing: boolean, backend: StoreBackend = { kind: "level" }): Promise<Store> {
+  return openStoreBackend(backend, dataPaths(dataDir).store, { owner: "kdc", schemaVersion: KDC_SCHEMA_VERSION, create: createIfMissing });
 }
 
 
@@ -150,14 +158,19 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
   await mkdir(opts.dataDir, { recursive: true, mode: 0o700 });
   await chmod(opts.dataDir, 0o700);
 
-  if ((await pathExists(paths.store)) && (await pathExists(paths.infraCaPem))) {
+  const backend = opts.store ?? { kind: "level" };
+  if (backend.kind === "level" && (await pathExists(paths.store)) && (await pathExists(paths.infraCaPem))) {
     throw new AlreadyExists(`data dir ${opts.dataDir} is initialized already; run \`kmi kdc --data-dir ${opts.dataDir}\`, or init another directory`);
   }
-  const store = await openKdcStore(opts.dataDir, true);
+  const store = await openKdcBackend(opts.dataDir, true, backend);
   try {
     const kdcStore = new KdcStore(store);
     if ((await kdcStore.getMeta()) !== undefined) {
-      throw new AlreadyExists(`data dir ${opts.dataDir} is initialized already; run \`kmi kdc --data-dir ${opts.dataDir}\`, or init another directory`);
+      throw new AlreadyExists(
+        backend.kind === "level"
+          ? `data dir ${opts.dataDir} is initialized already; run \`kmi kdc --data-dir ${opts.dataDir}\`, or init another directory`
+          : `the etcd prefix ${backend.prefix} holds an initialized KDC already; run \`kmi kdc --store etcd\` with its master key, or init another prefix (--etcd-prefix)`,
+      );
     }
     let key: Buffer;
     let keyFile: string | undefined;
@@ -236,7 +249,7 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
 /** An opened, initialized KDC: its context, the store to close, and the distribution pieces. */
 export interface OpenedKdc {
   ctx: KdcContext;
-  store: LevelStore;
+  store: Store;
   /** The watch streams (also `ctx.events` and `ctx.watches`). */
   hub: WatchHub;
   /** The quarantine set (also `ctx.quarantine`), fed by the Auditserver's status stream. */
@@ -249,6 +262,8 @@ export const DEFAULT_LEASE_MS = 24 * 3600 * 1000;
 /** Options of `openKdc`. */
 export interface OpenKdcOptions extends MasterKeyOptions {
   dataDir: string;
+  /** Where the store lives (default LevelDB in the data dir). */
+  store?: StoreBackend | undefined;
   logger: Logger;
   clock?: Clock;
   pki?: CertificateFactory;
@@ -262,11 +277,12 @@ export interface OpenKdcOptions extends MasterKeyOptions {
 
 /** Opens an initialized data directory and builds the services' context. */
 export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
-  if (!(await pathExists(dataPaths(opts.dataDir).store))) {
+  const backend = opts.store ?? { kind: "level" };
+  if (backend.kind === "level" && !(await pathExists(dataPaths(opts.dataDir).store))) {
     throw new FailedPrecondition(`data dir ${opts.dataDir} is not initialized; run \`kmi kdc init --data-dir ${opts.dataDir}\` first`);
   }
   const key = await loadKdcMasterKey(opts.dataDir, opts);
-  const store = await openKdcStore(opts.dataDir, false);
+  const store = await openKdcBackend(opts.dataDir, false, backend);
   try {
     const kdcStore = new KdcStore(store);
     const meta = await kdcStore.getMeta();

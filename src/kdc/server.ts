@@ -11,7 +11,8 @@ import { ConnectServer, type BoundAddresses } from "../common/connect-server.js"
 import type { Logger } from "../common/logger.js";
 import { createMetricsRegistry, startMetricsServer, type MetricsServer } from "../common/metrics.js";
 import { parseListenAddress } from "../common/listen.js";
-import type { LevelStore } from "../storage/level-store.js";
+import { describeBackend, type StoreBackend } from "../storage/backend.js";
+import type { Store } from "../storage/store.js";
 import type { Clock, KdcContext } from "./context.js";
 import { allTlsNames, issueKdcTlsCredential, openKdc, type MasterKeyOptions, type OpenedKdc, type TlsNames } from "./init.js";
 import { FetchedAttestationKey, FileAttestationKey } from "./attestation-key.js";
@@ -29,6 +30,8 @@ const TLS_RENEW_BEFORE_MS = 30 * 24 * 3600 * 1000;
 /** Options of `KdcServer.create`. */
 export interface KdcServerOptions extends MasterKeyOptions {
   dataDir: string;
+  /** Where the store lives (default LevelDB in the data dir). */
+  store?: StoreBackend | undefined;
   /** host:port; port 0 picks a free port. */
   listen: string;
   /** Extra names for the TLS certificate (re-issued at start when they change). */
@@ -69,7 +72,7 @@ export class KdcServer {
     private readonly audit: { client: AuditClient; key: FetchedAttestationKey | undefined; feed: MachineStatusFeed } | undefined,
   ) {}
 
-  private get store(): LevelStore {
+  private get store(): Store {
     return this.opened.store;
   }
 
@@ -191,7 +194,7 @@ export class KdcServer {
     if (this.opts.metricsListen !== undefined) {
       this.metricsServer = await startMetricsServer(this.metrics, parseListenAddress(this.opts.metricsListen), this.opts.logger);
     }
-    this.opts.logger.info("kdc serving", { address: bound.tcp, data_dir: this.opts.dataDir });
+    this.opts.logger.info("kdc serving", { address: bound.tcp, data_dir: this.opts.dataDir, store: describeBackend(this.opts.store ?? { kind: "level" }, this.opts.dataDir) });
     return bound;
   }
 

@@ -7,6 +7,7 @@ export * from "./store.js";
 export * from "./level-store.js";
 export * from "./etcd-store.js";
 export * from "./retry.js";
+export * from "./backend.js";
 export * from "./seal.js";
 export * from "./master-key.js";
 export * from "./audit-log.js";

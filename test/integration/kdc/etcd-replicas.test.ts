@@ -1,0 +1,123 @@
+/**
+ * The KDC on a real 3-member etcd cluster (TLS, client certificates): `initKdc` and two opened
+ * KDCs ("replicas": two etcd clients, two audit logs, no shared lock) on one prefix. Concurrent
+ * rotations of one tenant on both leave exactly one active version, contiguous versions and
+ * one linear audit chain; etcdctl reads no private key or token in plaintext.
+ */
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createClient, createRouterTransport, type Interceptor } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { toConnectError } from "../../../src/common/error-mapping.js";
+import { createNopLogger } from "../../../src/common/logger.js";
+import { KdcAdminService } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
+import { KdcService, Signer, VersionState } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
+import { initKdc, openKdc, type OpenedKdc } from "../../../src/kdc/init.js";
+import { credentialAad, intermediateKeyAad } from "../../../src/kdc/kdc-store.js";
+import { routes } from "../../../src/kdc/routes.js";
+import { parseToken } from "../../../src/kdc/tokens.js";
+import type { StoreBackend } from "../../../src/storage/backend.js";
+import { startEtcdCluster, type EtcdCluster } from "../../fixtures/storage/etcd-cluster.js";
+
+let cluster: EtcdCluster;
+let dir: string;
+let operatorToken: string;
+const replicas: OpenedKdc[] = [];
+
+function client(kdc: OpenedKdc) {
+  const logger = createNopLogger();
+  const mapErrors: Interceptor = (next) => async (req) => {
+    try {
+      return await next(req);
+    } catch (err) {
+      throw toConnectError(err, logger);
+    }
+  };
+  const auth: Interceptor = (next) => async (req) => {
+    req.header.set("authorization", `Bearer ${operatorToken}`);
+    return next(req);
+  };
+  const t = createRouterTransport(routes(kdc.ctx), { router: { interceptors: [mapErrors] }, transport: { interceptors: [auth] } });
+  return { ca: createClient(KdcService, t), admin: createClient(KdcAdminService, t) };
+}
+
+beforeAll(async () => {
+  cluster = await startEtcdCluster(3);
+  dir = await mkdtemp(join(tmpdir(), "kmi-kdc-etcd-"));
+  const backend = (endpoint: string): StoreBackend => ({ kind: "etcd", endpoints: [endpoint], caFile: cluster.files.ca, certFile: cluster.files.cert, keyFile: cluster.files.key, prefix: "kmi/kdc" });
+  const r = await initKdc({ dataDir: dir, tls: { dnsNames: [], ipAddresses: [] }, store: backend(cluster.endpoints[0]!) });
+  operatorToken = r.operatorToken;
+  // Two replicas, each on its own member, sharing the data dir's master key.
+  for (const endpoint of [cluster.endpoints[1]!, cluster.endpoints[2]!]) {
+    replicas.push(await openKdc({ dataDir: dir, logger: createNopLogger(), store: backend(endpoint) }));
+  }
+});
+
+afterAll(async () => {
+  for (const k of replicas) {
+    k.hub.closeAll();
+    await k.store.close();
+  }
+  await cluster?.stop();
+  if (dir) await rm(dir, { recursive: true, force: true });
+});
+
+describe("KDC replicas on etcd", () => {
+  it("refuses a second init of the same prefix", async () => {
+    const again = await mkdtemp(join(tmpdir(), "kmi-kdc-etcd-again-"));
+    try {
+      await expect(
+        initKdc({ dataDir: again, tls: { dnsNames: [], ipAddresses: [] }, store: { kind: "etcd", endpoints: cluster.endpoints, caFile: cluster.files.ca, certFile: cluster.files.cert, keyFile: cluster.files.key, prefix: "kmi/kdc" } }),
+      ).rejects.toThrow(/prefix kmi\/kdc holds an initialized KDC already/);
+    } finally {
+      await rm(again, { recursive: true, force: true });
+    }
+  });
+
+  it("concurrent rotations of one tenant on two replicas: exactly one active version, contiguous versions, one linear audit chain", async () => {
+    const [a, b] = replicas.map(client) as [ReturnType<typeof client>, ReturnType<typeof client>];
+    await a.admin.createTenant({ tenantId: "acme", bootstrapKmiSigned: true });
+    const rotate = (c: typeof a) => c.ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, validityDays: 30, activate: true });
+    const made = await Promise.all([rotate(a), rotate(b), rotate(a), rotate(b), rotate(a), rotate(b)]);
+    expect(made.map((m) => m.version!.version).sort((x, y) => x - y)).toEqual([2, 3, 4, 5, 6, 7]);
+    for (const c of [a, b]) {
+      const versions = (await c.ca.listVersions({ tenantId: "acme" })).versions;
+      expect(versions.map((v) => v.version).sort((x, y) => x - y)).toEqual([1, 2, 3, 4, 5, 6, 7]);
+      expect(versions.filter((v) => v.state === VersionState.ACTIVE)).toHaveLength(1);
+    }
+    const tenant = await replicas[1]!.ctx.store.getTenant("acme");
+    const active = (await b.ca.listVersions({ tenantId: "acme" })).versions.find((v) => v.state === VersionState.ACTIVE)!;
+    expect(tenant?.activeVersion).toBe(active.version);
+    const verified = await replicas[0]!.ctx.audit.verify();
+    expect(verified).toMatchObject({ ok: true });
+    const entries = await replicas[0]!.ctx.audit.tail({ last: true, limit: 50 });
+    expect(entries.filter((e) => e.action === "ca.version.create" && e.target.startsWith("tenant/acme/"))).toHaveLength(6);
+  });
+
+  it("holds every private key sealed: etcdctl reads no key and no operator token in plaintext", async () => {
+    const kdc = replicas[0]!;
+    const dump = await cluster.etcdctl(["get", "--prefix", "kmi/kdc/", "-w", "json"]);
+    expect(dump.code, dump.stderr).toBe(0);
+    const kvs = (JSON.parse(dump.stdout) as { kvs: Array<{ key: string; value: string }> }).kvs;
+    const keys = kvs.map((kv) => Buffer.from(kv.key, "base64").toString());
+    expect(keys).toContain("kmi/kdc/credentials/kmi-root");
+    expect(keys.some((k) => k.startsWith("kmi/kdc/versions/acme/"))).toBe(true);
+    const all = Buffer.concat(kvs.map((kv) => Buffer.from(kv.value, "base64")));
+    const secrets: Uint8Array[] = [];
+    for (const name of ["kmi-root", "infra-ca", "kdc-tls"]) {
+      const c = await kdc.ctx.store.getCredential(name);
+      secrets.push(kdc.ctx.sealer.open(c!.privateKey!, credentialAad(name)));
+    }
+    for (const v of await kdc.ctx.store.listVersions("acme")) secrets.push(kdc.ctx.sealer.open(v.privateKey!, intermediateKeyAad("acme", v.keyId)));
+    expect(secrets).toHaveLength(10);
+    for (const pkcs8 of secrets) {
+      expect(all.includes(Buffer.from(pkcs8))).toBe(false);
+      // The 32-byte private scalar of a P-256 PKCS#8 (after the OCTET STRING header 04 20 at bytes 34-35).
+      expect([pkcs8[34], pkcs8[35]]).toEqual([0x04, 0x20]);
+      expect(all.includes(Buffer.from(pkcs8.subarray(36, 68)))).toBe(false);
+    }
+    expect(all.includes(Buffer.from("PRIVATE KEY"))).toBe(false);
+    expect(all.includes(Buffer.from(parseToken(operatorToken)!.secret))).toBe(false);
+  });
+});
