@@ -2,9 +2,10 @@
  * The KDC on a real 3-member etcd cluster (TLS, client certificates): `initKdc` and two opened
  * KDCs ("replicas": two etcd clients, two audit logs, no shared lock) on one prefix. Concurrent
  * rotations of one tenant on both leave exactly one active version, contiguous versions and
- * one linear audit chain; etcdctl reads no private key or token in plaintext.
+ * one linear audit chain; etcdctl reads no private key or token in plaintext. Then the same
+ * race between two real `kmi kdc --store etcd` processes.
  */
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createClient, createRouterTransport, type Interceptor } from "@connectrpc/connect";
@@ -19,6 +20,7 @@ import { routes } from "../../../src/kdc/routes.js";
 import { parseToken } from "../../../src/kdc/tokens.js";
 import type { StoreBackend } from "../../../src/storage/backend.js";
 import { startEtcdCluster, type EtcdCluster } from "../../fixtures/storage/etcd-cluster.js";
+import { clients, initDataDir, startKdc, type KdcProcess } from "./harness.js";
 
 let cluster: EtcdCluster;
 let dir: string;
@@ -119,5 +121,35 @@ describe("KDC replicas on etcd", () => {
     }
     expect(all.includes(Buffer.from("PRIVATE KEY"))).toBe(false);
     expect(all.includes(Buffer.from(parseToken(operatorToken)!.secret))).toBe(false);
+  });
+});
+
+describe("two real KDC processes on one etcd", () => {
+  it("concurrent rotations of one tenant on both: exactly one active version, contiguous versions, one linear audit chain", async () => {
+    const flags = (endpoint: string) => ["--store", "etcd", "--etcd-endpoints", endpoint, "--etcd-ca", cluster.files.ca, "--etcd-cert", cluster.files.cert, "--etcd-key", cluster.files.key, "--etcd-prefix", "proc/kdc"];
+    const data = await initDataDir(flags(cluster.endpoints.join(",")));
+    const kdcs: KdcProcess[] = [];
+    try {
+      kdcs.push(await startKdc(data.dataDir, flags(cluster.endpoints[0]!)), await startKdc(data.dataDir, flags(cluster.endpoints[1]!)));
+      const caPem = await readFile(data.caFile, "utf8");
+      const [a, b] = kdcs.map((k) => clients(k.url, caPem, { token: data.token }));
+      await a!(KdcAdminService).createTenant({ tenantId: "acme", bootstrapKmiSigned: true });
+      const rotate = (c: typeof a) => c!(KdcService).createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, validityDays: 30, activate: true });
+      const made = await Promise.all([rotate(a), rotate(b), rotate(a), rotate(b), rotate(a), rotate(b), rotate(a), rotate(b)]);
+      expect(made.map((m) => m.version!.version).sort((x, y) => x - y)).toEqual([2, 3, 4, 5, 6, 7, 8, 9]);
+      for (const c of [a!, b!]) {
+        const versions = (await c(KdcService).listVersions({ tenantId: "acme" })).versions;
+        expect(versions.map((v) => v.version).sort((x, y) => x - y)).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        expect(versions.filter((v) => v.state === VersionState.ACTIVE)).toHaveLength(1);
+        expect(versions.filter((v) => v.state === VersionState.RETIRED)).toHaveLength(8);
+      }
+      const verified = await b!(KdcAdminService).verifyAuditLog({});
+      expect(verified.ok, verified.problem).toBe(true);
+      const tail = await a!(KdcAdminService).tailAuditLog({ limit: 100 });
+      expect(tail.entries.filter((e) => e.action === "ca.version.create").map((e) => e.target).sort()).toEqual([2, 3, 4, 5, 6, 7, 8, 9].map((v) => `tenant/acme/version/${v}`));
+    } finally {
+      for (const k of kdcs) await k.stop("SIGKILL");
+      await rm(data.dir, { recursive: true, force: true });
+    }
   });
 });
