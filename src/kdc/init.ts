@@ -28,6 +28,8 @@ import { CREDENTIAL, credentialAad, KDC_SCHEMA_VERSION, KdcStore, put } from "./
 import { createPkiAdapter } from "./pki-adapter.js";
 import { createSealer } from "./sealer.js";
 import { NoAttestationKey } from "./attestation-key.js";
+import { ChangeFollower } from "./change-follower.js";
+import { LocalCommits } from "./local-commits.js";
 import { QuarantineRegistry } from "./quarantine.js";
 import { SecretRelease } from "./release.js";
 import { WatchHub, type WatchHubOptions } from "./watch-hub.js";
@@ -250,6 +252,8 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
 export interface OpenedKdc {
   ctx: KdcContext;
   store: Store;
+  /** On a shared store (etcd): the follower that announces other replicas' commits to this one's watch streams; stop it before closing the store. */
+  follower: ChangeFollower | undefined;
   /** The watch streams (also `ctx.events` and `ctx.watches`). */
   hub: WatchHub;
   /** The quarantine set (also `ctx.quarantine`), fed by the Auditserver's status stream. */
@@ -282,7 +286,10 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
     throw new FailedPrecondition(`data dir ${opts.dataDir} is not initialized; run \`kmi kdc init --data-dir ${opts.dataDir}\` first`);
   }
   const key = await loadKdcMasterKey(opts.dataDir, opts);
-  const store = await openKdcBackend(opts.dataDir, false, backend);
+  const opened = await openKdcBackend(opts.dataDir, false, backend);
+  // On a shared store other replicas commit too: remember which commits are this process's.
+  const local = backend.kind === "etcd" ? new LocalCommits(opened) : undefined;
+  const store: Store = local ?? opened;
   try {
     const kdcStore = new KdcStore(store);
     const meta = await kdcStore.getMeta();
@@ -312,7 +319,12 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
     const hub = new WatchHub({ ...base, quarantine }, new SecretRelease(base), opts.watch);
     quarantine.setListener(hub);
     const ctx: KdcContext = { ...base, quarantine, events: hub, watches: hub };
-    return { ctx, store, hub, quarantine };
+    let follower: ChangeFollower | undefined;
+    if (local !== undefined) {
+      follower = new ChangeFollower(store, local, hub, opts.logger);
+      await follower.start();
+    }
+    return { ctx, store, hub, quarantine, follower };
   } catch (err) {
     await store.close();
     throw err;

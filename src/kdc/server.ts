@@ -209,6 +209,7 @@ export class KdcServer {
       // Watch streams end now (OK): agents reconnect to another KDC or when this one is back.
       this.opened.hub.closeAll();
       await this.server.destroy();
+      await this.opened.follower?.stop();
       await this.opened.hub.settled();
       await this.metricsServer?.close();
     } finally {

@@ -31,6 +31,7 @@ import { FailedPrecondition, InvalidArgument, Unavailable, isKmiError } from "..
 import { StoreInfoSchema, type StoreInfo } from "../gen/kmi/store/v1/store_pb.js";
 import {
   Conflict,
+  StoreClosed,
   checkKey,
   checkTable,
   checkTxnBytes,
@@ -165,7 +166,7 @@ export class EtcdStore implements Store {
   }
 
   #checkOpen(): void {
-    if (this.#closed) throw new Unavailable("store is closed (the server is shutting down)");
+    if (this.#closed) throw new StoreClosed();
   }
 
   /** Runs one etcd call; a failure of the cluster or the connection becomes Unavailable. */

@@ -29,6 +29,7 @@ import {
 import { Mutex } from "./mutex.js";
 import {
   Conflict,
+  StoreClosed,
   checkKey,
   checkTable,
   checkTxnBytes,
@@ -334,7 +335,7 @@ export class LevelStore implements Store {
   }
 
   #checkOpen(): void {
-    if (this.#closed) throw new Unavailable("store is closed (the server is shutting down)");
+    if (this.#closed) throw new StoreClosed();
   }
 
   #decode<Desc extends DescMessage>(table: Table<Desc>, key: string, raw: Uint8Array): MessageShape<Desc> {

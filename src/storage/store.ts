@@ -51,7 +51,7 @@
  * KB; a certificate chain at most tens of KB), far below etcd's 1.5 MiB request limit.
  */
 import type { DescMessage, Message, MessageShape } from "@bufbuild/protobuf";
-import { Aborted, InvalidArgument } from "../common/errors.js";
+import { Aborted, InvalidArgument, Unavailable } from "../common/errors.js";
 
 /** A table: a name and the protobuf message every value in it is. Made by `defineTable`. */
 export interface Table<Desc extends DescMessage = DescMessage> {
@@ -182,6 +182,13 @@ export class Conflict extends Aborted {
     readonly keys: readonly string[],
   ) {
     super(`store: a concurrent change won (${keys.length === 0 ? "unknown key" : keys.slice(0, 3).join(", ")}); retry the call`);
+  }
+}
+
+/** The store was closed (the server is shutting down): what every call of a closed store rejects with. */
+export class StoreClosed extends Unavailable {
+  constructor() {
+    super("store is closed (the server is shutting down)");
   }
 }
 

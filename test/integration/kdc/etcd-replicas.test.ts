@@ -5,7 +5,7 @@
  * one linear audit chain; etcdctl reads no private key or token in plaintext. Then the same
  * race between two real `kmi kdc --store etcd` processes.
  */
-import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createClient, createRouterTransport, type Interceptor } from "@connectrpc/connect";
@@ -14,6 +14,13 @@ import { toConnectError } from "../../../src/common/error-mapping.js";
 import { createNopLogger } from "../../../src/common/logger.js";
 import { KdcAdminService } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
 import { KdcService, Signer, VersionState } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
+import { DistributionService, WatchEventType, type WatchSecretsResponse } from "../../../src/gen/kmi/kdc/v1/distribution_pb.js";
+import { KeyAlgorithm } from "../../../src/gen/kmi/common/v1/common_pb.js";
+import { kPeer } from "../../../src/common/rpc.js";
+import { peerIdentityFromDer, type PeerIdentity } from "../../../src/common/tls.js";
+import { FileAttestationKey } from "../../../src/kdc/attestation-key.js";
+import { KdcOperations } from "../../../src/kdc/operations.js";
+import { Machine, makeTokenKey, signToken, type TokenKey } from "../../fixtures/kdc/machines.js";
 import { initKdc, openKdc, type OpenedKdc } from "../../../src/kdc/init.js";
 import { credentialAad, intermediateKeyAad } from "../../../src/kdc/kdc-store.js";
 import { routes } from "../../../src/kdc/routes.js";
@@ -25,7 +32,48 @@ import { clients, initDataDir, startKdc, type KdcProcess } from "./harness.js";
 let cluster: EtcdCluster;
 let dir: string;
 let operatorToken: string;
+let tokenKey: TokenKey;
 const replicas: OpenedKdc[] = [];
+
+/** Names the mutual-TLS peer of a call (the router transport has no TLS). */
+const peers = new Map<string, PeerIdentity>();
+const injectPeer: Interceptor = (next) => async (req) => {
+  const id = req.header.get("x-test-peer");
+  if (id !== null) req.contextValues.set(kPeer, peers.get(id));
+  return next(req);
+};
+
+/** Watches WatchSecrets on `kdc` as machine `m`, keeping every event. */
+function watchAs(kdc: OpenedKdc, m: Machine) {
+  const abort = new AbortController();
+  const events: WatchSecretsResponse[] = [];
+  const id = String(peers.size);
+  peers.set(id, peerIdentityFromDer(m.certDer, true));
+  const t = createRouterTransport(routes(kdc.ctx), { router: { interceptors: [injectPeer] } });
+  const done = (async () => {
+    try {
+      for await (const ev of createClient(DistributionService, t).watchSecrets({ attestationToken: signToken(tokenKey, { machineId: m.machineId, cert: m.certDer }) }, { headers: { "x-test-peer": id }, signal: abort.signal })) events.push(ev);
+    } catch {
+      // ended by the abort
+    }
+  })();
+  return {
+    events,
+    async next(type: WatchEventType, from: number): Promise<WatchSecretsResponse> {
+      const end = Date.now() + 20_000;
+      for (;;) {
+        const ev = events.slice(from).find((e) => e.type === type);
+        if (ev !== undefined) return ev;
+        if (Date.now() > end) throw new Error(`no ${WatchEventType[type]} after event ${from}; got ${events.map((e) => WatchEventType[e.type]).join(",")}`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    },
+    async close() {
+      abort.abort();
+      await done;
+    },
+  };
+}
 
 function client(kdc: OpenedKdc) {
   const logger = createNopLogger();
@@ -50,14 +98,17 @@ beforeAll(async () => {
   const backend = (endpoint: string): StoreBackend => ({ kind: "etcd", endpoints: [endpoint], caFile: cluster.files.ca, certFile: cluster.files.cert, keyFile: cluster.files.key, prefix: "kmi/kdc" });
   const r = await initKdc({ dataDir: dir, tls: { dnsNames: [], ipAddresses: [] }, store: backend(cluster.endpoints[0]!) });
   operatorToken = r.operatorToken;
+  tokenKey = makeTokenKey();
+  await writeFile(join(dir, "attestation-key.pem"), tokenKey.publicPem);
   // Two replicas, each on its own member, sharing the data dir's master key.
   for (const endpoint of [cluster.endpoints[1]!, cluster.endpoints[2]!]) {
-    replicas.push(await openKdc({ dataDir: dir, logger: createNopLogger(), store: backend(endpoint) }));
+    replicas.push(await openKdc({ dataDir: dir, logger: createNopLogger(), store: backend(endpoint), attestationKey: await FileAttestationKey.load(join(dir, "attestation-key.pem")) }));
   }
 });
 
 afterAll(async () => {
   for (const k of replicas) {
+    await k.follower?.stop();
     k.hub.closeAll();
     await k.store.close();
   }
@@ -121,6 +172,42 @@ describe("KDC replicas on etcd", () => {
     }
     expect(all.includes(Buffer.from("PRIVATE KEY"))).toBe(false);
     expect(all.includes(Buffer.from(parseToken(operatorToken)!.secret))).toBe(false);
+  });
+});
+
+describe("watches from the change feed", () => {
+  it("a rotation, a new signing key and its revocation on replica A reach a machine watching replica B", async () => {
+    const [a] = replicas as [OpenedKdc, OpenedKdc];
+    const b = replicas[1]!;
+    const ca = client(a);
+    await ca.admin.createTenant({ tenantId: "feed", bootstrapKmiSigned: true });
+    const m = new Machine("m-feed000000000001");
+    m.certPem = a.ctx.pki.certificatePem((await new KdcOperations(a.ctx).issueMachineCertificate("system", { csrPem: m.csrPem(), machineId: m.machineId, group: "edge", ttlSeconds: 3600 })).certificateDer);
+    const w = watchAs(b, m);
+    const onA = watchAs(a, m);
+    try {
+      await w.next(WatchEventType.SNAPSHOT, 0);
+      await onA.next(WatchEventType.SNAPSHOT, 0);
+      const from = w.events.length;
+      const fromA = onA.events.length;
+      const v = (await ca.ca.createVersion({ tenantId: "feed", signer: Signer.KMI_ROOT, validityDays: 30, activate: true })).version!;
+      const activated = await w.next(WatchEventType.ACTIVATED, from);
+      expect(activated.tenantId).toBe("feed");
+      expect(activated.secrets.map((x) => x.keyId)).toContain(v.keyId);
+      const key = await new KdcOperations(a.ctx).createSigningKey("test", { tenantId: "feed", name: "jwt", keyAlgorithm: KeyAlgorithm.ECDSA_P256 });
+      expect((await w.next(WatchEventType.KEY_ADDED, from)).secrets.map((x) => x.keyId)).toEqual([key.keyId]);
+      await new KdcOperations(a.ctx).revokeSigningKey("test", { tenantId: "feed", name: "jwt", reason: "rotated out" });
+      expect(await w.next(WatchEventType.REVOKED, from)).toMatchObject({ tenantId: "feed", keyId: key.keyId, reason: "rotated out" });
+      // Announced once on each replica: B through its follower, A by the operation (its follower skips its own commits).
+      await onA.next(WatchEventType.REVOKED, fromA);
+      await new Promise((r) => setTimeout(r, 300));
+      for (const [events, start] of [[w.events, from], [onA.events, fromA]] as const) {
+        expect(events.slice(start).filter((e) => e.type !== WatchEventType.HEARTBEAT).map((e) => WatchEventType[e.type])).toEqual(["ACTIVATED", "KEY_ADDED", "REVOKED"]);
+      }
+    } finally {
+      await w.close();
+      await onA.close();
+    }
   });
 });
 

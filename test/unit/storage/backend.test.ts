@@ -1,3 +1,4 @@
+import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
 import { InvalidArgument } from "../../../src/common/errors.js";
 import { envName, loadConfig, defineProgram, storeOptions } from "../../../src/common/config.js";
@@ -41,7 +42,7 @@ describe("store backend selection", () => {
     await expect(openStoreBackend({ kind: "etcd", endpoints: ["https://127.0.0.1:1"], caFile: "/nonexistent/ca.pem", certFile: "x", keyFile: "y", prefix: "kmi/kdc" }, "", { owner: "kdc", schemaVersion: 1, create: false })).rejects.toThrow(
       /--etcd-ca \/nonexistent\/ca.pem: cannot read it \(ENOENT\)/,
     );
-    await expect(openStoreBackend({ kind: "etcd", endpoints: ["http://127.0.0.1:2379"], caFile: import.meta.filename, certFile: import.meta.filename, keyFile: import.meta.filename, prefix: "kmi/kdc" }, "", { owner: "kdc", schemaVersion: 1, create: false })).rejects.toThrow(
+    await expect(openStoreBackend({ kind: "etcd", endpoints: ["http://127.0.0.1:2379"], caFile: fileURLToPath(import.meta.url), certFile: fileURLToPath(import.meta.url), keyFile: fileURLToPath(import.meta.url), prefix: "kmi/kdc" }, "", { owner: "kdc", schemaVersion: 1, create: false })).rejects.toThrow(
       /use https:\/\/host:port/,
     );
   });
