@@ -22,7 +22,7 @@ import { fileURLToPath } from "node:url";
 import { Env } from "./lib/env.js";
 import { describeMachine, renderMarkdown, renderText, rowHeading } from "./lib/report.js";
 import { RowBuilder, type RowResult } from "./lib/results.js";
-import { ROW_TITLES, runKdc, runMinting, runRotation, runSigning, runThroughput } from "./rows/index.js";
+import { ROW_TITLES, runKdc, runMinting, runRotation, runSigning, runStore, runThroughput } from "./rows/index.js";
 
 interface Args {
   quick: boolean;
@@ -71,6 +71,7 @@ const ROWS: { id: string; run: (env: Env) => Promise<RowBuilder> }[] = [
   { id: "3", run: runThroughput },
   { id: "4", run: runRotation },
   { id: "5", run: runKdc },
+  { id: "6", run: runStore },
 ];
 
 async function main(): Promise<number> {

@@ -4,5 +4,6 @@ export { runMinting } from "./minting.js";
 export { runThroughput } from "./throughput.js";
 export { runRotation } from "./rotation.js";
 export { runKdc } from "./kdc.js";
+export { runStore } from "./store.js";
 
 export { ROW_TITLES } from "./titles.js";

@@ -5,4 +5,5 @@ export const ROW_TITLES: Readonly<Record<string, string>> = {
   "3": "Proxy throughput",
   "4": "Rotation propagation",
   "5": "KDC: Certificate menu and secret releases",
+  "6": "Store: conditional batches on LevelDB and on etcd",
 };

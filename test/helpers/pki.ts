@@ -43,8 +43,7 @@ async function openssl(args: string[], cwd: string): Promise<void> {
   if (r.code !== 0) throw new Error(`openssl ${args.join(" ")} failed: ${r.stderr}`);
 }
 
-/** Makes a self-signed P-256 CA `<name>.pem`/`<name>.key` under `dir`, valid 2 days. */
-export async function makeCa(dir: string, name: string, cn: string): Promise<CertFiles> {
+async function makeCa(dir: string, name: string, cn: string): Promise<CertFiles> {
   const cert = join(dir, `${name}.pem`);
   const key = join(dir, `${name}.key`);
   await openssl(
@@ -59,8 +58,7 @@ export async function makeCa(dir: string, name: string, cn: string): Promise<Cer
   return { cert, key };
 }
 
-/** Makes a P-256 leaf `<name>.pem`/`<name>.key` signed by `ca`, with the extension lines `ext` (SAN, EKU). */
-export async function makeLeaf(dir: string, name: string, ca: CertFiles, cn: string, ext: string): Promise<CertFiles> {
+async function makeLeaf(dir: string, name: string, ca: CertFiles, cn: string, ext: string): Promise<CertFiles> {
   const cert = join(dir, `${name}.pem`);
   const key = join(dir, `${name}.key`);
   const csr = join(dir, `${name}.csr`);

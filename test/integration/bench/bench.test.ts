@@ -21,6 +21,7 @@ const ROWS = [
   "3. Proxy throughput",
   "4. Rotation propagation",
   "5. KDC: Certificate menu and secret releases",
+  "6. Store: conditional batches on LevelDB and on etcd",
 ];
 
 interface Stat {
