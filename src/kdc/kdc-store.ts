@@ -177,6 +177,11 @@ export class KdcStore {
     return this.store.get(T.rollout, `${tenantId}/${machineId}`);
   }
 
+  /** A machine's quarantine record with its mod revision. */
+  readQuarantined(machineId: string): Promise<ReadResult<QuarantinedMachineRecord>> {
+    return this.store.read(T.quarantine, machineId);
+  }
+
   /** Every machine the KDC knows as quarantined or as released after a quarantine, by machine id. */
   listQuarantined(): Promise<QuarantinedMachineRecord[]> {
     return this.all(T.quarantine);
@@ -188,6 +193,7 @@ export const guard = {
   tenant: (tenantId: string, modRevision: bigint): Compare => ({ table: T.tenants, key: tenantId, modRevision }),
   token: (tokenId: string, modRevision: bigint): Compare => ({ table: T.tokens, key: tokenId, modRevision }),
   signingKey: (tenantId: string, name: string, modRevision: bigint): Compare => ({ table: T.signingKeys, key: `${tenantId}/${name}`, modRevision }),
+  quarantine: (machineId: string, modRevision: bigint): Compare => ({ table: T.quarantine, key: machineId, modRevision }),
 };
 
 /** Put ops for the KDC's records, keyed by the layout above. */

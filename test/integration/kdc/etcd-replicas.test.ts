@@ -211,6 +211,21 @@ describe("watches from the change feed", () => {
   });
 });
 
+describe("quarantine feed on two replicas", () => {
+  it("records a quarantine and its release once, whichever replica hears of it first", async () => {
+    const [a, b] = replicas as [OpenedKdc, OpenedKdc];
+    const time = new Date();
+    const q = { machineId: "m-q000000000000001", quarantined: true, reason: "stolen", time };
+    await Promise.all([a.quarantine.apply(q, "service:audit"), b.quarantine.apply(q, "service:audit")]);
+    expect([a.quarantine.reasonFor(q.machineId), b.quarantine.reasonFor(q.machineId)]).toEqual(["stolen", "stolen"]);
+    await Promise.all([a.quarantine.apply({ ...q, quarantined: false, reason: "found" }, "service:audit"), b.quarantine.apply({ ...q, quarantined: false, reason: "found" }, "service:audit")]);
+    expect([a.quarantine.reasonFor(q.machineId), b.quarantine.reasonFor(q.machineId)]).toEqual([undefined, undefined]);
+    const entries = (await a.ctx.audit.tail({ last: true, limit: 100 })).filter((e) => e.target === `machine/${q.machineId}`);
+    expect(entries.map((e) => e.action)).toEqual(["machine.quarantine", "machine.release"]);
+    expect(await a.ctx.audit.verify()).toMatchObject({ ok: true });
+  });
+});
+
 describe("two real KDC processes on one etcd", () => {
   it("concurrent rotations of one tenant on both: exactly one active version, contiguous versions, one linear audit chain", async () => {
     const flags = (endpoint: string) => ["--store", "etcd", "--etcd-endpoints", endpoint, "--etcd-ca", cluster.files.ca, "--etcd-cert", cluster.files.cert, "--etcd-key", cluster.files.key, "--etcd-prefix", "proc/kdc"];
