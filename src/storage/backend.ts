@@ -70,11 +70,10 @@ export interface OpenBackendOptions {
 /** Opens the store: LevelDB at `levelDir`, or the etcd prefix. */
 export async function openStoreBackend(backend: StoreBackend, levelDir: string, options: OpenBackendOptions): Promise<Store> {
   if (backend.kind === "level") return openLevelStore(levelDir, { owner: options.owner, schemaVersion: options.schemaVersion, create: options.create });
-  const [ca, cert, key] = await Promise.all([
-    readPem(backend.caFile, "--etcd-ca"),
-    readPem(backend.certFile, "--etcd-cert"),
-    readPem(backend.keyFile, "--etcd-key"),
-  ]);
+  // One after the other, so that the first file missing is the one named.
+  const ca = await readPem(backend.caFile, "--etcd-ca");
+  const cert = await readPem(backend.certFile, "--etcd-cert");
+  const key = await readPem(backend.keyFile, "--etcd-key");
   // The key stays in memory for the client's life: grpc-js keeps it to make each TLS connection.
   return openEtcdStore({ endpoints: backend.endpoints, ca, cert, key, prefix: backend.prefix, owner: options.owner, schemaVersion: options.schemaVersion, create: options.create });
 }
