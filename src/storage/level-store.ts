@@ -64,6 +64,8 @@ const STATE_TABLE = "_state";
 const REV_TABLE = "_rev";
 const LOG_TABLE = "_log";
 const STATE_KEY = "state";
+/** Keys whose mod revision is kept in memory (the hot ones: the audit head, a tenant being rotated). */
+const REV_CACHE_SIZE = 20_000;
 /** Default number of commits the change log keeps (older ones answer a watch with "resync"). */
 export const DEFAULT_FEED_RETENTION = 10_000;
 
@@ -203,6 +205,8 @@ export class LevelStore implements Store {
   // process out, so serializing commits in this process makes compare-then-write atomic.
   readonly #commits = new Mutex();
   readonly #listeners = new Set<Listener>();
+  // Mod revisions of keys committed since open ("<table>!<key>" → revision; undefined: deleted).
+  readonly #revCache = new Map<string, bigint | undefined>();
   #state: RevState = { revision: 1n, compacted: 0n };
   #closed = false;
 
@@ -389,26 +393,41 @@ export class LevelStore implements Store {
     await this.commit({ ops });
   }
 
-  /** {@inheritDoc Store.read} */
+  /**
+   * {@inheritDoc Store.read}
+   *
+   * No snapshot needed: the revision is read before the value, and a commit writes both in one
+   * batch, so the value read is never older than the revision returned. When a commit lands in
+   * between, the value is newer and a commit conditional on the (older) revision fails: the
+   * safe side.
+   */
   async read<Desc extends DescMessage>(table: Table<Desc>, key: string): Promise<ReadResult<MessageShape<Desc>>> {
     this.#checkOpen();
     checkTable(table, "read");
     checkKey(key, `read ${table.name}`);
-    const snapshot = this.#root.snapshot();
-    try {
-      const [raw, rev, state] = await Promise.all([
-        this.#sub(table).get(key, { snapshot }),
-        this.#rawSub(REV_TABLE).get(revKey(table.name, key), { snapshot }),
-        this.#rawSub(STATE_TABLE).get(STATE_KEY, { snapshot }),
-      ]);
-      return {
-        value: raw === undefined ? undefined : this.#decode(table, key, raw),
-        modRevision: modRevisionOf(raw !== undefined, rev),
-        revision: state === undefined ? 1n : fromBinary(StoreStateRecordSchema, state).revision,
-      };
-    } finally {
-      await snapshot.close();
-    }
+    const revision = this.#state.revision;
+    const rev = await this.#storedRevision(table, key);
+    const raw = await this.#sub(table).get(key);
+    return {
+      value: raw === undefined ? undefined : this.#decode(table, key, raw),
+      modRevision: raw === undefined ? 0n : rev ?? 1n,
+      revision,
+    };
+  }
+
+  /** A key's revision from `_rev` (through the cache); undefined when it has none (absent, or written before revisions). */
+  async #storedRevision(table: Table, key: string): Promise<bigint | undefined> {
+    const k = revKey(table.name, key);
+    if (this.#revCache.has(k)) return this.#revCache.get(k);
+    const raw = await this.#rawSub(REV_TABLE).get(k);
+    return raw?.readBigUInt64BE(0);
+  }
+
+  /** Remembers the revision a commit gave a key (undefined: deleted); bounded, oldest first out. */
+  #cacheRevision(k: string, rev: bigint | undefined): void {
+    this.#revCache.delete(k);
+    this.#revCache.set(k, rev);
+    if (this.#revCache.size > REV_CACHE_SIZE) this.#revCache.delete(this.#revCache.keys().next().value!);
   }
 
   /** {@inheritDoc Store.list} */
@@ -493,9 +512,10 @@ export class LevelStore implements Store {
     }
     levelOps.push(this.#stateOp(next));
     await this.#root.batch(levelOps, { sync: this.#sync });
-    // State and listeners change in one synchronous step, so a watch registering in between
-    // sees either both or neither (see `watch`).
+    // State, cache and listeners change in one synchronous step, so a watch registering in
+    // between sees either both or neither (see `watch`).
     this.#state = next;
+    for (const { op, value } of encoded) this.#cacheRevision(revKey(op.table.name, op.key), value === undefined ? undefined : revision);
     for (const listener of this.#listeners) listener(record);
     return { revision };
   }
@@ -507,8 +527,10 @@ export class LevelStore implements Store {
 
   /** The current mod revision of a key; only consistent under the commit queue. */
   async #modRevision(table: Table, key: string): Promise<bigint> {
-    const rev = await this.#rawSub(REV_TABLE).get(revKey(table.name, key));
-    if (rev !== undefined) return rev.readBigUInt64BE(0);
+    const k = revKey(table.name, key);
+    if (this.#revCache.has(k)) return this.#revCache.get(k) ?? 0n;
+    const rev = await this.#storedRevision(table, key);
+    if (rev !== undefined) return rev;
     return (await this.#sub(table).has(key)) ? 1n : 0n;
   }
 
