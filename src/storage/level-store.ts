@@ -408,10 +408,12 @@ export class LevelStore implements Store {
     const revision = this.#state.revision;
     const rev = await this.#storedRevision(table, key);
     const raw = await this.#sub(table).get(key);
+    const modRevision = raw === undefined ? 0n : rev ?? 1n;
     return {
       value: raw === undefined ? undefined : this.#decode(table, key, raw),
-      modRevision: raw === undefined ? 0n : rev ?? 1n,
-      revision,
+      modRevision,
+      // A commit that landed between the two reads: the store is at least at its revision.
+      revision: modRevision > revision ? modRevision : revision,
     };
   }
 
