@@ -198,6 +198,7 @@ function openError(err: unknown, dir: string, who: string, init: string): Error 
 export class LevelStore implements Store {
   readonly #root: Root;
   readonly #subs = new Map<string, { sub: Sub; schema: DescMessage }>();
+  readonly #internalSubs = new Map<string, Sub>();
   readonly #options: LevelStoreOptions;
   readonly #sync: boolean;
   readonly #retention: bigint;
@@ -335,7 +336,12 @@ export class LevelStore implements Store {
   }
 
   #rawSub(name: string): Sub {
-    return this.#subs.get(name)?.sub ?? openSub(this.#root, name);
+    const known = this.#subs.get(name)?.sub ?? this.#internalSubs.get(name);
+    if (known !== undefined) return known;
+    // Made once: a sublevel object is costly to make, and the internal ones are used by every commit.
+    const sub = openSub(this.#root, name);
+    if (name.startsWith("_")) this.#internalSubs.set(name, sub);
+    return sub;
   }
 
   #checkOpen(): void {
