@@ -5,5 +5,6 @@ export { runThroughput } from "./throughput.js";
 export { runRotation } from "./rotation.js";
 export { runKdc } from "./kdc.js";
 export { runIcap } from "./icap.js";
+export { runStore } from "./store.js";
 
 export { ROW_TITLES } from "./titles.js";

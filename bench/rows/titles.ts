@@ -6,4 +6,5 @@ export const ROW_TITLES: Readonly<Record<string, string>> = {
   "4": "Rotation propagation",
   "5": "KDC: Certificate menu and secret releases",
   "6": "Proxy with ICAP scanning",
+  "7": "Store: conditional batches on LevelDB and on etcd",
 };

@@ -11,8 +11,10 @@
  *   6. the measurements are exactly the group's approved names, each with an approved digest
  *      (FAILED_PRECONDITION naming the measurement; with the group's quarantine_on_mismatch the
  *      machine is quarantined, in its own audited batch).
- * On success ONE batch consumes the nonce, records the result and appends the audit entry; the
- * token is returned only after it committed. A refusal records the attempt (the `attestations`
+ * On success ONE batch consumes the nonce, records the result and appends the audit entry,
+ * conditional on the machine record and the nonce being as they were read: a nonce is used at
+ * most once and a quarantine committed meanwhile (on any replica) is not missed; on a Conflict
+ * the whole check runs again. The token is returned only after the batch committed. A refusal records the attempt (the `attestations`
  * observation record, with the audit entry) and changes nothing else: the nonce stays as it
  * was, the machine record is untouched (except for the quarantine of step 6).
  */
@@ -22,13 +24,14 @@ import { decodeEvidence, signAttestationToken, verifyEvidenceSignature, type Evi
 import { FailedPrecondition, PermissionDenied, ResourceExhausted, Unauthenticated, isKmiError } from "../common/errors.js";
 import { MachineStatus } from "../gen/kmi/audit/v1/audit_pb.js";
 import { AttestationNonceRecordSchema, AttestationResultRecordSchema, type EnrolledMachineRecord } from "../gen/kmi/store/v1/audit_pb.js";
-import { delOp, putOp, type BatchOp } from "../storage/store.js";
+import { retryOnConflict } from "../storage/retry.js";
+import { Conflict, MAX_TXN_OPS, delOp, putOp, type BatchOp } from "../storage/store.js";
 import { markAudited, refusalOutcome } from "./audited.js";
 import type { AuditContext } from "./context.js";
-import { loadCallerMachine, type MachineCaller } from "./identity.js";
+import { loadCallerMachine, readCallerMachine, type MachineCaller } from "./identity.js";
 import { quarantineOps } from "./machine-ops.js";
 import { compareMeasurements, summarizeProblems } from "./measurement-policy.js";
-import { approvedOf, dateOf, getGroup, ts } from "./records.js";
+import { approvedOf, dateOf, getGroup, guard, ts } from "./records.js";
 import { RECORD_VERSION, Tables, nonceKey } from "./store.js";
 
 /** The refusal of a quarantined machine, naming the quarantine, its reason and the way out. */
@@ -36,30 +39,34 @@ function quarantined(machine: EnrolledMachineRecord): PermissionDenied {
   return new PermissionDenied(`machine ${machine.machineId}: quarantined (${machine.statusReason}); an operator must release it (\`kmi ctl machine release ${machine.machineId}\`)`);
 }
 
-/** Issues a nonce to the calling machine (PERMISSION_DENIED while it is quarantined). Nonces are not audited: see docs/audit.md. */
+/**
+ * Issues a nonce to the calling machine (PERMISSION_DENIED while it is quarantined). Nonces are not audited: see docs/audit.md. The bound
+ * on unused nonces is checked on a read: calls racing each other (on several replicas) may
+ * each pass it, so a machine can exceed it by the number of its concurrent calls, no more.
+ */
 export async function issueNonce(ctx: AuditContext, caller: MachineCaller): Promise<{ nonce: Uint8Array; expiresAt: Date }> {
-  return ctx.locks.run(`machine/${caller.machineId}`, async () => {
-    const machine = await loadCallerMachine(ctx, caller);
-    // A quarantined machine gets no nonce: attest would refuse it anyway, and refusing here
-    // tells its agent at the first call, and stores nothing under its id.
-    if (machine.status === MachineStatus.QUARANTINED) throw quarantined(machine);
-    const now = ctx.clock.now();
-    const ops: BatchOp[] = [];
-    let outstanding = 0;
-    for await (const [key, n] of ctx.store.iterate(Tables.nonces, { prefix: `${caller.machineId}/` })) {
-      if (dateOf(n.expiresAt).getTime() <= now.getTime()) ops.push(delOp(Tables.nonces, key));
-      else if (n.usedAt === undefined) outstanding++;
-    }
-    if (outstanding >= ctx.policy.maxNoncesPerMachine) {
-      throw new ResourceExhausted(`nonce: ${outstanding} unused nonces outstanding for machine ${caller.machineId}; attest with one, or wait ${ctx.policy.nonceTtlMs / 1000} s`);
-    }
-    const nonce = randomBytes(32);
-    const expiresAt = new Date(now.getTime() + ctx.policy.nonceTtlMs);
-    const record = create(AttestationNonceRecordSchema, { recordVersion: RECORD_VERSION, machineId: caller.machineId, nonce, issuedAt: ts(now), expiresAt: ts(expiresAt) });
-    ops.push(putOp(Tables.nonces, nonceKey(caller.machineId, nonce), record));
-    await ctx.store.batch(ops);
-    return { nonce, expiresAt };
-  });
+  const machine = await loadCallerMachine(ctx, caller);
+  // A quarantined machine gets no nonce: attest would refuse it anyway, and refusing here
+  // tells its agent at the first call, and stores nothing under its id.
+  if (machine.status === MachineStatus.QUARANTINED) throw quarantined(machine);
+  const now = ctx.clock.now();
+  const ops: BatchOp[] = [];
+  let outstanding = 0;
+  for await (const [key, n] of ctx.store.iterate(Tables.nonces, { prefix: `${caller.machineId}/` })) {
+    // Expired ones go with this batch, within one commit's op limit (the sweep takes the rest).
+    if (dateOf(n.expiresAt).getTime() <= now.getTime()) {
+      if (ops.length < MAX_TXN_OPS - 1) ops.push(delOp(Tables.nonces, key));
+    } else if (n.usedAt === undefined) outstanding++;
+  }
+  if (outstanding >= ctx.policy.maxNoncesPerMachine) {
+    throw new ResourceExhausted(`nonce: ${outstanding} unused nonces outstanding for machine ${caller.machineId}; attest with one, or wait ${ctx.policy.nonceTtlMs / 1000} s`);
+  }
+  const nonce = randomBytes(32);
+  const expiresAt = new Date(now.getTime() + ctx.policy.nonceTtlMs);
+  const record = create(AttestationNonceRecordSchema, { recordVersion: RECORD_VERSION, machineId: caller.machineId, nonce, issuedAt: ts(now), expiresAt: ts(expiresAt) });
+  ops.push(putOp(Tables.nonces, nonceKey(caller.machineId, nonce), record));
+  await ctx.store.batch(ops);
+  return { nonce, expiresAt };
 }
 
 /** What a successful attestation returns. */
@@ -73,12 +80,14 @@ export interface AttestResult {
 export async function attest(ctx: AuditContext, caller: MachineCaller, evidenceBytes: Uint8Array, signature: Uint8Array): Promise<AttestResult> {
   const target = `machine/${caller.machineId}`;
   const actor = `machine:${caller.machineId}`;
-  return ctx.locks.run(`machine/${caller.machineId}`, async () => {
+  return retryOnConflict(async () => {
     let machine: EnrolledMachineRecord | undefined;
     let evidence: EvidenceValue | undefined;
     const details: Record<string, string> = {};
     try {
-      machine = await loadCallerMachine(ctx, caller);
+      const read = await readCallerMachine(ctx, caller);
+      machine = read.machine;
+      const machineGuard = guard.machine(machine.machineId, read.modRevision);
       if (!verifyEvidenceSignature(evidenceBytes, signature, caller.certificateDer)) {
         throw new Unauthenticated("signature: does not verify with the key of your machine certificate; sign the evidence bytes with the machine key");
       }
@@ -91,7 +100,8 @@ export async function attest(ctx: AuditContext, caller: MachineCaller, evidenceB
       }
       const now = ctx.clock.now();
       const key = nonceKey(caller.machineId, evidence.nonce);
-      const nonce = await ctx.store.get(Tables.nonces, key);
+      const nonceRead = await ctx.store.read(Tables.nonces, key);
+      const nonce = nonceRead.value;
       details["nonce"] = Buffer.from(evidence.nonce).toString("hex").slice(0, 16);
       if (nonce === undefined) throw new Unauthenticated("evidence.nonce: unknown (not issued to this machine, or expired and swept); get a new one with GetAttestationNonce");
       if (nonce.usedAt !== undefined) {
@@ -109,7 +119,7 @@ export async function attest(ctx: AuditContext, caller: MachineCaller, evidenceB
         if (group.quarantineOnMismatch) {
           const reason = `attestation failed: ${err.message}`.slice(0, 256);
           const { ops, change } = quarantineOps(machine, reason, "system", now);
-          await ctx.audit.append({ actor: "system", action: "machine.quarantine", target, outcome: "ok", details: { reason, policy: `group ${group.name} quarantine_on_mismatch` } }, ops);
+          await ctx.audit.append({ actor: "system", action: "machine.quarantine", target, outcome: "ok", details: { reason, policy: `group ${group.name} quarantine_on_mismatch` } }, ops, [machineGuard]);
           ctx.statusHub.publish(change);
           details["quarantined"] = "true";
         }
@@ -139,9 +149,12 @@ export async function attest(ctx: AuditContext, caller: MachineCaller, evidenceB
       await ctx.audit.append(
         { actor, action: "machine.attest", target, outcome: "ok", details: { ...details, jti: signed.claims.jti, expires_at: exp.toISOString(), certificate_sha256: caller.certificateSha256 } },
         [putOp(Tables.nonces, key, used), putOp(Tables.attestations, machine.machineId, result)],
+        [machineGuard, guard.nonce(key, nonceRead.modRevision)],
       );
       return { token: signed.token, expiresAt: exp, jti: signed.claims.jti };
     } catch (err) {
+      // A concurrent change won (the nonce used, the machine changed): the whole check runs again.
+      if (err instanceof Conflict) throw err;
       await recordRefusal(ctx, { actor, target, details, machine, evidence }, err);
       throw markAudited(err as object);
     }
@@ -179,7 +192,7 @@ async function recordRefusal(
   }
 }
 
-/** Deletes every expired nonce (a timer runs it); returns how many. */
+/** Deletes expired nonces, up to 1000 per run in commits of at most MAX_TXN_OPS (a timer runs it); returns how many. */
 export async function sweepNonces(ctx: AuditContext): Promise<number> {
   const now = ctx.clock.now().getTime();
   const ops: BatchOp[] = [];
@@ -187,6 +200,6 @@ export async function sweepNonces(ctx: AuditContext): Promise<number> {
     if (dateOf(n.expiresAt).getTime() <= now) ops.push(delOp(Tables.nonces, key));
     if (ops.length >= 1000) break;
   }
-  if (ops.length > 0) await ctx.store.batch(ops);
+  for (let i = 0; i < ops.length; i += MAX_TXN_OPS) await ctx.store.batch(ops.slice(i, i + MAX_TXN_OPS));
   return ops.length;
 }

@@ -6,7 +6,8 @@ import { ConfigError, describeConfig, formatHelp, loadConfig } from "../common/c
 import { isKmiError, InvalidArgument } from "../common/errors.js";
 import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger, parseLogLevel } from "../common/logger.js";
-import { initProgram, serveProgram } from "./config.js";
+import { storeBackendFrom } from "../storage/backend.js";
+import { AUDIT_ETCD_PREFIX, initProgram, serveProgram } from "./config.js";
 import { dataPaths, initAudit, readPemFile } from "./init.js";
 import { AuditServer } from "./server.js";
 import { usePrivateUmask } from "../common/data-dir.js";
@@ -34,6 +35,7 @@ async function init(argv: string[]): Promise<number> {
   const v = loaded.values;
   const r = await initAudit({
     dataDir: v.dataDir,
+    store: storeBackendFrom(v, AUDIT_ETCD_PREFIX),
     masterKey: v.masterKey,
     masterKeyFile: v.masterKeyFile,
     kdcUrl: v.kdc,
@@ -78,6 +80,7 @@ async function serve(argv: string[]): Promise<number> {
   if (offsetMs !== 0) logger.warn("clock offset set: token and nonce expiry use a shifted clock; for tests only", { clock_offset_seconds: v.clockOffsetSeconds });
   const server = await AuditServer.create({
     dataDir: v.dataDir,
+    store: storeBackendFrom(v, AUDIT_ETCD_PREFIX),
     listen: v.listen,
     kdcUrl: v.kdc,
     masterKey: v.masterKey,

@@ -2,7 +2,7 @@
  * The options of `kmi audit` and `kmi audit init` (flags, KMI_AUDIT_* environment, JSON config
  * file). Only this module (through common/config.ts) reads the environment.
  */
-import { defineProgram } from "../common/config.js";
+import { defineProgram, storeOptions } from "../common/config.js";
 import { LOG_LEVELS } from "../common/logger.js";
 
 /** Default KDC URL (what `kmi kdc` listens on by default). */
@@ -18,6 +18,9 @@ function httpsUrl(value: string): void {
   if (u.protocol !== "https:") throw new Error("use an https:// URL (kmi servers speak TLS only)");
 }
 
+/** Default etcd key prefix of the Auditserver's tables. */
+export const AUDIT_ETCD_PREFIX = "kmi/audit";
+
 const common = {
   dataDir: { type: "string", description: "data directory: LevelDB store, master key file, public PEM files", default: "data/audit", valueName: "dir" },
   masterKeyFile: { type: "string", description: "master key file, mode 0600 (default <data-dir>/master.key)", valueName: "file" },
@@ -28,6 +31,7 @@ const common = {
     valueName: "base64",
   },
   logLevel: { type: "string", description: "log level", default: "info", choices: LOG_LEVELS },
+  ...storeOptions(AUDIT_ETCD_PREFIX),
 } as const;
 
 /** `kmi audit`: serve. */

@@ -10,8 +10,7 @@ import type { TokenInfo } from "../gen/kmi/kdc/v1/admin_pb.js";
 import type { AuditEntry, AuditEntryInput, AuditTailOptions, AuditVerifyResult } from "../storage/audit-log.js";
 import type { AuditCheckpoint } from "../storage/audit-checkpoint.js";
 import type { CheckpointedVerifyResult } from "../storage/audit-checkpointer.js";
-import type { BatchOp, Store } from "../storage/store.js";
-import type { KeyedMutex } from "./mutex.js";
+import type { BatchOp, Compare, Store } from "../storage/store.js";
 import type { MachineStatusHub } from "./status-hub.js";
 
 /** A source of the current time. */
@@ -22,8 +21,11 @@ export interface Clock {
 
 /** The audit log as the Auditserver uses it: append with the change in one batch, read, verify. */
 export interface AuditSink {
-  /** Appends `entry` and applies `changeOps` atomically; if it rejects, nothing happened. */
-  append(entry: AuditEntryInput, changeOps?: readonly BatchOp[]): Promise<AuditEntry>;
+  /**
+   * Appends `entry` and applies `changeOps` atomically, if every one of `compares` holds (else
+   * `Conflict`, for the caller's `retryOnConflict`); if it rejects, nothing happened.
+   */
+  append(entry: AuditEntryInput, changeOps?: readonly BatchOp[], compares?: readonly Compare[]): Promise<AuditEntry>;
   /** Appends the refusal of an unauthenticated caller within its address's budget (undefined: only counted). */
   appendUnauthenticated(entry: AuditEntryInput, source: string): Promise<AuditEntry | undefined>;
   /** Refusals counted past their budget, not written, since start. */
@@ -127,8 +129,6 @@ export interface AuditContext {
   caPem: string;
   /** Status changes for WatchMachineStatus. */
   statusHub: MachineStatusHub;
-  /** Serializes read-then-write sections per object. */
-  locks: KeyedMutex;
   /** The clock. */
   clock: Clock;
   /** Logger. */

@@ -3,23 +3,26 @@
  * mutual TLS.
  *
  * Enrollment checks, in order: the request's fields, the CSR (parses, self-signature, P-256),
- * then under the token's lock the token (known, secret matches, unused, unexpired) and its
- * group; then the KDC signs the certificate; then ONE batch marks the token used, creates the
- * machine and appends the audit entry. A refusal at any step changes nothing; if the batch
- * fails, the certificate the KDC signed is never returned nor recorded, so it proves nothing
- * (see ./identity.ts).
+ * then the token (known, secret matches, unused, unexpired) and its group; then the KDC signs
+ * the certificate; then ONE batch marks the token used, creates the machine and appends the
+ * audit entry, conditional on the token being unchanged since it was read and the machine id
+ * being unused: of two enrollments with one token (on one replica or two) exactly one commits;
+ * the other runs again, reads the token used and is refused. A refusal at any step changes
+ * nothing; if the batch fails, the certificate the KDC signed is never returned nor recorded,
+ * so it proves nothing (see ./identity.ts).
  */
 import { randomBytes } from "node:crypto";
 import { clone, create } from "@bufbuild/protobuf";
 import { PermissionDenied, Unauthenticated } from "../common/errors.js";
 import { MachineStatus } from "../gen/kmi/audit/v1/audit_pb.js";
 import { EnrolledMachineRecordSchema, JoinTokenRecordSchema } from "../gen/kmi/store/v1/audit_pb.js";
+import { retryOnConflict } from "../storage/retry.js";
 import { putOp } from "../storage/store.js";
 import { audited } from "./audited.js";
 import type { AuditContext } from "./context.js";
-import { checkIssuedCertificate, loadCallerMachine, type MachineCaller } from "./identity.js";
+import { checkIssuedCertificate, readCallerMachine, type MachineCaller } from "./identity.js";
 import { joinSecretMatches } from "./join-token.js";
-import { dateOf, getGroup, ts } from "./records.js";
+import { dateOf, getGroup, guard, ts } from "./records.js";
 import { RECORD_VERSION, Tables } from "./store.js";
 import type { EnrollInput } from "./validate.js";
 import { peerSource } from "../common/rpc.js";
@@ -52,8 +55,9 @@ export async function enroll(ctx: AuditContext, input: EnrollInput, peerAddress:
     () => ({ actor: `join_token:${input.tokenId}`, action: "machine.enroll", target, details, ...(proven ? {} : { source: peerSource(peerAddress) }) }),
     async () => {
       const csr = ctx.csr.check(input.csrPem, "csr_pem");
-      return ctx.locks.run(`token/${input.tokenId}`, async () => {
-        const token = await ctx.store.get(Tables.joinTokens, input.tokenId);
+      return retryOnConflict(async () => {
+        const read = await ctx.store.read(Tables.joinTokens, input.tokenId);
+        const token = read.value;
         // Why one message for "no such id" and "wrong secret": only the holder of the real
         // secret learns anything more about the token (used, expired).
         if (token === undefined || !joinSecretMatches(input.secretPart, token.secretSha256)) throw new Unauthenticated(UNKNOWN_TOKEN);
@@ -93,6 +97,7 @@ export async function enroll(ctx: AuditContext, input: EnrollInput, peerAddress:
         await ctx.audit.append(
           { actor: `join_token:${token.tokenId}`, action: "machine.enroll", target, outcome: "ok", details: { ...details, certificate_sha256: cert.sha256, not_after: cert.notAfter.toISOString() } },
           [putOp(Tables.joinTokens, token.tokenId, used), putOp(Tables.machines, machineId, machine)],
+          [guard.joinToken(token.tokenId, read.modRevision), guard.machine(machineId, 0n)],
         );
         return { machineId, group: group.name, certificatePem: issued.certificatePem, caPem: ctx.caPem, notAfter: cert.notAfter };
       });
@@ -115,8 +120,8 @@ export async function renew(ctx: AuditContext, caller: MachineCaller, csrPem: st
     () => ({ actor: `machine:${caller.machineId}`, action: "machine.renew", target, details: { presented_certificate_sha256: caller.certificateSha256 } }),
     async () => {
       const csr = ctx.csr.check(csrPem, "csr_pem");
-      return ctx.locks.run(`machine/${caller.machineId}`, async () => {
-        const machine = await loadCallerMachine(ctx, caller);
+      return retryOnConflict(async () => {
+        const { machine, modRevision } = await readCallerMachine(ctx, caller);
         if (machine.status === MachineStatus.QUARANTINED) {
           throw new PermissionDenied(`machine ${machine.machineId}: quarantined (${machine.statusReason}); its certificate is not renewed until an operator releases it`);
         }
@@ -140,6 +145,7 @@ export async function renew(ctx: AuditContext, caller: MachineCaller, csrPem: st
             details: { certificate_sha256: cert.sha256, previous_certificate_sha256: machine.certificateSha256, not_after: cert.notAfter.toISOString() },
           },
           [putOp(Tables.machines, machine.machineId, next)],
+          [guard.machine(machine.machineId, modRevision)],
         );
         return { certificatePem: issued.certificatePem, caPem: ctx.caPem, notAfter: cert.notAfter };
       });

@@ -1,21 +1,23 @@
 /**
- * Operator actions on machine groups and join tokens. Each validates, then acts under the
- * group's lock, writing the change and its audit entry in one batch.
+ * Operator actions on machine groups and join tokens. Each validates, reads, and writes the
+ * change and its audit entry in one batch conditional on what it read (the group's revision,
+ * or the absence of the new name); on a Conflict it runs again on fresh reads.
  */
 import { createHash } from "node:crypto";
 import { clone, create } from "@bufbuild/protobuf";
 import { AlreadyExists } from "../common/errors.js";
 import { ApprovedDigestsRecordSchema, JoinTokenRecordSchema, MachineGroupRecordSchema, type MachineGroupRecord } from "../gen/kmi/store/v1/audit_pb.js";
+import { retryOnConflict } from "../storage/retry.js";
 import { putOp } from "../storage/store.js";
 import type { AuditContext } from "./context.js";
 import { mintJoinToken } from "./join-token.js";
-import { getGroup, ts } from "./records.js";
+import { guard, readGroup, ts } from "./records.js";
 import { RECORD_VERSION, Tables } from "./store.js";
 import type { ApprovedDigests, NewGroup } from "./validate.js";
 
 /** Makes a group; AlreadyExists when the name is taken. */
 export async function createGroup(ctx: AuditContext, actor: string, g: NewGroup): Promise<MachineGroupRecord> {
-  return ctx.locks.run(`group/${g.name}`, async () => {
+  return retryOnConflict(async () => {
     if (await ctx.store.has(Tables.groups, g.name)) {
       throw new AlreadyExists(`name: group "${g.name}" exists; choose another name or use \`kmi ctl group approve-measurements\` to change it`);
     }
@@ -44,6 +46,7 @@ export async function createGroup(ctx: AuditContext, actor: string, g: NewGroup)
         },
       },
       [putOp(Tables.groups, g.name, record)],
+      [guard.group(g.name, 0n)],
     );
     return record;
   });
@@ -65,8 +68,8 @@ export function approvedSetDigest(approved: readonly ApprovedDigests[]): string 
 
 /** Replaces a group's approved measurements. */
 export async function approveMeasurements(ctx: AuditContext, actor: string, group: string, approved: ApprovedDigests[]): Promise<MachineGroupRecord> {
-  return ctx.locks.run(`group/${group}`, async () => {
-    const current = await getGroup(ctx, group);
+  return retryOnConflict(async () => {
+    const { group: current, modRevision } = await readGroup(ctx, group);
     const next = clone(MachineGroupRecordSchema, current);
     next.recordVersion = RECORD_VERSION;
     next.approved = approved.map((a) => create(ApprovedDigestsRecordSchema, { name: a.name, sha256: a.sha256 }));
@@ -76,7 +79,7 @@ export async function approveMeasurements(ctx: AuditContext, actor: string, grou
       set_sha256: approvedSetDigest(approved),
       previous_set_sha256: approvedSetDigest(current.approved),
     };
-    await ctx.audit.append({ actor, action: "group.approve_measurements", target: `group/${group}`, outcome: "ok", details }, [putOp(Tables.groups, group, next)]);
+    await ctx.audit.append({ actor, action: "group.approve_measurements", target: `group/${group}`, outcome: "ok", details }, [putOp(Tables.groups, group, next)], [guard.group(group, modRevision)]);
     return next;
   });
 }
@@ -87,8 +90,8 @@ export async function createJoinToken(
   actor: string,
   p: { group: string; ttlSeconds: number; description: string },
 ): Promise<{ tokenId: string; secret: string; expiresAt: Date }> {
-  return ctx.locks.run(`group/${p.group}`, async () => {
-    await getGroup(ctx, p.group);
+  return retryOnConflict(async () => {
+    const { modRevision } = await readGroup(ctx, p.group);
     let minted = mintJoinToken();
     while (await ctx.store.has(Tables.joinTokens, minted.tokenId)) minted = mintJoinToken();
     const now = ctx.clock.now();
@@ -113,6 +116,7 @@ export async function createJoinToken(
         details: { group: p.group, expires_at: expiresAt.toISOString(), secret: ctx.keyedHash(minted.secret) },
       },
       [putOp(Tables.joinTokens, minted.tokenId, record)],
+      [guard.group(p.group, modRevision), guard.joinToken(minted.tokenId, 0n)],
     );
     return { tokenId: minted.tokenId, secret: minted.secret, expiresAt };
   });

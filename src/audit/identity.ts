@@ -53,14 +53,20 @@ export function requireServicePeer(peer: PeerIdentity | undefined): string {
  * Unauthenticated otherwise (the certificate does not prove an enrolled machine).
  */
 export async function loadCallerMachine(ctx: AuditContext, caller: MachineCaller): Promise<EnrolledMachineRecord> {
-  const machine = await ctx.store.get(Tables.machines, caller.machineId);
+  return (await readCallerMachine(ctx, caller)).machine;
+}
+
+/** `loadCallerMachine` with the record's mod revision, for a change conditional on it (`machineGuard`). */
+export async function readCallerMachine(ctx: AuditContext, caller: MachineCaller): Promise<{ machine: EnrolledMachineRecord; modRevision: bigint }> {
+  const read = await ctx.store.read(Tables.machines, caller.machineId);
+  const machine = read.value;
   if (machine === undefined) {
     throw new Unauthenticated(`machine ${caller.machineId}: not enrolled at this Auditserver; enroll with a new join token`);
   }
   if (caller.certificateSha256 !== machine.certificateSha256 && caller.certificateSha256 !== machine.previousCertificateSha256) {
     throw new Unauthenticated(`client certificate: not the current certificate of machine ${caller.machineId}; use the certificate from its last enrollment or renewal`);
   }
-  return machine;
+  return { machine, modRevision: read.modRevision };
 }
 
 /** Facts about a machine certificate that the KDC returned, checked before it is recorded. */

@@ -25,7 +25,8 @@ import { KdcAdminService } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { AuditCredentialRecordSchema, AuditMetaRecordSchema, type AuditCredentialRecord, type AuditMetaRecord } from "../gen/kmi/store/v1/audit_pb.js";
 import { createCsr, csrToPem } from "../pki/csr.js";
 import { AuditLog, deriveAuditKey, keyedHash } from "../storage/audit-log.js";
-import { openLevelStore, type LevelStore } from "../storage/level-store.js";
+import { openStoreBackend, type StoreBackend } from "../storage/backend.js";
+import type { Store } from "../storage/store.js";
 import { initServerMasterKey, loadServerMasterKey, type MasterKeyOptions } from "../storage/master-key.js";
 import { open as unseal, seal } from "../storage/seal.js";
 import { putOp } from "../storage/store.js";
@@ -51,9 +52,9 @@ export function credentialAad(name: string): string {
 }
 
 
-/** Opens the Auditserver's store in `dataDir`. */
-export async function openAuditStore(dataDir: string, createIfMissing: boolean): Promise<LevelStore> {
-  return openLevelStore(dataPaths(dataDir).store, { owner: AUDIT_STORE_OWNER, schemaVersion: AUDIT_SCHEMA_VERSION, create: createIfMissing });
+/** Opens the Auditserver's store where `backend` says: LevelDB in `dataDir` (default) or etcd. */
+export async function openAuditStore(dataDir: string, createIfMissing: boolean, backend: StoreBackend = { kind: "level" }): Promise<Store> {
+  return openStoreBackend(backend, dataPaths(dataDir).store, { owner: AUDIT_STORE_OWNER, schemaVersion: AUDIT_SCHEMA_VERSION, create: createIfMissing });
 }
 
 /** Loads the master key of an initialized data directory. */
@@ -70,6 +71,8 @@ export interface TlsNames {
 /** Options of `initAudit`. */
 export interface InitOptions extends MasterKeyOptions {
   dataDir: string;
+  /** Where the store lives (default LevelDB in the data dir); the files stay in the data dir. */
+  store?: StoreBackend;
   kdcUrl: string;
   /** The KDC's infra-ca.pem contents. */
   kdcCaPem: string;
@@ -174,7 +177,7 @@ export async function initAudit(opts: InitOptions): Promise<InitResult> {
   // Why 0700: the data dir holds the store and, usually, the master key file.
   await mkdir(opts.dataDir, { recursive: true, mode: 0o700 });
   await chmod(opts.dataDir, 0o700);
-  const store = await openAuditStore(opts.dataDir, true);
+  const store = await openAuditStore(opts.dataDir, true, opts.store);
   try {
     const meta = await store.get(Tables.meta, META_KEY);
     if (meta !== undefined && opts.reissueCertificate !== true) {

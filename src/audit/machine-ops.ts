@@ -1,16 +1,17 @@
 /**
  * Operator actions on machines: list, show, quarantine, release. A status change is one batch
- * (machine record + audit entry) and is published to WatchMachineStatus streams only after it
- * committed.
+ * (machine record + audit entry), conditional on the machine record as read, and is published
+ * to WatchMachineStatus streams only after it committed.
  */
 import { clone } from "@bufbuild/protobuf";
 import { FailedPrecondition } from "../common/errors.js";
 import type { Machine } from "../gen/kmi/audit/v1/admin_pb.js";
 import { MachineStatus } from "../gen/kmi/audit/v1/audit_pb.js";
 import { EnrolledMachineRecordSchema, type EnrolledMachineRecord } from "../gen/kmi/store/v1/audit_pb.js";
+import { retryOnConflict } from "../storage/retry.js";
 import { putOp, type BatchOp } from "../storage/store.js";
 import type { AuditContext } from "./context.js";
-import { dateOf, getMachine, machineToProto, ts } from "./records.js";
+import { dateOf, getMachine, guard, machineToProto, readMachine, ts } from "./records.js";
 import type { StatusChange } from "./status-hub.js";
 import { RECORD_VERSION, Tables } from "./store.js";
 
@@ -52,8 +53,8 @@ async function changeStatus(
   reason: string,
   status: MachineStatus.ACTIVE | MachineStatus.QUARANTINED,
 ): Promise<Machine> {
-  return ctx.locks.run(`machine/${machineId}`, async () => {
-    const machine = await getMachine(ctx, machineId);
+  return retryOnConflict(async () => {
+    const { machine, modRevision } = await readMachine(ctx, machineId);
     if (machine.status === status) {
       const since = dateOf(machine.statusChangedAt ?? machine.enrolledAt).toISOString();
       throw new FailedPrecondition(
@@ -65,7 +66,7 @@ async function changeStatus(
     const now = ctx.clock.now();
     const { ops, change } = statusOps(machine, status, reason, actor, now);
     const action = status === MachineStatus.QUARANTINED ? "machine.quarantine" : "machine.release";
-    await ctx.audit.append({ actor, action, target: `machine/${machineId}`, outcome: "ok", details: { reason, group: machine.group } }, ops);
+    await ctx.audit.append({ actor, action, target: `machine/${machineId}`, outcome: "ok", details: { reason, group: machine.group } }, ops, [guard.machine(machineId, modRevision)]);
     ctx.statusHub.publish(change);
     const updated = await getMachine(ctx, machineId);
     return machineToProto(updated, await ctx.store.get(Tables.attestations, machineId));

@@ -6,6 +6,7 @@ import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/prot
 import { NotFound } from "../common/errors.js";
 import { AttestationSchema, GroupSchema, MachineSchema, type Group, type Machine } from "../gen/kmi/audit/v1/admin_pb.js";
 import type { AttestationResultRecord, EnrolledMachineRecord, MachineGroupRecord } from "../gen/kmi/store/v1/audit_pb.js";
+import type { Compare } from "../storage/store.js";
 import type { AuditContext } from "./context.js";
 import { Tables } from "./store.js";
 import type { ApprovedDigests } from "./validate.js";
@@ -64,14 +65,32 @@ export function machineToProto(m: EnrolledMachineRecord, last: AttestationResult
 
 /** The group, or NotFound naming `field`. */
 export async function getGroup(ctx: AuditContext, name: string, field = "group"): Promise<MachineGroupRecord> {
-  const g = await ctx.store.get(Tables.groups, name);
-  if (g === undefined) throw new NotFound(`${field}: no group "${name}"; list them with \`kmi ctl group list\``);
-  return g;
+  return (await readGroup(ctx, name, field)).group;
+}
+
+/** `getGroup` with the record's mod revision, for a change conditional on it. */
+export async function readGroup(ctx: AuditContext, name: string, field = "group"): Promise<{ group: MachineGroupRecord; modRevision: bigint }> {
+  const read = await ctx.store.read(Tables.groups, name);
+  if (read.value === undefined) throw new NotFound(`${field}: no group "${name}"; list them with \`kmi ctl group list\``);
+  return { group: read.value, modRevision: read.modRevision };
 }
 
 /** The machine, or NotFound. */
 export async function getMachine(ctx: AuditContext, machineId: string): Promise<EnrolledMachineRecord> {
-  const m = await ctx.store.get(Tables.machines, machineId);
-  if (m === undefined) throw new NotFound(`machine_id: no machine "${machineId}"; list them with \`kmi ctl machine list\``);
-  return m;
+  return (await readMachine(ctx, machineId)).machine;
 }
+
+/** `getMachine` with the record's mod revision, for a change conditional on it. */
+export async function readMachine(ctx: AuditContext, machineId: string): Promise<{ machine: EnrolledMachineRecord; modRevision: bigint }> {
+  const read = await ctx.store.read(Tables.machines, machineId);
+  if (read.value === undefined) throw new NotFound(`machine_id: no machine "${machineId}"; list them with \`kmi ctl machine list\``);
+  return { machine: read.value, modRevision: read.modRevision };
+}
+
+/** Compares for conditional changes: the record is still at the mod revision read (`0n`: still absent). */
+export const guard = {
+  machine: (machineId: string, modRevision: bigint): Compare => ({ table: Tables.machines, key: machineId, modRevision }),
+  group: (name: string, modRevision: bigint): Compare => ({ table: Tables.groups, key: name, modRevision }),
+  joinToken: (tokenId: string, modRevision: bigint): Compare => ({ table: Tables.joinTokens, key: tokenId, modRevision }),
+  nonce: (key: string, modRevision: bigint): Compare => ({ table: Tables.nonces, key, modRevision }),
+};

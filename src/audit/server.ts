@@ -15,14 +15,14 @@ import { createMetricsRegistry, startMetricsServer, type MetricsServer } from ".
 import { createAuditLog, deriveAuditKey, keyedHash } from "../storage/audit-log.js";
 import { CheckpointWitness, deriveCheckpointKey } from "../storage/audit-checkpoint.js";
 import { AuditCheckpointer } from "../storage/audit-checkpointer.js";
-import type { LevelStore } from "../storage/level-store.js";
+import { describeBackend, type StoreBackend } from "../storage/backend.js";
+import type { Store } from "../storage/store.js";
 import { open as unseal } from "../storage/seal.js";
 import { sweepNonces } from "./attestation.js";
 import type { AuditContext, Clock, KdcPeer } from "./context.js";
 import { createCsrChecker } from "./csr.js";
 import { credentialAad, dataPaths, loadAuditMasterKey, openAuditStore, type MasterKeyOptions } from "./init.js";
 import { createKdcPeer } from "./kdc-client.js";
-import { KeyedMutex } from "./mutex.js";
 import { services } from "./routes.js";
 import { MachineStatusHub } from "./status-hub.js";
 import { ATTESTATION_KEY, META_KEY, SERVICE_TLS_KEY, Tables } from "./store.js";
@@ -35,6 +35,8 @@ const TLS_WARN_BEFORE_MS = 30 * 24 * 3600 * 1000;
 /** Options of `AuditServer.create`. */
 export interface AuditServerOptions extends MasterKeyOptions {
   dataDir: string;
+  /** Where the store lives (default LevelDB in the data dir). */
+  store?: StoreBackend | undefined;
   /** host:port; port 0 picks a free port. */
   listen: string;
   /** The KDC's URL; default the one recorded at init. */
@@ -56,7 +58,7 @@ export class AuditServer {
   private constructor(
     /** The services' context (tests read the store through it). */
     readonly ctx: AuditContext,
-    private readonly store: LevelStore,
+    private readonly store: Store,
     private readonly server: ConnectServer,
     private readonly opts: AuditServerOptions,
     private readonly metrics: ReturnType<typeof createMetricsRegistry>,
@@ -69,9 +71,13 @@ export class AuditServer {
     if (tightened.length > 0) opts.logger.warn("tightened files under the data dir that other users could have read had the folder been open", { data_dir: opts.dataDir, files: tightened.slice(0, 20), count: tightened.length });
     const paths = dataPaths(opts.dataDir, opts.masterKeyFile);
     const notInitialized = `data dir ${opts.dataDir} is not initialized; run \`kmi audit init --data-dir ${opts.dataDir} --kdc-ca-file <the KDC's infra-ca.pem> --token-file <operator token>\` first`;
-    if (!(await stat(paths.store).then(() => true, () => false))) throw new FailedPrecondition(notInitialized);
+    const backend = opts.store ?? { kind: "level" };
+    if (backend.kind === "level" && !(await stat(paths.store).then(() => true, () => false))) throw new FailedPrecondition(notInitialized);
     const masterKey = await loadAuditMasterKey(opts.dataDir, opts);
-    const store = await openAuditStore(opts.dataDir, false);
+    const store = await openAuditStore(opts.dataDir, false, backend).catch((err: unknown) => {
+      masterKey.fill(0);
+      throw err;
+    });
     try {
       const meta = await store.get(Tables.meta, META_KEY);
       if (meta === undefined) throw new FailedPrecondition(`${notInitialized} (an init did not finish)`);
@@ -123,7 +129,6 @@ export class AuditServer {
         attestationKey: { privateKey: attestationPrivate, publicKey: createPublicKey(attestationPrivate), keyId: att.keyId },
         caPem,
         statusHub: new MachineStatusHub(),
-        locks: new KeyedMutex(),
         clock,
         logger,
         policy: { nonceTtlMs: 60_000, maxNoncesPerMachine: 16 },
@@ -140,7 +145,7 @@ export class AuditServer {
         metrics,
         ...(opts.shutdownTimeoutMs !== undefined ? { shutdownTimeoutMs: opts.shutdownTimeoutMs } : {}),
       });
-      logger.info("audit store opened", { data_dir: opts.dataDir, audit_id: meta.auditId, kdc: kdcUrl, attestation_key_id: att.keyId });
+      logger.info("audit store opened", { data_dir: opts.dataDir, store: describeBackend(backend, opts.dataDir), audit_id: meta.auditId, kdc: kdcUrl, attestation_key_id: att.keyId });
       return new AuditServer(ctx, store, server, opts, metrics, checkpoints);
     } catch (err) {
       masterKey.fill(0);

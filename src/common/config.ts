@@ -289,3 +289,20 @@ export function describeConfig<O extends Record<string, OptionSpec>>(spec: Progr
   }
   return out;
 }
+
+/**
+ * The options that pick a program's store, shared by the KDC and the Auditserver: `--store`
+ * (level, the default, or etcd) and the etcd client's endpoints, TLS files and key prefix
+ * (env `KMI_<PROG>_STORE`, `KMI_<PROG>_ETCD_ENDPOINTS`, …). src/storage/backend.ts turns the
+ * values into a backend.
+ */
+export function storeOptions(defaultPrefix: string) {
+  return {
+    store: { type: "string", description: "where the store lives: level (LevelDB in the data dir, one node) or etcd (replicas)", default: "level", choices: ["level", "etcd"] },
+    etcdEndpoints: { type: "string", description: "with --store etcd: the members' client URLs, comma-separated (https://host:2379,…)", valueName: "urls" },
+    etcdCa: { type: "string", description: "with --store etcd: PEM file of the CA that signed the etcd members' certificates", valueName: "file" },
+    etcdCert: { type: "string", description: "with --store etcd: PEM file of this program's etcd client certificate", valueName: "file" },
+    etcdKey: { type: "string", description: "with --store etcd: PEM file of that certificate's private key (mode 0600)", valueName: "file" },
+    etcdPrefix: { type: "string", description: "with --store etcd: key prefix of this program's tables (each program its own)", default: defaultPrefix, valueName: "prefix" },
+  } as const;
+}

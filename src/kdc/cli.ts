@@ -7,7 +7,8 @@ import { isKmiError } from "../common/errors.js";
 import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger, parseLogLevel } from "../common/logger.js";
 import { backupMain, restoreMain } from "./backup/cli.js";
-import { initProgram, parseLease, parsePendingTtl, serveProgram } from "./config.js";
+import { storeBackendFrom } from "../storage/backend.js";
+import { KDC_ETCD_PREFIX, initProgram, parseLease, parsePendingTtl, serveProgram } from "./config.js";
 import { dataPaths, initKdc } from "./init.js";
 import { KdcServer } from "./server.js";
 import { hostIp, hostName } from "./validate.js";
@@ -39,7 +40,7 @@ async function init(argv: string[]): Promise<number> {
     return 0;
   }
   const v = loaded.values;
-  const r = await initKdc({ dataDir: v.dataDir, masterKey: v.masterKey, masterKeyFile: v.masterKeyFile, tls: tlsNames(v.dnsName, v.ip) });
+  const r = await initKdc({ dataDir: v.dataDir, masterKey: v.masterKey, masterKeyFile: v.masterKeyFile, tls: tlsNames(v.dnsName, v.ip), store: storeBackendFrom(v, KDC_ETCD_PREFIX) });
   if (v.tokenFile !== undefined) {
     writeFileAtomicSync(v.tokenFile, r.operatorToken + "\n", 0o600);
   }
@@ -77,6 +78,7 @@ async function serve(argv: string[]): Promise<number> {
   const logger = createLogger({ level: parseLogLevel(v.logLevel), fields: { program: "kdc" } });
   const server = await KdcServer.create({
     dataDir: v.dataDir,
+    store: storeBackendFrom(v, KDC_ETCD_PREFIX),
     listen: v.listen,
     masterKey: v.masterKey,
     masterKeyFile: v.masterKeyFile,

@@ -1,8 +1,11 @@
 /**
  * The options of `kmi kdc` and `kmi kdc init` (flags, KMI_KDC_* environment, JSON config file).
  */
-import { defineProgram } from "../common/config.js";
+import { defineProgram, storeOptions } from "../common/config.js";
 import { LOG_LEVELS } from "../common/logger.js";
+
+/** Default etcd key prefix of the KDC's tables. */
+export const KDC_ETCD_PREFIX = "kmi/kdc";
 
 const common = {
   dataDir: { type: "string", description: "data directory: LevelDB store, master key file, public CA files", default: "data/kdc", valueName: "dir" },
@@ -16,6 +19,7 @@ const common = {
   dnsName: { type: "string", description: "extra DNS names for the KDC's TLS certificate, comma-separated (localhost is always in)", valueName: "names" },
   ip: { type: "string", description: "extra IP addresses for the KDC's TLS certificate, comma-separated (127.0.0.1 and ::1 are always in)", valueName: "addrs" },
   logLevel: { type: "string", description: "log level", default: "info", choices: LOG_LEVELS },
+  ...storeOptions(KDC_ETCD_PREFIX),
 } as const;
 
 /** `kmi kdc`: serve. */

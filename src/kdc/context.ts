@@ -12,10 +12,9 @@ import type { Logger } from "../common/logger.js";
 import type { AuditEntry, AuditEntryInput, AuditTailOptions, AuditVerifyResult } from "../storage/audit-log.js";
 import type { AuditCheckpoint } from "../storage/audit-checkpoint.js";
 import type { CheckpointedVerifyResult } from "../storage/audit-checkpointer.js";
-import type { BatchOp } from "../storage/store.js";
+import type { BatchOp, Compare } from "../storage/store.js";
 import type { AttestedMachine } from "./authz.js";
 import type { KdcStore } from "./kdc-store.js";
-import type { KeyedMutex } from "./mutex.js";
 import type { SubjectInput } from "./validate.js";
 
 /** A source of the current time. */
@@ -25,7 +24,11 @@ export interface Clock {
 
 /** The audit log as the KDC uses it: append with the change in one batch, read, verify. */
 export interface AuditSink {
-  append(entry: AuditEntryInput, changeOps?: readonly BatchOp[]): Promise<AuditEntry>;
+  /**
+   * Appends `entry` and applies `changeOps` in one batch, if every one of `compares` holds
+   * (else `Conflict`, for the caller's `retryOnConflict`).
+   */
+  append(entry: AuditEntryInput, changeOps?: readonly BatchOp[], compares?: readonly Compare[]): Promise<AuditEntry>;
   /** Appends the refusal of an unauthenticated caller within its address's budget (undefined: only counted). */
   appendUnauthenticated(entry: AuditEntryInput, source: string): Promise<AuditEntry | undefined>;
   /** Refusals counted past their budget, not written, since start. */
@@ -196,8 +199,6 @@ export interface KdcContext {
   pki: CertificateFactory;
   clock: Clock;
   logger: Logger;
-  /** Serializes changes per tenant (key "tenant/<id>") and of global records (key "tokens"). */
-  locks: KeyedMutex;
   /** When the server started (for uptime). */
   startedAt: Date;
   /** The Auditserver's attestation key. */

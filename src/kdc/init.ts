@@ -21,15 +21,17 @@ import { CredentialRecordSchema, KdcMetaRecordSchema, TokenRecordSchema, type Cr
 import { AuditLog } from "../storage/audit-log.js";
 import { CheckpointWitness, deriveCheckpointKey } from "../storage/audit-checkpoint.js";
 import { AuditCheckpointer } from "../storage/audit-checkpointer.js";
+import { openStoreBackend, type StoreBackend } from "../storage/backend.js";
 import { openLevelStore, type LevelStore } from "../storage/level-store.js";
 import { initServerMasterKey, loadServerMasterKey, type MasterKeyOptions } from "../storage/master-key.js";
-import type { BatchOp } from "../storage/store.js";
+import type { BatchOp, Store } from "../storage/store.js";
 import type { AttestationKeyProvider, CertificateFactory, Clock, KdcContext, Sealer } from "./context.js";
 import { CREDENTIAL, credentialAad, KDC_SCHEMA_VERSION, KdcStore, put } from "./kdc-store.js";
-import { KeyedMutex } from "./mutex.js";
 import { createPkiAdapter } from "./pki-adapter.js";
 import { createSealer } from "./sealer.js";
 import { NoAttestationKey } from "./attestation-key.js";
+import { ChangeFollower } from "./change-follower.js";
+import { LocalCommits } from "./local-commits.js";
 import { QuarantineRegistry } from "./quarantine.js";
 import { SecretRelease } from "./release.js";
 import { WatchHub, type WatchHubOptions } from "./watch-hub.js";
@@ -72,6 +74,8 @@ export function allTlsNames(extra: TlsNames): TlsNames {
 /** Options of `initKdc`. */
 export interface InitOptions extends MasterKeyOptions {
   dataDir: string;
+  /** Where the store lives (default LevelDB in the data dir); the files stay in the data dir. */
+  store?: StoreBackend;
   tls: TlsNames;
   clock?: Clock;
   pki?: CertificateFactory;
@@ -89,9 +93,14 @@ export interface InitResult {
   kdcId: string;
 }
 
-/** Opens an existing (or, for init, new) KDC store in `dataDir`. */
+/** Opens an existing (or, for init, new) KDC LevelDB store in `dataDir` (backup and restore work on it). */
 export async function openKdcStore(dataDir: string, createIfMissing: boolean): Promise<LevelStore> {
   return openLevelStore(dataPaths(dataDir).store, { owner: "kdc", schemaVersion: KDC_SCHEMA_VERSION, create: createIfMissing });
+}
+
+/** Opens the KDC's store where `backend` says: LevelDB in `dataDir` (default) or etcd. */
+export async function openKdcBackend(dataDir: string, createIfMissing: boolean, backend: StoreBackend = { kind: "level" }): Promise<Store> {
+  return openStoreBackend(backend, dataPaths(dataDir).store, { owner: "kdc", schemaVersion: KDC_SCHEMA_VERSION, create: createIfMissing });
 }
 
 
@@ -142,14 +151,19 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
   await mkdir(opts.dataDir, { recursive: true, mode: 0o700 });
   await chmod(opts.dataDir, 0o700);
 
-  if ((await pathExists(paths.store)) && (await pathExists(paths.infraCaPem))) {
+  const backend = opts.store ?? { kind: "level" };
+  if (backend.kind === "level" && (await pathExists(paths.store)) && (await pathExists(paths.infraCaPem))) {
     throw new AlreadyExists(`data dir ${opts.dataDir} is initialized already; run \`kmi kdc --data-dir ${opts.dataDir}\`, or init another directory`);
   }
-  const store = await openKdcStore(opts.dataDir, true);
+  const store = await openKdcBackend(opts.dataDir, true, backend);
   try {
     const kdcStore = new KdcStore(store);
     if ((await kdcStore.getMeta()) !== undefined) {
-      throw new AlreadyExists(`data dir ${opts.dataDir} is initialized already; run \`kmi kdc --data-dir ${opts.dataDir}\`, or init another directory`);
+      throw new AlreadyExists(
+        backend.kind === "level"
+          ? `data dir ${opts.dataDir} is initialized already; run \`kmi kdc --data-dir ${opts.dataDir}\`, or init another directory`
+          : `the etcd prefix ${backend.prefix} holds an initialized KDC already; run \`kmi kdc --store etcd\` with its master key, or init another prefix (--etcd-prefix)`,
+      );
     }
     // A key file left by an init that stopped before its batch sealed nothing yet: it is reused.
     const { key, keyFile } = await initServerMasterKey(opts.masterKey, "KMI_KDC_MASTER_KEY", paths.masterKey);
@@ -219,7 +233,9 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
 /** An opened, initialized KDC: its context, the store to close, and the distribution pieces. */
 export interface OpenedKdc {
   ctx: KdcContext;
-  store: LevelStore;
+  store: Store;
+  /** On a shared store (etcd): the follower that announces other replicas' commits to this one's watch streams; stop it before closing the store. */
+  follower: ChangeFollower | undefined;
   /** The watch streams (also `ctx.events` and `ctx.watches`). */
   hub: WatchHub;
   /** The quarantine set (also `ctx.quarantine`), fed by the Auditserver's status stream. */
@@ -237,6 +253,8 @@ export const DEFAULT_PENDING_TTL_MS = 30 * 86400 * 1000;
 /** Options of `openKdc`. */
 export interface OpenKdcOptions extends MasterKeyOptions {
   dataDir: string;
+  /** Where the store lives (default LevelDB in the data dir). */
+  store?: StoreBackend | undefined;
   logger: Logger;
   clock?: Clock;
   pki?: CertificateFactory;
@@ -252,11 +270,15 @@ export interface OpenKdcOptions extends MasterKeyOptions {
 
 /** Opens an initialized data directory and builds the services' context. */
 export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
-  if (!(await pathExists(dataPaths(opts.dataDir).store))) {
+  const backend = opts.store ?? { kind: "level" };
+  if (backend.kind === "level" && !(await pathExists(dataPaths(opts.dataDir).store))) {
     throw new FailedPrecondition(`data dir ${opts.dataDir} is not initialized; run \`kmi kdc init --data-dir ${opts.dataDir}\` first`);
   }
   const key = await loadKdcMasterKey(opts.dataDir, opts);
-  const store = await openKdcStore(opts.dataDir, false);
+  const opened = await openKdcBackend(opts.dataDir, false, backend);
+  // On a shared store other replicas commit too: remember which commits are this process's.
+  const local = backend.kind === "etcd" ? new LocalCommits(opened) : undefined;
+  const store: Store = local ?? opened;
   try {
     const kdcStore = new KdcStore(store);
     const meta = await kdcStore.getMeta();
@@ -281,7 +303,6 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
       pki: opts.pki ?? createPkiAdapter(),
       clock,
       logger: opts.logger,
-      locks: new KeyedMutex(),
       startedAt: clock.now(),
       attestationKey: opts.attestationKey ?? new NoAttestationKey(),
       leaseMs: opts.leaseMs ?? DEFAULT_LEASE_MS,
@@ -292,7 +313,12 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
     const hub = new WatchHub({ ...base, quarantine }, new SecretRelease(base), opts.watch);
     quarantine.setListener(hub);
     const ctx: KdcContext = { ...base, quarantine, events: hub, watches: hub };
-    return { ctx, store, hub, quarantine, checkpoints };
+    let follower: ChangeFollower | undefined;
+    if (local !== undefined) {
+      follower = new ChangeFollower(store, local, hub, opts.logger);
+      await follower.start();
+    }
+    return { ctx, store, hub, quarantine, checkpoints, follower };
   } catch (err) {
     await store.close();
     throw err;

@@ -20,6 +20,13 @@
  *
  * '/' cannot occur in a tenant id, so the prefix `<tenant_id>/` selects exactly one tenant. A
  * `quarantine` record stays after a release, with `released_at` set (see quarantine.ts).
+ *
+ * Concurrency: the tenant record is the tenant's version word. Every change of a tenant's
+ * versions (create, renew, upload, activate, revoke) writes the tenant record (its
+ * `last_version` counter or `active_version` pointer) and is conditional on the tenant record's
+ * mod revision as read (`guard.tenant`), so two concurrent changes of one tenant, on one
+ * replica or two, cannot both commit: the loser re-reads and decides again. A signing key,
+ * a token and a new tenant are guarded by their own record (its revision, or its absence).
  */
 import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
 import {
@@ -40,7 +47,7 @@ import {
   type TenantRecord,
   type TokenRecord,
 } from "../gen/kmi/store/v1/kdc_pb.js";
-import { defineTable, numericKey, putOp, type BatchOp, type Store, type Table } from "../storage/store.js";
+import { defineTable, numericKey, putOp, type BatchOp, type Compare, type ReadResult, type Store, type Table } from "../storage/store.js";
 
 /** Layout version of the KDC's tables. */
 export const KDC_SCHEMA_VERSION = 1;
@@ -105,6 +112,21 @@ export class KdcStore {
     return this.store.get(T.tenants, tenantId);
   }
 
+  /** A tenant with its mod revision (`0n` when absent), for a conditional change. */
+  readTenant(tenantId: string): Promise<ReadResult<TenantRecord>> {
+    return this.store.read(T.tenants, tenantId);
+  }
+
+  /** A token with its mod revision. */
+  readToken(tokenId: string): Promise<ReadResult<TokenRecord>> {
+    return this.store.read(T.tokens, tokenId);
+  }
+
+  /** A signing key with its mod revision. */
+  readSigningKey(tenantId: string, name: string): Promise<ReadResult<SigningKeyRecord>> {
+    return this.store.read(T.signingKeys, `${tenantId}/${name}`);
+  }
+
   /** Every tenant, by id. */
   listTenants(): Promise<TenantRecord[]> {
     return this.all(T.tenants);
@@ -155,11 +177,24 @@ export class KdcStore {
     return this.store.get(T.rollout, `${tenantId}/${machineId}`);
   }
 
+  /** A machine's quarantine record with its mod revision. */
+  readQuarantined(machineId: string): Promise<ReadResult<QuarantinedMachineRecord>> {
+    return this.store.read(T.quarantine, machineId);
+  }
+
   /** Every machine the KDC knows as quarantined or as released after a quarantine, by machine id. */
   listQuarantined(): Promise<QuarantinedMachineRecord[]> {
     return this.all(T.quarantine);
   }
 }
+
+/** Compares for conditional changes: the record is still at the mod revision read (`0n`: still absent). */
+export const guard = {
+  tenant: (tenantId: string, modRevision: bigint): Compare => ({ table: T.tenants, key: tenantId, modRevision }),
+  token: (tokenId: string, modRevision: bigint): Compare => ({ table: T.tokens, key: tokenId, modRevision }),
+  signingKey: (tenantId: string, name: string, modRevision: bigint): Compare => ({ table: T.signingKeys, key: `${tenantId}/${name}`, modRevision }),
+  quarantine: (machineId: string, modRevision: bigint): Compare => ({ table: T.quarantine, key: machineId, modRevision }),
+};
 
 /** Put ops for the KDC's records, keyed by the layout above. */
 export const put = {

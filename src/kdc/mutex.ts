@@ -1,7 +1,9 @@
 /**
- * KeyedMutex serializes async critical sections per key (one per tenant), so that two
- * concurrent changes of one tenant (say two activations) run one after the other and each
- * sees the other's result; changes of different tenants still run in parallel.
+ * KeyedMutex runs async sections one after the other per key, different keys in parallel.
+ * The KDC uses it for ORDER inside this process only: the watch hub fans out one tenant's
+ * changes in commit order, and the quarantine registry applies its feed's updates in order.
+ * It guards no store invariant: every read-check-write on the store is a conditional batch
+ * (see ./operations.ts), which holds across replicas where no in-process lock could.
  */
 export class KeyedMutex {
   private readonly tails = new Map<string, Promise<void>>();

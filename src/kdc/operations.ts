@@ -1,9 +1,12 @@
 /**
  * The KDC's operations on validated input: tenants, tokens, the intermediate versions of the
- * Certificate menu, signing keys, and service and machine certificates. Each change runs
- * under its tenant's lock, checks everything first (./model.ts plans the transition), and
- * then commits all its records together with its audit entry in ONE batch: a change is whole
- * or absent, and never without its log entry. Refusals are logged by the handler layer.
+ * Certificate menu, signing keys, and service and machine certificates. Each change reads
+ * what it needs with revisions, checks everything (./model.ts plans the transition), and then
+ * commits all its records together with its audit entry in ONE batch that is conditional on
+ * what it read (`guard` in ./kdc-store.ts): a change is whole or absent, never without its log
+ * entry, and never based on a stale read — when another change (of this replica or another)
+ * won, the batch fails with Conflict and the change runs again on fresh reads
+ * (`retryOnConflict`). No lock is held. Refusals are logged by the handler layer.
  */
 import { clone, create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
@@ -25,10 +28,11 @@ import {
   type TenantRecord,
   type TokenRecord,
 } from "../gen/kmi/store/v1/kdc_pb.js";
-import type { BatchOp } from "../storage/store.js";
+import { retryOnConflict } from "../storage/retry.js";
+import type { BatchOp, Compare } from "../storage/store.js";
 import type { AttestedMachine } from "./authz.js";
 import type { CertSummary, Issuer, KdcContext } from "./context.js";
-import { CREDENTIAL, credentialAad, intermediateKeyAad, put, signingKeyAad } from "./kdc-store.js";
+import { CREDENTIAL, credentialAad, guard, intermediateKeyAad, put, signingKeyAad } from "./kdc-store.js";
 import { newTenant, nextVersion, pendingExpiry, planActivate, planDiscard, planRevoke, planUpload, requireNotExpired, requireRenewable, stateName, type Validity } from "./model.js";
 import { mintToken } from "./tokens.js";
 import type * as V from "./validate.js";
@@ -63,8 +67,17 @@ export class KdcOperations {
     return this.ctx.clock.now();
   }
 
-  private tenantLock<T>(tenantId: string, fn: () => Promise<T>): Promise<T> {
-    return this.ctx.locks.run(`tenant/${tenantId}`, fn);
+  /**
+   * Runs a read-check-write of one tenant: `step` gets the tenant as read now and the compare
+   * that conditions its commit on that read (pass it to `audit.append`). A concurrent change of
+   * the tenant makes the commit fail with Conflict, and the whole step runs again on fresh reads.
+   */
+  private tenantChange<T>(tenantId: string, step: (tenant: TenantRecord, guarded: readonly Compare[]) => Promise<T>): Promise<T> {
+    return retryOnConflict(async () => {
+      const read = await this.ctx.store.readTenant(tenantId);
+      if (read.value === undefined) throw new NotFound(`tenant "${tenantId}" not found; see \`kmi ctl tenant list\``);
+      return step(read.value, [guard.tenant(tenantId, read.modRevision)]);
+    });
   }
 
   // ---- credentials ----
@@ -94,7 +107,7 @@ export class KdcOperations {
 
   /** Creates a tenant, optionally with an active KMI-signed first version. */
   async createTenant(actor: string, input: V.CreateTenantInput): Promise<TenantRecord> {
-    return this.tenantLock(input.tenantId, async () => {
+    return retryOnConflict(async () => {
       if ((await this.ctx.store.getTenant(input.tenantId)) !== undefined) {
         throw new AlreadyExists(`tenant "${input.tenantId}" exists already; pick another id`);
       }
@@ -114,7 +127,7 @@ export class KdcOperations {
         details["key_id"] = made.version.keyId;
       }
       ops.push(put.tenant(tenant));
-      await this.ctx.audit.append({ actor, action: "tenant.create", target: `tenant/${input.tenantId}`, outcome: "ok", details }, ops);
+      await this.ctx.audit.append({ actor, action: "tenant.create", target: `tenant/${input.tenantId}`, outcome: "ok", details }, ops, [guard.tenant(input.tenantId, 0n)]);
       if (tenant.activeVersion !== 0) this.ctx.events.activeChanged(tenant.tenantId);
       return tenant;
     });
@@ -193,8 +206,7 @@ export class KdcOperations {
 
   /** CreateVersion: a new key; KMI-signed (READY, optionally ACTIVE) or a CSR (PENDING). */
   async createVersion(actor: string, input: V.CreateVersionInput): Promise<VersionChange> {
-    return this.tenantLock(input.tenantId, async () => {
-      const tenant = await this.requireTenant(input.tenantId);
+    return this.tenantChange(input.tenantId, async (tenant, guarded) => {
       let result: { tenant: TenantRecord; version: IntermediateVersionRecord; retired: IntermediateVersionRecord | undefined };
       if (input.signer === Signer.KMI_ROOT) {
         result = await this.makeKmiSignedVersion(tenant, input);
@@ -226,7 +238,7 @@ export class KdcOperations {
       await this.commitVersionChange(actor, "ca.version.create", result, {
         signer: signerLabel(input.signer),
         algorithm: algorithmLabel(result.version.keyAlgorithm),
-      });
+      }, guarded);
       return { version: result.version, retired: result.retired };
     });
   }
@@ -236,6 +248,7 @@ export class KdcOperations {
     action: string,
     r: { tenant: TenantRecord; version: IntermediateVersionRecord; retired?: IntermediateVersionRecord | undefined },
     extra: Record<string, string>,
+    guarded: readonly Compare[],
   ): Promise<void> {
     const ops = [put.tenant(r.tenant), put.version(r.version)];
     const details: Record<string, string> = { ...extra, key_id: r.version.keyId, state: stateName(r.version.state) };
@@ -244,7 +257,7 @@ export class KdcOperations {
       ops.push(put.version(r.retired));
       details["retired_version"] = String(r.retired.version);
     }
-    await this.ctx.audit.append({ actor, action, target: versionTarget(r.tenant.tenantId, r.version.version), outcome: "ok", details }, ops);
+    await this.ctx.audit.append({ actor, action, target: versionTarget(r.tenant.tenantId, r.version.version), outcome: "ok", details }, ops, guarded);
     // Agents hear of a new active version once it is committed (never before).
     if (r.version.state === VersionState.ACTIVE) this.ctx.events.activeChanged(r.tenant.tenantId);
   }
@@ -257,8 +270,7 @@ export class KdcOperations {
 
   /** RenewVersion: a new version for an existing version's key. */
   async renewVersion(actor: string, input: V.RenewVersionInput): Promise<VersionChange> {
-    return this.tenantLock(input.tenantId, async () => {
-      const tenant = await this.requireTenant(input.tenantId);
+    return this.tenantChange(input.tenantId, async (tenant, guarded) => {
       const source = await this.requireVersion(input.tenantId, input.version);
       requireRenewable(source);
       if (source.privateKey === undefined) throw new FailedPrecondition(`version ${source.version} has no key`);
@@ -297,15 +309,14 @@ export class KdcOperations {
           pkcs8.fill(0);
         }
       }
-      await this.commitVersionChange(actor, "ca.version.renew", result, { signer: signerLabel(input.signer), renewed_from: String(source.version) });
+      await this.commitVersionChange(actor, "ca.version.renew", result, { signer: signerLabel(input.signer), renewed_from: String(source.version) }, guarded);
       return { version: result.version, retired: result.retired };
     });
   }
 
   /** UploadIntermediate: every check first, then PENDING -> READY (-> ACTIVE) in one batch. */
   async uploadIntermediate(actor: string, input: V.UploadInput): Promise<VersionChange> {
-    return this.tenantLock(input.tenantId, async () => {
-      const tenant = await this.requireTenant(input.tenantId);
+    return this.tenantChange(input.tenantId, async (tenant, guarded) => {
       let target: IntermediateVersionRecord | undefined;
       if (input.version === 0) {
         target = (await this.ctx.store.listVersions(input.tenantId)).find((v) => v.state === VersionState.PENDING);
@@ -337,7 +348,7 @@ export class KdcOperations {
         customer_root: input.customerRoot === undefined ? "kept" : "given",
       };
       if (kept !== undefined && !Buffer.from(kept).equals(checked.customerRootDer)) details["customer_root_changed"] = "true";
-      await this.commitVersionChange(actor, "ca.version.upload", result, details);
+      await this.commitVersionChange(actor, "ca.version.upload", result, details, guarded);
       return { version: result.version, retired: result.retired };
     });
   }
@@ -365,20 +376,18 @@ export class KdcOperations {
 
   /** ActivateVersion: READY/RETIRED -> ACTIVE, the previous active -> RETIRED, in one batch. */
   async activateVersion(actor: string, input: V.TenantVersionInput): Promise<VersionChange> {
-    return this.tenantLock(input.tenantId, async () => {
-      const tenant = await this.requireTenant(input.tenantId);
+    return this.tenantChange(input.tenantId, async (tenant, guarded) => {
       const target = await this.requireVersion(input.tenantId, input.version);
       const current = tenant.activeVersion === 0 ? undefined : await this.ctx.store.getVersion(tenant.tenantId, tenant.activeVersion);
       const plan = planActivate(tenant, target, current, this.validityOf(target), this.now());
-      await this.commitVersionChange(actor, "ca.version.activate", { tenant: plan.tenant, version: plan.activated, retired: plan.retired }, {});
+      await this.commitVersionChange(actor, "ca.version.activate", { tenant: plan.tenant, version: plan.activated, retired: plan.retired }, {}, guarded);
       return { version: plan.activated, retired: plan.retired };
     });
   }
 
   /** RevokeVersion. */
   async revokeVersion(actor: string, input: V.RevokeVersionInput): Promise<IntermediateVersionRecord> {
-    return this.tenantLock(input.tenantId, async () => {
-      const tenant = await this.requireTenant(input.tenantId);
+    return this.tenantChange(input.tenantId, async (tenant, guarded) => {
       const target = await this.requireVersion(input.tenantId, input.version);
       const plan = planRevoke(tenant, target, input.reason, input.allowActive, this.now());
       await this.ctx.audit.append(
@@ -390,6 +399,7 @@ export class KdcOperations {
           details: { reason: input.reason, was_active: String(plan.wasActive), key_id: target.keyId },
         },
         [put.tenant(plan.tenant), put.version(plan.revoked)],
+        guarded,
       );
       // A renewal shares its key with the version it renewed: a key still used by the active
       // version is not revoked on the agents (only this version's certificate is).
@@ -401,8 +411,7 @@ export class KdcOperations {
 
   /** DiscardPendingVersion: PENDING -> DISCARDED (its sealed key erased), audited, in one batch. */
   async discardPendingVersion(actor: string, input: V.DiscardVersionInput): Promise<IntermediateVersionRecord> {
-    return this.tenantLock(input.tenantId, async () => {
-      await this.requireTenant(input.tenantId);
+    return this.tenantChange(input.tenantId, async (_tenant, guarded) => {
       const target = await this.requireVersion(input.tenantId, input.version);
       const end = pendingExpiry(target, this.ctx.pendingTtlMs);
       const discarded = planDiscard(target, input.reason, this.now());
@@ -411,6 +420,7 @@ export class KdcOperations {
       await this.ctx.audit.append(
         { actor, action: "ca.version.discard", target: versionTarget(input.tenantId, input.version), outcome: "ok", details },
         [put.version(discarded)],
+        guarded,
       );
       return discarded;
     });
@@ -469,7 +479,7 @@ export class KdcOperations {
 
   /** CreateSigningKey. */
   async createSigningKey(actor: string, input: V.CreateSigningKeyInput): Promise<SigningKeyRecord> {
-    return this.tenantLock(input.tenantId, async () => {
+    return retryOnConflict(async () => {
       await this.requireTenant(input.tenantId);
       if ((await this.ctx.store.getSigningKey(input.tenantId, input.name)) !== undefined) {
         throw new AlreadyExists(`tenant "${input.tenantId}" has a signing key "${input.name}" already; pick another name`);
@@ -489,6 +499,7 @@ export class KdcOperations {
         await this.ctx.audit.append(
           { actor, action: "signing-key.create", target: `tenant/${input.tenantId}/signing-key/${input.name}`, outcome: "ok", details: { key_id: key.keyId, algorithm: algorithmLabel(key.algorithm) } },
           [put.signingKey(record)],
+          [guard.signingKey(input.tenantId, input.name, 0n)],
         );
         this.ctx.events.signingKeyAdded(input.tenantId, input.name);
         return record;
@@ -500,15 +511,17 @@ export class KdcOperations {
 
   /** RevokeSigningKey. */
   async revokeSigningKey(actor: string, input: V.RevokeSigningKeyInput): Promise<SigningKeyRecord> {
-    return this.tenantLock(input.tenantId, async () => {
+    return retryOnConflict(async () => {
       await this.requireTenant(input.tenantId);
-      const key = await this.ctx.store.getSigningKey(input.tenantId, input.name);
+      const read = await this.ctx.store.readSigningKey(input.tenantId, input.name);
+      const key = read.value;
       if (key === undefined) throw new NotFound(`tenant "${input.tenantId}" has no signing key "${input.name}"; see \`ListSigningKeys\``);
       if (key.revokedAt !== undefined) throw new FailedPrecondition(`signing key "${input.name}" is already revoked`);
       const revoked = create(SigningKeyRecordSchema, { ...key, revokedAt: timestampFromDate(this.now()), revokeReason: input.reason });
       await this.ctx.audit.append(
         { actor, action: "signing-key.revoke", target: `tenant/${input.tenantId}/signing-key/${input.name}`, outcome: "ok", details: { key_id: key.keyId, reason: input.reason } },
         [put.signingKey(revoked)],
+        [guard.signingKey(input.tenantId, input.name, read.modRevision)],
       );
       this.ctx.events.keyRevoked(input.tenantId, key.keyId, input.reason);
       return revoked;
@@ -577,6 +590,11 @@ export class KdcOperations {
   /** CreateToken: returns the record and the bearer secret (shown once). */
   async createToken(actor: string, input: V.CreateTokenInput): Promise<{ record: TokenRecord; bearer: string }> {
     if (input.role === "tenant-admin") await this.requireTenant(input.tenantId);
+    // A new id each attempt: the commit is conditional on the id being unused.
+    return retryOnConflict(() => this.commitNewToken(actor, input));
+  }
+
+  private async commitNewToken(actor: string, input: V.CreateTokenInput): Promise<{ record: TokenRecord; bearer: string }> {
     const minted = mintToken();
     const now = this.now();
     const record = create(TokenRecordSchema, {
@@ -599,20 +617,24 @@ export class KdcOperations {
         details: { role: input.role, tenant: input.tenantId, ttl_seconds: String(input.ttlSeconds), secret: this.ctx.sealer.keyedHash(minted.bearer) },
       },
       [put.token(record)],
+      [guard.token(minted.tokenId, 0n)],
     );
     return { record, bearer: minted.bearer };
   }
 
   /** RevokeToken. */
   async revokeToken(actor: string, tokenId: string): Promise<TokenRecord> {
-    return this.ctx.locks.run("tokens", async () => {
-      const t = await this.ctx.store.getToken(tokenId);
+    return retryOnConflict(async () => {
+      const read = await this.ctx.store.readToken(tokenId);
+      const t = read.value;
       if (t === undefined) throw new NotFound(`token ${tokenId} not found; see \`kmi ctl token list\``);
       if (t.revokedAt !== undefined) throw new FailedPrecondition(`token ${tokenId} is already revoked`);
       const revoked = create(TokenRecordSchema, { ...t, revokedAt: timestampFromDate(this.now()) });
-      await this.ctx.audit.append({ actor, action: "token.revoke", target: `token/${tokenId}`, outcome: "ok", details: { role: t.role === Role.OPERATOR ? "operator" : "tenant-admin", tenant: t.tenantId } }, [
-        put.token(revoked),
-      ]);
+      await this.ctx.audit.append(
+        { actor, action: "token.revoke", target: `token/${tokenId}`, outcome: "ok", details: { role: t.role === Role.OPERATOR ? "operator" : "tenant-admin", tenant: t.tenantId } },
+        [put.token(revoked)],
+        [guard.token(tokenId, read.modRevision)],
+      );
       return revoked;
     });
   }

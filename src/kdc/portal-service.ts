@@ -22,6 +22,8 @@ import {
   type SignInRequest,
 } from "../gen/kmi/kdc/v1/portal_pb.js";
 import { PortalLoginLinkRecordSchema, PortalSessionRecordSchema, type PortalSessionRecord } from "../gen/kmi/store/v1/portal_pb.js";
+import { retryOnConflict } from "../storage/retry.js";
+import type { Compare } from "../storage/store.js";
 import { actorOf, authenticateToken, type Caller } from "./authz.js";
 import type { KdcContext } from "./context.js";
 import { handle } from "./handler.js";
@@ -29,7 +31,7 @@ import type { KdcOperations } from "./operations.js";
 import {
   checkSameOrigin,
   clearedCookie,
-  getLink,
+  readLink,
   getSession,
   isSecretShaped,
   LINK_TTL,
@@ -114,7 +116,10 @@ export function createPortalService(ctx: KdcContext, ops: KdcOperations): Servic
   }
 
   /** Makes a session for a verified credential and sets its cookie. */
-  async function startSession(hctx: HandlerContext, p: { role: Role; tenantId: string; tokenId: string; linkId: string; linkOp?: ReturnType<typeof putPortal.link> }): Promise<PortalSessionRecord> {
+  async function startSession(
+    hctx: HandlerContext,
+    p: { role: Role; tenantId: string; tokenId: string; linkId: string; linkOp?: ReturnType<typeof putPortal.link>; guards?: readonly Compare[] },
+  ): Promise<PortalSessionRecord> {
     const minted = mintSecret();
     const record = newSession({ id: minted.id, role: p.role, tenantId: p.tenantId, tokenId: p.tokenId, linkId: p.linkId, now: now() });
     const actor = p.linkId !== "" ? `session:${minted.id}` : `token:${p.tokenId}`;
@@ -126,21 +131,26 @@ export function createPortalService(ctx: KdcContext, ops: KdcOperations): Servic
         outcome: "ok",
         details: { via: p.linkId !== "" ? `link:${p.linkId}` : `token:${p.tokenId}`, role: p.role === Role.OPERATOR ? "operator" : "tenant-admin", tenant: p.tenantId },
       },
-      [putPortal.session(minted.key, record), ...(p.linkOp ? [p.linkOp] : []), ...(await purgeOps(ctx.store, now()))],
+      [putPortal.session(minted.key, record), ...(p.linkOp ? [p.linkOp] : []), ...(await purgeOps(ctx.store, now())).filter((op) => p.linkOp === undefined || op.key !== p.linkOp.key)],
+      p.guards ?? [],
     );
     hctx.responseHeader.append("set-cookie", sessionCookie(minted.secret, timestampDate(record.expiresAt!), now()));
     return record;
   }
 
-  /** Uses a login link once: checked and marked used under one lock, with the new session in the same batch. */
+  /**
+   * Uses a login link once: marked used in the same commit as the new session, conditional on
+   * the link's revision as read, so two sign-ins racing with one link (on any replicas) make one
+   * session; the loser retries, reads it used, and is refused.
+   */
   function signInWithLink(hctx: HandlerContext, code: string): Promise<PortalSessionRecord> {
-    return ctx.locks.run("portal", async () => {
+    return retryOnConflict(async () => {
       const key = secretKey(code);
-      const link = await getLink(ctx.store, key);
+      const { link, guard } = await readLink(ctx.store, key);
       // One message for unknown, used and expired: a guesser learns nothing.
       if (link === undefined || !linkLive(link, now())) throw new Unauthenticated("this login link is invalid, used or expired; ask an operator for a new one (`kmi ctl portal login-link`)");
       const used = create(PortalLoginLinkRecordSchema, { ...link, usedAt: timestampFromDate(now()) });
-      return startSession(hctx, { role: link.role, tenantId: link.tenantId, tokenId: "", linkId: link.linkId, linkOp: putPortal.link(key, used) });
+      return startSession(hctx, { role: link.role, tenantId: link.tenantId, tokenId: "", linkId: link.linkId, linkOp: putPortal.link(key, used), guards: [guard] });
     });
   }
 

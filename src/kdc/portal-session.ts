@@ -25,7 +25,7 @@ import {
   type PortalLoginLinkRecord,
   type PortalSessionRecord,
 } from "../gen/kmi/store/v1/portal_pb.js";
-import { defineTable, delOp, putOp, type BatchOp, type Store, type Table } from "../storage/store.js";
+import { defineTable, delOp, putOp, type BatchOp, type Compare, type Store, type Table } from "../storage/store.js";
 import type { Caller, TokenLookup } from "./authz.js";
 
 /** The portal's tables. */
@@ -116,6 +116,12 @@ export function getLink(store: PortalStore, key: string): Promise<PortalLoginLin
   return store.store.get(PORTAL_TABLES.links, key);
 }
 
+/** Reads a login link with its revision, for a use that must be conditional on it (once only). */
+export async function readLink(store: PortalStore, key: string): Promise<{ link: PortalLoginLinkRecord | undefined; guard: Compare }> {
+  const r = await store.store.read(PORTAL_TABLES.links, key);
+  return { link: r.value, guard: { table: PORTAL_TABLES.links, key, modRevision: r.modRevision } };
+}
+
 /** Every session record, with its key. */
 export async function listSessions(store: PortalStore): Promise<{ key: string; record: PortalSessionRecord }[]> {
   const out: { key: string; record: PortalSessionRecord }[] = [];
@@ -123,8 +129,11 @@ export async function listSessions(store: PortalStore): Promise<{ key: string; r
   return out;
 }
 
-/** At most this many ended records are removed per sign-in. */
-const PURGE_LIMIT = 500;
+/**
+ * At most this many ended records are removed per sign-in: they ride in the sign-in's commit,
+ * which must stay within a store transaction's op limit (MAX_TXN_OPS, 128) with the audit entry.
+ */
+const PURGE_LIMIT = 64;
 
 /**
  * Delete ops for records that can never work again: sessions past their expiry, links past

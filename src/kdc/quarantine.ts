@@ -12,12 +12,17 @@
  * Why the order differs: a quarantine takes effect in memory (refusals, QUARANTINED pushed on
  * the machine's streams) before it is written, because refusing is the safe side; a release is
  * written with its audit entry first and takes effect only once that succeeded (fail-closed).
+ *
+ * KDC replicas each follow the feed; each write is conditional on the stored record as read, so
+ * the first replica records a quarantine or a release (with its audit entry) and the others,
+ * finding it recorded, only update their memory.
  */
 import { create } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { QuarantinedMachineRecordSchema, type QuarantinedMachineRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import type { KdcContext, QuarantineList } from "./context.js";
-import { put } from "./kdc-store.js";
+import { guard, put } from "./kdc-store.js";
+import { retryOnConflict } from "../storage/retry.js";
 import { KeyedMutex } from "./mutex.js";
 
 /** Longest reason kept (the Auditserver's text is not ours to trust in size). */
@@ -115,10 +120,16 @@ export class QuarantineRegistry implements QuarantineList {
       this.machines.set(u.machineId, record);
       this.listener?.quarantined(u.machineId, reason);
       try {
-        await this.ctx.audit.append(
-          { actor, action: "machine.quarantine", target: `machine/${u.machineId}`, outcome: "ok", details: { reason, quarantined_at: u.time.toISOString() } },
-          [put.quarantined(record)],
-        );
+        await retryOnConflict(async () => {
+          const stored = await this.ctx.store.readQuarantined(u.machineId);
+          // Recorded already (by another replica): nothing to write.
+          if (stored.value !== undefined && stored.value.releasedAt === undefined && stored.value.reason === reason) return;
+          await this.ctx.audit.append(
+            { actor, action: "machine.quarantine", target: `machine/${u.machineId}`, outcome: "ok", details: { reason, quarantined_at: u.time.toISOString() } },
+            [put.quarantined(record)],
+            [guard.quarantine(u.machineId, stored.modRevision)],
+          );
+        });
       } catch (err) {
         // Still refused in memory; the next snapshot of the feed writes it again.
         this.ctx.logger.error("cannot persist a quarantine; refusing the machine in memory only", { machine: u.machineId, err });
@@ -127,10 +138,17 @@ export class QuarantineRegistry implements QuarantineList {
     }
     if (!active) return;
     const released: QuarantinedMachineRecord = { ...current, releasedAt: timestampFromDate(this.ctx.clock.now()) };
-    await this.ctx.audit.append(
-      { actor, action: "machine.release", target: `machine/${u.machineId}`, outcome: "ok", details: { reason: u.reason.slice(0, MAX_REASON), was: current.reason } },
-      [put.quarantined(released)],
-    );
-    this.machines.set(u.machineId, released);
+    const recorded = await retryOnConflict(async () => {
+      const stored = await this.ctx.store.readQuarantined(u.machineId);
+      // Released already (by another replica): take its record.
+      if (stored.value !== undefined && stored.value.releasedAt !== undefined) return stored.value;
+      await this.ctx.audit.append(
+        { actor, action: "machine.release", target: `machine/${u.machineId}`, outcome: "ok", details: { reason: u.reason.slice(0, MAX_REASON), was: current.reason } },
+        [put.quarantined(released)],
+        [guard.quarantine(u.machineId, stored.modRevision)],
+      );
+      return released;
+    });
+    this.machines.set(u.machineId, recorded);
   }
 }

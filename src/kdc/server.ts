@@ -12,7 +12,8 @@ import { checkDataDirModes } from "../common/data-dir.js";
 import type { Logger } from "../common/logger.js";
 import { createMetricsRegistry, startMetricsServer, type MetricsServer } from "../common/metrics.js";
 import { parseListenAddress } from "../common/listen.js";
-import type { LevelStore } from "../storage/level-store.js";
+import { describeBackend, type StoreBackend } from "../storage/backend.js";
+import type { Store } from "../storage/store.js";
 import type { Clock, KdcContext } from "./context.js";
 import { allTlsNames, issueKdcTlsCredential, openKdc, type MasterKeyOptions, type OpenedKdc, type TlsNames } from "./init.js";
 import { FetchedAttestationKey, FileAttestationKey } from "./attestation-key.js";
@@ -31,6 +32,8 @@ const TLS_RENEW_BEFORE_MS = 30 * 24 * 3600 * 1000;
 /** Options of `KdcServer.create`. */
 export interface KdcServerOptions extends MasterKeyOptions {
   dataDir: string;
+  /** Where the store lives (default LevelDB in the data dir). */
+  store?: StoreBackend | undefined;
   /** host:port; port 0 picks a free port. */
   listen: string;
   /** Extra names for the TLS certificate (re-issued at start when they change). */
@@ -75,7 +78,7 @@ export class KdcServer {
     private readonly audit: { client: AuditClient; key: FetchedAttestationKey | undefined; feed: MachineStatusFeed } | undefined,
   ) {}
 
-  private get store(): LevelStore {
+  private get store(): Store {
     return this.opened.store;
   }
 
@@ -213,7 +216,7 @@ export class KdcServer {
     if (this.opts.metricsListen !== undefined) {
       this.metricsServer = await startMetricsServer(this.metrics, parseListenAddress(this.opts.metricsListen), this.opts.logger);
     }
-    this.opts.logger.info("kdc serving", { address: bound.tcp, data_dir: this.opts.dataDir });
+    this.opts.logger.info("kdc serving", { address: bound.tcp, data_dir: this.opts.dataDir, store: describeBackend(this.opts.store ?? { kind: "level" }, this.opts.dataDir) });
     return bound;
   }
 
@@ -227,6 +230,7 @@ export class KdcServer {
       // Watch streams end now (OK): agents reconnect to another KDC or when this one is back.
       this.opened.hub.closeAll();
       await this.server.destroy();
+      await this.opened.follower?.stop();
       await this.opened.hub.settled();
       // The last entries get signed and handed to the witness before the store closes.
       await this.opened.checkpoints.close();

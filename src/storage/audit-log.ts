@@ -11,6 +11,14 @@
  * language can recompute it); the head (last seq and hash) is written in the same batch, so
  * that `verify()` also notices a dropped last entry. Tables: `audit_log` (key: seq as 20
  * digits) and `audit_meta` (key "head"); see the layout in ./store.ts.
+ *
+ * One linear chain across replicas: the batch is conditional on the head's mod revision as
+ * read (and on the caller's own compares). When only the head moved (another process, or
+ * another append of this one, won), the entry is rebuilt on the new head and committed again
+ * (`retryOnConflict`); when a caller's compare failed, its `Conflict` goes back to the caller,
+ * whose own retry starts its read-check-write over. Appends of one process also queue up
+ * locally, which only saves them from conflicting with each other: correctness comes from
+ * the compare.
  */
 import { createHash, createHmac, hkdfSync } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
@@ -22,8 +30,9 @@ import {
   type AuditEntryRecord,
 } from "../gen/kmi/store/v1/audit_log_pb.js";
 import { Mutex } from "./mutex.js";
+import { retryOnConflict } from "./retry.js";
 import { KEY_BYTES, bytesEqual } from "./seal.js";
-import { defineTable, numericKey, parseNumericKey, putOp, type BatchOp, type Store } from "./store.js";
+import { conflictKey, defineTable, numericKey, parseNumericKey, putOp, type BatchOp, type Compare, type Store } from "./store.js";
 import { RefusalBudget, type RefusalBudgetOptions } from "./refusal-budget.js";
 
 /** Table of audit entries, keyed by `numericKey(seq)`. */
@@ -32,6 +41,11 @@ export const AUDIT_LOG_TABLE = defineTable("audit_log", AuditEntryRecordSchema);
 export const AUDIT_META_TABLE = defineTable("audit_meta", AuditHeadRecordSchema);
 /** Key of the head record in `AUDIT_META_TABLE`. */
 export const AUDIT_HEAD_KEY = "head";
+/** How the head is named in a `Conflict`. */
+const HEAD_ID = conflictKey("audit_meta", "head");
+/** Appends tried on a moving head before giving up with the Conflict (gRPC ABORTED). */
+const HEAD_ATTEMPTS = 64;
+
 /** `AuditEntryRecord.format` written by this version (and the hash encoding it implies). */
 export const AUDIT_FORMAT = 1;
 
@@ -119,13 +133,14 @@ export interface AuditLogOptions {
 }
 
 /**
- * The audit log over a `Store`. Use one instance per store: appends are serialized by its
- * own mutex, which is what keeps seq and prev_hash consistent.
+ * The audit log over a `Store`. Any number of instances (processes, replicas) may append to
+ * one store: each append is conditional on the head it read.
  */
 export class AuditLog {
   readonly #store: Store;
   readonly #clock: Clock;
-  readonly #mutex = new Mutex();
+  // Throughput only (see the module comment): this process's appends take turns.
+  readonly #local = new Mutex();
   readonly #refusals: RefusalBudget;
   readonly #monotonicMs: () => number;
 
@@ -167,11 +182,12 @@ export class AuditLog {
   }
 
   /**
-   * Appends `entry` and applies `changeOps` in one atomic batch, and returns the entry as
-   * written. If it rejects, neither the entry nor any of the changes happened. `changeOps`
-   * may not touch the audit tables.
+   * Appends `entry` and applies `changeOps` in one atomic batch, if every one of `compares`
+   * holds (see `Store.commit`), and returns the entry as written. If it rejects, neither the
+   * entry nor any of the changes happened; a failed compare of the caller rejects with
+   * `Conflict`. `changeOps` and `compares` may not touch the audit tables.
    */
-  async append(entry: AuditEntryInput, changeOps: readonly BatchOp[] = []): Promise<AuditEntry> {
+  async append(entry: AuditEntryInput, changeOps: readonly BatchOp[] = [], compares: readonly Compare[] = []): Promise<AuditEntry> {
     checkEntry(entry);
     for (const op of changeOps) {
       // Why: a change that could rewrite or drop entries would defeat the chain.
@@ -179,32 +195,44 @@ export class AuditLog {
         throw new InvalidArgument(`audit append: change ops may not write the audit tables (${op.table.name})`);
       }
     }
-    return this.#mutex.runExclusive(async () => {
-      // Read the head inside the mutex every time (no cache), so a failed batch leaves
-      // nothing stale behind.
-      const head = await this.#store.get(AUDIT_META_TABLE, AUDIT_HEAD_KEY);
-      const seq = (head?.seq ?? 0n) + 1n;
-      const prevHash = head && head.seq > 0n ? head.hash : ZERO_HASH;
-      const record = create(AuditEntryRecordSchema, {
-        format: AUDIT_FORMAT,
-        seq,
-        time: timestampFromDate(this.#clock.now()),
-        actor: entry.actor,
-        action: entry.action,
-        target: entry.target,
-        outcome: entry.outcome,
-        details: { ...(entry.details ?? {}) },
-        prevHash,
-      });
-      record.hash = auditEntryHash(record);
-      const newHead = create(AuditHeadRecordSchema, { format: AUDIT_FORMAT, seq, hash: record.hash });
-      await this.#store.batch([
-        ...changeOps,
-        putOp(AUDIT_LOG_TABLE, numericKey(seq), record),
-        putOp(AUDIT_META_TABLE, AUDIT_HEAD_KEY, newHead),
-      ]);
-      return toAuditEntry(record);
+    for (const c of compares) {
+      if (c?.table?.name === AUDIT_LOG_TABLE.name || c?.table?.name === AUDIT_META_TABLE.name) {
+        throw new InvalidArgument(`audit append: compares may not name the audit tables (${c.table.name})`);
+      }
+    }
+    return this.#local.runExclusive(() =>
+      retryOnConflict(() => this.#appendOnHead(entry, changeOps, compares), {
+        attempts: HEAD_ATTEMPTS,
+        retryIf: (err) => err.keys.length > 0 && err.keys.every((k) => k === HEAD_ID),
+      }),
+    );
+  }
+
+  /** One attempt: the entry built on the head as read now, committed if that head is still the head. */
+  async #appendOnHead(entry: AuditEntryInput, changeOps: readonly BatchOp[], compares: readonly Compare[]): Promise<AuditEntry> {
+    // Read the head every time (no cache), so a failed batch leaves nothing stale behind.
+    const read = await this.#store.read(AUDIT_META_TABLE, AUDIT_HEAD_KEY);
+    const head = read.value;
+    const seq = (head?.seq ?? 0n) + 1n;
+    const prevHash = head && head.seq > 0n ? head.hash : ZERO_HASH;
+    const record = create(AuditEntryRecordSchema, {
+      format: AUDIT_FORMAT,
+      seq,
+      time: timestampFromDate(this.#clock.now()),
+      actor: entry.actor,
+      action: entry.action,
+      target: entry.target,
+      outcome: entry.outcome,
+      details: { ...(entry.details ?? {}) },
+      prevHash,
     });
+    record.hash = auditEntryHash(record);
+    const newHead = create(AuditHeadRecordSchema, { format: AUDIT_FORMAT, seq, hash: record.hash });
+    await this.#store.commit({
+      compares: [...compares, { table: AUDIT_META_TABLE, key: AUDIT_HEAD_KEY, modRevision: read.modRevision }],
+      ops: [...changeOps, putOp(AUDIT_LOG_TABLE, numericKey(seq), record), putOp(AUDIT_META_TABLE, AUDIT_HEAD_KEY, newHead)],
+    });
+    return toAuditEntry(record);
   }
 
   /** The head: the last entry's seq and hex hash; `{ seq: 0n, hash: "" }` for an empty log. */

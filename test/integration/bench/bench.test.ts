@@ -22,6 +22,7 @@ const ROWS = [
   "4. Rotation propagation",
   "5. KDC: Certificate menu and secret releases",
   "6. Proxy with ICAP scanning",
+  "7. Store: conditional batches on LevelDB and on etcd",
 ];
 
 interface Stat {

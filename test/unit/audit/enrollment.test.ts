@@ -41,6 +41,19 @@ describe("enrollment", () => {
     expect(await lastEntry(h)).toMatchObject({ action: "machine.enroll", outcome: "refused: unauthenticated" });
   });
 
+  it("lets exactly one of eight concurrent enrollments with one token through (no lock: a conditional batch)", async () => {
+    const token = await joinToken(h);
+    const results = await Promise.allSettled(Array.from({ length: 8 }, () => h.audit.enroll({ joinToken: token, csrPem: newMachineKey().csrPem, hostname: "" })));
+    const ok = results.filter((r) => r.status === "fulfilled");
+    expect(ok).toHaveLength(1);
+    const machineId = (ok[0] as PromiseFulfilledResult<{ machineId: string }>).value.machineId;
+    for (const r of results.filter((x) => x.status === "rejected")) expect(String((r as PromiseRejectedResult).reason)).toMatch(new RegExp(`already used .*machine ${machineId}`));
+    const machines: string[] = [];
+    for await (const [id] of h.store.iterate(Tables.machines)) machines.push(id);
+    expect(machines).toEqual([machineId]);
+    expect(await h.ctx.audit.verify()).toMatchObject({ ok: true });
+  });
+
   it("refuses an expired token (the clock past its TTL) and changes nothing", async () => {
     const token = await joinToken(h, "edge", 60);
     h.clock.advance(60);

@@ -24,14 +24,13 @@ import { createCsr, csrToPem } from "../../../src/pki/csr.js";
 import { createRootCa, issueMachineCertificate } from "../../../src/pki/issue.js";
 import { parseCsr } from "../../../src/pki/csr.js";
 import { createAuditLog, deriveAuditKey, keyedHash } from "../../../src/storage/audit-log.js";
-import { openLevelStore, type LevelStore } from "../../../src/storage/level-store.js";
+import { openLevelStore } from "../../../src/storage/level-store.js";
 import type { AuditContext, KdcPeer } from "../../../src/audit/context.js";
 import { createCsrChecker } from "../../../src/audit/csr.js";
-import { KeyedMutex } from "../../../src/audit/mutex.js";
 import { routes } from "../../../src/audit/routes.js";
 import { MachineStatusHub } from "../../../src/audit/status-hub.js";
 import { AUDIT_SCHEMA_VERSION, AUDIT_STORE_OWNER, Tables } from "../../../src/audit/store.js";
-import type { Table } from "../../../src/storage/store.js";
+import type { Store, Table } from "../../../src/storage/store.js";
 
 /** A clock the test moves. */
 export class TestClock {
@@ -107,7 +106,7 @@ export function asPeer(certDer: Uint8Array, authorized = true): { headers: Recor
 /** The harness. */
 export interface Harness {
   dir: string;
-  store: LevelStore;
+  store: Store;
   clock: TestClock;
   kdc: FakeKdc;
   ctx: AuditContext;
@@ -131,10 +130,10 @@ const peerInjector: Interceptor = (next) => async (req) => {
   return next(req);
 };
 
-/** Makes a harness; `close()` it in afterEach/afterAll. */
-export async function makeHarness(): Promise<Harness> {
+/** Makes a harness on LevelDB in a temp dir, or on `options.store` (etcd); `close()` it in afterEach/afterAll. */
+export async function makeHarness(options: { store?: Store } = {}): Promise<Harness> {
   const dir = await mkdtemp(join(tmpdir(), "kmi-audit-unit-"));
-  const store = await openLevelStore(join(dir, "db"), { owner: AUDIT_STORE_OWNER, schemaVersion: AUDIT_SCHEMA_VERSION });
+  const store = options.store ?? (await openLevelStore(join(dir, "db"), { owner: AUDIT_STORE_OWNER, schemaVersion: AUDIT_SCHEMA_VERSION }));
   const clock = new TestClock(new Date("2030-01-01T00:00:00Z"));
   const log = createAuditLog(store, { clock });
   const hmacKey = deriveAuditKey(randomBytes(32));
@@ -150,7 +149,6 @@ export async function makeHarness(): Promise<Harness> {
     attestationKey: { privateKey: attestation.privateKey, publicKey: attestation.publicKey, keyId: attestationKeyId(attestation.publicKey) },
     caPem: kdc.caPem,
     statusHub: new MachineStatusHub(),
-    locks: new KeyedMutex(),
     clock,
     logger,
     policy: { nonceTtlMs: 60_000, maxNoncesPerMachine: 16 },

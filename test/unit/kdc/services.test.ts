@@ -116,3 +116,23 @@ describe("with an injected clock", () => {
     expect((await admin.verifyAuditLog({})).ok).toBe(true);
   });
 });
+
+describe("concurrent changes of one tenant (no lock: conditional batches on the tenant record)", () => {
+  it("six parallel rotations with activation: contiguous versions, exactly one active, one linear audit chain", async () => {
+    const { ca, admin } = client(operatorToken);
+    await admin.createTenant({ tenantId: "race", bootstrapKmiSigned: true });
+    const results = await Promise.all(Array.from({ length: 6 }, () => ca.createVersion({ tenantId: "race", signer: Signer.KMI_ROOT, validityDays: 30, activate: true })));
+    expect(results.map((r) => r.version!.version).sort((a, b) => a - b)).toEqual([2, 3, 4, 5, 6, 7]);
+    const versions = (await ca.listVersions({ tenantId: "race" })).versions;
+    expect(versions.map((v) => v.version).sort((a, b) => a - b)).toEqual([1, 2, 3, 4, 5, 6, 7]);
+    const active = versions.filter((v) => v.state === VersionState.ACTIVE);
+    expect(active).toHaveLength(1);
+    expect(versions.filter((v) => v.state === VersionState.RETIRED)).toHaveLength(6);
+    const tenant = await kdc.ctx.store.getTenant("race");
+    expect(tenant?.activeVersion).toBe(active[0]!.version);
+    expect(tenant?.lastVersion).toBe(7);
+    expect(await kdc.ctx.audit.verify()).toMatchObject({ ok: true });
+    const creates = (await kdc.ctx.audit.tail({ last: true, limit: 20 })).filter((e) => e.action === "ca.version.create" && e.target.startsWith("tenant/race/"));
+    expect(creates).toHaveLength(6);
+  });
+});

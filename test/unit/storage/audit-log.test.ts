@@ -16,7 +16,7 @@ import {
   type AuditEntryInput,
 } from "../../../src/storage/audit-log.js";
 import { openLevelStore, type LevelStore } from "../../../src/storage/level-store.js";
-import { defineTable, delOp, numericKey, putOp } from "../../../src/storage/store.js";
+import { Conflict, defineTable, delOp, numericKey, putOp } from "../../../src/storage/store.js";
 import { tempDir } from "./tmp-dir.js";
 
 const Items = defineTable("items", StoreRecordSchema);
@@ -94,6 +94,26 @@ describe("append", () => {
     );
     expect(written.map((e) => e.seq).sort((x, y) => Number(x - y))).toEqual(Array.from({ length: 200 }, (_, i) => BigInt(i + 1)));
     expect(await log.verify()).toMatchObject({ ok: true, entries: 200 });
+  });
+
+  it("keeps one linear chain when two logs (no shared lock, as two replicas) append to one store at once", async () => {
+    const store = await openStore(await tempDir());
+    const [one, two] = [createAuditLog(store), createAuditLog(store)];
+    const written = await Promise.all(Array.from({ length: 60 }, (_, i) => (i % 2 === 0 ? one : two).append(entry(i), [putOp(Items, String(i), item(String(i)))])));
+    expect(written.map((e) => e.seq).sort((x, y) => Number(x - y))).toEqual(Array.from({ length: 60 }, (_, i) => BigInt(i + 1)));
+    expect(await one.verify()).toMatchObject({ ok: true, entries: 60 });
+  });
+
+  it("gives the caller's failed compare back as a Conflict, writing neither the entry nor the change", async () => {
+    const store = await openStore(await tempDir());
+    const log = createAuditLog(store);
+    const { revision } = await store.commit({ ops: [putOp(Items, "x", item("x"))] });
+    await store.commit({ ops: [putOp(Items, "x", item("x2"))] });
+    const err = await log.append(entry(1), [putOp(Items, "y", item("y"))], [{ table: Items, key: "x", modRevision: revision }]).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(Conflict);
+    expect((err as Conflict).keys).toEqual(["items/x"]);
+    expect(await store.has(Items, "y")).toBe(false);
+    expect(await log.head()).toEqual({ seq: 0n, hash: "" });
   });
 
   it("is fail-closed: when the batch is refused neither the entry nor the change is written", async () => {

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kmi/store/v1/store.proto.
  */
 export const file_kmi_store_v1_store: GenFile = /*@__PURE__*/
-  fileDesc("ChhrbWkvc3RvcmUvdjEvc3RvcmUucHJvdG8SDGttaS5zdG9yZS52MSJfCglTdG9yZUluZm8SDgoGZm9ybWF0GAEgASgNEhYKDnNjaGVtYV92ZXJzaW9uGAIgASgNEg0KBW93bmVyGAMgASgJEhsKE3Jlc3RvcmVfaW5fcHJvZ3Jlc3MYBCABKAgiOAoLU3RvcmVSZWNvcmQSDQoFdGFibGUYASABKAkSCwoDa2V5GAIgASgJEg0KBXZhbHVlGAMgASgMYgZwcm90bzM");
+  fileDesc("ChhrbWkvc3RvcmUvdjEvc3RvcmUucHJvdG8SDGttaS5zdG9yZS52MSJfCglTdG9yZUluZm8SDgoGZm9ybWF0GAEgASgNEhYKDnNjaGVtYV92ZXJzaW9uGAIgASgNEg0KBW93bmVyGAMgASgJEhsKE3Jlc3RvcmVfaW5fcHJvZ3Jlc3MYBCABKAgiOAoLU3RvcmVSZWNvcmQSDQoFdGFibGUYASABKAkSCwoDa2V5GAIgASgJEg0KBXZhbHVlGAMgASgMIkcKEFN0b3JlU3RhdGVSZWNvcmQSDgoGZm9ybWF0GAEgASgNEhAKCHJldmlzaW9uGAIgASgEEhEKCWNvbXBhY3RlZBgDIAEoBCJhChFTdG9yZUNoYW5nZVJlY29yZBIOCgZmb3JtYXQYASABKA0SEAoIcmV2aXNpb24YAiABKAQSKgoHY2hhbmdlcxgDIAMoCzIZLmttaS5zdG9yZS52MS5TdG9yZUNoYW5nZSJJCgtTdG9yZUNoYW5nZRINCgV0YWJsZRgBIAEoCRILCgNrZXkYAiABKAkSDwoHZGVsZXRlZBgDIAEoCBINCgV2YWx1ZRgEIAEoDGIGcHJvdG8z");
 
 /**
  * StoreInfo is the store's own metadata record (sublevel `_meta`, key "store"), written by
@@ -97,4 +97,121 @@ export type StoreRecord = Message<"kmi.store.v1.StoreRecord"> & {
  */
 export const StoreRecordSchema: GenMessage<StoreRecord> = /*@__PURE__*/
   messageDesc(file_kmi_store_v1_store, 1);
+
+/**
+ * StoreStateRecord is a LevelDB store's revision state (sublevel `_state`, key "state"),
+ * written in the same LevelDB batch as every commit. Persisted: guarded by `buf breaking`.
+ *
+ * @generated from message kmi.store.v1.StoreStateRecord
+ */
+export type StoreStateRecord = Message<"kmi.store.v1.StoreStateRecord"> & {
+  /**
+   * Format version of this record; 1.
+   *
+   * @generated from field: uint32 format = 1;
+   */
+  format: number;
+
+  /**
+   * The store revision: the number of the last commit (0 before the first). Every commit
+   * adds exactly one.
+   *
+   * @generated from field: uint64 revision = 2;
+   */
+  revision: bigint;
+
+  /**
+   * The oldest revision still in the change log (sublevel `_log`); a watch from an older
+   * revision is answered with "resync". 0 while nothing was ever dropped.
+   *
+   * @generated from field: uint64 compacted = 3;
+   */
+  compacted: bigint;
+};
+
+/**
+ * Describes the message kmi.store.v1.StoreStateRecord.
+ * Use `create(StoreStateRecordSchema)` to create a new message.
+ */
+export const StoreStateRecordSchema: GenMessage<StoreStateRecord> = /*@__PURE__*/
+  messageDesc(file_kmi_store_v1_store, 2);
+
+/**
+ * StoreChangeRecord is one commit of a LevelDB store as kept in its bounded change log
+ * (sublevel `_log`, key: the revision as 20 digits), so that a watch can resume from a
+ * revision after a restart. Values stay in their stored form (secrets inside remain sealed).
+ *
+ * @generated from message kmi.store.v1.StoreChangeRecord
+ */
+export type StoreChangeRecord = Message<"kmi.store.v1.StoreChangeRecord"> & {
+  /**
+   * Format version of this record; 1.
+   *
+   * @generated from field: uint32 format = 1;
+   */
+  format: number;
+
+  /**
+   * The commit's revision (1 or more).
+   *
+   * @generated from field: uint64 revision = 2;
+   */
+  revision: bigint;
+
+  /**
+   * Every key the commit wrote or deleted, in the commit's order.
+   *
+   * @generated from field: repeated kmi.store.v1.StoreChange changes = 3;
+   */
+  changes: StoreChange[];
+};
+
+/**
+ * Describes the message kmi.store.v1.StoreChangeRecord.
+ * Use `create(StoreChangeRecordSchema)` to create a new message.
+ */
+export const StoreChangeRecordSchema: GenMessage<StoreChangeRecord> = /*@__PURE__*/
+  messageDesc(file_kmi_store_v1_store, 3);
+
+/**
+ * StoreChange is one key written or deleted by a commit.
+ *
+ * @generated from message kmi.store.v1.StoreChange
+ */
+export type StoreChange = Message<"kmi.store.v1.StoreChange"> & {
+  /**
+   * Table name (lowercase letters, digits and '_', starting with a letter).
+   *
+   * @generated from field: string table = 1;
+   */
+  table: string;
+
+  /**
+   * Key within the table, a non-empty UTF-8 string of at most 1024 bytes.
+   *
+   * @generated from field: string key = 2;
+   */
+  key: string;
+
+  /**
+   * True when the key was deleted; `value` is then empty.
+   *
+   * @generated from field: bool deleted = 3;
+   */
+  deleted: boolean;
+
+  /**
+   * The value written: the binary protobuf encoding of the table's message.
+   *
+   * @generated from field: bytes value = 4;
+   */
+  value: Uint8Array;
+};
+
+/**
+ * Describes the message kmi.store.v1.StoreChange.
+ * Use `create(StoreChangeSchema)` to create a new message.
+ */
+export const StoreChangeSchema: GenMessage<StoreChange> = /*@__PURE__*/
+  messageDesc(file_kmi_store_v1_store, 4);
 
