@@ -42,6 +42,7 @@ import { isKmiProcess, pidAlive, readRunState, removeRunState, writeRunState, ty
 import { healthSummary, ctlEnv, type ProcessInfo } from "./health.js";
 import { AttestationState, type GetStatusResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { VERSION } from "../common/version.js";
+import { dependenciesDirOf } from "../attest/index.js";
 
 /** What `kmi up` needs from its surroundings (the process, in production). */
 export interface UpIo {
@@ -340,7 +341,7 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
     // ── tenant, group, agent config, join token ───────────────────────────────────────────
     signal.throwIfAborted();
     await abortable(ensureTenant(kdc, cfg.tenant, progress), signal);
-    const plan = { codeDir: io.codeDir, agentConfig: L.agentConfig };
+    const plan = { codeDir: io.codeDir, depsDir: await dependenciesDirOf(io.codeDir), nodeBinary: io.kmi[0]!, agentConfig: L.agentConfig };
     const agentConfig = {
       socket: L.agentSocket,
       "state-dir": L.agentStateDir,
