@@ -7,7 +7,7 @@ import { isKmiError } from "../common/errors.js";
 import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger, parseLogLevel } from "../common/logger.js";
 import { backupMain, restoreMain } from "./backup.js";
-import { initProgram, parseLease, serveProgram } from "./config.js";
+import { initProgram, parseLease, pkcs11Settings, serveProgram } from "./config.js";
 import { dataPaths, initKdc } from "./init.js";
 import { KdcServer } from "./server.js";
 import { hostIp, hostName } from "./validate.js";
@@ -39,7 +39,7 @@ async function init(argv: string[]): Promise<number> {
     return 0;
   }
   const v = loaded.values;
-  const r = await initKdc({ dataDir: v.dataDir, masterKey: v.masterKey, masterKeyFile: v.masterKeyFile, tls: tlsNames(v.dnsName, v.ip) });
+  const r = await initKdc({ dataDir: v.dataDir, masterKey: v.masterKey, masterKeyFile: v.masterKeyFile, tls: tlsNames(v.dnsName, v.ip), pkcs11: pkcs11Settings(v) });
   if (v.tokenFile !== undefined) {
     writeFileAtomicSync(v.tokenFile, r.operatorToken + "\n", 0o600);
   }
@@ -49,6 +49,7 @@ async function init(argv: string[]): Promise<number> {
       `initialized the KDC in ${v.dataDir} (kdc id ${r.kdcId})`,
       r.masterKeyFile !== undefined ? `  master key:          ${r.masterKeyFile} (0600; back it up apart from the data: without it nothing opens)` : "  master key:          from the environment (nothing written)",
       `  KMI root CA:         ${paths.kmiRootPem} (what devices trust)`,
+      r.rootKeys === "pkcs11" ? `  root keys:           in PKCS#11 token "${v.pkcs11Token}" (non-extractable); start the KDC with the same --pkcs11-* settings` : "  root keys:           sealed in the store under the master key",
       `  infrastructure CA:   ${paths.infraCaPem} (kmi ctl --ca-file, services)`,
       "",
       // With --token-file the token goes only to that file: stdout often ends up in a log
@@ -87,6 +88,7 @@ async function serve(argv: string[]): Promise<number> {
     auditUrl: v.auditUrl,
     attestationKeyFile: v.attestationKeyFile,
     leaseMs: parseLease(v.lease),
+    pkcs11: pkcs11Settings(v),
   });
   // A clean stop lets the event loop drain (log lines flushed); a forced or failed one exits now.
   return runUntilSignal(server, { logger, exit: (code) => (code === 0 ? void (process.exitCode = 0) : process.exit(code)) });
