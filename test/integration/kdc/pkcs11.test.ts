@@ -153,6 +153,24 @@ describe("the KDC's roots in a PKCS#11 token (SoftHSM2)", () => {
     expect(findInFiles(readTree(dataDir), [PEM_PRIVATE_KEY])).toEqual([]);
   });
 
+  it("backs up and restores a token-rooted store: the master key is checked on the TLS key, the restored KDC serves with the token", async () => {
+    const kbk = join(dir, "kdc.kbk");
+    await run(process.execPath, [KMI, "kdc", "backup", "--data-dir", dataDir, "--out", kbk], { env: cleanEnv() });
+    const wrongKey = join(dir, "wrong.key");
+    await writeFile(wrongKey, Buffer.alloc(32, 7).toString("base64") + "\n", { mode: 0o600 });
+    const refused = await run(process.execPath, [KMI, "kdc", "restore", "--data-dir", join(dir, "r1"), "--in", kbk, "--master-key-file", wrongKey], { env: cleanEnv() }).catch((e: { code: number; stderr: string }) => e);
+    expect((refused as { stderr: string }).stderr).toMatch(/the master key given does not open this backup/);
+    const restored = join(dir, "restored");
+    await run(process.execPath, [KMI, "kdc", "restore", "--data-dir", restored, "--in", kbk, "--master-key-file", join(dataDir, "master.key")], { env: cleanEnv() });
+    const again = await startKdc(restored, ["--master-key-file", join(dataDir, "master.key"), "--pkcs11-module", MODULE, "--pkcs11-token", TOKEN, "--pkcs11-pin-file", pinFile], hsmEnv);
+    try {
+      const r = await ctl(again, { caFile: join(restored, "infra-ca.pem"), tokenFile }, ["ca", "rotate", "--tenant", "acme"]);
+      expect(r.code, r.stderr).toBe(0);
+    } finally {
+      expect(await again.stop()).toBe(0);
+    }
+  }, 60_000);
+
   it("refuses to start without the token, saying which flags to give", async () => {
     await expect(startKdc(dataDir, [], hsmEnv)).rejects.toThrow(/key is in a PKCS#11 token \(kmi\/[0-9a-f]{16}\/kmi-root\); start the KDC with --pkcs11-module, --pkcs11-token and --pkcs11-pin-file/);
   });
