@@ -10,7 +10,7 @@
  *
  * The KDC's own TLS key and tenants' intermediates stay sealed in the store either way.
  */
-import { readFile } from "node:fs/promises";
+import { readFile, stat } from "node:fs/promises";
 import type { SealedBlob } from "../gen/kmi/store/v1/envelope_pb.js";
 import type { CredentialRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
@@ -120,8 +120,12 @@ export async function openRootKeys(pki: CertificateFactory, sealer: Sealer, pkcs
 async function pkcs11Options(s: Pkcs11Settings): Promise<Pkcs11Options> {
   let pin: string;
   try {
+    // Why: whoever reads the PIN can make the token sign as the KMI root.
+    const mode = (await stat(s.pinFile)).mode & 0o777;
+    if ((mode & 0o077) !== 0) throw new FailedPrecondition(`--pkcs11-pin-file ${s.pinFile} is mode ${mode.toString(8).padStart(4, "0")}; it must be readable by its owner only: chmod 600 ${s.pinFile}`);
     pin = (await readFile(s.pinFile, "utf8")).trim();
   } catch (err) {
+    if (err instanceof FailedPrecondition) throw err;
     throw new FailedPrecondition(`--pkcs11-pin-file ${s.pinFile}: cannot read (${(err as NodeJS.ErrnoException).code ?? "error"})`);
   }
   if (pin === "") throw new FailedPrecondition(`--pkcs11-pin-file ${s.pinFile}: empty; put the token's user PIN in it`);

@@ -175,7 +175,11 @@ describe("the KDC's roots in a PKCS#11 token (SoftHSM2)", () => {
     await expect(startKdc(dataDir, [], hsmEnv)).rejects.toThrow(/key is in a PKCS#11 token \(kmi\/[0-9a-f]{16}\/kmi-root\); start the KDC with --pkcs11-module, --pkcs11-token and --pkcs11-pin-file/);
   });
 
-  it("refuses a wrong PIN without printing it, and half-given settings", async () => {
+  it("refuses a PIN file other users can read, a wrong PIN without printing it, and half-given settings", async () => {
+    await writeFile(join(dir, "open.pin"), PIN + "\n", { mode: 0o644 });
+    await expect(startKdc(dataDir, ["--pkcs11-module", MODULE, "--pkcs11-token", TOKEN, "--pkcs11-pin-file", join(dir, "open.pin")], hsmEnv)).rejects.toThrow(
+      /--pkcs11-pin-file .*open\.pin is mode 0644; it must be readable by its owner only: chmod 600/,
+    );
     await writeFile(join(dir, "wrong.pin"), "0000-wrong\n", { mode: 0o600 });
     const wrong = startKdc(dataDir, ["--pkcs11-module", MODULE, "--pkcs11-token", TOKEN, "--pkcs11-pin-file", join(dir, "wrong.pin")], hsmEnv);
     await expect(wrong).rejects.toThrow(/pkcs11 token "kmi-kdc-test": login refused \(CKR_PIN_INCORRECT\); check the PIN file/);
