@@ -86,12 +86,13 @@ async function resolvePackage(fromDir: string, name: string): Promise<string | u
 /**
  * The `node_modules` directory a program installed at `codeDir` loads its packages from: the
  * one beside the nearest package.json at or above `codeDir` (dist/ has none; the package root
- * above it does). Undefined when there is no package.json above.
+ * above it does). Undefined when there is no package.json above, or no node_modules beside it
+ * (a bundled install loads nothing from there).
  */
 export async function dependenciesDirOf(codeDir: string): Promise<string | undefined> {
   for (let dir = codeDir; ; dir = dirname(dir)) {
     const st = await stat(join(dir, "package.json")).catch(() => undefined);
-    if (st?.isFile()) return join(dir, "node_modules");
+    if (st?.isFile()) return (await stat(join(dir, "node_modules")).catch(() => undefined))?.isDirectory() ? join(dir, "node_modules") : undefined;
     if (dirname(dir) === dir) return undefined;
   }
 }

@@ -47,6 +47,8 @@ describe("dependencyClosure", () => {
 
   it("finds the node_modules of an install directory at the nearest package.json above it", async () => {
     expect(await dependenciesDirOf(join(root, "app/dist"))).toBe(nodeModules);
+    write("bundled/package.json", "{}");
+    expect(await dependenciesDirOf(join(root, "bundled"))).toBeUndefined();
   });
 });
 
