@@ -7,7 +7,7 @@
 import type { Client } from "@connectrpc/connect";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
-import { createAttestRequest, measureFiles, measureValue, type MeasurementSources, type MeasurementValue } from "../attest/index.js";
+import { createAttestRequest, FileDigestCache, measureFiles, measureValue, type MeasurementSources, type MeasurementValue } from "../attest/index.js";
 import type { Logger } from "../common/logger.js";
 import { VERSION } from "../common/version.js";
 import type { AuditService } from "../gen/kmi/audit/v1/audit_pb.js";
@@ -45,9 +45,12 @@ export interface MeasurementPlan {
   softwareVersion: boolean;
 }
 
-/** Measures a plan (the files each time, so a changed file shows at the next attestation). */
-export async function measure(plan: MeasurementPlan): Promise<MeasurementValue[]> {
-  const out = await measureFiles(plan.files);
+/**
+ * Measures a plan (the files each time, so a changed file shows at the next attestation; with
+ * a cache, only files whose inode, size, mtime or ctime changed are read again).
+ */
+export async function measure(plan: MeasurementPlan, cache?: FileDigestCache): Promise<MeasurementValue[]> {
+  const out = await measureFiles(plan.files, { cache });
   if (plan.softwareVersion) out.push(measureValue(SOFTWARE_VERSION_MEASUREMENT, VERSION));
   return out.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
 }
@@ -60,6 +63,8 @@ export class Attestor {
   state: AttestationStateName = "not_attested";
   /** Why the last attempt failed. */
   problem = "";
+  /** File digests from earlier attestations (node_modules and the node binary are large). */
+  private readonly digests = new FileDigestCache();
 
   constructor(
     private readonly plan: MeasurementPlan,
@@ -94,7 +99,7 @@ export class Attestor {
   private async attest(audit: Client<typeof AuditService>, identity: MachineIdentity): Promise<AttestationToken> {
     try {
       const { nonce } = await audit.getAttestationNonce({});
-      const measurements = await measure(this.plan);
+      const measurements = await measure(this.plan, this.digests);
       const req = createAttestRequest(
         { machineId: identity.machineId, nonce, measurements, softwareVersion: VERSION, time: new Date(this.clock.now()) },
         identity.privateKey,

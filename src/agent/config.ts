@@ -10,7 +10,7 @@ import { fileURLToPath } from "node:url";
 import { ConfigError, defineProgram, type LoadedConfig } from "../common/config.js";
 import { parseListenAddress } from "../common/listen.js";
 import { LOG_LEVELS, type LogLevel } from "../common/logger.js";
-import { checkMeasurementName } from "../attest/index.js";
+import { checkMeasurementName, dependenciesDirOf } from "../attest/index.js";
 import type { MeasurementPlan } from "./attestor.js";
 import type { LeafPolicy } from "./context.js";
 import type { KdcLinkTiming } from "./kdc-link.js";
@@ -59,9 +59,11 @@ export const agentProgram = defineProgram({
     measure: {
       type: "string",
       description:
-        "what to measure for attestation: name=path[:path...] entries, comma-separated (default: agent.code=<kmi install dir>, plus agent.config=<--config file> when given)",
+        "what to measure for attestation: name=path[:path...] entries, comma-separated; a path ending in /node_modules measures the packages the program beside it loads " +
+        "(default: agent.code=<kmi install dir>, agent.deps=<its node_modules>, agent.node=<the node binary>, plus agent.config=<--config file> and proxy.config=<--proxy-config file> when given)",
       valueName: "name=path,...",
     },
+    proxyConfig: { type: "string", description: "the proxy's config file on this machine: measured as proxy.config by default", valueName: "file" },
     measureSoftwareVersion: { type: "boolean", description: 'also send the "software.version" measurement (SHA-256 of the kmi version)', default: true },
     maxLeafLifetimeDays: { type: "integer", description: "longest leaf validity, backdating included", default: 47, validate: positive },
     leafBackdateSeconds: { type: "integer", description: "how far a leaf's notBefore is set back from now (for clients with a slow clock)", default: 3600 },
@@ -110,6 +112,23 @@ export interface AgentConfig {
 export function installDir(): string {
   // This file is dist/src/agent/config.js once built: three levels up is dist/.
   return resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
+}
+
+/**
+ * What the agent measures when --measure is not given: everything that handles its keys — its
+ * code, the packages it loads, the node binary that runs it — and the agent's and the proxy's
+ * config files when known.
+ */
+export async function defaultMeasure(agentConfig: string | undefined, proxyConfig: string | undefined): Promise<Record<string, string[]>> {
+  const code = installDir();
+  const deps = await dependenciesDirOf(code);
+  return {
+    "agent.code": [code],
+    ...(deps !== undefined ? { "agent.deps": [deps] } : {}),
+    "agent.node": [process.execPath],
+    ...(agentConfig !== undefined ? { "agent.config": [resolve(agentConfig)] } : {}),
+    ...(proxyConfig !== undefined ? { "proxy.config": [resolve(proxyConfig)] } : {}),
+  };
 }
 
 /** Parses "name=path[:path...],name=path" into measurement sources. */
@@ -166,10 +185,7 @@ export async function resolveAgentConfig(loaded: LoadedConfig<typeof agentProgra
       throw new ConfigError(`--join-token-file ${v.joinTokenFile}: cannot read (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
     }
   }
-  const files: Record<string, string[]> =
-    v.measure !== undefined
-      ? parseMeasure(v.measure)
-      : { "agent.code": [installDir()], ...(loaded.configFile !== undefined ? { "agent.config": [resolve(loaded.configFile)] } : {}) };
+  const files = v.measure !== undefined ? parseMeasure(v.measure) : await defaultMeasure(loaded.configFile, v.proxyConfig);
   if (v.maxLeafLifetimeDays * DAY_S <= v.leafBackdateSeconds) {
     throw new ConfigError("--leaf-backdate-seconds: must be shorter than --max-leaf-lifetime-days");
   }

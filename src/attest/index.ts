@@ -41,6 +41,7 @@ export {
   checkSha256Hex,
   type MeasurementValue,
 } from "./measurement.js";
-export { measureFiles, measureValue, type MeasurementSources } from "./measure.js";
+export { dependenciesDirOf, dependencyClosure, type DependencyDir } from "./dependencies.js";
+export { FileDigestCache, measureFiles, measureValue, type MeasureOptions, type MeasurementSources } from "./measure.js";
 export { attestationKeyId, generateP256KeyPair, publicKeyPem, toP256PublicKey, type PublicKeyInput } from "./keys.js";
 export { base64url, fromBase64url, parseSha256Fingerprint, sha256Hex } from "./encoding.js";

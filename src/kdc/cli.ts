@@ -8,7 +8,7 @@ import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger, parseLogLevel } from "../common/logger.js";
 import { backupMain, restoreMain } from "./backup/cli.js";
 import { storeBackendFrom } from "../storage/backend.js";
-import { KDC_ETCD_PREFIX, initProgram, parseLease, parsePendingTtl, serveProgram } from "./config.js";
+import { KDC_ETCD_PREFIX, initProgram, parseLease, parsePendingTtl, pkcs11Settings, serveProgram } from "./config.js";
 import { dataPaths, initKdc } from "./init.js";
 import { KdcServer } from "./server.js";
 import { hostIp, hostName } from "./validate.js";
@@ -40,7 +40,7 @@ async function init(argv: string[]): Promise<number> {
     return 0;
   }
   const v = loaded.values;
-  const r = await initKdc({ dataDir: v.dataDir, masterKey: v.masterKey, masterKeyFile: v.masterKeyFile, tls: tlsNames(v.dnsName, v.ip), store: storeBackendFrom(v, KDC_ETCD_PREFIX) });
+  const r = await initKdc({ dataDir: v.dataDir, masterKey: v.masterKey, masterKeyFile: v.masterKeyFile, tls: tlsNames(v.dnsName, v.ip), store: storeBackendFrom(v, KDC_ETCD_PREFIX), pkcs11: pkcs11Settings(v) });
   if (v.tokenFile !== undefined) {
     writeFileAtomicSync(v.tokenFile, r.operatorToken + "\n", 0o600);
   }
@@ -50,6 +50,7 @@ async function init(argv: string[]): Promise<number> {
       `initialized the KDC in ${v.dataDir} (kdc id ${r.kdcId})`,
       r.masterKeyFile !== undefined ? `  master key:          ${r.masterKeyFile} (0600; back it up apart from the data: without it nothing opens)` : "  master key:          from the environment (nothing written)",
       `  KMI root CA:         ${paths.kmiRootPem} (what devices trust)`,
+      r.rootKeys === "pkcs11" ? `  root keys:           in PKCS#11 token "${v.pkcs11Token}" (non-extractable); start the KDC with the same --pkcs11-* settings` : "  root keys:           sealed in the store under the master key",
       `  infrastructure CA:   ${paths.infraCaPem} (kmi ctl --ca-file, services)`,
       "",
       // With --token-file the token goes only to that file: stdout often ends up in a log
@@ -91,6 +92,7 @@ async function serve(argv: string[]): Promise<number> {
     portalDir: v.portalDir,
     leaseMs: parseLease(v.lease),
     pendingTtlMs: parsePendingTtl(v.pendingTtl),
+    pkcs11: pkcs11Settings(v),
   });
   // A clean stop lets the event loop drain (log lines flushed); a forced or failed one exits now.
   return runUntilSignal(server, { logger, exit: (code) => (code === 0 ? void (process.exitCode = 0) : process.exit(code)) });

@@ -1,7 +1,8 @@
 /**
  * The options of `kmi kdc` and `kmi kdc init` (flags, KMI_KDC_* environment, JSON config file).
  */
-import { defineProgram, storeOptions } from "../common/config.js";
+import { ConfigError, defineProgram, storeOptions } from "../common/config.js";
+import type { Pkcs11Settings } from "./root-keys.js";
 import { LOG_LEVELS } from "../common/logger.js";
 
 /** Default etcd key prefix of the KDC's tables. */
@@ -20,7 +21,22 @@ const common = {
   ip: { type: "string", description: "extra IP addresses for the KDC's TLS certificate, comma-separated (127.0.0.1 and ::1 are always in)", valueName: "addrs" },
   logLevel: { type: "string", description: "log level", default: "info", choices: LOG_LEVELS },
   ...storeOptions(KDC_ETCD_PREFIX),
+  pkcs11Module: {
+    type: "string",
+    description: "PKCS#11 library holding the roots' keys (init makes them there, non-extractable), e.g. /usr/lib/softhsm/libsofthsm2.so; with --pkcs11-token and --pkcs11-pin-file",
+    valueName: "file",
+  },
+  pkcs11Token: { type: "string", description: "label of the PKCS#11 token that holds the roots' keys", valueName: "label" },
+  pkcs11PinFile: { type: "string", description: "file holding the token's user PIN (mode 0600)", valueName: "file" },
 } as const;
+
+/** The PKCS#11 settings from the three --pkcs11-* options: all three or none (ConfigError otherwise). */
+export function pkcs11Settings(v: { pkcs11Module?: string | undefined; pkcs11Token?: string | undefined; pkcs11PinFile?: string | undefined }): Pkcs11Settings | undefined {
+  const given = [v.pkcs11Module, v.pkcs11Token, v.pkcs11PinFile].filter((x) => x !== undefined && x !== "").length;
+  if (given === 0) return undefined;
+  if (given !== 3) throw new ConfigError("--pkcs11-module, --pkcs11-token and --pkcs11-pin-file go together; give all three (or none for keys sealed in the store)");
+  return { module: v.pkcs11Module!, token: v.pkcs11Token!, pinFile: v.pkcs11PinFile! };
+}
 
 /** `kmi kdc`: serve. */
 export const serveProgram = defineProgram({

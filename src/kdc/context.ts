@@ -16,6 +16,8 @@ import type { BatchOp, Compare } from "../storage/store.js";
 import type { AttestedMachine } from "./authz.js";
 import type { KdcStore } from "./kdc-store.js";
 import type { SubjectInput } from "./validate.js";
+import type { Signer } from "../pki/signer.js";
+import type { RootKeys } from "./root-keys.js";
 
 /** A source of the current time. */
 export interface Clock {
@@ -99,18 +101,19 @@ export interface CertSummary {
   spki: Uint8Array;
 }
 
-/** An issuer: its certificate and private key (PKCS#8 DER, unsealed just for this call). */
+/** An issuer: its certificate and private key (PKCS#8 DER, unsealed just for this call), or a signer for a key held elsewhere (a PKCS#11 token; pkcs8 is then empty). */
 export interface Issuer {
   certificateDer: Uint8Array;
   pkcs8: Uint8Array;
+  signer?: Signer;
 }
 
 /** What the KDC asks of the PKI layer. Times are `now` plus a lifetime; issuers clamp to their own notAfter. */
 export interface CertificateFactory {
   /** A new key pair, generated off the event loop. */
   generateKey(algorithm: KeyAlgorithm): Promise<GeneratedKey>;
-  /** A self-signed CA certificate (a root). */
-  selfSignedCa(p: { pkcs8: Uint8Array; subject: SubjectInput; now: Date; validitySeconds: number }): Uint8Array;
+  /** A self-signed CA certificate (a root), signed with `signer` (or `pkcs8`). */
+  selfSignedCa(p: { pkcs8: Uint8Array; signer?: Signer; subject: SubjectInput; now: Date; validitySeconds: number }): Uint8Array;
   /** An intermediate CA certificate (pathLen 0, keyCertSign+cRLSign, SKI/AKI) for `spki`. */
   issueIntermediate(p: { issuer: Issuer; spki: Uint8Array; subject: SubjectInput; now: Date; validitySeconds: number }): Uint8Array;
   /** A PKCS#10 CSR for an intermediate CA, signed by `pkcs8`, requesting the CA extensions. */
@@ -217,4 +220,6 @@ export interface KdcContext {
   checkpoints?: AuditCheckpoints;
   /** The Auditserver's checkpoints kept here as its witness. */
   witness?: CheckpointWitnessKeeper;
+  /** Where the roots' keys are (default: sealed in the store). */
+  rootKeys?: RootKeys;
 }

@@ -2,6 +2,9 @@
  * `kmi kdc init` and opening an initialized data directory: the store, the master key, the
  * two roots, the KDC's TLS certificate and the first operator token.
  *
+ * The roots' private keys are sealed in the store, or made and held in a PKCS#11 token with
+ * `pkcs11` settings (./root-keys.ts); the store then keeps only their token labels.
+ *
  * Files in the data directory (0700):
  *   store/          LevelDB (every private key in it sealed under the master key)
  *   master.key      the master key, base64, 0600 (absent when the key comes from the environment)
@@ -25,7 +28,8 @@ import { openStoreBackend, type StoreBackend } from "../storage/backend.js";
 import { openLevelStore, type LevelStore } from "../storage/level-store.js";
 import { initServerMasterKey, loadServerMasterKey, type MasterKeyOptions } from "../storage/master-key.js";
 import type { BatchOp, Store } from "../storage/store.js";
-import type { AttestationKeyProvider, CertificateFactory, Clock, KdcContext, Sealer } from "./context.js";
+import type { AttestationKeyProvider, CertificateFactory, Clock, Issuer, KdcContext, Sealer } from "./context.js";
+import { openRootKeys, type NewRootKey, type Pkcs11Settings, type RootKeys } from "./root-keys.js";
 import { CREDENTIAL, credentialAad, KDC_SCHEMA_VERSION, KdcStore, put } from "./kdc-store.js";
 import { createPkiAdapter } from "./pki-adapter.js";
 import { createSealer } from "./sealer.js";
@@ -79,6 +83,8 @@ export interface InitOptions extends MasterKeyOptions {
   tls: TlsNames;
   clock?: Clock;
   pki?: CertificateFactory;
+  /** Make the roots' keys in this PKCS#11 token instead of sealing them in the store. */
+  pkcs11?: Pkcs11Settings | undefined;
 }
 
 /** What init made. */
@@ -91,6 +97,8 @@ export interface InitResult {
   kmiRootPem: string;
   infraCaPem: string;
   kdcId: string;
+  /** Where the roots' keys are: "sealed" in the store or in a "pkcs11" token. */
+  rootKeys: RootKeys["kind"];
 }
 
 /** Opens an existing (or, for init, new) KDC LevelDB store in `dataDir` (backup and restore work on it). */
@@ -121,11 +129,24 @@ function credential(sealer: Sealer, name: string, der: Uint8Array, pkcs8: Uint8A
   });
 }
 
+/** A root's credential record: its certificate, and its sealed key or its token label. */
+function rootCredential(name: string, der: Uint8Array, key: NewRootKey, now: Date): CredentialRecord {
+  return create(CredentialRecordSchema, {
+    recordVersion: 1,
+    name,
+    certificateDer: der,
+    ...(key.privateKey !== undefined ? { privateKey: key.privateKey } : {}),
+    tokenKeyLabel: key.tokenKeyLabel,
+    keyAlgorithm: KeyAlgorithm.ECDSA_P256,
+    createdAt: timestampFromDate(now),
+  });
+}
+
 /** Issues the KDC's TLS server certificate (kmi://service/kdc) with the infrastructure CA. */
 export async function issueKdcTlsCredential(
   pki: CertificateFactory,
   sealer: Sealer,
-  infra: { certificateDer: Uint8Array; pkcs8: Uint8Array },
+  infra: Issuer,
   names: TlsNames,
   now: Date,
 ): Promise<CredentialRecord> {
@@ -156,6 +177,7 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
     throw new AlreadyExists(`data dir ${opts.dataDir} is initialized already; run \`kmi kdc --data-dir ${opts.dataDir}\`, or init another directory`);
   }
   const store = await openKdcBackend(opts.dataDir, true, backend);
+  let rootKeys: RootKeys | undefined;
   try {
     const kdcStore = new KdcStore(store);
     if ((await kdcStore.getMeta()) !== undefined) {
@@ -170,22 +192,25 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
     const sealer = createSealer(key);
     key.fill(0);
     const now = clock.now();
+    const kdcId = randomBytes(8).toString("hex");
 
-    const rootKey = await pki.generateKey(KeyAlgorithm.ECDSA_P256);
-    const infraKey = await pki.generateKey(KeyAlgorithm.ECDSA_P256);
-    const rootDer = pki.selfSignedCa({ pkcs8: rootKey.pkcs8, subject: { commonName: "KMI Root CA", organization: "kmi", organizationalUnit: "", country: "" }, now, validitySeconds: ROOT_VALIDITY_SECONDS });
+    rootKeys = await openRootKeys(pki, sealer, opts.pkcs11, true);
+    const rootKey = await rootKeys.generate(CREDENTIAL.kmiRoot, kdcId);
+    const infraKey = await rootKeys.generate(CREDENTIAL.infraCa, kdcId);
+    const noBytes = new Uint8Array(0);
+    const rootDer = pki.selfSignedCa({ pkcs8: noBytes, signer: rootKey.signer, subject: { commonName: "KMI Root CA", organization: "kmi", organizationalUnit: "", country: "" }, now, validitySeconds: ROOT_VALIDITY_SECONDS });
     const infraDer = pki.selfSignedCa({
-      pkcs8: infraKey.pkcs8,
+      pkcs8: noBytes,
+      signer: infraKey.signer,
       subject: { commonName: "KMI Infrastructure CA", organization: "kmi", organizationalUnit: "", country: "" },
       now,
       validitySeconds: ROOT_VALIDITY_SECONDS,
     });
-    const tls = await issueKdcTlsCredential(pki, sealer, { certificateDer: infraDer, pkcs8: infraKey.pkcs8 }, opts.tls, now);
+    const tls = await issueKdcTlsCredential(pki, sealer, { certificateDer: infraDer, pkcs8: noBytes, signer: infraKey.signer }, opts.tls, now);
     const token = mintToken();
-    const kdcId = randomBytes(8).toString("hex");
     const ops: BatchOp[] = [
-      put.credential(credential(sealer, CREDENTIAL.kmiRoot, rootDer, rootKey.pkcs8, now)),
-      put.credential(credential(sealer, CREDENTIAL.infraCa, infraDer, infraKey.pkcs8, now)),
+      put.credential(rootCredential(CREDENTIAL.kmiRoot, rootDer, rootKey, now)),
+      put.credential(rootCredential(CREDENTIAL.infraCa, infraDer, infraKey, now)),
       put.credential(tls),
       put.token(
         create(TokenRecordSchema, {
@@ -200,8 +225,8 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
       // The meta record marks the store initialized; it is in the same batch as everything else.
       put.meta(create(KdcMetaRecordSchema, { recordVersion: 1, schemaVersion: KDC_SCHEMA_VERSION, initializedAt: timestampFromDate(now), kdcId })),
     ];
-    rootKey.pkcs8.fill(0);
-    infraKey.pkcs8.fill(0);
+    rootKey.wipe();
+    infraKey.wipe();
     const audit = new AuditLog(store, { clock });
     await audit.append(
       {
@@ -224,8 +249,9 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
     // Public, but under the data dir every file is 0600 (the folder is 0700 anyway).
     await writeFile(paths.kmiRootPem, kmiRootPem, { mode: 0o600 });
     await writeFile(paths.infraCaPem, infraCaPem, { mode: 0o600 });
-    return { operatorToken: token.bearer, operatorTokenId: token.tokenId, masterKeyFile: keyFile, kmiRootPem, infraCaPem, kdcId };
+    return { operatorToken: token.bearer, operatorTokenId: token.tokenId, masterKeyFile: keyFile, kmiRootPem, infraCaPem, kdcId, rootKeys: rootKeys.kind };
   } finally {
+    rootKeys?.close();
     await store.close();
   }
 }
@@ -266,6 +292,8 @@ export interface OpenKdcOptions extends MasterKeyOptions {
   pendingTtlMs?: number;
   /** Watch stream tuning (heartbeat period, queue bound). */
   watch?: WatchHubOptions;
+  /** The PKCS#11 token holding the roots' keys, when `kmi kdc init` put them there. */
+  pkcs11?: Pkcs11Settings | undefined;
 }
 
 /** Opens an initialized data directory and builds the services' context. */
@@ -279,6 +307,7 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
   // On a shared store other replicas commit too: remember which commits are this process's.
   const local = backend.kind === "etcd" ? new LocalCommits(opened) : undefined;
   const store: Store = local ?? opened;
+  let rootKeys: RootKeys | undefined;
   try {
     const kdcStore = new KdcStore(store);
     const meta = await kdcStore.getMeta();
@@ -291,8 +320,15 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
     key.fill(0);
     // Fail at start, not on the first call, when the master key is not this store's.
     const root = await kdcStore.getCredential(CREDENTIAL.kmiRoot);
-    if (root?.privateKey === undefined) throw new FailedPrecondition(`data dir ${opts.dataDir}: the KMI root credential is missing; restore the store from a backup`);
-    sealer.open(root.privateKey, credentialAad(CREDENTIAL.kmiRoot)).fill(0);
+    if (root === undefined || (root.privateKey === undefined && root.tokenKeyLabel === "")) throw new FailedPrecondition(`data dir ${opts.dataDir}: the KMI root credential is missing; restore the store from a backup`);
+    // With the roots in a token, the KDC's TLS key (always sealed) proves the master key.
+    const sealed = root.privateKey !== undefined ? root : await kdcStore.getCredential(CREDENTIAL.kdcTls);
+    if (sealed?.privateKey === undefined) throw new FailedPrecondition(`data dir ${opts.dataDir}: the KDC's TLS credential is missing; restore the store from a backup`);
+    sealer.open(sealed.privateKey, credentialAad(sealed.name)).fill(0);
+    const pki = opts.pki ?? createPkiAdapter();
+    rootKeys = await openRootKeys(pki, sealer, opts.pkcs11, false);
+    // A token-held root is looked up (and matched to its certificate) at start, not on the first call.
+    rootKeys.issuer(root).wipe();
     const checkpoints = new AuditCheckpointer(store, new AuditLog(store, { clock }), { key: checkpointKey, origin: `kdc/${meta.kdcId}`, clock, logger: opts.logger });
     const base = {
       store: kdcStore,
@@ -300,13 +336,14 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
       checkpoints,
       witness: new CheckpointWitness(store, clock),
       sealer,
-      pki: opts.pki ?? createPkiAdapter(),
+      pki,
       clock,
       logger: opts.logger,
       startedAt: clock.now(),
       attestationKey: opts.attestationKey ?? new NoAttestationKey(),
       leaseMs: opts.leaseMs ?? DEFAULT_LEASE_MS,
       pendingTtlMs: opts.pendingTtlMs ?? DEFAULT_PENDING_TTL_MS,
+      rootKeys,
     };
     // Quarantined machines are refused from the first call on, before the Auditserver answers.
     const quarantine = await QuarantineRegistry.load(base);
@@ -320,6 +357,7 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
     }
     return { ctx, store, hub, quarantine, checkpoints, follower };
   } catch (err) {
+    rootKeys?.close();
     await store.close();
     throw err;
   }

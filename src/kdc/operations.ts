@@ -34,6 +34,7 @@ import type { AttestedMachine } from "./authz.js";
 import type { CertSummary, Issuer, KdcContext } from "./context.js";
 import { CREDENTIAL, credentialAad, guard, intermediateKeyAad, put, signingKeyAad } from "./kdc-store.js";
 import { newTenant, nextVersion, pendingExpiry, planActivate, planDiscard, planRevoke, planUpload, requireNotExpired, requireRenewable, stateName, type Validity } from "./model.js";
+import { sealedRootKeys } from "./root-keys.js";
 import { mintToken } from "./tokens.js";
 import type * as V from "./validate.js";
 
@@ -85,8 +86,8 @@ export class KdcOperations {
   /** A KDC credential with its key unsealed (for one signing operation). */
   async issuer(name: string): Promise<Issuer & { record: CredentialRecord }> {
     const record = await this.ctx.store.getCredential(name);
-    if (record === undefined || record.privateKey === undefined) throw new FailedPrecondition(`the KDC has no ${name} credential; run \`kmi kdc init\``);
-    return { record, certificateDer: record.certificateDer, pkcs8: this.ctx.sealer.open(record.privateKey, credentialAad(name)) };
+    if (record === undefined || (record.privateKey === undefined && record.tokenKeyLabel === "")) throw new FailedPrecondition(`the KDC has no ${name} credential; run \`kmi kdc init\``);
+    return { record, ...(this.ctx.rootKeys ?? sealedRootKeys(this.ctx.pki, this.ctx.sealer)).issuer(record) };
   }
 
   /** The public certificate of a KDC credential. */

@@ -57,7 +57,7 @@ function dn(s: SubjectInput): DistinguishedName {
 }
 
 function signer(issuer: Issuer) {
-  return { certificateDer: issuer.certificateDer, privateKey: importPrivateKeyPkcs8Der(issuer.pkcs8, "issuer key") };
+  return { certificateDer: issuer.certificateDer, privateKey: issuer.signer ?? importPrivateKeyPkcs8Der(issuer.pkcs8, "issuer key") };
 }
 
 /** A summary of a parsed certificate. */
@@ -91,7 +91,7 @@ export function createPkiAdapter(): CertificateFactory {
       return { algorithm: apiAlgorithm(pair.algorithm), pkcs8: exportPrivateKeyPkcs8Der(pair.privateKey), spki, keyId: keyId(spki) };
     },
     selfSignedCa(p) {
-      return createRootCa({ subject: dn(p.subject), privateKey: importPrivateKeyPkcs8Der(p.pkcs8), now: p.now, validitySeconds: p.validitySeconds });
+      return createRootCa({ subject: dn(p.subject), privateKey: p.signer ?? importPrivateKeyPkcs8Der(p.pkcs8), now: p.now, validitySeconds: p.validitySeconds });
     },
     issueIntermediate(p) {
       return issueIntermediateCa({ issuer: signer(p.issuer), subject: dn(p.subject), publicKeySpkiDer: p.spki, now: p.now, validitySeconds: p.validitySeconds });

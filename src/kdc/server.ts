@@ -22,6 +22,7 @@ import type { AttestationKeyProvider } from "./context.js";
 import { MachineStatusFeed } from "./machine-status-feed.js";
 import type { WatchHubOptions } from "./watch-hub.js";
 import { CREDENTIAL, credentialAad, put } from "./kdc-store.js";
+import { sealedRootKeys, type Pkcs11Settings } from "./root-keys.js";
 import { KdcOperations } from "./operations.js";
 import { defaultPortalDir, PortalSite } from "./portal-static.js";
 import { services } from "./routes.js";
@@ -54,6 +55,8 @@ export interface KdcServerOptions extends MasterKeyOptions {
   pendingTtlMs?: number | undefined;
   /** Watch stream tuning (tests). */
   watch?: WatchHubOptions;
+  /** The PKCS#11 token holding the roots' keys (when `kmi kdc init` made them there). */
+  pkcs11?: Pkcs11Settings | undefined;
 }
 
 /** The extended key usage OID a certificate needs to be presented as a TLS client. */
@@ -156,6 +159,7 @@ export class KdcServer {
       }
       return new KdcServer(ctx, opened, server, opts, metrics, audit);
     } catch (err) {
+      ctx.rootKeys?.close();
       await store.close();
       throw err;
     }
@@ -169,7 +173,7 @@ export class KdcServer {
   private static async tlsMaterial(ctx: KdcContext, names: TlsNames | undefined): Promise<{ cert: Buffer; key: Buffer; ca: Buffer }> {
     let tls = await ctx.store.getCredential(CREDENTIAL.kdcTls);
     const infra = await ctx.store.getCredential(CREDENTIAL.infraCa);
-    if (tls?.privateKey === undefined || infra?.privateKey === undefined) throw new Error("the KDC's TLS or infrastructure CA credential is missing; restore the store from a backup");
+    if (tls?.privateKey === undefined || infra === undefined) throw new Error("the KDC's TLS or infrastructure CA credential is missing; restore the store from a backup");
     const info = ctx.pki.summarize(tls.certificateDer);
     const now = ctx.clock.now();
     const wanted = names === undefined ? undefined : allTlsNames(names);
@@ -183,11 +187,11 @@ export class KdcServer {
       if (!sameSet(wanted.dnsNames, info.dnsNames) || !sameSet(wanted.ipAddresses, info.ipAddresses)) reasons.push("names changed");
     }
     if (reasons.length > 0) {
-      const pkcs8 = ctx.sealer.open(infra.privateKey, credentialAad(CREDENTIAL.infraCa));
+      const issuer = (ctx.rootKeys ?? sealedRootKeys(ctx.pki, ctx.sealer)).issuer(infra);
       try {
-        tls = await issueKdcTlsCredential(ctx.pki, ctx.sealer, { certificateDer: infra.certificateDer, pkcs8 }, names ?? { dnsNames: info.dnsNames, ipAddresses: info.ipAddresses }, now);
+        tls = await issueKdcTlsCredential(ctx.pki, ctx.sealer, issuer, names ?? { dnsNames: info.dnsNames, ipAddresses: info.ipAddresses }, now);
       } finally {
-        pkcs8.fill(0);
+        issuer.wipe();
       }
       const s = ctx.pki.summarize(tls.certificateDer);
       await ctx.audit.append(
@@ -237,6 +241,7 @@ export class KdcServer {
       this.audit?.client.close();
       await this.metricsServer?.close();
     } finally {
+      this.ctx.rootKeys?.close();
       await this.store.close();
       this.opts.logger.info("store closed");
     }

@@ -33,6 +33,7 @@ export {
   type KeyPair,
 } from "./keys.js";
 export { signatureAlgorithmFor, type SignatureAlgorithm } from "./signature.js";
+export { ecdsaRawToDer, isSigner, keyObjectSigner, toSigner, type Signer } from "./signer.js";
 export { commonNameOf, encodeName, formatName, type DistinguishedName } from "./name.js";
 export {
   basicConstraintsExtension,

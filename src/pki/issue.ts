@@ -24,12 +24,13 @@ import {
   type KeyUsageName,
 } from "./extensions.js";
 import { loadIssuer, type CaSigner, type LoadedIssuer } from "./issuer.js";
-import { exportPublicKeySpkiDer, keyAlgorithmOf, subjectKeyIdentifier } from "./keys.js";
+import { keyAlgorithmOf, subjectKeyIdentifier } from "./keys.js";
 import { encodeName, type DistinguishedName } from "./name.js";
 import { Oid } from "./oids.js";
 import { checkNames } from "./san.js";
 import { randomSerial } from "./serial.js";
-import { assembleSigned, signatureAlgorithmFor, signWithKey, type SignatureAlgorithm } from "./signature.js";
+import { assembleSigned, type SignatureAlgorithm } from "./signature.js";
+import { toSigner, type Signer } from "./signer.js";
 import { validityFor, type Validity } from "./validity.js";
 
 export type { CaSigner } from "./issuer.js";
@@ -55,7 +56,7 @@ interface BuildParams {
   readonly spkiDer: Uint8Array;
   readonly validity: Validity;
   readonly extensions: readonly ExtensionSpec[];
-  readonly privateKey: KeyObject;
+  readonly signer: Signer;
   readonly signatureAlgorithm: SignatureAlgorithm;
 }
 
@@ -75,7 +76,7 @@ function buildCertificate(p: BuildParams): Uint8Array {
     (e) => new pkijs.Extension({ extnID: e.oid, critical: e.critical, extnValue: toArrayBuffer(e.value) }),
   );
   const tbs = new Uint8Array(cert.encodeTBS().toBER());
-  return assembleSigned(tbs, p.signatureAlgorithm.algorithmIdentifierDer, signWithKey(p.privateKey, tbs));
+  return assembleSigned(tbs, p.signatureAlgorithm.algorithmIdentifierDer, p.signer.sign(tbs));
 }
 
 function checkSubjectKey(spkiDer: Uint8Array, issuer: LoadedIssuer | undefined, field: string): void {
@@ -93,8 +94,8 @@ function requireCommonName(subject: DistinguishedName, field: string): void {
 export interface CreateRootCaOptions {
   /** The root's subject (and issuer); commonName required, e.g. `{ commonName: "KMI Root CA", organization: "Example" }`. */
   readonly subject: DistinguishedName;
-  /** The root's private key (ECDSA P-256, RSA 2048 or 3072). */
-  readonly privateKey: KeyObject;
+  /** The root's private key (ECDSA P-256, RSA 2048 or 3072), in this process or behind a {@link Signer}. */
+  readonly privateKey: KeyObject | Signer;
   /** The current time (from the injected clock). */
   readonly now: Date;
   /** Lifetime from `now`, in seconds (e.g. 10 years for the KMI root). */
@@ -109,9 +110,10 @@ export interface CreateRootCaOptions {
  */
 export function createRootCa(options: CreateRootCaOptions): Uint8Array {
   requireCommonName(options.subject, "subject");
-  const signatureAlgorithm = signatureAlgorithmFor(options.privateKey);
-  keyAlgorithmOf(options.privateKey, "private_key");
-  const spkiDer = exportPublicKeySpkiDer(options.privateKey);
+  const signer = toSigner(options.privateKey);
+  const signatureAlgorithm = signer.signatureAlgorithm;
+  const spkiDer = signer.spkiDer;
+  keyAlgorithmOf(spkiDer, "private_key");
   const nameDer = encodeName(options.subject, "subject");
   return buildCertificate({
     issuerNameDer: nameDer,
@@ -123,16 +125,16 @@ export function createRootCa(options: CreateRootCaOptions): Uint8Array {
       keyUsageExtension(["keyCertSign", "cRLSign"]),
       subjectKeyIdentifierExtension(subjectKeyIdentifier(spkiDer)),
     ],
-    privateKey: options.privateKey,
+    signer,
     signatureAlgorithm,
   });
 }
 
-function issuedBy(issuer: LoadedIssuer, p: Omit<BuildParams, "issuerNameDer" | "privateKey" | "signatureAlgorithm">): Uint8Array {
+function issuedBy(issuer: LoadedIssuer, p: Omit<BuildParams, "issuerNameDer" | "signer" | "signatureAlgorithm">): Uint8Array {
   return buildCertificate({
     ...p,
     issuerNameDer: issuer.decoded.subjectNameDer,
-    privateKey: issuer.privateKey,
+    signer: issuer.signer,
     signatureAlgorithm: issuer.signatureAlgorithm,
     extensions: [...p.extensions, authorityKeyIdentifierExtension(issuer.keyIdentifier)],
   });

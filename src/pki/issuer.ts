@@ -5,16 +5,17 @@ import type { KeyObject } from "node:crypto";
 import { FailedPrecondition } from "../common/errors.js";
 import { fromHex } from "./der.js";
 import { certificateInfo, type CertificateInfo } from "./inspect.js";
-import { privateKeyMatchesSpki, subjectKeyIdentifier } from "./keys.js";
+import { subjectKeyIdentifier } from "./keys.js";
 import { decodeCertificate, type DecodedCertificate } from "./parse.js";
-import { signatureAlgorithmFor, type SignatureAlgorithm } from "./signature.js";
+import type { SignatureAlgorithm } from "./signature.js";
+import { toSigner, type Signer } from "./signer.js";
 
 /** A CA certificate with its private key: what issues certificates. */
 export interface CaSigner {
   /** The CA certificate, DER. */
   readonly certificateDer: Uint8Array;
-  /** The CA's private key (ECDSA P-256 or RSA >= 2048). */
-  readonly privateKey: KeyObject;
+  /** The CA's private key (ECDSA P-256 or RSA >= 2048), in this process or behind a {@link Signer} (e.g. in a token). */
+  readonly privateKey: KeyObject | Signer;
 }
 
 /** A {@link CaSigner} after its checks, with what issuance needs precomputed. */
@@ -23,8 +24,8 @@ export interface LoadedIssuer {
   readonly decoded: DecodedCertificate;
   /** Its plain view. */
   readonly info: CertificateInfo;
-  /** The signing key. */
-  readonly privateKey: KeyObject;
+  /** What signs. */
+  readonly signer: Signer;
   /** How it signs. */
   readonly signatureAlgorithm: SignatureAlgorithm;
   /** The issuer's key identifier, for the authorityKeyIdentifier of what it issues: its SKI, or one computed from its key. */
@@ -43,10 +44,11 @@ export function loadIssuer(signer: CaSigner, field = "issuer"): LoadedIssuer {
   if (info.keyUsage && !info.keyUsage.includes("keyCertSign")) {
     throw new FailedPrecondition(`${field}: keyUsage lacks keyCertSign; it may not issue certificates`);
   }
-  const signatureAlgorithm = signatureAlgorithmFor(signer.privateKey, `${field}.private_key`);
-  if (!privateKeyMatchesSpki(signer.privateKey, decoded.spkiDer)) {
+  const key = toSigner(signer.privateKey, `${field}.private_key`);
+  const signatureAlgorithm = key.signatureAlgorithm;
+  if (!Buffer.from(key.spkiDer).equals(Buffer.from(decoded.spkiDer))) {
     throw new FailedPrecondition(`${field}: the private key does not belong to the CA certificate`);
   }
   const keyIdentifier = info.subjectKeyIdHex ? fromHex(info.subjectKeyIdHex) : subjectKeyIdentifier(decoded.spkiDer);
-  return { decoded, info, privateKey: signer.privateKey, signatureAlgorithm, keyIdentifier };
+  return { decoded, info, signer: key, signatureAlgorithm, keyIdentifier };
 }

@@ -48,7 +48,7 @@ import { subjectKeyIdentifier } from "./keys.js";
 import { Oid } from "./oids.js";
 import { checkNames, encodeIpAddress, formatIpAddress } from "./san.js";
 import { SERIAL_BYTES } from "./serial.js";
-import { assembleSigned, signWithKey } from "./signature.js";
+import { assembleSigned } from "./signature.js";
 import { checkDate, wholeSeconds } from "./validity.js";
 
 /** Longest CN (X.520 ub-common-name). */
@@ -248,7 +248,7 @@ export function createLeafIssuer(options: LeafIssuerOptions): LeafIssuer {
   const aki = encodeExtension(authorityKeyIdentifierExtension(issuer.keyIdentifier));
   const issuerNotBeforeMs = issuer.info.notBefore.getTime();
   const issuerNotAfterMs = issuer.info.notAfter.getTime();
-  const privateKey = issuer.privateKey;
+  const signer = issuer.signer;
   const nextSerial = serialSource();
 
   const issueLeafDetailed = (request: IssueLeafRequest): IssuedLeaf => {
@@ -297,7 +297,7 @@ export function createLeafIssuer(options: LeafIssuerOptions): LeafIssuer {
       contextConstructed(3, sequence(BASIC_CONSTRAINTS, rsa ? KEY_USAGE_RSA : KEY_USAGE_EC, EXT_KEY_USAGE, san, ski, aki)),
     );
     return {
-      der: assembleSigned(tbs, algorithm, signWithKey(privateKey, tbs)),
+      der: assembleSigned(tbs, algorithm, signer.sign(tbs)),
       serialHex: toHex(serial),
       notBefore,
       notAfter,

@@ -29,7 +29,8 @@ export interface SignatureAlgorithm {
   readonly algorithmIdentifierDer: Uint8Array;
 }
 
-const ECDSA_SHA256: SignatureAlgorithm = {
+/** ecdsa-with-SHA256, for P-256 keys. */
+export const ECDSA_SHA256: SignatureAlgorithm = {
   name: "ecdsa-with-SHA256",
   oid: Oid.ecdsaWithSha256,
   algorithmIdentifierDer: sequence(oid(Oid.ecdsaWithSha256)), // parameters absent (RFC 5758)

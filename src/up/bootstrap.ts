@@ -144,13 +144,26 @@ export async function ensureTenant(c: ServerClients, tenant: string, progress: P
 export interface MeasurementPlan {
   /** The kmi code the agent runs (the dist directory). */
   readonly codeDir: string;
+  /** The node_modules the code loads its packages from (measured as their closure), if any. */
+  readonly depsDir: string | undefined;
+  /** The node binary that runs the agent. */
+  readonly nodeBinary: string;
   /** The agent's config file. */
   readonly agentConfig: string;
 }
 
 /** The `--measure` value the agent gets: the same sources {@link expectedMeasurements} hashes. */
 export function measureFlag(p: MeasurementPlan): string {
-  return `agent.code=${p.codeDir},agent.config=${p.agentConfig}`;
+  return Object.entries(measureSources(p)).map(([name, path]) => `${name}=${path}`).join(",");
+}
+
+function measureSources(p: MeasurementPlan): Record<string, string> {
+  return {
+    "agent.code": p.codeDir,
+    ...(p.depsDir !== undefined ? { "agent.deps": p.depsDir } : {}),
+    "agent.node": p.nodeBinary,
+    "agent.config": p.agentConfig,
+  };
 }
 
 /**
@@ -159,7 +172,7 @@ export function measureFlag(p: MeasurementPlan): string {
  * default. The group must approve exactly this set.
  */
 export async function expectedMeasurements(p: MeasurementPlan): Promise<MeasurementValue[]> {
-  const files = await measureFiles({ "agent.code": p.codeDir, "agent.config": p.agentConfig });
+  const files = await measureFiles(measureSources(p));
   return [...files, measureValue(SOFTWARE_VERSION, VERSION)].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
 }
 

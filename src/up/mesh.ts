@@ -48,6 +48,7 @@ import { healthSummary, type ProcessInfo } from "./health.js";
 import { AttestationState, type GetStatusResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { VERSION } from "../common/version.js";
 import { sleep } from "../common/backoff.js";
+import { dependenciesDirOf } from "../attest/index.js";
 
 /** What `kmi up` needs from its surroundings (the process, in production). */
 export interface UpIo {
@@ -307,7 +308,7 @@ async function prepareAgent(s: Stage, site: Site, kdc: ServerClients, audit: Ser
   const plan = { codeDir: s.io.codeDir, agentConfig: L.agentConfig };
   const agentConfig = {
     socket: L.agentSocket,
-    "state-dir": L.agentStateDir,
+  const plan = { codeDir: s.io.codeDir, depsDir: await dependenciesDirOf(s.io.codeDir), nodeBinary: s.io.kmi[0]!, agentConfig: L.agentConfig };
     "audit-url": site.urls.audit,
     "kdc-url": site.urls.kdc,
     "ca-file": L.infraCaPem,

@@ -18,6 +18,8 @@ export interface BackupCheck {
   bytes: number;
   /** The store's KMI root credential as stored (sealed), for the master key check. */
   rootCredential: Uint8Array | undefined;
+  /** The KDC's TLS credential (sealed): the master key check when the roots are in a PKCS#11 token. */
+  tlsCredential: Uint8Array | undefined;
 }
 
 /**
@@ -46,14 +48,16 @@ export async function checkBackup(file: string): Promise<BackupCheck> {
     const tables: Record<string, number> = {};
     let records = 0;
     let rootCredential: Uint8Array | undefined;
+    let tlsCredential: Uint8Array | undefined;
     for await (const r of backupRecords(file, b)) {
       if (records === 0) checkStoreInfo(file, r);
       records++;
       tables[r.table] = (tables[r.table] ?? 0) + 1;
       if (r.table === T.credentials.name && r.key === CREDENTIAL.kmiRoot) rootCredential = r.value;
+      if (r.table === T.credentials.name && r.key === CREDENTIAL.kdcTls) tlsCredential = r.value;
     }
     if (rootCredential === undefined) throw new BadBackup(`backup file ${file} holds no KMI root credential; it is not a backup of an initialized KDC`);
-    return { header: b.header, records, tables, sha256: sum.toString("hex"), bytes: b.size, rootCredential };
+    return { header: b.header, records, tables, sha256: sum.toString("hex"), bytes: b.size, rootCredential, tlsCredential };
   } finally {
     await b.handle.close();
   }
@@ -74,11 +78,13 @@ function checkStoreInfo(file: string, r: StoreRecord): void {
 }
 
 /** Checks that `key` opens the backup's sealed KMI root key (wipes what it unsealed). */
-export function checkMasterKey(key: Buffer, rootCredential: Uint8Array): void {
-  const root = fromBinary(CredentialRecordSchema, rootCredential);
+export function checkMasterKey(key: Buffer, rootCredential: Uint8Array, tlsCredential: Uint8Array | undefined): void {
+  // With the roots in a PKCS#11 token the root has no sealed key: the KDC TLS key's blob proves the master key.
+  const sealedRoot = fromBinary(CredentialRecordSchema, rootCredential);
+  const root = sealedRoot.privateKey === undefined && tlsCredential !== undefined ? fromBinary(CredentialRecordSchema, tlsCredential) : sealedRoot;
   const sealer = createSealer(key);
   try {
-    sealer.open(root.privateKey!, credentialAad(CREDENTIAL.kmiRoot)).fill(0);
+    sealer.open(root.privateKey!, credentialAad(root.name)).fill(0);
   } catch (err) {
     throw new DestinationRefused(
       `the master key given does not open this backup (its keys are sealed under master key ${root.privateKey?.masterKeyId || "?"}); give the master key the backed-up KDC used (--master-key-file or KMI_KDC_MASTER_KEY)`,

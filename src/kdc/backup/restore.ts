@@ -75,7 +75,7 @@ export async function restoreKdc(opts: {
   if (keyGiven) {
     const key = await loadKdcMasterKey(opts.dataDir, { masterKey: opts.masterKey, masterKeyFile: opts.masterKeyFile });
     try {
-      checkMasterKey(key, checked.rootCredential!);
+      checkMasterKey(key, checked.rootCredential!, checked.tlsCredential);
     } finally {
       key.fill(0);
     }

@@ -20,13 +20,16 @@ async function resolve(argv: string[], env: Record<string, string> = {}) {
 }
 
 describe("agent configuration", () => {
-  it("has safe defaults: socket 0600 (no group), 47-day leaves with 1 h backdating, agent.code measured", async () => {
+  it("has safe defaults: socket 0600 (no group), 47-day leaves with 1 h backdating, its code, packages and node binary measured", async () => {
     const c = await resolve(base);
     expect(c.socketPath).toBe("/run/kmi/agent.sock");
     expect(c.socketGroup).toBeUndefined();
     expect(c.stateDir).toBe("/var/lib/kmi/agent");
     expect(c.policy).toEqual({ maxLifetimeMs: 47 * 86_400_000, backdateMs: 3_600_000 });
-    expect(c.measurements).toEqual({ files: { "agent.code": [installDir()] }, softwareVersion: true });
+    expect(c.measurements).toEqual({
+      files: { "agent.code": [installDir()], "agent.deps": [join(installDir(), "node_modules")], "agent.node": [process.execPath] },
+      softwareVersion: true,
+    });
     expect(c.joinToken).toBeUndefined();
     expect(c.caPem).toContain("BEGIN CERTIFICATE");
     expect(c.timing).toEqual({ reconnectInitialMs: 500, reconnectMaxMs: 30_000, heartbeatTimeoutMs: 45_000 });
@@ -43,6 +46,12 @@ describe("agent configuration", () => {
     expect(c.kdcUrl).toBe("https://kdc.example:7443");
     expect(c.socketGroup).toBe("kmi");
     expect(c.measurements.files["agent.config"]).toEqual([join(dir, "agent.json")]);
+    expect(c.measurements.files["proxy.config"]).toBeUndefined();
+  });
+
+  it("measures the proxy's config file as proxy.config when --proxy-config names it", async () => {
+    const c = await resolve([...base, "--proxy-config", join(dir, "agent.json")]);
+    expect(c.measurements.files["proxy.config"]).toEqual([join(dir, "agent.json")]);
   });
 
   it.each<[string, string[], RegExp]>([
