@@ -34,7 +34,7 @@ import {
 } from "./audit-checkpoint.js";
 import { Mutex } from "./mutex.js";
 import { bytesEqual } from "./seal.js";
-import { numericKey, putOp, type BatchOp, type Store } from "./store.js";
+import { numericKey, putOp, type BatchOp, type Compare, type Store } from "./store.js";
 
 /** The other server, as a witness of this server's log (over mutual TLS). */
 export interface CheckpointWitnessPeer {
@@ -48,7 +48,8 @@ export interface CheckpointWitnessPeer {
 
 /** The audit log as the checkpointer wraps it (./audit-log.ts's AuditLog). */
 export interface CheckpointedLog {
-  append(entry: AuditEntryInput, changeOps?: readonly BatchOp[]): Promise<AuditEntry>;
+  /** Appends `entry` with `changeOps`, conditional on `compares` (a Conflict when one fails). */
+  append(entry: AuditEntryInput, changeOps?: readonly BatchOp[], compares?: readonly Compare[]): Promise<AuditEntry>;
   appendUnauthenticated(entry: AuditEntryInput, source: string): Promise<AuditEntry | undefined>;
   readonly suppressedRefusals: number;
   tail(options?: AuditTailOptions): Promise<AuditEntry[]>;
@@ -152,8 +153,9 @@ export class AuditCheckpointer {
     const cp = this;
     const log = this.#log;
     return {
-      async append(entry, changeOps) {
-        const written = await log.append(entry, changeOps);
+      async append(entry, changeOps, compares) {
+        // The compares ride along: they are what makes a change conditional on what it read.
+        const written = await log.append(entry, changeOps, compares);
         if (written.outcome === "ok") cp.request();
         return written;
       },

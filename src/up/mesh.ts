@@ -305,10 +305,10 @@ async function prepareAgent(s: Stage, site: Site, kdc: ServerClients, audit: Ser
   const { L, progress, show, cfg } = s;
   s.signal.throwIfAborted();
   await abortable(ensureTenant(kdc, cfg.tenant, progress), s.signal);
-  const plan = { codeDir: s.io.codeDir, agentConfig: L.agentConfig };
+  const plan = { codeDir: s.io.codeDir, depsDir: await dependenciesDirOf(s.io.codeDir), nodeBinary: s.io.kmi[0]!, agentConfig: L.agentConfig };
   const agentConfig = {
     socket: L.agentSocket,
-  const plan = { codeDir: s.io.codeDir, depsDir: await dependenciesDirOf(s.io.codeDir), nodeBinary: s.io.kmi[0]!, agentConfig: L.agentConfig };
+    "state-dir": L.agentStateDir,
     "audit-url": site.urls.audit,
     "kdc-url": site.urls.kdc,
     "ca-file": L.infraCaPem,
