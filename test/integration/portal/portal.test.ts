@@ -447,7 +447,7 @@ describe("the portal in Chromium", () => {
       expect(await row.textContent()).toContain("portal test: disk image leaked");
       await shot(page, "machines-quarantined");
       // The same state through kmi ctl, and the KDC refuses the machine: its agent drops its keys.
-      expect((await mesh.ctlOk(["machine", "show", mesh.machineId])).stdout).toMatch(/quarantined/);
+      expect((await mesh.ctlOk(["machine", "show", mesh.machineId])).stdout).toMatch(/^status: +QUARANTINED$/m);
       await expect.poll(async () => (await mesh.agentClient().unary("getStatus", {})).keys.filter((k) => k.tenantId === "acme").length, { timeout: 30_000 }).toBe(0);
       await page.getByRole("link", { name: "Mesh status" }).click();
       await expect.poll(() => page.locator("#machines-quarantined").textContent()).toBe("1");
