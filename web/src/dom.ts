@@ -76,7 +76,16 @@ export function download(name: string, data: Uint8Array | string, type: string):
  * Asks for a typed confirmation in a modal dialog: the action runs only once the person typed
  * `phrase` exactly. `run` may throw; its message is shown in the dialog, which stays open.
  */
-export function confirmTyped(p: { title: string; body: string; phrase: string; button: string; extra?: HTMLElement[]; run: () => Promise<void> }): void {
+export function confirmTyped(p: {
+  title: string;
+  body: string;
+  phrase: string;
+  button: string;
+  extra?: HTMLElement[];
+  run: () => Promise<void>;
+  /** Shows an error of `run` next to one of the `extra` fields it names; false leaves it to the confirmation field. */
+  fieldError?: (err: unknown) => boolean;
+}): void {
   const input = h("input", { type: "text", autocomplete: "off", spellcheck: "false", name: "confirm" });
   const f = field(`Type “${p.phrase}” to confirm`, input);
   const ok = h("button", { type: "submit", class: "danger", disabled: true }, p.button);
@@ -93,7 +102,7 @@ export function confirmTyped(p: { title: string; body: string; phrase: string; b
     p.run().then(
       () => dialog.close(),
       (err: unknown) => {
-        f.error(errorText(err));
+        f.error(p.fieldError?.(err) === true ? "" : errorText(err));
         ok.disabled = false;
       },
     );

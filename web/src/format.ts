@@ -8,9 +8,14 @@ export function date(t: Timestamp | undefined): Date | undefined {
   return t === undefined ? undefined : timestampDate(t);
 }
 
-/** "pending", "ready", "active", "retired", "revoked". */
+/** "pending", "ready", "active", "retired", "revoked", "discarded". */
 export function stateLabel(s: VersionState): string {
   return VersionState[s]?.toLowerCase() ?? "unknown";
+}
+
+/** A version's state for people, as `kmi ctl ca history` prints it: "pending (expired)" for a PENDING version past its CSR's expiry. */
+export function versionStateText(v: { state: VersionState; pendingExpired: boolean }): string {
+  return stateLabel(v.state) + (v.state === VersionState.PENDING && v.pendingExpired ? " (expired)" : "");
 }
 
 /** Where a version's certificate comes from. */

@@ -221,6 +221,49 @@ describe("the portal in Chromium", () => {
     }
   });
 
+  it("discards a pending version from the history with the typed confirmation; the KDC has it DISCARDED", async () => {
+    await mesh.ctlOk(["ca", "csr", "--tenant", "globex", "--out", join(work, "globex-v2.csr")]);
+    const { ctx, page } = await signedIn(["--tenant", "globex"]);
+    try {
+      await page.getByRole("link", { name: "History" }).click();
+      const row = page.locator('#versions tr[data-version="2"]');
+      await row.waitFor();
+      expect(await row.getAttribute("data-state")).toBe("pending");
+      expect(await row.locator("td").first().textContent()).toBe("pending");
+      expect(await row.textContent()).toMatch(/CSR expires \d{4}-\d\d-\d\d/);
+      const before = await history("globex");
+      // A reason the KDC refuses: its words next to the reason field, the dialog stays, nothing changes.
+      await page.getByRole("button", { name: "Discard version 2" }).click();
+      const dialog = page.getByRole("dialog");
+      const reason = dialog.getByLabel("Reason (optional)");
+      await reason.fill("x".repeat(300));
+      await dialog.getByLabel("Type “discard 2” to confirm").fill("discard 2");
+      await page.keyboard.press("Enter");
+      const reasonError = page.locator("dialog .field", { has: page.getByLabel("Reason (optional)") }).locator(".field-error");
+      await expect.poll(() => reasonError.textContent()).toBe("reason: too long (300 characters); at most 256");
+      expect(await page.locator("dialog .field", { has: page.getByLabel("Type “discard 2” to confirm") }).locator(".field-error").textContent()).toBe("");
+      expect(await reason.getAttribute("aria-invalid")).toBe("true");
+      await shot(page, "discard-confirm");
+      expect(await history("globex")).toBe(before);
+      await reason.fill("portal test: CSR lost");
+      await confirm(page, "discard 2");
+      await page.locator('#versions tr[data-version="2"][data-state="discarded"]').waitFor();
+      expect(await row.locator("td").first().textContent()).toBe("discarded");
+      expect(await row.textContent()).toContain("(discarded: portal test: CSR lost)");
+      expect(await row.getByRole("button").count()).toBe(0); // nothing left to do to it: no CSR, upload, discard or revoke
+      expect(await unnamedControls(page)).toEqual([]);
+      await shot(page, "history-discarded");
+      // The KDC's ListVersions (through kmi ctl): version 2 DISCARDED with its reason, version 1 still active.
+      const h = JSON.parse(await history("globex")) as { versions: { version: number; state: string; discardReason?: string }[] };
+      const byVersion = new Map(h.versions.map((v) => [v.version, v]));
+      expect(byVersion.get(2)?.state).toBe("VERSION_STATE_DISCARDED");
+      expect(byVersion.get(2)?.discardReason).toBe("portal test: CSR lost");
+      expect(byVersion.get(1)?.state).toBe("VERSION_STATE_ACTIVE");
+    } finally {
+      await ctx.close();
+    }
+  });
+
   it("rotates with the typed confirmation and watches the rollout reach the agent", async () => {
     const { ctx, page } = await signedIn(["--tenant", "acme"]);
     try {
@@ -404,7 +447,7 @@ describe("the portal in Chromium", () => {
       expect(await row.textContent()).toContain("portal test: disk image leaked");
       await shot(page, "machines-quarantined");
       // The same state through kmi ctl, and the KDC refuses the machine: its agent drops its keys.
-      expect((await mesh.ctlOk(["machine", "show", mesh.machineId])).stdout).toMatch(/quarantined/);
+      expect((await mesh.ctlOk(["machine", "show", mesh.machineId])).stdout).toMatch(/^status: +QUARANTINED$/m);
       await expect.poll(async () => (await mesh.agentClient().unary("getStatus", {})).keys.filter((k) => k.tenantId === "acme").length, { timeout: 30_000 }).toBe(0);
       await page.getByRole("link", { name: "Mesh status" }).click();
       await expect.poll(() => page.locator("#machines-quarantined").textContent()).toBe("1");

@@ -20,12 +20,19 @@ export type Page = (ctx: PageContext) => Promise<void>;
  * no field of the form goes to `fallback`. The words are the server's, as `kmi ctl` prints them.
  */
 export function showError(err: unknown, fields: Record<string, Field<HTMLElement>>, fallback: Field<HTMLElement> | HTMLElement): void {
+  if (showFieldError(err, fields)) return;
+  const text = errorText(err);
+  if ("error" in fallback) fallback.error(text);
+  else fallback.textContent = text;
+}
+
+/** Shows a server error next to the field of `fields` it names; false (nothing shown) when it names none of them. */
+export function showFieldError(err: unknown, fields: Record<string, Field<HTMLElement>>): boolean {
   const text = errorText(err);
   const name = /^([a-z_.]+):/.exec(text)?.[1];
   const target = name !== undefined ? fields[name] : undefined;
-  if (target !== undefined) target.error(text);
-  else if ("error" in fallback) fallback.error(text);
-  else fallback.textContent = text;
+  target?.error(text);
+  return target !== undefined;
 }
 
 /** A paragraph for an error that belongs to the whole page. */

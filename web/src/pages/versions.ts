@@ -1,13 +1,13 @@
 /**
  * History (every version with its state, source, fingerprint and validity) and what can be done
- * to a version: download its CSR, upload its signed certificate, activate, renew, revoke. Every
- * change asks for a typed confirmation.
+ * to a version: download its CSR, upload its signed certificate, discard it (pending), activate,
+ * renew, revoke. Every change asks for a typed confirmation.
  */
 import { Signer, VersionState, type IntermediateVersion } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
 import { api } from "../api.js";
 import { announce, confirmTyped, download, field, h, select, when } from "../dom.js";
-import { date, signerLabel, stateLabel } from "../format.js";
-import { pageError, showError, tenantHeader, type Page } from "./common.js";
+import { date, signerLabel, stateLabel, versionStateText } from "../format.js";
+import { pageError, showError, showFieldError, tenantHeader, type Page } from "./common.js";
 
 /** Saves a pending version's CSR. */
 export async function saveCsr(tenant: string, version: number): Promise<void> {
@@ -18,14 +18,15 @@ export async function saveCsr(tenant: string, version: number): Promise<void> {
 
 function actions(tenant: string, v: IntermediateVersion, refresh: () => void): HTMLElement {
   const n = v.version;
-  const cell = h("td", { class: "row" });
+  const cell = h("div", { class: "row" }); // in a td: a flex td would leave the table's grid
   const btn = (label: string, aria: string, onclick: () => void) => h("button", { type: "button", "aria-label": aria, onclick }, label);
-  if (v.state === VersionState.PENDING) {
+  if (v.state === VersionState.PENDING && !v.pendingExpired) {
     cell.append(
       btn("CSR", `Download the CSR of version ${n}`, () => void saveCsr(tenant, n)),
       h("a", { href: `#/t/${tenant}/upload/${n}`, class: "button", "aria-label": `Upload the signed certificate of version ${n}` }, "Upload"),
     );
   }
+  if (v.state === VersionState.PENDING) cell.append(btn("Discard", `Discard version ${n}`, () => confirmDiscard(tenant, v, refresh)));
   if (v.state === VersionState.READY) {
     cell.append(
       btn("Activate", `Activate version ${n}`, () =>
@@ -62,7 +63,7 @@ function actions(tenant: string, v: IntermediateVersion, refresh: () => void): H
       }),
     );
   }
-  if (v.state !== VersionState.REVOKED) {
+  if (v.state !== VersionState.REVOKED && v.state !== VersionState.DISCARDED) {
     cell.append(
       btn("Revoke", `Revoke version ${n}`, () => {
         const reason = h("input", { type: "text", name: "reason", autocomplete: "off" });
@@ -82,7 +83,42 @@ function actions(tenant: string, v: IntermediateVersion, refresh: () => void): H
       }),
     );
   }
-  return cell;
+  return h("td", {}, cell);
+}
+
+/** Asks to discard a pending version (its CSR will never be signed), with an optional reason. */
+function confirmDiscard(tenant: string, v: IntermediateVersion, refresh: () => void): void {
+  const n = v.version;
+  const reason = h("input", { type: "text", name: "reason", autocomplete: "off" });
+  const r = field("Reason (optional)", reason, "Kept in the history and the audit log.");
+  confirmTyped({
+    title: `Discard version ${n}`,
+    body: `Version ${n} becomes discarded: its key is erased, so no certificate can ever be uploaded for its CSR. It stays in the history.`,
+    phrase: `discard ${n}`,
+    button: "Discard",
+    extra: [r.wrap],
+    fieldError: (err) => showFieldError(err, { reason: r }),
+    run: async () => {
+      r.error("");
+      await api.ca.discardPendingVersion({ tenantId: tenant, version: n, reason: reason.value });
+      announce(`Version ${n} is discarded.`);
+      refresh();
+    },
+  });
+}
+
+/** "Valid until": the certificate's end, or for a pending version when its CSR expires. */
+function validUntil(v: IntermediateVersion): string {
+  if (v.state === VersionState.PENDING && v.pendingExpiresAt !== undefined) {
+    return `CSR ${v.pendingExpired ? "expired" : "expires"} ${when(date(v.pendingExpiresAt))}`;
+  }
+  return when(date(v.certificate?.notAfter));
+}
+
+/** What the subject column says of a version without a certificate. */
+function noCertificate(v: IntermediateVersion): string {
+  if (v.state === VersionState.DISCARDED) return v.discardReason === "" ? "(discarded, never signed)" : `(discarded: ${v.discardReason})`;
+  return "(waiting for upload)";
 }
 
 /** The history page. */
@@ -107,13 +143,13 @@ export const versionsPage: Page = async ({ main, params, refresh }) => {
       ...versions.map((v) =>
         h(
           "tr",
-          { "data-version": String(v.version), "data-state": stateLabel(v.state) },
+          { "data-version": String(v.version), "data-state": stateLabel(v.state), ...(v.pendingExpired ? { "data-expired": "true" } : {}) },
           h("th", { scope: "row" }, String(v.version)),
-          h("td", {}, stateLabel(v.state)),
+          h("td", {}, versionStateText(v)),
           h("td", {}, signerLabel(v.signer)),
-          h("td", {}, v.certificate?.subject ?? "(waiting for upload)"),
+          h("td", {}, v.certificate?.subject ?? noCertificate(v)),
           h("td", {}, h("code", { class: "fp" }, v.certificate?.sha256Fingerprint ?? "—")),
-          h("td", {}, when(date(v.certificate?.notAfter))),
+          h("td", {}, validUntil(v)),
           actions(tenant, v, refresh),
         ),
       ),
