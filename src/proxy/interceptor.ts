@@ -10,7 +10,7 @@
  * host, the agent cannot issue) are answered with a page under the untrusted kmi-blocked CA
  * (see ./blocked-ca.ts), never under the tenant's trusted intermediate.
  */
-import { createServer as createHttpServer, type Agent, type ClientRequest, type IncomingMessage, type Server as HttpServer } from "node:http";
+import { createServer as createHttpServer, type Agent, type IncomingMessage, type Server as HttpServer } from "node:http";
 import { createServer as createH2Server, type Http2Server, type ServerHttp2Session } from "node:http2";
 import { connect as netConnect, isIP, type Socket } from "node:net";
 import { TLSSocket } from "node:tls";
@@ -29,6 +29,7 @@ import { describeOriginCertificate, leafNames } from "./origin-cert.js";
 import { describeError, isClientCertRequired, type OriginResult } from "./origin.js";
 import { normalizeHost, ruleId } from "./policy.js";
 import { splice } from "./splice.js";
+import { TunnelAgent } from "./tunnel-agent.js";
 import { normalizeClientAddress } from "./tenants.js";
 
 /** Protocols the proxy can inspect, in the order it prefers them. */
@@ -605,139 +606,5 @@ export class Interceptor {
       (tls as Tagged<PageConn>)[kConn] = { page };
       this.pages.emit("connection", tls);
     });
-  }
-}
-
-/**
- * The HTTP/1.1 agent of one tunnel: an Agent-like object (node:http accepts any object with
- * `addRequest`) holding the tunnel's ONE origin connection. Its first request uses the
- * connection made for the handshake; later ones (after the origin closed it) open and verify a
- * new one. http.Agent's pool bookkeeping (per-request option copies, names, free lists, TCP
- * keep-alive and ref/unref system calls per request) costs about a tenth of the proxy's CPU
- * under keep-alive load and buys nothing for a connection pinned to one client's.
- */
-class TunnelAgent {
-  // What ClientRequest reads from its agent.
-  readonly keepAlive = true;
-  readonly maxSockets = 1;
-  readonly protocol = "http:";
-  readonly defaultPort = 80;
-  readonly options: Record<string, never> = {};
-
-  private socket: Duplex | undefined;
-  /** The socket serves a request now. */
-  private busy = false;
-  /** The socket has served a request (the next one reuses it). */
-  private used = false;
-  private connecting = false;
-  private destroyed = false;
-  /** Requests waiting for the connection (a client that pipelines). */
-  private readonly queue: ClientRequest[] = [];
-
-  private readonly onFree = (): void => {
-    const s = this.socket;
-    if (s === undefined) return;
-    if (!s.writable) {
-      s.destroy();
-      return;
-    }
-    const next = this.queue.shift();
-    if (next !== undefined) {
-      this.assign(next, s);
-      return;
-    }
-    const req = (s as Duplex & { _httpMessage?: ClientRequest | null })._httpMessage;
-    if (req === undefined || req === null || !req.shouldKeepAlive) {
-      s.destroy();
-      return;
-    }
-    (s as Duplex & { _httpMessage?: ClientRequest | null })._httpMessage = null;
-    this.busy = false;
-  };
-
-  private readonly onClose = (): void => {
-    this.detach();
-  };
-
-  /** An upgrade (WebSocket) took the socket over: it leaves the agent. */
-  private readonly onRemove = (): void => {
-    this.detach();
-  };
-
-  constructor(
-    first: TLSSocket,
-    private readonly reconnect: () => Promise<TLSSocket>,
-  ) {
-    this.attach(first);
-  }
-
-  private attach(s: Duplex): void {
-    this.socket = s;
-    this.busy = false;
-    this.used = false;
-    s.on("free", this.onFree);
-    s.on("close", this.onClose);
-    s.on("agentRemove", this.onRemove);
-  }
-
-  private detach(): void {
-    const s = this.socket;
-    if (s === undefined) return;
-    s.off("free", this.onFree);
-    s.off("close", this.onClose);
-    s.off("agentRemove", this.onRemove);
-    this.socket = undefined;
-    this.busy = false;
-    if (this.queue.length > 0) this.open();
-  }
-
-  private assign(req: ClientRequest, s: Duplex): void {
-    this.busy = true;
-    if (this.used) req.reusedSocket = true;
-    this.used = true;
-    req.onSocket(s as Socket);
-  }
-
-  /** Called by ClientRequest for each request. */
-  addRequest(req: ClientRequest): void {
-    const s = this.socket;
-    if (s !== undefined && !this.busy && !s.destroyed) {
-      this.assign(req, s);
-      return;
-    }
-    this.queue.push(req);
-    if (s === undefined || s.destroyed) this.open();
-  }
-
-  private open(): void {
-    if (this.connecting || this.destroyed || this.socket !== undefined) return;
-    this.connecting = true;
-    this.reconnect().then(
-      (sock) => {
-        this.connecting = false;
-        if (this.destroyed) {
-          sock.destroy();
-          return;
-        }
-        this.attach(sock);
-        const req = this.queue.shift();
-        if (req !== undefined) this.assign(req, sock);
-      },
-      (err: Error) => {
-        this.connecting = false;
-        const req = this.queue.shift();
-        // ClientRequest's onSocket(socket, err) fails the request with err.
-        (req as unknown as { onSocket(s: undefined, e: Error): void } | undefined)?.onSocket(undefined, err);
-        if (this.queue.length > 0) this.open();
-      },
-    );
-  }
-
-  /** Closes the origin connection (the client's went away). */
-  destroy(): void {
-    this.destroyed = true;
-    const s = this.socket;
-    this.socket = undefined;
-    s?.destroy();
   }
 }
