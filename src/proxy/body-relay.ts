@@ -78,159 +78,185 @@ export function relayBody(
   onResult: (r: RelayResult) => void,
   encoding?: string,
 ): void {
-  const scanning = settings.eicar && settings.maxBodyBytes > 0;
-  const max = settings.maxBodyBytes;
-  const scanner = scanning ? new EicarScanner() : undefined;
-  // With an encoding: raw chunks go to the decoder, its output to the scanner.
-  let decoder = scanning ? decoderFor(encoding) : undefined;
-  const decoding = decoder !== undefined;
-  // An encoding the scan cannot see through ("compress", several codings): scanned as sent, which finds nothing.
-  const opaque = decoder === undefined && encoding !== undefined && encoding.trim() !== "" && encoding.trim().toLowerCase() !== "identity";
+  new BodyRelay(source, settings, sink, onResult, encoding).start(hold);
+}
+
+/**
+ * One body's relay, in its stages: chunks arrive ({@link BodyRelay.onData}) and are scanned
+ * (through the decoder when the body is encoded), held until released, then streamed; the end
+ * of the body completes it; the first of end, hit, or failure finishes it.
+ */
+class BodyRelay {
+  private readonly scanner: EicarScanner | undefined;
+  private readonly max: number;
+  /** Decodes an encoded body for the scanner (raw chunks in, decoded bytes to the scanner). */
+  private decoder: Transform | undefined;
+  private readonly decoding: boolean;
+  /** An encoding the scan cannot see through ("compress", several codings): scanned as sent, which finds nothing. */
+  private readonly opaque: boolean;
   /** True once scanning has stopped before the end of the body (the cap, or a body that did not decode). */
-  let capped = false;
-  let bytes = 0;
-  let scanned = 0;
-  let released = false;
-  let finished = false;
-  let held: Buffer[] = [];
-  let timer: NodeJS.Timeout | undefined;
-  let arm: NodeJS.Immediate | undefined;
+  private capped = false;
+  private bytes = 0;
+  private scanned = 0;
+  private released = false;
+  private finished = false;
+  private held: Buffer[] = [];
+  private timer: NodeJS.Timeout | undefined;
+  private arm: NodeJS.Immediate | undefined;
 
-  const finish = (r: RelayResult): void => {
-    if (finished) return;
-    finished = true;
-    stopDecoding();
-    clearTimeout(timer);
-    if (arm !== undefined) clearImmediate(arm);
-    source.off("data", onData);
-    source.off("end", onEnd);
-    source.off("error", onError);
-    source.off("close", onClose);
-    held = [];
-    onResult(r);
+  private readonly onData = (chunk: Buffer): void => this.data(chunk);
+  private readonly onEnd = (): void => this.end();
+  private readonly onError = (err: Error): void => this.finish({ kind: "error", bytes: this.bytes, error: err });
+  private readonly onClose = (): void => {
+    // A source that closes without 'end' went away mid-body.
+    if (!this.source.readableEnded) this.finish({ kind: "error", bytes: this.bytes, error: new Error("source closed mid-body") });
   };
 
-  const release = (length: number | undefined): void => {
-    if (released) return;
-    released = true;
-    clearTimeout(timer);
-    if (arm !== undefined) clearImmediate(arm);
-    sink.open(length);
-    const chunks = held;
-    held = [];
-    let ok = true;
-    for (const c of chunks) ok = sink.write(c) && ok;
-    if (!ok && !finished) {
-      source.pause();
-      sink.onDrain(() => source.resume());
+  constructor(
+    private readonly source: Readable,
+    private readonly settings: ScanSettings,
+    private readonly sink: RelaySink,
+    private readonly onResult: (r: RelayResult) => void,
+    encoding: string | undefined,
+  ) {
+    const scanning = settings.eicar && settings.maxBodyBytes > 0;
+    this.max = settings.maxBodyBytes;
+    this.scanner = scanning ? new EicarScanner() : undefined;
+    this.decoder = scanning ? decoderFor(encoding) : undefined;
+    this.decoding = this.decoder !== undefined;
+    this.opaque = this.decoder === undefined && encoding !== undefined && encoding.trim() !== "" && encoding.trim().toLowerCase() !== "identity";
+    this.decoder?.on("data", (out: Buffer) => void this.scan(out));
+    this.decoder?.on("error", () => {
+      // Not decodable: what was scanned stands; the rest passes unscanned.
+      this.capped = true;
+      this.stopDecoding();
+      if (!this.released && !this.finished) this.release();
+    });
+  }
+
+  /** Opens the sink at once (nothing to hold) or arms the hold timer, and starts reading. */
+  start(hold: boolean): void {
+    if (this.scanner === undefined || !hold) {
+      this.release();
+    } else if (this.settings.holdMs > 0) {
+      // The hold timer is armed after this turn of the event loop: a body that arrived with its
+      // head (most small ones) has ended by then, and needs no timer.
+      this.arm = setImmediate(() => {
+        this.arm = undefined;
+        if (!this.released && !this.finished) this.timer = setTimeout(() => this.release(), this.settings.holdMs);
+      });
     }
-  };
+    const s = this.source;
+    s.on("data", this.onData);
+    s.on("end", this.onEnd);
+    s.on("error", this.onError);
+    s.on("close", this.onClose);
+    s.resume();
+  }
+
+  private finish(r: RelayResult): void {
+    if (this.finished) return;
+    this.finished = true;
+    this.stopDecoding();
+    clearTimeout(this.timer);
+    if (this.arm !== undefined) clearImmediate(this.arm);
+    const s = this.source;
+    s.off("data", this.onData);
+    s.off("end", this.onEnd);
+    s.off("error", this.onError);
+    s.off("close", this.onClose);
+    this.held = [];
+    this.onResult(r);
+  }
+
+  /** Opens the sink and writes what was held; from now on chunks stream. */
+  private release(): void {
+    if (this.released) return;
+    this.released = true;
+    clearTimeout(this.timer);
+    if (this.arm !== undefined) clearImmediate(this.arm);
+    this.sink.open(undefined);
+    const chunks = this.held;
+    this.held = [];
+    let ok = true;
+    for (const c of chunks) ok = this.sink.write(c) && ok;
+    if (!ok && !this.finished) this.waitForDrain();
+  }
+
+  private waitForDrain(): void {
+    this.source.pause();
+    this.sink.onDrain(() => this.source.resume());
+  }
 
   /** Scans the next piece of the (decoded) body; true when EICAR was found and the relay has finished. */
-  const scan = (chunk: Buffer): boolean => {
-    if (scanner === undefined || capped || finished) return false;
-    const part = scanned + chunk.length > max ? chunk.subarray(0, max - scanned) : chunk;
-    scanned += part.length;
+  private scan(chunk: Buffer): boolean {
+    const scanner = this.scanner;
+    if (scanner === undefined || this.capped || this.finished) return false;
+    const part = this.scanned + chunk.length > this.max ? chunk.subarray(0, this.max - this.scanned) : chunk;
+    this.scanned += part.length;
     if (scanner.push(part)) {
       // Stop reading; the caller answers or aborts, and tears the source down.
-      source.pause();
-      finish({ kind: "blocked", bytes, released });
+      this.source.pause();
+      this.finish({ kind: "blocked", bytes: this.bytes, released: this.released });
       return true;
     }
-    if (scanned >= max && decoding) {
+    if (this.scanned >= this.max && this.decoding) {
       // Decoded output is bounded by the cap (a decompression bomb stops here).
-      capped = true;
-      stopDecoding();
+      this.capped = true;
+      this.stopDecoding();
     }
     return false;
-  };
+  }
 
-  function stopDecoding(): void {
-    const d = decoder;
-    decoder = undefined;
+  private stopDecoding(): void {
+    const d = this.decoder;
+    this.decoder = undefined;
     if (d === undefined) return;
     d.removeAllListeners("data");
     d.on("error", () => {});
     d.destroy();
   }
 
-  if (decoder !== undefined) {
-    decoder.on("data", (out: Buffer) => void scan(out));
-    decoder.on("error", () => {
-      // Not decodable: what was scanned stands; the rest passes unscanned.
-      capped = true;
-      stopDecoding();
-      if (!released && !finished) release(undefined);
-    });
+  private data(chunk: Buffer): void {
+    this.bytes += chunk.length;
+    if (this.decoder !== undefined) this.decoder.write(chunk);
+    else if (this.scan(chunk)) return;
+    if (this.finished) return;
+    if (!this.released) {
+      this.held.push(chunk);
+      if (this.scanner === undefined || this.capped || (this.decoder === undefined && this.scanned >= this.max)) this.release();
+      return;
+    }
+    if (!this.sink.write(chunk)) this.waitForDrain();
   }
 
-  const onData = (chunk: Buffer): void => {
-    bytes += chunk.length;
-    if (decoder !== undefined) decoder.write(chunk);
-    else if (scan(chunk)) return;
-    if (finished) return;
-    if (!released) {
-      held.push(chunk);
-      if (scanner === undefined || capped || (decoder === undefined && scanned >= max)) release(undefined);
-      return;
-    }
-    if (!sink.write(chunk)) {
-      source.pause();
-      sink.onDrain(() => source.resume());
-    }
-  };
+  private end(): void {
+    const d = this.decoder;
+    if (d === undefined) return this.complete();
+    // The last decoded bytes come after the decoder's end: decide once they are scanned.
+    const done = (): void => {
+      if (this.decoder === d) this.decoder = undefined;
+      if (!this.finished) this.complete();
+    };
+    d.once("end", done);
+    d.once("close", done);
+    d.end();
+  }
 
-  const onEnd = (): void => {
-    const d = decoder;
-    if (d !== undefined) {
-      // The last decoded bytes come after the decoder's end: decide once they are scanned.
-      const done = (): void => {
-        if (decoder === d) decoder = undefined;
-        if (!finished) complete();
-      };
-      d.once("end", done);
-      d.once("close", done);
-      d.end();
-      return;
-    }
-    complete();
-  };
-
-  const complete = (): void => {
-    if (finished) return;
-    if (!released) {
-      // The whole body was held and is clean: headers and body go out in one write.
-      released = true;
-      clearTimeout(timer);
-      const body = held.length === 1 ? held[0]! : Buffer.concat(held);
-      held = [];
-      sink.open(body.length);
-      sink.end(body.length > 0 ? body : undefined);
+  /** The body ended clean: what was held goes out in one write (with its length), or the stream ends. */
+  private complete(): void {
+    if (this.finished) return;
+    if (!this.released) {
+      this.released = true;
+      clearTimeout(this.timer);
+      const body = this.held.length === 1 ? this.held[0]! : Buffer.concat(this.held);
+      this.held = [];
+      this.sink.open(body.length);
+      this.sink.end(body.length > 0 ? body : undefined);
     } else {
-      sink.end();
+      this.sink.end();
     }
-    finish({ kind: "done", bytes, scanned, partial: scanner !== undefined && (capped || opaque || (!decoding && scanned < bytes)) });
-  };
-
-  const onError = (err: Error): void => finish({ kind: "error", bytes, error: err });
-  const onClose = (): void => {
-    // A source that closes without 'end' went away mid-body.
-    if (!source.readableEnded) finish({ kind: "error", bytes, error: new Error("source closed mid-body") });
-  };
-
-  if (!scanning || !hold) {
-    release(undefined);
-  } else if (settings.holdMs > 0) {
-    // The hold timer is armed after this turn of the event loop: a body that arrived with its
-    // head (most small ones) has ended by then, and needs no timer.
-    arm = setImmediate(() => {
-      arm = undefined;
-      if (!released && !finished) timer = setTimeout(() => release(undefined), settings.holdMs);
-    });
+    const partial = this.scanner !== undefined && (this.capped || this.opaque || (!this.decoding && this.scanned < this.bytes));
+    this.finish({ kind: "done", bytes: this.bytes, scanned: this.scanned, partial });
   }
-  source.on("data", onData);
-  source.on("end", onEnd);
-  source.on("error", onError);
-  source.on("close", onClose);
-  source.resume();
 }

@@ -14,6 +14,7 @@ import type { ClientInfo, ProxyContext } from "./context.js";
 import { isDestinationDenied } from "./destinations.js";
 import { describeError } from "./origin.js";
 import { normalizeHost, ruleId, type Policy } from "./policy.js";
+import { judgeRelay } from "./scan-verdict.js";
 import { splice } from "./splice.js";
 
 /** Where a client connection's requests go. */
@@ -137,8 +138,16 @@ function destinationRefusal(ctx: ProxyContext, host: string): string | undefined
   }
 }
 
+/** Where one request goes. */
+interface OriginTarget {
+  readonly host: string;
+  readonly port: number;
+  readonly path: string;
+  readonly authority: string;
+}
+
 /** Where one request goes, or why it cannot. */
-type Target = { host: string; port: number; path: string; authority: string } | { error: string };
+type Target = OriginTarget | { error: string };
 
 function targetOf(req: IncomingMessage, up: Http1Upstream): Target {
   const url = req.url ?? "/";
@@ -158,24 +167,45 @@ function targetOf(req: IncomingMessage, up: Http1Upstream): Target {
   return { host: u.hostname.replace(/^\[|\]$/g, ""), port: u.port === "" ? 80 : Number(u.port), path: u.pathname + u.search, authority: u.host };
 }
 
-/** Handles one HTTP/1.1 request from a client (plain proxy request or inside a tunnel). */
-export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Http1Upstream, req: IncomingMessage, res: ServerResponse): void {
-  const start = performance.now();
-  const method = req.method ?? "GET";
-  const target = targetOf(req, up);
-  const rec: AccessRecord = {
+/** A new access record of one exchange (status, bytes and decision are filled in as it goes). */
+function exchangeRecord(client: ClientInfo, req: IncomingMessage, target: Target, proto: string): AccessRecord {
+  return {
     tenant: client.tenant,
     client: client.client,
     host: "error" in target ? "" : hostOfAuthority(target.authority),
-    method,
+    method: req.method ?? "GET",
     path: "error" in target ? (req.url ?? "") : target.path,
     status: 0,
     bytes_up: 0,
     bytes_down: 0,
     decision: "allow",
     duration_ms: 0,
-    proto: "http/1.1",
+    proto,
   };
+}
+
+/** A request refused before it reaches the origin: the page, the rule, and whether the connection closes after it. */
+interface RequestRefusal {
+  readonly page: BlockPage;
+  readonly rule: string;
+  readonly error?: string;
+  readonly close: boolean;
+}
+
+/** Why this request is refused before it is forwarded (a block rule, a private destination), if it is. */
+function refuseRequest(ctx: ProxyContext, policy: Policy, up: Http1Upstream, req: IncomingMessage, target: OriginTarget, host: string): RequestRefusal | undefined {
+  const rule = requestBlockRule(policy, up.scheme, target.authority, target.path, up.tunnel?.requestedHost);
+  if (rule !== undefined) return { page: renderBlockPage(403, host, "the request matches a block rule", rule), rule, close: hasBody(req) };
+  const denied = up.tunnel === undefined ? destinationRefusal(ctx, target.host) : undefined;
+  if (denied !== undefined) return { page: renderBlockPage(403, host, denied, "private-destination"), rule: "private-destination", error: denied, close: hasBody(req) };
+  return undefined;
+}
+
+/** Handles one HTTP/1.1 request from a client (plain proxy request or inside a tunnel). */
+export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Http1Upstream, req: IncomingMessage, res: ServerResponse): void {
+  const start = performance.now();
+  const target = targetOf(req, up);
+  const rec = exchangeRecord(client, req, target, "http/1.1");
   let ureq: ClientRequest | undefined;
   res.on("close", () => {
     if (!res.writableFinished) ureq?.destroy();
@@ -184,131 +214,111 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
     ctx.counters.decision(rec.decision);
     ctx.accessLog.write(rec);
   });
-  if ("error" in target) {
+  const refuse = (r: RequestRefusal): void => {
     rec.decision = "block";
-    rec.rule = "bad-request";
-    rec.error = target.error;
-    sendPage(res, renderBlockPage(400, req.headers.host ?? "", target.error, undefined), true);
+    rec.rule = r.rule;
+    if (r.error !== undefined) rec.error = r.error;
+    sendPage(res, r.page, r.close);
     req.resume();
-    return;
-  }
+  };
+  if ("error" in target) return refuse({ page: renderBlockPage(400, req.headers.host ?? "", target.error, undefined), rule: "bad-request", error: target.error, close: true });
   const policy = ctx.policy.current;
-  const rule = requestBlockRule(policy, up.scheme, target.authority, target.path, up.tunnel?.requestedHost);
-  if (rule !== undefined) {
-    rec.decision = "block";
-    rec.rule = rule;
-    sendPage(res, renderBlockPage(403, rec.host, "the request matches a block rule", rule), hasBody(req));
+  const refused = refuseRequest(ctx, policy, up, req, target, rec.host);
+  if (refused !== undefined) return refuse(refused);
+  const open = (): ClientRequest => (ureq = forwardRequest(ctx, up, target, req, res, rec, policy));
+  if (!hasBody(req)) {
+    open().end();
     req.resume();
     return;
   }
-  const denied = up.tunnel === undefined ? destinationRefusal(ctx, target.host) : undefined;
-  if (denied !== undefined) {
+  relayRequestBody(req, res, rec, policy, open, () => ureq);
+}
+
+/** Sends the request to the origin; its response is relayed (and scanned) to `res`. */
+function forwardRequest(ctx: ProxyContext, up: Http1Upstream, target: OriginTarget, req: IncomingMessage, res: ServerResponse, rec: AccessRecord, policy: Policy): ClientRequest {
+  const method = req.method ?? "GET";
+  const headers = endToEndHeaders(req.rawHeaders, false, up.tunnel === undefined ? target.authority : undefined);
+  const u = httpRequest({ agent: up.agent, host: target.host, port: target.port, method, path: target.path, headers: headers, setHost: false });
+  u.on("response", (ures: IncomingMessage) => relayResponse(ures, method, res, rec, policy));
+  u.on("error", (err: NodeJS.ErrnoException) => onUpstreamError(err, res, rec));
+  return u;
+}
+
+/** The origin connection failed: a 403 (a refused destination) or 502 page, or an abort once headers went out. */
+function onUpstreamError(err: NodeJS.ErrnoException, res: ServerResponse, rec: AccessRecord): void {
+  if (isDestinationDenied(err)) {
+    // A name that resolved only to refused addresses (the agent's lookup said so).
     rec.decision = "block";
     rec.rule = "private-destination";
-    rec.error = denied;
-    sendPage(res, renderBlockPage(403, rec.host, denied, "private-destination"), hasBody(req));
-    req.resume();
-    return;
-  }
-  const headers = endToEndHeaders(req.rawHeaders, false, up.tunnel === undefined ? target.authority : undefined);
-
-  const onUpstreamError = (err: NodeJS.ErrnoException): void => {
-    if (isDestinationDenied(err)) {
-      // A name that resolved only to refused addresses (the agent's lookup said so).
-      rec.decision = "block";
-      rec.rule = "private-destination";
-      rec.error = err.message;
-      if (!res.headersSent) sendPage(res, renderBlockPage(403, rec.host, err.message, "private-destination"));
-      else res.destroy();
-      return;
-    }
-    if (rec.decision === "allow") {
-      rec.decision = "error";
-      rec.rule = "origin-error";
-      rec.error = describeError(err);
-    }
-    if (!res.headersSent) sendPage(res, renderBlockPage(502, rec.host, `origin ${describeError(err)}`, "origin-error"));
+    rec.error = err.message;
+    if (!res.headersSent) sendPage(res, renderBlockPage(403, rec.host, err.message, "private-destination"));
     else res.destroy();
-  };
-
-  const onResponse = (ures: IncomingMessage): void => {
-    const status = ures.statusCode ?? 502;
-    const rheaders = endToEndHeaders(ures.rawHeaders);
-    if (noResponseBody(method, status)) {
-      res.writeHead(status, ures.statusMessage, rheaders);
-      res.end();
-      ures.resume();
-      return;
-    }
-    // From the raw list: `ures.headers` would build the whole header object for one lookup.
-    const hold = !isStreamingContentType(rawHeader(ures.rawHeaders, "content-type"));
-    relayBody(
-      ures,
-      policy.scan,
-      hold,
-      {
-        open: () => res.writeHead(status, ures.statusMessage, rheaders),
-        write: (c) => res.write(c),
-        end: (last) => res.end(last),
-        onDrain: (cb) => res.once("drain", cb),
-      },
-      (r: RelayResult) => {
-        rec.bytes_down = r.bytes;
-        if (r.kind === "blocked") {
-          rec.decision = "block";
-          rec.rule = "eicar";
-          rec.error = "response body carries the eicar test file";
-          ures.destroy();
-          if (r.released) res.destroy();
-          else sendPage(res, renderBlockPage(403, rec.host, "the response carries malware (eicar test file)", "eicar"));
-        } else if (r.kind === "error") {
-          res.destroy();
-        } else if (r.partial) {
-          rec.rule = "scan-limit";
-        }
-      },
-      rawHeader(ures.rawHeaders, "content-encoding"),
-    );
-  };
-
-  const openUpstream = (): ClientRequest => {
-    const u = httpRequest({ agent: up.agent, host: target.host, port: target.port, method, path: target.path, headers: headers, setHost: false });
-    u.on("response", onResponse);
-    u.on("error", onUpstreamError);
-    ureq = u;
-    return u;
-  };
-
-  if (!hasBody(req)) {
-    openUpstream().end();
-    req.resume();
     return;
   }
+  if (rec.decision === "allow") {
+    rec.decision = "error";
+    rec.rule = "origin-error";
+    rec.error = describeError(err);
+  }
+  if (!res.headersSent) sendPage(res, renderBlockPage(502, rec.host, `origin ${describeError(err)}`, "origin-error"));
+  else res.destroy();
+}
+
+/** Relays the origin's response to the client, its body scanned (and held, unless a stream by nature). */
+function relayResponse(ures: IncomingMessage, method: string, res: ServerResponse, rec: AccessRecord, policy: Policy): void {
+  const status = ures.statusCode ?? 502;
+  const rheaders = endToEndHeaders(ures.rawHeaders);
+  if (noResponseBody(method, status)) {
+    res.writeHead(status, ures.statusMessage, rheaders);
+    res.end();
+    ures.resume();
+    return;
+  }
+  // From the raw list: `ures.headers` would build the whole header object for one lookup.
+  const hold = !isStreamingContentType(rawHeader(ures.rawHeaders, "content-type"));
+  relayBody(
+    ures,
+    policy.scan,
+    hold,
+    {
+      open: () => res.writeHead(status, ures.statusMessage, rheaders),
+      write: (c) => res.write(c),
+      end: (last) => res.end(last),
+      onDrain: (cb) => res.once("drain", cb),
+    },
+    (r: RelayResult) => {
+      const v = judgeRelay(rec, r, "response");
+      if (v.kind === "block") {
+        ures.destroy();
+        if (v.released) res.destroy();
+        else sendPage(res, v.page);
+      } else if (v.kind === "abort") {
+        res.destroy();
+      }
+    },
+    rawHeader(ures.rawHeaders, "content-encoding"),
+  );
+}
+
+/** Relays the client's request body to the origin request `open` makes, scanned (and held, unless a stream by nature). */
+function relayRequestBody(req: IncomingMessage, res: ServerResponse, rec: AccessRecord, policy: Policy, open: () => ClientRequest, upstream: () => ClientRequest | undefined): void {
   relayBody(
     req,
     policy.scan,
     !isStreamingContentType(req.headers["content-type"]),
     {
-      open: () => void openUpstream(),
-      write: (c) => ureq!.write(c),
-      end: (last) => ureq!.end(last),
-      onDrain: (cb) => ureq!.once("drain", cb),
+      open: () => void open(),
+      write: (c) => upstream()!.write(c),
+      end: (last) => upstream()!.end(last),
+      onDrain: (cb) => upstream()!.once("drain", cb),
     },
     (r: RelayResult) => {
-      rec.bytes_up = r.bytes;
-      if (r.kind === "blocked") {
-        rec.decision = "block";
-        rec.rule = "eicar";
-        rec.error = "request body carries the eicar test file";
-        if (r.released) {
-          ureq?.destroy();
-          res.destroy();
-        } else {
-          // Close after the page: the rest of the upload is not read.
-          sendPage(res, renderBlockPage(403, rec.host, "the upload carries malware (eicar test file)", "eicar"), true);
-        }
-      } else if (r.kind === "error") {
-        ureq?.destroy();
+      const v = judgeRelay(rec, r, "request");
+      if (v.kind === "block" && !v.released) {
+        // Close after the page: the rest of the upload is not read.
+        sendPage(res, v.page, true);
+      } else if (v.kind !== "pass") {
+        upstream()?.destroy();
         res.destroy();
       }
     },
