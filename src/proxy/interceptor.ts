@@ -137,6 +137,43 @@ function peekClientHello(socket: Socket, initial: Buffer, timeoutMs: number): Pr
   });
 }
 
+/** Longest cleartext request line the proxy waits for before it decides a tunnel is not HTTP. */
+const MAX_REQUEST_LINE = 8192;
+
+/** An HTTP/1.x request line: method token, target, version (RFC 9112 3). */
+const REQUEST_LINE = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP\/1\.[01]\r?\n/;
+
+/**
+ * Reads cleartext from a tunnel until its first line is complete (or it closes, times out, or
+ * grows past {@link MAX_REQUEST_LINE}) and says whether it is an HTTP/1.x request; the bytes
+ * stay unread for whoever handles the connection.
+ */
+function peekRequestLine(socket: Socket, initial: Buffer, timeoutMs: number): Promise<{ http: boolean; data: Buffer }> {
+  return new Promise((resolve) => {
+    let data = initial;
+    let timer: NodeJS.Timeout | undefined;
+    const decided = (): boolean => data.includes(0x0a) || data.length >= MAX_REQUEST_LINE;
+    const finish = (): void => {
+      clearTimeout(timer);
+      socket.off("data", onData);
+      socket.off("close", finish);
+      socket.off("end", finish);
+      socket.pause();
+      resolve({ http: REQUEST_LINE.test(data.subarray(0, MAX_REQUEST_LINE).toString("latin1")), data });
+    };
+    const onData = (chunk: Buffer): void => {
+      data = Buffer.concat([data, chunk]);
+      if (decided()) finish();
+    };
+    if (decided()) return finish();
+    timer = setTimeout(finish, timeoutMs);
+    socket.on("data", onData);
+    socket.on("close", finish);
+    socket.on("end", finish);
+    socket.resume();
+  });
+}
+
 /** A TCP connection to an origin the destination check allows (IP literals here, names in its lookup). */
 function tcpConnect(host: string, port: number, timeoutMs: number, destinations: DestinationGuard): Promise<Socket> {
   return new Promise((resolve, reject) => {
@@ -330,6 +367,7 @@ export class Interceptor {
     if (c.bypassRule !== undefined) return this.tunnel(socket, tcp, head, c.log, c.bypassRule);
 
     const peek = await peekClientHello(socket, head, this.ctx.limits.clientHelloTimeoutMs);
+    if (peek.kind === "not-tls") return this.cleartext(socket, tcp, peek.data, c);
     const h = this.classifyHello(peek, c);
     if (h.kind !== "intercept") {
       if (h.kind === "tunnel") return this.tunnel(socket, tcp, peek.data, h.log, h.rule);
@@ -421,13 +459,44 @@ export class Interceptor {
     }
   }
 
-  /** What the client's first bytes ask for: interception, a tunnel, a page, or a close. */
+  /**
+   * Cleartext inside a CONNECT: HTTP/1.x is inspected exactly as a plain proxy request (the
+   * same block rules, scanning and access log, one line per request); anything else is closed,
+   * or tunnelled when the policy's `nonTls` is "tunnel" (a `bypassHosts` rule tunnels it earlier).
+   */
+  private async cleartext(socket: Socket, tcp: Socket, first: Buffer, c: Classified): Promise<void> {
+    const { http, data } = await peekRequestLine(socket, first, this.ctx.limits.clientHelloTimeoutMs);
+    if (!http) {
+      if (c.policy.nonTls === "tunnel") return this.tunnel(socket, tcp, data, c.log, "non-tls");
+      tcp.destroy();
+      socket.destroy();
+      return c.log.write("block", "non-tls", 'cleartext that is not HTTP is refused (policy nonTls is "block"; a bypassHosts rule tunnels it)');
+    }
+    if (socket.destroyed) {
+      tcp.destroy();
+      return c.log.write("error", "client-gone");
+    }
+    this.ctx.counters.connect("intercept");
+    tcp.on("error", () => {});
+    const { target, client } = c;
+    const reconnect = (): Promise<Socket> => tcpConnect(target.host, target.port, this.ctx.limits.originTimeoutMs, this.ctx.destinations);
+    const agent = new TunnelAgent(tcp, reconnect);
+    const stats: ConnStats = { requests: 0 };
+    const upstream: Http1Upstream = { scheme: "http", agent: agent as unknown as Agent, tunnel: { host: target.host, port: target.port, requestedHost: target.host } };
+    (socket as Tagged<H1Conn>)[kConn] = { client, upstream, stats };
+    socket.once("close", () => agent.destroy());
+    socket.unshift(data);
+    this.h1.emit("connection", socket);
+    // The peek paused it; the server reads through 'data' events (the outer server unconsumed the socket at the CONNECT).
+    socket.resume();
+  }
+
+  /** What the client's ClientHello asks for: interception, a tunnel, a page, or a close. */
   private classifyHello(peek: Peek, c: Classified): HelloOutcome {
     const { policy, target, log: log0 } = c;
     if (peek.kind !== "hello") {
-      if (peek.kind === "not-tls" && policy.nonTls === "tunnel") return { kind: "tunnel", log: log0, rule: "non-tls" };
-      const why = peek.kind === "not-tls" ? "non-tls traffic refused by policy" : peek.kind === "invalid" ? `bad clienthello: ${peek.reason}` : `client ${peek.kind} before its clienthello`;
-      return { kind: "drop", log: log0, decision: peek.kind === "not-tls" ? "block" : "error", rule: peek.kind === "not-tls" ? "non-tls" : "client-hello", error: why };
+      const why = peek.kind === "invalid" ? `bad clienthello: ${peek.reason}` : `client ${peek.kind} before its clienthello`;
+      return { kind: "drop", log: log0, decision: "error", rule: "client-hello", error: why };
     }
     const hello = peek.hello;
     const host = hello.serverName ?? target.host;

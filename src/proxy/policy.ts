@@ -10,7 +10,7 @@
  *   "bypassHosts": ["*.bank.example"],
  *   "scan":        {"eicar": true, "maxBodyBytes": 1048576, "holdMs": 2000},
  *   "autoBypass":  {"enabled": false, "threshold": 3, "windowSeconds": 300, "ttlSeconds": 3600},
- *   "nonTls":      "tunnel",
+ *   "nonTls":      "block",
  *   "uninspectableAlpn": "block",
  *   "clientCertOrigins": "bypass"
  * }
@@ -80,7 +80,10 @@ export interface Policy {
   readonly scan: ScanSettings;
   /** Pinned-app auto-bypass. */
   readonly autoBypass: AutoBypassSettings;
-  /** What a CONNECT that does not carry TLS gets: a plain tunnel (default) or a close. */
+  /**
+   * What a CONNECT that carries cleartext other than HTTP gets: a close (default) or a plain
+   * tunnel. Cleartext HTTP is always inspected like a plain proxy request, whatever this says.
+   */
   readonly nonTls: "tunnel" | "block";
   /**
    * What a ClientHello that offers only protocols the proxy cannot inspect (ALPN without h2 or
@@ -266,7 +269,7 @@ export function parsePolicy(doc: unknown): Policy {
     windowSeconds: num(abObj, "windowSeconds", "policy.autoBypass", 1, 86_400, DEFAULT_AUTO_BYPASS.windowSeconds),
     ttlSeconds: num(abObj, "ttlSeconds", "policy.autoBypass", 1, 30 * 86_400, DEFAULT_AUTO_BYPASS.ttlSeconds),
   };
-  const nonTls = top["nonTls"] ?? "tunnel";
+  const nonTls = top["nonTls"] ?? "block";
   if (nonTls !== "tunnel" && nonTls !== "block") fail("policy.nonTls", 'must be "tunnel" or "block"');
   const uninspectableAlpn = top["uninspectableAlpn"] ?? "block";
   if (uninspectableAlpn !== "tunnel" && uninspectableAlpn !== "block") fail("policy.uninspectableAlpn", 'must be "tunnel" or "block"');

@@ -1,13 +1,12 @@
 /**
  * The HTTP/1.1 agent of one intercepted tunnel: an Agent-like object (node:http accepts any
- * object with `addRequest`) holding the tunnel's ONE origin connection. Its first request uses
- * the connection made for the handshake; later ones (after the origin closed it) open and
- * verify a new one. What it needs of node:http's private agent protocol is in
+ * object with `addRequest`) holding the tunnel's ONE origin connection (TLS, or TCP for
+ * cleartext HTTP inside a CONNECT). Its first request uses the connection made for the
+ * handshake; later ones (after the origin closed it) open (and verify) a new one. What it needs of node:http's private agent protocol is in
  * ./client-request-agent.ts (and why it is not an `http.Agent`).
  */
 import type { ClientRequest } from "node:http";
 import type { Duplex } from "node:stream";
-import type { TLSSocket } from "node:tls";
 import { assignSocket, failRequest, offAgentEvents, onAgentEvents, releaseSocket, type SocketAgentEvents } from "./client-request-agent.js";
 
 /** One tunnel's origin connection, lent to one request at a time. */
@@ -40,8 +39,8 @@ export class TunnelAgent {
   };
 
   constructor(
-    first: TLSSocket,
-    private readonly reconnect: () => Promise<TLSSocket>,
+    first: Duplex,
+    private readonly reconnect: () => Promise<Duplex>,
   ) {
     this.attach(first);
   }
