@@ -329,8 +329,8 @@ export class Interceptor {
     this.h1.closeAllConnections();
   }
 
-  /** Connections (client sockets of tunnels and intercepted sessions) open now. */
-  get openConnections(): number {
+  /** Sockets the interceptor holds now (client, decrypted and origin sides of tunnels and intercepted sessions). */
+  get socketsHeld(): number {
     return this.live.size;
   }
 

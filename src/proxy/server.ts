@@ -218,8 +218,10 @@ export class ProxyServer {
       });
     });
     const a = this.http.address() as AddressInfo;
+    if (this.metrics !== undefined) {
+      this.metrics.gauge("kmi_proxy_open_connections", "Client connections open (plain HTTP, tunnels and intercepted), each counted once.", [], (g) => g.set(this.openConnections));
+    }
     if (this.options.metricsListen !== undefined && this.metrics !== undefined) {
-      this.metrics.gauge("kmi_proxy_open_connections", "Client connections open (tunnels and intercepted).", [], (g) => g.set(this.openConnections));
       this.metricsServer = await startMetricsServer(this.metrics, parseListenAddress(this.options.metricsListen), this.context.logger);
     }
     this.address = { host: this.options.host, port: a.port };
@@ -234,9 +236,17 @@ export class ProxyServer {
     this.context.accessLog.reopen();
   }
 
-  /** Connections open now (tunnels and intercepted sessions); for tests and metrics. */
+  /**
+   * Client connections open now, each once (a CONNECT's TCP connection, not also its
+   * decrypted TLS socket and its origin connection); for metrics and tests.
+   */
   get openConnections(): number {
-    return this.interceptor.openConnections + this.sockets.size;
+    return this.sockets.size;
+  }
+
+  /** Every socket the proxy holds (client, decrypted and origin sides; some twice): zero once all is closed (leak tests). */
+  get socketsHeld(): number {
+    return this.sockets.size + this.interceptor.socketsHeld;
   }
 
   private onKeyEvent(e: WatchKeysResponse): void {
