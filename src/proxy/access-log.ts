@@ -13,8 +13,12 @@
 import { createWriteStream, type WriteStream } from "node:fs";
 import type { Logger } from "../common/logger.js";
 
-/** What the proxy did with a request or connection. */
-export type Decision = "allow" | "block" | "bypass" | "error";
+/**
+ * What the proxy did with a request or connection. `no-request`: a connection that ended
+ * without sending a request (a browser's unused preconnect, `openssl s_client`, a client that
+ * closed before or right after the TLS handshake without an alert); not an error.
+ */
+export type Decision = "allow" | "block" | "bypass" | "error" | "no-request";
 
 /** One access log record. */
 export interface AccessRecord {

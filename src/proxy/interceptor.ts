@@ -495,8 +495,9 @@ export class Interceptor {
   private classifyHello(peek: Peek, c: Classified): HelloOutcome {
     const { policy, target, log: log0 } = c;
     if (peek.kind !== "hello") {
-      const why = peek.kind === "invalid" ? `bad clienthello: ${peek.reason}` : `client ${peek.kind} before its clienthello`;
-      return { kind: "drop", log: log0, decision: "error", rule: "client-hello", error: why };
+      if (peek.kind === "invalid") return { kind: "drop", log: log0, decision: "error", rule: "client-hello", error: `bad clienthello: ${peek.reason}` };
+      // Closed or silent before its ClientHello: it never asked for anything.
+      return { kind: "drop", log: log0, decision: "no-request", rule: "client-hello", error: `client ${peek.kind} before its clienthello` };
     }
     const hello = peek.hello;
     const host = hello.serverName ?? target.host;
@@ -608,7 +609,7 @@ export class Interceptor {
       clearTimeout(hsTimer);
       o.socket.destroy();
       this.rejected(client, host);
-      log.write("error", "client-closed-in-handshake", "client closed during the tls handshake (refused the leaf?)");
+      log.write("no-request", "client-closed-in-handshake", "client closed during the tls handshake without an alert");
     });
     const stats: ConnStats = { requests: 0 };
     tls.once("secure", () => {
@@ -620,9 +621,14 @@ export class Interceptor {
       ctx.counters.connect("intercept");
       const securedAt = performance.now();
       tls.once("close", () => {
-        if (stats.requests === 0 && performance.now() - securedAt < SILENT_REJECT_MS) {
+        if (stats.requests > 0) return;
+        const seconds = Math.round(performance.now() - securedAt) / 1000;
+        if (seconds * 1000 < SILENT_REJECT_MS) {
+          // Most likely a client that verifies after the handshake and refused the leaf without an alert.
           this.rejected(client, host);
-          log.write("error", "client-closed-after-handshake", "client closed right after the handshake without a request (refused the leaf?)");
+          log.write("no-request", "client-closed-after-handshake", `client closed ${seconds} s after the handshake without a request`);
+        } else {
+          log.write("no-request", "no-request", `client closed ${seconds} s after the handshake without a request`);
         }
       });
       const reconnect = async (): Promise<TLSSocket> => {

@@ -85,7 +85,7 @@ describe("bad clients", () => {
       const rec = await h.log.waitFor((r) => r.rule === "client-hello");
       expect(rec.error).toContain("bad clienthello");
     }
-    // 2. Non-TLS garbage to a TLS origin: tunnelled as is; the origin hangs up.
+    // 2. Non-TLS garbage (not HTTP) to a TLS origin: refused.
     {
       const { socket } = await connectTunnel(h.port, `localhost:${good.port}`);
       socket.write("\x00\x01garbage garbage garbage\r\n\r\n");
@@ -145,7 +145,7 @@ describe("bad clients", () => {
       const times = await Promise.all([closed(idle), closed(slowHeaders), closed(silentTunnel), closed(stalledTls)]);
       for (const t of times) expect(t).toBeLessThan(5000);
       const rec = await h.log.waitFor((r) => r.rule === "client-hello" && (r.error ?? "").includes("timeout"));
-      expect(rec.decision).toBe("error");
+      expect(rec.decision).toBe("no-request");
     }
 
     // Still serving.
