@@ -34,6 +34,9 @@ import { splice } from "./splice.js";
 import { TunnelAgent } from "./tunnel-agent.js";
 import { normalizeClientAddress } from "./tenants.js";
 
+/** Most tenant + origin pairs remembered as having a leaf. */
+const MAX_LEAF_HOSTS = 10_000;
+
 /** Protocols the proxy can inspect, in the order it prefers them. */
 const INSPECTABLE_ALPN = new Set(["h2", "http/1.1", "http/1.0"]);
 
@@ -267,6 +270,8 @@ export class Interceptor {
   private readonly h2: Http2Server;
   private readonly pages: HttpServer;
   private readonly live = new Set<Duplex>();
+  /** Tenant + origin `host:port` pairs that got a leaf lately (least recently used forgotten first). */
+  private readonly leafHosts = new Map<string, true>();
 
   constructor(private readonly ctx: ProxyContext) {
     const l = ctx.limits;
@@ -386,6 +391,7 @@ export class Interceptor {
       o.socket.destroy();
       return this.servePage(socket, peek.data, h.hello, h.log, leaf);
     }
+    this.rememberLeafHost(c.client.tenant, `${c.target.host}:${c.target.port}`);
     if (socket.destroyed) {
       o.socket.destroy();
       return h.log.write("error", "client-gone", "client left during the origin handshake");
@@ -443,7 +449,36 @@ export class Interceptor {
     if (bypass !== undefined) bypassRule = ruleId(bypass);
     else if (ctx.learned.demandsClientCert(originKey) && policy.clientCertOrigins === "bypass") bypassRule = "client-cert";
     else if (ctx.learned.pinnedBypass(match.tenant, target.host)) bypassRule = "auto-bypass";
+    if (bypassRule === undefined) {
+      const cannot = this.cannotIntercept(client, originKey);
+      if (cannot !== undefined) return { kind: "answer", log, refusal: cannot };
+    }
     return { kind: "go", target, client, policy, bypassRule, log };
+  }
+
+  /**
+   * Why this CONNECT cannot be intercepted, when the proxy knows before the 200: the agent has
+   * no key for the tenant (quarantine, revoke, none held), or the client is past its new-host
+   * limit for a host it got no leaf for. Answered on the CONNECT itself, so the client reads the
+   * reason instead of a certificate error from the kmi-blocked CA.
+   */
+  private cannotIntercept(client: ClientInfo, originKey: string): Refusal | undefined {
+    const host = originKey.slice(0, originKey.lastIndexOf(":"));
+    const keys = this.ctx.keys.refusal(client.tenant);
+    if (keys !== undefined) return refusal(renderBlockPage(503, host, keys.reason, keys.rule, "error"), "error", keys.rule, { "retry-after": "30" });
+    if (this.ctx.rateLimiter.exhausted(client.address) && !this.leafHosts.has(`${client.tenant}\u0000${originKey}`)) {
+      const why = "too many new hosts from this address (the proxy's per-address limit on leaf issuance, kmi proxy --issue-rate/--issue-burst); try again shortly";
+      return refusal(renderBlockPage(429, host, why, "issue-rate-limit", "error"), "error", "issue-rate-limit", { "retry-after": "1" });
+    }
+    return undefined;
+  }
+
+  /** Remembers that `tenant` has a leaf for `originKey` (so the new-host limit does not refuse it before the 200). */
+  private rememberLeafHost(tenant: string, originKey: string): void {
+    const k = `${tenant}\u0000${originKey}`;
+    this.leafHosts.delete(k);
+    this.leafHosts.set(k, true);
+    if (this.leafHosts.size > MAX_LEAF_HOSTS) this.leafHosts.delete(this.leafHosts.keys().next().value as string);
   }
 
   /** A TCP connection to the origin, or the refusal to answer on the CONNECT. */

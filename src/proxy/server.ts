@@ -23,6 +23,7 @@ import { LeafCache } from "./leaf-cache.js";
 import { createLeafMinter, MAX_LEAF_LIFETIME_MS } from "./leaf-minter.js";
 import { LearnedBypass } from "./learned-bypass.js";
 import { DestinationGuard } from "./destinations.js";
+import { KeyAvailability } from "./key-availability.js";
 import { OriginConnector } from "./origin.js";
 import { PolicyStore } from "./policy.js";
 import { ClientRateLimiter } from "./rate-limit.js";
@@ -194,6 +195,7 @@ export class ProxyServer {
       destinations,
       blockedCa,
       rateLimiter: new ClientRateLimiter({ perSecond: options.issueRatePerSecond ?? 20, burst: options.issueBurst ?? 100 }),
+      keys: new KeyAvailability(),
       learned: new LearnedBypass(),
       limits,
       counters: createCounters(metrics),
@@ -207,7 +209,10 @@ export class ProxyServer {
     if (this.address !== undefined) return this.address;
     this.watch = this.agent.watchKeys(
       (e) => this.onKeyEvent(e),
-      (connected) => this.context.logger.debug("agent watch", { connected }),
+      (connected) => {
+        this.context.keys.onWatchState(connected);
+        this.context.logger.debug("agent watch", { connected });
+      },
     );
     this.policy.watch();
     await new Promise<void>((resolve, reject) => {
@@ -252,6 +257,7 @@ export class ProxyServer {
   private onKeyEvent(e: WatchKeysResponse): void {
     const leaves = this.context.leaves;
     const log = this.context.logger;
+    this.context.keys.onEvent(e);
     switch (e.type) {
       case KeyEventType.ROTATED:
       case KeyEventType.REVOKED:

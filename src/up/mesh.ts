@@ -499,7 +499,7 @@ async function kdcAuditLinkFlags(L: Layout, auditUrl: string): Promise<string[]>
 const DEFAULT_POLICY = JSON.stringify({ blockHosts: [], blockUrls: [], bypassHosts: [], scan: { eicar: true } }, null, 2) + "\n";
 
 /** The proxy's command line. */
-function proxyArgs(L: Layout, cfg: UpConfig, addr: TcpAddress): string[] {
+export function proxyArgs(L: Layout, cfg: UpConfig, addr: TcpAddress): string[] {
   return [
     "proxy",
     "--listen",
@@ -512,6 +512,10 @@ function proxyArgs(L: Layout, cfg: UpConfig, addr: TcpAddress): string[] {
     L.proxyPolicy,
     ...(cfg.originCaFiles.length > 0 ? ["--extra-ca", cfg.originCaFiles.join(",")] : []),
     ...(cfg.proxyAllowPrivate.length > 0 ? ["--allow-private", cfg.proxyAllowPrivate.join(",")] : []),
+    "--issue-rate",
+    String(cfg.proxyIssueLimit.rate),
+    "--issue-burst",
+    String(cfg.proxyIssueLimit.burst),
     "--access-log",
     L.accessLog,
     "--metrics-listen",
