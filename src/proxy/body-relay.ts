@@ -243,20 +243,27 @@ class BodyRelay {
     d.end();
   }
 
-  /** The body ended clean: what was held goes out in one write (with its length), or the stream ends. */
+  /**
+   * The body ended clean: what was held goes out in one write (with its length), or the stream
+   * ends. The result is reported first, so that the receiver's side knows the final figures
+   * (bytes, scan-limit) when it ends (the access log line is written before the last bytes go out).
+   */
   private complete(): void {
     if (this.finished) return;
+    let body: Buffer | undefined;
     if (!this.released) {
       this.released = true;
       clearTimeout(this.timer);
-      const body = this.held.length === 1 ? this.held[0]! : Buffer.concat(this.held);
+      body = this.held.length === 1 ? this.held[0]! : Buffer.concat(this.held);
       this.held = [];
-      this.sink.open(body.length);
-      this.sink.end(body.length > 0 ? body : undefined);
-    } else {
-      this.sink.end();
     }
     const partial = this.scanner !== undefined && (this.capped || this.opaque || (!this.decoding && this.scanned < this.bytes));
     this.finish({ kind: "done", bytes: this.bytes, scanned: this.scanned, partial });
+    if (body === undefined) {
+      this.sink.end();
+      return;
+    }
+    this.sink.open(body.length);
+    this.sink.end(body.length > 0 ? body : undefined);
   }
 }

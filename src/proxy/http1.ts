@@ -107,7 +107,41 @@ export function requestBlockRule(policy: Policy, scheme: string, authority: stri
   return urlRule === undefined ? undefined : ruleId(urlRule);
 }
 
-function sendPage(res: ServerResponse, page: BlockPage, close = false): void {
+/**
+ * A response and its exchange's access log line. The line is written once: just before the
+ * response's last bytes go out (so a client that reads the log once its response is complete,
+ * `curl …; tail -n 1 access.log`, finds it), or when the response closes without them (an abort).
+ */
+class LoggedResponse {
+  private logged = false;
+
+  constructor(
+    readonly res: ServerResponse,
+    private readonly rec: AccessRecord,
+    private readonly ctx: ProxyContext,
+    private readonly start: number,
+  ) {}
+
+  /** Writes the line (once), with the status sent so far. */
+  log(): void {
+    if (this.logged) return;
+    this.logged = true;
+    const rec = this.rec;
+    rec.status = this.res.headersSent ? this.res.statusCode : 0;
+    rec.duration_ms = Math.round((performance.now() - this.start) * 10) / 10;
+    this.ctx.counters.decision(rec.decision);
+    this.ctx.accessLog.write(rec);
+  }
+
+  /** Logs, then ends the response (with its last chunk). */
+  end(last?: Buffer): void {
+    this.log();
+    this.res.end(last);
+  }
+}
+
+function sendPage(out: LoggedResponse, page: BlockPage, close = false): void {
+  const res = out.res;
   if (res.headersSent) {
     res.destroy();
     return;
@@ -115,7 +149,7 @@ function sendPage(res: ServerResponse, page: BlockPage, close = false): void {
   const headers: Record<string, string> = { ...page.headers };
   if (close) headers["connection"] = "close";
   res.writeHead(page.status, headers);
-  res.end(page.body);
+  out.end(page.body);
 }
 
 function hasBody(req: IncomingMessage): boolean {
@@ -206,52 +240,51 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
   const start = performance.now();
   const target = targetOf(req, up);
   const rec = exchangeRecord(client, req, target, "http/1.1");
+  const out = new LoggedResponse(res, rec, ctx, start);
   let ureq: ClientRequest | undefined;
   res.on("close", () => {
     if (!res.writableFinished) ureq?.destroy();
-    rec.status = res.headersSent ? res.statusCode : 0;
-    rec.duration_ms = Math.round((performance.now() - start) * 10) / 10;
-    ctx.counters.decision(rec.decision);
-    ctx.accessLog.write(rec);
+    out.log();
   });
   const refuse = (r: RequestRefusal): void => {
     rec.decision = "block";
     rec.rule = r.rule;
     if (r.error !== undefined) rec.error = r.error;
-    sendPage(res, r.page, r.close);
+    sendPage(out, r.page, r.close);
     req.resume();
   };
   if ("error" in target) return refuse({ page: renderBlockPage(400, req.headers.host ?? "", target.error, undefined), rule: "bad-request", error: target.error, close: true });
   const policy = ctx.policy.current;
   const refused = refuseRequest(ctx, policy, up, req, target, rec.host);
   if (refused !== undefined) return refuse(refused);
-  const open = (): ClientRequest => (ureq = forwardRequest(ctx, up, target, req, res, rec, policy));
+  const open = (): ClientRequest => (ureq = forwardRequest(up, target, req, out, rec, policy));
   if (!hasBody(req)) {
     open().end();
     req.resume();
     return;
   }
-  relayRequestBody(req, res, rec, policy, open, () => ureq);
+  relayRequestBody(req, out, rec, policy, open, () => ureq);
 }
 
 /** Sends the request to the origin; its response is relayed (and scanned) to `res`. */
-function forwardRequest(ctx: ProxyContext, up: Http1Upstream, target: OriginTarget, req: IncomingMessage, res: ServerResponse, rec: AccessRecord, policy: Policy): ClientRequest {
+function forwardRequest(up: Http1Upstream, target: OriginTarget, req: IncomingMessage, out: LoggedResponse, rec: AccessRecord, policy: Policy): ClientRequest {
   const method = req.method ?? "GET";
   const headers = endToEndHeaders(req.rawHeaders, false, up.tunnel === undefined ? target.authority : undefined);
   const u = httpRequest({ agent: up.agent, host: target.host, port: target.port, method, path: target.path, headers: headers, setHost: false });
-  u.on("response", (ures: IncomingMessage) => relayResponse(ures, method, res, rec, policy));
-  u.on("error", (err: NodeJS.ErrnoException) => onUpstreamError(err, res, rec));
+  u.on("response", (ures: IncomingMessage) => relayResponse(ures, method, out, rec, policy));
+  u.on("error", (err: NodeJS.ErrnoException) => onUpstreamError(err, out, rec));
   return u;
 }
 
 /** The origin connection failed: a 403 (a refused destination) or 502 page, or an abort once headers went out. */
-function onUpstreamError(err: NodeJS.ErrnoException, res: ServerResponse, rec: AccessRecord): void {
+function onUpstreamError(err: NodeJS.ErrnoException, out: LoggedResponse, rec: AccessRecord): void {
+  const res = out.res;
   if (isDestinationDenied(err)) {
     // A name that resolved only to refused addresses (the agent's lookup said so).
     rec.decision = "block";
     rec.rule = "private-destination";
     rec.error = err.message;
-    if (!res.headersSent) sendPage(res, renderBlockPage(403, rec.host, err.message, "private-destination"));
+    if (!res.headersSent) sendPage(out, renderBlockPage(403, rec.host, err.message, "private-destination"));
     else res.destroy();
     return;
   }
@@ -260,17 +293,18 @@ function onUpstreamError(err: NodeJS.ErrnoException, res: ServerResponse, rec: A
     rec.rule = "origin-error";
     rec.error = describeError(err);
   }
-  if (!res.headersSent) sendPage(res, renderBlockPage(502, rec.host, `origin ${describeError(err)}`, "origin-error"));
+  if (!res.headersSent) sendPage(out, renderBlockPage(502, rec.host, `origin ${describeError(err)}`, "origin-error"));
   else res.destroy();
 }
 
 /** Relays the origin's response to the client, its body scanned (and held, unless a stream by nature). */
-function relayResponse(ures: IncomingMessage, method: string, res: ServerResponse, rec: AccessRecord, policy: Policy): void {
+function relayResponse(ures: IncomingMessage, method: string, out: LoggedResponse, rec: AccessRecord, policy: Policy): void {
+  const res = out.res;
   const status = ures.statusCode ?? 502;
   const rheaders = endToEndHeaders(ures.rawHeaders);
   if (noResponseBody(method, status)) {
     res.writeHead(status, ures.statusMessage, rheaders);
-    res.end();
+    out.end();
     ures.resume();
     return;
   }
@@ -283,7 +317,7 @@ function relayResponse(ures: IncomingMessage, method: string, res: ServerRespons
     {
       open: () => res.writeHead(status, ures.statusMessage, rheaders),
       write: (c) => res.write(c),
-      end: (last) => res.end(last),
+      end: (last) => out.end(last),
       onDrain: (cb) => res.once("drain", cb),
     },
     (r: RelayResult) => {
@@ -291,7 +325,7 @@ function relayResponse(ures: IncomingMessage, method: string, res: ServerRespons
       if (v.kind === "block") {
         ures.destroy();
         if (v.released) res.destroy();
-        else sendPage(res, v.page);
+        else sendPage(out, v.page);
       } else if (v.kind === "abort") {
         res.destroy();
       }
@@ -301,7 +335,7 @@ function relayResponse(ures: IncomingMessage, method: string, res: ServerRespons
 }
 
 /** Relays the client's request body to the origin request `open` makes, scanned (and held, unless a stream by nature). */
-function relayRequestBody(req: IncomingMessage, res: ServerResponse, rec: AccessRecord, policy: Policy, open: () => ClientRequest, upstream: () => ClientRequest | undefined): void {
+function relayRequestBody(req: IncomingMessage, out: LoggedResponse, rec: AccessRecord, policy: Policy, open: () => ClientRequest, upstream: () => ClientRequest | undefined): void {
   relayBody(
     req,
     policy.scan,
@@ -316,10 +350,10 @@ function relayRequestBody(req: IncomingMessage, res: ServerResponse, rec: Access
       const v = judgeRelay(rec, r, "request");
       if (v.kind === "block" && !v.released) {
         // Close after the page: the rest of the upload is not read.
-        sendPage(res, v.page, true);
+        sendPage(out, v.page, true);
       } else if (v.kind !== "pass") {
         upstream()?.destroy();
-        res.destroy();
+        out.res.destroy();
       }
     },
     req.headers["content-encoding"],

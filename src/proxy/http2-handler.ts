@@ -106,13 +106,17 @@ export interface H2Upstream {
   readonly requestedHost: string;
 }
 
-function respondPage(stream: ServerHttp2Stream, page: BlockPage): void {
+/** Writes a stream's access log line once; `status` when it is known before the headers go out. */
+type StreamLog = (status?: number) => void;
+
+function respondPage(stream: ServerHttp2Stream, page: BlockPage, log: StreamLog): void {
   if (stream.destroyed || stream.closed) return;
   if (stream.headersSent) {
     stream.close(constants.NGHTTP2_INTERNAL_ERROR);
     return;
   }
   stream.respond({ ":status": page.status, ...page.headers });
+  log();
   stream.end(page.body);
 }
 
@@ -197,24 +201,31 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
     proto: "h2",
   };
   const policy = ctx.policy.current;
-  const origin = new OriginStream(() => void openOriginStream(up, stream, headers, false, rec, policy, origin));
-  stream.on("error", () => {});
-  stream.on("close", () => {
-    origin.cancel();
-    rec.status = stream.headersSent ? Number(stream.sentHeaders[":status"] ?? 0) : 0;
+  // The line is written once: just before the response's last bytes go out, or when the stream closes without them.
+  let logged = false;
+  const log: StreamLog = (status) => {
+    if (logged) return;
+    logged = true;
+    rec.status = status ?? (stream.headersSent ? Number(stream.sentHeaders[":status"] ?? 0) : 0);
     rec.duration_ms = Math.round((performance.now() - start) * 10) / 10;
     ctx.counters.decision(rec.decision);
     ctx.accessLog.write(rec);
+  };
+  const origin = new OriginStream(() => void openOriginStream(up, stream, headers, false, rec, policy, origin, log));
+  stream.on("error", () => {});
+  stream.on("close", () => {
+    origin.cancel();
+    log();
   });
   const refused = refuseStream(policy, method, authority, path, up, rec.host);
   if (refused !== undefined) {
     rec.decision = "block";
     rec.rule = refused.rule;
-    respondPage(stream, refused.page);
+    respondPage(stream, refused.page, log);
     return;
   }
   if (stream.endAfterHeaders) {
-    void openOriginStream(up, stream, headers, true, rec, policy, origin);
+    void openOriginStream(up, stream, headers, true, rec, policy, origin, log);
     return;
   }
   // The request body is relayed once the origin stream exists; until then chunks are held.
@@ -226,7 +237,7 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
     (r: RelayResult) => {
       const v = judgeRelay(rec, r, "request");
       if (v.kind !== "pass") origin.cancel();
-      if (v.kind === "block") respondPage(stream, v.page);
+      if (v.kind === "block") respondPage(stream, v.page, log);
     },
     headers["content-encoding"] === undefined ? undefined : String(headers["content-encoding"]),
   );
@@ -241,13 +252,13 @@ function refuseStream(policy: Policy, method: string, authority: string, path: s
 }
 
 /** The origin failed the stream: a 502 page (or a reset, once the response began). */
-function onOriginError(stream: ServerHttp2Stream, rec: AccessRecord, err: NodeJS.ErrnoException): void {
+function onOriginError(stream: ServerHttp2Stream, rec: AccessRecord, err: NodeJS.ErrnoException, log: StreamLog): void {
   if (rec.decision === "allow") {
     rec.decision = "error";
     rec.rule = "origin-error";
     rec.error = describeError(err);
   }
-  respondPage(stream, renderBlockPage(502, rec.host, `origin ${describeError(err)}`, "origin-error"));
+  respondPage(stream, renderBlockPage(502, rec.host, `origin ${describeError(err)}`, "origin-error"), log);
 }
 
 /** Opens the origin stream for a client stream and relays its response; undefined when it could not. */
@@ -259,6 +270,7 @@ function openOriginStream(
   rec: AccessRecord,
   policy: Policy,
   origin: OriginStream,
+  log: StreamLog,
 ): Promise<ClientHttp2Stream | undefined> {
   const method = rec.method;
   return up.origin.get().then(
@@ -268,33 +280,43 @@ function openOriginStream(
       let answered = false;
       o.on("response", (rh, flags) => {
         answered = true;
-        relayH2Response(o, rh, flags, method, stream, rec, policy);
+        relayH2Response(o, rh, flags, method, stream, rec, policy, log);
       });
-      o.on("error", (err: NodeJS.ErrnoException) => onOriginError(stream, rec, err));
+      o.on("error", (err: NodeJS.ErrnoException) => onOriginError(stream, rec, err, log));
       o.on("close", () => {
         // The origin reset the stream before answering. (An answered stream may close before
         // its headers are passed on: a held body is still being scanned, e.g. as it decodes.)
         if (!answered && !stream.headersSent && !stream.closed && rec.decision === "allow") {
-          onOriginError(stream, rec, Object.assign(new Error(`stream reset (code ${o.rstCode})`), { code: "RST_STREAM" }));
+          onOriginError(stream, rec, Object.assign(new Error(`stream reset (code ${o.rstCode})`), { code: "RST_STREAM" }), log);
         }
       });
       origin.attach(o);
       return o;
     },
     (err: NodeJS.ErrnoException) => {
-      onOriginError(stream, rec, err);
+      onOriginError(stream, rec, err, log);
       return undefined;
     },
   );
 }
 
 /** Relays the origin's response (headers, body scanned, trailers) to the client stream. */
-function relayH2Response(o: ClientHttp2Stream, rh: IncomingHttpHeaders, flags: number, method: string, stream: ServerHttp2Stream, rec: AccessRecord, policy: Policy): void {
+function relayH2Response(
+  o: ClientHttp2Stream,
+  rh: IncomingHttpHeaders,
+  flags: number,
+  method: string,
+  stream: ServerHttp2Stream,
+  rec: AccessRecord,
+  policy: Policy,
+  log: StreamLog,
+): void {
   const status = Number(rh[":status"] ?? 502);
   const out = forwardHeaders(rh, false);
   const ended = (flags & constants.NGHTTP2_FLAG_END_STREAM) !== 0 || method === "HEAD" || status === 204 || status === 304;
   if (stream.destroyed || stream.closed) return;
   if (ended) {
+    log(status);
     stream.respond(out, { endStream: true });
     o.resume();
     return;
@@ -313,14 +335,17 @@ function relayH2Response(o: ClientHttp2Stream, rh: IncomingHttpHeaders, flags: n
     {
       open: () => stream.respond(out, { waitForTrailers: mayHaveTrailers }),
       write: (c) => stream.write(c),
-      end: (last) => stream.end(last),
+      end: (last) => {
+        log();
+        stream.end(last);
+      },
       onDrain: (cb) => stream.once("drain", cb),
     },
     (r: RelayResult) => {
       const v = judgeRelay(rec, r, "response");
       if (v.kind === "block") {
         o.close(constants.NGHTTP2_CANCEL);
-        respondPage(stream, v.page);
+        respondPage(stream, v.page, log);
       } else if (v.kind === "abort") {
         if (!stream.closed) stream.close(o.rstCode || constants.NGHTTP2_INTERNAL_ERROR);
       }

@@ -321,13 +321,6 @@ export class ProxyServer {
         ? renderBlockPage(407, req.headers.host ?? "", match.reason, undefined)
         : renderBlockPage(403, req.headers.host ?? "", "no tenant matches this client", undefined);
     const extra: Record<string, string> = match.kind === "auth-required" ? { "proxy-authenticate": 'Basic realm="kmi proxy"' } : {};
-    if (res !== undefined) {
-      res.writeHead(page.status, { ...page.headers, ...extra });
-      res.end(page.body);
-      req.resume();
-    } else {
-      socket.end(rawHttpResponse(page, extra));
-    }
     this.context.accessLog.write({
       tenant: "",
       client: `${address}:${s.remotePort ?? 0}`,
@@ -342,6 +335,14 @@ export class ProxyServer {
       duration_ms: 0,
       proto: "http/1.1",
     });
+    // Logged before the answer goes out (a script that reads the log after its request finds the line).
+    if (res !== undefined) {
+      res.writeHead(page.status, { ...page.headers, ...extra });
+      res.end(page.body);
+      req.resume();
+    } else {
+      socket.end(rawHttpResponse(page, extra));
+    }
     return undefined;
   }
 
