@@ -309,19 +309,24 @@ export class PolicyStore {
   private watcher: FSWatcher | undefined;
   private debounce: NodeJS.Timeout | undefined;
   private generation = 0;
+  private failed = 0;
 
   private constructor(
     private readonly path: string | undefined,
     initial: Policy,
     private readonly logger: Logger,
+    private readonly onReloadFailed: () => void = () => {},
   ) {
     this.policy = initial;
   }
 
-  /** Loads the file (if any; otherwise the default policy). A bad file at startup is an error. */
-  static async create(path: string | undefined, logger: Logger): Promise<PolicyStore> {
+  /**
+   * Loads the file (if any; otherwise the default policy). A bad file at startup is an error.
+   * `onReloadFailed` is called for each later reload that fails (a metric counts them).
+   */
+  static async create(path: string | undefined, logger: Logger, onReloadFailed?: () => void): Promise<PolicyStore> {
     const p = path === undefined ? defaultPolicy() : await loadPolicyFile(path);
-    return new PolicyStore(path === undefined ? undefined : resolve(path), p, logger);
+    return new PolicyStore(path === undefined ? undefined : resolve(path), p, logger, onReloadFailed);
   }
 
   /** A store with a fixed policy (tests). */
@@ -339,6 +344,11 @@ export class PolicyStore {
     return this.generation;
   }
 
+  /** Reloads that failed since start (the previous policy stayed in force). */
+  get failures(): number {
+    return this.failed;
+  }
+
   /** Rereads the file; returns true when the new policy is in force. */
   async reload(): Promise<boolean> {
     if (this.path === undefined) return false;
@@ -348,7 +358,10 @@ export class PolicyStore {
       this.logger.info("policy reloaded", { path: this.path, generation: this.generation });
       return true;
     } catch (err) {
-      this.logger.error("policy reload failed; the previous policy stays in force", { path: this.path, error: (err as Error).message });
+      this.failed++;
+      // `event` is what `kmi up` picks out to print on its terminal.
+      this.logger.error("policy reload failed; the previous policy stays in force", { event: "policy-reload-failed", path: this.path, error: (err as Error).message });
+      this.onReloadFailed();
       return false;
     }
   }

@@ -170,7 +170,9 @@ export class ProxyServer {
     const logger = options.logger;
     const metrics = options.metrics ?? (options.metricsListen !== undefined ? createMetricsRegistry() : undefined);
     const tenants = createTenantResolver(options.tenants ?? [], options.defaultTenant, options.requireAuth ?? false, { logger });
-    const policy = await PolicyStore.create(options.policyFile, logger);
+    const reloadFailures = metrics?.counter("kmi_proxy_policy_reload_failures_total", "Policy file reloads that failed (the previous policy stayed in force).");
+    reloadFailures?.inc(0); // exported as 0 from the start, so an alert on its increase works from the first failure
+    const policy = await PolicyStore.create(options.policyFile, logger, () => reloadFailures?.inc());
     const agent = options.agent ?? (options.agentSocket !== undefined ? new AgentClient({ socketPath: options.agentSocket, logger }) : undefined);
     if (agent === undefined) throw new Error("agent socket: not set; give --agent-socket with the key agent's Unix socket path");
     const accessLog = typeof options.accessLog === "object" ? options.accessLog : createAccessLog(options.accessLog ?? "-", logger, { query: options.accessLogQuery ?? false });

@@ -394,6 +394,10 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
         await poll(async () => ((await tcpOpen(host, listen.proxy.port)) ? true : undefined), s, 100);
         return `listening on ${formatHostPort(listen.proxy)}`;
       },
+      // A bad edit of the policy file must not go unnoticed: the proxy keeps the old policy and says so here.
+      onLog: (r) => {
+        if (r["event"] === "policy-reload-failed") progress.warn("proxy", `policy not reloaded, the previous one stays in force: ${String(r["error"] ?? "")}`);
+      },
     };
     progress.step("proxy", `${await abortable(sup.start(proxyDef), signal)} (pid ${sup.status("proxy")?.pid})`);
 

@@ -2,6 +2,7 @@
  * The proxy's own metrics, read from its registry while real clients are connected.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createLogger } from "../../../src/common/logger.js";
 import { createMetricsRegistry, type MetricsRegistry } from "../../../src/common/metrics.js";
 import { startOrigin, type Origin } from "../../fixtures/proxy/origins.js";
 import { connectTunnel, requestOver, startHarness, tlsViaProxy, type Harness } from "../../fixtures/proxy/harness.js";
@@ -9,10 +10,13 @@ import { connectTunnel, requestOver, startHarness, tlsViaProxy, type Harness } f
 let h: Harness;
 let good: Origin;
 let registry: MetricsRegistry;
+/** The proxy's own log lines. */
+const logLines: string[] = [];
 
 beforeAll(async () => {
   registry = createMetricsRegistry();
-  h = await startHarness({ proxy: { metrics: registry } });
+  const logger = createLogger({ level: "info", write: (l) => void logLines.push(l) });
+  h = await startHarness({ policy: { blockHosts: ["blocked.test"] }, proxy: { metrics: registry, logger } });
   good = await startOrigin({ cert: h.pki.good });
 });
 
@@ -49,5 +53,25 @@ describe("kmi_proxy_open_connections", () => {
     a.destroy();
     b.socket.destroy();
     await until("both closed", () => metric("kmi_proxy_open_connections") === 0);
+  });
+});
+
+describe("a policy file that fails to reload", () => {
+  it("is counted (kmi_proxy_policy_reload_failures_total), logged with event policy-reload-failed, and the previous policy stays in force", async () => {
+    expect(metric("kmi_proxy_policy_reload_failures_total")).toBe(0);
+    await h.writePolicy({ blockHosts: ["a b"] });
+    await until("the failed reload is counted", () => metric("kmi_proxy_policy_reload_failures_total") === 1);
+    const line = logLines.map((l) => JSON.parse(l) as Record<string, unknown>).find((r) => r["event"] === "policy-reload-failed");
+    expect(line).toMatchObject({ level: "error", msg: "policy reload failed; the previous policy stays in force" });
+    expect(String(line!["error"])).toContain("policy.blockHosts[0]");
+    // The previous policy is still the one in force.
+    const r = await connectTunnel(h.port, "blocked.test:443");
+    r.socket.destroy();
+    expect(r.status).toBe(403);
+    // A good file is taken again, and the count stays.
+    const reloads = h.proxy.context.policy.reloads;
+    await h.writePolicy({});
+    await until("the good file is reloaded", () => h.proxy.context.policy.reloads > reloads);
+    expect(metric("kmi_proxy_policy_reload_failures_total")).toBe(1);
   });
 });
