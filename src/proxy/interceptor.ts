@@ -31,6 +31,7 @@ import { describeOriginCertificate, leafNames } from "./origin-cert.js";
 import { describeError, isClientCertRequired, type OriginResult } from "./origin.js";
 import { normalizeHost, ruleId, type Policy } from "./policy.js";
 import { splice } from "./splice.js";
+import { markHandshakeDone } from "./tls-server-socket.js";
 import { TunnelAgent } from "./tunnel-agent.js";
 import { normalizeClientAddress } from "./tenants.js";
 
@@ -649,8 +650,7 @@ export class Interceptor {
     const stats: ConnStats = { requests: 0 };
     tls.once("secure", () => {
       secured = true;
-      // What tls.Server does before 'secureConnection'; http2 waits for it.
-      (tls as TLSSocket & { secureConnecting: boolean }).secureConnecting = false;
+      markHandshakeDone(tls);
       clearTimeout(hsTimer);
       o.stopWatching();
       ctx.counters.connect("intercept");
@@ -761,7 +761,7 @@ export class Interceptor {
     const timer = setTimeout(() => tls.destroy(), this.ctx.limits.handshakeTimeoutMs);
     tls.once("close", () => clearTimeout(timer));
     tls.once("secure", () => {
-      (tls as TLSSocket & { secureConnecting: boolean }).secureConnecting = false;
+      markHandshakeDone(tls);
       if (tls.alpnProtocol !== false && tls.alpnProtocol !== "http/1.1") {
         tls.destroy();
         return;
