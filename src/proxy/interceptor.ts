@@ -6,9 +6,13 @@
  * minted; and the client's TLS is terminated with that leaf and the protocol the origin
  * chose, handing the decrypted connection to the HTTP/1.1 or HTTP/2 handlers.
  *
- * Refusals after the 200 (the origin's certificate does not verify, the SNI names a blocked
- * host, the agent cannot issue) are answered with a page under the untrusted kmi-blocked CA
- * (see ./blocked-ca.ts), never under the tenant's trusted intermediate.
+ * What is known before the 200 is answered on the CONNECT itself: a blocked target, no tenant,
+ * an unreachable or refused destination, and a tenant the agent cannot issue for (quarantine,
+ * revoke, no key, the new-host limit: 503/429 with the reason). Refusals after the 200 (the
+ * origin's certificate does not verify, the SNI names a blocked host, the agent fails to issue)
+ * are answered with a page under the untrusted kmi-blocked CA (see ./blocked-ca.ts), never
+ * under the tenant's trusted intermediate. Cleartext HTTP inside a CONNECT is handed to the
+ * HTTP/1.1 handler, inspected like a plain proxy request.
  */
 import { createServer as createHttpServer, type Agent, type IncomingMessage, type Server as HttpServer } from "node:http";
 import { createServer as createH2Server, type Http2Server, type ServerHttp2Session } from "node:http2";
