@@ -606,87 +606,103 @@ export class Interceptor {
     return refusal(renderBlockPage(502, h.host, `origin ${describeError(err)}`, "origin-tls"), "error", "origin-tls");
   }
 
-  /** Terminates the client's TLS with the leaf and the origin's protocol choice, then serves HTTP/1.1 or h2. */
+  /** Terminates the client's TLS with the leaf and the origin's protocol choice; once secured, serves HTTP/1.1 or h2. */
   private terminate(socket: Socket, data: Buffer, leaf: LeafEntry, c: Classified, h: Intercept, o: OriginTls): void {
-    const ctx = this.ctx;
-    const { client, target } = c;
-    const { host, log } = h;
     socket.unshift(data);
-    const alpn = o.alpn;
     const tls = new TLSSocket(socket, {
       isServer: true,
       secureContext: leaf.context,
-      ALPNProtocols: alpn === false ? undefined : [alpn],
+      ALPNProtocols: o.alpn === false ? undefined : [o.alpn],
     });
     // The outer HTTP server's sockets allow half-open connections, and a TLSSocket inherits
     // that; a decrypted connection must not, or a client's FIN would leave it (an HTTP/2
     // session, a stalled upload) open until its idle timeout.
     tls.allowHalfOpen = false;
     this.track(tls);
-    let secured = false;
-    let failed = false;
-    const hsTimer = setTimeout(() => {
-      failed = true;
-      tls.destroy();
-      log.write("error", "client-tls", `client did not finish its tls handshake within ${ctx.limits.handshakeTimeoutMs} ms`);
-    }, ctx.limits.handshakeTimeoutMs);
-    tls.on("error", (err: NodeJS.ErrnoException) => {
-      if (secured || failed) return;
-      failed = true;
-      clearTimeout(hsTimer);
+    this.watchHandshake(tls, c.client, h, o, () => {
+      markHandshakeDone(tls);
+      o.stopWatching();
+      this.ctx.counters.connect("intercept");
+      const stats: ConnStats = { requests: 0 };
+      this.logIfNoRequest(tls, c.client, h, stats);
+      this.serveDecrypted(tls, c, h, o, stats);
+    });
+  }
+
+  /**
+   * Calls `secured` when the client's handshake completes; logs (and counts toward auto-bypass)
+   * a handshake that times out, fails, or is abandoned, and then closes the origin side.
+   */
+  private watchHandshake(tls: TLSSocket, client: ClientInfo, h: Intercept, o: OriginTls, secured: () => void): void {
+    const { host, log } = h;
+    let settled = false;
+    const fail = (decision: Decision, rule: string, why: string, rejected: boolean): void => {
+      settled = true;
+      clearTimeout(timer);
       o.socket.destroy();
-      // The client refused the minted certificate (a pinned app, or the CA is not installed).
-      const code = err.code ?? "";
-      const rejected = /ALERT_(BAD_CERTIFICATE|UNKNOWN_CA|CERTIFICATE_UNKNOWN|UNSUPPORTED_CERTIFICATE|CERTIFICATE_REVOKED|ACCESS_DENIED|DECRYPT_ERROR)/.test(code);
       if (rejected) this.rejected(client, host);
-      log.write("error", rejected ? "client-rejected-leaf" : "client-tls", `client tls: ${describeError(err)}`);
+      log.write(decision, rule, why);
+    };
+    const timer = setTimeout(() => {
+      fail("error", "client-tls", `client did not finish its tls handshake within ${this.ctx.limits.handshakeTimeoutMs} ms`, false);
+      tls.destroy();
+    }, this.ctx.limits.handshakeTimeoutMs);
+    tls.on("error", (err: NodeJS.ErrnoException) => {
+      if (settled) return;
+      // The client refused the minted certificate (a pinned app, or the CA is not installed).
+      const rejected = /ALERT_(BAD_CERTIFICATE|UNKNOWN_CA|CERTIFICATE_UNKNOWN|UNSUPPORTED_CERTIFICATE|CERTIFICATE_REVOKED|ACCESS_DENIED|DECRYPT_ERROR)/.test(err.code ?? "");
+      fail("error", rejected ? "client-rejected-leaf" : "client-tls", `client tls: ${describeError(err)}`, rejected);
     });
     tls.once("close", () => {
-      if (secured || failed) return;
+      if (settled) return;
       // Closed after our certificate went out, before finishing the handshake: clients that
       // verify as the handshake ends (Node, many pinning libraries) leave this way, without an alert.
-      failed = true;
-      clearTimeout(hsTimer);
-      o.socket.destroy();
-      this.rejected(client, host);
-      log.write("no-request", "client-closed-in-handshake", "client closed during the tls handshake without an alert");
+      fail("no-request", "client-closed-in-handshake", "client closed during the tls handshake without an alert", true);
     });
-    const stats: ConnStats = { requests: 0 };
     tls.once("secure", () => {
-      secured = true;
-      markHandshakeDone(tls);
-      clearTimeout(hsTimer);
-      o.stopWatching();
-      ctx.counters.connect("intercept");
-      const securedAt = performance.now();
-      tls.once("close", () => {
-        if (stats.requests > 0) return;
-        const seconds = Math.round(performance.now() - securedAt) / 1000;
-        if (seconds * 1000 < SILENT_REJECT_MS) {
-          // Most likely a client that verifies after the handshake and refused the leaf without an alert.
-          this.rejected(client, host);
-          log.write("no-request", "client-closed-after-handshake", `client closed ${seconds} s after the handshake without a request`);
-        } else {
-          log.write("no-request", "no-request", `client closed ${seconds} s after the handshake without a request`);
-        }
-      });
-      const reconnect = async (): Promise<TLSSocket> => {
-        const r = await ctx.origins.connect({ host: target.host, port: target.port, servername: h.hello.serverName, alpn: alpn === false ? [] : [alpn] });
-        if (r.kind !== "ok") throw Object.assign(new Error(r.reason), { code: r.kind === "failed" ? r.code : r.kind.toUpperCase() });
-        return r.socket;
-      };
-      if (alpn === "h2") {
-        const origin = new H2Origin(o.socket, target.port === 443 ? host : `${host}:${target.port}`, reconnect);
-        (tls as Tagged<H2Conn>)[kConn] = { client, upstream: { origin, requestedHost: host }, stats };
-        tls.once("close", () => origin.close());
-        this.h2.emit("connection", tls);
+      settled = true;
+      clearTimeout(timer);
+      secured();
+    });
+  }
+
+  /** Logs a decrypted connection that closes without a request (`no-request`). */
+  private logIfNoRequest(tls: TLSSocket, client: ClientInfo, h: Intercept, stats: ConnStats): void {
+    const securedAt = performance.now();
+    tls.once("close", () => {
+      if (stats.requests > 0) return;
+      const seconds = Math.round(performance.now() - securedAt) / 1000;
+      if (seconds * 1000 < SILENT_REJECT_MS) {
+        // Most likely a client that verifies after the handshake and refused the leaf without an alert.
+        this.rejected(client, h.host);
+        h.log.write("no-request", "client-closed-after-handshake", `client closed ${seconds} s after the handshake without a request`);
       } else {
-        const agent = new TunnelAgent(o.socket, reconnect);
-        (tls as Tagged<H1Conn>)[kConn] = { client, upstream: { scheme: "https", agent: agent as unknown as Agent, tunnel: { host: target.host, port: target.port, requestedHost: host } }, stats };
-        tls.once("close", () => agent.destroy());
-        this.h1.emit("connection", tls);
+        h.log.write("no-request", "no-request", `client closed ${seconds} s after the handshake without a request`);
       }
     });
+  }
+
+  /** Hands the decrypted connection to the inner HTTP/1.1 or HTTP/2 server, with its origin side. */
+  private serveDecrypted(tls: TLSSocket, c: Classified, h: Intercept, o: OriginTls, stats: ConnStats): void {
+    const { client, target } = c;
+    const { host } = h;
+    const alpn = o.alpn;
+    const reconnect = async (): Promise<TLSSocket> => {
+      const r = await this.ctx.origins.connect({ host: target.host, port: target.port, servername: h.hello.serverName, alpn: alpn === false ? [] : [alpn] });
+      if (r.kind !== "ok") throw Object.assign(new Error(r.reason), { code: r.kind === "failed" ? r.code : r.kind.toUpperCase() });
+      return r.socket;
+    };
+    if (alpn === "h2") {
+      const origin = new H2Origin(o.socket, target.port === 443 ? host : `${host}:${target.port}`, reconnect);
+      (tls as Tagged<H2Conn>)[kConn] = { client, upstream: { origin, requestedHost: host }, stats };
+      tls.once("close", () => origin.close());
+      this.h2.emit("connection", tls);
+      return;
+    }
+    const agent = new TunnelAgent(o.socket, reconnect);
+    (tls as Tagged<H1Conn>)[kConn] = { client, upstream: { scheme: "https", agent: agent as unknown as Agent, tunnel: { host: target.host, port: target.port, requestedHost: host } }, stats };
+    tls.once("close", () => agent.destroy());
+    this.h1.emit("connection", tls);
   }
 
   /** Counts a client's refusal of the minted leaf (pinned-app detection, when the policy turns it on). */
