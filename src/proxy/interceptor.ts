@@ -371,7 +371,7 @@ export class Interceptor {
     const tcp = dialed.tcp;
     if (socket.destroyed) {
       tcp.destroy();
-      return c.log.write("error", "client-gone");
+      return c.log.write("no-request", "client-gone");
     }
     socket.write("HTTP/1.1 200 Connection Established\r\n\r\n");
     if (c.bypassRule !== undefined) return this.tunnel(socket, tcp, head, c.log, c.bypassRule);
@@ -399,7 +399,7 @@ export class Interceptor {
     this.rememberLeafHost(c.client.tenant, `${c.target.host}:${c.target.port}`);
     if (socket.destroyed) {
       o.socket.destroy();
-      return h.log.write("error", "client-gone", "client left during the origin handshake");
+      return h.log.write("no-request", "client-gone", "client left during the origin handshake");
     }
     const late = this.lateOriginRefusal(c, h, o);
     if (late !== undefined) {
@@ -514,7 +514,7 @@ export class Interceptor {
     }
     if (socket.destroyed) {
       tcp.destroy();
-      return c.log.write("error", "client-gone");
+      return c.log.write("no-request", "client-gone");
     }
     this.ctx.counters.connect("intercept");
     tcp.on("error", () => {});
@@ -751,7 +751,7 @@ export class Interceptor {
       (tcp) => {
         if (socket.destroyed) {
           tcp.destroy();
-          return log.write("error", "client-gone");
+          return log.write("no-request", "client-gone");
         }
         this.tunnel(socket, tcp, first, log, "client-cert");
       },
