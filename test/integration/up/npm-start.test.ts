@@ -526,6 +526,17 @@ describe("npm start and the five-minute tour, exactly as README.md says", () => 
     expect(r.stdout).toBe(fresh.body);
   });
 
+  it("a bad edit of the proxy's policy file is printed on the kmi up terminal; the previous policy stays in force", { timeout: 30_000 }, async () => {
+    const file = join(copy, "data", "config", "proxy-policy.json");
+    const good = await readFile(file, "utf8");
+    await writeFile(file, '{"blockHosts": ["a b"]}\n');
+    await session!.waitForLine(/proxy: warning: policy not reloaded, the previous one stays in force: .*policy\.blockHosts\[0\]/, 15_000);
+    await writeFile(file, good);
+    // The terminal line comes from this record of the proxy's own log.
+    const rec = await readFile(join(copy, "data", "logs", "proxy.log"), "utf8");
+    expect(rec).toContain('"event":"policy-reload-failed"');
+  });
+
   it("tour step 6: quarantines the machine; the proxy then refuses new interceptions", { timeout: 60_000 }, async () => {
     const list = await tourCommand(6, /machine list/);
     const rows = list.stdout.trim().split("\n");
