@@ -407,7 +407,7 @@ describe("npm start and the five-minute tour, exactly as README.md says", () => 
     expect(pasted.stdout).toMatch(/^dev\s/m);
     expect(ctlEnv.KMI_CTL_TOKEN_FILE).toBe(join(copy, "data", "operator.token"));
     // The portal's address and a one-time operator login link to it.
-    expect(out).toContain(`Portal (the Certificate menu in a browser that trusts data/kdc/infra-ca.pem): ${ctlEnv.KMI_CTL_KDC}/`);
+    expect(out).toContain(`Portal (the Certificate menu in a browser that trusts ${ctlEnv.KMI_CTL_CA_FILE}): ${ctlEnv.KMI_CTL_KDC}/`);
     expect(out).toMatch(new RegExp(`one-time operator login link \\(15 min\\): ${ctlEnv.KMI_CTL_KDC.replace(/\./g, "\\.")}/#login=[A-Za-z0-9_-]{43}$`, "m"));
     expect((await stat(ctlEnv.KMI_CTL_TOKEN_FILE)).mode & 0o777).toBe(0o600);
     // The join token was spent and removed; every part logs to data/logs.
