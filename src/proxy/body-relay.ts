@@ -124,214 +124,266 @@ export function relayBody(
   encoding?: string,
   inspector?: BodyInspector,
 ): void {
-  const scanning = settings.eicar && settings.maxBodyBytes > 0;
-  const max = settings.maxBodyBytes;
-  const scanner = scanning ? new EicarScanner() : undefined;
+  new BodyRelay(source, settings, sink, onResult, encoding, inspector).start(hold);
+}
+
+/**
+ * One body's relay, in its stages: chunks arrive ({@link BodyRelay.onData}) and are scanned
+ * (through the decoder when the body is encoded), held until released, then streamed; the end
+ * of the body completes it (after the inspector's verdict, when there is an inspector); the
+ * first of end, hit, block verdict, or failure finishes it.
+ */
+class BodyRelay {
+  private readonly scanner: EicarScanner | undefined;
+  private readonly max: number;
+  /** Decodes an encoded body for the scanner (raw chunks in, decoded bytes to the scanner). */
+  private decoder: Transform | undefined;
+  private readonly decoding: boolean;
+  /** An encoding the scan cannot see through ("compress", several codings): scanned as sent, which finds nothing. */
+  private readonly opaque: boolean;
+  /** True once scanning has stopped before the end of the body (the cap, or a body that did not decode). */
+  private capped = false;
+  private bytes = 0;
+  private scanned = 0;
+  private released = false;
+  private finished = false;
+  private held: Buffer[] = [];
+  private timer: NodeJS.Timeout | undefined;
+  private arm: NodeJS.Immediate | undefined;
   /** The inspector's answer, once it came. */
-  let verdict: InspectionVerdict | undefined;
+  private verdict: InspectionVerdict | undefined;
   /** True once the body has ended and only the inspector's answer is awaited. */
-  let awaiting = false;
+  private awaiting = false;
   /** Reasons the source is paused now (the sink's or the inspector's backpressure). */
-  let pauses = 0;
+  private pauses = 0;
   /**
    * The latest chunk, kept back from a released body until the inspector answers: with a
    * Content-Length the end of the body is its last bytes, so withholding only the end would
    * let a client complete an infected file.
    */
-  let tail: Buffer | undefined;
-  const pending = (): boolean => inspector !== undefined && verdict === undefined;
-  // With an encoding: raw chunks go to the decoder, its output to the scanner.
-  let decoder = scanning ? decoderFor(encoding) : undefined;
-  const decoding = decoder !== undefined;
-  // An encoding the scan cannot see through ("compress", several codings): scanned as sent, which finds nothing.
-  const opaque = decoder === undefined && encoding !== undefined && encoding.trim() !== "" && encoding.trim().toLowerCase() !== "identity";
-  /** True once scanning has stopped before the end of the body (the cap, or a body that did not decode). */
-  let capped = false;
-  let bytes = 0;
-  let scanned = 0;
-  let released = false;
-  let finished = false;
-  let held: Buffer[] = [];
-  let timer: NodeJS.Timeout | undefined;
-  let arm: NodeJS.Immediate | undefined;
+  private tail: Buffer | undefined;
 
-  const finish = (r: RelayResult): void => {
-    if (finished) return;
-    finished = true;
-    if (inspector !== undefined && verdict === undefined) inspector.abort();
-    stopDecoding();
-    clearTimeout(timer);
-    if (arm !== undefined) clearImmediate(arm);
-    source.off("data", onData);
-    source.off("end", onEnd);
-    source.off("error", onError);
-    source.off("close", onClose);
-    held = [];
-    tail = undefined;
-    onResult(r);
+  private readonly onData = (chunk: Buffer): void => this.data(chunk);
+  private readonly onEnd = (): void => this.end();
+  private readonly onError = (err: Error): void => this.finish({ kind: "error", bytes: this.bytes, error: err });
+  private readonly onClose = (): void => {
+    // A source that closes without 'end' went away mid-body.
+    if (!this.source.readableEnded) this.finish({ kind: "error", bytes: this.bytes, error: new Error("source closed mid-body") });
   };
+
+  constructor(
+    private readonly source: Readable,
+    private readonly settings: ScanSettings,
+    private readonly sink: RelaySink,
+    private readonly onResult: (r: RelayResult) => void,
+    encoding: string | undefined,
+    private readonly inspector: BodyInspector | undefined,
+  ) {
+    const scanning = settings.eicar && settings.maxBodyBytes > 0;
+    this.max = settings.maxBodyBytes;
+    this.scanner = scanning ? new EicarScanner() : undefined;
+    this.decoder = scanning ? decoderFor(encoding) : undefined;
+    this.decoding = this.decoder !== undefined;
+    this.opaque = this.decoder === undefined && encoding !== undefined && encoding.trim() !== "" && encoding.trim().toLowerCase() !== "identity";
+    this.decoder?.on("data", (out: Buffer) => void this.scan(out));
+    this.decoder?.on("error", () => {
+      // Not decodable: what was scanned stands; the rest passes unscanned.
+      this.capped = true;
+      this.stopDecoding();
+      if (!this.released && !this.finished && !this.inspectorHolding()) this.release();
+    });
+    inspector?.onVerdict((v) => this.onVerdict(v));
+  }
+
+  /** Opens the sink at once (nothing to hold) or arms the hold timer, and starts reading. */
+  start(hold: boolean): void {
+    if ((this.scanner === undefined && this.inspector === undefined) || !hold) {
+      this.release();
+    } else if (this.settings.holdMs > 0) {
+      // The hold timer is armed after this turn of the event loop: a body that arrived with its
+      // head (most small ones) has ended by then, and needs no timer.
+      this.arm = setImmediate(() => {
+        this.arm = undefined;
+        if (!this.released && !this.finished) this.timer = setTimeout(() => this.release(), this.settings.holdMs);
+      });
+    }
+    const s = this.source;
+    s.on("data", this.onData);
+    s.on("end", this.onEnd);
+    s.on("error", this.onError);
+    s.on("close", this.onClose);
+    s.resume();
+  }
+
+  private finish(r: RelayResult): void {
+    if (this.finished) return;
+    this.finished = true;
+    if (this.pending()) this.inspector?.abort();
+    this.stopDecoding();
+    clearTimeout(this.timer);
+    if (this.arm !== undefined) clearImmediate(this.arm);
+    const s = this.source;
+    s.off("data", this.onData);
+    s.off("end", this.onEnd);
+    s.off("error", this.onError);
+    s.off("close", this.onClose);
+    this.held = [];
+    this.tail = undefined;
+    this.onResult(r);
+  }
+
+  /** Opens the sink and writes what was held; from now on chunks stream. */
+  private release(): void {
+    if (this.released) return;
+    this.released = true;
+    clearTimeout(this.timer);
+    if (this.arm !== undefined) clearImmediate(this.arm);
+    this.sink.open(undefined);
+    const chunks = this.held;
+    this.held = [];
+    if (this.pending() && chunks.length > 0) this.tail = chunks.pop();
+    let ok = true;
+    for (const c of chunks) ok = this.sink.write(c) && ok;
+    if (!ok && !this.finished) this.waitForDrain();
+  }
+
+  private waitForDrain(): void {
+    this.waitFor((cb) => this.sink.onDrain(cb));
+  }
 
   /** Pauses the source until `register`'s callback runs (and no other wait is pending). */
-  const waitFor = (register: (cb: () => void) => void): void => {
-    pauses++;
-    source.pause();
+  private waitFor(register: (cb: () => void) => void): void {
+    this.pauses++;
+    this.source.pause();
     register(() => {
-      if (--pauses === 0 && !finished) source.resume();
+      if (--this.pauses === 0 && !this.finished) this.source.resume();
     });
-  };
+  }
+
+  /** True while the inspector has not answered. */
+  private pending(): boolean {
+    return this.inspector !== undefined && this.verdict === undefined;
+  }
 
   /** True while the built-in scan wants the body held. */
-  const eicarHolding = (): boolean => scanner !== undefined && !capped && !(decoder === undefined && scanned >= max);
-  /** True while the inspector wants the body held (it has not answered and the hold bound is not reached). */
-  const inspectorHolding = (): boolean => inspector !== undefined && verdict === undefined && bytes < max;
+  private eicarHolding(): boolean {
+    return this.scanner !== undefined && !this.capped && !(this.decoder === undefined && this.scanned >= this.max);
+  }
 
-  const release = (length: number | undefined): void => {
-    if (released) return;
-    released = true;
-    clearTimeout(timer);
-    if (arm !== undefined) clearImmediate(arm);
-    sink.open(length);
-    const chunks = held;
-    held = [];
-    if (pending() && chunks.length > 0) tail = chunks.pop();
-    let ok = true;
-    for (const c of chunks) ok = sink.write(c) && ok;
-    if (!ok && !finished) waitFor((cb) => sink.onDrain(cb));
-  };
+  /** True while the inspector wants the body held (it has not answered and the hold bound is not reached). */
+  private inspectorHolding(): boolean {
+    return this.pending() && this.bytes < this.max;
+  }
+
+  /** The inspector answered: a block finishes the relay, a pass lets the held bytes or the end go out. */
+  private onVerdict(v: InspectionVerdict): void {
+    this.verdict = v;
+    if (this.finished) return;
+    if (v.kind === "block") {
+      this.source.pause();
+      this.finish({ kind: "blocked", bytes: this.bytes, released: this.released, rule: v.rule, reason: v.reason, inspection: v.note });
+    } else if (this.awaiting) {
+      this.complete();
+    } else if (!this.released && !this.eicarHolding()) {
+      this.release();
+    } else if (this.tail !== undefined) {
+      const t = this.tail;
+      this.tail = undefined;
+      if (!this.sink.write(t)) this.waitForDrain();
+    }
+  }
 
   /** Scans the next piece of the (decoded) body; true when EICAR was found and the relay has finished. */
-  const scan = (chunk: Buffer): boolean => {
-    if (scanner === undefined || capped || finished) return false;
-    const part = scanned + chunk.length > max ? chunk.subarray(0, max - scanned) : chunk;
-    scanned += part.length;
+  private scan(chunk: Buffer): boolean {
+    const scanner = this.scanner;
+    if (scanner === undefined || this.capped || this.finished) return false;
+    const part = this.scanned + chunk.length > this.max ? chunk.subarray(0, this.max - this.scanned) : chunk;
+    this.scanned += part.length;
     if (scanner.push(part)) {
       // Stop reading; the caller answers or aborts, and tears the source down.
-      source.pause();
-      finish({ kind: "blocked", bytes, released, rule: "eicar", reason: "the eicar test file" });
+      this.source.pause();
+      this.finish({ kind: "blocked", bytes: this.bytes, released: this.released, rule: "eicar", reason: "the eicar test file" });
       return true;
     }
-    if (scanned >= max && decoding) {
+    if (this.scanned >= this.max && this.decoding) {
       // Decoded output is bounded by the cap (a decompression bomb stops here).
-      capped = true;
-      stopDecoding();
+      this.capped = true;
+      this.stopDecoding();
     }
     return false;
-  };
+  }
 
-  function stopDecoding(): void {
-    const d = decoder;
-    decoder = undefined;
+  private stopDecoding(): void {
+    const d = this.decoder;
+    this.decoder = undefined;
     if (d === undefined) return;
     d.removeAllListeners("data");
     d.on("error", () => {});
     d.destroy();
   }
 
-  if (decoder !== undefined) {
-    decoder.on("data", (out: Buffer) => void scan(out));
-    decoder.on("error", () => {
-      // Not decodable: what was scanned stands; the rest passes unscanned.
-      capped = true;
-      stopDecoding();
-      if (!released && !finished) release(undefined);
-    });
-  }
-
-  const onData = (chunk: Buffer): void => {
-    bytes += chunk.length;
-    if (decoder !== undefined) decoder.write(chunk);
-    else if (scan(chunk)) return;
-    if (finished) return;
-    if (inspector !== undefined && verdict === undefined && !inspector.write(chunk)) waitFor((cb) => inspector.onDrain(cb));
-    if (!released) {
-      held.push(chunk);
-      if (!eicarHolding() && !inspectorHolding()) release(undefined);
+  private data(chunk: Buffer): void {
+    this.bytes += chunk.length;
+    if (this.decoder !== undefined) this.decoder.write(chunk);
+    else if (this.scan(chunk)) return;
+    if (this.finished) return;
+    const inspector = this.inspector;
+    if (inspector !== undefined && this.verdict === undefined && !inspector.write(chunk)) this.waitFor((cb) => inspector.onDrain(cb));
+    if (!this.released) {
+      this.held.push(chunk);
+      if (!this.eicarHolding() && !this.inspectorHolding()) this.release();
       return;
     }
     let out: Buffer | undefined = chunk;
-    if (pending()) [out, tail] = [tail, chunk];
-    if (out !== undefined && !sink.write(out)) waitFor((cb) => sink.onDrain(cb));
-  };
+    if (this.pending()) [out, this.tail] = [this.tail, chunk];
+    if (out !== undefined && !this.sink.write(out)) this.waitForDrain();
+  }
 
-  const onEnd = (): void => {
-    const d = decoder;
-    if (d !== undefined) {
-      // The last decoded bytes come after the decoder's end: decide once they are scanned.
-      const done = (): void => {
-        if (decoder === d) decoder = undefined;
-        if (!finished) complete();
-      };
-      d.once("end", done);
-      d.once("close", done);
-      d.end();
-      return;
-    }
-    complete();
-  };
+  private end(): void {
+    const d = this.decoder;
+    if (d === undefined) return this.complete();
+    // The last decoded bytes come after the decoder's end: decide once they are scanned.
+    const done = (): void => {
+      if (this.decoder === d) this.decoder = undefined;
+      if (!this.finished) this.complete();
+    };
+    d.once("end", done);
+    d.once("close", done);
+    d.end();
+  }
 
-  const complete = (): void => {
-    if (finished) return;
-    if (inspector !== undefined && verdict === undefined) {
-      // The end goes out only after the inspector's answer (onVerdict calls back here).
-      if (!awaiting) {
-        awaiting = true;
-        inspector.end();
+  /**
+   * The body ended clean: what was held goes out in one write (with its length), or the stream
+   * ends. The result is reported first, so that the receiver's side knows the final figures
+   * (bytes, scan-limit) when it ends (the access log line is written before the last bytes go out).
+   * With an inspector that has not answered yet, the end waits for its verdict ({@link BodyRelay.onVerdict} calls back here).
+   */
+  private complete(): void {
+    if (this.finished) return;
+    if (this.pending()) {
+      if (!this.awaiting) {
+        this.awaiting = true;
+        this.inspector?.end();
       }
       return;
     }
-    if (!released) {
-      // The whole body was held and is clean: headers and body go out in one write.
-      released = true;
-      clearTimeout(timer);
-      const body = held.length === 1 ? held[0]! : Buffer.concat(held);
-      held = [];
-      sink.open(body.length);
-      sink.end(body.length > 0 ? body : undefined);
-    } else {
-      const last = tail;
-      tail = undefined;
-      sink.end(last);
+    let body: Buffer | undefined;
+    if (!this.released) {
+      this.released = true;
+      clearTimeout(this.timer);
+      body = this.held.length === 1 ? this.held[0]! : Buffer.concat(this.held);
+      this.held = [];
     }
-    const partial = scanner !== undefined && (capped || opaque || (!decoding && scanned < bytes));
-    finish(verdict === undefined ? { kind: "done", bytes, scanned, partial } : { kind: "done", bytes, scanned, partial, inspection: verdict.note });
-  };
-
-  inspector?.onVerdict((v) => {
-    verdict = v;
-    if (finished) return;
-    if (v.kind === "block") {
-      source.pause();
-      finish({ kind: "blocked", bytes, released, rule: v.rule, reason: v.reason, inspection: v.note });
-    } else if (awaiting) {
-      complete();
-    } else if (!released && !eicarHolding()) {
-      release(undefined);
-    } else if (tail !== undefined) {
-      const t = tail;
-      tail = undefined;
-      if (!sink.write(t)) waitFor((cb) => sink.onDrain(cb));
+    const last = this.tail;
+    this.tail = undefined;
+    const partial = this.scanner !== undefined && (this.capped || this.opaque || (!this.decoding && this.scanned < this.bytes));
+    const inspection = this.verdict?.note;
+    this.finish(inspection === undefined ? { kind: "done", bytes: this.bytes, scanned: this.scanned, partial } : { kind: "done", bytes: this.bytes, scanned: this.scanned, partial, inspection });
+    if (body === undefined) {
+      this.sink.end(last);
+      return;
     }
-  });
-
-  const onError = (err: Error): void => finish({ kind: "error", bytes, error: err });
-  const onClose = (): void => {
-    // A source that closes without 'end' went away mid-body.
-    if (!source.readableEnded) finish({ kind: "error", bytes, error: new Error("source closed mid-body") });
-  };
-
-  if ((!scanning && inspector === undefined) || !hold) {
-    release(undefined);
-  } else if (settings.holdMs > 0) {
-    // The hold timer is armed after this turn of the event loop: a body that arrived with its
-    // head (most small ones) has ended by then, and needs no timer.
-    arm = setImmediate(() => {
-      arm = undefined;
-      if (!released && !finished) timer = setTimeout(() => release(undefined), settings.holdMs);
-    });
+    this.sink.open(body.length);
+    this.sink.end(body.length > 0 ? body : undefined);
   }
-  source.on("data", onData);
-  source.on("end", onEnd);
-  source.on("error", onError);
-  source.on("close", onClose);
-  source.resume();
 }

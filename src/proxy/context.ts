@@ -10,6 +10,7 @@ import type { LeafMinter } from "./leaf-minter.js";
 import type { LearnedBypass } from "./learned-bypass.js";
 import type { DestinationGuard } from "./destinations.js";
 import type { Inspection } from "./icap/inspection.js";
+import type { KeyAvailability } from "./key-availability.js";
 import type { OriginConnector } from "./origin.js";
 import type { PolicyStore } from "./policy.js";
 import type { ClientRateLimiter } from "./rate-limit.js";
@@ -60,6 +61,8 @@ export interface ProxyContext {
   readonly destinations: DestinationGuard;
   readonly blockedCa: BlockedCa;
   readonly rateLimiter: ClientRateLimiter;
+  /** Which tenants the agent can issue for now (from WatchKeys). */
+  readonly keys: KeyAvailability;
   readonly learned: LearnedBypass;
   readonly limits: ProxyLimits;
   readonly counters: ProxyCounters;

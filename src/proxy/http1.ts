@@ -12,9 +12,10 @@ import { renderBlockPage, rawHttpResponse, type BlockPage } from "./block-page.j
 import { isStreamingContentType, relayBody, type RelayResult } from "./body-relay.js";
 import type { ClientInfo, ProxyContext } from "./context.js";
 import { isDestinationDenied } from "./destinations.js";
+import type { BodyScanner } from "./icap/inspection.js";
 import { describeError } from "./origin.js";
 import { normalizeHost, ruleId, type Policy } from "./policy.js";
-import { recordScan } from "./scan-outcome.js";
+import { judgeRelay } from "./scan-verdict.js";
 import { splice } from "./splice.js";
 
 /** Where a client connection's requests go. */
@@ -107,7 +108,41 @@ export function requestBlockRule(policy: Policy, scheme: string, authority: stri
   return urlRule === undefined ? undefined : ruleId(urlRule);
 }
 
-function sendPage(res: ServerResponse, page: BlockPage, close = false): void {
+/**
+ * A response and its exchange's access log line. The line is written once: just before the
+ * response's last bytes go out (so a client that reads the log once its response is complete,
+ * `curl …; tail -n 1 access.log`, finds it), or when the response closes without them (an abort).
+ */
+class LoggedResponse {
+  private logged = false;
+
+  constructor(
+    readonly res: ServerResponse,
+    private readonly rec: AccessRecord,
+    private readonly ctx: ProxyContext,
+    private readonly start: number,
+  ) {}
+
+  /** Writes the line (once), with the status sent so far. */
+  log(): void {
+    if (this.logged) return;
+    this.logged = true;
+    const rec = this.rec;
+    rec.status = this.res.headersSent ? this.res.statusCode : 0;
+    rec.duration_ms = Math.round((performance.now() - this.start) * 10) / 10;
+    this.ctx.counters.decision(rec.decision, rec.tenant);
+    this.ctx.accessLog.write(rec);
+  }
+
+  /** Logs, then ends the response (with its last chunk). */
+  end(last?: Buffer): void {
+    this.log();
+    this.res.end(last);
+  }
+}
+
+function sendPage(out: LoggedResponse, page: BlockPage, close = false): void {
+  const res = out.res;
   if (res.headersSent) {
     res.destroy();
     return;
@@ -115,7 +150,7 @@ function sendPage(res: ServerResponse, page: BlockPage, close = false): void {
   const headers: Record<string, string> = { ...page.headers };
   if (close) headers["connection"] = "close";
   res.writeHead(page.status, headers);
-  res.end(page.body);
+  out.end(page.body);
 }
 
 function hasBody(req: IncomingMessage): boolean {
@@ -138,8 +173,16 @@ function destinationRefusal(ctx: ProxyContext, host: string): string | undefined
   }
 }
 
+/** Where one request goes. */
+interface OriginTarget {
+  readonly host: string;
+  readonly port: number;
+  readonly path: string;
+  readonly authority: string;
+}
+
 /** Where one request goes, or why it cannot. */
-type Target = { host: string; port: number; path: string; authority: string } | { error: string };
+type Target = OriginTarget | { error: string };
 
 function targetOf(req: IncomingMessage, up: Http1Upstream): Target {
   const url = req.url ?? "/";
@@ -159,160 +202,167 @@ function targetOf(req: IncomingMessage, up: Http1Upstream): Target {
   return { host: u.hostname.replace(/^\[|\]$/g, ""), port: u.port === "" ? 80 : Number(u.port), path: u.pathname + u.search, authority: u.host };
 }
 
-/** Handles one HTTP/1.1 request from a client (plain proxy request or inside a tunnel). */
-export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Http1Upstream, req: IncomingMessage, res: ServerResponse): void {
-  const start = performance.now();
-  const method = req.method ?? "GET";
-  const target = targetOf(req, up);
-  const rec: AccessRecord = {
+/** A new access record of one exchange (status, bytes and decision are filled in as it goes). */
+function exchangeRecord(client: ClientInfo, req: IncomingMessage, target: Target, proto: string): AccessRecord {
+  return {
     tenant: client.tenant,
     client: client.client,
     host: "error" in target ? "" : hostOfAuthority(target.authority),
-    method,
+    method: req.method ?? "GET",
     path: "error" in target ? (req.url ?? "") : target.path,
     status: 0,
     bytes_up: 0,
     bytes_down: 0,
     decision: "allow",
     duration_ms: 0,
-    proto: "http/1.1",
+    proto,
   };
+}
+
+/** A request refused before it reaches the origin: the page, the rule, and whether the connection closes after it. */
+interface RequestRefusal {
+  readonly page: BlockPage;
+  readonly rule: string;
+  readonly error?: string;
+  readonly close: boolean;
+}
+
+/** Why this request is refused before it is forwarded (a block rule, a private destination), if it is. */
+function refuseRequest(ctx: ProxyContext, policy: Policy, up: Http1Upstream, req: IncomingMessage, target: OriginTarget, host: string): RequestRefusal | undefined {
+  const rule = requestBlockRule(policy, up.scheme, target.authority, target.path, up.tunnel?.requestedHost);
+  if (rule !== undefined) return { page: renderBlockPage(403, host, "the request matches a block rule", rule), rule, close: hasBody(req) };
+  const denied = up.tunnel === undefined ? destinationRefusal(ctx, target.host) : undefined;
+  if (denied !== undefined) return { page: renderBlockPage(403, host, denied, "private-destination"), rule: "private-destination", error: denied, close: hasBody(req) };
+  return undefined;
+}
+
+/** Handles one HTTP/1.1 request from a client (plain proxy request or inside a tunnel). */
+export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Http1Upstream, req: IncomingMessage, res: ServerResponse): void {
+  const start = performance.now();
+  const target = targetOf(req, up);
+  const rec = exchangeRecord(client, req, target, "http/1.1");
+  const out = new LoggedResponse(res, rec, ctx, start);
   let ureq: ClientRequest | undefined;
   res.on("close", () => {
     if (!res.writableFinished) ureq?.destroy();
-    rec.status = res.headersSent ? res.statusCode : 0;
-    rec.duration_ms = Math.round((performance.now() - start) * 10) / 10;
-    ctx.counters.decision(rec.decision, rec.tenant);
-    ctx.accessLog.write(rec);
+    out.log();
   });
-  if ("error" in target) {
+  const refuse = (r: RequestRefusal): void => {
     rec.decision = "block";
-    rec.rule = "bad-request";
-    rec.error = target.error;
-    sendPage(res, renderBlockPage(400, req.headers.host ?? "", target.error, undefined), true);
+    rec.rule = r.rule;
+    if (r.error !== undefined) rec.error = r.error;
+    sendPage(out, r.page, r.close);
     req.resume();
-    return;
-  }
+  };
+  if ("error" in target) return refuse({ page: renderBlockPage(400, req.headers.host ?? "", target.error, undefined), rule: "bad-request", error: target.error, close: true });
   const policy = ctx.policy.forTenant(client.tenant);
-  const rule = requestBlockRule(policy, up.scheme, target.authority, target.path, up.tunnel?.requestedHost);
-  if (rule !== undefined) {
-    rec.decision = "block";
-    rec.rule = rule;
-    sendPage(res, renderBlockPage(403, rec.host, "the request matches a block rule", rule), hasBody(req));
+  const refused = refuseRequest(ctx, policy, up, req, target, rec.host);
+  if (refused !== undefined) return refuse(refused);
+  const method = req.method ?? "GET";
+  const headers = endToEndHeaders(req.rawHeaders, false, up.tunnel === undefined ? target.authority : undefined);
+  const scanBody = ctx.inspection.forExchange(policy, { method, path: target.path, authority: target.authority, requestHeaders: headers });
+  const open = (): ClientRequest => (ureq = forwardRequest(up, target, method, headers, out, rec, scanBody));
+  if (!hasBody(req)) {
+    open().end();
     req.resume();
     return;
   }
-  const denied = up.tunnel === undefined ? destinationRefusal(ctx, target.host) : undefined;
-  if (denied !== undefined) {
+  relayRequestBody(req, out, rec, scanBody, open, () => ureq);
+}
+
+/** Sends the request to the origin; its response is relayed (and scanned) to `res`. */
+function forwardRequest(up: Http1Upstream, target: OriginTarget, method: string, headers: string[], out: LoggedResponse, rec: AccessRecord, scanBody: BodyScanner): ClientRequest {
+  const u = httpRequest({ agent: up.agent, host: target.host, port: target.port, method, path: target.path, headers: headers, setHost: false });
+  u.on("response", (ures: IncomingMessage) => relayResponse(ures, method, out, rec, scanBody));
+  u.on("error", (err: NodeJS.ErrnoException) => onUpstreamError(err, out, rec));
+  return u;
+}
+
+/** The origin connection failed: a 403 (a refused destination) or 502 page, or an abort once headers went out. */
+function onUpstreamError(err: NodeJS.ErrnoException, out: LoggedResponse, rec: AccessRecord): void {
+  const res = out.res;
+  if (isDestinationDenied(err)) {
+    // A name that resolved only to refused addresses (the agent's lookup said so).
     rec.decision = "block";
     rec.rule = "private-destination";
-    rec.error = denied;
-    sendPage(res, renderBlockPage(403, rec.host, denied, "private-destination"), hasBody(req));
-    req.resume();
-    return;
-  }
-  const headers = endToEndHeaders(req.rawHeaders, false, up.tunnel === undefined ? target.authority : undefined);
-
-  const onUpstreamError = (err: NodeJS.ErrnoException): void => {
-    if (isDestinationDenied(err)) {
-      // A name that resolved only to refused addresses (the agent's lookup said so).
-      rec.decision = "block";
-      rec.rule = "private-destination";
-      rec.error = err.message;
-      if (!res.headersSent) sendPage(res, renderBlockPage(403, rec.host, err.message, "private-destination"));
-      else res.destroy();
-      return;
-    }
-    if (rec.decision === "allow") {
-      rec.decision = "error";
-      rec.rule = "origin-error";
-      rec.error = describeError(err);
-    }
-    if (!res.headersSent) sendPage(res, renderBlockPage(502, rec.host, `origin ${describeError(err)}`, "origin-error"));
+    rec.error = err.message;
+    if (!res.headersSent) sendPage(out, renderBlockPage(403, rec.host, err.message, "private-destination"));
     else res.destroy();
-  };
-
-  const onResponse = (ures: IncomingMessage): void => {
-    const status = ures.statusCode ?? 502;
-    const rheaders = endToEndHeaders(ures.rawHeaders);
-    if (noResponseBody(method, status)) {
-      res.writeHead(status, ures.statusMessage, rheaders);
-      res.end();
-      ures.resume();
-      return;
-    }
-    // From the raw list: `ures.headers` would build the whole header object for one lookup.
-    const contentType = rawHeader(ures.rawHeaders, "content-type");
-    const hold = !isStreamingContentType(contentType);
-    const exchange = { method, path: target.path, authority: target.authority, requestHeaders: headers };
-    const scan = ctx.inspection.scan(policy, "response", { ...exchange, response: { status, reason: ures.statusMessage ?? "", headers: rheaders } }, contentType);
-    relayBody(
-      ures,
-      scan.settings,
-      hold,
-      {
-        open: () => res.writeHead(status, ures.statusMessage, rheaders),
-        write: (c) => res.write(c),
-        end: (last) => res.end(last),
-        onDrain: (cb) => res.once("drain", cb),
-      },
-      (r: RelayResult) => {
-        rec.bytes_down = r.bytes;
-        const page = recordScan(rec, r, "response");
-        if (r.kind === "blocked") {
-          ures.destroy();
-          if (r.released) res.destroy();
-          else sendPage(res, renderBlockPage(403, rec.host, page ?? "blocked", r.rule));
-        } else if (r.kind === "error") {
-          res.destroy();
-        }
-      },
-      rawHeader(ures.rawHeaders, "content-encoding"),
-      scan.inspector,
-    );
-  };
-
-  const openUpstream = (): ClientRequest => {
-    const u = httpRequest({ agent: up.agent, host: target.host, port: target.port, method, path: target.path, headers: headers, setHost: false });
-    u.on("response", onResponse);
-    u.on("error", onUpstreamError);
-    ureq = u;
-    return u;
-  };
-
-  if (!hasBody(req)) {
-    openUpstream().end();
-    req.resume();
     return;
   }
-  const upload = ctx.inspection.scan(policy, "request", { method, path: target.path, authority: target.authority, requestHeaders: headers }, req.headers["content-type"]);
+  if (rec.decision === "allow") {
+    rec.decision = "error";
+    rec.rule = "origin-error";
+    rec.error = describeError(err);
+  }
+  if (!res.headersSent) sendPage(out, renderBlockPage(502, rec.host, `origin ${describeError(err)}`, "origin-error"));
+  else res.destroy();
+}
+
+/** Relays the origin's response to the client, its body scanned (and held, unless a stream by nature). */
+function relayResponse(ures: IncomingMessage, method: string, out: LoggedResponse, rec: AccessRecord, scanBody: BodyScanner): void {
+  const res = out.res;
+  const status = ures.statusCode ?? 502;
+  const rheaders = endToEndHeaders(ures.rawHeaders);
+  if (noResponseBody(method, status)) {
+    res.writeHead(status, ures.statusMessage, rheaders);
+    out.end();
+    ures.resume();
+    return;
+  }
+  // From the raw list: `ures.headers` would build the whole header object for one lookup.
+  const contentType = rawHeader(ures.rawHeaders, "content-type");
+  const hold = !isStreamingContentType(contentType);
+  const scan = scanBody("response", contentType, { status, reason: ures.statusMessage ?? "", headers: rheaders });
+  relayBody(
+    ures,
+    scan.settings,
+    hold,
+    {
+      open: () => res.writeHead(status, ures.statusMessage, rheaders),
+      write: (c) => res.write(c),
+      end: (last) => out.end(last),
+      onDrain: (cb) => res.once("drain", cb),
+    },
+    (r: RelayResult) => {
+      const v = judgeRelay(rec, r, "response");
+      if (v.kind === "block") {
+        ures.destroy();
+        if (v.released) res.destroy();
+        else sendPage(out, v.page);
+      } else if (v.kind === "abort") {
+        res.destroy();
+      }
+    },
+    rawHeader(ures.rawHeaders, "content-encoding"),
+    scan.inspector,
+  );
+}
+
+/** Relays the client's request body to the origin request `open` makes, scanned (and held, unless a stream by nature). */
+function relayRequestBody(req: IncomingMessage, out: LoggedResponse, rec: AccessRecord, scanBody: BodyScanner, open: () => ClientRequest, upstream: () => ClientRequest | undefined): void {
+  const upload = scanBody("request", req.headers["content-type"]);
   relayBody(
     req,
     upload.settings,
     !isStreamingContentType(req.headers["content-type"]),
     {
-      open: () => void openUpstream(),
-      write: (c) => ureq!.write(c),
-      end: (last) => ureq!.end(last),
-      onDrain: (cb) => ureq!.once("drain", cb),
+      open: () => void open(),
+      write: (c) => upstream()!.write(c),
+      end: (last) => upstream()!.end(last),
+      onDrain: (cb) => upstream()!.once("drain", cb),
     },
     (r: RelayResult) => {
-      rec.bytes_up = r.bytes;
-      const page = recordScan(rec, r, "request");
-      if (r.kind === "blocked") {
-        if (r.released) {
-          ureq?.destroy();
-          res.destroy();
-        } else {
-          // The rest of the upload is read and dropped (nothing more reaches the origin): a client
-          // still sending when the verdict comes (an ICAP service that is down answers at once)
-          // would otherwise get a reset instead of the page.
-          sendPage(res, renderBlockPage(403, rec.host, page ?? "blocked", r.rule));
-          req.resume();
-        }
-      } else if (r.kind === "error") {
-        ureq?.destroy();
-        res.destroy();
+      const v = judgeRelay(rec, r, "request");
+      if (v.kind === "block" && !v.released) {
+        // The rest of the upload is read and dropped (nothing more reaches the origin): a client
+        // still sending when the verdict comes (an ICAP service that is down answers at once)
+        // would otherwise get a reset instead of the page.
+        sendPage(out, v.page);
+        req.resume();
+      } else if (v.kind !== "pass") {
+        upstream()?.destroy();
+        out.res.destroy();
       }
     },
     req.headers["content-encoding"],

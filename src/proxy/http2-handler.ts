@@ -16,12 +16,13 @@ import {
 import type { TLSSocket } from "node:tls";
 import type { AccessRecord } from "./access-log.js";
 import { renderBlockPage, type BlockPage } from "./block-page.js";
-import { isStreamingContentType, relayBody, type RelayResult } from "./body-relay.js";
+import { isStreamingContentType, relayBody, type RelayResult, type RelaySink } from "./body-relay.js";
 import type { ClientInfo, ProxyContext } from "./context.js";
+import type { BodyScan } from "./icap/inspection.js";
 import { requestBlockRule } from "./http1.js";
 import { describeError } from "./origin.js";
-import { normalizeHost } from "./policy.js";
-import { recordScan } from "./scan-outcome.js";
+import { normalizeHost, type Policy } from "./policy.js";
+import { judgeRelay } from "./scan-verdict.js";
 
 /** Stream and session flow-control window: 64 KiB (the default) throttles large bodies badly. */
 export const H2_WINDOW = 1 << 20;
@@ -106,13 +107,20 @@ export interface H2Upstream {
   readonly requestedHost: string;
 }
 
-function respondPage(stream: ServerHttp2Stream, page: BlockPage): void {
+/** Writes a stream's access log line once; `status` when it is known before the headers go out. */
+type StreamLog = (status?: number) => void;
+
+/** How one of the stream's bodies is scanned (the tenant's policy, its ICAP services); `response` for the response body. */
+type BodyScanner = (side: "request" | "response", contentType: string | undefined, response?: { status: number; headers: OutgoingHttpHeaders }) => BodyScan;
+
+function respondPage(stream: ServerHttp2Stream, page: BlockPage, log: StreamLog): void {
   if (stream.destroyed || stream.closed) return;
   if (stream.headersSent) {
     stream.close(constants.NGHTTP2_INTERNAL_ERROR);
     return;
   }
   stream.respond({ ":status": page.status, ...page.headers });
+  log();
   stream.end(page.body);
 }
 
@@ -122,7 +130,62 @@ function hostOf(authority: string): string {
   return normalizeHost(c > 0 ? authority.slice(0, c) : authority);
 }
 
-/** Handles one client stream. */
+/**
+ * The origin side of one client stream: the origin stream once opened, and the request body
+ * chunks that arrive before it exists (a relay sink that buffers until then).
+ */
+class OriginStream implements RelaySink {
+  stream: ClientHttp2Stream | undefined;
+  private pending: Buffer[] = [];
+  private pendingEnd = false;
+  private drainCb: (() => void) | undefined;
+
+  constructor(private readonly opener: () => void) {}
+
+  open(): void {
+    this.opener();
+  }
+
+  /** The origin stream exists: what waited goes to it. */
+  attach(o: ClientHttp2Stream): void {
+    this.stream = o;
+    for (const c of this.pending) o.write(c);
+    this.pending = [];
+    if (this.pendingEnd) o.end();
+    const cb = this.drainCb;
+    this.drainCb = undefined;
+    cb?.();
+  }
+
+  write(c: Buffer): boolean {
+    if (this.stream === undefined) {
+      this.pending.push(c);
+      return false;
+    }
+    return this.stream.write(c);
+  }
+
+  end(last?: Buffer): void {
+    if (this.stream !== undefined) {
+      this.stream.end(last);
+      return;
+    }
+    if (last !== undefined) this.pending.push(last);
+    this.pendingEnd = true;
+  }
+
+  onDrain(cb: () => void): void {
+    if (this.stream === undefined) this.drainCb = cb;
+    else this.stream.once("drain", cb);
+  }
+
+  /** Cancels the origin stream (the client's stream ended first, or its body was refused). */
+  cancel(): void {
+    if (this.stream !== undefined && !this.stream.closed) this.stream.close(constants.NGHTTP2_CANCEL);
+  }
+}
+
+/** Handles one client stream: log record, policy checks, then the origin stream with both bodies relayed. */
 export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upstream, stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void {
   const start = performance.now();
   const method = String(headers[":method"] ?? "GET");
@@ -141,171 +204,165 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
     duration_ms: 0,
     proto: "h2",
   };
-  let ostream: ClientHttp2Stream | undefined;
-  stream.on("error", () => {});
-  stream.on("close", () => {
-    if (ostream !== undefined && !ostream.closed) ostream.close(constants.NGHTTP2_CANCEL);
-    rec.status = stream.headersSent ? Number(stream.sentHeaders[":status"] ?? 0) : 0;
+  const policy = ctx.policy.forTenant(client.tenant);
+  const requestHeaders = forwardHeaders(headers, true);
+  const scanBody: BodyScanner = (side, contentType, response) =>
+    ctx.inspection.scan(policy, side, { method, path, authority, requestHeaders, ...(response !== undefined ? { response } : {}) }, contentType);
+  // The line is written once: just before the response's last bytes go out, or when the stream closes without them.
+  let logged = false;
+  const log: StreamLog = (status) => {
+    if (logged) return;
+    logged = true;
+    rec.status = status ?? (stream.headersSent ? Number(stream.sentHeaders[":status"] ?? 0) : 0);
     rec.duration_ms = Math.round((performance.now() - start) * 10) / 10;
     ctx.counters.decision(rec.decision, rec.tenant);
     ctx.accessLog.write(rec);
+  };
+  const origin = new OriginStream(() => void openOriginStream(up, stream, requestHeaders, false, rec, scanBody, origin, log));
+  stream.on("error", () => {});
+  stream.on("close", () => {
+    origin.cancel();
+    log();
   });
-  if (method === "CONNECT") {
+  const refused = refuseStream(policy, method, authority, path, up, rec.host);
+  if (refused !== undefined) {
     rec.decision = "block";
-    rec.rule = "bad-request";
-    respondPage(stream, renderBlockPage(400, rec.host, "CONNECT inside an intercepted HTTP/2 connection is not supported", undefined));
+    rec.rule = refused.rule;
+    respondPage(stream, refused.page, log);
     return;
   }
-  const policy = ctx.policy.forTenant(client.tenant);
-  const rule = requestBlockRule(policy, "https", authority, path, up.requestedHost);
-  if (rule !== undefined) {
-    rec.decision = "block";
-    rec.rule = rule;
-    respondPage(stream, renderBlockPage(403, rec.host, "the request matches a block rule", rule));
-    return;
-  }
-  const outHeaders = forwardHeaders(headers, true);
-  const noRequestBody = stream.endAfterHeaders;
-
-  const onOriginError = (err: NodeJS.ErrnoException): void => {
-    if (rec.decision === "allow") {
-      rec.decision = "error";
-      rec.rule = "origin-error";
-      rec.error = describeError(err);
-    }
-    respondPage(stream, renderBlockPage(502, rec.host, `origin ${describeError(err)}`, "origin-error"));
-  };
-
-  const onResponse = (o: ClientHttp2Stream, rh: IncomingHttpHeaders, flags: number): void => {
-    const status = Number(rh[":status"] ?? 502);
-    const out = forwardHeaders(rh, false);
-    const ended = (flags & constants.NGHTTP2_FLAG_END_STREAM) !== 0 || method === "HEAD" || status === 204 || status === 304;
-    if (stream.destroyed || stream.closed) return;
-    if (ended) {
-      stream.respond(out, { endStream: true });
-      o.resume();
-      return;
-    }
-    const contentType = rh["content-type"];
-    const mayHaveTrailers = (contentType !== undefined && String(contentType).startsWith("application/grpc")) || rh["trailer"] !== undefined;
-    let trailers: OutgoingHttpHeaders | undefined;
-    if (mayHaveTrailers) {
-      o.on("trailers", (t: IncomingHttpHeaders) => (trailers = forwardHeaders(t, false)));
-      stream.on("wantTrailers", () => stream.sendTrailers(trailers ?? {}));
-    }
-    const ct = contentType === undefined ? undefined : String(contentType);
-    const scan = ctx.inspection.scan(policy, "response", { method, path, authority, requestHeaders: outHeaders, response: { status, headers: out } }, ct);
-    relayBody(
-      o,
-      scan.settings,
-      !isStreamingContentType(ct),
-      {
-        open: () => stream.respond(out, { waitForTrailers: mayHaveTrailers }),
-        write: (c) => stream.write(c),
-        end: (last) => stream.end(last),
-        onDrain: (cb) => stream.once("drain", cb),
-      },
-      (r: RelayResult) => {
-        rec.bytes_down = r.bytes;
-        const page = recordScan(rec, r, "response");
-        if (r.kind === "blocked") {
-          o.close(constants.NGHTTP2_CANCEL);
-          respondPage(stream, renderBlockPage(403, rec.host, page ?? "blocked", r.rule));
-        } else if (r.kind === "error") {
-          if (!stream.closed) stream.close(o.rstCode || constants.NGHTTP2_INTERNAL_ERROR);
-        }
-      },
-      rh["content-encoding"] === undefined ? undefined : String(rh["content-encoding"]),
-      scan.inspector,
-    );
-  };
-
-  const openOrigin = (endStream: boolean): Promise<ClientHttp2Stream | undefined> =>
-    up.origin.get().then(
-      (session) => {
-        if (stream.closed || stream.destroyed) return undefined;
-        const o = session.request(outHeaders, { endStream });
-        ostream = o;
-        let answered = false;
-        o.on("response", (rh, flags) => {
-          answered = true;
-          onResponse(o, rh, flags);
-        });
-        o.on("error", onOriginError);
-        o.on("close", () => {
-          // The origin reset the stream before answering. (An answered stream may close before
-          // its headers are passed on: a held body is still being scanned, e.g. as it decodes.)
-          if (!answered && !stream.headersSent && !stream.closed && rec.decision === "allow") {
-            onOriginError(Object.assign(new Error(`stream reset (code ${o.rstCode})`), { code: "RST_STREAM" }));
-          }
-        });
-        return o;
-      },
-      (err: NodeJS.ErrnoException) => {
-        onOriginError(err);
-        return undefined;
-      },
-    );
-
-  if (noRequestBody) {
-    void openOrigin(true);
+  if (stream.endAfterHeaders) {
+    void openOriginStream(up, stream, requestHeaders, true, rec, scanBody, origin, log);
     return;
   }
   // The request body is relayed once the origin stream exists; until then chunks are held.
-  const pending: Buffer[] = [];
-  let pendingEnd = false;
-  let drainCb: (() => void) | undefined;
   const requestType = headers["content-type"] === undefined ? undefined : String(headers["content-type"]);
-  const upload = ctx.inspection.scan(policy, "request", { method, path, authority, requestHeaders: outHeaders }, requestType);
+  const upload = scanBody("request", requestType);
   relayBody(
     stream,
     upload.settings,
     !isStreamingContentType(requestType),
-    {
-      open: () => {
-        void openOrigin(false).then((o) => {
-          if (o === undefined) return;
-          for (const c of pending) o.write(c);
-          pending.length = 0;
-          if (pendingEnd) o.end();
-          if (drainCb !== undefined) {
-            const cb = drainCb;
-            drainCb = undefined;
-            cb();
-          }
-        });
-      },
-      write: (c) => {
-        if (ostream === undefined) {
-          pending.push(c);
-          return false;
-        }
-        return ostream.write(c);
-      },
-      end: (last) => {
-        if (ostream === undefined) {
-          if (last !== undefined) pending.push(last);
-          pendingEnd = true;
-        } else {
-          ostream.end(last);
-        }
-      },
-      onDrain: (cb) => {
-        if (ostream === undefined) drainCb = cb;
-        else ostream.once("drain", cb);
-      },
-    },
+    origin,
     (r: RelayResult) => {
-      rec.bytes_up = r.bytes;
-      const page = recordScan(rec, r, "request");
-      if (r.kind === "blocked") {
-        ostream?.close(constants.NGHTTP2_CANCEL);
-        respondPage(stream, renderBlockPage(403, rec.host, page ?? "blocked", r.rule));
-      } else if (r.kind === "error") {
-        ostream?.close(constants.NGHTTP2_CANCEL);
-      }
+      const v = judgeRelay(rec, r, "request");
+      if (v.kind !== "pass") origin.cancel();
+      if (v.kind === "block") respondPage(stream, v.page, log);
     },
     headers["content-encoding"] === undefined ? undefined : String(headers["content-encoding"]),
     upload.inspector,
+  );
+}
+
+/** Why a stream is refused before it reaches the origin (CONNECT inside h2, a block rule), if it is. */
+function refuseStream(policy: Policy, method: string, authority: string, path: string, up: H2Upstream, host: string): { page: BlockPage; rule: string } | undefined {
+  if (method === "CONNECT") return { page: renderBlockPage(400, host, "CONNECT inside an intercepted HTTP/2 connection is not supported", undefined), rule: "bad-request" };
+  const rule = requestBlockRule(policy, "https", authority, path, up.requestedHost);
+  if (rule !== undefined) return { page: renderBlockPage(403, host, "the request matches a block rule", rule), rule };
+  return undefined;
+}
+
+/** The origin failed the stream: a 502 page (or a reset, once the response began). */
+function onOriginError(stream: ServerHttp2Stream, rec: AccessRecord, err: NodeJS.ErrnoException, log: StreamLog): void {
+  if (rec.decision === "allow") {
+    rec.decision = "error";
+    rec.rule = "origin-error";
+    rec.error = describeError(err);
+  }
+  respondPage(stream, renderBlockPage(502, rec.host, `origin ${describeError(err)}`, "origin-error"), log);
+}
+
+/** Opens the origin stream for a client stream and relays its response; undefined when it could not. */
+function openOriginStream(
+  up: H2Upstream,
+  stream: ServerHttp2Stream,
+  requestHeaders: OutgoingHttpHeaders,
+  endStream: boolean,
+  rec: AccessRecord,
+  scanBody: BodyScanner,
+  origin: OriginStream,
+  log: StreamLog,
+): Promise<ClientHttp2Stream | undefined> {
+  const method = rec.method;
+  return up.origin.get().then(
+    (session) => {
+      if (stream.closed || stream.destroyed) return undefined;
+      const o = session.request(requestHeaders, { endStream });
+      let answered = false;
+      o.on("response", (rh, flags) => {
+        answered = true;
+        relayH2Response(o, rh, flags, method, stream, rec, scanBody, log);
+      });
+      o.on("error", (err: NodeJS.ErrnoException) => onOriginError(stream, rec, err, log));
+      o.on("close", () => {
+        // The origin reset the stream before answering. (An answered stream may close before
+        // its headers are passed on: a held body is still being scanned, e.g. as it decodes.)
+        if (!answered && !stream.headersSent && !stream.closed && rec.decision === "allow") {
+          onOriginError(stream, rec, Object.assign(new Error(`stream reset (code ${o.rstCode})`), { code: "RST_STREAM" }), log);
+        }
+      });
+      origin.attach(o);
+      return o;
+    },
+    (err: NodeJS.ErrnoException) => {
+      onOriginError(stream, rec, err, log);
+      return undefined;
+    },
+  );
+}
+
+/** Relays the origin's response (headers, body scanned, trailers) to the client stream. */
+function relayH2Response(
+  o: ClientHttp2Stream,
+  rh: IncomingHttpHeaders,
+  flags: number,
+  method: string,
+  stream: ServerHttp2Stream,
+  rec: AccessRecord,
+  scanBody: BodyScanner,
+  log: StreamLog,
+): void {
+  const status = Number(rh[":status"] ?? 502);
+  const out = forwardHeaders(rh, false);
+  const ended = (flags & constants.NGHTTP2_FLAG_END_STREAM) !== 0 || method === "HEAD" || status === 204 || status === 304;
+  if (stream.destroyed || stream.closed) return;
+  if (ended) {
+    log(status);
+    stream.respond(out, { endStream: true });
+    o.resume();
+    return;
+  }
+  const contentType = rh["content-type"];
+  const mayHaveTrailers = (contentType !== undefined && String(contentType).startsWith("application/grpc")) || rh["trailer"] !== undefined;
+  let trailers: OutgoingHttpHeaders | undefined;
+  if (mayHaveTrailers) {
+    o.on("trailers", (t: IncomingHttpHeaders) => (trailers = forwardHeaders(t, false)));
+    stream.on("wantTrailers", () => stream.sendTrailers(trailers ?? {}));
+  }
+  const ct = contentType === undefined ? undefined : String(contentType);
+  const scan = scanBody("response", ct, { status, headers: out });
+  relayBody(
+    o,
+    scan.settings,
+    !isStreamingContentType(ct),
+    {
+      open: () => stream.respond(out, { waitForTrailers: mayHaveTrailers }),
+      write: (c) => stream.write(c),
+      end: (last) => {
+        log();
+        stream.end(last);
+      },
+      onDrain: (cb) => stream.once("drain", cb),
+    },
+    (r: RelayResult) => {
+      const v = judgeRelay(rec, r, "response");
+      if (v.kind === "block") {
+        o.close(constants.NGHTTP2_CANCEL);
+        respondPage(stream, v.page, log);
+      } else if (v.kind === "abort") {
+        if (!stream.closed) stream.close(o.rstCode || constants.NGHTTP2_INTERNAL_ERROR);
+      }
+    },
+    rh["content-encoding"] === undefined ? undefined : String(rh["content-encoding"]),
+    scan.inspector,
   );
 }

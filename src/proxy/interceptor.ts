@@ -6,19 +6,25 @@
  * minted; and the client's TLS is terminated with that leaf and the protocol the origin
  * chose, handing the decrypted connection to the HTTP/1.1 or HTTP/2 handlers.
  *
- * Refusals after the 200 (the origin's certificate does not verify, the SNI names a blocked
- * host, the agent cannot issue) are answered with a page under the untrusted kmi-blocked CA
- * (see ./blocked-ca.ts), never under the tenant's trusted intermediate.
+ * What is known before the 200 is answered on the CONNECT itself: a blocked target, no tenant,
+ * an unreachable or refused destination, and a tenant the agent cannot issue for (quarantine,
+ * revoke, no key, the new-host limit: 503/429 with the reason). Refusals after the 200 (the
+ * origin's certificate does not verify, the SNI names a blocked host, the agent fails to issue)
+ * are answered with a page under the untrusted kmi-blocked CA (see ./blocked-ca.ts), never
+ * under the tenant's trusted intermediate. Cleartext HTTP inside a CONNECT is handed to the
+ * HTTP/1.1 handler, inspected like a plain proxy request.
  */
-import { createServer as createHttpServer, type Agent, type ClientRequest, type IncomingMessage, type Server as HttpServer } from "node:http";
+import { createServer as createHttpServer, type Agent, type IncomingMessage, type Server as HttpServer } from "node:http";
 import { createServer as createH2Server, type Http2Server, type ServerHttp2Session } from "node:http2";
 import { connect as netConnect, isIP, type Socket } from "node:net";
 import { TLSSocket } from "node:tls";
 import type { Duplex } from "node:stream";
-import type { AccessRecord, Decision } from "./access-log.js";
+import type { X509Certificate } from "node:crypto";
+import type { Decision } from "./access-log.js";
 import { AgentCallError } from "../clients/agent-client.js";
 import { rawHttpResponse, renderBlockPage, type BlockPage } from "./block-page.js";
 import { parseClientHello, type ClientHello } from "./clienthello.js";
+import { ConnectLog } from "./connect-log.js";
 import type { ClientInfo, ProxyContext } from "./context.js";
 import { isDestinationDenied, type DestinationGuard } from "./destinations.js";
 import { answerClientError, handleHttp1Request, handleHttp1Upgrade, type Http1Upstream } from "./http1.js";
@@ -27,9 +33,14 @@ import { IssuanceRefused, leafCacheKey, type LeafEntry } from "./leaf-cache.js";
 import { LeafRejected } from "./leaf-minter.js";
 import { describeOriginCertificate, leafNames } from "./origin-cert.js";
 import { describeError, isClientCertRequired, type OriginResult } from "./origin.js";
-import { normalizeHost, ruleId } from "./policy.js";
+import { normalizeHost, ruleId, type Policy } from "./policy.js";
 import { splice } from "./splice.js";
+import { markHandshakeDone } from "./tls-server-socket.js";
+import { TunnelAgent } from "./tunnel-agent.js";
 import { normalizeClientAddress } from "./tenants.js";
+
+/** Most tenant + origin pairs remembered as having a leaf. */
+const MAX_LEAF_HOSTS = 10_000;
 
 /** Protocols the proxy can inspect, in the order it prefers them. */
 const INSPECTABLE_ALPN = new Set(["h2", "http/1.1", "http/1.0"]);
@@ -134,6 +145,43 @@ function peekClientHello(socket: Socket, initial: Buffer, timeoutMs: number): Pr
   });
 }
 
+/** Longest cleartext request line the proxy waits for before it decides a tunnel is not HTTP. */
+const MAX_REQUEST_LINE = 8192;
+
+/** An HTTP/1.x request line: method token, target, version (RFC 9112 3). */
+const REQUEST_LINE = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP\/1\.[01]\r?\n/;
+
+/**
+ * Reads cleartext from a tunnel until its first line is complete (or it closes, times out, or
+ * grows past {@link MAX_REQUEST_LINE}) and says whether it is an HTTP/1.x request; the bytes
+ * stay unread for whoever handles the connection.
+ */
+function peekRequestLine(socket: Socket, initial: Buffer, timeoutMs: number): Promise<{ http: boolean; data: Buffer }> {
+  return new Promise((resolve) => {
+    let data = initial;
+    let timer: NodeJS.Timeout | undefined;
+    const decided = (): boolean => data.includes(0x0a) || data.length >= MAX_REQUEST_LINE;
+    const finish = (): void => {
+      clearTimeout(timer);
+      socket.off("data", onData);
+      socket.off("close", finish);
+      socket.off("end", finish);
+      socket.pause();
+      resolve({ http: REQUEST_LINE.test(data.subarray(0, MAX_REQUEST_LINE).toString("latin1")), data });
+    };
+    const onData = (chunk: Buffer): void => {
+      data = Buffer.concat([data, chunk]);
+      if (decided()) finish();
+    };
+    if (decided()) return finish();
+    timer = setTimeout(finish, timeoutMs);
+    socket.on("data", onData);
+    socket.on("close", finish);
+    socket.on("end", finish);
+    socket.resume();
+  });
+}
+
 /** A TCP connection to an origin the destination check allows (IP literals here, names in its lookup). */
 function tcpConnect(host: string, port: number, timeoutMs: number, destinations: DestinationGuard): Promise<Socket> {
   return new Promise((resolve, reject) => {
@@ -165,12 +213,70 @@ function tcpConnect(host: string, port: number, timeoutMs: number, destinations:
   });
 }
 
+/** A refusal: the page to answer with, and what the access log says. */
+interface Refusal {
+  readonly page: BlockPage;
+  readonly decision: Decision;
+  readonly rule: string;
+  /** More response headers (a 407's Proxy-Authenticate). */
+  readonly extra?: Record<string, string>;
+}
+
+function refusal(page: BlockPage, decision: Decision, rule: string, extra?: Record<string, string>): Refusal {
+  return extra === undefined ? { page, decision, rule } : { page, decision, rule, extra };
+}
+
+/** A CONNECT that passed the checks made before the 200. */
+interface Classified {
+  readonly kind: "go";
+  readonly target: ConnectTarget;
+  readonly client: ClientInfo;
+  /** The policy in force when the CONNECT arrived (used for the whole connection). */
+  readonly policy: Policy;
+  /** Set when the connection is tunnelled without looking at it. */
+  readonly bypassRule: string | undefined;
+  readonly log: ConnectLog;
+}
+
+/** A ClientHello the proxy will intercept. */
+interface Intercept {
+  readonly kind: "intercept";
+  readonly log: ConnectLog;
+  readonly hello: ClientHello;
+  /** The SNI, or the CONNECT host without one. */
+  readonly host: string;
+  /** The client's ALPN offers the proxy can inspect. */
+  readonly offers: string[];
+}
+
+/** What the client's first bytes lead to. */
+type HelloOutcome =
+  | Intercept
+  | { readonly kind: "tunnel"; readonly log: ConnectLog; readonly rule: string }
+  | { readonly kind: "page"; readonly log: ConnectLog; readonly hello: ClientHello; readonly refusal: Refusal }
+  | { readonly kind: "drop"; readonly log: ConnectLog; readonly decision: Decision; readonly rule: string; readonly error: string };
+
+/** A verified TLS connection to the origin. */
+interface OriginTls {
+  readonly kind: "ok";
+  readonly socket: TLSSocket;
+  readonly cert: X509Certificate;
+  /** The protocol the origin chose. */
+  readonly alpn: string | false;
+  /** An error the origin sent after its handshake, so far. */
+  lateError(): Error | undefined;
+  /** Stops recording late errors (the client's handshake finished). */
+  stopWatching(): void;
+}
+
 /** The interceptor: CONNECT handling plus the inner HTTP servers of decrypted connections. */
 export class Interceptor {
   private readonly h1: HttpServer;
   private readonly h2: Http2Server;
   private readonly pages: HttpServer;
   private readonly live = new Set<Duplex>();
+  /** Tenant + origin `host:port` pairs that got a leaf lately (least recently used forgotten first). */
+  private readonly leafHosts = new Map<string, true>();
 
   constructor(private readonly ctx: ProxyContext) {
     const l = ctx.limits;
@@ -233,8 +339,8 @@ export class Interceptor {
     this.h1.closeAllConnections();
   }
 
-  /** Connections (client sockets of tunnels and intercepted sessions) open now. */
-  get openConnections(): number {
+  /** Sockets the interceptor holds now (client, decrypted and origin sides of tunnels and intercepted sessions). */
+  get socketsHeld(): number {
     return this.live.size;
   }
 
@@ -251,67 +357,96 @@ export class Interceptor {
     });
   }
 
+  /** The stages of a CONNECT: classify → dial → (200) → peekHello → originTls → mint → terminate. */
   private async connect(req: IncomingMessage, socket: Socket, head: Buffer): Promise<void> {
-    const ctx = this.ctx;
     const start = performance.now();
     this.track(socket);
     socket.on("error", () => {});
     socket.setNoDelay(true);
     const address = normalizeClientAddress(socket.remoteAddress);
-    const clientId = `${address}:${socket.remotePort ?? 0}`;
-    const rec: AccessRecord = {
-      tenant: "",
-      client: clientId,
-      host: "",
-      method: "CONNECT",
-      path: "",
-      status: 0,
-      bytes_up: 0,
-      bytes_down: 0,
-      decision: "allow",
-      duration_ms: 0,
-      proto: "tunnel",
-    };
-    const log = (decision: Decision, rule: string | undefined, error?: string): void => {
-      rec.decision = decision;
-      if (rule !== undefined) rec.rule = rule;
-      if (error !== undefined) rec.error = error;
-      rec.duration_ms = Math.round((performance.now() - start) * 10) / 10;
-      ctx.counters.decision(decision, rec.tenant);
-      ctx.accessLog.write(rec);
-    };
-    const answer = (page: BlockPage, decision: Decision, rule: string | undefined, extra: Record<string, string> = {}): void => {
-      rec.status = page.status;
-      log(decision, rule, page.headers["x-kmi-reason"]);
-      ctx.counters.connect(decision);
-      socket.end(rawHttpResponse(page, extra));
-      socket.destroySoon?.();
-    };
+    const c = await this.classify(req, address, ConnectLog.begin(this.ctx, `${address}:${socket.remotePort ?? 0}`, start));
+    if (c.kind === "answer") return this.answer(socket, c.log, c.refusal);
+    const dialed = await this.dial(c.target);
+    if (dialed.kind === "answer") return this.answer(socket, c.log, dialed.refusal);
+    const tcp = dialed.tcp;
+    if (socket.destroyed) {
+      tcp.destroy();
+      return c.log.write("no-request", "client-gone");
+    }
+    socket.write("HTTP/1.1 200 Connection Established\r\n\r\n");
+    if (c.bypassRule !== undefined) return this.tunnel(socket, tcp, head, c.log, c.bypassRule);
 
+    const peek = await peekClientHello(socket, head, this.ctx.limits.clientHelloTimeoutMs);
+    if (peek.kind === "not-tls") return this.cleartext(socket, tcp, peek.data, c);
+    const h = this.classifyHello(peek, c);
+    if (h.kind !== "intercept") {
+      if (h.kind === "tunnel") return this.tunnel(socket, tcp, peek.data, h.log, h.rule);
+      tcp.destroy();
+      if (h.kind === "page") return this.servePage(socket, peek.data, h.hello, h.log, h.refusal);
+      socket.destroy();
+      return h.log.write(h.decision, h.rule, h.error);
+    }
+    const o = await this.originTls(c, h, tcp);
+    if (o.kind === "retunnel") return this.retunnel(socket, c.target, peek.data, h.log);
+    if (o.kind === "page") return this.servePage(socket, peek.data, h.hello, h.log, o.refusal);
+    const closeOrigin = (): void => void o.socket.destroy();
+    socket.once("close", closeOrigin);
+    const leaf = await this.mint(c.client, h.host, o.cert);
+    if (!("context" in leaf)) {
+      o.socket.destroy();
+      return this.servePage(socket, peek.data, h.hello, h.log, leaf);
+    }
+    this.rememberLeafHost(c.client.tenant, `${c.target.host}:${c.target.port}`);
+    if (socket.destroyed) {
+      o.socket.destroy();
+      return h.log.write("no-request", "client-gone", "client left during the origin handshake");
+    }
+    const late = this.lateOriginRefusal(c, h, o);
+    if (late !== undefined) {
+      o.socket.destroy();
+      if (late === "retunnel") return this.retunnel(socket, c.target, peek.data, h.log);
+      return this.servePage(socket, peek.data, h.hello, h.log, late);
+    }
+    this.terminate(socket, peek.data, leaf, c, h, o);
+  }
+
+  /** Answers the CONNECT itself (before any 200) with `refusal`'s page. */
+  private answer(socket: Socket, log: ConnectLog, r: Refusal): void {
+    log.write(r.decision, r.rule, r.page.headers["x-kmi-reason"], { status: r.page.status });
+    this.ctx.counters.connect(r.decision);
+    socket.end(rawHttpResponse(r.page, r.extra));
+    socket.destroySoon?.();
+  }
+
+  /** Target, tenant, host rules: refused on the CONNECT, or what to do once the origin answers TCP. */
+  private async classify(req: IncomingMessage, address: string, log0: ConnectLog): Promise<Classified | { kind: "answer"; log: ConnectLog; refusal: Refusal }> {
+    const ctx = this.ctx;
     const target = parseConnectTarget(req.url);
     if (target === undefined) {
-      rec.path = String(req.url ?? "").slice(0, 300);
-      return answer(renderBlockPage(400, "", "the CONNECT target is not host:port", undefined), "block", "bad-request");
+      const log = log0.with({ path: String(req.url ?? "").slice(0, 300) });
+      return { kind: "answer", log, refusal: refusal(renderBlockPage(400, "", "the CONNECT target is not host:port", undefined), "block", "bad-request") };
     }
-    rec.host = target.host;
-    rec.path = `${target.host}:${target.port}`;
-    const resolving = ctx.tenants.resolve(socket.remoteAddress, req.headers["proxy-authorization"]);
+    const log1 = log0.with({ host: target.host, path: `${target.host}:${target.port}` });
+    const resolving = ctx.tenants.resolve(req.socket.remoteAddress, req.headers["proxy-authorization"]);
     // A promise only while a scrypt password is checked; everything else stays synchronous.
     const match = resolving instanceof Promise ? await resolving : resolving;
     if (match.kind === "auth-required") {
-      return answer(renderBlockPage(407, target.host, match.reason, undefined), "block", "proxy-auth", {
-        "proxy-authenticate": 'Basic realm="kmi proxy"',
-      });
+      return {
+        kind: "answer",
+        log: log1,
+        refusal: refusal(renderBlockPage(407, target.host, match.reason, undefined), "block", "proxy-auth", { "proxy-authenticate": 'Basic realm="kmi proxy"' }),
+      };
     }
     if (match.kind === "no-tenant") {
-      return answer(renderBlockPage(403, target.host, "no tenant matches this client; configure its address range or use proxy credentials", undefined), "block", "no-tenant");
+      const page = renderBlockPage(403, target.host, "no tenant matches this client; configure its address range or use proxy credentials", undefined);
+      return { kind: "answer", log: log1, refusal: refusal(page, "block", "no-tenant") };
     }
-    rec.tenant = match.tenant;
-    const client: ClientInfo = { tenant: match.tenant, client: clientId, address };
+    const log = log1.with({ tenant: match.tenant });
+    const client: ClientInfo = { tenant: match.tenant, client: `${address}:${req.socket.remotePort ?? 0}`, address };
     const policy = ctx.policy.forTenant(match.tenant);
     const blocked = policy.blockedHost(target.host);
     if (blocked !== undefined) {
-      return answer(renderBlockPage(403, target.host, "the host matches a block rule", ruleId(blocked)), "block", ruleId(blocked));
+      return { kind: "answer", log, refusal: refusal(renderBlockPage(403, target.host, "the host matches a block rule", ruleId(blocked)), "block", ruleId(blocked)) };
     }
     const originKey = `${target.host}:${target.port}`;
     let bypassRule: string | undefined;
@@ -319,82 +454,133 @@ export class Interceptor {
     if (bypass !== undefined) bypassRule = ruleId(bypass);
     else if (ctx.learned.demandsClientCert(originKey) && policy.clientCertOrigins === "bypass") bypassRule = "client-cert";
     else if (ctx.learned.pinnedBypass(match.tenant, target.host)) bypassRule = "auto-bypass";
+    if (bypassRule === undefined) {
+      const cannot = this.cannotIntercept(client, originKey);
+      if (cannot !== undefined) return { kind: "answer", log, refusal: cannot };
+    }
+    return { kind: "go", target, client, policy, bypassRule, log };
+  }
 
-    let tcp: Socket;
+  /**
+   * Why this CONNECT cannot be intercepted, when the proxy knows before the 200: the agent has
+   * no key for the tenant (quarantine, revoke, none held), or the client is past its new-host
+   * limit for a host it got no leaf for. Answered on the CONNECT itself, so the client reads the
+   * reason instead of a certificate error from the kmi-blocked CA.
+   */
+  private cannotIntercept(client: ClientInfo, originKey: string): Refusal | undefined {
+    const host = originKey.slice(0, originKey.lastIndexOf(":"));
+    const keys = this.ctx.keys.refusal(client.tenant);
+    if (keys !== undefined) return refusal(renderBlockPage(503, host, keys.reason, keys.rule, "error"), "error", keys.rule, { "retry-after": "30" });
+    if (this.ctx.rateLimiter.exhausted(client.address) && !this.leafHosts.has(`${client.tenant}\u0000${originKey}`)) {
+      const why = "too many new hosts from this address (the proxy's per-address limit on leaf issuance, kmi proxy --issue-rate/--issue-burst); try again shortly";
+      return refusal(renderBlockPage(429, host, why, "issue-rate-limit", "error"), "error", "issue-rate-limit", { "retry-after": "1" });
+    }
+    return undefined;
+  }
+
+  /** Remembers that `tenant` has a leaf for `originKey` (so the new-host limit does not refuse it before the 200). */
+  private rememberLeafHost(tenant: string, originKey: string): void {
+    const k = `${tenant}\u0000${originKey}`;
+    this.leafHosts.delete(k);
+    this.leafHosts.set(k, true);
+    if (this.leafHosts.size > MAX_LEAF_HOSTS) this.leafHosts.delete(this.leafHosts.keys().next().value as string);
+  }
+
+  /** A TCP connection to the origin, or the refusal to answer on the CONNECT. */
+  private async dial(target: ConnectTarget): Promise<{ kind: "tcp"; tcp: Socket } | { kind: "answer"; refusal: Refusal }> {
     try {
-      tcp = await tcpConnect(target.host, target.port, ctx.limits.originTimeoutMs, ctx.destinations);
+      return { kind: "tcp", tcp: await tcpConnect(target.host, target.port, this.ctx.limits.originTimeoutMs, this.ctx.destinations) };
     } catch (err) {
       if (isDestinationDenied(err)) {
-        return answer(renderBlockPage(403, target.host, err.message, "private-destination"), "block", "private-destination");
+        return { kind: "answer", refusal: refusal(renderBlockPage(403, target.host, err.message, "private-destination"), "block", "private-destination") };
       }
       const why = `origin ${describeError(err as NodeJS.ErrnoException)}`;
-      return answer(renderBlockPage(502, target.host, why, "origin-unreachable"), "error", "origin-unreachable");
+      return { kind: "answer", refusal: refusal(renderBlockPage(502, target.host, why, "origin-unreachable"), "error", "origin-unreachable") };
+    }
+  }
+
+  /**
+   * Cleartext inside a CONNECT: HTTP/1.x is inspected exactly as a plain proxy request (the
+   * same block rules, scanning and access log, one line per request); anything else is closed,
+   * or tunnelled when the policy's `nonTls` is "tunnel" (a `bypassHosts` rule tunnels it earlier).
+   */
+  private async cleartext(socket: Socket, tcp: Socket, first: Buffer, c: Classified): Promise<void> {
+    const { http, data } = await peekRequestLine(socket, first, this.ctx.limits.clientHelloTimeoutMs);
+    if (!http) {
+      if (c.policy.nonTls === "tunnel") return this.tunnel(socket, tcp, data, c.log, "non-tls");
+      tcp.destroy();
+      socket.destroy();
+      return c.log.write("block", "non-tls", 'cleartext that is not HTTP is refused (policy nonTls is "block"; a bypassHosts rule tunnels it)');
     }
     if (socket.destroyed) {
       tcp.destroy();
-      return log("error", "client-gone");
+      return c.log.write("no-request", "client-gone");
     }
-    socket.write("HTTP/1.1 200 Connection Established\r\n\r\n");
+    this.ctx.counters.connect("intercept");
+    tcp.on("error", () => {});
+    const { target, client } = c;
+    const reconnect = (): Promise<Socket> => tcpConnect(target.host, target.port, this.ctx.limits.originTimeoutMs, this.ctx.destinations);
+    const agent = new TunnelAgent(tcp, reconnect);
+    const stats: ConnStats = { requests: 0 };
+    const upstream: Http1Upstream = { scheme: "http", agent: agent as unknown as Agent, tunnel: { host: target.host, port: target.port, requestedHost: target.host } };
+    (socket as Tagged<H1Conn>)[kConn] = { client, upstream, stats };
+    socket.once("close", () => agent.destroy());
+    socket.unshift(data);
+    this.h1.emit("connection", socket);
+    // The peek paused it; the server reads through 'data' events (the outer server unconsumed the socket at the CONNECT).
+    socket.resume();
+  }
 
-    if (bypassRule !== undefined) return this.tunnel(socket, tcp, head, rec, bypassRule, log);
-
-    const peek = await peekClientHello(socket, head, ctx.limits.clientHelloTimeoutMs);
+  /** What the client's ClientHello asks for: interception, a tunnel, a page, or a close. */
+  private classifyHello(peek: Peek, c: Classified): HelloOutcome {
+    const { policy, target, log: log0 } = c;
     if (peek.kind !== "hello") {
-      if (peek.kind === "not-tls" && policy.nonTls === "tunnel") return this.tunnel(socket, tcp, peek.data, rec, "non-tls", log);
-      tcp.destroy();
-      socket.destroy();
-      const why = peek.kind === "not-tls" ? "non-tls traffic refused by policy" : peek.kind === "invalid" ? `bad clienthello: ${peek.reason}` : `client ${peek.kind} before its clienthello`;
-      return log(peek.kind === "not-tls" ? "block" : "error", peek.kind === "not-tls" ? "non-tls" : "client-hello", why);
+      if (peek.kind === "invalid") return { kind: "drop", log: log0, decision: "error", rule: "client-hello", error: `bad clienthello: ${peek.reason}` };
+      // Closed or silent before its ClientHello: it never asked for anything.
+      return { kind: "drop", log: log0, decision: "no-request", rule: "client-hello", error: `client ${peek.kind} before its clienthello` };
     }
     const hello = peek.hello;
     const host = hello.serverName ?? target.host;
-    rec.host = host;
+    const log = log0.with({ host });
     if (host !== target.host) {
       const b = policy.blockedHost(host);
-      if (b !== undefined) {
-        tcp.destroy();
-        return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(403, host, "the host matches a block rule", ruleId(b)), decision: "block", rule: ruleId(b) });
-      }
+      if (b !== undefined) return { kind: "page", log, hello, refusal: refusal(renderBlockPage(403, host, "the host matches a block rule", ruleId(b)), "block", ruleId(b)) };
       const bp = policy.bypassedHost(host);
-      if (bp !== undefined) return this.tunnel(socket, tcp, peek.data, rec, ruleId(bp), log);
-      if (ctx.learned.pinnedBypass(match.tenant, host)) return this.tunnel(socket, tcp, peek.data, rec, "auto-bypass", log);
+      if (bp !== undefined) return { kind: "tunnel", log, rule: ruleId(bp) };
+      if (this.ctx.learned.pinnedBypass(c.client.tenant, host)) return { kind: "tunnel", log, rule: "auto-bypass" };
     }
     const offers = hello.alpn.filter((p) => INSPECTABLE_ALPN.has(p));
     if (hello.alpn.length > 0 && offers.length === 0) {
-      if (policy.uninspectableAlpn === "tunnel") return this.tunnel(socket, tcp, peek.data, rec, "alpn-uninspectable", log);
-      tcp.destroy();
-      socket.destroy();
+      if (policy.uninspectableAlpn === "tunnel") return { kind: "tunnel", log, rule: "alpn-uninspectable" };
       const offered = hello.alpn.map((p) => JSON.stringify(p).slice(0, 40)).slice(0, 8).join(", ");
-      return log("block", "alpn-uninspectable", `the client offers only protocols the proxy cannot inspect (${offered}); policy uninspectableAlpn is "block"`);
+      return { kind: "drop", log, decision: "block", rule: "alpn-uninspectable", error: `the client offers only protocols the proxy cannot inspect (${offered}); policy uninspectableAlpn is "block"` };
     }
+    return { kind: "intercept", log, hello, host, offers };
+  }
 
-    const origin: OriginResult = await ctx.origins.connect({ host: target.host, port: target.port, servername: hello.serverName, alpn: offers, socket: tcp });
+  /** Meets the origin over TLS with the client's SNI and inspectable ALPN offers, and verifies it. */
+  private async originTls(c: Classified, h: Intercept, tcp: Socket): Promise<OriginTls | { kind: "retunnel" } | { kind: "page"; refusal: Refusal }> {
+    const { target, policy } = c;
+    const origin: OriginResult = await this.ctx.origins.connect({ host: target.host, port: target.port, servername: h.hello.serverName, alpn: h.offers, socket: tcp });
     if (origin.kind === "client-cert") {
-      ctx.learned.markClientCert(originKey);
-      if (policy.clientCertOrigins === "bypass") return this.retunnel(socket, target, peek.data, rec, log);
-      return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(502, host, origin.reason, "client-cert", "block"), decision: "block", rule: "client-cert" });
+      this.ctx.learned.markClientCert(`${target.host}:${target.port}`);
+      if (policy.clientCertOrigins === "bypass") return { kind: "retunnel" };
+      return { kind: "page", refusal: refusal(renderBlockPage(502, h.host, origin.reason, "client-cert", "block"), "block", "client-cert") };
     }
-    if (origin.kind === "unverified") {
-      return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(502, host, origin.reason, "origin-verify", "block"), decision: "block", rule: "origin-verify" });
-    }
-    if (origin.kind === "failed") {
-      return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(502, host, origin.reason, "origin-tls"), decision: "error", rule: "origin-tls" });
-    }
-    const osock = origin.socket;
+    if (origin.kind === "unverified") return { kind: "page", refusal: refusal(renderBlockPage(502, h.host, origin.reason, "origin-verify", "block"), "block", "origin-verify") };
+    if (origin.kind === "failed") return { kind: "page", refusal: refusal(renderBlockPage(502, h.host, origin.reason, "origin-tls"), "error", "origin-tls") };
     // A TLS 1.3 origin that wants a client certificate says so only after its handshake.
-    let lateError: Error | undefined;
-    const onLate = (err: Error): void => {
-      lateError = err;
-    };
-    osock.on("error", onLate);
-    const closeOrigin = (): void => void osock.destroy();
-    socket.once("close", closeOrigin);
+    const late: { error?: Error } = {};
+    const onLate = (err: Error): void => void (late.error = err);
+    origin.socket.on("error", onLate);
+    return { kind: "ok", socket: origin.socket, cert: origin.cert, alpn: origin.alpn, lateError: () => late.error, stopWatching: () => void origin.socket.off("error", onLate) };
+  }
 
-    let leaf: LeafEntry;
+  /** The leaf for this origin certificate, or the page that says why there is none. */
+  private async mint(client: ClientInfo, host: string, cert: X509Certificate): Promise<LeafEntry | Refusal> {
     try {
-      leaf = await this.leafFor(client, host, origin.cert);
+      return await this.leafFor(client, host, cert);
     } catch (err) {
-      osock.destroy();
       const [status, rule, why] =
         err instanceof IssuanceRefused
           ? [429, "issue-rate-limit", err.message]
@@ -403,96 +589,120 @@ export class Interceptor {
             : err instanceof LeafRejected
               ? [503, "leaf-rejected", err.message]
               : [503, "leaf-error", (err as Error).message];
-      if (!(err instanceof IssuanceRefused)) ctx.logger.warn("leaf issuance failed", { tenant: client.tenant, host, error: err as Error });
-      return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(status, host, why, rule), decision: "error", rule });
+      if (!(err instanceof IssuanceRefused)) this.ctx.logger.warn("leaf issuance failed", { tenant: client.tenant, host, error: err as Error });
+      return refusal(renderBlockPage(status, host, why, rule), "error", rule);
     }
-    if (socket.destroyed) {
-      osock.destroy();
-      return log("error", "client-gone", "client left during the origin handshake");
-    }
-    if (lateError !== undefined) {
-      osock.destroy();
-      if (isClientCertRequired(lateError)) {
-        ctx.learned.markClientCert(originKey);
-        if (policy.clientCertOrigins === "bypass") return this.retunnel(socket, target, peek.data, rec, log);
-        return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(502, host, "origin demands a client certificate", "client-cert", "block"), decision: "block", rule: "client-cert" });
-      }
-      return this.servePage({ socket, data: peek.data, hello, host, rec, log, page: renderBlockPage(502, host, `origin ${describeError(lateError)}`, "origin-tls"), decision: "error", rule: "origin-tls" });
-    }
+  }
 
-    // Terminate the client's TLS with the leaf and the origin's protocol choice.
-    socket.unshift(peek.data);
-    const alpn = origin.alpn;
+  /** What an origin error that came after its handshake (while the leaf was minted) means. */
+  private lateOriginRefusal(c: Classified, h: Intercept, o: OriginTls): Refusal | "retunnel" | undefined {
+    const err = o.lateError();
+    if (err === undefined) return undefined;
+    if (isClientCertRequired(err)) {
+      this.ctx.learned.markClientCert(`${c.target.host}:${c.target.port}`);
+      if (c.policy.clientCertOrigins === "bypass") return "retunnel";
+      return refusal(renderBlockPage(502, h.host, "origin demands a client certificate", "client-cert", "block"), "block", "client-cert");
+    }
+    return refusal(renderBlockPage(502, h.host, `origin ${describeError(err)}`, "origin-tls"), "error", "origin-tls");
+  }
+
+  /** Terminates the client's TLS with the leaf and the origin's protocol choice; once secured, serves HTTP/1.1 or h2. */
+  private terminate(socket: Socket, data: Buffer, leaf: LeafEntry, c: Classified, h: Intercept, o: OriginTls): void {
+    socket.unshift(data);
     const tls = new TLSSocket(socket, {
       isServer: true,
       secureContext: leaf.context,
-      ALPNProtocols: alpn === false ? undefined : [alpn],
+      ALPNProtocols: o.alpn === false ? undefined : [o.alpn],
     });
     // The outer HTTP server's sockets allow half-open connections, and a TLSSocket inherits
     // that; a decrypted connection must not, or a client's FIN would leave it (an HTTP/2
     // session, a stalled upload) open until its idle timeout.
     tls.allowHalfOpen = false;
     this.track(tls);
-    let secured = false;
-    let failed = false;
-    const hsTimer = setTimeout(() => {
-      failed = true;
-      tls.destroy();
-      log("error", "client-tls", `client did not finish its tls handshake within ${ctx.limits.handshakeTimeoutMs} ms`);
-    }, ctx.limits.handshakeTimeoutMs);
-    tls.on("error", (err: NodeJS.ErrnoException) => {
-      if (secured || failed) return;
-      failed = true;
-      clearTimeout(hsTimer);
-      osock.destroy();
-      // The client refused the minted certificate (a pinned app, or the CA is not installed).
-      const code = err.code ?? "";
-      const rejected = /ALERT_(BAD_CERTIFICATE|UNKNOWN_CA|CERTIFICATE_UNKNOWN|UNSUPPORTED_CERTIFICATE|CERTIFICATE_REVOKED|ACCESS_DENIED|DECRYPT_ERROR)/.test(code);
+    this.watchHandshake(tls, c.client, h, o, () => {
+      markHandshakeDone(tls);
+      o.stopWatching();
+      this.ctx.counters.connect("intercept");
+      const stats: ConnStats = { requests: 0 };
+      this.logIfNoRequest(tls, c.client, h, stats);
+      this.serveDecrypted(tls, c, h, o, stats);
+    });
+  }
+
+  /**
+   * Calls `secured` when the client's handshake completes; logs (and counts toward auto-bypass)
+   * a handshake that times out, fails, or is abandoned, and then closes the origin side.
+   */
+  private watchHandshake(tls: TLSSocket, client: ClientInfo, h: Intercept, o: OriginTls, secured: () => void): void {
+    const { host, log } = h;
+    let settled = false;
+    const fail = (decision: Decision, rule: string, why: string, rejected: boolean): void => {
+      settled = true;
+      clearTimeout(timer);
+      o.socket.destroy();
       if (rejected) this.rejected(client, host);
-      log("error", rejected ? "client-rejected-leaf" : "client-tls", `client tls: ${describeError(err)}`);
+      log.write(decision, rule, why);
+    };
+    const timer = setTimeout(() => {
+      fail("error", "client-tls", `client did not finish its tls handshake within ${this.ctx.limits.handshakeTimeoutMs} ms`, false);
+      tls.destroy();
+    }, this.ctx.limits.handshakeTimeoutMs);
+    tls.on("error", (err: NodeJS.ErrnoException) => {
+      if (settled) return;
+      // The client refused the minted certificate (a pinned app, or the CA is not installed).
+      const rejected = /ALERT_(BAD_CERTIFICATE|UNKNOWN_CA|CERTIFICATE_UNKNOWN|UNSUPPORTED_CERTIFICATE|CERTIFICATE_REVOKED|ACCESS_DENIED|DECRYPT_ERROR)/.test(err.code ?? "");
+      fail("error", rejected ? "client-rejected-leaf" : "client-tls", `client tls: ${describeError(err)}`, rejected);
     });
     tls.once("close", () => {
-      if (secured || failed) return;
+      if (settled) return;
       // Closed after our certificate went out, before finishing the handshake: clients that
       // verify as the handshake ends (Node, many pinning libraries) leave this way, without an alert.
-      failed = true;
-      clearTimeout(hsTimer);
-      osock.destroy();
-      this.rejected(client, host);
-      log("error", "client-closed-in-handshake", "client closed during the tls handshake (refused the leaf?)");
+      fail("no-request", "client-closed-in-handshake", "client closed during the tls handshake without an alert", true);
     });
-    const stats: ConnStats = { requests: 0 };
     tls.once("secure", () => {
-      secured = true;
-      // What tls.Server does before 'secureConnection'; http2 waits for it.
-      (tls as TLSSocket & { secureConnecting: boolean }).secureConnecting = false;
-      clearTimeout(hsTimer);
-      osock.off("error", onLate);
-      ctx.counters.connect("intercept");
-      const securedAt = performance.now();
-      tls.once("close", () => {
-        if (stats.requests === 0 && performance.now() - securedAt < SILENT_REJECT_MS) {
-          this.rejected(client, host);
-          log("error", "client-closed-after-handshake", "client closed right after the handshake without a request (refused the leaf?)");
-        }
-      });
-      const reconnect = async (): Promise<TLSSocket> => {
-        const r = await ctx.origins.connect({ host: target.host, port: target.port, servername: hello.serverName, alpn: alpn === false ? [] : [alpn] });
-        if (r.kind !== "ok") throw Object.assign(new Error(r.reason), { code: r.kind === "failed" ? r.code : r.kind.toUpperCase() });
-        return r.socket;
-      };
-      if (alpn === "h2") {
-        const o = new H2Origin(osock, target.port === 443 ? host : `${host}:${target.port}`, reconnect);
-        (tls as Tagged<H2Conn>)[kConn] = { client, upstream: { origin: o, requestedHost: host }, stats };
-        tls.once("close", () => o.close());
-        this.h2.emit("connection", tls);
+      settled = true;
+      clearTimeout(timer);
+      secured();
+    });
+  }
+
+  /** Logs a decrypted connection that closes without a request (`no-request`). */
+  private logIfNoRequest(tls: TLSSocket, client: ClientInfo, h: Intercept, stats: ConnStats): void {
+    const securedAt = performance.now();
+    tls.once("close", () => {
+      if (stats.requests > 0) return;
+      const seconds = Math.round(performance.now() - securedAt) / 1000;
+      if (seconds * 1000 < SILENT_REJECT_MS) {
+        // Most likely a client that verifies after the handshake and refused the leaf without an alert.
+        this.rejected(client, h.host);
+        h.log.write("no-request", "client-closed-after-handshake", `client closed ${seconds} s after the handshake without a request`);
       } else {
-        const agent = new TunnelAgent(osock, reconnect);
-        (tls as Tagged<H1Conn>)[kConn] = { client, upstream: { scheme: "https", agent: agent as unknown as Agent, tunnel: { host: target.host, port: target.port, requestedHost: host } }, stats };
-        tls.once("close", () => agent.destroy());
-        this.h1.emit("connection", tls);
+        h.log.write("no-request", "no-request", `client closed ${seconds} s after the handshake without a request`);
       }
     });
+  }
+
+  /** Hands the decrypted connection to the inner HTTP/1.1 or HTTP/2 server, with its origin side. */
+  private serveDecrypted(tls: TLSSocket, c: Classified, h: Intercept, o: OriginTls, stats: ConnStats): void {
+    const { client, target } = c;
+    const { host } = h;
+    const alpn = o.alpn;
+    const reconnect = async (): Promise<TLSSocket> => {
+      const r = await this.ctx.origins.connect({ host: target.host, port: target.port, servername: h.hello.serverName, alpn: alpn === false ? [] : [alpn] });
+      if (r.kind !== "ok") throw Object.assign(new Error(r.reason), { code: r.kind === "failed" ? r.code : r.kind.toUpperCase() });
+      return r.socket;
+    };
+    if (alpn === "h2") {
+      const origin = new H2Origin(o.socket, target.port === 443 ? host : `${host}:${target.port}`, reconnect);
+      (tls as Tagged<H2Conn>)[kConn] = { client, upstream: { origin, requestedHost: host }, stats };
+      tls.once("close", () => origin.close());
+      this.h2.emit("connection", tls);
+      return;
+    }
+    const agent = new TunnelAgent(o.socket, reconnect);
+    (tls as Tagged<H1Conn>)[kConn] = { client, upstream: { scheme: "https", agent: agent as unknown as Agent, tunnel: { host: target.host, port: target.port, requestedHost: host } }, stats };
+    tls.once("close", () => agent.destroy());
+    this.h1.emit("connection", tls);
   }
 
   /** Counts a client's refusal of the minted leaf (pinned-app detection, when the policy turns it on). */
@@ -503,7 +713,7 @@ export class Interceptor {
   }
 
   /** The leaf for this origin certificate: cached, joined, or minted (rate-limited per client). */
-  private async leafFor(client: ClientInfo, host: string, cert: import("node:crypto").X509Certificate): Promise<LeafEntry> {
+  private async leafFor(client: ClientInfo, host: string, cert: X509Certificate): Promise<LeafEntry> {
     const ctx = this.ctx;
     const key = leafCacheKey(client.tenant, cert.fingerprint256);
     const hit = ctx.leaves.get(key);
@@ -525,61 +735,44 @@ export class Interceptor {
   }
 
   /** A plain tunnel (bypass): `first` is what the client already sent. */
-  private tunnel(
-    socket: Socket,
-    tcp: Socket,
-    first: Buffer,
-    rec: AccessRecord,
-    rule: string,
-    log: (d: Decision, rule: string | undefined, error?: string) => void,
-  ): void {
+  private tunnel(socket: Socket, tcp: Socket, first: Buffer, log: ConnectLog, rule: string): void {
     this.ctx.counters.connect("bypass");
     this.track(tcp);
     tcp.on("error", () => {});
     if (first.length > 0) tcp.write(first);
-    rec.status = 200;
     splice(socket, tcp, this.ctx.limits.idleTimeoutMs, (r) => {
-      rec.bytes_up = r.up + first.length;
-      rec.bytes_down = r.down;
-      log("bypass", rule, r.error?.message);
+      log.write("bypass", rule, r.error?.message, { status: 200, bytes_up: r.up + first.length, bytes_down: r.down });
     });
   }
 
   /** Tunnels on a fresh TCP connection (the first one was used for a TLS attempt). */
-  private retunnel(
-    socket: Socket,
-    target: ConnectTarget,
-    first: Buffer,
-    rec: AccessRecord,
-    log: (d: Decision, rule: string | undefined, error?: string) => void,
-  ): void {
+  private retunnel(socket: Socket, target: ConnectTarget, first: Buffer, log: ConnectLog): void {
     tcpConnect(target.host, target.port, this.ctx.limits.originTimeoutMs, this.ctx.destinations).then(
       (tcp) => {
         if (socket.destroyed) {
           tcp.destroy();
-          return log("error", "client-gone");
+          return log.write("no-request", "client-gone");
         }
-        this.tunnel(socket, tcp, first, rec, "client-cert", log);
+        this.tunnel(socket, tcp, first, log, "client-cert");
       },
       (err: NodeJS.ErrnoException) => {
         socket.destroy();
-        log("error", "origin-unreachable", describeError(err));
+        log.write("error", "origin-unreachable", describeError(err));
       },
     );
   }
 
-  /** Answers with `o.page` under a leaf of the untrusted kmi-blocked CA. */
-  private servePage(o: PageAnswer): void {
-    const { socket, data, hello, host, page, rec, log, decision, rule } = o;
-    rec.status = page.status;
-    log(decision, rule, page.headers["x-kmi-reason"]);
-    this.ctx.counters.connect(decision);
+  /** Answers with the refusal's page under a leaf of the untrusted kmi-blocked CA; `data` is the client's ClientHello. */
+  private servePage(socket: Socket, data: Buffer, hello: ClientHello, log: ConnectLog, r: Refusal): void {
+    const page = r.page;
+    log.write(r.decision, r.rule, page.headers["x-kmi-reason"], { status: page.status });
+    this.ctx.counters.connect(r.decision);
     if (socket.destroyed) return;
     socket.unshift(data);
     const alpn = hello.alpn.length === 0 || hello.alpn.includes("http/1.1") ? "http/1.1" : undefined;
     const tls = new TLSSocket(socket, {
       isServer: true,
-      secureContext: this.ctx.blockedCa.contextFor(host),
+      secureContext: this.ctx.blockedCa.contextFor(log.host),
       ALPNProtocols: alpn === undefined ? undefined : [alpn],
     });
     tls.allowHalfOpen = false;
@@ -588,7 +781,7 @@ export class Interceptor {
     const timer = setTimeout(() => tls.destroy(), this.ctx.limits.handshakeTimeoutMs);
     tls.once("close", () => clearTimeout(timer));
     tls.once("secure", () => {
-      (tls as TLSSocket & { secureConnecting: boolean }).secureConnecting = false;
+      markHandshakeDone(tls);
       if (tls.alpnProtocol !== false && tls.alpnProtocol !== "http/1.1") {
         tls.destroy();
         return;
@@ -596,158 +789,5 @@ export class Interceptor {
       (tls as Tagged<PageConn>)[kConn] = { page };
       this.pages.emit("connection", tls);
     });
-  }
-}
-
-/** A page served instead of the origin on a tunnel (see `Interceptor.servePage`). */
-interface PageAnswer {
-  /** The client's socket. */
-  readonly socket: Socket;
-  /** The bytes peeked from it (the ClientHello), put back for the TLS layer. */
-  readonly data: Buffer;
-  /** The client's ClientHello. */
-  readonly hello: ClientHello;
-  /** The host the client asked for. */
-  readonly host: string;
-  /** The tunnel's access-log record, and its logger. */
-  readonly rec: AccessRecord;
-  readonly log: (d: Decision, rule: string | undefined, error?: string) => void;
-  /** The page, and how the log line reads. */
-  readonly page: BlockPage;
-  readonly decision: Decision;
-  readonly rule: string;
-}
-
-/**
- * The HTTP/1.1 agent of one tunnel: an Agent-like object (node:http accepts any object with
- * `addRequest`) holding the tunnel's ONE origin connection. Its first request uses the
- * connection made for the handshake; later ones (after the origin closed it) open and verify a
- * new one. http.Agent's pool bookkeeping (per-request option copies, names, free lists, TCP
- * keep-alive and ref/unref system calls per request) costs about a tenth of the proxy's CPU
- * under keep-alive load and buys nothing for a connection pinned to one client's.
- */
-class TunnelAgent {
-  // What ClientRequest reads from its agent.
-  readonly keepAlive = true;
-  readonly maxSockets = 1;
-  readonly protocol = "http:";
-  readonly defaultPort = 80;
-  readonly options: Record<string, never> = {};
-
-  private socket: Duplex | undefined;
-  /** The socket serves a request now. */
-  private busy = false;
-  /** The socket has served a request (the next one reuses it). */
-  private used = false;
-  private connecting = false;
-  private destroyed = false;
-  /** Requests waiting for the connection (a client that pipelines). */
-  private readonly queue: ClientRequest[] = [];
-
-  private readonly onFree = (): void => {
-    const s = this.socket;
-    if (s === undefined) return;
-    if (!s.writable) {
-      s.destroy();
-      return;
-    }
-    const next = this.queue.shift();
-    if (next !== undefined) {
-      this.assign(next, s);
-      return;
-    }
-    const req = (s as Duplex & { _httpMessage?: ClientRequest | null })._httpMessage;
-    if (req === undefined || req === null || !req.shouldKeepAlive) {
-      s.destroy();
-      return;
-    }
-    (s as Duplex & { _httpMessage?: ClientRequest | null })._httpMessage = null;
-    this.busy = false;
-  };
-
-  private readonly onClose = (): void => {
-    this.detach();
-  };
-
-  /** An upgrade (WebSocket) took the socket over: it leaves the agent. */
-  private readonly onRemove = (): void => {
-    this.detach();
-  };
-
-  constructor(
-    first: TLSSocket,
-    private readonly reconnect: () => Promise<TLSSocket>,
-  ) {
-    this.attach(first);
-  }
-
-  private attach(s: Duplex): void {
-    this.socket = s;
-    this.busy = false;
-    this.used = false;
-    s.on("free", this.onFree);
-    s.on("close", this.onClose);
-    s.on("agentRemove", this.onRemove);
-  }
-
-  private detach(): void {
-    const s = this.socket;
-    if (s === undefined) return;
-    s.off("free", this.onFree);
-    s.off("close", this.onClose);
-    s.off("agentRemove", this.onRemove);
-    this.socket = undefined;
-    this.busy = false;
-    if (this.queue.length > 0) this.open();
-  }
-
-  private assign(req: ClientRequest, s: Duplex): void {
-    this.busy = true;
-    if (this.used) req.reusedSocket = true;
-    this.used = true;
-    req.onSocket(s as Socket);
-  }
-
-  /** Called by ClientRequest for each request. */
-  addRequest(req: ClientRequest): void {
-    const s = this.socket;
-    if (s !== undefined && !this.busy && !s.destroyed) {
-      this.assign(req, s);
-      return;
-    }
-    this.queue.push(req);
-    if (s === undefined || s.destroyed) this.open();
-  }
-
-  private open(): void {
-    if (this.connecting || this.destroyed || this.socket !== undefined) return;
-    this.connecting = true;
-    this.reconnect().then(
-      (sock) => {
-        this.connecting = false;
-        if (this.destroyed) {
-          sock.destroy();
-          return;
-        }
-        this.attach(sock);
-        const req = this.queue.shift();
-        if (req !== undefined) this.assign(req, sock);
-      },
-      (err: Error) => {
-        this.connecting = false;
-        const req = this.queue.shift();
-        // ClientRequest's onSocket(socket, err) fails the request with err.
-        (req as unknown as { onSocket(s: undefined, e: Error): void } | undefined)?.onSocket(undefined, err);
-        if (this.queue.length > 0) this.open();
-      },
-    );
-  }
-
-  /** Closes the origin connection (the client's went away). */
-  destroy(): void {
-    this.destroyed = true;
-    const s = this.socket;
-    this.socket = undefined;
-    s?.destroy();
   }
 }

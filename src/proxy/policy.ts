@@ -12,7 +12,7 @@
  *   "icap":        {"respmod": {"name": "clamav", "url": "icap://127.0.0.1:1344/virus_scan", "failMode": "closed"},
  *                   "reqmod":  {"name": "clamav", "url": "icap://127.0.0.1:1344/virus_scan", "failMode": "closed"}},
  *   "autoBypass":  {"enabled": false, "threshold": 3, "windowSeconds": 300, "ttlSeconds": 3600},
- *   "nonTls":      "tunnel",
+ *   "nonTls":      "block",
  *   "uninspectableAlpn": "block",
  *   "clientCertOrigins": "bypass"
  * }
@@ -100,7 +100,10 @@ export interface Policy {
   readonly icap: IcapSettings;
   /** Pinned-app auto-bypass. */
   readonly autoBypass: AutoBypassSettings;
-  /** What a CONNECT that does not carry TLS gets: a plain tunnel (default) or a close. */
+  /**
+   * What a CONNECT that carries cleartext other than HTTP gets: a close (default) or a plain
+   * tunnel. Cleartext HTTP is always inspected like a plain proxy request, whatever this says.
+   */
   readonly nonTls: "tunnel" | "block";
   /**
    * What a ClientHello that offers only protocols the proxy cannot inspect (ALPN without h2 or
@@ -316,7 +319,7 @@ export function parsePolicy(doc: unknown): Policy {
     windowSeconds: num(abObj, "windowSeconds", "policy.autoBypass", 1, 86_400, DEFAULT_AUTO_BYPASS.windowSeconds),
     ttlSeconds: num(abObj, "ttlSeconds", "policy.autoBypass", 1, 30 * 86_400, DEFAULT_AUTO_BYPASS.ttlSeconds),
   };
-  const nonTls = top["nonTls"] ?? "tunnel";
+  const nonTls = top["nonTls"] ?? "block";
   if (nonTls !== "tunnel" && nonTls !== "block") fail("policy.nonTls", 'must be "tunnel" or "block"');
   const uninspectableAlpn = top["uninspectableAlpn"] ?? "block";
   if (uninspectableAlpn !== "tunnel" && uninspectableAlpn !== "block") fail("policy.uninspectableAlpn", 'must be "tunnel" or "block"');
@@ -415,6 +418,7 @@ export class PolicyStore {
   private readonly watchers: FSWatcher[] = [];
   private debounce: NodeJS.Timeout | undefined;
   private generation = 0;
+  private failed = 0;
 
   private constructor(
     private readonly path: string | undefined,
@@ -463,6 +467,11 @@ export class PolicyStore {
     return this.generation;
   }
 
+  /** Reloads that failed since start (the previous policies stayed in force). */
+  get failures(): number {
+    return this.failed;
+  }
+
   /** Rereads the files; returns true when the new policies are in force. */
   async reload(): Promise<boolean> {
     const tenantsFile = this.options.tenantsFile;
@@ -476,7 +485,9 @@ export class PolicyStore {
       return true;
     } catch (err) {
       const error = (err as Error).message;
-      this.logger.error("policy reload failed; the previous policy stays in force", { path: this.path, tenantsFile, error });
+      this.failed++;
+      // `event` is what `kmi up` picks out to print on its terminal.
+      this.logger.error("policy reload failed; the previous policy stays in force", { event: "policy-reload-failed", path: this.path, tenantsFile, error });
       this.options.onReloadFailed?.(error);
       return false;
     }

@@ -32,6 +32,15 @@ export class ClientRateLimiter {
     this.now = options.now ?? Date.now;
   }
 
+  /** True when `client`'s bucket has no whole token now (the next new host would be refused); takes nothing. */
+  exhausted(client: string): boolean {
+    const { perSecond, burst } = this.options;
+    if (perSecond <= 0) return false;
+    const b = this.buckets.get(client);
+    if (b === undefined) return false;
+    return Math.min(burst, b.tokens + ((this.now() - b.at) / 1000) * perSecond) < 1;
+  }
+
   /** Takes one token for `client`; false when its bucket is empty. */
   take(client: string): boolean {
     const { perSecond, burst } = this.options;

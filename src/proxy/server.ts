@@ -25,6 +25,7 @@ import { LeafCache } from "./leaf-cache.js";
 import { createLeafMinter, MAX_LEAF_LIFETIME_MS } from "./leaf-minter.js";
 import { LearnedBypass } from "./learned-bypass.js";
 import { DestinationGuard } from "./destinations.js";
+import { KeyAvailability } from "./key-availability.js";
 import { OriginConnector } from "./origin.js";
 import { PolicyStore } from "./policy.js";
 import { ClientRateLimiter } from "./rate-limit.js";
@@ -183,11 +184,11 @@ export class ProxyServer {
     const logger = options.logger;
     const metrics = options.metrics ?? (options.metricsListen !== undefined ? createMetricsRegistry() : undefined);
     const tenants = createTenantResolver(options.tenants ?? [], options.defaultTenant, options.requireAuth ?? false, { logger });
-    const reloadFailures = metrics?.counter("kmi_proxy_policy_reload_failures_total", "Policy reloads refused (the previous policy stayed in force).", []);
+    const reloadFailures = metrics?.counter("kmi_proxy_policy_reload_failures_total", "Policy reloads that failed (the previous policies stayed in force).", []);
     const policy = await PolicyStore.create(options.policyFile, logger, {
       tenants: options.tenants ?? [],
       ...(options.tenantsFile !== undefined ? { tenantsFile: options.tenantsFile } : {}),
-      onReloadFailed: () => reloadFailures?.labels().inc(),
+      onReloadFailed: () => reloadFailures?.inc(),
     });
     const agent = options.agent ?? (options.agentSocket !== undefined ? new AgentClient({ socketPath: options.agentSocket, logger }) : undefined);
     if (agent === undefined) throw new Error("agent socket: not set; give --agent-socket with the key agent's Unix socket path");
@@ -214,6 +215,7 @@ export class ProxyServer {
       destinations,
       blockedCa,
       rateLimiter: new ClientRateLimiter({ perSecond: options.issueRatePerSecond ?? 20, burst: options.issueBurst ?? 100 }),
+      keys: new KeyAvailability(),
       learned: new LearnedBypass(),
       limits,
       counters: createCounters(metrics),
@@ -228,7 +230,10 @@ export class ProxyServer {
     if (this.address !== undefined) return this.address;
     this.watch = this.agent.watchKeys(
       (e) => this.onKeyEvent(e),
-      (connected) => this.context.logger.debug("agent watch", { connected }),
+      (connected) => {
+        this.context.keys.onWatchState(connected);
+        this.context.logger.debug("agent watch", { connected });
+      },
     );
     this.policy.watch();
     await new Promise<void>((resolve, reject) => {
@@ -239,8 +244,10 @@ export class ProxyServer {
       });
     });
     const a = this.http.address() as AddressInfo;
+    if (this.metrics !== undefined) {
+      this.metrics.gauge("kmi_proxy_open_connections", "Client connections open (plain HTTP, tunnels and intercepted), each counted once.", [], (g) => g.set(this.openConnections));
+    }
     if (this.options.metricsListen !== undefined && this.metrics !== undefined) {
-      this.metrics.gauge("kmi_proxy_open_connections", "Client connections open (tunnels and intercepted).", [], (g) => g.set(this.openConnections));
       this.metricsServer = await startMetricsServer(this.metrics, parseListenAddress(this.options.metricsListen), this.context.logger);
     }
     this.address = { host: this.options.host, port: a.port };
@@ -255,14 +262,23 @@ export class ProxyServer {
     this.context.accessLog.reopen();
   }
 
-  /** Connections open now (tunnels and intercepted sessions); for tests and metrics. */
+  /**
+   * Client connections open now, each once (a CONNECT's TCP connection, not also its
+   * decrypted TLS socket and its origin connection); for metrics and tests.
+   */
   get openConnections(): number {
-    return this.interceptor.openConnections + this.sockets.size;
+    return this.sockets.size;
+  }
+
+  /** Every socket the proxy holds (client, decrypted and origin sides; some twice): zero once all is closed (leak tests). */
+  get socketsHeld(): number {
+    return this.sockets.size + this.interceptor.socketsHeld;
   }
 
   private onKeyEvent(e: WatchKeysResponse): void {
     const leaves = this.context.leaves;
     const log = this.context.logger;
+    this.context.keys.onEvent(e);
     switch (e.type) {
       case KeyEventType.ROTATED:
       case KeyEventType.REVOKED:
@@ -326,13 +342,6 @@ export class ProxyServer {
         ? renderBlockPage(407, req.headers.host ?? "", match.reason, undefined)
         : renderBlockPage(403, req.headers.host ?? "", "no tenant matches this client", undefined);
     const extra: Record<string, string> = match.kind === "auth-required" ? { "proxy-authenticate": 'Basic realm="kmi proxy"' } : {};
-    if (res !== undefined) {
-      res.writeHead(page.status, { ...page.headers, ...extra });
-      res.end(page.body);
-      req.resume();
-    } else {
-      socket.end(rawHttpResponse(page, extra));
-    }
     this.context.accessLog.write({
       tenant: "",
       client: `${address}:${s.remotePort ?? 0}`,
@@ -347,6 +356,14 @@ export class ProxyServer {
       duration_ms: 0,
       proto: "http/1.1",
     });
+    // Logged before the answer goes out (a script that reads the log after its request finds the line).
+    if (res !== undefined) {
+      res.writeHead(page.status, { ...page.headers, ...extra });
+      res.end(page.body);
+      req.resume();
+    } else {
+      socket.end(rawHttpResponse(page, extra));
+    }
     return undefined;
   }
 

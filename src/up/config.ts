@@ -51,6 +51,8 @@ export const upProgram = defineProgram({
         "machine); the proxy refuses every other loopback, private and link-local destination",
       valueName: "cidr,...",
     },
+    proxyIssueRate: { type: "integer", description: "the proxy's new-host leaf issuances per second per client address (0: no limit; its --issue-rate)", default: 20 },
+    proxyIssueBurst: { type: "integer", description: "the proxy's burst of new-host issuances per client address (its --issue-burst)", default: 100 },
     logLevel: { type: "string", description: "log level of the parts (their logs go to <data-dir>/logs)", default: "info", choices: LOG_LEVELS },
     readyTimeoutSeconds: { type: "integer", description: "how long each part may take to become healthy at start", default: 120 },
     json: { type: "boolean", description: "print a machine-readable health summary on stdout once ready (progress goes to stderr)", default: false },
@@ -79,6 +81,8 @@ export interface UpConfig {
   readonly originCaFiles: readonly string[];
   /** Private address ranges the proxy may connect to (its --allow-private). */
   readonly proxyAllowPrivate: readonly string[];
+  /** The proxy's per-address new-host issuance limit (its --issue-rate, --issue-burst). */
+  readonly proxyIssueLimit: { readonly rate: number; readonly burst: number };
   /** Log level of the parts. */
   readonly logLevel: LogLevel;
   /** Per-part start deadline, ms. */
@@ -97,6 +101,8 @@ function tcp(value: string): TcpAddress {
 export function resolveUpConfig(loaded: LoadedConfig<typeof upProgram.options>, cwd: string = process.cwd()): UpConfig {
   const v = loaded.values;
   if (v.readyTimeoutSeconds < 5 || v.readyTimeoutSeconds > 3600) throw new ConfigError("--ready-timeout-seconds: 5 to 3600");
+  if (v.proxyIssueRate < 0) throw new ConfigError("--proxy-issue-rate: must be 0 (no limit) or more");
+  if (v.proxyIssueBurst < 1) throw new ConfigError("--proxy-issue-burst: must be 1 or more");
   const originCaFiles = (v.originCaFile ?? "")
     .split(",")
     .map((s) => s.trim())
@@ -109,6 +115,7 @@ export function resolveUpConfig(loaded: LoadedConfig<typeof upProgram.options>, 
     tenant: v.tenant,
     originCaFiles,
     proxyAllowPrivate: (v.proxyAllowPrivate ?? "").split(",").map((s) => s.trim()).filter((s) => s !== ""),
+    proxyIssueLimit: { rate: v.proxyIssueRate, burst: v.proxyIssueBurst },
     logLevel: v.logLevel as LogLevel,
     readyTimeoutMs: v.readyTimeoutSeconds * 1000,
     json: v.json,

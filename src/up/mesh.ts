@@ -364,6 +364,10 @@ async function bringUpProxy(s: Stage, site: Site): Promise<void> {
       await poll(async () => ((await tcpOpen(host, site.listen.proxy.port)) ? true : undefined), sig, 100);
       return `listening on ${formatHostPort(site.listen.proxy)}`;
     },
+    // A bad edit of the policy file must not go unnoticed: the proxy keeps the old policy and says so here.
+    onLog: (r) => {
+      if (r["event"] === "policy-reload-failed") progress.warn("proxy", `policy not reloaded, the previous one stays in force: ${String(r["error"] ?? "")}`);
+    },
   };
   progress.step("proxy", `${await abortable(s.sup.start(proxyDef), s.signal)} (pid ${s.sup.status("proxy")?.pid})`);
 }
@@ -560,7 +564,7 @@ async function kdcAuditLinkFlags(L: Layout, auditUrl: string): Promise<string[]>
 const DEFAULT_POLICY = JSON.stringify({ blockHosts: [], blockUrls: [], bypassHosts: [], scan: { eicar: true } }, null, 2) + "\n";
 
 /** The proxy's command line. */
-function proxyArgs(L: Layout, cfg: UpConfig, addr: TcpAddress): string[] {
+export function proxyArgs(L: Layout, cfg: UpConfig, addr: TcpAddress): string[] {
   return [
     "proxy",
     "--listen",
@@ -573,6 +577,10 @@ function proxyArgs(L: Layout, cfg: UpConfig, addr: TcpAddress): string[] {
     L.proxyPolicy,
     ...(cfg.originCaFiles.length > 0 ? ["--extra-ca", cfg.originCaFiles.join(",")] : []),
     ...(cfg.proxyAllowPrivate.length > 0 ? ["--allow-private", cfg.proxyAllowPrivate.join(",")] : []),
+    "--issue-rate",
+    String(cfg.proxyIssueLimit.rate),
+    "--issue-burst",
+    String(cfg.proxyIssueLimit.burst),
     "--access-log",
     L.accessLog,
     "--metrics-listen",

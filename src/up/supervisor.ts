@@ -50,6 +50,11 @@ export interface PartDefinition {
    * progress line ("healthy on 127.0.0.1:7443"). Rejects when `signal` aborts.
    */
   ready(proc: PartProcess, signal: AbortSignal): Promise<string>;
+  /**
+   * Called with each JSON log record the part writes (what a part wants on the terminal, such
+   * as the proxy's `event: "policy-reload-failed"`, is picked out here).
+   */
+  onLog?(record: LogRecord): void;
 }
 
 /** Where a part stands. */
@@ -173,7 +178,7 @@ class ChildHandle implements PartProcess {
 
   constructor(
     readonly child: ChildProcess,
-    shared: { tail: string[] },
+    shared: { tail: string[]; readonly def?: Pick<PartDefinition, "onLog"> },
     log: WriteStream,
   ) {
     if (child.pid === undefined) throw new Error("spawn failed: no pid");
@@ -186,8 +191,10 @@ class ChildHandle implements PartProcess {
       if (shared.tail.length > TAIL_LINES) shared.tail.shift();
       if (line.startsWith("{")) {
         try {
-          this.records.push(JSON.parse(line) as LogRecord);
+          const record = JSON.parse(line) as LogRecord;
+          this.records.push(record);
           if (this.records.length > 1000) this.records.shift();
+          shared.def?.onLog?.(record);
         } catch {
           // a partial or non-JSON line is kept as text only
         }

@@ -32,6 +32,12 @@ export interface BodyScan {
   readonly inspector?: BodyInspector;
 }
 
+/**
+ * How one exchange's bodies are scanned: the request body, or the response body (with the
+ * response's status and headers). Bound to the tenant's policy by {@link Inspection.forExchange}.
+ */
+export type BodyScanner = (side: "request" | "response", contentType: string | undefined, response?: BodyExchange["response"]) => BodyScan;
+
 /** Idle ICAP connections close after this (c-icap keeps them 600 s by default, so a reused one is rarely stale). */
 const IDLE_MS = 30_000;
 
@@ -99,6 +105,11 @@ export class Inspection {
         : { method: "RESPMOD", reqHdr, resHdr: formatHttpResponseHead(r.status, r.reason ?? "", pairs(r.headers)), path: exchange.path },
     );
     return { settings: policy.scan, inspector };
+  }
+
+  /** {@link Inspection.scan} bound to one exchange under `policy`. */
+  forExchange(policy: Policy, exchange: Omit<BodyExchange, "response">): BodyScanner {
+    return (side, contentType, response) => this.scan(policy, side, response === undefined ? exchange : { ...exchange, response }, contentType);
   }
 
   /** The service of this configuration (made on first use; pools are per server and connection settings). */

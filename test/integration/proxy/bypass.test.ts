@@ -90,10 +90,11 @@ describe("bypass", () => {
     expect(r.stdout).toMatch(/issuer=CN\s?=\s?origin test CA/);
   });
 
-  it("non-TLS traffic inside a CONNECT is tunnelled as is", async () => {
+  it('cleartext that is not HTTP inside a CONNECT is tunnelled as is when the policy says nonTls: "tunnel"', async () => {
     const echo: Server = createServer((s) => s.pipe(s));
     await new Promise<void>((r) => echo.listen(0, "127.0.0.1", r));
     const port = (echo.address() as { port: number }).port;
+    await switchPolicy({ ...POLICY, nonTls: "tunnel" });
     try {
       const { socket } = await connectTunnel(h.port, `localhost:${port}`);
       socket.resume();
@@ -104,6 +105,7 @@ describe("bypass", () => {
       const rec = await h.log.waitFor((x) => x.path === `localhost:${port}`);
       expect(rec).toMatchObject({ decision: "bypass", rule: "non-tls" });
     } finally {
+      await switchPolicy(POLICY);
       echo.close();
     }
   });

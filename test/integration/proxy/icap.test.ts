@@ -1,7 +1,8 @@
 /**
  * The scanner test: the real kmi proxy sends bodies to a real c-icap (virus_scan over clamd)
- * over ICAP. Clean bodies pass and infected ones are blocked, over HTTP/1.1, h2 and plain
- * HTTP, responses (RESPMOD) and uploads (REQMOD), with the verdict in the access log and the
+ * over ICAP. Clean bodies pass and infected ones are blocked, over HTTP/1.1, h2, plain HTTP
+ * and plain HTTP inside a CONNECT (`curl -p`), responses (RESPMOD) and uploads (REQMOD), with
+ * the verdict in the access log and the
  * metrics. The infected bodies carry no EICAR string, so the built-in check cannot be what
  * blocks them. With c-icap killed (SIGKILL), a fail-closed tenant is refused and a fail-open
  * one passes; tenants with different policies on one proxy get different decisions; the
@@ -46,7 +47,8 @@ function sha(s: string): string {
 
 /** The origin: named bodies, and /upload that counts what reaches it. */
 function route(req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse): void {
-  const path = (req.url ?? "/").split("?")[0]!;
+  // Requests tunnelled with `curl -p` come under /tunnelled, so that their log lines are their own.
+  const path = (req.url ?? "/").split("?")[0]!.replace(/^\/tunnelled(?=\/)/, "");
   if (path === "/upload") {
     let n = 0;
     req.on("data", (c: Buffer) => (n += c.length));
@@ -119,9 +121,11 @@ afterAll(async () => {
   if (tenantsDir !== undefined) await rm(tenantsDir, { recursive: true, force: true });
 });
 
-type Proto = "http/1.1" | "h2" | "plain";
+/** `tunnelled`: plain HTTP inside a CONNECT (`curl -p`), under the path prefix /tunnelled. */
+type Proto = "http/1.1" | "h2" | "plain" | "tunnelled";
 
 function url(proto: Proto, path: string): string {
+  if (proto === "tunnelled") return `http://127.0.0.1:${plainPort}/tunnelled${path}`;
   return proto === "plain" ? `http://127.0.0.1:${plainPort}${path}` : `https://localhost:${tlsPort}${path}`;
 }
 
@@ -130,6 +134,7 @@ async function curl(tenant: string, proto: Proto, path: string, upload?: Buffer)
   const args = ["-sS", "--suppress-connect-headers", "--max-time", "30", "-x", `http://127.0.0.1:${h.port}`, "--proxy-user", USERS[tenant]!, "--cacert", roots[tenant]!, "-i"];
   if (proto === "http/1.1") args.push("--http1.1");
   if (proto === "h2") args.push("--http2");
+  if (proto === "tunnelled") args.push("-p");
   if (upload !== undefined) {
     const file = join(tenantsDir, `upload-${randomBytes(4).toString("hex")}`);
     await writeFile(file, upload);
@@ -155,8 +160,10 @@ function statusOf(stdout: string): number {
 }
 
 function record(tenant: string, path: string, proto: Proto, method = "GET", more: (r: AccessRecord) => boolean = () => true): Promise<AccessRecord> {
-  const p = proto === "plain" ? "http/1.1" : proto;
-  return h.log.waitFor((r) => r.tenant === tenant && r.path === path && r.proto === p && r.method === method && r.host === (proto === "plain" ? "127.0.0.1" : "localhost") && more(r), 20_000);
+  const cleartext = proto === "plain" || proto === "tunnelled";
+  const p = cleartext ? "http/1.1" : proto;
+  const logged = proto === "tunnelled" ? `/tunnelled${path}` : path;
+  return h.log.waitFor((r) => r.tenant === tenant && r.path === logged && r.proto === p && r.method === method && r.host === (cleartext ? "127.0.0.1" : "localhost") && more(r), 20_000);
 }
 
 async function counter(name: string, labels: string): Promise<number> {
@@ -165,9 +172,11 @@ async function counter(name: string, labels: string): Promise<number> {
 }
 
 const PROTOS: Proto[] = ["http/1.1", "h2", "plain"];
+/** Plain HTTP inside a CONNECT goes through ICAP and the tenant's policy like plain HTTP. */
+const INSPECTED: Proto[] = [...PROTOS, "tunnelled"];
 
 describe("responses (RESPMOD) through c-icap", () => {
-  it.each(PROTOS)("%s: a clean body passes whole, logged clean", async (proto) => {
+  it.each(INSPECTED)("%s: a clean body passes whole, logged clean", async (proto) => {
     const r = await curl("acme", proto, "/clean");
     expect(r.code).toBe(0);
     expect(statusOf(r.stdout)).toBe(200);
@@ -175,14 +184,14 @@ describe("responses (RESPMOD) through c-icap", () => {
     expect(rec).toMatchObject({ decision: "allow", status: 200, icap: "clamav", icap_result: "clean", bytes_down: CLEAN.length });
   });
 
-  it.each(PROTOS)("%s: an empty body (Content-Length: 0) costs no ICAP transaction", async (proto) => {
+  it.each(INSPECTED)("%s: an empty body (Content-Length: 0) costs no ICAP transaction", async (proto) => {
     expect(statusOf((await curl("acme", proto, "/empty")).stdout)).toBe(200);
     const rec = await record("acme", "/empty", proto);
     expect(rec).toMatchObject({ decision: "allow", status: 200, bytes_down: 0 });
     expect(rec.icap).toBeUndefined();
   });
 
-  it.each(PROTOS)("%s: an infected body is replaced by a 403 naming the threat, logged with the verdict", async (proto) => {
+  it.each(INSPECTED)("%s: an infected body is replaced by a 403 naming the threat, logged with the verdict", async (proto) => {
     for (const path of ["/infected", "/hashed"]) {
       const r = await curl("acme", proto, path);
       expect(statusOf(r.stdout)).toBe(403);
@@ -206,7 +215,7 @@ describe("responses (RESPMOD) through c-icap", () => {
 });
 
 describe("uploads (REQMOD) through c-icap", () => {
-  it.each(PROTOS)("%s: a clean upload reaches the origin; an infected one never does", async (proto) => {
+  it.each(INSPECTED)("%s: a clean upload reaches the origin; an infected one never does", async (proto) => {
     const clean = await curl("acme", proto, "/upload", CLEAN);
     expect(clean.stdout).toContain(`received ${CLEAN.length} bytes`);
     expect(await record("acme", "/upload", proto, "POST")).toMatchObject({ decision: "allow", icap: "clamav", icap_result: "clean" });
@@ -243,6 +252,11 @@ describe("per-tenant policy", () => {
     const betaInfected = await curl("beta", "h2", "/infected");
     expect(statusOf(betaInfected.stdout)).toBe(200);
     expect(betaInfected.stdout).toContain(MARKER.toString("latin1"));
+    // The same inside a CONNECT (curl -p): beta's tunnelled plain HTTP is not sent to ICAP.
+    const betaTunnelled = await curl("beta", "tunnelled", "/infected");
+    expect(statusOf(betaTunnelled.stdout)).toBe(200);
+    expect((await record("beta", "/infected", "tunnelled")).icap).toBeUndefined();
+    expect(statusOf((await curl("beta", "tunnelled", "/secret")).stdout)).toBe(403);
     const betaSecret = await curl("beta", "h2", "/secret");
     expect(statusOf(betaSecret.stdout)).toBe(403);
     expect(await record("beta", "/secret", "h2")).toMatchObject({ decision: "block", rule: "block-url:*/secret*" });

@@ -6,7 +6,7 @@ import { X509Certificate } from "node:crypto";
 import type { TLSSocket } from "node:tls";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startOrigin, type Origin } from "../../fixtures/proxy/origins.js";
-import { connectTunnel, requestOver, startHarness, tlsViaProxy, type Harness } from "../../fixtures/proxy/harness.js";
+import { connectTunnel, requestOver, run, startHarness, tlsViaProxy, type Harness } from "../../fixtures/proxy/harness.js";
 
 let h: Harness;
 let good: Origin;
@@ -98,18 +98,20 @@ describe("issuance rate limit", () => {
       const b = await tlsViaProxy(rl.port, "localhost", origins[1]!.port, { ca });
       a.destroy();
       b.destroy();
-      await expect(tlsViaProxy(rl.port, "localhost", origins[2]!.port, { ca })).rejects.toThrow(/self-signed certificate in certificate chain/);
+      // Past the limit, a new host's CONNECT is answered by the proxy itself: the reason, not a certificate error.
+      const refused = await connectTunnel(rl.port, `localhost:${origins[2]!.port}`);
+      refused.socket.destroy();
+      expect(refused.status).toBe(429);
+      expect(refused.head).toContain("x-kmi-rule: issue-rate-limit");
+      expect(refused.head).toMatch(/x-kmi-reason: too many new hosts from this address/);
+      expect(refused.head).toContain("retry-after: 1");
       expect(rl.agent.issueCount()).toBe(2);
       const rec = await rl.log.waitFor((x) => x.path === `localhost:${origins[2]!.port}`);
-      expect(rec).toMatchObject({ decision: "error", rule: "issue-rate-limit", status: 429 });
-      // The page, for a person who clicks through.
-      const { socket } = await connectTunnel(rl.port, `localhost:${origins[2]!.port}`);
-      const { connect } = await import("node:tls");
-      const t = connect({ socket, servername: "localhost", rejectUnauthorized: false });
-      await new Promise((r) => t.once("secureConnect", r));
-      const page = await requestOver(t, "/", { host: "localhost" });
-      expect(page.status).toBe(429);
-      expect(page.headers["x-kmi-rule"]).toBe("issue-rate-limit");
+      expect(rec).toMatchObject({ decision: "error", rule: "issue-rate-limit", status: 429, method: "CONNECT" });
+      // curl says why.
+      const curl = await run("curl", ["-sS", "--max-time", "10", "-x", `http://127.0.0.1:${rl.port}`, `https://localhost:${origins[2]!.port}/`]);
+      expect(curl.code).toBe(56);
+      expect(curl.stderr).toMatch(/CONNECT tunnel failed, response 429/);
       // A host whose leaf is cached costs nothing.
       const again = await tlsViaProxy(rl.port, "localhost", origins[0]!.port, { ca });
       again.destroy();

@@ -407,7 +407,7 @@ describe("npm start and the five-minute tour, exactly as README.md says", () => 
     expect(pasted.stdout).toMatch(/^dev\s/m);
     expect(ctlEnv.KMI_CTL_TOKEN_FILE).toBe(join(copy, "data", "operator.token"));
     // The portal's address and a one-time operator login link to it.
-    expect(out).toContain(`Portal (the Certificate menu in a browser that trusts data/kdc/infra-ca.pem): ${ctlEnv.KMI_CTL_KDC}/`);
+    expect(out).toContain(`Portal (the Certificate menu in a browser that trusts ${ctlEnv.KMI_CTL_CA_FILE}): ${ctlEnv.KMI_CTL_KDC}/`);
     expect(out).toMatch(new RegExp(`one-time operator login link \\(15 min\\): ${ctlEnv.KMI_CTL_KDC.replace(/\./g, "\\.")}/#login=[A-Za-z0-9_-]{43}$`, "m"));
     expect((await stat(ctlEnv.KMI_CTL_TOKEN_FILE)).mode & 0o777).toBe(0o600);
     // The join token was spent and removed; every part logs to data/logs.
@@ -524,6 +524,17 @@ describe("npm start and the five-minute tour, exactly as README.md says", () => 
     origins.push(fresh);
     const r = await tourCommandEventually("the tour's curl after the agent's restart", 2, /^curl /, fresh);
     expect(r.stdout).toBe(fresh.body);
+  });
+
+  it("a bad edit of the proxy's policy file is printed on the kmi up terminal; the previous policy stays in force", { timeout: 30_000 }, async () => {
+    const file = join(copy, "data", "config", "proxy-policy.json");
+    const good = await readFile(file, "utf8");
+    await writeFile(file, '{"blockHosts": ["a b"]}\n');
+    await session!.waitForLine(/proxy: warning: policy not reloaded, the previous one stays in force: .*policy\.blockHosts\[0\]/, 15_000);
+    await writeFile(file, good);
+    // The terminal line comes from this record of the proxy's own log.
+    const rec = await readFile(join(copy, "data", "logs", "proxy.log"), "utf8");
+    expect(rec).toContain('"event":"policy-reload-failed"');
   });
 
   it("tour step 6: quarantines the machine; the proxy then refuses new interceptions", { timeout: 60_000 }, async () => {

@@ -258,6 +258,38 @@ describe("relayBody with an inspector", () => {
     expect(out.ended).toBe(true);
   });
 
+  it("the result is reported before the sink's last bytes, held or withheld (the access log line precedes them)", async () => {
+    for (const [maxBodyBytes, body] of [
+      [1 << 20, ["held ", "body"]],
+      [4, ["0123456789", "last"]],
+    ] as const) {
+      const src = new PassThrough();
+      const events: string[] = [];
+      const { s, inspector } = scriptedInspector();
+      const out: RelaySink = {
+        open: () => events.push("open"),
+        write: (c) => events.push(`write ${c.toString()}`) > 0,
+        end: (last) => events.push(`end ${last?.toString() ?? ""}`),
+        onDrain: (cb) => setImmediate(cb),
+      };
+      const result = new Promise<RelayResult>((resolve) =>
+        relayBody(src, { eicar: true, maxBodyBytes, holdMs: 0, uploads: true }, true, out, (r) => {
+          events.push(`result ${r.kind}`);
+          resolve(r);
+        }, undefined, inspector),
+      );
+      src.write(body[0]);
+      await tick();
+      src.end(body[1]);
+      await tick();
+      expect(events.some((e) => e.startsWith("end"))).toBe(false);
+      s.answer(PASS);
+      expect((await result).kind).toBe("done");
+      const at = events.indexOf("result done");
+      expect(events.slice(at + 1)).toEqual(maxBodyBytes === 4 ? ["end last"] : ["open", "end held body"]);
+    }
+  });
+
   it("EICAR found by the built-in scan aborts the inspector", async () => {
     const { src, s, result } = inspected({});
     src.write(Buffer.concat([Buffer.from("x"), EICAR]));

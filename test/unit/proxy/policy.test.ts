@@ -9,7 +9,7 @@ describe("parsePolicy", () => {
     expect(p.scan).toEqual({ eicar: true, maxBodyBytes: 1048576, holdMs: 2000, uploads: true });
     expect(p.icap).toEqual({});
     expect(p.autoBypass.enabled).toBe(false);
-    expect(p.nonTls).toBe("tunnel");
+    expect(p.nonTls).toBe("block");
     expect(p.uninspectableAlpn).toBe("block");
     expect(p.clientCertOrigins).toBe("bypass");
     expect(defaultPolicy().scan.eicar).toBe(true);

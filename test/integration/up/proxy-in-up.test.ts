@@ -1,0 +1,79 @@
+/**
+ * What `kmi up` does for the proxy: it passes the per-address new-host limit through (flags or
+ * KMI_UP_*), the proxy accepts the command line `kmi up` makes, and the supervisor hands each
+ * JSON log record of a part to that part's `onLog` (how the proxy's policy-reload-failed
+ * reaches the terminal; the whole path runs in npm-start.test.ts).
+ */
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { describe, expect, it } from "vitest";
+import { Progress } from "../../../src/up/progress.js";
+import { Supervisor, type LogRecord } from "../../../src/up/supervisor.js";
+import { makeTempDir } from "../../helpers/process.js";
+import { loadConfig } from "../../../src/common/config.js";
+import { proxyProgram, resolveProxyConfig } from "../../../src/proxy/config.js";
+import { resolveUpConfig, upProgram } from "../../../src/up/config.js";
+import { layout } from "../../../src/up/layout.js";
+import { proxyArgs } from "../../../src/up/mesh.js";
+
+describe("kmi up: the proxy's new-host limit", () => {
+  it("defaults to the proxy's own (20/s, burst 100) and is set by flags or KMI_UP_PROXY_ISSUE_*", async () => {
+    const def = resolveUpConfig(await loadConfig(upProgram, [], { env: {} }), "/w");
+    expect(def.proxyIssueLimit).toEqual({ rate: 20, burst: 100 });
+    const byFlag = resolveUpConfig(await loadConfig(upProgram, ["--proxy-issue-rate", "200", "--proxy-issue-burst", "1000"], { env: {} }), "/w");
+    expect(byFlag.proxyIssueLimit).toEqual({ rate: 200, burst: 1000 });
+    const byEnv = resolveUpConfig(await loadConfig(upProgram, [], { env: { KMI_UP_PROXY_ISSUE_RATE: "0", KMI_UP_PROXY_ISSUE_BURST: "5" } }), "/w");
+    expect(byEnv.proxyIssueLimit).toEqual({ rate: 0, burst: 5 });
+  });
+
+  it("reaches the proxy's command line, which the proxy's own parser accepts", async () => {
+    const cfg = resolveUpConfig(await loadConfig(upProgram, ["--proxy-issue-rate", "7", "--proxy-issue-burst", "9"], { env: {} }), "/w");
+    const args = proxyArgs(layout(cfg.dataDir, cfg.runDir), cfg, cfg.listen.proxy);
+    expect(args[0]).toBe("proxy");
+    const proxy = await resolveProxyConfig(await loadConfig(proxyProgram, args.slice(1), { env: {} }));
+    expect(proxy.issueRatePerSecond).toBe(7);
+    expect(proxy.issueBurst).toBe(9);
+  });
+
+  it("refuses a negative rate and a burst below 1, naming the flag", async () => {
+    const negative = await loadConfig(upProgram, ["--proxy-issue-rate=-1"], { env: {} });
+    expect(() => resolveUpConfig(negative, "/w")).toThrow(/--proxy-issue-rate: must be 0 \(no limit\) or more/);
+    const zeroBurst = await loadConfig(upProgram, ["--proxy-issue-burst", "0"], { env: {} });
+    expect(() => resolveUpConfig(zeroBurst, "/w")).toThrow(/--proxy-issue-burst: must be 1 or more/);
+  });
+});
+
+describe("the supervisor hands a part's log records to its onLog", () => {
+  it("every JSON record the part writes, as the part wrote it", async () => {
+    const dir = await makeTempDir("kmi-up-onlog-");
+    const fake = fileURLToPath(new URL("../../fixtures/up/fake-part.mjs", import.meta.url));
+    const sup = new Supervisor({
+      kmi: [process.execPath, fake],
+      cwd: dir.path,
+      env: { ...(process.env as Record<string, string>) },
+      logFile: (p) => join(dir.path, `${p}.log`),
+      progress: new Progress({ write: () => {}, color: false }),
+      readyTimeoutMs: 10_000,
+      initialBackoffMs: 100,
+      maxBackoffMs: 400,
+      stopTimeoutMs: 500,
+    });
+    const seen: LogRecord[] = [];
+    try {
+      await sup.start({
+        name: "proxy",
+        args: () => ["proxy"],
+        ready: async (proc, signal) => {
+          await proc.waitForLog((r) => r.msg === "started", signal);
+          return "healthy";
+        },
+        onLog: (r) => void seen.push(r),
+      });
+      expect(seen.map((r) => r.msg)).toEqual(["configuration", "started"]);
+      expect(seen[1]).toMatchObject({ program: "proxy", version: "9.9.9" });
+    } finally {
+      await sup.stop();
+      await dir.cleanup();
+    }
+  });
+});
