@@ -33,6 +33,7 @@ import {
   type CheckpointKey,
 } from "./audit-checkpoint.js";
 import { Mutex } from "./mutex.js";
+import { retryOnConflict } from "./retry.js";
 import { bytesEqual } from "./seal.js";
 import { numericKey, putOp, type BatchOp, type Compare, type Store } from "./store.js";
 
@@ -252,9 +253,37 @@ export class AuditCheckpointer {
     })().finally(() => (this.#pushing = undefined));
   }
 
-  async #signNew(): Promise<AuditCheckpoint | undefined> {
+  /**
+   * Signs the entries past the newest checkpoint. Replicas of a server share one store and one
+   * checkpoint key, so the newest checkpoint is read from the store (another replica may have
+   * signed since), and the commit is conditional on the audit head as read and touches it: two
+   * replicas signing at once conflict, and the loser signs again from the winner's checkpoint,
+   * so the stored checkpoints stay one chain.
+   */
+  #signNew(): Promise<AuditCheckpoint | undefined> {
+    return retryOnConflict(() => this.#signOnce());
+  }
+
+  /** Adopts a newer checkpoint another replica stored, after checking it; false when signing stopped. */
+  async #adoptStored(): Promise<boolean> {
+    let newest: AuditCheckpoint | undefined;
+    for await (const [, r] of this.#store.iterate(AUDIT_CHECKPOINTS_TABLE, { reverse: true, limit: 1 })) newest = r.checkpoint;
+    if (newest === undefined || newest.seq <= (this.#last?.seq ?? 0n)) return true;
+    const p = checkpointProblem(newest, this.identity);
+    const problem = p !== undefined ? `the newest stored checkpoint (seq ${newest.seq}): ${p}` : (await this.#extends(newest, "the newest stored checkpoint"))?.problem;
+    if (problem !== undefined) {
+      this.#stop(problem);
+      return false;
+    }
+    this.#last = newest;
+    return true;
+  }
+
+  async #signOnce(): Promise<AuditCheckpoint | undefined> {
     if (this.#broken !== undefined) throw new FailedPrecondition(`audit checkpoints stopped: ${this.#broken}; run \`kmi ctl audit verify\``);
-    const head = await this.#store.get(AUDIT_META_TABLE, AUDIT_HEAD_KEY);
+    if (!(await this.#adoptStored())) return undefined;
+    const read = await this.#store.read(AUDIT_META_TABLE, AUDIT_HEAD_KEY);
+    const head = read.value;
     const last = this.#last;
     const lastSeq = last?.seq ?? 0n;
     if (head === undefined || head.seq === 0n) return last;
@@ -288,7 +317,8 @@ export class AuditCheckpointer {
     if (expected - 1n !== head.seq) return this.#stop(`entry ${expected} is missing below the head (seq ${head.seq})`);
     if (!bytesEqual(prev!, head.hash)) return this.#stop(`the head's hash is not entry ${head.seq}'s`);
     if (hashes.length > 0) flush();
-    await this.#store.batch(ops);
+    const headGuard: Compare = { table: AUDIT_META_TABLE, key: AUDIT_HEAD_KEY, modRevision: read.modRevision };
+    await this.#store.commit({ compares: [headGuard], ops: [...ops, putOp(AUDIT_META_TABLE, AUDIT_HEAD_KEY, head)] });
     this.#last = newest;
     return newest;
   }
