@@ -22,6 +22,7 @@ import {
   GetAuditCheckpointResponseSchema,
 } from "../gen/kmi/audit/v1/admin_pb.js";
 import { FailedPrecondition } from "../common/errors.js";
+import { verifyResponseFields } from "../storage/audit-checkpointer.js";
 import { requireCheckpoint } from "../storage/audit-checkpoint.js";
 import type { AuditEntry } from "../storage/audit-log.js";
 import { kPeerAddress, peerSource } from "../common/rpc.js";
@@ -132,19 +133,10 @@ export function createAuditAdminService(ctx: AuditContext): ServiceImpl<typeof A
         if (ctx.checkpoints === undefined) {
           if (exported !== undefined) throw new FailedPrecondition("checkpoint: this Auditserver keeps no checkpoints");
           const r = await ctx.audit.verify();
-          return create(VerifyAuditLogResponseSchema, { ok: r.ok, entries: BigInt(r.entries), firstBadSeq: r.firstBadSeq, problem: r.problem, headHash: r.headHash, witness: "not configured" });
+          return create(VerifyAuditLogResponseSchema, verifyResponseFields(r));
         }
         const r = await ctx.checkpoints.verify(exported);
-        return create(VerifyAuditLogResponseSchema, {
-          ok: r.ok,
-          entries: BigInt(r.entries),
-          firstBadSeq: r.firstBadSeq,
-          problem: r.problem,
-          headHash: r.headHash,
-          checkpointSeq: r.checkpointSeq,
-          witness: r.witness,
-          headSeq: r.headSeq,
-        });
+        return create(VerifyAuditLogResponseSchema, verifyResponseFields(r));
       }),
 
     getAuditCheckpoint: (_req, hctx) =>

@@ -6,6 +6,7 @@ import { create } from "@bufbuild/protobuf";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { FailedPrecondition } from "../common/errors.js";
 import { VERSION } from "../common/version.js";
+import { verifyResponseFields } from "../storage/audit-checkpointer.js";
 import { requireCheckpoint } from "../storage/audit-checkpoint.js";
 import {
   CreateTenantResponseSchema,
@@ -177,19 +178,10 @@ export function createAdminService(ctx: KdcContext, ops: KdcOperations): Service
           if (ctx.checkpoints === undefined) {
             if (i.checkpoint !== undefined) throw new FailedPrecondition("checkpoint: this KDC keeps no checkpoints");
             const r = await ctx.audit.verify();
-            return create(VerifyAuditLogResponseSchema, { ok: r.ok, entries: BigInt(r.entries), firstBadSeq: r.firstBadSeq, problem: r.problem, headHash: r.headHash, witness: "not configured" });
+            return create(VerifyAuditLogResponseSchema, verifyResponseFields(r));
           }
           const r = await ctx.checkpoints.verify(i.checkpoint);
-          return create(VerifyAuditLogResponseSchema, {
-            ok: r.ok,
-            entries: BigInt(r.entries),
-            firstBadSeq: r.firstBadSeq,
-            problem: r.problem,
-            headHash: r.headHash,
-            checkpointSeq: r.checkpointSeq,
-            witness: r.witness,
-            headSeq: r.headSeq,
-          });
+          return create(VerifyAuditLogResponseSchema, verifyResponseFields(r));
         },
       }),
 

@@ -68,6 +68,12 @@ export interface CheckpointedVerifyResult extends AuditVerifyResult {
   headSeq: bigint;
 }
 
+/** The fields of a VerifyAuditLogResponse (the KDC's and the Auditserver's have the same) from a verify result. */
+export function verifyResponseFields(r: AuditVerifyResult & Partial<CheckpointedVerifyResult>) {
+  const checked = r.checkpointSeq !== undefined ? { checkpointSeq: r.checkpointSeq, headSeq: r.headSeq ?? 0n } : {};
+  return { ok: r.ok, entries: BigInt(r.entries), firstBadSeq: r.firstBadSeq, problem: r.problem, headHash: r.headHash, witness: r.witness ?? "not configured", ...checked };
+}
+
 /** Options of `AuditCheckpointer`. */
 export interface AuditCheckpointerOptions {
   /** The signing key (./audit-checkpoint.ts `deriveCheckpointKey`). */
