@@ -412,7 +412,7 @@ export class KdcOperations {
 
   /** DiscardPendingVersion: PENDING -> DISCARDED (its sealed key erased), audited, in one batch. */
   async discardPendingVersion(actor: string, input: V.DiscardVersionInput): Promise<IntermediateVersionRecord> {
-    return this.tenantChange(input.tenantId, async (_tenant, guarded) => {
+    return this.tenantChange(input.tenantId, async (tenant, guarded) => {
       const target = await this.requireVersion(input.tenantId, input.version);
       const end = pendingExpiry(target, this.ctx.pendingTtlMs);
       const discarded = planDiscard(target, input.reason, this.now());
@@ -420,7 +420,10 @@ export class KdcOperations {
       if (input.reason !== "") details["reason"] = input.reason;
       await this.ctx.audit.append(
         { actor, action: "ca.version.discard", target: versionTarget(input.tenantId, input.version), outcome: "ok", details },
-        [put.version(discarded)],
+        // The tenant record is written back unchanged: its revision moves, so an upload or
+        // activation of this version racing the discard (guarded on the tenant) conflicts and
+        // rereads the version as DISCARDED instead of bringing back its erased key.
+        [put.version(discarded), put.tenant(tenant)],
         guarded,
       );
       return discarded;

@@ -31,6 +31,7 @@ import type { KdcOperations } from "./operations.js";
 import {
   checkSameOrigin,
   clearedCookie,
+  PORTAL_TABLES,
   readLink,
   getSession,
   isSecretShaped,
@@ -240,10 +241,11 @@ export function createPortalService(ctx: KdcContext, ops: KdcOperations): Servic
     revokeSession: (req, hctx) =>
       handle(ctx, hctx, req, {
         action: "portal.session.revoke",
-        target: (r) => `session/${r.sessionId}`,
+        // Why not echo a malformed id: an operator may paste the cookie's secret by mistake.
+        target: (r) => (SESSION_ID.test(r.sessionId) ? `session/${r.sessionId}` : "session/<invalid>"),
         auth: "token",
         parse: (r) => {
-          if (!SESSION_ID.test(r.sessionId)) throw new InvalidArgument(`session_id: "${r.sessionId.slice(0, 40)}" is not a session id; use the 16 hex characters of \`kmi ctl portal sessions\``);
+          if (!SESSION_ID.test(r.sessionId)) throw new InvalidArgument("session_id: not a session id; use the 16 hex characters of `kmi ctl portal sessions`");
           return { sessionId: r.sessionId };
         },
         need: () => ({ kind: "operator" }) as const,
@@ -251,7 +253,14 @@ export function createPortalService(ctx: KdcContext, ops: KdcOperations): Servic
           const found = (await listSessions(ctx.store)).find((s) => s.record.sessionId === i.sessionId && sessionLive(s.record, now()));
           if (found === undefined) throw new NotFound(`session ${i.sessionId} not found or already ended; see \`kmi ctl portal sessions\``);
           const ended = create(PortalSessionRecordSchema, { ...found.record, revokedAt: timestampFromDate(now()) });
-          await ctx.audit.append({ actor: actorOf(c), action: "portal.session.revoke", target: `session/${i.sessionId}`, outcome: "ok", details: {} }, [putPortal.session(found.key, ended)]);
+          // Conditional on the record as read: a purge or sign-out in between is not undone by this write.
+          const read = await ctx.store.store.read(PORTAL_TABLES.sessions, found.key);
+          if (read.value === undefined || !sessionLive(read.value, now())) throw new NotFound(`session ${i.sessionId} not found or already ended; see \`kmi ctl portal sessions\``);
+          await ctx.audit.append(
+            { actor: actorOf(c), action: "portal.session.revoke", target: `session/${i.sessionId}`, outcome: "ok", details: {} },
+            [putPortal.session(found.key, ended)],
+            [{ table: PORTAL_TABLES.sessions, key: found.key, modRevision: read.modRevision }],
+          );
           return create(RevokeSessionResponseSchema, {});
         },
       }),

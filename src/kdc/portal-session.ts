@@ -111,11 +111,6 @@ export function getSession(store: PortalStore, key: string): Promise<PortalSessi
   return store.store.get(PORTAL_TABLES.sessions, key);
 }
 
-/** Reads a login link by its code's key. */
-export function getLink(store: PortalStore, key: string): Promise<PortalLoginLinkRecord | undefined> {
-  return store.store.get(PORTAL_TABLES.links, key);
-}
-
 /** Reads a login link with its revision, for a use that must be conditional on it (once only). */
 export async function readLink(store: PortalStore, key: string): Promise<{ link: PortalLoginLinkRecord | undefined; guard: Compare }> {
   const r = await store.store.read(PORTAL_TABLES.links, key);

@@ -343,16 +343,6 @@ async function readJson(path: string, what: string, flag: string): Promise<unkno
   }
 }
 
-/** Reads and validates a policy file; errors name the file and the field. */
-export async function loadPolicyFile(path: string): Promise<Policy> {
-  const doc = await readJson(path, "policy file", "--policy");
-  try {
-    return parsePolicy(doc);
-  } catch (err) {
-    throw new InvalidArgument(`policy file ${path}: ${(err as Error).message}`);
-  }
-}
-
 /** A tenant's own policy document, as the tenants file carries it. */
 export interface TenantPolicyEntry {
   readonly id: string;

@@ -25,6 +25,7 @@ import { AuditCheckpointSchema, type AuditCheckpoint } from "../gen/kmi/common/v
 import { AuditCheckpointRecordSchema, AuditWitnessRecordSchema } from "../gen/kmi/store/v1/audit_log_pb.js";
 import { Mutex } from "./mutex.js";
 import { KEY_BYTES, bytesEqual } from "./seal.js";
+import { retryOnConflict } from "./retry.js";
 import { defineTable, putOp, type Store } from "./store.js";
 
 export type { AuditCheckpoint } from "../gen/kmi/common/v1/checkpoint_pb.js";
@@ -201,22 +202,27 @@ export class CheckpointWitness {
   /** Checks and keeps `cp` for `peer`; resolves with the copy held after the call. */
   async accept(peer: string, cp: AuditCheckpoint | undefined): Promise<AuditCheckpoint> {
     const given = requireCheckpoint(cp, "checkpoint");
-    return this.#mutex.runExclusive(async () => {
-      const held = (await this.#store.get(AUDIT_WITNESS_TABLE, witnessKey(peer, given.keyId)))?.checkpoint;
-      if (held !== undefined) {
-        if (given.origin !== held.origin) throw new FailedPrecondition(`checkpoint: origin "${given.origin}" is not the ${peer}'s log "${held.origin}"`);
-        if (given.seq < held.seq) {
-          throw new FailedPrecondition(`checkpoint: seq ${given.seq} is older than the witnessed seq ${held.seq}: the ${peer}'s audit log was truncated or rolled back`);
-        }
-        if (given.seq === held.seq) {
-          if (!bytesEqual(given.hash, held.hash)) throw new FailedPrecondition(`checkpoint: seq ${given.seq} has another hash than the witnessed one: the ${peer}'s audit log was rewritten`);
-          return held;
-        }
+    // Conditional on the copy as read: replicas sharing a store cannot put an older copy over a newer one.
+    return this.#mutex.runExclusive(() => retryOnConflict(() => this.#acceptOnce(peer, given)));
+  }
+
+  async #acceptOnce(peer: string, given: AuditCheckpoint): Promise<AuditCheckpoint> {
+    const key = witnessKey(peer, given.keyId);
+    const read = await this.#store.read(AUDIT_WITNESS_TABLE, key);
+    const held = read.value?.checkpoint;
+    if (held !== undefined) {
+      if (given.origin !== held.origin) throw new FailedPrecondition(`checkpoint: origin "${given.origin}" is not the ${peer}'s log "${held.origin}"`);
+      if (given.seq < held.seq) {
+        throw new FailedPrecondition(`checkpoint: seq ${given.seq} is older than the witnessed seq ${held.seq}: the ${peer}'s audit log was truncated or rolled back`);
       }
-      const record = create(AuditWitnessRecordSchema, { format: 1, peer, checkpoint: given, witnessedAt: timestampFromDate(this.#clock.now()) });
-      await this.#store.batch([putOp(AUDIT_WITNESS_TABLE, witnessKey(peer, given.keyId), record)]);
-      return given;
-    });
+      if (given.seq === held.seq) {
+        if (!bytesEqual(given.hash, held.hash)) throw new FailedPrecondition(`checkpoint: seq ${given.seq} has another hash than the witnessed one: the ${peer}'s audit log was rewritten`);
+        return held;
+      }
+    }
+    const record = create(AuditWitnessRecordSchema, { format: 1, peer, checkpoint: given, witnessedAt: timestampFromDate(this.#clock.now()) });
+    await this.#store.commit({ compares: [{ table: AUDIT_WITNESS_TABLE, key, modRevision: read.modRevision }], ops: [putOp(AUDIT_WITNESS_TABLE, key, record)] });
+    return given;
   }
 
   /** The latest checkpoint held for `peer`'s checkpoint key `keyId`, or undefined; InvalidArgument for a malformed key id. */

@@ -307,7 +307,8 @@ export class EtcdStore implements Store {
   async commit(txn: Txn): Promise<CommitResult> {
     this.#checkOpen();
     validateTxn(txn);
-    if (txn.ops.length === 0) return { revision: await this.revision() };
+    // Compares without ops still answer Conflict when one fails, as LevelStore does.
+    if (txn.ops.length === 0 && (txn.compares ?? []).length === 0) return { revision: await this.revision() };
     let bytes = 0;
     const success = txn.ops.map((op) => {
       const key = this.#key(op.table, op.key);
