@@ -53,13 +53,22 @@ async function tenantEntries(ctx: KdcContext, i: V.TailAuditLogInput): Promise<A
     const page = await ctx.audit.tail({ afterSeq: after, limit: 1000 });
     for (const e of page) {
       if (!mine(e)) continue;
-      out.push(e);
+      out.push(tenantView(e));
       if (!i.last && out.length === i.limit) return out;
       if (i.last && out.length > i.limit) out.shift();
     }
     if (page.length < 1000) return out;
     after = page[page.length - 1]!.seq;
   }
+}
+
+/**
+ * An entry as a tenant's trail shows it. Why a refused call loses its actor and details: the
+ * caller may be someone else's (another tenant's admin probing this tenant), and its token id
+ * is not this tenant's to see. The unfiltered tail (operators) keeps them.
+ */
+function tenantView(e: AuditEntry): AuditEntry {
+  return e.outcome === "ok" ? e : { ...e, actor: "(refused caller)", details: {} };
 }
 
 /** KdcAdminService over the KDC's context and operations. */

@@ -150,3 +150,19 @@ describe("discarding and expiry", () => {
     expect(d.version?.state).toBe(VersionState.DISCARDED);
   });
 });
+
+describe("a tenant's audit trail", () => {
+  it("shows refused calls on the tenant without their caller (another tenant's admin probed it above)", async () => {
+    const acmeAdmin = (await client(operatorToken).admin.createToken({ role: Role.TENANT_ADMIN, tenantId: "acme" })).secret;
+    const globexTokenId = otherAdminToken.split("_")[1]!;
+    const operatorView = (await client(operatorToken).admin.tailAuditLog({ limit: 1000 })).entries;
+    // The refusal is in the log with its caller, for operators.
+    expect(operatorView.some((e) => e.target.startsWith("tenant/acme") && e.outcome !== "ok" && e.actor.includes(globexTokenId))).toBe(true);
+    const trail = (await client(acmeAdmin).admin.tailAuditLog({ tenantId: "acme", limit: 1000 })).entries;
+    const refused = trail.filter((e) => e.outcome !== "ok");
+    expect(refused.length).toBeGreaterThan(0);
+    expect(refused.every((e) => e.actor === "(refused caller)" && Object.keys(e.details).length === 0)).toBe(true);
+    expect(JSON.stringify(trail.map((e) => [e.actor, e.details]))).not.toContain(globexTokenId);
+    expect(trail.some((e) => e.outcome === "ok" && e.actor !== "(refused caller)")).toBe(true);
+  });
+});
