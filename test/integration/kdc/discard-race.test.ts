@@ -5,36 +5,24 @@
  * upload brought the discarded version back, with the key the discard had erased.
  */
 import { join } from "node:path";
-import { Code, ConnectError, createClient, createRouterTransport, type Interceptor } from "@connectrpc/connect";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { toConnectError } from "../../../src/common/error-mapping.js";
 import { createNopLogger } from "../../../src/common/logger.js";
-import { KdcAdminService } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
-import { KdcService, Signer, VersionState } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
+import { Signer, VersionState } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
 import { initKdc, openKdc, type OpenedKdc } from "../../../src/kdc/init.js";
-import { routes } from "../../../src/kdc/routes.js";
+import { kdcRouterClients } from "../../helpers/kdc-router.js";
 import { cleanup, makePrivateCa, tempDir, type PrivateCa } from "./harness.js";
 
 let dir: string;
 let kdc: OpenedKdc;
 let ca: PrivateCa;
-let api: { ca: ReturnType<typeof createClient<typeof KdcService>>; admin: ReturnType<typeof createClient<typeof KdcAdminService>> };
+let api: ReturnType<typeof kdcRouterClients>;
 
 beforeAll(async () => {
   dir = await tempDir("kmi-discard-race-");
   const r = await initKdc({ dataDir: join(dir, "data"), tls: { dnsNames: [], ipAddresses: [] } });
   kdc = await openKdc({ dataDir: join(dir, "data"), logger: createNopLogger() });
-  const logger = createNopLogger();
-  const mapErrors: Interceptor = (next) => async (req) => {
-    try {
-      return await next(req);
-    } catch (err) {
-      throw toConnectError(err, logger);
-    }
-  };
-  const auth: Interceptor = (next) => (req) => (req.header.set("authorization", `Bearer ${r.operatorToken}`), next(req));
-  const t = createRouterTransport(routes(kdc.ctx), { router: { interceptors: [mapErrors] }, transport: { interceptors: [auth] } });
-  api = { ca: createClient(KdcService, t), admin: createClient(KdcAdminService, t) };
+  api = kdcRouterClients(kdc.ctx, r.operatorToken);
   await api.admin.createTenant({ tenantId: "acme", bootstrapKmiSigned: true });
   ca = await makePrivateCa(dir, "race-root");
 }, 60_000);

@@ -7,14 +7,12 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError, createClient, createRouterTransport, type Interceptor } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { toConnectError } from "../../../src/common/error-mapping.js";
 import { createNopLogger } from "../../../src/common/logger.js";
-import { KdcAdminService, Role } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
-import { KdcService, Signer, VersionState } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
+import { Role } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
+import { Signer, VersionState } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
 import { initKdc, openKdc, type OpenedKdc } from "../../../src/kdc/init.js";
-import { routes } from "../../../src/kdc/routes.js";
+import { errorCode, kdcRouterClients } from "../../helpers/kdc-router.js";
 
 const DAY = 86400_000;
 const TTL_DAYS = 30;
@@ -28,27 +26,10 @@ let otherAdminToken: string;
 let v: { active: number; ready: number; pending: number; revoked: number };
 
 function client(token?: string) {
-  const logger = createNopLogger();
-  const mapErrors: Interceptor = (next) => async (req) => {
-    try {
-      return await next(req);
-    } catch (err) {
-      throw toConnectError(err, logger);
-    }
-  };
-  const auth: Interceptor = (next) => async (req) => {
-    if (token !== undefined) req.header.set("authorization", `Bearer ${token}`);
-    return next(req);
-  };
-  const t = createRouterTransport(routes(kdc.ctx), { router: { interceptors: [mapErrors] }, transport: { interceptors: [auth] } });
-  return { ca: createClient(KdcService, t), admin: createClient(KdcAdminService, t) };
+  return kdcRouterClients(kdc.ctx, token);
 }
 
-async function code(p: Promise<unknown>): Promise<string> {
-  const e = await p.then(() => undefined, (x: unknown) => x);
-  expect(e).toBeInstanceOf(ConnectError);
-  return `${Code[(e as ConnectError).code]}: ${(e as ConnectError).rawMessage}`;
-}
+const code = errorCode;
 
 async function history(tenantId = "acme") {
   return (await client(operatorToken).ca.listVersions({ tenantId })).versions.map((x) => [x.version, VersionState[x.state], x.pendingExpired]);

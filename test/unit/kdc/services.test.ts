@@ -5,14 +5,12 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Code, ConnectError, createClient, createRouterTransport, type Interceptor } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { toConnectError } from "../../../src/common/error-mapping.js";
 import { createNopLogger } from "../../../src/common/logger.js";
-import { KdcAdminService, Role } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
-import { KdcService, Signer, VersionState } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
+import { Role } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
+import { Signer, VersionState } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
 import { initKdc, openKdc, type OpenedKdc } from "../../../src/kdc/init.js";
-import { routes } from "../../../src/kdc/routes.js";
+import { errorCode, kdcRouterClients } from "../../helpers/kdc-router.js";
 
 const DAY = 86400_000;
 let now = new Date("2030-03-01T12:00:00Z");
@@ -22,27 +20,10 @@ let kdc: OpenedKdc;
 let operatorToken: string;
 
 function client(token?: string) {
-  const logger = createNopLogger();
-  const mapErrors: Interceptor = (next) => async (req) => {
-    try {
-      return await next(req);
-    } catch (err) {
-      throw toConnectError(err, logger);
-    }
-  };
-  const auth: Interceptor = (next) => async (req) => {
-    if (token !== undefined) req.header.set("authorization", `Bearer ${token}`);
-    return next(req);
-  };
-  const t2 = createRouterTransport(routes(kdc.ctx), { router: { interceptors: [mapErrors] }, transport: { interceptors: [auth] } });
-  return { ca: createClient(KdcService, t2), admin: createClient(KdcAdminService, t2) };
+  return kdcRouterClients(kdc.ctx, token);
 }
 
-async function code(p: Promise<unknown>): Promise<string> {
-  const e = await p.then(() => undefined, (x: unknown) => x);
-  expect(e).toBeInstanceOf(ConnectError);
-  return `${Code[(e as ConnectError).code]}: ${(e as ConnectError).rawMessage}`;
-}
+const code = errorCode;
 
 beforeAll(async () => {
   dir = await mkdtemp(join(tmpdir(), "kmi-kdc-unit-"));
