@@ -27,6 +27,7 @@ import { KdcService } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import { parseListenAddress } from "../common/listen.js";
 import { serviceIdentityCheck } from "../common/http2-client.js";
 import { AgentCallError, AgentClient } from "./agent-client.js";
+import { errorText } from "../common/errors.js";
 
 // ── clients ─────────────────────────────────────────────────────────────────────────────────
 
@@ -163,9 +164,10 @@ function iso(ts: Timestamp | undefined): string | undefined {
   return ts === undefined ? undefined : timestampDate(ts).toISOString();
 }
 
-function errorText(err: unknown): string {
+/** An error as a part's status shows it: an agent call's with its gRPC code. */
+function partErrorText(err: unknown): string {
   if (err instanceof AgentCallError) return `${err.code.toUpperCase()}: ${err.message}`;
-  return err instanceof Error ? err.message : String(err);
+  return errorText(err);
 }
 
 const UNREACHABLE_ERRNO = new Set(["ECONNREFUSED", "ENOENT", "EHOSTUNREACH", "ENETUNREACH", "ETIMEDOUT", "ECONNRESET", "EAI_AGAIN", "ENOTFOUND", "EPIPE"]);
@@ -177,12 +179,12 @@ export function isUnreachable(err: unknown): boolean {
   const e = err as { code?: unknown } | undefined;
   if (typeof e?.code === "number") return e.code === GrpcStatus.UNAVAILABLE || e.code === GrpcStatus.DEADLINE_EXCEEDED;
   if (typeof e?.code === "string") return UNREACHABLE_ERRNO.has(e.code);
-  return /timed out/.test(errorText(err));
+  return /timed out/.test(partErrorText(err));
 }
 
 /** The entry of a part that could not be asked. */
 function failed(err: unknown): PartHealth {
-  return { healthy: false, reachable: !isUnreachable(err), error: errorText(err) };
+  return { healthy: false, reachable: !isUnreachable(err), error: partErrorText(err) };
 }
 
 const ATTESTATION: Record<number, string> = {
@@ -313,7 +315,7 @@ export async function proxyHealth(o: { url?: string | undefined; metrics?: strin
     const version = buildVersion(text);
     return { healthy: listening ?? true, ...(version !== undefined ? { version } : {}), leaf_cache_entries: metricValue(text, "kmi_proxy_leaf_cache_entries") ?? null };
   } catch (err) {
-    if (listening !== undefined) return { healthy: listening, leaf_cache_entries: null, metrics_error: errorText(err) };
+    if (listening !== undefined) return { healthy: listening, leaf_cache_entries: null, metrics_error: partErrorText(err) };
     return { ...failed(err), leaf_cache_entries: null };
   }
 }

@@ -80,3 +80,8 @@ export class Aborted extends KmiError {
 export function isKmiError(err: unknown): err is KmiError {
   return err instanceof KmiError;
 }
+
+/** The message of an error, or the thrown value as text when it is not an Error. */
+export function errorText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

@@ -49,6 +49,7 @@ import { AttestationState, type GetStatusResponse } from "../gen/kmi/agent/v1/ag
 import { VERSION } from "../common/version.js";
 import { sleep } from "../common/backoff.js";
 import { dependenciesDirOf } from "../attest/index.js";
+import { errorText } from "../common/errors.js";
 
 /** What `kmi up` needs from its surroundings (the process, in production). */
 export interface UpIo {
@@ -111,9 +112,6 @@ async function poll<T>(fn: () => Promise<T | undefined>, signal: AbortSignal, in
   }
 }
 
-function errorText(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
-}
 
 /** Paths as the operator typed them: relative to the working directory when inside it. */
 function shown(cwd: string, path: string): string {

@@ -8,7 +8,7 @@
 import { createHash, createPublicKey } from "node:crypto";
 import { createRequire } from "node:module";
 import type * as Pkcs11Js from "pkcs11js";
-import { AlreadyExists, FailedPrecondition, InvalidArgument } from "../errors.js";
+import { AlreadyExists, FailedPrecondition, InvalidArgument, errorText } from "../errors.js";
 import { ecdsaRawToDer, type Signer } from "../../pki/signer.js";
 import { ECDSA_SHA256 } from "../../pki/signature.js";
 
@@ -194,6 +194,3 @@ export class Pkcs11Token {
   }
 }
 
-function errorText(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
-}
