@@ -10,6 +10,7 @@ import { fileURLToPath } from "node:url";
 import { ConfigError, defineProgram, type LoadedConfig } from "../common/config.js";
 import { parseListenAddress } from "../common/listen.js";
 import { LOG_LEVELS, type LogLevel } from "../common/logger.js";
+import { httpsUrlList, urlList } from "../common/urls.js";
 import { checkMeasurementName, dependenciesDirOf } from "../attest/index.js";
 import type { MeasurementPlan } from "./attestor.js";
 import type { LeafPolicy } from "./context.js";
@@ -17,15 +18,6 @@ import type { KdcLinkTiming } from "./kdc-link.js";
 
 const DAY_S = 86_400;
 
-function httpsUrl(value: string): void {
-  let u: URL;
-  try {
-    u = new URL(value);
-  } catch {
-    throw new Error(`"${value}" is not a URL; use https://host:port`);
-  }
-  if (u.protocol !== "https:") throw new Error(`"${value}" must use https:// (the agent speaks only TLS to the KDC and the Auditserver)`);
-}
 
 function positive(value: number): void {
   if (!(value > 0)) throw new Error("must be a positive number");
@@ -45,8 +37,14 @@ export const agentProgram = defineProgram({
     socket: { type: "string", description: "Unix socket to serve KeyAgentService on", default: "/run/kmi/agent.sock", valueName: "path" },
     socketGroup: { type: "string", description: "group (name or gid) that may use the socket: mode 0660 instead of 0600", valueName: "group" },
     stateDir: { type: "string", description: "state directory: sealing key, machine identity, sealed cache (made 0700)", default: "/var/lib/kmi/agent", valueName: "dir" },
-    auditUrl: { type: "string", description: "the Auditserver (enrollment, renewal, attestation)", required: true, valueName: "https://host:port", validate: httpsUrl },
-    kdcUrl: { type: "string", description: "the KDC (secret distribution)", required: true, valueName: "https://host:port", validate: httpsUrl },
+    auditUrl: {
+      type: "string",
+      description: "the Auditserver (enrollment, renewal, attestation); its replicas comma-separated",
+      required: true,
+      valueName: "https://host:port[,...]",
+      validate: httpsUrlList,
+    },
+    kdcUrl: { type: "string", description: "the KDC (secret distribution); its replicas comma-separated", required: true, valueName: "https://host:port[,...]", validate: httpsUrlList },
     caFile: { type: "string", description: "infrastructure CA certificate(s), PEM: trusted for the KDC and the Auditserver", required: true, valueName: "file" },
     joinToken: {
       type: "string",
@@ -84,10 +82,10 @@ export interface AgentConfig {
   socketGroup: string | undefined;
   /** State directory. */
   stateDir: string;
-  /** Auditserver URL. */
-  auditUrl: string;
-  /** KDC URL. */
-  kdcUrl: string;
+  /** Auditserver URLs: one per replica, in the order given. */
+  auditUrls: string[];
+  /** KDC URLs: one per replica, in the order given. */
+  kdcUrls: string[];
   /** Infrastructure CA, PEM. */
   caPem: string;
   /** Join token, when given (only used before enrollment). */
@@ -195,8 +193,8 @@ export async function resolveAgentConfig(loaded: LoadedConfig<typeof agentProgra
     socketPath: v.socket.replace(/^unix:/, ""),
     socketGroup: v.socketGroup,
     stateDir: v.stateDir,
-    auditUrl: v.auditUrl,
-    kdcUrl: v.kdcUrl,
+    auditUrls: urlList(v.auditUrl),
+    kdcUrls: urlList(v.kdcUrl),
     caPem,
     joinToken: joinToken === "" ? undefined : joinToken,
     hostname: v.hostname ?? osHostname(),

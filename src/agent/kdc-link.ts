@@ -39,10 +39,10 @@ export interface KdcLinkTiming {
 
 /** What the link needs. */
 export interface KdcLinkOptions {
-  /** "https://host:port" of the KDC. */
-  kdcUrl: string;
-  /** "https://host:port" of the Auditserver. */
-  auditUrl: string;
+  /** "https://host:port" of each KDC replica. */
+  kdcUrls: readonly string[];
+  /** "https://host:port" of each Auditserver replica. */
+  auditUrls: readonly string[];
   /** Infrastructure CA, PEM. */
   caPem: string;
   /** The current machine identity. */
@@ -127,8 +127,8 @@ export class KdcLink {
     if (this.clientsFor === id && this.kdc !== undefined && this.audit !== undefined) return;
     this.closeClients();
     const tls = { caPem: this.o.caPem, certPem: id.certificatePem, keyPem: privateKeyPem(id) };
-    this.kdc = createPeerClient(DistributionService, this.o.kdcUrl, tls);
-    this.audit = createPeerClient(AuditService, this.o.auditUrl, tls);
+    this.kdc = createPeerClient(DistributionService, this.o.kdcUrls[0]!, tls);
+    this.audit = createPeerClient(AuditService, this.o.auditUrls[0]!, tls);
     this.clientsFor = id;
   }
 
@@ -202,7 +202,7 @@ export class KdcLink {
           this.connected = true;
           this.lastError = "";
           onHealthy();
-          this.o.logger.info("kdc watch open", { kdc: this.o.kdcUrl, token_refresh_in_ms: refreshIn });
+          this.o.logger.info("kdc watch open", { kdc: this.o.kdcUrls[0], token_refresh_in_ms: refreshIn });
         }
         await this.handle(ev, identity, token);
       }

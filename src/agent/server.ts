@@ -111,12 +111,12 @@ export class AgentServer {
           `this machine is not enrolled (no identity in ${cfg.stateDir}); give a join token for the first start with --join-token-file, KMI_AGENT_JOIN_TOKEN or --join-token (make one with \`kmi ctl join-token create\`)`,
         );
       }
-      const audit = createPeerClient(AuditService, cfg.auditUrl, { caPem: cfg.caPem });
+      const audit = createPeerClient(AuditService, cfg.auditUrls[0]!, { caPem: cfg.caPem });
       try {
         identity = await enroll(audit.client, cfg.joinToken, this.clock.now(), cfg.hostname);
       } catch (err) {
         const why = err instanceof ConnectError ? err.rawMessage : err instanceof Error ? err.message : String(err);
-        throw new FailedPrecondition(`enrollment with ${cfg.auditUrl} failed: ${why}`, { cause: err });
+        throw new FailedPrecondition(`enrollment with ${cfg.auditUrls[0]} failed: ${why}`, { cause: err });
       } finally {
         audit.close();
       }
@@ -166,8 +166,8 @@ export class AgentServer {
     }
 
     link = new KdcLink({
-      kdcUrl: cfg.kdcUrl,
-      auditUrl: cfg.auditUrl,
+      kdcUrls: cfg.kdcUrls,
+      auditUrls: cfg.auditUrls,
       caPem: cfg.caPem,
       identity: () => this.identity!,
       attestor,

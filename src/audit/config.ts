@@ -4,19 +4,11 @@
  */
 import { defineProgram, storeOptions } from "../common/config.js";
 import { LOG_LEVELS } from "../common/logger.js";
+import { httpsUrlList } from "../common/urls.js";
 
 /** Default KDC URL (what `kmi kdc` listens on by default). */
 export const DEFAULT_KDC_URL = "https://127.0.0.1:7443";
 
-function httpsUrl(value: string): void {
-  let u: URL;
-  try {
-    u = new URL(value);
-  } catch {
-    throw new Error(`"${value}" is not a URL; use e.g. ${DEFAULT_KDC_URL}`);
-  }
-  if (u.protocol !== "https:") throw new Error("use an https:// URL (kmi servers speak TLS only)");
-}
 
 /** Default etcd key prefix of the Auditserver's tables. */
 export const AUDIT_ETCD_PREFIX = "kmi/audit";
@@ -46,7 +38,7 @@ export const serveProgram = defineProgram({
   options: {
     ...common,
     listen: { type: "string", description: "TCP address to serve on (port 0 picks a free port)", default: "127.0.0.1:7444", valueName: "host:port" },
-    kdc: { type: "string", description: "the KDC's URL (default: the one given at init)", valueName: "url", validate: httpsUrl },
+    kdc: { type: "string", description: "the KDC's URL (default: the one given at init); its replicas comma-separated", valueName: "url[,...]", validate: httpsUrlList },
     metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint (off when unset)", valueName: "host:port" },
     shutdownTimeoutMs: { type: "integer", description: "how long in-flight calls get on shutdown, ms", default: 10000 },
     readyFile: { type: "string", description: "write the bound address to this file once serving (for scripts and tests)", valueName: "file", noEnv: true },
@@ -72,7 +64,7 @@ export const initProgram = defineProgram({
     "replaces only the TLS identity (new key, new certificate).",
   options: {
     ...common,
-    kdc: { type: "string", description: "the KDC's URL", default: DEFAULT_KDC_URL, valueName: "url", validate: httpsUrl },
+    kdc: { type: "string", description: "the KDC's URL; its replicas comma-separated", default: DEFAULT_KDC_URL, valueName: "url[,...]", validate: httpsUrlList },
     kdcCaFile: { type: "string", description: "the KDC's infra-ca.pem (from `kmi kdc init`): trusted for the KDC's TLS certificate", required: true, valueName: "file" },
     token: { type: "string", description: "an operator token (prefer --token-file or the environment: argv is visible to other users)", secret: true, valueName: "kmi_…" },
     tokenFile: { type: "string", description: "file holding an operator token", valueName: "file" },

@@ -4,6 +4,7 @@
 import { ConfigError, defineProgram, storeOptions } from "../common/config.js";
 import type { Pkcs11Settings } from "./root-keys.js";
 import { LOG_LEVELS } from "../common/logger.js";
+import { httpsUrl, httpsUrlList } from "../common/urls.js";
 
 /** Default etcd key prefix of the KDC's tables. */
 export const KDC_ETCD_PREFIX = "kmi/kdc";
@@ -55,9 +56,9 @@ export const serveProgram = defineProgram({
     auditUrl: {
       type: "string",
       description:
-        "the Auditserver (https://host:port, its certificate from the infrastructure CA): the KDC fetches the attestation key from it (unless --attestation-key-file) and follows its machine status stream for quarantines",
-      valueName: "url",
-      validate: httpsUrl,
+        "the Auditserver (https://host:port, its certificate from the infrastructure CA; its replicas comma-separated): the KDC fetches the attestation key from it (unless --attestation-key-file) and follows its machine status stream for quarantines",
+      valueName: "url[,...]",
+      validate: httpsUrlList,
     },
     attestationKeyFile: {
       type: "string",
@@ -104,15 +105,6 @@ export function parsePendingTtl(text: string): number {
   return seconds * 1000;
 }
 
-function httpsUrl(value: string): void {
-  let u: URL;
-  try {
-    u = new URL(value);
-  } catch {
-    throw new Error(`"${value}" is not a URL; use e.g. https://127.0.0.1:7444`);
-  }
-  if (u.protocol !== "https:") throw new Error("use an https:// URL (kmi servers speak TLS only)");
-}
 
 /** `kmi kdc init`: make the data dir, the master key, the two roots, the TLS certificate and a first operator token. */
 export const initProgram = defineProgram({

@@ -41,9 +41,17 @@ describe("agent configuration", () => {
     await expect(resolve([...base, "--join-token-file", join(dir, "token")], { KMI_AGENT_JOIN_TOKEN: "kmij_env" })).rejects.toThrow(/both set/);
   });
 
+  it("takes every replica's URL, comma-separated, and refuses a list with a non-https entry", async () => {
+    const c = await resolve(["--audit-url", "https://a1:7444, https://a2:7444", "--kdc-url", "https://k1:7443,https://k2:7443,https://k1:7443", "--ca-file", ca]);
+    expect(c.auditUrls).toEqual(["https://a1:7444", "https://a2:7444"]);
+    expect(c.kdcUrls).toEqual(["https://k1:7443", "https://k2:7443"]);
+    await expect(resolve(["--audit-url", "https://a1:7444", "--kdc-url", "https://k1:7443,http://k2:7443", "--ca-file", ca])).rejects.toThrow(/http:\/\/k2:7443.*https:\/\//);
+    await expect(resolve(["--audit-url", "https://a1:7444", "--kdc-url", " , ", "--ca-file", ca])).rejects.toThrow(/at least one/);
+  });
+
   it("reads a config file, and measures it as agent.config by default", async () => {
     const c = await resolve(["--config", join(dir, "agent.json"), "--audit-url", "https://audit.example:7444", "--ca-file", ca]);
-    expect(c.kdcUrl).toBe("https://kdc.example:7443");
+    expect(c.kdcUrls).toEqual(["https://kdc.example:7443"]);
     expect(c.socketGroup).toBe("kmi");
     expect(c.measurements.files["agent.config"]).toEqual([join(dir, "agent.json")]);
     expect(c.measurements.files["proxy.config"]).toBeUndefined();
