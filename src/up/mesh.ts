@@ -627,14 +627,14 @@ async function waitForAgentKey(
         progress.step("agent", `holds tenant ${cfg.tenant}'s intermediate v${held}${s.kdcConnected ? "; watching the KDC for changes" : ""}`);
         return;
       }
-      if (shouldReportSecretsWait(s, said.kdcError, Date.now() - started)) {
+      if (shouldReportSecretsWait(s, said, Date.now() - started)) {
         progress.step("agent", `still waiting for its secrets from the KDC after ${Math.round((Date.now() - started) / 1000)} s (${s.kdcError})`);
         said.kdcError = s.kdcError;
       }
     }
     if (!proc.alive()) throw new StepError("agent", "the agent exited while waiting for its key", proc.tail(12));
     if (Date.now() > deadline) {
-      const why = s === undefined ? "its socket does not answer" : s.attestation !== AttestationState.ATTESTED ? `attestation: ${attestationWord(s.attestation)} ${s.attestationProblem}` : `KDC link: ${s.kdcError || "no key received"}`;
+      const why = s === undefined ? "its socket does not answer" : s.attestation !== AttestationState.ATTESTED && !(said.attested && s.kdcError !== "") ? `attestation: ${attestationWord(s.attestation)} ${s.attestationProblem}` : `KDC link: ${s.kdcError || "no key received"}`;
       throw new StepError("agent", `no key of tenant ${cfg.tenant} after ${Math.round(cfg.readyTimeoutMs / 1000)} s (${why.trim()})`, proc.tail(12));
     }
     await sleep(250, signal);
@@ -649,9 +649,19 @@ async function waitForAgentKey(
  */
 export const SECRETS_WAIT_GRACE_MS = 10_000;
 
-/** Whether to print the agent's KDC-link error while waiting for its key: attested, a new error, and past the grace period. */
-export function shouldReportSecretsWait(s: Pick<GetStatusResponse, "kdcError" | "attestation">, lastShown: string, waitedMs: number, graceMs = SECRETS_WAIT_GRACE_MS): boolean {
-  return s.kdcError !== "" && s.kdcError !== lastShown && s.attestation === AttestationState.ATTESTED && waitedMs >= graceMs;
+/**
+ * Whether to print the agent's KDC-link error while waiting for its key: a new error, past the
+ * grace period, once the agent has attested (now or before: an agent the KDC refuses attests
+ * again after each refusal, so at any one poll it may be between attestations).
+ */
+export function shouldReportSecretsWait(
+  s: Pick<GetStatusResponse, "kdcError" | "attestation">,
+  said: { readonly kdcError: string; readonly attested: boolean },
+  waitedMs: number,
+  graceMs = SECRETS_WAIT_GRACE_MS,
+): boolean {
+  const attested = said.attested || s.attestation === AttestationState.ATTESTED;
+  return s.kdcError !== "" && s.kdcError !== said.kdcError && attested && waitedMs >= graceMs;
 }
 
 /** Why the agent says its machine is quarantined, without the agent's own "machine quarantined:" prefix. */
