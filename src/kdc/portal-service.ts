@@ -217,9 +217,18 @@ export function createPortalService(ctx: KdcContext, ops: KdcOperations): Servic
         parse: () => ({}),
         need: () => ({ kind: "public" }) as const,
         act: async (c) => {
-          const { key, record } = await ownSession(c, hctx);
-          const ended = create(PortalSessionRecordSchema, { ...record, revokedAt: timestampFromDate(now()) });
-          await ctx.audit.append({ actor: actorOf(c), action: "portal.sign-out", target: `session/${record.sessionId}`, outcome: "ok", details: {} }, [putPortal.session(key, ended)]);
+          const { key } = await ownSession(c, hctx);
+          // Conditional on the record as read, like revokeSession: a purge or revoke in between is not undone.
+          await retryOnConflict(async () => {
+            const read = await ctx.store.store.read(PORTAL_TABLES.sessions, key);
+            if (read.value === undefined || !sessionLive(read.value, now())) return;
+            const ended = create(PortalSessionRecordSchema, { ...read.value, revokedAt: timestampFromDate(now()) });
+            await ctx.audit.append(
+              { actor: actorOf(c), action: "portal.sign-out", target: `session/${read.value.sessionId}`, outcome: "ok", details: {} },
+              [putPortal.session(key, ended)],
+              [{ table: PORTAL_TABLES.sessions, key, modRevision: read.modRevision }],
+            );
+          });
           hctx.responseHeader.append("set-cookie", clearedCookie());
           return create(SignOutResponseSchema, {});
         },

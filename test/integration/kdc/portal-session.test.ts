@@ -171,6 +171,18 @@ describe("ending sessions", () => {
     await refused(browser({ cookie: secret }).c(PortalService).getSession({}), Code.Unauthenticated, "signed out");
   });
 
+  it("concurrent sign-outs of one session end it once: one audit entry, each call answered", async () => {
+    const { secret } = await signIn(await loginCode(["--tenant", "acme"]));
+    const id = (await browser({ cookie: secret }).c(PortalService).getSession({})).session!.sessionId;
+    const outcomes = await Promise.allSettled(Array.from({ length: 6 }, () => browser({ cookie: secret }).c(PortalService).signOut({})));
+    for (const o of outcomes) if (o.status === "rejected") expect(Code[(o.reason as ConnectError).code]).toBe(Code[Code.Unauthenticated]);
+    expect(outcomes.some((o) => o.status === "fulfilled")).toBe(true);
+    const r = await ctl(kdc, data, ["audit", "tail", "--limit", "1000", "--json"]);
+    expect(r.code, r.stderr).toBe(0);
+    const entries = (JSON.parse(r.stdout) as { entries: { action: string; target: string; outcome: string }[] }).entries;
+    expect(entries.filter((e) => e.action === "portal.sign-out" && e.target === `session/${id}` && e.outcome === "ok")).toHaveLength(1);
+  });
+
   it("an operator lists and revokes a session with kmi ctl", async () => {
     const { secret } = await signIn(await loginCode(["--tenant", "globex"]));
     const me = await browser({ cookie: secret }).c(PortalService).getSession({});
