@@ -72,8 +72,8 @@ export interface IssuedMachineCertificate {
  * InvalidArgument for a CSR the KDC refuses, Unavailable when the KDC cannot be reached.
  */
 export interface KdcPeer {
-  /** Checks an operator's bearer token; returns what the token is. */
-  authenticateToken(token: string): Promise<TokenInfo>;
+  /** Checks an operator's bearer token; returns what the token is and who it acts as in audit logs. */
+  authenticateToken(token: string): Promise<{ token: TokenInfo; actor: string }>;
   /** Has the infrastructure CA sign a machine certificate. */
   issueMachineCertificate(p: { csrPem: string; machineId: string; group: string; ttlSeconds: number }): Promise<IssuedMachineCertificate>;
 }

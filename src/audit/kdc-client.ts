@@ -69,7 +69,7 @@ export function createKdcPeer(o: KdcClientOptions): KdcPeer & { client: Client<t
       try {
         const res = await client.authenticateToken({ token });
         if (res.token === undefined) throw new Error("kdc: AuthenticateToken returned no token");
-        return res.token;
+        return { token: res.token, actor: res.actor !== "" ? res.actor : `token:${res.token.tokenId}` };
       } catch (err) {
         if (err instanceof Error && !(err instanceof ConnectError) && err.message.startsWith("kdc:")) throw err;
         // An operator's token the KDC refuses is the caller's problem; anything else is ours.

@@ -21,7 +21,7 @@ export function actorHint(authorization: string | null): string {
 
 /**
  * Checks the call's `authorization: Bearer <token>` with the KDC; returns the audit actor
- * ("token:<id>"). Unauthenticated without a usable token, PermissionDenied for a token that
+ * the KDC names ("token:<id>", or "session:<id>" for a portal session relayed by a KDC). Unauthenticated without a usable token, PermissionDenied for a token that
  * is not an operator's, Unavailable when the KDC cannot be asked.
  */
 export async function authenticateOperator(ctx: AuditContext, authorization: string | null): Promise<string> {
@@ -29,7 +29,7 @@ export async function authenticateOperator(ctx: AuditContext, authorization: str
   if (bearer === undefined) {
     throw new Unauthenticated("missing bearer token; send `authorization: Bearer kmi_...` with an operator token (kmi ctl: --token, --token-file or KMI_CTL_TOKEN)");
   }
-  const info = await ctx.kdc.authenticateToken(bearer);
+  const { token: info, actor } = await ctx.kdc.authenticateToken(bearer);
   // The KDC refuses revoked and expired tokens itself; checked again so that a KDC bug cannot
   // let one through here.
   if (info.revoked) throw new Unauthenticated("token: revoked; ask for a new operator token");
@@ -39,5 +39,5 @@ export async function authenticateOperator(ctx: AuditContext, authorization: str
   if (info.role !== Role.OPERATOR) {
     throw new PermissionDenied("token: not an operator token; machines, groups and join tokens need role operator");
   }
-  return `token:${info.tokenId}`;
+  return actor;
 }

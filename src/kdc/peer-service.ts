@@ -76,9 +76,10 @@ export function createPeerService(ctx: KdcContext, ops: KdcOperations): ServiceI
           });
           if ("kind" in caller) {
             const record = await ctx.store.getToken(caller.tokenId);
-            return create(AuthenticateTokenResponseSchema, { token: tokenInfo(record!) });
+            return create(AuthenticateTokenResponseSchema, { token: tokenInfo(record!), actor: actorOf(caller) });
           }
           return create(AuthenticateTokenResponseSchema, {
+            actor: caller.tokenId === "" ? `session:${caller.sessionId}` : `token:${caller.tokenId}`,
             token: { tokenId: caller.sessionId, role: caller.role, tenantId: caller.tenantId, description: "portal session", ...(caller.createdAt ? { createdAt: caller.createdAt } : {}), ...(caller.expiresAt ? { expiresAt: caller.expiresAt } : {}) },
           });
         },

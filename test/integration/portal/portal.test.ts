@@ -448,6 +448,13 @@ describe("the portal in Chromium", () => {
       await shot(page, "machines-quarantined");
       // The same state through kmi ctl, and the KDC refuses the machine: its agent drops its keys.
       expect((await mesh.ctlOk(["machine", "show", mesh.machineId])).stdout).toMatch(/^status: +QUARANTINED$/m);
+      // The Auditserver's log names the portal session (made from a login link), as the KDC's does.
+      const sessionId = await page.evaluate(async () => {
+        const res = await fetch("/kmi.kdc.v1.PortalService/GetSession", { method: "POST", headers: { "content-type": "application/json", "connect-protocol-version": "1" }, body: "{}" });
+        return ((await res.json()) as { session: { sessionId: string } }).session.sessionId;
+      });
+      const tail = await mesh.ctlJson<{ entries: { action: string; actor: string; target: string }[] }>(["audit", "tail", "--server", "audit", "--limit", "1000"]);
+      expect(tail.entries.filter((e) => e.action === "machine.quarantine" && e.target === `machine/${mesh.machineId}`).at(-1)?.actor).toBe(`session:${sessionId}`);
       await expect.poll(async () => (await mesh.agentClient().unary("getStatus", {})).keys.filter((k) => k.tenantId === "acme").length, { timeout: 30_000 }).toBe(0);
       await page.getByRole("link", { name: "Mesh status" }).click();
       await expect.poll(() => page.locator("#machines-quarantined").textContent()).toBe("1");

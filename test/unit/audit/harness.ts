@@ -65,11 +65,11 @@ export class FakeKdc implements KdcPeer {
     return secret;
   }
 
-  async authenticateToken(token: string): Promise<TokenInfo> {
+  async authenticateToken(token: string): Promise<{ token: TokenInfo; actor: string }> {
     if (this.down) throw new Unavailable("kdc: unreachable");
     const info = this.tokens.get(token);
     if (info === undefined) throw new Unauthenticated("token: unknown");
-    return info;
+    return { token: info, actor: `token:${info.tokenId}` };
   }
 
   async issueMachineCertificate(p: { csrPem: string; machineId: string; group: string; ttlSeconds: number }) {
