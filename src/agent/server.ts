@@ -10,6 +10,7 @@
 import { chmod, mkdir } from "node:fs/promises";
 import { dirname } from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
+import { jittered } from "../common/backoff.js";
 import { ConfigError } from "../common/config.js";
 import { FailedPrecondition } from "../common/errors.js";
 import { GrpcServer, type BoundAddresses } from "../common/grpc-server.js";
@@ -302,7 +303,7 @@ export class AgentServer {
     } catch (err) {
       const ce = err instanceof ConnectError ? err : undefined;
       const left = id.notAfter - this.clock.now();
-      const retry = Math.min(60_000, Math.max(5_000, left / 10));
+      const retry = jittered(Math.min(60_000, Math.max(5_000, left / 10)));
       this.logger.warn("machine certificate renewal failed; retrying", { error: ce?.rawMessage ?? (err instanceof Error ? err.message : String(err)), code: ce ? Code[ce.code] : undefined, retry_in_ms: retry });
       if (ce?.code === Code.PermissionDenied && this.holderInstance?.quarantineReason === undefined) {
         this.holderInstance?.quarantineMachine(ce.rawMessage);
