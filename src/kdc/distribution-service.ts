@@ -74,7 +74,7 @@ export function createDistributionService(ctx: KdcContext, ops: KdcOperations): 
         attestationToken: (r) => r.attestationToken,
         parse: nothing,
         need: attested,
-        act: (c) => ctx.watches.open(asAttested(c), stop),
+        act: (c) => ctx.watches.open(asAttested(c), stop, req.resumeFromRevision),
       });
       yield* stream;
     },
