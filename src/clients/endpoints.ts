@@ -9,9 +9,9 @@
  */
 import { createHash } from "node:crypto";
 import { Code, ConnectError } from "@connectrpc/connect";
+import { RETRY_AFTER_HEADER } from "../common/errors.js";
 
-/** The header/trailer a replica that sheds load sets: how long to wait before coming back, ms. */
-export const RETRY_AFTER_HEADER = "retry-after-ms";
+export { RETRY_AFTER_HEADER };
 
 /** The index in [0, n) a stable hash of `key` picks: the same key always starts at the same replica. */
 export function stableIndex(key: string, n: number): number {

@@ -189,6 +189,11 @@ export interface WatchStreams {
    * Rejects (nothing sent) when the first message's audit entry cannot be written.
    */
   open(caller: AttestedMachine, signal: AbortSignal, resumeFrom?: bigint): Promise<AsyncIterable<WatchSecretsResponse>>;
+  /**
+   * Admits a stream open (`stream` true) or a fetch, or throws UNAVAILABLE with a retry hint
+   * when the replica sheds load; call the function returned once the first message is built.
+   */
+  admit(stream: boolean): () => void;
   /** True while the machine has a stream open (GetRolloutStatus `connected`). */
   isConnected(machineId: string): boolean;
   /** Machines with a stream open now (GetKdcStatus `connected_agents`). */

@@ -115,6 +115,10 @@ export class KdcServer {
         g.set({ start: "snapshot" }, opened.hub.opened.snapshot);
         g.set({ start: "resumed" }, opened.hub.opened.resumed);
       });
+      metrics.gauge("kmi_kdc_watch_shed", "Stream opens and fetches shed with UNAVAILABLE and a retry hint since start, by the limit reached (streams: --max-watch-streams, opening: --max-concurrent-opens).", ["limit"], (g) => {
+        g.set({ limit: "streams" }, opened.hub.shed.streams);
+        g.set({ limit: "opening" }, opened.hub.shed.opening);
+      });
       metrics.gauge("kmi_kdc_connected_machines", "Machines with a WatchSecrets stream open now.", [], (g) => g.set(opened.hub.connectedCount));
       metrics.gauge("kmi_kdc_quarantined_machines", "Machines the KDC refuses as quarantined.", [], (g) => g.set(opened.quarantine.list().length));
       metrics.gauge("kmi_kdc_attestation_key_loaded", "1 when the Auditserver's attestation key is loaded.", [], (g) => g.set(ctx.attestationKey.loaded ? 1 : 0));

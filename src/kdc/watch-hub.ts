@@ -53,6 +53,14 @@ export function requireNotQuarantined(quarantine: Pick<KdcContext["quarantine"],
 export const DEFAULT_HEARTBEAT_MS = 15_000;
 /** Events queued for one stream before it is cut off. */
 export const DEFAULT_MAX_QUEUE = 1024;
+/** Watch streams one replica holds before it sheds new ones (~150 KB each). */
+export const DEFAULT_MAX_STREAMS = 20_000;
+/** Stream opens and fetches (attestation check, read, audit, wrap) in progress at once before new ones are shed. */
+export const DEFAULT_MAX_OPENING = 64;
+/** The wait a replica asks for when it sheds an open (it frees up fast): ms, before the client's jitter. */
+const OPENING_RETRY_MS = 1_000;
+/** The wait it asks for when it holds as many streams as it may (another replica should take the agent). */
+const STREAMS_RETRY_MS = 10_000;
 /** Recipients wrapped per turn of the event loop during a fan-out (streams start sending meanwhile). */
 const WRAP_BATCH = 32;
 
@@ -62,6 +70,10 @@ export interface WatchHubOptions {
   heartbeatMs?: number;
   /** Longest queue of one stream (default 1024). */
   maxQueue?: number;
+  /** Open streams before new ones are shed with UNAVAILABLE (default 20 000). */
+  maxStreams?: number;
+  /** Opens and fetches in progress at once before new ones are shed with UNAVAILABLE (default 64). */
+  maxOpening?: number;
 }
 
 interface Watcher {
@@ -88,6 +100,9 @@ export class WatchHub implements SecretEvents, WatchStreams {
   private readonly serial = new KeyedMutex();
   private readonly heartbeatMs: number;
   private readonly maxQueue: number;
+  private readonly maxStreams: number;
+  private readonly maxOpening: number;
+  private opening = 0;
   private nextId = 1;
   private pending = new Set<Promise<void>>();
 
@@ -98,6 +113,8 @@ export class WatchHub implements SecretEvents, WatchStreams {
   ) {
     this.heartbeatMs = options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
     this.maxQueue = options.maxQueue ?? DEFAULT_MAX_QUEUE;
+    this.maxStreams = options.maxStreams ?? DEFAULT_MAX_STREAMS;
+    this.maxOpening = options.maxOpening ?? DEFAULT_MAX_OPENING;
   }
 
   // ---- presence ----
@@ -119,6 +136,34 @@ export class WatchHub implements SecretEvents, WatchStreams {
 
   /** Streams opened since start, by how they started. */
   readonly opened = { snapshot: 0, resumed: 0 };
+  /** Opens and fetches shed since start, by the limit that was reached. */
+  readonly shed = { streams: 0, opening: 0 };
+
+  /**
+   * Admission of a stream open or a fetch, before anything costly (the attestation check, the
+   * reads, the audit entry, the wraps): a slot, released by calling the function returned once
+   * the first message is built (or the call failed). Throws UNAVAILABLE with a retry hint when
+   * this replica holds `maxStreams` streams (`stream`: true) or has `maxOpening` opens in
+   * progress. Why not audited: it refuses no one, it is capacity, and a storm of audit writes is
+   * the last thing a loaded replica needs.
+   */
+  admit(stream: boolean): () => void {
+    if (stream && this.watchers.size >= this.maxStreams) {
+      this.shed.streams++;
+      throw new Unavailable(`this kdc replica holds ${this.maxStreams} watch streams, its limit; retry in ${STREAMS_RETRY_MS} ms or at another replica`, { retryAfterMs: STREAMS_RETRY_MS });
+    }
+    if (this.opening >= this.maxOpening) {
+      this.shed.opening++;
+      throw new Unavailable(`this kdc replica is opening ${this.maxOpening} streams already; retry in ${OPENING_RETRY_MS} ms or at another replica`, { retryAfterMs: OPENING_RETRY_MS });
+    }
+    this.opening++;
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      this.opening--;
+    };
+  }
 
   // ---- streams ----
 

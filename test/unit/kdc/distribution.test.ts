@@ -26,6 +26,7 @@ import { FileAttestationKey, NoAttestationKey } from "../../../src/kdc/attestati
 import { initKdc, openKdc, type OpenedKdc } from "../../../src/kdc/init.js";
 import { KdcOperations } from "../../../src/kdc/operations.js";
 import { SecretRelease } from "../../../src/kdc/release.js";
+import { DEFAULT_MAX_OPENING } from "../../../src/kdc/watch-hub.js";
 import { routes } from "../../../src/kdc/routes.js";
 import { decodeAttestationTokenUnverified } from "../../../src/attest/index.js";
 import type { AuditEntryInput } from "../../../src/storage/audit-log.js";
@@ -455,6 +456,34 @@ describe("WatchSecrets: resume", () => {
     expect(resync.revision).toBeGreaterThanOrEqual(now);
     compacted.close();
     await compacted.done;
+  });
+});
+
+describe("load shedding", () => {
+  it("a replica with every open slot taken answers UNAVAILABLE with retry-after-ms, before any work and without an audit entry; it serves again once a slot frees", async () => {
+    const m = machines["m-cccc000000000003"]!;
+    const slots = Array.from({ length: DEFAULT_MAX_OPENING }, () => kdc.hub.admit(false));
+    const shedBefore = kdc.hub.shed.opening;
+    const seqBefore = (await kdc.ctx.audit.tail({ limit: 1, last: true }))[0]!.seq;
+    try {
+      const w = watch(m);
+      await w.done;
+      expect(w.error).toBeInstanceOf(ConnectError);
+      const err = w.error as ConnectError;
+      expect(err.code).toBe(Code.Unavailable);
+      expect(err.metadata.get("retry-after-ms")).toBe("1000");
+      expect(err.rawMessage).toMatch(/is opening 64 streams already; retry in 1000 ms or at another replica/);
+      const fetched = await dist().fetchSecrets({ attestationToken: token(m) }, as(peerOf(m))).catch((e: unknown) => e);
+      expect(fetched).toMatchObject({ code: Code.Unavailable });
+      expect(kdc.hub.shed.opening).toBe(shedBefore + 2);
+      expect((await kdc.ctx.audit.tail({ limit: 1, last: true }))[0]!.seq).toBe(seqBefore);
+    } finally {
+      for (const release of slots) release();
+    }
+    const w = watch(m);
+    expect((await w.next(WatchEventType.SNAPSHOT)).secrets.length).toBeGreaterThan(0);
+    w.close();
+    await w.done;
   });
 });
 
