@@ -199,6 +199,9 @@ export function createKeyAgentService(ctx: AgentServiceContext): ServiceImpl<typ
         kdcError: s.kdcError,
         keys: holder.keys().map((k) => toKeyInfo(k, now)),
         servingFromCache: s.servingFromCache,
+        kdcUrl: s.kdcUrl ?? "",
+        kdcRevision: s.kdcRevision ?? 0n,
+        kdcFailovers: s.kdcFailovers ?? 0,
       });
     },
   };

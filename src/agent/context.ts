@@ -44,6 +44,12 @@ export interface AgentRuntimeStatus {
   kdcConnected: boolean;
   /** Last KDC error, when the link is down. */
   kdcError: string;
+  /** The KDC replica attached to (or tried while down). */
+  kdcUrl?: string;
+  /** The store revision the held keys are up to date with; 0n before the first sync. */
+  kdcRevision?: bigint;
+  /** Moves to another KDC replica since start. */
+  kdcFailovers?: number;
   /** When the agent last received its secrets from the KDC (epoch ms). */
   lastSync?: number;
   /** True while serving from the sealed cache (no sync since start). */

@@ -8,15 +8,25 @@
  * Each secret is unwrapped with the machine key (released-secret.ts). Every change is applied
  * to the key holder, written to the sealed cache before the next event is read (so a
  * REVOKED or QUARANTINED key leaves memory and disk at once), and reported with
- * ReportHeldVersions. A failure reconnects with exponential backoff and full jitter; a
- * stream silent for longer than the heartbeat timeout counts as dead. PERMISSION_DENIED
+ * ReportHeldVersions. A failure reconnects with jittered exponential backoff (the first retry
+ * too); a stream silent for longer than the heartbeat timeout counts as dead. PERMISSION_DENIED
  * from the KDC means the machine is quarantined: every key is dropped. stop() always wins:
  * whatever a session awaits (attestation included) is abandoned at once, and no stream is
  * opened after it.
+ *
+ * Failover (src/clients/endpoints.ts): the link starts at the KDC replica (and Auditserver
+ * replica) a hash of the machine id picks, so a fleet spreads over the replicas; a session that
+ * fails because of the replica (connection failed or reset, UNAVAILABLE, a silent stream)
+ * moves to the next one. A replica that sheds load names a wait (`retry-after-ms`): the link
+ * leaves it alone that long (jittered) and tries another. A stream the KDC ended cleanly is
+ * reopened after a small random spread, so a replica's restart does not bring the fleet back
+ * at one instant. After a failure the link resumes from the revision of its last SNAPSHOT or
+ * RESUMED (`resume_from_revision`): a replica that can tell what changed since sends only that.
  */
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { backoffMs, sleep } from "../common/backoff.js";
+import { Endpoints, isFailover, retryAfterMs } from "../clients/endpoints.js";
+import { backoffMs, jittered, sleep, spreadMs } from "../common/backoff.js";
 import type { Logger } from "../common/logger.js";
 import { AuditService } from "../gen/kmi/audit/v1/audit_pb.js";
 import { DistributionService, WatchEventType, type ReleasedSecret, type WatchSecretsResponse } from "../gen/kmi/kdc/v1/distribution_pb.js";
@@ -35,6 +45,8 @@ export interface KdcLinkTiming {
   reconnectMaxMs: number;
   /** A stream with no message for this long is dead, ms (default 45 000: three missed heartbeats). */
   heartbeatTimeoutMs: number;
+  /** A stream the KDC ended cleanly is reopened after a random pause in [0, this], ms (default 1 000). */
+  reopenSpreadMs?: number;
 }
 
 /** What the link needs. */
@@ -68,6 +80,16 @@ class Planned extends Error {
   }
 }
 
+/** A failure of the Auditserver (attestation), as opposed to the KDC session. */
+class AuditFailure extends Error {
+  constructor(readonly error: unknown) {
+    super("auditserver");
+  }
+}
+
+/** Codes that are about this machine or this stream, not the replica: another replica would answer the same. */
+const NOT_THE_REPLICA = new Set([Code.PermissionDenied, Code.Unauthenticated, Code.ResourceExhausted, Code.InvalidArgument, Code.FailedPrecondition]);
+
 /** A connection to the KDC that keeps itself up. */
 export class KdcLink {
   /** True while the watch stream is open. */
@@ -78,6 +100,10 @@ export class KdcLink {
   lastSync: number | undefined;
   /** KDC time minus local time, ms (from FetchSecrets). */
   clockSkewMs = 0;
+  /** Times the link moved to another KDC replica. */
+  failovers = 0;
+  /** The store revision the held keys are up to date with (of the last SNAPSHOT or RESUMED); 0n before. */
+  revision = 0n;
 
   private stopped = false;
   private running: Promise<void> | undefined;
@@ -86,12 +112,27 @@ export class KdcLink {
   private kdc: PeerClient<typeof DistributionService> | undefined;
   private audit: PeerClient<typeof AuditService> | undefined;
   private clientsFor: MachineIdentity | undefined;
+  private clientsAt = "";
+  private readonly kdcEps: Endpoints;
+  private readonly auditEps: Endpoints;
   private needFetch = true;
+  /** The next session resumes from {@link revision} (after a failure) rather than asking for a SNAPSHOT. */
+  private resumeNext = false;
   private reportState: "idle" | "running" | "again" = "idle";
   private readonly o: KdcLinkOptions;
 
   constructor(options: KdcLinkOptions) {
     this.o = options;
+    // Why a hash of the machine id: every agent of a fleet starts at a different replica, and
+    // the same agent at the same one after a restart.
+    const spread = options.identity().machineId;
+    this.kdcEps = new Endpoints(options.kdcUrls, spread);
+    this.auditEps = new Endpoints(options.auditUrls, spread);
+  }
+
+  /** The KDC replica the link is attached to (or trying, while down). */
+  get kdcUrl(): string {
+    return this.kdcEps.current;
   }
 
   /** Starts the loop in the background. */
@@ -112,24 +153,63 @@ export class KdcLink {
   restart(): void {
     this.closeClients();
     this.needFetch = true;
+    this.resumeNext = false;
     this.streamAbort?.abort(new Planned("restart"));
     this.sleepAbort?.abort();
   }
 
-  /** The Auditserver client for the current identity (mutual TLS), shared with the runtime. */
-  auditClient(): PeerClient<typeof AuditService>["client"] {
-    this.ensureClients();
-    return this.audit!.client;
+  /**
+   * Runs `call` with the Auditserver client for the current identity (mutual TLS), on the
+   * replica in use, then on the others while they fail with a connection failure or
+   * UNAVAILABLE (the server did not act). For the runtime's calls (certificate renewal).
+   */
+  async withAudit<T>(call: (client: PeerClient<typeof AuditService>["client"]) => Promise<T>): Promise<T> {
+    for (let tried = 1; ; tried++) {
+      this.ensureClients();
+      const url = this.auditEps.current;
+      try {
+        return await call(this.audit!.client);
+      } catch (err) {
+        if (!isFailover(err) || tried >= this.auditEps.urls.length) throw err;
+        this.moveAudit(url, err);
+      }
+    }
   }
 
   private ensureClients(): void {
     const id = this.o.identity();
-    if (this.clientsFor === id && this.kdc !== undefined && this.audit !== undefined) return;
+    const at = `${this.kdcEps.current} ${this.auditEps.current}`;
+    if (this.clientsFor === id && this.clientsAt === at && this.kdc !== undefined && this.audit !== undefined) return;
     this.closeClients();
     const tls = { caPem: this.o.caPem, certPem: id.certificatePem, keyPem: privateKeyPem(id) };
-    this.kdc = createPeerClient(DistributionService, this.o.kdcUrls[0]!, tls);
-    this.audit = createPeerClient(AuditService, this.o.auditUrls[0]!, tls);
+    this.kdc = createPeerClient(DistributionService, this.kdcEps.current, tls);
+    this.audit = createPeerClient(AuditService, this.auditEps.current, tls);
     this.clientsFor = id;
+    this.clientsAt = at;
+  }
+
+  /** Leaves the Auditserver replica `url` for the next one (honouring its retry hint). */
+  private moveAudit(url: string, err: unknown): void {
+    if (this.auditEps.urls.length < 2) return;
+    const hint = retryAfterMs(err);
+    if (hint !== undefined) this.auditEps.avoid(url, jittered(hint));
+    const next = this.auditEps.advance();
+    this.o.logger.warn("auditserver replica failed; moving to the next", { audit: url, next, error: describe(err) });
+    this.closeClients();
+  }
+
+  /** Leaves the KDC replica in use for the next one when the failure is the replica's. */
+  private moveKdc(err: unknown): void {
+    const url = this.kdcEps.current;
+    const hint = retryAfterMs(err);
+    if (hint !== undefined) this.kdcEps.avoid(url, jittered(hint));
+    const replicaFault = (err instanceof Planned && err.why === "silent") || !(err instanceof ConnectError && NOT_THE_REPLICA.has(err.code));
+    if (!replicaFault || err instanceof MachineQuarantined || this.kdcEps.urls.length < 2) return;
+    const next = this.kdcEps.advance();
+    if (next === url) return;
+    this.failovers++;
+    this.o.logger.warn("kdc replica failed; moving to the next", { kdc: url, next, error: describe(err), ...(hint !== undefined ? { retry_after_ms: hint } : {}) });
+    this.closeClients();
   }
 
   private closeClients(): void {
@@ -138,24 +218,38 @@ export class KdcLink {
     this.kdc = undefined;
     this.audit = undefined;
     this.clientsFor = undefined;
+    this.clientsAt = "";
   }
 
   private async loop(): Promise<void> {
     let failures = 0;
     while (!this.stopped) {
+      let delay: number;
       try {
         await this.session(() => (failures = 0));
-        continue; // the KDC ended the stream (token expiry) or a planned reopen: go again at once
-      } catch (err) {
+        // The KDC ended the stream (token expiry, or the replica is draining): reopen after a
+        // small random spread, so that a fleet whose streams ended together does not come back together.
+        this.resumeNext = this.revision > 0n;
+        await this.sleep(spreadMs(this.o.timing.reopenSpreadMs ?? 1000));
+        continue;
+      } catch (caught) {
         if (this.stopped) break;
-        if (err instanceof Planned && err.why !== "silent") continue;
+        if (caught instanceof Planned && caught.why !== "silent") continue;
+        const err = caught instanceof AuditFailure ? caught.error : caught;
         this.connected = false;
         failures++;
         this.lastError = describe(err);
+        this.resumeNext = this.revision > 0n;
         await this.onFailure(err);
+        if (caught instanceof AuditFailure) {
+          if (isFailover(err)) this.moveAudit(this.auditEps.current, err);
+        } else {
+          this.moveKdc(err);
+        }
+        // Never sooner than the replica now in use asked (it may be the one that shed us).
+        delay = Math.max(backoffMs(failures, this.o.timing.reconnectInitialMs, this.o.timing.reconnectMaxMs), this.kdcEps.waitMs());
       }
-      const delay = backoffMs(failures, this.o.timing.reconnectInitialMs, this.o.timing.reconnectMaxMs);
-      this.o.logger.warn("kdc link down; retrying", { error: this.lastError, retry_in_ms: delay, attempt: failures });
+      this.o.logger.warn("kdc link down; retrying", { error: this.lastError, retry_in_ms: delay, attempt: failures, kdc: this.kdcEps.current });
       await this.sleep(delay);
     }
     this.connected = false;
@@ -175,7 +269,7 @@ export class KdcLink {
       token = await untilAborted(this.o.attestor.fresh(this.audit!.client, identity), abort.signal);
     } catch (err) {
       if (this.streamAbort === abort) this.streamAbort = undefined;
-      throw abort.signal.reason instanceof Planned ? abort.signal.reason : err;
+      throw abort.signal.reason instanceof Planned ? abort.signal.reason : new AuditFailure(err);
     }
     const refreshIn = Math.max(1000, tokenRefreshTime(token) - this.o.clock.now());
     const refresh = setTimeout(() => abort.abort(new Planned("refresh")), refreshIn);
@@ -184,25 +278,30 @@ export class KdcLink {
       if (watchdog !== undefined) clearTimeout(watchdog);
       watchdog = setTimeout(() => abort.abort(new Planned("silent")), this.o.timing.heartbeatTimeoutMs);
     };
+    // After a failure, resume from the last revision instead of fetching everything again; a
+    // planned reopen (new token) asks for a SNAPSHOT, which also renews every lease.
+    const resumeFrom = this.resumeNext && this.o.holder.quarantineReason === undefined ? this.revision : 0n;
     try {
-      if (this.needFetch) {
+      if (this.needFetch && resumeFrom === 0n) {
         const res = await this.kdc!.client.fetchSecrets({ attestationToken: token.token }, { signal: abort.signal });
         if (res.serverTime !== undefined) this.noteSkew(timestampMs(res.serverTime));
         await this.apply(WatchEventType.SNAPSHOT, "", res.secrets, "", "", identity, token);
-        this.needFetch = false;
       }
+      this.needFetch = false;
       abort.signal.throwIfAborted();
       pet();
-      const stream = this.kdc!.client.watchSecrets({ attestationToken: token.token }, { signal: abort.signal });
+      const stream = this.kdc!.client.watchSecrets({ attestationToken: token.token, resumeFromRevision: resumeFrom }, { signal: abort.signal });
       let first = true;
       for await (const ev of stream) {
         pet();
         if (first) {
+          if (ev.type !== WatchEventType.SNAPSHOT && ev.type !== WatchEventType.RESUMED) throw new Error("kdc: the watch stream did not start with a SNAPSHOT or RESUMED");
           first = false;
           this.connected = true;
           this.lastError = "";
+          this.resumeNext = false;
           onHealthy();
-          this.o.logger.info("kdc watch open", { kdc: this.o.kdcUrls[0], token_refresh_in_ms: refreshIn });
+          this.o.logger.info("kdc watch open", { kdc: this.kdcEps.current, start: ev.type === WatchEventType.RESUMED ? "resumed" : "snapshot", from_revision: String(resumeFrom), revision: String(ev.revision), token_refresh_in_ms: refreshIn });
         }
         await this.handle(ev, identity, token);
       }
@@ -227,7 +326,32 @@ export class KdcLink {
 
   private async handle(ev: WatchSecretsResponse, identity: MachineIdentity, token: AttestationToken): Promise<void> {
     if (ev.type === WatchEventType.HEARTBEAT) return;
-    await this.apply(ev.type, ev.tenantId, ev.secrets, ev.keyId, ev.reason, identity, token);
+    if (ev.type === WatchEventType.RESUMED) {
+      await this.resumed(ev, identity, token);
+    } else {
+      await this.apply(ev.type, ev.tenantId, ev.secrets, ev.keyId, ev.reason, identity, token);
+    }
+    // A SNAPSHOT or RESUMED brings every tenant up to its revision: the next resume starts there.
+    if ((ev.type === WatchEventType.SNAPSHOT || ev.type === WatchEventType.RESUMED) && ev.revision > 0n) this.revision = ev.revision;
+    if (ev.type === WatchEventType.SNAPSHOT && ev.revision === 0n) this.revision = 0n;
+  }
+
+  /**
+   * RESUMED: the tenants no longer served are dropped, those that changed since the resume
+   * revision get their new set, the others keep what they hold (and their leases).
+   */
+  private async resumed(ev: WatchSecretsResponse, identity: MachineIdentity, token: AttestationToken): Promise<void> {
+    const holder = this.o.holder;
+    const served = new Set(ev.servedTenantIds);
+    const replaced = new Set(ev.replacedTenantIds);
+    const stray = ev.secrets.find((s) => !replaced.has(s.tenantId));
+    if (stray !== undefined) throw new Error(`kdc: RESUMED carries a key of tenant "${stray.tenantId}", which it does not replace`);
+    const kept = holder.keys().filter((k) => served.has(k.tenantId) && !replaced.has(k.tenantId));
+    holder.replaceAll([...kept, ...this.open(ev.secrets, identity)]);
+    this.lastSync = this.o.clock.now();
+    this.o.logger.info("secrets resumed", { kept: kept.length, replaced_tenants: [...replaced], keys: holder.keys().length });
+    await this.o.persist();
+    this.report(token);
   }
 
   private async apply(
@@ -263,6 +387,7 @@ export class KdcLink {
         log.warn("key revoked; dropped", { tenant: tenantId, key: keyId.slice(0, 16), reason });
         break;
       case WatchEventType.QUARANTINED:
+        this.revision = 0n;
         holder.quarantineMachine(reason || "quarantined on the KDC");
         log.error("machine quarantined; every key dropped", { reason });
         break;
@@ -324,6 +449,7 @@ export class KdcLink {
     const quarantined =
       err instanceof MachineQuarantined || (err instanceof ConnectError && err.code === Code.PermissionDenied);
     if (quarantined) {
+      this.revision = 0n;
       if (this.o.holder.quarantineReason === undefined) {
         this.o.holder.quarantineMachine(err instanceof ConnectError ? err.rawMessage : (err as Error).message);
         this.o.logger.error("the KDC or Auditserver refuses this machine as quarantined; every key dropped", { error: describe(err) });

@@ -10,6 +10,7 @@
 import { chmod, mkdir } from "node:fs/promises";
 import { dirname } from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
+import { jittered } from "../common/backoff.js";
 import { ConfigError } from "../common/config.js";
 import { FailedPrecondition } from "../common/errors.js";
 import { GrpcServer, type BoundAddresses } from "../common/grpc-server.js";
@@ -31,6 +32,7 @@ import { KeyHolder } from "./key-holder.js";
 import { pkiLeafIssuerFactory } from "./leaf-issuer.js";
 import { SealedCache } from "./sealed-cache.js";
 import { StateDir } from "./state-dir.js";
+import { callWithFailover, Endpoints } from "../clients/endpoints.js";
 import { WORKLOAD_HEADER, WORKLOAD_HEADER_VALUE } from "../clients/workload-header.js";
 
 /** The largest request the socket takes: a leaf request with 200 names is a few KiB. */
@@ -111,15 +113,7 @@ export class AgentServer {
           `this machine is not enrolled (no identity in ${cfg.stateDir}); give a join token for the first start with --join-token-file, KMI_AGENT_JOIN_TOKEN or --join-token (make one with \`kmi ctl join-token create\`)`,
         );
       }
-      const audit = createPeerClient(AuditService, cfg.auditUrls[0]!, { caPem: cfg.caPem });
-      try {
-        identity = await enroll(audit.client, cfg.joinToken, this.clock.now(), cfg.hostname);
-      } catch (err) {
-        const why = err instanceof ConnectError ? err.rawMessage : err instanceof Error ? err.message : String(err);
-        throw new FailedPrecondition(`enrollment with ${cfg.auditUrls[0]} failed: ${why}`, { cause: err });
-      } finally {
-        audit.close();
-      }
+      identity = await this.enroll(cfg.joinToken);
       await identities.save(identity);
       this.logger.info("enrolled", { machine: identity.machineId, group: identity.group, certificate_not_after: new Date(identity.notAfter).toISOString() });
     } else {
@@ -180,6 +174,12 @@ export class AgentServer {
     this.link = link;
 
     const registry = cfg.metricsListen !== undefined ? createMetricsRegistry() : undefined;
+    registry?.gauge("kmi_agent_kdc_attached", "1 for the KDC replica the agent's watch stream is open on (label kdc: its URL).", ["kdc"], (g) => {
+      g.reset();
+      if (link?.connected === true) g.set({ kdc: link.kdcUrl }, 1);
+    });
+    registry?.gauge("kmi_agent_kdc_failovers", "Times the agent moved to another KDC replica since start.", [], (g) => g.set(link?.failovers ?? 0));
+    registry?.gauge("kmi_agent_kdc_revision", "The store revision the agent's keys are up to date with (it resumes from it).", [], (g) => g.set(Number(link?.revision ?? 0n)));
     const ctx: AgentServiceContext = {
       holder,
       clock: this.clock,
@@ -216,6 +216,35 @@ export class AgentServer {
     return this.bound;
   }
 
+  /**
+   * Enrolls with the join token at the Auditserver replicas, from the one the host name's hash
+   * picks on; the next is tried only when one could not be reached or answered UNAVAILABLE
+   * (it did not act, so the one-use token is still unused).
+   */
+  private async enroll(joinToken: string): Promise<MachineIdentity> {
+    const cfg = this.config;
+    const endpoints = new Endpoints(cfg.auditUrls, cfg.hostname);
+    let lastUrl = endpoints.current;
+    try {
+      return await callWithFailover(
+        endpoints,
+        async (url) => {
+          lastUrl = url;
+          const audit = createPeerClient(AuditService, url, { caPem: cfg.caPem });
+          try {
+            return await enroll(audit.client, joinToken, this.clock.now(), cfg.hostname);
+          } finally {
+            audit.close();
+          }
+        },
+        { onFailover: (url, err, next) => this.logger.warn("auditserver replica failed; enrolling at the next", { audit: url, next, error: err instanceof Error ? err.message : String(err) }) },
+      );
+    } catch (err) {
+      const why = err instanceof ConnectError ? err.rawMessage : err instanceof Error ? err.message : String(err);
+      throw new FailedPrecondition(`enrollment with ${lastUrl} failed: ${why}`, { cause: err });
+    }
+  }
+
   /** The runtime status for GetStatus. */
   status(): AgentRuntimeStatus {
     const id = this.identity;
@@ -228,6 +257,9 @@ export class AgentServer {
       attestationProblem: this.attestor?.problem ?? "",
       kdcConnected: link?.connected ?? false,
       kdcError: link?.lastError ?? "",
+      kdcUrl: link?.kdcUrl ?? "",
+      kdcRevision: link?.revision ?? 0n,
+      kdcFailovers: link?.failovers ?? 0,
       servingFromCache: this.loadedFromCache && link?.lastSync === undefined,
     };
     if (token !== undefined) s.attestationExpiresAt = token.expiresAt;
@@ -290,7 +322,7 @@ export class AgentServer {
     const link = this.link;
     if (id === undefined || link === undefined || this.stopping.signal.aborted) return;
     try {
-      const renewed = await renew(link.auditClient(), id, this.clock.now(), this.config.hostname);
+      const renewed = await link.withAudit((audit) => renew(audit, id, this.clock.now(), this.config.hostname));
       const dir = await StateDir.open(this.config.stateDir);
       await new IdentityStore(dir, await dir.sealingKey()).save(renewed);
       this.identity = renewed;
@@ -302,7 +334,7 @@ export class AgentServer {
     } catch (err) {
       const ce = err instanceof ConnectError ? err : undefined;
       const left = id.notAfter - this.clock.now();
-      const retry = Math.min(60_000, Math.max(5_000, left / 10));
+      const retry = jittered(Math.min(60_000, Math.max(5_000, left / 10)));
       this.logger.warn("machine certificate renewal failed; retrying", { error: ce?.rawMessage ?? (err instanceof Error ? err.message : String(err)), code: ce ? Code[ce.code] : undefined, retry_in_ms: retry });
       if (ce?.code === Code.PermissionDenied && this.holderInstance?.quarantineReason === undefined) {
         this.holderInstance?.quarantineMachine(ce.rawMessage);

@@ -20,6 +20,7 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { attestationKeyId, generateP256KeyPair, publicKeyPem } from "../attest/index.js";
 import { AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable } from "../common/errors.js";
+import { transportForUrls } from "../clients/failover-transport.js";
 import { createGrpcClientTransport } from "../common/http2-client.js";
 import { KdcAdminService } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { AuditCredentialRecordSchema, AuditMetaRecordSchema, type AuditCredentialRecord, type AuditMetaRecord } from "../gen/kmi/store/v1/audit_pb.js";
@@ -116,7 +117,7 @@ async function issueServiceIdentity(opts: InitOptions): Promise<{ key: KeyObject
     req.header.set("authorization", `Bearer ${opts.token}`);
     return next(req);
   };
-  const admin = createClient(KdcAdminService, createGrpcClientTransport({ baseUrl: opts.kdcUrl, interceptors: [auth], defaultTimeoutMs: 15_000, tls: { ca: opts.kdcCaPem }, expectedService: "kdc" }).transport);
+  const admin = createClient(KdcAdminService, transportForUrls(opts.kdcUrl, (url) => createGrpcClientTransport({ baseUrl: url, interceptors: [auth], defaultTimeoutMs: 15_000, tls: { ca: opts.kdcCaPem }, expectedService: "kdc" })).transport);
   let bundle;
   try {
     bundle = await admin.getTrustBundle({});

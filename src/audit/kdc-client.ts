@@ -8,6 +8,7 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
 import { FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated, Unavailable } from "../common/errors.js";
+import { transportForUrls } from "../clients/failover-transport.js";
 import { createGrpcClientTransport } from "../common/http2-client.js";
 import type { Logger } from "../common/logger.js";
 import { PeerService } from "../gen/kmi/kdc/v1/peer_pb.js";
@@ -15,7 +16,7 @@ import type { IssuedMachineCertificate, KdcPeer } from "./context.js";
 
 /** How to reach the KDC. */
 export interface KdcClientOptions {
-  /** https URL of the KDC. */
+  /** https URL of the KDC, or every replica's, comma-separated (calls fail over: src/clients/failover-transport.ts). */
   url: string;
   /** The infrastructure CA, PEM. */
   caPem: string;
@@ -29,12 +30,14 @@ export interface KdcClientOptions {
 
 /** A mutual-TLS gRPC transport to the KDC. */
 export function createKdcTransport(o: Pick<KdcClientOptions, "url" | "caPem" | "certPem" | "keyPem" | "timeoutMs">): Transport {
-  return createGrpcClientTransport({
-    baseUrl: o.url,
-    defaultTimeoutMs: o.timeoutMs ?? 10_000,
-    tls: { ca: o.caPem, cert: o.certPem, key: o.keyPem },
-    expectedService: "kdc",
-  }).transport;
+  return transportForUrls(o.url, (url) =>
+    createGrpcClientTransport({
+      baseUrl: url,
+      defaultTimeoutMs: o.timeoutMs ?? 10_000,
+      tls: { ca: o.caPem, cert: o.certPem, key: o.keyPem },
+      expectedService: "kdc",
+    }),
+  ).transport;
 }
 
 /**

@@ -9,7 +9,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { KmiError, type KmiErrorCode } from "./errors.js";
+import { KmiError, RETRY_AFTER_HEADER, Unavailable, type KmiErrorCode } from "./errors.js";
 import type { Logger } from "./logger.js";
 
 const CODE_OF: Record<KmiErrorCode, Code> = {
@@ -75,6 +75,9 @@ export type ErrorLogFields = Record<string, unknown>;
  */
 export function toConnectError(err: unknown, logger: Logger, fields?: ErrorLogFields): ConnectError {
   if (err instanceof ConnectError) return err;
+  if (err instanceof Unavailable && err.retryAfterMs !== undefined) {
+    return new ConnectError(err.message, Code.Unavailable, { [RETRY_AFTER_HEADER]: String(Math.round(err.retryAfterMs)) }, undefined, err);
+  }
   if (err instanceof KmiError) return new ConnectError(err.message, CODE_OF[err.code], undefined, undefined, err);
   if (isAbortError(err)) {
     const e = err as Error;

@@ -61,9 +61,22 @@ export class Unauthenticated extends KmiError {
   readonly code = "unauthenticated";
 }
 
-/** A dependency is unreachable or a lease ran out; retrying later may work. */
+/** The response header/trailer in which a server that sheds load says when to come back, ms. */
+export const RETRY_AFTER_HEADER = "retry-after-ms";
+
+/**
+ * A dependency is unreachable, a lease ran out, or the server sheds load; retrying later may
+ * work. `retryAfterMs`: the server asks the caller to come back after that long (sent as the
+ * `retry-after-ms` header/trailer; the caller adds jitter and may try another replica meanwhile).
+ */
 export class Unavailable extends KmiError {
   readonly code = "unavailable";
+  readonly retryAfterMs: number | undefined;
+
+  constructor(message: string, options?: { cause?: unknown; retryAfterMs?: number }) {
+    super(message, options);
+    this.retryAfterMs = options?.retryAfterMs;
+  }
 }
 
 /** A limit was hit (rate, size, count). */

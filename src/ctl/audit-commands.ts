@@ -42,7 +42,7 @@ const { kdc: _kdcUrlFlag, ...sharedConnectionFlags } = kdcConnectionFlags;
 
 /** The flags of every command that talks to the Auditserver. */
 export const auditConnectionFlags: FlagSpecs = {
-  audit: { type: "string", value: "URL", help: `Auditserver address (default ${DEFAULT_AUDIT_URL})`, env: "KMI_CTL_AUDIT" },
+  audit: { type: "string", value: "URL[,URL...]", help: `Auditserver address, or every replica's, comma-separated (default ${DEFAULT_AUDIT_URL})`, env: "KMI_CTL_AUDIT" },
   ...sharedConnectionFlags,
 };
 

@@ -3,11 +3,18 @@
  * token and the CA file, from flags or environment, turned into a connect-node gRPC
  * transport over TLS (common/http2-client.ts). The Auditserver's commands reuse
  * `connectionFlags` and `createTransport` with their own URL flag.
+ *
+ * A URL flag takes one URL or every replica's, comma-separated: calls go to the first and move
+ * to the next only when they failed before the server acted (src/clients/failover-transport.ts:
+ * the connection could not be made, the replica shed the call, or a read got UNAVAILABLE).
  */
 import { readFileSync } from "node:fs";
 import { createClient, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
 import type { DescService } from "@bufbuild/protobuf";
+import { Endpoints } from "../clients/endpoints.js";
+import { createFailoverTransport } from "../clients/failover-transport.js";
 import { createGrpcClientTransport } from "../common/http2-client.js";
+import { urlList } from "../common/urls.js";
 import type { FlagSpecs } from "./flags.js";
 import type { Args } from "./flags.js";
 import { UsageError } from "./output.js";
@@ -17,7 +24,7 @@ export const DEFAULT_KDC_URL = "https://127.0.0.1:7443";
 
 /** The flags every command that talks to the KDC accepts. */
 export const kdcConnectionFlags: FlagSpecs = {
-  kdc: { type: "string", value: "URL", help: `KDC address (default ${DEFAULT_KDC_URL})`, env: "KMI_CTL_KDC" },
+  kdc: { type: "string", value: "URL[,URL...]", help: `KDC address, or every replica's, comma-separated (default ${DEFAULT_KDC_URL})`, env: "KMI_CTL_KDC" },
   token: { type: "string", value: "TOKEN", help: "bearer token kmi_... (prefer --token-file: argv is visible to other users)", env: "KMI_CTL_TOKEN" },
   "token-file": { type: "string", value: "FILE", help: "file holding the bearer token", env: "KMI_CTL_TOKEN_FILE" },
   "ca-file": { type: "string", value: "FILE", help: "CA certificate(s) that sign the server's TLS certificate, PEM (the KDC's <data-dir>/infra-ca.pem)", env: "KMI_CTL_CA_FILE" },
@@ -26,7 +33,10 @@ export const kdcConnectionFlags: FlagSpecs = {
 
 /** Connection settings of one server. */
 export interface ConnectionSettings {
+  /** The first URL given (the one `kmi ctl status` probes). */
   url: string;
+  /** Every URL given, in order: the replicas a call may go to. */
+  urls: string[];
   /** The kmi service at `url` ("kdc" or "audit", from the URL flag), checked in its certificate. */
   service: string | undefined;
   token: string | undefined;
@@ -36,14 +46,17 @@ export interface ConnectionSettings {
 
 /** Reads the connection settings of `urlFlag` (e.g. "kdc") from parsed flags. */
 export function connectionSettings(args: Args, urlFlag: string, defaultUrl: string): ConnectionSettings {
-  const url = args.str(urlFlag) ?? defaultUrl;
-  let parsedUrl: URL;
-  try {
-    parsedUrl = new URL(url);
-  } catch {
-    throw new UsageError(`--${urlFlag}: "${url}" is not a URL; use e.g. ${defaultUrl}`);
+  const urls = urlList(args.str(urlFlag) ?? defaultUrl);
+  if (urls.length === 0) throw new UsageError(`--${urlFlag}: give a URL, e.g. ${defaultUrl} (several replicas: comma-separated)`);
+  for (const url of urls) {
+    let parsedUrl: URL;
+    try {
+      parsedUrl = new URL(url);
+    } catch {
+      throw new UsageError(`--${urlFlag}: "${url}" is not a URL; use e.g. ${defaultUrl}`);
+    }
+    if (parsedUrl.protocol !== "https:") throw new UsageError(`--${urlFlag}: use an https:// URL (kmi servers speak TLS only)`);
   }
-  if (parsedUrl.protocol !== "https:") throw new UsageError(`--${urlFlag}: use an https:// URL (kmi servers speak TLS only)`);
   let token = args.str("token");
   const tokenFile = args.str("token-file");
   if (token === undefined && tokenFile !== undefined) {
@@ -64,22 +77,28 @@ export function connectionSettings(args: Args, urlFlag: string, defaultUrl: stri
     if (!caPem.includes("-----BEGIN CERTIFICATE-----")) throw new UsageError(`--ca-file: ${caFile} holds no PEM certificate`);
   }
   const service = urlFlag === "kdc" || urlFlag === "audit" ? urlFlag : undefined;
-  return { url, service, token, caPem, timeoutMs: args.int("timeout", 30) * 1000 };
+  return { url: urls[0]!, urls, service, token, caPem, timeoutMs: args.int("timeout", 30) * 1000 };
 }
 
-/** A gRPC-over-TLS transport that sends the bearer token on every call. */
+/**
+ * A gRPC-over-TLS transport that sends the bearer token on every call; over several URLs, one
+ * that fails over between them (see above).
+ */
 export function createTransport(s: ConnectionSettings): Transport {
   const auth: Interceptor = (next) => async (req) => {
     if (s.token !== undefined) req.header.set("authorization", `Bearer ${s.token}`);
     return next(req);
   };
-  return createGrpcClientTransport({
-    baseUrl: s.url,
-    interceptors: [auth],
-    defaultTimeoutMs: s.timeoutMs,
-    tls: s.caPem !== undefined ? { ca: s.caPem } : {},
-    ...(s.service !== undefined ? { expectedService: s.service } : {}),
-  }).transport;
+  const at = (url: string) =>
+    createGrpcClientTransport({
+      baseUrl: url,
+      interceptors: [auth],
+      defaultTimeoutMs: s.timeoutMs,
+      tls: s.caPem !== undefined ? { ca: s.caPem } : {},
+      ...(s.service !== undefined ? { expectedService: s.service } : {}),
+    });
+  if (s.urls.length <= 1) return at(s.url).transport;
+  return createFailoverTransport(new Endpoints(s.urls), at).transport;
 }
 
 /** Lazily-made clients of one server: the transport is built on first use. */

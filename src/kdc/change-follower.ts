@@ -14,6 +14,7 @@
  */
 import { setTimeout as sleep } from "node:timers/promises";
 import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
+import { jittered } from "../common/backoff.js";
 import type { Logger } from "../common/logger.js";
 import { VersionState } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import type { IntermediateVersionRecord, SigningKeyRecord, TenantRecord } from "../gen/kmi/store/v1/kdc_pb.js";
@@ -92,7 +93,7 @@ export class ChangeFollower {
       } catch (err) {
         if (signal.aborted || err instanceof StoreClosed) return;
         this.logger.warn("change feed broke; watching again", { table: table.name, from_revision: String(next), err });
-        await sleep(this.#retryMs * (0.5 + Math.random()), undefined, { signal }).catch(() => {});
+        await sleep(jittered(this.#retryMs, 0.5), undefined, { signal }).catch(() => {});
       }
     }
   }

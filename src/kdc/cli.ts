@@ -92,6 +92,7 @@ async function serve(argv: string[]): Promise<number> {
     portalDir: v.portalDir,
     leaseMs: parseLease(v.lease),
     pendingTtlMs: parsePendingTtl(v.pendingTtl),
+    watch: { maxStreams: v.maxWatchStreams, maxOpening: v.maxConcurrentOpens },
     pkcs11: pkcs11Settings(v),
   });
   // A clean stop lets the event loop drain (log lines flushed); a forced or failed one exits now.

@@ -77,6 +77,18 @@ export const serveProgram = defineProgram({
       valueName: "duration",
       validate: (v: string) => void parseLease(v),
     },
+    maxWatchStreams: {
+      type: "integer",
+      description: "watch streams this replica holds before it sheds new ones with UNAVAILABLE and a retry-after-ms hint (the agents go to another replica)",
+      default: 20_000,
+      validate: atLeastOne,
+    },
+    maxConcurrentOpens: {
+      type: "integer",
+      description: "stream opens and fetches in progress at once before new ones are shed with UNAVAILABLE and a retry-after-ms hint",
+      default: 64,
+      validate: atLeastOne,
+    },
     pendingTtl: {
       type: "string",
       description: "how long a pending version (a CSR from `kmi ctl ca csr`) waits for its signed certificate before an upload is refused (e.g. 30d; 1s to 365d)",
@@ -86,6 +98,10 @@ export const serveProgram = defineProgram({
     },
   },
 });
+
+function atLeastOne(value: number): void {
+  if (!Number.isSafeInteger(value) || value < 1) throw new Error("must be a whole number of 1 or more");
+}
 
 /** Parses a lease duration: a number with s, m, h or d (seconds without a unit), 1 minute to 30 days; returns ms. */
 export function parseLease(text: string): number {

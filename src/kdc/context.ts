@@ -184,10 +184,16 @@ export interface SecretEvents {
 /** The open WatchSecrets streams (./watch-hub.ts). */
 export interface WatchStreams {
   /**
-   * Opens a stream for an attested machine: its SNAPSHOT first, then events; `signal` ends it.
-   * Rejects (nothing sent) when the snapshot's audit entry cannot be written.
+   * Opens a stream for an attested machine: its SNAPSHOT first (or RESUMED, when `resumeFrom`
+   * is a revision the store still keeps the history after), then events; `signal` ends it.
+   * Rejects (nothing sent) when the first message's audit entry cannot be written.
    */
-  open(caller: AttestedMachine, signal: AbortSignal): Promise<AsyncIterable<WatchSecretsResponse>>;
+  open(caller: AttestedMachine, signal: AbortSignal, resumeFrom?: bigint): Promise<AsyncIterable<WatchSecretsResponse>>;
+  /**
+   * Admits a stream open (`stream` true) or a fetch, or throws UNAVAILABLE with a retry hint
+   * when the replica sheds load; call the function returned once the first message is built.
+   */
+  admit(stream: boolean): () => void;
   /** True while the machine has a stream open (GetRolloutStatus `connected`). */
   isConnected(machineId: string): boolean;
   /** Machines with a stream open now (GetKdcStatus `connected_agents`). */

@@ -10,7 +10,15 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { kDraining, kPeer } from "../common/rpc.js";
-import { FetchSecretsResponseSchema, ReportHeldVersionsResponseSchema, type DistributionService, type WatchSecretsResponse } from "../gen/kmi/kdc/v1/distribution_pb.js";
+import {
+  FetchSecretsResponseSchema,
+  ReportHeldVersionsResponseSchema,
+  type DistributionService,
+  type FetchSecretsRequest,
+  type FetchSecretsResponse,
+  type WatchSecretsRequest,
+  type WatchSecretsResponse,
+} from "../gen/kmi/kdc/v1/distribution_pb.js";
 import type { AttestedMachine, Caller } from "./authz.js";
 import type { KdcContext } from "./context.js";
 import { handle } from "./handler.js";
@@ -38,8 +46,44 @@ function asAttested(c: Caller): AttestedMachine {
 export function createDistributionService(ctx: KdcContext, ops: KdcOperations): ServiceImpl<typeof DistributionService> {
   const release = new SecretRelease(ctx);
   return {
-    fetchSecrets: (req, hctx) =>
+    fetchSecrets: async (req, hctx) => {
+      const slot = ctx.watches.admit(false);
+      try {
+        return await fetchSecrets(req, hctx);
+      } finally {
+        slot();
+      }
+    },
+
+    async *watchSecrets(req, hctx): AsyncGenerator<WatchSecretsResponse> {
+      // Admission first: a replica that cannot take the stream says so before any work.
+      const slot = ctx.watches.admit(true);
+      let stream: AsyncIterable<WatchSecretsResponse>;
+      try {
+        stream = await openWatch(req, hctx);
+      } finally {
+        slot();
+      }
+      yield* stream;
+    },
+
+    reportHeldVersions: (req, hctx) =>
       handle(ctx, hctx, req, {
+        action: "rollout.report",
+        target: () => machineTarget(hctx),
+        auth: "machine",
+        attestationToken: (r) => r.attestationToken,
+        parse: V.reportHeldVersions,
+        need: attested,
+        act: async (c, i) => {
+          await ops.reportHeldVersions(asAttested(c), i);
+          return create(ReportHeldVersionsResponseSchema, {});
+        },
+      }),
+  };
+
+  function fetchSecrets(req: FetchSecretsRequest, hctx: HandlerContext): Promise<FetchSecretsResponse> {
+    return handle(ctx, hctx, req, {
         action: "secret.release",
         target: () => machineTarget(hctx),
         auth: "machine",
@@ -63,34 +107,19 @@ export function createDistributionService(ctx: KdcContext, ops: KdcOperations): 
             wipe(items);
           }
         },
-      }),
-
-    async *watchSecrets(req, hctx): AsyncGenerator<WatchSecretsResponse> {
-      const stop = AbortSignal.any([hctx.signal, hctx.values.get(kDraining)]);
-      const stream = await handle(ctx, hctx, req, {
-        action: "secret.release",
-        target: () => machineTarget(hctx),
-        auth: "machine",
-        attestationToken: (r) => r.attestationToken,
-        parse: nothing,
-        need: attested,
-        act: (c) => ctx.watches.open(asAttested(c), stop),
       });
-      yield* stream;
-    },
+  }
 
-    reportHeldVersions: (req, hctx) =>
-      handle(ctx, hctx, req, {
-        action: "rollout.report",
-        target: () => machineTarget(hctx),
-        auth: "machine",
-        attestationToken: (r) => r.attestationToken,
-        parse: V.reportHeldVersions,
-        need: attested,
-        act: async (c, i) => {
-          await ops.reportHeldVersions(asAttested(c), i);
-          return create(ReportHeldVersionsResponseSchema, {});
-        },
-      }),
-  };
+  function openWatch(req: WatchSecretsRequest, hctx: HandlerContext): Promise<AsyncIterable<WatchSecretsResponse>> {
+    const stop = AbortSignal.any([hctx.signal, hctx.values.get(kDraining)]);
+    return handle(ctx, hctx, req, {
+      action: "secret.release",
+      target: () => machineTarget(hctx),
+      auth: "machine",
+      attestationToken: (r) => r.attestationToken,
+      parse: nothing,
+      need: attested,
+      act: (c) => ctx.watches.open(asAttested(c), stop, req.resumeFromRevision),
+    });
+  }
 }

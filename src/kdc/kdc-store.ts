@@ -177,6 +177,32 @@ export class KdcStore {
     return this.store.get(T.rollout, `${tenantId}/${machineId}`);
   }
 
+  /** The store's current revision. */
+  revision(): Promise<bigint> {
+    return this.store.revision();
+  }
+
+  /** True when the store still keeps the history after `revision` (see Store.keepsHistorySince). */
+  keepsHistorySince(revision: bigint): Promise<boolean> {
+    return this.store.keepsHistorySince(revision);
+  }
+
+  /**
+   * For each tenant, the newest mod revision among its tenant record and its signing keys: a
+   * tenant's released set changed after revision R exactly when this is greater than R (every
+   * change of a tenant's versions writes its tenant record; no record of either table is ever
+   * deleted).
+   */
+  async tenantChangeRevisions(): Promise<Map<string, bigint>> {
+    const out = new Map<string, bigint>();
+    const bump = (tenantId: string, rev: bigint) => {
+      if (rev > (out.get(tenantId) ?? 0n)) out.set(tenantId, rev);
+    };
+    for (const r of (await this.store.list(T.tenants)).records) bump(r.key, r.modRevision);
+    for (const r of (await this.store.list(T.signingKeys)).records) bump(r.value.tenantId, r.modRevision);
+    return out;
+  }
+
   /** A machine's quarantine record with its mod revision. */
   readQuarantined(machineId: string): Promise<ReadResult<QuarantinedMachineRecord>> {
     return this.store.read(T.quarantine, machineId);

@@ -81,6 +81,11 @@ export class LocalCommits implements Store {
     return this.#inner.revision();
   }
 
+  /** {@inheritDoc Store.keepsHistorySince} */
+  keepsHistorySince(revision: bigint): Promise<boolean> {
+    return this.#inner.keepsHistorySince(revision);
+  }
+
   /** {@inheritDoc Store.watch} */
   watch<D extends DescMessage>(table: Table<D>, options?: WatchOptions): AsyncIterable<FeedEvent<MessageShape<D>>> {
     return this.#inner.watch(table, options);

@@ -111,6 +111,14 @@ export class KdcServer {
       const tls = await KdcServer.tlsMaterial(ctx, opts.tls);
       const metrics = createMetricsRegistry();
       metrics.gauge("kmi_kdc_watch_streams", "WatchSecrets streams open now.", [], (g) => g.set(opened.hub.streamCount));
+      metrics.gauge("kmi_kdc_watch_opens", "WatchSecrets streams opened since start, by how they started (snapshot, or resumed from the agent's revision).", ["start"], (g) => {
+        g.set({ start: "snapshot" }, opened.hub.opened.snapshot);
+        g.set({ start: "resumed" }, opened.hub.opened.resumed);
+      });
+      metrics.gauge("kmi_kdc_watch_shed", "Stream opens and fetches shed with UNAVAILABLE and a retry hint since start, by the limit reached (streams: --max-watch-streams, opening: --max-concurrent-opens).", ["limit"], (g) => {
+        g.set({ limit: "streams" }, opened.hub.shed.streams);
+        g.set({ limit: "opening" }, opened.hub.shed.opening);
+      });
       metrics.gauge("kmi_kdc_connected_machines", "Machines with a WatchSecrets stream open now.", [], (g) => g.set(opened.hub.connectedCount));
       metrics.gauge("kmi_kdc_quarantined_machines", "Machines the KDC refuses as quarantined.", [], (g) => g.set(opened.quarantine.list().length));
       metrics.gauge("kmi_kdc_attestation_key_loaded", "1 when the Auditserver's attestation key is loaded.", [], (g) => g.set(ctx.attestationKey.loaded ? 1 : 0));

@@ -2,7 +2,12 @@
  * The watch hub: every open WatchSecrets stream, and the fan-out of committed changes to them.
  *
  * Each stream gets, in order:
- *   SNAPSHOT     first: every secret the machine may hold, wrapped to its certificate's key
+ *   SNAPSHOT     first: every secret the machine may hold, wrapped to its certificate's key,
+ *                with the store revision read before the secrets (everything committed up to
+ *                it is in the snapshot)
+ *   RESUMED      first instead of SNAPSHOT when the agent asks to resume from a revision R
+ *                and the store still keeps the history after R: the tenants served now, and
+ *                the current set of each whose records changed after R (none: nothing sent)
  *   ACTIVATED    a tenant's active intermediate changed: the tenant's whole new set (active
  *                intermediate + non-revoked signing keys), wrapped per machine
  *   REVOKED      an intermediate version or a signing key was revoked: `key_id`
@@ -17,6 +22,12 @@
  * slow consumer delays only itself. A queue longer than `maxQueue` ends its stream with
  * RESOURCE_EXHAUSTED (the agent reconnects and gets a fresh SNAPSHOT) instead of growing.
  * Every release is in the audit log before it is queued (fail-closed: no entry, no send).
+ *
+ * Why resuming is safe: the stream is registered before the revision N is read, so every
+ * change committed after N is announced to it as an event; every change up to R is in what the
+ * agent holds; a change between R and N moved its tenant's records past R, so the tenant is in
+ * RESUMED with its current set (read after N). A revision the store no longer keeps the history
+ * of (compacted), newer than the store, or 0 gets a SNAPSHOT.
  * Changes of one tenant are fanned out one after the other, each reading the state after its
  * commit, so the last event a stream gets for a tenant is the tenant's current set.
  */
@@ -42,6 +53,14 @@ export function requireNotQuarantined(quarantine: Pick<KdcContext["quarantine"],
 export const DEFAULT_HEARTBEAT_MS = 15_000;
 /** Events queued for one stream before it is cut off. */
 export const DEFAULT_MAX_QUEUE = 1024;
+/** Watch streams one replica holds before it sheds new ones (~150 KB each). */
+export const DEFAULT_MAX_STREAMS = 20_000;
+/** Stream opens and fetches (attestation check, read, audit, wrap) in progress at once before new ones are shed. */
+export const DEFAULT_MAX_OPENING = 64;
+/** The wait a replica asks for when it sheds an open (it frees up fast): ms, before the client's jitter. */
+const OPENING_RETRY_MS = 1_000;
+/** The wait it asks for when it holds as many streams as it may (another replica should take the agent). */
+const STREAMS_RETRY_MS = 10_000;
 /** Recipients wrapped per turn of the event loop during a fan-out (streams start sending meanwhile). */
 const WRAP_BATCH = 32;
 
@@ -51,6 +70,10 @@ export interface WatchHubOptions {
   heartbeatMs?: number;
   /** Longest queue of one stream (default 1024). */
   maxQueue?: number;
+  /** Open streams before new ones are shed with UNAVAILABLE (default 20 000). */
+  maxStreams?: number;
+  /** Opens and fetches in progress at once before new ones are shed with UNAVAILABLE (default 64). */
+  maxOpening?: number;
 }
 
 interface Watcher {
@@ -77,16 +100,21 @@ export class WatchHub implements SecretEvents, WatchStreams {
   private readonly serial = new KeyedMutex();
   private readonly heartbeatMs: number;
   private readonly maxQueue: number;
+  private readonly maxStreams: number;
+  private readonly maxOpening: number;
+  private opening = 0;
   private nextId = 1;
   private pending = new Set<Promise<void>>();
 
   constructor(
-    private readonly ctx: Pick<KdcContext, "clock" | "logger" | "quarantine">,
+    private readonly ctx: Pick<KdcContext, "clock" | "logger" | "quarantine" | "store">,
     private readonly release: SecretRelease,
     options: WatchHubOptions = {},
   ) {
     this.heartbeatMs = options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
     this.maxQueue = options.maxQueue ?? DEFAULT_MAX_QUEUE;
+    this.maxStreams = options.maxStreams ?? DEFAULT_MAX_STREAMS;
+    this.maxOpening = options.maxOpening ?? DEFAULT_MAX_OPENING;
   }
 
   // ---- presence ----
@@ -106,6 +134,37 @@ export class WatchHub implements SecretEvents, WatchStreams {
     return this.watchers.size;
   }
 
+  /** Streams opened since start, by how they started. */
+  readonly opened = { snapshot: 0, resumed: 0 };
+  /** Opens and fetches shed since start, by the limit that was reached. */
+  readonly shed = { streams: 0, opening: 0 };
+
+  /**
+   * Admission of a stream open or a fetch, before anything costly (the attestation check, the
+   * reads, the audit entry, the wraps): a slot, released by calling the function returned once
+   * the first message is built (or the call failed). Throws UNAVAILABLE with a retry hint when
+   * this replica holds `maxStreams` streams (`stream`: true) or has `maxOpening` opens in
+   * progress. Why not audited: it refuses no one, it is capacity, and a storm of audit writes is
+   * the last thing a loaded replica needs.
+   */
+  admit(stream: boolean): () => void {
+    if (stream && this.watchers.size >= this.maxStreams) {
+      this.shed.streams++;
+      throw new Unavailable(`this kdc replica holds ${this.maxStreams} watch streams, its limit; retry in ${STREAMS_RETRY_MS} ms or at another replica`, { retryAfterMs: STREAMS_RETRY_MS });
+    }
+    if (this.opening >= this.maxOpening) {
+      this.shed.opening++;
+      throw new Unavailable(`this kdc replica is opening ${this.maxOpening} streams already; retry in ${OPENING_RETRY_MS} ms or at another replica`, { retryAfterMs: OPENING_RETRY_MS });
+    }
+    this.opening++;
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      this.opening--;
+    };
+  }
+
   // ---- streams ----
 
   /**
@@ -113,7 +172,7 @@ export class WatchHub implements SecretEvents, WatchStreams {
    * is missed), builds and audits its SNAPSHOT, and returns the stream. `signal` ends it (the
    * client went away, or the server drains).
    */
-  async open(caller: AttestedMachine, signal: AbortSignal): Promise<AsyncIterable<WatchSecretsResponse>> {
+  async open(caller: AttestedMachine, signal: AbortSignal, resumeFrom = 0n): Promise<AsyncIterable<WatchSecretsResponse>> {
     const a = caller.attestation;
     const w: Watcher = {
       id: this.nextId++,
@@ -130,23 +189,64 @@ export class WatchHub implements SecretEvents, WatchStreams {
       signal,
     };
     this.register(w, a.expiresAt);
-    let snapshot: WatchSecretsResponse;
+    let first: WatchSecretsResponse;
     try {
-      const items = await this.release.secretsOf(await this.release.servedTenants(a.tenantIds));
-      try {
-        // Quarantined while the secrets were read: nothing leaves.
-        requireNotQuarantined(this.ctx.quarantine, caller.machineId);
-        await this.release.auditToMachine(caller.machineId, "watch_snapshot", items, { token_jti: a.jti, token_expires_at: a.expiresAt.toISOString() });
-        const now = this.ctx.clock.now();
-        snapshot = create(WatchSecretsResponseSchema, { type: WatchEventType.SNAPSHOT, secrets: this.release.wrap(items, w.recipient, now), time: timestampFromDate(now) });
-      } finally {
-        wipe(items);
-      }
+      first = (resumeFrom > 0n ? await this.resume(caller, w, resumeFrom) : undefined) ?? (await this.snapshot(caller, w));
     } catch (err) {
       this.unregister(w);
       throw err;
     }
-    return this.run(w, snapshot);
+    if (first.type === WatchEventType.RESUMED) this.opened.resumed++;
+    else this.opened.snapshot++;
+    return this.run(w, first);
+  }
+
+  /** The SNAPSHOT of a new stream: every secret, audited, wrapped; with the revision read first. */
+  private async snapshot(caller: AttestedMachine, w: Watcher): Promise<WatchSecretsResponse> {
+    const a = caller.attestation;
+    const revision = await this.ctx.store.revision();
+    const items = await this.release.secretsOf(await this.release.servedTenants(a.tenantIds));
+    try {
+      // Quarantined while the secrets were read: nothing leaves.
+      requireNotQuarantined(this.ctx.quarantine, caller.machineId);
+      await this.release.auditToMachine(caller.machineId, "watch_snapshot", items, { token_jti: a.jti, token_expires_at: a.expiresAt.toISOString() });
+      const now = this.ctx.clock.now();
+      return create(WatchSecretsResponseSchema, { type: WatchEventType.SNAPSHOT, secrets: this.release.wrap(items, w.recipient, now), time: timestampFromDate(now), revision });
+    } finally {
+      wipe(items);
+    }
+  }
+
+  /**
+   * The RESUMED of a stream that resumes from `from`, or undefined when the store cannot tell
+   * what changed since (history compacted, or `from` newer than the store): then a SNAPSHOT.
+   */
+  private async resume(caller: AttestedMachine, w: Watcher, from: bigint): Promise<WatchSecretsResponse | undefined> {
+    const a = caller.attestation;
+    const revision = await this.ctx.store.revision();
+    if (from > revision || !(await this.ctx.store.keepsHistorySince(from))) {
+      this.ctx.logger.info("watch resume refused; sending a snapshot", { machine: caller.machineId, from_revision: String(from), store_revision: String(revision) });
+      return undefined;
+    }
+    const served = await this.release.servedTenants(a.tenantIds);
+    const changed = await this.ctx.store.tenantChangeRevisions();
+    const replaced = served.filter((t) => (changed.get(t) ?? 0n) > from);
+    const items = await this.release.secretsOf(replaced);
+    try {
+      requireNotQuarantined(this.ctx.quarantine, caller.machineId);
+      await this.release.auditToMachine(caller.machineId, "watch_resume", items, { token_jti: a.jti, token_expires_at: a.expiresAt.toISOString(), resume_from: String(from) });
+      const now = this.ctx.clock.now();
+      return create(WatchSecretsResponseSchema, {
+        type: WatchEventType.RESUMED,
+        secrets: this.release.wrap(items, w.recipient, now),
+        time: timestampFromDate(now),
+        revision,
+        servedTenantIds: served,
+        replacedTenantIds: replaced,
+      });
+    } finally {
+      wipe(items);
+    }
   }
 
   private register(w: Watcher, expiresAt: Date): void {
@@ -187,11 +287,11 @@ export class WatchHub implements SecretEvents, WatchStreams {
     w.queue.length = 0;
   }
 
-  private async *run(w: Watcher, snapshot: WatchSecretsResponse): AsyncGenerator<WatchSecretsResponse> {
+  private async *run(w: Watcher, first: WatchSecretsResponse): AsyncGenerator<WatchSecretsResponse> {
     w.started = true;
     try {
       if (!w.registered) return;
-      yield snapshot;
+      yield first;
       for (;;) {
         const next = w.queue.shift();
         if (next !== undefined) {

@@ -341,6 +341,22 @@ export class EtcdStore implements Store {
     return { revision: BigInt(res.header.revision) };
   }
 
+  /** {@inheritDoc Store.keepsHistorySince} */
+  async keepsHistorySince(revision: bigint): Promise<boolean> {
+    if (revision <= 0n) return false;
+    // A range read at `revision` succeeds exactly when etcd still holds that revision (not
+    // compacted, not in the future); a watch from the next one then replays without a gap.
+    const key = Buffer.from(`${this.#prefix}_meta/store`);
+    try {
+      await this.#call(() => this.#client.kv.range({ key, count_only: true, revision: revision.toString() }));
+      return true;
+    } catch (err) {
+      const message = String((err as { cause?: Error }).cause?.message ?? "");
+      if (/compacted|future revision/.test(message)) return false;
+      throw err;
+    }
+  }
+
   /** {@inheritDoc Store.compact} */
   async compact(revision: bigint): Promise<void> {
     try {

@@ -542,6 +542,13 @@ export class LevelStore implements Store {
     return (await this.#sub(table).has(key)) ? 1n : 0n;
   }
 
+  /** {@inheritDoc Store.keepsHistorySince} */
+  async keepsHistorySince(revision: bigint): Promise<boolean> {
+    this.#checkOpen();
+    // As etcd: the revision itself must not be compacted away (a watch from the next one then replays).
+    return revision > 0n && revision <= this.#state.revision && revision >= this.#state.compacted;
+  }
+
   /** {@inheritDoc Store.compact} */
   async compact(revision: bigint): Promise<void> {
     this.#checkOpen();

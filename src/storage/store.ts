@@ -234,6 +234,12 @@ export interface Store {
   commit(txn: Txn): Promise<CommitResult>;
   /** The current store revision. */
   revision(): Promise<bigint>;
+  /**
+   * True when the history after `revision` is still kept: a watch from `revision + 1` would
+   * deliver changes rather than `resync`. False when it was compacted, or `revision` is 0n or
+   * newer than the store (nothing can be told from it).
+   */
+  keepsHistorySince(revision: bigint): Promise<boolean>;
   /** The change feed of `table` (or of the keys with `options.prefix`); see `FeedEvent`. */
   watch<Desc extends DescMessage>(table: Table<Desc>, options?: WatchOptions): AsyncIterable<FeedEvent<MessageShape<Desc>>>;
   /**

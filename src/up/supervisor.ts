@@ -13,6 +13,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { createWriteStream, type WriteStream } from "node:fs";
 import { createInterface } from "node:readline";
+import { backoffMs } from "../common/backoff.js";
 import type { PartName } from "./layout.js";
 import type { Progress } from "./progress.js";
 
@@ -92,7 +93,7 @@ export interface SupervisorOptions {
   readonly readyTimeoutMs: number;
   /** Grace between SIGTERM and SIGKILL at stop. Default 15 s. */
   readonly stopTimeoutMs?: number;
-  /** First restart delay; doubles per consecutive failure up to {@link maxBackoffMs}. Default 1 s. */
+  /** First restart delay; doubles per consecutive failure up to {@link maxBackoffMs}, each drawn in [delay/2, delay]. Default 1 s. */
   readonly initialBackoffMs?: number;
   /** Longest restart delay. Default 30 s. */
   readonly maxBackoffMs?: number;
@@ -409,7 +410,8 @@ export class Supervisor {
       const ranMs = Date.now() - entry.spawnedAt;
       entry.lastExit = { ...exit, at: new Date() };
       entry.failures = ranMs >= (this.opts.stableAfterMs ?? 60_000) ? 1 : entry.failures + 1;
-      const delay = Math.min(this.opts.maxBackoffMs ?? 30_000, (this.opts.initialBackoffMs ?? 1000) * 2 ** (entry.failures - 1));
+      // Jittered (src/common/backoff.ts): parts that died together do not all come back at once.
+      const delay = backoffMs(entry.failures, this.opts.initialBackoffMs ?? 1000, this.opts.maxBackoffMs ?? 30_000);
       entry.state = "restarting";
       this.opts.onChange?.();
       await new Promise((r) => setTimeout(r, 50));

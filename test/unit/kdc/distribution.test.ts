@@ -26,6 +26,7 @@ import { FileAttestationKey, NoAttestationKey } from "../../../src/kdc/attestati
 import { initKdc, openKdc, type OpenedKdc } from "../../../src/kdc/init.js";
 import { KdcOperations } from "../../../src/kdc/operations.js";
 import { SecretRelease } from "../../../src/kdc/release.js";
+import { DEFAULT_MAX_OPENING } from "../../../src/kdc/watch-hub.js";
 import { routes } from "../../../src/kdc/routes.js";
 import { decodeAttestationTokenUnverified } from "../../../src/attest/index.js";
 import type { AuditEntryInput } from "../../../src/storage/audit-log.js";
@@ -113,14 +114,14 @@ async function issue(machineId: string): Promise<Machine> {
 }
 
 /** Reads a stream in the background, keeping every event. */
-function watch(m: Machine, tok = token(m), k: OpenedKdc = kdc) {
+function watch(m: Machine, tok = token(m), k: OpenedKdc = kdc, resumeFromRevision = 0n) {
   const abort = new AbortController();
   const events: WatchSecretsResponse[] = [];
   let error: unknown;
   let ended = false;
   const done = (async () => {
     try {
-      for await (const ev of dist(k).watchSecrets({ attestationToken: tok }, as(peerOf(m), abort.signal))) events.push(ev);
+      for await (const ev of dist(k).watchSecrets({ attestationToken: tok, resumeFromRevision }, as(peerOf(m), abort.signal))) events.push(ev);
     } catch (err) {
       error = err;
     } finally {
@@ -401,6 +402,88 @@ describe("WatchSecrets", () => {
     expect(err).toBeInstanceOf(ConnectError);
     expect((err as ConnectError).code).toBe(Code.ResourceExhausted);
     expect((err as ConnectError).rawMessage).toMatch(/fell 4 events behind; reconnect for a fresh snapshot/);
+  });
+});
+
+describe("WatchSecrets: resume", () => {
+  it("RESUMED with nothing when nothing changed, with the changed tenant's set when one did; SNAPSHOT from a compacted or future revision", async () => {
+    const m = machines["m-cccc000000000003"]!;
+    const first = watch(m);
+    const snap = await first.next(WatchEventType.SNAPSHOT);
+    expect(snap.revision).toBeGreaterThan(0n);
+    first.close();
+    await first.done;
+
+    const quiet = watch(m, token(m), kdc, snap.revision);
+    const same = await quiet.next(WatchEventType.RESUMED);
+    expect(quiet.events[0]!.type).toBe(WatchEventType.RESUMED);
+    expect(same.secrets).toEqual([]);
+    expect(same.replacedTenantIds).toEqual([]);
+    expect(new Set(same.servedTenantIds)).toEqual(new Set(["acme", "other"]));
+    expect(same.revision).toBeGreaterThanOrEqual(snap.revision);
+    quiet.close();
+    await quiet.done;
+
+    const v = (await admin().ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, activate: true })).version!;
+    await kdc.hub.settled();
+    const changed = watch(m, token(m), kdc, same.revision);
+    const resumed = await changed.next(WatchEventType.RESUMED);
+    expect(resumed.replacedTenantIds).toEqual(["acme"]);
+    expect(new Set(resumed.secrets.map((s) => s.tenantId))).toEqual(new Set(["acme"]));
+    expect(resumed.secrets.find((s) => s.purpose === KeyPurpose.INTERMEDIATE_CA)?.version).toBe(v.version);
+    expect(resumed.revision).toBeGreaterThan(same.revision);
+    const entry = (await kdc.ctx.audit.tail({ limit: 20, last: true })).filter((e) => e.action === "secret.release" && e.details["event"] === "watch_resume").at(-1);
+    expect(entry?.details["resume_from"]).toBe(String(same.revision));
+    changed.close();
+    await changed.done;
+
+    // A token that serves fewer tenants now: the agent learns which it still serves.
+    const fewer = watch(m, token(m, { tenants: ["acme"] }), kdc, resumed.revision);
+    expect((await fewer.next(WatchEventType.RESUMED)).servedTenantIds).toEqual(["acme"]);
+    fewer.close();
+    await fewer.done;
+
+    const future = watch(m, token(m), kdc, resumed.revision + 1000n);
+    expect((await future.next(WatchEventType.SNAPSHOT)).secrets.length).toBeGreaterThanOrEqual(2);
+    future.close();
+    await future.done;
+
+    const now = await kdc.store.revision();
+    await kdc.store.compact(now);
+    const compacted = watch(m, token(m), kdc, snap.revision);
+    const resync = await compacted.next(WatchEventType.SNAPSHOT);
+    expect(compacted.events[0]!.type).toBe(WatchEventType.SNAPSHOT);
+    expect(resync.revision).toBeGreaterThanOrEqual(now);
+    compacted.close();
+    await compacted.done;
+  });
+});
+
+describe("load shedding", () => {
+  it("a replica with every open slot taken answers UNAVAILABLE with retry-after-ms, before any work and without an audit entry; it serves again once a slot frees", async () => {
+    const m = machines["m-cccc000000000003"]!;
+    const slots = Array.from({ length: DEFAULT_MAX_OPENING }, () => kdc.hub.admit(false));
+    const shedBefore = kdc.hub.shed.opening;
+    const seqBefore = (await kdc.ctx.audit.tail({ limit: 1, last: true }))[0]!.seq;
+    try {
+      const w = watch(m);
+      await w.done;
+      expect(w.error).toBeInstanceOf(ConnectError);
+      const err = w.error as ConnectError;
+      expect(err.code).toBe(Code.Unavailable);
+      expect(err.metadata.get("retry-after-ms")).toBe("1000");
+      expect(err.rawMessage).toMatch(/is opening 64 streams already; retry in 1000 ms or at another replica/);
+      const fetched = await dist().fetchSecrets({ attestationToken: token(m) }, as(peerOf(m))).catch((e: unknown) => e);
+      expect(fetched).toMatchObject({ code: Code.Unavailable });
+      expect(kdc.hub.shed.opening).toBe(shedBefore + 2);
+      expect((await kdc.ctx.audit.tail({ limit: 1, last: true }))[0]!.seq).toBe(seqBefore);
+    } finally {
+      for (const release of slots) release();
+    }
+    const w = watch(m);
+    expect((await w.next(WatchEventType.SNAPSHOT)).secrets.length).toBeGreaterThan(0);
+    w.close();
+    await w.done;
   });
 });
 

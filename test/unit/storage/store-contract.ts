@@ -211,6 +211,22 @@ export function describeStoreContract(name: string, backend: () => ContractBacke
       expect(after.flatMap((e) => (e.type === "changes" ? e.changes.map((c) => c.key) : []))).toEqual(["c/4"]);
     });
 
+    it("tells whether the history after a revision is kept (for a watcher to resume from it)", async () => {
+      const { a, b } = await backend().fresh();
+      const old = await a.commit({ ops: [putOp(Blobs, "k/1", blob("1"))] });
+      const now = await a.commit({ ops: [putOp(Blobs, "k/2", blob("2"))] });
+      expect(await a.keepsHistorySince(old.revision)).toBe(true);
+      expect(await b.keepsHistorySince(now.revision)).toBe(true);
+      expect(await a.keepsHistorySince(0n)).toBe(false);
+      expect(await a.keepsHistorySince(now.revision + 1000n)).toBe(false);
+      const be = backend();
+      if (be.compactExternally) await be.compactExternally(now.revision);
+      else await a.compact(now.revision);
+      expect(await a.keepsHistorySince(old.revision)).toBe(false);
+      expect(await b.keepsHistorySince(old.revision)).toBe(false);
+      expect(await a.keepsHistorySince(now.revision)).toBe(true);
+    });
+
     it("loses no update: parallel conditional increments of one counter from two clients all count", async () => {
       const { a, b } = await backend().fresh();
       const n = 24;

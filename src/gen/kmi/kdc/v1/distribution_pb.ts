@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kmi/kdc/v1/distribution.proto.
  */
 export const file_kmi_kdc_v1_distribution: GenFile = /*@__PURE__*/
-  fileDesc("Ch1rbWkva2RjL3YxL2Rpc3RyaWJ1dGlvbi5wcm90bxIKa21pLmtkYy52MSJnCgpXcmFwcGVkS2V5EhwKFGVwaGVtZXJhbF9wdWJsaWNfa2V5GAEgASgMEg0KBW5vbmNlGAIgASgMEhIKCmNpcGhlcnRleHQYAyABKAwSCwoDdGFnGAQgASgMEgsKA2FhZBgFIAEoCSLAAgoOUmVsZWFzZWRTZWNyZXQSEQoJdGVuYW50X2lkGAEgASgJEioKB3B1cnBvc2UYAiABKA4yGS5rbWkuY29tbW9uLnYxLktleVB1cnBvc2USDgoGa2V5X2lkGAMgASgJEg8KB3ZlcnNpb24YBCABKA0SDAoEbmFtZRgFIAEoCRIyCg1rZXlfYWxnb3JpdGhtGAYgASgOMhsua21pLmNvbW1vbi52MS5LZXlBbGdvcml0aG0SEQoJY2hhaW5fcGVtGAcgASgJEhYKDnB1YmxpY19rZXlfcGVtGAggASgJEisKC3dyYXBwZWRfa2V5GAkgASgLMhYua21pLmtkYy52MS5XcmFwcGVkS2V5EjQKEGxlYXNlX2V4cGlyZXNfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjAKE0ZldGNoU2VjcmV0c1JlcXVlc3QSGQoRYXR0ZXN0YXRpb25fdG9rZW4YASABKAkidAoURmV0Y2hTZWNyZXRzUmVzcG9uc2USKwoHc2VjcmV0cxgBIAMoCzIaLmttaS5rZGMudjEuUmVsZWFzZWRTZWNyZXQSLwoLc2VydmVyX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjAKE1dhdGNoU2VjcmV0c1JlcXVlc3QSGQoRYXR0ZXN0YXRpb25fdG9rZW4YASABKAkiygEKFFdhdGNoU2VjcmV0c1Jlc3BvbnNlEigKBHR5cGUYASABKA4yGi5rbWkua2RjLnYxLldhdGNoRXZlbnRUeXBlEhEKCXRlbmFudF9pZBgCIAEoCRIOCgZrZXlfaWQYAyABKAkSKwoHc2VjcmV0cxgEIAMoCzIaLmttaS5rZGMudjEuUmVsZWFzZWRTZWNyZXQSDgoGcmVhc29uGAUgASgJEigKBHRpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkEKC0hlbGRWZXJzaW9uEhEKCXRlbmFudF9pZBgBIAEoCRIOCgZrZXlfaWQYAiABKAkSDwoHdmVyc2lvbhgDIAEoDSJdChlSZXBvcnRIZWxkVmVyc2lvbnNSZXF1ZXN0EhkKEWF0dGVzdGF0aW9uX3Rva2VuGAEgASgJEiUKBGhlbGQYAiADKAsyFy5rbWkua2RjLnYxLkhlbGRWZXJzaW9uIhwKGlJlcG9ydEhlbGRWZXJzaW9uc1Jlc3BvbnNlKvEBCg5XYXRjaEV2ZW50VHlwZRIgChxXQVRDSF9FVkVOVF9UWVBFX1VOU1BFQ0lGSUVEEAASHQoZV0FUQ0hfRVZFTlRfVFlQRV9TTkFQU0hPVBABEh4KGldBVENIX0VWRU5UX1RZUEVfQUNUSVZBVEVEEAISHAoYV0FUQ0hfRVZFTlRfVFlQRV9SRVZPS0VEEAMSHgoaV0FUQ0hfRVZFTlRfVFlQRV9LRVlfQURERUQQBBIgChxXQVRDSF9FVkVOVF9UWVBFX1FVQVJBTlRJTkVEEAUSHgoaV0FUQ0hfRVZFTlRfVFlQRV9IRUFSVEJFQVQQBjKiAgoTRGlzdHJpYnV0aW9uU2VydmljZRJRCgxGZXRjaFNlY3JldHMSHy5rbWkua2RjLnYxLkZldGNoU2VjcmV0c1JlcXVlc3QaIC5rbWkua2RjLnYxLkZldGNoU2VjcmV0c1Jlc3BvbnNlElMKDFdhdGNoU2VjcmV0cxIfLmttaS5rZGMudjEuV2F0Y2hTZWNyZXRzUmVxdWVzdBogLmttaS5rZGMudjEuV2F0Y2hTZWNyZXRzUmVzcG9uc2UwARJjChJSZXBvcnRIZWxkVmVyc2lvbnMSJS5rbWkua2RjLnYxLlJlcG9ydEhlbGRWZXJzaW9uc1JlcXVlc3QaJi5rbWkua2RjLnYxLlJlcG9ydEhlbGRWZXJzaW9uc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_kmi_common_v1_common]);
+  fileDesc("Ch1rbWkva2RjL3YxL2Rpc3RyaWJ1dGlvbi5wcm90bxIKa21pLmtkYy52MSJnCgpXcmFwcGVkS2V5EhwKFGVwaGVtZXJhbF9wdWJsaWNfa2V5GAEgASgMEg0KBW5vbmNlGAIgASgMEhIKCmNpcGhlcnRleHQYAyABKAwSCwoDdGFnGAQgASgMEgsKA2FhZBgFIAEoCSLAAgoOUmVsZWFzZWRTZWNyZXQSEQoJdGVuYW50X2lkGAEgASgJEioKB3B1cnBvc2UYAiABKA4yGS5rbWkuY29tbW9uLnYxLktleVB1cnBvc2USDgoGa2V5X2lkGAMgASgJEg8KB3ZlcnNpb24YBCABKA0SDAoEbmFtZRgFIAEoCRIyCg1rZXlfYWxnb3JpdGhtGAYgASgOMhsua21pLmNvbW1vbi52MS5LZXlBbGdvcml0aG0SEQoJY2hhaW5fcGVtGAcgASgJEhYKDnB1YmxpY19rZXlfcGVtGAggASgJEisKC3dyYXBwZWRfa2V5GAkgASgLMhYua21pLmtkYy52MS5XcmFwcGVkS2V5EjQKEGxlYXNlX2V4cGlyZXNfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjAKE0ZldGNoU2VjcmV0c1JlcXVlc3QSGQoRYXR0ZXN0YXRpb25fdG9rZW4YASABKAkidAoURmV0Y2hTZWNyZXRzUmVzcG9uc2USKwoHc2VjcmV0cxgBIAMoCzIaLmttaS5rZGMudjEuUmVsZWFzZWRTZWNyZXQSLwoLc2VydmVyX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIk4KE1dhdGNoU2VjcmV0c1JlcXVlc3QSGQoRYXR0ZXN0YXRpb25fdG9rZW4YASABKAkSHAoUcmVzdW1lX2Zyb21fcmV2aXNpb24YAiABKAQilAIKFFdhdGNoU2VjcmV0c1Jlc3BvbnNlEigKBHR5cGUYASABKA4yGi5rbWkua2RjLnYxLldhdGNoRXZlbnRUeXBlEhEKCXRlbmFudF9pZBgCIAEoCRIOCgZrZXlfaWQYAyABKAkSKwoHc2VjcmV0cxgEIAMoCzIaLmttaS5rZGMudjEuUmVsZWFzZWRTZWNyZXQSDgoGcmVhc29uGAUgASgJEigKBHRpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJldmlzaW9uGAcgASgEEhkKEXNlcnZlZF90ZW5hbnRfaWRzGAggAygJEhsKE3JlcGxhY2VkX3RlbmFudF9pZHMYCSADKAkiQQoLSGVsZFZlcnNpb24SEQoJdGVuYW50X2lkGAEgASgJEg4KBmtleV9pZBgCIAEoCRIPCgd2ZXJzaW9uGAMgASgNIl0KGVJlcG9ydEhlbGRWZXJzaW9uc1JlcXVlc3QSGQoRYXR0ZXN0YXRpb25fdG9rZW4YASABKAkSJQoEaGVsZBgCIAMoCzIXLmttaS5rZGMudjEuSGVsZFZlcnNpb24iHAoaUmVwb3J0SGVsZFZlcnNpb25zUmVzcG9uc2UqjwIKDldhdGNoRXZlbnRUeXBlEiAKHFdBVENIX0VWRU5UX1RZUEVfVU5TUEVDSUZJRUQQABIdChlXQVRDSF9FVkVOVF9UWVBFX1NOQVBTSE9UEAESHgoaV0FUQ0hfRVZFTlRfVFlQRV9BQ1RJVkFURUQQAhIcChhXQVRDSF9FVkVOVF9UWVBFX1JFVk9LRUQQAxIeChpXQVRDSF9FVkVOVF9UWVBFX0tFWV9BRERFRBAEEiAKHFdBVENIX0VWRU5UX1RZUEVfUVVBUkFOVElORUQQBRIeChpXQVRDSF9FVkVOVF9UWVBFX0hFQVJUQkVBVBAGEhwKGFdBVENIX0VWRU5UX1RZUEVfUkVTVU1FRBAHMqICChNEaXN0cmlidXRpb25TZXJ2aWNlElEKDEZldGNoU2VjcmV0cxIfLmttaS5rZGMudjEuRmV0Y2hTZWNyZXRzUmVxdWVzdBogLmttaS5rZGMudjEuRmV0Y2hTZWNyZXRzUmVzcG9uc2USUwoMV2F0Y2hTZWNyZXRzEh8ua21pLmtkYy52MS5XYXRjaFNlY3JldHNSZXF1ZXN0GiAua21pLmtkYy52MS5XYXRjaFNlY3JldHNSZXNwb25zZTABEmMKElJlcG9ydEhlbGRWZXJzaW9ucxIlLmttaS5rZGMudjEuUmVwb3J0SGVsZFZlcnNpb25zUmVxdWVzdBomLmttaS5rZGMudjEuUmVwb3J0SGVsZFZlcnNpb25zUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_kmi_common_v1_common]);
 
 /**
  * WrappedKey is a private key encrypted to the receiving machine's key (ECIES):
@@ -215,6 +215,16 @@ export type WatchSecretsRequest = Message<"kmi.kdc.v1.WatchSecretsRequest"> & {
    * @generated from field: string attestation_token = 1;
    */
   attestationToken: string;
+
+  /**
+   * Resume instead of a full SNAPSHOT: the `revision` of the last SNAPSHOT or RESUMED the agent
+   * applied (on any replica of the same store). 0 (the default) asks for a SNAPSHOT. The KDC
+   * answers RESUMED when it can tell what changed for this machine since then, and SNAPSHOT
+   * otherwise (the revision was compacted, is newer than the store, or is 0).
+   *
+   * @generated from field: uint64 resume_from_revision = 2;
+   */
+  resumeFromRevision: bigint;
 };
 
 /**
@@ -271,6 +281,30 @@ export type WatchSecretsResponse = Message<"kmi.kdc.v1.WatchSecretsResponse"> & 
    * @generated from field: google.protobuf.Timestamp time = 6;
    */
   time?: Timestamp | undefined;
+
+  /**
+   * SNAPSHOT and RESUMED: the store revision this message brings the machine up to (every
+   * change committed at or before it is in what the agent holds once it applied the message);
+   * the agent sends it back as `resume_from_revision` when it reconnects. 0 on other events
+   * and from a KDC that cannot resume.
+   *
+   * @generated from field: uint64 revision = 7;
+   */
+  revision: bigint;
+
+  /**
+   * RESUMED: every tenant the machine is served now.
+   *
+   * @generated from field: repeated string served_tenant_ids = 8;
+   */
+  servedTenantIds: string[];
+
+  /**
+   * RESUMED: the tenants whose set `secrets` replaces (they changed since the resume revision).
+   *
+   * @generated from field: repeated string replaced_tenant_ids = 9;
+   */
+  replacedTenantIds: string[];
 };
 
 /**
@@ -413,6 +447,17 @@ export enum WatchEventType {
    * @generated from enum value: WATCH_EVENT_TYPE_HEARTBEAT = 6;
    */
   HEARTBEAT = 6,
+
+  /**
+   * First message of a resumed stream, instead of SNAPSHOT: `served_tenant_ids` lists every
+   * tenant the machine is served now (the agent drops the keys of any other),
+   * `replaced_tenant_ids` the tenants that changed since `resume_from_revision`, and `secrets`
+   * the current set of each of those (an empty set drops the tenant's keys). Keys of the other
+   * served tenants are unchanged and keep their leases.
+   *
+   * @generated from enum value: WATCH_EVENT_TYPE_RESUMED = 7;
+   */
+  RESUMED = 7,
 }
 
 /**
