@@ -241,6 +241,8 @@ describe("kmi up --ha", () => {
     const snap = join(tmp.path, "kmi-etcd.db");
     const saved = await etcdctl(summary.ha.etcd.members[0]!.url, ["snapshot", "save", snap]);
     expect(saved.code, saved.stderr).toBe(0);
+    // The snapshot holds every sealed key and hashed token: etcdctl writes it for its owner only.
+    expect((await stat(snap)).mode & 0o777).toBe(0o600);
     // A change after the snapshot: a restore must not have it.
     await ctl(summary.kdc.url, ["ca", "rotate", "--tenant", "dev"]);
     expect(await versions(summary.kdc.url)).toEqual([3, 2, 1]);
