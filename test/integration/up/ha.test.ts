@@ -8,11 +8,12 @@
  * after it, Ctrl-C (every process recorded is gone), `etcdctl snapshot restore` of every member,
  * and a second `kmi up --ha` on the same data dir that comes back with the snapshot's state
  * (the change after it is gone, `kmi ctl audit verify` passes on both servers) and stops clean.
- * Before all that, without etcd on PATH, `kmi up --ha` says how to install it and writes nothing.
+ * Before all that, without etcd on PATH, `kmi up --ha` says how to install it and writes nothing,
+ * and a data dir of the other kind (LevelDB for --ha, etcd without it) is refused with the fix.
  */
-import { readFile, rename, stat } from "node:fs/promises";
+import { mkdir, readFile, rename, stat, writeFile } from "node:fs/promises";
 import { request } from "node:https";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { makeTempDir, run, type TempDir } from "../../helpers/process.js";
@@ -181,6 +182,19 @@ describe("kmi up --ha", () => {
     expect(r.code).toBe(1);
     expect(r.stdout + r.stderr).toMatch(/no etcd is on PATH; install it: apt-get install etcd-server/);
     await expect(stat(bare)).rejects.toMatchObject({ code: "ENOENT" });
+  });
+
+  it.each([
+    ["kmi up on a data dir made with --ha", [], "etcd/cluster.json", /holds a mesh made with --ha .*; run kmi up --ha here, or kmi up with another --data-dir/],
+    ["kmi up --ha on a data dir made without it", ["--ha"], "kdc/store/CURRENT", /holds a mesh made without --ha \(LevelDB in .*\); run kmi up --ha with another --data-dir/],
+  ])("%s: exit 1 with the fix, nothing started", async (_name, flags, marker, message) => {
+    const base = join(tmp.path, `kind-${flags.length}`);
+    await mkdir(join(base, "data", dirname(marker)), { recursive: true, mode: 0o700 });
+    await writeFile(join(base, "data", marker), "{}\n", { mode: 0o600 });
+    const r = await run(process.execPath, [KMI, "up", ...flags, "--data-dir", join(base, "data"), "--run-dir", join(base, "run"), "--kdc-listen", "127.0.0.1:0", "--audit-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0"], { env: env(), timeoutMs: 60_000 });
+    expect(r.code).toBe(1);
+    expect(r.stdout + r.stderr).toMatch(message);
+    await expect(stat(join(base, "data", "logs", "kdc.log"))).rejects.toMatchObject({ code: "ENOENT" });
   });
 
   it("starts 3 etcd members (one leader), 3 KDC and 2 Auditserver replicas, all healthy in kmi up status", { timeout: READY_MS + 60_000 }, async () => {
