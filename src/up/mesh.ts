@@ -19,6 +19,7 @@
  */
 import { readFileSync } from "node:fs";
 import { chmod, mkdir, readFile } from "node:fs/promises";
+import { isIP } from "node:net";
 import { isAbsolute, join, relative } from "node:path";
 import { pathExists } from "../common/fs.js";
 import { operatorLoginLink } from "./portal-link.js";
@@ -243,6 +244,17 @@ async function resolveSite(cfg: UpConfig): Promise<Site> {
   return { listen, urls: { kdc: kdc[0]!.url, audit: audit[0]!.url, proxy: httpUrl(proxy) }, replicas: { kdc, audit } };
 }
 
+/**
+ * The names a server's TLS certificate needs beyond the ones it always has (localhost,
+ * 127.0.0.1, ::1) for clients to reach it on `host`, where every replica listens; a wildcard
+ * is reached on loopback. Every replica gets the same, since the certificate is shared.
+ */
+export function tlsNameFlags(host: string): string[] {
+  const h = connectHost(host);
+  if (h === "localhost" || h === "127.0.0.1" || h === "::1") return [];
+  return isIP(h) !== 0 ? ["--ip", h] : ["--dns-name", h];
+}
+
 /** Every replica's URL, comma-separated (what the agent is given: it fails over between them). */
 function urlsOf(replicas: readonly Replica[]): string {
   return replicas.map((r) => r.url).join(",");
@@ -336,7 +348,8 @@ async function initKdcIfNeeded(s: Stage, ha: Ha | undefined): Promise<void> {
   const { L, progress, show, io } = s;
   if (!(await kdcInitialized(L))) {
     progress.step("kdc", `first run: generating the master key, the KMI root CA and the infrastructure CA${ha !== undefined ? " (the store: etcd)" : ""}…`);
-    await abortable(initKdc(L, { kmi: io.kmi, cwd: io.cwd, env: io.env }, ha !== undefined ? storeFlags(ha.plan, ha.pki, "kdc") : []), s.signal);
+    const extra = [...tlsNameFlags(s.cfg.listen.kdc.host), ...(ha !== undefined ? storeFlags(ha.plan, ha.pki, "kdc") : [])];
+    await abortable(initKdc(L, { kmi: io.kmi, cwd: io.cwd, env: io.env }, extra), s.signal);
     progress.step("kdc", `initialized ${show(L.kdcDir)}; operator token in ${show(L.operatorToken)} (0600)`);
   } else {
     progress.step("kdc", `reusing ${show(L.kdcDir)}`);
@@ -394,6 +407,7 @@ async function bringUpKdc(s: Stage, site: Site, kdc: ServerClients[], ha: Ha | u
       `unix:${L.metricsSocket(r.id)}`,
       "--log-level",
       s.cfg.logLevel,
+      ...tlsNameFlags(r.listen.host),
       ...(ha !== undefined ? storeFlags(ha.plan, ha.pki, "kdc") : []),
       ...(await kdcAuditLinkFlags(L, peerOf(site.replicas.audit, i))),
     ];
@@ -412,7 +426,7 @@ async function bringUpAudit(s: Stage, site: Site, audit: ServerClients[], ha: Ha
   const store = ha !== undefined ? storeFlags(ha.plan, ha.pki, "audit") : [];
   if (!(await auditInitialized(L))) {
     progress.step("audit", `first run: generating the attestation-token key; asking the KDC for the Auditserver's TLS certificate${ha !== undefined ? " (the store: etcd)" : ""}…`);
-    await abortable(initAudit(L, site.urls.kdc, { kmi: io.kmi, cwd: io.cwd, env: io.env }, store), s.signal);
+    await abortable(initAudit(L, site.urls.kdc, { kmi: io.kmi, cwd: io.cwd, env: io.env }, [...tlsNameFlags(site.listen.audit.host), ...store]), s.signal);
     progress.step("audit", `initialized ${show(L.auditDir)}`);
   } else {
     progress.step("audit", `reusing ${show(L.auditDir)}`);

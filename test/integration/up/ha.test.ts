@@ -213,6 +213,12 @@ describe("kmi up --ha", () => {
       expect(alive(r.pid)).toBe(true);
     }
     expect(new Set([...kdcs, ...audits].map((r) => r.url)).size).toBe(5);
+    // Each replica's certificate covers the address it listens on, as openssl judges it.
+    for (const r of [...kdcs, ...audits]) {
+      const u = new URL(r.url);
+      const v = await run("openssl", ["s_client", "-connect", u.host, "-CAfile", summary.trust.infra_ca, "-verify_ip", u.hostname, "-verify_return_error"], { input: "", timeoutMs: 30_000 });
+      expect(v.stdout, `${r.name}: ${v.stderr}`).toMatch(/Verify return code: 0 \(ok\)/);
+    }
     // The agent was given every replica.
     const agentConfig = JSON.parse(await readFile(join(dataDir, "config", "agent.json"), "utf8")) as Record<string, string>;
     expect(agentConfig["kdc-url"]!.split(",")).toEqual(kdcs.map((r) => r.url));

@@ -17,6 +17,7 @@ import { EtcdMissingError, etcdArgs, findEtcd, loadOrPlanCluster, storeFlags } f
 import type { HealthSummary } from "../../../src/up/health.js";
 import { partIds, programOf, replicaId } from "../../../src/up/layout.js";
 import { formatSummary } from "../../../src/up/status.js";
+import { tlsNameFlags } from "../../../src/up/mesh.js";
 import { makeTempDir, run, type TempDir } from "../../helpers/process.js";
 
 let tmp: TempDir;
@@ -116,6 +117,20 @@ describe("finding etcd", () => {
     expect(await findEtcd(`/nonexistent:${bin}`)).toBe(join(bin, "etcd"));
     await expect(findEtcd("/nonexistent")).rejects.toThrow(/no etcd is on PATH; install it: apt-get install etcd-server/);
     await expect(findEtcd(undefined)).rejects.toThrow(EtcdMissingError);
+  });
+});
+
+describe("the servers' certificate names", () => {
+  it.each([
+    ["127.0.0.1", []],
+    ["0.0.0.0", []],
+    ["::", []],
+    ["localhost", []],
+    ["10.0.0.5", ["--ip", "10.0.0.5"]],
+    ["fd00::5", ["--ip", "fd00::5"]],
+    ["kdc.example", ["--dns-name", "kdc.example"]],
+  ])("listening on %s: %j beyond localhost, 127.0.0.1 and ::1", (host, flags) => {
+    expect(tlsNameFlags(host)).toEqual(flags);
   });
 });
 
