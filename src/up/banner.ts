@@ -22,6 +22,21 @@ export interface BannerInput {
   status: GetStatusResponse | undefined;
   /** A one-time operator login link to the portal, when one could be made. */
   portal?: string | undefined;
+  /** With --ha: every replica's URL (replica 1 first) and the etcd members. */
+  ha?: { kdc: readonly string[]; audit: readonly string[]; etcd: readonly { name: string; url: string }[] } | undefined;
+}
+
+/** The banner's rows with --ha: each replica and etcd member (name, address, log). */
+function haRows(L: Layout, ha: NonNullable<BannerInput["ha"]>): [string, string, string][] {
+  const replica = (program: "kdc" | "audit", label: string, url: string, i: number): [string, string, string] => {
+    const id = i === 0 ? program : (`${program}-${i + 1}` as const);
+    return [`${label} ${i + 1}`, url, L.log(id)];
+  };
+  return [
+    ...ha.etcd.map((m): [string, string, string] => [m.name, m.url, L.log(m.name as `etcd-${number}`)]),
+    ...ha.kdc.map((u, i) => replica("kdc", "KDC", u, i)),
+    ...ha.audit.map((u, i) => replica("audit", "Auditserver", u, i)),
+  ];
 }
 
 /** True when one of the `--proxy-allow-private` ranges holds 127.0.0.1 (the proxy may reach a local origin). */
@@ -65,8 +80,7 @@ export function banner(o: BannerInput): string {
       ? "status unknown"
       : `machine ${o.status.machineId}, ${attestationWord(o.status.attestation)}${held !== undefined ? `, holds ${cfg.tenant} v${held}` : ""}`;
   const rows: [string, string, string][] = [
-    ["KDC", urls.kdc, L.log("kdc")],
-    ["Auditserver", urls.audit, L.log("audit")],
+    ...(o.ha === undefined ? ([["KDC", urls.kdc, L.log("kdc")], ["Auditserver", urls.audit, L.log("audit")]] as [string, string, string][]) : haRows(L, o.ha)),
     ["agent", L.agentSocket, `${L.log("agent")}  (${agentLine})`],
     ["proxy", urls.proxy, `${L.log("proxy")}  (default tenant ${cfg.tenant}; access log ${L.accessLog})`],
   ];
@@ -75,7 +89,7 @@ export function banner(o: BannerInput): string {
   const root = L.kmiRootPem;
   return [
     "",
-    "kmi is up:",
+    o.ha === undefined ? "kmi is up:" : "kmi is up, highly available (KDC and Auditserver replicas on a 3-member etcd cluster; any replica serves any call):",
     ...rows.map(([a, b, c]) => `  ${a.padEnd(w0)}  ${b.padEnd(w1)}  log ${c}`),
     "",
     `Trust this root CA on your devices (and in curl): ${root}`,

@@ -13,7 +13,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { measureFiles, measureValue, type MeasurementValue } from "../attest/index.js";
 import { VERSION } from "../common/version.js";
 import type { ServerClients } from "../clients/mesh-health.js";
-import type { Layout, PartName } from "./layout.js";
+import type { Layout, PartId } from "./layout.js";
 import type { Progress } from "./progress.js";
 import { pathExists } from "../common/fs.js";
 
@@ -27,7 +27,7 @@ const SOFTWARE_VERSION = "software.version";
 export class StepError extends Error {
   override name = "StepError";
   constructor(
-    readonly part: PartName | "up",
+    readonly part: PartId | "up",
     message: string,
     readonly lastLines: string[] = [],
   ) {
@@ -92,9 +92,9 @@ export async function agentEnrolled(l: Layout): Promise<boolean> {
   return pathExists(l.agentIdentity);
 }
 
-/** `kmi kdc init` into the layout (the operator token to its 0600 file). */
-export async function initKdc(l: Layout, o: Omit<RunOnceOptions, "logFile" | "logStdout">): Promise<void> {
-  const r = await runKmiOnce(["kdc", "init", "--data-dir", l.kdcDir, "--token-file", l.operatorToken], { ...o, logFile: l.log("kdc"), logStdout: false });
+/** `kmi kdc init` into the layout (the operator token to its 0600 file); `extra`: more flags (the store's). */
+export async function initKdc(l: Layout, o: Omit<RunOnceOptions, "logFile" | "logStdout">, extra: readonly string[] = []): Promise<void> {
+  const r = await runKmiOnce(["kdc", "init", "--data-dir", l.kdcDir, "--token-file", l.operatorToken, ...extra], { ...o, logFile: l.log("kdc"), logStdout: false });
   if (r.code !== 0) throw new StepError("kdc", `kmi kdc init failed (exit ${r.code})`, r.stderr.slice(-8));
 }
 
@@ -114,10 +114,10 @@ export async function checkOperatorToken(l: Layout): Promise<void> {
   }
 }
 
-/** `kmi audit init`: its service certificate comes from the KDC, with the operator token. */
-export async function initAudit(l: Layout, kdcUrl: string, o: Omit<RunOnceOptions, "logFile" | "logStdout">): Promise<void> {
+/** `kmi audit init`: its service certificate comes from the KDC, with the operator token; `extra`: more flags (the store's). */
+export async function initAudit(l: Layout, kdcUrl: string, o: Omit<RunOnceOptions, "logFile" | "logStdout">, extra: readonly string[] = []): Promise<void> {
   const r = await runKmiOnce(
-    ["audit", "init", "--data-dir", l.auditDir, "--kdc", kdcUrl, "--kdc-ca-file", l.infraCaPem, "--token-file", l.operatorToken],
+    ["audit", "init", "--data-dir", l.auditDir, "--kdc", kdcUrl, "--kdc-ca-file", l.infraCaPem, "--token-file", l.operatorToken, ...extra],
     { ...o, logFile: l.log("audit"), logStdout: true },
   );
   if (r.code !== 0) throw new StepError("audit", `kmi audit init failed (exit ${r.code})`, r.stderr.slice(-8));

@@ -14,7 +14,9 @@ const STATUS_HELP = [
   "The health of the kmi up running on this data directory: each part's process, and what it reports",
   "(KDC: version, tenants with their active CA version and rollout; Auditserver: machines; agent:",
   "attestation, KDC link, keys held; proxy: leaf cache size). --json prints the same summary as",
-  "`kmi up --json` does once ready. Exit code 0 when every part is healthy, 1 otherwise.",
+  "`kmi up --json` does once ready. A mesh started with --ha also shows every KDC and Auditserver replica",
+  "(url, pid, health) and every etcd member (url, pid, health, which one leads; JSON: the \"ha\" entry).",
+  "Exit code 0 when every part (every replica and member) is healthy, 1 otherwise.",
 ].join("\n");
 
 /** Entry point of `kmi up` (called by cmd/kmi.ts); resolves with the exit code. */

@@ -24,7 +24,8 @@ export const upProgram = defineProgram({
     "On first run it initializes everything under --data-dir (the KDC's roots, the Auditserver, a dev tenant with a KMI-signed " +
     "intermediate, a machine group whose approved measurements are this build's, a join token for the agent); later runs reuse it. " +
     "Logs go to <data-dir>/logs/<part>.log; a part that dies is restarted with exponential backoff. " +
-    "Ctrl-C (SIGINT), SIGTERM or SIGHUP stops the parts in reverse order (proxy, agent, Auditserver, KDC) and exits 0 once all have exited.",
+    "Ctrl-C (SIGINT), SIGTERM or SIGHUP stops the parts in reverse order (proxy, agent, Auditserver, KDC) and exits 0 once all have exited. " +
+    "With --ha the KDC and the Auditserver run as replicas on a local etcd cluster (see --ha); the store is LevelDB otherwise.",
   allowPositionals: true,
   options: {
     dataDir: { type: "string", description: "where all state lives: KDC, Auditserver, agent, logs, operator token", default: "data", valueName: "dir" },
@@ -56,6 +57,15 @@ export const upProgram = defineProgram({
     logLevel: { type: "string", description: "log level of the parts (their logs go to <data-dir>/logs)", default: "info", choices: LOG_LEVELS },
     readyTimeoutSeconds: { type: "integer", description: "how long each part may take to become healthy at start", default: 120 },
     json: { type: "boolean", description: "print a machine-readable health summary on stdout once ready (progress goes to stderr)", default: false },
+    ha: {
+      type: "boolean",
+      description:
+        "high availability on one machine: a local 3-member etcd cluster (the system's etcd binary: apt-get install etcd-server; TLS with client " +
+        "certificates from an etcd CA made under <data-dir>/etcd) as the store of 3 KDC and 2 Auditserver replicas; the agent gets every replica's URL. " +
+        "Replica N listens on the first one's port + 10×(N-1) (7443, 7453, 7463; 7444, 7454), or on a free port with port 0. " +
+        "A data dir is either --ha or not, for its whole life",
+      default: false,
+    },
   },
 });
 
@@ -89,6 +99,8 @@ export interface UpConfig {
   readonly readyTimeoutMs: number;
   /** Print the JSON summary. */
   readonly json: boolean;
+  /** `--ha`: etcd, 3 KDC and 2 Auditserver replicas. */
+  readonly ha: boolean;
 }
 
 function tcp(value: string): TcpAddress {
@@ -119,6 +131,7 @@ export function resolveUpConfig(loaded: LoadedConfig<typeof upProgram.options>, 
     logLevel: v.logLevel as LogLevel,
     readyTimeoutMs: v.readyTimeoutSeconds * 1000,
     json: v.json,
+    ha: v.ha,
   };
 }
 

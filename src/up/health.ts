@@ -7,7 +7,8 @@
 import { access } from "node:fs/promises";
 import { agentHealth, auditHealth, kdcHealth, proxyHealth, type ServerClients } from "../clients/mesh-health.js";
 import { VERSION } from "../common/version.js";
-import type { Layout, PartName } from "./layout.js";
+import type { Layout, PartId } from "./layout.js";
+import { clusterHealth, type EtcdClientTls } from "./etcd.js";
 
 /** A part's process, as the summary reports it. */
 export interface ProcessInfo {
@@ -28,6 +29,36 @@ export interface HealthSummary {
   readonly proxy: Record<string, unknown>;
   readonly trust: { kmi_root_ca: string; infra_ca: string; operator_token_file: string };
   readonly ctl_env: Record<string, string>;
+  /** With `--ha`: every replica and every etcd member. */
+  readonly ha?: HaSummary;
+}
+
+/** The `ha` entry of the summary: each replica as the top-level `kdc`/`audit` entry is, and the etcd members. */
+export interface HaSummary {
+  readonly kdc_replicas: Record<string, unknown>[];
+  readonly audit_replicas: Record<string, unknown>[];
+  readonly etcd: {
+    readonly members: Record<string, unknown>[];
+    /** The leader's name, when one member says it leads. */
+    readonly leader: string | null;
+  };
+}
+
+/** One replica of a server, for the summary. */
+export interface ReplicaInput {
+  readonly id: PartId;
+  readonly url: string;
+  readonly clients: ServerClients;
+}
+
+/** What the summary asks with `--ha`. */
+export interface HaInputs {
+  /** Every KDC replica, replica 1 first. */
+  readonly kdc: readonly ReplicaInput[];
+  /** Every Auditserver replica, replica 1 first. */
+  readonly audit: readonly ReplicaInput[];
+  /** The etcd members (name = part id) and `kmi up`'s client certificate for them. */
+  readonly etcd: { readonly members: readonly { readonly name: string; readonly url: string }[]; readonly tls: EtcdClientTls };
 }
 
 /** What the summary needs. */
@@ -37,9 +68,10 @@ export interface HealthInputs {
   readonly tenant: string;
   readonly upPid: number | undefined;
   readonly ready: boolean;
-  readonly processes: Partial<Record<PartName, ProcessInfo>>;
+  readonly processes: Partial<Record<PartId, ProcessInfo>>;
   readonly kdc: ServerClients;
   readonly audit: ServerClients;
+  readonly ha?: HaInputs;
 }
 
 /** The proxy's metrics socket when it exists (the proxy made it), else undefined ("not exposed"). */
@@ -71,10 +103,7 @@ export async function healthSummary(h: HealthInputs): Promise<HealthSummary> {
     agentHealth(h.layout.agentSocket, h.tenant),
     proxyMetrics(h.layout).then((metrics) => proxyHealth({ url: h.urls.proxy, metrics })),
   ]);
-  const proc = (p: PartName) => {
-    const i = h.processes[p];
-    return i === undefined ? { state: "not started" } : { state: i.state, pid: i.pid ?? null, restarts: i.restarts, log: i.log };
-  };
+  const proc = (p: PartId) => processFields(h.processes[p]);
   return {
     kmi_up: { version: VERSION, pid: h.upPid, data_dir: h.layout.dataDir, run_dir: h.layout.runDir, ready: h.ready, time: new Date().toISOString() },
     kdc: { url: h.urls.kdc, ...proc("kdc"), ...kdc },
@@ -90,5 +119,26 @@ export async function healthSummary(h: HealthInputs): Promise<HealthSummary> {
     },
     trust: { kmi_root_ca: h.layout.kmiRootPem, infra_ca: h.layout.infraCaPem, operator_token_file: h.layout.operatorToken },
     ctl_env: ctlEnv(h.layout, h.urls),
+    ...(h.ha !== undefined ? { ha: await haSummary(h.ha, h.processes) } : {}),
+  };
+}
+
+function processFields(i: ProcessInfo | undefined): Record<string, unknown> {
+  return i === undefined ? { state: "not started" } : { state: i.state, pid: i.pid ?? null, restarts: i.restarts, log: i.log };
+}
+
+/** Every replica (asked as the top-level entries are) and every etcd member, in parallel. */
+async function haSummary(ha: HaInputs, processes: Partial<Record<PartId, ProcessInfo>>): Promise<HaSummary> {
+  const replica = (r: ReplicaInput, health: Record<string, unknown>) => ({ name: r.id, url: r.url, ...processFields(processes[r.id]), ...health });
+  const [kdc, audit, members] = await Promise.all([
+    Promise.all(ha.kdc.map(async (r) => replica(r, await kdcHealth(r.clients)))),
+    Promise.all(ha.audit.map(async (r) => replica(r, await auditHealth(r.clients)))),
+    clusterHealth(ha.etcd.members.map((m) => ({ name: m.name, clientUrl: m.url })), ha.etcd.tls),
+  ]);
+  const leader = members.find((m) => m.leader)?.name ?? null;
+  return {
+    kdc_replicas: kdc,
+    audit_replicas: audit,
+    etcd: { members: members.map((m) => ({ ...m, ...processFields(processes[m.name as PartId]) })), leader },
   };
 }

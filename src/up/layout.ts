@@ -16,6 +16,18 @@
  * | <run>/agent.sock                  | the agent's API socket                                 | 0600 |
  * | <run>/metrics/<part>.sock         | each part's Prometheus /metrics endpoint               | 0600 |
  * | <run>/up.json                     | the running `kmi up`: its pid, each part's pid and address | 0600 |
+ *
+ * With `--ha` also (the KDC and Auditserver replicas share their data dir; their store is etcd):
+ *
+ * | path                              | what                                                   | mode |
+ * |-----------------------------------|--------------------------------------------------------|------|
+ * | <data>/etcd/                      | the local etcd cluster                                 | 0700 |
+ * | <data>/etcd/cluster.json          | its members: names, client and peer URLs (fixed at the first start) | 0600 |
+ * | <data>/etcd/etcd-N/               | member N's etcd data dir                               | 0700 |
+ * | <data>/etcd/pki/ca.pem, ca.key    | the etcd CA made at the first start (only etcd trusts it) | 0600 |
+ * | <data>/etcd/pki/member.pem, .key  | the members' certificate (clients and peers), re-issued at every start | 0600 |
+ * | <data>/etcd/pki/<kdc|audit|up>.pem, .key | client certificates of the KDCs, the Auditservers, and `kmi up` itself | 0600 |
+ * | <data>/logs/<part>-N.log          | replica N's log (kdc-2, kdc-3, audit-2) and etcd-N's   | 0600 |
  */
 import { join } from "node:path";
 
@@ -24,6 +36,38 @@ export const PARTS = ["kdc", "audit", "agent", "proxy"] as const;
 
 /** One of the supervised programs. */
 export type PartName = (typeof PARTS)[number];
+
+/** How many KDC and Auditserver replicas, and etcd members, `kmi up --ha` runs. */
+export const HA_SIZE = { kdc: 3, audit: 2, etcd: 3 } as const;
+
+/**
+ * A supervised process: a part (`kdc` and `audit` are the first replica), a further replica
+ * (`kdc-2`, `audit-2`, …) or an etcd member (`etcd-1`, …) of `kmi up --ha`.
+ */
+export type PartId = PartName | `kdc-${number}` | `audit-${number}` | `etcd-${number}`;
+
+/** What a process runs: `kdc-2` is a `kdc`, `etcd-1` an `etcd`. */
+export function programOf(id: PartId): PartName | "etcd" {
+  return id.replace(/-\d+$/, "") as PartName | "etcd";
+}
+
+/** The id of replica `n` (1-based) of a server: the first keeps the plain name. */
+export function replicaId(program: "kdc" | "audit", n: number): PartId {
+  return n === 1 ? program : `${program}-${n}`;
+}
+
+/** The ids of every process of a mesh, in start order (they stop in reverse). */
+export function partIds(ha: boolean): PartId[] {
+  if (!ha) return [...PARTS];
+  const range = (k: number) => Array.from({ length: k }, (_, i) => i + 1);
+  return [
+    ...range(HA_SIZE.etcd).map((n): PartId => `etcd-${n}`),
+    ...range(HA_SIZE.kdc).map((n) => replicaId("kdc", n)),
+    ...range(HA_SIZE.audit).map((n) => replicaId("audit", n)),
+    "agent",
+    "proxy",
+  ];
+}
 
 /** Every path `kmi up` uses, absolute. */
 export interface Layout {
@@ -49,10 +93,18 @@ export interface Layout {
   readonly accessLog: string;
   readonly agentSocket: string;
   readonly stateFile: string;
+  /** The local etcd cluster of `--ha`. */
+  readonly etcdDir: string;
+  /** Its members' names and URLs. */
+  readonly etcdClusterFile: string;
+  /** Its CA and certificates. */
+  readonly etcdPkiDir: string;
   /** The log file of a part. */
-  log(part: PartName | "up"): string;
+  log(part: PartId | "up"): string;
   /** The metrics socket of a part. */
-  metricsSocket(part: PartName): string;
+  metricsSocket(part: PartId): string;
+  /** The data dir of etcd member `name`. */
+  etcdMemberDir(name: string): string;
 }
 
 /** The layout under `dataDir` and `runDir` (both absolute). */
@@ -83,6 +135,10 @@ export function layout(dataDir: string, runDir: string): Layout {
     accessLog: join(logsDir, "proxy-access.log"),
     agentSocket: join(runDir, "agent.sock"),
     stateFile: join(runDir, "up.json"),
+    etcdDir: join(dataDir, "etcd"),
+    etcdClusterFile: join(dataDir, "etcd", "cluster.json"),
+    etcdPkiDir: join(dataDir, "etcd", "pki"),
+    etcdMemberDir: (name) => join(dataDir, "etcd", name),
     log: (part) => join(logsDir, `${part}.log`),
     metricsSocket: (part) => join(metricsDir, `${part}.sock`),
   };

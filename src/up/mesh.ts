@@ -2,8 +2,10 @@
  * `kmi up`: brings the whole mesh up on this machine, keeps it up, and takes it down.
  *
  *   1. directories (0700), the run-state file (one `kmi up` per data dir), free ports
- *   2. KDC: `kmi kdc init` on first run, then `kmi kdc` supervised
+ *   1b. with --ha: the local etcd cluster (its CA and certificates, 3 members supervised, a leader)
+ *   2. KDC: `kmi kdc init` on first run, then `kmi kdc` supervised (--ha: 3 replicas on etcd)
  *   3. Auditserver: `kmi audit init` on first run (its certificate from the KDC), then `kmi audit`
+ *      (--ha: 2 replicas on etcd)
  *   4. the dev tenant (KMI-signed active intermediate), the machine group with this build's
  *      approved measurements, the agent's config file, a join token when it has not enrolled
  *   5. agent, supervised; wait until it is attested and holds the tenant's key
@@ -12,17 +14,21 @@
  *      what changes (rotations reaching it, quarantine, the KDC link) until SIGINT/SIGTERM
  *   8. stop the parts in reverse order and exit 0 once all have exited
  *
- * `runUp` reads as these stages (resolveSite, initKdcIfNeeded, bringUpKdc, bringUpAudit,
+ * `runUp` reads as these stages (resolveSite, bringUpEtcd, initKdcIfNeeded, bringUpKdc, bringUpAudit,
  * prepareAgent, bringUpAgent, bringUpProxy, the banner, watchAgent); each takes what it needs.
  */
 import { readFileSync } from "node:fs";
 import { chmod, mkdir, readFile } from "node:fs/promises";
-import { isAbsolute, relative } from "node:path";
+import { isIP } from "node:net";
+import { isAbsolute, join, relative } from "node:path";
+import { pathExists } from "../common/fs.js";
 import { operatorLoginLink } from "./portal-link.js";
 import { banner } from "./banner.js";
 import { Progress } from "./progress.js";
 import type { UpConfig, TcpAddress } from "./config.js";
-import { layout, PARTS, type Layout, type PartName } from "./layout.js";
+import { layout, partIds, programOf, replicaId, HA_SIZE, type Layout, type PartId } from "./layout.js";
+import { ensureEtcdPki, type EtcdPki } from "./etcd-pki.js";
+import { clusterHealth, etcdArgs, findEtcd, loadOrPlanCluster, memberHealth, storeFlags, upClientTls, type EtcdClientTls, type EtcdClusterPlan } from "./etcd.js";
 import { PartStartError, Supervisor, summarizeLogLines, type PartDefinition, type PartProcess } from "./supervisor.js";
 import { AgentStatusClient, attestationWord, heldVersions, isServing, serverClients, tcpOpen, type ServerClients } from "../clients/mesh-health.js";
 import {
@@ -42,9 +48,9 @@ import {
   writeIfChanged,
   writeJoinToken,
 } from "./bootstrap.js";
-import { PortError, formatHostPort, httpUrl, httpsUrl, resolvePort } from "./ports.js";
-import { isKmiProcess, pidAlive, readRunState, removeRunState, writeRunState, type RunState } from "./run-state.js";
-import { healthSummary, type ProcessInfo } from "./health.js";
+import { PortError, connectHost, formatHostPort, httpUrl, httpsUrl, resolvePort } from "./ports.js";
+import { isKmiProcess, isPartProcess, pidAlive, readRunState, removeRunState, writeRunState, type RunState, type RunStateHa } from "./run-state.js";
+import { healthSummary, type HaInputs, type ProcessInfo } from "./health.js";
 import { AttestationState, type GetStatusResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { VERSION } from "../common/version.js";
 import { sleep } from "../common/backoff.js";
@@ -122,14 +128,16 @@ function shown(cwd: string, path: string): string {
 /** Sockets are bound in a temporary directory next to their final path first (common/listen.ts): leave room for it. */
 const SOCKET_PATH_MAX = 107 - 24;
 
-async function prepareDirectories(l: Layout): Promise<void> {
-  for (const dir of [l.dataDir, l.runDir, l.logsDir, l.configDir, l.metricsDir]) {
+async function prepareDirectories(l: Layout, ha: boolean): Promise<void> {
+  for (const dir of [l.dataDir, l.runDir, l.logsDir, l.configDir, l.metricsDir, ...(ha ? [l.etcdDir] : [])]) {
     await mkdir(dir, { recursive: true, mode: 0o700 });
   }
   // Directories made by an earlier run, or by hand, may be wider: the data dir holds keys.
   await chmod(l.dataDir, 0o700);
   await chmod(l.runDir, 0o700);
-  for (const path of [l.agentSocket, ...PARTS.map((p) => l.metricsSocket(p))]) {
+  if (ha) await chmod(l.etcdDir, 0o700);
+  const sockets = partIds(ha).filter((p) => programOf(p) !== "etcd").map((p) => l.metricsSocket(p));
+  for (const path of [l.agentSocket, ...sockets]) {
     if (Buffer.byteLength(path) > SOCKET_PATH_MAX) {
       throw new StepError("up", `socket path ${path} is too long for a Unix socket (at most ${SOCKET_PATH_MAX} bytes here); pass a shorter --run-dir, e.g. --run-dir /tmp/kmi-run`);
     }
@@ -151,8 +159,26 @@ interface Stage {
 
 /** The mesh's addresses: what each part listens on (ports resolved) and its URL. */
 interface Site {
+  /** Replica 1's addresses (the only ones without --ha). */
   readonly listen: { kdc: TcpAddress; audit: TcpAddress; proxy: TcpAddress };
   readonly urls: { kdc: string; audit: string; proxy: string };
+  /** Every replica of the KDC and the Auditserver (one each without --ha), replica 1 first. */
+  readonly replicas: { kdc: Replica[]; audit: Replica[] };
+}
+
+/** One replica of a server. */
+interface Replica {
+  readonly id: PartId;
+  readonly listen: TcpAddress;
+  readonly url: string;
+}
+
+/** What `--ha` adds: the etcd cluster and its certificates. */
+interface Ha {
+  readonly etcd: string;
+  readonly plan: EtcdClusterPlan;
+  readonly pki: EtcdPki;
+  readonly tls: EtcdClientTls;
 }
 
 /** Writes to a stream, ignoring a closed terminal (it must not stop the shutdown). */
@@ -195,14 +221,116 @@ function installSignals(io: UpIo, progress: Progress, stop: AbortController, liv
   };
 }
 
+/** Replica N's port: the first one's + 10×(N-1), or a free one with port 0. */
+const REPLICA_PORT_STEP = 10;
+
+/** The addresses of `count` replicas of a server whose first replica listens on `first`. */
+async function replicaAddresses(program: "kdc" | "audit", first: TcpAddress, count: number, part: string, flag: string, env: string): Promise<Replica[]> {
+  const out: Replica[] = [];
+  for (let n = 1; n <= count; n++) {
+    const want = { host: first.host, port: first.port === 0 ? 0 : first.port + REPLICA_PORT_STEP * (n - 1) };
+    const listen = await resolvePort(want, n === 1 ? part : `${part} replica ${n}`, flag, env);
+    out.push({ id: replicaId(program, n), listen, url: httpsUrl(listen) });
+  }
+  return out;
+}
+
 /** Resolves the listen ports (port 0 picks one; a taken port is named with the variable that moves it). */
 async function resolveSite(cfg: UpConfig): Promise<Site> {
-  const listen = {
-    kdc: await resolvePort(cfg.listen.kdc, "KDC", "--kdc-listen", "KMI_UP_KDC_LISTEN"),
-    audit: await resolvePort(cfg.listen.audit, "Auditserver", "--audit-listen", "KMI_UP_AUDIT_LISTEN"),
-    proxy: await resolvePort(cfg.listen.proxy, "proxy", "--proxy-listen", "KMI_UP_PROXY_LISTEN"),
-  };
-  return { listen, urls: { kdc: httpsUrl(listen.kdc), audit: httpsUrl(listen.audit), proxy: httpUrl(listen.proxy) } };
+  const kdc = await replicaAddresses("kdc", cfg.listen.kdc, cfg.ha ? HA_SIZE.kdc : 1, "KDC", "--kdc-listen", "KMI_UP_KDC_LISTEN");
+  const audit = await replicaAddresses("audit", cfg.listen.audit, cfg.ha ? HA_SIZE.audit : 1, "Auditserver", "--audit-listen", "KMI_UP_AUDIT_LISTEN");
+  const proxy = await resolvePort(cfg.listen.proxy, "proxy", "--proxy-listen", "KMI_UP_PROXY_LISTEN");
+  const listen = { kdc: kdc[0]!.listen, audit: audit[0]!.listen, proxy };
+  return { listen, urls: { kdc: kdc[0]!.url, audit: audit[0]!.url, proxy: httpUrl(proxy) }, replicas: { kdc, audit } };
+}
+
+/**
+ * The names a server's TLS certificate needs beyond the ones it always has (localhost,
+ * 127.0.0.1, ::1) for clients to reach it on `host`, where every replica listens; a wildcard
+ * is reached on loopback. Every replica gets the same, since the certificate is shared.
+ */
+export function tlsNameFlags(host: string): string[] {
+  const h = connectHost(host);
+  if (h === "localhost" || h === "127.0.0.1" || h === "::1") return [];
+  return isIP(h) !== 0 ? ["--ip", h] : ["--dns-name", h];
+}
+
+/** Every replica's URL, comma-separated (what the agent is given: it fails over between them). */
+function urlsOf(replicas: readonly Replica[]): string {
+  return replicas.map((r) => r.url).join(",");
+}
+
+/**
+ * The one replica of the other server that replica `i` talks to (KDC → Auditserver for
+ * quarantines and the attestation key, Auditserver → KDC for certificates): spread, so that
+ * one replica's death cuts only some links. One URL, because `kmi kdc --audit-url` and
+ * `kmi audit --kdc` do not use a list yet.
+ */
+function peerOf(replicas: readonly Replica[], i: number): string {
+  return replicas[i % replicas.length]!.url;
+}
+
+/**
+ * A data dir is LevelDB (plain `kmi up`) or etcd (`--ha`) for its whole life: the other kind
+ * would start on an empty store beside the KDC's files and fail in confusing ways.
+ */
+async function checkStoreKind(L: Layout, ha: boolean): Promise<void> {
+  const hasLevel = await pathExists(join(L.kdcDir, "store"));
+  const hasEtcd = await pathExists(L.etcdClusterFile);
+  if (ha && hasLevel) {
+    throw new StepError("up", `${L.dataDir} holds a mesh made without --ha (LevelDB in ${join(L.kdcDir, "store")}); run kmi up --ha with another --data-dir (and --run-dir), or kmi up without --ha here`);
+  }
+  if (!ha && hasEtcd) {
+    throw new StepError("up", `${L.dataDir} holds a mesh made with --ha (its store is the etcd cluster in ${L.etcdDir}); run kmi up --ha here, or kmi up with another --data-dir`);
+  }
+}
+
+/**
+ * The local etcd cluster: the CA on the first start and fresh certificates at every start, the
+ * members (chosen once, see ./etcd.ts), started together (none is healthy before a quorum is),
+ * each healthy once etcd's /health says so; then which one leads.
+ */
+async function bringUpEtcd(s: Stage, etcd: string): Promise<Ha> {
+  const { L, progress, show } = s;
+  const host = connectHost(s.cfg.listen.kdc.host);
+  const pki = await ensureEtcdPki(L.etcdPkiDir, host);
+  const tls = await upClientTls(pki);
+  const fresh = !(await pathExists(L.etcdClusterFile));
+  const plan = await loadOrPlanCluster(L.etcdClusterFile, host);
+  progress.step("etcd", `${fresh ? "first run: a new" : "reusing the"} 3-member cluster in ${show(L.etcdDir)} (${etcd}; TLS with client certificates from ${show(pki.ca)})…`);
+  for (const m of plan.members) await checkMemberPorts(m, L.etcdClusterFile);
+  const started = plan.members.map(async (m) => {
+    await mkdir(L.etcdMemberDir(m.name), { recursive: true, mode: 0o700 });
+    await chmod(L.etcdMemberDir(m.name), 0o700);
+    const def: PartDefinition = {
+      name: m.name,
+      executable: etcd,
+      args: () => etcdArgs(m, plan, pki, L.etcdMemberDir(m.name), s.cfg.logLevel),
+      ready: async (_proc, sig) => {
+        await poll(async () => ((await memberHealth(m, tls, 2000)).healthy ? true : undefined), sig, 250);
+        return `healthy on ${m.clientUrl}`;
+      },
+    };
+    const what = await s.sup.start(def);
+    progress.step(m.name, `${what} (pid ${s.sup.status(m.name)?.pid})`);
+  });
+  await abortable(Promise.all(started), s.signal);
+  const leader = (await clusterHealth(plan.members, tls)).find((h) => h.leader);
+  progress.step("etcd", `cluster healthy; leader ${leader?.name ?? "not known yet"}`);
+  return { etcd, plan, pki, tls };
+}
+
+/** A member's ports must be free: they are fixed in cluster.json (etcd keeps its peers' URLs). */
+async function checkMemberPorts(m: EtcdClusterPlan["members"][number], file: string): Promise<void> {
+  for (const url of [m.clientUrl, m.peerUrl]) {
+    const u = new URL(url);
+    const addr = { host: u.hostname.replace(/^\[|\]$/g, ""), port: Number(u.port) };
+    try {
+      await resolvePort(addr, m.name, "--kdc-listen", "KMI_UP_KDC_LISTEN");
+    } catch {
+      throw new StepError("up", `${url} (etcd member ${m.name}, fixed in ${file} at the first start) is in use by another program; free it (the cluster keeps its members' URLs)`);
+    }
+  }
 }
 
 /** Refuses an --origin-ca-file that cannot be read or holds no certificate, before anything starts. */
@@ -216,11 +344,12 @@ async function checkOriginCaFiles(files: readonly string[]): Promise<void> {
 }
 
 /** `kmi kdc init` on first run (the master key, the roots, the operator token), then the token is checked. */
-async function initKdcIfNeeded(s: Stage): Promise<void> {
+async function initKdcIfNeeded(s: Stage, ha: Ha | undefined): Promise<void> {
   const { L, progress, show, io } = s;
   if (!(await kdcInitialized(L))) {
-    progress.step("kdc", "first run: generating the master key, the KMI root CA and the infrastructure CA…");
-    await abortable(initKdc(L, { kmi: io.kmi, cwd: io.cwd, env: io.env }), s.signal);
+    progress.step("kdc", `first run: generating the master key, the KMI root CA and the infrastructure CA${ha !== undefined ? " (the store: etcd)" : ""}…`);
+    const extra = [...tlsNameFlags(s.cfg.listen.kdc.host), ...(ha !== undefined ? storeFlags(ha.plan, ha.pki, "kdc") : [])];
+    await abortable(initKdc(L, { kmi: io.kmi, cwd: io.cwd, env: io.env }, extra), s.signal);
     progress.step("kdc", `initialized ${show(L.kdcDir)}; operator token in ${show(L.operatorToken)} (0600)`);
   } else {
     progress.step("kdc", `reusing ${show(L.kdcDir)}`);
@@ -228,8 +357,8 @@ async function initKdcIfNeeded(s: Stage): Promise<void> {
   await checkOperatorToken(L);
 }
 
-/** Clients of the KDC and the Auditserver with the operator token, trusting the infrastructure CA. */
-async function meshClients(L: Layout, site: Site): Promise<{ kdc: ServerClients; audit: ServerClients }> {
+/** Clients of every KDC and Auditserver replica with the operator token, trusting the infrastructure CA; replica 1 first. */
+async function meshClients(L: Layout, site: Site): Promise<{ kdc: ServerClients[]; audit: ServerClients[] }> {
   const caPem = await readFile(L.infraCaPem, "utf8");
   // Read per call (the file is tiny): a replaced token is picked up without a restart.
   const token = () => {
@@ -240,59 +369,75 @@ async function meshClients(L: Layout, site: Site): Promise<{ kdc: ServerClients;
     }
   };
   return {
-    kdc: serverClients({ url: site.urls.kdc, caPem, token, expectedService: "kdc" }),
-    audit: serverClients({ url: site.urls.audit, caPem, token, expectedService: "audit" }),
+    kdc: site.replicas.kdc.map((r) => serverClients({ url: r.url, caPem, token, expectedService: "kdc" })),
+    audit: site.replicas.audit.map((r) => serverClients({ url: r.url, caPem, token, expectedService: "audit" })),
   };
 }
 
-/** The KDC, started and healthy (it answers GetKdcStatus). */
-async function bringUpKdc(s: Stage, site: Site, kdc: ServerClients): Promise<void> {
-  const { L, progress } = s;
-  progress.step("kdc", `starting on ${formatHostPort(site.listen.kdc)}…`);
-  const kdcDef: PartDefinition = {
-    name: "kdc",
-    args: async () => [
+/** Starts one replica (or the only one) and waits until it is healthy; prints the outcome. */
+async function startReplica(s: Stage, r: Replica, def: Omit<PartDefinition, "name" | "ready">, healthy: (sig: AbortSignal) => Promise<unknown>): Promise<void> {
+  s.progress.step(r.id, `starting on ${formatHostPort(r.listen)}…`);
+  const full: PartDefinition = {
+    ...def,
+    name: r.id,
+    ready: async (proc, sig) => {
+      await proc.waitForLog((rec) => rec.msg === "started", sig);
+      await healthy(sig);
+      return `healthy on ${formatHostPort(r.listen)}`;
+    },
+  };
+  s.progress.step(r.id, `${await abortable(s.sup.start(full), s.signal)} (pid ${s.sup.status(r.id)?.pid})`);
+}
+
+/**
+ * The KDC, started and healthy (it answers GetKdcStatus). With --ha every replica, on etcd:
+ * the first alone, then the others together.
+ */
+async function bringUpKdc(s: Stage, site: Site, kdc: ServerClients[], ha: Ha | undefined): Promise<void> {
+  const { L } = s;
+  const one = (i: number) => {
+    const r = site.replicas.kdc[i]!;
+    const args = async () => [
       "kdc",
       "--data-dir",
       L.kdcDir,
       "--listen",
-      formatHostPort(site.listen.kdc),
+      formatHostPort(r.listen),
       "--metrics-listen",
-      `unix:${L.metricsSocket("kdc")}`,
+      `unix:${L.metricsSocket(r.id)}`,
       "--log-level",
       s.cfg.logLevel,
-      ...(await kdcAuditLinkFlags(L, site.urls.audit)),
-    ],
-    ready: async (proc, sig) => {
-      await proc.waitForLog((r) => r.msg === "started", sig);
-      await poll(async () => (await kdc.kdcAdmin.getKdcStatus({})).version, sig);
-      return `healthy on ${formatHostPort(site.listen.kdc)}`;
-    },
+      ...tlsNameFlags(r.listen.host),
+      ...(ha !== undefined ? storeFlags(ha.plan, ha.pki, "kdc") : []),
+      ...(await kdcAuditLinkFlags(L, peerOf(site.replicas.audit, i))),
+    ];
+    return startReplica(s, r, { args }, (sig) => poll(async () => (await kdc[i]!.kdcAdmin.getKdcStatus({})).version, sig));
   };
-  progress.step("kdc", `${await abortable(s.sup.start(kdcDef), s.signal)} (pid ${s.sup.status("kdc")?.pid})`);
+  await one(0);
+  await Promise.all(site.replicas.kdc.slice(1).map((_, i) => one(i + 1)));
 }
 
-/** The Auditserver: `kmi audit init` on first run (its certificate from the KDC), then started and serving. */
-async function bringUpAudit(s: Stage, site: Site, audit: ServerClients): Promise<void> {
+/**
+ * The Auditserver: `kmi audit init` on first run (its certificate from the KDC, covering every
+ * address the replicas listen on), then every replica started and serving.
+ */
+async function bringUpAudit(s: Stage, site: Site, audit: ServerClients[], ha: Ha | undefined): Promise<void> {
   const { L, progress, show, io } = s;
+  const store = ha !== undefined ? storeFlags(ha.plan, ha.pki, "audit") : [];
   if (!(await auditInitialized(L))) {
-    progress.step("audit", "first run: generating the attestation-token key; asking the KDC for the Auditserver's TLS certificate…");
-    await abortable(initAudit(L, site.urls.kdc, { kmi: io.kmi, cwd: io.cwd, env: io.env }), s.signal);
+    progress.step("audit", `first run: generating the attestation-token key; asking the KDC for the Auditserver's TLS certificate${ha !== undefined ? " (the store: etcd)" : ""}…`);
+    await abortable(initAudit(L, site.urls.kdc, { kmi: io.kmi, cwd: io.cwd, env: io.env }, [...tlsNameFlags(site.listen.audit.host), ...store]), s.signal);
     progress.step("audit", `initialized ${show(L.auditDir)}`);
   } else {
     progress.step("audit", `reusing ${show(L.auditDir)}`);
   }
-  progress.step("audit", `starting on ${formatHostPort(site.listen.audit)}…`);
-  const auditDef: PartDefinition = {
-    name: "audit",
-    args: () => ["audit", "--data-dir", L.auditDir, "--listen", formatHostPort(site.listen.audit), "--kdc", site.urls.kdc, "--metrics-listen", `unix:${L.metricsSocket("audit")}`, "--log-level", s.cfg.logLevel],
-    ready: async (proc, sig) => {
-      await proc.waitForLog((r) => r.msg === "started", sig);
-      await poll(async () => ((await isServing(audit)) ? true : undefined), sig);
-      return `healthy on ${formatHostPort(site.listen.audit)}`;
-    },
+  const one = (i: number) => {
+    const r = site.replicas.audit[i]!;
+    const args = () => ["audit", "--data-dir", L.auditDir, "--listen", formatHostPort(r.listen), "--kdc", peerOf(site.replicas.kdc, i), ...store, "--metrics-listen", `unix:${L.metricsSocket(r.id)}`, "--log-level", s.cfg.logLevel];
+    return startReplica(s, r, { args }, (sig) => poll(async () => ((await isServing(audit[i]!)) ? true : undefined), sig));
   };
-  progress.step("audit", `${await abortable(s.sup.start(auditDef), s.signal)} (pid ${s.sup.status("audit")?.pid})`);
+  await one(0);
+  await Promise.all(site.replicas.audit.slice(1).map((_, i) => one(i + 1)));
 }
 
 /**
@@ -307,8 +452,9 @@ async function prepareAgent(s: Stage, site: Site, kdc: ServerClients, audit: Ser
   const agentConfig = {
     socket: L.agentSocket,
     "state-dir": L.agentStateDir,
-    "audit-url": site.urls.audit,
-    "kdc-url": site.urls.kdc,
+    // Every replica: the agent fails over between them.
+    "audit-url": urlsOf(site.replicas.audit),
+    "kdc-url": urlsOf(site.replicas.kdc),
     "ca-file": L.infraCaPem,
     measure: measureFlag(plan),
     "metrics-listen": `unix:${L.metricsSocket("agent")}`,
@@ -421,30 +567,33 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
   let ownsRunState = false;
   let code = 0;
   let ready = false;
-  let kdcClients: ServerClients | undefined;
-  let auditClients: ServerClients | undefined;
+  let clients: { kdc: ServerClients[]; audit: ServerClients[] } | undefined;
   let monitor: NodeJS.Timeout | undefined;
   let agentClient: AgentStatusClient | undefined;
   const urls = { kdc: "", audit: "", proxy: "" };
+  let haState: RunStateHa | undefined;
 
-  const processes = (): Partial<Record<PartName, ProcessInfo>> => {
-    const out: Partial<Record<PartName, ProcessInfo>> = {};
+  const processes = (): Partial<Record<PartId, ProcessInfo>> => {
+    const out: Partial<Record<PartId, ProcessInfo>> = {};
     for (const st of supervisor?.statuses() ?? []) out[st.name] = { state: st.state, pid: st.pid, restarts: st.restarts, version: st.version, log: L.log(st.name) };
     return out;
   };
   let stateWrite = Promise.resolve();
   const saveRunState = (): Promise<void> => {
     if (!ownsRunState) return stateWrite;
-    const state = runStateOf({ t0, kmiScript: io.kmiScript, ready, L, tenant: cfg.tenant, urls, processes: processes() });
+    const state = runStateOf({ t0, kmiScript: io.kmiScript, ready, L, tenant: cfg.tenant, urls, ha: haState, processes: processes() });
     stateWrite = stateWrite.then(() => writeRunState(L.stateFile, state)).catch(() => undefined);
     return stateWrite;
   };
 
   try {
-    await prepareDirectories(L);
+    // Before anything is written: a missing etcd is a one-line fix.
+    const etcdBinary = cfg.ha ? await findEtcd(io.env["PATH"]) : undefined;
+    await prepareDirectories(L, cfg.ha);
     await claimRunState(L, progress);
     ownsRunState = true;
     saveRunState();
+    await checkStoreKind(L, cfg.ha);
     const site = await resolveSite(cfg);
     Object.assign(urls, site.urls);
     await checkOriginCaFiles(cfg.originCaFiles);
@@ -452,12 +601,18 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
     supervisor = new Supervisor({ kmi: io.kmi, cwd: io.cwd, env: io.env, logFile: (p) => L.log(p), progress, readyTimeoutMs: cfg.readyTimeoutMs, onChange: saveRunState });
     const s: Stage = { cfg, io, L, progress, show, sup: supervisor, signal: stop.signal };
 
-    await initKdcIfNeeded(s);
-    const { kdc, audit } = await meshClients(L, site);
-    kdcClients = kdc;
-    auditClients = audit;
-    await bringUpKdc(s, site, kdc);
-    await bringUpAudit(s, site, audit);
+    const ha = etcdBinary !== undefined ? await bringUpEtcd(s, etcdBinary) : undefined;
+    if (ha !== undefined) {
+      haState = { kdc: site.replicas.kdc.map((r) => r.url), audit: site.replicas.audit.map((r) => r.url), etcd: ha.plan.members.map((m) => ({ name: m.name, url: m.clientUrl })) };
+      await saveRunState();
+    }
+    await initKdcIfNeeded(s, ha);
+    clients = await meshClients(L, site);
+    const kdc = clients.kdc[0]!;
+    const audit = clients.audit[0]!;
+    await bringUpKdc(s, site, clients.kdc, ha);
+    await bringUpAudit(s, site, clients.audit, ha);
+    const haInputs = ha !== undefined ? haHealthInputs(site, clients, ha) : undefined;
     const enrolledBefore = await prepareAgent(s, site, kdc, audit);
     agentClient = new AgentStatusClient(L.agentSocket);
     await bringUpAgent(s, agentClient, enrolledBefore);
@@ -471,8 +626,8 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
     const seconds = ((Date.now() - t0) / 1000).toFixed(1);
     // The ready line and what follows it go out in one write: whoever waits for "ready" sees all of it.
     if (cfg.json) {
-      const summary = await healthSummary({ layout: L, urls, tenant: cfg.tenant, upPid: process.pid, ready, processes: processes(), kdc, audit });
-      progress.step("up", `ready in ${seconds} s: KDC, Auditserver, agent and proxy are healthy`);
+      const summary = await healthSummary({ layout: L, urls, tenant: cfg.tenant, upPid: process.pid, ready, processes: processes(), kdc, audit, ...(haInputs !== undefined ? { ha: haInputs } : {}) });
+      progress.step("up", `ready in ${seconds} s: ${readyParts(cfg.ha)} are healthy`);
       safeWrite(io.out)(JSON.stringify(summary) + "\n");
     } else {
       const portal = await operatorLoginLink({
@@ -480,7 +635,8 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
         caPem: await readFile(L.infraCaPem, "utf8"),
         token: readFileSync(L.operatorToken, "utf8").trim(),
       }).catch(() => undefined);
-      progress.stepWith("up", `ready in ${seconds} s: KDC, Auditserver, agent and proxy are healthy`, banner({ L, urls, cfg, kmiScript: io.kmiScript, status: first, portal }));
+      const replicas = ha !== undefined ? { kdc: haState!.kdc, audit: haState!.audit, etcd: haState!.etcd } : undefined;
+      progress.stepWith("up", `ready in ${seconds} s: ${readyParts(cfg.ha)} are healthy`, banner({ L, urls, cfg, kmiScript: io.kmiScript, status: first, portal, ha: replicas }));
     }
 
     // ── watch until told to stop ──────────────────────────────────────────────────────────
@@ -494,8 +650,7 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
       const killed = await supervisor.stop();
       if (killed.length > 0) progress.warn("up", `had to kill: ${killed.join(", ")}`);
     }
-    kdcClients?.close();
-    auditClients?.close();
+    for (const c of [...(clients?.kdc ?? []), ...(clients?.audit ?? [])]) c.close();
     agentClient?.close();
     await stateWrite;
     if (ownsRunState) await removeRunState(L.stateFile);
@@ -506,10 +661,34 @@ export async function runUp(cfg: UpConfig, io: UpIo): Promise<number> {
   return code;
 }
 
+/** What the ready line names. */
+function readyParts(ha: boolean): string {
+  return ha ? "etcd (3 members), 3 KDC and 2 Auditserver replicas, agent and proxy" : "KDC, Auditserver, agent and proxy";
+}
+
+/** What the health summary asks with --ha: every replica, every etcd member. */
+function haHealthInputs(site: Site, clients: { kdc: ServerClients[]; audit: ServerClients[] }, ha: Ha): HaInputs {
+  return {
+    kdc: site.replicas.kdc.map((r, i) => ({ id: r.id, url: r.url, clients: clients.kdc[i]! })),
+    audit: site.replicas.audit.map((r, i) => ({ id: r.id, url: r.url, clients: clients.audit[i]! })),
+    etcd: { members: ha.plan.members.map((m) => ({ name: m.name, url: m.clientUrl })), tls: ha.tls },
+  };
+}
+
 /** The run-state file's content (`run/up.json`): pids, states and addresses, for `kmi up status` and the next `kmi up`. */
-function runStateOf(o: { t0: number; kmiScript: string; ready: boolean; L: Layout; tenant: string; urls: RunState["urls"]; processes: Partial<Record<PartName, ProcessInfo>> }): RunState {
+function runStateOf(o: {
+  t0: number;
+  kmiScript: string;
+  ready: boolean;
+  L: Layout;
+  tenant: string;
+  urls: RunState["urls"];
+  ha: RunStateHa | undefined;
+  processes: Partial<Record<PartId, ProcessInfo>>;
+}): RunState {
   const parts: RunState["parts"] = {};
   for (const [name, p] of Object.entries(o.processes)) {
+    if (p === undefined) continue;
     (parts as Record<string, unknown>)[name] = { pid: p.pid ?? null, state: p.state, restarts: p.restarts, log: p.log, ...(p.version !== undefined ? { version: p.version } : {}) };
   }
   return {
@@ -522,6 +701,7 @@ function runStateOf(o: { t0: number; kmiScript: string; ready: boolean; L: Layou
     run_dir: o.L.runDir,
     tenant: o.tenant,
     urls: { ...o.urls },
+    ...(o.ha !== undefined ? { ha: o.ha } : {}),
     parts,
   };
 }
@@ -536,9 +716,12 @@ async function claimRunState(L: Layout, progress: Progress): Promise<void> {
   if (prev.pid !== process.pid && pidAlive(prev.pid) && isKmiProcess(prev.pid, prev.kmi_script, "up")) {
     throw new StepError("up", `kmi up is already running for ${L.dataDir} (pid ${prev.pid}); stop it first (Ctrl-C there, or kill -INT ${prev.pid})`);
   }
-  for (const part of [...PARTS].reverse()) {
+  // Every part the file names, in reverse start order (proxy first, etcd last).
+  const order = partIds(true);
+  const recorded = (Object.keys(prev.parts) as PartId[]).sort((a, b) => order.indexOf(b) - order.indexOf(a));
+  for (const part of recorded) {
     const pid = prev.parts[part]?.pid;
-    if (pid === null || pid === undefined || !isKmiProcess(pid, prev.kmi_script, part)) continue;
+    if (pid === null || pid === undefined || !isPartProcess(pid, prev.kmi_script, part)) continue;
     progress.warn(part, `a ${part} (pid ${pid}) of an earlier kmi up that did not stop it is still running; stopping it`);
     process.kill(pid, "SIGTERM");
     const end = Date.now() + 15_000;

@@ -20,6 +20,7 @@ const COLORS: Record<string, string> = {
   audit: "\x1b[34m",
   agent: "\x1b[36m",
   proxy: "\x1b[32m",
+  etcd: "\x1b[94m",
   up: "\x1b[1m",
 };
 const RESET = "\x1b[0m";
@@ -41,7 +42,8 @@ export class Progress {
   }
 
   private format(part: string, text: string, tone?: string): string {
-    const name = this.opts.color ? `${COLORS[part] ?? ""}${part}${RESET}` : part;
+    // A replica (kdc-2) or an etcd member (etcd-1) takes its program's colour.
+    const name = this.opts.color ? `${COLORS[part] ?? COLORS[part.replace(/-\d+$/, "")] ?? ""}${part}${RESET}` : part;
     const body = this.opts.color && tone !== undefined ? `${tone}${text}${RESET}` : text;
     return `${this.stamp()} ${name}: ${body}\n`;
   }

@@ -8,7 +8,7 @@
 import { readFileSync, readlinkSync } from "node:fs";
 import { resolve } from "node:path";
 import { readFile, rename, rm, writeFile } from "node:fs/promises";
-import type { PartName } from "./layout.js";
+import { programOf, type PartId } from "./layout.js";
 
 /** One part in the run-state file. */
 export interface RunStatePart {
@@ -32,7 +32,19 @@ export interface RunState {
   readonly run_dir: string;
   readonly tenant: string;
   readonly urls: { readonly kdc: string; readonly audit: string; readonly proxy: string };
-  readonly parts: Partial<Record<PartName, RunStatePart>>;
+  /** With `--ha`: every replica's URL (the first is `urls.kdc` / `urls.audit`) and the etcd members. */
+  readonly ha?: RunStateHa;
+  readonly parts: Partial<Record<PartId, RunStatePart>>;
+}
+
+/** What `kmi up --ha` adds to the run-state file. */
+export interface RunStateHa {
+  /** URLs of the KDC replicas, replica 1 first. */
+  readonly kdc: readonly string[];
+  /** URLs of the Auditserver replicas, replica 1 first. */
+  readonly audit: readonly string[];
+  /** The etcd members: name (= part id) and client URL. */
+  readonly etcd: readonly { readonly name: string; readonly url: string }[];
 }
 
 /** Writes the file atomically, mode 0600. */
@@ -76,6 +88,20 @@ export function commandLine(pid: number): string[] | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** True when `pid` runs etcd member `name` (its `--name` argument) with `etcd` as the program. */
+export function isEtcdMember(pid: number, name: string): boolean {
+  const argv = commandLine(pid);
+  if (argv === undefined || !/(^|\/)etcd$/.test(argv[0] ?? "")) return false;
+  const i = argv.indexOf("--name");
+  return i >= 0 && argv[i + 1] === name;
+}
+
+/** True when `pid` still runs part `id` of the `kmi up` that recorded it (pids are reused). */
+export function isPartProcess(pid: number, kmiScript: string, id: PartId): boolean {
+  const program = programOf(id);
+  return program === "etcd" ? isEtcdMember(pid, id) : isKmiProcess(pid, kmiScript, program);
 }
 
 /** True when `pid` runs `<kmiScript> <program>` (a part, or `up` itself). */

@@ -5,9 +5,11 @@
 import { readFile } from "node:fs/promises";
 import type { UpConfig } from "./config.js";
 import { serverClients } from "../clients/mesh-health.js";
-import { healthSummary, type HealthSummary, type ProcessInfo } from "./health.js";
-import { layout, PARTS, type PartName } from "./layout.js";
-import { isKmiProcess, pidAlive, readRunState } from "./run-state.js";
+import { healthSummary, type HaInputs, type HaSummary, type HealthSummary, type ProcessInfo } from "./health.js";
+import { layout, replicaId, type Layout, type PartId } from "./layout.js";
+import { isKmiProcess, isPartProcess, pidAlive, readRunState, type RunState } from "./run-state.js";
+import { etcdPkiFiles } from "./etcd-pki.js";
+import { upClientTls } from "./etcd.js";
 
 /** Where `kmi up status` writes. */
 export interface StatusIo {
@@ -19,19 +21,21 @@ type Part = Record<string, unknown>;
 
 function healthy(s: HealthSummary): boolean {
   const agent = s.agent as Part;
+  const ha = s.ha === undefined || [...s.ha.kdc_replicas, ...s.ha.audit_replicas, ...s.ha.etcd.members].every((p) => p["healthy"] === true);
   return (
     (s.kdc as Part)["healthy"] === true &&
     (s.audit as Part)["healthy"] === true &&
     agent["healthy"] === true &&
     agent["holds_tenant_key"] === true &&
-    (s.proxy as Part)["healthy"] === true
+    (s.proxy as Part)["healthy"] === true &&
+    ha
   );
 }
 
 function line(name: string, p: Part, detail: string): string {
   const pid = p["pid"] === null || p["pid"] === undefined ? "-" : String(p["pid"]);
   const restarts = typeof p["restarts"] === "number" && p["restarts"] > 0 ? `, ${p["restarts"]} restarts` : "";
-  return `  ${name.padEnd(6)} ${String(p["state"]).padEnd(10)} pid ${pid.padEnd(8)} ${detail}${restarts}`;
+  return `  ${name.padEnd(7)} ${String(p["state"]).padEnd(10)} pid ${pid.padEnd(8)} ${detail}${restarts}`;
 }
 
 /** The summary as a few lines for a person. */
@@ -59,12 +63,29 @@ export function formatSummary(s: HealthSummary): string {
   const proxyDetail = `${proxy["url"]}  ${proxy["healthy"] === true ? "listening" : "NOT listening"}; default tenant ${proxy["default_tenant"]}; leaf cache ${cache === null || cache === undefined ? "not exposed" : `${cache} entries`}`;
   return [
     `kmi up ${s.kmi_up.ready ? "ready" : "starting"} (pid ${s.kmi_up.pid ?? "-"}), data ${s.kmi_up.data_dir}`,
+    ...(s.ha !== undefined ? haLines(s.ha) : []),
     line("kdc", kdc, kdcDetail),
+    ...(s.ha?.kdc_replicas.slice(1).map((r) => line(String(r["name"]), r, replicaDetail(r))) ?? []),
     line("audit", audit, auditDetail),
+    ...(s.ha?.audit_replicas.slice(1).map((r) => line(String(r["name"]), r, replicaDetail(r))) ?? []),
     line("agent", agent, agentDetail),
     line("proxy", proxy, proxyDetail),
     "",
   ].join("\n");
+}
+
+/** A further replica's line: its URL and whether it serves (the tenants are the first replica's line). */
+function replicaDetail(r: Part): string {
+  if (r["healthy"] !== true) return `${r["url"]}  unreachable: ${r["error"]}`;
+  return `${r["url"]}  serving${typeof r["connected_agents"] === "number" ? `; ${r["connected_agents"]} agent(s) connected` : ""}`;
+}
+
+/** The etcd members' lines: health and which one leads. */
+function haLines(ha: HaSummary): string[] {
+  return ha.etcd.members.map((m) => {
+    const detail = m["healthy"] === true ? `${m["url"]}  healthy${m["leader"] === true ? ", leader" : ""}${m["version"] !== undefined ? `; etcd ${m["version"]}` : ""}` : `${m["url"]}  unhealthy: ${m["error"]}`;
+    return line(String(m["name"]), m, detail);
+  });
 }
 
 /** Runs `kmi up status`; resolves with the exit code. */
@@ -75,23 +96,31 @@ export async function runStatus(cfg: UpConfig, io: StatusIo): Promise<number> {
     io.out.write(`kmi up is not running for ${L.dataDir} (no live ${L.stateFile}); start it with npm start\n`);
     return 1;
   }
-  const processes: Partial<Record<PartName, ProcessInfo>> = {};
-  for (const name of PARTS) {
-    const p = state.parts[name];
-    if (p === undefined) continue;
-    const alive = p.pid !== null && pidAlive(p.pid) && isKmiProcess(p.pid, state.kmi_script, name);
+  const processes: Partial<Record<PartId, ProcessInfo>> = {};
+  for (const [name, p] of Object.entries(state.parts) as [PartId, NonNullable<RunState["parts"][PartId]>][]) {
+    const alive = p.pid !== null && pidAlive(p.pid) && isPartProcess(p.pid, state.kmi_script, name);
     processes[name] = { state: alive ? p.state : "exited", pid: alive ? (p.pid ?? undefined) : undefined, restarts: p.restarts, version: p.version, log: p.log };
   }
   const caPem = await readFile(L.infraCaPem, "utf8");
   const token = (await readFile(L.operatorToken, "utf8").catch(() => "")).trim();
-  const kdc = serverClients({ url: state.urls.kdc, caPem, token: () => token, timeoutMs: 5000, expectedService: "kdc" });
-  const audit = serverClients({ url: state.urls.audit, caPem, token: () => token, timeoutMs: 5000, expectedService: "audit" });
+  const client = (url: string, service: "kdc" | "audit") => serverClients({ url, caPem, token: () => token, timeoutMs: 5000, expectedService: service });
+  const kdc = client(state.urls.kdc, "kdc");
+  const audit = client(state.urls.audit, "audit");
+  const ha = state.ha !== undefined ? await haInputs(L, state.ha, client) : undefined;
   try {
-    const summary = await healthSummary({ layout: L, urls: state.urls, tenant: state.tenant, upPid: state.pid, ready: state.ready, processes, kdc, audit });
+    const summary = await healthSummary({ layout: L, urls: state.urls, tenant: state.tenant, upPid: state.pid, ready: state.ready, processes, kdc, audit, ...(ha !== undefined ? { ha } : {}) });
     io.out.write(cfg.json ? JSON.stringify(summary, null, 2) + "\n" : formatSummary(summary));
     return healthy(summary) ? 0 : 1;
   } finally {
-    kdc.close();
-    audit.close();
+    for (const c of [kdc, audit, ...(ha?.kdc ?? []).map((r) => r.clients), ...(ha?.audit ?? []).map((r) => r.clients)]) c.close();
   }
+}
+
+/** The replicas and etcd members the run-state file names, with clients to ask them. */
+async function haInputs(L: Layout, ha: NonNullable<RunState["ha"]>, client: (url: string, service: "kdc" | "audit") => ReturnType<typeof serverClients>): Promise<HaInputs> {
+  return {
+    kdc: ha.kdc.map((url, i) => ({ id: replicaId("kdc", i + 1), url, clients: client(url, "kdc") })),
+    audit: ha.audit.map((url, i) => ({ id: replicaId("audit", i + 1), url, clients: client(url, "audit") })),
+    etcd: { members: ha.etcd, tls: await upClientTls(etcdPkiFiles(L.etcdPkiDir)) },
+  };
 }

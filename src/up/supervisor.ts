@@ -14,7 +14,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { createWriteStream, type WriteStream } from "node:fs";
 import { createInterface } from "node:readline";
 import { backoffMs } from "../common/backoff.js";
-import type { PartName } from "./layout.js";
+import type { PartId } from "./layout.js";
 import type { Progress } from "./progress.js";
 
 /** A parsed JSON log line of a part (fields as the part wrote them). */
@@ -43,8 +43,10 @@ export interface PartProcess {
 /** What the supervisor needs to know about a part. */
 export interface PartDefinition {
   /** Which part. */
-  readonly name: PartName;
-  /** The arguments after `kmi` for a spawn (asked again before every restart). */
+  readonly name: PartId;
+  /** The program to run instead of kmi (an etcd member: the system's `etcd`); `args` are then all of its arguments. */
+  readonly executable?: string;
+  /** The arguments after `kmi` (or `executable`) for a spawn (asked again before every restart). */
   args(): string[] | Promise<string[]>;
   /**
    * Waits until a freshly spawned process serves; resolves with a short description for the
@@ -63,7 +65,7 @@ export type PartState = "starting" | "running" | "restarting" | "stopping" | "st
 
 /** A part's status as `kmi up` reports it. */
 export interface PartStatus {
-  readonly name: PartName;
+  readonly name: PartId;
   readonly state: PartState;
   /** Pid of the current process, when one runs. */
   readonly pid: number | undefined;
@@ -86,7 +88,7 @@ export interface SupervisorOptions {
   /** Environment of the parts. */
   readonly env: Record<string, string>;
   /** Log file of a part. */
-  readonly logFile: (part: PartName) => string;
+  readonly logFile: (part: PartId) => string;
   /** Progress output. */
   readonly progress: Progress;
   /** How long a (re)started part may take to become healthy. */
@@ -107,7 +109,7 @@ export interface SupervisorOptions {
 export class PartStartError extends Error {
   override name = "PartStartError";
   constructor(
-    readonly part: PartName,
+    readonly part: PartId,
     message: string,
     /** The part's last log lines. */
     readonly lastLines: string[],
@@ -293,7 +295,7 @@ export class Supervisor {
   }
 
   /** The status of one part, if it was started. */
-  status(name: PartName): PartStatus | undefined {
+  status(name: PartId): PartStatus | undefined {
     return this.statuses().find((s) => s.name === name);
   }
 
@@ -303,7 +305,7 @@ export class Supervisor {
   }
 
   /** The current process of a part (for health checks). */
-  process(name: PartName): PartProcess | undefined {
+  process(name: PartId): PartProcess | undefined {
     return this.parts.find((p) => p.def.name === name)?.proc;
   }
 
@@ -341,7 +343,7 @@ export class Supervisor {
 
   private async spawnAndWait(entry: PartEntry): Promise<{ ok: true; description: string } | { ok: false; reason: string; lastLines: string[] }> {
     const args = await entry.def.args();
-    const [cmd, ...pre] = this.opts.kmi;
+    const [cmd, ...pre] = entry.def.executable !== undefined ? [entry.def.executable] : this.opts.kmi;
     const child = spawn(cmd!, [...pre, ...args], {
       cwd: this.opts.cwd,
       env: this.opts.env,
@@ -442,10 +444,10 @@ export class Supervisor {
    * Stops every part in reverse start order: SIGTERM, then SIGKILL after the grace period.
    * Resolves once every process exited, with the parts that had to be killed.
    */
-  async stop(): Promise<PartName[]> {
+  async stop(): Promise<PartId[]> {
     this.stopping = true;
     this.stopController.abort(new Error("kmi up is stopping"));
-    const killed: PartName[] = [];
+    const killed: PartId[] = [];
     for (const entry of [...this.parts].reverse()) {
       const proc = entry.proc;
       const name = entry.def.name;
