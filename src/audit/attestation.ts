@@ -118,9 +118,8 @@ export async function attest(ctx: AuditContext, caller: MachineCaller, evidenceB
         details["mismatched"] = problems.map((p) => p.name || "(none approved)").join(",").slice(0, 4096);
         if (group.quarantineOnMismatch) {
           const reason = `attestation failed: ${err.message}`.slice(0, 256);
-          const { ops, change } = quarantineOps(machine, reason, "system", now);
+          const ops = quarantineOps(machine, reason, "system", now);
           await ctx.audit.append({ actor: "system", action: "machine.quarantine", target, outcome: "ok", details: { reason, policy: `group ${group.name} quarantine_on_mismatch` } }, ops, [machineGuard]);
-          ctx.statusHub.publish(change);
           details["quarantined"] = "true";
         }
         throw err;
