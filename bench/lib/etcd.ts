@@ -3,6 +3,7 @@
  * re-exports it): N members (default 3) of the system's `etcd` (Debian `etcd-server`) on random
  * ports, TLS for clients and peers with client certificates required (`--client-cert-auth`,
  * `--peer-client-cert-auth`), from a throw-away CA made with openssl; data in a temp dir.
+ * `leader()` names the Raft leader (fault tests kill it), `restart()` starts a killed member again,
  * `stop()` SIGKILLs every member and removes the dir.
  */
 import { execFile, spawn, type ChildProcess } from "node:child_process";
@@ -53,6 +54,10 @@ export interface EtcdCluster {
   strangerFiles: CertFiles;
   /** Runs `etcdctl` (API v3) against the cluster with the client certificate. */
   etcdctl(args: readonly string[]): Promise<EtcdctlResult>;
+  /** The member that is the Raft leader now (asked of the members that run), or undefined during an election. */
+  leader(): Promise<EtcdMember | undefined>;
+  /** Starts a stopped (killed) member again on its data dir, where it rejoins the cluster; resolves once every member is healthy. */
+  restart(member: EtcdMember): Promise<void>;
   /** SIGKILLs every member and removes the data. */
   stop(): Promise<void>;
 }
@@ -98,6 +103,15 @@ function freePort(): Promise<number> {
   });
 }
 
+/** Parses `etcdctl endpoint status -w json`: endpoint -> [its member id, the leader's id] (decimal strings: ids exceed 2^53). */
+function parseStatus(stdout: string): Map<string, [string, string]> {
+  const out = new Map<string, [string, string]>();
+  if (!stdout.trim().startsWith("[")) return out;
+  const rows = JSON.parse(stdout.replace(/":\s*(\d{16,})/g, '":"$1"')) as Array<{ Endpoint: string; Status: { header: { member_id: string | number }; leader: string | number } }>;
+  for (const r of rows) out.set(r.Endpoint, [String(r.Status.header.member_id), String(r.Status.leader)]);
+  return out;
+}
+
 function startMember(name: string, args: string[]): EtcdMember {
   const child = spawn("etcd", args, { stdio: ["ignore", "ignore", "pipe"] });
   let err = "";
@@ -133,9 +147,10 @@ export async function startEtcdCluster(size = 3): Promise<EtcdCluster> {
     const ports = await Promise.all(Array.from({ length: size * 2 }, () => freePort()));
     const peerUrl = (i: number) => `https://127.0.0.1:${ports[2 * i + 1]}`;
     const initialCluster = Array.from({ length: size }, (_, i) => `m${i}=${peerUrl(i)}`).join(",");
+    const memberArgs = new Map<string, string[]>();
     for (let i = 0; i < size; i++) {
       const endpoint = `https://127.0.0.1:${ports[2 * i]}`;
-      const m = startMember(`m${i}`, [
+      const args = [
         "--name", `m${i}`,
         "--data-dir", join(dir, `m${i}`),
         "--listen-client-urls", endpoint,
@@ -148,7 +163,9 @@ export async function startEtcdCluster(size = 3): Promise<EtcdCluster> {
         "--client-cert-auth", "--trusted-ca-file", ca.cert, "--cert-file", member.cert, "--key-file", member.key,
         "--peer-client-cert-auth", "--peer-trusted-ca-file", ca.cert, "--peer-cert-file", member.cert, "--peer-key-file", member.key,
         "--logger", "zap", "--log-level", "error",
-      ]);
+      ];
+      memberArgs.set(`m${i}`, args);
+      const m = startMember(`m${i}`, args);
       m.endpoint = endpoint;
       members.push(m);
     }
@@ -166,6 +183,24 @@ export async function startEtcdCluster(size = 3): Promise<EtcdCluster> {
       files,
       strangerFiles,
       etcdctl,
+      async leader() {
+        const live = members.filter((m) => m.child.exitCode === null && m.child.signalCode === null);
+        const r = await exec("etcdctl", [`--endpoints=${live.map((m) => m.endpoint).join(",")}`, `--cacert=${files.ca}`, `--cert=${files.cert}`, `--key=${files.key}`, "endpoint", "status", "-w", "json"], { ETCDCTL_API: "3" });
+        const status = parseStatus(r.stdout);
+        return live.find((m) => {
+          const s = status.get(m.endpoint);
+          return s !== undefined && s[1] !== "0" && s[0] === s[1];
+        });
+      },
+      async restart(member) {
+        const i = members.indexOf(member);
+        if (i < 0) throw new Error(`etcd member ${member.name} is not of this cluster`);
+        if (member.child.exitCode === null && member.child.signalCode === null) throw new Error(`etcd member ${member.name} still runs`);
+        const again = startMember(member.name, memberArgs.get(member.name)!);
+        again.endpoint = member.endpoint;
+        members[i] = again;
+        await waitHealthy(members, etcdctl);
+      },
       async stop() {
         await kill(members);
         await rm(dir, { recursive: true, force: true });

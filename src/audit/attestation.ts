@@ -25,7 +25,7 @@ import { FailedPrecondition, PermissionDenied, ResourceExhausted, Unauthenticate
 import { MachineStatus } from "../gen/kmi/audit/v1/audit_pb.js";
 import { AttestationNonceRecordSchema, AttestationResultRecordSchema, type EnrolledMachineRecord } from "../gen/kmi/store/v1/audit_pb.js";
 import { retryOnConflict } from "../storage/retry.js";
-import { Conflict, MAX_TXN_OPS, delOp, putOp, type BatchOp } from "../storage/store.js";
+import { Conflict, MAX_TXN_OPS, chunk, delOp, putOp, type BatchOp } from "../storage/store.js";
 import { markAudited, refusalOutcome } from "./audited.js";
 import type { AuditContext } from "./context.js";
 import { loadCallerMachine, readCallerMachine, type MachineCaller } from "./identity.js";
@@ -118,9 +118,8 @@ export async function attest(ctx: AuditContext, caller: MachineCaller, evidenceB
         details["mismatched"] = problems.map((p) => p.name || "(none approved)").join(",").slice(0, 4096);
         if (group.quarantineOnMismatch) {
           const reason = `attestation failed: ${err.message}`.slice(0, 256);
-          const { ops, change } = quarantineOps(machine, reason, "system", now);
+          const ops = quarantineOps(machine, reason, "system", now);
           await ctx.audit.append({ actor: "system", action: "machine.quarantine", target, outcome: "ok", details: { reason, policy: `group ${group.name} quarantine_on_mismatch` } }, ops, [machineGuard]);
-          ctx.statusHub.publish(change);
           details["quarantined"] = "true";
         }
         throw err;
@@ -200,6 +199,6 @@ export async function sweepNonces(ctx: AuditContext): Promise<number> {
     if (dateOf(n.expiresAt).getTime() <= now) ops.push(delOp(Tables.nonces, key));
     if (ops.length >= 1000) break;
   }
-  for (let i = 0; i < ops.length; i += MAX_TXN_OPS) await ctx.store.batch(ops.slice(i, i + MAX_TXN_OPS));
+  for (const part of chunk(ops, MAX_TXN_OPS)) await ctx.store.batch(part);
   return ops.length;
 }

@@ -127,7 +127,7 @@ export interface AuditContext {
   attestationKey: AttestationKey;
   /** The infrastructure CA, PEM (returned to machines at enrollment and renewal). */
   caPem: string;
-  /** Status changes for WatchMachineStatus. */
+  /** Status changes for WatchMachineStatus, published by the status follower (./status-follower.ts) from the store's change feed. */
   statusHub: MachineStatusHub;
   /** The clock. */
   clock: Clock;

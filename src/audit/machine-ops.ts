@@ -1,7 +1,8 @@
 /**
  * Operator actions on machines: list, show, quarantine, release. A status change is one batch
- * (machine record + audit entry), conditional on the machine record as read, and is published
- * to WatchMachineStatus streams only after it committed.
+ * (machine record + audit entry), conditional on the machine record as read. It reaches the
+ * WatchMachineStatus streams through the store's change feed (./status-follower.ts), so only
+ * once it committed, and on every replica.
  */
 import { clone } from "@bufbuild/protobuf";
 import { FailedPrecondition } from "../common/errors.js";
@@ -15,8 +16,8 @@ import { dateOf, getMachine, guard, machineToProto, readMachine, ts } from "./re
 import type { StatusChange } from "./status-hub.js";
 import { RECORD_VERSION, Tables } from "./store.js";
 
-/** The batch ops and the change event that quarantine `machine`. */
-export function quarantineOps(machine: EnrolledMachineRecord, reason: string, by: string, now: Date): { ops: BatchOp[]; change: StatusChange } {
+/** The batch ops that quarantine `machine`. */
+export function quarantineOps(machine: EnrolledMachineRecord, reason: string, by: string, now: Date): BatchOp[] {
   return statusOps(machine, MachineStatus.QUARANTINED, reason, by, now);
 }
 
@@ -26,14 +27,14 @@ function statusOps(
   reason: string,
   by: string,
   now: Date,
-): { ops: BatchOp[]; change: StatusChange } {
+): BatchOp[] {
   const next = clone(EnrolledMachineRecordSchema, machine);
   next.recordVersion = RECORD_VERSION;
   next.status = status;
   next.statusReason = reason;
   next.statusChangedBy = by;
   next.statusChangedAt = ts(now);
-  return { ops: [putOp(Tables.machines, machine.machineId, next)], change: { machineId: machine.machineId, status, reason, time: now } };
+  return [putOp(Tables.machines, machine.machineId, next)];
 }
 
 /** Quarantines a machine (FailedPrecondition when it already is). */
@@ -64,10 +65,9 @@ async function changeStatus(
       );
     }
     const now = ctx.clock.now();
-    const { ops, change } = statusOps(machine, status, reason, actor, now);
+    const ops = statusOps(machine, status, reason, actor, now);
     const action = status === MachineStatus.QUARANTINED ? "machine.quarantine" : "machine.release";
     await ctx.audit.append({ actor, action, target: `machine/${machineId}`, outcome: "ok", details: { reason, group: machine.group } }, ops, [guard.machine(machineId, modRevision)]);
-    ctx.statusHub.publish(change);
     const updated = await getMachine(ctx, machineId);
     return machineToProto(updated, await ctx.store.get(Tables.attestations, machineId));
   });

@@ -1,8 +1,9 @@
 /**
  * The Auditserver: opens its data directory, unseals its two keys into memory (never to
  * disk), serves AuditService and AuditAdminService over TLS with optional mutual TLS (client
- * certificates from the infrastructure CA), sweeps expired nonces, and on destroy drains calls
- * and closes the store.
+ * certificates from the infrastructure CA), sweeps expired nonces, follows the store's change
+ * feed for machine status changes made by any replica, and on destroy drains calls and closes
+ * the store.
  */
 import { X509Certificate, createPrivateKey, createPublicKey } from "node:crypto";
 import { stat } from "node:fs/promises";
@@ -24,6 +25,7 @@ import { createCsrChecker } from "./csr.js";
 import { credentialAad, dataPaths, loadAuditMasterKey, openAuditStore, type MasterKeyOptions } from "./init.js";
 import { createKdcPeer } from "./kdc-client.js";
 import { services } from "./routes.js";
+import { MachineStatusFollower } from "./status-follower.js";
 import { MachineStatusHub } from "./status-hub.js";
 import { ATTESTATION_KEY, META_KEY, SERVICE_TLS_KEY, Tables } from "./store.js";
 
@@ -63,6 +65,7 @@ export class AuditServer {
     private readonly opts: AuditServerOptions,
     private readonly metrics: ReturnType<typeof createMetricsRegistry>,
     private readonly checkpoints: AuditCheckpointer,
+    private readonly follower: MachineStatusFollower,
   ) {}
 
   /** Opens the data directory and builds the server (nothing listens yet). */
@@ -146,7 +149,8 @@ export class AuditServer {
         ...(opts.shutdownTimeoutMs !== undefined ? { shutdownTimeoutMs: opts.shutdownTimeoutMs } : {}),
       });
       logger.info("audit store opened", { data_dir: opts.dataDir, store: describeBackend(backend, opts.dataDir), audit_id: meta.auditId, kdc: kdcUrl, attestation_key_id: att.keyId });
-      return new AuditServer(ctx, store, server, opts, metrics, checkpoints);
+      const follower = new MachineStatusFollower(store, ctx.statusHub, logger);
+      return new AuditServer(ctx, store, server, opts, metrics, checkpoints, follower);
     } catch (err) {
       masterKey.fill(0);
       await store.close();
@@ -156,6 +160,8 @@ export class AuditServer {
 
   /** Starts listening; resolves with the bound addresses. */
   async start(): Promise<BoundAddresses> {
+    // Before serving: a WatchMachineStatus stream then hears of every change after its snapshot.
+    await this.follower.start();
     const bound = await this.server.start();
     await this.checkpoints.start();
     if (this.opts.metricsListen !== undefined) {
@@ -178,6 +184,7 @@ export class AuditServer {
     clearInterval(this.sweeper);
     try {
       await this.server.destroy();
+      await this.follower.stop();
       // The last entries get signed and handed to the witness before the store closes.
       await this.checkpoints.close();
       await this.metricsServer?.close();

@@ -28,8 +28,9 @@ import {
   type TenantRecord,
   type TokenRecord,
 } from "../gen/kmi/store/v1/kdc_pb.js";
+import { MAX_APPEND_OPS } from "../storage/audit-log.js";
 import { retryOnConflict } from "../storage/retry.js";
-import type { BatchOp, Compare } from "../storage/store.js";
+import { chunk, type BatchOp, type Compare } from "../storage/store.js";
 import type { AttestedMachine } from "./authz.js";
 import type { CertSummary, Issuer, KdcContext } from "./context.js";
 import { CREDENTIAL, credentialAad, guard, intermediateKeyAad, put, signingKeyAad } from "./kdc-store.js";
@@ -540,13 +541,17 @@ export class KdcOperations {
    * reports for that tenant (the active one when it holds it, else the newest; 0 when none), in
    * one batch with its audit entry. An entry whose key id is not its version's key is not
    * believed (recorded as not held).
+   *
+   * A machine serving more tenants than one commit can carry (`MAX_APPEND_OPS`, from etcd's 128
+   * ops per transaction) is recorded in several batches, each with its own entry ("part" k/n).
+   * Each record stands alone (one tenant's rollout), so a report cut short by a failure leaves
+   * the other tenants' records as they were, never a record half written; the agent reports again.
    */
   async reportHeldVersions(caller: AttestedMachine, input: V.ReportHeldVersionsInput): Promise<MachineRolloutRecord[]> {
     const a = caller.attestation;
     const tenants = (await this.ctx.store.listTenants()).filter((t) => tenClaimServes(a.tenantIds, t.tenantId));
     const now = timestampFromDate(this.now());
     const records: MachineRolloutRecord[] = [];
-    const summary: string[] = [];
     let mismatched = 0;
     for (const t of tenants) {
       const held = input.held.filter((h) => h.tenantId === t.tenantId && h.version > 0).sort((x, y) => y.version - x.version);
@@ -566,26 +571,33 @@ export class KdcOperations {
           lastReport: now,
         }),
       );
-      summary.push(`${t.tenantId}:${pick === undefined ? "-" : `v${pick.version}`}`);
     }
     const tenantSet = new Set(tenants.map((t) => t.tenantId));
-    const joined = summary.join(",");
-    await this.ctx.audit.append(
-      {
-        actor: `machine:${caller.machineId}`,
-        action: "rollout.report",
-        target: `machine/${caller.machineId}`,
-        outcome: "ok",
-        details: {
-          held: joined.length > 3800 ? `${joined.slice(0, 3800)}...` : joined,
-          entries: String(input.held.length),
-          not_served: String(input.held.filter((h) => !tenantSet.has(h.tenantId)).length),
-          key_mismatch: String(mismatched),
-          group: a.group,
+    const totals = {
+      entries: String(input.held.length),
+      not_served: String(input.held.filter((h) => !tenantSet.has(h.tenantId)).length),
+      key_mismatch: String(mismatched),
+      group: a.group,
+    };
+    // A report that names no tenant is still recorded: one entry.
+    const parts = records.length === 0 ? [[]] : chunk(records, MAX_APPEND_OPS);
+    for (const [i, part] of parts.entries()) {
+      const joined = part.map((r) => `${r.tenantId}:${r.heldVersion === 0 ? "-" : `v${r.heldVersion}`}`).join(",");
+      await this.ctx.audit.append(
+        {
+          actor: `machine:${caller.machineId}`,
+          action: "rollout.report",
+          target: `machine/${caller.machineId}`,
+          outcome: "ok",
+          details: {
+            held: joined.length > 3800 ? `${joined.slice(0, 3800)}...` : joined,
+            ...totals,
+            ...(parts.length > 1 ? { part: `${i + 1}/${parts.length}` } : {}),
+          },
         },
-      },
-      records.map((r) => put.rollout(r)),
-    );
+        part.map((r) => put.rollout(r)),
+      );
+    }
     return records;
   }
 

@@ -37,6 +37,16 @@ import { retryOnConflict } from "./retry.js";
 import { bytesEqual } from "./seal.js";
 import { numericKey, putOp, type BatchOp, type Compare, type Store } from "./store.js";
 
+/**
+ * Most checkpoints signed in one commit: each record holds up to `MAX_CHECKPOINT_ENTRIES` entry
+ * hashes (~33 KB), so 32 of them stay within `MAX_TXN_BYTES` and `MAX_TXN_OPS` (etcd's limits).
+ */
+export const MAX_CHECKPOINTS_PER_COMMIT = 32;
+
+function bigMin(a: bigint, b: bigint): bigint {
+  return a < b ? a : b;
+}
+
 /** The other server, as a witness of this server's log (over mutual TLS). */
 export interface CheckpointWitnessPeer {
   /** Who it is, for messages: "the KDC" or "the Auditserver". */
@@ -266,8 +276,12 @@ export class AuditCheckpointer {
    * replicas signing at once conflict, and the loser signs again from the winner's checkpoint,
    * so the stored checkpoints stay one chain.
    */
-  #signNew(): Promise<AuditCheckpoint | undefined> {
-    return retryOnConflict(() => this.#signOnce());
+  async #signNew(): Promise<AuditCheckpoint | undefined> {
+    // A long backlog (a log that grew while checkpoints could not be signed) takes several commits.
+    for (;;) {
+      const r = await retryOnConflict(() => this.#signOnce());
+      if (r === undefined || r.caughtUp) return r?.newest;
+    }
   }
 
   /** Adopts a newer checkpoint another replica stored, after checking it; false when signing stopped. */
@@ -285,19 +299,24 @@ export class AuditCheckpointer {
     return true;
   }
 
-  async #signOnce(): Promise<AuditCheckpoint | undefined> {
+  /**
+   * One commit of new checkpoints: at most `MAX_CHECKPOINTS_PER_COMMIT` of them (etcd's limits on
+   * ops and bytes per transaction); `caughtUp` is false when more entries are left to sign.
+   */
+  async #signOnce(): Promise<{ newest: AuditCheckpoint | undefined; caughtUp: boolean } | undefined> {
     if (this.#broken !== undefined) throw new FailedPrecondition(`audit checkpoints stopped: ${this.#broken}; run \`kmi ctl audit verify\``);
     if (!(await this.#adoptStored())) return undefined;
     const read = await this.#store.read(AUDIT_META_TABLE, AUDIT_HEAD_KEY);
     const head = read.value;
     const last = this.#last;
     const lastSeq = last?.seq ?? 0n;
-    if (head === undefined || head.seq === 0n) return last;
+    if (head === undefined || head.seq === 0n) return { newest: last, caughtUp: true };
     if (head.seq < lastSeq) return this.#stop(`the head (seq ${head.seq}) is behind the last checkpoint (seq ${lastSeq}): entries were dropped`);
     if (head.seq === lastSeq) {
       if (!bytesEqual(head.hash, last!.hash)) return this.#stop(`the head's hash differs from the last checkpoint at seq ${lastSeq}: the log was rewritten`);
-      return last;
+      return { newest: last, caughtUp: true };
     }
+    const upTo = bigMin(head.seq, lastSeq + BigInt(MAX_CHECKPOINT_ENTRIES * MAX_CHECKPOINTS_PER_COMMIT));
     const ops: BatchOp[] = [];
     let from = lastSeq;
     let prev = last?.hash;
@@ -311,7 +330,7 @@ export class AuditCheckpointer {
       hashes = [];
     };
     let expected = lastSeq + 1n;
-    for await (const [, r] of this.#store.iterate(AUDIT_LOG_TABLE, { gt: numericKey(lastSeq), lte: numericKey(head.seq) })) {
+    for await (const [, r] of this.#store.iterate(AUDIT_LOG_TABLE, { gt: numericKey(lastSeq), lte: numericKey(upTo) })) {
       // Why check before signing: a signature over an edited entry would bless the edit.
       const bad = entryProblem(r, expected, prev);
       if (bad !== undefined) return this.#stop(`entry ${expected}: ${bad}`);
@@ -320,13 +339,13 @@ export class AuditCheckpointer {
       expected++;
       if (hashes.length === MAX_CHECKPOINT_ENTRIES) flush();
     }
-    if (expected - 1n !== head.seq) return this.#stop(`entry ${expected} is missing below the head (seq ${head.seq})`);
-    if (!bytesEqual(prev!, head.hash)) return this.#stop(`the head's hash is not entry ${head.seq}'s`);
+    if (expected - 1n !== upTo) return this.#stop(`entry ${expected} is missing below the head (seq ${head.seq})`);
+    if (upTo === head.seq && !bytesEqual(prev!, head.hash)) return this.#stop(`the head's hash is not entry ${head.seq}'s`);
     if (hashes.length > 0) flush();
     const headGuard: Compare = { table: AUDIT_META_TABLE, key: AUDIT_HEAD_KEY, modRevision: read.modRevision };
     await this.#store.commit({ compares: [headGuard], ops: [...ops, putOp(AUDIT_META_TABLE, AUDIT_HEAD_KEY, head)] });
     this.#last = newest;
-    return newest;
+    return { newest, caughtUp: upTo === head.seq };
   }
 
   /** Logs a failed background checkpoint; waiting for the witness and a stopped signer were logged already. */

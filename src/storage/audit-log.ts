@@ -32,7 +32,7 @@ import {
 import { Mutex } from "./mutex.js";
 import { retryOnConflict } from "./retry.js";
 import { KEY_BYTES, bytesEqual } from "./seal.js";
-import { conflictKey, defineTable, numericKey, parseNumericKey, putOp, type BatchOp, type Compare, type Store } from "./store.js";
+import { MAX_TXN_OPS, conflictKey, defineTable, numericKey, parseNumericKey, putOp, type BatchOp, type Compare, type Store } from "./store.js";
 import { RefusalBudget, type RefusalBudgetOptions } from "./refusal-budget.js";
 
 /** Table of audit entries, keyed by `numericKey(seq)`. */
@@ -43,6 +43,8 @@ export const AUDIT_META_TABLE = defineTable("audit_meta", AuditHeadRecordSchema)
 export const AUDIT_HEAD_KEY = "head";
 /** How the head is named in a `Conflict`. */
 const HEAD_ID = conflictKey("audit_meta", "head");
+/** Most change ops one `append` carries: a commit's `MAX_TXN_OPS` less the entry and the head it also writes. */
+export const MAX_APPEND_OPS = MAX_TXN_OPS - 2;
 /** Appends tried on a moving head before giving up with the Conflict (gRPC ABORTED). */
 const HEAD_ATTEMPTS = 64;
 

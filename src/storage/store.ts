@@ -253,6 +253,17 @@ export interface Store {
 
 /** Most ops (and, separately, most compares) of one commit: etcd's default `--max-txn-ops`. */
 export const MAX_TXN_OPS = 128;
+/**
+ * `items` cut into runs of at most `size` (the last may be shorter; none for no items): how a
+ * write whose op count grows with its input (tenants, machines) stays within `MAX_TXN_OPS`.
+ */
+export function chunk<T>(items: readonly T[], size: number): T[][] {
+  if (!Number.isSafeInteger(size) || size < 1) throw new InvalidArgument(`chunk: size must be a positive integer, not ${size}`);
+  const out: T[][] = [];
+  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
+  return out;
+}
+
 /** Most bytes of keys and values in one commit: below etcd's default 1.5 MiB request limit, with room for framing. */
 export const MAX_TXN_BYTES = 1_400_000;
 

@@ -29,6 +29,7 @@ import type { AuditContext, KdcPeer } from "../../../src/audit/context.js";
 import { createCsrChecker } from "../../../src/audit/csr.js";
 import { routes } from "../../../src/audit/routes.js";
 import { MachineStatusHub } from "../../../src/audit/status-hub.js";
+import { MachineStatusFollower } from "../../../src/audit/status-follower.js";
 import { AUDIT_SCHEMA_VERSION, AUDIT_STORE_OWNER, Tables } from "../../../src/audit/store.js";
 import type { Store, Table } from "../../../src/storage/store.js";
 
@@ -153,6 +154,9 @@ export async function makeHarness(options: { store?: Store } = {}): Promise<Harn
     logger,
     policy: { nonceTtlMs: 60_000, maxNoncesPerMachine: 16 },
   };
+  // As the server does: status changes reach the hub through the store's change feed.
+  const follower = new MachineStatusFollower(store, ctx.statusHub, logger);
+  await follower.start();
   const errorMapping: Interceptor = (next) => async (req) => {
     try {
       const res = await next(req);
@@ -192,6 +196,7 @@ export async function makeHarness(options: { store?: Store } = {}): Promise<Harn
       return out;
     },
     async close() {
+      await follower.stop();
       await store.close();
       await rm(dir, { recursive: true, force: true });
     },

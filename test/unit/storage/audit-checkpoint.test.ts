@@ -8,10 +8,12 @@ import { afterEach, describe, expect, it } from "vitest";
 import { FailedPrecondition, InvalidArgument, Unavailable } from "../../../src/common/errors.js";
 import { createLogger } from "../../../src/common/logger.js";
 import { AuditCheckpointSchema } from "../../../src/gen/kmi/common/v1/checkpoint_pb.js";
-import { AuditHeadRecordSchema } from "../../../src/gen/kmi/store/v1/audit_log_pb.js";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { AuditEntryRecordSchema, AuditHeadRecordSchema } from "../../../src/gen/kmi/store/v1/audit_log_pb.js";
 import {
   AUDIT_CHECKPOINTS_TABLE,
   CheckpointWitness,
+  MAX_CHECKPOINT_ENTRIES,
   checkpointProblem,
   checkpointSignedBytes,
   deriveCheckpointKey,
@@ -19,10 +21,10 @@ import {
   signCheckpoint,
   type AuditCheckpoint,
 } from "../../../src/storage/audit-checkpoint.js";
-import { AuditCheckpointer, type CheckpointWitnessPeer } from "../../../src/storage/audit-checkpointer.js";
-import { AUDIT_HEAD_KEY, AUDIT_LOG_TABLE, AUDIT_META_TABLE, createAuditLog, type AuditEntryInput } from "../../../src/storage/audit-log.js";
+import { AuditCheckpointer, MAX_CHECKPOINTS_PER_COMMIT, type CheckpointWitnessPeer } from "../../../src/storage/audit-checkpointer.js";
+import { AUDIT_FORMAT, AUDIT_HEAD_KEY, AUDIT_LOG_TABLE, AUDIT_META_TABLE, auditEntryHash, createAuditLog, type AuditEntryInput } from "../../../src/storage/audit-log.js";
 import { openLevelStore, type LevelStore } from "../../../src/storage/level-store.js";
-import { delOp, numericKey, putOp, type Store } from "../../../src/storage/store.js";
+import { MAX_TXN_OPS, delOp, numericKey, putOp, type Store } from "../../../src/storage/store.js";
 import { tempDir } from "./tmp-dir.js";
 
 const run = promisify(execFile);
@@ -200,6 +202,35 @@ describe("the checkpointer", () => {
     expect(await cp.verify()).toMatchObject({ ok: true, entries: 1003, checkpointSeq: 1003n, headSeq: 1003n, witness: "not configured" });
     await cp.close();
   });
+
+  it("signs a backlog too long for one commit (etcd's ops and bytes per transaction) in several, chained without gaps", async () => {
+    const { store, cp } = await setup();
+    // A log that grew while nothing was signed (say, before checkpoints existed): 33 001 entries
+    // written as the log writes them, then one checkpoint call.
+    const total = MAX_CHECKPOINT_ENTRIES * MAX_CHECKPOINTS_PER_COMMIT + 1001;
+    let prevHash: Uint8Array = new Uint8Array(32);
+    let ops = [];
+    for (let seq = 1; seq <= total; seq++) {
+      const r = create(AuditEntryRecordSchema, { format: AUDIT_FORMAT, seq: BigInt(seq), time: timestampFromDate(clock.now()), actor: "system", action: "test.change", target: `thing/${seq}`, outcome: "ok", prevHash });
+      r.hash = auditEntryHash(r);
+      prevHash = r.hash;
+      ops.push(putOp(AUDIT_LOG_TABLE, numericKey(seq), r));
+      if (ops.length === MAX_TXN_OPS - 1 || seq === total) {
+        if (seq === total) ops.push(putOp(AUDIT_META_TABLE, AUDIT_HEAD_KEY, create(AuditHeadRecordSchema, { format: AUDIT_FORMAT, seq: BigInt(seq), hash: r.hash })));
+        await store.batch(ops);
+        ops = [];
+      }
+    }
+    const newest = await cp.checkpoint();
+    expect(newest?.seq).toBe(BigInt(total));
+    const spans: [bigint, bigint][] = [];
+    for await (const [, r] of store.iterate(AUDIT_CHECKPOINTS_TABLE)) spans.push([r.checkpoint!.fromSeq, r.checkpoint!.seq]);
+    expect(spans).toHaveLength(MAX_CHECKPOINTS_PER_COMMIT + 2);
+    expect(spans.every(([from], i) => from === (i === 0 ? 0n : spans[i - 1]![1]))).toBe(true);
+    expect(spans.at(-1)![1]).toBe(BigInt(total));
+    expect(await cp.verify()).toMatchObject({ ok: true, entries: total, checkpointSeq: BigInt(total), headSeq: BigInt(total) });
+    await cp.close();
+  }, 120_000);
 
   it("proves the log still extends an exported checkpoint, and names the seq when it does not", async () => {
     const dir = await tempDir();
