@@ -545,8 +545,8 @@ const caCommands: Command[] = [
         const notYet = res.machines.filter((m) => m.connected && !m.upToDate).length;
         const head =
           `active version: ${res.activeVersion === 0 ? "none" : res.activeVersion}\n` +
-          rotationLines(res.rotation) +
-          `${res.upToDateCount} of ${res.machines.length} machines hold it, ${notYet} not yet, ${unreachable} unreachable (${res.connectedCount} connected)\n`;
+          `${res.upToDateCount} of ${res.machines.length} machines hold it, ${notYet} not yet, ${unreachable} unreachable (${res.connectedCount} connected)\n` +
+          rotationLines(res.rotation);
         if (res.machines.length === 0) return head + "(no machine has reported yet)\n";
         return head + "\n" + renderTableOf(res.machines);
       });
