@@ -13,7 +13,7 @@
  *      follow); a staged version activated or revoked by hand meanwhile ends the stage.
  *    - `stage`: a KMI-signed active version whose `next_rotation_at` has come gets a successor:
  *      a new key and KMI-signed certificate (same algorithm, subject and lifetime), READY, not
- *      active, recorded as the policy's `staged_version`.
+ *      active, recorded as the policy's `staged_version`, and sent to the agents (STAGED).
  *    - `csrIfDue`: a private-CA active version within `csr_before_expiry_days` of its end gets
  *      a new CSR (a PENDING version) once; the tenant's admins see it in the audit log (actor
  *      system:scheduler, detail scheduled=csr-due), the metric and `kmi ctl ca status`.
@@ -238,6 +238,8 @@ export class RotationScheduler {
       ),
     );
     this.#steps?.inc({ step: "stage" });
+    // Agents hear of it once it is committed; the other replicas' followers announce it to theirs.
+    this.ctx.events.staged(tenant.tenantId, version.version);
     report.staged.push(`${tenant.tenantId}/v${version.version}`);
     this.o.logger.info("scheduler: staged a new version; it is activated once the fleet holds it", { tenant: tenant.tenantId, version: version.version });
   }

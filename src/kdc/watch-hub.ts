@@ -132,15 +132,23 @@ export class WatchHub implements SecretEvents, WatchStreams {
     this.register(w, a.expiresAt);
     let snapshot: WatchSecretsResponse;
     try {
-      const items = await this.release.secretsOf(await this.release.servedTenants(a.tenantIds));
+      const tenants = await this.release.servedTenants(a.tenantIds);
+      const items = await this.release.secretsOf(tenants);
+      const staged: SecretMaterial[] = [];
       try {
+        staged.push(...(await this.release.stagedOf(tenants)));
         // Quarantined while the secrets were read: nothing leaves.
         requireNotQuarantined(this.ctx.quarantine, caller.machineId);
-        await this.release.auditToMachine(caller.machineId, "watch_snapshot", items, { token_jti: a.jti, token_expires_at: a.expiresAt.toISOString() });
+        const audited = { token_jti: a.jti, token_expires_at: a.expiresAt.toISOString() };
+        await this.release.auditToMachine(caller.machineId, "watch_snapshot", items, audited);
+        if (staged.length > 0) await this.release.auditToMachine(caller.machineId, "watch_staged", staged, audited);
         const now = this.ctx.clock.now();
         snapshot = create(WatchSecretsResponseSchema, { type: WatchEventType.SNAPSHOT, secrets: this.release.wrap(items, w.recipient, now), time: timestampFromDate(now) });
+        // A version staged before the stream opened follows its snapshot.
+        for (const m of staged) this.push(w, create(WatchSecretsResponseSchema, { type: WatchEventType.STAGED, tenantId: m.tenantId, secrets: this.release.wrap([m], w.recipient, now), time: timestampFromDate(now) }));
       } finally {
         wipe(items);
+        wipe(staged);
       }
     } catch (err) {
       this.unregister(w);
@@ -263,6 +271,19 @@ export class WatchHub implements SecretEvents, WatchStreams {
         await this.fanOut(tenantId, `tenant/${tenantId}/version/${active.version}`, "activated", WatchEventType.ACTIVATED, items);
       } finally {
         wipe(items);
+      }
+    });
+  }
+
+  /** Pushes the staged version (STAGED) to every stream that serves the tenant. */
+  staged(tenantId: string, version: number): void {
+    this.schedule(tenantId, "staged", async () => {
+      const item = await this.release.stagedSecret(tenantId, version);
+      if (item === undefined) return;
+      try {
+        await this.fanOut(tenantId, `tenant/${tenantId}/version/${version}`, "staged", WatchEventType.STAGED, [item]);
+      } finally {
+        wipe([item]);
       }
     });
   }
