@@ -6,10 +6,26 @@
  *   scheduler's election is stopped with SIGSTOP past its lease, the other takes over and makes
  *   the scheduled rotation; after SIGCONT the old leader's write is refused (logged, counted in
  *   kmi_kdc_fenced_writes_total, audited as scheduler.fenced) and the rotation happened exactly
- *   once (versions contiguous, one scheduled stage and one scheduled activation in the audit log).
+ *   once (versions contiguous, one scheduled stage and one scheduled activation in the audit log);
+ * - a version staged on one in-process replica reaches an agent's stream on the other (STAGED,
+ *   through the change follower).
  */
 import { createServer } from "node:net";
-import { readFile, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createClient, createRouterTransport, type Interceptor } from "@connectrpc/connect";
+import { createNopLogger } from "../../../src/common/logger.js";
+import { kPeer } from "../../../src/common/rpc.js";
+import { peerIdentityFromDer } from "../../../src/common/tls.js";
+import { DistributionService, WatchEventType, type WatchSecretsResponse } from "../../../src/gen/kmi/kdc/v1/distribution_pb.js";
+import { FileAttestationKey } from "../../../src/kdc/attestation-key.js";
+import { initKdc, openKdc, type OpenedKdc } from "../../../src/kdc/init.js";
+import { KdcOperations } from "../../../src/kdc/operations.js";
+import { routes } from "../../../src/kdc/routes.js";
+import { RotationScheduler } from "../../../src/kdc/scheduler.js";
+import { Machine, makeTokenKey, signToken } from "../../fixtures/kdc/machines.js";
+import { kdcRouterClients } from "../../helpers/kdc-router.js";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { KdcAdminService } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
@@ -126,6 +142,59 @@ describe("test 4: the scheduler's leader paused past its lease (SIGSTOP), then c
     } finally {
       for (const k of kdcs) await k.stop("SIGKILL");
       await rm(data.dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("a staged version on two replicas", () => {
+  it("staged by the scheduler on replica A, it reaches a machine's stream on replica B (STAGED)", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "kmi-kdc-stage-"));
+    const backend = { kind: "etcd" as const, endpoints: cluster.endpoints, caFile: cluster.files.ca, certFile: cluster.files.cert, keyFile: cluster.files.key, prefix: "stage/kdc" };
+    const replicas: OpenedKdc[] = [];
+    const abort = new AbortController();
+    try {
+      const r = await initKdc({ dataDir: dir, tls: { dnsNames: [], ipAddresses: [] }, store: backend });
+      const tokenKey = makeTokenKey();
+      await writeFile(join(dir, "attestation-key.pem"), tokenKey.publicPem);
+      for (let i = 0; i < 2; i++) replicas.push(await openKdc({ dataDir: dir, logger: createNopLogger(), store: backend, attestationKey: await FileAttestationKey.load(join(dir, "attestation-key.pem")) }));
+      const [a, b] = replicas as [OpenedKdc, OpenedKdc];
+      await kdcRouterClients(a.ctx, r.operatorToken).admin.createTenant({ tenantId: "acme", bootstrapKmiSigned: true });
+      const ops = new KdcOperations(a.ctx);
+      const m = new Machine("m-stage00000000001");
+      m.certPem = a.ctx.pki.certificatePem((await ops.issueMachineCertificate("system", { csrPem: m.csrPem(), machineId: m.machineId, group: "edge", ttlSeconds: 3600 })).certificateDer);
+      const peer = peerIdentityFromDer(m.certDer, true);
+      const injectPeer: Interceptor = (next) => async (req) => {
+        req.contextValues.set(kPeer, peer);
+        return next(req);
+      };
+      const events: WatchSecretsResponse[] = [];
+      const t = createRouterTransport(routes(b.ctx), { router: { interceptors: [injectPeer] } });
+      const done = (async () => {
+        try {
+          for await (const ev of createClient(DistributionService, t).watchSecrets({ attestationToken: signToken(tokenKey, { machineId: m.machineId, cert: m.certDer }) }, { signal: abort.signal })) events.push(ev);
+        } catch {
+          // ended by the abort
+        }
+      })();
+      await until("the snapshot", () => (events.some((e) => e.type === WatchEventType.SNAPSHOT) ? true : undefined));
+      const election = new Election(a.backend, { name: "scheduler", ttlSeconds: 2 });
+      const leadership = await election.campaign(abort.signal);
+      await kdcRouterClients(a.ctx, r.operatorToken).ca.setRotationPolicy({ tenantId: "acme", policy: { rotateEveryDays: 7 }, nextRotationAt: timestampFromDate(new Date()) });
+      expect((await new RotationScheduler(a.ctx, ops, { election, intervalMs: 60_000, logger: createNopLogger() }).runOnce(leadership)).staged).toEqual(["acme/v2"]);
+      const staged = await until("STAGED on replica B", () => events.find((e) => e.type === WatchEventType.STAGED));
+      expect(staged.tenantId).toBe("acme");
+      expect(staged.secrets.map((x) => x.version)).toEqual([2]);
+      await leadership.step("done");
+      abort.abort();
+      await done;
+    } finally {
+      abort.abort();
+      for (const k of replicas) {
+        await k.follower?.stop();
+        k.hub.closeAll();
+        await k.store.close();
+      }
+      await rm(dir, { recursive: true, force: true });
     }
   });
 });
