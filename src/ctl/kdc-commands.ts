@@ -2,8 +2,8 @@
  * The KDC's `kmi ctl` commands: tenants, tokens, the Certificate menu (`ca ...`), the audit
  * log and service certificates (`kmi ctl status`, the whole mesh's health, is src/ctl/status-command.ts).
  */
-import { toJson, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
-import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
+import { create, toJson, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
+import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { FailedPrecondition } from "../common/errors.js";
 import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
 import {
@@ -29,6 +29,7 @@ import {
   CreateVersionResponseSchema,
   DiscardPendingVersionResponseSchema,
   GetRolloutStatusResponseSchema,
+  GetRotationPolicyResponseSchema,
   GetVersionCsrResponseSchema,
   IntermediateVersionSchema,
   KdcService,
@@ -37,12 +38,14 @@ import {
   RenewVersionResponseSchema,
   RevokeSigningKeyResponseSchema,
   RevokeVersionResponseSchema,
+  SetRotationPolicyResponseSchema,
   Signer,
   UploadIntermediateResponseSchema,
   VersionState,
   type GetRolloutStatusResponse,
   type IntermediateVersion,
   type MachineRollout,
+  type RotationStatus,
   type SigningKey,
 } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import { ProgressMeter, progressWanted } from "../common/progress-meter.js";
@@ -542,7 +545,8 @@ const caCommands: Command[] = [
         const notYet = res.machines.filter((m) => m.connected && !m.upToDate).length;
         const head =
           `active version: ${res.activeVersion === 0 ? "none" : res.activeVersion}\n` +
-          `${res.upToDateCount} of ${res.machines.length} machines hold it, ${notYet} not yet, ${unreachable} unreachable (${res.connectedCount} connected)\n`;
+          `${res.upToDateCount} of ${res.machines.length} machines hold it, ${notYet} not yet, ${unreachable} unreachable (${res.connectedCount} connected)\n` +
+          rotationLines(res.rotation);
         if (res.machines.length === 0) return head + "(no machine has reported yet)\n";
         return head + "\n" + renderTableOf(res.machines);
       });
@@ -553,6 +557,112 @@ const caCommands: Command[] = [
     },
   },
 ];
+
+/** The rotation lines of `ca status`: the policy, the next rotation, a staged version, a due CSR. */
+function rotationLines(r: RotationStatus | undefined): string {
+  if (r === undefined) return "";
+  const lines = [`rotation policy: ${policyText(r)}`];
+  if (r.nextRotationAt !== undefined) lines.push(`next rotation: ${time(r.nextRotationAt)}`);
+  if (r.stagedVersion !== 0) lines.push(`staged version: ${r.stagedVersion} (since ${time(r.stagedAt)}; activated once every machine holds it, ${r.stagedHeldCount} do)`);
+  if (r.csrDueVersion !== 0) lines.push(`CSR due: version ${r.csrDueVersion} waits for your private CA's signature (\`kmi ctl ca csr --version ${r.csrDueVersion}\`, then \`kmi ctl ca upload\`)`);
+  return lines.join("\n") + "\n";
+}
+
+function policyText(r: RotationStatus): string {
+  const p = r.policy;
+  const parts: string[] = [];
+  if (p !== undefined && p.rotateEveryDays > 0) parts.push(`KMI-signed: rotate every ${p.rotateEveryDays}d (activation timeout ${p.activationTimeoutHours}h)`);
+  if (p !== undefined && p.csrBeforeExpiryDays > 0) parts.push(`private CA: CSR ${p.csrBeforeExpiryDays}d before expiry`);
+  return parts.length === 0 ? "none (rotates only by hand; see `kmi ctl ca policy`)" : parts.join("; ");
+}
+
+/** Parses a whole number of days ("30d" or "30"); `max` days at most. */
+function parseDays(flag: string, text: string): number {
+  const m = /^(\d{1,4})d?$/.exec(text.trim());
+  if (m === null) throw new UsageError(`--${flag}: "${text}" is not a number of days; use e.g. 30d (0 turns it off)`);
+  return Number(m[1]);
+}
+
+/** Parses hours ("24h", "2d" or "24"). */
+function parseHours(flag: string, text: string): number {
+  const m = /^(\d{1,4})([hd]?)$/.exec(text.trim());
+  if (m === null) throw new UsageError(`--${flag}: "${text}" is not a duration in hours; use e.g. 24h or 2d`);
+  return Number(m[1]) * (m[2] === "d" ? 24 : 1);
+}
+
+/** "now" or an RFC 3339 time. */
+function parseTime(flag: string, text: string): Date {
+  const d = text.trim() === "now" ? new Date() : new Date(text);
+  if (Number.isNaN(d.getTime()) || (text.trim() !== "now" && !/^\d{4}-\d{2}-\d{2}T/.test(text.trim()))) {
+    throw new UsageError(`--${flag}: "${text}" is not a time; use RFC 3339 (e.g. 2026-12-07T02:00:00Z) or now`);
+  }
+  return d;
+}
+
+function rotationFields(tenantId: string, r: RotationStatus | undefined): string {
+  if (r === undefined) return "";
+  return renderFields([
+    ["tenant", tenantId],
+    ["policy", policyText(r)],
+    ["next rotation", time(r.nextRotationAt)],
+    ["last rotation", time(r.lastRotationAt)],
+    ["staged version", r.stagedVersion === 0 ? "none" : `${r.stagedVersion} (${r.stagedHeldCount} machines hold it)`],
+    ["CSR due", r.csrDueVersion === 0 ? "none" : `version ${r.csrDueVersion} (upload its signed certificate)`],
+    ["active not after", time(r.activeNotAfter)],
+  ]);
+}
+
+const POLICY_FLAGS = ["rotate-every", "csr-before-expiry", "activation-timeout", "next-rotation", "off"] as const;
+
+/** `ca policy`: shows the tenant's rotation policy, or sets the flags given (the others keep their values). */
+const policyCommand: Command = {
+  name: ["ca", "policy"],
+  summary: "show or set a tenant's rotation policy: KMI-signed intermediates rotate by themselves, private-CA ones get a CSR before they expire",
+  details:
+    "without setting flags it shows the policy; with them it sets those (the others keep their values)\n" +
+    "--rotate-every: a KMI-signed active version is replaced every N days: the new version is staged first and\n" +
+    "  activated once every machine that reports holds it, or after --activation-timeout (default 24h)\n" +
+    "--csr-before-expiry: N days before a private-CA active version expires, a CSR is made (a pending version) and the\n" +
+    "  tenant's admins are told (audit log, kmi_kdc_scheduled_rotations_total{step=\"csr-due\"}, `kmi ctl ca status`)\n" +
+    "--next-rotation: when the next rotation is due (RFC 3339 or now), at most one period ahead; default: the active\n" +
+    "  version's activation plus the period\n" +
+    "examples:\n  kmi ctl ca policy --tenant acme --rotate-every 30d\n  kmi ctl ca policy --tenant acme --csr-before-expiry 14d\n  kmi ctl ca policy --tenant acme --off",
+  flags: {
+    ...kdcConnectionFlags,
+    ...tenantFlag,
+    "rotate-every": { type: "string", value: "DAYS", help: "rotate a KMI-signed intermediate every N days, e.g. 30d (0: never)" },
+    "csr-before-expiry": { type: "string", value: "DAYS", help: "make a private-CA CSR N days before expiry, e.g. 14d (0: never)" },
+    "activation-timeout": { type: "string", value: "HOURS", help: "activate a staged version after this long even if not every machine holds it, e.g. 24h (1h to 720h)" },
+    "next-rotation": { type: "string", value: "TIME", help: "when the next rotation is due: RFC 3339 or now" },
+    off: { type: "bool", help: "turn automatic rotation off (all 0)" },
+  },
+  async run(ctx) {
+    ctx.args.noPositionals();
+    const tenantId = ctx.args.need("tenant");
+    const client = kdc(ctx).ca;
+    const current = (await client.getRotationPolicy({ tenantId })).rotation;
+    if (!POLICY_FLAGS.some((f) => (f === "off" ? ctx.args.bool(f) : ctx.args.str(f) !== undefined))) {
+      ctx.out.result(json(GetRotationPolicyResponseSchema, create(GetRotationPolicyResponseSchema, current === undefined ? {} : { rotation: current })), () => rotationFields(tenantId, current));
+      return;
+    }
+    const was = ctx.args.bool("off") ? undefined : current?.policy;
+    const given = (flag: string, parse: (f: string, t: string) => number, old: number | undefined) => {
+      const t = ctx.args.str(flag);
+      return t === undefined ? (old ?? 0) : parse(flag, t);
+    };
+    const next = ctx.args.str("next-rotation");
+    const res = await client.setRotationPolicy({
+      tenantId,
+      policy: {
+        rotateEveryDays: given("rotate-every", parseDays, was?.rotateEveryDays),
+        csrBeforeExpiryDays: given("csr-before-expiry", parseDays, was?.csrBeforeExpiryDays),
+        activationTimeoutHours: given("activation-timeout", parseHours, was?.activationTimeoutHours),
+      },
+      ...(next !== undefined ? { nextRotationAt: timestampFromDate(parseTime("next-rotation", next)) } : {}),
+    });
+    ctx.out.result(json(SetRotationPolicyResponseSchema, res), () => rotationFields(tenantId, res.rotation));
+  },
+};
 
 /** Every machine that reported holds the active version. */
 function rolloutComplete(res: GetRolloutStatusResponse): boolean {
@@ -749,4 +859,4 @@ const otherCommands: Command[] = [
 ];
 
 /** Every KDC command of `kmi ctl`. */
-export const kdcCommands: readonly Command[] = [...tenantCommands, ...tokenCommands, ...caCommands, ...signingKeyCommands, ...auditLogCommands, ...otherCommands];
+export const kdcCommands: readonly Command[] = [...tenantCommands, ...tokenCommands, ...caCommands, policyCommand, ...signingKeyCommands, ...auditLogCommands, ...otherCommands];

@@ -5,7 +5,8 @@
  * operations right after they commit (./operations.ts) and skipped here (`LocalCommits`).
  *
  * It keeps what it needs to tell a change from a repeat: each tenant's active version, each
- * version's state, each signing key's revocation. At start it lists the three tables and
+ * version's state, each signing key's revocation, each tenant's staged version (the rotation
+ * scheduler's, in `rotation_policies`). At start it lists the four tables and
  * watches each from the list's revision + 1. A watch that breaks (the cluster unreachable)
  * resumes from the last revision it delivered; one answered with "resync" (its revision was
  * compacted) lists the table again and announces what differs, then watches on — the
@@ -17,7 +18,7 @@ import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
 import { jittered } from "../common/backoff.js";
 import type { Logger } from "../common/logger.js";
 import { VersionState } from "../gen/kmi/kdc/v1/kdc_pb.js";
-import type { IntermediateVersionRecord, SigningKeyRecord, TenantRecord } from "../gen/kmi/store/v1/kdc_pb.js";
+import type { IntermediateVersionRecord, RotationPolicyRecord, SigningKeyRecord, TenantRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import { StoreClosed, type Store, type Table } from "../storage/store.js";
 import type { SecretEvents } from "./context.js";
 import { T, versionKey } from "./kdc-store.js";
@@ -36,6 +37,7 @@ export class ChangeFollower {
   readonly #active = new Map<string, number>();
   readonly #versionStates = new Map<string, VersionState>();
   readonly #keys = new Map<string, boolean>();
+  readonly #staged = new Map<string, number>();
   readonly #abort = new AbortController();
   readonly #loops: Promise<void>[] = [];
   readonly #retryMs: number;
@@ -56,8 +58,14 @@ export class ChangeFollower {
       this.#list(T.tenants, this.#onTenant, false),
       this.#list(T.versions, this.#onVersion, false),
       this.#list(T.signingKeys, this.#onSigningKey, false),
+      this.#list(T.rotationPolicies, this.#onPolicy, false),
     ]);
-    this.#loops.push(this.#follow(T.tenants, this.#onTenant, starts[0]), this.#follow(T.versions, this.#onVersion, starts[1]), this.#follow(T.signingKeys, this.#onSigningKey, starts[2]));
+    this.#loops.push(
+      this.#follow(T.tenants, this.#onTenant, starts[0]),
+      this.#follow(T.versions, this.#onVersion, starts[1]),
+      this.#follow(T.signingKeys, this.#onSigningKey, starts[2]),
+      this.#follow(T.rotationPolicies, this.#onPolicy, starts[3]),
+    );
   }
 
   /** Stops watching; resolves once every watch has ended. Idempotent. */
@@ -114,6 +122,13 @@ export class ChangeFollower {
     const tenant = await this.store.get(T.tenants, v.tenantId);
     const active = tenant === undefined || tenant.activeVersion === 0 ? undefined : await this.store.get(T.versions, versionKey(v.tenantId, tenant.activeVersion));
     if (active?.keyId !== v.keyId) this.events.keyRevoked(v.tenantId, v.keyId, v.revokeReason);
+  }
+
+  async #onPolicy(key: string, p: RotationPolicyRecord | undefined, announce: boolean): Promise<void> {
+    const before = this.#staged.get(key) ?? 0;
+    const staged = p?.stagedVersion ?? 0;
+    this.#staged.set(key, staged);
+    if (announce && staged !== 0 && staged !== before) this.events.staged(key, staged);
   }
 
   async #onSigningKey(key: string, k: SigningKeyRecord | undefined, announce: boolean): Promise<void> {

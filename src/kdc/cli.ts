@@ -8,7 +8,7 @@ import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger, parseLogLevel } from "../common/logger.js";
 import { backupMain, restoreMain } from "./backup/cli.js";
 import { storeBackendFrom } from "../storage/backend.js";
-import { KDC_ETCD_PREFIX, initProgram, parseLease, parsePendingTtl, pkcs11Settings, serveProgram } from "./config.js";
+import { KDC_ETCD_PREFIX, initProgram, parseElectionTtl, parseLease, parsePendingTtl, parseSchedulerInterval, pkcs11Settings, serveProgram } from "./config.js";
 import { dataPaths, initKdc } from "./init.js";
 import { KdcServer } from "./server.js";
 import { hostIp, hostName } from "./validate.js";
@@ -93,6 +93,7 @@ async function serve(argv: string[]): Promise<number> {
     leaseMs: parseLease(v.lease),
     pendingTtlMs: parsePendingTtl(v.pendingTtl),
     watch: { maxStreams: v.maxWatchStreams, maxOpening: v.maxConcurrentOpens },
+    scheduler: { intervalMs: parseSchedulerInterval(v.schedulerInterval), electionTtlSeconds: parseElectionTtl(v.electionTtl) },
     pkcs11: pkcs11Settings(v),
   });
   // A clean stop lets the event loop drain (log lines flushed); a forced or failed one exits now.

@@ -89,6 +89,21 @@ export const serveProgram = defineProgram({
       default: 64,
       validate: atLeastOne,
     },
+    schedulerInterval: {
+      type: "string",
+      description:
+        "how often the elected replica's rotation scheduler runs (e.g. 60s, 5m; 1s to 1h; values under 1s, e.g. 200ms, are for tests only)",
+      default: "60s",
+      valueName: "duration",
+      validate: (v: string) => void parseSchedulerInterval(v),
+    },
+    electionTtl: {
+      type: "string",
+      description: "lease of the scheduler's election on etcd: how long a dead or paused leader holds up scheduled work (2s to 5m)",
+      default: "10s",
+      valueName: "duration",
+      validate: (v: string) => void parseElectionTtl(v),
+    },
     pendingTtl: {
       type: "string",
       description: "how long a pending version (a CSR from `kmi ctl ca csr`) waits for its signed certificate before an upload is refused (e.g. 30d; 1s to 365d)",
@@ -110,6 +125,24 @@ export function parseLease(text: string): number {
   const seconds = Number(m[1]) * { "": 1, s: 1, m: 60, h: 3600, d: 86400 }[m[2] as "" | "s" | "m" | "h" | "d"];
   if (seconds < 60 || seconds > 30 * 86400) throw new Error(`"${text}" is out of range; use 1m to 30d`);
   return seconds * 1000;
+}
+
+/** Parses the scheduler interval: a number with ms, s, m or h; 100 ms (tests) to 1 hour; returns ms. */
+export function parseSchedulerInterval(text: string): number {
+  const m = /^(\d{1,9})(ms|s|m|h)$/.exec(text.trim());
+  if (m === null) throw new Error(`"${text}" is not a duration; use e.g. 60s or 5m`);
+  const ms = Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[m[2] as "ms" | "s" | "m" | "h"];
+  if (ms < 100 || ms > 3_600_000) throw new Error(`"${text}" is out of range; use 1s to 1h (100ms or more in tests)`);
+  return ms;
+}
+
+/** Parses the election lease: a number with s or m; 2 seconds to 5 minutes; returns whole seconds. */
+export function parseElectionTtl(text: string): number {
+  const m = /^(\d{1,6})(s|m)$/.exec(text.trim());
+  if (m === null) throw new Error(`"${text}" is not a duration; use e.g. 10s`);
+  const s = Number(m[1]) * (m[2] === "m" ? 60 : 1);
+  if (s < 2 || s > 300) throw new Error(`"${text}" is out of range; use 2s to 5m`);
+  return s;
 }
 
 /** Parses the pending-version TTL: a number with s, m, h or d (seconds without a unit), 1 second to 365 days; returns ms. */

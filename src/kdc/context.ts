@@ -179,6 +179,8 @@ export interface SecretEvents {
   keyRevoked(tenantId: string, keyId: string, reason: string): void;
   /** A plain signing key was made. */
   signingKeyAdded(tenantId: string, name: string): void;
+  /** The rotation scheduler staged `version` of the tenant (READY, to be activated once the fleet holds it). */
+  staged(tenantId: string, version: number): void;
 }
 
 /** The open WatchSecrets streams (./watch-hub.ts). */

@@ -260,6 +260,8 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
 export interface OpenedKdc {
   ctx: KdcContext;
   store: Store;
+  /** The backend itself, without the commit bookkeeping: what elections campaign on (their leases are the backend's). */
+  backend: Store;
   /** On a shared store (etcd): the follower that announces other replicas' commits to this one's watch streams; stop it before closing the store. */
   follower: ChangeFollower | undefined;
   /** The watch streams (also `ctx.events` and `ctx.watches`). */
@@ -355,7 +357,7 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
       follower = new ChangeFollower(store, local, hub, opts.logger);
       await follower.start();
     }
-    return { ctx, store, hub, quarantine, checkpoints, follower };
+    return { ctx, store, backend: opened, hub, quarantine, checkpoints, follower };
   } catch (err) {
     rootKeys?.close();
     await store.close();

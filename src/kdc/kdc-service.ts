@@ -12,6 +12,8 @@ import {
   CreateVersionResponseSchema,
   DiscardPendingVersionResponseSchema,
   GetCaCertificatesResponseSchema,
+  GetRotationPolicyResponseSchema,
+  SetRotationPolicyResponseSchema,
   GetVersionCsrResponseSchema,
   KdcService,
   ListSigningKeysResponseSchema,
@@ -30,6 +32,7 @@ import { authenticateTokenOrSession, handle } from "./handler.js";
 import { intermediateVersion, signingKey } from "./mapping.js";
 import { versionTarget, type KdcOperations } from "./operations.js";
 import { RolloutStreams, rolloutStatus, watchRollout } from "./rollout-status.js";
+import { RotationPolicies } from "./rotation-policy.js";
 import * as V from "./validate.js";
 
 const tenantNeed = (i: { tenantId: string }) => ({ kind: "tenant", tenantId: i.tenantId }) as const;
@@ -39,6 +42,7 @@ export function createKdcService(ctx: KdcContext, ops: KdcOperations): ServiceIm
   const pem = (spki: Uint8Array) => encodePem("PUBLIC KEY", spki);
   const iv = (r: Parameters<typeof intermediateVersion>[0]) => intermediateVersion(r, ctx.pki, { pendingTtlMs: ctx.pendingTtlMs, now: ctx.clock.now() });
   const rolloutStreams = new RolloutStreams();
+  const policies = new RotationPolicies(ctx, ops);
 
   return {
     getCaCertificates: (req, hctx) =>
@@ -205,6 +209,25 @@ export function createKdcService(ctx: KdcContext, ops: KdcOperations): ServiceIm
           await ops.requireTenant(i.tenantId);
           return create(ListSigningKeysResponseSchema, { keys: (await ctx.store.listSigningKeys(i.tenantId)).map((k) => signingKey(k, pem)) });
         },
+      }),
+
+    getRotationPolicy: (req, hctx) =>
+      handle(ctx, hctx, req, {
+        target: (r) => `tenant/${r.tenantId}`,
+        auth: "token",
+        parse: (r) => ({ tenantId: V.tenantId(r.tenantId) }),
+        need: tenantNeed,
+        act: async (_c, i) => create(GetRotationPolicyResponseSchema, { rotation: await policies.status(i.tenantId) }),
+      }),
+
+    setRotationPolicy: (req, hctx) =>
+      handle(ctx, hctx, req, {
+        action: "ca.policy.set",
+        target: (r) => `tenant/${r.tenantId}`,
+        auth: "token",
+        parse: V.setRotationPolicy,
+        need: tenantNeed,
+        act: async (c, i) => create(SetRotationPolicyResponseSchema, { rotation: await policies.set(actorOf(c), i) }),
       }),
 
     revokeSigningKey: (req, hctx) =>

@@ -15,6 +15,9 @@
  * | `signing_keys` | `<tenant_id>/<name>`                 | SigningKeyRecord             |
  * | `rollout`      | `<tenant_id>/<machine_id>`           | MachineRolloutRecord         |
  * | `quarantine`   | `<machine_id>`                       | QuarantinedMachineRecord     |
+ * | `rotation_policies` | `<tenant_id>`                   | RotationPolicyRecord         |
+ * | `scheduler_runs` | `<job>` ("rotation")               | SchedulerRunRecord           |
+ * | `elections`    | `<job>` ("scheduler"; storage/election) | ElectionRecord (store.proto) |
  * | `audit_log`    | seq, 20 digits (storage/audit-log)   | AuditEntryRecord             |
  * | `audit_meta`   | `head` (storage/audit-log)           | AuditHeadRecord              |
  *
@@ -35,6 +38,8 @@ import {
   KdcMetaRecordSchema,
   MachineRolloutRecordSchema,
   QuarantinedMachineRecordSchema,
+  RotationPolicyRecordSchema,
+  SchedulerRunRecordSchema,
   SigningKeyRecordSchema,
   TenantRecordSchema,
   TokenRecordSchema,
@@ -43,6 +48,8 @@ import {
   type KdcMetaRecord,
   type MachineRolloutRecord,
   type QuarantinedMachineRecord,
+  type RotationPolicyRecord,
+  type SchedulerRunRecord,
   type SigningKeyRecord,
   type TenantRecord,
   type TokenRecord,
@@ -65,6 +72,8 @@ export const T = {
   signingKeys: defineTable("signing_keys", SigningKeyRecordSchema),
   rollout: defineTable("rollout", MachineRolloutRecordSchema),
   quarantine: defineTable("quarantine", QuarantinedMachineRecordSchema),
+  rotationPolicies: defineTable("rotation_policies", RotationPolicyRecordSchema),
+  schedulerRuns: defineTable("scheduler_runs", SchedulerRunRecordSchema),
 } as const;
 
 /** Key of a version record. */
@@ -208,6 +217,21 @@ export class KdcStore {
     return this.store.read(T.quarantine, machineId);
   }
 
+  /** A tenant's rotation policy with its mod revision (`0n`: none). */
+  readRotationPolicy(tenantId: string): Promise<ReadResult<RotationPolicyRecord>> {
+    return this.store.read(T.rotationPolicies, tenantId);
+  }
+
+  /** Every tenant's rotation policy, by tenant id. */
+  listRotationPolicies(): Promise<RotationPolicyRecord[]> {
+    return this.all(T.rotationPolicies);
+  }
+
+  /** A singleton job's last run with its mod revision. */
+  readSchedulerRun(job: string): Promise<ReadResult<SchedulerRunRecord>> {
+    return this.store.read(T.schedulerRuns, job);
+  }
+
   /** Every machine the KDC knows as quarantined or as released after a quarantine, by machine id. */
   listQuarantined(): Promise<QuarantinedMachineRecord[]> {
     return this.all(T.quarantine);
@@ -220,6 +244,8 @@ export const guard = {
   token: (tokenId: string, modRevision: bigint): Compare => ({ table: T.tokens, key: tokenId, modRevision }),
   signingKey: (tenantId: string, name: string, modRevision: bigint): Compare => ({ table: T.signingKeys, key: `${tenantId}/${name}`, modRevision }),
   quarantine: (machineId: string, modRevision: bigint): Compare => ({ table: T.quarantine, key: machineId, modRevision }),
+  rotationPolicy: (tenantId: string, modRevision: bigint): Compare => ({ table: T.rotationPolicies, key: tenantId, modRevision }),
+  schedulerRun: (job: string, modRevision: bigint): Compare => ({ table: T.schedulerRuns, key: job, modRevision }),
 };
 
 /** Put ops for the KDC's records, keyed by the layout above. */
@@ -232,4 +258,6 @@ export const put = {
   signingKey: (r: SigningKeyRecord): BatchOp => putOp(T.signingKeys, `${r.tenantId}/${r.name}`, r),
   rollout: (r: MachineRolloutRecord): BatchOp => putOp(T.rollout, `${r.tenantId}/${r.machineId}`, r),
   quarantined: (r: QuarantinedMachineRecord): BatchOp => putOp(T.quarantine, r.machineId, r),
+  rotationPolicy: (r: RotationPolicyRecord): BatchOp => putOp(T.rotationPolicies, r.tenantId, r),
+  schedulerRun: (r: SchedulerRunRecord): BatchOp => putOp(T.schedulerRuns, r.job, r),
 };

@@ -29,6 +29,7 @@ import {
   type TokenRecord,
 } from "../gen/kmi/store/v1/kdc_pb.js";
 import { MAX_APPEND_OPS } from "../storage/audit-log.js";
+import { notFenced } from "../storage/election.js";
 import { retryOnConflict } from "../storage/retry.js";
 import { chunk, type BatchOp, type Compare } from "../storage/store.js";
 import type { AttestedMachine } from "./authz.js";
@@ -61,6 +62,13 @@ export interface VersionChange {
   retired?: IntermediateVersionRecord | undefined;
 }
 
+/**
+ * More to commit with a version change, in the same batch (the rotation scheduler's policy
+ * record and its election fence): called on every attempt, after the change is planned, so
+ * that what it reads is as fresh as the change's own reads.
+ */
+export type JointChange = (change: VersionChange) => Promise<{ ops: BatchOp[]; compares: Compare[]; details: Record<string, string> }>;
+
 /** The KDC's operations; one instance per server, over its context. */
 export class KdcOperations {
   constructor(private readonly ctx: KdcContext) {}
@@ -79,7 +87,7 @@ export class KdcOperations {
       const read = await this.ctx.store.readTenant(tenantId);
       if (read.value === undefined) throw new NotFound(`tenant "${tenantId}" not found; see \`kmi ctl tenant list\``);
       return step(read.value, [guard.tenant(tenantId, read.modRevision)]);
-    });
+    }, { retryIf: notFenced });
   }
 
   // ---- credentials ----
@@ -207,7 +215,7 @@ export class KdcOperations {
   }
 
   /** CreateVersion: a new key; KMI-signed (READY, optionally ACTIVE) or a CSR (PENDING). */
-  async createVersion(actor: string, input: V.CreateVersionInput): Promise<VersionChange> {
+  async createVersion(actor: string, input: V.CreateVersionInput, joint?: JointChange): Promise<VersionChange> {
     return this.tenantChange(input.tenantId, async (tenant, guarded) => {
       let result: { tenant: TenantRecord; version: IntermediateVersionRecord; retired: IntermediateVersionRecord | undefined };
       if (input.signer === Signer.KMI_ROOT) {
@@ -240,7 +248,7 @@ export class KdcOperations {
       await this.commitVersionChange(actor, "ca.version.create", result, {
         signer: signerLabel(input.signer),
         algorithm: algorithmLabel(result.version.keyAlgorithm),
-      }, guarded);
+      }, guarded, joint);
       return { version: result.version, retired: result.retired };
     });
   }
@@ -251,15 +259,17 @@ export class KdcOperations {
     r: { tenant: TenantRecord; version: IntermediateVersionRecord; retired?: IntermediateVersionRecord | undefined },
     extra: Record<string, string>,
     guarded: readonly Compare[],
+    joint?: JointChange,
   ): Promise<void> {
-    const ops = [put.tenant(r.tenant), put.version(r.version)];
-    const details: Record<string, string> = { ...extra, key_id: r.version.keyId, state: stateName(r.version.state) };
+    const more = await joint?.({ version: r.version, retired: r.retired });
+    const ops = [put.tenant(r.tenant), put.version(r.version), ...(more?.ops ?? [])];
+    const details: Record<string, string> = { ...extra, ...more?.details, key_id: r.version.keyId, state: stateName(r.version.state) };
     if (r.version.certificateDer.length > 0) details["sha256"] = this.ctx.pki.summarize(r.version.certificateDer).sha256Fingerprint;
     if (r.retired !== undefined) {
       ops.push(put.version(r.retired));
       details["retired_version"] = String(r.retired.version);
     }
-    await this.ctx.audit.append({ actor, action, target: versionTarget(r.tenant.tenantId, r.version.version), outcome: "ok", details }, ops, guarded);
+    await this.ctx.audit.append({ actor, action, target: versionTarget(r.tenant.tenantId, r.version.version), outcome: "ok", details }, ops, [...guarded, ...(more?.compares ?? [])]);
     // Agents hear of a new active version once it is committed (never before).
     if (r.version.state === VersionState.ACTIVE) this.ctx.events.activeChanged(r.tenant.tenantId);
   }
@@ -377,12 +387,12 @@ export class KdcOperations {
   }
 
   /** ActivateVersion: READY/RETIRED -> ACTIVE, the previous active -> RETIRED, in one batch. */
-  async activateVersion(actor: string, input: V.TenantVersionInput): Promise<VersionChange> {
+  async activateVersion(actor: string, input: V.TenantVersionInput, joint?: JointChange): Promise<VersionChange> {
     return this.tenantChange(input.tenantId, async (tenant, guarded) => {
       const target = await this.requireVersion(input.tenantId, input.version);
       const current = tenant.activeVersion === 0 ? undefined : await this.ctx.store.getVersion(tenant.tenantId, tenant.activeVersion);
       const plan = planActivate(tenant, target, current, this.validityOf(target), this.now());
-      await this.commitVersionChange(actor, "ca.version.activate", { tenant: plan.tenant, version: plan.activated, retired: plan.retired }, {}, guarded);
+      await this.commitVersionChange(actor, "ca.version.activate", { tenant: plan.tenant, version: plan.activated, retired: plan.retired }, {}, guarded, joint);
       return { version: plan.activated, retired: plan.retired };
     });
   }
@@ -556,10 +566,12 @@ export class KdcOperations {
     for (const t of tenants) {
       const held = input.held.filter((h) => h.tenantId === t.tenantId && h.version > 0).sort((x, y) => y.version - x.version);
       let pick: V.HeldKeyInput | undefined = held.find((h) => h.version === t.activeVersion) ?? held[0];
-      if (pick !== undefined && (await this.ctx.store.getVersion(t.tenantId, pick.version))?.keyId !== pick.keyId) {
+      if (pick !== undefined && !(await this.heldKeyMatches(t.tenantId, pick))) {
         mismatched++;
         pick = undefined;
       }
+      // The newest held (a version staged by the rotation scheduler), believed only with its key id.
+      const newest = held[0] !== undefined && held[0] !== pick && (await this.heldKeyMatches(t.tenantId, held[0])) ? held[0] : pick;
       records.push(
         create(MachineRolloutRecordSchema, {
           recordVersion: 1,
@@ -569,6 +581,7 @@ export class KdcOperations {
           heldVersion: pick?.version ?? 0,
           keyId: pick?.keyId ?? "",
           lastReport: now,
+          newestHeldVersion: Math.max(pick?.version ?? 0, newest?.version ?? 0),
         }),
       );
     }
@@ -599,6 +612,10 @@ export class KdcOperations {
       );
     }
     return records;
+  }
+
+  private async heldKeyMatches(tenantId: string, h: V.HeldKeyInput): Promise<boolean> {
+    return (await this.ctx.store.getVersion(tenantId, h.version))?.keyId === h.keyId;
   }
 
   // ---- tokens ----

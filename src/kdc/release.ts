@@ -12,6 +12,7 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { ALL_TENANTS, tenClaimServes } from "../attest/index.js";
 import { KeyAlgorithm, KeyPurpose } from "../gen/kmi/common/v1/common_pb.js";
 import { ReleasedSecretSchema, type ReleasedSecret } from "../gen/kmi/kdc/v1/distribution_pb.js";
+import { VersionState } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import type { IntermediateVersionRecord, SigningKeyRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import { formatWrapAad, machinePublicKeyFromCertificate, wrapKeyForMachine } from "../keywrap/index.js";
 import { encodePem } from "../pki/pem.js";
@@ -149,6 +150,33 @@ export class SecretRelease {
       wipe(out);
       throw err;
     }
+  }
+
+  /**
+   * The versions the rotation scheduler staged for these tenants (READY, not yet active),
+   * unsealed. The caller wipes them.
+   */
+  async stagedOf(tenantIds: readonly string[]): Promise<SecretMaterial[]> {
+    if (tenantIds.length === 0) return [];
+    const wanted = new Set(tenantIds);
+    const out: SecretMaterial[] = [];
+    try {
+      for (const p of await this.ctx.store.listRotationPolicies()) {
+        if (p.stagedVersion === 0 || !wanted.has(p.tenantId)) continue;
+        const m = await this.stagedSecret(p.tenantId, p.stagedVersion);
+        if (m !== undefined) out.push(m);
+      }
+      return out;
+    } catch (err) {
+      wipe(out);
+      throw err;
+    }
+  }
+
+  /** A staged version, unsealed (undefined unless it is READY with a certificate). The caller wipes it. */
+  async stagedSecret(tenantId: string, version: number): Promise<SecretMaterial | undefined> {
+    const v = await this.ctx.store.getVersion(tenantId, version);
+    return v === undefined || v.state !== VersionState.READY || v.certificateDer.length === 0 ? undefined : this.intermediate(v);
   }
 
   /** One signing key, unsealed (undefined when missing or revoked). The caller wipes it. */

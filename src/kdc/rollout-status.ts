@@ -20,6 +20,7 @@ import {
 import { sleep } from "../common/backoff.js";
 import type { KdcContext } from "./context.js";
 import type { KdcOperations } from "./operations.js";
+import { RotationPolicies } from "./rotation-policy.js";
 
 /** How often a rollout stream re-reads the status, ms. */
 export const ROLLOUT_POLL_MS = 1000;
@@ -46,6 +47,7 @@ export async function rolloutStatus(ctx: KdcContext, ops: KdcOperations, tenantI
     machines,
     upToDateCount: machines.filter((m) => m.upToDate).length,
     connectedCount: machines.filter((m) => m.connected).length,
+    rotation: await new RotationPolicies(ctx, ops).status(tenantId),
   });
 }
 

@@ -24,6 +24,8 @@ import type { WatchHubOptions } from "./watch-hub.js";
 import { CREDENTIAL, credentialAad, put } from "./kdc-store.js";
 import { sealedRootKeys, type Pkcs11Settings } from "./root-keys.js";
 import { KdcOperations } from "./operations.js";
+import { DEFAULT_SCHEDULER_INTERVAL_MS, RotationScheduler } from "./scheduler.js";
+import { Election } from "../storage/election.js";
 import { defaultPortalDir, PortalSite } from "./portal-static.js";
 import { services } from "./routes.js";
 
@@ -57,6 +59,8 @@ export interface KdcServerOptions extends MasterKeyOptions {
   watch?: WatchHubOptions;
   /** The PKCS#11 token holding the roots' keys (when `kmi kdc init` made them there). */
   pkcs11?: Pkcs11Settings | undefined;
+  /** The rotation scheduler: run interval and election lease (defaults 60 s and 10 s). */
+  scheduler?: { intervalMs?: number; electionTtlSeconds?: number };
 }
 
 /** The extended key usage OID a certificate needs to be presented as a TLS client. */
@@ -79,6 +83,8 @@ export class KdcServer {
     private readonly opts: KdcServerOptions,
     private readonly metrics: ReturnType<typeof createMetricsRegistry>,
     private readonly audit: { client: AuditClient; key: FetchedAttestationKey | undefined; feed: MachineStatusFeed } | undefined,
+    /** The rotation scheduler (tests look at whether it leads). */
+    readonly scheduler: RotationScheduler,
   ) {}
 
   private get store(): Store {
@@ -128,10 +134,17 @@ export class KdcServer {
       if (portal === undefined) opts.logger.warn("the portal is not built (run `npm run build:web`); the KDC serves its API only", {});
       metrics.gauge("kmi_kdc_audit_checkpoint_seq", "Seq of the newest signed checkpoint of the KDC's audit log.", [], (g) => g.set(Number(opened.checkpoints.lastSeq)));
       metrics.gauge("kmi_kdc_audit_checkpoints_stopped", "1 when the audit log does not extend its signed checkpoints and no more are signed (run kmi ctl audit verify).", [], (g) => g.set(opened.checkpoints.broken === undefined ? 0 : 1));
+      const ops = new KdcOperations(ctx);
+      const scheduler = new RotationScheduler(ctx, ops, {
+        election: new Election(opened.backend, { name: "scheduler", ttlSeconds: opts.scheduler?.electionTtlSeconds ?? 10, logger: opts.logger, now: () => ctx.clock.now() }),
+        intervalMs: opts.scheduler?.intervalMs ?? DEFAULT_SCHEDULER_INTERVAL_MS,
+        logger: opts.logger,
+        metrics,
+      });
       const server = ConnectServer.create({
         name: "kdc",
         // The portal's operator pages reach the Auditserver through this KDC (when it knows one).
-        services: services(ctx, new KdcOperations(ctx), opts.auditUrl !== undefined ? () => fetcher?.admin : undefined),
+        services: services(ctx, ops, opts.auditUrl !== undefined ? () => fetcher?.admin : undefined),
         tcp: { listen: opts.listen, tls, mtls: "optional" },
         ...(portal !== undefined ? { fallback: (req, res) => portal.serve(req, res) } : {}),
         logger: opts.logger,
@@ -165,7 +178,7 @@ export class KdcServer {
       } else if (fileKey !== undefined) {
         opts.logger.info("attestation key loaded", { file: opts.attestationKeyFile, key_id: fileKey.keyId });
       }
-      return new KdcServer(ctx, opened, server, opts, metrics, audit);
+      return new KdcServer(ctx, opened, server, opts, metrics, audit, scheduler);
     } catch (err) {
       ctx.rootKeys?.close();
       await store.close();
@@ -225,6 +238,7 @@ export class KdcServer {
     this.audit?.key?.start();
     this.audit?.feed.start();
     await this.opened.checkpoints.start();
+    this.scheduler.start();
     if (this.opts.metricsListen !== undefined) {
       this.metricsServer = await startMetricsServer(this.metrics, parseListenAddress(this.opts.metricsListen), this.opts.logger);
     }
@@ -239,6 +253,8 @@ export class KdcServer {
     try {
       await this.audit?.feed.close();
       await this.audit?.key?.close();
+      // The election is given up first: another replica takes the scheduler over at once.
+      await this.scheduler.stop();
       // Watch streams end now (OK): agents reconnect to another KDC or when this one is back.
       this.opened.hub.closeAll();
       await this.server.destroy();

@@ -5,6 +5,7 @@
  * says how to fix it.
  */
 import { isIP } from "node:net";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { InvalidArgument } from "../common/errors.js";
 import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
 import { Role, type CreateTenantRequest, type CreateTokenRequest, type IssueServiceCertificateRequest, type TailAuditLogRequest } from "../gen/kmi/kdc/v1/admin_pb.js";
@@ -18,6 +19,7 @@ import {
   type RenewVersionRequest,
   type RevokeSigningKeyRequest,
   type RevokeVersionRequest,
+  type SetRotationPolicyRequest,
   type Subject,
   type UploadIntermediateRequest,
 } from "../gen/kmi/kdc/v1/kdc_pb.js";
@@ -350,4 +352,35 @@ export function hostName(field: string, value: string): string {
 /** An IP address given on a command line. */
 export function hostIp(field: string, value: string): string {
   return ipAddress(field, value);
+}
+
+/** SetRotationPolicy, validated (activationTimeoutHours with its default filled in). */
+export interface SetRotationPolicyInput {
+  tenantId: string;
+  rotateEveryDays: number;
+  csrBeforeExpiryDays: number;
+  activationTimeoutHours: number;
+  nextRotationAt: Date | undefined;
+}
+/** Default wait for the fleet to hold a staged version, hours. */
+export const DEFAULT_ACTIVATION_TIMEOUT_HOURS = 24;
+/** Parses SetRotationPolicyRequest. */
+export function setRotationPolicy(req: SetRotationPolicyRequest): SetRotationPolicyInput {
+  const p = req.policy;
+  if (p === undefined) throw new InvalidArgument("policy: required; all fields 0 turn automatic rotation off");
+  const days = (field: string, v: number) => {
+    if (!Number.isInteger(v) || v < 0 || v > 3650) throw new InvalidArgument(`${field}: ${v} is out of range; use 0 (never) or 1 to 3650 days`);
+    return v;
+  };
+  const rotateEveryDays = days("policy.rotate_every_days", p.rotateEveryDays);
+  const csrBeforeExpiryDays = days("policy.csr_before_expiry_days", p.csrBeforeExpiryDays);
+  const hours = p.activationTimeoutHours === 0 ? DEFAULT_ACTIVATION_TIMEOUT_HOURS : p.activationTimeoutHours;
+  if (hours > 720) throw new InvalidArgument(`policy.activation_timeout_hours: ${hours} is out of range; use 1 to 720 hours (0: ${DEFAULT_ACTIVATION_TIMEOUT_HOURS})`);
+  let nextRotationAt: Date | undefined;
+  if (req.nextRotationAt !== undefined) {
+    if (rotateEveryDays === 0) throw new InvalidArgument("next_rotation_at: only with policy.rotate_every_days; set how often it rotates first");
+    nextRotationAt = timestampDate(req.nextRotationAt);
+    if (Number.isNaN(nextRotationAt.getTime())) throw new InvalidArgument("next_rotation_at: not a valid time");
+  }
+  return { tenantId: tenantId(req.tenantId), rotateEveryDays, csrBeforeExpiryDays, activationTimeoutHours: hours, nextRotationAt };
 }

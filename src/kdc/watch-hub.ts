@@ -192,6 +192,7 @@ export class WatchHub implements SecretEvents, WatchStreams {
     let first: WatchSecretsResponse;
     try {
       first = (resumeFrom > 0n ? await this.resume(caller, w, resumeFrom) : undefined) ?? (await this.snapshot(caller, w));
+      await this.pushStaged(caller, w);
     } catch (err) {
       this.unregister(w);
       throw err;
@@ -199,6 +200,24 @@ export class WatchHub implements SecretEvents, WatchStreams {
     if (first.type === WatchEventType.RESUMED) this.opened.resumed++;
     else this.opened.snapshot++;
     return this.run(w, first);
+  }
+
+  /**
+   * The versions the rotation scheduler staged for the machine's tenants, queued right after the
+   * first message (SNAPSHOT or RESUMED) of a stream: STAGED events, audited.
+   */
+  private async pushStaged(caller: AttestedMachine, w: Watcher): Promise<void> {
+    const a = caller.attestation;
+    const staged = await this.release.stagedOf(await this.release.servedTenants(a.tenantIds));
+    if (staged.length === 0) return;
+    try {
+      requireNotQuarantined(this.ctx.quarantine, caller.machineId);
+      await this.release.auditToMachine(caller.machineId, "watch_staged", staged, { token_jti: a.jti, token_expires_at: a.expiresAt.toISOString() });
+      const now = this.ctx.clock.now();
+      for (const m of staged) this.push(w, create(WatchSecretsResponseSchema, { type: WatchEventType.STAGED, tenantId: m.tenantId, secrets: this.release.wrap([m], w.recipient, now), time: timestampFromDate(now) }));
+    } finally {
+      wipe(staged);
+    }
   }
 
   /** The SNAPSHOT of a new stream: every secret, audited, wrapped; with the revision read first. */
@@ -363,6 +382,19 @@ export class WatchHub implements SecretEvents, WatchStreams {
         await this.fanOut(tenantId, `tenant/${tenantId}/version/${active.version}`, "activated", WatchEventType.ACTIVATED, items);
       } finally {
         wipe(items);
+      }
+    });
+  }
+
+  /** Pushes the staged version (STAGED) to every stream that serves the tenant. */
+  staged(tenantId: string, version: number): void {
+    this.schedule(tenantId, "staged", async () => {
+      const item = await this.release.stagedSecret(tenantId, version);
+      if (item === undefined) return;
+      try {
+        await this.fanOut(tenantId, `tenant/${tenantId}/version/${version}`, "staged", WatchEventType.STAGED, [item]);
+      } finally {
+        wipe([item]);
       }
     });
   }

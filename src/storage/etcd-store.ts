@@ -26,7 +26,7 @@
  * before it is sent, on both backends.
  */
 import { create, fromBinary, toBinary, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
-import { Etcd3, type IOptions } from "etcd3";
+import { Etcd3, type IOptions, type Lease } from "etcd3";
 import { FailedPrecondition, InvalidArgument, Unavailable, isKmiError } from "../common/errors.js";
 import { StoreInfoSchema, type StoreInfo } from "../gen/kmi/store/v1/store_pb.js";
 import {
@@ -51,6 +51,7 @@ import {
   type Txn,
   type WatchOptions,
 } from "./store.js";
+import type { LeasingStore, StoreLease } from "./election.js";
 
 /** Records per range request of `iterate` and `list` (all pages are read at one revision). */
 const PAGE = 512;
@@ -108,12 +109,13 @@ export async function openEtcdStore(options: EtcdStoreOptions): Promise<EtcdStor
 type Kv = { key: Buffer; value: Buffer; mod_revision: string; create_revision: string };
 
 /** The etcd store. Make it with `openEtcdStore`. Any number of processes may share one prefix. */
-export class EtcdStore implements Store {
+export class EtcdStore implements LeasingStore {
   readonly #client: Etcd3;
   readonly #prefix: string;
   readonly #options: EtcdStoreOptions;
   readonly #schemas = new Map<string, string>();
   readonly #watches = new Set<() => void>();
+  readonly #leases = new Set<Lease>();
   #closed = false;
 
   /** @internal Use `openEtcdStore`. */
@@ -447,9 +449,57 @@ export class EtcdStore implements Store {
     return out;
   }
 
+  /**
+   * A lease of `ttlSeconds` (etcd's own, renewed by the client every third of the TTL) for
+   * `putIfAbsent` writes bound to it: the election records of ./election.ts.
+   */
+  async grantLease(ttlSeconds: number): Promise<StoreLease> {
+    this.#checkOpen();
+    if (!Number.isInteger(ttlSeconds) || ttlSeconds < 2) throw new InvalidArgument("lease ttl: a whole number of seconds, 2 or more");
+    const lease = this.#client.lease(ttlSeconds, { autoKeepAlive: true });
+    const lost = new AbortController();
+    lease.on("lost", (err) => lost.abort(err));
+    this.#leases.add(lease);
+    const revoke = async () => {
+      if (!this.#leases.delete(lease)) return;
+      if (!lost.signal.aborted) lost.abort(new Error("lease revoked"));
+      // Why revoke, not just close: etcd3's close() leaves the keep-alive running, and the key
+      // would outlive this process's leadership by a whole TTL.
+      await lease.revoke({ deadline: Date.now() + 2000 }).catch(() => {});
+    };
+    let id: string;
+    try {
+      id = await this.#call(() => lease.grant());
+    } catch (err) {
+      await revoke();
+      throw err;
+    }
+    return {
+      lost: lost.signal,
+      revoke,
+      putIfAbsent: async (table, key, value) => {
+        checkTable(table, "putIfAbsent");
+        checkKey(key, `putIfAbsent ${table.name}`);
+        const k = this.#key(table, key);
+        const res = await this.#call(() =>
+          this.#client.kv.txn({
+            compare: [{ key: k, target: "Mod", result: "Equal", mod_revision: "0" }],
+            success: [{ request_put: { key: k, value: Buffer.from(toBinary(table.schema, value)), lease: id } }],
+            failure: [],
+          }),
+        );
+        return res.succeeded ? BigInt(res.header.revision) : undefined;
+      },
+    };
+  }
+
   /** {@inheritDoc Store.close} */
   async close(): Promise<void> {
     if (this.#closed) return;
+    for (const lease of [...this.#leases]) {
+      this.#leases.delete(lease);
+      await lease.revoke({ deadline: Date.now() + 2000 }).catch(() => {});
+    }
     this.#closed = true;
     for (const poke of this.#watches) poke();
     this.#client.close();

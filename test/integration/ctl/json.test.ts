@@ -60,6 +60,7 @@ const cases: Record<string, Case> = {
   },
   "ca history": { argv: () => ["ca", "history", "--tenant", "acme"] },
   "ca status": { argv: () => ["ca", "status", "--tenant", "acme"] },
+  "ca policy": { argv: () => ["ca", "policy", "--tenant", "acme", "--rotate-every", "30d", "--csr-before-expiry", "14d"], keep: (j) => expect((j.rotation as Json).policy).toMatchObject({ rotateEveryDays: 30, csrBeforeExpiryDays: 14, activationTimeoutHours: 24 }) },
   "signing-key create": { argv: () => ["signing-key", "create", "sk1", "--tenant", "acme"] },
   "signing-key list": { argv: () => ["signing-key", "list", "--tenant", "acme"] },
   "signing-key revoke": { argv: () => ["signing-key", "revoke", "sk1", "--tenant", "acme", "--reason", "json test"] },

@@ -11,7 +11,7 @@ import { createPublicKey, generateKeyPairSync, X509Certificate } from "node:cryp
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { timestampFromDate, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport, type Interceptor } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { toConnectError } from "../../../src/common/error-mapping.js";
@@ -28,6 +28,8 @@ import { KdcOperations } from "../../../src/kdc/operations.js";
 import { SecretRelease } from "../../../src/kdc/release.js";
 import { DEFAULT_MAX_OPENING } from "../../../src/kdc/watch-hub.js";
 import { routes } from "../../../src/kdc/routes.js";
+import { RotationScheduler } from "../../../src/kdc/scheduler.js";
+import { Election } from "../../../src/storage/election.js";
 import { decodeAttestationTokenUnverified } from "../../../src/attest/index.js";
 import type { AuditEntryInput } from "../../../src/storage/audit-log.js";
 import { formatWrapAad, keyIdOf, unwrapKey } from "../../../src/keywrap/index.js";
@@ -650,5 +652,49 @@ describe("fail-closed release: no audit entry, no key", () => {
     expect(w.error).toBeInstanceOf(ConnectError);
     expect(Code[(w.error as ConnectError).code]).toBe(Code[Code.Unavailable]);
     expect((w.error as ConnectError).rawMessage).toBe("the KDC cannot write its audit log; reconnect later for the current secrets");
+  });
+});
+
+describe("a version staged by the rotation scheduler", () => {
+  it("reaches open streams (STAGED), follows the snapshot of a new stream, and is held once reported with its key id", async () => {
+    await admin().admin.createTenant({ tenantId: "stg", bootstrapKmiSigned: true });
+    const m = A();
+    const tok = () => token(m, { tenants: ["stg"] });
+    const before = watch(m, tok());
+    await before.next(WatchEventType.SNAPSHOT);
+    const election = new Election(kdc.backend, { name: "scheduler", ttlSeconds: 2 });
+    const scheduler = new RotationScheduler(kdc.ctx, ops, { election, intervalMs: 60_000, logger: createNopLogger() });
+    const leadership = await election.campaign(new AbortController().signal);
+    await admin().ca.setRotationPolicy({ tenantId: "stg", policy: { rotateEveryDays: 30 }, nextRotationAt: timestampFromDate(new Date()) });
+    expect((await scheduler.runOnce(leadership)).staged).toEqual(["stg/v2"]);
+    const v2 = (await admin().ca.listVersions({ tenantId: "stg" })).versions.find((v) => v.version === 2)!;
+    const pushed = await before.next(WatchEventType.STAGED);
+    expect(pushed.tenantId).toBe("stg");
+    expect(pushed.secrets.map((s) => [s.version, s.keyId])).toEqual([[2, v2.keyId]]);
+    // The key is wrapped to this machine, as every release is.
+    const s = pushed.secrets[0]!;
+    const pkcs8 = unwrapKey(s.wrappedKey!, m.key, { expectedAad: formatWrapAad({ machineId: m.machineId, tenantId: "stg", keyId: s.keyId, version: 2 }) });
+    expect(keyIdOf(pkcs8)).toBe(v2.keyId);
+    // A new stream: the snapshot carries the active version only, then STAGED carries v2.
+    const after = watch(m, tok());
+    const snap = await after.next(WatchEventType.SNAPSHOT);
+    expect(snap.secrets.filter((x) => x.purpose === KeyPurpose.INTERMEDIATE_CA).map((x) => x.version)).toEqual([1]);
+    expect((await after.next(WatchEventType.STAGED)).secrets.map((x) => x.version)).toEqual([2]);
+    const releases = (await kdc.ctx.audit.tail({ last: true, limit: 30 })).filter((e) => e.action === "secret.release").map((e) => e.details["event"]);
+    expect(releases).toEqual(expect.arrayContaining(["staged", "watch_staged"]));
+    // Reported with the active one: the rollout keeps v1 as held, and v2 as the newest held.
+    const active = (await admin().ca.listVersions({ tenantId: "stg" })).versions.find((v) => v.version === 1)!;
+    await dist().reportHeldVersions({ attestationToken: tok(), held: [{ tenantId: "stg", keyId: active.keyId, version: 1 }, { tenantId: "stg", keyId: v2.keyId, version: 2 }] }, as(peerOf(m)));
+    expect((await kdc.ctx.store.getRollout("stg", m.machineId))).toMatchObject({ heldVersion: 1, newestHeldVersion: 2 });
+    expect((await admin().ca.getRolloutStatus({ tenantId: "stg" })).rotation).toMatchObject({ stagedVersion: 2, stagedHeldCount: 1 });
+    // The only machine that reports holds it: the next run activates it, and the streams get ACTIVATED.
+    expect((await scheduler.runOnce(leadership)).activated).toEqual(["stg/v2"]);
+    expect((await after.next(WatchEventType.ACTIVATED)).secrets.map((x) => x.version)).toContain(2);
+    // A staged claim with another key id is not believed.
+    await dist().reportHeldVersions({ attestationToken: tok(), held: [{ tenantId: "stg", keyId: v2.keyId, version: 2 }, { tenantId: "stg", keyId: "0".repeat(64), version: 3 }] }, as(peerOf(m)));
+    expect((await kdc.ctx.store.getRollout("stg", m.machineId))).toMatchObject({ heldVersion: 2, newestHeldVersion: 2 });
+    before.close();
+    after.close();
+    await Promise.all([before.done, after.done]);
   });
 });

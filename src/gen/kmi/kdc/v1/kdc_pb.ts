@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kmi/kdc/v1/kdc.proto.
  */
 export const file_kmi_kdc_v1_kdc: GenFile = /*@__PURE__*/
-  fileDesc("ChRrbWkva2RjL3YxL2tkYy5wcm90bxIKa21pLmtkYy52MSJiCgdTdWJqZWN0EhMKC2NvbW1vbl9uYW1lGAEgASgJEhQKDG9yZ2FuaXphdGlvbhgCIAEoCRIbChNvcmdhbml6YXRpb25hbF91bml0GAMgASgJEg8KB2NvdW50cnkYBCABKAki0QUKE0ludGVybWVkaWF0ZVZlcnNpb24SEQoJdGVuYW50X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKA0SJwoFc3RhdGUYAyABKA4yGC5rbWkua2RjLnYxLlZlcnNpb25TdGF0ZRIiCgZzaWduZXIYBCABKA4yEi5rbWkua2RjLnYxLlNpZ25lchIyCg1rZXlfYWxnb3JpdGhtGAUgASgOMhsua21pLmNvbW1vbi52MS5LZXlBbGdvcml0aG0SDgoGa2V5X2lkGAYgASgJEhcKD2NlcnRpZmljYXRlX3BlbRgHIAEoCRIzCgtjZXJ0aWZpY2F0ZRgIIAEoCzIeLmttaS5jb21tb24udjEuQ2VydGlmaWNhdGVJbmZvEg8KB2Nzcl9wZW0YCSABKAkSLgoKY3JlYXRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMYWN0aXZhdGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXRpcmVkX2F0GAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXZva2VkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yZXZva2VfcmVhc29uGA4gASgJEhQKDHJlbmV3ZWRfZnJvbRgPIAEoDRIcChRjdXN0b21lcl9yb290X3NoYTI1NhgQIAEoCRI2ChJwZW5kaW5nX2V4cGlyZXNfYXQYHiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3BlbmRpbmdfZXhwaXJlZBgfIAEoCBIwCgxkaXNjYXJkZWRfYXQYICABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKDmRpc2NhcmRfcmVhc29uGCEgASgJIm0KGEdldENhQ2VydGlmaWNhdGVzUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDRItCgZmb3JtYXQYAyABKA4yHS5rbWkua2RjLnYxLkNlcnRpZmljYXRlRm9ybWF0IrIBChlHZXRDYUNlcnRpZmljYXRlc1Jlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24SFAoMaW50ZXJtZWRpYXRlGAIgASgMEgwKBHJvb3QYAyABKAwSDQoFY2hhaW4YBCABKAwSGwoTaW50ZXJtZWRpYXRlX3NoYTI1NhgFIAEoCRITCgtyb290X3NoYTI1NhgGIAEoCSLQAQoUQ3JlYXRlVmVyc2lvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEiIKBnNpZ25lchgCIAEoDjISLmttaS5rZGMudjEuU2lnbmVyEjIKDWtleV9hbGdvcml0aG0YAyABKA4yGy5rbWkuY29tbW9uLnYxLktleUFsZ29yaXRobRIkCgdzdWJqZWN0GAQgASgLMhMua21pLmtkYy52MS5TdWJqZWN0EhUKDXZhbGlkaXR5X2RheXMYBSABKA0SEAoIYWN0aXZhdGUYBiABKAgiWgoVQ3JlYXRlVmVyc2lvblJlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24SDwoHY3NyX3BlbRgCIAEoCSKGAQoTUmVuZXdWZXJzaW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDRIiCgZzaWduZXIYAyABKA4yEi5rbWkua2RjLnYxLlNpZ25lchIVCg12YWxpZGl0eV9kYXlzGAQgASgNEhAKCGFjdGl2YXRlGAUgASgIIlkKFFJlbmV3VmVyc2lvblJlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24SDwoHY3NyX3BlbRgCIAEoCSI6ChRHZXRWZXJzaW9uQ3NyUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDSIoChVHZXRWZXJzaW9uQ3NyUmVzcG9uc2USDwoHY3NyX3BlbRgBIAEoCSJ9ChlVcGxvYWRJbnRlcm1lZGlhdGVSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgNEhMKC2NlcnRpZmljYXRlGAMgASgMEhUKDWN1c3RvbWVyX3Jvb3QYBCABKAwSEAoIYWN0aXZhdGUYBSABKAgiTgoaVXBsb2FkSW50ZXJtZWRpYXRlUmVzcG9uc2USMAoHdmVyc2lvbhgBIAEoCzIfLmttaS5rZGMudjEuSW50ZXJtZWRpYXRlVmVyc2lvbiI8ChZBY3RpdmF0ZVZlcnNpb25SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgNIn0KF0FjdGl2YXRlVmVyc2lvblJlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24SMAoHcmV0aXJlZBgCIAEoCzIfLmttaS5rZGMudjEuSW50ZXJtZWRpYXRlVmVyc2lvbiJgChRSZXZva2VWZXJzaW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDRIOCgZyZWFzb24YAyABKAkSFAoMYWxsb3dfYWN0aXZlGAQgASgIIkkKFVJldm9rZVZlcnNpb25SZXNwb25zZRIwCgd2ZXJzaW9uGAEgASgLMh8ua21pLmtkYy52MS5JbnRlcm1lZGlhdGVWZXJzaW9uIlIKHERpc2NhcmRQZW5kaW5nVmVyc2lvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKA0SDgoGcmVhc29uGAMgASgJIlEKHURpc2NhcmRQZW5kaW5nVmVyc2lvblJlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24iKAoTTGlzdFZlcnNpb25zUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiSQoUTGlzdFZlcnNpb25zUmVzcG9uc2USMQoIdmVyc2lvbnMYASADKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24iLAoXR2V0Um9sbG91dFN0YXR1c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIqEBCg5NYWNoaW5lUm9sbG91dBISCgptYWNoaW5lX2lkGAEgASgJEg0KBWdyb3VwGAIgASgJEhQKDGhlbGRfdmVyc2lvbhgDIAEoDRISCgp1cF90b19kYXRlGAQgASgIEhEKCWNvbm5lY3RlZBgFIAEoCBIvCgtsYXN0X3JlcG9ydBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAikwEKGEdldFJvbGxvdXRTdGF0dXNSZXNwb25zZRIWCg5hY3RpdmVfdmVyc2lvbhgBIAEoDRIsCghtYWNoaW5lcxgCIAMoCzIaLmttaS5rZGMudjEuTWFjaGluZVJvbGxvdXQSGAoQdXBfdG9fZGF0ZV9jb3VudBgDIAEoDRIXCg9jb25uZWN0ZWRfY291bnQYBCABKA0iygEKClNpZ25pbmdLZXkSEQoJdGVuYW50X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDgoGa2V5X2lkGAMgASgJEjIKDWtleV9hbGdvcml0aG0YBCABKA4yGy5rbWkuY29tbW9uLnYxLktleUFsZ29yaXRobRIWCg5wdWJsaWNfa2V5X3BlbRgFIAEoCRIuCgpjcmVhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdyZXZva2VkGAcgASgIIm4KF0NyZWF0ZVNpZ25pbmdLZXlSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEjIKDWtleV9hbGdvcml0aG0YAyABKA4yGy5rbWkuY29tbW9uLnYxLktleUFsZ29yaXRobSI/ChhDcmVhdGVTaWduaW5nS2V5UmVzcG9uc2USIwoDa2V5GAEgASgLMhYua21pLmtkYy52MS5TaWduaW5nS2V5IisKFkxpc3RTaWduaW5nS2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIj8KF0xpc3RTaWduaW5nS2V5c1Jlc3BvbnNlEiQKBGtleXMYASADKAsyFi5rbWkua2RjLnYxLlNpZ25pbmdLZXkiSgoXUmV2b2tlU2lnbmluZ0tleVJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDgoGcmVhc29uGAMgASgJIj8KGFJldm9rZVNpZ25pbmdLZXlSZXNwb25zZRIjCgNrZXkYASABKAsyFi5rbWkua2RjLnYxLlNpZ25pbmdLZXkiLgoZV2F0Y2hSb2xsb3V0U3RhdHVzUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiUgoaV2F0Y2hSb2xsb3V0U3RhdHVzUmVzcG9uc2USNAoGc3RhdHVzGAEgASgLMiQua21pLmtkYy52MS5HZXRSb2xsb3V0U3RhdHVzUmVzcG9uc2UqTAoGU2lnbmVyEhYKElNJR05FUl9VTlNQRUNJRklFRBAAEhMKD1NJR05FUl9LTUlfUk9PVBABEhUKEVNJR05FUl9QUklWQVRFX0NBEAIqzgEKDFZlcnNpb25TdGF0ZRIdChlWRVJTSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVVkVSU0lPTl9TVEFURV9QRU5ESU5HEAESFwoTVkVSU0lPTl9TVEFURV9SRUFEWRACEhgKFFZFUlNJT05fU1RBVEVfQUNUSVZFEAMSGQoVVkVSU0lPTl9TVEFURV9SRVRJUkVEEAQSGQoVVkVSU0lPTl9TVEFURV9SRVZPS0VEEAUSGwoXVkVSU0lPTl9TVEFURV9ESVNDQVJERUQQBipvChFDZXJ0aWZpY2F0ZUZvcm1hdBIiCh5DRVJUSUZJQ0FURV9GT1JNQVRfVU5TUEVDSUZJRUQQABIaChZDRVJUSUZJQ0FURV9GT1JNQVRfUEVNEAESGgoWQ0VSVElGSUNBVEVfRk9STUFUX0RFUhACMqUKCgpLZGNTZXJ2aWNlEmAKEUdldENhQ2VydGlmaWNhdGVzEiQua21pLmtkYy52MS5HZXRDYUNlcnRpZmljYXRlc1JlcXVlc3QaJS5rbWkua2RjLnYxLkdldENhQ2VydGlmaWNhdGVzUmVzcG9uc2USVAoNQ3JlYXRlVmVyc2lvbhIgLmttaS5rZGMudjEuQ3JlYXRlVmVyc2lvblJlcXVlc3QaIS5rbWkua2RjLnYxLkNyZWF0ZVZlcnNpb25SZXNwb25zZRJRCgxSZW5ld1ZlcnNpb24SHy5rbWkua2RjLnYxLlJlbmV3VmVyc2lvblJlcXVlc3QaIC5rbWkua2RjLnYxLlJlbmV3VmVyc2lvblJlc3BvbnNlElQKDUdldFZlcnNpb25Dc3ISIC5rbWkua2RjLnYxLkdldFZlcnNpb25Dc3JSZXF1ZXN0GiEua21pLmtkYy52MS5HZXRWZXJzaW9uQ3NyUmVzcG9uc2USYwoSVXBsb2FkSW50ZXJtZWRpYXRlEiUua21pLmtkYy52MS5VcGxvYWRJbnRlcm1lZGlhdGVSZXF1ZXN0GiYua21pLmtkYy52MS5VcGxvYWRJbnRlcm1lZGlhdGVSZXNwb25zZRJaCg9BY3RpdmF0ZVZlcnNpb24SIi5rbWkua2RjLnYxLkFjdGl2YXRlVmVyc2lvblJlcXVlc3QaIy5rbWkua2RjLnYxLkFjdGl2YXRlVmVyc2lvblJlc3BvbnNlElQKDVJldm9rZVZlcnNpb24SIC5rbWkua2RjLnYxLlJldm9rZVZlcnNpb25SZXF1ZXN0GiEua21pLmtkYy52MS5SZXZva2VWZXJzaW9uUmVzcG9uc2USbAoVRGlzY2FyZFBlbmRpbmdWZXJzaW9uEigua21pLmtkYy52MS5EaXNjYXJkUGVuZGluZ1ZlcnNpb25SZXF1ZXN0Gikua21pLmtkYy52MS5EaXNjYXJkUGVuZGluZ1ZlcnNpb25SZXNwb25zZRJRCgxMaXN0VmVyc2lvbnMSHy5rbWkua2RjLnYxLkxpc3RWZXJzaW9uc1JlcXVlc3QaIC5rbWkua2RjLnYxLkxpc3RWZXJzaW9uc1Jlc3BvbnNlEl0KEEdldFJvbGxvdXRTdGF0dXMSIy5rbWkua2RjLnYxLkdldFJvbGxvdXRTdGF0dXNSZXF1ZXN0GiQua21pLmtkYy52MS5HZXRSb2xsb3V0U3RhdHVzUmVzcG9uc2USXQoQQ3JlYXRlU2lnbmluZ0tleRIjLmttaS5rZGMudjEuQ3JlYXRlU2lnbmluZ0tleVJlcXVlc3QaJC5rbWkua2RjLnYxLkNyZWF0ZVNpZ25pbmdLZXlSZXNwb25zZRJaCg9MaXN0U2lnbmluZ0tleXMSIi5rbWkua2RjLnYxLkxpc3RTaWduaW5nS2V5c1JlcXVlc3QaIy5rbWkua2RjLnYxLkxpc3RTaWduaW5nS2V5c1Jlc3BvbnNlEl0KEFJldm9rZVNpZ25pbmdLZXkSIy5rbWkua2RjLnYxLlJldm9rZVNpZ25pbmdLZXlSZXF1ZXN0GiQua21pLmtkYy52MS5SZXZva2VTaWduaW5nS2V5UmVzcG9uc2USZQoSV2F0Y2hSb2xsb3V0U3RhdHVzEiUua21pLmtkYy52MS5XYXRjaFJvbGxvdXRTdGF0dXNSZXF1ZXN0GiYua21pLmtkYy52MS5XYXRjaFJvbGxvdXRTdGF0dXNSZXNwb25zZTABYgZwcm90bzM", [file_google_protobuf_timestamp, file_kmi_common_v1_common]);
+  fileDesc("ChRrbWkva2RjL3YxL2tkYy5wcm90bxIKa21pLmtkYy52MSJiCgdTdWJqZWN0EhMKC2NvbW1vbl9uYW1lGAEgASgJEhQKDG9yZ2FuaXphdGlvbhgCIAEoCRIbChNvcmdhbml6YXRpb25hbF91bml0GAMgASgJEg8KB2NvdW50cnkYBCABKAki0QUKE0ludGVybWVkaWF0ZVZlcnNpb24SEQoJdGVuYW50X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKA0SJwoFc3RhdGUYAyABKA4yGC5rbWkua2RjLnYxLlZlcnNpb25TdGF0ZRIiCgZzaWduZXIYBCABKA4yEi5rbWkua2RjLnYxLlNpZ25lchIyCg1rZXlfYWxnb3JpdGhtGAUgASgOMhsua21pLmNvbW1vbi52MS5LZXlBbGdvcml0aG0SDgoGa2V5X2lkGAYgASgJEhcKD2NlcnRpZmljYXRlX3BlbRgHIAEoCRIzCgtjZXJ0aWZpY2F0ZRgIIAEoCzIeLmttaS5jb21tb24udjEuQ2VydGlmaWNhdGVJbmZvEg8KB2Nzcl9wZW0YCSABKAkSLgoKY3JlYXRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMYWN0aXZhdGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXRpcmVkX2F0GAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXZva2VkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yZXZva2VfcmVhc29uGA4gASgJEhQKDHJlbmV3ZWRfZnJvbRgPIAEoDRIcChRjdXN0b21lcl9yb290X3NoYTI1NhgQIAEoCRI2ChJwZW5kaW5nX2V4cGlyZXNfYXQYHiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3BlbmRpbmdfZXhwaXJlZBgfIAEoCBIwCgxkaXNjYXJkZWRfYXQYICABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKDmRpc2NhcmRfcmVhc29uGCEgASgJIm0KGEdldENhQ2VydGlmaWNhdGVzUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDRItCgZmb3JtYXQYAyABKA4yHS5rbWkua2RjLnYxLkNlcnRpZmljYXRlRm9ybWF0IrIBChlHZXRDYUNlcnRpZmljYXRlc1Jlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24SFAoMaW50ZXJtZWRpYXRlGAIgASgMEgwKBHJvb3QYAyABKAwSDQoFY2hhaW4YBCABKAwSGwoTaW50ZXJtZWRpYXRlX3NoYTI1NhgFIAEoCRITCgtyb290X3NoYTI1NhgGIAEoCSLQAQoUQ3JlYXRlVmVyc2lvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEiIKBnNpZ25lchgCIAEoDjISLmttaS5rZGMudjEuU2lnbmVyEjIKDWtleV9hbGdvcml0aG0YAyABKA4yGy5rbWkuY29tbW9uLnYxLktleUFsZ29yaXRobRIkCgdzdWJqZWN0GAQgASgLMhMua21pLmtkYy52MS5TdWJqZWN0EhUKDXZhbGlkaXR5X2RheXMYBSABKA0SEAoIYWN0aXZhdGUYBiABKAgiWgoVQ3JlYXRlVmVyc2lvblJlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24SDwoHY3NyX3BlbRgCIAEoCSKGAQoTUmVuZXdWZXJzaW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDRIiCgZzaWduZXIYAyABKA4yEi5rbWkua2RjLnYxLlNpZ25lchIVCg12YWxpZGl0eV9kYXlzGAQgASgNEhAKCGFjdGl2YXRlGAUgASgIIlkKFFJlbmV3VmVyc2lvblJlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24SDwoHY3NyX3BlbRgCIAEoCSI6ChRHZXRWZXJzaW9uQ3NyUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDSIoChVHZXRWZXJzaW9uQ3NyUmVzcG9uc2USDwoHY3NyX3BlbRgBIAEoCSJ9ChlVcGxvYWRJbnRlcm1lZGlhdGVSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgNEhMKC2NlcnRpZmljYXRlGAMgASgMEhUKDWN1c3RvbWVyX3Jvb3QYBCABKAwSEAoIYWN0aXZhdGUYBSABKAgiTgoaVXBsb2FkSW50ZXJtZWRpYXRlUmVzcG9uc2USMAoHdmVyc2lvbhgBIAEoCzIfLmttaS5rZGMudjEuSW50ZXJtZWRpYXRlVmVyc2lvbiI8ChZBY3RpdmF0ZVZlcnNpb25SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgNIn0KF0FjdGl2YXRlVmVyc2lvblJlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24SMAoHcmV0aXJlZBgCIAEoCzIfLmttaS5rZGMudjEuSW50ZXJtZWRpYXRlVmVyc2lvbiJgChRSZXZva2VWZXJzaW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoDRIOCgZyZWFzb24YAyABKAkSFAoMYWxsb3dfYWN0aXZlGAQgASgIIkkKFVJldm9rZVZlcnNpb25SZXNwb25zZRIwCgd2ZXJzaW9uGAEgASgLMh8ua21pLmtkYy52MS5JbnRlcm1lZGlhdGVWZXJzaW9uIlIKHERpc2NhcmRQZW5kaW5nVmVyc2lvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKA0SDgoGcmVhc29uGAMgASgJIlEKHURpc2NhcmRQZW5kaW5nVmVyc2lvblJlc3BvbnNlEjAKB3ZlcnNpb24YASABKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24iKAoTTGlzdFZlcnNpb25zUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiSQoUTGlzdFZlcnNpb25zUmVzcG9uc2USMQoIdmVyc2lvbnMYASADKAsyHy5rbWkua2RjLnYxLkludGVybWVkaWF0ZVZlcnNpb24iLAoXR2V0Um9sbG91dFN0YXR1c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIqEBCg5NYWNoaW5lUm9sbG91dBISCgptYWNoaW5lX2lkGAEgASgJEg0KBWdyb3VwGAIgASgJEhQKDGhlbGRfdmVyc2lvbhgDIAEoDRISCgp1cF90b19kYXRlGAQgASgIEhEKCWNvbm5lY3RlZBgFIAEoCBIvCgtsYXN0X3JlcG9ydBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiwQEKGEdldFJvbGxvdXRTdGF0dXNSZXNwb25zZRIWCg5hY3RpdmVfdmVyc2lvbhgBIAEoDRIsCghtYWNoaW5lcxgCIAMoCzIaLmttaS5rZGMudjEuTWFjaGluZVJvbGxvdXQSGAoQdXBfdG9fZGF0ZV9jb3VudBgDIAEoDRIXCg9jb25uZWN0ZWRfY291bnQYBCABKA0SLAoIcm90YXRpb24YBSABKAsyGi5rbWkua2RjLnYxLlJvdGF0aW9uU3RhdHVzIsoBCgpTaWduaW5nS2V5EhEKCXRlbmFudF9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEg4KBmtleV9pZBgDIAEoCRIyCg1rZXlfYWxnb3JpdGhtGAQgASgOMhsua21pLmNvbW1vbi52MS5LZXlBbGdvcml0aG0SFgoOcHVibGljX2tleV9wZW0YBSABKAkSLgoKY3JlYXRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHcmV2b2tlZBgHIAEoCCJuChdDcmVhdGVTaWduaW5nS2V5UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIyCg1rZXlfYWxnb3JpdGhtGAMgASgOMhsua21pLmNvbW1vbi52MS5LZXlBbGdvcml0aG0iPwoYQ3JlYXRlU2lnbmluZ0tleVJlc3BvbnNlEiMKA2tleRgBIAEoCzIWLmttaS5rZGMudjEuU2lnbmluZ0tleSIrChZMaXN0U2lnbmluZ0tleXNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCSI/ChdMaXN0U2lnbmluZ0tleXNSZXNwb25zZRIkCgRrZXlzGAEgAygLMhYua21pLmtkYy52MS5TaWduaW5nS2V5IkoKF1Jldm9rZVNpZ25pbmdLZXlSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEg4KBnJlYXNvbhgDIAEoCSI/ChhSZXZva2VTaWduaW5nS2V5UmVzcG9uc2USIwoDa2V5GAEgASgLMhYua21pLmtkYy52MS5TaWduaW5nS2V5Ii4KGVdhdGNoUm9sbG91dFN0YXR1c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIlIKGldhdGNoUm9sbG91dFN0YXR1c1Jlc3BvbnNlEjQKBnN0YXR1cxgBIAEoCzIkLmttaS5rZGMudjEuR2V0Um9sbG91dFN0YXR1c1Jlc3BvbnNlIm0KDlJvdGF0aW9uUG9saWN5EhkKEXJvdGF0ZV9ldmVyeV9kYXlzGAEgASgNEh4KFmNzcl9iZWZvcmVfZXhwaXJ5X2RheXMYAiABKA0SIAoYYWN0aXZhdGlvbl90aW1lb3V0X2hvdXJzGAMgASgNItkCCg5Sb3RhdGlvblN0YXR1cxIqCgZwb2xpY3kYASABKAsyGi5rbWkua2RjLnYxLlJvdGF0aW9uUG9saWN5EjQKEG5leHRfcm90YXRpb25fYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKDnN0YWdlZF92ZXJzaW9uGAMgASgNEi0KCXN0YWdlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGQoRc3RhZ2VkX2hlbGRfY291bnQYBSABKA0SFwoPY3NyX2R1ZV92ZXJzaW9uGAYgASgNEjQKEGFjdGl2ZV9ub3RfYWZ0ZXIYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjQKEGxhc3Rfcm90YXRpb25fYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIi0KGEdldFJvdGF0aW9uUG9saWN5UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiSQoZR2V0Um90YXRpb25Qb2xpY3lSZXNwb25zZRIsCghyb3RhdGlvbhgBIAEoCzIaLmttaS5rZGMudjEuUm90YXRpb25TdGF0dXMijwEKGFNldFJvdGF0aW9uUG9saWN5UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSKgoGcG9saWN5GAIgASgLMhoua21pLmtkYy52MS5Sb3RhdGlvblBvbGljeRI0ChBuZXh0X3JvdGF0aW9uX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJJChlTZXRSb3RhdGlvblBvbGljeVJlc3BvbnNlEiwKCHJvdGF0aW9uGAEgASgLMhoua21pLmtkYy52MS5Sb3RhdGlvblN0YXR1cypMCgZTaWduZXISFgoSU0lHTkVSX1VOU1BFQ0lGSUVEEAASEwoPU0lHTkVSX0tNSV9ST09UEAESFQoRU0lHTkVSX1BSSVZBVEVfQ0EQAirOAQoMVmVyc2lvblN0YXRlEh0KGVZFUlNJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIZChVWRVJTSU9OX1NUQVRFX1BFTkRJTkcQARIXChNWRVJTSU9OX1NUQVRFX1JFQURZEAISGAoUVkVSU0lPTl9TVEFURV9BQ1RJVkUQAxIZChVWRVJTSU9OX1NUQVRFX1JFVElSRUQQBBIZChVWRVJTSU9OX1NUQVRFX1JFVk9LRUQQBRIbChdWRVJTSU9OX1NUQVRFX0RJU0NBUkRFRBAGKm8KEUNlcnRpZmljYXRlRm9ybWF0EiIKHkNFUlRJRklDQVRFX0ZPUk1BVF9VTlNQRUNJRklFRBAAEhoKFkNFUlRJRklDQVRFX0ZPUk1BVF9QRU0QARIaChZDRVJUSUZJQ0FURV9GT1JNQVRfREVSEAIy6QsKCktkY1NlcnZpY2USYAoRR2V0Q2FDZXJ0aWZpY2F0ZXMSJC5rbWkua2RjLnYxLkdldENhQ2VydGlmaWNhdGVzUmVxdWVzdBolLmttaS5rZGMudjEuR2V0Q2FDZXJ0aWZpY2F0ZXNSZXNwb25zZRJUCg1DcmVhdGVWZXJzaW9uEiAua21pLmtkYy52MS5DcmVhdGVWZXJzaW9uUmVxdWVzdBohLmttaS5rZGMudjEuQ3JlYXRlVmVyc2lvblJlc3BvbnNlElEKDFJlbmV3VmVyc2lvbhIfLmttaS5rZGMudjEuUmVuZXdWZXJzaW9uUmVxdWVzdBogLmttaS5rZGMudjEuUmVuZXdWZXJzaW9uUmVzcG9uc2USVAoNR2V0VmVyc2lvbkNzchIgLmttaS5rZGMudjEuR2V0VmVyc2lvbkNzclJlcXVlc3QaIS5rbWkua2RjLnYxLkdldFZlcnNpb25Dc3JSZXNwb25zZRJjChJVcGxvYWRJbnRlcm1lZGlhdGUSJS5rbWkua2RjLnYxLlVwbG9hZEludGVybWVkaWF0ZVJlcXVlc3QaJi5rbWkua2RjLnYxLlVwbG9hZEludGVybWVkaWF0ZVJlc3BvbnNlEloKD0FjdGl2YXRlVmVyc2lvbhIiLmttaS5rZGMudjEuQWN0aXZhdGVWZXJzaW9uUmVxdWVzdBojLmttaS5rZGMudjEuQWN0aXZhdGVWZXJzaW9uUmVzcG9uc2USVAoNUmV2b2tlVmVyc2lvbhIgLmttaS5rZGMudjEuUmV2b2tlVmVyc2lvblJlcXVlc3QaIS5rbWkua2RjLnYxLlJldm9rZVZlcnNpb25SZXNwb25zZRJsChVEaXNjYXJkUGVuZGluZ1ZlcnNpb24SKC5rbWkua2RjLnYxLkRpc2NhcmRQZW5kaW5nVmVyc2lvblJlcXVlc3QaKS5rbWkua2RjLnYxLkRpc2NhcmRQZW5kaW5nVmVyc2lvblJlc3BvbnNlElEKDExpc3RWZXJzaW9ucxIfLmttaS5rZGMudjEuTGlzdFZlcnNpb25zUmVxdWVzdBogLmttaS5rZGMudjEuTGlzdFZlcnNpb25zUmVzcG9uc2USXQoQR2V0Um9sbG91dFN0YXR1cxIjLmttaS5rZGMudjEuR2V0Um9sbG91dFN0YXR1c1JlcXVlc3QaJC5rbWkua2RjLnYxLkdldFJvbGxvdXRTdGF0dXNSZXNwb25zZRJdChBDcmVhdGVTaWduaW5nS2V5EiMua21pLmtkYy52MS5DcmVhdGVTaWduaW5nS2V5UmVxdWVzdBokLmttaS5rZGMudjEuQ3JlYXRlU2lnbmluZ0tleVJlc3BvbnNlEloKD0xpc3RTaWduaW5nS2V5cxIiLmttaS5rZGMudjEuTGlzdFNpZ25pbmdLZXlzUmVxdWVzdBojLmttaS5rZGMudjEuTGlzdFNpZ25pbmdLZXlzUmVzcG9uc2USXQoQUmV2b2tlU2lnbmluZ0tleRIjLmttaS5rZGMudjEuUmV2b2tlU2lnbmluZ0tleVJlcXVlc3QaJC5rbWkua2RjLnYxLlJldm9rZVNpZ25pbmdLZXlSZXNwb25zZRJlChJXYXRjaFJvbGxvdXRTdGF0dXMSJS5rbWkua2RjLnYxLldhdGNoUm9sbG91dFN0YXR1c1JlcXVlc3QaJi5rbWkua2RjLnYxLldhdGNoUm9sbG91dFN0YXR1c1Jlc3BvbnNlMAESYAoRR2V0Um90YXRpb25Qb2xpY3kSJC5rbWkua2RjLnYxLkdldFJvdGF0aW9uUG9saWN5UmVxdWVzdBolLmttaS5rZGMudjEuR2V0Um90YXRpb25Qb2xpY3lSZXNwb25zZRJgChFTZXRSb3RhdGlvblBvbGljeRIkLmttaS5rZGMudjEuU2V0Um90YXRpb25Qb2xpY3lSZXF1ZXN0GiUua21pLmtkYy52MS5TZXRSb3RhdGlvblBvbGljeVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_kmi_common_v1_common]);
 
 /**
  * Subject is the distinguished name of a new intermediate CA.
@@ -916,6 +916,13 @@ export type GetRolloutStatusResponse = Message<"kmi.kdc.v1.GetRolloutStatusRespo
    * @generated from field: uint32 connected_count = 4;
    */
   connectedCount: number;
+
+  /**
+   * The tenant's rotation policy and the scheduler's progress on it.
+   *
+   * @generated from field: kmi.kdc.v1.RotationStatus rotation = 5;
+   */
+  rotation?: RotationStatus | undefined;
 };
 
 /**
@@ -1183,6 +1190,218 @@ export type WatchRolloutStatusResponse = Message<"kmi.kdc.v1.WatchRolloutStatusR
  */
 export const WatchRolloutStatusResponseSchema: GenMessage<WatchRolloutStatusResponse> = /*@__PURE__*/
   messageDesc(file_kmi_kdc_v1_kdc, 31);
+
+/**
+ * RotationPolicy is how a tenant's intermediate rotates by itself.
+ *
+ * @generated from message kmi.kdc.v1.RotationPolicy
+ */
+export type RotationPolicy = Message<"kmi.kdc.v1.RotationPolicy"> & {
+  /**
+   * A KMI-signed active version is replaced every this many days: 0 (never) or 1 to 3650.
+   * The new version is made and staged first, and activated once every machine that reports
+   * holds it, or after activation_timeout_hours.
+   *
+   * @generated from field: uint32 rotate_every_days = 1;
+   */
+  rotateEveryDays: number;
+
+  /**
+   * A private-CA active version gets a new CSR (a PENDING version) this many days before its
+   * certificate expires, and the tenant's admins are told (an audit entry "ca.version.create"
+   * by "system:scheduler" with detail scheduled=csr-due, the metric
+   * kmi_kdc_scheduled_rotations_total{step="csr-due"}, `kmi ctl ca status`): 0 (never) or 1 to 3650.
+   *
+   * @generated from field: uint32 csr_before_expiry_days = 2;
+   */
+  csrBeforeExpiryDays: number;
+
+  /**
+   * Longest wait for the fleet to hold a staged version before it is activated anyway: 1 to
+   * 720 hours; 0 in a request means the default, 24.
+   *
+   * @generated from field: uint32 activation_timeout_hours = 3;
+   */
+  activationTimeoutHours: number;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.RotationPolicy.
+ * Use `create(RotationPolicySchema)` to create a new message.
+ */
+export const RotationPolicySchema: GenMessage<RotationPolicy> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_kdc, 32);
+
+/**
+ * RotationStatus is a tenant's rotation policy with the scheduler's progress on it.
+ *
+ * @generated from message kmi.kdc.v1.RotationStatus
+ */
+export type RotationStatus = Message<"kmi.kdc.v1.RotationStatus"> & {
+  /**
+   * The policy (all 0: none).
+   *
+   * @generated from field: kmi.kdc.v1.RotationPolicy policy = 1;
+   */
+  policy?: RotationPolicy | undefined;
+
+  /**
+   * When the next KMI-signed rotation is due; absent when none is scheduled.
+   *
+   * @generated from field: google.protobuf.Timestamp next_rotation_at = 2;
+   */
+  nextRotationAt?: Timestamp | undefined;
+
+  /**
+   * The version made by the scheduler and waiting for the fleet to hold it; 0 if none.
+   *
+   * @generated from field: uint32 staged_version = 3;
+   */
+  stagedVersion: number;
+
+  /**
+   * When it was staged.
+   *
+   * @generated from field: google.protobuf.Timestamp staged_at = 4;
+   */
+  stagedAt?: Timestamp | undefined;
+
+  /**
+   * How many of the machines that reported hold the staged version.
+   *
+   * @generated from field: uint32 staged_held_count = 5;
+   */
+  stagedHeldCount: number;
+
+  /**
+   * A PENDING version made because the active private-CA certificate nears its end: its CSR
+   * is due for the customer's signature; 0 if none.
+   *
+   * @generated from field: uint32 csr_due_version = 6;
+   */
+  csrDueVersion: number;
+
+  /**
+   * When the active version's certificate ends; absent when there is no active version.
+   *
+   * @generated from field: google.protobuf.Timestamp active_not_after = 7;
+   */
+  activeNotAfter?: Timestamp | undefined;
+
+  /**
+   * When the last scheduled rotation was activated; absent if never.
+   *
+   * @generated from field: google.protobuf.Timestamp last_rotation_at = 8;
+   */
+  lastRotationAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.RotationStatus.
+ * Use `create(RotationStatusSchema)` to create a new message.
+ */
+export const RotationStatusSchema: GenMessage<RotationStatus> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_kdc, 33);
+
+/**
+ * GetRotationPolicyRequest selects a tenant.
+ *
+ * @generated from message kmi.kdc.v1.GetRotationPolicyRequest
+ */
+export type GetRotationPolicyRequest = Message<"kmi.kdc.v1.GetRotationPolicyRequest"> & {
+  /**
+   * Tenant id; required.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.GetRotationPolicyRequest.
+ * Use `create(GetRotationPolicyRequestSchema)` to create a new message.
+ */
+export const GetRotationPolicyRequestSchema: GenMessage<GetRotationPolicyRequest> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_kdc, 34);
+
+/**
+ * GetRotationPolicyResponse is the tenant's policy and progress.
+ *
+ * @generated from message kmi.kdc.v1.GetRotationPolicyResponse
+ */
+export type GetRotationPolicyResponse = Message<"kmi.kdc.v1.GetRotationPolicyResponse"> & {
+  /**
+   * The policy and the scheduler's progress.
+   *
+   * @generated from field: kmi.kdc.v1.RotationStatus rotation = 1;
+   */
+  rotation?: RotationStatus | undefined;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.GetRotationPolicyResponse.
+ * Use `create(GetRotationPolicyResponseSchema)` to create a new message.
+ */
+export const GetRotationPolicyResponseSchema: GenMessage<GetRotationPolicyResponse> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_kdc, 35);
+
+/**
+ * SetRotationPolicyRequest sets a tenant's policy.
+ *
+ * @generated from message kmi.kdc.v1.SetRotationPolicyRequest
+ */
+export type SetRotationPolicyRequest = Message<"kmi.kdc.v1.SetRotationPolicyRequest"> & {
+  /**
+   * Tenant id; required.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * The policy; required. All fields 0 turn automatic rotation off.
+   *
+   * @generated from field: kmi.kdc.v1.RotationPolicy policy = 2;
+   */
+  policy?: RotationPolicy | undefined;
+
+  /**
+   * When the next KMI-signed rotation is due; optional, only with rotate_every_days, not after
+   * now + rotate_every_days (a time in the past means: now). Absent: the active version's
+   * activation (or now) plus rotate_every_days, so a policy set on an older CA may rotate at once.
+   *
+   * @generated from field: google.protobuf.Timestamp next_rotation_at = 3;
+   */
+  nextRotationAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.SetRotationPolicyRequest.
+ * Use `create(SetRotationPolicyRequestSchema)` to create a new message.
+ */
+export const SetRotationPolicyRequestSchema: GenMessage<SetRotationPolicyRequest> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_kdc, 36);
+
+/**
+ * SetRotationPolicyResponse is the tenant's policy and progress as set.
+ *
+ * @generated from message kmi.kdc.v1.SetRotationPolicyResponse
+ */
+export type SetRotationPolicyResponse = Message<"kmi.kdc.v1.SetRotationPolicyResponse"> & {
+  /**
+   * The policy and the scheduler's progress.
+   *
+   * @generated from field: kmi.kdc.v1.RotationStatus rotation = 1;
+   */
+  rotation?: RotationStatus | undefined;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.SetRotationPolicyResponse.
+ * Use `create(SetRotationPolicyResponseSchema)` to create a new message.
+ */
+export const SetRotationPolicyResponseSchema: GenMessage<SetRotationPolicyResponse> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_kdc, 37);
 
 /**
  * Signer says who signs an intermediate version's certificate.
@@ -1486,6 +1705,29 @@ export const KdcService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchRolloutStatusRequestSchema;
     output: typeof WatchRolloutStatusResponseSchema;
+  },
+  /**
+   * GetRotationPolicy shows the tenant's rotation policy and where the scheduler is with it
+   * (next rotation, a staged version, a due CSR). A tenant without a policy answers with
+   * every field 0 (no automatic rotation).
+   *
+   * @generated from rpc kmi.kdc.v1.KdcService.GetRotationPolicy
+   */
+  getRotationPolicy: {
+    methodKind: "unary";
+    input: typeof GetRotationPolicyRequestSchema;
+    output: typeof GetRotationPolicyResponseSchema;
+  },
+  /**
+   * SetRotationPolicy sets the tenant's rotation policy (audited "ca.policy.set"); the
+   * KDC's rotation scheduler (one replica at a time, elected) then rotates by itself.
+   *
+   * @generated from rpc kmi.kdc.v1.KdcService.SetRotationPolicy
+   */
+  setRotationPolicy: {
+    methodKind: "unary";
+    input: typeof SetRotationPolicyRequestSchema;
+    output: typeof SetRotationPolicyResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_kmi_kdc_v1_kdc, 0);

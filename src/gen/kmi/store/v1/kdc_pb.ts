@@ -20,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kmi/store/v1/kdc.proto.
  */
 export const file_kmi_store_v1_kdc: GenFile = /*@__PURE__*/
-  fileDesc("ChZrbWkvc3RvcmUvdjEva2RjLnByb3RvEgxrbWkuc3RvcmUudjEigwEKDUtkY01ldGFSZWNvcmQSFgoOcmVjb3JkX3ZlcnNpb24YASABKA0SFgoOc2NoZW1hX3ZlcnNpb24YAiABKA0SMgoOaW5pdGlhbGl6ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmtkY19pZBgEIAEoCSL9AQoQQ3JlZGVudGlhbFJlY29yZBIWCg5yZWNvcmRfdmVyc2lvbhgBIAEoDRIMCgRuYW1lGAIgASgJEhcKD2NlcnRpZmljYXRlX2RlchgDIAEoDBItCgtwcml2YXRlX2tleRgEIAEoCzIYLmttaS5zdG9yZS52MS5TZWFsZWRCbG9iEjIKDWtleV9hbGdvcml0aG0YBSABKA4yGy5rbWkuY29tbW9uLnYxLktleUFsZ29yaXRobRIuCgpjcmVhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg90b2tlbl9rZXlfbGFiZWwYByABKAkiyAEKDFRlbmFudFJlY29yZBIWCg5yZWNvcmRfdmVyc2lvbhgBIAEoDRIRCgl0ZW5hbnRfaWQYAiABKAkSFAoMZGlzcGxheV9uYW1lGAMgASgJEhYKDmFjdGl2ZV92ZXJzaW9uGAQgASgNEhQKDGxhc3RfdmVyc2lvbhgFIAEoDRIuCgpjcmVhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIZChFjdXN0b21lcl9yb290X2RlchgHIAEoDCKmAgoLVG9rZW5SZWNvcmQSFgoOcmVjb3JkX3ZlcnNpb24YASABKA0SEAoIdG9rZW5faWQYAiABKAkSFQoNc2VjcmV0X3NoYTI1NhgDIAEoDBIeCgRyb2xlGAQgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgFIAEoCRITCgtkZXNjcmlwdGlvbhgGIAEoCRIuCgpjcmVhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXZva2VkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLTBQoZSW50ZXJtZWRpYXRlVmVyc2lvblJlY29yZBIWCg5yZWNvcmRfdmVyc2lvbhgBIAEoDRIRCgl0ZW5hbnRfaWQYAiABKAkSDwoHdmVyc2lvbhgDIAEoDRInCgVzdGF0ZRgEIAEoDjIYLmttaS5rZGMudjEuVmVyc2lvblN0YXRlEiIKBnNpZ25lchgFIAEoDjISLmttaS5rZGMudjEuU2lnbmVyEjIKDWtleV9hbGdvcml0aG0YBiABKA4yGy5rbWkuY29tbW9uLnYxLktleUFsZ29yaXRobRIOCgZrZXlfaWQYByABKAkSLQoLcHJpdmF0ZV9rZXkYCCABKAsyGC5rbWkuc3RvcmUudjEuU2VhbGVkQmxvYhIWCg5wdWJsaWNfa2V5X2RlchgJIAEoDBIXCg9jZXJ0aWZpY2F0ZV9kZXIYCiABKAwSDwoHY3NyX2RlchgLIAEoDBIZChFjdXN0b21lcl9yb290X2RlchgMIAEoDBIuCgpjcmVhdGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxhY3RpdmF0ZWRfYXQYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnJldGlyZWRfYXQYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnJldm9rZWRfYXQYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDXJldm9rZV9yZWFzb24YESABKAkSFAoMcmVuZXdlZF9mcm9tGBIgASgNEiQKB3N1YmplY3QYEyABKAsyEy5rbWkua2RjLnYxLlN1YmplY3QSMAoMZGlzY2FyZGVkX2F0GB4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCg5kaXNjYXJkX3JlYXNvbhgfIAEoCSLNAgoQU2lnbmluZ0tleVJlY29yZBIWCg5yZWNvcmRfdmVyc2lvbhgBIAEoDRIRCgl0ZW5hbnRfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIOCgZrZXlfaWQYBCABKAkSMgoNa2V5X2FsZ29yaXRobRgFIAEoDjIbLmttaS5jb21tb24udjEuS2V5QWxnb3JpdGhtEhYKDnB1YmxpY19rZXlfZGVyGAYgASgMEi0KC3ByaXZhdGVfa2V5GAcgASgLMhgua21pLnN0b3JlLnYxLlNlYWxlZEJsb2ISLgoKY3JlYXRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcmV2b2tlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoNcmV2b2tlX3JlYXNvbhgKIAEoCSK7AQoUTWFjaGluZVJvbGxvdXRSZWNvcmQSFgoOcmVjb3JkX3ZlcnNpb24YASABKA0SEQoJdGVuYW50X2lkGAIgASgJEhIKCm1hY2hpbmVfaWQYAyABKAkSDQoFZ3JvdXAYBCABKAkSFAoMaGVsZF92ZXJzaW9uGAUgASgNEg4KBmtleV9pZBgGIAEoCRIvCgtsYXN0X3JlcG9ydBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi7AEKGFF1YXJhbnRpbmVkTWFjaGluZVJlY29yZBIWCg5yZWNvcmRfdmVyc2lvbhgBIAEoDRISCgptYWNoaW5lX2lkGAIgASgJEg4KBnJlYXNvbhgDIAEoCRIyCg5xdWFyYW50aW5lZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLcmVjb3JkZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3JlbGVhc2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcGIGcHJvdG8z", [file_google_protobuf_timestamp, file_kmi_common_v1_common, file_kmi_kdc_v1_admin, file_kmi_kdc_v1_kdc, file_kmi_store_v1_envelope]);
+  fileDesc("ChZrbWkvc3RvcmUvdjEva2RjLnByb3RvEgxrbWkuc3RvcmUudjEigwEKDUtkY01ldGFSZWNvcmQSFgoOcmVjb3JkX3ZlcnNpb24YASABKA0SFgoOc2NoZW1hX3ZlcnNpb24YAiABKA0SMgoOaW5pdGlhbGl6ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmtkY19pZBgEIAEoCSL9AQoQQ3JlZGVudGlhbFJlY29yZBIWCg5yZWNvcmRfdmVyc2lvbhgBIAEoDRIMCgRuYW1lGAIgASgJEhcKD2NlcnRpZmljYXRlX2RlchgDIAEoDBItCgtwcml2YXRlX2tleRgEIAEoCzIYLmttaS5zdG9yZS52MS5TZWFsZWRCbG9iEjIKDWtleV9hbGdvcml0aG0YBSABKA4yGy5rbWkuY29tbW9uLnYxLktleUFsZ29yaXRobRIuCgpjcmVhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg90b2tlbl9rZXlfbGFiZWwYByABKAkiyAEKDFRlbmFudFJlY29yZBIWCg5yZWNvcmRfdmVyc2lvbhgBIAEoDRIRCgl0ZW5hbnRfaWQYAiABKAkSFAoMZGlzcGxheV9uYW1lGAMgASgJEhYKDmFjdGl2ZV92ZXJzaW9uGAQgASgNEhQKDGxhc3RfdmVyc2lvbhgFIAEoDRIuCgpjcmVhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIZChFjdXN0b21lcl9yb290X2RlchgHIAEoDCKmAgoLVG9rZW5SZWNvcmQSFgoOcmVjb3JkX3ZlcnNpb24YASABKA0SEAoIdG9rZW5faWQYAiABKAkSFQoNc2VjcmV0X3NoYTI1NhgDIAEoDBIeCgRyb2xlGAQgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgFIAEoCRITCgtkZXNjcmlwdGlvbhgGIAEoCRIuCgpjcmVhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXZva2VkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLTBQoZSW50ZXJtZWRpYXRlVmVyc2lvblJlY29yZBIWCg5yZWNvcmRfdmVyc2lvbhgBIAEoDRIRCgl0ZW5hbnRfaWQYAiABKAkSDwoHdmVyc2lvbhgDIAEoDRInCgVzdGF0ZRgEIAEoDjIYLmttaS5rZGMudjEuVmVyc2lvblN0YXRlEiIKBnNpZ25lchgFIAEoDjISLmttaS5rZGMudjEuU2lnbmVyEjIKDWtleV9hbGdvcml0aG0YBiABKA4yGy5rbWkuY29tbW9uLnYxLktleUFsZ29yaXRobRIOCgZrZXlfaWQYByABKAkSLQoLcHJpdmF0ZV9rZXkYCCABKAsyGC5rbWkuc3RvcmUudjEuU2VhbGVkQmxvYhIWCg5wdWJsaWNfa2V5X2RlchgJIAEoDBIXCg9jZXJ0aWZpY2F0ZV9kZXIYCiABKAwSDwoHY3NyX2RlchgLIAEoDBIZChFjdXN0b21lcl9yb290X2RlchgMIAEoDBIuCgpjcmVhdGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxhY3RpdmF0ZWRfYXQYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnJldGlyZWRfYXQYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnJldm9rZWRfYXQYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDXJldm9rZV9yZWFzb24YESABKAkSFAoMcmVuZXdlZF9mcm9tGBIgASgNEiQKB3N1YmplY3QYEyABKAsyEy5rbWkua2RjLnYxLlN1YmplY3QSMAoMZGlzY2FyZGVkX2F0GB4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCg5kaXNjYXJkX3JlYXNvbhgfIAEoCSLNAgoQU2lnbmluZ0tleVJlY29yZBIWCg5yZWNvcmRfdmVyc2lvbhgBIAEoDRIRCgl0ZW5hbnRfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIOCgZrZXlfaWQYBCABKAkSMgoNa2V5X2FsZ29yaXRobRgFIAEoDjIbLmttaS5jb21tb24udjEuS2V5QWxnb3JpdGhtEhYKDnB1YmxpY19rZXlfZGVyGAYgASgMEi0KC3ByaXZhdGVfa2V5GAcgASgLMhgua21pLnN0b3JlLnYxLlNlYWxlZEJsb2ISLgoKY3JlYXRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcmV2b2tlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoNcmV2b2tlX3JlYXNvbhgKIAEoCSLYAQoUTWFjaGluZVJvbGxvdXRSZWNvcmQSFgoOcmVjb3JkX3ZlcnNpb24YASABKA0SEQoJdGVuYW50X2lkGAIgASgJEhIKCm1hY2hpbmVfaWQYAyABKAkSDQoFZ3JvdXAYBCABKAkSFAoMaGVsZF92ZXJzaW9uGAUgASgNEg4KBmtleV9pZBgGIAEoCRIvCgtsYXN0X3JlcG9ydBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGwoTbmV3ZXN0X2hlbGRfdmVyc2lvbhgIIAEoDSLsAQoYUXVhcmFudGluZWRNYWNoaW5lUmVjb3JkEhYKDnJlY29yZF92ZXJzaW9uGAEgASgNEhIKCm1hY2hpbmVfaWQYAiABKAkSDgoGcmVhc29uGAMgASgJEjIKDnF1YXJhbnRpbmVkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtyZWNvcmRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLcmVsZWFzZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIqoDChRSb3RhdGlvblBvbGljeVJlY29yZBIWCg5yZWNvcmRfdmVyc2lvbhgBIAEoDRIRCgl0ZW5hbnRfaWQYAiABKAkSGQoRcm90YXRlX2V2ZXJ5X2RheXMYAyABKA0SHgoWY3NyX2JlZm9yZV9leHBpcnlfZGF5cxgEIAEoDRIgChhhY3RpdmF0aW9uX3RpbWVvdXRfaG91cnMYBSABKA0SNAoQbmV4dF9yb3RhdGlvbl9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOc3RhZ2VkX3ZlcnNpb24YByABKA0SLQoJc3RhZ2VkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtjc3JfdmVyc2lvbhgJIAEoDRI0ChBsYXN0X3JvdGF0aW9uX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgp1cGRhdGVkX2J5GAsgASgJEi4KCnVwZGF0ZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoMBChJTY2hlZHVsZXJSdW5SZWNvcmQSFgoOcmVjb3JkX3ZlcnNpb24YASABKA0SCwoDam9iGAIgASgJEg4KBmhvbGRlchgDIAEoCRIqCgZyYW5fYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJ1bnMYBSABKARiBnByb3RvMw", [file_google_protobuf_timestamp, file_kmi_common_v1_common, file_kmi_kdc_v1_admin, file_kmi_kdc_v1_kdc, file_kmi_store_v1_envelope]);
 
 /**
  * KdcMetaRecord is the KDC's one metadata record (table `meta`, key "kdc"): written once by
@@ -580,6 +580,15 @@ export type MachineRolloutRecord = Message<"kmi.store.v1.MachineRolloutRecord"> 
    * @generated from field: google.protobuf.Timestamp last_report = 7;
    */
   lastReport?: Timestamp | undefined;
+
+  /**
+   * The newest version the agent reported holding (its key id checked), also when it is not
+   * the active one: a version staged by the rotation scheduler counts as held once this
+   * reaches it. 0 if none (also in records written before this field existed).
+   *
+   * @generated from field: uint32 newest_held_version = 8;
+   */
+  newestHeldVersion: number;
 };
 
 /**
@@ -656,4 +665,161 @@ export type QuarantinedMachineRecord = Message<"kmi.store.v1.QuarantinedMachineR
  */
 export const QuarantinedMachineRecordSchema: GenMessage<QuarantinedMachineRecord> = /*@__PURE__*/
   messageDesc(file_kmi_store_v1_kdc, 7);
+
+/**
+ * RotationPolicyRecord is a tenant's rotation policy with the scheduler's progress on it
+ * (table `rotation_policies`, key "<tenant_id>"). Written by SetRotationPolicy (the policy
+ * fields) and by the rotation scheduler (the progress fields), each conditional on the
+ * record's mod revision as read, and the scheduler's writes also on its election record
+ * (fencing). Absent: no automatic rotation.
+ *
+ * @generated from message kmi.store.v1.RotationPolicyRecord
+ */
+export type RotationPolicyRecord = Message<"kmi.store.v1.RotationPolicyRecord"> & {
+  /**
+   * Format version of this record; 1.
+   *
+   * @generated from field: uint32 record_version = 1;
+   */
+  recordVersion: number;
+
+  /**
+   * Tenant id.
+   *
+   * @generated from field: string tenant_id = 2;
+   */
+  tenantId: string;
+
+  /**
+   * A KMI-signed active version is replaced every this many days (1 to 3650); 0: never.
+   *
+   * @generated from field: uint32 rotate_every_days = 3;
+   */
+  rotateEveryDays: number;
+
+  /**
+   * A private-CA active version gets a new CSR this many days before its certificate expires
+   * (1 to 3650); 0: never.
+   *
+   * @generated from field: uint32 csr_before_expiry_days = 4;
+   */
+  csrBeforeExpiryDays: number;
+
+  /**
+   * A staged version is activated once every reporting machine holds it, or after this many
+   * hours at the latest (1 to 720).
+   *
+   * @generated from field: uint32 activation_timeout_hours = 5;
+   */
+  activationTimeoutHours: number;
+
+  /**
+   * When the next KMI-signed rotation is due; absent while rotate_every_days is 0.
+   *
+   * @generated from field: google.protobuf.Timestamp next_rotation_at = 6;
+   */
+  nextRotationAt?: Timestamp | undefined;
+
+  /**
+   * The version the scheduler made and is distributing, not yet active; 0 if none.
+   *
+   * @generated from field: uint32 staged_version = 7;
+   */
+  stagedVersion: number;
+
+  /**
+   * When staged_version was made.
+   *
+   * @generated from field: google.protobuf.Timestamp staged_at = 8;
+   */
+  stagedAt?: Timestamp | undefined;
+
+  /**
+   * The PENDING version the scheduler made because the active private-CA certificate nears
+   * its end (a CSR waiting for the customer's signature); 0 if none.
+   *
+   * @generated from field: uint32 csr_version = 9;
+   */
+  csrVersion: number;
+
+  /**
+   * When the last scheduled rotation was activated; absent if never.
+   *
+   * @generated from field: google.protobuf.Timestamp last_rotation_at = 10;
+   */
+  lastRotationAt?: Timestamp | undefined;
+
+  /**
+   * Who last set the policy (an audit actor).
+   *
+   * @generated from field: string updated_by = 11;
+   */
+  updatedBy: string;
+
+  /**
+   * When the policy was last set.
+   *
+   * @generated from field: google.protobuf.Timestamp updated_at = 12;
+   */
+  updatedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message kmi.store.v1.RotationPolicyRecord.
+ * Use `create(RotationPolicyRecordSchema)` to create a new message.
+ */
+export const RotationPolicyRecordSchema: GenMessage<RotationPolicyRecord> = /*@__PURE__*/
+  messageDesc(file_kmi_store_v1_kdc, 8);
+
+/**
+ * SchedulerRunRecord is the last run of one of the KDC's singleton jobs (table
+ * `scheduler_runs`, key: the job, "rotation"), written by the elected replica at the start of
+ * every run, conditional on its election record (fencing): a replica that lost the election
+ * without knowing it is refused here first, before it changes anything else.
+ *
+ * @generated from message kmi.store.v1.SchedulerRunRecord
+ */
+export type SchedulerRunRecord = Message<"kmi.store.v1.SchedulerRunRecord"> & {
+  /**
+   * Format version of this record; 1.
+   *
+   * @generated from field: uint32 record_version = 1;
+   */
+  recordVersion: number;
+
+  /**
+   * The job: "rotation".
+   *
+   * @generated from field: string job = 2;
+   */
+  job: string;
+
+  /**
+   * The election holder that ran it.
+   *
+   * @generated from field: string holder = 3;
+   */
+  holder: string;
+
+  /**
+   * When the run started (the holder's clock).
+   *
+   * @generated from field: google.protobuf.Timestamp ran_at = 4;
+   */
+  ranAt?: Timestamp | undefined;
+
+  /**
+   * How many runs so far, all holders together.
+   *
+   * @generated from field: uint64 runs = 5;
+   */
+  runs: bigint;
+};
+
+/**
+ * Describes the message kmi.store.v1.SchedulerRunRecord.
+ * Use `create(SchedulerRunRecordSchema)` to create a new message.
+ */
+export const SchedulerRunRecordSchema: GenMessage<SchedulerRunRecord> = /*@__PURE__*/
+  messageDesc(file_kmi_store_v1_kdc, 9);
 

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kmi/store/v1/store.proto.
  */
 export const file_kmi_store_v1_store: GenFile = /*@__PURE__*/
-  fileDesc("ChhrbWkvc3RvcmUvdjEvc3RvcmUucHJvdG8SDGttaS5zdG9yZS52MSJfCglTdG9yZUluZm8SDgoGZm9ybWF0GAEgASgNEhYKDnNjaGVtYV92ZXJzaW9uGAIgASgNEg0KBW93bmVyGAMgASgJEhsKE3Jlc3RvcmVfaW5fcHJvZ3Jlc3MYBCABKAgiOAoLU3RvcmVSZWNvcmQSDQoFdGFibGUYASABKAkSCwoDa2V5GAIgASgJEg0KBXZhbHVlGAMgASgMIkcKEFN0b3JlU3RhdGVSZWNvcmQSDgoGZm9ybWF0GAEgASgNEhAKCHJldmlzaW9uGAIgASgEEhEKCWNvbXBhY3RlZBgDIAEoBCJhChFTdG9yZUNoYW5nZVJlY29yZBIOCgZmb3JtYXQYASABKA0SEAoIcmV2aXNpb24YAiABKAQSKgoHY2hhbmdlcxgDIAMoCzIZLmttaS5zdG9yZS52MS5TdG9yZUNoYW5nZSJJCgtTdG9yZUNoYW5nZRINCgV0YWJsZRgBIAEoCRILCgNrZXkYAiABKAkSDwoHZGVsZXRlZBgDIAEoCBINCgV2YWx1ZRgEIAEoDGIGcHJvdG8z");
+  fileDesc("ChhrbWkvc3RvcmUvdjEvc3RvcmUucHJvdG8SDGttaS5zdG9yZS52MSJfCglTdG9yZUluZm8SDgoGZm9ybWF0GAEgASgNEhYKDnNjaGVtYV92ZXJzaW9uGAIgASgNEg0KBW93bmVyGAMgASgJEhsKE3Jlc3RvcmVfaW5fcHJvZ3Jlc3MYBCABKAgiOAoLU3RvcmVSZWNvcmQSDQoFdGFibGUYASABKAkSCwoDa2V5GAIgASgJEg0KBXZhbHVlGAMgASgMIkcKEFN0b3JlU3RhdGVSZWNvcmQSDgoGZm9ybWF0GAEgASgNEhAKCHJldmlzaW9uGAIgASgEEhEKCWNvbXBhY3RlZBgDIAEoBCJhChFTdG9yZUNoYW5nZVJlY29yZBIOCgZmb3JtYXQYASABKA0SEAoIcmV2aXNpb24YAiABKAQSKgoHY2hhbmdlcxgDIAMoCzIZLmttaS5zdG9yZS52MS5TdG9yZUNoYW5nZSJJCgtTdG9yZUNoYW5nZRINCgV0YWJsZRgBIAEoCRILCgNrZXkYAiABKAkSDwoHZGVsZXRlZBgDIAEoCBINCgV2YWx1ZRgEIAEoDCJICg5FbGVjdGlvblJlY29yZBIOCgZmb3JtYXQYASABKA0SDgoGaG9sZGVyGAIgASgJEhYKDndvbl9hdF91bml4X21zGAMgASgEYgZwcm90bzM");
 
 /**
  * StoreInfo is the store's own metadata record (sublevel `_meta`, key "store"), written by
@@ -214,4 +214,43 @@ export type StoreChange = Message<"kmi.store.v1.StoreChange"> & {
  */
 export const StoreChangeSchema: GenMessage<StoreChange> = /*@__PURE__*/
   messageDesc(file_kmi_store_v1_store, 4);
+
+/**
+ * ElectionRecord is the holder of one singleton job's election (table `elections`, key: the
+ * election's name, e.g. "scheduler"), written by src/storage/election.ts. On etcd it is put
+ * with the holder's lease, so it disappears when the holder stops renewing it; its mod
+ * revision is the holder's fencing token: every write of the holder is conditional on it.
+ * Persisted: guarded by `buf breaking`.
+ *
+ * @generated from message kmi.store.v1.ElectionRecord
+ */
+export type ElectionRecord = Message<"kmi.store.v1.ElectionRecord"> & {
+  /**
+   * Format version of this record; 1.
+   *
+   * @generated from field: uint32 format = 1;
+   */
+  format: number;
+
+  /**
+   * Who holds it: a process id made at start ("<host>/<pid>/<random>"), at most 256 characters.
+   *
+   * @generated from field: string holder = 2;
+   */
+  holder: string;
+
+  /**
+   * When the holder won the election (its own clock), Unix milliseconds.
+   *
+   * @generated from field: uint64 won_at_unix_ms = 3;
+   */
+  wonAtUnixMs: bigint;
+};
+
+/**
+ * Describes the message kmi.store.v1.ElectionRecord.
+ * Use `create(ElectionRecordSchema)` to create a new message.
+ */
+export const ElectionRecordSchema: GenMessage<ElectionRecord> = /*@__PURE__*/
+  messageDesc(file_kmi_store_v1_store, 5);
 
