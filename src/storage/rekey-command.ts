@@ -39,19 +39,20 @@ export interface RekeyTarget {
 export function rekeyProgram(t: RekeyTarget) {
   return defineProgram({
     program: t.program,
-    usage: `kmi ${t.program} rekey --data-dir DIR [--master-key-file F] [--store etcd ...] [--json]`,
+    usage: `kmi ${t.program} rekey --data-dir DIR [--master-key-file F] [--store etcd ...] [--prepare] [--json]`,
     summary:
       `Rotates the master key: makes a new one (<key file>.next, 0600), rewraps every sealed record of the store to it in conditional ` +
       `batches, checks in a full pass that every record opens with the new key, writes an audit entry, then renames the new key file ` +
       `over the old one (the old key is gone). On LevelDB the ${t.program} must be stopped (one process per store); on etcd the replicas ` +
-      `may run: one that meets a record under the new key loads <key file>.next from beside its key file (copy it to every replica ` +
-      `host first). Stopped partway (even by kill -9), the store opens with either key, and running rekey again finishes the rotation. ` +
+      `may run: one that meets a record under the new key loads <key file>.next from beside its key file (on several hosts: ` +
+      `rekey --prepare, copy that file to every replica host, then rekey). Stopped partway (even by kill -9), the store opens with either key, and running rekey again finishes the rotation. ` +
       `The audit log's keyed hashes and checkpoint key do not change. A key given in ${t.envName} cannot be rotated: move it to a file.`,
     options: {
       dataDir: { type: "string", description: "the data directory", default: t.defaultDataDir, valueName: "dir" },
       masterKeyFile: { type: "string", description: "master key file, mode 0600 (default <data-dir>/master.key)", valueName: "file" },
       masterKey: { type: "string", description: `refused: a key from ${t.envName} cannot be rotated in place`, secret: true, valueName: "base64" },
       ...storeOptions(t.etcdPrefix),
+      prepare: { type: "boolean", description: "only make <key file>.next (and pin the log keys), rewrap nothing: copy that file to every other replica host, then run rekey without --prepare", noEnv: true },
       batchSize: { type: "integer", description: `records per conditional batch, 1 to ${MAX_TXN_OPS}`, default: DEFAULT_REKEY_BATCH, noEnv: true },
       json: { type: "boolean", description: "print the result as one JSON document on stdout (no progress lines)", noEnv: true },
       progress: { type: "boolean", description: "show progress on stderr also when it is not a terminal (it is shown on a terminal anyway)", noEnv: true },
@@ -75,7 +76,7 @@ export async function rekeyMain(t: RekeyTarget, argv: string[], env: Record<stri
     }
     if (v.batchSize < 1 || v.batchSize > MAX_TXN_OPS) throw new ConfigError(`--batch-size: ${v.batchSize} is out of range; use 1 to ${MAX_TXN_OPS}`);
     const keyFile = v.masterKeyFile ?? join(v.dataDir, "master.key");
-    const result = await rekeyWithProgress(t, { dataDir: v.dataDir, backend: storeBackendFrom(v, t.etcdPrefix), keyFile, batchSize: v.batchSize, progress: v.progress === true, json: v.json === true }, io);
+    const result = await rekeyWithProgress(t, { dataDir: v.dataDir, backend: storeBackendFrom(v, t.etcdPrefix), keyFile, batchSize: v.batchSize, prepare: v.prepare === true, progress: v.progress === true, json: v.json === true }, io);
     io.stdout.write(v.json === true ? JSON.stringify(resultJson(result, keyFile), null, 2) + "\n" : resultText(t, result, keyFile));
     return 0;
   } catch (err) {
@@ -92,6 +93,7 @@ interface RekeyRun {
   backend: StoreBackend;
   keyFile: string;
   batchSize: number;
+  prepare: boolean;
   progress: boolean;
   json: boolean;
 }
@@ -109,6 +111,7 @@ async function rekeyWithProgress(t: RekeyTarget, run: RekeyRun, io: RekeyIo): Pr
       audit: new AuditLog(store),
       actor: `system:${label}`,
       batchSize: run.batchSize,
+      prepareOnly: run.prepare,
       onProgress: (done, total, pass) => {
         if (done === 0) meter = new ProgressMeter({ out: io.stderr, label, unit: `records rewrapped (pass ${pass})`, enabled: shown });
         meter?.update(done, total);
@@ -126,20 +129,29 @@ function resultJson(r: RekeyResult, keyFile: string) {
     old_key_id: r.oldKeyId,
     new_key_id: r.newKeyId,
     resumed: r.resumed,
+    prepared: r.prepared,
     passes: r.passes,
     rewrapped: r.rewrapped,
     sealed_records: r.sealedRecords,
     key_file: keyFile,
-    old_key_retired: true,
+    old_key_retired: !r.prepared,
   };
 }
 
 function resultText(t: RekeyTarget, r: RekeyResult, keyFile: string): string {
+  if (r.prepared) {
+    return [
+      `prepared the rotation of the ${t.program === "kdc" ? "KDC" : "Auditserver"}'s master key ${r.oldKeyId} -> ${r.newKeyId}; nothing is rewrapped yet`,
+      `  next key: ${nextKeyFile(keyFile)} (0600): copy it beside the key file of every replica on another host`,
+      `  then: kmi ${t.program} rekey (without --prepare) finishes the rotation`,
+      "",
+    ].join("\n");
+  }
   return [
     `rotated the ${t.program === "kdc" ? "KDC" : "Auditserver"}'s master key ${r.oldKeyId} -> ${r.newKeyId}${r.resumed ? " (resumed a stopped rekey)" : ""}`,
     `  ${r.rewrapped} records rewrapped; all ${r.sealedRecords} sealed records open with the new key (${r.passes} passes, the last one verifying)`,
     `  ${keyFile} now holds the new key (0600); the old key is retired (audit entry master_key.retire)`,
-    `  replicas on other hosts: give them this key file before they restart (and delete any ${nextKeyFile("master.key")} copies)`,
+    `  replicas on other hosts: move their ${nextKeyFile("master.key")} over their master.key (or copy this key file) before they restart`,
     "",
   ].join("\n");
 }

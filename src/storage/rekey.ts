@@ -50,6 +50,8 @@ export interface RekeyOptions {
   actor: string;
   /** Records per conditional batch, 1 to MAX_TXN_OPS (default 64). */
   batchSize?: number;
+  /** Stop after stage 2: the next key is made (to copy to other hosts' replicas first), nothing rewrapped. */
+  prepareOnly?: boolean;
   /** Progress of a pass: `done` of `total` records rewrapped (pass is 1-based). */
   onProgress?: (done: number, total: number, pass: number) => void;
   now?: () => Date;
@@ -61,8 +63,10 @@ export interface RekeyResult {
   oldKeyId: string;
   /** The new key's id (now in the key file). */
   newKeyId: string;
-  /** True when a stopped rekey's next key was taken up. */
+  /** True when a stopped (or `--prepare`d) rekey's next key was taken up. */
   resumed: boolean;
+  /** True when only the next key was made (`prepareOnly`): the old key is not retired. */
+  prepared: boolean;
   /** Passes over the store, the last one the verified pass. */
   passes: number;
   /** Records rewrapped by this run. */
@@ -87,7 +91,8 @@ export async function rekeyStore(opts: RekeyOptions): Promise<RekeyResult> {
     next.fill(0);
     const ids = { oldKeyId: keyring.primaryId, newKeyId: keyring.sealingId };
     if (ids.oldKeyId === ids.newKeyId) throw new FailedPrecondition(`${nextKeyFile(opts.keyFile)} holds the same key as ${opts.keyFile}; remove ${nextKeyFile(opts.keyFile)} and run rekey again`);
-    await opts.audit.append({ actor: opts.actor, action: "master_key.rekey", target: `master-key/${ids.newKeyId}`, outcome: "ok", details: { replaces: ids.oldKeyId, resumed: String(resumed) } });
+    await opts.audit.append({ actor: opts.actor, action: "master_key.rekey", target: `master-key/${ids.newKeyId}`, outcome: "ok", details: { replaces: ids.oldKeyId, resumed: String(resumed), prepare_only: String(opts.prepareOnly === true) } });
+    if (opts.prepareOnly === true) return { ...ids, resumed, prepared: true, passes: 0, rewrapped: 0, sealedRecords: 0 };
     const rewrap = await rewrapStore(opts.store, sealedTables(opts.tables), keyring, batchSize, opts.onProgress);
     await opts.audit.append({
       actor: opts.actor,
@@ -97,7 +102,7 @@ export async function rekeyStore(opts: RekeyOptions): Promise<RekeyResult> {
       details: { replaced_by: ids.newKeyId, sealed_records: String(rewrap.sealedRecords), passes: String(rewrap.passes) },
     });
     await retire(opts.keyFile);
-    return { ...ids, resumed, ...rewrap };
+    return { ...ids, resumed, prepared: false, ...rewrap };
   } finally {
     primary.fill(0);
     keyring?.wipe();

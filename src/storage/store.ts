@@ -42,6 +42,7 @@
  * | `audit_meta` | `head`                        | kmi.store.v1.AuditHeadRecord   | ./audit-log.ts   |
  * | `audit_checkpoints` | `numericKey(seq)`      | kmi.store.v1.AuditCheckpointRecord | ./audit-checkpointer.ts |
  * | `audit_witness` | `<peer>/<key id>`      | kmi.store.v1.AuditWitnessRecord | ./audit-checkpoint.ts |
+ * | `log_keys`   | `derived`                     | kmi.store.v1.LogKeysRecord (sealed) | ./log-keys.ts (first rekey) |
  * | KDC tables   | see below                     | see below                      | src/kdc          |
  *
  * The KDC's tables (`meta`, `credentials`, `tenants`, `tokens`, `versions`, `signing_keys`,

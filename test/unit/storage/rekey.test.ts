@@ -129,6 +129,17 @@ describe("rekeyStore", () => {
     expect(t1.privateKey!.masterKeyId).toBe(r.newKeyId);
   });
 
+  it("with prepareOnly makes the next key and rewraps nothing; the rekey after it takes that key up", async () => {
+    const { keyFile, key, store } = await setup(3);
+    const audit = new AuditLog(store);
+    const prepared = await rekeyStore({ store, tables: [things], keyFile, audit, actor: "a", prepareOnly: true });
+    expect(prepared).toMatchObject({ prepared: true, oldKeyId: masterKeyId(key), rewrapped: 0 });
+    expect(masterKeyId(await readMasterKeyFile(nextKeyFile(keyFile)))).toBe(prepared.newKeyId);
+    expect((await store.get(things, "t0"))!.privateKey!.masterKeyId).toBe(masterKeyId(key));
+    const done = await rekeyStore({ store, tables: [things], keyFile, audit, actor: "a" });
+    expect(done).toMatchObject({ prepared: false, resumed: true, newKeyId: prepared.newKeyId, rewrapped: 4 });
+  });
+
   it("resumes with the next key a stopped rekey left, and refuses a bad batch size or a next key equal to the key", async () => {
     const { keyFile, store } = await setup(2);
     const { key: next } = await createMasterKeyFile(nextKeyFile(keyFile));
