@@ -7,27 +7,17 @@
  * file is gone, every record is under the new key, the log keys are the same. No private key
  * is in the LevelDB files before or after.
  */
-import { spawn } from "node:child_process";
-import { generateKeyPairSync, createHash } from "node:crypto";
 import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
-import { create } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { KeyAlgorithm } from "../../../src/gen/kmi/common/v1/common_pb.js";
-import { SigningKeyRecordSchema } from "../../../src/gen/kmi/store/v1/kdc_pb.js";
-import { loadKdcKeyring, openKdcStore } from "../../../src/kdc/init.js";
-import type { Message } from "@bufbuild/protobuf";
-import { putOp, type BatchOp } from "../../../src/storage/store.js";
+import { openKdcStore } from "../../../src/kdc/init.js";
 import { AUDIT_LOG_TABLE, deriveAuditKey, keyedHash } from "../../../src/storage/audit-log.js";
 import { deriveCheckpointKey } from "../../../src/storage/audit-checkpoint.js";
-import { loadLogKeys } from "../../../src/storage/log-keys.js";
-import { blobsOf, sealedTables } from "../../../src/storage/rekey.js";
 import { readMasterKeyFile } from "../../../src/storage/master-key.js";
 import { masterKeyId } from "../../../src/storage/seal.js";
-import { signingKeyAad, T } from "../../../src/kdc/kdc-store.js";
-import { kdcRekeyTarget } from "../../../src/kdc/rekey.js";
+import { addBulkSigningKeys, openEverything, runRekey } from "../../fixtures/kdc/rekey.js";
 import { findInFiles, keyNeedles, readTree, unsealIntermediates, type Needle } from "../../fixtures/mesh/secrets.js";
-import { cleanEnv, cleanup, ctl, initDataDir, KMI, startKdc, type DataDir } from "./harness.js";
+import { cleanup, ctl, initDataDir, startKdc, type DataDir } from "./harness.js";
 
 const BULK = 1200;
 let data: DataDir;
@@ -35,77 +25,6 @@ let keyFile: string;
 let needles: Needle[];
 let oldKey: Buffer;
 let checkpointFile: string;
-
-/** Opens every sealed blob of the stopped KDC's store with its keyring; counts blobs per key id. */
-async function openEverything(dataDir: string): Promise<{ byKey: Record<string, number>; hmacKey: Buffer; checkpointKeyId: string }> {
-  const keyring = await loadKdcKeyring(dataDir, {});
-  const store = await openKdcStore(dataDir, false);
-  try {
-    const byKey: Record<string, number> = {};
-    for (const table of sealedTables(kdcRekeyTarget.tables)) {
-      for (const r of (await store.list(table)).records) {
-        for (const blob of blobsOf(table.schema, r.value as Message)) {
-          keyring.open(blob, blob.aad).fill(0);
-          byKey[blob.masterKeyId] = (byKey[blob.masterKeyId] ?? 0) + 1;
-        }
-      }
-    }
-    const logKeys = await loadLogKeys(store, keyring);
-    return { byKey, hmacKey: logKeys.hmacKey, checkpointKeyId: logKeys.checkpointKey.keyId };
-  } finally {
-    keyring.wipe();
-    await store.close();
-  }
-}
-
-/** Adds `BULK` signing keys of tenant acme, sealed as the KDC seals them (one real key, many names). */
-async function addBulkSigningKeys(dataDir: string): Promise<Needle[]> {
-  const { privateKey, publicKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
-  const pkcs8 = privateKey.export({ format: "der", type: "pkcs8" });
-  const spki = publicKey.export({ format: "der", type: "spki" });
-  const keyring = await loadKdcKeyring(dataDir, {});
-  const store = await openKdcStore(dataDir, false);
-  try {
-    for (let start = 0; start < BULK; start += 100) {
-      const ops: BatchOp[] = [];
-      for (let i = start; i < Math.min(BULK, start + 100); i++) {
-        const name = `bulk-${String(i).padStart(5, "0")}`;
-        const record = create(SigningKeyRecordSchema, { recordVersion: 1, tenantId: "acme", name, keyId: createHash("sha256").update(spki).digest("hex"), keyAlgorithm: KeyAlgorithm.ECDSA_P256, publicKeyDer: spki, privateKey: keyring.seal(pkcs8, signingKeyAad("acme", name)) });
-        ops.push(putOp(T.signingKeys, `acme/${name}`, record));
-      }
-      await store.batch(ops);
-    }
-  } finally {
-    keyring.wipe();
-    await store.close();
-  }
-  return [
-    { name: "bulk pkcs8 der", bytes: pkcs8 },
-    { name: "bulk pkcs8 base64", bytes: Buffer.from(pkcs8.toString("base64").slice(0, 64)) },
-  ];
-}
-
-/** Runs `kmi kdc rekey`; with `killPartway`, SIGKILLs it once its progress shows pass 1 partway. */
-function rekey(args: string[], killPartway = false): Promise<{ code: number | string; stdout: string; stderr: string; killedAt?: [number, number] }> {
-  const proc = spawn(process.execPath, [KMI, "kdc", "rekey", "--data-dir", data.dataDir, ...args], { env: cleanEnv(), stdio: ["ignore", "pipe", "pipe"] });
-  let stdout = "";
-  let stderr = "";
-  let killedAt: [number, number] | undefined;
-  proc.stdout.on("data", (b: Buffer) => (stdout += b.toString()));
-  proc.stderr.on("data", (b: Buffer) => {
-    stderr += b.toString();
-    if (!killPartway || killedAt !== undefined) return;
-    for (const m of stderr.matchAll(/(\d+) of (\d+) records rewrapped \(pass 1\)/g)) {
-      const [done, total] = [Number(m[1]), Number(m[2])];
-      if (done > 0 && done < total) {
-        killedAt = [done, total];
-        proc.kill("SIGKILL");
-        return;
-      }
-    }
-  });
-  return new Promise((res) => proc.once("exit", (code, sig) => res({ code: code ?? sig ?? -1, stdout, stderr, ...(killedAt ? { killedAt } : {}) })));
-}
 
 beforeAll(async () => {
   data = await initDataDir();
@@ -121,7 +40,7 @@ beforeAll(async () => {
   } finally {
     await kdc.stop();
   }
-  needles = [...(await unsealIntermediates(data.dataDir, "acme")).flatMap(keyNeedles), ...(await addBulkSigningKeys(data.dataDir))];
+  needles = [...(await unsealIntermediates(data.dataDir, "acme")).flatMap(keyNeedles), ...(await addBulkSigningKeys(data.dataDir, BULK))];
 }, 120_000);
 
 afterAll(async () => {
@@ -135,7 +54,7 @@ describe("kmi kdc rekey (LevelDB, real processes)", () => {
 
   it("killed with SIGKILL partway, leaves a store that opens with either key", async () => {
     const oldId = masterKeyId(oldKey);
-    const r = await rekey(["--batch-size", "1", "--progress"], true);
+    const r = await runRekey(data.dataDir, ["--batch-size", "1", "--progress"], true);
     expect(r.code, r.stderr).toBe("SIGKILL");
     expect(r.killedAt, r.stderr).toBeDefined();
     // Both key files are there, the old one unchanged and the new one 0600.
@@ -166,7 +85,7 @@ describe("kmi kdc rekey (LevelDB, real processes)", () => {
 
   it("rekey run again resumes and finishes: the old key file is gone, every record is under the new key", async () => {
     const next = await readMasterKeyFile(`${keyFile}.next`);
-    const r = await rekey(["--json"]);
+    const r = await runRekey(data.dataDir, ["--json"]);
     expect(r.code, r.stderr).toBe(0);
     const out = JSON.parse(r.stdout) as { old_key_id: string; new_key_id: string; resumed: boolean; rewrapped: number; sealed_records: number };
     expect(out).toMatchObject({ old_key_id: masterKeyId(oldKey), new_key_id: masterKeyId(next), resumed: true });
