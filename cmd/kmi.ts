@@ -24,16 +24,16 @@ const programs: Record<string, Program> = {
     summary: "run the KDC (keys, certificates, distribution); `kmi kdc init` first",
     load: async () => (await import("../src/kdc/cli.js")).main,
     async completion() {
-      const [{ programCompletionNode: node }, c, b] = await Promise.all([import("../src/ctl/completion.js"), import("../src/kdc/config.js"), import("../src/kdc/backup/cli.js")]);
-      return node(c.serveProgram, { init: node(c.initProgram), backup: node(b.backupProgram), restore: node(b.restoreProgram) });
+      const [{ programCompletionNode: node }, c, b, r, k] = await Promise.all([import("../src/ctl/completion.js"), import("../src/kdc/config.js"), import("../src/kdc/backup/cli.js"), import("../src/storage/rekey-command.js"), import("../src/kdc/rekey.js")]);
+      return node(c.serveProgram, { init: node(c.initProgram), backup: node(b.backupProgram), restore: node(b.restoreProgram), rekey: node(r.rekeyProgram(k.kdcRekeyTarget)) });
     },
   },
   audit: {
     summary: "run the Auditserver (enrollment, attestation, quarantine); `kmi audit init` first",
     load: async () => (await import("../src/audit/cli.js")).main,
     async completion() {
-      const [{ programCompletionNode: node }, c] = await Promise.all([import("../src/ctl/completion.js"), import("../src/audit/config.js")]);
-      return node(c.serveProgram, { init: node(c.initProgram) });
+      const [{ programCompletionNode: node }, c, r, a] = await Promise.all([import("../src/ctl/completion.js"), import("../src/audit/config.js"), import("../src/storage/rekey-command.js"), import("../src/audit/rekey.js")]);
+      return node(c.serveProgram, { init: node(c.initProgram), rekey: node(r.rekeyProgram(a.auditRekeyTarget)) });
     },
   },
   agent: {

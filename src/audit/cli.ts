@@ -8,6 +8,8 @@ import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger, parseLogLevel } from "../common/logger.js";
 import { storeBackendFrom } from "../storage/backend.js";
 import { AUDIT_ETCD_PREFIX, initProgram, serveProgram } from "./config.js";
+import { rekeyMain } from "../storage/rekey-command.js";
+import { auditRekeyTarget } from "./rekey.js";
 import { dataPaths, initAudit, readPemFile } from "./init.js";
 import { AuditServer } from "./server.js";
 import { usePrivateUmask } from "../common/data-dir.js";
@@ -70,7 +72,7 @@ async function init(argv: string[]): Promise<number> {
 async function serve(argv: string[]): Promise<number> {
   const loaded = await loadConfig(serveProgram, argv);
   if (loaded.help) {
-    process.stdout.write(formatHelp(serveProgram) + "\n\ncommands:\n  kmi audit init --help   set up a data directory first\n");
+    process.stdout.write(formatHelp(serveProgram) + "\n\ncommands:\n  kmi audit init --help   set up a data directory first\n  kmi audit rekey --help  rotate the master key (rewraps every sealed record)\n");
     return 0;
   }
   const v = loaded.values;
@@ -104,6 +106,7 @@ export async function main(argv: string[]): Promise<number> {
   usePrivateUmask(); // every file under the data dir 0600 (see data-dir.ts for why a umask)
   try {
     if (argv[0] === "init") return await init(argv.slice(1));
+    if (argv[0] === "rekey") return await rekeyMain(auditRekeyTarget, argv.slice(1), process.env);
     return await serve(argv);
   } catch (err) {
     if (err instanceof ConfigError) {

@@ -28,6 +28,7 @@ import { createCsr, csrToPem } from "../pki/csr.js";
 import { AuditLog, deriveAuditKey, keyedHash } from "../storage/audit-log.js";
 import { openStoreBackend, type StoreBackend } from "../storage/backend.js";
 import type { Store } from "../storage/store.js";
+import { loadMasterKeyring, type MasterKeyring } from "../storage/keyring.js";
 import { initServerMasterKey, loadServerMasterKey, type MasterKeyOptions } from "../storage/master-key.js";
 import { open as unseal, seal } from "../storage/seal.js";
 import { putOp } from "../storage/store.js";
@@ -61,6 +62,11 @@ export async function openAuditStore(dataDir: string, createIfMissing: boolean, 
 /** Loads the master key of an initialized data directory. */
 export async function loadAuditMasterKey(dataDir: string, opts: MasterKeyOptions): Promise<Buffer> {
   return loadServerMasterKey(opts, "KMI_AUDIT_MASTER_KEY", dataPaths(dataDir).masterKey);
+}
+
+/** Loads the master keyring (the key, and the next one while a rekey is under way) of an initialized data directory. */
+export async function loadAuditKeyring(dataDir: string, opts: MasterKeyOptions): Promise<MasterKeyring> {
+  return loadMasterKeyring(opts, "KMI_AUDIT_MASTER_KEY", dataPaths(dataDir).masterKey);
 }
 
 /** Names of the Auditserver's TLS certificate beyond localhost, 127.0.0.1 and ::1. */

@@ -13,16 +13,16 @@ import { checkDataDirModes } from "../common/data-dir.js";
 import type { Logger } from "../common/logger.js";
 import { parseListenAddress } from "../common/listen.js";
 import { createMetricsRegistry, startMetricsServer, type MetricsServer } from "../common/metrics.js";
-import { createAuditLog, deriveAuditKey, keyedHash } from "../storage/audit-log.js";
-import { CheckpointWitness, deriveCheckpointKey } from "../storage/audit-checkpoint.js";
+import { createAuditLog, keyedHash } from "../storage/audit-log.js";
+import { CheckpointWitness } from "../storage/audit-checkpoint.js";
+import { loadLogKeys } from "../storage/log-keys.js";
 import { AuditCheckpointer } from "../storage/audit-checkpointer.js";
 import { describeBackend, type StoreBackend } from "../storage/backend.js";
 import type { Store } from "../storage/store.js";
-import { open as unseal } from "../storage/seal.js";
 import { sweepNonces } from "./attestation.js";
 import type { AuditContext, Clock, KdcPeer } from "./context.js";
 import { createCsrChecker } from "./csr.js";
-import { credentialAad, dataPaths, loadAuditMasterKey, openAuditStore, type MasterKeyOptions } from "./init.js";
+import { credentialAad, dataPaths, loadAuditKeyring, openAuditStore, type MasterKeyOptions } from "./init.js";
 import { createKdcPeer } from "./kdc-client.js";
 import { services } from "./routes.js";
 import { MachineStatusFollower } from "./status-follower.js";
@@ -76,9 +76,9 @@ export class AuditServer {
     const notInitialized = `data dir ${opts.dataDir} is not initialized; run \`kmi audit init --data-dir ${opts.dataDir} --kdc-ca-file <the KDC's infra-ca.pem> --token-file <operator token>\` first`;
     const backend = opts.store ?? { kind: "level" };
     if (backend.kind === "level" && !(await stat(paths.store).then(() => true, () => false))) throw new FailedPrecondition(notInitialized);
-    const masterKey = await loadAuditMasterKey(opts.dataDir, opts);
+    const keyring = await loadAuditKeyring(opts.dataDir, opts);
     const store = await openAuditStore(opts.dataDir, false, backend).catch((err: unknown) => {
-      masterKey.fill(0);
+      keyring.wipe();
       throw err;
     });
     try {
@@ -90,11 +90,11 @@ export class AuditServer {
         throw new FailedPrecondition(`data dir ${opts.dataDir}: a credential is missing; restore the store from a backup`);
       }
       // Both keys are opened here, so a wrong master key fails at start, not on the first call.
-      const attPkcs8 = unseal(masterKey, att.privateKey, credentialAad(ATTESTATION_KEY));
-      const tlsPkcs8 = unseal(masterKey, tls.privateKey, credentialAad(SERVICE_TLS_KEY));
-      const hmacKey = deriveAuditKey(masterKey);
-      const checkpointKey = deriveCheckpointKey(masterKey);
-      masterKey.fill(0);
+      // The Auditserver seals nothing after init: the keyring is needed only here.
+      const attPkcs8 = keyring.open(att.privateKey, credentialAad(ATTESTATION_KEY));
+      const tlsPkcs8 = keyring.open(tls.privateKey, credentialAad(SERVICE_TLS_KEY));
+      const { hmacKey, checkpointKey } = await loadLogKeys(store, keyring);
+      keyring.wipe();
       const attestationPrivate = createPrivateKey({ key: Buffer.from(attPkcs8), format: "der", type: "pkcs8" });
       // The TLS key stays in this process's memory only; node's TLS wants PEM.
       const tlsKeyPem = createPrivateKey({ key: Buffer.from(tlsPkcs8), format: "der", type: "pkcs8" }).export({ format: "pem", type: "pkcs8" }) as string;
@@ -152,7 +152,7 @@ export class AuditServer {
       const follower = new MachineStatusFollower(store, ctx.statusHub, logger);
       return new AuditServer(ctx, store, server, opts, metrics, checkpoints, follower);
     } catch (err) {
-      masterKey.fill(0);
+      keyring.wipe();
       await store.close();
       throw err;
     }

@@ -7,6 +7,8 @@ import { isKmiError } from "../common/errors.js";
 import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger, parseLogLevel } from "../common/logger.js";
 import { backupMain, restoreMain } from "./backup/cli.js";
+import { rekeyMain } from "../storage/rekey-command.js";
+import { kdcRekeyTarget } from "./rekey.js";
 import { storeBackendFrom } from "../storage/backend.js";
 import { KDC_ETCD_PREFIX, initProgram, parseElectionTtl, parseLease, parsePendingTtl, parseSchedulerInterval, pkcs11Settings, serveProgram } from "./config.js";
 import { dataPaths, initKdc } from "./init.js";
@@ -72,7 +74,7 @@ async function init(argv: string[]): Promise<number> {
 async function serve(argv: string[]): Promise<number> {
   const loaded = await loadConfig(serveProgram, argv, { env: environment() });
   if (loaded.help) {
-    process.stdout.write(formatHelp(serveProgram) + "\n\ncommands:\n  kmi kdc init --help      set up a data directory first\n  kmi kdc backup --help    a consistent snapshot of a stopped KDC's store (keys stay sealed; no master key)\n  kmi kdc restore --help   a backup into an empty data directory\n");
+    process.stdout.write(formatHelp(serveProgram) + "\n\ncommands:\n  kmi kdc init --help      set up a data directory first\n  kmi kdc backup --help    a consistent snapshot of a stopped KDC's store (keys stay sealed; no master key)\n  kmi kdc restore --help   a backup into an empty data directory\n  kmi kdc rekey --help     rotate the master key (rewraps every sealed record)\n");
     return 0;
   }
   const v = loaded.values;
@@ -107,6 +109,7 @@ export async function main(argv: string[]): Promise<number> {
     if (argv[0] === "init") return await init(argv.slice(1));
     if (argv[0] === "backup") return await backupMain(argv.slice(1), environment());
     if (argv[0] === "restore") return await restoreMain(argv.slice(1), environment());
+    if (argv[0] === "rekey") return await rekeyMain(kdcRekeyTarget, argv.slice(1), environment());
     return await serve(argv);
   } catch (err) {
     if (err instanceof ConfigError) {

@@ -22,10 +22,12 @@ import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
 import { Role } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { CredentialRecordSchema, KdcMetaRecordSchema, TokenRecordSchema, type CredentialRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import { AuditLog } from "../storage/audit-log.js";
-import { CheckpointWitness, deriveCheckpointKey } from "../storage/audit-checkpoint.js";
+import { CheckpointWitness } from "../storage/audit-checkpoint.js";
 import { AuditCheckpointer } from "../storage/audit-checkpointer.js";
 import { openStoreBackend, type StoreBackend } from "../storage/backend.js";
 import { openLevelStore, type LevelStore } from "../storage/level-store.js";
+import { loadMasterKeyring, type MasterKeyring } from "../storage/keyring.js";
+import { loadLogKeys } from "../storage/log-keys.js";
 import { initServerMasterKey, loadServerMasterKey, type MasterKeyOptions } from "../storage/master-key.js";
 import type { BatchOp, Store } from "../storage/store.js";
 import type { AttestationKeyProvider, CertificateFactory, Clock, Issuer, KdcContext, Sealer } from "./context.js";
@@ -115,6 +117,11 @@ export async function openKdcBackend(dataDir: string, createIfMissing: boolean, 
 /** Loads the master key for an initialized data directory. */
 export async function loadKdcMasterKey(dataDir: string, opts: MasterKeyOptions): Promise<Buffer> {
   return loadServerMasterKey(opts, "KMI_KDC_MASTER_KEY", dataPaths(dataDir).masterKey);
+}
+
+/** Loads the master keyring (the key, and the next one while a rekey is under way) for an initialized data directory. */
+export async function loadKdcKeyring(dataDir: string, opts: MasterKeyOptions): Promise<MasterKeyring> {
+  return loadMasterKeyring(opts, "KMI_KDC_MASTER_KEY", dataPaths(dataDir).masterKey);
 }
 
 /** Makes a certificate+sealed-key credential record. */
@@ -304,8 +311,11 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
   if (backend.kind === "level" && !(await pathExists(dataPaths(opts.dataDir).store))) {
     throw new FailedPrecondition(`data dir ${opts.dataDir} is not initialized; run \`kmi kdc init --data-dir ${opts.dataDir}\` first`);
   }
-  const key = await loadKdcMasterKey(opts.dataDir, opts);
-  const opened = await openKdcBackend(opts.dataDir, false, backend);
+  const keyring = await loadKdcKeyring(opts.dataDir, opts);
+  const opened = await openKdcBackend(opts.dataDir, false, backend).catch((err: unknown) => {
+    keyring.wipe();
+    throw err;
+  });
   // On a shared store other replicas commit too: remember which commits are this process's.
   const local = backend.kind === "etcd" ? new LocalCommits(opened) : undefined;
   const store: Store = local ?? opened;
@@ -317,9 +327,10 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
       throw new FailedPrecondition(`data dir ${opts.dataDir} is not initialized (an init did not finish); remove it and run \`kmi kdc init\` again`);
     }
     const clock = opts.clock ?? { now: () => new Date() };
-    const sealer = createSealer(key);
-    const checkpointKey = deriveCheckpointKey(key);
-    key.fill(0);
+    const logKeys = await loadLogKeys(store, keyring);
+    const sealer = createSealer({ keyring, hmacKey: logKeys.hmacKey });
+    const checkpointKey = logKeys.checkpointKey;
+    logKeys.hmacKey.fill(0);
     // Fail at start, not on the first call, when the master key is not this store's.
     const root = await kdcStore.getCredential(CREDENTIAL.kmiRoot);
     if (root === undefined || (root.privateKey === undefined && root.tokenKeyLabel === "")) throw new FailedPrecondition(`data dir ${opts.dataDir}: the KMI root credential is missing; restore the store from a backup`);
@@ -359,6 +370,7 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
     }
     return { ctx, store, backend: opened, hub, quarantine, checkpoints, follower };
   } catch (err) {
+    keyring.wipe();
     rootKeys?.close();
     await store.close();
     throw err;

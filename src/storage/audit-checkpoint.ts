@@ -58,20 +58,35 @@ export interface CheckpointKey {
  * The checkpoint key, derived from the master key with HKDF-SHA256 (info "kmi audit
  * checkpoint v1", no salt) as an Ed25519 seed. Why derived and not stored: a writer of the
  * store must not be able to sign, and the master key is already kept out of the store (a 0600
- * file or the environment); one purpose per derived key.
+ * file or the environment); one purpose per derived key. After a master-key rotation the seed
+ * is kept sealed in the store instead (./log-keys.ts), so the key the witness pins stays.
  */
 export function deriveCheckpointKey(masterKey: Uint8Array): CheckpointKey {
+  const seed = deriveCheckpointSeed(masterKey);
+  try {
+    return checkpointKeyFromSeed(seed);
+  } finally {
+    seed.fill(0);
+  }
+}
+
+/** The Ed25519 seed of `deriveCheckpointKey` (32 bytes; the caller zeroes it). */
+export function deriveCheckpointSeed(masterKey: Uint8Array): Buffer {
   if (!(masterKey instanceof Uint8Array) || masterKey.length !== KEY_BYTES) {
     throw new InvalidArgument(`master key: must be ${KEY_BYTES} bytes`);
   }
-  const seed = Buffer.from(hkdfSync("sha256", masterKey, new Uint8Array(0), "kmi audit checkpoint v1", 32));
+  return Buffer.from(hkdfSync("sha256", masterKey, new Uint8Array(0), "kmi audit checkpoint v1", 32));
+}
+
+/** The checkpoint key of a 32-byte Ed25519 seed (see `deriveCheckpointSeed`). */
+export function checkpointKeyFromSeed(seed: Uint8Array): CheckpointKey {
+  if (!(seed instanceof Uint8Array) || seed.length !== 32) throw new InvalidArgument("checkpoint seed: must be 32 bytes");
   const der = Buffer.concat([ED25519_PKCS8_PREFIX, seed]);
   try {
     const privateKey = createPrivateKey({ key: der, format: "der", type: "pkcs8" });
     const publicKeyDer = new Uint8Array(createPublicKey(privateKey).export({ type: "spki", format: "der" }));
     return { privateKey, publicKeyDer, keyId: sha256Hex(publicKeyDer) };
   } finally {
-    seed.fill(0);
     der.fill(0);
   }
 }

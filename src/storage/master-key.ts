@@ -3,7 +3,7 @@
  * from an environment value (base64, passed in by config.ts) or from a key file that only its
  * owner can read.
  */
-import { constants } from "node:fs";
+import { closeSync, constants, fstatSync, openSync, readFileSync, type Stats } from "node:fs";
 import { link, open as openFile, unlink } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { randomBytes } from "node:crypto";
@@ -119,31 +119,55 @@ export async function readMasterKeyFile(path: string): Promise<Buffer> {
   try {
     // Why fstat on the open descriptor: checking the path and then reading it would let the
     // file be swapped in between.
-    const st = await handle.stat();
-    if (!st.isFile()) throw new FailedPrecondition(`master key file ${path} is not a regular file`);
-    const uid = process.getuid?.();
-    if (uid !== undefined && st.uid !== uid) {
-      throw new FailedPrecondition(
-        `master key file ${path} is owned by uid ${st.uid}, not by this process's user (uid ${uid}); ` +
-          `run as its owner or chown it, then chmod 600 ${path}`,
-      );
-    }
-    // Why: anyone who can read this file can decrypt every key the store holds.
-    if ((st.mode & 0o077) !== 0) {
-      const mode = (st.mode & 0o777).toString(8).padStart(4, "0");
-      throw new FailedPrecondition(
-        `master key file ${path} is mode ${mode}; it must be readable by its owner only: chmod 600 ${path}`,
-      );
-    }
-    const data = await handle.readFile();
-    try {
-      if (data.length === KEY_BYTES) return Buffer.from(data);
-      return parseMasterKey(data.toString("latin1"), `master key file ${path}`);
-    } finally {
-      data.fill(0);
-    }
+    checkKeyFileStat(path, await handle.stat());
+    return decodeKeyFile(path, await handle.readFile());
   } finally {
     await handle.close();
+  }
+}
+
+/**
+ * `readMasterKeyFile` without awaiting: for a keyring that meets a record sealed under a key it
+ * does not hold yet (a rekey running next to this server) inside a synchronous `open`.
+ */
+export function readMasterKeyFileSync(path: string): Buffer {
+  let fd: number;
+  try {
+    fd = openSync(path, constants.O_RDONLY);
+  } catch (err) {
+    throw new FailedPrecondition(`master key file ${path} cannot be opened (${(err as NodeJS.ErrnoException).code})`);
+  }
+  try {
+    checkKeyFileStat(path, fstatSync(fd));
+    return decodeKeyFile(path, readFileSync(fd));
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function checkKeyFileStat(path: string, st: Stats): void {
+  if (!st.isFile()) throw new FailedPrecondition(`master key file ${path} is not a regular file`);
+  const uid = process.getuid?.();
+  if (uid !== undefined && st.uid !== uid) {
+    throw new FailedPrecondition(
+      `master key file ${path} is owned by uid ${st.uid}, not by this process's user (uid ${uid}); ` +
+        `run as its owner or chown it, then chmod 600 ${path}`,
+    );
+  }
+  // Why: anyone who can read this file can decrypt every key the store holds.
+  if ((st.mode & 0o077) !== 0) {
+    const mode = (st.mode & 0o777).toString(8).padStart(4, "0");
+    throw new FailedPrecondition(`master key file ${path} is mode ${mode}; it must be readable by its owner only: chmod 600 ${path}`);
+  }
+}
+
+/** The key in a key file's bytes (base64 text or 32 raw bytes); zeroes `data`. */
+function decodeKeyFile(path: string, data: Buffer): Buffer {
+  try {
+    if (data.length === KEY_BYTES) return Buffer.from(data);
+    return parseMasterKey(data.toString("latin1"), `master key file ${path}`);
+  } finally {
+    data.fill(0);
   }
 }
 

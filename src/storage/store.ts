@@ -43,6 +43,7 @@
  * | `audit_checkpoints` | `numericKey(seq)`      | kmi.store.v1.AuditCheckpointRecord | ./audit-checkpointer.ts |
  * | `audit_witness` | `<peer>/<key id>`      | kmi.store.v1.AuditWitnessRecord | ./audit-checkpoint.ts |
  * | `elections`  | `<election name>`             | kmi.store.v1.ElectionRecord    | ./election.ts (on etcd bound to the leader's lease) |
+ * | `log_keys`   | `derived`                     | kmi.store.v1.LogKeysRecord (sealed) | ./log-keys.ts (first rekey) |
  * | KDC tables   | see below                     | see below                      | src/kdc          |
  *
  * The KDC's tables (`meta`, `credentials`, `tenants`, `tokens`, `versions`, `signing_keys`,

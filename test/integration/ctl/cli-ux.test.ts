@@ -110,18 +110,22 @@ describe("kmi completion", () => {
       't kmi kdc ""',
       't kmi up --log-level ""',
       `t kmi ctl ca upload --cert ${script.slice(0, -2)}`,
+      't kmi audit ""',
+      "t kmi kdc rekey --batch",
     ].join("\n");
     const r = await run("bash", ["-c", probe]);
     expect(r.code, r.stderr).toBe(0);
-    expect(r.stdout.split("\n").slice(0, 8)).toEqual([
+    expect(r.stdout.split("\n").slice(0, 10)).toEqual([
       "kdc audit agent proxy ctl up completion",
       "upload",
       "--tenant",
       "pem der",
       "chain intermediate root",
-      "init backup restore",
+      "init backup restore rekey",
       "debug info warn error",
       script,
+      "init rekey",
+      "--batch-size",
     ]);
   });
 
