@@ -58,6 +58,7 @@ function config(overrides: Partial<AgentConfig> = {}): AgentConfig {
     socketPath: join(dir, "agent.sock"),
     socketGroup: undefined,
     stateDir: join(dir, "state"),
+    sealingKey: { kind: "file" },
     auditUrls: [audit.url],
     kdcUrls: [kdc.url],
     caPem: infra.pem,

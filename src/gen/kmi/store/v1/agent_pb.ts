@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kmi/store/v1/agent.proto.
  */
 export const file_kmi_store_v1_agent: GenFile = /*@__PURE__*/
-  fileDesc("ChhrbWkvc3RvcmUvdjEvYWdlbnQucHJvdG8SDGttaS5zdG9yZS52MSKpAwoTQWdlbnRJZGVudGl0eVJlY29yZBIWCg5yZWNvcmRfdmVyc2lvbhgBIAEoDRISCgptYWNoaW5lX2lkGAIgASgJEg0KBWdyb3VwGAMgASgJEi0KC21hY2hpbmVfa2V5GAQgASgLMhgua21pLnN0b3JlLnYxLlNlYWxlZEJsb2ISFgoObWFjaGluZV9rZXlfaWQYBSABKAkSFwoPY2VydGlmaWNhdGVfcGVtGAYgASgJEg4KBmNhX3BlbRgHIAEoCRI5ChVjZXJ0aWZpY2F0ZV9ub3RfYWZ0ZXIYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2Vucm9sbGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZW5ld2VkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCg5lbmNyeXB0aW9uX2tleRgLIAEoCzIYLmttaS5zdG9yZS52MS5TZWFsZWRCbG9iEhkKEWVuY3J5cHRpb25fa2V5X2lkGAwgASgJIvgBChBBZ2VudENhY2hlUmVjb3JkEhYKDnJlY29yZF92ZXJzaW9uGAEgASgNEhIKCm1hY2hpbmVfaWQYAiABKAkSLgoKd3JpdHRlbl9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJbGFzdF9zeW5jGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtxdWFyYW50aW5lZBgFIAEoCBIZChFxdWFyYW50aW5lX3JlYXNvbhgGIAEoCRIpCgdzZWNyZXRzGAcgASgLMhgua21pLnN0b3JlLnYxLlNlYWxlZEJsb2IiXgoSQWdlbnRDYWNoZWRTZWNyZXRzEhYKDnJlY29yZF92ZXJzaW9uGAEgASgNEjAKB3NlY3JldHMYAiADKAsyHy5rbWkuc3RvcmUudjEuQWdlbnRDYWNoZWRTZWNyZXQi4gIKEUFnZW50Q2FjaGVkU2VjcmV0EhEKCXRlbmFudF9pZBgBIAEoCRIqCgdwdXJwb3NlGAIgASgOMhkua21pLmNvbW1vbi52MS5LZXlQdXJwb3NlEg4KBmtleV9pZBgDIAEoCRIPCgd2ZXJzaW9uGAQgASgNEgwKBG5hbWUYBSABKAkSMgoNa2V5X2FsZ29yaXRobRgGIAEoDjIbLmttaS5jb21tb24udjEuS2V5QWxnb3JpdGhtEhEKCWNoYWluX3BlbRgHIAEoCRIWCg5wdWJsaWNfa2V5X3BlbRgIIAEoCRIZChFwcml2YXRlX2tleV9wa2NzOBgJIAEoDBI0ChBsZWFzZV9leHBpcmVzX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtyZWNlaXZlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBiBnByb3RvMw", [file_google_protobuf_timestamp, file_kmi_common_v1_common, file_kmi_store_v1_envelope]);
+  fileDesc("ChhrbWkvc3RvcmUvdjEvYWdlbnQucHJvdG8SDGttaS5zdG9yZS52MSKpAwoTQWdlbnRJZGVudGl0eVJlY29yZBIWCg5yZWNvcmRfdmVyc2lvbhgBIAEoDRISCgptYWNoaW5lX2lkGAIgASgJEg0KBWdyb3VwGAMgASgJEi0KC21hY2hpbmVfa2V5GAQgASgLMhgua21pLnN0b3JlLnYxLlNlYWxlZEJsb2ISFgoObWFjaGluZV9rZXlfaWQYBSABKAkSFwoPY2VydGlmaWNhdGVfcGVtGAYgASgJEg4KBmNhX3BlbRgHIAEoCRI5ChVjZXJ0aWZpY2F0ZV9ub3RfYWZ0ZXIYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2Vucm9sbGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZW5ld2VkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCg5lbmNyeXB0aW9uX2tleRgLIAEoCzIYLmttaS5zdG9yZS52MS5TZWFsZWRCbG9iEhkKEWVuY3J5cHRpb25fa2V5X2lkGAwgASgJIvgBChBBZ2VudENhY2hlUmVjb3JkEhYKDnJlY29yZF92ZXJzaW9uGAEgASgNEhIKCm1hY2hpbmVfaWQYAiABKAkSLgoKd3JpdHRlbl9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJbGFzdF9zeW5jGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtxdWFyYW50aW5lZBgFIAEoCBIZChFxdWFyYW50aW5lX3JlYXNvbhgGIAEoCRIpCgdzZWNyZXRzGAcgASgLMhgua21pLnN0b3JlLnYxLlNlYWxlZEJsb2IiXgoSQWdlbnRDYWNoZWRTZWNyZXRzEhYKDnJlY29yZF92ZXJzaW9uGAEgASgNEjAKB3NlY3JldHMYAiADKAsyHy5rbWkuc3RvcmUudjEuQWdlbnRDYWNoZWRTZWNyZXQi4gIKEUFnZW50Q2FjaGVkU2VjcmV0EhEKCXRlbmFudF9pZBgBIAEoCRIqCgdwdXJwb3NlGAIgASgOMhkua21pLmNvbW1vbi52MS5LZXlQdXJwb3NlEg4KBmtleV9pZBgDIAEoCRIPCgd2ZXJzaW9uGAQgASgNEgwKBG5hbWUYBSABKAkSMgoNa2V5X2FsZ29yaXRobRgGIAEoDjIbLmttaS5jb21tb24udjEuS2V5QWxnb3JpdGhtEhEKCWNoYWluX3BlbRgHIAEoCRIWCg5wdWJsaWNfa2V5X3BlbRgIIAEoCRIZChFwcml2YXRlX2tleV9wa2NzOBgJIAEoDBI0ChBsZWFzZV9leHBpcmVzX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtyZWNlaXZlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAifwoaQWdlbnRUb2tlblNlYWxpbmdLZXlSZWNvcmQSFgoOcmVjb3JkX3ZlcnNpb24YASABKA0SEwoLdG9rZW5fbGFiZWwYAiABKAkSEQoJa2V5X2xhYmVsGAMgASgJEg0KBW5vbmNlGAQgASgMEhIKCmNpcGhlcnRleHQYBSABKAxiBnByb3RvMw", [file_google_protobuf_timestamp, file_kmi_common_v1_common, file_kmi_store_v1_envelope]);
 
 /**
  * AgentIdentityRecord is the machine's identity (file `identity.pb`): written at enrollment
@@ -306,4 +306,56 @@ export type AgentCachedSecret = Message<"kmi.store.v1.AgentCachedSecret"> & {
  */
 export const AgentCachedSecretSchema: GenMessage<AgentCachedSecret> = /*@__PURE__*/
   messageDesc(file_kmi_store_v1_agent, 3);
+
+/**
+ * AgentTokenSealingKeyRecord is the agent's sealing key encrypted inside a PKCS#11 token (file
+ * `sealing.key.p11`, with `--sealing-key pkcs11`): AES-256-GCM by a non-extractable AES key in the
+ * token, so the sealing key is on disk only in this form and opens only in that token.
+ *
+ * @generated from message kmi.store.v1.AgentTokenSealingKeyRecord
+ */
+export type AgentTokenSealingKeyRecord = Message<"kmi.store.v1.AgentTokenSealingKeyRecord"> & {
+  /**
+   * Format version of this record; 1.
+   *
+   * @generated from field: uint32 record_version = 1;
+   */
+  recordVersion: number;
+
+  /**
+   * Label of the token the key is in (for the error message when another token is given).
+   *
+   * @generated from field: string token_label = 2;
+   */
+  tokenLabel: string;
+
+  /**
+   * Label of the AES key in the token.
+   *
+   * @generated from field: string key_label = 3;
+   */
+  keyLabel: string;
+
+  /**
+   * AES-GCM nonce, 12 bytes.
+   *
+   * @generated from field: bytes nonce = 4;
+   */
+  nonce: Uint8Array;
+
+  /**
+   * The 32-byte sealing key encrypted in the token, followed by the 16-byte GCM tag; the GCM
+   * additional data is "kmi agent sealing key v1".
+   *
+   * @generated from field: bytes ciphertext = 5;
+   */
+  ciphertext: Uint8Array;
+};
+
+/**
+ * Describes the message kmi.store.v1.AgentTokenSealingKeyRecord.
+ * Use `create(AgentTokenSealingKeyRecordSchema)` to create a new message.
+ */
+export const AgentTokenSealingKeyRecordSchema: GenMessage<AgentTokenSealingKeyRecord> = /*@__PURE__*/
+  messageDesc(file_kmi_store_v1_agent, 4);
 
