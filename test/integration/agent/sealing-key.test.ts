@@ -14,7 +14,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { agentProgram, resolveAgentConfig } from "../../../src/agent/config.js";
+import { agentProgram, resolveAgentConfig, type AgentConfig } from "../../../src/agent/config.js";
+import { AgentServer } from "../../../src/agent/server.js";
+import { SignatureAlgorithm } from "../../../src/gen/kmi/agent/v1/agent_pb.js";
+import { FixtureAudit } from "../../fixtures/agent/fixture-audit.js";
+import { FixtureKdc } from "../../fixtures/agent/fixture-kdc.js";
+import { AgentGrpcClient } from "../../fixtures/agent/grpc-client.js";
 import { KeyHolder } from "../../../src/agent/key-holder.js";
 import { pkiLeafIssuerFactory } from "../../../src/agent/leaf-issuer.js";
 import { SealedCache } from "../../../src/agent/sealed-cache.js";
@@ -24,7 +29,7 @@ import { loadConfig } from "../../../src/common/config.js";
 import { Pkcs11Token } from "../../../src/common/keys/pkcs11-token.js";
 import { createNopLogger } from "../../../src/common/logger.js";
 import { TestClock } from "../../fixtures/agent/harness.js";
-import { makeInfra } from "../../fixtures/agent/infra.js";
+import { makeInfra, type TestInfra } from "../../fixtures/agent/infra.js";
 import { intermediateSecret, makeIntermediate, makeRoot, makeSigningKey, pkcs8Of, signingSecret } from "../../fixtures/agent/tenant-ca.js";
 
 const run = promisify(execFile);
@@ -232,5 +237,84 @@ describe("kmi agent's flags", () => {
     ["an unreadable PIN file", ["--sealing-key", "pkcs11", "--pkcs11-module", MODULE, "--pkcs11-token", TOKEN, "--pkcs11-pin-file", "/nonexistent/pin"], /--pkcs11-pin-file \/nonexistent\/pin: cannot read \(ENOENT\)/],
   ])("refuses %s", async (_name, argv, message) => {
     await expect(resolve(argv)).rejects.toThrow(message);
+  });
+});
+
+describe("a real agent with --sealing-key pkcs11 (fixture KDC and Auditserver)", () => {
+  let infra: TestInfra;
+  let audit: FixtureAudit;
+  let kdc: FixtureKdc;
+  const stateDir = join(dir, "agent-state");
+  const source = { ...pkcs11(), keyLabel: "kmi-agent-e2e" };
+  const config = (sealingKey: SealingKeySource): AgentConfig => ({
+    socketPath: join(dir, "agent.sock"),
+    socketGroup: undefined,
+    stateDir,
+    sealingKey,
+    auditUrls: [audit.url],
+    kdcUrls: [kdc.url],
+    caPem: infra.pem,
+    joinToken: "kmij_p11",
+    hostname: "proxy-p11",
+    measurements: { files: {}, softwareVersion: true },
+    policy: { maxLifetimeMs: 47 * DAY, backdateMs: 3_600_000 },
+    timing: { reconnectInitialMs: 100, reconnectMaxMs: 400, heartbeatTimeoutMs: 5_000 },
+    shutdownTimeoutMs: 500,
+    metricsListen: undefined,
+    logLevel: "error",
+  });
+  const signHello = async (agent: AgentServer) => {
+    const client = new AgentGrpcClient((await agent.start()).unix!);
+    try {
+      const deadline = Date.now() + 10_000;
+      for (;;) {
+        const r = await client.unary("sign", { keyId: "acme/signer", message: Buffer.from("hello"), algorithm: SignatureAlgorithm.ECDSA_SHA256 }).catch(() => undefined);
+        if (r !== undefined) return r.signature;
+        if (Date.now() > deadline) throw new Error("the agent did not sign within 10 s");
+        await new Promise((res) => setTimeout(res, 50));
+      }
+    } finally {
+      client.close();
+    }
+  };
+
+  beforeAll(async () => {
+    infra = makeInfra();
+    audit = new FixtureAudit(infra);
+    audit.joinTokens.set("kmij_p11", "edge");
+    await audit.start();
+    kdc = new FixtureKdc(infra, audit.tokenKey.publicKey, { heartbeatMs: 1000 });
+    await kdc.start();
+    kdc.tenants.set("acme", [intermediateSecret(inter), signingSecret(signer)]);
+  });
+  afterAll(async () => {
+    await kdc?.stop();
+    await audit?.stop();
+  });
+
+  it("enrolls and signs; the state dir holds the token-encrypted sealing key and no plaintext key; a restart opens its identity through the token; another token is refused", async () => {
+    const agent = AgentServer.create(config(source), { logger: createNopLogger() });
+    let identity;
+    try {
+      expect((await signHello(agent)).length).toBeGreaterThan(0);
+      identity = agent.machine!;
+    } finally {
+      await agent.destroy();
+    }
+    expect(readdirSync(stateDir).sort()).toEqual(["cache.pb", "identity.pb", "sealing.key.p11"]);
+    const bytes = stateBytes(stateDir);
+    expectNoPlaintext(bytes, undefined);
+    for (const k of [identity.privateKey, identity.encryptionKey!]) expect(bytes.includes(pkcs8Of(k))).toBe(false);
+
+    const again = AgentServer.create(config(source), { logger: createNopLogger() });
+    try {
+      expect((await signHello(again)).length).toBeGreaterThan(0);
+      expect(again.machine!.machineId).toBe(identity.machineId);
+    } finally {
+      await again.destroy();
+    }
+    const other = AgentServer.create(config({ ...source, token: OTHER_TOKEN }), { logger: createNopLogger() });
+    await expect(other.start()).rejects.toThrow(/pkcs11 token "kmi-agent-other": no AES key labelled kmi-agent-e2e/);
+    await other.destroy();
   });
 });
