@@ -14,6 +14,7 @@ import { httpsUrlList, urlList } from "../common/urls.js";
 import { checkMeasurementName, dependenciesDirOf } from "../attest/index.js";
 import type { MeasurementPlan } from "./attestor.js";
 import type { LeafPolicy } from "./context.js";
+import { SEALING_KEY_PROVIDERS, type SealingKeySource } from "./sealing-key.js";
 import type { KdcLinkTiming } from "./kdc-link.js";
 
 const DAY_S = 86_400;
@@ -37,6 +38,19 @@ export const agentProgram = defineProgram({
     socket: { type: "string", description: "Unix socket to serve KeyAgentService on", default: "/run/kmi/agent.sock", valueName: "path" },
     socketGroup: { type: "string", description: "group (name or gid) that may use the socket: mode 0660 instead of 0600", valueName: "group" },
     stateDir: { type: "string", description: "state directory: sealing key, machine identity, sealed cache (made 0700)", default: "/var/lib/kmi/agent", valueName: "dir" },
+    sealingKey: {
+      type: "string",
+      description:
+        "where the key sealing the identity and cache comes from: file (sealing.key in the state dir, 0600), systemd-creds ($CREDENTIALS_DIRECTORY, or " +
+        "`systemd-creds decrypt` of sealing.key.cred), or pkcs11 (encrypted inside a PKCS#11 token by a non-extractable AES key)",
+      default: "file",
+      choices: SEALING_KEY_PROVIDERS,
+    },
+    sealingKeyCredential: { type: "string", description: "with --sealing-key systemd-creds: the credential's name", default: "kmi-agent-sealing-key", valueName: "name" },
+    pkcs11Module: { type: "string", description: "with --sealing-key pkcs11: the token's PKCS#11 library", valueName: "file.so" },
+    pkcs11Token: { type: "string", description: "with --sealing-key pkcs11: the token's label", valueName: "label" },
+    pkcs11PinFile: { type: "string", description: "with --sealing-key pkcs11: file holding the token's user PIN", valueName: "file" },
+    pkcs11KeyLabel: { type: "string", description: "with --sealing-key pkcs11: label of the AES key in the token (made on first start if absent)", default: "kmi-agent-sealing-key", valueName: "label" },
     auditUrl: {
       type: "string",
       description: "the Auditserver (enrollment, renewal, attestation); its replicas comma-separated",
@@ -82,6 +96,8 @@ export interface AgentConfig {
   socketGroup: string | undefined;
   /** State directory. */
   stateDir: string;
+  /** Where the sealing key comes from. */
+  sealingKey: SealingKeySource;
   /** Auditserver URLs: one per replica, in the order given. */
   auditUrls: string[];
   /** KDC URLs: one per replica, in the order given. */
@@ -129,6 +145,30 @@ export async function defaultMeasure(agentConfig: string | undefined, proxyConfi
   };
 }
 
+/**
+ * The sealing-key provider from --sealing-key and its flags: the pkcs11 flags are required
+ * with pkcs11 and refused without it; the PIN is read from its file here.
+ */
+async function resolveSealingKey(v: LoadedConfig<typeof agentProgram.options>["values"], env: NodeJS.ProcessEnv): Promise<SealingKeySource> {
+  const p11 = { "--pkcs11-module": v.pkcs11Module, "--pkcs11-token": v.pkcs11Token, "--pkcs11-pin-file": v.pkcs11PinFile };
+  if (v.sealingKey !== "pkcs11") {
+    const stray = Object.entries(p11).find(([, value]) => value !== undefined);
+    if (stray !== undefined) throw new ConfigError(`${stray[0]}: only used with --sealing-key pkcs11`);
+  }
+  if (v.sealingKey === "file") return { kind: "file" };
+  if (v.sealingKey === "systemd-creds") return { kind: "systemd-creds", credential: v.sealingKeyCredential, credentialsDirectory: env["CREDENTIALS_DIRECTORY"] };
+  const missing = Object.entries(p11).find(([, value]) => value === undefined);
+  if (missing !== undefined) throw new ConfigError(`${missing[0]}: required with --sealing-key pkcs11`);
+  let pin: string;
+  try {
+    pin = (await readFile(v.pkcs11PinFile!, "utf8")).trim();
+  } catch (err) {
+    throw new ConfigError(`--pkcs11-pin-file ${v.pkcs11PinFile}: cannot read (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+  }
+  if (pin === "") throw new ConfigError(`--pkcs11-pin-file ${v.pkcs11PinFile}: empty; it must hold the token's user PIN`);
+  return { kind: "pkcs11", module: v.pkcs11Module!, token: v.pkcs11Token!, pin, keyLabel: v.pkcs11KeyLabel };
+}
+
 /** Parses "name=path[:path...],name=path" into measurement sources. */
 export function parseMeasure(text: string): Record<string, string[]> {
   const out: Record<string, string[]> = {};
@@ -151,8 +191,9 @@ export function parseMeasure(text: string): Record<string, string[]> {
 }
 
 /** Resolves loaded options into an AgentConfig: reads the CA file and the join token file, checks combinations. */
-export async function resolveAgentConfig(loaded: LoadedConfig<typeof agentProgram.options>): Promise<AgentConfig> {
+export async function resolveAgentConfig(loaded: LoadedConfig<typeof agentProgram.options>, env: NodeJS.ProcessEnv = process.env): Promise<AgentConfig> {
   const v = loaded.values;
+  const sealingKey = await resolveSealingKey(v, env);
   try {
     parseListenAddress(`unix:${v.socket}`);
   } catch (err) {
@@ -193,6 +234,7 @@ export async function resolveAgentConfig(loaded: LoadedConfig<typeof agentProgra
     socketPath: v.socket.replace(/^unix:/, ""),
     socketGroup: v.socketGroup,
     stateDir: v.stateDir,
+    sealingKey,
     auditUrls: urlList(v.auditUrl),
     kdcUrls: urlList(v.kdcUrl),
     caPem,

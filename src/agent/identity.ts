@@ -1,16 +1,21 @@
 /**
  * The machine identity: a P-256 key the agent generates itself (it never leaves the machine),
  * and the short-lived machine certificate the Auditserver issues for it at enrollment (with a
- * one-time join token) and at each renewal (over mutual TLS, at 2/3 of its life). Kept in
- * `identity.pb` in the state dir, the private key sealed under the sealing key.
+ * one-time join token) and at each renewal (over mutual TLS, at 2/3 of its life); plus the
+ * machine's encryption key, a second P-256 key made at enrollment and used only to unwrap the
+ * secrets the KDC releases (one key, one purpose: the machine key does mutual TLS and signs
+ * evidence). Renewal keeps the encryption key. Kept in `identity.pb` in the state dir (0600),
+ * both private keys sealed under the sealing key.
  */
 import { generateKeyPairSync, X509Certificate, type KeyObject } from "node:crypto";
 import { hostname as osHostname } from "node:os";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
+import { bindEncryptionKey, generateEncryptionKey } from "../attest/index.js";
 import { FailedPrecondition } from "../common/errors.js";
 import type { AuditService, EnrollResponse, RenewMachineCertificateResponse } from "../gen/kmi/audit/v1/audit_pb.js";
 import { AgentIdentityRecordSchema } from "../gen/kmi/store/v1/agent_pb.js";
+import type { SealedBlob } from "../gen/kmi/store/v1/envelope_pb.js";
 import { keyIdOf } from "../keywrap/index.js";
 import { createCsr, csrToPem } from "../pki/csr.js";
 import { importPrivateKeyPkcs8Der } from "../pki/keys.js";
@@ -33,6 +38,11 @@ export interface MachineIdentity {
   readonly privateKey: KeyObject;
   /** Its key id (SHA-256 of the SPKI, hex). */
   readonly keyId: string;
+  /**
+   * The encryption key (ECDH P-256) released secrets are wrapped to; undefined for an identity
+   * enrolled before encryption keys existed (its secrets come wrapped to the machine key).
+   */
+  readonly encryptionKey: KeyObject | undefined;
   /** The current machine certificate, PEM. */
   readonly certificatePem: string;
   /** The infrastructure CA the Auditserver returned, PEM. */
@@ -61,6 +71,28 @@ function machineKeyAad(keyId: string): string {
   return `agent/machine-key/${keyId}`;
 }
 
+function encryptionKeyAad(keyId: string): string {
+  return `agent/encryption-key/${keyId}`;
+}
+
+function openKey(sealingKey: Uint8Array, blob: SealedBlob, aad: string, field: string): KeyObject {
+  const pkcs8 = open(sealingKey, blob, aad);
+  try {
+    return importPrivateKeyPkcs8Der(pkcs8, field);
+  } finally {
+    pkcs8.fill(0);
+  }
+}
+
+function sealKey(sealingKey: Uint8Array, key: KeyObject, aad: string): SealedBlob {
+  const pkcs8 = key.export({ format: "der", type: "pkcs8" });
+  try {
+    return seal(sealingKey, pkcs8, aad);
+  } finally {
+    pkcs8.fill(0);
+  }
+}
+
 /** Reads and writes `identity.pb`. */
 export class IdentityStore {
   constructor(
@@ -83,12 +115,10 @@ export class IdentityStore {
       throw new FailedPrecondition(`identity file ${path}: record version ${record.recordVersion} is newer than this agent knows; upgrade kmi`);
     }
     if (record.machineKey === undefined) throw new FailedPrecondition(`identity file ${path}: holds no machine key; move it away to enroll again`);
-    const pkcs8 = open(this.sealingKey, record.machineKey, machineKeyAad(record.machineKeyId));
-    let privateKey: KeyObject;
-    try {
-      privateKey = importPrivateKeyPkcs8Der(pkcs8, "machine_key");
-    } finally {
-      pkcs8.fill(0);
+    const privateKey = openKey(this.sealingKey, record.machineKey, machineKeyAad(record.machineKeyId), "machine_key");
+    const encryptionKey = record.encryptionKey === undefined ? undefined : openKey(this.sealingKey, record.encryptionKey, encryptionKeyAad(record.encryptionKeyId), "encryption_key");
+    if (encryptionKey !== undefined && keyIdOf(encryptionKey) !== record.encryptionKeyId) {
+      throw new FailedPrecondition(`identity file ${path}: the encryption key is not encryption_key_id; move it away to enroll again`);
     }
     const cert = parseMachineCertificate(record.certificatePem, record.machineId, privateKey, `identity file ${path}`);
     return {
@@ -96,6 +126,7 @@ export class IdentityStore {
       group: record.group,
       privateKey,
       keyId: record.machineKeyId,
+      encryptionKey,
       certificatePem: record.certificatePem,
       caPem: record.caPem,
       notBefore: cert.notBefore,
@@ -107,19 +138,17 @@ export class IdentityStore {
 
   /** Writes the identity (atomically, 0600), the machine key sealed. */
   async save(identity: MachineIdentity): Promise<void> {
-    const pkcs8 = identity.privateKey.export({ format: "der", type: "pkcs8" });
-    let sealed;
-    try {
-      sealed = seal(this.sealingKey, pkcs8, machineKeyAad(identity.keyId));
-    } finally {
-      pkcs8.fill(0);
-    }
+    const sealed = sealKey(this.sealingKey, identity.privateKey, machineKeyAad(identity.keyId));
+    const encryptionKeyId = identity.encryptionKey === undefined ? "" : keyIdOf(identity.encryptionKey);
     const record = create(AgentIdentityRecordSchema, {
       recordVersion: IDENTITY_RECORD_VERSION,
       machineId: identity.machineId,
       group: identity.group,
       machineKey: sealed,
       machineKeyId: identity.keyId,
+      ...(identity.encryptionKey !== undefined
+        ? { encryptionKey: sealKey(this.sealingKey, identity.encryptionKey, encryptionKeyAad(encryptionKeyId)), encryptionKeyId }
+        : {}),
       certificatePem: identity.certificatePem,
       caPem: identity.caPem,
       certificateNotAfter: timestampFromMs(identity.notAfter),
@@ -156,7 +185,7 @@ function csrFor(privateKey: KeyObject, hostname: string): string {
   return csrToPem(createCsr({ subject: { commonName: cn }, privateKey }));
 }
 
-/** Enrolls with a join token: a new key, a CSR, AuditService.Enroll. */
+/** Enrolls with a join token: a new machine key and its CSR, a new encryption key bound to it, AuditService.Enroll. */
 export async function enroll(
   audit: Client<typeof AuditService>,
   joinToken: string,
@@ -165,13 +194,19 @@ export async function enroll(
   signal?: AbortSignal,
 ): Promise<MachineIdentity> {
   const { privateKey, csrPem } = newMachineKey(hostname);
-  const res: EnrollResponse = await audit.enroll({ joinToken, csrPem, hostname: hostname.slice(0, 253) }, signal === undefined ? {} : { signal });
+  const encryptionKey = generateEncryptionKey();
+  const binding = bindEncryptionKey(privateKey, encryptionKey);
+  const res: EnrollResponse = await audit.enroll(
+    { joinToken, csrPem, hostname: hostname.slice(0, 253), encryptionPublicKey: binding.publicKeyDer, encryptionKeySignature: binding.signature },
+    signal === undefined ? {} : { signal },
+  );
   const cert = parseMachineCertificate(res.certificatePem, res.machineId, privateKey, "enrollment response");
   return {
     machineId: res.machineId,
     group: res.group,
     privateKey,
     keyId: keyIdOf(privateKey),
+    encryptionKey,
     certificatePem: res.certificatePem,
     caPem: res.caPem,
     notBefore: cert.notBefore,

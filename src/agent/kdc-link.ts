@@ -406,7 +406,7 @@ export class KdcLink {
     const now = this.o.clock.now();
     for (const s of released) {
       try {
-        out.push(openReleasedSecret(s, { machineId: identity.machineId, machineKey: identity.privateKey, now, clockSkewMs: this.clockSkewMs }));
+        out.push(openReleasedSecret(s, { machineId: identity.machineId, machineKey: identity.privateKey, encryptionKey: identity.encryptionKey, now, clockSkewMs: this.clockSkewMs }));
       } catch (err) {
         this.o.logger.error("secret refused", { tenant: s.tenantId, key: s.keyId.slice(0, 16), error: err instanceof Error ? err.message : String(err) });
       }

@@ -1,7 +1,8 @@
 /**
  * Turns a ReleasedSecret from the KDC into a held secret: checks every field, unwraps the
- * private key with the machine key (src/keywrap, the aad bound to this machine, tenant, key
- * and version), and checks that the key is the one the secret says (key id, algorithm, and
+ * private key with the machine's encryption key (src/keywrap, the aad bound to this machine,
+ * tenant, key and version; the machine key only for a legacy identity that has no encryption
+ * key), and checks that the key is the one the secret says (key id, algorithm, and
  * for an intermediate, the certificate's key). A secret that fails is refused as a whole.
  */
 import { createPublicKey, X509Certificate, type KeyObject } from "node:crypto";
@@ -20,8 +21,13 @@ const SIGNING_NAME = /^[a-z0-9-]{1,63}$/;
 export interface OpenSecretContext {
   /** This machine's id (part of the wrap aad). */
   machineId: string;
-  /** This machine's private key. */
+  /** This machine's private key: unwraps only for a legacy identity (no encryption key). */
   machineKey: KeyObject;
+  /**
+   * This machine's encryption key: when set, every secret must be wrapped to it (why: the
+   * machine key does mutual TLS and signs evidence, and is never used for ECDH).
+   */
+  encryptionKey?: KeyObject | undefined;
   /** Now, epoch ms. */
   now: number;
   /** KDC time minus local time, ms; leases are moved into local time by it. */
@@ -72,9 +78,15 @@ export function openReleasedSecret(secret: ReleasedSecret, ctx: OpenSecretContex
   }
 
   const aad = formatWrapAad({ machineId: ctx.machineId, tenantId: secret.tenantId, keyId: secret.keyId, version: secret.version });
+  const recipient = ctx.encryptionKey ?? ctx.machineKey;
+  const recipientId = keyIdOf(recipient);
+  if (secret.wrappedKey.recipientKeyId !== "" && secret.wrappedKey.recipientKeyId !== recipientId) {
+    const which = ctx.encryptionKey !== undefined ? "encryption key" : "machine key (this identity has no encryption key)";
+    refuse(secret, `wrapped_key is wrapped to key ${secret.wrappedKey.recipientKeyId.slice(0, 16)}, not to this machine's ${which} ${recipientId.slice(0, 16)}`);
+  }
   let privateKey: KeyObject;
   try {
-    privateKey = unwrapKey(secret.wrappedKey, ctx.machineKey, { expectedAad: aad });
+    privateKey = unwrapKey(secret.wrappedKey, recipient, { expectedAad: aad });
   } catch (err) {
     refuse(secret, err instanceof Error ? err.message : "wrapped_key does not open");
   }

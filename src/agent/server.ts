@@ -31,6 +31,7 @@ import { KdcLink } from "./kdc-link.js";
 import { KeyHolder } from "./key-holder.js";
 import { pkiLeafIssuerFactory } from "./leaf-issuer.js";
 import { SealedCache } from "./sealed-cache.js";
+import { loadSealingKey } from "./sealing-key.js";
 import { StateDir } from "./state-dir.js";
 import { callWithFailover, Endpoints } from "../clients/endpoints.js";
 import { WORKLOAD_HEADER, WORKLOAD_HEADER_VALUE } from "../clients/workload-header.js";
@@ -62,6 +63,8 @@ export class AgentServer {
   private readonly logger: Logger;
   private readonly stopping = new AbortController();
   private identity: MachineIdentity | undefined;
+  /** The sealing key, loaded once at start from its provider (a token need not stay open). */
+  private sealingKey: Buffer | undefined;
   private holderInstance: KeyHolder | undefined;
   private link: KdcLink | undefined;
   private cache: SealedCache | undefined;
@@ -104,7 +107,8 @@ export class AgentServer {
     if (this.bound !== undefined) return this.bound;
     const cfg = this.config;
     const dir = await StateDir.open(cfg.stateDir);
-    const sealingKey = await dir.sealingKey();
+    const sealingKey = await loadSealingKey(dir, cfg.sealingKey);
+    this.sealingKey = sealingKey;
     const identities = new IdentityStore(dir, sealingKey);
     let identity = await identities.load();
     if (identity === undefined) {
@@ -324,7 +328,7 @@ export class AgentServer {
     try {
       const renewed = await link.withAudit((audit) => renew(audit, id, this.clock.now(), this.config.hostname));
       const dir = await StateDir.open(this.config.stateDir);
-      await new IdentityStore(dir, await dir.sealingKey()).save(renewed);
+      await new IdentityStore(dir, this.sealingKey!).save(renewed);
       this.identity = renewed;
       // The attestation token is bound to the certificate (cnf x5t#S256): attest again with the new one.
       this.attestor?.invalidate();

@@ -13,6 +13,10 @@ import { readOrCreateMasterKeyFile } from "../storage/master-key.js";
 /** File names in the state directory. */
 export const STATE_FILES = {
   sealingKey: "sealing.key",
+  /** The sealing key encrypted in a PKCS#11 token (`--sealing-key pkcs11`). */
+  tokenSealingKey: "sealing.key.p11",
+  /** The sealing key as a systemd credential, outside a unit (`--sealing-key systemd-creds`). */
+  systemdCredential: "sealing.key.cred",
   identity: "identity.pb",
   cache: "cache.pb",
 } as const;

@@ -44,4 +44,12 @@ export {
 export { dependenciesDirOf, dependencyClosure, type DependencyDir } from "./dependencies.js";
 export { FileDigestCache, measureFiles, measureValue, type MeasureOptions, type MeasurementSources } from "./measure.js";
 export { attestationKeyId, generateP256KeyPair, publicKeyPem, toP256PublicKey, type PublicKeyInput } from "./keys.js";
+export {
+  bindEncryptionKey,
+  generateEncryptionKey,
+  parseEncryptionPublicKey,
+  spkiDer,
+  verifyEncryptionKeyBinding,
+  type EncryptionKeyBinding,
+} from "./encryption-key.js";
 export { base64url, fromBase64url, parseSha256Fingerprint, sha256Hex } from "./encoding.js";

@@ -4,7 +4,13 @@
  *
  *   header  {"alg":"ES256","typ":"kmi-attestation+jwt","kid":"<JWK thumbprint>"}
  *   claims  {"iss":"kmi-audit","sub":"<machine id>","grp":"<group>","ten":["<tenant>",…],
- *            "iat":<s>,"exp":<s>,"jti":"<128-bit base64url>","cnf":{"x5t#S256":"<base64url SHA-256 of the cert DER>"}}
+ *            "iat":<s>,"exp":<s>,"jti":"<128-bit base64url>","cnf":{"x5t#S256":"<base64url SHA-256 of the cert DER>"},
+ *            "enc":"<base64url DER SPKI of the machine's encryption key>"}
+ *
+ * `enc` is the machine's encryption key as the Auditserver recorded it at enrollment
+ * (src/attest/encryption-key.ts): the KDC wraps released secrets to it. It is absent for a
+ * machine enrolled before encryption keys existed; the KDC then wraps to the machine key
+ * (the legacy path, docs/security.md).
  *
  * `ten` lists the tenants whose secrets the machine may receive. `["*"]` (ALL_TENANTS alone) means
  * every tenant, and is only written for a group made with `all_tenants`; `[]` means NO tenant
@@ -33,6 +39,7 @@ import { randomBytes, sign, verify, type KeyObject } from "node:crypto";
 import { InvalidArgument } from "../common/errors.js";
 import { base64url, fromBase64url, parseSha256Fingerprint } from "./encoding.js";
 import { AttestationTokenError } from "./errors.js";
+import { parseEncryptionPublicKey } from "./encryption-key.js";
 import { assertP256, attestationKeyId, toP256PublicKey, type PublicKeyInput } from "./keys.js";
 
 /** The `iss` of every attestation token. */
@@ -69,6 +76,8 @@ export interface AttestationClaims {
   jti: string;
   /** Confirmation: base64url SHA-256 of the DER machine certificate (RFC 8705). */
   cnf: { "x5t#S256": string };
+  /** The machine's encryption key, base64url DER SPKI (P-256); absent for a machine enrolled without one. */
+  enc?: string;
 }
 
 /** What the Auditserver puts in a token. */
@@ -89,6 +98,8 @@ export interface AttestationTokenInput {
   expiresAt: Date;
   /** Token id; default 16 random bytes, base64url. */
   jti?: string;
+  /** The machine's encryption public key (DER SPKI, P-256), when it enrolled with one. */
+  encryptionPublicKey?: Uint8Array;
 }
 
 /** The signing key: the private key and (optionally, else computed) its key id. */
@@ -138,6 +149,10 @@ export function signAttestationToken(input: AttestationTokenInput, key: Attestat
     jti: input.jti ?? base64url(randomBytes(16)),
     cnf: { "x5t#S256": base64url(certSha256) },
   };
+  if (input.encryptionPublicKey !== undefined && input.encryptionPublicKey.length > 0) {
+    parseEncryptionPublicKey(input.encryptionPublicKey, "encryption_public_key");
+    claims.enc = base64url(input.encryptionPublicKey);
+  }
   const header = { alg: "ES256", typ: ATTESTATION_TOKEN_TYPE, kid: keyId };
   const signingInput = `${base64url(Buffer.from(JSON.stringify(header)))}.${base64url(Buffer.from(JSON.stringify(claims)))}`;
   // JWS ES256 carries the raw 64-byte r||s form (RFC 7518 §3.4), not DER.
@@ -280,7 +295,18 @@ function readClaims(raw: Record<string, unknown>, malformed: (what: string) => A
   if (typeof cnf !== "object" || cnf === null || typeof (cnf as Record<string, unknown>)["x5t#S256"] !== "string") {
     throw malformed("claim cnf.x5t#S256 is missing");
   }
+  const enc = raw["enc"];
+  if (enc !== undefined) {
+    const der = typeof enc === "string" ? fromBase64url(enc) : undefined;
+    if (der === undefined) throw malformed("claim enc is not base64url");
+    try {
+      parseEncryptionPublicKey(der, "enc");
+    } catch {
+      throw malformed("claim enc is not a P-256 SubjectPublicKeyInfo");
+    }
+  }
   return {
+    ...(typeof enc === "string" ? { enc } : {}),
     iss: str("iss"),
     sub: str("sub"),
     grp: str("grp"),

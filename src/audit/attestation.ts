@@ -130,7 +130,7 @@ export async function attest(ctx: AuditContext, caller: MachineCaller, evidenceB
       const notAfter = new Date(new X509Certificate(caller.certificateDer).validTo);
       const expiresAt = new Date(Math.min(now.getTime() + group.tokenTtlSeconds * 1000, notAfter.getTime()));
       const signed = signAttestationToken(
-        { machineId: machine.machineId, group: group.name, tenantIds: group.allTenants ? [] : group.tenantIds, allTenants: group.allTenants, certificateSha256: caller.certificateSha256, issuedAt: now, expiresAt },
+        { machineId: machine.machineId, group: group.name, tenantIds: group.allTenants ? [] : group.tenantIds, allTenants: group.allTenants, certificateSha256: caller.certificateSha256, issuedAt: now, expiresAt, encryptionPublicKey: machine.encryptionPublicKey },
         { privateKey: ctx.attestationKey.privateKey, keyId: ctx.attestationKey.keyId },
       );
       const exp = new Date(signed.claims.exp * 1000);

@@ -3,7 +3,8 @@
  * mutual TLS.
  *
  * Enrollment checks, in order: the request's fields, the CSR (parses, self-signature, P-256),
- * then the token (known, secret matches, unused, unexpired) and its group; then the KDC signs
+ * the encryption key when given (P-256, not the CSR's key, its binding signed by the CSR's key;
+ * src/attest/encryption-key.ts), then the token (known, secret matches, unused, unexpired) and its group; then the KDC signs
  * the certificate; then ONE batch marks the token used, creates the machine and appends the
  * audit entry, conditional on the token being unchanged since it was read and the machine id
  * being unused: of two enrollments with one token (on one replica or two) exactly one commits;
@@ -11,7 +12,8 @@
  * nothing; if the batch fails, the certificate the KDC signed is never returned nor recorded,
  * so it proves nothing (see ./identity.ts).
  */
-import { randomBytes } from "node:crypto";
+import { createPublicKey, randomBytes } from "node:crypto";
+import { sha256Hex, verifyEncryptionKeyBinding } from "../attest/index.js";
 import { clone, create } from "@bufbuild/protobuf";
 import { PermissionDenied, Unauthenticated } from "../common/errors.js";
 import { MachineStatus } from "../gen/kmi/audit/v1/audit_pb.js";
@@ -55,6 +57,10 @@ export async function enroll(ctx: AuditContext, input: EnrollInput, peerAddress:
     () => ({ actor: `join_token:${input.tokenId}`, action: "machine.enroll", target, details, ...(proven ? {} : { source: peerSource(peerAddress) }) }),
     async () => {
       const csr = ctx.csr.check(input.csrPem, "csr_pem");
+      if (input.encryption !== undefined) {
+        verifyEncryptionKeyBinding(createPublicKey({ key: Buffer.from(csr.spki), format: "der", type: "spki" }), input.encryption);
+        details["encryption_key_id"] = sha256Hex(input.encryption.publicKeyDer);
+      }
       return retryOnConflict(async () => {
         const read = await ctx.store.read(Tables.joinTokens, input.tokenId);
         const token = read.value;
@@ -93,6 +99,7 @@ export async function enroll(ctx: AuditContext, input: EnrollInput, peerAddress:
           certificateDer: cert.der,
           certificateSha256: cert.sha256,
           certificateNotAfter: ts(cert.notAfter),
+          encryptionPublicKey: input.encryption?.publicKeyDer ?? new Uint8Array(0),
         });
         await ctx.audit.append(
           { actor: `join_token:${token.tokenId}`, action: "machine.enroll", target, outcome: "ok", details: { ...details, certificate_sha256: cert.sha256, not_after: cert.notAfter.toISOString() } },

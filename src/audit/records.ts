@@ -3,6 +3,7 @@
  */
 import { create } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
+import { sha256Hex } from "../attest/index.js";
 import { NotFound } from "../common/errors.js";
 import { AttestationSchema, GroupSchema, MachineSchema, type Group, type Machine } from "../gen/kmi/audit/v1/admin_pb.js";
 import type { AttestationResultRecord, EnrolledMachineRecord, MachineGroupRecord } from "../gen/kmi/store/v1/audit_pb.js";
@@ -49,6 +50,7 @@ export function machineToProto(m: EnrolledMachineRecord, last: AttestationResult
     status: m.status,
     statusReason: m.statusReason,
     certificateSha256: m.certificateSha256,
+    encryptionKeyId: m.encryptionPublicKey.length > 0 ? sha256Hex(m.encryptionPublicKey) : "",
     ...(m.enrolledAt !== undefined ? { enrolledAt: m.enrolledAt } : {}),
     ...(m.certificateNotAfter !== undefined ? { certificateNotAfter: m.certificateNotAfter } : {}),
   });

@@ -4,7 +4,15 @@
  * proto/kmi/audit/v1/*.proto. A broken rule is InvalidArgument naming the field and saying
  * how to fix it; nothing has been read or changed at that point.
  */
-import { checkMeasurementName, checkSha256Hex, MACHINE_ID_PATTERN, MAX_EVIDENCE_BYTES, MAX_MEASUREMENTS } from "../attest/index.js";
+import {
+  checkMeasurementName,
+  checkSha256Hex,
+  MACHINE_ID_PATTERN,
+  MAX_EVIDENCE_BYTES,
+  MAX_MEASUREMENTS,
+  parseEncryptionPublicKey,
+  type EncryptionKeyBinding,
+} from "../attest/index.js";
 import { InvalidArgument } from "../common/errors.js";
 import type {
   ApproveMeasurementsRequest,
@@ -181,7 +189,12 @@ export interface EnrollInput {
   secretPart: string;
   csrPem: string;
   hostname: string;
+  /** The encryption key and its binding signature; undefined from an agent without one (legacy). */
+  encryption: EncryptionKeyBinding | undefined;
 }
+
+/** A DER SPKI of a P-256 key is 91 bytes; this bound only keeps garbage out. */
+const MAX_ENCRYPTION_KEY_BYTES = 256;
 
 /** Parses EnrollRequest. */
 export function parseEnroll(req: EnrollRequest): EnrollInput {
@@ -192,7 +205,22 @@ export function parseEnroll(req: EnrollRequest): EnrollInput {
   if (req.hostname !== "" && !HOSTNAME.test(req.hostname)) {
     throw new InvalidArgument("hostname: want 1 to 253 letters, digits, '.', '-' or '_'");
   }
-  return { tokenId: token.tokenId, secretPart: token.secretPart, csrPem: csrPem(req.csrPem, "csr_pem"), hostname: req.hostname };
+  return { tokenId: token.tokenId, secretPart: token.secretPart, csrPem: csrPem(req.csrPem, "csr_pem"), hostname: req.hostname, encryption: encryptionBinding(req) };
+}
+
+/** The enrollment's encryption key fields: both or neither; the signature is checked against the CSR later. */
+function encryptionBinding(req: EnrollRequest): EncryptionKeyBinding | undefined {
+  const key = req.encryptionPublicKey;
+  const sig = req.encryptionKeySignature;
+  if (key.byteLength === 0) {
+    if (sig.byteLength > 0) throw new InvalidArgument("encryption_key_signature: given without encryption_public_key; send both or neither");
+    return undefined;
+  }
+  if (key.byteLength > MAX_ENCRYPTION_KEY_BYTES) throw new InvalidArgument(`encryption_public_key: ${key.byteLength} bytes; a P-256 SubjectPublicKeyInfo is 91`);
+  parseEncryptionPublicKey(key, "encryption_public_key");
+  if (sig.byteLength === 0) throw new InvalidArgument("encryption_key_signature: required with encryption_public_key (the CSR's key signs the binding)");
+  if (sig.byteLength > MAX_EVIDENCE_SIGNATURE_BYTES) throw new InvalidArgument(`encryption_key_signature: ${sig.byteLength} bytes; a DER ECDSA P-256 signature is at most ${MAX_EVIDENCE_SIGNATURE_BYTES}`);
+  return { publicKeyDer: key, signature: sig };
 }
 
 /** Parses RenewMachineCertificateRequest. */

@@ -126,6 +126,8 @@ function machineFields(m: Machine): string {
     ["enrolled", time(m.enrolledAt)],
     ["certificate sha256", m.certificateSha256],
     ["certificate not after", time(m.certificateNotAfter)],
+    // Why say "none (legacy)": its secrets are then wrapped to the machine key, which an operator should know.
+    ["encryption key id", m.encryptionKeyId === "" ? "none (legacy: secrets wrapped to the machine key)" : m.encryptionKeyId],
     ["last attestation", a === undefined ? "never" : `${time(a.time)} ${a.ok ? "ok" : "REFUSED"}`],
     ["attestation problem", a?.problem],
     ["software version", a?.softwareVersion],

@@ -20,8 +20,13 @@ export interface MachineAttestation {
   expiresAt: Date;
   /** Token id (`jti`), for the audit log. */
   jti: string;
-  /** The machine certificate of the mutual-TLS connection, DER (secrets are wrapped to its key). */
+  /** The machine certificate of the mutual-TLS connection, DER. */
   certificateDer: Uint8Array;
+  /**
+   * The machine's encryption key from the token (`enc`, DER SPKI): secrets are wrapped to it.
+   * Undefined for a machine enrolled without one: the legacy path wraps to the certificate's key.
+   */
+  encryptionKeyDer: Uint8Array | undefined;
   /** Why the machine is quarantined, when it is (authorize refuses it then). */
   quarantined: string | undefined;
 }

@@ -23,7 +23,7 @@ import type { AttestedMachine, Caller } from "./authz.js";
 import type { KdcContext } from "./context.js";
 import { handle } from "./handler.js";
 import type { KdcOperations } from "./operations.js";
-import { recipientKey, SecretRelease, wipe } from "./release.js";
+import { recipientOf, SecretRelease, wipe } from "./release.js";
 import * as V from "./validate.js";
 import { requireNotQuarantined } from "./watch-hub.js";
 
@@ -100,7 +100,7 @@ export function createDistributionService(ctx: KdcContext, ops: KdcOperations): 
             await release.auditToMachine(m.machineId, "fetch", items, { token_jti: a.jti, group: a.group });
             const now = ctx.clock.now();
             return create(FetchSecretsResponseSchema, {
-              secrets: release.wrap(items, { machineId: m.machineId, publicKey: recipientKey(a.certificateDer) }, now),
+              secrets: release.wrap(items, recipientOf(m.machineId, a), now),
               serverTime: timestampFromDate(now),
             });
           } finally {

@@ -6,7 +6,7 @@
  * The quarantine status is looked up here and refused by `authorize`; a released machine's
  * token issued before its last quarantine is refused here.
  */
-import { verifyAttestationToken, AttestationTokenError } from "../attest/index.js";
+import { fromBase64url, verifyAttestationToken, AttestationTokenError } from "../attest/index.js";
 import { Unauthenticated } from "../common/errors.js";
 import type { PeerIdentity } from "../common/rpc.js";
 import type { Caller } from "./authz.js";
@@ -59,6 +59,7 @@ export function authenticateMachine(ctx: Pick<KdcContext, "attestationKey" | "qu
       expiresAt: new Date(claims.exp * 1000),
       jti: claims.jti,
       certificateDer: peer.der,
+      encryptionKeyDer: claims.enc === undefined ? undefined : fromBase64url(claims.enc),
       quarantined,
     },
   };

@@ -2,8 +2,9 @@
  * Releasing secrets to machines: which secrets a machine gets (the active intermediate of every
  * tenant its attestation token names, every tenant only when the token says `ten: ["*"]`, none
  * when it says `[]`, plus the tenants' non-revoked signing keys), unsealing each key in memory
- * only for the wrap, wrapping it to the machine certificate's P-256 key (src/keywrap: ECIES, aad
- * "<machine>|<tenant>|<key>|<version>"), the lease, and the fail-closed audit entry
+ * only for the wrap, wrapping it to the machine's encryption key (the token's `enc`; src/keywrap:
+ * ECIES, aad "<machine>|<tenant>|<key>|<version>") — or, for a machine enrolled before
+ * encryption keys existed (no `enc`), to its machine certificate's key (the legacy path) —, the lease, and the fail-closed audit entry
  * ("secret.release") written BEFORE a wrapped key leaves the KDC.
  */
 import { X509Certificate, type KeyObject } from "node:crypto";
@@ -11,10 +12,12 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { ALL_TENANTS, tenClaimServes } from "../attest/index.js";
 import { KeyAlgorithm, KeyPurpose } from "../gen/kmi/common/v1/common_pb.js";
-import { ReleasedSecretSchema, type ReleasedSecret } from "../gen/kmi/kdc/v1/distribution_pb.js";
+import { ReleasedSecretSchema, type ReleasedSecret, type WrappedKey } from "../gen/kmi/kdc/v1/distribution_pb.js";
 import { VersionState } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import type { IntermediateVersionRecord, SigningKeyRecord } from "../gen/kmi/store/v1/kdc_pb.js";
-import { formatWrapAad, machinePublicKeyFromCertificate, wrapKeyForMachine } from "../keywrap/index.js";
+import { parseEncryptionPublicKey } from "../attest/index.js";
+import { formatWrapAad, keyIdOf, machinePublicKeyFromCertificate, wrapKeyForMachine } from "../keywrap/index.js";
+import type { MachineAttestation } from "./authz.js";
 import { encodePem } from "../pki/pem.js";
 import type { KdcContext } from "./context.js";
 import { intermediateKeyAad, signingKeyAad } from "./kdc-store.js";
@@ -41,13 +44,32 @@ export interface SecretMaterial {
 /** The machine a release is wrapped for. */
 export interface Recipient {
   machineId: string;
-  /** The P-256 public key of its mutual-TLS machine certificate. */
+  /** The P-256 public key secrets are wrapped to: the machine's encryption key (or, legacy, its certificate's key). */
   publicKey: KeyObject;
+  /** Its key id, sent as wrapped_key.recipient_key_id. */
+  keyId: string;
 }
 
-/** The public key of a machine certificate (DER), checked to be P-256. */
-export function recipientKey(certificateDer: Uint8Array): KeyObject {
-  return machinePublicKeyFromCertificate(new X509Certificate(certificateDer));
+/**
+ * Whom a verified machine's secrets are wrapped to: its encryption key when the token names one
+ * (`enc`); else its machine certificate's key. Why the legacy path stays: a machine enrolled
+ * before encryption keys existed has no other key, and refusing it would cut a running fleet
+ * off at the upgrade; it ends when the machine enrolls again (docs/security.md).
+ */
+export function recipientOf(machineId: string, a: Pick<MachineAttestation, "certificateDer" | "encryptionKeyDer">): Recipient {
+  const publicKey =
+    a.encryptionKeyDer !== undefined ? parseEncryptionPublicKey(a.encryptionKeyDer, "attestation token enc") : machinePublicKeyFromCertificate(new X509Certificate(a.certificateDer));
+  return { machineId, publicKey, keyId: keyIdOf(publicKey) };
+}
+
+function wrapTo(to: Recipient, m: SecretMaterial): WrappedKey {
+  const wrapped = wrapKeyForMachine({
+    machinePublicKey: to.publicKey,
+    privateKey: m.pkcs8,
+    aad: formatWrapAad({ machineId: to.machineId, tenantId: m.tenantId, keyId: m.keyId, version: m.version }),
+  });
+  wrapped.recipientKeyId = to.keyId;
+  return wrapped;
 }
 
 /** A reference to a released key for audit details: "<tenant>/v<version>/<key id>" or "<tenant>/<name>/<key id>". */
@@ -239,11 +261,7 @@ export class SecretRelease {
         keyAlgorithm: m.keyAlgorithm,
         chainPem: m.chainPem,
         publicKeyPem: m.publicKeyPem,
-        wrappedKey: wrapKeyForMachine({
-          machinePublicKey: to.publicKey,
-          privateKey: m.pkcs8,
-          aad: formatWrapAad({ machineId: to.machineId, tenantId: m.tenantId, keyId: m.keyId, version: m.version }),
-        }),
+        wrappedKey: wrapTo(to, m),
         leaseExpiresAt: timestampFromDate(this.leaseEnd(m, now)),
       }),
     );

@@ -41,7 +41,7 @@ import { WatchEventType, WatchSecretsResponseSchema, type WatchSecretsResponse }
 import type { AttestedMachine } from "./authz.js";
 import type { KdcContext, SecretEvents, WatchStreams } from "./context.js";
 import { KeyedMutex } from "./mutex.js";
-import { recipientKey, SecretRelease, wipe, type Recipient, type SecretMaterial } from "./release.js";
+import { recipientOf, SecretRelease, wipe, type Recipient, type SecretMaterial } from "./release.js";
 
 /** Refuses a machine quarantined since its call was authorized (a quarantine may arrive while secrets are read). */
 export function requireNotQuarantined(quarantine: Pick<KdcContext["quarantine"], "reasonFor">, machineId: string): void {
@@ -177,7 +177,7 @@ export class WatchHub implements SecretEvents, WatchStreams {
     const w: Watcher = {
       id: this.nextId++,
       machineId: caller.machineId,
-      recipient: { machineId: caller.machineId, publicKey: recipientKey(a.certificateDer) },
+      recipient: recipientOf(caller.machineId, a),
       tenantIds: a.tenantIds,
       queue: [],
       ending: undefined,

@@ -150,6 +150,8 @@ export interface MeasurementPlan {
   readonly nodeBinary: string;
   /** The agent's config file. */
   readonly agentConfig: string;
+  /** The proxy's config file. */
+  readonly proxyConfig: string;
 }
 
 /** The `--measure` value the agent gets: the same sources {@link expectedMeasurements} hashes. */
@@ -163,6 +165,7 @@ function measureSources(p: MeasurementPlan): Record<string, string> {
     ...(p.depsDir !== undefined ? { "agent.deps": p.depsDir } : {}),
     "agent.node": p.nodeBinary,
     "agent.config": p.agentConfig,
+    "proxy.config": p.proxyConfig,
   };
 }
 

@@ -10,6 +10,7 @@
  * | <data>/operator.token             | the first operator token (`kmi kdc init --token-file`) | 0600 |
  * | <data>/agent-join.token           | the agent's one-time join token (removed once used)    | 0600 |
  * | <data>/config/agent.json          | the agent's config file (also its `agent.config` measurement) | 0600 |
+ * | <data>/config/proxy.json          | the proxy's config file (also the agent's `proxy.config` measurement) | 0600 |
  * | <data>/config/proxy-policy.json   | the proxy's inspection policy (edit it; the proxy reloads it) | 0600 |
  * | <data>/logs/<part>.log            | each part's JSON log lines (appended)                  | 0600 |
  * | <data>/logs/proxy-access.log      | the proxy's JSON-lines access log                      | 0600 |
@@ -89,6 +90,8 @@ export interface Layout {
   readonly joinToken: string;
   readonly agentConfig: string;
   readonly agentIdentity: string;
+  /** The proxy's config file: measured by the agent as proxy.config. */
+  readonly proxyConfig: string;
   readonly proxyPolicy: string;
   readonly accessLog: string;
   readonly agentSocket: string;
@@ -131,6 +134,7 @@ export function layout(dataDir: string, runDir: string): Layout {
     joinToken: join(dataDir, "agent-join.token"),
     agentConfig: join(configDir, "agent.json"),
     agentIdentity: join(agentStateDir, "identity.pb"),
+    proxyConfig: join(configDir, "proxy.json"),
     proxyPolicy: join(configDir, "proxy-policy.json"),
     accessLog: join(logsDir, "proxy-access.log"),
     agentSocket: join(runDir, "agent.sock"),

@@ -6,10 +6,11 @@
  *   2. KDC: `kmi kdc init` on first run, then `kmi kdc` supervised (--ha: 3 replicas on etcd)
  *   3. Auditserver: `kmi audit init` on first run (its certificate from the KDC), then `kmi audit`
  *      (--ha: 2 replicas on etcd)
- *   4. the dev tenant (KMI-signed active intermediate), the machine group with this build's
- *      approved measurements, the agent's config file, a join token when it has not enrolled
+ *   4. the dev tenant (KMI-signed active intermediate), the proxy's and the agent's config
+ *      files, the machine group with this build's approved measurements (both config files
+ *      included), a join token when it has not enrolled
  *   5. agent, supervised; wait until it is attested and holds the tenant's key
- *   6. proxy, supervised, with the agent socket and the default tenant
+ *   6. proxy, supervised, started with its config file (the agent socket, the default tenant…)
  *   7. print where everything is (or the JSON summary), then watch the agent and report
  *      what changes (rotations reaching it, quarantine, the KDC link) until SIGINT/SIGTERM
  *   8. stop the parts in reverse order and exit 0 once all have exited
@@ -448,7 +449,11 @@ async function prepareAgent(s: Stage, site: Site, kdc: ServerClients, audit: Ser
   const { L, progress, show, cfg } = s;
   s.signal.throwIfAborted();
   await abortable(ensureTenant(kdc, cfg.tenant, progress), s.signal);
-  const plan = { codeDir: s.io.codeDir, depsDir: await dependenciesDirOf(s.io.codeDir), nodeBinary: s.io.kmi[0]!, agentConfig: L.agentConfig };
+  // The proxy's config is written before the agent's: the agent measures it as proxy.config.
+  if (await writeIfChanged(L.proxyConfig, JSON.stringify(proxyConfigOf(proxyArgs(L, cfg, site.listen.proxy)), null, 2) + "\n")) {
+    progress.step("proxy", `config written to ${show(L.proxyConfig)}`);
+  }
+  const plan = { codeDir: s.io.codeDir, depsDir: await dependenciesDirOf(s.io.codeDir), nodeBinary: s.io.kmi[0]!, agentConfig: L.agentConfig, proxyConfig: L.proxyConfig };
   const agentConfig = {
     socket: L.agentSocket,
     "state-dir": L.agentStateDir,
@@ -456,6 +461,7 @@ async function prepareAgent(s: Stage, site: Site, kdc: ServerClients, audit: Ser
     "audit-url": urlsOf(site.replicas.audit),
     "kdc-url": urlsOf(site.replicas.kdc),
     "ca-file": L.infraCaPem,
+    "proxy-config": L.proxyConfig,
     measure: measureFlag(plan),
     "metrics-listen": `unix:${L.metricsSocket("agent")}`,
     "log-level": cfg.logLevel,
@@ -502,7 +508,8 @@ async function bringUpProxy(s: Stage, site: Site): Promise<void> {
   progress.step("proxy", `starting on ${formatHostPort(site.listen.proxy)} (default tenant ${cfg.tenant})…`);
   const proxyDef: PartDefinition = {
     name: "proxy",
-    args: () => proxyArgs(L, cfg, site.listen.proxy),
+    // Its settings come from the config file the agent measures (written in prepareAgent).
+    args: () => ["proxy", "--config", L.proxyConfig],
     ready: async (_proc, sig) => {
       const host = new URL(site.urls.proxy).hostname.replace(/^\[|\]$/g, "");
       await poll(async () => ((await tcpOpen(host, site.listen.proxy.port)) ? true : undefined), sig, 100);
@@ -769,6 +776,26 @@ export function proxyArgs(L: Layout, cfg: UpConfig, addr: TcpAddress): string[] 
     "--log-level",
     cfg.logLevel,
   ];
+}
+
+/**
+ * The proxy's command line as a config file's JSON object (`"flag-name": value`): what
+ * `kmi up` writes to <data>/config/proxy.json, so that the agent measures the proxy's settings
+ * as proxy.config. A flag without a value (followed by another flag, or last) is `true`.
+ */
+export function proxyConfigOf(args: readonly string[]): Record<string, string | boolean> {
+  const out: Record<string, string | boolean> = {};
+  for (let i = args[0] === "proxy" ? 1 : 0; i < args.length; i++) {
+    const flag = args[i]!;
+    if (!flag.startsWith("--")) throw new Error(`proxy args: "${flag}" is not a flag`);
+    const next = args[i + 1];
+    if (next === undefined || next.startsWith("--")) out[flag.slice(2)] = true;
+    else {
+      out[flag.slice(2)] = next;
+      i++;
+    }
+  }
+  return out;
 }
 
 /** Waits until the agent is attested and holds the tenant's intermediate, reporting each step. */

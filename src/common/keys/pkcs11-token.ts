@@ -2,10 +2,11 @@
  * A PKCS#11 token (an HSM, or SoftHSM2 in tests) through npm pkcs11js: the one module that
  * speaks Cryptoki. It makes ECDSA P-256 key pairs inside the token — private halves
  * CKA_SENSITIVE, not CKA_EXTRACTABLE, CKA_TOKEN (persistent), CKA_PRIVATE (login needed) —
- * finds them again by label, and signs through them as a {@link Signer}. No private key byte
- * ever reaches this process.
+ * finds them again by label, and signs through them as a {@link Signer}; and AES-256 keys
+ * (sensitive, not extractable) that encrypt and decrypt with AES-GCM inside the token (the
+ * agent's `--sealing-key pkcs11`). No private or secret key byte ever reaches this process.
  */
-import { createHash, createPublicKey } from "node:crypto";
+import { createHash, createPublicKey, randomBytes } from "node:crypto";
 import { createRequire } from "node:module";
 import type * as Pkcs11Js from "pkcs11js";
 import { AlreadyExists, FailedPrecondition, InvalidArgument, errorText } from "../errors.js";
@@ -139,6 +140,101 @@ export class Pkcs11Token {
     } catch (err) {
       return errorText(err);
     }
+  }
+
+  /**
+   * Makes an AES-256 key labelled `label` inside the token, for encrypting and decrypting in
+   * it and nothing else (the agent's sealing key wrap); AlreadyExists when the label is taken.
+   */
+  generateAesKey(label: string): void {
+    const lib = this.lib;
+    if (this.findSecret(label) !== undefined) throw new AlreadyExists(`pkcs11 token "${this.label}": a key labelled ${label} exists already; use another label`);
+    this.p11.C_GenerateKey(this.session, { mechanism: lib.CKM_AES_KEY_GEN }, [
+      { type: lib.CKA_CLASS, value: lib.CKO_SECRET_KEY },
+      { type: lib.CKA_KEY_TYPE, value: lib.CKK_AES },
+      { type: lib.CKA_VALUE_LEN, value: 32 },
+      { type: lib.CKA_TOKEN, value: true },
+      { type: lib.CKA_LABEL, value: label },
+      // Why these: the key encrypts and decrypts inside the token and can never be read or wrapped out.
+      { type: lib.CKA_PRIVATE, value: true },
+      { type: lib.CKA_SENSITIVE, value: true },
+      { type: lib.CKA_EXTRACTABLE, value: false },
+      { type: lib.CKA_ENCRYPT, value: true },
+      { type: lib.CKA_DECRYPT, value: true },
+      { type: lib.CKA_WRAP, value: false },
+      { type: lib.CKA_UNWRAP, value: false },
+      { type: lib.CKA_SIGN, value: false },
+      { type: lib.CKA_DERIVE, value: false },
+    ]);
+  }
+
+  /** True when the token holds an AES (secret) key labelled `label`. */
+  hasAesKey(label: string): boolean {
+    return this.findSecret(label) !== undefined;
+  }
+
+  /** How the token protects the secret key labelled `label`. */
+  aesKeyProtection(label: string): TokenKeyProtection {
+    const key = this.requireSecret(label);
+    return this.protectionOf(key);
+  }
+
+  /** Asks the token for the AES key's value: the token's refusal (CKR_…), or "returned" if it gave it. */
+  tryReadAesKeyValue(label: string): string {
+    const key = this.requireSecret(label);
+    try {
+      this.p11.C_GetAttributeValue(this.session, key, [{ type: this.lib.CKA_VALUE }]);
+      return "returned";
+    } catch (err) {
+      return errorText(err);
+    }
+  }
+
+  /** AES-256-GCM encryption inside the token with the key labelled `label`: a fresh 12-byte nonce, ciphertext || 16-byte tag. */
+  encryptAesGcm(label: string, plaintext: Uint8Array, aad: Uint8Array): { nonce: Buffer; sealed: Buffer } {
+    const key = this.requireSecret(label);
+    const nonce = randomBytes(12);
+    this.p11.C_EncryptInit(this.session, this.gcm(nonce, aad), key);
+    const sealed = this.p11.C_Encrypt(this.session, Buffer.from(plaintext), Buffer.alloc(plaintext.length + 16));
+    return { nonce, sealed: Buffer.from(sealed) };
+  }
+
+  /** AES-256-GCM decryption inside the token; FailedPrecondition when the tag does not verify (another key, changed bytes). */
+  decryptAesGcm(label: string, nonce: Uint8Array, sealed: Uint8Array, aad: Uint8Array): Buffer {
+    const key = this.requireSecret(label);
+    this.p11.C_DecryptInit(this.session, this.gcm(Buffer.from(nonce), aad), key);
+    try {
+      return Buffer.from(this.p11.C_Decrypt(this.session, Buffer.from(sealed), Buffer.alloc(sealed.length)));
+    } catch (err) {
+      throw new FailedPrecondition(`pkcs11 token "${this.label}": key ${label} does not open this ciphertext (${errorText(err)}): another key or token, or changed bytes`);
+    }
+  }
+
+  private gcm(nonce: Buffer, aad: Uint8Array): Pkcs11Js.Mechanism {
+    const params: Pkcs11Js.AesGCM = { type: this.lib.CK_PARAMS_AES_GCM, iv: nonce, aad: Buffer.from(aad), ivBits: 96, tagBits: 128 };
+    return { mechanism: this.lib.CKM_AES_GCM, parameter: params };
+  }
+
+  private findSecret(label: string): Buffer | undefined {
+    return this.find(this.lib.CKO_SECRET_KEY, label);
+  }
+
+  private requireSecret(label: string): Buffer {
+    const key = this.findSecret(label);
+    if (key === undefined) throw new FailedPrecondition(`pkcs11 token "${this.label}": no AES key labelled ${label}`);
+    return key;
+  }
+
+  private protectionOf(obj: Buffer): TokenKeyProtection {
+    const lib = this.lib;
+    const attrs = this.p11.C_GetAttributeValue(this.session, obj, [
+      { type: lib.CKA_SENSITIVE },
+      { type: lib.CKA_EXTRACTABLE },
+      { type: lib.CKA_ALWAYS_SENSITIVE },
+      { type: lib.CKA_NEVER_EXTRACTABLE },
+    ]);
+    const flag = (i: number) => attrs[i]!.value[0] === 1;
+    return { sensitive: flag(0), extractable: flag(1), alwaysSensitive: flag(2), neverExtractable: flag(3) };
   }
 
   /** Logs out and unloads the module. */

@@ -14,7 +14,7 @@ import { privateKeyPem } from "../../../src/agent/identity.js";
 import { createAttestRequest } from "../../../src/attest/index.js";
 import { AuditService } from "../../../src/gen/kmi/audit/v1/audit_pb.js";
 import { DistributionService, FetchSecretsResponseSchema } from "../../../src/gen/kmi/kdc/v1/distribution_pb.js";
-import { unwrapKey } from "../../../src/keywrap/index.js";
+import { keyIdOf, unwrapKey } from "../../../src/keywrap/index.js";
 import * as grpc from "@grpc/grpc-js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { AgentConfig } from "../../../src/agent/config.js";
@@ -58,6 +58,7 @@ function config(overrides: Partial<AgentConfig> = {}): AgentConfig {
     socketPath: join(dir, "agent.sock"),
     socketGroup: undefined,
     stateDir: join(dir, "state"),
+    sealingKey: { kind: "file" },
     auditUrls: [audit.url],
     kdcUrls: [kdc.url],
     caPem: infra.pem,
@@ -187,7 +188,12 @@ describe("the agent with the fixture KDC and Auditserver", () => {
       expect(wire.includes("PRIVATE KEY")).toBe(false);
       const inter = fetched.secrets.find((x) => x.keyId === v1.keyId)!;
       expect(inter.wrappedKey!.aad).toBe(`${machineId}|acme|${v1.keyId}|1`);
-      expect(pkcs8Of(unwrapKey(inter.wrappedKey!, id.privateKey, { expectedAad: inter.wrappedKey!.aad })).equals(pkcs8Of(v1.key))).toBe(true);
+      // Wrapped to the machine's encryption key, not to its mutual-TLS/evidence key: one key, one purpose.
+      expect(id.encryptionKey).toBeDefined();
+      expect(keyIdOf(id.encryptionKey!)).not.toBe(keyIdOf(id.privateKey));
+      expect(inter.wrappedKey!.recipientKeyId).toBe(keyIdOf(id.encryptionKey!));
+      expect(pkcs8Of(unwrapKey(inter.wrappedKey!, id.encryptionKey!, { expectedAad: inter.wrappedKey!.aad })).equals(pkcs8Of(v1.key))).toBe(true);
+      expect(() => unwrapKey(inter.wrappedKey!, id.privateKey, { expectedAad: inter.wrappedKey!.aad })).toThrow(/wrapped_key: does not open/);
     } finally {
       auditClient.close();
       kdcClient.close();

@@ -60,6 +60,7 @@ async function setup(kdcs: FixtureKdc[], audit: FixtureAudit) {
     stateDir: join(dir, `fstate${i}`),
     auditUrls: [deadUrl, audit.url],
     kdcUrls: kdcs.map((k) => k.url),
+    sealingKey: { kind: "file" },
     caPem: infra.pem,
     joinToken: `kmij_f${i}`,
     hostname: `proxy-${i}-${h}`,

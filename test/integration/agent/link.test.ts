@@ -43,6 +43,7 @@ async function setup(options: { audit?: FixtureAuditOptions; kdc?: FixtureKdcOpt
     socketPath: join(dir, `a${i}.sock`),
     socketGroup: undefined,
     stateDir: join(dir, `state${i}`),
+    sealingKey: { kind: "file" },
     auditUrls: [audit.url],
     kdcUrls: [kdc.url],
     caPem: infra.pem,

@@ -52,7 +52,7 @@ describe("etcd's 128 ops per transaction", () => {
     const caller: AttestedMachine = {
       kind: "machine",
       machineId: "m-0123456789abcdef",
-      attestation: { group: "edge", tenantIds: ["*"], expiresAt: new Date(Date.now() + 60_000), jti: "j", certificateDer: new Uint8Array(), quarantined: undefined },
+      attestation: { group: "edge", tenantIds: ["*"], expiresAt: new Date(Date.now() + 60_000), jti: "j", certificateDer: new Uint8Array(), encryptionKeyDer: undefined, quarantined: undefined },
     };
 
     const records = await ops.reportHeldVersions(caller, { held });

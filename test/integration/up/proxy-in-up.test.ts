@@ -4,6 +4,7 @@
  * JSON log record of a part to that part's `onLog` (how the proxy's policy-reload-failed
  * reaches the terminal; the whole path runs in npm-start.test.ts).
  */
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
@@ -14,7 +15,7 @@ import { loadConfig } from "../../../src/common/config.js";
 import { proxyProgram, resolveProxyConfig } from "../../../src/proxy/config.js";
 import { resolveUpConfig, upProgram } from "../../../src/up/config.js";
 import { layout } from "../../../src/up/layout.js";
-import { proxyArgs } from "../../../src/up/mesh.js";
+import { proxyArgs, proxyConfigOf } from "../../../src/up/mesh.js";
 
 describe("kmi up: the proxy's new-host limit", () => {
   it("defaults to the proxy's own (20/s, burst 100) and is set by flags or KMI_UP_PROXY_ISSUE_*", async () => {
@@ -33,6 +34,25 @@ describe("kmi up: the proxy's new-host limit", () => {
     const proxy = await resolveProxyConfig(await loadConfig(proxyProgram, args.slice(1), { env: {} }));
     expect(proxy.issueRatePerSecond).toBe(7);
     expect(proxy.issueBurst).toBe(9);
+  });
+
+  it("writes the same settings as the proxy's config file (what the agent measures as proxy.config), which the proxy's parser reads alike", async () => {
+    const cfg = resolveUpConfig(await loadConfig(upProgram, ["--proxy-issue-rate", "7", "--proxy-issue-burst", "9"], { env: {} }), "/w");
+    const L = layout(cfg.dataDir, cfg.runDir);
+    const args = proxyArgs(L, cfg, cfg.listen.proxy);
+    const dir = await makeTempDir("kmi-up-proxy-config-");
+    try {
+      const file = join(dir.path, "proxy.json");
+      await writeFile(file, JSON.stringify(proxyConfigOf(args)));
+      const fromFile = await resolveProxyConfig(await loadConfig(proxyProgram, ["--config", file], { env: {} }));
+      const fromArgs = await resolveProxyConfig(await loadConfig(proxyProgram, args.slice(1), { env: {} }));
+      expect(fromFile).toEqual(fromArgs);
+      expect(fromFile.issueRatePerSecond).toBe(7);
+    } finally {
+      await dir.cleanup();
+    }
+    expect(proxyConfigOf(["proxy", "--a", "1", "--b", "--c", "x"])).toEqual({ a: "1", b: true, c: "x" });
+    expect(() => proxyConfigOf(["proxy", "stray"])).toThrow(/"stray" is not a flag/);
   });
 
   it("refuses a negative rate and a burst below 1, naming the flag", async () => {

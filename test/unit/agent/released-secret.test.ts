@@ -35,6 +35,33 @@ describe("openReleasedSecret", () => {
     expect(pkcs8Of(b.privateKey!).equals(pkcs8Of(signer.key))).toBe(true);
   });
 
+  describe("with a machine encryption key", () => {
+    const encryption = generateKeyPairSync("ec", { namedCurve: "prime256v1" });
+    const encPem = encryption.publicKey.export({ format: "pem", type: "spki" }).toString();
+    const withEnc = { ...ctx, encryptionKey: encryption.privateKey };
+    const tagged = (rs: ReleasedSecret, to: string) => {
+      rs.wrappedKey!.recipientKeyId = to;
+      return rs;
+    };
+
+    it("unwraps a secret wrapped to the encryption key", () => {
+      const rs = tagged(releasedSecret(signingSecret(signer), machineId, encPem), keyIdOf(encryption.publicKey));
+      expect(pkcs8Of(openReleasedSecret(rs, withEnc).privateKey!).equals(pkcs8Of(signer.key))).toBe(true);
+    });
+
+    it("refuses a secret wrapped to the machine key, named by recipient_key_id or not (the machine key never does ECDH)", () => {
+      const named = tagged(releasedSecret(signingSecret(signer), machineId, machineCert), keyIdOf(machine.publicKey));
+      expect(() => openReleasedSecret(named, withEnc)).toThrow(/wrapped_key is wrapped to key [0-9a-f]{16}, not to this machine's encryption key/);
+      const unnamed = tagged(releasedSecret(signingSecret(signer), machineId, machineCert), "");
+      expect(() => openReleasedSecret(unnamed, withEnc)).toThrow(/wrapped_key: does not open/);
+    });
+
+    it("a legacy identity (no encryption key) refuses a secret wrapped to an encryption key", () => {
+      const rs = tagged(releasedSecret(signingSecret(signer), machineId, encPem), keyIdOf(encryption.publicKey));
+      expect(() => openReleasedSecret(rs, ctx)).toThrow(/not to this machine's machine key \(this identity has no encryption key\)/);
+    });
+  });
+
   it("moves the lease into local time by the KDC's clock skew", () => {
     const rs = releasedSecret(signingSecret(signer, 10_000, 1_000_000), machineId, machineCert);
     expect(openReleasedSecret(rs, { ...ctx, clockSkewMs: 2_000 }).leaseExpiresAt).toBe(1_010_000 - 2_000);

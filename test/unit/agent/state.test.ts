@@ -10,6 +10,7 @@ import { SealedCache } from "../../../src/agent/sealed-cache.js";
 import { StateDir } from "../../../src/agent/state-dir.js";
 import { createNopLogger, createLogger } from "../../../src/common/logger.js";
 import { AgentCacheRecordSchema } from "../../../src/gen/kmi/store/v1/agent_pb.js";
+import { generateEncryptionKey } from "../../../src/attest/index.js";
 import { keyIdOf } from "../../../src/keywrap/index.js";
 import { issueMachineCertificate } from "../../../src/pki/issue.js";
 import { exportPublicKeySpkiDer } from "../../../src/pki/keys.js";
@@ -153,11 +154,13 @@ describe("IdentityStore", () => {
     );
     const store = new IdentityStore(sd, sealing);
     const notBefore = Date.now() - 60_000;
+    const encryptionKey = generateEncryptionKey();
     await store.save({
       machineId: "m-0123456789abcdef",
       group: "edge",
       privateKey,
       keyId: keyIdOf(privateKey),
+      encryptionKey,
       certificatePem: certPem,
       caPem: infra.pem,
       notBefore,
@@ -167,10 +170,18 @@ describe("IdentityStore", () => {
     });
     const file = readFileSync(join(dir, "s", "identity.pb"));
     expect(file.includes(pkcs8Of(privateKey))).toBe(false);
+    expect(file.includes(pkcs8Of(encryptionKey))).toBe(false);
     expect(file.includes("PRIVATE KEY")).toBe(false);
+    expect(statSync(join(dir, "s", "identity.pb")).mode & 0o777).toBe(0o600);
     const back = (await store.load())!;
     expect(back.machineId).toBe("m-0123456789abcdef");
     expect(keyIdOf(back.privateKey)).toBe(keyIdOf(privateKey));
+    // The encryption key comes back as itself, a key apart from the machine key.
+    expect(keyIdOf(back.encryptionKey!)).toBe(keyIdOf(encryptionKey));
+    expect(keyIdOf(back.encryptionKey!)).not.toBe(keyIdOf(privateKey));
+    // An identity enrolled before encryption keys existed loads without one (the legacy path).
+    await store.save({ ...back, encryptionKey: undefined });
+    expect((await store.load())!.encryptionKey).toBeUndefined();
     expect(renewalTime(back)).toBe(back.notBefore + ((back.notAfter - back.notBefore) * 2) / 3);
     // Another sealing key cannot open it.
     await expect(new IdentityStore(sd, Buffer.alloc(32, 7)).load()).rejects.toThrow(/sealed under master key/);

@@ -56,6 +56,14 @@ function problemOf(fn: () => unknown): AttestationTokenProblem | string {
 }
 
 describe("attestation token", () => {
+  it("carries the machine's encryption key as enc (base64url DER SPKI) when given, and none otherwise", () => {
+    const enc = generateKeyPairSync("ec", { namedCurve: "P-256" }).publicKey.export({ format: "der", type: "spki" });
+    const withEnc = verifyAttestationToken(issue({ encryptionPublicKey: enc }).token, auditKey.publicKey, expectations);
+    expect(withEnc.enc).toBe(base64url(enc));
+    expect(verifyAttestationToken(issue().token, auditKey.publicKey, expectations).enc).toBeUndefined();
+    expect(() => issue({ encryptionPublicKey: Buffer.from("not a key") })).toThrow(/encryption_public_key: not a DER SubjectPublicKeyInfo/);
+  });
+
   it("round-trips: the verifier gets the claims the Auditserver signed", () => {
     const { token, claims, keyId } = issue({ jti: "fixed-jti" });
     expect(keyId).toBe(attestationKeyId(auditKey.publicKey));
@@ -162,6 +170,8 @@ describe("attestation token", () => {
     ["exp as a string", () => forge(header(), { ...claimsOf(good()), exp: "9999999999" }), {}, "malformed", /claim exp/],
     ["no cnf", () => forge(header(), { ...claimsOf(good()), cnf: undefined }), {}, "malformed", /cnf/],
     ["ten not a list", () => forge(header(), { ...claimsOf(good()), ten: "acme" }), {}, "malformed", /claim ten/],
+    ["enc not base64url", () => forge(header(), { ...claimsOf(good()), enc: "a+b/" }), {}, "malformed", /claim enc is not base64url/],
+    ["enc not a P-256 key", () => forge(header(), { ...claimsOf(good()), enc: base64url(generateKeyPairSync("ed25519").publicKey.export({ format: "der", type: "spki" })) }), {}, "malformed", /claim enc is not a P-256/],
     ['ten mixing "*" with a tenant', () => forge(header(), { ...claimsOf(good()), ten: ["*", "acme"] }), {}, "malformed", /claim ten mixes "\*" with tenant ids/],
     ["two parts", () => good().split(".").slice(0, 2).join("."), {}, "malformed", /3 dot-separated parts, got 2/],
     ["empty", () => "", {}, "malformed", /empty/],
