@@ -4,6 +4,7 @@
  * The only proxy module that touches the environment (through common/config.ts).
  */
 import { readFile } from "node:fs/promises";
+import { availableParallelism } from "node:os";
 import { resolve } from "node:path";
 import { ConfigError, defineProgram, type LoadedConfig } from "../common/config.js";
 import { parseListenAddress } from "../common/listen.js";
@@ -16,6 +17,14 @@ import { createTenantResolver, type TenantConfig } from "./tenants.js";
 
 function positive(value: number): void {
   if (!(value > 0)) throw new Error("must be a positive number");
+}
+
+/** Most workers `--workers` takes. */
+export const MAX_WORKERS = 256;
+
+function workerCount(value: string): void {
+  if (value === "auto") return;
+  if (!/^\d+$/.test(value) || Number(value) > MAX_WORKERS) throw new Error(`must be "auto" or a number from 0 to ${MAX_WORKERS}`);
 }
 
 function tcpAddress(value: string): void {
@@ -35,6 +44,15 @@ export const proxyProgram = defineProgram({
     "the policy file and reopens the access log; SIGTERM finishes in-flight requests and stops.",
   options: {
     listen: { type: "string", description: "address to listen on", default: "127.0.0.1:8080", valueName: "host:port", validate: tcpAddress },
+    workers: {
+      type: "string",
+      description:
+        "worker processes sharing the listener (node:cluster): auto = one per core; 0 = serve in this one process. The primary holds " +
+        "the agent connection, mints each host's leaf once for all workers, shares the session ticket keys, and replaces a worker that dies",
+      default: "auto",
+      valueName: "n|auto",
+      validate: workerCount,
+    },
     agentSocket: { type: "string", description: "the key agent's Unix socket", default: "/run/kmi/agent.sock", valueName: "path" },
     defaultTenant: { type: "string", description: "tenant of clients that no address range or proxy user matches (overrides the tenants file's)", valueName: "id" },
     tenantsFile: {
@@ -86,6 +104,8 @@ type Values = LoadedConfig<typeof proxyProgram.options>["values"];
 export interface ProxyConfig extends Omit<ProxyServerOptions, "logger"> {
   /** Log level. */
   readonly logLevel: LogLevel;
+  /** Worker processes (`auto` resolved to the cores); 0 serves in one process. */
+  readonly workers: number;
 }
 
 /** The tenants file's shape. */
@@ -198,5 +218,6 @@ export async function resolveProxyConfig(loaded: LoadedConfig<typeof proxyProgra
     shutdownGraceMs: v.shutdownGraceMs,
     metricsListen: v.metricsListen,
     logLevel: v.logLevel as LogLevel,
+    workers: v.workers === "auto" ? availableParallelism() : Number(v.workers),
   };
 }

@@ -134,6 +134,7 @@ describe("kmi proxy", () => {
           "--allow-private", "127.0.0.0/8,::1",
           "--access-log", logFile,
           "--log-level", "error",
+          "--workers", "0",
         ],
         { signalSource: signals, exit: (c) => (exitCode = c), onStarted: (a) => ((port = a.port), resolve()) },
       );
