@@ -12,6 +12,7 @@ import { readFile, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { TLSSocket } from "node:tls";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { proxyHealth } from "../../../src/clients/mesh-health.js";
 import { makeTempDir, spawnProcess, waitFor, type Spawned, type TempDir } from "../../helpers/process.js";
 import { FixtureAgent } from "../../fixtures/proxy/fixture-agent.js";
 import { tlsViaProxy } from "../../fixtures/proxy/harness.js";
@@ -207,6 +208,10 @@ describe("kmi proxy --workers 2", () => {
     expect(again.body).toBe("A".repeat(32));
     expect(await workerOf("/big?n=32&ka=2")).toBe(serving);
     expect(value(await metrics(), "kmi_proxy_worker_restarts_total")).toBe(1);
+    // What `kmi up status` and `kmi ctl status` show of the proxy.
+    const health = await proxyHealth({ metrics: `unix:${metricsSocket()}` });
+    expect(health["workers"]).toEqual([...replaced].sort((a, b) => a[0] - b[0]).map(([worker, pid]) => ({ worker, pid })));
+    expect(health["worker_restarts"]).toBe(1);
     // Now the serving worker dies: its client's connection ends, and a new connection is served.
     const closed = once(t, "close");
     process.kill(replaced.get(serving)!, "SIGKILL");
