@@ -65,6 +65,12 @@ export async function runProxyWorker(options: Omit<ProxyServerOptions, "logger">
       onStarted: (a) => onStarted?.(a),
       onStopped: () => minter.close(),
     });
+  } catch (err) {
+    // A worker that cannot start (its listen failed) exits at once, so that the primary sees it:
+    // the IPC channel would otherwise keep this process alive.
+    process.stderr.write(`kmi proxy: worker ${id}: ${err instanceof Error ? err.message : String(err)}\n`);
+    await server.destroy().catch(() => undefined);
+    process.exit(1);
   } finally {
     off();
     process.off("SIGHUP", onHup);

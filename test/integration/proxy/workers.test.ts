@@ -8,6 +8,7 @@
  */
 import { once } from "node:events";
 import { get as httpGet } from "node:http";
+import { createServer, type AddressInfo } from "node:net";
 import { readFile, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { TLSSocket } from "node:tls";
@@ -230,5 +231,23 @@ describe("kmi proxy --workers 2", () => {
     expect(code).toBe(0);
     for (const pid of pids) expect(() => process.kill(pid, 0)).toThrow(/ESRCH/);
     expect(proxy.stderr()).toMatch(/"msg":"exiting"/);
+  });
+});
+
+describe("kmi proxy --workers: a worker that cannot listen", () => {
+  it("makes the primary exit 1, with the reason on stderr", async () => {
+    const taken = createServer();
+    await new Promise<void>((r) => taken.listen(0, "127.0.0.1", r));
+    const busy = (taken.address() as AddressInfo).port;
+    try {
+      // prettier-ignore
+      const p = spawnProcess(process.execPath, [kmi, "proxy", "--workers", "1", "--listen", `127.0.0.1:${busy}`, "--agent-socket", agent.socketPath, "--default-tenant", "acme", "--log-level", "error"]);
+      const { code } = await p.exited;
+      expect(code).toBe(1);
+      expect(p.stderr()).toMatch(/kmi proxy: worker 1: bind EADDRINUSE 127\.0\.0\.1:\d+/);
+      expect(p.stderr()).toMatch(/kmi: proxy worker exited before listening \(code 1\)/);
+    } finally {
+      taken.close();
+    }
   });
 });
