@@ -183,6 +183,7 @@ async function runPrimary(argv: string[], config: ProxyConfig, logger: Logger, o
     ...(config.leafMaxLifetimeMs !== undefined ? { leafMaxLifetimeMs: config.leafMaxLifetimeMs } : {}),
     ...(config.metricsListen !== undefined ? { metricsListen: config.metricsListen } : {}),
     ...(config.shutdownGraceMs !== undefined ? { shutdownGraceMs: config.shutdownGraceMs } : {}),
+    ...(config.ticketKeyRotationMs !== undefined ? { ticketKeyRotationMs: config.ticketKeyRotationMs } : {}),
     logger,
   });
   const signals = o.signalSource ?? process;

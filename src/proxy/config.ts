@@ -92,6 +92,11 @@ export const proxyProgram = defineProgram({
     requestTimeoutMs: { type: "integer", description: "time a client has to send a whole request, ms", default: 300_000, validate: positive },
     keepAliveTimeoutMs: { type: "integer", description: "idle HTTP/1.1 keep-alive connections are closed after, ms", default: 5_000, validate: positive },
     maxHeaderBytes: { type: "integer", description: "largest request header block, bytes", default: 16_384, validate: positive },
+    ticketKeyRotationSeconds: {
+      type: "integer",
+      description: "time between rotations of the TLS session ticket keys (per tenant, in memory only; tickets under the old keys then do a full handshake); 0: only on a revoke or quarantine",
+      default: 3600,
+    },
     shutdownGraceMs: { type: "integer", description: "time in-flight requests get on shutdown, ms", default: 10_000 },
     metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint (off when unset)", valueName: "host:port" },
     logLevel: { type: "string", description: "log level", default: "info", choices: LOG_LEVELS },
@@ -161,6 +166,7 @@ export async function resolveProxyConfig(loaded: LoadedConfig<typeof proxyProgra
   if (listen.kind !== "tcp") throw new ConfigError("--listen: must be host:port");
   if (v.leafMaxDays > 47) throw new ConfigError("--leaf-max-days: at most 47 (the CA/Browser Forum ceiling)");
   if (v.issueRate < 0) throw new ConfigError("--issue-rate: must be 0 (no limit) or more");
+  if (v.ticketKeyRotationSeconds < 0) throw new ConfigError("--ticket-key-rotation-seconds: must be 0 (only on a revoke or quarantine) or more");
   if (v.metricsListen !== undefined) {
     try {
       parseListenAddress(v.metricsListen);
@@ -216,6 +222,7 @@ export async function resolveProxyConfig(loaded: LoadedConfig<typeof proxyProgra
     issueBurst: v.issueBurst,
     limits,
     shutdownGraceMs: v.shutdownGraceMs,
+    ticketKeyRotationMs: v.ticketKeyRotationSeconds * 1000,
     metricsListen: v.metricsListen,
     logLevel: v.logLevel as LogLevel,
     workers: v.workers === "auto" ? availableParallelism() : Number(v.workers),

@@ -149,6 +149,16 @@ export class LeafCache<E extends CachedLeaf = LeafEntry> {
     }
   }
 
+  /** The cached entries of `tenant`. */
+  entriesOf(tenant: string): E[] {
+    return [...this.entries.values()].filter((e) => e.tenant === tenant);
+  }
+
+  /** Tenants with cached entries. */
+  tenants(): Set<string> {
+    return new Set([...this.entries.values()].map((e) => e.tenant));
+  }
+
   /** Drops every leaf of a tenant (its CA rotated, or a key was revoked). Returns how many. */
   clearTenant(tenant: string): number {
     this.generations.set(tenant, (this.generations.get(tenant) ?? 0) + 1);

@@ -47,7 +47,12 @@ export interface LeafMinter {
    * a dropped leaf authenticated.
    */
   rotateTicketKeys(tenant?: string): void;
+  /** The session ticket keys `tenant`'s leaves get now (48 bytes). */
+  ticketKeysOf(tenant: string): Buffer;
 }
+
+/** Default time between session ticket key rotations: an hour (tickets live 5 minutes, Node's default). */
+export const TICKET_KEY_ROTATION_MS = 3_600_000;
 
 /**
  * A minted leaf before it becomes a TLS context: what a proxy worker receives from the primary
@@ -91,8 +96,11 @@ export function sessionIdContextOf(tenant: string): string {
 
 /**
  * Session ticket keys per tenant (48 bytes each, made on first use), in memory only: a restart
- * invalidates every ticket. With workers, the primary holds the ring and hands each tenant's
- * keys to the workers with the leaves, so a session resumes on any worker.
+ * invalidates every ticket. They are replaced on a revoke or quarantine, and every
+ * {@link TICKET_KEY_ROTATION_MS} (`--ticket-key-rotation-seconds`): why, a ticket holds the
+ * session's secrets encrypted under these keys, so keys that never change would let whoever
+ * obtains them decrypt every recorded session that used a ticket. With workers, the primary
+ * holds the ring and hands each tenant's keys to the workers, so a session resumes on any worker.
  */
 export class TicketKeyRing {
   private readonly keys = new Map<string, Buffer>();
@@ -140,6 +148,7 @@ export function createLeafMinter(options: LeafMinterOptions): LeafMinter {
   const tickets = new TicketKeyRing();
   return {
     rotateTicketKeys: (tenant) => tickets.rotate(tenant),
+    ticketKeysOf: (tenant) => tickets.of(tenant),
     mint: async (tenant, origin, host) => leafEntryOf(await material.mint(tenant, origin, host), tickets.of(tenant)),
   };
 }

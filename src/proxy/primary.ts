@@ -6,7 +6,7 @@
  *   requests from every worker joined to one issuance, and kept in a machine-wide cache of leaf
  *   material (bounded, expiry-aware, dropped on the agent's key events like the workers' own);
  * - the session ticket keys, per tenant, handed to the workers with each leaf, so that a TLS
- *   session made on one worker resumes on any other;
+ *   session made on one worker resumes on any other, and rotated here (sent to every worker);
  * - the WatchKeys stream, relayed to every worker (and replayed to a new one);
  * - the Prometheus endpoint, which sums the workers' registries with its own.
  *
@@ -23,7 +23,7 @@ import { parseListenAddress } from "../common/listen.js";
 import { AgentClient, type KeyWatch } from "../clients/agent-client.js";
 import { KeyEventType, type WatchKeysResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { LeafCache, leafCacheKey } from "./leaf-cache.js";
-import { createLeafMaterialMinter, MAX_LEAF_LIFETIME_MS, TicketKeyRing, type LeafMaterial, type LeafMaterialMinter } from "./leaf-minter.js";
+import { createLeafMaterialMinter, MAX_LEAF_LIFETIME_MS, TICKET_KEY_ROTATION_MS, TicketKeyRing, type LeafMaterial, type LeafMaterialMinter } from "./leaf-minter.js";
 import { leafNames } from "./origin-cert.js";
 import { dropStaleLeaves, type ProxyAddress, type ProxyAgent } from "./server.js";
 import { encodeKeyEvent, isKmiMessage, leafFailureOf, type LeafRequestMessage, type PrimaryMessage, type WorkerMessage } from "./worker-ipc.js";
@@ -47,6 +47,8 @@ export interface ProxyPrimaryOptions {
   readonly leafMaxLifetimeMs?: number;
   /** Address of the Prometheus `/metrics` endpoint (the workers' metrics summed); off when unset. */
   readonly metricsListen?: string;
+  /** Time between session ticket key rotations; default an hour; 0: only on revoke and quarantine. */
+  readonly ticketKeyRotationMs?: number;
   /** Time workers get to drain on shutdown; default 10 s. */
   readonly shutdownGraceMs?: number;
   readonly logger: Logger;
@@ -122,6 +124,9 @@ class ClusterMetrics extends MetricsRegistry {
 export class ProxyPrimary {
   private readonly leaves: LeafCache<LeafMaterial>;
   private readonly tickets = new TicketKeyRing();
+  /** Tenants whose ticket keys went to a worker (a rotation sends them their new ones). */
+  private readonly ticketTenants = new Set<string>();
+  private ticketTimer: NodeJS.Timeout | undefined;
   private readonly minter: LeafMaterialMinter;
   private readonly metrics = createMetricsRegistry();
   private readonly clusterMetrics: ClusterMetrics;
@@ -194,12 +199,24 @@ export class ProxyPrimary {
       throw err;
     }
     cluster.on("exit", this.onExit);
+    const rotation = this.options.ticketKeyRotationMs ?? TICKET_KEY_ROTATION_MS;
+    if (rotation > 0) {
+      this.ticketTimer = setInterval(() => this.rotateTicketKeys(), rotation);
+      this.ticketTimer.unref();
+    }
     if (this.options.metricsListen !== undefined) {
       this.metricsServer = await startMetricsServer(this.clusterMetrics, parseListenAddress(this.options.metricsListen), log);
     }
     this.address = { host: this.options.host, port };
     log.info("proxy listening", { address: `${this.options.host}:${port}`, workers: this.workers.map((w) => w.pid) });
     return this.address;
+  }
+
+  /** Replaces every tenant's session ticket keys and sends the new ones to every worker (tickets issued so far no longer resume). */
+  rotateTicketKeys(): void {
+    this.tickets.rotate();
+    for (const tenant of this.ticketTenants) this.broadcast({ type: "kmi:ticket-keys", tenant, keys: this.tickets.of(tenant) });
+    this.options.logger.debug("session ticket keys rotated", { tenants: this.ticketTenants.size });
   }
 
   /** Relays a policy reload (SIGHUP) to every worker. */
@@ -210,6 +227,7 @@ export class ProxyPrimary {
   /** Tells every worker to drain, waits for them (SIGKILL after the grace period), and closes. */
   async destroy(): Promise<void> {
     this.stopping = true;
+    clearInterval(this.ticketTimer);
     cluster.off("exit", this.onExit);
     const grace = this.options.shutdownGraceMs ?? 10_000;
     const alive = Object.values(cluster.workers ?? {}).filter((w): w is Worker => w !== undefined && !w.isDead());
@@ -300,6 +318,7 @@ export class ProxyPrimary {
       const { entry, source } = await this.leaves.obtain(r.tenant, key, () => this.minter.mint(r.tenant, r.origin, r.host));
       if (source === "issued") this.mints.inc();
       answer = { type: "kmi:leaf", id: r.id, ok: true, material: entry, ticketKeys: this.tickets.of(r.tenant) };
+      this.ticketTenants.add(r.tenant);
     } catch (err) {
       answer = { type: "kmi:leaf", id: r.id, ok: false, error: leafFailureOf(err) };
     }

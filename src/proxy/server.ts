@@ -22,7 +22,8 @@ import type { IcapCounters } from "./icap/service.js";
 import { answerClientError, handleHttp1Request, handleHttp1Upgrade, type Http1Upstream } from "./http1.js";
 import { Interceptor } from "./interceptor.js";
 import { LeafCache, type CachedLeaf } from "./leaf-cache.js";
-import { createLeafMinter, MAX_LEAF_LIFETIME_MS, type LeafMinter } from "./leaf-minter.js";
+import { createLeafMinter, MAX_LEAF_LIFETIME_MS, TICKET_KEY_ROTATION_MS, type LeafMinter } from "./leaf-minter.js";
+import { setTicketKeys } from "./secure-context-ticket-keys.js";
 import { LearnedBypass } from "./learned-bypass.js";
 import { DestinationGuard } from "./destinations.js";
 import { KeyAvailability } from "./key-availability.js";
@@ -63,6 +64,8 @@ export interface ProxyServerOptions {
   readonly agent?: ProxyAgent;
   /** Mints leaves (default: in this process, through `agent`); a worker's asks its primary. */
   readonly minter?: LeafMinter;
+  /** Time between session ticket key rotations; default an hour; 0: only on revoke and quarantine (a worker's primary rotates them). */
+  readonly ticketKeyRotationMs?: number;
   /** Tenants by address range and credentials, with their own policies. */
   readonly tenants?: readonly TenantConfig[];
   /** The tenants file: reread for the tenants' policies on every policy reload. */
@@ -182,6 +185,7 @@ export class ProxyServer {
   private tenantResolver: TenantResolver;
   private readonly sockets = new Set<Socket>();
   private metricsServer: MetricsServer | undefined;
+  private ticketTimer: NodeJS.Timeout | undefined;
 
   private constructor(
     private readonly options: ProxyServerOptions,
@@ -274,6 +278,11 @@ export class ProxyServer {
       },
     );
     this.policy.watch();
+    const rotation = this.options.ticketKeyRotationMs ?? TICKET_KEY_ROTATION_MS;
+    if (rotation > 0) {
+      this.ticketTimer = setInterval(() => this.rotateTicketKeys(), rotation);
+      this.ticketTimer.unref();
+    }
     await new Promise<void>((resolve, reject) => {
       this.http.once("error", reject);
       this.http.listen(this.options.port, this.options.host, () => {
@@ -298,6 +307,18 @@ export class ProxyServer {
     await this.policy.reload();
     this.context.destinations.refreshOwnAddresses();
     this.context.accessLog.reopen();
+  }
+
+  /** Replaces every tenant's session ticket keys, in the cached leaves too: tickets issued so far no longer resume. */
+  rotateTicketKeys(): void {
+    const minter = this.context.minter;
+    minter.rotateTicketKeys();
+    for (const tenant of this.context.leaves.tenants()) this.replaceTicketKeys(tenant, minter.ticketKeysOf(tenant));
+  }
+
+  /** Gives `tenant`'s cached leaves `keys` as their session ticket keys (a worker gets them from its primary). */
+  replaceTicketKeys(tenant: string, keys: Buffer): void {
+    for (const e of this.context.leaves.entriesOf(tenant)) setTicketKeys(e.context, keys);
   }
 
   /**
@@ -395,6 +416,7 @@ export class ProxyServer {
    */
   async destroy(): Promise<void> {
     const grace = this.options.shutdownGraceMs ?? 10_000;
+    clearInterval(this.ticketTimer);
     this.watch?.close();
     this.policy.close();
     if (this.address !== undefined) {

@@ -9,6 +9,7 @@
  * | `kmi:leaf` | worker → primary | tenant, the host asked for, the origin certificate's names, end and fingerprint |
  * | `kmi:leaf` (answer) | primary → worker | the leaf material (**the leaf's own private key**, PKCS#8 PEM; leaf + chain) and the tenant's **session ticket keys**, or the error |
  * | `kmi:watch` | worker → primary | "send me the key state" (at start) |
+ * | `kmi:ticket-keys` | primary → worker | a tenant's new **session ticket keys** (periodic rotation) |
  * | `kmi:watch-state`, `kmi:key-event` | primary → worker | the agent's WatchKeys stream, as protobuf bytes (key ids and states, never key material) |
  * | `kmi:metrics` | both | the primary asks; the worker answers with its registry as prom-client JSON |
  * | `kmi:reload`, `kmi:shutdown` | primary → worker | SIGHUP and SIGTERM, relayed |
@@ -55,6 +56,7 @@ export type PrimaryMessage =
   | { readonly type: "kmi:watch-state"; readonly connected: boolean }
   | { readonly type: "kmi:key-event"; readonly event: Uint8Array }
   | { readonly type: "kmi:metrics"; readonly id: number }
+  | { readonly type: "kmi:ticket-keys"; readonly tenant: string; readonly keys: Uint8Array }
   | { readonly type: "kmi:reload" }
   | { readonly type: "kmi:shutdown" };
 
@@ -109,12 +111,16 @@ const LEAF_ANSWER_TIMEOUT_MS = 30_000;
 /**
  * A worker's minter: asks the primary, which mints once per machine (concurrent requests from
  * every worker share one issuance), and builds the TLS context here with the tenant's ticket
- * keys from the primary. Ticket keys are rotated by the primary, which sees the same key events.
+ * keys from the primary. Ticket keys are rotated by the primary (on the same key events, and
+ * periodically: `kmi:ticket-keys`).
  */
 export function createWorkerLeafMinter(channel: PrimaryChannel): LeafMinter & { close(): void } {
   let next = 1;
   const pending = new Map<number, { resolve: (m: LeafAnswerMessage) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
+  // The keys each tenant's leaves get, as the primary last said (with a leaf, or a rotation).
+  const ticketKeys = new Map<string, Buffer>();
   const off = channel.on((m) => {
+    if (m.type === "kmi:ticket-keys") ticketKeys.set(m.tenant, bufferOf(m.keys));
     if (m.type !== "kmi:leaf") return;
     const p = pending.get(m.id);
     if (p === undefined) return;
@@ -124,6 +130,11 @@ export function createWorkerLeafMinter(channel: PrimaryChannel): LeafMinter & { 
   });
   return {
     rotateTicketKeys() {},
+    ticketKeysOf(tenant) {
+      const k = ticketKeys.get(tenant);
+      if (k === undefined) throw new Error(`no session ticket keys from the primary for tenant "${tenant}" yet`);
+      return k;
+    },
     async mint(tenant, origin, host) {
       const id = next++;
       const answer = await new Promise<LeafAnswerMessage>((resolve, reject) => {
@@ -135,8 +146,9 @@ export function createWorkerLeafMinter(channel: PrimaryChannel): LeafMinter & { 
         channel.send({ type: "kmi:leaf", id, tenant, host, origin });
       });
       if (!answer.ok) throw errorOf(answer.error);
-      const keys = answer.ticketKeys;
-      return leafEntryOf(answer.material, Buffer.from(keys.buffer, keys.byteOffset, keys.byteLength));
+      const keys = bufferOf(answer.ticketKeys);
+      ticketKeys.set(tenant, keys);
+      return leafEntryOf(answer.material, keys);
     },
     close() {
       off();
@@ -147,6 +159,11 @@ export function createWorkerLeafMinter(channel: PrimaryChannel): LeafMinter & { 
       pending.clear();
     },
   };
+}
+
+/** A Buffer over bytes that crossed IPC (structured clone gives a Uint8Array). */
+export function bufferOf(b: Uint8Array): Buffer {
+  return Buffer.from(b.buffer, b.byteOffset, b.byteLength);
 }
 
 /**

@@ -12,7 +12,7 @@ import type { Logger } from "../common/logger.js";
 import { createMetricsRegistry } from "../common/metrics.js";
 import { createAccessLog } from "./access-log.js";
 import { ProxyServer, type ProxyAddress, type ProxyServerOptions } from "./server.js";
-import { createWorkerAgent, createWorkerLeafMinter, processChannel } from "./worker-ipc.js";
+import { bufferOf, createWorkerAgent, createWorkerLeafMinter, processChannel } from "./worker-ipc.js";
 
 /** True in a process forked by `kmi proxy --workers`. */
 export function isProxyWorker(): boolean {
@@ -32,7 +32,8 @@ export async function runProxyWorker(options: Omit<ProxyServerOptions, "logger">
   const metrics = createMetricsRegistry();
   const destination = typeof options.accessLog === "object" ? options.accessLog : createAccessLog(options.accessLog ?? "-", logger, { query: options.accessLogQuery ?? false, worker: id });
   const { metricsListen: _primaryServesMetrics, ...rest } = options;
-  const server = await ProxyServer.create({ ...rest, logger, agent: createWorkerAgent(channel), minter, metrics, accessLog: destination });
+  // Ticket keys are the primary's: it rotates them and sends them to every worker.
+  const server = await ProxyServer.create({ ...rest, logger, agent: createWorkerAgent(channel), minter, metrics, accessLog: destination, ticketKeyRotationMs: 0 });
   // One stop however many reasons arrive (the primary's message and the group's SIGTERM both come on a shutdown).
   const stop = new EventEmitter();
   let stopping = false;
@@ -48,6 +49,7 @@ export async function runProxyWorker(options: Omit<ProxyServerOptions, "logger">
   };
   const off = channel.on((m) => {
     if (m.type === "kmi:reload") onHup();
+    else if (m.type === "kmi:ticket-keys") server.replaceTicketKeys(m.tenant, bufferOf(m.keys));
     else if (m.type === "kmi:shutdown") stopOnce();
     else if (m.type === "kmi:metrics") {
       void metrics.prom.getMetricsAsJSON().then((list) => channel.send({ type: "kmi:metrics", id: m.id, metrics: list }));

@@ -251,3 +251,41 @@ describe("kmi proxy --workers: a worker that cannot listen", () => {
     }
   });
 });
+
+describe("kmi proxy --workers: session ticket key rotation", () => {
+  it("the primary's rotation reaches the workers: an old ticket stops resuming, the leaf is not minted again, new tickets resume", async () => {
+    const caFile = join(dir.path, "origin-ca.pem");
+    // prettier-ignore
+    const p = spawnProcess(process.execPath, [
+      kmi, "proxy", "--workers", "2", "--listen", "127.0.0.1:0", "--agent-socket", agent.socketPath, "--default-tenant", "acme",
+      "--extra-ca", caFile, "--no-system-roots", "--allow-private", "127.0.0.0/8,::1", "--access-log", "off",
+      "--ticket-key-rotation-seconds", "1",
+    ]);
+    try {
+      const started = await p.waitForLine(/^(?!.*"worker":).*"msg":"started"/, 30_000, "stderr");
+      const rotPort = (JSON.parse(started) as { bound: { port: number } }).bound.port;
+      const connect = async (session?: Buffer): Promise<{ resumed: boolean; session: Promise<Buffer> }> => {
+        const t = await tlsViaProxy(rotPort, "localhost", origin.port, { ca, ...(session !== undefined ? { session } : {}) });
+        const ticket = new Promise<Buffer>((resolve) => t.once("session", resolve));
+        const resumed = t.isSessionReused();
+        expect((await keepAliveGet(t, "/big?n=8")).status).toBe(200);
+        t.destroy();
+        return { resumed, session: ticket };
+      };
+      const old = await (await connect()).session;
+      const issued = agent.issueCount("acme");
+      // Within a few rotations, the old ticket stops resuming on whichever worker serves it.
+      await waitFor(async () => ((await connect(old)).resumed ? undefined : true), 20_000, "the old ticket to stop resuming");
+      // A fresh ticket resumes (retried: a rotation may fall between making it and using it).
+      const resumedFresh = await waitFor(async () => {
+        const fresh = await (await connect()).session;
+        return (await connect(fresh)).resumed ? true : undefined;
+      }, 20_000, "a fresh ticket to resume");
+      expect(resumedFresh).toBe(true);
+      expect(agent.issueCount("acme")).toBe(issued);
+    } finally {
+      p.kill();
+      await p.exited;
+    }
+  });
+});
