@@ -4,7 +4,9 @@
  * minted once for the machine however many workers ask; a TLS session made on one worker
  * resumes on the other (shared ticket keys); metrics are summed in the primary; SIGHUP reaches
  * every worker; a worker killed with SIGKILL is replaced while the other worker's keep-alive
- * connection keeps working; SIGTERM drains every worker and exits 0.
+ * connection keeps working; SIGTERM drains every worker (an upload in flight is answered) and
+ * exits 0; a worker that cannot listen makes the primary exit 1; the primary's session ticket key
+ * rotation reaches the workers.
  */
 import { once } from "node:events";
 import { get as httpGet } from "node:http";
@@ -51,7 +53,7 @@ beforeAll(async () => {
     "--access-log", logFile(),
     "--access-log-query",
     "--metrics-listen", `unix:${metricsSocket()}`,
-    "--shutdown-grace-ms", "2000",
+    "--shutdown-grace-ms", "10000",
   ]);
   // The primary's line (each worker logs its own, with its "worker" id).
   const started = await proxy.waitForLine(/^(?!.*"worker":).*"msg":"started"/, 30_000, "stderr");
@@ -221,12 +223,24 @@ describe("kmi proxy --workers 2", () => {
     expect(next.worker).not.toBe(serving);
   });
 
-  it("SIGTERM drains every worker and the primary exits 0", async () => {
+  it("SIGTERM drains every worker (a request in flight finishes) and the primary exits 0", async () => {
     const pids = await waitFor(async () => {
       const now = [...(await workerPids()).values()];
       return now.length === 2 ? now : undefined;
     }, 20_000, "two workers");
+    // An upload in flight: its head and half its body go before the SIGTERM, the rest after the workers start draining.
+    const t = await tlsViaProxy(port, "localhost", origin.port, { ca });
+    const seen = origin.requests;
+    let answer = "";
+    t.on("data", (d: Buffer) => (answer += d.toString()));
+    t.write("POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n12345");
+    await waitFor(() => (origin.requests > seen ? true : undefined), 20_000, "the upload at the origin");
     proxy.child.kill("SIGTERM");
+    await waitFor(() => (proxy.stderr().match(/"msg":"signal received; shutting down","program":"proxy","worker"/g)?.length === 2 ? true : undefined), 20_000, "both workers draining");
+    t.write("67890");
+    await waitFor(() => (answer.includes("received 10 bytes") ? true : undefined), 20_000, "the upload's answer");
+    expect(answer).toMatch(/^HTTP\/1\.1 200 /);
+    t.destroy();
     const { code } = await proxy.exited;
     expect(code).toBe(0);
     for (const pid of pids) expect(() => process.kill(pid, 0)).toThrow(/ESRCH/);
