@@ -54,6 +54,8 @@ beforeAll(async () => {
     "--access-log-query",
     "--metrics-listen", `unix:${metricsSocket()}`,
     "--shutdown-grace-ms", "10000",
+    // The kill test keeps a connection idle while a replacement worker starts (slow on a loaded machine).
+    "--keep-alive-timeout-ms", "300000",
   ]);
   // The primary's line (each worker logs its own, with its "worker" id).
   const started = await proxy.waitForLine(/^(?!.*"worker":).*"msg":"started"/, 30_000, "stderr");
@@ -113,6 +115,7 @@ function workerOf(path: string, file = logFile()): Promise<number> {
 /** Sends one HTTP/1.1 request on a kept-alive TLS connection and reads the response (content-length bodies: the origin's /big). */
 function keepAliveGet(t: TLSSocket, path: string): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
+    if (t.destroyed) return reject(new Error("connection already closed"));
     let buf = Buffer.alloc(0);
     const onData = (d: Buffer): void => {
       buf = Buffer.concat([buf, d]);
