@@ -297,11 +297,18 @@ export async function agentHealth(socket: string, tenant?: string, timeoutMs = 3
   }
 }
 
+/** The proxy's workers (`--workers`), from `kmi_proxy_worker_info{worker,pid}`; none for a proxy in one process. */
+function proxyWorkers(metrics: string): { worker: number; pid: number }[] {
+  const out: { worker: number; pid: number }[] = [];
+  for (const m of metrics.matchAll(/^kmi_proxy_worker_info\{worker="(\d+)",pid="(\d+)"\} 1$/gm)) out.push({ worker: Number(m[1]), pid: Number(m[2]) });
+  return out.sort((a, b) => a.worker - b.worker);
+}
+
 /**
  * The proxy's entry. With `url` (its listen address), `healthy` is whether it accepts
  * connections and a metrics failure is only noted (`metrics_error`); without it, `healthy` is
  * whether its metrics endpoint answers. `metrics` undefined: `leaf_cache_entries` null and
- * `metrics: "not exposed"`.
+ * `metrics: "not exposed"`. A proxy with workers adds `workers` (id and pid each) and `worker_restarts`.
  */
 export async function proxyHealth(o: { url?: string | undefined; metrics?: string | undefined }): Promise<PartHealth> {
   let listening: boolean | undefined;
@@ -313,7 +320,13 @@ export async function proxyHealth(o: { url?: string | undefined; metrics?: strin
   try {
     const text = await scrapeMetrics(o.metrics);
     const version = buildVersion(text);
-    return { healthy: listening ?? true, ...(version !== undefined ? { version } : {}), leaf_cache_entries: metricValue(text, "kmi_proxy_leaf_cache_entries") ?? null };
+    const workers = proxyWorkers(text);
+    return {
+      healthy: listening ?? true,
+      ...(version !== undefined ? { version } : {}),
+      leaf_cache_entries: metricValue(text, "kmi_proxy_leaf_cache_entries") ?? null,
+      ...(workers.length > 0 ? { workers, worker_restarts: metricValue(text, "kmi_proxy_worker_restarts_total") ?? 0 } : {}),
+    };
   } catch (err) {
     if (listening !== undefined) return { healthy: listening, leaf_cache_entries: null, metrics_error: partErrorText(err) };
     return { ...failed(err), leaf_cache_entries: null };

@@ -55,6 +55,10 @@ export interface AccessRecord {
   icap_result?: string;
   /** The threat or violation it named. */
   threat?: string;
+  /** With `--workers`: the cluster id of the worker that served it. */
+  worker?: number;
+  /** Set when `path` and `error` were shortened to keep the line within one atomic pipe write (workers, stdout). */
+  truncated?: boolean;
 }
 
 /** Where records go. */
@@ -71,6 +75,29 @@ export interface AccessLog {
 export interface AccessLogOptions {
   /** Log query strings; default false (`/search?q=secret` is logged as `/search?`). */
   readonly query?: boolean;
+  /**
+   * The cluster id of the worker writing (`--workers`): added to every record, and a line to
+   * stdout is kept within PIPE_BUF (4096 bytes), which the kernel writes atomically, so that
+   * the workers' lines never interleave. A file is opened for append by each worker, and each
+   * line is one write(2): appends to a local file do not interleave either.
+   */
+  readonly worker?: number;
+}
+
+/** Bytes the kernel writes to a pipe atomically (Linux PIPE_BUF). */
+const PIPE_BUF = 4096;
+
+/** The record's line, within PIPE_BUF: a long path (and error) is cut, and the record marked truncated. */
+function pipeLine(record: AccessRecord): string {
+  const l = line(record);
+  if (Buffer.byteLength(l) <= PIPE_BUF) return l;
+  for (const keep of [1024, 128]) {
+    const cut: AccessRecord = { ...record, path: record.path.slice(0, keep), truncated: true };
+    if (record.error !== undefined) cut.error = record.error.slice(0, keep);
+    const shorter = line(cut);
+    if (Buffer.byteLength(shorter) <= PIPE_BUF) return shorter;
+  }
+  return line({ ...record, path: "", error: "", host: record.host.slice(0, 255), truncated: true });
 }
 
 /** `path` as the log shows it: without its query string (the "?" kept) unless `query`. */
@@ -81,7 +108,7 @@ export function loggedPath(path: string, query: boolean): string {
 }
 
 /** The record as the log shows it; the same object when nothing is stripped. */
-function redact(record: AccessRecord, query: boolean): AccessRecord {
+function redactPath(record: AccessRecord, query: boolean): AccessRecord {
   const path = loggedPath(record.path, query);
   return path === record.path ? record : { ...record, path };
 }
@@ -97,7 +124,7 @@ export class MemoryAccessLog implements AccessLog {
   }
 
   write(record: AccessRecord): void {
-    const r = { time: new Date().toISOString(), ...redact(record, this.query) };
+    const r = { time: new Date().toISOString(), ...redactPath(record, this.query) };
     this.records.push(r);
     this.waiters = this.waiters.filter((w) => {
       if (!w.pred(r)) return true;
@@ -146,6 +173,8 @@ function line(record: AccessRecord): string {
  */
 export function createAccessLog(destination: string, logger?: Logger, options: AccessLogOptions = {}): AccessLog {
   const query = options.query ?? false;
+  const worker = options.worker;
+  const redact = worker === undefined ? redactPath : (r: AccessRecord, q: boolean): AccessRecord => ({ ...redactPath(r, q), worker });
   if (destination === "off") {
     return { write() {}, reopen() {}, close: async () => {} };
   }
@@ -160,7 +189,7 @@ export function createAccessLog(destination: string, logger?: Logger, options: A
   if (destination === "-") {
     // stdout is synchronous for files, pipes and terminals on Linux.
     return {
-      write: (r) => void process.stdout.write(line(redact(r, query))),
+      write: worker === undefined ? (r) => void process.stdout.write(line(redact(r, query))) : (r) => void process.stdout.write(pipeLine(redact(r, query))),
       reopen() {},
       close: async () => {},
     };

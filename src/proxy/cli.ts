@@ -8,10 +8,12 @@ import type { EventEmitter } from "node:events";
 import { parseArgs } from "node:util";
 import { ConfigError, describeConfig, formatHelp, loadConfig } from "../common/config.js";
 import { runUntilSignal } from "../common/lifecycle.js";
-import { createLogger } from "../common/logger.js";
-import { proxyProgram, resolveProxyConfig } from "./config.js";
+import { createLogger, type Logger } from "../common/logger.js";
+import { proxyProgram, resolveProxyConfig, type ProxyConfig } from "./config.js";
+import { ProxyPrimary } from "./primary.js";
 import { ProxyServer, type ProxyAddress } from "./server.js";
 import { hashPassword } from "./tenants.js";
+import { isProxyWorker, runProxyWorker, workerId } from "./worker.js";
 
 /** What tests change about a run (the process's signals and exit by default). */
 export interface RunProxyOptions {
@@ -21,12 +23,16 @@ export interface RunProxyOptions {
   exit?: (code: number) => void;
   /** Called with the bound address once listening. */
   onStarted?: (address: ProxyAddress, server: ProxyServer) => void;
+  /** Called with the bound address once every worker listens (`--workers`). */
+  onPrimaryStarted?: (address: ProxyAddress, primary: ProxyPrimary) => void;
   /** Where --help (and hash-password's hash) goes. */
   stdout?: (text: string) => void;
   /** Where a configuration error goes. */
   stderr?: (text: string) => void;
   /** Where hash-password reads the password; default `process.stdin`. */
   stdin?: NodeJS.ReadableStream & { isTTY?: boolean };
+  /** The script workers run (`--workers`); default this process's (`dist/cmd/kmi.js`), with `proxy` and the same flags. */
+  workerScript?: string;
 }
 
 const COMMANDS_HELP = ["", "commands:", "  kmi proxy hash-password --help   make a proxy user's passwordHash for the tenants file"].join("\n");
@@ -126,9 +132,14 @@ export async function runProxy(argv: string[], o: RunProxyOptions = {}): Promise
     }
     throw e;
   }
-  const { logLevel, ...serverOptions } = config;
+  const { logLevel, workers, ...serverOptions } = config;
+  if (isProxyWorker()) {
+    const logger = createLogger({ level: logLevel, fields: { program: "proxy", worker: workerId() } });
+    return runProxyWorker(serverOptions, logger);
+  }
   const logger = createLogger({ level: logLevel, fields: { program: "proxy" } });
   logger.info("configuration", describeConfig(proxyProgram, loaded));
+  if (workers > 0) return runPrimary(argv, config, logger, o);
   let server: ProxyServer;
   try {
     server = await ProxyServer.create({ ...serverOptions, logger });
@@ -153,6 +164,36 @@ export async function runProxy(argv: string[], o: RunProxyOptions = {}): Promise
   } catch (e) {
     await server.destroy().catch(() => undefined);
     throw e;
+  } finally {
+    signals.off("SIGHUP", onHup);
+  }
+}
+
+/** `--workers N`: the primary forks the workers (each runs `kmi proxy` with the same flags) and serves what they share. */
+async function runPrimary(argv: string[], config: ProxyConfig, logger: Logger, o: RunProxyOptions): Promise<number> {
+  const exec = o.workerScript ?? process.argv[1];
+  if (exec === undefined) throw new Error("--workers: cannot tell which script the workers run; give --workers 0");
+  const primary = ProxyPrimary.create({
+    workers: config.workers,
+    exec,
+    args: ["proxy", ...argv],
+    host: config.host,
+    ...(config.agentSocket !== undefined ? { agentSocket: config.agentSocket } : {}),
+    ...(config.leafCacheSize !== undefined ? { leafCacheSize: config.leafCacheSize } : {}),
+    ...(config.leafMaxLifetimeMs !== undefined ? { leafMaxLifetimeMs: config.leafMaxLifetimeMs } : {}),
+    ...(config.metricsListen !== undefined ? { metricsListen: config.metricsListen } : {}),
+    ...(config.shutdownGraceMs !== undefined ? { shutdownGraceMs: config.shutdownGraceMs } : {}),
+    ...(config.ticketKeyRotationMs !== undefined ? { ticketKeyRotationMs: config.ticketKeyRotationMs } : {}),
+    logger,
+  });
+  const signals = o.signalSource ?? process;
+  const onHup = (): void => {
+    logger.info("SIGHUP: relayed to every worker (policy reload, access log reopen)");
+    primary.reload();
+  };
+  signals.on("SIGHUP", onHup);
+  try {
+    return await runUntilSignal(primary, { logger, signalSource: signals, exit: o.exit, onStarted: (address) => o.onPrimaryStarted?.(address, primary) });
   } finally {
     signals.off("SIGHUP", onHup);
   }

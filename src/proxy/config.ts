@@ -4,6 +4,7 @@
  * The only proxy module that touches the environment (through common/config.ts).
  */
 import { readFile } from "node:fs/promises";
+import { availableParallelism } from "node:os";
 import { resolve } from "node:path";
 import { ConfigError, defineProgram, type LoadedConfig } from "../common/config.js";
 import { parseListenAddress } from "../common/listen.js";
@@ -16,6 +17,14 @@ import { createTenantResolver, type TenantConfig } from "./tenants.js";
 
 function positive(value: number): void {
   if (!(value > 0)) throw new Error("must be a positive number");
+}
+
+/** Most workers `--workers` takes. */
+export const MAX_WORKERS = 256;
+
+function workerCount(value: string): void {
+  if (value === "auto") return;
+  if (!/^\d+$/.test(value) || Number(value) > MAX_WORKERS) throw new Error(`must be "auto" or a number from 0 to ${MAX_WORKERS}`);
 }
 
 function tcpAddress(value: string): void {
@@ -35,6 +44,15 @@ export const proxyProgram = defineProgram({
     "the policy file and reopens the access log; SIGTERM finishes in-flight requests and stops.",
   options: {
     listen: { type: "string", description: "address to listen on", default: "127.0.0.1:8080", valueName: "host:port", validate: tcpAddress },
+    workers: {
+      type: "string",
+      description:
+        "worker processes sharing the listener (node:cluster): auto = one per core; 0 = serve in this one process. The primary holds " +
+        "the agent connection, mints each host's leaf once for all workers, shares the session ticket keys, and replaces a worker that dies",
+      default: "auto",
+      valueName: "n|auto",
+      validate: workerCount,
+    },
     agentSocket: { type: "string", description: "the key agent's Unix socket", default: "/run/kmi/agent.sock", valueName: "path" },
     defaultTenant: { type: "string", description: "tenant of clients that no address range or proxy user matches (overrides the tenants file's)", valueName: "id" },
     tenantsFile: {
@@ -74,6 +92,11 @@ export const proxyProgram = defineProgram({
     requestTimeoutMs: { type: "integer", description: "time a client has to send a whole request, ms", default: 300_000, validate: positive },
     keepAliveTimeoutMs: { type: "integer", description: "idle HTTP/1.1 keep-alive connections are closed after, ms", default: 5_000, validate: positive },
     maxHeaderBytes: { type: "integer", description: "largest request header block, bytes", default: 16_384, validate: positive },
+    ticketKeyRotationSeconds: {
+      type: "integer",
+      description: "time between rotations of the TLS session ticket keys (per tenant, in memory only; tickets under the old keys then do a full handshake); 0: only on a revoke or quarantine",
+      default: 3600,
+    },
     shutdownGraceMs: { type: "integer", description: "time in-flight requests get on shutdown, ms", default: 10_000 },
     metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint (off when unset)", valueName: "host:port" },
     logLevel: { type: "string", description: "log level", default: "info", choices: LOG_LEVELS },
@@ -86,6 +109,8 @@ type Values = LoadedConfig<typeof proxyProgram.options>["values"];
 export interface ProxyConfig extends Omit<ProxyServerOptions, "logger"> {
   /** Log level. */
   readonly logLevel: LogLevel;
+  /** Worker processes (`auto` resolved to the cores); 0 serves in one process. */
+  readonly workers: number;
 }
 
 /** The tenants file's shape. */
@@ -141,6 +166,7 @@ export async function resolveProxyConfig(loaded: LoadedConfig<typeof proxyProgra
   if (listen.kind !== "tcp") throw new ConfigError("--listen: must be host:port");
   if (v.leafMaxDays > 47) throw new ConfigError("--leaf-max-days: at most 47 (the CA/Browser Forum ceiling)");
   if (v.issueRate < 0) throw new ConfigError("--issue-rate: must be 0 (no limit) or more");
+  if (v.ticketKeyRotationSeconds < 0) throw new ConfigError("--ticket-key-rotation-seconds: must be 0 (only on a revoke or quarantine) or more");
   if (v.metricsListen !== undefined) {
     try {
       parseListenAddress(v.metricsListen);
@@ -196,7 +222,9 @@ export async function resolveProxyConfig(loaded: LoadedConfig<typeof proxyProgra
     issueBurst: v.issueBurst,
     limits,
     shutdownGraceMs: v.shutdownGraceMs,
+    ticketKeyRotationMs: v.ticketKeyRotationSeconds * 1000,
     metricsListen: v.metricsListen,
     logLevel: v.logLevel as LogLevel,
+    workers: v.workers === "auto" ? availableParallelism() : Number(v.workers),
   };
 }

@@ -25,6 +25,14 @@ export interface LeafEntry {
   readonly serialHex: string;
 }
 
+/** What the cache needs of an entry: its tenant, validity and issuer (a {@link LeafEntry}, or the primary's leaf material). */
+export interface CachedLeaf {
+  readonly tenant: string;
+  readonly notAfter: number;
+  readonly notBefore: number;
+  readonly issuerKeyId: string;
+}
+
 /** Thrown by {@link LeafCache.obtain} when `admit` refuses a new issuance. */
 export class IssuanceRefused extends Error {
   override name = "IssuanceRefused";
@@ -47,9 +55,9 @@ export function leafCacheKey(tenant: string, originFingerprint: string, extra = 
 }
 
 /** The cache. */
-export class LeafCache {
-  private readonly entries = new Map<string, LeafEntry>();
-  private readonly inflight = new Map<string, Promise<LeafEntry>>();
+export class LeafCache<E extends CachedLeaf = LeafEntry> {
+  private readonly entries = new Map<string, E>();
+  private readonly inflight = new Map<string, Promise<E>>();
   private readonly generations = new Map<string, number>();
   private epoch = 0;
   private readonly maxEntries: number;
@@ -73,13 +81,13 @@ export class LeafCache {
    * A leaf is served until a tenth of its lifetime (at most an hour) is left, so that a
    * client never receives a certificate that expires during its connection.
    */
-  private fresh(e: LeafEntry, now: number): boolean {
+  private fresh(e: E, now: number): boolean {
     const margin = Math.min(3_600_000, (e.notAfter - e.notBefore) / 10);
     return now < e.notAfter - margin;
   }
 
   /** The cached entry, if present and fresh; marks it most recently used. */
-  get(key: string): LeafEntry | undefined {
+  get(key: string): E | undefined {
     const e = this.entries.get(key);
     if (e === undefined) return undefined;
     if (!this.fresh(e, this.now())) {
@@ -100,9 +108,9 @@ export class LeafCache {
   async obtain(
     tenant: string,
     key: string,
-    issue: () => Promise<LeafEntry>,
+    issue: () => Promise<E>,
     admit: () => boolean = () => true,
-  ): Promise<{ entry: LeafEntry; source: LeafSource }> {
+  ): Promise<{ entry: E; source: LeafSource }> {
     const hit = this.get(key);
     if (hit !== undefined) return { entry: hit, source: "cache" };
     const running = this.inflight.get(key);
@@ -132,13 +140,23 @@ export class LeafCache {
     return `${this.epoch}:${this.generations.get(tenant) ?? 0}`;
   }
 
-  private put(key: string, entry: LeafEntry): void {
+  private put(key: string, entry: E): void {
     this.entries.delete(key);
     this.entries.set(key, entry);
     while (this.entries.size > this.maxEntries) {
       const oldest = this.entries.keys().next().value as string;
       this.entries.delete(oldest);
     }
+  }
+
+  /** The cached entries of `tenant`. */
+  entriesOf(tenant: string): E[] {
+    return [...this.entries.values()].filter((e) => e.tenant === tenant);
+  }
+
+  /** Tenants with cached entries. */
+  tenants(): Set<string> {
+    return new Set([...this.entries.values()].map((e) => e.tenant));
   }
 
   /** Drops every leaf of a tenant (its CA rotated, or a key was revoked). Returns how many. */

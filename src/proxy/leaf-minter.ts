@@ -3,9 +3,10 @@
  * key and the origin's names sent to the agent's IssueLeafCertificate; the answer checked
  * against what was asked; and a TLS context built from leaf + chain + key.
  *
- * The private key never leaves this process and is never written: it exists as a KeyObject
- * and, briefly, as the PEM text `tls.createSecureContext` needs, and then only inside the
- * OpenSSL context. No KMI-managed key ever reaches the proxy: the agent API has no call that
+ * The private key is never written: it exists as a KeyObject and, briefly, as the PEM text
+ * `tls.createSecureContext` needs, and then only inside the OpenSSL context. With workers
+ * (`--workers`), the primary mints and the PEM crosses the cluster's IPC channel (an anonymous
+ * socket pair between the primary and its own workers) to the workers that serve the host. No KMI-managed key ever reaches the proxy: the agent API has no call that
  * returns one.
  */
 import { X509Certificate, createHash, generateKeyPairSync, randomBytes } from "node:crypto";
@@ -46,6 +47,41 @@ export interface LeafMinter {
    * a dropped leaf authenticated.
    */
   rotateTicketKeys(tenant?: string): void;
+  /** The session ticket keys `tenant`'s leaves get now (48 bytes). */
+  ticketKeysOf(tenant: string): Buffer;
+}
+
+/** Default time between session ticket key rotations: an hour (tickets live 5 minutes, Node's default). */
+export const TICKET_KEY_ROTATION_MS = 3_600_000;
+
+/**
+ * A minted leaf before it becomes a TLS context: what a proxy worker receives from the primary
+ * (./worker-ipc.ts), so that a host's leaf is minted once per machine. `keyPem` is the leaf's
+ * own in-memory key (PKCS#8), never a KMI-managed one.
+ */
+export interface LeafMaterial {
+  /** Tenant whose intermediate signed it. */
+  readonly tenant: string;
+  /** The leaf's private key, PKCS#8 PEM. */
+  readonly keyPem: string;
+  /** The leaf then its chain, PEM. */
+  readonly certPem: string;
+  /** End of the leaf's validity (ms since epoch). */
+  readonly notAfter: number;
+  /** Start of the leaf's validity (ms since epoch). */
+  readonly notBefore: number;
+  /** Key id of the intermediate that signed it. */
+  readonly issuerKeyId: string;
+  /** Version of that intermediate. */
+  readonly intermediateVersion: number;
+  /** Leaf serial, hex (for logs). */
+  readonly serialHex: string;
+}
+
+/** Mints leaf material (key, certificate, checks), without a TLS context. */
+export interface LeafMaterialMinter {
+  /** As {@link LeafMinter.mint}, returning the material. */
+  mint(tenant: string, origin: OriginCertificate, host: string): Promise<LeafMaterial>;
 }
 
 /**
@@ -58,25 +94,70 @@ export function sessionIdContextOf(tenant: string): string {
   return createHash("sha256").update(`kmi-proxy\0${tenant}`).digest("hex").slice(0, 32);
 }
 
-/** Builds a minter. */
-export function createLeafMinter(options: LeafMinterOptions): LeafMinter {
-  const maxLifetime = Math.min(options.maxLifetimeMs ?? MAX_LEAF_LIFETIME_MS, MAX_LEAF_LIFETIME_MS);
-  const now = options.now ?? Date.now;
-  // Session ticket keys per tenant (48 bytes, made on first use), in memory only: a restart invalidates every ticket.
-  const ticketKeys = new Map<string, Buffer>();
-  const ticketKeysOf = (tenant: string): Buffer => {
-    let k = ticketKeys.get(tenant);
+/**
+ * Session ticket keys per tenant (48 bytes each, made on first use), in memory only: a restart
+ * invalidates every ticket. They are replaced on a revoke or quarantine, and every
+ * {@link TICKET_KEY_ROTATION_MS} (`--ticket-key-rotation-seconds`): why, a ticket holds the
+ * session's secrets encrypted under these keys, so keys that never change would let whoever
+ * obtains them decrypt every recorded session that used a ticket. With workers, the primary
+ * holds the ring and hands each tenant's keys to the workers, so a session resumes on any worker.
+ */
+export class TicketKeyRing {
+  private readonly keys = new Map<string, Buffer>();
+
+  /** The tenant's current keys. */
+  of(tenant: string): Buffer {
+    let k = this.keys.get(tenant);
     if (k === undefined) {
       k = randomBytes(48);
-      ticketKeys.set(tenant, k);
+      this.keys.set(tenant, k);
     }
     return k;
-  };
+  }
+
+  /** Forgets `tenant`'s keys (every tenant's when absent or ""): new ones are made on next use. */
+  rotate(tenant?: string): void {
+    if (tenant === undefined || tenant === "") this.keys.clear();
+    else this.keys.delete(tenant);
+  }
+}
+
+/** The TLS context of minted material, with the tenant's ticket keys. */
+export function leafEntryOf(m: LeafMaterial, ticketKeys: Buffer): LeafEntry {
+  const context = createSecureContext({
+    key: m.keyPem,
+    cert: m.certPem,
+    ticketKeys,
+    sessionIdContext: sessionIdContextOf(m.tenant),
+    minVersion: "TLSv1.2",
+  });
   return {
-    rotateTicketKeys(tenant) {
-      if (tenant === undefined || tenant === "") ticketKeys.clear();
-      else ticketKeys.delete(tenant);
-    },
+    tenant: m.tenant,
+    context,
+    notAfter: m.notAfter,
+    notBefore: m.notBefore,
+    issuerKeyId: m.issuerKeyId,
+    intermediateVersion: m.intermediateVersion,
+    serialHex: m.serialHex,
+  };
+}
+
+/** Builds a minter: {@link createLeafMaterialMinter} and {@link leafEntryOf} in one process. */
+export function createLeafMinter(options: LeafMinterOptions): LeafMinter {
+  const material = createLeafMaterialMinter(options);
+  const tickets = new TicketKeyRing();
+  return {
+    rotateTicketKeys: (tenant) => tickets.rotate(tenant),
+    ticketKeysOf: (tenant) => tickets.of(tenant),
+    mint: async (tenant, origin, host) => leafEntryOf(await material.mint(tenant, origin, host), tickets.of(tenant)),
+  };
+}
+
+/** Builds a minter of leaf material (the primary's, with workers). */
+export function createLeafMaterialMinter(options: LeafMinterOptions): LeafMaterialMinter {
+  const maxLifetime = Math.min(options.maxLifetimeMs ?? MAX_LEAF_LIFETIME_MS, MAX_LEAF_LIFETIME_MS);
+  const now = options.now ?? Date.now;
+  return {
     async mint(tenant, origin, host) {
       const names = leafNames(origin, host);
       const first = names.dnsNames[0] ?? names.ipAddresses[0];
@@ -122,16 +203,10 @@ export function createLeafMinter(options: LeafMinterOptions): LeafMinter {
       if (leafNotAfter > originEnd) throw new LeafRejected("agent returned a leaf that outlives the origin certificate");
       if (leafNotAfter - leafNotBefore > MAX_LEAF_LIFETIME_MS) throw new LeafRejected("agent returned a leaf valid for more than 47 days");
       if (leafNotAfter <= t) throw new LeafRejected("agent returned an expired leaf");
-      const context = createSecureContext({
-        key: privateKey.export({ type: "pkcs8", format: "pem" }),
-        cert: res.certificatePem.trimEnd() + "\n" + res.chainPem,
-        ticketKeys: ticketKeysOf(tenant),
-        sessionIdContext: sessionIdContextOf(tenant),
-        minVersion: "TLSv1.2",
-      });
       return {
         tenant,
-        context,
+        keyPem: privateKey.export({ type: "pkcs8", format: "pem" }) as string,
+        certPem: res.certificatePem.trimEnd() + "\n" + res.chainPem,
         notAfter: leafNotAfter,
         notBefore: leafNotBefore,
         issuerKeyId: res.issuerKeyId,

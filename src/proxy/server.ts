@@ -21,8 +21,9 @@ import { Inspection } from "./icap/inspection.js";
 import type { IcapCounters } from "./icap/service.js";
 import { answerClientError, handleHttp1Request, handleHttp1Upgrade, type Http1Upstream } from "./http1.js";
 import { Interceptor } from "./interceptor.js";
-import { LeafCache } from "./leaf-cache.js";
-import { createLeafMinter, MAX_LEAF_LIFETIME_MS } from "./leaf-minter.js";
+import { LeafCache, type CachedLeaf } from "./leaf-cache.js";
+import { createLeafMinter, MAX_LEAF_LIFETIME_MS, TICKET_KEY_ROTATION_MS, type LeafMinter } from "./leaf-minter.js";
+import { setTicketKeys } from "./secure-context-ticket-keys.js";
 import { LearnedBypass } from "./learned-bypass.js";
 import { DestinationGuard } from "./destinations.js";
 import { KeyAvailability } from "./key-availability.js";
@@ -61,6 +62,10 @@ export interface ProxyServerOptions {
   readonly agentSocket?: string;
   /** An agent client (tests, or a shared one); the server closes it on destroy. */
   readonly agent?: ProxyAgent;
+  /** Mints leaves (default: in this process, through `agent`); a worker's asks its primary. */
+  readonly minter?: LeafMinter;
+  /** Time between session ticket key rotations; default an hour; 0: only on revoke and quarantine (a worker's primary rotates them). */
+  readonly ticketKeyRotationMs?: number;
   /** Tenants by address range and credentials, with their own policies. */
   readonly tenants?: readonly TenantConfig[];
   /** The tenants file: reread for the tenants' policies on every policy reload. */
@@ -134,6 +139,42 @@ function createIcapCounters(registry: MetricsRegistry | undefined): IcapCounters
   };
 }
 
+/**
+ * Drops the leaves a key event makes stale, and the ticket keys of sessions that must not
+ * resume (after a revoke or a quarantine). Used by the server, and by the primary of
+ * `--workers` for its machine-wide cache of leaf material.
+ */
+export function dropStaleLeaves<E extends CachedLeaf>(e: WatchKeysResponse, leaves: LeafCache<E>, rotateTicketKeys: (tenant?: string) => void, log: Logger): void {
+  switch (e.type) {
+    case KeyEventType.ROTATED:
+    case KeyEventType.REVOKED:
+    case KeyEventType.LEASE_EXPIRED: {
+      if (e.type === KeyEventType.REVOKED) rotateTicketKeys(e.tenantId);
+      const n = e.tenantId === "" ? leaves.clear() : leaves.clearTenant(e.tenantId);
+      log.info("leaves dropped after a key event", { event: KeyEventType[e.type], tenant: e.tenantId, dropped: n, reason: e.reason });
+      break;
+    }
+    case KeyEventType.QUARANTINED: {
+      rotateTicketKeys();
+      const n = leaves.clear();
+      log.warn("machine quarantined: every leaf dropped", { dropped: n, reason: e.reason });
+      break;
+    }
+    case KeyEventType.SNAPSHOT: {
+      // After a (re)connect: whatever changed while the stream was down.
+      const active = new Map<string, string>();
+      for (const k of e.keys) {
+        if (k.purpose === KeyPurpose.INTERMEDIATE_CA && k.state === KeyState.ACTIVE) active.set(k.tenantId, k.keyId);
+      }
+      const n = leaves.retainActive(active);
+      if (n > 0) log.info("leaves dropped after a watch snapshot", { dropped: n });
+      break;
+    }
+    default:
+      break;
+  }
+}
+
 /** The forward proxy. */
 export class ProxyServer {
   private readonly http: HttpServer;
@@ -144,6 +185,7 @@ export class ProxyServer {
   private tenantResolver: TenantResolver;
   private readonly sockets = new Set<Socket>();
   private metricsServer: MetricsServer | undefined;
+  private ticketTimer: NodeJS.Timeout | undefined;
 
   private constructor(
     private readonly options: ProxyServerOptions,
@@ -204,7 +246,7 @@ export class ProxyServer {
       inspection: new Inspection(createIcapCounters(metrics), logger),
       tenants,
       leaves,
-      minter: createLeafMinter({ agent, maxLifetimeMs: options.leafMaxLifetimeMs ?? MAX_LEAF_LIFETIME_MS }),
+      minter: options.minter ?? createLeafMinter({ agent, maxLifetimeMs: options.leafMaxLifetimeMs ?? MAX_LEAF_LIFETIME_MS }),
       origins: new OriginConnector({
         extraCaPem: options.extraCaPem ?? [],
         systemRoots: options.systemRoots ?? true,
@@ -236,6 +278,11 @@ export class ProxyServer {
       },
     );
     this.policy.watch();
+    const rotation = this.options.ticketKeyRotationMs ?? TICKET_KEY_ROTATION_MS;
+    if (rotation > 0) {
+      this.ticketTimer = setInterval(() => this.rotateTicketKeys(), rotation);
+      this.ticketTimer.unref();
+    }
     await new Promise<void>((resolve, reject) => {
       this.http.once("error", reject);
       this.http.listen(this.options.port, this.options.host, () => {
@@ -262,6 +309,18 @@ export class ProxyServer {
     this.context.accessLog.reopen();
   }
 
+  /** Replaces every tenant's session ticket keys, in the cached leaves too: tickets issued so far no longer resume. */
+  rotateTicketKeys(): void {
+    const minter = this.context.minter;
+    minter.rotateTicketKeys();
+    for (const tenant of this.context.leaves.tenants()) this.replaceTicketKeys(tenant, minter.ticketKeysOf(tenant));
+  }
+
+  /** Gives `tenant`'s cached leaves `keys` as their session ticket keys (a worker gets them from its primary). */
+  replaceTicketKeys(tenant: string, keys: Buffer): void {
+    for (const e of this.context.leaves.entriesOf(tenant)) setTicketKeys(e.context, keys);
+  }
+
   /**
    * Client connections open now, each once (a CONNECT's TCP connection, not also its
    * decrypted TLS socket and its origin connection); for metrics and tests.
@@ -276,37 +335,8 @@ export class ProxyServer {
   }
 
   private onKeyEvent(e: WatchKeysResponse): void {
-    const leaves = this.context.leaves;
-    const log = this.context.logger;
     this.context.keys.onEvent(e);
-    switch (e.type) {
-      case KeyEventType.ROTATED:
-      case KeyEventType.REVOKED:
-      case KeyEventType.LEASE_EXPIRED: {
-        if (e.type === KeyEventType.REVOKED) this.context.minter.rotateTicketKeys(e.tenantId);
-        const n = e.tenantId === "" ? leaves.clear() : leaves.clearTenant(e.tenantId);
-        log.info("leaves dropped after a key event", { event: KeyEventType[e.type], tenant: e.tenantId, dropped: n, reason: e.reason });
-        break;
-      }
-      case KeyEventType.QUARANTINED: {
-        this.context.minter.rotateTicketKeys();
-        const n = leaves.clear();
-        log.warn("machine quarantined: every leaf dropped", { dropped: n, reason: e.reason });
-        break;
-      }
-      case KeyEventType.SNAPSHOT: {
-        // After a (re)connect: whatever changed while the stream was down.
-        const active = new Map<string, string>();
-        for (const k of e.keys) {
-          if (k.purpose === KeyPurpose.INTERMEDIATE_CA && k.state === KeyState.ACTIVE) active.set(k.tenantId, k.keyId);
-        }
-        const n = leaves.retainActive(active);
-        if (n > 0) log.info("leaves dropped after a watch snapshot", { dropped: n });
-        break;
-      }
-      default:
-        break;
-    }
+    dropStaleLeaves(e, this.context.leaves, (tenant) => this.context.minter.rotateTicketKeys(tenant), this.context.logger);
   }
 
   /**
@@ -386,6 +416,7 @@ export class ProxyServer {
    */
   async destroy(): Promise<void> {
     const grace = this.options.shutdownGraceMs ?? 10_000;
+    clearInterval(this.ticketTimer);
     this.watch?.close();
     this.policy.close();
     if (this.address !== undefined) {

@@ -54,6 +54,12 @@ export const upProgram = defineProgram({
     },
     proxyIssueRate: { type: "integer", description: "the proxy's new-host leaf issuances per second per client address (0: no limit; its --issue-rate)", default: 20 },
     proxyIssueBurst: { type: "integer", description: "the proxy's burst of new-host issuances per client address (its --issue-burst)", default: 100 },
+    proxyWorkers: {
+      type: "string",
+      description: "the proxy's worker processes (its --workers): a number, auto = one per core, 0 = one process; 2 by default, so that a dev machine runs the shared-leaf path without one process per core",
+      default: "2",
+      valueName: "n|auto",
+    },
     logLevel: { type: "string", description: "log level of the parts (their logs go to <data-dir>/logs)", default: "info", choices: LOG_LEVELS },
     readyTimeoutSeconds: { type: "integer", description: "how long each part may take to become healthy at start", default: 120 },
     json: { type: "boolean", description: "print a machine-readable health summary on stdout once ready (progress goes to stderr)", default: false },
@@ -77,6 +83,9 @@ export interface TcpAddress {
   readonly port: number;
 }
 
+/** Most workers the proxy's --workers takes (its own check says the same). */
+const MAX_WORKERS = 256;
+
 /** The resolved configuration of `kmi up`. */
 export interface UpConfig {
   /** Absolute data directory. */
@@ -93,6 +102,8 @@ export interface UpConfig {
   readonly proxyAllowPrivate: readonly string[];
   /** The proxy's per-address new-host issuance limit (its --issue-rate, --issue-burst). */
   readonly proxyIssueLimit: { readonly rate: number; readonly burst: number };
+  /** The proxy's --workers: a number or "auto". */
+  readonly proxyWorkers: string;
   /** Log level of the parts. */
   readonly logLevel: LogLevel;
   /** Per-part start deadline, ms. */
@@ -115,6 +126,9 @@ export function resolveUpConfig(loaded: LoadedConfig<typeof upProgram.options>, 
   if (v.readyTimeoutSeconds < 5 || v.readyTimeoutSeconds > 3600) throw new ConfigError("--ready-timeout-seconds: 5 to 3600");
   if (v.proxyIssueRate < 0) throw new ConfigError("--proxy-issue-rate: must be 0 (no limit) or more");
   if (v.proxyIssueBurst < 1) throw new ConfigError("--proxy-issue-burst: must be 1 or more");
+  if (v.proxyWorkers !== "auto" && !(/^\d+$/.test(v.proxyWorkers) && Number(v.proxyWorkers) <= MAX_WORKERS)) {
+    throw new ConfigError(`--proxy-workers: must be "auto" or a number from 0 to ${MAX_WORKERS}`);
+  }
   const originCaFiles = (v.originCaFile ?? "")
     .split(",")
     .map((s) => s.trim())
@@ -128,6 +142,7 @@ export function resolveUpConfig(loaded: LoadedConfig<typeof upProgram.options>, 
     originCaFiles,
     proxyAllowPrivate: (v.proxyAllowPrivate ?? "").split(",").map((s) => s.trim()).filter((s) => s !== ""),
     proxyIssueLimit: { rate: v.proxyIssueRate, burst: v.proxyIssueBurst },
+    proxyWorkers: v.proxyWorkers,
     logLevel: v.logLevel as LogLevel,
     readyTimeoutMs: v.readyTimeoutSeconds * 1000,
     json: v.json,

@@ -769,6 +769,8 @@ export function proxyArgs(L: Layout, cfg: UpConfig, addr: TcpAddress): string[] 
     String(cfg.proxyIssueLimit.rate),
     "--issue-burst",
     String(cfg.proxyIssueLimit.burst),
+    "--workers",
+    cfg.proxyWorkers,
     "--access-log",
     L.accessLog,
     "--metrics-listen",

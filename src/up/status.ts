@@ -60,7 +60,10 @@ export function formatSummary(s: HealthSummary): string {
       ? `${agent["socket"]}  machine ${agent["machine_id"]}: ${agent["attestation"]}${agent["attestation_problem"] !== undefined ? ` (${agent["attestation_problem"]})` : ""}, KDC link ${agent["kdc_connected"] === true ? "up" : `down${agent["kdc_error"] !== undefined ? ` (${agent["kdc_error"]})` : ""}`}, holds ${keys.join(", ") || "no keys"}`
       : `${agent["socket"]}  unreachable: ${agent["error"]}`;
   const cache = proxy["leaf_cache_entries"];
-  const proxyDetail = `${proxy["url"]}  ${proxy["healthy"] === true ? "listening" : "NOT listening"}; default tenant ${proxy["default_tenant"]}; leaf cache ${cache === null || cache === undefined ? "not exposed" : `${cache} entries`}`;
+  const workers = (proxy["workers"] as { worker: number; pid: number }[] | undefined) ?? [];
+  const workersDetail =
+    workers.length === 0 ? "" : `; ${workers.length} worker(s): ${workers.map((w) => `#${w.worker} pid ${w.pid}`).join(", ")}${Number(proxy["worker_restarts"] ?? 0) > 0 ? `, ${String(proxy["worker_restarts"])} replaced` : ""}`;
+  const proxyDetail = `${proxy["url"]}  ${proxy["healthy"] === true ? "listening" : "NOT listening"}; default tenant ${proxy["default_tenant"]}; leaf cache ${cache === null || cache === undefined ? "not exposed" : `${cache} entries`}${workersDetail}`;
   return [
     `kmi up ${s.kmi_up.ready ? "ready" : "starting"} (pid ${s.kmi_up.pid ?? "-"}), data ${s.kmi_up.data_dir}`,
     ...(s.ha !== undefined ? haLines(s.ha) : []),

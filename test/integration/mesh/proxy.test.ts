@@ -110,6 +110,12 @@ async function activated<T>(activate: () => Promise<T>): Promise<T> {
 
 type VersionJson = { version: { version: number; certificatePem: string } };
 
+/** The proxy's processes: the one started and, with workers, its children. */
+function proxyProcesses(pid: number): number[] {
+  const children = readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8").trim().split(/\s+/).filter((c) => c !== "").map(Number);
+  return [pid, ...children];
+}
+
 describe("the proxy in the real mesh", () => {
   it("serves curl through the proxy with a leaf the tenant's intermediate issued, carrying the origin's names", async () => {
     // curl offers h2 and http/1.1; the origin speaks h2, so the client must get h2 end to end.
@@ -250,12 +256,17 @@ describe("the proxy in the real mesh", () => {
       { name: `v${k.version} ec scalar (reversed)`, bytes: Buffer.from(k.scalar).reverse() },
     ]);
 
-    const proxyScan = scanMemory(mesh.proxy!.pid, needles);
-    expect(proxyScan.regions).toBeGreaterThan(20);
-    expect(proxyScan.bytes).toBeGreaterThan(20 << 20);
-    expect(proxyScan.hits).toEqual([]);
+    // The proxy runs with workers (--workers auto): its primary and each worker are scanned.
+    const pids = proxyProcesses(mesh.proxy!.pid);
+    expect(pids.length).toBeGreaterThan(1);
+    for (const pid of pids) {
+      const proxyScan = scanMemory(pid, needles);
+      expect(proxyScan.regions).toBeGreaterThan(20);
+      expect(proxyScan.bytes).toBeGreaterThan(20 << 20);
+      expect(proxyScan.hits).toEqual([]);
+    }
 
-    const fds = openFiles(mesh.proxy!.pid);
+    const fds = pids.flatMap((pid) => openFiles(pid));
     expect(fds.length).toBeGreaterThan(3);
     expect(fds.filter((f) => f.target.startsWith(mesh.stateDir) || f.target.startsWith(mesh.kdcDir))).toEqual([]);
     const regular = readOpenRegularFiles(fds);

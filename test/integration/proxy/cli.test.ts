@@ -71,6 +71,9 @@ describe("kmi proxy", () => {
     ["a missing CA file", ["--default-tenant", "acme", "--extra-ca", "/nonexistent.pem"], /--extra-ca \/nonexistent.pem: cannot read \(ENOENT\)/],
     ["a bad private range", ["--default-tenant", "acme", "--allow-private", "127.0.0.0/8,10.0.0.0/33"], /--allow-private: prefix length in "10.0.0.0\/33" must be 0 to 32/],
     ["a name as a private range", ["--default-tenant", "acme", "--allow-private", "localhost"], /--allow-private: "localhost" is not an address range/],
+    ["a worker count that is not a number", ["--default-tenant", "acme", "--workers", "many"], /flag --workers: must be "auto" or a number from 0 to 256/],
+    ["too many workers", ["--default-tenant", "acme", "--workers", "257"], /flag --workers: must be "auto" or a number from 0 to 256/],
+    ["a negative ticket key rotation", ["--default-tenant", "acme", "--ticket-key-rotation-seconds=-1"], /--ticket-key-rotation-seconds: must be 0 \(only on a revoke or quarantine\) or more/],
   ])("refuses %s with one line and exit 2", async (_n, argv, message) => {
     const r = await capture(argv);
     expect(r.code).toBe(2);
@@ -134,6 +137,7 @@ describe("kmi proxy", () => {
           "--allow-private", "127.0.0.0/8,::1",
           "--access-log", logFile,
           "--log-level", "error",
+          "--workers", "0",
         ],
         { signalSource: signals, exit: (c) => (exitCode = c), onStarted: (a) => ((port = a.port), resolve()) },
       );

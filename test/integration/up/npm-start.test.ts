@@ -507,6 +507,8 @@ describe("npm start and the five-minute tour, exactly as README.md says", () => 
     expect(summary["audit"]).toMatchObject({ healthy: true, machines: [expect.objectContaining({ status: "active" })] });
     expect(summary["proxy"]).toMatchObject({ healthy: true, state: "running" });
     expect(summary["proxy"]!["leaf_cache_entries"]).toBeGreaterThanOrEqual(1);
+    // kmi up runs the proxy with two workers (--proxy-workers).
+    expect(summary["proxy"]!["workers"]).toHaveLength(2);
   });
 
   it("restarts a part that dies, says which and why, and the mesh keeps working", { timeout: 60_000 }, async () => {

@@ -1,10 +1,11 @@
 /**
- * What `kmi up` does for the proxy: it passes the per-address new-host limit through (flags or
- * KMI_UP_*), the proxy accepts the command line `kmi up` makes, and the supervisor hands each
+ * What `kmi up` does for the proxy: it passes the per-address new-host limit and the worker
+ * count through (flags or KMI_UP_*), `kmi up status` names the workers, the proxy accepts the command line `kmi up` makes, and the supervisor hands each
  * JSON log record of a part to that part's `onLog` (how the proxy's policy-reload-failed
  * reaches the terminal; the whole path runs in npm-start.test.ts).
  */
 import { writeFile } from "node:fs/promises";
+import { availableParallelism } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
@@ -16,6 +17,7 @@ import { proxyProgram, resolveProxyConfig } from "../../../src/proxy/config.js";
 import { resolveUpConfig, upProgram } from "../../../src/up/config.js";
 import { layout } from "../../../src/up/layout.js";
 import { proxyArgs, proxyConfigOf } from "../../../src/up/mesh.js";
+import { formatSummary } from "../../../src/up/status.js";
 
 describe("kmi up: the proxy's new-host limit", () => {
   it("defaults to the proxy's own (20/s, burst 100) and is set by flags or KMI_UP_PROXY_ISSUE_*", async () => {
@@ -53,6 +55,32 @@ describe("kmi up: the proxy's new-host limit", () => {
     }
     expect(proxyConfigOf(["proxy", "--a", "1", "--b", "--c", "x"])).toEqual({ a: "1", b: true, c: "x" });
     expect(() => proxyConfigOf(["proxy", "stray"])).toThrow(/"stray" is not a flag/);
+  });
+
+  it("runs the proxy with 2 workers by default; --proxy-workers / KMI_UP_PROXY_WORKERS reach its --workers", async () => {
+    const def = resolveUpConfig(await loadConfig(upProgram, [], { env: {} }), "/w");
+    const parse = async (cfg: typeof def) => resolveProxyConfig(await loadConfig(proxyProgram, proxyArgs(layout(cfg.dataDir, cfg.runDir), cfg, cfg.listen.proxy).slice(1), { env: {} }));
+    expect((await parse(def)).workers).toBe(2);
+    const one = resolveUpConfig(await loadConfig(upProgram, [], { env: { KMI_UP_PROXY_WORKERS: "0" } }), "/w");
+    expect((await parse(one)).workers).toBe(0);
+    const auto = resolveUpConfig(await loadConfig(upProgram, ["--proxy-workers", "auto"], { env: {} }), "/w");
+    expect((await parse(auto)).workers).toBe(availableParallelism());
+    const bad = await loadConfig(upProgram, ["--proxy-workers", "many"], { env: {} });
+    expect(() => resolveUpConfig(bad, "/w")).toThrow(/--proxy-workers: must be "auto" or a number from 0 to 256/);
+  });
+
+  it("kmi up status names the proxy's workers", () => {
+    const part = { state: "running", pid: 10, healthy: true };
+    const text = formatSummary({
+      kmi_up: { version: "0.1.0", pid: 1, data_dir: "/w/data", run_dir: "/w/run", ready: true, time: "" },
+      kdc: { ...part, url: "https://127.0.0.1:7443", version: "0.1.0", tenants: [], connected_agents: 0 },
+      audit: { ...part, url: "https://127.0.0.1:7444", machines: [] },
+      agent: { ...part, socket: "/w/run/agent.sock", machine_id: "m", attestation: "attested", kdc_connected: true, keys: [] },
+      proxy: { ...part, url: "http://127.0.0.1:8080", default_tenant: "dev", leaf_cache_entries: 2, workers: [{ worker: 3, pid: 31 }, { worker: 4, pid: 41 }], worker_restarts: 2 },
+      trust: {},
+      ctl_env: {},
+    } as unknown as Parameters<typeof formatSummary>[0]);
+    expect(text).toMatch(/^ {2}proxy .*leaf cache 2 entries; 2 worker\(s\): #3 pid 31, #4 pid 41, 2 replaced$/m);
   });
 
   it("refuses a negative rate and a burst below 1, naming the flag", async () => {

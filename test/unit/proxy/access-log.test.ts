@@ -1,7 +1,7 @@
 import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it, vi } from "vitest";
 import { createAccessLog, loggedPath, MemoryAccessLog, type AccessRecord } from "../../../src/proxy/access-log.js";
 
 const dir = mkdtempSync(join(tmpdir(), "kmi-access-log-"));
@@ -61,5 +61,45 @@ describe("access log query strings", () => {
     const k = new MemoryAccessLog({ query: true });
     k.write(record("/a?b=c"));
     expect(k.records[0]!.path).toBe("/a?b=c");
+  });
+});
+
+describe("access log of a worker (kmi proxy --workers)", () => {
+  /** What the stdout sink wrote for `r`, each write captured whole. */
+  function stdoutWrites(r: AccessRecord): string[] {
+    const writes: string[] = [];
+    const spy = vi.spyOn(process.stdout, "write").mockImplementation((chunk: string | Uint8Array) => {
+      writes.push(String(chunk));
+      return true;
+    });
+    try {
+      createAccessLog("-", undefined, { worker: 3, query: true }).write(r);
+    } finally {
+      spy.mockRestore();
+    }
+    return writes;
+  }
+
+  it("adds the worker's id to every line (file and stdout)", () => {
+    const file = join(dir, "worker.log");
+    const log = createAccessLog(file, undefined, { worker: 2 });
+    log.write(record("/a"));
+    const line = JSON.parse(readFileSync(file, "utf8").trim()) as Record<string, unknown>;
+    expect(line).toMatchObject({ path: "/a", worker: 2 });
+    expect(line["truncated"]).toBeUndefined();
+    const [out] = stdoutWrites(record("/b"));
+    expect(JSON.parse(out!)).toMatchObject({ path: "/b", worker: 3 });
+  });
+
+  it("keeps a stdout line within PIPE_BUF (one atomic pipe write): a long path and error are cut and marked", () => {
+    const long = { ...record("/" + "p".repeat(10_000)), error: "e".repeat(6_000) };
+    const writes = stdoutWrites(long);
+    expect(writes).toHaveLength(1);
+    expect(Buffer.byteLength(writes[0]!)).toBeLessThanOrEqual(4096);
+    expect(writes[0]!.endsWith("}\n")).toBe(true);
+    const line = JSON.parse(writes[0]!) as Record<string, unknown>;
+    expect(line).toMatchObject({ worker: 3, truncated: true, host: "example.com", status: 200 });
+    expect(line["path"]).toBe("/" + "p".repeat(1023));
+    expect(line["error"]).toBe("e".repeat(1024));
   });
 });
