@@ -85,15 +85,18 @@ describe("with an injected clock", () => {
   it("a flood of unauthenticated calls writes at most the address's refusal budget; an operator's refusals are all written", async () => {
     const { ca, admin } = client(operatorToken);
     const head = (await admin.tailAuditLog({ last: true, limit: 1 })).headSeq;
-    // The clock stands still here, so nothing refills: at most the burst (30) of 80 is written.
+    // The budget refills by the monotonic clock (30 a minute): at most the burst (30) of 80 is
+    // written, plus what refilled while the loop ran.
+    const started = performance.now();
     for (let i = 0; i < 80; i++) expect(await code(client("not-a-token").ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT }))).toMatch(/^Unauthenticated/);
     for (let i = 0; i < 40; i++) expect(await code(ca.createVersion({ tenantId: "acme", signer: Signer.UNSPECIFIED }))).toMatch(/^InvalidArgument/);
     const tail = (await admin.tailAuditLog({ afterSeq: head, limit: 1000 })).entries;
     const anonymous = tail.filter((e) => e.outcome === "refused: unauthenticated").length;
     expect(anonymous).toBeGreaterThan(0);
-    expect(anonymous).toBeLessThanOrEqual(30);
+    expect(anonymous).toBeLessThanOrEqual(30 + Math.ceil((performance.now() - started) / 2000));
+    expect(anonymous).toBeLessThan(80);
     expect(tail.filter((e) => e.outcome === "refused: invalid_argument" && e.actor.startsWith("token:"))).toHaveLength(40);
-    expect(kdc.ctx.audit.suppressedRefusals).toBeGreaterThanOrEqual(50);
+    expect(kdc.ctx.audit.suppressedRefusals).toBeGreaterThanOrEqual(80 - anonymous);
     expect((await admin.verifyAuditLog({})).ok).toBe(true);
   });
 });
