@@ -274,7 +274,8 @@ describe("the proxy in the real mesh", () => {
     expect(findInFiles(regular, [...needles, PEM_PRIVATE_KEY])).toEqual([]);
 
     // Positive control: the agent signs with the active key, so the same scan must find it there.
-    const agentScan = scanMemory(mesh.agent.pid, [{ name: "active ec scalar", bytes: active.scalar }]);
+    // The same needles as the proxy's scan (the active version's): the scalar as encoded, or as OpenSSL's BIGNUM holds it.
+    const agentScan = scanMemory(mesh.agent.pid, needles.filter((n) => n.name.startsWith(`v${active.version} `)));
     expect(agentScan.hits.length).toBeGreaterThan(0);
   });
 
