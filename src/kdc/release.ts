@@ -3,9 +3,9 @@
  * tenant its attestation token names, every tenant only when the token says `ten: ["*"]`, none
  * when it says `[]`, plus the tenants' non-revoked signing keys), unsealing each key in memory
  * only for the wrap, wrapping it to the machine's encryption key (the token's `enc`; src/keywrap:
- * ECIES, aad "<machine>|<tenant>|<key>|<version>") — or, for a machine enrolled before
- * encryption keys existed (no `enc`), to its machine certificate's key (the legacy path) —, the lease, and the fail-closed audit entry
- * ("secret.release") written BEFORE a wrapped key leaves the KDC.
+ * ECIES, aad "<machine>|<tenant>|<key>|<version>"; for a machine enrolled before encryption keys
+ * existed, no `enc`: to its machine certificate's key, the legacy path), the lease, and the
+ * fail-closed audit entry ("secret.release") written BEFORE a wrapped key leaves the KDC.
  */
 import { X509Certificate, type KeyObject } from "node:crypto";
 import { create } from "@bufbuild/protobuf";

@@ -405,6 +405,10 @@ describe("npm start and the five-minute tour, exactly as README.md says", () => 
     const pasted = await run("bash", ["-O", "expand_aliases", "-c", `${paste![1]!}\nkmi ctl tenant list`], { cwd: tmp.path });
     expect(pasted.code, pasted.stderr).toBe(0);
     expect(pasted.stdout).toMatch(/^dev\s/m);
+    // kmi up approves every measurement its agent presents, the proxy's config file included.
+    const groups = await run("bash", ["-O", "expand_aliases", "-c", `${paste![1]!}\nkmi ctl group list --json`], { cwd: tmp.path });
+    const local = (JSON.parse(groups.stdout) as { groups: { name: string; approved: { name: string }[] }[] }).groups.find((g) => g.name === "local");
+    expect(local?.approved.map((a) => a.name).sort()).toEqual(["agent.code", "agent.config", "agent.deps", "agent.node", "proxy.config", "software.version"]);
     expect(ctlEnv.KMI_CTL_TOKEN_FILE).toBe(join(copy, "data", "operator.token"));
     // The portal's address and a one-time operator login link to it.
     expect(out).toContain(`Portal (the Certificate menu in a browser that trusts ${ctlEnv.KMI_CTL_CA_FILE}): ${ctlEnv.KMI_CTL_KDC}/`);
