@@ -108,6 +108,9 @@ export function banner(o: BannerInput): string {
     `  kmi ctl machine list`,
     `  kmi up status                 (this mesh's health, from another terminal)`,
     "",
+    ...(o.ha === undefined
+      ? ["The same with 3 KDC and 2 Auditserver replicas on a local 3-member etcd cluster: kmi up --ha (with another --data-dir and --run-dir).", ""]
+      : []),
     "Ctrl-C stops everything.",
     "",
   ].join("\n");

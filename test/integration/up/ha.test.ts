@@ -4,14 +4,15 @@
  * `kmi up status --json` shows 3 healthy members with one leader and every replica healthy; etcd
  * refuses a client without a certificate; a rotation made with `kmi ctl` against the 2nd KDC
  * replica reaches the agent, and the proxy serves an intercepted HTTPS request with a leaf the
- * new version signed. Then the backup of docs/operations.md: `etcdctl snapshot save`, a change
- * after it, Ctrl-C (every process recorded is gone), `etcdctl snapshot restore` of every member,
+ * new version signed. Then the backup of docs/operations.md, its commands run as written:
+ * `etcdctl snapshot save`, a change after it, Ctrl-C (every process recorded is gone),
+ * `etcdctl snapshot restore` of every member,
  * and a second `kmi up --ha` on the same data dir that comes back with the snapshot's state
  * (the change after it is gone, `kmi ctl audit verify` passes on both servers) and stops clean.
  * Before all that, without etcd on PATH, `kmi up --ha` says how to install it and writes nothing,
  * and a data dir of the other kind (LevelDB for --ha, etcd without it) is refused with the fix.
  */
-import { mkdir, readFile, rename, stat, writeFile } from "node:fs/promises";
+import { mkdir, readFile, stat, writeFile } from "node:fs/promises";
 import { request } from "node:https";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -121,13 +122,22 @@ async function versions(kdcUrl: string): Promise<number[]> {
   return res.versions.map((v) => v.version);
 }
 
-/** etcdctl against the cluster with `kmi up`'s own client certificate (as docs/operations.md says). */
-function etcdctl(endpoints: string, args: string[]) {
-  const pki = join(dataDir, "etcd", "pki");
-  return run("etcdctl", [`--endpoints=${endpoints}`, `--cacert=${join(pki, "ca.pem")}`, `--cert=${join(pki, "up.pem")}`, `--key=${join(pki, "up.key")}`, ...args], {
-    env: { ETCDCTL_API: "3" },
-    timeoutMs: 60_000,
-  });
+/** The first ```sh block of docs/operations.md after the line that contains `marker`. */
+async function docBlock(marker: string): Promise<string> {
+  const doc = await readFile(fileURLToPath(new URL("../../../docs/operations.md", import.meta.url)), "utf8");
+  const at = doc.indexOf(marker);
+  if (at < 0) throw new Error(`docs/operations.md no longer says "${marker}"`);
+  const block = /```sh\n([\s\S]*?)```/.exec(doc.slice(at));
+  if (block === null) throw new Error(`docs/operations.md has no sh block after "${marker}"`);
+  return block[1]!;
+}
+
+/** Runs a block of docs/operations.md with bash in the temp dir (where data-ha is), stopping at the first failure. */
+async function runDocBlock(marker: string): Promise<string> {
+  const script = await docBlock(marker);
+  const r = await run("bash", ["-euo", "pipefail", "-c", script], { cwd: tmp.path, timeoutMs: 120_000 });
+  if (r.code !== 0) throw new Error(`docs/operations.md block after "${marker}" failed (exit ${r.code}):\n${script}\n--- stdout ---\n${r.stdout}\n--- stderr ---\n${r.stderr}`);
+  return r.stdout;
 }
 
 async function waitUntil<T>(what: string, timeoutMs: number, fn: () => Promise<T | undefined>): Promise<T> {
@@ -147,7 +157,8 @@ async function waitUntil<T>(what: string, timeoutMs: number, fn: () => Promise<T
 
 beforeAll(async () => {
   tmp = await makeTempDir("kmi-up-ha-");
-  dataDir = join(tmp.path, "data");
+  // The name docs/operations.md's commands use (they run here as written, in tmp).
+  dataDir = join(tmp.path, "data-ha");
   // Short: the agent's socket path must fit in a Unix socket address.
   runDir = join(tmp.path, "run");
   const ca = await makeOriginCa(tmp.path);
@@ -256,11 +267,12 @@ describe("kmi up --ha", () => {
     expect(curl.stdout).toBe("hello from the origin behind kmi up --ha\n");
   });
 
-  it("backup: etcdctl snapshot save; Ctrl-C then leaves no process behind", { timeout: 180_000 }, async () => {
+  it("backup: docs/operations.md's etcdctl endpoint status and snapshot save; Ctrl-C then leaves no process behind", { timeout: 180_000 }, async () => {
     const { summary } = await status();
+    const out = await runDocBlock("a backup of it, with");
+    // endpoint status's table names every member's client URL.
+    for (const m of summary.ha.etcd.members) expect(out).toContain(m.url);
     const snap = join(tmp.path, "kmi-etcd.db");
-    const saved = await etcdctl(summary.ha.etcd.members[0]!.url, ["snapshot", "save", snap]);
-    expect(saved.code, saved.stderr).toBe(0);
     // The snapshot holds every sealed key and hashed token: etcdctl writes it for its owner only.
     expect((await stat(snap)).mode & 0o777).toBe(0o600);
     // A change after the snapshot: a restore must not have it.
@@ -272,18 +284,10 @@ describe("kmi up --ha", () => {
     expect(left).toEqual([]);
   });
 
-  it("restore: etcdctl snapshot restore of each member, then a second kmi up --ha comes back with the snapshot's state", { timeout: READY_MS + 180_000 }, async () => {
+  it("restore: docs/operations.md's etcdctl snapshot restore of each member, then a second kmi up --ha comes back with the snapshot's state", { timeout: READY_MS + 180_000 }, async () => {
     const cluster = JSON.parse(await readFile(join(dataDir, "etcd", "cluster.json"), "utf8")) as { token: string; members: { name: string; clientUrl: string; peerUrl: string }[] };
-    const initialCluster = cluster.members.map((m) => `${m.name}=${m.peerUrl}`).join(",");
-    for (const m of cluster.members) {
-      const dir = join(dataDir, "etcd", m.name);
-      await rename(dir, `${dir}.before-restore`);
-      const r = await run("etcdctl", ["snapshot", "restore", join(tmp.path, "kmi-etcd.db"), "--name", m.name, "--initial-cluster", initialCluster, "--initial-cluster-token", cluster.token, "--initial-advertise-peer-urls", m.peerUrl, "--data-dir", dir], {
-        env: { ETCDCTL_API: "3" },
-        timeoutMs: 60_000,
-      });
-      expect(r.code, r.stderr).toBe(0);
-    }
+    await runDocBlock("With `kmi up --ha` the same: stop `kmi up`");
+    for (const m of cluster.members) await expect(stat(join(dataDir, "etcd", `${m.name}.before-restore`))).resolves.toBeTruthy();
     await startUp();
     const { code, summary } = await status();
     expect(code).toBe(0);

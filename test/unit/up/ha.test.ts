@@ -15,7 +15,8 @@ import { storeBackendFrom } from "../../../src/storage/backend.js";
 import { ensureEtcdPki, etcdPkiFiles } from "../../../src/up/etcd-pki.js";
 import { EtcdMissingError, etcdArgs, findEtcd, loadOrPlanCluster, storeFlags } from "../../../src/up/etcd.js";
 import type { HealthSummary } from "../../../src/up/health.js";
-import { partIds, programOf, replicaId } from "../../../src/up/layout.js";
+import { layout, partIds, programOf, replicaId } from "../../../src/up/layout.js";
+import { banner } from "../../../src/up/banner.js";
 import { formatSummary } from "../../../src/up/status.js";
 import { tlsNameFlags } from "../../../src/up/mesh.js";
 import { makeTempDir, run, type TempDir } from "../../helpers/process.js";
@@ -131,6 +132,33 @@ describe("the servers' certificate names", () => {
     ["kdc.example", ["--dns-name", "kdc.example"]],
   ])("listening on %s: %j beyond localhost, 127.0.0.1 and ::1", (host, flags) => {
     expect(tlsNameFlags(host)).toEqual(flags);
+  });
+});
+
+describe("the start banner", () => {
+  const L = layout("/k/data", "/k/run");
+  const urls = { kdc: "https://127.0.0.1:7443", audit: "https://127.0.0.1:7444", proxy: "http://127.0.0.1:8080" };
+  const cfg = { tenant: "dev", originCaFiles: [], proxyAllowPrivate: [] };
+
+  it("without --ha points at it", () => {
+    const text = banner({ L, urls, cfg, kmiScript: "/k/kmi.js", status: undefined });
+    expect(text).toContain("kmi up --ha");
+    expect(text).toMatch(/^ {2}KDC +https:\/\/127\.0\.0\.1:7443 +log \/k\/data\/logs\/kdc\.log$/m);
+  });
+
+  it("with --ha lists every etcd member and replica with its log", () => {
+    const ha = {
+      kdc: ["https://127.0.0.1:7443", "https://127.0.0.1:7453", "https://127.0.0.1:7463"],
+      audit: ["https://127.0.0.1:7444", "https://127.0.0.1:7454"],
+      etcd: [1, 2, 3].map((n) => ({ name: `etcd-${n}`, url: `https://127.0.0.1:${40000 + n}` })),
+    };
+    const text = banner({ L, urls, cfg, kmiScript: "/k/kmi.js", status: undefined, ha });
+    expect(text).toMatch(/^kmi is up, highly available/m);
+    expect(text).toMatch(/^ {2}etcd-2 +https:\/\/127\.0\.0\.1:40002 +log \/k\/data\/logs\/etcd-2\.log$/m);
+    expect(text).toMatch(/^ {2}KDC 1 +https:\/\/127\.0\.0\.1:7443 +log \/k\/data\/logs\/kdc\.log$/m);
+    expect(text).toMatch(/^ {2}KDC 3 +https:\/\/127\.0\.0\.1:7463 +log \/k\/data\/logs\/kdc-3\.log$/m);
+    expect(text).toMatch(/^ {2}Auditserver 2 +https:\/\/127\.0\.0\.1:7454 +log \/k\/data\/logs\/audit-2\.log$/m);
+    expect(text).not.toContain("kmi up --ha (with another");
   });
 });
 
