@@ -10,6 +10,7 @@ import { AuditLog } from "./audit-log.js";
 import { storeBackendFrom, type StoreBackend } from "./backend.js";
 import { nextKeyFile } from "./keyring.js";
 import { DEFAULT_REKEY_BATCH, rekeyStore, type RekeyResult } from "./rekey.js";
+import { SealError } from "./seal.js";
 import { MAX_TXN_OPS, type Store, type Table } from "./store.js";
 import { join } from "node:path";
 
@@ -81,9 +82,10 @@ export async function rekeyMain(t: RekeyTarget, argv: string[], env: Record<stri
     return 0;
   } catch (err) {
     const usage = err instanceof ConfigError;
-    if (!usage && !isKmiError(err)) throw err;
+    // A record that does not open (SealError: names key ids and the record, never key bytes) stops the rekey before anything is retired.
+    if (!usage && !isKmiError(err) && !(err instanceof SealError)) throw err;
     const message = (err as Error).message;
-    io.stderr.write(json ? JSON.stringify({ error: { code: usage ? "usage" : (err as { code?: string }).code, message } }) + "\n" : `kmi ${t.program} rekey: ${message}\n`);
+    io.stderr.write(json ? JSON.stringify({ error: { code: usage ? "usage" : ((err as { code?: string }).code ?? "internal"), message } }) + "\n" : `kmi ${t.program} rekey: ${message}\n`);
     return usage ? 2 : 1;
   }
 }

@@ -3,7 +3,8 @@
  *
  * 1. `pin`: the audit log's keys are pinned in the store (./log-keys.ts), still under the old key.
  * 2. `nextKey`: the new key is made as `<key file>.next` (0600), or the one a stopped rekey left
- *    is taken up again: a rerun resumes where a `kill -9` stopped it.
+ *    is taken up again: a rerun resumes where a `kill -9` stopped it. `prepareOnly` (`--prepare`)
+ *    stops here, so that the file can be copied to replicas on other hosts first.
  * 3. `rewrap`: passes over every table whose records hold a `SealedBlob`; each record with a
  *    blob under another key is opened and sealed again under the new key, in batches of at most
  *    `batchSize` records, each batch conditional on the mod revision of every record it read

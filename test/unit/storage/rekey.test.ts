@@ -141,6 +141,16 @@ describe("rekeyStore", () => {
     expect(done).toMatchObject({ prepared: false, resumed: true, newKeyId: prepared.newKeyId, rewrapped: 4 });
   });
 
+  it("a record that does not open stops the rekey before the old key is retired", async () => {
+    const { keyFile, key, store } = await setup(3);
+    const bad = (await store.get(things, "t2"))!;
+    bad.privateKey!.ciphertext[0]! ^= 1;
+    await store.batch([putOp(things, "t2", bad)]);
+    await expect(rekeyStore({ store, tables: [things], keyFile, audit: new AuditLog(store), actor: "a" })).rejects.toThrow(SealError);
+    expect(masterKeyId(await readMasterKeyFile(keyFile))).toBe(masterKeyId(key));
+    expect((await store.list(AUDIT_LOG_TABLE)).records.map((e) => e.value.action)).not.toContain("master_key.retire");
+  });
+
   it("resumes with the next key a stopped rekey left, and refuses a bad batch size or a next key equal to the key", async () => {
     const { keyFile, store } = await setup(2);
     const { key: next } = await createMasterKeyFile(nextKeyFile(keyFile));
