@@ -432,7 +432,7 @@ describe("WatchSecrets: resume", () => {
     expect(new Set(resumed.secrets.map((s) => s.tenantId))).toEqual(new Set(["acme"]));
     expect(resumed.secrets.find((s) => s.purpose === KeyPurpose.INTERMEDIATE_CA)?.version).toBe(v.version);
     expect(resumed.revision).toBeGreaterThan(same.revision);
-    const entry = (await kdc.ctx.audit.tail({ limit: 20, last: true })).findLast((e) => e.action === "secret.release" && e.details["event"] === "watch_resume");
+    const entry = (await kdc.ctx.audit.tail({ limit: 20, last: true })).filter((e) => e.action === "secret.release" && e.details["event"] === "watch_resume").at(-1);
     expect(entry?.details["resume_from"]).toBe(String(same.revision));
     changed.close();
     await changed.done;
