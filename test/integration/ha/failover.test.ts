@@ -3,7 +3,9 @@
  * (`kmi kdc --store etcd`, one prefix, each its own port), a real `kmi audit` and real
  * `kmi agent`s, killed with SIGKILL where the test simulates a fault.
  *
- * - `kmi ctl` with a replica list whose first URL is dead still works;
+ * - `kmi ctl` with a replica list whose first URL is dead still works; so do the KDC's Auditserver
+ *   client (`--audit-url <dead>,<audit>`: the attestation key every attestation needs) and the
+ *   Auditserver's KDC peer (`--kdc <dead>,<kdc0>,<kdc1>`: every enrollment's certificate);
  * - SIGKILL of the KDC replica the agent is attached to: it attaches to another replica (resuming
  *   from its revision) and receives a rotation made after the kill, while it keeps issuing;
  * - a replica at its stream cap sheds a new stream with UNAVAILABLE and `retry-after-ms`; the
@@ -36,6 +38,8 @@ let tokenFile: string;
 let caFile: string;
 let caPem: string;
 let auditUrl: string;
+/** A URL nothing listens on, first in the KDC's and the Auditserver's peer lists. */
+let deadUrl: string;
 let agentConfig: string;
 const ports: number[] = [];
 const kdcs: (KmiProcess | undefined)[] = [];
@@ -52,7 +56,7 @@ async function run(args: string[]): Promise<string> {
 
 /** Starts KDC replica `i` on its own port (again after a kill). */
 async function startKdc(i: number, extra: string[] = []): Promise<KmiProcess> {
-  const p = await spawnKmi(`kdc${i}`, ["kdc", "--data-dir", kdcDir, "--listen", `127.0.0.1:${ports[i]}`, "--audit-url", auditUrl, ...etcdFlags(), ...extra]);
+  const p = await spawnKmi(`kdc${i}`, ["kdc", "--data-dir", kdcDir, "--listen", `127.0.0.1:${ports[i]}`, "--audit-url", `${deadUrl},${auditUrl}`, ...etcdFlags(), ...extra]);
   kdcs[i] = p;
   procs.push(p);
   return p;
@@ -134,8 +138,9 @@ beforeAll(async () => {
   caFile = join(kdcDir, "infra-ca.pem");
   agentConfig = join(dir, "agent.json");
   await writeFile(agentConfig, JSON.stringify({ "reconnect-initial-ms": 200, "reconnect-max-ms": 1000 }) + "\n");
-  for (let i = 0; i < 4; i++) ports.push(await freePort());
+  for (let i = 0; i < 5; i++) ports.push(await freePort());
   auditUrl = `https://127.0.0.1:${ports[3]}`;
+  deadUrl = `https://127.0.0.1:${ports[4]}`;
   const [version] = await Promise.all([run(["--version"]).then((v) => v.trim()), run(["kdc", "init", "--data-dir", kdcDir, "--token-file", tokenFile, ...etcdFlags()])]);
   caPem = await readFile(caFile, "utf8");
   await Promise.all([startKdc(0), startKdc(1), startKdc(2, ["--max-watch-streams", "1"])]);
@@ -143,7 +148,7 @@ beforeAll(async () => {
   await ctlOk(kdcList, ["tenant", "create", "acme", "--bootstrap"]);
   const auditDir = join(dir, "audit");
   await run(["audit", "init", "--data-dir", auditDir, "--kdc", kdcList, "--kdc-ca-file", caFile, "--token-file", tokenFile]);
-  procs.push(await spawnKmi("audit", ["audit", "--data-dir", auditDir, "--listen", `127.0.0.1:${ports[3]}`, "--kdc", kdcList]));
+  procs.push(await spawnKmi("audit", ["audit", "--data-dir", auditDir, "--listen", `127.0.0.1:${ports[3]}`, "--kdc", `${deadUrl},${kdcList}`]));
   await ctlOk(kdcList, ["group", "create", "edge", "--tenant", "acme"]);
   await ctlOk(kdcList, [
     "group", "approve-measurements", "edge",
@@ -164,7 +169,7 @@ afterAll(async () => {
 
 describe("failover with real processes", () => {
   it("kmi ctl with a replica list whose first URL is dead still works (a read and a change)", async () => {
-    const dead = `https://127.0.0.1:${await freePort()}`;
+    const dead = deadUrl;
     const versions = JSON.parse(await ctlOk(`${dead},${url(1)}`, ["ca", "history", "--tenant", "acme", "--json"])) as { versions: unknown[] };
     expect(versions.versions.length).toBeGreaterThanOrEqual(1);
     const r = await ctl(`${dead},${url(1)}`, ["group", "create", "spare", "--tenant", "acme"]);
@@ -233,13 +238,12 @@ describe("failover with real processes", () => {
   });
 
   it("a compaction past a detached agent's revision: it resyncs with a full SNAPSHOT and converges on the newest version", async () => {
-    await agents[1]!.proc.stop("SIGTERM"); // frees replica 2's stream; not needed any more
-    const held = await attached(0);
+    const held = await attached(0, { kdcUrl: url(0) });
     expect(held.kdcRevision).toBeGreaterThan(0n);
-    // Detach the agent: every replica in its list dies.
+    // Detach the agent: replica 0 dies, and replica 2, the other in its list, sheds it (agent 1 holds its only stream).
     await kdcs[0]!.stop("SIGKILL");
     await until("agent 0 detached", async () => ((await status(0))?.kdcConnected === false ? true : undefined), 20_000);
-    // Rotations through replica 2 (not in the agent's list), then a compaction past the agent's revision.
+    // Rotations through replica 2 (it serves calls, only no more streams), then a compaction past the agent's revision.
     await rotate(url(2));
     const newest = await rotate(url(2));
     const rev = await etcdRevision();
@@ -252,5 +256,6 @@ describe("failover with real processes", () => {
     const open = agents[0]!.proc.entries("kdc watch open").at(-1)!;
     expect(open).toMatchObject({ kdc: url(0), start: "snapshot", from_revision: String(held.kdcRevision) });
     expect(back.entries("watch resume refused; sending a snapshot").some((e) => e["from_revision"] === String(held.kdcRevision))).toBe(true);
+    expect((await status(1))?.kdcUrl).toBe(url(2));
   });
 });
