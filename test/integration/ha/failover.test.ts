@@ -97,7 +97,8 @@ function attached(n: number, want: { kdcUrl?: string; version?: number } = {}, t
     `agent${n} attached${want.kdcUrl ? ` to ${want.kdcUrl}` : ""}${want.version ? ` holding v${want.version}` : ""}`,
     async () => {
       const s = await status(n);
-      if (s === undefined || !s.kdcConnected) return undefined;
+      // Attached: the stream is open and its first message (SNAPSHOT or RESUMED) applied.
+      if (s === undefined || !s.kdcConnected || s.kdcRevision === 0n) return undefined;
       if (want.kdcUrl !== undefined && s.kdcUrl !== want.kdcUrl) return undefined;
       if (want.version !== undefined && !s.keys.some((k) => k.tenantId === "acme" && k.version === want.version)) return undefined;
       return s;
