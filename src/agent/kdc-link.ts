@@ -112,7 +112,8 @@ export class KdcLink {
   private kdc: PeerClient<typeof DistributionService> | undefined;
   private audit: PeerClient<typeof AuditService> | undefined;
   private clientsFor: MachineIdentity | undefined;
-  private clientsAt = "";
+  private kdcAt = "";
+  private auditAt = "";
   private readonly kdcEps: Endpoints;
   private readonly auditEps: Endpoints;
   private needFetch = true;
@@ -176,16 +177,22 @@ export class KdcLink {
     }
   }
 
+  /** Makes the clients for the current identity and the replicas in use (each side on its own: moving one leaves the other's streams alone). */
   private ensureClients(): void {
     const id = this.o.identity();
-    const at = `${this.kdcEps.current} ${this.auditEps.current}`;
-    if (this.clientsFor === id && this.clientsAt === at && this.kdc !== undefined && this.audit !== undefined) return;
-    this.closeClients();
+    if (this.clientsFor !== id) this.closeClients();
     const tls = { caPem: this.o.caPem, certPem: id.certificatePem, keyPem: privateKeyPem(id) };
-    this.kdc = createPeerClient(DistributionService, this.kdcEps.current, tls);
-    this.audit = createPeerClient(AuditService, this.auditEps.current, tls);
+    if (this.kdc === undefined || this.kdcAt !== this.kdcEps.current) {
+      this.kdc?.close();
+      this.kdc = createPeerClient(DistributionService, this.kdcEps.current, tls);
+      this.kdcAt = this.kdcEps.current;
+    }
+    if (this.audit === undefined || this.auditAt !== this.auditEps.current) {
+      this.audit?.close();
+      this.audit = createPeerClient(AuditService, this.auditEps.current, tls);
+      this.auditAt = this.auditEps.current;
+    }
     this.clientsFor = id;
-    this.clientsAt = at;
   }
 
   /** Leaves the Auditserver replica `url` for the next one (honouring its retry hint). */
@@ -195,7 +202,6 @@ export class KdcLink {
     if (hint !== undefined) this.auditEps.avoid(url, jittered(hint));
     const next = this.auditEps.advance();
     this.o.logger.warn("auditserver replica failed; moving to the next", { audit: url, next, error: describe(err) });
-    this.closeClients();
   }
 
   /** Leaves the KDC replica in use for the next one when the failure is the replica's. */
@@ -209,7 +215,6 @@ export class KdcLink {
     if (next === url) return;
     this.failovers++;
     this.o.logger.warn("kdc replica failed; moving to the next", { kdc: url, next, error: describe(err), ...(hint !== undefined ? { retry_after_ms: hint } : {}) });
-    this.closeClients();
   }
 
   private closeClients(): void {
@@ -218,7 +223,6 @@ export class KdcLink {
     this.kdc = undefined;
     this.audit = undefined;
     this.clientsFor = undefined;
-    this.clientsAt = "";
   }
 
   private async loop(): Promise<void> {

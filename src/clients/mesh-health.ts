@@ -220,6 +220,7 @@ export function agentFields(s: GetStatusResponse): PartHealth {
     attestation_expires_at: iso(s.attestationExpiresAt),
     certificate_not_after: iso(s.certificateNotAfter),
     kdc_connected: s.kdcConnected,
+    ...(s.kdcUrl !== "" ? { kdc_url: s.kdcUrl, kdc_failovers: s.kdcFailovers } : {}),
     ...(s.kdcError !== "" ? { kdc_error: s.kdcError } : {}),
     last_sync: iso(s.lastSync),
     serving_from_cache: s.servingFromCache,

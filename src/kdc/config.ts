@@ -86,7 +86,7 @@ export const serveProgram = defineProgram({
     maxConcurrentOpens: {
       type: "integer",
       description: "stream opens and fetches in progress at once before new ones are shed with UNAVAILABLE and a retry-after-ms hint",
-      default: 64,
+      default: 512,
       validate: atLeastOne,
     },
     schedulerInterval: {

@@ -55,8 +55,12 @@ export const DEFAULT_HEARTBEAT_MS = 15_000;
 export const DEFAULT_MAX_QUEUE = 1024;
 /** Watch streams one replica holds before it sheds new ones (~150 KB each). */
 export const DEFAULT_MAX_STREAMS = 20_000;
-/** Stream opens and fetches (attestation check, read, audit, wrap) in progress at once before new ones are shed. */
-export const DEFAULT_MAX_OPENING = 64;
+/**
+ * Stream opens and fetches (attestation check, read, audit entry, wrap) in progress at once
+ * before new ones are shed: about the listen backlog (511). Each costs ~8-10 ms of CPU and an
+ * audit append; more at once only queue CPU work and audit-head conflicts.
+ */
+export const DEFAULT_MAX_OPENING = 512;
 /** The wait a replica asks for when it sheds an open (it frees up fast): ms, before the client's jitter. */
 const OPENING_RETRY_MS = 1_000;
 /** The wait it asks for when it holds as many streams as it may (another replica should take the agent). */

@@ -23,6 +23,7 @@ const ROWS = [
   "5. KDC: Certificate menu and secret releases",
   "6. Proxy with ICAP scanning",
   "7. Store: conditional batches on LevelDB and on etcd",
+  "8. Failover: kill -9 of an agent's KDC replica",
 ];
 
 interface Stat {

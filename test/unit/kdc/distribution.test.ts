@@ -474,7 +474,7 @@ describe("load shedding", () => {
       const err = w.error as ConnectError;
       expect(err.code).toBe(Code.Unavailable);
       expect(err.metadata.get("retry-after-ms")).toBe("1000");
-      expect(err.rawMessage).toMatch(/is opening 64 streams already; retry in 1000 ms or at another replica/);
+      expect(err.rawMessage).toMatch(new RegExp(`is opening ${DEFAULT_MAX_OPENING} streams already; retry in 1000 ms or at another replica`));
       const fetched = await dist().fetchSecrets({ attestationToken: token(m) }, as(peerOf(m))).catch((e: unknown) => e);
       expect(fetched).toMatchObject({ code: Code.Unavailable });
       expect(kdc.hub.shed.opening).toBe(shedBefore + 2);

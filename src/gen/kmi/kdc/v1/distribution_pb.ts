@@ -513,8 +513,10 @@ export const DistributionService: GenService<{
   },
   /**
    * WatchSecrets streams changes (activation, rotation, revoke, quarantine) as they happen.
-   * The first message is a SNAPSHOT with every secret. The stream ends when the
-   * attestation token expires; the agent re-attests and opens a new one.
+   * The first message is a SNAPSHOT with every secret, or RESUMED (only what changed) when
+   * the request resumes from a revision the store still keeps the history after. The stream
+   * ends when the attestation token expires; the agent re-attests and opens a new one. A
+   * replica at its limits answers UNAVAILABLE with a `retry-after-ms` trailer instead.
    *
    * @generated from rpc kmi.kdc.v1.DistributionService.WatchSecrets
    */
