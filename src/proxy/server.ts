@@ -48,6 +48,7 @@ export const DEFAULT_LIMITS: ProxyLimits = {
   headersTimeoutMs: 20_000,
   requestTimeoutMs: 300_000,
   keepAliveTimeoutMs: 5_000,
+  originIdleTimeoutMs: 15_000,
   maxHeaderBytes: 16 * 1024,
 };
 
