@@ -10,6 +10,7 @@ import { ConfigError, describeConfig, formatHelp, loadConfig } from "../common/c
 import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger } from "../common/logger.js";
 import { proxyProgram, resolveProxyConfig } from "./config.js";
+import { logFdLimit } from "./fd-limit.js";
 import { ProxyServer, type ProxyAddress } from "./server.js";
 import { hashPassword } from "./tenants.js";
 
@@ -129,6 +130,7 @@ export async function runProxy(argv: string[], o: RunProxyOptions = {}): Promise
   const { logLevel, ...serverOptions } = config;
   const logger = createLogger({ level: logLevel, fields: { program: "proxy" } });
   logger.info("configuration", describeConfig(proxyProgram, loaded));
+  logFdLimit(logger);
   let server: ProxyServer;
   try {
     server = await ProxyServer.create({ ...serverOptions, logger });
