@@ -4,7 +4,7 @@
  * numbers. Only the comparisons with mitmdump (a peer tool that may be absent, or may fail its
  * requests) may be "not measured" or "not judged", and row 8's 2-worker throughput until
  * `kmi proxy --workers` exists; anything else that does not start or fails is a failure of the
- * bench (see kdc-start.test.ts). A difference (p99 added) may be negative. No timing threshold.
+ * bench (see kdc-start.test.ts). A difference (p99 added, RSS grown per connection) may be negative. No timing threshold.
  */
 import { spawn, spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
@@ -61,8 +61,8 @@ interface Report {
 const MITM = /^proxy\.(?:.+\.)?mitm$/;
 /** What may be not measured: the mitmdump comparisons, and the 2-worker rows while `--workers` is pending. */
 const MAY_BE_UNMEASURED = /^proxy\.(?:.+\.)?mitm$|^proxy\.cost\.[a-z0-9_]+\.workers2$/;
-/** Figures that are differences (may be zero or negative). */
-const DIFFERENCE = /\.p99_added$/;
+/** Figures that are differences of two readings (may be zero or negative): p99 added, RSS per idle connection. */
+const DIFFERENCE = /\.p99_added$|^proxy\.cost\.idle\.(?:origin_)?rss(?:_\d+)?$/;
 
 let code: number | null = null;
 let bench: ReturnType<typeof spawn> | undefined;
