@@ -114,6 +114,7 @@ export async function runProxyCost(env: Env): Promise<RowBuilder> {
     row.fail(`idle connections: ${(err as Error).message}`);
   }
 
+  scalingNote(row);
   if (missed.length > 0 && env.profile) {
     for (const load of missed) {
       const summary = await profileProxy(env, proxy, spec(load.mode, load.path, "kmi"), load, loadgen);
@@ -284,3 +285,42 @@ async function idleFigures(
   row.ratio(fAfter, fPeak, "of the peak");
   row.note(`After the idle connections closed: ${count(after.fds)} descriptors open in the proxy (${count(before.fds)} before they opened).`);
 }
+
+/** Assumed share of the extra workers' CPU that turns into throughput (not measured until the 2-worker rows exist). */
+const SCALING_EFFICIENCY = 0.8;
+/** Cores of the machine the extrapolation is for, and the workers it would run. */
+const TARGET_CORES = 16;
+const TARGET_WORKERS = 15;
+
+/**
+ * How throughput grows with cores, extrapolated from this run's CPU per request (a figure per
+ * core-second, then times the workers), with its assumptions written out.
+ */
+function scalingNote(row: RowBuilder): void {
+  const med = (id: string): number | undefined => {
+    const f = row.result.figures.find((x) => x.id === id);
+    return f === undefined || f.notJudged !== undefined ? undefined : f.value.median;
+  };
+  const parts: string[] = [];
+  const perCore = (us: number | undefined) => (us === undefined || !(us > 0) ? undefined : 1e6 / us);
+  const line = (what: string, us: number | undefined, unit: string) => {
+    const c = perCore(us);
+    if (c === undefined) return;
+    const at16 = c * TARGET_WORKERS * SCALING_EFFICIENCY;
+    parts.push(`${what}: ${fmt(us!)} µs of proxy CPU each, so one busy core serves ~${fmt(c)} ${unit} and ${TARGET_CORES} cores ~${fmt(at16)} ${unit}`);
+  };
+  line("HTTP/1.1 keep-alive 1 KiB", med("proxy.cost.h1_1k.cpu_kmi"), "req/s");
+  line("HTTP/1.1 keep-alive 1 MiB", med("proxy.cost.h1_1m.cpu_kmi"), "req/s");
+  line("HTTP/2 1 KiB", med("proxy.cost.h2_1k.cpu_kmi"), "req/s");
+  line("new connections, full handshake", med("proxy.cost.newconn_full.cpu_kmi"), "conn/s");
+  line("new connections, resumed", med("proxy.cost.newconn_resumed.cpu_kmi"), "conn/s");
+  if (parts.length === 0) return;
+  row.note(
+    `How throughput grows with cores (an extrapolation from this run's CPU per request, not a measurement): ${parts.join("; ")}. ` +
+      `Assumptions: the proxy's CPU per request does not change with the number of workers (each worker serves its own connections; leaves and ticket keys are shared, so only a new host's first leaf involves more than one worker); ` +
+      `the ${TARGET_CORES}-core machine runs ${TARGET_WORKERS} workers (one core left to the kernel's network stack, the key agent and the primary) and nothing else (origins and clients elsewhere, unlike this run, where the load generator and the origin share the cores); ` +
+      `${SCALING_EFFICIENCY * 100}% of each added worker's CPU turns into throughput (an assumption for the kernel's shared socket and memory bandwidth costs, until the 2-worker rows measure it); ` +
+      `CPU is the limit (a 1 MiB row at ~${fmt((perCore(med("proxy.cost.h1_1m.cpu_kmi")) ?? 0) * TARGET_WORKERS * SCALING_EFFICIENCY * 8 / 1024)} Gbit/s each way must also fit the NIC).`,
+  );
+}
+

@@ -2,8 +2,9 @@
  * The cache of minted leaves, as ready TLS contexts: keyed by tenant and origin certificate,
  * bounded (least recently used goes first), expiry-aware (a leaf near its end is minted
  * again), single-flight (however many clients ask for the same new host at once, one
- * issuance runs and all of them wait for it), and cleared per tenant when the tenant's CA
- * rotates or a key is revoked.
+ * issuance runs and all of them wait for it), cleared per tenant when the tenant's CA
+ * rotates or a key is revoked, and trimmed of leaves nobody used lately (each holds an OpenSSL
+ * context of ~40 KB: when the load falls, the memory goes back).
  */
 import type { SecureContext } from "node:tls";
 
@@ -49,6 +50,8 @@ export function leafCacheKey(tenant: string, originFingerprint: string, extra = 
 /** The cache. */
 export class LeafCache {
   private readonly entries = new Map<string, LeafEntry>();
+  /** When each entry was last served (ms); the entries map's order is the same (least recent first). */
+  private readonly usedAt = new Map<string, number>();
   private readonly inflight = new Map<string, Promise<LeafEntry>>();
   private readonly generations = new Map<string, number>();
   private epoch = 0;
@@ -82,13 +85,16 @@ export class LeafCache {
   get(key: string): LeafEntry | undefined {
     const e = this.entries.get(key);
     if (e === undefined) return undefined;
-    if (!this.fresh(e, this.now())) {
-      this.entries.delete(key);
+    const now = this.now();
+    if (!this.fresh(e, now)) {
+      this.drop(key);
       return undefined;
     }
     // Map iteration order is insertion order: re-inserting makes this entry the newest.
     this.entries.delete(key);
     this.entries.set(key, e);
+    this.usedAt.delete(key);
+    this.usedAt.set(key, now);
     return e;
   }
 
@@ -133,12 +139,30 @@ export class LeafCache {
   }
 
   private put(key: string, entry: LeafEntry): void {
-    this.entries.delete(key);
+    this.drop(key);
     this.entries.set(key, entry);
+    this.usedAt.set(key, this.now());
     while (this.entries.size > this.maxEntries) {
-      const oldest = this.entries.keys().next().value as string;
-      this.entries.delete(oldest);
+      this.drop(this.entries.keys().next().value as string);
     }
+  }
+
+  private drop(key: string): void {
+    this.entries.delete(key);
+    this.usedAt.delete(key);
+  }
+
+  /** Drops the leaves not served for `idleMs` (they are minted again if asked for). Returns how many. */
+  trimIdle(idleMs: number): number {
+    const cutoff = this.now() - idleMs;
+    let n = 0;
+    // Least recently used first: stop at the first one used since the cutoff.
+    for (const [k, t] of this.usedAt) {
+      if (t > cutoff) break;
+      this.drop(k);
+      n++;
+    }
+    return n;
   }
 
   /** Drops every leaf of a tenant (its CA rotated, or a key was revoked). Returns how many. */
@@ -147,7 +171,7 @@ export class LeafCache {
     let n = 0;
     for (const [k, e] of this.entries) {
       if (e.tenant === tenant) {
-        this.entries.delete(k);
+        this.drop(k);
         n++;
       }
     }
@@ -159,6 +183,7 @@ export class LeafCache {
     this.epoch++;
     const n = this.entries.size;
     this.entries.clear();
+    this.usedAt.clear();
     return n;
   }
 
@@ -172,7 +197,7 @@ export class LeafCache {
     const tenants = new Set<string>();
     for (const [k, e] of this.entries) {
       if (activeKeyIds.get(e.tenant) !== e.issuerKeyId) {
-        this.entries.delete(k);
+        this.drop(k);
         tenants.add(e.tenant);
         n++;
       }
