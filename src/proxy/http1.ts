@@ -299,23 +299,6 @@ function onUpstreamError(err: NodeJS.ErrnoException, out: LoggedResponse, rec: A
   else res.destroy();
 }
 
-/**
- * Writes a body chunk to the client with the chunks that follow in the same turn of the event
- * loop: one origin read decrypts into several 16 KiB chunks, and written one by one each would be
- * its own TLS write and syscall; corked until the next tick they go out as one.
- */
-function corkedWrite(res: ServerResponse, chunk: Buffer): boolean {
-  if (res.writableCorked === 0) {
-    res.cork();
-    process.nextTick(uncork, res);
-  }
-  return res.write(chunk);
-}
-
-function uncork(res: ServerResponse): void {
-  if (res.writableCorked > 0) res.uncork();
-}
-
 /** Relays the origin's response to the client, its body scanned (and held, unless a stream by nature). */
 function relayResponse(ures: IncomingMessage, method: string, out: LoggedResponse, rec: AccessRecord, scanBody: BodyScanner): void {
   const res = out.res;
@@ -337,7 +320,7 @@ function relayResponse(ures: IncomingMessage, method: string, out: LoggedRespons
     hold,
     {
       open: () => res.writeHead(status, ures.statusMessage, rheaders),
-      write: (c) => corkedWrite(res, c),
+      write: (c) => res.write(c),
       end: (last) => out.end(last),
       onDrain: (cb) => res.once("drain", cb),
     },
