@@ -34,7 +34,7 @@ type Load = (typeof LOADS)[number];
 type Via = "direct" | "kmi";
 
 /** Idle connections held open, per mode. */
-const IDLE_COUNTS = { quick: [100, 300], full: [1000, 5000] } as const;
+const IDLE_COUNTS = { quick: [40, 80], full: [1000, 5000] } as const;
 /** Idle connections opened at once. */
 const IDLE_CONCURRENCY = 16;
 

@@ -178,10 +178,10 @@ describe("npm run bench -- --quick", () => {
     const resumed = fig("proxy.cost.newconn_resumed.kmi");
     expect(resumed.targets[0]?.text).toBe("resumes ≥ 90% of connections");
     expect(resumed.targets[0]?.met, resumed.targets[0]?.verdict).toBe(true);
-    // Two descriptors per intercepted connection (client and origin), all given back when they close.
+    // One descriptor per idle intercepted h2 connection (its idle origin side is closed), all given back when they close.
     const fds = row8.figures.filter((f) => /^proxy\.cost\.idle\.fds_\d+$/.test(f.id));
     expect(fds.length).toBe(2);
-    for (const f of fds) expect(f.value.median).toBeCloseTo(2, 1);
+    for (const f of fds) expect(f.value.median).toBeCloseTo(1, 1);
     expect(row8.notes.join("\n")).toMatch(/After the idle connections closed: (\d[\d,]*) descriptors open in the proxy \(\1 before they opened\)/);
   });
 
