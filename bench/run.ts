@@ -22,7 +22,7 @@ import { fileURLToPath } from "node:url";
 import { Env } from "./lib/env.js";
 import { describeMachine, renderMarkdown, renderText, rowHeading } from "./lib/report.js";
 import { RowBuilder, type RowResult } from "./lib/results.js";
-import { ROW_TITLES, runIcap, runKdc, runMinting, runRotation, runSigning, runStore, runThroughput, runFailover } from "./rows/index.js";
+import { ROW_TITLES, runIcap, runKdc, runMinting, runRotation, runSigning, runStore, runThroughput, runFailover, runProxyCost } from "./rows/index.js";
 
 interface Args {
   quick: boolean;
@@ -74,6 +74,7 @@ const ROWS: { id: string; run: (env: Env) => Promise<RowBuilder> }[] = [
   { id: "6", run: runIcap },
   { id: "7", run: runStore },
   { id: "8", run: runFailover },
+  { id: "10", run: runProxyCost },
 ];
 
 async function main(): Promise<number> {

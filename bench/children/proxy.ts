@@ -2,7 +2,9 @@
  * The kmi proxy under test, in its own process: the real ProxyServer (src/proxy) on
  * 127.0.0.1:0, talking to the bench's agent process over its Unix socket, trusting the bench
  * origin CA, access log to a file, new-host rate limit off (the minting row asks for hundreds
- * of new hosts from one client on purpose).
+ * of new hosts from one client on purpose), idle timeout 10 minutes (row 8 holds thousands of
+ * idle connections open while it opens more), idle origin sides closed after 1 s (15 s by
+ * default: row 8 reads the memory of idle connections after 2 s, not 15).
  *
  * The proxy has no timing hooks, so the steps of a new-host connection are timed by wrapping
  * what the server's context hands its interceptor: the origin connector (origin TLS
@@ -92,6 +94,7 @@ async function main(): Promise<void> {
     issueRatePerSecond: 0,
     logger,
     shutdownGraceMs: 500,
+    limits: { idleTimeoutMs: 600_000, originIdleTimeoutMs: 1_000 },
   });
 
   const origins = proxy.context.origins;
@@ -133,6 +136,7 @@ async function main(): Promise<void> {
         return out;
       },
       rss: async () => ({ peakRss: await peakRss(), rss: process.memoryUsage().rss }),
+      memory: () => process.memoryUsage(),
       resetRss: () => resetPeakRss(),
       stats: () => ({ leaves: proxy.leaves.size, open: proxy.openConnections }),
       // Totals of the ICAP counters (all services and results): transactions and round trips.

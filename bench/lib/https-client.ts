@@ -90,13 +90,16 @@ function connectTunnel(proxy: HostPort, target: HostPort): Promise<Socket> {
   );
 }
 
-/** Opens a TLS connection to `d` (through the proxy when set), offering `alpn`. */
-export async function openTls(d: Destination, alpn: string[], times?: ConnectTimes): Promise<TLSSocket> {
+/**
+ * Opens a TLS connection to `d` (through the proxy when set), offering `alpn`; with `session`
+ * (a ticket from an earlier connection's 'session' event) it asks to resume that session.
+ */
+export async function openTls(d: Destination, alpn: string[], times?: ConnectTimes, session?: Buffer): Promise<TLSSocket> {
   if (times) times.t0 = nowMs();
   const raw = d.proxy ? await connectTunnel(d.proxy, d.origin) : await connectTcp(d.origin);
   if (times) times.tTunnel = nowMs();
   return new Promise<TLSSocket>((resolve, reject) => {
-    const t = tlsConnect({ socket: raw, servername: d.servername, ca: d.ca, ALPNProtocols: alpn });
+    const t = tlsConnect({ socket: raw, servername: d.servername, ca: d.ca, ALPNProtocols: alpn, ...(session !== undefined ? { session } : {}) });
     t.once("secureConnect", () => {
       if (times) times.tSecure = nowMs();
       t.off("error", reject);

@@ -14,6 +14,8 @@ export interface LoopOptions {
   readonly maxOps?: number;
   /** Warm-up duration, ms (not recorded); default 20% of the duration, at most 500 ms. */
   readonly warmupMs?: number;
+  /** Called as the measured window starts (after the warm-up), and as it ends (its last operation done). */
+  readonly onWindow?: { readonly start: () => void; readonly end: () => void };
 }
 
 /** What a loop measured. */
@@ -43,12 +45,13 @@ export function nowMs(): number {
 /** How long past its window a loop waits for operations still in flight. */
 const HANG_GRACE_MS = 30_000;
 
-async function run(op: () => Promise<unknown>, concurrency: number, durationMs: number, maxOps: number, record: boolean) {
+async function run(op: () => Promise<unknown>, concurrency: number, durationMs: number, maxOps: number, record: boolean, onWindow?: LoopOptions["onWindow"]) {
   const lat = new Samples(record ? 16384 : 16);
   let ops = 0;
   let errors = 0;
   let firstError: string | undefined;
   let started = 0;
+  onWindow?.start();
   const t0 = nowMs();
   const deadline = t0 + durationMs;
   const worker = async (): Promise<void> => {
@@ -75,6 +78,7 @@ async function run(op: () => Promise<unknown>, concurrency: number, durationMs: 
   });
   const outcome = await Promise.race([Promise.all(Array.from({ length: concurrency }, worker)), hung]);
   clearTimeout(watchdog);
+  onWindow?.end();
   if (outcome === "hung") {
     errors += started - ops - errors;
     firstError ??= `operations still pending ${HANG_GRACE_MS / 1000} s after the window ended`;
@@ -87,7 +91,7 @@ async function run(op: () => Promise<unknown>, concurrency: number, durationMs: 
 export async function closedLoop(op: () => Promise<unknown>, o: LoopOptions): Promise<LoopResult> {
   const warmupMs = o.warmupMs ?? Math.min(500, o.durationMs * 0.2);
   if (warmupMs > 0) await run(op, o.concurrency, warmupMs, Number.MAX_SAFE_INTEGER, false);
-  const r = await run(op, o.concurrency, o.durationMs, o.maxOps ?? 10_000_000, true);
+  const r = await run(op, o.concurrency, o.durationMs, o.maxOps ?? 10_000_000, true, o.onWindow);
   const values = r.lat.values();
   const [p50, p99] = percentiles(values, [0.5, 0.99]);
   return {

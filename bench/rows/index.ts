@@ -7,5 +7,6 @@ export { runKdc } from "./kdc.js";
 export { runIcap } from "./icap.js";
 export { runStore } from "./store.js";
 export { runFailover } from "./failover.js";
+export { runProxyCost } from "./proxy-cost.js";
 
 export { ROW_TITLES } from "./titles.js";

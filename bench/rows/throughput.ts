@@ -211,7 +211,7 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
 }
 
 /** Profiles the kmi proxy process (node:inspector, the --cpu-prof profiler) under `load`; a summary of the profile. */
-async function profileProxy(env: Env, proxy: Child<ProxyChildInfo>, spec: LoadSpec, load: Load, loadgen: Child<{ pid: number }>): Promise<string> {
+export async function profileProxy(env: Env, proxy: Child<ProxyChildInfo>, spec: LoadSpec, load: { key: string }, loadgen: Child<{ pid: number }>): Promise<string> {
   const dir = `${env.dir}/prof-proxy-${load.key}`;
   await mkdir(dir, { recursive: true });
   await proxy.call("profile:start");

@@ -11,6 +11,7 @@ import { runUntilSignal } from "../common/lifecycle.js";
 import { createLogger, type Logger } from "../common/logger.js";
 import { proxyProgram, resolveProxyConfig, type ProxyConfig } from "./config.js";
 import { ProxyPrimary } from "./primary.js";
+import { logFdLimit } from "./fd-limit.js";
 import { ProxyServer, type ProxyAddress } from "./server.js";
 import { hashPassword } from "./tenants.js";
 import { isProxyWorker, runProxyWorker, workerId } from "./worker.js";
@@ -139,6 +140,7 @@ export async function runProxy(argv: string[], o: RunProxyOptions = {}): Promise
   }
   const logger = createLogger({ level: logLevel, fields: { program: "proxy" } });
   logger.info("configuration", describeConfig(proxyProgram, loaded));
+  logFdLimit(logger);
   if (workers > 0) return runPrimary(argv, config, logger, o);
   let server: ProxyServer;
   try {

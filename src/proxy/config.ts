@@ -91,6 +91,12 @@ export const proxyProgram = defineProgram({
     headersTimeoutMs: { type: "integer", description: "time a client has to send a request's headers, ms", default: 20_000, validate: positive },
     requestTimeoutMs: { type: "integer", description: "time a client has to send a whole request, ms", default: 300_000, validate: positive },
     keepAliveTimeoutMs: { type: "integer", description: "idle HTTP/1.1 keep-alive connections are closed after, ms", default: 5_000, validate: positive },
+    originIdleTimeoutMs: {
+      type: "integer",
+      description: "an intercepted HTTP/2 connection's origin side is closed after this long without a request, ms (reopened on the next one)",
+      default: 15_000,
+      validate: positive,
+    },
     maxHeaderBytes: { type: "integer", description: "largest request header block, bytes", default: 16_384, validate: positive },
     ticketKeyRotationSeconds: {
       type: "integer",
@@ -200,6 +206,7 @@ export async function resolveProxyConfig(loaded: LoadedConfig<typeof proxyProgra
     headersTimeoutMs: v.headersTimeoutMs,
     requestTimeoutMs: v.requestTimeoutMs,
     keepAliveTimeoutMs: v.keepAliveTimeoutMs,
+    originIdleTimeoutMs: v.originIdleTimeoutMs,
     maxHeaderBytes: v.maxHeaderBytes,
   };
   return {

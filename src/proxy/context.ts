@@ -32,6 +32,12 @@ export interface ProxyLimits {
   readonly requestTimeoutMs: number;
   /** Idle time before an HTTP/1.1 keep-alive connection is closed. */
   readonly keepAliveTimeoutMs: number;
+  /**
+   * Idle time before an intercepted HTTP/2 connection's origin side is closed (the client side
+   * stays open; the next request opens and verifies a new origin connection). Why: an idle
+   * client connection then holds one TLS connection in the proxy, not two.
+   */
+  readonly originIdleTimeoutMs: number;
   /** Largest request header block, bytes. */
   readonly maxHeaderBytes: number;
 }

@@ -45,18 +45,31 @@ function forwardHeaders(h: IncomingHttpHeaders, request: boolean): OutgoingHttpH
   return out;
 }
 
-/** The proxy's HTTP/2 session to one origin; reopened on demand when the origin closes it. */
+/**
+ * The proxy's HTTP/2 session to one origin; reopened on demand when the origin closes it, and
+ * closed by the proxy once idle for `idleMs` (0: never), so that an idle client connection
+ * holds no origin connection.
+ */
 export class H2Origin {
   private session: ClientHttp2Session | undefined;
   private opening: Promise<ClientHttp2Session> | undefined;
   private closed = false;
+  /** Origin streams open now (a session with open streams is not idle, even when silent). */
+  private active = 0;
 
   constructor(
     first: TLSSocket,
     private readonly authority: string,
     private readonly reconnect: () => Promise<TLSSocket>,
+    private readonly idleMs = 0,
   ) {
     this.session = this.wrap(first);
+  }
+
+  /** Counts `stream` as open until it closes. */
+  track(stream: ClientHttp2Stream): void {
+    this.active++;
+    stream.once("close", () => this.active--);
   }
 
   private wrap(socket: TLSSocket): ClientHttp2Session {
@@ -66,6 +79,8 @@ export class H2Origin {
     });
     s.on("error", () => {});
     s.on("connect", () => s.setLocalWindowSize(SESSION_WINDOW));
+    // Graceful: a stream that opens meanwhile finishes; the next get() opens a new connection.
+    if (this.idleMs > 0) s.setTimeout(this.idleMs, () => void (this.active === 0 && s.close()));
     return s;
   }
 
@@ -287,6 +302,7 @@ function openOriginStream(
     (session) => {
       if (stream.closed || stream.destroyed) return undefined;
       const o = session.request(requestHeaders, { endStream });
+      up.origin.track(o);
       let answered = false;
       o.on("response", (rh, flags) => {
         answered = true;

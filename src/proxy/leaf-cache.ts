@@ -2,8 +2,9 @@
  * The cache of minted leaves, as ready TLS contexts: keyed by tenant and origin certificate,
  * bounded (least recently used goes first), expiry-aware (a leaf near its end is minted
  * again), single-flight (however many clients ask for the same new host at once, one
- * issuance runs and all of them wait for it), and cleared per tenant when the tenant's CA
- * rotates or a key is revoked.
+ * issuance runs and all of them wait for it), cleared per tenant when the tenant's CA
+ * rotates or a key is revoked, and trimmed of leaves nobody used lately (each holds an OpenSSL
+ * context of ~40 KB: when the load falls, the memory goes back).
  */
 import type { SecureContext } from "node:tls";
 
@@ -57,6 +58,8 @@ export function leafCacheKey(tenant: string, originFingerprint: string, extra = 
 /** The cache. */
 export class LeafCache<E extends CachedLeaf = LeafEntry> {
   private readonly entries = new Map<string, E>();
+  /** When each entry was last served (ms); the entries map's order is the same (least recent first). */
+  private readonly usedAt = new Map<string, number>();
   private readonly inflight = new Map<string, Promise<E>>();
   private readonly generations = new Map<string, number>();
   private epoch = 0;
@@ -90,13 +93,16 @@ export class LeafCache<E extends CachedLeaf = LeafEntry> {
   get(key: string): E | undefined {
     const e = this.entries.get(key);
     if (e === undefined) return undefined;
-    if (!this.fresh(e, this.now())) {
-      this.entries.delete(key);
+    const now = this.now();
+    if (!this.fresh(e, now)) {
+      this.drop(key);
       return undefined;
     }
     // Map iteration order is insertion order: re-inserting makes this entry the newest.
     this.entries.delete(key);
     this.entries.set(key, e);
+    this.usedAt.delete(key);
+    this.usedAt.set(key, now);
     return e;
   }
 
@@ -141,11 +147,11 @@ export class LeafCache<E extends CachedLeaf = LeafEntry> {
   }
 
   private put(key: string, entry: E): void {
-    this.entries.delete(key);
+    this.drop(key);
     this.entries.set(key, entry);
+    this.usedAt.set(key, this.now());
     while (this.entries.size > this.maxEntries) {
-      const oldest = this.entries.keys().next().value as string;
-      this.entries.delete(oldest);
+      this.drop(this.entries.keys().next().value as string);
     }
   }
 
@@ -159,13 +165,31 @@ export class LeafCache<E extends CachedLeaf = LeafEntry> {
     return new Set([...this.entries.values()].map((e) => e.tenant));
   }
 
+  private drop(key: string): void {
+    this.entries.delete(key);
+    this.usedAt.delete(key);
+  }
+
+  /** Drops the leaves not served for `idleMs` (they are minted again if asked for). Returns how many. */
+  trimIdle(idleMs: number): number {
+    const cutoff = this.now() - idleMs;
+    let n = 0;
+    // Least recently used first: stop at the first one used since the cutoff.
+    for (const [k, t] of this.usedAt) {
+      if (t > cutoff) break;
+      this.drop(k);
+      n++;
+    }
+    return n;
+  }
+
   /** Drops every leaf of a tenant (its CA rotated, or a key was revoked). Returns how many. */
   clearTenant(tenant: string): number {
     this.generations.set(tenant, (this.generations.get(tenant) ?? 0) + 1);
     let n = 0;
     for (const [k, e] of this.entries) {
       if (e.tenant === tenant) {
-        this.entries.delete(k);
+        this.drop(k);
         n++;
       }
     }
@@ -177,6 +201,7 @@ export class LeafCache<E extends CachedLeaf = LeafEntry> {
     this.epoch++;
     const n = this.entries.size;
     this.entries.clear();
+    this.usedAt.clear();
     return n;
   }
 
@@ -190,7 +215,7 @@ export class LeafCache<E extends CachedLeaf = LeafEntry> {
     const tenants = new Set<string>();
     for (const [k, e] of this.entries) {
       if (activeKeyIds.get(e.tenant) !== e.issuerKeyId) {
-        this.entries.delete(k);
+        this.drop(k);
         tenants.add(e.tenant);
         n++;
       }

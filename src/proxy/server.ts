@@ -49,8 +49,14 @@ export const DEFAULT_LIMITS: ProxyLimits = {
   headersTimeoutMs: 20_000,
   requestTimeoutMs: 300_000,
   keepAliveTimeoutMs: 5_000,
+  originIdleTimeoutMs: 15_000,
   maxHeaderBytes: 16 * 1024,
 };
+
+/** Leaves not served for this long are dropped from the cache (minted again when asked for): memory goes back when the load falls. */
+export const LEAF_IDLE_MS = 30 * 60_000;
+/** How often the leaf cache is trimmed of idle leaves. */
+const LEAF_TRIM_INTERVAL_MS = 60_000;
 
 /** Everything the server needs. */
 export interface ProxyServerOptions {
@@ -186,6 +192,7 @@ export class ProxyServer {
   private readonly sockets = new Set<Socket>();
   private metricsServer: MetricsServer | undefined;
   private ticketTimer: NodeJS.Timeout | undefined;
+  private leafTrim: NodeJS.Timeout | undefined;
 
   private constructor(
     private readonly options: ProxyServerOptions,
@@ -283,6 +290,8 @@ export class ProxyServer {
       this.ticketTimer = setInterval(() => this.rotateTicketKeys(), rotation);
       this.ticketTimer.unref();
     }
+    this.leafTrim = setInterval(() => this.trimLeaves(), LEAF_TRIM_INTERVAL_MS);
+    this.leafTrim.unref();
     await new Promise<void>((resolve, reject) => {
       this.http.once("error", reject);
       this.http.listen(this.options.port, this.options.host, () => {
@@ -300,6 +309,12 @@ export class ProxyServer {
     this.address = { host: this.options.host, port: a.port };
     this.context.logger.info("proxy listening", { address: `${this.options.host}:${a.port}` });
     return this.address;
+  }
+
+  /** Drops the leaves nobody was served lately (see {@link LEAF_IDLE_MS}). */
+  private trimLeaves(): void {
+    const n = this.context.leaves.trimIdle(LEAF_IDLE_MS);
+    if (n > 0) this.context.logger.debug("idle leaves dropped", { dropped: n, kept: this.context.leaves.size });
   }
 
   /** Rereads the policy file and this machine's addresses, and reopens the access log (SIGHUP). */
@@ -417,6 +432,8 @@ export class ProxyServer {
   async destroy(): Promise<void> {
     const grace = this.options.shutdownGraceMs ?? 10_000;
     clearInterval(this.ticketTimer);
+    clearInterval(this.leafTrim);
+    this.leafTrim = undefined;
     this.watch?.close();
     this.policy.close();
     if (this.address !== undefined) {

@@ -3,6 +3,7 @@
  * oversized headers, slow clients. Each connection closes, the proxy keeps serving, and the
  * process's open file descriptors return to where they were.
  */
+import { connect as h2connect, type ClientHttp2Session } from "node:http2";
 import { connect as netConnect, createServer, type Socket } from "node:net";
 import { connect as tlsConnect } from "node:tls";
 import { setFlagsFromString } from "node:v8";
@@ -24,6 +25,7 @@ const LIMITS = {
   requestTimeoutMs: 1500,
   keepAliveTimeoutMs: 300,
   idleTimeoutMs: 1500,
+  originIdleTimeoutMs: 300,
   maxHeaderBytes: 8192,
 };
 
@@ -221,4 +223,39 @@ describe("bad clients", () => {
       expect(h.proxy.socketsHeld).toBe(0);
     });
   }
+});
+
+describe("idle HTTP/2 connections", () => {
+  /** One GET on the session; the status and body. */
+  const get = (session: ClientHttp2Session, path: string): Promise<{ status: number; body: string }> =>
+    new Promise((resolve, reject) => {
+      const req = session.request({ ":path": path });
+      let status = 0;
+      let body = "";
+      req.on("response", (hd) => (status = Number(hd[":status"])));
+      req.on("data", (c: Buffer) => (body += c.toString()));
+      req.on("end", () => resolve({ status, body }));
+      req.on("error", reject);
+    });
+
+  it("closes the origin side of an idle connection, keeps the client's open, and reopens it on the next request", async () => {
+    const before = good.openConnections;
+    const t = await tlsViaProxy(h.port, "localhost", good.port, { ca: h.agent.rootPem("acme"), alpn: ["h2"] });
+    expect(t.alpnProtocol).toBe("h2");
+    const session = h2connect("https://localhost", { createConnection: () => t });
+    session.on("error", () => {});
+    try {
+      expect(await get(session, "/hello")).toEqual({ status: 200, body: expect.stringContaining("hello from origin") as string });
+      expect(good.openConnections).toBe(before + 1);
+      // Idle past originIdleTimeoutMs (300 ms), well before idleTimeoutMs (1500 ms): the origin side goes.
+      await waitFor(() => (good.openConnections === before ? true : undefined), 5_000, "the idle origin connection to close");
+      expect(session.closed || session.destroyed).toBe(false);
+      expect(t.destroyed).toBe(false);
+      // The next request opens (and verifies) a new origin connection on the same client connection.
+      expect(await get(session, "/hello")).toEqual({ status: 200, body: expect.stringContaining("hello from origin") as string });
+      expect(good.openConnections).toBe(before + 1);
+    } finally {
+      session.destroy();
+    }
+  });
 });

@@ -28,6 +28,34 @@ describe("LeafCache", () => {
     expect(c.get("c")).toBeDefined();
   });
 
+  it("trimIdle drops the leaves not served for that long, least recently used first, and keeps the rest", async () => {
+    let now = 1_000_000;
+    const c = new LeafCache({ now: () => now });
+    await c.obtain("t", "a", async () => entry("t", now + 40 * DAY));
+    now += 1000;
+    await c.obtain("t", "b", async () => entry("t", now + 40 * DAY));
+    now += 1000;
+    await c.obtain("t", "c", async () => entry("t", now + 40 * DAY));
+    now += 1000;
+    expect(c.get("a")).toBeDefined(); // served again: a is the most recent now
+    now += 1500;
+    // b was served 3.5 s ago, c 2.5 s ago, a 1.5 s ago.
+    expect(c.trimIdle(3000)).toBe(1);
+    expect(c.get("b")).toBeUndefined();
+    expect(c.trimIdle(2000)).toBe(1);
+    expect(c.get("c")).toBeUndefined();
+    expect(c.size).toBe(1);
+    expect(c.get("a")).toBeDefined();
+    expect(c.trimIdle(1)).toBe(0); // just served
+    now += 2;
+    expect(c.trimIdle(1)).toBe(1);
+    expect(c.size).toBe(0);
+    // A trimmed leaf is minted again on the next request.
+    let issued = 0;
+    const r = await c.obtain("t", "a", async () => (issued++, entry("t", now + 40 * DAY)));
+    expect([r.source, issued]).toEqual(["issued", 1]);
+  });
+
   it("drops a leaf once a tenth of its lifetime (at most an hour) is left", async () => {
     let now = 0;
     const c = new LeafCache({ now: () => now });

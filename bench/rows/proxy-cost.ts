@@ -1,0 +1,326 @@
+/**
+ * Row 10: what the proxy costs per request and per connection (issue 18). The same load
+ * generator and origin as row 3, directly and through the kmi proxy, in one run:
+ *   - throughput with 1 worker (2 workers once `kmi proxy --workers` exists);
+ *   - CPU µs per request of the proxy's processes against the origin's own (/proc utime + stime);
+ *   - p99 latency added;
+ *   - peak RSS per worker;
+ *   - new connections with full and with resumed TLS handshakes (session tickets), side by side;
+ *   - RSS and descriptors per idle HTTP/2 connection at two counts, and RSS after they close.
+ */
+import { setTimeout as sleep } from "node:timers/promises";
+import type { IdleResult, LoadResult, LoadSpec } from "../children/loadgen.js";
+import type { Child } from "../lib/child.js";
+import type { Env } from "../lib/env.js";
+import { count, ERROR_SHARE_LIMIT_TEXT, notJudgedReason, tallyFailures } from "../lib/failures.js";
+import { DEFAULT_HOST } from "../lib/hosts.js";
+import type { Destination } from "../lib/https-client.js";
+import { fdCount, processTree, rssBytes } from "../lib/proc.js";
+import { RowBuilder, type Figure } from "../lib/results.js";
+import { peakRss, resetPeakRss } from "../lib/serve.js";
+import { fmt } from "../lib/stats.js";
+import { proxyStack } from "./minting.js";
+import { profileProxy } from "./throughput.js";
+import { ROW_TITLES } from "./titles.js";
+
+/** Keep-alive loads: as row 3 (16 HTTP/1.1 connections; 4 h2 connections × 4 streams). */
+const LOADS = [
+  { key: "h1_1k", label: "HTTP/1.1 keep-alive, 1 KiB", mode: "h1", path: "/1k", target: true },
+  { key: "h1_1m", label: "HTTP/1.1 keep-alive, 1 MiB", mode: "h1", path: "/1m", target: true },
+  { key: "h2_1k", label: "HTTP/2 keep-alive, 1 KiB", mode: "h2", path: "/1k", target: false },
+] as const;
+
+type Load = (typeof LOADS)[number];
+type Via = "direct" | "kmi";
+
+/** Idle connections held open, per mode. */
+const IDLE_COUNTS = { quick: [40, 80], full: [1000, 5000] } as const;
+/** Idle connections opened at once. */
+const IDLE_CONCURRENCY = 16;
+
+/** One measured window. */
+type Window = LoadResult;
+
+const MIB = 2 ** 20;
+
+/** Runs row 10. */
+export async function runProxyCost(env: Env): Promise<RowBuilder> {
+  const idleCounts = IDLE_COUNTS[env.mode];
+  const row = new RowBuilder(
+    "10",
+    ROW_TITLES["10"]!,
+    `The load generator, origin and kmi proxy processes of row 3 (16 HTTP/1.1 keep-alive connections with one request in flight each, or 4 HTTP/2 connections × 4 streams; new connections: 16 at a time, one request each, CONNECT when proxied), directly to the origin and through the proxy, interleaved over the repeats. CPU per request is the utime + stime of the process and its descendants (/proc/<pid>/stat, every thread) over the measured window, divided by the requests that succeeded in it: the proxy's processes against the origin's own during the direct load. p99 added is p99 through kmi minus p99 direct, per repeat. New connections are measured with full handshakes and resumed ones (the client offers the latest TLS 1.3 session ticket it received), side by side. Idle connections: the load generator opens HTTP/2 connections (resuming the latest TLS session where it can; each answers one GET /1k, then stays open and idle; the bench proxy's idle timeout is 10 minutes) until ${count(idleCounts[0])} and then ${count(idleCounts[1])} are open; the proxy's RSS (VmRSS) and open descriptors, summed over its processes, are read before, 2 s after each count is reached (the bench proxy closes an idle connection's origin side after 1 s; 15 s by default), and 3 s after they all close; the origin's own figure comes from the same connections opened directly (${count(idleCounts[0])}). Peak RSS per worker is the VmHWM of each proxy process over the row.`,
+  );
+  const b = env.budget;
+  const { agent, origin, proxy } = await proxyStack(env);
+  const loadgen = await env.shared<{ pid: number }>("loadgen", () => ({}));
+  const pids = { proxy: proxy.info.pid, origin: origin.pid };
+  const o = { host: "127.0.0.1", port: origin.info.port };
+  const dest = (via: Via): Destination =>
+    via === "direct" ? { origin: o, servername: DEFAULT_HOST, ca: origin.info.caPem } : { proxy: { host: "127.0.0.1", port: proxy.info.port }, origin: o, servername: DEFAULT_HOST, ca: agent.info.rootPem };
+  const warmupMs = Math.min(500, Math.max(100, b.windowMs * 0.2));
+  const spec = (mode: LoadSpec["mode"], path: string, via: Via, extra: Partial<LoadSpec> = {}): LoadSpec => ({
+    mode,
+    dest: dest(via),
+    path,
+    connections: mode === "h2" ? 4 : 16,
+    ...(mode === "h2" ? { streams: 4 } : {}),
+    durationMs: b.windowMs,
+    warmupMs,
+    cpuPids: pids,
+    ...extra,
+  });
+  const run = (s: LoadSpec): Promise<Window> => loadgen.call<LoadResult>("run", s);
+
+  for (const p of processTree(pids.proxy)) await resetPeakRss(p);
+  const windows = new Map<string, Window[]>();
+  const add = (k: string, w: Window) => windows.set(k, [...(windows.get(k) ?? []), w]);
+  for (let r = 0; r < b.repeats; r++) {
+    for (const load of LOADS) {
+      for (const via of ["direct", "kmi"] as const) {
+        env.log(`cost ${load.key} via ${via} repeat ${r + 1}`);
+        add(`${load.key}:${via}`, await run(spec(load.mode, load.path, via)));
+      }
+    }
+    for (const resume of [false, true]) {
+      for (const via of ["direct", "kmi"] as const) {
+        env.log(`cost newconn ${resume ? "resumed" : "full"} via ${via} repeat ${r + 1}`);
+        add(`newconn_${resume ? "resumed" : "full"}:${via}`, await run(spec("newconn", "/1k", via, { resume })));
+      }
+    }
+  }
+
+  const missed: Load[] = [];
+  for (const load of LOADS) {
+    const judged = keepAliveFigures(row, load, windows.get(`${load.key}:direct`)!, windows.get(`${load.key}:kmi`)!);
+    if (judged === "missed") missed.push(load);
+  }
+  newConnectionFigures(row, windows);
+
+  const hwm: number[] = [];
+  for (const p of processTree(pids.proxy)) {
+    const v = await peakRss(p);
+    if (v !== undefined) hwm.push(v / MIB);
+  }
+  if (hwm.length > 0) row.figure("proxy.cost.rss_peak_worker", `peak RSS per proxy worker during the loads above (${hwm.length} process${hwm.length > 1 ? "es" : ""}: 1 worker)`, "MiB", hwm);
+  else row.notMeasured("proxy.cost.rss_peak_worker", "peak RSS per proxy worker", "/proc/<pid>/status has no VmHWM here");
+
+  try {
+    await idleFigures(env, row, loadgen, dest, pids, idleCounts);
+  } catch (err) {
+    // The figures above stand; the run fails with the reason.
+    await loadgen.call("idle:close", undefined, 120_000).catch(() => undefined);
+    row.notMeasured("proxy.cost.idle", "RSS and descriptors per idle connection", `the benchmark failed: ${(err as Error).message}`);
+    row.fail(`idle connections: ${(err as Error).message}`);
+  }
+
+  scalingNote(row);
+  if (missed.length > 0 && env.profile) {
+    for (const load of missed) {
+      const summary = await profileProxy(env, proxy, spec(load.mode, load.path, "kmi"), load, loadgen);
+      row.note(`CPU profile of the kmi proxy process under "${load.label}" (V8 sampling profiler, self time): ${summary}`);
+    }
+  }
+  return row;
+}
+
+/** Sums of a figure's windows; undefined when too many requests failed (and the reason is recorded). */
+function judge(row: RowBuilder, label: string, ws: readonly Window[]): string | undefined {
+  const t = tallyFailures(ws);
+  if (t.bad === 0) return undefined;
+  const why = notJudgedReason(t, ws.length);
+  row.fail(`${label}: ${why}`);
+  return why;
+}
+
+/** CPU µs per successful request of process `who` in each window; undefined where /proc had nothing. */
+function cpuPerRequest(ws: readonly Window[], who: "proxy" | "origin"): number[] | undefined {
+  const out: number[] = [];
+  for (const w of ws) {
+    const s = w.cpu?.[who];
+    if (s === undefined || w.ops === 0) return undefined;
+    out.push((s * 1e6) / w.ops);
+  }
+  return out;
+}
+
+/** Throughput (1 and 2 workers), CPU per request and p99 added of one keep-alive load; "missed" when a target is missed. */
+function keepAliveFigures(row: RowBuilder, load: Load, direct: readonly Window[], kmi: readonly Window[]): "met" | "missed" | "not judged" {
+  const dLabel = `${load.label}, directly to the origin`;
+  const kLabel = `${load.label}, through kmi, 1 worker`;
+  const dWhy = judge(row, dLabel, direct);
+  const kWhy = judge(row, kLabel, kmi);
+  const lat = (ws: readonly Window[]) => ({ p50: ws.map((w) => w.p50), p99: ws.map((w) => w.p99) });
+  const fd = row.figure(`proxy.cost.${load.key}.direct`, dLabel, "req/s", direct.map((w) => w.perSecond), lat(direct), true);
+  const fk = row.figure(`proxy.cost.${load.key}.kmi1`, kLabel, "req/s", kmi.map((w) => w.perSecond), lat(kmi));
+  if (dWhy !== undefined) row.notJudged(fd, dWhy);
+  if (kWhy !== undefined) row.notJudged(fk, kWhy);
+  row.notMeasured(
+    `proxy.cost.${load.key}.workers2`,
+    `${load.label}, through kmi, 2 workers`,
+    "pending: `kmi proxy --workers` is not on this branch yet (issue 18, branch workers); measured once it is merged",
+  );
+  if (dWhy !== undefined || kWhy !== undefined) return "not judged";
+  const ratio = row.ratio(fk, fd, "of direct");
+  const met = !load.target || row.target(fk, "≥ 40% of direct", ratio >= 0.4);
+
+  const originCpu = cpuPerRequest(direct, "origin");
+  const proxyCpu = cpuPerRequest(kmi, "proxy");
+  if (originCpu !== undefined && proxyCpu !== undefined) {
+    const fo = row.figure(`proxy.cost.${load.key}.cpu_origin`, `${load.label}: CPU per request of the origin itself (direct load)`, "µs", originCpu, undefined, true);
+    const fp = row.figure(`proxy.cost.${load.key}.cpu_kmi`, `${load.label}: CPU per request of the kmi proxy's processes`, "µs", proxyCpu);
+    row.ratio(fp, fo, "of the origin's own");
+  } else {
+    row.notMeasured(`proxy.cost.${load.key}.cpu`, `${load.label}: CPU per request`, "/proc/<pid>/stat is not readable here");
+  }
+  const added = kmi.map((w, i) => w.p99 - direct[i]!.p99);
+  row.figure(`proxy.cost.${load.key}.p99_added`, `${load.label}: p99 latency added by kmi (p99 through kmi − p99 direct, per repeat)`, "ms", added);
+  return met ? "met" : "missed";
+}
+
+/** New connections, full and resumed handshakes, directly and through kmi. */
+function newConnectionFigures(row: RowBuilder, windows: ReadonlyMap<string, Window[]>): void {
+  const figs: Record<string, Figure> = {};
+  for (const kind of ["full", "resumed"] as const) {
+    for (const via of ["direct", "kmi"] as const) {
+      const ws = windows.get(`newconn_${kind}:${via}`)!;
+      const label = `new TLS connections (1 request each, 1 KiB), ${kind === "full" ? "full handshakes" : "resumed (session tickets)"}, ${via === "direct" ? "directly to the origin" : "through kmi, 1 worker"}`;
+      const why = judge(row, label, ws);
+      const f = row.figure(`proxy.cost.newconn_${kind}.${via}`, label, "conn/s", ws.map((w) => w.perSecond), { p50: ws.map((w) => w.p50), p99: ws.map((w) => w.p99) }, via === "direct");
+      if (why !== undefined) row.notJudged(f, why);
+      figs[`${kind}:${via}`] = f;
+      if (kind === "resumed") {
+        const resumed = ws.reduce((n, w) => n + (w.resumed ?? 0), 0);
+        const ops = ws.reduce((n, w) => n + w.ops, 0);
+        const share = ops > 0 ? resumed / ops : 0;
+        row.note(`${label}: ${count(resumed)} of ${count(ops)} measured connections resumed their TLS session (${fmt(share * 100)}%).`);
+        if (via === "kmi" && why === undefined) row.target(f, "resumes ≥ 90% of connections", share >= 0.9, `${fmt(share * 100)}% resumed: ${share >= 0.9 ? "met" : "MISSED"}`);
+      }
+    }
+  }
+  const ok = (k: string) => figs[k]!.notJudged === undefined;
+  if (ok("full:kmi") && ok("full:direct")) row.ratio(figs["full:kmi"]!, figs["full:direct"]!, "of direct full");
+  if (ok("resumed:kmi") && ok("resumed:direct")) row.ratio(figs["resumed:kmi"]!, figs["resumed:direct"]!, "of direct resumed");
+  if (ok("resumed:kmi") && ok("full:kmi")) row.ratio(figs["resumed:kmi"]!, figs["full:kmi"]!, "of kmi full");
+  const cpu = (k: string, who: "proxy" | "origin") => cpuPerRequest(windows.get(k)!, who);
+  const full = cpu("newconn_full:kmi", "proxy");
+  const resumed = cpu("newconn_resumed:kmi", "proxy");
+  const originFull = cpu("newconn_full:direct", "origin");
+  if (full !== undefined && resumed !== undefined && originFull !== undefined && ok("full:kmi") && ok("resumed:kmi")) {
+    const fo = row.figure("proxy.cost.newconn.cpu_origin", "new connection, full handshake: CPU of the origin itself (direct)", "µs", originFull, undefined, true);
+    const ff = row.figure("proxy.cost.newconn_full.cpu_kmi", "new connection, full handshake: CPU of the kmi proxy's processes", "µs", full);
+    const fr = row.figure("proxy.cost.newconn_resumed.cpu_kmi", "new connection, resumed: CPU of the kmi proxy's processes", "µs", resumed);
+    row.ratio(ff, fo, "of the origin's own");
+    row.ratio(fr, ff, "of a full handshake through kmi");
+  }
+}
+
+/** RSS (summed) and descriptors of `pid` and its descendants now. */
+function footprint(pid: number): { rss: number; fds: number } | undefined {
+  let rss = 0;
+  let fds = 0;
+  for (const p of processTree(pid)) {
+    const r = rssBytes(p);
+    const f = fdCount(p);
+    if (r === undefined || f === undefined) return undefined;
+    rss += r;
+    fds += f;
+  }
+  return { rss, fds };
+}
+
+/** Idle HTTP/2 connections: RSS and descriptors per connection at each count, and RSS after they close. */
+async function idleFigures(
+  env: Env,
+  row: RowBuilder,
+  loadgen: Child<{ pid: number }>,
+  dest: (via: Via) => Destination,
+  pids: { proxy: number; origin: number },
+  counts: readonly number[],
+): Promise<void> {
+  const open = async (via: Via, n: number): Promise<void> => {
+    env.log(`idle: opening ${count(n)} h2 connections ${via === "kmi" ? "through kmi" : "directly"}`);
+    const r = await loadgen.call<IdleResult>("idle:open", { dest: dest(via), count: n, concurrency: IDLE_CONCURRENCY, path: "/1k" }, 600_000);
+    if (r.open < n) throw new Error(`idle connections ${via === "kmi" ? "through kmi" : "directly"}: ${count(r.open)} of ${count(n)} open (${count(r.errors)} failed; first error: ${r.firstError ?? "none"})`);
+  };
+  const close = async (): Promise<void> => {
+    await loadgen.call("idle:close", undefined, 120_000);
+  };
+  // Past the bench proxy's origin idle timeout (1 s): idle connections in their steady state.
+  const settle = () => sleep(env.mode === "quick" ? 1500 : 2000);
+
+  // The origin's own cost of the same connections, opened directly.
+  const o0 = footprint(pids.origin);
+  await open("direct", counts[0]!);
+  await settle();
+  const o1 = footprint(pids.origin);
+  await close();
+  if (o0 === undefined || o1 === undefined) {
+    row.notMeasured("proxy.cost.idle", "RSS and descriptors per idle connection", "/proc/<pid>/status or /proc/<pid>/fd is not readable here");
+    return;
+  }
+  const originKb = row.figure("proxy.cost.idle.origin_rss", `RSS per idle h2 connection of the origin itself (node:http2 server), ${count(counts[0]!)} open directly`, "KB", [(o1.rss - o0.rss) / 1000 / counts[0]!], undefined, true);
+
+  await sleep(env.mode === "quick" ? 300 : 2000);
+  const before = footprint(pids.proxy)!;
+  let peak = before;
+  for (const n of counts) {
+    await open("kmi", n);
+    await settle();
+    const now = footprint(pids.proxy)!;
+    peak = now;
+    const kb = row.figure(`proxy.cost.idle.rss_${n}`, `RSS per idle h2 connection through kmi, ${count(n)} open`, "KB", [(now.rss - before.rss) / 1000 / n]);
+    // A difference of two RSS readings: at small counts the heap's own growth and GC can outweigh it.
+    if (kb.value.median > 0 && originKb.value.median > 0) row.ratio(kb, originKb, "of the origin's own");
+    row.target(kb, "≤ 50 KB", kb.value.median <= 50);
+    row.figure(`proxy.cost.idle.fds_${n}`, `descriptors per idle h2 connection through kmi, ${count(n)} open`, "fds", [(now.fds - before.fds) / n]);
+    row.note(`${count(n)} idle connections through kmi: the proxy's RSS ${fmt(now.rss / MIB)} MiB (${fmt(before.rss / MIB)} MiB before), ${count(now.fds)} descriptors (${count(before.fds)} before).`);
+  }
+  await close();
+  await sleep(env.mode === "quick" ? 1000 : 3000);
+  const after = footprint(pids.proxy)!;
+  const last = counts[counts.length - 1]!;
+  const fPeak = row.figure("proxy.cost.idle.rss_peak", `RSS of the proxy with ${count(last)} idle connections open (${fmt(before.rss / MIB)} MiB before they opened)`, "MiB", [peak.rss / MIB], undefined, true);
+  const fAfter = row.figure("proxy.cost.idle.rss_after", `RSS of the proxy 3 s after every idle connection closed`, "MiB", [after.rss / MIB]);
+  row.ratio(fAfter, fPeak, "of the peak");
+  row.note(`After the idle connections closed: ${count(after.fds)} descriptors open in the proxy (${count(before.fds)} before they opened).`);
+}
+
+/** Assumed share of the extra workers' CPU that turns into throughput (not measured until the 2-worker rows exist). */
+const SCALING_EFFICIENCY = 0.8;
+/** Cores of the machine the extrapolation is for, and the workers it would run. */
+const TARGET_CORES = 16;
+const TARGET_WORKERS = 15;
+
+/**
+ * How throughput grows with cores, extrapolated from this run's CPU per request (a figure per
+ * core-second, then times the workers), with its assumptions written out.
+ */
+function scalingNote(row: RowBuilder): void {
+  const med = (id: string): number | undefined => {
+    const f = row.result.figures.find((x) => x.id === id);
+    return f === undefined || f.notJudged !== undefined ? undefined : f.value.median;
+  };
+  const parts: string[] = [];
+  const perCore = (us: number | undefined) => (us === undefined || !(us > 0) ? undefined : 1e6 / us);
+  const line = (what: string, us: number | undefined, unit: string) => {
+    const c = perCore(us);
+    if (c === undefined) return;
+    const at16 = c * TARGET_WORKERS * SCALING_EFFICIENCY;
+    parts.push(`${what}: ${fmt(us!)} µs of proxy CPU each, so one busy core serves ~${fmt(c)} ${unit} and ${TARGET_CORES} cores ~${fmt(at16)} ${unit}`);
+  };
+  line("HTTP/1.1 keep-alive 1 KiB", med("proxy.cost.h1_1k.cpu_kmi"), "req/s");
+  line("HTTP/1.1 keep-alive 1 MiB", med("proxy.cost.h1_1m.cpu_kmi"), "req/s");
+  line("HTTP/2 1 KiB", med("proxy.cost.h2_1k.cpu_kmi"), "req/s");
+  line("new connections, full handshake", med("proxy.cost.newconn_full.cpu_kmi"), "conn/s");
+  line("new connections, resumed", med("proxy.cost.newconn_resumed.cpu_kmi"), "conn/s");
+  if (parts.length === 0) return;
+  row.note(
+    `How throughput grows with cores (an extrapolation from this run's CPU per request, not a measurement): ${parts.join("; ")}. ` +
+      `Assumptions: the proxy's CPU per request does not change with the number of workers (each worker serves its own connections; leaves and ticket keys are shared, so only a new host's first leaf involves more than one worker); ` +
+      `the ${TARGET_CORES}-core machine runs ${TARGET_WORKERS} workers (one core left to the kernel's network stack, the key agent and the primary) and nothing else (origins and clients elsewhere, unlike this run, where the load generator and the origin share the cores); ` +
+      `${SCALING_EFFICIENCY * 100}% of each added worker's CPU turns into throughput (an assumption for the kernel's shared socket and memory bandwidth costs, until the 2-worker rows measure it); ` +
+      `CPU is the limit (a 1 MiB row at ~${fmt((perCore(med("proxy.cost.h1_1m.cpu_kmi")) ?? 0) * TARGET_WORKERS * SCALING_EFFICIENCY * 8 / 1024)} Gbit/s each way must also fit the NIC).`,
+  );
+}
+
