@@ -22,7 +22,7 @@ import { fileURLToPath } from "node:url";
 import { Env } from "./lib/env.js";
 import { describeMachine, renderMarkdown, renderText, rowHeading } from "./lib/report.js";
 import { RowBuilder, type RowResult } from "./lib/results.js";
-import { ROW_TITLES, runIcap, runKdc, runMinting, runRotation, runSigning, runStore, runThroughput } from "./rows/index.js";
+import { ROW_TITLES, runIcap, runKdc, runMinting, runReplicas, runRotation, runSigning, runStore, runThroughput } from "./rows/index.js";
 
 interface Args {
   quick: boolean;
@@ -73,6 +73,7 @@ const ROWS: { id: string; run: (env: Env) => Promise<RowBuilder> }[] = [
   { id: "5", run: runKdc },
   { id: "6", run: runIcap },
   { id: "7", run: runStore },
+  { id: "8", run: runReplicas },
 ];
 
 async function main(): Promise<number> {

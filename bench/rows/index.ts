@@ -6,5 +6,6 @@ export { runRotation } from "./rotation.js";
 export { runKdc } from "./kdc.js";
 export { runIcap } from "./icap.js";
 export { runStore } from "./store.js";
+export { runReplicas } from "./replicas.js";
 
 export { ROW_TITLES } from "./titles.js";

@@ -7,4 +7,5 @@ export const ROW_TITLES: Readonly<Record<string, string>> = {
   "5": "KDC: Certificate menu and secret releases",
   "6": "Proxy with ICAP scanning",
   "7": "Store: conditional batches on LevelDB and on etcd",
+  "8": "KDC replicas on etcd: rotation fan-out and the Certificate menu",
 };
