@@ -25,7 +25,7 @@ import { ROW_TITLES } from "./titles.js";
 
 /** KDC replicas on etcd. */
 const REPLICAS = 3;
-/** Watch sessions of the rotation figures: the issue's 5,000 on a full run, a few under `--quick` (npm test's smoke run). */
+/** Watch sessions of the rotation figures: the issue's 5,000 on a full run, a few under `--quick` (npm test's smoke run); `--sessions N` sets another. */
 const SESSIONS = { full: 5000, quick: 30 } as const;
 /** Sessions opened before their snapshots are awaited (the listen backlog is 511). */
 const WAVE = 250;
@@ -114,7 +114,7 @@ async function rotateOnce(admin: LeanClient, sessions: Session[], label: string)
 /** Opens `n` sessions over `replicas` replicas of `mesh`, runs `rotations` rotations (made on each replica in turn), closes them. */
 async function rotationRun(env: Env, mesh: Mesh, m: Machine, admins: LeanClient[], n: number, rotations: number, label: string): Promise<RotationSample[]> {
   env.log(`replicas: opening ${n} watch sessions on ${label}`);
-  const sessions = await openSessions(mesh, m, n, { replicas: admins.length, wave: WAVE });
+  const sessions = await openSessions(mesh, m, n, { replicas: admins.length, wave: WAVE, waveTimeoutMs: 120_000, log: (line) => env.log(`replicas: ${line}`) });
   try {
     const out: RotationSample[] = [];
     for (let r = 0; r < rotations; r++) out.push(await rotateOnce(admins[r % admins.length]!, sessions, `${label}, rotation ${r + 1}`));
@@ -126,7 +126,7 @@ async function rotationRun(env: Env, mesh: Mesh, m: Machine, admins: LeanClient[
 
 /** Runs row 8. */
 export async function runReplicas(env: Env): Promise<RowBuilder> {
-  const sessions = env.mode === "quick" ? SESSIONS.quick : SESSIONS.full;
+  const sessions = env.sessions ?? (env.mode === "quick" ? SESSIONS.quick : SESSIONS.full);
   const row = new RowBuilder(
     "8",
     ROW_TITLES["8"]!,
@@ -154,6 +154,7 @@ export async function runReplicas(env: Env): Promise<RowBuilder> {
     const fHa = fig("replicas.rotation.etcd", `${sessions.toLocaleString("en-US")} watch sessions over ${REPLICAS} KDC replicas (etcd): until the last one holds the new version (max)`, spread);
     row.ratio(fHa, fLevel, "of one LevelDB KDC");
     if (sessions === SESSIONS.full) row.target(fHa, "< 2 s p99 at 5,000 sessions over 3 replicas", fHa.p99!.median < 2000);
+    else row.note(`Measured with ${sessions.toLocaleString("en-US")} sessions, not the 5,000 of issue 13's goal (p99 < 2 s), which is therefore not judged here.`);
     const med = (xs: number[]) => percentiles(xs, [0.5])[0]!;
     row.note(`ActivateVersion itself returned after ${fmt(med(base.map((x) => x.activateMs)))} ms on the LevelDB KDC and ${fmt(med(spread.map((x) => x.activateMs)))} ms on an etcd replica (medians over ${rotations} rotations).`);
 

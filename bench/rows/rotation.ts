@@ -35,11 +35,14 @@ export interface Session {
  * `i % replicas` (default 1 replica); with `wave`, at most that many are opened before their
  * snapshots arrive (thousands at once would overflow the servers' listen backlogs).
  */
-export async function openSessions(mesh: Mesh, m: Machine, n: number, opts: { replicas?: number; wave?: number } = {}): Promise<Session[]> {
+export async function openSessions(mesh: Mesh, m: Machine, n: number, opts: { replicas?: number; wave?: number; waveTimeoutMs?: number; log?: (line: string) => void } = {}): Promise<Session[]> {
   const all: Session[] = [];
   const wave = opts.wave ?? n;
   try {
-    for (let from = 0; from < n; from += wave) all.push(...(await openWave(mesh, m, from, Math.min(n, from + wave), opts.replicas ?? 1)));
+    for (let from = 0; from < n; from += wave) {
+      if (from > 0) opts.log?.(`${from} of ${n} sessions open`);
+      all.push(...(await openWave(mesh, m, from, Math.min(n, from + wave), opts.replicas ?? 1, opts.waveTimeoutMs ?? 30_000)));
+    }
   } catch (err) {
     closeSessions(all);
     throw err;
@@ -47,7 +50,7 @@ export async function openSessions(mesh: Mesh, m: Machine, n: number, opts: { re
   return all;
 }
 
-async function openWave(mesh: Mesh, m: Machine, from: number, to: number, replicas: number): Promise<Session[]> {
+async function openWave(mesh: Mesh, m: Machine, from: number, to: number, replicas: number, timeoutMs: number): Promise<Session[]> {
   const n = to - from;
   const sessions: Session[] = [];
   const snapshots: Promise<void>[] = [];
@@ -77,7 +80,7 @@ async function openWave(mesh: Mesh, m: Machine, from: number, to: number, replic
     );
     sessions.push(s);
   }
-  const timeout = new Promise<never>((_, rej) => setTimeout(() => rej(new Error(`not every one of ${n} sessions got its snapshot within 30 s`)), 30_000).unref());
+  const timeout = new Promise<never>((_, rej) => setTimeout(() => rej(new Error(`not every one of ${n} sessions got its snapshot within ${timeoutMs / 1000} s`)), timeoutMs).unref());
   await Promise.race([Promise.all(snapshots), timeout]);
   return sessions;
 }
