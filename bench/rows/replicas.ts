@@ -29,8 +29,12 @@ const REPLICAS = 3;
 const SESSIONS = { full: 5000, quick: 30 } as const;
 /** Sessions opened before their snapshots are awaited (the listen backlog is 511). */
 const WAVE = 250;
-/** The tenant whose version list grows with CreateVersion, on each setup. */
-const MENU_TENANT = "menu-replicas";
+/**
+ * The tenants whose version lists grow with CreateVersion, on each setup: calls take them in
+ * turn, so 16 in flight are mostly on different tenants (16 on one tenant conflict with each
+ * other: that is row 4's concurrent rotation, not the store's cost).
+ */
+const MENU_TENANTS = Array.from({ length: 16 }, (_, i) => `menu-replicas-${String(i).padStart(2, "0")}`);
 /** The tenant the reads read, with 3 versions on each setup (the bench tenant's list differs: rotations add to it). */
 const READ_TENANT = "read-replicas";
 
@@ -130,7 +134,7 @@ export async function runReplicas(env: Env): Promise<RowBuilder> {
   const row = new RowBuilder(
     "8",
     ROW_TITLES["8"]!,
-    `A 3-member etcd cluster on 127.0.0.1 (the system's etcd, TLS with client certificates; the cluster of row 7), ${REPLICAS} \`kmi kdc --store etcd\` replicas on it (replica i given every member, starting with member i) and a \`kmi audit\`, as processes; baseline: the one LevelDB KDC of rows 4 and 5, in the same run. Rotation: one enrolled, attested machine opens ${sessions.toLocaleString("en-US")} DistributionService.WatchSecrets sessions from the bench process, each on a mutual-TLS connection of its own (in waves of ${WAVE}), spread round-robin over the replicas (all on the one KDC for the baseline); a tenant admin creates a KMI-signed version (not timed) and activates it, each rotation on the next replica; the clock starts as ActivateVersion is sent and stops, per session, when its ACTIVATED event naming the new key arrives. Per rotation p50, p99 and max over the sessions; figures are medians over the rotations. Certificate menu: the operations of row 5 (a tenant admin, 1 or 16 calls in flight) against one etcd replica and against the LevelDB KDC, interleaved.`,
+    `A 3-member etcd cluster on 127.0.0.1 (the system's etcd, TLS with client certificates; the cluster of row 7), ${REPLICAS} \`kmi kdc --store etcd\` replicas on it (replica i given every member, starting with member i) and a \`kmi audit\`, as processes; baseline: the one LevelDB KDC of rows 4 and 5, in the same run. Rotation: one enrolled, attested machine opens ${sessions.toLocaleString("en-US")} DistributionService.WatchSecrets sessions from the bench process, each on a mutual-TLS connection of its own (in waves of ${WAVE}), spread round-robin over the replicas (all on the one KDC for the baseline); a tenant admin creates a KMI-signed version (not timed) and activates it, each rotation on the next replica; the clock starts as ActivateVersion is sent and stops, per session, when its ACTIVATED event naming the new key arrives. Per rotation p50, p99 and max over the sessions; figures are medians over the rotations. Certificate menu: the operations of row 5, 1 or 16 calls in flight, against one etcd replica and against the LevelDB KDC, interleaved: CreateVersion by the operator on 16 tenants of its own taken in turn (16 on one tenant would measure their conflicts), ListVersions and GetCaCertificates by a tenant admin of a tenant with 3 versions.`,
   );
   const b = env.budget;
   const level = await meshOf(env);
@@ -192,20 +196,21 @@ export async function runReplicas(env: Env): Promise<RowBuilder> {
   return row;
 }
 
-/** The Certificate-menu calls on each setup: a tenant of its own for CreateVersion, another with 3 versions for the reads. */
+/** The Certificate-menu calls on each setup: tenants of their own for CreateVersion, another with 3 versions for the reads. */
 async function menuOps(level: Mesh, ha: Mesh, clients: LeanClient[]): Promise<Record<string, { level: () => Promise<unknown>; etcd: () => Promise<unknown>; c: number[] }>> {
   const setUp = async (mesh: Mesh) => {
     const op = mesh.kdcClient();
     try {
-      for (const tenantId of [MENU_TENANT, READ_TENANT]) await op.unary(KdcAdminService.method.createTenant, { tenantId, displayName: "bench (replicas)", bootstrapKmiSigned: true });
-      const tok = await op.unary(KdcAdminService.method.createToken, { role: Role.TENANT_ADMIN, tenantId: MENU_TENANT, description: "bench replicas", ttlSeconds: 3600n });
+      for (const tenantId of [...MENU_TENANTS, READ_TENANT]) await op.unary(KdcAdminService.method.createTenant, { tenantId, displayName: "bench (replicas)", bootstrapKmiSigned: true });
       const read = await op.unary(KdcAdminService.method.createToken, { role: Role.TENANT_ADMIN, tenantId: READ_TENANT, description: "bench replicas", ttlSeconds: 3600n });
-      const menuAdmin = mesh.kdcClient(tok.secret);
+      // The operator's token: it may act on every menu tenant (authorization is the same check).
+      const menuAdmin = mesh.kdcClient();
       const admin = mesh.kdcClient(read.secret);
       clients.push(menuAdmin, admin);
+      let turn = 0;
       for (let i = 0; i < 2; i++) await admin.unary(KdcService.method.createVersion, { tenantId: READ_TENANT, signer: Signer.KMI_ROOT, keyAlgorithm: KeyAlgorithm.ECDSA_P256, subject: { commonName: `read bench v${i + 2}` }, validityDays: 365 });
       return {
-        create: () => menuAdmin.unary(KdcService.method.createVersion, { tenantId: MENU_TENANT, signer: Signer.KMI_ROOT, keyAlgorithm: KeyAlgorithm.ECDSA_P256, subject: { commonName: "menu bench" }, validityDays: 365 }),
+        create: () => menuAdmin.unary(KdcService.method.createVersion, { tenantId: MENU_TENANTS[turn++ % MENU_TENANTS.length]!, signer: Signer.KMI_ROOT, keyAlgorithm: KeyAlgorithm.ECDSA_P256, subject: { commonName: "menu bench" }, validityDays: 365 }),
         list: () => admin.unary(KdcService.method.listVersions, { tenantId: READ_TENANT }),
         getca: () => admin.unary(KdcService.method.getCaCertificates, { tenantId: READ_TENANT, format: CertificateFormat.PEM }),
       };
