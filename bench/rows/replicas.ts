@@ -117,6 +117,8 @@ async function rotateOnce(admin: LeanClient, sessions: Session[], label: string)
 
 /** Opens `n` sessions over `replicas` replicas of `mesh`, runs `rotations` rotations (made on each replica in turn), closes them. */
 async function rotationRun(env: Env, mesh: Mesh, m: Machine, admins: LeanClient[], n: number, rotations: number, label: string): Promise<RotationSample[]> {
+  // A fresh token: a stream ends when its token does, and opening thousands of sessions takes minutes.
+  await mesh.attest(m);
   env.log(`replicas: opening ${n} watch sessions on ${label}`);
   const sessions = await openSessions(mesh, m, n, { replicas: admins.length, wave: WAVE, waveTimeoutMs: 120_000, log: (line) => env.log(`replicas: ${line}`) });
   try {
@@ -141,7 +143,6 @@ export async function runReplicas(env: Env): Promise<RowBuilder> {
   const ha = await haMeshOf(env);
   const levelMachine = await machineOf(env, level);
   const haMachine = await env.memo("ha-machine", () => ha.enrollMachine(KDC_GROUP, "bench-proxy-ha"), async () => {});
-  await level.attest(levelMachine);
   const clients: LeanClient[] = [];
   try {
     const levelAdmins = await tenantAdmins(level, 1);
