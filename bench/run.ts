@@ -9,6 +9,7 @@
  *   --profile      take CPU profiles where a target is missed (default on a full run)
  *   --no-profile   never profile
  *   --quiet        no progress lines
+ *   --sessions N   row 9: watch sessions over the replicas (default 5000; 30 with --quick), 1 to 20000
  *
  * Every server it starts listens on loopback or a temp Unix socket and is stopped at the end.
  * It exits 1 when any row fails (a server that does not start, calls that fail, requests through
@@ -22,7 +23,7 @@ import { fileURLToPath } from "node:url";
 import { Env } from "./lib/env.js";
 import { describeMachine, renderMarkdown, renderText, rowHeading } from "./lib/report.js";
 import { RowBuilder, type RowResult } from "./lib/results.js";
-import { ROW_TITLES, runIcap, runKdc, runMinting, runRotation, runSigning, runStore, runThroughput, runFailover, runProxyCost } from "./rows/index.js";
+import { ROW_TITLES, runIcap, runKdc, runMinting, runRotation, runSigning, runStore, runThroughput, runFailover, runProxyCost, runReplicas } from "./rows/index.js";
 
 interface Args {
   quick: boolean;
@@ -31,10 +32,11 @@ interface Args {
   out: string | undefined;
   profile: boolean | undefined;
   quiet: boolean;
+  sessions: number | undefined;
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { quick: false, json: false, only: undefined, out: undefined, profile: undefined, quiet: false };
+  const a: Args = { quick: false, json: false, only: undefined, out: undefined, profile: undefined, quiet: false, sessions: undefined };
   for (let i = 0; i < argv.length; i++) {
     const v = argv[i]!;
     const value = (): string => {
@@ -51,8 +53,13 @@ function parseArgs(argv: string[]): Args {
     else if (v === "--quiet") a.quiet = true;
     else if (v.startsWith("--only")) a.only = new Set(value().split(",").map((s) => s.trim()));
     else if (v.startsWith("--out")) a.out = value();
+    else if (v.startsWith("--sessions")) {
+      const n = Number(value());
+      if (!Number.isInteger(n) || n < 1 || n > 20_000) throw new Error("--sessions: give a whole number from 1 to 20000");
+      a.sessions = n;
+    }
     else if (v === "--help" || v === "-h") {
-      process.stdout.write("usage: npm run bench -- [--quick] [--json] [--only 1,2,...] [--out FILE] [--profile|--no-profile] [--quiet]\n");
+      process.stdout.write("usage: npm run bench -- [--quick] [--json] [--only 1,2,...] [--out FILE] [--profile|--no-profile] [--quiet] [--sessions N]\n");
       process.exit(0);
     } else throw new Error(`unknown argument ${v}; see --help`);
   }
@@ -74,6 +81,7 @@ const ROWS: { id: string; run: (env: Env) => Promise<RowBuilder> }[] = [
   { id: "6", run: runIcap },
   { id: "7", run: runStore },
   { id: "8", run: runFailover },
+  { id: "9", run: runReplicas },
   { id: "10", run: runProxyCost },
 ];
 
@@ -83,7 +91,7 @@ async function main(): Promise<number> {
   process.stderr.on("error", () => {});
   const args = parseArgs(process.argv.slice(2));
   const mode = args.quick ? "quick" : "full";
-  const env = await Env.create(mode, !args.quiet, args.profile ?? mode === "full");
+  const env = await Env.create(mode, !args.quiet, args.profile ?? mode === "full", args.sessions);
   const machine = describeMachine();
   const print = (s: string) => (args.json ? process.stderr : process.stdout).write(s);
   if (mode === "full" && machine.loadBefore[0]! > 1.5) {
@@ -100,7 +108,7 @@ async function main(): Promise<number> {
   process.once("SIGINT", onSignal);
   process.once("SIGTERM", onSignal);
   // Bounded in time whatever happens: a hung server stops the run, not the machine.
-  const limitS = mode === "quick" ? 240 : 1200;
+  const limitS = mode === "quick" ? 300 : 1800;
   const watchdog = setTimeout(() => {
     process.stderr.write(`bench: still running after ${limitS} s; stopping every server and giving up\n`);
     void stopAll().finally(() => process.exit(1));

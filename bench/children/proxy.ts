@@ -2,9 +2,9 @@
  * The kmi proxy under test, in its own process: the real ProxyServer (src/proxy) on
  * 127.0.0.1:0, talking to the bench's agent process over its Unix socket, trusting the bench
  * origin CA, access log to a file, new-host rate limit off (the minting row asks for hundreds
- * of new hosts from one client on purpose), idle timeout 10 minutes (row 8 holds thousands of
+ * of new hosts from one client on purpose), idle timeout 10 minutes (row 10 holds thousands of
  * idle connections open while it opens more), idle origin sides closed after 1 s (15 s by
- * default: row 8 reads the memory of idle connections after 2 s, not 15).
+ * default: row 10 reads the memory of idle connections after 2 s, not 15).
  *
  * The proxy has no timing hooks, so the steps of a new-host connection are timed by wrapping
  * what the server's context hands its interceptor: the origin connector (origin TLS

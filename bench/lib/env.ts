@@ -40,13 +40,15 @@ export class Env {
     readonly verbose: boolean,
     /** Take a CPU profile where a target is missed. */
     readonly profile: boolean,
+    /** Watch sessions of the rotation fan-out over replicas (row 9), when not its default (`--sessions`). */
+    readonly sessions: number | undefined,
   ) {}
 
   /** Makes the temp directory. */
-  static async create(mode: "quick" | "full", verbose: boolean, profile: boolean): Promise<Env> {
+  static async create(mode: "quick" | "full", verbose: boolean, profile: boolean, sessions?: number): Promise<Env> {
     // Short path: Unix socket paths are limited to 107 bytes.
     const dir = await mkdtemp(join(tmpdir(), "kmi-bench-"));
-    return new Env(mode, BUDGETS[mode], dir, verbose, profile);
+    return new Env(mode, BUDGETS[mode], dir, verbose, profile, sessions);
   }
 
   /** The helper process `name`, started once with `config` (later calls share it). */

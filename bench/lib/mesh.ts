@@ -2,7 +2,8 @@
  * A real KDC and Auditserver for the KDC rows: `kmi kdc init` + `kmi kdc` and `kmi audit init`
  * + `kmi audit` (dist/cmd/kmi.js) on 127.0.0.1 port 0 with temp data dirs; an operator's
  * clients; a tenant bootstrapped KMI-signed; a machine group with approved measurements; and
- * machines that enroll with a join token and attest, as the key agent does.
+ * machines that enroll with a join token and attest, as the key agent does. With
+ * `MeshOptions.replicas` and store flags (`--store etcd …`), several KDC replicas share one store.
  */
 import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { createHash, generateKeyPairSync, type KeyObject } from "node:crypto";
@@ -87,11 +88,20 @@ export interface Machine {
   tokenExpiresAt: number;
 }
 
+/** Options of `Mesh.start`. */
+export interface MeshOptions {
+  /** KDC replicas (default 1); more than one needs a shared store in `kdcStoreFlags`. */
+  replicas?: number;
+  /** Store flags of `kmi kdc init` and of replica `i` (e.g. `--store etcd --etcd-endpoints …`); default LevelDB. */
+  kdcStoreFlags?: (replica: number) => string[];
+}
+
 /** KDC + Auditserver, running, with an operator. */
 export class Mesh {
   private constructor(
     readonly dir: string,
-    readonly kdc: ServerProcess,
+    /** Every KDC replica; `kdc` is the first. */
+    readonly kdcs: ServerProcess[],
     readonly audit: ServerProcess,
     /** Infrastructure CA, PEM. */
     readonly caPem: string,
@@ -99,14 +109,20 @@ export class Mesh {
     readonly token: string,
   ) {}
 
+  /** The first KDC replica. */
+  get kdc(): ServerProcess {
+    return this.kdcs[0]!;
+  }
+
   /** Inits and starts both servers under `dir`. */
-  static async start(dir: string): Promise<Mesh> {
+  static async start(dir: string, options: MeshOptions = {}): Promise<Mesh> {
     const kdcData = join(dir, "kdc");
     const auditData = join(dir, "audit");
     const tokenFile = join(dir, "operator.token");
-    await run(process.execPath, [KMI, "kdc", "init", "--data-dir", kdcData, "--token-file", tokenFile], { env: cleanEnv() });
+    const storeFlags = options.kdcStoreFlags ?? (() => []);
+    await run(process.execPath, [KMI, "kdc", "init", "--data-dir", kdcData, "--token-file", tokenFile, ...storeFlags(0)], { env: cleanEnv() });
     const kdcReady = /"msg":"kdc serving".*?"address":"([^"]+)"/;
-    let kdc = await startServer(["kdc", "--data-dir", kdcData, "--listen", "127.0.0.1:0"], kdcReady, "kdc");
+    let kdc = await startServer(["kdc", "--data-dir", kdcData, "--listen", "127.0.0.1:0", ...storeFlags(0)], kdcReady, "kdc");
     try {
       const caFile = join(kdcData, "infra-ca.pem");
       await run(process.execPath, [KMI, "audit", "init", "--data-dir", auditData, "--kdc", kdc.url, "--kdc-ca-file", caFile, "--token-file", tokenFile], { env: cleanEnv() });
@@ -115,11 +131,19 @@ export class Mesh {
         // The KDC verifies attestation tokens with the Auditserver's key, fetched from it: restart
         // it on the same address, now pointed at the Auditserver (whose peer calls go there).
         const help = await run(process.execPath, [KMI, "kdc", "--help"], { env: cleanEnv() }).then((r) => r.stdout);
-        if (help.includes("--audit-url")) {
+        const auditUrl = help.includes("--audit-url") ? ["--audit-url", audit.url] : [];
+        if (auditUrl.length > 0) {
           await kdc.stop();
-          kdc = await startServer(["kdc", "--data-dir", kdcData, "--listen", kdc.address, "--audit-url", audit.url], kdcReady, "kdc");
+          kdc = await startServer(["kdc", "--data-dir", kdcData, "--listen", kdc.address, ...auditUrl, ...storeFlags(0)], kdcReady, "kdc");
         }
-        return new Mesh(dir, kdc, audit, await readFile(caFile, "utf8"), (await readFile(tokenFile, "utf8")).trim());
+        const kdcs = [kdc];
+        try {
+          for (let i = 1; i < (options.replicas ?? 1); i++) kdcs.push(await startServer(["kdc", "--data-dir", kdcData, "--listen", "127.0.0.1:0", ...auditUrl, ...storeFlags(i)], kdcReady, `kdc replica ${i}`));
+        } catch (err) {
+          await Promise.all(kdcs.slice(1).map((k) => k.stop()));
+          throw err;
+        }
+        return new Mesh(dir, kdcs, audit, await readFile(caFile, "utf8"), (await readFile(tokenFile, "utf8")).trim());
       } catch (err) {
         await audit.stop();
         throw err;
@@ -130,9 +154,9 @@ export class Mesh {
     }
   }
 
-  /** A client of the KDC with the operator token (or `token`). */
-  kdcClient(token = this.token): LeanClient {
-    return new LeanClient({ target: this.kdc.address, serverName: "localhost", caPem: this.caPem, metadata: { authorization: `Bearer ${token}` } });
+  /** A client of KDC replica `replica` (default the first) with the operator token (or `token`). */
+  kdcClient(token = this.token, replica = 0): LeanClient {
+    return new LeanClient({ target: this.kdcs[replica]!.address, serverName: "localhost", caPem: this.caPem, metadata: { authorization: `Bearer ${token}` } });
   }
 
   /** A client of the Auditserver with the operator token. */
@@ -140,9 +164,9 @@ export class Mesh {
     return new LeanClient({ target: this.audit.address, serverName: "localhost", caPem: this.caPem, metadata: { authorization: `Bearer ${this.token}` } });
   }
 
-  /** A mutual-TLS client of the KDC as `m`; `own` gives it its own connection. */
-  machineKdcClient(m: Machine, own = false): LeanClient {
-    return new LeanClient({ target: this.kdc.address, serverName: "localhost", caPem: this.caPem, cert: { cert: m.certPem, key: m.keyPem }, ...(own ? { ownConnection: true } : {}) });
+  /** A mutual-TLS client of KDC replica `replica` (default the first) as `m`; `own` gives it its own connection. */
+  machineKdcClient(m: Machine, own = false, replica = 0): LeanClient {
+    return new LeanClient({ target: this.kdcs[replica]!.address, serverName: "localhost", caPem: this.caPem, cert: { cert: m.certPem, key: m.keyPem }, ...(own ? { ownConnection: true } : {}) });
   }
 
   /** Creates tenant `tenantId` with a KMI-signed active intermediate, and group `group` serving it. */
@@ -191,10 +215,10 @@ export class Mesh {
     }
   }
 
-  /** Stops both servers. */
+  /** Stops every server. */
   async stop(): Promise<void> {
     await this.audit.stop();
-    await this.kdc.stop();
+    await Promise.all(this.kdcs.map((k) => k.stop()));
   }
 }
 

@@ -8,5 +8,6 @@ export { runIcap } from "./icap.js";
 export { runStore } from "./store.js";
 export { runFailover } from "./failover.js";
 export { runProxyCost } from "./proxy-cost.js";
+export { runReplicas } from "./replicas.js";
 
 export { ROW_TITLES } from "./titles.js";

@@ -21,7 +21,8 @@ import { isUnimplemented, KDC_TENANT, machineOf, meshOf } from "./kdc.js";
 
 const SESSIONS = [1, 50, 200] as const;
 
-interface Session {
+/** One WatchSecrets session of the bench (rows 4 and 8). */
+export interface Session {
   client: LeanClient;
   call: ClientReadableStream<WatchSecretsResponse>;
   /** Called with each event. */
@@ -29,12 +30,32 @@ interface Session {
   ended: string | undefined;
 }
 
-/** Opens `n` sessions and waits for each one's SNAPSHOT. */
-async function openSessions(mesh: Mesh, m: Machine, n: number): Promise<Session[]> {
+/**
+ * Opens `n` sessions and waits for each one's SNAPSHOT. Session `i` goes to KDC replica
+ * `i % replicas` (default 1 replica); with `wave`, at most that many are opened before their
+ * snapshots arrive (thousands at once would overflow the servers' listen backlogs).
+ */
+export async function openSessions(mesh: Mesh, m: Machine, n: number, opts: { replicas?: number; wave?: number; waveTimeoutMs?: number; log?: (line: string) => void } = {}): Promise<Session[]> {
+  const all: Session[] = [];
+  const wave = opts.wave ?? n;
+  try {
+    for (let from = 0; from < n; from += wave) {
+      if (from > 0) opts.log?.(`${from} of ${n} sessions open`);
+      all.push(...(await openWave(mesh, m, from, Math.min(n, from + wave), opts.replicas ?? 1, opts.waveTimeoutMs ?? 30_000)));
+    }
+  } catch (err) {
+    closeSessions(all);
+    throw err;
+  }
+  return all;
+}
+
+async function openWave(mesh: Mesh, m: Machine, from: number, to: number, replicas: number, timeoutMs: number): Promise<Session[]> {
+  const n = to - from;
   const sessions: Session[] = [];
   const snapshots: Promise<void>[] = [];
-  for (let i = 0; i < n; i++) {
-    const client = mesh.machineKdcClient(m, true);
+  for (let i = from; i < to; i++) {
+    const client = mesh.machineKdcClient(m, true, i % replicas);
     let resolveSnap!: () => void;
     let rejectSnap!: (e: Error) => void;
     snapshots.push(
@@ -59,12 +80,13 @@ async function openSessions(mesh: Mesh, m: Machine, n: number): Promise<Session[
     );
     sessions.push(s);
   }
-  const timeout = new Promise<never>((_, rej) => setTimeout(() => rej(new Error(`not every one of ${n} sessions got its snapshot within 30 s`)), 30_000).unref());
+  const timeout = new Promise<never>((_, rej) => setTimeout(() => rej(new Error(`not every one of ${n} sessions got its snapshot within ${timeoutMs / 1000} s`)), timeoutMs).unref());
   await Promise.race([Promise.all(snapshots), timeout]);
   return sessions;
 }
 
-function closeSessions(sessions: Session[]): void {
+/** Cancels every session and closes its connection. */
+export function closeSessions(sessions: Session[]): void {
   for (const s of sessions) {
     s.onEvent = undefined;
     s.call.cancel();

@@ -8,5 +8,6 @@ export const ROW_TITLES: Readonly<Record<string, string>> = {
   "6": "Proxy with ICAP scanning",
   "7": "Store: conditional batches on LevelDB and on etcd",
   "8": "Failover: kill -9 of an agent's KDC replica",
+  "9": "KDC replicas on etcd: rotation fan-out and the Certificate menu",
   "10": "Proxy cost: CPU per request, resumption, memory per connection",
 };

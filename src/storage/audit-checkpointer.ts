@@ -411,12 +411,30 @@ export class AuditCheckpointer {
     } catch (err) {
       const ce = ConnectError.from(err);
       if (ce.code === Code.FailedPrecondition) {
+        const newer = await this.#newerHeld(witness).catch(() => undefined);
+        if (newer !== undefined) {
+          this.#witnessState = `holds seq ${newer.seq}`;
+          return;
+        }
         this.#stop(`${witness.name} refused the checkpoint: ${ce.rawMessage}`);
         this.#witnessState = `refused: ${ce.rawMessage}`;
         return;
       }
       this.#unreachable(witness, err);
     }
+  }
+
+  /**
+   * The witness's copy when it is a newer checkpoint of this log that the log extends: another
+   * replica (same store, same key) pushed it first, and this one's late push of an older one was
+   * refused for that. Not a rollback, so signing goes on. Undefined in every other case.
+   */
+  async #newerHeld(witness: CheckpointWitnessPeer): Promise<AuditCheckpoint | undefined> {
+    const held = await this.#withTimeout(witness.fetch());
+    const last = this.#last;
+    if (held === undefined || last === undefined || held.seq < last.seq) return undefined;
+    if (checkpointProblem(held, this.identity) !== undefined) return undefined;
+    return (await this.#extends(held, "the witness's copy")) === undefined ? held : undefined;
   }
 
   #withTimeout<T>(p: Promise<T>): Promise<T> {

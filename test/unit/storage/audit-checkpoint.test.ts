@@ -6,6 +6,7 @@ import { promisify } from "node:util";
 import { clone, create } from "@bufbuild/protobuf";
 import { afterEach, describe, expect, it } from "vitest";
 import { FailedPrecondition, InvalidArgument, Unavailable } from "../../../src/common/errors.js";
+import { toConnectError } from "../../../src/common/error-mapping.js";
 import { createLogger } from "../../../src/common/logger.js";
 import { AuditCheckpointSchema } from "../../../src/gen/kmi/common/v1/checkpoint_pb.js";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
@@ -161,6 +162,15 @@ async function deleteCheckpoints(store: Store): Promise<number> {
   return keys.length;
 }
 
+/** Polls `cond` every 10 ms, at most 5 s. */
+async function until(cond: () => Promise<boolean>): Promise<void> {
+  const end = Date.now() + 5000;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error("condition not met within 5 s");
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
 /** A witness peer over a `CheckpointWitness` in another store, that can be switched off. */
 function witnessPeer(w: CheckpointWitness): CheckpointWitnessPeer & { up: boolean } {
   const peer = {
@@ -231,6 +241,46 @@ describe("the checkpointer", () => {
     expect(await cp.verify()).toMatchObject({ ok: true, entries: total, checkpointSeq: BigInt(total), headSeq: BigInt(total) });
     await cp.close();
   }, 120_000);
+
+  it("two replicas on one store: a late push of an older checkpoint, refused by the witness for holding the other replica's newer one, does not stop signing", async () => {
+    const store = await openStore();
+    const w = new CheckpointWitness(await openStore(), clock);
+    const make = (peer: CheckpointWitnessPeer) => {
+      const cp = new AuditCheckpointer(store, createAuditLog(store, { clock }), { key: cpKey, origin: "kdc/0011223344556677", clock, logger });
+      cp.setWitness(peer);
+      return cp;
+    };
+    // Replica A's pushes wait until the gate opens, so B's newer checkpoint reaches the witness first.
+    let open!: () => void;
+    const gate = new Promise<void>((r) => (open = r));
+    const plain = witnessPeer(w);
+    // Errors as the real peer client sees them: a ConnectError with the gRPC code.
+    const slow: CheckpointWitnessPeer = {
+      name: "the witness",
+      submit: async (cp) => {
+        await gate;
+        return plain.submit(cp).catch((e: unknown) => Promise.reject(toConnectError(e, logger)));
+      },
+      fetch: () => plain.fetch(),
+    };
+    const a = make(slow);
+    const b = make(plain);
+    await Promise.all([a.start(), b.start()]);
+    await a.log.append(entry(1));
+    expect((await a.checkpoint())?.seq).toBe(1n);
+    await b.log.append(entry(2));
+    expect((await b.checkpoint())?.seq).toBe(2n);
+    await until(async () => (await w.get("kdc", cpKey.keyId))?.seq === 2n);
+    open();
+    // A's push of seq 1 is refused (older than the witnessed 2); the witness's copy extends A's log.
+    await a.log.append(entry(3));
+    expect((await a.checkpoint())?.seq).toBe(3n);
+    expect(a.broken).toBeUndefined();
+    await Promise.all([a.close(), b.close()]);
+    expect(a.broken).toBeUndefined();
+    expect((await w.get("kdc", cpKey.keyId))?.seq).toBe(3n);
+    expect(await b.verify()).toMatchObject({ ok: true, checkpointSeq: 3n, headSeq: 3n });
+  });
 
   it("proves the log still extends an exported checkpoint, and names the seq when it does not", async () => {
     const dir = await tempDir();
