@@ -9,8 +9,9 @@
  * to the key holder, written to the sealed cache before the next event is read (so a
  * REVOKED or QUARANTINED key leaves memory and disk at once), and reported with
  * ReportHeldVersions. A STAGED version (the rotation scheduler's next one) is held beside the
- * active one and reported, so that the KDC activates it once the fleet holds it. A failure reconnects with jittered exponential backoff (the first retry
- * too); a stream silent for longer than the heartbeat timeout counts as dead. PERMISSION_DENIED
+ * active one and reported, so that the KDC activates it once the fleet holds it. A failure
+ * reconnects with jittered exponential backoff (the first retry too); a stream silent for
+ * longer than the heartbeat timeout counts as dead. PERMISSION_DENIED
  * from the KDC means the machine is quarantined: every key is dropped. stop() always wins:
  * whatever a session awaits (attestation included) is abandoned at once, and no stream is
  * opened after it.

@@ -271,7 +271,8 @@ export class KeyHolder {
 
   /**
    * Marks every key whose lease ran out as expired: its private key and issuer are dropped,
-   * its public side stays; a staged version whose lease ran out is dropped. Returns the events (one per tenant), empty when nothing expired.
+   * its public side stays; a staged version whose lease ran out is dropped. Returns the events
+   * (one per tenant), empty when nothing expired.
    */
   expireLeases(): HolderEvent[] {
     const now = this.clock.now();
