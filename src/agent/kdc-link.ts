@@ -8,8 +8,10 @@
  * Each secret is unwrapped with the machine key (released-secret.ts). Every change is applied
  * to the key holder, written to the sealed cache before the next event is read (so a
  * REVOKED or QUARANTINED key leaves memory and disk at once), and reported with
- * ReportHeldVersions. A failure reconnects with jittered exponential backoff (the first retry
- * too); a stream silent for longer than the heartbeat timeout counts as dead. PERMISSION_DENIED
+ * ReportHeldVersions. A STAGED version (the rotation scheduler's next one) is held beside the
+ * active one and reported, so that the KDC activates it once the fleet holds it. A failure
+ * reconnects with jittered exponential backoff (the first retry too); a stream silent for
+ * longer than the heartbeat timeout counts as dead. PERMISSION_DENIED
  * from the KDC means the machine is quarantined: every key is dropped. stop() always wins:
  * whatever a session awaits (attestation included) is abandoned at once, and no stream is
  * opened after it.
@@ -386,6 +388,9 @@ export class KdcLink {
         this.lastSync = this.o.clock.now();
         log.info("keys added", { keys: released.map((s) => s.keyId.slice(0, 16)) });
         break;
+      case WatchEventType.STAGED:
+        if (!this.stage(tenantId, released, identity)) return;
+        break;
       case WatchEventType.REVOKED:
         holder.revoke(keyId, reason || "revoked on the KDC");
         log.warn("key revoked; dropped", { tenant: tenantId, key: keyId.slice(0, 16), reason });
@@ -402,6 +407,27 @@ export class KdcLink {
     // Why await: a revoked or quarantined key must be gone from disk before anything else happens.
     await this.o.persist();
     this.report(token);
+  }
+
+  /**
+   * STAGED: holds the tenant's next version beside the active one (never signing with it), so
+   * that the report tells the KDC the machine holds it. A version that cannot be held is logged
+   * and left out; the KDC then activates it at the policy's timeout. False when nothing changed.
+   */
+  private stage(tenantId: string, released: readonly ReleasedSecret[], identity: MachineIdentity): boolean {
+    const [secret] = this.open(released.filter((s) => s.tenantId === tenantId), identity);
+    if (tenantId === "" || secret === undefined) {
+      this.o.logger.warn("kdc: STAGED event without a usable secret ignored", { tenant: tenantId });
+      return false;
+    }
+    try {
+      this.o.holder.stage(secret);
+    } catch (err) {
+      this.o.logger.warn("staged version not held", { tenant: tenantId, version: secret.version, error: describe(err) });
+      return false;
+    }
+    this.o.logger.info("staged version held; it signs nothing until the KDC activates it", { tenant: tenantId, version: secret.version, key: secret.keyId.slice(0, 16) });
+    return true;
   }
 
   /** Opens each secret; one that fails is logged and left out (never half-used). */
@@ -435,9 +461,9 @@ export class KdcLink {
     void (async () => {
       do {
         this.reportState = "running";
-        const held = this.o.holder
-          .keys()
-          .filter((k) => !k.leaseExpired)
+        // Staged versions too: the KDC activates a staged version once the fleet reports it.
+        const now = this.o.clock.now();
+        const held = [...this.o.holder.keys().filter((k) => !k.leaseExpired), ...this.o.holder.stagedKeys().filter((k) => k.leaseExpiresAt > now)]
           .map((k) => ({ tenantId: k.tenantId, keyId: k.keyId, version: k.version }));
         try {
           await this.kdc?.client.reportHeldVersions({ attestationToken: token.token, held });

@@ -5,6 +5,9 @@
  * - plain signing keys, by key id and by "<tenant_id>/<name>";
  * - each with its lease; a key whose lease ran out keeps its public side (so callers get
  *   UNAVAILABLE, not NOT_FOUND) but loses its private key and issuer;
+ * - per tenant, at most one staged intermediate (the rotation scheduler's next version): held
+ *   beside the active one, reported to the KDC, never used to sign; it becomes active only when
+ *   an ACTIVATED event carries it;
  * - a quarantine flag: every key dropped, every call refused, until the KDC syncs again;
  * - tombstones of revoked keys, so a caller is told why a key vanished.
  *
@@ -122,10 +125,12 @@ interface HeldState {
   signingByName: Map<string, HeldKey>;
   /** Intermediates by key id (for the CA-key refusal of Sign). */
   intermediatesById: Map<string, HeldKey>;
+  /** Staged intermediate per tenant: newer than the active one, never used to sign. */
+  staged: Map<string, HeldKey>;
 }
 
 function emptyState(): HeldState {
-  return { intermediates: new Map(), signingById: new Map(), signingByName: new Map(), intermediatesById: new Map() };
+  return { intermediates: new Map(), signingById: new Map(), signingByName: new Map(), intermediatesById: new Map(), staged: new Map() };
 }
 
 /** The keys the agent holds in memory, with their leases, the quarantine flag and events. */
@@ -164,6 +169,11 @@ export class KeyHolder {
       .sort((a, b) => (a.tenantId === b.tenantId ? compare(a.keyId, b.keyId) : compare(a.tenantId, b.tenantId)));
   }
 
+  /** The staged intermediates (one per tenant at most), by tenant. One whose lease ran out is dropped at the next change. */
+  stagedKeys(tenantId = ""): HeldKey[] {
+    return [...this.state.staged.values()].filter((k) => tenantId === "" || k.tenantId === tenantId).sort((a, b) => compare(a.tenantId, b.tenantId));
+  }
+
   /** The earliest lease end among usable keys (epoch ms), or undefined. */
   nextLeaseExpiry(): number | undefined {
     let next: number | undefined;
@@ -175,9 +185,11 @@ export class KeyHolder {
    * Replaces everything held with `secrets` (a SNAPSHOT from the KDC, or the sealed cache at
    * start). Clears the quarantine flag unless `quarantine` is given (a cache written while
    * quarantined). Throws, changing nothing, when a secret is unusable (see {@link buildKey}).
+   * Staged versions are dropped, except those in `staged` (the sealed cache's): the KDC sends
+   * the ones still staged as STAGED events right after a SNAPSHOT or RESUMED.
    */
-  replaceAll(secrets: readonly SecretInput[], quarantine?: { reason: string; time: number }): HolderEvent[] {
-    const next = this.build(secrets);
+  replaceAll(secrets: readonly SecretInput[], quarantine?: { reason: string; time: number }, staged: readonly SecretInput[] = []): HolderEvent[] {
+    const next = this.build(secrets, quarantine === undefined ? staged : []);
     this.quarantine = quarantine;
     if (quarantine === undefined) this.revokedTenants.clear();
     return this.swap(next, "no longer released to this machine by the KDC");
@@ -191,7 +203,8 @@ export class KeyHolder {
     const stray = secrets.find((s) => s.tenantId !== tenantId);
     if (stray !== undefined) throw new FailedPrecondition(`secrets: key ${stray.keyId} belongs to tenant "${stray.tenantId}", not "${tenantId}"`);
     const kept = this.keys().filter((k) => k.tenantId !== tenantId);
-    const next = this.build([...kept, ...secrets]);
+    // The staged version stays only while it is still newer than what the tenant now has.
+    const next = this.build([...kept, ...secrets], this.stagedKeys());
     this.revokedTenants.delete(tenantId);
     return this.swap(next, `replaced by a new set for tenant "${tenantId}"`);
   }
@@ -203,20 +216,42 @@ export class KeyHolder {
     const kept = this.keys().filter(
       (k) => !incoming.has(k.keyId) && !(k.purpose === KeyPurpose.INTERMEDIATE_CA && incomingIntermediateTenants.has(k.tenantId)),
     );
-    const next = this.build([...kept, ...secrets]);
+    const next = this.build([...kept, ...secrets], this.stagedKeys());
     for (const t of incomingIntermediateTenants) this.revokedTenants.delete(t);
     return this.swap(next, "replaced");
+  }
+
+  /**
+   * Holds `secret` as the staged intermediate of its tenant (STAGED): beside the active one,
+   * never used to sign, reported to the KDC. Refused when it is not an intermediate, or not
+   * newer than the tenant's active version (the KDC never stages an older one). Throws,
+   * changing nothing, when it is unusable (see {@link buildKey}).
+   */
+  stage(secret: SecretInput): void {
+    if (this.quarantine !== undefined) throw new FailedPrecondition("machine quarantined: a staged version is not held until the KDC syncs the machine again");
+    if (secret.purpose !== KeyPurpose.INTERMEDIATE_CA) throw new FailedPrecondition(`secrets: staged key ${secret.keyId} is not an intermediate CA key`);
+    const active = this.state.intermediates.get(secret.tenantId);
+    if (active !== undefined && active.version >= secret.version) {
+      throw new FailedPrecondition(`secrets: staged version ${secret.version} of tenant "${secret.tenantId}" is not newer than the active version ${active.version}`);
+    }
+    const others = this.stagedKeys().filter((k) => k.tenantId !== secret.tenantId);
+    this.state = this.build(this.keys(), [...others, secret]);
   }
 
   /** Drops one key now (REVOKED) and remembers why; unknown key ids are remembered too. */
   revoke(keyId: string, reason: string): HolderEvent[] {
     const time = this.clock.now();
     remember(this.revokedKeys, keyId, { reason, time });
+    const staged = this.stagedKeys().filter((k) => k.keyId !== keyId);
     const victim = this.state.intermediatesById.get(keyId) ?? this.state.signingById.get(keyId);
-    if (victim === undefined) return [];
+    if (victim === undefined) {
+      // A revoked staged version is dropped at once; nothing signed with it, so no event.
+      if (staged.length !== this.state.staged.size) this.state = this.build(this.keys(), staged);
+      return [];
+    }
     if (victim.purpose === KeyPurpose.INTERMEDIATE_CA) remember(this.revokedTenants, victim.tenantId, { reason, time });
     else if (victim.name !== "") remember(this.revokedKeys, `${victim.tenantId}/${victim.name}`, { reason, time });
-    const next = this.build(this.keys().filter((k) => k.keyId !== keyId));
+    const next = this.build(this.keys().filter((k) => k.keyId !== keyId), staged);
     const events: HolderEvent[] = [{ type: "revoked", tenantId: victim.tenantId, keys: [victim], reason, time }];
     this.state = next;
     this.emit(events);
@@ -236,14 +271,19 @@ export class KeyHolder {
 
   /**
    * Marks every key whose lease ran out as expired: its private key and issuer are dropped,
-   * its public side stays. Returns the events (one per tenant), empty when nothing expired.
+   * its public side stays; a staged version whose lease ran out is dropped. Returns the events
+   * (one per tenant), empty when nothing expired.
    */
   expireLeases(): HolderEvent[] {
     const now = this.clock.now();
     const due = this.keys().filter((k) => !k.leaseExpired && k.leaseExpiresAt <= now);
-    if (due.length === 0) return [];
+    if (due.length === 0) {
+      // A staged version whose lease ran out is dropped (build leaves it out); nothing signed with it.
+      if (this.stagedKeys().some((k) => k.leaseExpiresAt <= now)) this.state = this.build(this.keys(), this.stagedKeys());
+      return [];
+    }
     const dueIds = new Set(due.map((k) => k.keyId));
-    const next = this.build(this.keys().map((k) => (dueIds.has(k.keyId) ? { ...k, privateKey: undefined } : k)));
+    const next = this.build(this.keys().map((k) => (dueIds.has(k.keyId) ? { ...k, privateKey: undefined } : k)), this.stagedKeys());
     this.state = next;
     const byTenant = new Map<string, HeldKey[]>();
     for (const k of due) byTenant.set(k.tenantId, [...(byTenant.get(k.tenantId) ?? []), k]);
@@ -280,7 +320,7 @@ export class KeyHolder {
     this.refuseIfQuarantined();
     const key = this.state.signingById.get(ref) ?? this.state.signingByName.get(ref);
     if (key === undefined) {
-      const ca = this.state.intermediatesById.get(ref);
+      const ca = this.state.intermediatesById.get(ref) ?? this.stagedKeys().find((k) => k.keyId === ref);
       if (ca !== undefined) {
         throw new FailedPrecondition(`key ${ref} is an intermediate CA key; CA keys sign only through IssueLeafCertificate`);
       }
@@ -309,13 +349,18 @@ export class KeyHolder {
     throw new Unavailable(`${what}: lease ran out at ${at} and the KDC is unreachable${why}; the agent serves it again once it resyncs with the KDC`);
   }
 
-  /** Builds a full state from secrets; throws (changing nothing) on an unusable one. */
-  private build(secrets: readonly (SecretInput | HeldKey)[]): HeldState {
+  /**
+   * Builds a full state from secrets and staged intermediates; throws (changing nothing) on an
+   * unusable one. A staged intermediate is kept only while it is newer than its tenant's active
+   * version and its lease runs.
+   */
+  private build(secrets: readonly (SecretInput | HeldKey)[], staged: readonly (SecretInput | HeldKey)[] = []): HeldState {
     const next = emptyState();
     const old = this.state;
+    const oldStaged = new Map([...old.staged.values()].map((k) => [k.keyId, k]));
+    const reuseOf = (keyId: string) => old.intermediatesById.get(keyId) ?? old.signingById.get(keyId) ?? oldStaged.get(keyId);
     for (const s of secrets) {
-      const reuse = (old.intermediatesById.get(s.keyId) ?? old.signingById.get(s.keyId)) as HeldKey | undefined;
-      const key = buildKey(s, reuse, this.clock.now(), this.createLeafIssuer);
+      const key = buildKey(s, reuseOf(s.keyId), this.clock.now(), this.createLeafIssuer);
       if (key.purpose === KeyPurpose.INTERMEDIATE_CA) {
         const current = next.intermediates.get(key.tenantId);
         // One active intermediate per tenant: keep the highest version if the set has several.
@@ -328,6 +373,11 @@ export class KeyHolder {
         next.signingById.set(key.keyId, key);
         if (key.name !== "") next.signingByName.set(`${key.tenantId}/${key.name}`, key);
       }
+    }
+    for (const s of staged) {
+      if (s.purpose !== KeyPurpose.INTERMEDIATE_CA || s.leaseExpiresAt <= this.clock.now()) continue;
+      if ((next.intermediates.get(s.tenantId)?.version ?? 0) >= s.version || (next.staged.get(s.tenantId)?.version ?? 0) >= s.version) continue;
+      next.staged.set(s.tenantId, buildKey(s, reuseOf(s.keyId), this.clock.now(), this.createLeafIssuer));
     }
     return next;
   }

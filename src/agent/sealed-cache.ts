@@ -24,6 +24,8 @@ export const CACHE_RECORD_VERSION = 1;
 /** What the cache holds, read back. */
 export interface CacheContents {
   secrets: SecretInput[];
+  /** Staged intermediates, held beside the active ones. */
+  staged: SecretInput[];
   quarantine: { reason: string; time: number } | undefined;
   lastSync: number | undefined;
   writtenAt: number;
@@ -64,12 +66,13 @@ export class SealedCache {
         return undefined;
       }
       const secrets: SecretInput[] = [];
+      const staged: SecretInput[] = [];
       if (record.secrets !== undefined) {
         const plain = open(this.sealingKey, record.secrets, cacheAad(this.machineId));
         try {
           const list = fromBinary(AgentCachedSecretsSchema, plain);
-          for (const s of list.secrets) {
-            secrets.push({
+          for (const s of [...list.secrets, ...list.staged]) {
+            (list.staged.includes(s) ? staged : secrets).push({
               tenantId: s.tenantId,
               purpose: s.purpose,
               keyId: s.keyId,
@@ -90,6 +93,7 @@ export class SealedCache {
       }
       return {
         secrets,
+        staged,
         quarantine: record.quarantined ? { reason: record.quarantineReason, time: record.writtenAt === undefined ? 0 : timestampMs(record.writtenAt) } : undefined,
         lastSync: record.lastSync === undefined ? undefined : timestampMs(record.lastSync),
         writtenAt: record.writtenAt === undefined ? 0 : timestampMs(record.writtenAt),
@@ -112,17 +116,19 @@ export class SealedCache {
 
   private async writeNow(holder: KeyHolder, now: number, lastSync: number | undefined): Promise<void> {
     const keys = holder.keys();
+    const staged = holder.stagedKeys();
     const quarantined = holder.quarantineReason !== undefined;
     let sealed;
-    if (keys.length > 0) {
+    if (keys.length + staged.length > 0) {
       const cached = keys.map(toCached);
-      const plain = toBinary(AgentCachedSecretsSchema, create(AgentCachedSecretsSchema, { recordVersion: CACHE_RECORD_VERSION, secrets: cached }));
+      const cachedStaged = staged.map(toCached);
+      const plain = toBinary(AgentCachedSecretsSchema, create(AgentCachedSecretsSchema, { recordVersion: CACHE_RECORD_VERSION, secrets: cached, staged: cachedStaged }));
       try {
         sealed = seal(this.sealingKey, plain, cacheAad(this.machineId));
       } finally {
         // Best effort: the plaintext copies of the keys should not outlive the write.
         plain.fill(0);
-        for (const c of cached) c.privateKeyPkcs8.fill(0);
+        for (const c of [...cached, ...cachedStaged]) c.privateKeyPkcs8.fill(0);
       }
     }
     const record = create(AgentCacheRecordSchema, {

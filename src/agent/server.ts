@@ -149,7 +149,7 @@ export class AgentServer {
     const cached = await cache.load();
     if (cached !== undefined) {
       try {
-        holder.replaceAll(cached.secrets, cached.quarantine);
+        holder.replaceAll(cached.secrets, cached.quarantine, cached.staged);
         this.cacheLastSync = cached.lastSync;
         this.loadedFromCache = cached.secrets.length > 0;
         holder.expireLeases();

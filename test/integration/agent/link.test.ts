@@ -1,7 +1,7 @@
 /**
  * The KDC link's life over time, against the fixture Auditserver and KDC: the watch reopened
  * with a fresh token before the token expires, a silent stream treated as dead, REVOKED
- * dropping a key from memory and cache, a KDC that refuses the machine as quarantined,
+ * dropping a key from memory and cache, a STAGED version held, reported and activated, a KDC that refuses the machine as quarantined,
  * attestation refused, and the machine certificate renewed at 2/3 of its life.
  */
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -140,6 +140,40 @@ describe("the KDC link", () => {
     await again.start();
     try {
       expect(again.holder.keys().map((k) => k.keyId)).toEqual([inter.keyId]);
+    } finally {
+      await again.destroy();
+    }
+  });
+
+  it("a STAGED version is held and reported but signs nothing; the sealed cache keeps it; ACTIVATED makes it active", async () => {
+    const r = await setup();
+    await waitFor("the sync", async () => (await r.client.unary("getStatus", {})).kdcConnected);
+    const machineId = r.agent.machine!.machineId;
+    const next = makeIntermediate(makeRoot(Date.now() - DAY), "acme", 2, { now: Date.now() - DAY });
+    r.kdc.stage("acme", intermediateSecret(next));
+    const report = await waitFor("a report naming the staged version", () => r.kdc.reports.get(machineId)?.find((held) => held.some((h) => h.version === 2)));
+    expect(report.map((h) => [h.tenantId, h.keyId, h.version]).sort()).toEqual(
+      [["acme", inter.keyId, 1], ["acme", next.keyId, 2], ["acme", signer.keyId, 0]].sort(),
+    );
+    // Signing stays with the active version; the staged one is not a listed key.
+    expect(r.agent.holder.intermediateFor("acme").keyId).toBe(inter.keyId);
+    expect(r.agent.holder.keys("acme").map((k) => k.keyId)).not.toContain(next.keyId);
+    expect(r.lines.some((l) => l["msg"] === "kdc: unknown watch event ignored")).toBe(false);
+    r.kdc.activate("acme", [intermediateSecret(next), signingSecret(signer)]);
+    await waitFor("the activation", () => r.agent.holder.intermediateFor("acme").keyId === next.keyId);
+    expect(r.agent.holder.stagedKeys()).toEqual([]);
+    // The sealed cache keeps a staged version (sealed): restarted with the KDC down, the agent holds it still.
+    const third = makeIntermediate(makeRoot(Date.now() - DAY), "acme", 3, { now: Date.now() - DAY });
+    r.kdc.stage("acme", intermediateSecret(third));
+    await waitFor("the staged version", () => r.agent.holder.stagedKeys().length === 1);
+    await r.agent.destroy();
+    await r.kdc.stop();
+    expect(readFileSync(join(r.config.stateDir, "cache.pb")).includes(pkcs8Of(third.key))).toBe(false);
+    const again = AgentServer.create({ ...r.config, joinToken: undefined, socketPath: join(dir, "staged-again.sock") }, { logger: createLogger({ write: () => undefined }) });
+    await again.start();
+    try {
+      expect(again.holder.stagedKeys().map((k) => k.keyId)).toEqual([third.keyId]);
+      expect(again.holder.intermediateFor("acme").keyId).toBe(next.keyId);
     } finally {
       await again.destroy();
     }

@@ -11,7 +11,9 @@ const past = Date.now() - DAY;
 const root = makeRoot(past);
 const acme1 = makeIntermediate(root, "acme", 1, { now: past });
 const acme2 = makeIntermediate(root, "acme", 2, { now: past });
+const acme3 = makeIntermediate(root, "acme", 3, { now: past });
 const globex1 = makeIntermediate(root, "globex", 1, { now: past });
+const globex2 = makeIntermediate(root, "globex", 2, { now: past });
 const s1 = makeSigningKey("acme", "one");
 const s2 = makeSigningKey("acme", "two");
 
@@ -150,5 +152,94 @@ describe("KeyHolder", () => {
     h.replaceAll([intermediateSecret(acme1)]);
     expect(() => h.replaceAll([{ ...intermediateSecret(acme2), chainPem: "not a chain" }])).toThrow(FailedPrecondition);
     expect(h.intermediateFor("acme").keyId).toBe(acme1.keyId);
+  });
+});
+
+describe("KeyHolder: staged versions", () => {
+  function staged() {
+    const h = holder();
+    h.h.replaceAll([intermediateSecret(acme1), intermediateSecret(globex1), signingSecret(s1)]);
+    h.events.length = 0;
+    h.h.stage(intermediateSecret(acme2));
+    return h;
+  }
+
+  it("holds a staged version beside the active one, signs nothing with it, announces nothing", () => {
+    const { h, events } = staged();
+    expect(events).toEqual([]);
+    expect(h.stagedKeys().map((k) => [k.tenantId, k.version])).toEqual([["acme", 2]]);
+    expect(h.intermediateFor("acme").keyId).toBe(acme1.keyId);
+    expect(h.keys("acme").map((k) => k.keyId)).not.toContain(acme2.keyId);
+    expect(() => h.signingKey(acme2.keyId)).toThrow(`key ${acme2.keyId} is an intermediate CA key; CA keys sign only through IssueLeafCertificate`);
+  });
+
+  it("ACTIVATED carrying the staged version makes it active, reusing its ready issuer", () => {
+    const { h, events, factory } = staged();
+    const built = factory.mock.calls.length;
+    h.replaceTenant("acme", [intermediateSecret(acme2), signingSecret(s1)]);
+    expect(factory).toHaveBeenCalledTimes(built);
+    expect(h.intermediateFor("acme").keyId).toBe(acme2.keyId);
+    expect(h.stagedKeys()).toEqual([]);
+    expect(events.map((e) => [e.type, e.tenantId, e.keys[0]!.version])).toEqual([["rotated", "acme", 2]]);
+  });
+
+  it("an activation of an older version keeps the staged one; an unrelated tenant's change keeps it too", () => {
+    const { h } = staged();
+    h.replaceTenant("acme", [intermediateSecret(acme1, 2 * DAY)]);
+    h.replaceTenant("globex", [intermediateSecret(globex2)]);
+    h.upsert([signingSecret(s2)]);
+    expect(h.stagedKeys().map((k) => k.keyId)).toEqual([acme2.keyId]);
+    h.upsert([intermediateSecret(acme3)]);
+    expect(h.stagedKeys()).toEqual([]);
+  });
+
+  it.each([
+    ["a signing key", () => signingSecret(s2), "is not an intermediate CA key"],
+    ["the active version", () => intermediateSecret(acme1), 'staged version 1 of tenant "acme" is not newer than the active version 1'],
+    ["an unparsable chain", () => ({ ...intermediateSecret(acme3), chainPem: "x" }), "comes without a certificate"],
+  ])("stage refuses %s and changes nothing", (_name, input, message) => {
+    const { h } = staged();
+    expect(() => h.stage(input())).toThrow(FailedPrecondition);
+    expect(() => h.stage(input())).toThrow(message);
+    expect(h.stagedKeys().map((k) => k.keyId)).toEqual([acme2.keyId]);
+  });
+
+  it("a newer staged version replaces the older one of its tenant", () => {
+    const { h } = staged();
+    h.stage(intermediateSecret(globex2));
+    h.stage(intermediateSecret(acme3));
+    expect(h.stagedKeys().map((k) => [k.tenantId, k.version])).toEqual([["acme", 3], ["globex", 2]]);
+  });
+
+  it("a SNAPSHOT drops staged versions (the KDC sends them again); the cache's are kept at load", () => {
+    const { h } = staged();
+    h.replaceAll([intermediateSecret(acme1)]);
+    expect(h.stagedKeys()).toEqual([]);
+    h.replaceAll([intermediateSecret(acme1)], undefined, [intermediateSecret(acme2)]);
+    expect(h.stagedKeys().map((k) => k.keyId)).toEqual([acme2.keyId]);
+    h.replaceAll([], { reason: "compromised", time: 0 }, [intermediateSecret(acme2)]);
+    expect(h.stagedKeys()).toEqual([]);
+  });
+
+  it("revoking the staged key, or quarantine, drops it; a quarantined holder refuses to stage", () => {
+    const { h, events } = staged();
+    expect(h.revoke(acme2.keyId, "leaked")).toEqual([]);
+    expect(h.stagedKeys()).toEqual([]);
+    expect(h.intermediateFor("acme").keyId).toBe(acme1.keyId);
+    expect(events).toEqual([]);
+    h.stage(intermediateSecret(acme3));
+    h.quarantineMachine("compromised");
+    expect(h.stagedKeys()).toEqual([]);
+    expect(() => h.stage(intermediateSecret(acme3))).toThrow(/^machine quarantined: /);
+  });
+
+  it("a staged version whose lease ran out is dropped at the next change", () => {
+    const clock = new TestClock();
+    const { h } = holder(clock);
+    h.replaceAll([intermediateSecret(acme1, DAY, clock.now())]);
+    h.stage(intermediateSecret(acme2, 1000, clock.now()));
+    clock.advance(1000);
+    h.expireLeases();
+    expect(h.stagedKeys()).toEqual([]);
   });
 });
