@@ -300,16 +300,22 @@ export class KdcLink {
       let first = true;
       for await (const ev of stream) {
         pet();
+        const opening = first;
         if (first) {
           if (ev.type !== WatchEventType.SNAPSHOT && ev.type !== WatchEventType.RESUMED) throw new Error("kdc: the watch stream did not start with a SNAPSHOT or RESUMED");
           first = false;
-          this.connected = true;
-          this.lastError = "";
           this.resumeNext = false;
           onHealthy();
           this.o.logger.info("kdc watch open", { kdc: this.kdcEps.current, start: ev.type === WatchEventType.RESUMED ? "resumed" : "snapshot", from_revision: String(resumeFrom), revision: String(ev.revision), token_refresh_in_ms: refreshIn });
         }
         await this.handle(ev, identity, token);
+        // Why connected only once the first message is applied: GetStatus then shows the keys
+        // and the revision they are up to date with together, never the new keys beside the
+        // revision of the stream before (the apply awaits the sealed-cache write).
+        if (opening) {
+          this.connected = true;
+          this.lastError = "";
+        }
       }
       // The KDC ended the stream (it does when the token expires).
       this.connected = false;
