@@ -23,6 +23,11 @@ export interface ProgressMeterOptions {
   enabled: boolean;
   /** Least time between two updates, ms (default 250 on a terminal, 1000 otherwise). */
   intervalMs?: number;
+  /**
+   * Also update, sooner than the interval, once the count moved by this share of the total
+   * (e.g. 0.05: every 5%); a fast run then still shows where it is. Off by default.
+   */
+  stepFraction?: number;
   /** Clock, ms (tests). */
   now?: () => number;
   /** How a count is shown (default as is; e.g. bytes as "3.1 MB"). */
@@ -73,6 +78,7 @@ export class ProgressMeter {
   private readonly start: number;
   private readonly interval: number;
   private last = -Infinity;
+  private lastDone = -Infinity;
   private drawn = false;
   private doneAtStart: number | undefined;
 
@@ -87,8 +93,10 @@ export class ProgressMeter {
     if (!this.opts.enabled) return;
     this.doneAtStart ??= done;
     const t = this.now();
-    if (t - this.last < this.interval) return;
+    const step = this.opts.stepFraction !== undefined && total !== undefined ? Math.max(1, Math.ceil(total * this.opts.stepFraction)) : Infinity;
+    if (t - this.last < this.interval && done - this.lastDone < step) return;
     this.last = t;
+    this.lastDone = done;
     const left = total === undefined ? undefined : estimateLeftMs(done, total, t - this.start, this.doneAtStart);
     this.draw(progressText(this.opts.label, this.opts.unit, done, total, left, this.opts.format));
   }

@@ -115,7 +115,7 @@ async function rekeyWithProgress(t: RekeyTarget, run: RekeyRun, io: RekeyIo): Pr
       batchSize: run.batchSize,
       prepareOnly: run.prepare,
       onProgress: (done, total, pass) => {
-        if (done === 0) meter = new ProgressMeter({ out: io.stderr, label, unit: `records rewrapped (pass ${pass})`, enabled: shown });
+        if (done === 0) meter = new ProgressMeter({ out: io.stderr, label, unit: `records rewrapped (pass ${pass})`, enabled: shown, stepFraction: 0.05 });
         meter?.update(done, total);
         if (done === total) meter?.finish(shown ? `pass ${pass}: ${total} records rewrapped` : undefined);
       },

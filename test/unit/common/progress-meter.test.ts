@@ -62,6 +62,14 @@ describe("ProgressMeter", () => {
     ]);
   });
 
+  it("with a step: also a line once the count moved by that share of the total, however fast", () => {
+    const now = 0;
+    const out: string[] = [];
+    const m = new ProgressMeter({ out: { write: (t) => out.push(t) }, label: "kmi kdc rekey", unit: "records", enabled: true, intervalMs: 1000, stepFraction: 0.25, now: () => now });
+    for (let done = 0; done <= 100; done += 10) m.update(done, 100);
+    expect(out.map((l) => /: (\d+) of/.exec(l)?.[1])).toEqual(["0", "30", "60", "90"]);
+  });
+
   it("on a terminal: the line is rewritten in place and cleared at the end", () => {
     const out: string[] = [];
     const m = new ProgressMeter({ out: { write: (t) => out.push(t), isTTY: true }, label: "x", unit: "records", enabled: true, intervalMs: 0, now: () => 0 });
