@@ -846,7 +846,7 @@ async function waitForAgentKey(
     }
     if (!proc.alive()) throw new StepError("agent", "the agent exited while waiting for its key", proc.tail(12));
     if (Date.now() > deadline) {
-      const why = s === undefined ? "its socket does not answer" : s.attestation !== AttestationState.ATTESTED && !(said.attested && s.kdcError !== "") ? `attestation: ${attestationWord(s.attestation)} ${s.attestationProblem}` : `KDC link: ${s.kdcError || "no key received"}`;
+      const why = s === undefined ? "its socket does not answer" : s.attestation === AttestationState.REFUSED || (s.kdcError === "" && s.attestation !== AttestationState.ATTESTED) ? `attestation: ${attestationWord(s.attestation)} ${s.attestationProblem}` : `KDC link: ${s.kdcError || "no key received"}`;
       throw new StepError("agent", `no key of tenant ${cfg.tenant} after ${Math.round(cfg.readyTimeoutMs / 1000)} s (${why.trim()})`, proc.tail(12));
     }
     await sleep(250, signal);
@@ -863,17 +863,18 @@ export const SECRETS_WAIT_GRACE_MS = 10_000;
 
 /**
  * Whether to print the agent's KDC-link error while waiting for its key: a new error, past the
- * grace period, once the agent has attested (now or before: an agent the KDC refuses attests
- * again after each refusal, so at any one poll it may be between attestations).
+ * grace period, unless attestation itself was refused or the machine quarantined (each has its
+ * own line). The agent's attestation state is not required: an agent the KDC refuses attests
+ * again after each refusal, so a poll rarely sees it attested.
  */
 export function shouldReportSecretsWait(
   s: Pick<GetStatusResponse, "kdcError" | "attestation">,
-  said: { readonly kdcError: string; readonly attested: boolean },
+  said: { readonly kdcError: string },
   waitedMs: number,
   graceMs = SECRETS_WAIT_GRACE_MS,
 ): boolean {
-  const attested = said.attested || s.attestation === AttestationState.ATTESTED;
-  return s.kdcError !== "" && s.kdcError !== said.kdcError && attested && waitedMs >= graceMs;
+  const ownLine = s.attestation === AttestationState.REFUSED || s.attestation === AttestationState.QUARANTINED;
+  return s.kdcError !== "" && s.kdcError !== said.kdcError && !ownLine && waitedMs >= graceMs;
 }
 
 /** Why the agent says its machine is quarantined, without the agent's own "machine quarantined:" prefix. */

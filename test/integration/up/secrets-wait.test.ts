@@ -70,8 +70,6 @@ describe("kmi up: waiting for the agent's secrets", () => {
     expect(Number(seconds) * 1000).toBeGreaterThanOrEqual(SECRETS_WAIT_GRACE_MS);
     expect(error).toMatch(/Unauthenticated/);
     const out = second.output();
-    expect(out.indexOf("attested by the Auditserver")).toBeGreaterThanOrEqual(0);
-    expect(out.indexOf("attested by the Auditserver")).toBeLessThan(out.indexOf(line));
     // Said once for one error, not once per poll.
     expect(out.split("\n").filter((l) => WAITING.test(l))).toHaveLength(1);
     await stop(second);
