@@ -23,6 +23,7 @@ import { parseListenAddress } from "../common/listen.js";
 import { AgentClient, type KeyWatch } from "../clients/agent-client.js";
 import { KeyEventType, type WatchKeysResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { LeafCache, leafCacheKey } from "./leaf-cache.js";
+import { errorText } from "../common/errors.js";
 import { createLeafMaterialMinter, MAX_LEAF_LIFETIME_MS, TICKET_KEY_ROTATION_MS, TicketKeyRing, type LeafMaterial, type LeafMaterialMinter } from "./leaf-minter.js";
 import { leafNames } from "./origin-cert.js";
 import { dropStaleLeaves, type ProxyAddress, type ProxyAgent } from "./server.js";
@@ -97,8 +98,7 @@ class ClusterMetrics extends MetricsRegistry {
         this.waiting.delete(id);
         resolve(m);
       });
-      const msg: PrimaryMessage = { type: "kmi:metrics", id };
-      w.send(msg);
+      sendTo(w, { type: "kmi:metrics", id });
     });
   }
 
@@ -241,8 +241,7 @@ export class ProxyPrimary {
               clearTimeout(kill);
               resolve();
             });
-            const msg: PrimaryMessage = { type: "kmi:shutdown" };
-            if (w.isConnected()) w.send(msg);
+            if (w.isConnected()) sendTo(w, { type: "kmi:shutdown" });
             else w.process.kill("SIGTERM");
           }),
       ),
@@ -259,6 +258,8 @@ export class ProxyPrimary {
   private fork(): Worker {
     const w = cluster.fork();
     this.started.set(w.id, Date.now());
+    // A failed signal or IPC write to a dying worker: its exit handler replaces it; the primary goes on.
+    w.on("error", (err) => this.options.logger.debug("proxy worker: IPC or signal failed", { worker: w.id, error: errorText(err) }));
     return w;
   }
 
@@ -279,7 +280,7 @@ export class ProxyPrimary {
 
   private broadcast(m: PrimaryMessage): void {
     for (const w of Object.values(cluster.workers ?? {})) {
-      if (w !== undefined && w.isConnected()) w.send(m);
+      if (w !== undefined) sendTo(w, m);
     }
   }
 
@@ -300,8 +301,8 @@ export class ProxyPrimary {
         break;
       case "kmi:watch":
         // A new worker: the stream's state and what it said since its last snapshot.
-        w.send({ type: "kmi:watch-state", connected: this.watchConnected } satisfies PrimaryMessage);
-        for (const event of this.replay) w.send({ type: "kmi:key-event", event } satisfies PrimaryMessage);
+        sendTo(w, { type: "kmi:watch-state", connected: this.watchConnected });
+        for (const event of this.replay) sendTo(w, { type: "kmi:key-event", event });
         break;
       case "kmi:metrics":
         this.clusterMetrics.answer(msg.id, msg.metrics);
@@ -322,7 +323,7 @@ export class ProxyPrimary {
     } catch (err) {
       answer = { type: "kmi:leaf", id: r.id, ok: false, error: leafFailureOf(err) };
     }
-    if (w.isConnected()) w.send(answer);
+    sendTo(w, answer);
   }
 }
 
@@ -340,4 +341,15 @@ function listening(w: Worker): Promise<number> {
     w.once("listening", onListening);
     w.once("exit", onExit);
   });
+}
+
+/**
+ * Sends `m` to a worker, quietly failing when the worker is gone. A worker killed an instant
+ * before still looks connected; the write then fails with EPIPE, reported to the callback here
+ * (without it, an 'error' event nobody listens to would end the primary). Its exit handler
+ * starts the replacement.
+ */
+function sendTo(w: Worker, m: PrimaryMessage): void {
+  if (!w.isConnected()) return;
+  w.send(m, undefined, () => {});
 }
