@@ -32,6 +32,7 @@ import { KdcAdminService } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
 import { KdcService, VersionState } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
 import { Election, electionKey, isFencedConflict } from "../../../src/storage/election.js";
 import { openEtcdStore, type EtcdStore } from "../../../src/storage/etcd-store.js";
+import { T } from "../../../src/kdc/kdc-store.js";
 import { defineTable, putOp } from "../../../src/storage/store.js";
 import { StoreInfoSchema } from "../../../src/gen/kmi/store/v1/store_pb.js";
 import { startEtcdCluster, type EtcdCluster } from "../../fixtures/storage/etcd-cluster.js";
@@ -47,14 +48,14 @@ afterAll(async () => {
   await cluster?.stop();
 });
 
-/** Polls `f` every 100 ms until it returns a value other than undefined (or fails after `ms`). */
-async function until<T>(what: string, f: () => T | undefined | Promise<T | undefined>, ms = 30_000): Promise<T> {
+/** Polls `f` every `everyMs` (100 ms) until it returns a value other than undefined (or fails after `ms`). */
+async function until<T>(what: string, f: () => T | undefined | Promise<T | undefined>, ms = 30_000, everyMs = 100): Promise<T> {
   const end = Date.now() + ms;
   for (;;) {
     const v = await f();
     if (v !== undefined) return v;
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
+    await new Promise((r) => setTimeout(r, everyMs));
   }
 }
 
@@ -102,35 +103,54 @@ describe("test 4: the scheduler's leader paused past its lease (SIGSTOP), then c
     const etcd = ["--store", "etcd", "--etcd-endpoints", cluster.endpoints.join(","), "--etcd-ca", cluster.files.ca, "--etcd-cert", cluster.files.cert, "--etcd-key", cluster.files.key, "--etcd-prefix", "sched/kdc"];
     const data = await initDataDir(etcd);
     const kdcs: Array<KdcProcess & { metrics: string }> = [];
+    const runs = await openEtcdStore({ endpoints: cluster.endpoints, ca: cluster.ca, cert: cluster.cert, key: cluster.key, prefix: "sched/kdc", owner: "kdc", create: false });
     try {
       for (let i = 0; i < 2; i++) {
         const port = await freePort();
-        const k = await startKdc(data.dataDir, [...etcd, "--scheduler-interval", "200ms", "--election-ttl", "2s", "--metrics-listen", `127.0.0.1:${port}`]);
+        const k = await startKdc(data.dataDir, [...etcd, "--scheduler-interval", "1s", "--election-ttl", "2s", "--metrics-listen", `127.0.0.1:${port}`]);
         kdcs.push({ ...k, metrics: `http://127.0.0.1:${port}/metrics` });
       }
       const leads = (k: KdcProcess) => k.stderr().split("\n").filter((l) => l.includes('"msg":"scheduler: leading"')).length;
-      const leader = await until("a scheduler leader", () => kdcs.find((k) => leads(k) > 0));
-      const other = kdcs.find((k) => k !== leader)!;
-      expect(leads(other)).toBe(0);
+      const fencedLines = (k: KdcProcess) => k.stderr().split("\n").filter((l) => l.includes("write refused by the election fence")).length;
+      const isLeader = async (k: { metrics: string }) => /^kmi_kdc_scheduler_leader 1$/m.test(await (await fetch(k.metrics)).text());
+      let leader = await until("a scheduler leader", () => kdcs.find((k) => leads(k) > 0));
       const caPem = await readFile(data.caFile, "utf8");
-      const c = clients(other.url, caPem, { token: data.token });
+      const c = clients(kdcs.find((k) => k !== leader)!.url, caPem, { token: data.token });
       await c(KdcAdminService).createTenant({ tenantId: "acme", bootstrapKmiSigned: true });
 
-      leader.proc.kill("SIGSTOP");
-      try {
-        await until("the other replica to lead", () => (leads(other) > 0 ? true : undefined));
-        // Due now: the new leader stages v2 and, with no machine reporting, activates it.
-        await c(KdcService).setRotationPolicy({ tenantId: "acme", policy: { rotateEveryDays: 30 }, nextRotationAt: timestampFromDate(new Date()) });
-        await until("v2 active", async () => ((await c(KdcService).listVersions({ tenantId: "acme" })).versions.some((v) => v.version === 2 && v.state === VersionState.ACTIVE) ? true : undefined));
-      } finally {
-        leader.proc.kill("SIGCONT");
+      // The old leader's write is refused only when it resumes inside the sleep between two runs
+      // (its timer fires before it hears its lease is gone); paused inside a run, it hears the loss
+      // first and steps down without writing, which is also safe. So the pause starts a third of an
+      // interval after a run is recorded, and the experiment is repeated (at most 3 times) until a
+      // refused write is seen.
+      for (let attempt = 1; ; attempt++) {
+        const other = kdcs.find((k) => k !== leader)!;
+        const ledBefore = leads(other);
+        const seen = (await runs.get(T.schedulerRuns, "rotation"))?.runs;
+        await until("a recorded run", async () => ((await runs.get(T.schedulerRuns, "rotation"))?.runs !== seen ? true : undefined), 10_000, 20);
+        await new Promise((r) => setTimeout(r, 300));
+        leader.proc.kill("SIGSTOP");
+        try {
+          await until("the other replica to lead", () => (leads(other) > ledBefore ? true : undefined));
+          if (attempt === 1) {
+            // Due now: the new leader stages v2 and, with no machine reporting, activates it.
+            await c(KdcService).setRotationPolicy({ tenantId: "acme", policy: { rotateEveryDays: 30 }, nextRotationAt: timestampFromDate(new Date()) });
+            await until("v2 active", async () => ((await c(KdcService).listVersions({ tenantId: "acme" })).versions.some((v) => v.version === 2 && v.state === VersionState.ACTIVE) ? true : undefined));
+          }
+        } finally {
+          leader.proc.kill("SIGCONT");
+        }
+        await until("the old leader to step down", async () => (!(await isLeader(leader)) ? true : undefined));
+        if (fencedLines(leader) > 0) break;
+        if (attempt === 3) throw new Error("in 3 pauses the old leader never resumed between runs: no write of it was refused");
+        leader = other;
       }
-      await until("the old leader's fenced write", () => (leader.stderr().includes("write refused by the election fence") ? true : undefined));
       const fenced = await until("the fenced-write metric", async () => /^kmi_kdc_fenced_writes_total\{job="rotation"\} (\d+)/m.exec(await (await fetch(leader.metrics)).text())?.[1]);
       expect(Number(fenced)).toBeGreaterThanOrEqual(1);
-      expect(await (await fetch(other.metrics)).text()).toMatch(/^kmi_kdc_scheduler_leader 1$/m);
+      const current = kdcs.find((k) => k !== leader)!;
+      expect(await isLeader(current)).toBe(true);
       // A few more runs of the new leader: still exactly one rotation.
-      await new Promise((r) => setTimeout(r, 1000));
+      await new Promise((r) => setTimeout(r, 2000));
       const versions = (await c(KdcService).listVersions({ tenantId: "acme" })).versions.map((v) => `${v.version}:${VersionState[v.state]}`).reverse();
       expect(versions).toEqual(["1:RETIRED", "2:ACTIVE"]);
       const tail = (await c(KdcAdminService).tailAuditLog({ limit: 200 })).entries;
@@ -140,10 +160,11 @@ describe("test 4: the scheduler's leader paused past its lease (SIGSTOP), then c
       const verified = await c(KdcAdminService).verifyAuditLog({});
       expect(verified.ok, verified.problem).toBe(true);
     } finally {
+      await runs.close();
       for (const k of kdcs) await k.stop("SIGKILL");
       await rm(data.dir, { recursive: true, force: true });
     }
-  });
+  }, 120_000);
 });
 
 describe("a staged version on two replicas", () => {
