@@ -10,7 +10,7 @@ import { backupMain, restoreMain } from "./backup/cli.js";
 import { rekeyMain } from "../storage/rekey-command.js";
 import { kdcRekeyTarget } from "./rekey.js";
 import { storeBackendFrom } from "../storage/backend.js";
-import { KDC_ETCD_PREFIX, initProgram, parseElectionTtl, parseLease, parsePendingTtl, parseSchedulerInterval, pkcs11Settings, serveProgram } from "./config.js";
+import { KDC_ETCD_PREFIX, initProgram, masterKeyWrapLabel, parseElectionTtl, parseLease, parsePendingTtl, parseSchedulerInterval, pkcs11Settings, serveProgram } from "./config.js";
 import { dataPaths, initKdc } from "./init.js";
 import { KdcServer } from "./server.js";
 import { hostIp, hostName } from "./validate.js";
@@ -35,6 +35,15 @@ function tlsNames(dnsName: string | undefined, ip: string | undefined) {
   };
 }
 
+/** init's line about the master key: where it is and what to keep. */
+function masterKeyLine(r: { masterKeyFile: string | undefined; masterKeyWrappedBy: string | undefined }, token: string | undefined): string {
+  if (r.masterKeyFile === undefined) return "  master key:          from the environment (nothing written)";
+  if (r.masterKeyWrappedBy !== undefined) {
+    return `  master key:          ${r.masterKeyFile} (0600), wrapped by key ${r.masterKeyWrappedBy} in PKCS#11 token "${token}": back up the file and the token; start the KDC with the same --pkcs11-* settings`;
+  }
+  return `  master key:          ${r.masterKeyFile} (0600; back it up apart from the data: without it nothing opens)`;
+}
+
 async function init(argv: string[]): Promise<number> {
   const loaded = await loadConfig(initProgram, argv, { env: environment() });
   if (loaded.help) {
@@ -42,7 +51,15 @@ async function init(argv: string[]): Promise<number> {
     return 0;
   }
   const v = loaded.values;
-  const r = await initKdc({ dataDir: v.dataDir, masterKey: v.masterKey, masterKeyFile: v.masterKeyFile, tls: tlsNames(v.dnsName, v.ip), store: storeBackendFrom(v, KDC_ETCD_PREFIX), pkcs11: pkcs11Settings(v) });
+  const r = await initKdc({
+    dataDir: v.dataDir,
+    masterKey: v.masterKey,
+    masterKeyFile: v.masterKeyFile,
+    tls: tlsNames(v.dnsName, v.ip),
+    store: storeBackendFrom(v, KDC_ETCD_PREFIX),
+    pkcs11: pkcs11Settings(v),
+    masterKeyWrapLabel: masterKeyWrapLabel(v),
+  });
   if (v.tokenFile !== undefined) {
     writeFileAtomicSync(v.tokenFile, r.operatorToken + "\n", 0o600);
   }
@@ -50,7 +67,7 @@ async function init(argv: string[]): Promise<number> {
   process.stdout.write(
     [
       `initialized the KDC in ${v.dataDir} (kdc id ${r.kdcId})`,
-      r.masterKeyFile !== undefined ? `  master key:          ${r.masterKeyFile} (0600; back it up apart from the data: without it nothing opens)` : "  master key:          from the environment (nothing written)",
+      masterKeyLine(r, v.pkcs11Token),
       `  KMI root CA:         ${paths.kmiRootPem} (what devices trust)`,
       r.rootKeys === "pkcs11" ? `  root keys:           in PKCS#11 token "${v.pkcs11Token}" (non-extractable); start the KDC with the same --pkcs11-* settings` : "  root keys:           sealed in the store under the master key",
       `  infrastructure CA:   ${paths.infraCaPem} (kmi ctl --ca-file, services)`,

@@ -9,6 +9,17 @@ import { httpsUrl, httpsUrlList } from "../common/urls.js";
 /** Default etcd key prefix of the KDC's tables. */
 export const KDC_ETCD_PREFIX = "kmi/kdc";
 
+/** The token of the roots' keys and of a wrapped master key: `--pkcs11-module`, `--pkcs11-token`, `--pkcs11-pin-file`. */
+export const pkcs11Flags = {
+  pkcs11Module: {
+    type: "string",
+    description: "PKCS#11 library holding the roots' keys (init makes them there, non-extractable), e.g. /usr/lib/softhsm/libsofthsm2.so; with --pkcs11-token and --pkcs11-pin-file",
+    valueName: "file",
+  },
+  pkcs11Token: { type: "string", description: "label of the PKCS#11 token that holds the roots' keys (and the key that wraps the master key, with --master-key-wrap pkcs11)", valueName: "label" },
+  pkcs11PinFile: { type: "string", description: "file holding the token's user PIN (mode 0600)", valueName: "file" },
+} as const;
+
 const common = {
   dataDir: { type: "string", description: "data directory: LevelDB store, master key file, public CA files", default: "data/kdc", valueName: "dir" },
   masterKeyFile: { type: "string", description: "master key file, mode 0600 (default <data-dir>/master.key)", valueName: "file" },
@@ -22,14 +33,25 @@ const common = {
   ip: { type: "string", description: "extra IP addresses for the KDC's TLS certificate, comma-separated (127.0.0.1 and ::1 are always in)", valueName: "addrs" },
   logLevel: { type: "string", description: "log level", default: "info", choices: LOG_LEVELS },
   ...storeOptions(KDC_ETCD_PREFIX),
-  pkcs11Module: {
-    type: "string",
-    description: "PKCS#11 library holding the roots' keys (init makes them there, non-extractable), e.g. /usr/lib/softhsm/libsofthsm2.so; with --pkcs11-token and --pkcs11-pin-file",
-    valueName: "file",
-  },
-  pkcs11Token: { type: "string", description: "label of the PKCS#11 token that holds the roots' keys", valueName: "label" },
-  pkcs11PinFile: { type: "string", description: "file holding the token's user PIN (mode 0600)", valueName: "file" },
+  ...pkcs11Flags,
 } as const;
+
+/** `--master-key-wrap` and its label: init and rekey (a running KDC reads the label from the key file). */
+export const masterKeyWrapOptions = {
+  masterKeyWrap: {
+    type: "string",
+    description:
+      "pkcs11: the master key file holds the key wrapped by an AES key inside the --pkcs11-* token (made there, not extractable), so the key is in the clear only in the memory of a process logged in to the token; none: init writes the key itself, rekey keeps the key file's way (a wrapped key's successor is wrapped by the same token key)",
+    default: "none",
+    choices: ["none", "pkcs11"],
+  },
+  masterKeyWrapLabel: { type: "string", description: "label of the token's AES key that wraps the master key (made when missing)", default: "kmi/master-key-wrap", valueName: "label" },
+} as const;
+
+/** The label to wrap new master key files with (undefined: not wrapped). */
+export function masterKeyWrapLabel(v: { masterKeyWrap: string; masterKeyWrapLabel: string }): string | undefined {
+  return v.masterKeyWrap === "pkcs11" ? v.masterKeyWrapLabel : undefined;
+}
 
 /** The PKCS#11 settings from the three --pkcs11-* options: all three or none (ConfigError otherwise). */
 export function pkcs11Settings(v: { pkcs11Module?: string | undefined; pkcs11Token?: string | undefined; pkcs11PinFile?: string | undefined }): Pkcs11Settings | undefined {
@@ -160,11 +182,13 @@ export const initProgram = defineProgram({
   program: "kdc",
   usage: "kmi kdc init [flags]",
   summary:
-    "Creates the KDC's data directory (0700), the master key file (0600, unless the key comes from the environment), the KMI root CA and the " +
-    "infrastructure CA (separate ECDSA P-256 keys, sealed in the store), the KDC's TLS certificate, the public kmi-root.pem and infra-ca.pem, " +
+    "Creates the KDC's data directory (0700), the master key file (0600, unless the key comes from the environment; wrapped by a PKCS#11 " +
+    "token's key with --master-key-wrap pkcs11), the KMI root CA and the infrastructure CA (separate ECDSA P-256 keys, sealed in the store, " +
+    "or made inside the token with --pkcs11-*), the KDC's TLS certificate, the public kmi-root.pem and infra-ca.pem, " +
     "and a first operator token, printed once. Refuses a data directory that is initialized already.",
   options: {
     ...common,
+    ...masterKeyWrapOptions,
     tokenFile: { type: "string", description: "also write the operator token to this file (mode 0600)", valueName: "file", noEnv: true },
   },
 });

@@ -31,7 +31,9 @@ import { loadLogKeys } from "../storage/log-keys.js";
 import { initServerMasterKey, loadServerMasterKey, type MasterKeyOptions } from "../storage/master-key.js";
 import type { BatchOp, Store } from "../storage/store.js";
 import type { AttestationKeyProvider, CertificateFactory, Clock, Issuer, KdcContext, Sealer } from "./context.js";
-import { openRootKeys, type NewRootKey, type Pkcs11Settings, type RootKeys } from "./root-keys.js";
+import { masterKeyWrap, openPkcs11Token, openRootKeys, type NewRootKey, type Pkcs11Settings, type RootKeys } from "./root-keys.js";
+import type { Pkcs11Token } from "../common/keys/pkcs11-token.js";
+import { wrappedKeyOf } from "../storage/wrapped-key.js";
 import { CREDENTIAL, credentialAad, KDC_SCHEMA_VERSION, KdcStore, put } from "./kdc-store.js";
 import { createPkiAdapter } from "./pki-adapter.js";
 import { createSealer } from "./sealer.js";
@@ -87,6 +89,8 @@ export interface InitOptions extends MasterKeyOptions {
   pki?: CertificateFactory;
   /** Make the roots' keys in this PKCS#11 token instead of sealing them in the store. */
   pkcs11?: Pkcs11Settings | undefined;
+  /** Wrap the master key file with the token's AES key of this label (made when missing); needs `pkcs11`. */
+  masterKeyWrapLabel?: string | undefined;
 }
 
 /** What init made. */
@@ -101,6 +105,8 @@ export interface InitResult {
   kdcId: string;
   /** Where the roots' keys are: "sealed" in the store or in a "pkcs11" token. */
   rootKeys: RootKeys["kind"];
+  /** The token key that wraps the master key file, when it is wrapped. */
+  masterKeyWrappedBy: string | undefined;
 }
 
 /** Opens an existing (or, for init, new) KDC LevelDB store in `dataDir` (backup and restore work on it). */
@@ -184,6 +190,7 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
     throw new AlreadyExists(`data dir ${opts.dataDir} is initialized already; run \`kmi kdc --data-dir ${opts.dataDir}\`, or init another directory`);
   }
   const store = await openKdcBackend(opts.dataDir, true, backend);
+  let hsm: Pkcs11Token | undefined;
   let rootKeys: RootKeys | undefined;
   try {
     const kdcStore = new KdcStore(store);
@@ -194,14 +201,15 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
           : `the etcd prefix ${backend.prefix} holds an initialized KDC already; run \`kmi kdc --store etcd\` with its master key, or init another prefix (--etcd-prefix)`,
       );
     }
+    hsm = await openPkcs11Token(opts.pkcs11);
     // A key file left by an init that stopped before its batch sealed nothing yet: it is reused.
-    const { key, keyFile } = await initServerMasterKey(opts.masterKey, "KMI_KDC_MASTER_KEY", paths.masterKey);
+    const { key, keyFile } = await initServerMasterKey(opts.masterKey, "KMI_KDC_MASTER_KEY", paths.masterKey, masterKeyWrap(hsm, opts.masterKeyWrapLabel));
     const sealer = createSealer(key);
     key.fill(0);
     const now = clock.now();
     const kdcId = randomBytes(8).toString("hex");
 
-    rootKeys = await openRootKeys(pki, sealer, opts.pkcs11, true);
+    rootKeys = openRootKeys(pki, sealer, hsm, true);
     const rootKey = await rootKeys.generate(CREDENTIAL.kmiRoot, kdcId);
     const infraKey = await rootKeys.generate(CREDENTIAL.infraCa, kdcId);
     const noBytes = new Uint8Array(0);
@@ -256,9 +264,19 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
     // Public, but under the data dir every file is 0600 (the folder is 0700 anyway).
     await writeFile(paths.kmiRootPem, kmiRootPem, { mode: 0o600 });
     await writeFile(paths.infraCaPem, infraCaPem, { mode: 0o600 });
-    return { operatorToken: token.bearer, operatorTokenId: token.tokenId, masterKeyFile: keyFile, kmiRootPem, infraCaPem, kdcId, rootKeys: rootKeys.kind };
+    return {
+      operatorToken: token.bearer,
+      operatorTokenId: token.tokenId,
+      masterKeyFile: keyFile,
+      kmiRootPem,
+      infraCaPem,
+      kdcId,
+      rootKeys: rootKeys.kind,
+      masterKeyWrappedBy: keyFile !== undefined ? (await wrappedKeyOf(keyFile))?.keyLabel : undefined,
+    };
   } finally {
-    rootKeys?.close();
+    if (rootKeys !== undefined) rootKeys.close();
+    else hsm?.close();
     await store.close();
   }
 }
@@ -311,11 +329,23 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
   if (backend.kind === "level" && !(await pathExists(dataPaths(opts.dataDir).store))) {
     throw new FailedPrecondition(`data dir ${opts.dataDir} is not initialized; run \`kmi kdc init --data-dir ${opts.dataDir}\` first`);
   }
-  const keyring = await loadKdcKeyring(opts.dataDir, opts);
-  const opened = await openKdcBackend(opts.dataDir, false, backend).catch((err: unknown) => {
-    keyring.wipe();
+  // The token (when configured) opens a wrapped master key file, then holds the roots' keys.
+  const hsm = await openPkcs11Token(opts.pkcs11);
+  let keyring: MasterKeyring;
+  let opened: Store;
+  try {
+    keyring = await loadKdcKeyring(opts.dataDir, { ...opts, wrap: masterKeyWrap(hsm) });
+  } catch (err) {
+    hsm?.close();
     throw err;
-  });
+  }
+  try {
+    opened = await openKdcBackend(opts.dataDir, false, backend);
+  } catch (err) {
+    keyring.wipe();
+    hsm?.close();
+    throw err;
+  }
   // On a shared store other replicas commit too: remember which commits are this process's.
   const local = backend.kind === "etcd" ? new LocalCommits(opened) : undefined;
   const store: Store = local ?? opened;
@@ -339,7 +369,7 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
     if (sealed?.privateKey === undefined) throw new FailedPrecondition(`data dir ${opts.dataDir}: the KDC's TLS credential is missing; restore the store from a backup`);
     sealer.open(sealed.privateKey, credentialAad(sealed.name)).fill(0);
     const pki = opts.pki ?? createPkiAdapter();
-    rootKeys = await openRootKeys(pki, sealer, opts.pkcs11, false);
+    rootKeys = openRootKeys(pki, sealer, hsm, false);
     // A token-held root is looked up (and matched to its certificate) at start, not on the first call.
     rootKeys.issuer(root).wipe();
     const checkpoints = new AuditCheckpointer(store, new AuditLog(store, { clock }), { key: checkpointKey, origin: `kdc/${meta.kdcId}`, clock, logger: opts.logger });
@@ -371,7 +401,8 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
     return { ctx, store, backend: opened, hub, quarantine, checkpoints, follower };
   } catch (err) {
     keyring.wipe();
-    rootKeys?.close();
+    if (rootKeys !== undefined) rootKeys.close();
+    else hsm?.close();
     await store.close();
     throw err;
   }

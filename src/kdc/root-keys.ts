@@ -16,6 +16,7 @@ import type { CredentialRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
 import { FailedPrecondition } from "../common/errors.js";
 import { Pkcs11Token, type Pkcs11Options } from "../common/keys/pkcs11-token.js";
+import type { MasterKeyWrap } from "../storage/wrapped-key.js";
 import { importPrivateKeyPkcs8Der } from "../pki/keys.js";
 import { keyObjectSigner, type Signer } from "../pki/signer.js";
 import type { CertificateFactory, Issuer, Sealer } from "./context.js";
@@ -108,13 +109,33 @@ export interface Pkcs11Settings {
 }
 
 /**
- * The root keys for a KDC: in the token when `pkcs11` is given (sealed keys of an older store
- * still open), sealed otherwise.
+ * The root keys for a KDC: in the token when one is given (sealed keys of an older store still
+ * open), sealed otherwise. The root keys own the token from here on (`close` closes it).
  */
-export async function openRootKeys(pki: CertificateFactory, sealer: Sealer, pkcs11: Pkcs11Settings | undefined, forNewRoots: boolean): Promise<RootKeys> {
-  if (pkcs11 === undefined) return sealedRootKeys(pki, sealer);
-  const token = Pkcs11Token.open(await pkcs11Options(pkcs11));
+export function openRootKeys(pki: CertificateFactory, sealer: Sealer, token: Pkcs11Token | undefined, forNewRoots: boolean): RootKeys {
+  if (token === undefined) return sealedRootKeys(pki, sealer);
   return forNewRoots ? tokenRootKeys(pki, token) : sealedRootKeys(pki, sealer, token);
+}
+
+/** Opens and logs in to the token of `--pkcs11-*` (undefined when none is configured). */
+export async function openPkcs11Token(pkcs11: Pkcs11Settings | undefined): Promise<Pkcs11Token | undefined> {
+  return pkcs11 === undefined ? undefined : Pkcs11Token.open(await pkcs11Options(pkcs11));
+}
+
+/** The default CKA_LABEL of the AES key that wraps the master key (`--master-key-wrap-label`). */
+export const MASTER_KEY_WRAP_LABEL = "kmi/master-key-wrap";
+
+/**
+ * What opens a wrapped master key file with `token` and, with `newKeyLabel`, wraps new ones
+ * (the token's AES key of that label is made when missing: sensitive, not extractable).
+ */
+export function masterKeyWrap(token: Pkcs11Token | undefined, newKeyLabel?: string): MasterKeyWrap | undefined {
+  if (token === undefined) {
+    if (newKeyLabel !== undefined) throw new FailedPrecondition("--master-key-wrap pkcs11 needs the token: give --pkcs11-module, --pkcs11-token and --pkcs11-pin-file");
+    return undefined;
+  }
+  if (newKeyLabel !== undefined && !token.hasAesKey(newKeyLabel)) token.generateAesKey(newKeyLabel);
+  return { token, keyLabel: newKeyLabel };
 }
 
 async function pkcs11Options(s: Pkcs11Settings): Promise<Pkcs11Options> {

@@ -15,6 +15,7 @@
 import { existsSync } from "node:fs";
 import { SealError, masterKeyId, open, seal } from "./seal.js";
 import { loadServerMasterKey, readMasterKeyFile, readMasterKeyFileSync, type MasterKeyOptions } from "./master-key.js";
+import type { MasterKeyWrap } from "./wrapped-key.js";
 import { pathExists } from "../common/fs.js";
 import type { SealedBlob } from "../gen/kmi/store/v1/envelope_pb.js";
 
@@ -32,9 +33,15 @@ export class MasterKeyring {
   /**
    * `primary` is the key in the key file (or the environment); `next` the rotation's new key,
    * if one is under way. `keyFile` (absent for a key from the environment) is where a next key
-   * a rekey makes later is looked for, the first time a record names a key this ring lacks.
+   * a rekey makes later is looked for, the first time a record names a key this ring lacks
+   * (unwrapped by `wrap`'s token when that file is a wrapped key).
    */
-  constructor(primary: Uint8Array, next?: Uint8Array, readonly keyFile?: string) {
+  constructor(
+    primary: Uint8Array,
+    next?: Uint8Array,
+    readonly keyFile?: string,
+    private readonly wrap?: MasterKeyWrap,
+  ) {
     this.#primaryId = this.#add(primary);
     this.#sealingId = next !== undefined ? this.#add(next) : this.#primaryId;
   }
@@ -94,7 +101,7 @@ export class MasterKeyring {
     if (this.keyFile === undefined) return undefined;
     for (const file of [nextKeyFile(this.keyFile), this.keyFile]) {
       if (!existsSync(file)) continue;
-      const key = readMasterKeyFileSync(file);
+      const key = readMasterKeyFileSync(file, this.wrap);
       try {
         if (masterKeyId(key) !== id) continue;
         this.#sealingId = this.#add(key);
@@ -115,9 +122,9 @@ export async function loadMasterKeyring(opts: MasterKeyOptions, envName: string,
   const primary = await loadServerMasterKey(opts, envName, defaultFile);
   const fromEnv = opts.masterKey !== undefined && opts.masterKey !== "";
   const keyFile = fromEnv ? undefined : (opts.masterKeyFile ?? defaultFile);
-  const next = keyFile !== undefined && (await pathExists(nextKeyFile(keyFile))) ? await readMasterKeyFile(nextKeyFile(keyFile)) : undefined;
+  const next = keyFile !== undefined && (await pathExists(nextKeyFile(keyFile))) ? await readMasterKeyFile(nextKeyFile(keyFile), opts.wrap) : undefined;
   try {
-    return new MasterKeyring(primary, next, keyFile);
+    return new MasterKeyring(primary, next, keyFile, opts.wrap);
   } finally {
     primary.fill(0);
     next?.fill(0);

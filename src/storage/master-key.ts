@@ -1,7 +1,8 @@
 /**
  * The master key: 32 random bytes that wrap every data key of the store (./seal.ts). It comes
  * from an environment value (base64, passed in by config.ts) or from a key file that only its
- * owner can read.
+ * owner can read: the key itself, or the key wrapped by a PKCS#11 token's AES key
+ * (./wrapped-key.ts; then the token is needed to read it).
  */
 import { closeSync, constants, fstatSync, openSync, readFileSync, type Stats } from "node:fs";
 import { link, open as openFile, unlink } from "node:fs/promises";
@@ -10,6 +11,7 @@ import { randomBytes } from "node:crypto";
 import { AlreadyExists, FailedPrecondition, InvalidArgument } from "../common/errors.js";
 import { pathExists } from "../common/fs.js";
 import { KEY_BYTES, masterKeyId } from "./seal.js";
+import { isWrappedKeyFile, unwrapMasterKey, wrapMasterKey, type MasterKeyWrap } from "./wrapped-key.js";
 
 export { masterKeyId } from "./seal.js";
 
@@ -72,6 +74,8 @@ export interface MasterKeyOptions {
   masterKey?: string | undefined;
   /** Key file; default <data-dir>/master.key. */
   masterKeyFile?: string | undefined;
+  /** The token that opens a wrapped key file (and wraps new ones), when one is configured. */
+  wrap?: MasterKeyWrap | undefined;
 }
 
 /**
@@ -86,7 +90,7 @@ export async function loadServerMasterKey(opts: MasterKeyOptions, envName: strin
     }
     return parseMasterKey(opts.masterKey, envName);
   }
-  return loadMasterKey({ file: opts.masterKeyFile ?? defaultFile });
+  return readMasterKeyFile(opts.masterKeyFile ?? defaultFile, opts.wrap);
 }
 
 /**
@@ -94,19 +98,22 @@ export async function loadServerMasterKey(opts: MasterKeyOptions, envName: strin
  * `file` when it exists (left by an init that stopped before its batch, or the directory's
  * own), else a new key file. `keyFile` is the file the key is in, if any.
  */
-export async function initServerMasterKey(masterKey: string | undefined, envName: string, file: string): Promise<{ key: Buffer; keyFile?: string }> {
-  if (masterKey !== undefined && masterKey !== "") return { key: parseMasterKey(masterKey, envName) };
-  return { key: await readOrCreateMasterKeyFile(file), keyFile: file };
+export async function initServerMasterKey(masterKey: string | undefined, envName: string, file: string, wrap?: MasterKeyWrap): Promise<{ key: Buffer; keyFile?: string }> {
+  if (masterKey !== undefined && masterKey !== "") {
+    if (wrap?.keyLabel !== undefined) throw new FailedPrecondition(`master key: a key given in ${envName} (or --master-key) cannot be wrapped in a token; leave it out and init makes a wrapped key file`);
+    return { key: parseMasterKey(masterKey, envName) };
+  }
+  return { key: await readOrCreateMasterKeyFile(file, wrap), keyFile: file };
 }
 
-/** Reads the key file at `path` (checked as `readMasterKeyFile` does), or creates it when it does not exist. */
-export async function readOrCreateMasterKeyFile(path: string): Promise<Buffer> {
-  if (await pathExists(path)) return readMasterKeyFile(path);
-  return (await createMasterKeyFile(path)).key;
+/** Reads the key file at `path` (checked as `readMasterKeyFile` does), or creates it (wrapped when `wrap.keyLabel` is given) when it does not exist. */
+export async function readOrCreateMasterKeyFile(path: string, wrap?: MasterKeyWrap): Promise<Buffer> {
+  if (await pathExists(path)) return readMasterKeyFile(path, wrap);
+  return (await createMasterKeyFile(path, wrap)).key;
 }
 
-/** Reads and checks a master key file; see `loadMasterKey`. */
-export async function readMasterKeyFile(path: string): Promise<Buffer> {
+/** Reads and checks a master key file (unwrapped in `wrap`'s token when the file is a wrapped key); see `loadMasterKey`. */
+export async function readMasterKeyFile(path: string, wrap?: MasterKeyWrap): Promise<Buffer> {
   let handle;
   try {
     handle = await openFile(path, constants.O_RDONLY);
@@ -120,7 +127,7 @@ export async function readMasterKeyFile(path: string): Promise<Buffer> {
     // Why fstat on the open descriptor: checking the path and then reading it would let the
     // file be swapped in between.
     checkKeyFileStat(path, await handle.stat());
-    return decodeKeyFile(path, await handle.readFile());
+    return decodeKeyFile(path, await handle.readFile(), wrap);
   } finally {
     await handle.close();
   }
@@ -130,7 +137,7 @@ export async function readMasterKeyFile(path: string): Promise<Buffer> {
  * `readMasterKeyFile` without awaiting: for a keyring that meets a record sealed under a key it
  * does not hold yet (a rekey running next to this server) inside a synchronous `open`.
  */
-export function readMasterKeyFileSync(path: string): Buffer {
+export function readMasterKeyFileSync(path: string, wrap?: MasterKeyWrap): Buffer {
   let fd: number;
   try {
     fd = openSync(path, constants.O_RDONLY);
@@ -139,7 +146,7 @@ export function readMasterKeyFileSync(path: string): Buffer {
   }
   try {
     checkKeyFileStat(path, fstatSync(fd));
-    return decodeKeyFile(path, readFileSync(fd));
+    return decodeKeyFile(path, readFileSync(fd), wrap);
   } finally {
     closeSync(fd);
   }
@@ -161,10 +168,11 @@ function checkKeyFileStat(path: string, st: Stats): void {
   }
 }
 
-/** The key in a key file's bytes (base64 text or 32 raw bytes); zeroes `data`. */
-function decodeKeyFile(path: string, data: Buffer): Buffer {
+/** The key in a key file's bytes (base64 text, 32 raw bytes, or a wrapped key); zeroes `data`. */
+function decodeKeyFile(path: string, data: Buffer, wrap: MasterKeyWrap | undefined): Buffer {
   try {
     if (data.length === KEY_BYTES) return Buffer.from(data);
+    if (isWrappedKeyFile(data)) return unwrapMasterKey(path, data, wrap);
     return parseMasterKey(data.toString("latin1"), `master key file ${path}`);
   } finally {
     data.fill(0);
@@ -173,14 +181,14 @@ function decodeKeyFile(path: string, data: Buffer): Buffer {
 
 /**
  * Creates a new master key file at `path` with a fresh random key, mode 0600, and returns
- * the key and its id. Never overwrites: if `path` exists it is refused with AlreadyExists.
+ * the key and its id. With `wrap.keyLabel`, the file holds the key wrapped by that token key. Never overwrites: if `path` exists it is refused with AlreadyExists.
  * Atomic: the key is written and fsynced to a temporary file (O_EXCL,
  * 0600) that is then hard-linked to `path` (link fails if `path` exists, unlike rename), so a
  * crash never leaves a partial key file at `path`.
  */
-export async function createMasterKeyFile(path: string): Promise<{ key: Buffer; id: string }> {
+export async function createMasterKeyFile(path: string, wrap?: MasterKeyWrap): Promise<{ key: Buffer; id: string }> {
   const key = randomBytes(KEY_BYTES);
-  const text = Buffer.from(key.toString("base64") + "\n", "latin1");
+  const text = wrap?.keyLabel !== undefined ? wrapMasterKey(key, wrap.token, wrap.keyLabel) : Buffer.from(key.toString("base64") + "\n", "latin1");
   const tmp = join(dirname(path), `.${basename(path)}.${randomBytes(6).toString("hex")}.tmp`);
   try {
     const handle = await openFile(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600).catch((err: NodeJS.ErrnoException) => {

@@ -3,7 +3,7 @@
  * change, progress on stderr and the result (text or `--json`). The rotation itself is
  * ./rekey.ts; each program gives its tables and how it opens its store.
  */
-import { ConfigError, defineProgram, formatHelp, loadConfig, storeOptions } from "../common/config.js";
+import { ConfigError, defineProgram, formatHelp, loadConfig, storeOptions, type OptionSpec } from "../common/config.js";
 import { FailedPrecondition, isKmiError } from "../common/errors.js";
 import { ProgressMeter, progressWanted } from "../common/progress-meter.js";
 import { AuditLog } from "./audit-log.js";
@@ -11,6 +11,7 @@ import { storeBackendFrom, type StoreBackend } from "./backend.js";
 import { nextKeyFile } from "./keyring.js";
 import { DEFAULT_REKEY_BATCH, rekeyStore, type RekeyResult } from "./rekey.js";
 import { SealError } from "./seal.js";
+import type { MasterKeyWrap } from "./wrapped-key.js";
 import { MAX_TXN_OPS, type Store, type Table } from "./store.js";
 import { join } from "node:path";
 
@@ -34,6 +35,10 @@ export interface RekeyTarget {
   tables: readonly Table[];
   /** Opens the program's initialized store (LevelDB in the data dir, or etcd). */
   openStore(dataDir: string, backend: StoreBackend): Promise<Store>;
+  /** The program's own options for a wrapped key file (the KDC's --pkcs11-* and --master-key-wrap). */
+  wrapOptions?: Record<string, OptionSpec>;
+  /** The token that opens (and wraps) key files, from the values of `wrapOptions`; `close` releases it. */
+  openWrap?(values: Record<string, unknown>): Promise<{ wrap: MasterKeyWrap | undefined; close(): void }>;
 }
 
 /** The `--help` program of `kmi <program> rekey`. */
@@ -57,6 +62,7 @@ export function rekeyProgram(t: RekeyTarget) {
       batchSize: { type: "integer", description: `records per conditional batch, 1 to ${MAX_TXN_OPS}`, default: DEFAULT_REKEY_BATCH, noEnv: true },
       json: { type: "boolean", description: "print the result as one JSON document on stdout (no progress lines)", noEnv: true },
       progress: { type: "boolean", description: "show progress on stderr also when it is not a terminal (it is shown on a terminal anyway)", noEnv: true },
+      ...t.wrapOptions,
     },
   });
 }
@@ -77,7 +83,13 @@ export async function rekeyMain(t: RekeyTarget, argv: string[], env: Record<stri
     }
     if (v.batchSize < 1 || v.batchSize > MAX_TXN_OPS) throw new ConfigError(`--batch-size: ${v.batchSize} is out of range; use 1 to ${MAX_TXN_OPS}`);
     const keyFile = v.masterKeyFile ?? join(v.dataDir, "master.key");
-    const result = await rekeyWithProgress(t, { dataDir: v.dataDir, backend: storeBackendFrom(v, t.etcdPrefix), keyFile, batchSize: v.batchSize, prepare: v.prepare === true, progress: v.progress === true, json: v.json === true }, io);
+    const token = await t.openWrap?.(v);
+    let result: RekeyResult;
+    try {
+      result = await rekeyWithProgress(t, { dataDir: v.dataDir, backend: storeBackendFrom(v, t.etcdPrefix), keyFile, batchSize: v.batchSize, prepare: v.prepare === true, progress: v.progress === true, json: v.json === true, wrap: token?.wrap }, io);
+    } finally {
+      token?.close();
+    }
     io.stdout.write(v.json === true ? JSON.stringify(resultJson(result, keyFile), null, 2) + "\n" : resultText(t, result, keyFile));
     return 0;
   } catch (err) {
@@ -98,6 +110,7 @@ interface RekeyRun {
   prepare: boolean;
   progress: boolean;
   json: boolean;
+  wrap: MasterKeyWrap | undefined;
 }
 
 async function rekeyWithProgress(t: RekeyTarget, run: RekeyRun, io: RekeyIo): Promise<RekeyResult> {
@@ -110,6 +123,7 @@ async function rekeyWithProgress(t: RekeyTarget, run: RekeyRun, io: RekeyIo): Pr
       store,
       tables: t.tables,
       keyFile: run.keyFile,
+      wrap: run.wrap,
       audit: new AuditLog(store),
       actor: `system:${label}`,
       batchSize: run.batchSize,

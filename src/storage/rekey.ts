@@ -27,6 +27,7 @@ import type { AuditLog } from "./audit-log.js";
 import { MasterKeyring, nextKeyFile } from "./keyring.js";
 import { LOG_KEYS_TABLE, pinLogKeys } from "./log-keys.js";
 import { createMasterKeyFile, readMasterKeyFile } from "./master-key.js";
+import { wrappedKeyOf, type MasterKeyWrap } from "./wrapped-key.js";
 import { retryOnConflict } from "./retry.js";
 import { MAX_TXN_OPS, type BatchOp, type Compare, type Store, type Table } from "./store.js";
 
@@ -51,6 +52,12 @@ export interface RekeyOptions {
   actor: string;
   /** Records per conditional batch, 1 to MAX_TXN_OPS (default 64). */
   batchSize?: number;
+  /**
+   * The token that opens a wrapped key file. The next key is wrapped by `wrap.keyLabel` when
+   * given, else by the key file's own token key when the key file is wrapped (a rotation never
+   * writes a wrapped key out in the clear), else not at all.
+   */
+  wrap?: MasterKeyWrap | undefined;
   /** Stop after stage 2: the next key is made (to copy to other hosts' replicas first), nothing rewrapped. */
   prepareOnly?: boolean;
   /** Progress of a pass: `done` of `total` records rewrapped (pass is 1-based). */
@@ -83,12 +90,12 @@ export async function rekeyStore(opts: RekeyOptions): Promise<RekeyResult> {
     throw new InvalidArgument(`batch size: ${batchSize} is out of range; use 1 to ${MAX_TXN_OPS}`);
   }
   const now = opts.now ?? (() => new Date());
-  const primary = await readMasterKeyFile(opts.keyFile);
+  const primary = await readMasterKeyFile(opts.keyFile, opts.wrap);
   let keyring: MasterKeyring | undefined;
   try {
     await pin(opts.store, primary, now());
-    const { next, resumed } = await nextKey(opts.keyFile);
-    keyring = new MasterKeyring(primary, next, opts.keyFile);
+    const { next, resumed } = await nextKey(opts.keyFile, await nextKeyWrap(opts.keyFile, opts.wrap));
+    keyring = new MasterKeyring(primary, next, opts.keyFile, opts.wrap);
     next.fill(0);
     const ids = { oldKeyId: keyring.primaryId, newKeyId: keyring.sealingId };
     if (ids.oldKeyId === ids.newKeyId) throw new FailedPrecondition(`${nextKeyFile(opts.keyFile)} holds the same key as ${opts.keyFile}; remove ${nextKeyFile(opts.keyFile)} and run rekey again`);
@@ -120,11 +127,17 @@ async function pin(store: Store, primary: Uint8Array, now: Date): Promise<void> 
   }
 }
 
-/** Stage 2: the next key file, made now or left by a stopped rekey. */
-async function nextKey(keyFile: string): Promise<{ next: Buffer; resumed: boolean }> {
+/** Stage 2: the next key file, made now (wrapped like the key file, when it is) or left by a stopped rekey. */
+async function nextKey(keyFile: string, wrap: MasterKeyWrap | undefined): Promise<{ next: Buffer; resumed: boolean }> {
   const file = nextKeyFile(keyFile);
-  if (await pathExists(file)) return { next: await readMasterKeyFile(file), resumed: true };
-  return { next: (await createMasterKeyFile(file)).key, resumed: false };
+  if (await pathExists(file)) return { next: await readMasterKeyFile(file, wrap), resumed: true };
+  return { next: (await createMasterKeyFile(file, wrap)).key, resumed: false };
+}
+
+/** How the next key file is wrapped (see `RekeyOptions.wrap`). */
+async function nextKeyWrap(keyFile: string, wrap: MasterKeyWrap | undefined): Promise<MasterKeyWrap | undefined> {
+  if (wrap === undefined || wrap.keyLabel !== undefined) return wrap;
+  return { token: wrap.token, keyLabel: (await wrappedKeyOf(keyFile))?.keyLabel };
 }
 
 /** Stage 4: the next key file becomes the key file; the old key's file is gone. */

@@ -79,16 +79,30 @@ function checkStoreInfo(file: string, r: StoreRecord): void {
 
 /** Checks that `key` opens the backup's sealed KMI root key (wipes what it unsealed). */
 export function checkMasterKey(key: Buffer, rootCredential: Uint8Array, tlsCredential: Uint8Array | undefined): void {
-  // With the roots in a PKCS#11 token the root has no sealed key: the KDC TLS key's blob proves the master key.
-  const sealedRoot = fromBinary(CredentialRecordSchema, rootCredential);
-  const root = sealedRoot.privateKey === undefined && tlsCredential !== undefined ? fromBinary(CredentialRecordSchema, tlsCredential) : sealedRoot;
+  const root = sealedCredential(rootCredential, tlsCredential);
   const sealer = createSealer(key);
   try {
     sealer.open(root.privateKey!, credentialAad(root.name)).fill(0);
   } catch (err) {
-    throw new DestinationRefused(
-      `the master key given does not open this backup (its keys are sealed under master key ${root.privateKey?.masterKeyId || "?"}); give the master key the backed-up KDC used (--master-key-file or KMI_KDC_MASTER_KEY)`,
-      { cause: err },
-    );
+    throw wrongKey(root, { cause: err });
   }
+}
+
+/** Checks a master key known only by its id (a key file wrapped in a token: the token opens it at start). */
+export function checkMasterKeyId(keyId: string, rootCredential: Uint8Array, tlsCredential: Uint8Array | undefined): void {
+  const root = sealedCredential(rootCredential, tlsCredential);
+  if (root.privateKey?.masterKeyId !== keyId) throw wrongKey(root);
+}
+
+// With the roots in a PKCS#11 token the root has no sealed key: the KDC TLS key's blob proves the master key.
+function sealedCredential(rootCredential: Uint8Array, tlsCredential: Uint8Array | undefined) {
+  const sealedRoot = fromBinary(CredentialRecordSchema, rootCredential);
+  return sealedRoot.privateKey === undefined && tlsCredential !== undefined ? fromBinary(CredentialRecordSchema, tlsCredential) : sealedRoot;
+}
+
+function wrongKey(root: { privateKey?: { masterKeyId: string } | undefined }, options?: { cause: unknown }): DestinationRefused {
+  return new DestinationRefused(
+    `the master key given does not open this backup (its keys are sealed under master key ${root.privateKey?.masterKeyId || "?"}); give the master key the backed-up KDC used (--master-key-file or KMI_KDC_MASTER_KEY)`,
+    options,
+  );
 }

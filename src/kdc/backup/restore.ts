@@ -13,7 +13,8 @@ import { pathExists } from "../../common/fs.js";
 import { dataPaths, loadKdcMasterKey, openKdcStore } from "../init.js";
 import { CREDENTIAL, KdcStore } from "../kdc-store.js";
 import { createPkiAdapter } from "../pki-adapter.js";
-import { checkBackup, checkMasterKey } from "./check.js";
+import { checkBackup, checkMasterKey, checkMasterKeyId } from "./check.js";
+import { wrappedKeyOf } from "../../storage/wrapped-key.js";
 import { BadBackup, DestinationRefused } from "./errors.js";
 import { backupRecords, openBackup, type BackupHeader } from "./format.js";
 import { progressMeter, type BackupIo } from "./progress.js";
@@ -72,14 +73,7 @@ export async function restoreKdc(opts: {
     }
   }
   const keyGiven = (opts.masterKey ?? "") !== "" || opts.masterKeyFile !== undefined || (await pathExists(masterKeyFileInDir));
-  if (keyGiven) {
-    const key = await loadKdcMasterKey(opts.dataDir, { masterKey: opts.masterKey, masterKeyFile: opts.masterKeyFile });
-    try {
-      checkMasterKey(key, checked.rootCredential!, checked.tlsCredential);
-    } finally {
-      key.fill(0);
-    }
-  }
+  if (keyGiven) await checkGivenKey(opts, masterKeyFileInDir, checked);
   const result: RestoreResult = {
     dataDir: opts.dataDir,
     records: checked.records,
@@ -148,5 +142,18 @@ export async function restoreKdc(opts: {
       for (const p of written) await rm(p, { recursive: true, force: true }).catch(() => {});
       if (before === undefined) await rm(opts.dataDir, { recursive: true, force: true }).catch(() => {});
     }
+  }
+}
+
+/** The master key given (value or file) against the backup: opened, or by id for a key file wrapped in a token. */
+async function checkGivenKey(opts: { dataDir: string; masterKey?: string | undefined; masterKeyFile?: string | undefined }, fileInDir: string, checked: Awaited<ReturnType<typeof checkBackup>>): Promise<void> {
+  const file = (opts.masterKey ?? "") !== "" ? undefined : (opts.masterKeyFile ?? fileInDir);
+  const wrapped = file !== undefined ? await wrappedKeyOf(file) : undefined;
+  if (wrapped !== undefined) return checkMasterKeyId(wrapped.keyId, checked.rootCredential!, checked.tlsCredential);
+  const key = await loadKdcMasterKey(opts.dataDir, { masterKey: opts.masterKey, masterKeyFile: opts.masterKeyFile });
+  try {
+    checkMasterKey(key, checked.rootCredential!, checked.tlsCredential);
+  } finally {
+    key.fill(0);
   }
 }
