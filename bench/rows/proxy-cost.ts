@@ -1,10 +1,11 @@
 /**
  * Row 10: what the proxy costs per request and per connection (issue 18). The same load
  * generator and origin as row 3, directly and through the kmi proxy, in one run:
- *   - throughput with 1 worker (2 workers once `kmi proxy --workers` exists);
+ *   - throughput with 1 worker (the in-process proxy of row 3), and through `kmi proxy --workers 1`
+ *     and `--workers 2` as a user starts them (primary + workers, node:cluster);
  *   - CPU µs per request of the proxy's processes against the origin's own (/proc utime + stime);
  *   - p99 latency added;
- *   - peak RSS per worker;
+ *   - peak RSS per worker (each process of `kmi proxy --workers 2`);
  *   - new connections with full and with resumed TLS handshakes (session tickets), side by side;
  *   - RSS and descriptors per idle HTTP/2 connection at two counts, and RSS after they close.
  */
@@ -22,6 +23,10 @@ import { fmt } from "../lib/stats.js";
 import { proxyStack } from "./minting.js";
 import { profileProxy } from "./throughput.js";
 import { ROW_TITLES } from "./titles.js";
+import { TENANT } from "./signing.js";
+import { startKmi, type KmiProcess } from "../lib/kmi-process.js";
+import { writeFile } from "node:fs/promises";
+import { join } from "node:path";
 
 /** Keep-alive loads: as row 3 (16 HTTP/1.1 connections; 4 h2 connections × 4 streams). */
 const LOADS = [
@@ -32,6 +37,8 @@ const LOADS = [
 
 type Load = (typeof LOADS)[number];
 type Via = "direct" | "kmi";
+/** The `kmi proxy --workers N` processes measured beside the in-process proxy. */
+const WORKER_COUNTS = [1, 2] as const;
 
 /** Idle connections held open, per mode. */
 const IDLE_COUNTS = { quick: [40, 80], full: [1000, 5000] } as const;
@@ -56,8 +63,8 @@ export async function runProxyCost(env: Env): Promise<RowBuilder> {
   const loadgen = await env.shared<{ pid: number }>("loadgen", () => ({}));
   const pids = { proxy: proxy.info.pid, origin: origin.pid };
   const o = { host: "127.0.0.1", port: origin.info.port };
-  const dest = (via: Via): Destination =>
-    via === "direct" ? { origin: o, servername: DEFAULT_HOST, ca: origin.info.caPem } : { proxy: { host: "127.0.0.1", port: proxy.info.port }, origin: o, servername: DEFAULT_HOST, ca: agent.info.rootPem };
+  const dest = (via: Via, port = proxy.info.port): Destination =>
+    via === "direct" ? { origin: o, servername: DEFAULT_HOST, ca: origin.info.caPem } : { proxy: { host: "127.0.0.1", port }, origin: o, servername: DEFAULT_HOST, ca: agent.info.rootPem };
   const warmupMs = Math.min(500, Math.max(100, b.windowMs * 0.2));
   const spec = (mode: LoadSpec["mode"], path: string, via: Via, extra: Partial<LoadSpec> = {}): LoadSpec => ({
     mode,
@@ -90,10 +97,16 @@ export async function runProxyCost(env: Env): Promise<RowBuilder> {
     }
   }
 
+  const workerHwm = await workerWindows(env, row, { agentSocket: agent.info.socketPath, originCaPem: origin.info.caPem }, b.repeats, (load, w, port, pid) => {
+    env.log(`cost ${load.key} via kmi proxy --workers ${w}`);
+    return run(spec(load.mode, load.path, "kmi", { dest: dest("kmi", port), cpuPids: { proxy: pid, origin: origin.pid } })).then((win) => void add(`${load.key}:w${w}`, win));
+  });
+
   const missed: Load[] = [];
   for (const load of LOADS) {
     const judged = keepAliveFigures(row, load, windows.get(`${load.key}:direct`)!, windows.get(`${load.key}:kmi`)!);
     if (judged === "missed") missed.push(load);
+    workerFigures(row, load, windows);
   }
   newConnectionFigures(row, windows);
 
@@ -102,8 +115,13 @@ export async function runProxyCost(env: Env): Promise<RowBuilder> {
     const v = await peakRss(p);
     if (v !== undefined) hwm.push(v / MIB);
   }
-  if (hwm.length > 0) row.figure("proxy.cost.rss_peak_worker", `peak RSS per proxy worker during the loads above (${hwm.length} process${hwm.length > 1 ? "es" : ""}: 1 worker)`, "MiB", hwm);
+  if (hwm.length > 0) row.figure("proxy.cost.rss_peak_worker", `peak RSS of the in-process proxy (1 worker) during the loads above`, "MiB", hwm, undefined, true);
   else row.notMeasured("proxy.cost.rss_peak_worker", "peak RSS per proxy worker", "/proc/<pid>/status has no VmHWM here");
+  const inProcess = row.result.figures.find((f) => f.id === "proxy.cost.rss_peak_worker");
+  if (workerHwm.length > 0) {
+    const f = row.figure("proxy.cost.rss_peak_workers2", "peak RSS of each process of `kmi proxy --workers 2` (the primary and its 2 workers) during its loads", "MiB", workerHwm);
+    if (inProcess !== undefined) row.ratio(f, inProcess, "of the in-process proxy's");
+  }
 
   try {
     await idleFigures(env, row, loadgen, dest, pids, idleCounts);
@@ -155,11 +173,6 @@ function keepAliveFigures(row: RowBuilder, load: Load, direct: readonly Window[]
   const fk = row.figure(`proxy.cost.${load.key}.kmi1`, kLabel, "req/s", kmi.map((w) => w.perSecond), lat(kmi));
   if (dWhy !== undefined) row.notJudged(fd, dWhy);
   if (kWhy !== undefined) row.notJudged(fk, kWhy);
-  row.notMeasured(
-    `proxy.cost.${load.key}.workers2`,
-    `${load.label}, through kmi, 2 workers`,
-    "pending: `kmi proxy --workers` is not on this branch yet (issue 18, branch workers); measured once it is merged",
-  );
   if (dWhy !== undefined || kWhy !== undefined) return "not judged";
   const ratio = row.ratio(fk, fd, "of direct");
   const met = !load.target || row.target(fk, "≥ 40% of direct", ratio >= 0.4);
@@ -286,11 +299,92 @@ async function idleFigures(
   row.note(`After the idle connections closed: ${count(after.fds)} descriptors open in the proxy (${count(before.fds)} before they opened).`);
 }
 
-/** Assumed share of the extra workers' CPU that turns into throughput (not measured until the 2-worker rows exist). */
+/** What `workerWindows` hands each load: the load, the worker count, the proxy's port and primary pid. */
+type WorkerRun = (load: Load, workers: number, port: number, pid: number) => Promise<void>;
+
+/**
+ * The keep-alive loads through `kmi proxy --workers 1` and `--workers 2` (dist/cmd/kmi.js, the
+ * bench agent and origin, the in-process proxy's settings), interleaved over the repeats; the
+ * peak RSS of each process of the 2-worker proxy, MiB. A proxy that does not start is a failure
+ * of the run, with its reason.
+ */
+async function workerWindows(env: Env, row: RowBuilder, stack: { agentSocket: string; originCaPem: string }, repeats: number, measure: WorkerRun): Promise<number[]> {
+  const procs: { workers: number; p: KmiProcess; port: number; pid: number }[] = [];
+  try {
+    for (const workers of WORKER_COUNTS) procs.push({ workers, ...(await startWorkersProxy(env, stack, workers)) });
+    for (const p of procs) for (const pid of processTree(p.pid)) await resetPeakRss(pid);
+    for (let r = 0; r < repeats; r++) {
+      for (const load of LOADS) for (const p of procs) await measure(load, p.workers, p.port, p.pid);
+    }
+    const two = procs.find((p) => p.workers === 2)!;
+    const hwm: number[] = [];
+    for (const pid of processTree(two.pid)) {
+      const v = await peakRss(pid);
+      if (v !== undefined) hwm.push(v / MIB);
+    }
+    return hwm;
+  } catch (err) {
+    row.fail(`kmi proxy --workers: ${(err as Error).message}`);
+    return [];
+  } finally {
+    for (const p of procs) await p.p.kill("SIGTERM");
+  }
+}
+
+/** `kmi proxy --workers N` as a user starts it; its port and the primary's pid. */
+async function startWorkersProxy(env: Env, stack: { agentSocket: string; originCaPem: string }, workers: number): Promise<{ p: KmiProcess; port: number; pid: number }> {
+  const caFile = join(env.dir, "cost-origin-ca.pem");
+  await writeFile(caFile, stack.originCaPem, { mode: 0o600 });
+  // prettier-ignore
+  const p = await startKmi([
+    "proxy", "--workers", String(workers), "--listen", "127.0.0.1:0", "--agent-socket", stack.agentSocket, "--default-tenant", TENANT,
+    "--extra-ca", caFile, "--no-system-roots", "--allow-private", "127.0.0.0/8", "--access-log", join(env.dir, `cost-access-w${workers}.log`),
+    "--issue-rate", "0", "--idle-timeout-ms", "600000", "--origin-idle-timeout-ms", "1000", "--shutdown-grace-ms", "500",
+  ], `kmi proxy --workers ${workers}`, /^(?!.*"worker":).*"msg":"started"/);
+  const started = JSON.parse(p.started) as { bound: { port: number }; pid: number };
+  return { p, port: started.bound.port, pid: started.pid };
+}
+
+/** Throughput through `kmi proxy --workers 1` and `--workers 2`, and what 2 workers add. */
+function workerFigures(row: RowBuilder, load: Load, windows: ReadonlyMap<string, Window[]>): void {
+  const ws = WORKER_COUNTS.map((w) => windows.get(`${load.key}:w${w}`));
+  if (ws.some((w) => w === undefined)) return row.notMeasured(`proxy.cost.${load.key}.workers2`, `${load.label}, through \`kmi proxy --workers 2\``, "the proxy did not start (see the failures)");
+  const lat = (w: readonly Window[]) => ({ p50: w.map((x) => x.p50), p99: w.map((x) => x.p99) });
+  const figs = WORKER_COUNTS.map((w, i) => {
+    const label = `${load.label}, through \`kmi proxy --workers ${w}\``;
+    const f = row.figure(`proxy.cost.${load.key}.workers${w}`, label, "req/s", ws[i]!.map((x) => x.perSecond), lat(ws[i]!), w === 1);
+    const why = judge(row, label, ws[i]!);
+    if (why !== undefined) row.notJudged(f, why);
+    return { f, why };
+  });
+  const [one, two] = figs as [(typeof figs)[number], (typeof figs)[number]];
+  if (one.why !== undefined || two.why !== undefined) return;
+  row.ratio(two.f, one.f, "of 1 worker");
+  const direct = row.result.figures.find((f) => f.id === `proxy.cost.${load.key}.direct`);
+  if (direct !== undefined && direct.notJudged === undefined) row.ratio(two.f, direct, "of direct");
+  const cpu = cpuPerRequest(ws[1]!, "proxy");
+  const origin = row.result.figures.find((f) => f.id === `proxy.cost.${load.key}.cpu_origin`);
+  if (cpu === undefined || origin === undefined) return;
+  const fc = row.figure(`proxy.cost.${load.key}.cpu_workers2`, `${load.label}: CPU per request of \`kmi proxy --workers 2\` (primary and workers)`, "µs", cpu);
+  row.ratio(fc, origin, "of the origin's own");
+}
+
+/** Assumed share of the extra workers' CPU that turns into throughput (a 2-core run cannot measure it: see the note). */
 const SCALING_EFFICIENCY = 0.8;
 /** Cores of the machine the extrapolation is for, and the workers it would run. */
 const TARGET_CORES = 16;
 const TARGET_WORKERS = 15;
+
+/** What this run measured of a second worker, and why it is not a scaling measurement on a small machine. */
+function twoWorkers(row: RowBuilder): string {
+  const gains = LOADS.flatMap((load) => {
+    const f = row.result.figures.find((x) => x.id === `proxy.cost.${load.key}.workers2`);
+    const r = f?.ratios.find((x) => x.vs === "of 1 worker");
+    return r === undefined ? [] : [`${load.label} ${fmt(r.value)}×`];
+  });
+  if (gains.length === 0) return "the 2-worker figures were not measured in this run";
+  return `this run measured \`kmi proxy --workers 2\` against \`--workers 1\` at ${gains.join(", ")}, on a machine whose cores the load generator and the origin share with the proxy, so a second worker adds throughput only where the proxy, not the machine, was the limit; it does not measure how far workers scale`;
+}
 
 /**
  * How throughput grows with cores, extrapolated from this run's CPU per request (a figure per
@@ -319,7 +413,7 @@ function scalingNote(row: RowBuilder): void {
     `How throughput grows with cores (an extrapolation from this run's CPU per request, not a measurement): ${parts.join("; ")}. ` +
       `Assumptions: the proxy's CPU per request does not change with the number of workers (each worker serves its own connections; leaves and ticket keys are shared, so only a new host's first leaf involves more than one worker); ` +
       `the ${TARGET_CORES}-core machine runs ${TARGET_WORKERS} workers (one core left to the kernel's network stack, the key agent and the primary) and nothing else (origins and clients elsewhere, unlike this run, where the load generator and the origin share the cores); ` +
-      `${SCALING_EFFICIENCY * 100}% of each added worker's CPU turns into throughput (an assumption for the kernel's shared socket and memory bandwidth costs, until the 2-worker rows measure it); ` +
+      `${SCALING_EFFICIENCY * 100}% of each added worker's CPU turns into throughput (an assumption for the kernel's shared socket and memory bandwidth costs: ${twoWorkers(row)}); ` +
       `CPU is the limit (a 1 MiB row at ~${fmt((perCore(med("proxy.cost.h1_1m.cpu_kmi")) ?? 0) * TARGET_WORKERS * SCALING_EFFICIENCY * 8 / 1024)} Gbit/s each way must also fit the NIC).`,
   );
 }

@@ -176,7 +176,12 @@ describe("npm run bench -- --quick", () => {
     for (const load of ["h1_1k", "h1_1m", "h2_1k"]) {
       expect(fig(`proxy.cost.${load}.cpu_kmi`).ratios.map((r) => r.vs)).toEqual(["of the origin's own"]);
       expect(fig(`proxy.cost.${load}.cpu_origin`).value.median).toBeGreaterThan(0);
+      // The real `kmi proxy --workers 2` (primary and two workers) served the same load, against --workers 1.
+      expect(fig(`proxy.cost.${load}.workers2`).ratios.map((r) => r.vs)).toEqual(["of 1 worker", "of direct"]);
+      expect(fig(`proxy.cost.${load}.cpu_workers2`).value.median).toBeGreaterThan(0);
     }
+    // Peak RSS of each of its three processes.
+    expect(fig("proxy.cost.rss_peak_workers2").value.n).toBe(3);
     // Through kmi, a client that offers a ticket resumes its session.
     const resumed = fig("proxy.cost.newconn_resumed.kmi");
     expect(resumed.targets[0]?.text).toBe("resumes ≥ 90% of connections");
