@@ -9,7 +9,7 @@
  * `kmi kdc rekey --master-key-wrap pkcs11`.
  */
 import { execFile } from "node:child_process";
-import { mkdir, readFile, writeFile } from "node:fs/promises";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -19,26 +19,23 @@ import { unwrapMasterKey, type MasterKeyWrap } from "../../../src/storage/wrappe
 import { addBulkSigningKeys, openEverything, runRekey } from "../../fixtures/kdc/rekey.js";
 import { findInFiles, readTree } from "../../fixtures/mesh/secrets.js";
 import { cleanEnv, cleanup, ctl, KMI, startKdc, tempDir } from "./harness.js";
+import { softHsmToken, type SoftHsmToken } from "../../fixtures/pkcs11/softhsm.js";
 
 const run = promisify(execFile);
-const MODULE = "/usr/lib/softhsm/libsofthsm2.so";
 const TOKEN = "kmi-wrap-test";
 const PIN = "1618-user";
 const LABEL = "kmi/master-key-wrap";
 
 let dir: string;
+let hsm: SoftHsmToken;
 let hsmEnv: Record<string, string>;
 let tokenFlags: string[];
 
 beforeAll(async () => {
   dir = await tempDir("kmi-master-wrap-");
-  await mkdir(join(dir, "tokens"), { mode: 0o700 });
-  await writeFile(join(dir, "softhsm2.conf"), `directories.tokendir = ${join(dir, "tokens")}\nobjectstore.backend = file\nlog.level = ERROR\n`);
-  hsmEnv = { SOFTHSM2_CONF: join(dir, "softhsm2.conf") };
-  await run("softhsm2-util", ["--init-token", "--free", "--label", TOKEN, "--pin", PIN, "--so-pin", "so-pin-1414"], { env: cleanEnv(hsmEnv) });
-  const pinFile = join(dir, "token.pin");
-  await writeFile(pinFile, PIN + "\n", { mode: 0o600 });
-  tokenFlags = ["--pkcs11-module", MODULE, "--pkcs11-token", TOKEN, "--pkcs11-pin-file", pinFile];
+  hsm = await softHsmToken(dir, TOKEN, PIN);
+  hsmEnv = hsm.env;
+  tokenFlags = hsm.flags;
 }, 60_000);
 
 afterAll(async () => {
@@ -47,8 +44,7 @@ afterAll(async () => {
 
 /** Runs `fn` with this process logged in to the test token, as a MasterKeyWrap (closed after). */
 async function withToken<T>(fn: (wrap: MasterKeyWrap & { token: Pkcs11Token }) => T | Promise<T>): Promise<T> {
-  process.env["SOFTHSM2_CONF"] = hsmEnv["SOFTHSM2_CONF"];
-  const token = Pkcs11Token.open({ module: MODULE, token: TOKEN, pin: PIN });
+  const token = hsm.open();
   try {
     return await fn({ token });
   } finally {

@@ -14,7 +14,7 @@
  */
 import { execFile } from "node:child_process";
 import { createPrivateKey, createPublicKey, generateKeyPairSync, X509Certificate } from "node:crypto";
-import { mkdir, readFile, writeFile } from "node:fs/promises";
+import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -26,9 +26,10 @@ import { createLeafIssuer } from "../../../src/pki/leaf.js";
 import { certificateToPem } from "../../../src/pki/pem.js";
 import { findInFiles, PEM_PRIVATE_KEY, readTree, unsealIntermediates } from "../../fixtures/mesh/secrets.js";
 import { cleanEnv, cleanup, ctl, KMI, openssl, startKdc, tempDir, type KdcProcess } from "./harness.js";
+import { SOFTHSM_MODULE, softHsmToken, type SoftHsmToken } from "../../fixtures/pkcs11/softhsm.js";
 
 const run = promisify(execFile);
-const MODULE = "/usr/lib/softhsm/libsofthsm2.so";
+const MODULE = SOFTHSM_MODULE;
 const TOKEN = "kmi-kdc-test";
 const PIN = "4711-user";
 
@@ -37,6 +38,7 @@ let dataDir: string;
 let tokenFile: string;
 let pinFile: string;
 let hsmEnv: Record<string, string>;
+let hsm: SoftHsmToken;
 let initOut: string;
 let kdc: KdcProcess | undefined;
 
@@ -44,12 +46,9 @@ const spkiOfCert = (pem: string) => new X509Certificate(pem).publicKey.export({ 
 
 beforeAll(async () => {
   dir = await tempDir("kmi-pkcs11-");
-  await mkdir(join(dir, "tokens"), { mode: 0o700 });
-  await writeFile(join(dir, "softhsm2.conf"), `directories.tokendir = ${join(dir, "tokens")}\nobjectstore.backend = file\nlog.level = ERROR\n`);
-  hsmEnv = { SOFTHSM2_CONF: join(dir, "softhsm2.conf") };
-  await run("softhsm2-util", ["--init-token", "--free", "--label", TOKEN, "--pin", PIN, "--so-pin", "so-pin-0815"], { env: cleanEnv(hsmEnv) });
-  pinFile = join(dir, "token.pin");
-  await writeFile(pinFile, PIN + "\n", { mode: 0o600 });
+  hsm = await softHsmToken(dir, TOKEN, PIN);
+  hsmEnv = hsm.env;
+  pinFile = hsm.pinFile;
   dataDir = join(dir, "data");
   tokenFile = join(dir, "operator.token");
   const init = await run(
@@ -66,8 +65,7 @@ afterAll(async () => {
 });
 
 function openToken(): Pkcs11Token {
-  process.env["SOFTHSM2_CONF"] = hsmEnv["SOFTHSM2_CONF"];
-  return Pkcs11Token.open({ module: MODULE, token: TOKEN, pin: PIN });
+  return hsm.open();
 }
 
 async function kdcId(): Promise<string> {

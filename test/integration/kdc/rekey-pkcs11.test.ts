@@ -7,7 +7,6 @@
  * with the token, and its audit log verifies.
  */
 import { execFile } from "node:child_process";
-import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -15,9 +14,9 @@ import { readMasterKeyFile } from "../../../src/storage/master-key.js";
 import { masterKeyId } from "../../../src/storage/seal.js";
 import { addBulkSigningKeys, openEverything, runRekey } from "../../fixtures/kdc/rekey.js";
 import { cleanEnv, cleanup, ctl, KMI, startKdc, tempDir } from "./harness.js";
+import { softHsmToken } from "../../fixtures/pkcs11/softhsm.js";
 
 const run = promisify(execFile);
-const MODULE = "/usr/lib/softhsm/libsofthsm2.so";
 const TOKEN = "kmi-rekey-test";
 const PIN = "2718-user";
 
@@ -29,13 +28,9 @@ let tokenFlags: string[];
 
 beforeAll(async () => {
   dir = await tempDir("kmi-rekey-pkcs11-");
-  await mkdir(join(dir, "tokens"), { mode: 0o700 });
-  await writeFile(join(dir, "softhsm2.conf"), `directories.tokendir = ${join(dir, "tokens")}\nobjectstore.backend = file\nlog.level = ERROR\n`);
-  hsmEnv = { SOFTHSM2_CONF: join(dir, "softhsm2.conf") };
-  await run("softhsm2-util", ["--init-token", "--free", "--label", TOKEN, "--pin", PIN, "--so-pin", "so-pin-3141"], { env: cleanEnv(hsmEnv) });
-  const pinFile = join(dir, "token.pin");
-  await writeFile(pinFile, PIN + "\n", { mode: 0o600 });
-  tokenFlags = ["--pkcs11-module", MODULE, "--pkcs11-token", TOKEN, "--pkcs11-pin-file", pinFile];
+  const hsm = await softHsmToken(dir, TOKEN, PIN);
+  hsmEnv = hsm.env;
+  tokenFlags = hsm.flags;
   dataDir = join(dir, "data");
   tokenFile = join(dir, "operator.token");
   await run(process.execPath, [KMI, "kdc", "init", "--data-dir", dataDir, "--token-file", tokenFile, ...tokenFlags], { env: cleanEnv(hsmEnv) });
