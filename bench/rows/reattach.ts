@@ -245,7 +245,8 @@ function perTrial(phases: Phase[]): { max: number[]; p50: number[]; p99: number[
 function failureText(phases: Phase[]): { text: string; resets: number } {
   const sum = (k: "shed" | "refused" | "reset" | "other") => phases.reduce((a, p) => a + p.failures[k], 0);
   const other = phases.find((p) => p.failures.firstOther !== undefined)?.failures.firstOther;
-  const text = `${sum("shed")} shed with a retry hint, ${sum("refused")} refused by the dead replica, ${sum("reset")} reset by a live replica, ${sum("other")} other${other !== undefined ? ` (first: ${other})` : ""}`;
+  const count = (k: "shed" | "refused" | "reset" | "other") => sum(k).toLocaleString("en-US");
+  const text = `${count("shed")} shed with a retry hint, ${count("refused")} refused by the dead replica, ${count("reset")} reset by a live replica, ${count("other")} other${other !== undefined ? ` (first: ${other})` : ""}`;
   return { text, resets: sum("reset") + sum("other") };
 }
 
@@ -283,6 +284,7 @@ export async function runReattach(env: Env): Promise<RowBuilder> {
   else row.targetNotJudged(fKill, goal, `measured with ${agents} sessions`);
   row.note(`Failed attempts after the kill: ${killFailures.text}; after leaving a live replica: ${failureText(base).text}.`);
   const resumed = (ps: Phase[]) => ps.reduce((a, p) => a + p.resumed, 0);
-  row.note(`New streams that resumed from their revision (RESUMED, not a full SNAPSHOT): ${resumed(kills)} of ${n * trials} after the kill, ${resumed(base)} of ${n * trials} after leaving.`);
+  const all = (n * trials).toLocaleString("en-US");
+  row.note(`New streams that resumed from their revision (RESUMED, not a full SNAPSHOT): ${resumed(kills).toLocaleString("en-US")} of ${all} after the kill, ${resumed(base).toLocaleString("en-US")} of ${all} after leaving.`);
   return row;
 }
