@@ -10,6 +10,7 @@
  *   --no-profile   never profile
  *   --quiet        no progress lines
  *   --sessions N   row 9: watch sessions over the replicas (default 5000; 30 with --quick), 1 to 20000
+ *   --agents N     row 11: agents on the KDC replica that is killed (default 2000; 20 with --quick), 1 to 20000
  *
  * Every server it starts listens on loopback or a temp Unix socket and is stopped at the end.
  * It exits 1 when any row fails (a server that does not start, calls that fail, requests through
@@ -23,7 +24,7 @@ import { fileURLToPath } from "node:url";
 import { Env } from "./lib/env.js";
 import { describeMachine, renderMarkdown, renderText, rowHeading } from "./lib/report.js";
 import { RowBuilder, type RowResult } from "./lib/results.js";
-import { ROW_TITLES, runIcap, runKdc, runMinting, runRotation, runSigning, runStore, runThroughput, runFailover, runProxyCost, runReplicas } from "./rows/index.js";
+import { ROW_TITLES, runIcap, runKdc, runMinting, runRotation, runSigning, runStore, runThroughput, runFailover, runProxyCost, runReplicas, runReattach } from "./rows/index.js";
 
 interface Args {
   quick: boolean;
@@ -33,10 +34,11 @@ interface Args {
   profile: boolean | undefined;
   quiet: boolean;
   sessions: number | undefined;
+  agents: number | undefined;
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { quick: false, json: false, only: undefined, out: undefined, profile: undefined, quiet: false, sessions: undefined };
+  const a: Args = { quick: false, json: false, only: undefined, out: undefined, profile: undefined, quiet: false, sessions: undefined, agents: undefined };
   for (let i = 0; i < argv.length; i++) {
     const v = argv[i]!;
     const value = (): string => {
@@ -57,9 +59,13 @@ function parseArgs(argv: string[]): Args {
       const n = Number(value());
       if (!Number.isInteger(n) || n < 1 || n > 20_000) throw new Error("--sessions: give a whole number from 1 to 20000");
       a.sessions = n;
+    } else if (v.startsWith("--agents")) {
+      const n = Number(value());
+      if (!Number.isInteger(n) || n < 1 || n > 20_000) throw new Error("--agents: give a whole number from 1 to 20000");
+      a.agents = n;
     }
     else if (v === "--help" || v === "-h") {
-      process.stdout.write("usage: npm run bench -- [--quick] [--json] [--only 1,2,...] [--out FILE] [--profile|--no-profile] [--quiet] [--sessions N]\n");
+      process.stdout.write("usage: npm run bench -- [--quick] [--json] [--only 1,2,...] [--out FILE] [--profile|--no-profile] [--quiet] [--sessions N] [--agents N]\n");
       process.exit(0);
     } else throw new Error(`unknown argument ${v}; see --help`);
   }
@@ -83,6 +89,7 @@ const ROWS: { id: string; run: (env: Env) => Promise<RowBuilder> }[] = [
   { id: "8", run: runFailover },
   { id: "9", run: runReplicas },
   { id: "10", run: runProxyCost },
+  { id: "11", run: runReattach },
 ];
 
 async function main(): Promise<number> {
@@ -91,7 +98,7 @@ async function main(): Promise<number> {
   process.stderr.on("error", () => {});
   const args = parseArgs(process.argv.slice(2));
   const mode = args.quick ? "quick" : "full";
-  const env = await Env.create(mode, !args.quiet, args.profile ?? mode === "full", args.sessions);
+  const env = await Env.create(mode, !args.quiet, args.profile ?? mode === "full", args.sessions, args.agents);
   const machine = describeMachine();
   const print = (s: string) => (args.json ? process.stderr : process.stdout).write(s);
   if (mode === "full" && machine.loadBefore[0]! > 1.5) {

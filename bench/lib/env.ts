@@ -42,13 +42,15 @@ export class Env {
     readonly profile: boolean,
     /** Watch sessions of the rotation fan-out over replicas (row 9), when not its default (`--sessions`). */
     readonly sessions: number | undefined,
+    /** Sessions on the killed replica of the reattachment row (row 11), when not its default (`--agents`). */
+    readonly agents: number | undefined,
   ) {}
 
   /** Makes the temp directory. */
-  static async create(mode: "quick" | "full", verbose: boolean, profile: boolean, sessions?: number): Promise<Env> {
+  static async create(mode: "quick" | "full", verbose: boolean, profile: boolean, sessions?: number, agents?: number): Promise<Env> {
     // Short path: Unix socket paths are limited to 107 bytes.
     const dir = await mkdtemp(join(tmpdir(), "kmi-bench-"));
-    return new Env(mode, BUDGETS[mode], dir, verbose, profile, sessions);
+    return new Env(mode, BUDGETS[mode], dir, verbose, profile, sessions, agents);
   }
 
   /** The helper process `name`, started once with `config` (later calls share it). */

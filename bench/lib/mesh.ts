@@ -33,6 +33,9 @@ function cleanEnv(): NodeJS.ProcessEnv {
   return env;
 }
 
+/** The KDC's log line once it serves, with its address. */
+const KDC_READY = /"msg":"kdc serving".*?"address":"([^"]+)"/;
+
 /** A running kmi server process. */
 export interface ServerProcess {
   readonly proc: ChildProcess;
@@ -121,7 +124,7 @@ export class Mesh {
     const tokenFile = join(dir, "operator.token");
     const storeFlags = options.kdcStoreFlags ?? (() => []);
     await run(process.execPath, [KMI, "kdc", "init", "--data-dir", kdcData, "--token-file", tokenFile, ...storeFlags(0)], { env: cleanEnv() });
-    const kdcReady = /"msg":"kdc serving".*?"address":"([^"]+)"/;
+    const kdcReady = KDC_READY;
     let kdc = await startServer(["kdc", "--data-dir", kdcData, "--listen", "127.0.0.1:0", ...storeFlags(0)], kdcReady, "kdc");
     try {
       const caFile = join(kdcData, "infra-ca.pem");
@@ -152,6 +155,16 @@ export class Mesh {
       await kdc.stop();
       throw err;
     }
+  }
+
+  /**
+   * Starts one more KDC replica on the mesh's data dir and the Auditserver, with `storeFlags`
+   * (the shared store of the others); returns its index in `kdcs`. `stop()` stops it too.
+   */
+  async addReplica(storeFlags: string[]): Promise<number> {
+    const i = this.kdcs.length;
+    this.kdcs.push(await startServer(["kdc", "--data-dir", join(this.dir, "kdc"), "--listen", "127.0.0.1:0", "--audit-url", this.audit.url, ...storeFlags], KDC_READY, `kdc replica ${i}`));
+    return i;
   }
 
   /** A client of KDC replica `replica` (default the first) with the operator token (or `token`). */

@@ -9,5 +9,6 @@ export { runStore } from "./store.js";
 export { runFailover } from "./failover.js";
 export { runProxyCost } from "./proxy-cost.js";
 export { runReplicas } from "./replicas.js";
+export { runReattach } from "./reattach.js";
 
 export { ROW_TITLES } from "./titles.js";

@@ -24,7 +24,7 @@ import { closeSessions, openSessions, type Session } from "./rotation.js";
 import { ROW_TITLES } from "./titles.js";
 
 /** KDC replicas on etcd. */
-const REPLICAS = 3;
+export const REPLICAS = 3;
 /** Watch sessions of the rotation figures: the issue's 5,000 on a full run, a few under `--quick` (npm test's smoke run); `--sessions N` sets another. */
 const SESSIONS = { full: 5000, quick: 30 } as const;
 /** Sessions opened before their snapshots are awaited (the listen backlog is 511). */
@@ -39,18 +39,23 @@ const MENU_TENANTS = Array.from({ length: 16 }, (_, i) => `menu-replicas-${Strin
 const READ_TENANT = "read-replicas";
 
 /** The etcd flags of KDC replica `i`: every member, starting with member `i` (replicas spread over them). */
-function etcdFlags(cluster: EtcdCluster, i: number): string[] {
+export function etcdFlags(cluster: EtcdCluster, i: number): string[] {
   const n = cluster.endpoints.length;
   const endpoints = Array.from({ length: n }, (_, k) => cluster.endpoints[(i + k) % n]!);
   return ["--store", "etcd", "--etcd-endpoints", endpoints.join(","), "--etcd-ca", cluster.files.ca, "--etcd-cert", cluster.files.cert, "--etcd-key", cluster.files.key, "--etcd-prefix", "bench/kdc"];
 }
 
-/** Three KDC replicas on the run's etcd cluster (the one row 7 uses), with an Auditserver, bootstrapped as row 5's mesh is. */
-function haMeshOf(env: Env): Promise<Mesh> {
+/** The run's 3-member etcd cluster (rows 7, 8, 9 and 11 share it). */
+export function etcdClusterOf(env: Env): Promise<EtcdCluster> {
+  return env.memo("etcd", () => startEtcdCluster(3), (c) => c.stop());
+}
+
+/** Three KDC replicas on the run's etcd cluster (the one row 7 uses), with an Auditserver, bootstrapped as row 5's mesh is (rows 9 and 11). */
+export function haMeshOf(env: Env): Promise<Mesh> {
   return env.memo(
     "ha-mesh",
     async () => {
-      const cluster = await env.memo("etcd", () => startEtcdCluster(3), (c) => c.stop());
+      const cluster = await etcdClusterOf(env);
       env.log(`starting ${REPLICAS} kmi kdc replicas on etcd and kmi audit`);
       const mesh = await Mesh.start(`${env.dir}/ha-mesh`, { replicas: REPLICAS, kdcStoreFlags: (i) => etcdFlags(cluster, i) }).catch((err: unknown) => {
         throw new Error(`the KDC replicas on etcd did not start: ${(err as Error).message.trim()}`, { cause: err });
@@ -65,6 +70,11 @@ function haMeshOf(env: Env): Promise<Mesh> {
     },
     (m) => m.stop(),
   );
+}
+
+/** The enrolled machine of the replicas' mesh (rows 9 and 11). */
+export function haMachineOf(env: Env, ha: Mesh): Promise<Machine> {
+  return env.memo("ha-machine", () => ha.enrollMachine(KDC_GROUP, "bench-proxy-ha"), async () => {});
 }
 
 /** Tenant-admin clients of the bench tenant, one per replica. */
@@ -142,7 +152,7 @@ export async function runReplicas(env: Env): Promise<RowBuilder> {
   const level = await meshOf(env);
   const ha = await haMeshOf(env);
   const levelMachine = await machineOf(env, level);
-  const haMachine = await env.memo("ha-machine", () => ha.enrollMachine(KDC_GROUP, "bench-proxy-ha"), async () => {});
+  const haMachine = await haMachineOf(env, ha);
   const clients: LeanClient[] = [];
   try {
     const levelAdmins = await tenantAdmins(level, 1);

@@ -10,4 +10,5 @@ export const ROW_TITLES: Readonly<Record<string, string>> = {
   "8": "Failover: kill -9 of an agent's KDC replica",
   "9": "KDC replicas on etcd: rotation fan-out and the Certificate menu",
   "10": "Proxy cost: CPU per request, resumption, memory per connection",
+  "11": "Reattachment: the agents of a killed KDC replica attach elsewhere",
 };

@@ -282,6 +282,51 @@ export async function auditHealth(audit: ServerClients): Promise<PartHealth> {
   }
 }
 
+/** One replica's probe: its URL, what it reported (as {@link kdcHealth} / {@link auditHealth} do) and how long it took. */
+export interface ReplicaProbe {
+  readonly url: string;
+  readonly health: PartHealth;
+  /** From the call's start to its answer or failure, ms (whole). */
+  readonly latencyMs: number;
+}
+
+/**
+ * Asks every replica of one service at once, each through its own clients (so its own deadline
+ * and connection): a dead or slow replica neither delays nor hides the others. Clients are
+ * closed when their probe ends.
+ */
+export async function probeReplicas(urls: readonly string[], clientsFor: (url: string) => ServerClients, probe: (c: ServerClients) => Promise<PartHealth>): Promise<ReplicaProbe[]> {
+  return Promise.all(
+    urls.map(async (url) => {
+      const c = clientsFor(url);
+      const start = performance.now();
+      try {
+        const health = await probe(c);
+        return { url, health, latencyMs: Math.round(performance.now() - start) };
+      } finally {
+        c.close();
+      }
+    }),
+  );
+}
+
+/**
+ * A replicated service's entry: the report of the first replica that is healthy (the first
+ * replica's when none is), with its `url`, so the service is healthy when at least one replica
+ * is; then `replicas`, one entry per URL in the order given: `url`, `healthy`, `reachable` and
+ * `error` when it failed, the fields of `keep` it reported, and `latency_ms`.
+ */
+export function replicatedEntry(probes: readonly ReplicaProbe[], keep: readonly string[] = []): PartHealth {
+  const shown = probes.find((p) => p.health["healthy"] === true) ?? probes[0];
+  if (shown === undefined) throw new RangeError("replicatedEntry: no replica was probed");
+  const fields = ["healthy", "reachable", "error", ...keep];
+  const replicas = probes.map((p) => {
+    const picked = Object.fromEntries(fields.filter((k) => p.health[k] !== undefined).map((k) => [k, p.health[k]]));
+    return { url: p.url, ...picked, latency_ms: p.latencyMs };
+  });
+  return { url: shown.url, ...shown.health, replicas };
+}
+
 /**
  * The agent's entry: GetStatus over its socket. With `tenant`, `holds_tenant_key` says whether
  * it holds that tenant's active intermediate.

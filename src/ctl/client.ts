@@ -33,7 +33,7 @@ export const kdcConnectionFlags: FlagSpecs = {
 
 /** Connection settings of one server. */
 export interface ConnectionSettings {
-  /** The first URL given (the one `kmi ctl status` probes). */
+  /** The first URL given. */
   url: string;
   /** Every URL given, in order: the replicas a call may go to. */
   urls: string[];

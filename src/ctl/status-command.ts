@@ -5,9 +5,13 @@
  * (--proxy-metrics). A table for people, `--json` for scripts. A part that does not answer is shown as unreachable with the
  * error; the command still prints everything else, and exits 1 when any part asked is not
  * healthy.
+ *
+ * --kdc and --audit take every replica's URL: each replica is asked at once, with its own
+ * deadline, and listed with its state, error and latency; a service is healthy when at least one
+ * of its replicas is (the report shown is that replica's), and the text says how many are down.
  */
 import { resolve } from "node:path";
-import { agentHealth, auditHealth, kdcHealth, proxyHealth, serverClients, type PartHealth } from "../clients/mesh-health.js";
+import { agentHealth, auditHealth, kdcHealth, probeReplicas, proxyHealth, replicatedEntry, serverClients, type PartHealth, type ServerClients } from "../clients/mesh-health.js";
 import { VERSION } from "../common/version.js";
 import { auditConnectionFlags, DEFAULT_AUDIT_URL } from "./audit-commands.js";
 import { connectionSettings, DEFAULT_KDC_URL, kdcConnectionFlags, type ConnectionSettings } from "./client.js";
@@ -30,6 +34,22 @@ export function partState(p: Part): string {
 function list(p: Part, key: string): Part[] {
   const v = p[key];
   return Array.isArray(v) ? (v as Part[]) : [];
+}
+
+/** What the text says of a service's replicas when some are down ("" when all are up or there is one). */
+function replicasNote(p: Part): string {
+  const replicas = list(p, "replicas");
+  const down = replicas.filter((r) => r["healthy"] !== true).length;
+  if (replicas.length <= 1 || down === 0) return "";
+  return down === replicas.length ? `all ${down} replicas down; ` : `${down} of ${replicas.length} replicas down; `;
+}
+
+/** A replica's row details: how long it took to answer, or its error and how long until it failed. */
+function replicaDetail(r: Part): string {
+  const ms = `${r["latency_ms"]} ms`;
+  if (r["healthy"] !== true) return `${String(r["error"] ?? "not serving")} (after ${ms})`;
+  const agents = typeof r["connected_agents"] === "number" ? `, ${r["connected_agents"]} agent(s) connected` : "";
+  return `answered in ${ms}${agents}`;
 }
 
 function kdcDetail(p: Part): string {
@@ -74,17 +94,32 @@ function proxyDetail(p: Part): string {
   return `${p["version"] !== undefined ? `v${p["version"]}, ` : ""}leaf cache ${cache === null || cache === undefined ? "not exposed" : `${cache} entries`}`;
 }
 
-/** The summary as a table of parts, then the KDC's tenants, for people. */
+interface Row {
+  part: string;
+  p: Part;
+  address: unknown;
+  detail: string;
+}
+
+/** A replicated service's row, then one row per replica (`kdc[1]`, `kdc[2]`, …) when it has several. */
+function serviceRows(part: string, p: Part, detail: (p: Part) => string): Row[] {
+  const replicas = list(p, "replicas");
+  const main: Row = { part, p, address: p["url"], detail: replicasNote(p) + detail(p) };
+  if (replicas.length <= 1) return [main];
+  return [main, ...replicas.map((r, i) => ({ part: `${part}[${i + 1}]`, p: r, address: r["url"], detail: replicaDetail(r) }))];
+}
+
+/** The summary as a table of parts (and of each service's replicas), then the KDC's tenants, for people. */
 export function formatStatus(s: { kdc: Part; audit: Part; agent: Part; proxy: Part }): string {
-  const rows = [
-    { part: "kdc", p: s.kdc, address: s.kdc["url"], detail: kdcDetail(s.kdc) },
-    { part: "audit", p: s.audit, address: s.audit["url"], detail: auditDetail(s.audit) },
+  const rows: Row[] = [
+    ...serviceRows("kdc", s.kdc, kdcDetail),
+    ...serviceRows("audit", s.audit, auditDetail),
     { part: "agent", p: s.agent, address: s.agent["socket"], detail: agentDetail(s.agent) },
     { part: "proxy", p: s.proxy, address: s.proxy["metrics_address"], detail: proxyDetail(s.proxy) },
   ];
   let text = renderTable(
     [
-      { header: "part", value: (r: (typeof rows)[number]) => r.part },
+      { header: "part", value: (r: Row) => r.part },
       { header: "state", value: (r) => partState(r.p) },
       { header: "address", value: (r) => (typeof r.address === "string" ? r.address : undefined) },
       { header: "details", value: (r) => r.detail },
@@ -125,6 +160,20 @@ export function absoluteMetricsAddress(address: string | undefined): string | un
   return address;
 }
 
+/** Fields of a KDC replica's own report that its `replicas` entry keeps (the tenants are the service's). */
+const KDC_REPLICA_FIELDS = ["version", "uptime_seconds", "connected_agents", "audit_head_seq"];
+
+/** Every replica of one service asked at once, as one entry (see {@link replicatedEntry}). */
+async function serviceHealth(s: ConnectionSettings, probe: (c: ServerClients) => Promise<Part>, keep: readonly string[] = []): Promise<Part> {
+  const clientsFor = (url: string) => serverClients({ url, caPem: s.caPem, token: () => s.token, timeoutMs: s.timeoutMs, expectedService: s.service });
+  return replicatedEntry(await probeReplicas(s.urls, clientsFor, probe), keep);
+}
+
+/** True when a service is healthy but some of its replicas are not. */
+function degraded(p: Part): boolean {
+  return p["healthy"] === true && list(p, "replicas").some((r) => r["healthy"] !== true);
+}
+
 /** `kmi ctl status`. */
 export const statusCommand: Command = {
   name: ["status"],
@@ -132,7 +181,10 @@ export const statusCommand: Command = {
   details:
     "the same entries as `kmi up --json`. The KDC is always asked; every other part when its address is given (flag or\n" +
     "environment), else it is shown as not checked. A part that does not answer is shown as unreachable with the error;\n" +
-    "exit code 0 when every part asked is healthy, 1 otherwise. After `kmi up`, its printed KMI_CTL_* environment\n" +
+    "exit code 0 when every part asked is healthy, 1 otherwise. --kdc and --audit take every replica's URL,\n" +
+    "comma-separated: each replica is asked at once (each with its own --timeout, default 5 s) and shown on its own\n" +
+    "row with its state, error and latency; a service is healthy when at least one replica is (a replica down is\n" +
+    "said on the service's row, and `degraded: true` in --json). After `kmi up`, its printed KMI_CTL_* environment\n" +
     "(ctl_env in `kmi up --json`) points every flag at the local mesh.\n" +
     "examples:\n  kmi ctl status\n  kmi ctl status --agent-socket /run/kmi/agent.sock --proxy-metrics 127.0.0.1:9080 --json",
   flags: {
@@ -152,32 +204,24 @@ export const statusCommand: Command = {
     // The KDC is always asked (at its default address when none is given); the other parts only
     // when their address is given, so that a status of a KDC alone is not a list of failures.
     const auditSettings = ctx.args.str("audit") !== undefined ? probeSettings(ctx, "audit", DEFAULT_AUDIT_URL) : undefined;
-    const clients = (s: ConnectionSettings) => serverClients({ url: s.url, caPem: s.caPem, token: () => s.token, timeoutMs: s.timeoutMs, expectedService: s.service });
-    const kdc = clients(kdcSettings);
-    const audit = auditSettings === undefined ? undefined : clients(auditSettings);
     const agentSocket = absoluteSocket(ctx.args.str("agent-socket"));
     const metrics = absoluteMetricsAddress(ctx.args.str("proxy-metrics"));
-    try {
-      const [k, a, g, p] = await Promise.all([
-        kdcHealth(kdc),
-        audit === undefined ? Promise.resolve<Part>({ checked: false }) : auditHealth(audit),
-        agentSocket === undefined ? Promise.resolve<Part>({ checked: false }) : agentHealth(agentSocket, undefined, kdcSettings.timeoutMs),
-        metrics === undefined ? Promise.resolve<Part>({ checked: false }) : proxyHealth({ metrics }),
-      ]);
-      const summary = {
-        kmi_ctl: { version: VERSION, time: new Date().toISOString() },
-        kdc: { url: kdcSettings.url, ...k },
-        audit: { ...(auditSettings !== undefined ? { url: auditSettings.url } : {}), ...a },
-        agent: { ...(agentSocket !== undefined ? { socket: agentSocket } : {}), ...g },
-        proxy: { ...(metrics !== undefined ? { metrics_address: metrics } : {}), ...p },
-      };
-      const parts: Part[] = [summary.kdc, summary.audit, summary.agent, summary.proxy];
-      const healthy = parts.every((x) => x["checked"] === false || x["healthy"] === true);
-      ctx.out.result({ healthy, ...summary }, () => formatStatus(summary));
-      return healthy ? ExitCode.ok : ExitCode.failure;
-    } finally {
-      kdc.close();
-      audit?.close();
-    }
+    const [k, a, g, p] = await Promise.all([
+      serviceHealth(kdcSettings, kdcHealth, KDC_REPLICA_FIELDS),
+      auditSettings === undefined ? Promise.resolve<Part>({ checked: false }) : serviceHealth(auditSettings, auditHealth),
+      agentSocket === undefined ? Promise.resolve<Part>({ checked: false }) : agentHealth(agentSocket, undefined, kdcSettings.timeoutMs),
+      metrics === undefined ? Promise.resolve<Part>({ checked: false }) : proxyHealth({ metrics }),
+    ]);
+    const summary = {
+      kmi_ctl: { version: VERSION, time: new Date().toISOString() },
+      kdc: k,
+      audit: a,
+      agent: { ...(agentSocket !== undefined ? { socket: agentSocket } : {}), ...g },
+      proxy: { ...(metrics !== undefined ? { metrics_address: metrics } : {}), ...p },
+    };
+    const parts: Part[] = [summary.kdc, summary.audit, summary.agent, summary.proxy];
+    const healthy = parts.every((x) => x["checked"] === false || x["healthy"] === true);
+    ctx.out.result({ healthy, degraded: parts.some(degraded), ...summary }, () => formatStatus(summary));
+    return healthy ? ExitCode.ok : ExitCode.failure;
   },
 };

@@ -73,7 +73,7 @@ export function browseLines(proxyUrl: string, rootFile: string, cfg: BannerInput
 /** The banner text. */
 export function banner(o: BannerInput): string {
   const { L, urls, cfg } = o;
-  const env = ctlEnv(L, urls);
+  const env = ctlEnv(L, urls, o.ha);
   const held = o.status !== undefined ? heldVersions(o.status)[cfg.tenant] : undefined;
   const agentLine =
     o.status === undefined

@@ -83,11 +83,15 @@ async function proxyMetrics(layout: Layout): Promise<string | undefined> {
   );
 }
 
-/** The `kmi ctl` environment for this mesh (also what `kmi ctl status` reads for the agent and the proxy). */
-export function ctlEnv(layout: Layout, urls: { kdc: string; audit: string }): Record<string, string> {
+/**
+ * The `kmi ctl` environment for this mesh (also what `kmi ctl status` reads for the agent and the
+ * proxy). With `replicas` (--ha), the server URLs are every replica's, comma-separated: `kmi ctl`
+ * fails over between them, and `kmi ctl status` asks each.
+ */
+export function ctlEnv(layout: Layout, urls: { kdc: string; audit: string }, replicas?: { kdc: readonly string[]; audit: readonly string[] }): Record<string, string> {
   return {
-    KMI_CTL_KDC: urls.kdc,
-    KMI_CTL_AUDIT: urls.audit,
+    KMI_CTL_KDC: replicas !== undefined ? replicas.kdc.join(",") : urls.kdc,
+    KMI_CTL_AUDIT: replicas !== undefined ? replicas.audit.join(",") : urls.audit,
     KMI_CTL_TOKEN_FILE: layout.operatorToken,
     KMI_CTL_CA_FILE: layout.infraCaPem,
     KMI_CTL_AGENT_SOCKET: layout.agentSocket,
@@ -118,7 +122,7 @@ export async function healthSummary(h: HealthInputs): Promise<HealthSummary> {
       ...proxy,
     },
     trust: { kmi_root_ca: h.layout.kmiRootPem, infra_ca: h.layout.infraCaPem, operator_token_file: h.layout.operatorToken },
-    ctl_env: ctlEnv(h.layout, h.urls),
+    ctl_env: ctlEnv(h.layout, h.urls, h.ha !== undefined ? { kdc: h.ha.kdc.map((r) => r.url), audit: h.ha.audit.map((r) => r.url) } : undefined),
     ...(h.ha !== undefined ? { ha: await haSummary(h.ha, h.processes) } : {}),
   };
 }

@@ -262,13 +262,15 @@ function urlsOf(replicas: readonly Replica[]): string {
 }
 
 /**
- * The one replica of the other server that replica `i` talks to (KDC → Auditserver for
- * quarantines and the attestation key, Auditserver → KDC for certificates): spread, so that
- * one replica's death cuts only some links. One URL, because `kmi kdc --audit-url` and
- * `kmi audit --kdc` do not use a list yet.
+ * Every replica of the other server, for replica `i` (KDC → Auditserver for quarantines and the
+ * attestation key, Auditserver → KDC for certificates), comma-separated and starting at replica
+ * `i` (round the list): its client calls the first and fails over to the next
+ * (src/clients/failover-transport.ts), so the links are spread over the replicas and one
+ * replica's death cuts none of them.
  */
-function peerOf(replicas: readonly Replica[], i: number): string {
-  return replicas[i % replicas.length]!.url;
+function peersOf(replicas: readonly Replica[], i: number): string {
+  const n = replicas.length;
+  return replicas.map((_, k) => replicas[(i + k) % n]!.url).join(",");
 }
 
 /**
@@ -410,7 +412,7 @@ async function bringUpKdc(s: Stage, site: Site, kdc: ServerClients[], ha: Ha | u
       s.cfg.logLevel,
       ...tlsNameFlags(r.listen.host),
       ...(ha !== undefined ? storeFlags(ha.plan, ha.pki, "kdc") : []),
-      ...(await kdcAuditLinkFlags(L, peerOf(site.replicas.audit, i))),
+      ...(await kdcAuditLinkFlags(L, peersOf(site.replicas.audit, i))),
     ];
     return startReplica(s, r, { args }, (sig) => poll(async () => (await kdc[i]!.kdcAdmin.getKdcStatus({})).version, sig));
   };
@@ -434,7 +436,7 @@ async function bringUpAudit(s: Stage, site: Site, audit: ServerClients[], ha: Ha
   }
   const one = (i: number) => {
     const r = site.replicas.audit[i]!;
-    const args = () => ["audit", "--data-dir", L.auditDir, "--listen", formatHostPort(r.listen), "--kdc", peerOf(site.replicas.kdc, i), ...store, "--metrics-listen", `unix:${L.metricsSocket(r.id)}`, "--log-level", s.cfg.logLevel];
+    const args = () => ["audit", "--data-dir", L.auditDir, "--listen", formatHostPort(r.listen), "--kdc", peersOf(site.replicas.kdc, i), ...store, "--metrics-listen", `unix:${L.metricsSocket(r.id)}`, "--log-level", s.cfg.logLevel];
     return startReplica(s, r, { args }, (sig) => poll(async () => ((await isServing(audit[i]!)) ? true : undefined), sig));
   };
   await one(0);
@@ -743,9 +745,9 @@ async function claimRunState(L: Layout, progress: Progress): Promise<void> {
  * fetches the attestation key from it. Once `kmi audit init` wrote the key file, the KDC also
  * reads it at start, so it releases secrets without waiting for the Auditserver.
  */
-async function kdcAuditLinkFlags(L: Layout, auditUrl: string): Promise<string[]> {
+async function kdcAuditLinkFlags(L: Layout, auditUrls: string): Promise<string[]> {
   const keyFile = (await auditInitialized(L)) ? ["--attestation-key-file", L.attestationKeyPem] : [];
-  return ["--audit-url", auditUrl, ...keyFile];
+  return ["--audit-url", auditUrls, ...keyFile];
 }
 
 /** The proxy's policy on first run: the EICAR test file is blocked; nothing else is. */

@@ -1,7 +1,8 @@
 /**
  * `kmi up --ha` end to end, with real programs: one `kmi up --ha` in a temp data dir (the
  * system's etcd, 3 members on loopback; 3 KDC and 2 Auditserver replicas; the agent; the proxy).
- * `kmi up status --json` shows 3 healthy members with one leader and every replica healthy; etcd
+ * `kmi up status --json` shows 3 healthy members with one leader and every replica healthy; the
+ * agent, each KDC replica and each Auditserver replica use every replica of the other server; etcd
  * refuses a client without a certificate; a rotation made with `kmi ctl` against the 2nd KDC
  * replica reaches the agent, and the proxy serves an intercepted HTTPS request with a leaf the
  * new version signed. Then the backup of docs/operations.md, its commands run as written:
@@ -35,9 +36,10 @@ const seenPids = new Map<number, string>();
 
 interface Summary {
   kdc: { url: string; tenants?: { tenant: string; active_version: number }[] };
-  agent: { healthy: boolean; keys?: { tenant: string; version: number; purpose: string }[] };
+  agent: { healthy: boolean; kdc_url?: string; keys?: { tenant: string; version: number; purpose: string }[] };
   proxy: { url: string };
   trust: { kmi_root_ca: string; infra_ca: string; operator_token_file: string };
+  ctl_env: Record<string, string>;
   ha: {
     kdc_replicas: { name: string; url: string; pid: number; healthy: boolean }[];
     audit_replicas: { name: string; url: string; pid: number; healthy: boolean }[];
@@ -140,6 +142,20 @@ async function runDocBlock(marker: string): Promise<string> {
   return r.stdout;
 }
 
+/** The field `field` of the last line logged with message `msg` in a part's log (data/logs/<part>.log); undefined when there is none yet. */
+async function loggedField(part: string, msg: string, field: string): Promise<string | undefined> {
+  const lines = (await readFile(join(dataDir, "logs", `${part}.log`), "utf8")).split("\n").filter((l) => l.startsWith("{"));
+  const hits = lines.flatMap((l) => {
+    try {
+      return [JSON.parse(l) as Record<string, unknown>];
+    } catch {
+      return []; // a line still being written
+    }
+  }).filter((l) => l["msg"] === msg);
+  const v = hits.at(-1)?.[field];
+  return typeof v === "string" ? v : undefined;
+}
+
 async function waitUntil<T>(what: string, timeoutMs: number, fn: () => Promise<T | undefined>): Promise<T> {
   const end = Date.now() + timeoutMs;
   let last: unknown;
@@ -234,6 +250,27 @@ describe("kmi up --ha", () => {
     const agentConfig = JSON.parse(await readFile(join(dataDir, "config", "agent.json"), "utf8")) as Record<string, string>;
     expect(agentConfig["kdc-url"]!.split(",")).toEqual(kdcs.map((r) => r.url));
     expect(agentConfig["audit-url"]!.split(",")).toEqual(audits.map((r) => r.url));
+    // So was each server, of the other: every replica, each list starting at another one (the
+    // client tries the first, then fails over down the list), as the servers log what they use.
+    const rotations = (urls: string[]) => urls.map((_, i) => [...urls.slice(i), ...urls.slice(0, i)].join(","));
+    const auditRotations = rotations(audits.map((r) => r.url));
+    const kdcLinks = await Promise.all(kdcs.map((r) => waitUntil(`${r.name} to open its machine status stream`, 60_000, () => loggedField(r.name, "machine status stream open", "audit"))));
+    expect(kdcLinks).toEqual(kdcs.map((_, i) => auditRotations[i % audits.length]));
+    const auditLinks = await Promise.all(audits.map((r) => loggedField(r.name, "audit store opened", "kdc")));
+    expect(auditLinks).toEqual(rotations(kdcs.map((r) => r.url)).slice(0, audits.length));
+
+    // And kmi ctl, through the environment kmi up prints: `kmi ctl status` asks every replica.
+    expect(summary.ctl_env["KMI_CTL_KDC"]!.split(",")).toEqual(kdcs.map((r) => r.url));
+    expect(summary.ctl_env["KMI_CTL_AUDIT"]!.split(",")).toEqual(audits.map((r) => r.url));
+    const st = await run(process.execPath, [KMI, "ctl", "status", "--json"], { env: env(summary.ctl_env), timeoutMs: 60_000 });
+    expect(st.code, st.stderr).toBe(0);
+    type Replica = { url: string; healthy: boolean; connected_agents?: number };
+    const ctlStatus = JSON.parse(st.stdout) as { degraded: boolean; kdc: { replicas: Replica[] }; audit: { replicas: Replica[] }; agent: { kdc_url?: string } };
+    expect(ctlStatus.degraded).toBe(false);
+    expect(ctlStatus.kdc.replicas.map((r) => [r.url, r.healthy])).toEqual(kdcs.map((r) => [r.url, true]));
+    expect(ctlStatus.audit.replicas.map((r) => [r.url, r.healthy])).toEqual(audits.map((r) => [r.url, true]));
+    // The one agent is attached to one replica, and that replica counts it.
+    expect(ctlStatus.kdc.replicas.find((r) => r.url === ctlStatus.agent.kdc_url)?.connected_agents).toBe(1);
   });
 
   it("etcd's keys are the data dir's: pki 0700 with 0600 files, and a client without a certificate is refused", async () => {
