@@ -5,11 +5,10 @@
  * machines that enroll with a join token and attest, as the key agent does. With
  * `MeshOptions.replicas` and store flags (`--store etcd …`), several KDC replicas share one store.
  */
-import { execFile, spawn, type ChildProcess } from "node:child_process";
+import { execFile, type ChildProcess } from "node:child_process";
 import { createHash, generateKeyPairSync, type KeyObject } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { createAttestRequest, type MeasurementValue } from "../../src/attest/index.js";
 import { AuditAdminService } from "../../src/gen/kmi/audit/v1/admin_pb.js";
@@ -17,21 +16,15 @@ import { AuditService } from "../../src/gen/kmi/audit/v1/audit_pb.js";
 import { KdcAdminService } from "../../src/gen/kmi/kdc/v1/admin_pb.js";
 import { createCsr, csrToPem } from "../../src/pki/csr.js";
 import { LeanClient } from "../../src/clients/grpc-client.js";
+import { cleanEnv, KMI, startKmi } from "./kmi-process.js";
 
 const run = promisify(execFile);
-const KMI = fileURLToPath(new URL("../../cmd/kmi.js", import.meta.url));
 
 /** The measurements the bench's machines report (and their group approves). */
 export const BENCH_MEASUREMENTS: MeasurementValue[] = [
   { name: "agent", sha256: createHash("sha256").update("kmi bench agent").digest("hex") },
   { name: "proxy", sha256: createHash("sha256").update("kmi bench proxy").digest("hex") },
 ];
-
-function cleanEnv(): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("KMI_")) env[k] = v;
-  return env;
-}
 
 /** The KDC's log line once it serves, with its address. */
 const KDC_READY = /"msg":"kdc serving".*?"address":"([^"]+)"/;
@@ -45,37 +38,15 @@ export interface ServerProcess {
 }
 
 async function startServer(args: string[], ready: RegExp, what: string): Promise<ServerProcess> {
-  const proc = spawn(process.execPath, [KMI, ...args], { env: cleanEnv(), stdio: ["ignore", "ignore", "pipe"] });
-  let err = "";
-  const exited = new Promise<void>((res) => proc.once("exit", () => res()));
-  const address = await new Promise<string>((res, rej) => {
-    const timer = setTimeout(() => {
-      proc.kill("SIGKILL");
-      rej(new Error(`${what} did not start in 30 s: ${err.slice(-600)}`));
-    }, 30_000);
-    proc.stderr!.on("data", (b: Buffer) => {
-      err = (err + b.toString()).slice(-20_000);
-      const m = ready.exec(err);
-      if (m) {
-        clearTimeout(timer);
-        res(m[1]!);
-      }
-    });
-    void exited.then(() => {
-      clearTimeout(timer);
-      rej(new Error(`${what} exited before serving: ${err.slice(-600).trim()}`));
-    });
-  });
-  // Keep draining stderr so the process never blocks on a full pipe.
+  const p = await startKmi(args, what, ready);
+  const address = ready.exec(p.started)![1]!;
   return {
-    proc,
+    proc: p.child,
     address,
     url: `https://${address}`,
     async stop() {
-      if (proc.exitCode !== null || proc.signalCode !== null) return;
-      proc.kill("SIGTERM");
-      const t = setTimeout(() => proc.kill("SIGKILL"), 10_000);
-      await exited;
+      const t = setTimeout(() => p.child.kill("SIGKILL"), 10_000);
+      await p.kill("SIGTERM");
       clearTimeout(t);
     },
   };

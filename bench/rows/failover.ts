@@ -6,12 +6,11 @@
  * is then started again on its port. The baseline, in the same run: the same rotation reaching
  * the same agent with nothing killed.
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { readFile, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { AgentClient } from "../../src/clients/agent-client.js";
@@ -23,15 +22,9 @@ import { startEtcdCluster, type EtcdCluster } from "../lib/etcd.js";
 import { RowBuilder } from "../lib/results.js";
 import { percentile } from "../lib/stats.js";
 import { ROW_TITLES } from "./titles.js";
+import { cleanEnv, KMI, startKmi, type KmiProcess } from "../lib/kmi-process.js";
 
-const KMI = fileURLToPath(new URL("../../cmd/kmi.js", import.meta.url));
 const TARGET_P99_MS = 3000;
-
-function cleanEnv(): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("KMI_")) env[k] = v;
-  return env;
-}
 
 function freePort(): Promise<number> {
   return new Promise((res, rej) => {
@@ -56,47 +49,10 @@ function kmi(args: string[]): Promise<string> {
   });
 }
 
-/** A long-running kmi program, ready once it logged "started". */
-interface Proc {
-  readonly child: ChildProcess;
-  kill(signal: NodeJS.Signals): Promise<void>;
-}
-
-async function startProc(args: string[], what: string): Promise<Proc> {
-  const child = spawn(process.execPath, [KMI, ...args], { env: cleanEnv(), stdio: ["ignore", "ignore", "pipe"] });
-  const exited = new Promise<void>((res) => child.once("exit", () => res()));
-  let err = "";
-  await new Promise<void>((res, rej) => {
-    const timer = setTimeout(() => {
-      child.kill("SIGKILL");
-      rej(new Error(`${what} did not start in 30 s: ${err.slice(-600)}`));
-    }, 30_000);
-    child.stderr!.on("data", (b: Buffer) => {
-      err = (err + b.toString()).slice(-20_000);
-      if (/"msg":"started"/.test(err)) {
-        clearTimeout(timer);
-        res();
-      }
-    });
-    void exited.then(() => {
-      clearTimeout(timer);
-      rej(new Error(`${what} exited before it started: ${err.slice(-600)}`));
-    });
-  });
-  return {
-    child,
-    async kill(signal) {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      child.kill(signal);
-      await exited;
-    },
-  };
-}
-
 /** The processes of the row. */
 interface Ha {
   readonly kdcUrls: string[];
-  readonly kdcs: (Proc | undefined)[];
+  readonly kdcs: (KmiProcess | undefined)[];
   startKdc(i: number): Promise<void>;
   rotate(i: number): Promise<number>;
   agent: AgentClient;
@@ -112,10 +68,10 @@ async function startHa(env: Env, cluster: EtcdCluster): Promise<Ha> {
   const ports = await Promise.all([freePort(), freePort(), freePort()]);
   const kdcUrls = [`https://127.0.0.1:${ports[0]}`, `https://127.0.0.1:${ports[1]}`];
   const auditUrl = `https://127.0.0.1:${ports[2]}`;
-  const procs: Proc[] = [];
-  const kdcs: (Proc | undefined)[] = [undefined, undefined];
+  const procs: KmiProcess[] = [];
+  const kdcs: (KmiProcess | undefined)[] = [undefined, undefined];
   const startKdc = async (i: number) => {
-    const p = await startProc(["kdc", "--data-dir", kdcDir, "--listen", `127.0.0.1:${ports[i]}`, "--audit-url", auditUrl, ...etcd], `kdc ${i}`);
+    const p = await startKmi(["kdc", "--data-dir", kdcDir, "--listen", `127.0.0.1:${ports[i]}`, "--audit-url", auditUrl, ...etcd], `kdc ${i}`);
     kdcs[i] = p;
     procs.push(p);
   };
@@ -140,7 +96,7 @@ async function startHa(env: Env, cluster: EtcdCluster): Promise<Ha> {
     await kdc[0]!.admin.createTenant({ tenantId: "acme", bootstrapKmiSigned: true });
     const auditDir = join(dir, "audit");
     await kmi(["audit", "init", "--data-dir", auditDir, "--kdc", kdcUrls.join(","), "--kdc-ca-file", caFile, "--token-file", tokenFile]);
-    procs.push(await startProc(["audit", "--data-dir", auditDir, "--listen", `127.0.0.1:${ports[2]}`, "--kdc", kdcUrls.join(",")], "audit"));
+    procs.push(await startKmi(["audit", "--data-dir", auditDir, "--listen", `127.0.0.1:${ports[2]}`, "--kdc", kdcUrls.join(",")], "audit"));
     const audit = clientsOf(auditUrl).auditAdmin;
     await writeFile(agentConfig, JSON.stringify({ "reconnect-initial-ms": 200, "reconnect-max-ms": 1000 }) + "\n");
     await audit.createGroup({ name: "edge", tenantIds: ["acme"] });
@@ -156,7 +112,7 @@ async function startHa(env: Env, cluster: EtcdCluster): Promise<Ha> {
     await writeFile(joinToken, (await audit.createJoinToken({ group: "edge", ttlSeconds: 600 })).secret, { mode: 0o600 });
     const socket = join(dir, "agent.sock");
     procs.push(
-      await startProc(
+      await startKmi(
         ["agent", "--config", agentConfig, "--audit-url", auditUrl, "--kdc-url", kdcUrls.join(","), "--ca-file", caFile, "--socket", socket, "--state-dir", join(dir, "agent-state"), "--measure", `agent.config=${agentConfig}`, "--join-token-file", joinToken],
         "agent",
       ),
