@@ -2,8 +2,10 @@
  * The one home for endpoint rotation: a client of a replicated kmi service (the agent, `kmi ctl`,
  * the KDC's Auditserver client, the Auditserver's KDC client) holds every replica's URL, starts
  * at one chosen by a stable hash of who it is (so a fleet spreads over the replicas instead of
- * all landing on the first), and moves to the next replica when a call or a session fails in a
- * way another replica could answer: the connection failed, or the server answered UNAVAILABLE
+ * all landing on the first), and moves to the next replica in an order of its own, also from
+ * that hash (so the clients of a replica that dies spread over the others instead of all
+ * landing on the one after it), when a call or a session fails in a way another replica could
+ * answer: the connection failed, or the server answered UNAVAILABLE
  * (shedding load, draining, or its store unreachable). A replica that sheds load says when to
  * come back: `retry-after-ms` in the response header or trailer, and in the message.
  */
@@ -20,27 +22,44 @@ export function stableIndex(key: string, n: number): number {
   return h.readUInt32BE(0) % n;
 }
 
+/**
+ * The order in which a client keyed `key` walks `n` replicas: it starts at `stableIndex(key, n)`;
+ * the others follow in a shuffle seeded by the key (Fisher–Yates over SHA-256 of key and step).
+ */
+export function replicaOrder(key: string, n: number): number[] {
+  const first = stableIndex(key, n);
+  const rest = [...Array(n).keys()].filter((i) => i !== first);
+  for (let i = rest.length - 1; i > 0; i--) {
+    const j = createHash("sha256").update(`${key}\n${i}`).digest().readUInt32BE(0) % (i + 1);
+    [rest[i], rest[j]] = [rest[j]!, rest[i]!];
+  }
+  return [first, ...rest];
+}
+
 /** The replicas of one service and the one a client uses now. */
 export class Endpoints {
   readonly urls: readonly string[];
-  #index: number;
+  /** Indexes into `urls` in the order this client walks them. */
+  readonly #order: readonly number[];
+  /** Position in `#order` of the replica in use. */
+  #pos = 0;
   /** Per URL: not before this time (epoch ms), as a shedding replica asked. */
   readonly #notBefore = new Map<string, number>();
 
   /**
    * `urls`: every replica, in the order given (at least one). `spreadKey`: who the client is
-   * (a machine id, a replica's own URL); the first replica used is picked by its hash. Without
-   * it the first URL is first.
+   * (a machine id, a replica's own URL); the replica used first, and the order of the others, are
+   * picked by its hash (`replicaOrder`). Without it the URLs are walked in the order given.
    */
   constructor(urls: readonly string[], spreadKey?: string) {
     if (urls.length === 0) throw new RangeError("endpoints: at least one URL is needed");
     this.urls = [...urls];
-    this.#index = spreadKey === undefined ? 0 : stableIndex(spreadKey, this.urls.length);
+    this.#order = spreadKey === undefined ? [...this.urls.keys()] : replicaOrder(spreadKey, this.urls.length);
   }
 
   /** The URL in use. */
   get current(): string {
-    return this.urls[this.#index]!;
+    return this.#at(this.#pos);
   }
 
   /**
@@ -49,16 +68,16 @@ export class Endpoints {
    */
   advance(now: number = Date.now()): string {
     const n = this.urls.length;
-    let best = (this.#index + 1) % n;
+    let best = (this.#pos + 1) % n;
     for (let i = 1; i <= n; i++) {
-      const j = (this.#index + i) % n;
-      if (this.waitMs(this.urls[j]!, now) === 0) {
+      const j = (this.#pos + i) % n;
+      if (this.waitMs(this.#at(j), now) === 0) {
         best = j;
         break;
       }
-      if (this.waitMs(this.urls[j]!, now) < this.waitMs(this.urls[best]!, now)) best = j;
+      if (this.waitMs(this.#at(j), now) < this.waitMs(this.#at(best), now)) best = j;
     }
-    this.#index = best;
+    this.#pos = best;
     return this.current;
   }
 
@@ -80,13 +99,18 @@ export class Endpoints {
 
   /** Makes `url` the one in use (when a call succeeded there); ignored when it is not in the list. */
   use(url: string): void {
-    const i = this.urls.indexOf(url);
-    if (i >= 0) this.#index = i;
+    const pos = this.#order.indexOf(this.urls.indexOf(url));
+    if (pos >= 0) this.#pos = pos;
   }
 
-  /** The URLs from the one in use on, round the list: the order a call tries them. */
+  /** The URLs from the one in use on, in this client's order: the order a call tries them. */
   rotation(): string[] {
-    return this.urls.map((_, i) => this.urls[(this.#index + i) % this.urls.length]!);
+    return this.#order.map((_, i) => this.#at(this.#pos + i));
+  }
+
+  /** The URL at position `pos` (round the order). */
+  #at(pos: number): string {
+    return this.urls[this.#order[pos % this.#order.length]!]!;
   }
 }
 

@@ -14,6 +14,29 @@ describe("Endpoints", () => {
     expect(() => new Endpoints([])).toThrow(/at least one URL/);
   });
 
+  it("walks an order of its own: the clients of a replica that dies spread over the others", () => {
+    const four = [...urls, "https://d:4"];
+    const next = new Map<string, number>();
+    let onA = 0;
+    for (let i = 0; i < 1200; i++) {
+      const e = new Endpoints(four, `machine-${i}`);
+      expect([...e.rotation()].sort()).toEqual([...four].sort());
+      expect(e.current).toBe(four[stableIndex(`machine-${i}`, 4)]);
+      if (e.current !== "https://a:1") continue;
+      onA++;
+      const to = e.advance(0);
+      next.set(to, (next.get(to) ?? 0) + 1);
+    }
+    // About a third of a's clients each to b, c and d (with one fixed order they would all go to b).
+    expect([...next.keys()].sort()).toEqual(["https://b:2", "https://c:3", "https://d:4"]);
+    for (const n of next.values()) expect(n).toBeGreaterThan(onA / 5);
+    // use() moves to a URL's place in that order, so advancing goes on from there.
+    const e = new Endpoints(four, "machine-7");
+    const order = e.rotation();
+    e.use(order[2]!);
+    expect(e.advance(0)).toBe(order[3]);
+  });
+
   it("advances round the list, skipping a replica that asked to be left alone until its time is up", () => {
     const e = new Endpoints(urls);
     e.avoid("https://b:2", 1000, 0);
