@@ -49,6 +49,13 @@ import {
   type TcpListenerOptions,
   type UnixListenerOptions,
 } from "./rpc.js";
+
+/**
+ * Pending TCP connections a server's listen queue holds (Node's default is 511): a fleet that
+ * reconnects at once (a replica died) must not overflow it into resets; the kernel caps it at
+ * net.core.somaxconn (4096 by default since Linux 5.4).
+ */
+export const LISTEN_BACKLOG = 4096;
 import { peerIdentityFromSocket, serverTlsOptions, type PeerIdentity } from "./tls.js";
 
 export { kDraining, kPeer, kPeerAddress, requireAuthorizedPeer } from "./rpc.js";
@@ -428,7 +435,7 @@ export class ConnectServer {
         });
         await new Promise<void>((resolve, reject) => {
           server.once("error", reject);
-          server.listen(addr.port, addr.host, () => {
+          server.listen({ port: addr.port, host: addr.host, backlog: LISTEN_BACKLOG }, () => {
             server.off("error", reject);
             resolve();
           });

@@ -5,10 +5,12 @@
  * another user on the Unix socket. After each refusal the server keeps serving. Also: graceful
  * shutdown with calls in flight, and the metrics the calls leave.
  */
+import { execFileSync } from "node:child_process";
 import { chmod, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { LISTEN_BACKLOG } from "../../../src/common/connect-server.js";
 import { createLogger } from "../../../src/common/logger.js";
 import { startMetricsServer } from "../../../src/common/metrics.js";
 import { FIXTURE_ROOT_PEM } from "../../fixtures/platform/services.js";
@@ -403,5 +405,19 @@ describe.each(STACKS)("%s stack", (stack) => {
         await m.close();
       }
     });
+  });
+});
+
+describe("connect stack: the TCP listen queue", () => {
+  it("holds LISTEN_BACKLOG pending connections (as far as net.core.somaxconn allows), not Node's default 511", async () => {
+    const f = await startFixture({ stack: "connect", pki, dir: tmp.path, socketName: "backlog.sock" });
+    try {
+      // ss shows a listening socket's backlog in its Send-Q column.
+      const line = execFileSync("ss", ["-ltnH", `sport = :${f.port}`], { encoding: "utf8" }).trim().split("\n")[0]!;
+      const somaxconn = Number(await readFile("/proc/sys/net/core/somaxconn", "utf8"));
+      expect(Number(line.split(/\s+/)[2])).toBe(Math.min(LISTEN_BACKLOG, somaxconn));
+    } finally {
+      await f.server.destroy(2000);
+    }
   });
 });
