@@ -49,6 +49,7 @@ import {
   type TcpListenerOptions,
   type UnixListenerOptions,
 } from "./rpc.js";
+import { peerIdentityFromSocket, serverTlsOptions, type PeerIdentity } from "./tls.js";
 
 /**
  * Pending TCP connections a server's listen queue holds (Node's default is 511): a fleet that
@@ -56,7 +57,6 @@ import {
  * net.core.somaxconn (4096 by default since Linux 5.4).
  */
 export const LISTEN_BACKLOG = 4096;
-import { peerIdentityFromSocket, serverTlsOptions, type PeerIdentity } from "./tls.js";
 
 export { kDraining, kPeer, kPeerAddress, requireAuthorizedPeer } from "./rpc.js";
 export type { BoundAddresses, ServiceRegistration, TcpListenerOptions, UnixListenerOptions } from "./rpc.js";

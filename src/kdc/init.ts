@@ -33,7 +33,7 @@ import type { BatchOp, Store } from "../storage/store.js";
 import type { AttestationKeyProvider, CertificateFactory, Clock, Issuer, KdcContext, Sealer } from "./context.js";
 import { masterKeyWrap, openPkcs11Token, openRootKeys, type NewRootKey, type Pkcs11Settings, type RootKeys } from "./root-keys.js";
 import type { Pkcs11Token } from "../common/keys/pkcs11-token.js";
-import { wrappedKeyOf } from "../storage/wrapped-key.js";
+import { wrappedKeyOf } from "../storage/master-key.js";
 import { CREDENTIAL, credentialAad, KDC_SCHEMA_VERSION, KdcStore, put } from "./kdc-store.js";
 import { createPkiAdapter } from "./pki-adapter.js";
 import { createSealer } from "./sealer.js";
@@ -178,6 +178,7 @@ export async function issueKdcTlsCredential(
  * batch (with its audit entry), so a crash leaves either nothing or a whole KDC.
  */
 export async function initKdc(opts: InitOptions): Promise<InitResult> {
+  checkMasterKeyWrap(opts);
   const clock = opts.clock ?? { now: () => new Date() };
   const pki = opts.pki ?? createPkiAdapter();
   const paths = dataPaths(opts.dataDir, opts.masterKeyFile);
@@ -279,6 +280,13 @@ export async function initKdc(opts: InitOptions): Promise<InitResult> {
     else hsm?.close();
     await store.close();
   }
+}
+
+/** `--master-key-wrap pkcs11` needs the token and a key init makes: refused before anything is made otherwise. */
+function checkMasterKeyWrap(opts: InitOptions): void {
+  if (opts.masterKeyWrapLabel === undefined) return;
+  if (opts.pkcs11 === undefined) throw new FailedPrecondition("--master-key-wrap pkcs11 needs the token: give --pkcs11-module, --pkcs11-token and --pkcs11-pin-file");
+  if ((opts.masterKey ?? "") !== "") throw new FailedPrecondition("--master-key-wrap pkcs11: a key given in KMI_KDC_MASTER_KEY (or --master-key) cannot be wrapped; leave it out and init makes a wrapped key file");
 }
 
 /** An opened, initialized KDC: its context, the store to close, and the distribution pieces. */

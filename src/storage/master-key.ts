@@ -11,7 +11,7 @@ import { randomBytes } from "node:crypto";
 import { AlreadyExists, FailedPrecondition, InvalidArgument } from "../common/errors.js";
 import { pathExists } from "../common/fs.js";
 import { KEY_BYTES, masterKeyId } from "./seal.js";
-import { isWrappedKeyFile, unwrapMasterKey, wrapMasterKey, type MasterKeyWrap } from "./wrapped-key.js";
+import { describeWrappedKey, isWrappedKeyFile, unwrapMasterKey, wrapMasterKey, type MasterKeyWrap } from "./wrapped-key.js";
 
 export { masterKeyId } from "./seal.js";
 
@@ -108,12 +108,30 @@ export async function initServerMasterKey(masterKey: string | undefined, envName
 
 /** Reads the key file at `path` (checked as `readMasterKeyFile` does), or creates it (wrapped when `wrap.keyLabel` is given) when it does not exist. */
 export async function readOrCreateMasterKeyFile(path: string, wrap?: MasterKeyWrap): Promise<Buffer> {
-  if (await pathExists(path)) return readMasterKeyFile(path, wrap);
-  return (await createMasterKeyFile(path, wrap)).key;
+  if (!(await pathExists(path))) return (await createMasterKeyFile(path, wrap)).key;
+  if (wrap?.keyLabel !== undefined && (await wrappedKeyOf(path)) === undefined) {
+    throw new FailedPrecondition(`master key file ${path} exists and holds a key that is not wrapped (left by an init that stopped?); remove it to init with a wrapped key, or wrap it later with kmi kdc rekey --master-key-wrap pkcs11`);
+  }
+  return readMasterKeyFile(path, wrap);
+}
+
+/** What a wrapped key file says of itself (no token needed; checked as `readMasterKeyFile` does), or undefined when the file holds the key itself. */
+export async function wrappedKeyOf(path: string): Promise<{ token: string; keyLabel: string; keyId: string } | undefined> {
+  const data = await readCheckedKeyFile(path);
+  try {
+    return isWrappedKeyFile(data) ? describeWrappedKey(path, data) : undefined;
+  } finally {
+    data.fill(0);
+  }
 }
 
 /** Reads and checks a master key file (unwrapped in `wrap`'s token when the file is a wrapped key); see `loadMasterKey`. */
 export async function readMasterKeyFile(path: string, wrap?: MasterKeyWrap): Promise<Buffer> {
+  return decodeKeyFile(path, await readCheckedKeyFile(path), wrap);
+}
+
+/** A key file's bytes, once it is found to be a regular file of this user, mode 0600 or 0400. */
+async function readCheckedKeyFile(path: string): Promise<Buffer> {
   let handle;
   try {
     handle = await openFile(path, constants.O_RDONLY);
@@ -127,7 +145,7 @@ export async function readMasterKeyFile(path: string, wrap?: MasterKeyWrap): Pro
     // Why fstat on the open descriptor: checking the path and then reading it would let the
     // file be swapped in between.
     checkKeyFileStat(path, await handle.stat());
-    return decodeKeyFile(path, await handle.readFile(), wrap);
+    return await handle.readFile();
   } finally {
     await handle.close();
   }
@@ -188,9 +206,10 @@ function decodeKeyFile(path: string, data: Buffer, wrap: MasterKeyWrap | undefin
  */
 export async function createMasterKeyFile(path: string, wrap?: MasterKeyWrap): Promise<{ key: Buffer; id: string }> {
   const key = randomBytes(KEY_BYTES);
-  const text = wrap?.keyLabel !== undefined ? wrapMasterKey(key, wrap.token, wrap.keyLabel) : Buffer.from(key.toString("base64") + "\n", "latin1");
+  let text: Buffer | undefined;
   const tmp = join(dirname(path), `.${basename(path)}.${randomBytes(6).toString("hex")}.tmp`);
   try {
+    text = wrap?.keyLabel !== undefined ? wrapMasterKey(key, wrap.token, wrap.keyLabel) : Buffer.from(key.toString("base64") + "\n", "latin1");
     const handle = await openFile(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600).catch((err: NodeJS.ErrnoException) => {
       throw err.code === "ENOENT"
         ? new FailedPrecondition(`master key file ${path}: directory ${dirname(path)} does not exist; create it first`)
@@ -218,7 +237,7 @@ export async function createMasterKeyFile(path: string, wrap?: MasterKeyWrap): P
     key.fill(0);
     throw err;
   } finally {
-    text.fill(0);
+    text?.fill(0);
     await unlink(tmp).catch(() => {});
   }
 }

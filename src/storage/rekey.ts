@@ -26,8 +26,8 @@ import { SealedBlobSchema, type SealedBlob } from "../gen/kmi/store/v1/envelope_
 import type { AuditLog } from "./audit-log.js";
 import { MasterKeyring, nextKeyFile } from "./keyring.js";
 import { LOG_KEYS_TABLE, pinLogKeys } from "./log-keys.js";
-import { createMasterKeyFile, readMasterKeyFile } from "./master-key.js";
-import { wrappedKeyOf, type MasterKeyWrap } from "./wrapped-key.js";
+import { createMasterKeyFile, readMasterKeyFile, wrappedKeyOf } from "./master-key.js";
+import type { MasterKeyWrap } from "./wrapped-key.js";
 import { retryOnConflict } from "./retry.js";
 import { MAX_TXN_OPS, type BatchOp, type Compare, type Store, type Table } from "./store.js";
 

@@ -15,8 +15,7 @@
  * (and its PIN) the file is useless; the token's key is sensitive and not extractable, so the
  * master key exists in plaintext only in the memory of a process logged in to the token.
  */
-import { readFile } from "node:fs/promises";
-import { FailedPrecondition } from "../common/errors.js";
+import { FailedPrecondition, errorText } from "../common/errors.js";
 import { KEY_BYTES, masterKeyId } from "./seal.js";
 
 /** The token operations a wrap needs (`Pkcs11Token` has them). */
@@ -73,7 +72,12 @@ export function unwrapMasterKey(path: string, data: Uint8Array, wrap: MasterKeyW
   if (wrap.token.label !== doc.token) {
     throw new FailedPrecondition(`master key file ${path} is wrapped in PKCS#11 token "${doc.token}", not in "${wrap.token.label}"; give --pkcs11-token ${doc.token}`);
   }
-  const key = wrap.token.decryptAesGcm(doc.key_label, Buffer.from(doc.nonce, "base64"), Buffer.from(doc.sealed, "base64"), aad(doc.key_label, doc.key_id));
+  let key: Buffer;
+  try {
+    key = wrap.token.decryptAesGcm(doc.key_label, Buffer.from(doc.nonce, "base64"), Buffer.from(doc.sealed, "base64"), aad(doc.key_label, doc.key_id));
+  } catch (err) {
+    throw new FailedPrecondition(`master key file ${path}: ${errorText(err)}; use the token that wrapped it, or restore the file from a backup`, { cause: err });
+  }
   if (key.length !== KEY_BYTES || masterKeyId(key) !== doc.key_id) {
     key.fill(0);
     throw new FailedPrecondition(`master key file ${path}: the unwrapped key is not master key ${doc.key_id}; restore the file from a backup`);
@@ -81,20 +85,14 @@ export function unwrapMasterKey(path: string, data: Uint8Array, wrap: MasterKeyW
   return key;
 }
 
-/** What a wrapped key file says of itself (no token needed), or undefined when the file at `path` holds the key itself. */
-export async function wrappedKeyOf(path: string): Promise<{ token: string; keyLabel: string; keyId: string } | undefined> {
-  const data = await readFile(path);
-  try {
-    if (!isWrappedKeyFile(data)) return undefined;
-    const doc = parse(path, data);
-    return { token: doc.token, keyLabel: doc.key_label, keyId: doc.key_id };
-  } finally {
-    data.fill(0);
-  }
-}
-
 function aad(keyLabel: string, keyId: string): Buffer {
   return Buffer.from(`kmi master key ${keyId} wrapped by ${keyLabel}`, "utf8");
+}
+
+/** What a wrapped key file's bytes say of themselves (no token needed). */
+export function describeWrappedKey(path: string, data: Uint8Array): { token: string; keyLabel: string; keyId: string } {
+  const doc = parse(path, data);
+  return { token: doc.token, keyLabel: doc.key_label, keyId: doc.key_id };
 }
 
 function parse(path: string, data: Uint8Array): WrappedKeyDocument {

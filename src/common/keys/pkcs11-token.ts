@@ -194,19 +194,29 @@ export class Pkcs11Token {
   encryptAesGcm(label: string, plaintext: Uint8Array, aad: Uint8Array): { nonce: Buffer; sealed: Buffer } {
     const key = this.requireSecret(label);
     const nonce = randomBytes(12);
-    this.p11.C_EncryptInit(this.session, this.gcm(nonce, aad), key);
-    const sealed = this.p11.C_Encrypt(this.session, Buffer.from(plaintext), Buffer.alloc(plaintext.length + 16));
-    return { nonce, sealed: Buffer.from(sealed) };
+    // A copy of the plaintext (a key) for the module: wiped once the token has it.
+    const input = Buffer.from(plaintext);
+    try {
+      this.p11.C_EncryptInit(this.session, this.gcm(nonce, aad), key);
+      const sealed = this.p11.C_Encrypt(this.session, input, Buffer.alloc(plaintext.length + 16));
+      return { nonce, sealed: Buffer.from(sealed) };
+    } finally {
+      input.fill(0);
+    }
   }
 
   /** AES-256-GCM decryption inside the token; FailedPrecondition when the tag does not verify (another key, changed bytes). */
   decryptAesGcm(label: string, nonce: Uint8Array, sealed: Uint8Array, aad: Uint8Array): Buffer {
     const key = this.requireSecret(label);
     this.p11.C_DecryptInit(this.session, this.gcm(Buffer.from(nonce), aad), key);
+    // The module writes the plaintext (a key) here; the caller gets a copy and this one is wiped.
+    const output = Buffer.alloc(sealed.length);
     try {
-      return Buffer.from(this.p11.C_Decrypt(this.session, Buffer.from(sealed), Buffer.alloc(sealed.length)));
+      return Buffer.from(this.p11.C_Decrypt(this.session, Buffer.from(sealed), output));
     } catch (err) {
       throw new FailedPrecondition(`pkcs11 token "${this.label}": key ${label} does not open this ciphertext (${errorText(err)}): another key or token, or changed bytes`);
+    } finally {
+      output.fill(0);
     }
   }
 

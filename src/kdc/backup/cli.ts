@@ -148,7 +148,7 @@ export async function restoreMain(argv: string[], env: Record<string, string | u
     if (v.json === true) {
       io.stdout.write(
         JSON.stringify(
-          { data_dir: r.dataDir, check_only: r.checkOnly, records: r.records, tables: r.tables, sha256: r.sha256, backup: r.header, master_key_checked: r.masterKeyChecked, files: r.files },
+          { data_dir: r.dataDir, check_only: r.checkOnly, records: r.records, tables: r.tables, sha256: r.sha256, backup: r.header, master_key_checked: r.masterKeyChecked, wrapped_key_id: r.wrappedKeyId ?? null, files: r.files },
           null,
           2,
         ) + "\n",
@@ -156,7 +156,11 @@ export async function restoreMain(argv: string[], env: Record<string, string | u
       return BackupExit.ok;
     }
     const h = r.header;
-    const key = r.masterKeyChecked ? "the master key given opens it" : `master key not checked (give --master-key-file to check it); it needs master key ${h.master_key_id}`;
+    const key = !r.masterKeyChecked
+      ? `master key not checked (give --master-key-file to check it); it needs master key ${h.master_key_id}`
+      : r.wrappedKeyId !== undefined
+        ? `the wrapped master key file given names master key ${r.wrappedKeyId}, the one its keys are sealed under (the token unwraps it when the KDC starts)`
+        : "the master key given opens it";
     io.stdout.write(
       (r.checkOnly
         ? [`backup ${v.in} is whole: ${r.records} records (${tableList(r.tables)}), kdc id ${h.kdc_id}, made ${h.created_at} by kmi ${h.kmi_version}`, `  ${key}`]
@@ -167,7 +171,7 @@ export async function restoreMain(argv: string[], env: Record<string, string | u
             `  wrote ${r.files.join(", ")}`,
             "",
             "next: start it with the master key the backed-up KDC used, then check it:",
-            `  kmi kdc --data-dir ${v.dataDir}${v.masterKeyFile !== undefined ? ` --master-key-file ${v.masterKeyFile}` : " --master-key-file <the master key>"}`,
+            `  kmi kdc --data-dir ${v.dataDir}${v.masterKeyFile !== undefined ? ` --master-key-file ${v.masterKeyFile}` : " --master-key-file <the master key>"}${r.wrappedKeyId !== undefined ? " --pkcs11-module … --pkcs11-token … --pkcs11-pin-file …" : ""}`,
             "  kmi ctl audit verify && kmi ctl tenant list",
           ]
       ).join("\n") + "\n",

@@ -14,7 +14,7 @@ import { dataPaths, loadKdcMasterKey, openKdcStore } from "../init.js";
 import { CREDENTIAL, KdcStore } from "../kdc-store.js";
 import { createPkiAdapter } from "../pki-adapter.js";
 import { checkBackup, checkMasterKey, checkMasterKeyId } from "./check.js";
-import { wrappedKeyOf } from "../../storage/wrapped-key.js";
+import { wrappedKeyOf } from "../../storage/master-key.js";
 import { BadBackup, DestinationRefused } from "./errors.js";
 import { backupRecords, openBackup, type BackupHeader } from "./format.js";
 import { progressMeter, type BackupIo } from "./progress.js";
@@ -28,6 +28,8 @@ export interface RestoreResult {
   sha256: string;
   /** True when a master key was given (or found in the data dir) and opens the backup. */
   masterKeyChecked: boolean;
+  /** When the key file given is wrapped in a PKCS#11 token: the key id it names, checked against the backup (the token opens it at start). */
+  wrappedKeyId: string | undefined;
   /** The files written besides the store. */
   files: string[];
   /** True with `check`: nothing was written. */
@@ -73,7 +75,7 @@ export async function restoreKdc(opts: {
     }
   }
   const keyGiven = (opts.masterKey ?? "") !== "" || opts.masterKeyFile !== undefined || (await pathExists(masterKeyFileInDir));
-  if (keyGiven) await checkGivenKey(opts, masterKeyFileInDir, checked);
+  const wrappedKeyId = keyGiven ? await checkGivenKey(opts, masterKeyFileInDir, checked) : undefined;
   const result: RestoreResult = {
     dataDir: opts.dataDir,
     records: checked.records,
@@ -81,6 +83,7 @@ export async function restoreKdc(opts: {
     header: checked.header,
     sha256: checked.sha256,
     masterKeyChecked: keyGiven,
+    wrappedKeyId,
     files: [],
     checkOnly: opts.check === true,
   };
@@ -145,15 +148,19 @@ export async function restoreKdc(opts: {
   }
 }
 
-/** The master key given (value or file) against the backup: opened, or by id for a key file wrapped in a token. */
-async function checkGivenKey(opts: { dataDir: string; masterKey?: string | undefined; masterKeyFile?: string | undefined }, fileInDir: string, checked: Awaited<ReturnType<typeof checkBackup>>): Promise<void> {
+/** The master key given (value or file) against the backup: opened, or by id for a key file wrapped in a token (then that id). */
+async function checkGivenKey(opts: { dataDir: string; masterKey?: string | undefined; masterKeyFile?: string | undefined }, fileInDir: string, checked: Awaited<ReturnType<typeof checkBackup>>): Promise<string | undefined> {
   const file = (opts.masterKey ?? "") !== "" ? undefined : (opts.masterKeyFile ?? fileInDir);
   const wrapped = file !== undefined ? await wrappedKeyOf(file) : undefined;
-  if (wrapped !== undefined) return checkMasterKeyId(wrapped.keyId, checked.rootCredential!, checked.tlsCredential);
+  if (wrapped !== undefined) {
+    checkMasterKeyId(wrapped.keyId, checked.rootCredential!, checked.tlsCredential);
+    return wrapped.keyId;
+  }
   const key = await loadKdcMasterKey(opts.dataDir, { masterKey: opts.masterKey, masterKeyFile: opts.masterKeyFile });
   try {
     checkMasterKey(key, checked.rootCredential!, checked.tlsCredential);
   } finally {
     key.fill(0);
   }
+  return undefined;
 }

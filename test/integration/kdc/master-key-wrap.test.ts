@@ -9,12 +9,17 @@
  * `kmi kdc rekey --master-key-wrap pkcs11`.
  */
 import { execFile } from "node:child_process";
-import { readFile } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Pkcs11Token } from "../../../src/common/keys/pkcs11-token.js";
 import { masterKeyId } from "../../../src/storage/seal.js";
+import { MasterKeyring } from "../../../src/storage/keyring.js";
+import { createMasterKeyFile, readMasterKeyFile } from "../../../src/storage/master-key.js";
+import { loadKdcKeyring } from "../../../src/kdc/init.js";
 import { unwrapMasterKey, type MasterKeyWrap } from "../../../src/storage/wrapped-key.js";
 import { addBulkSigningKeys, openEverything, runRekey } from "../../fixtures/kdc/rekey.js";
 import { findInFiles, readTree } from "../../fixtures/mesh/secrets.js";
@@ -107,6 +112,41 @@ describe("a master key wrapped by a PKCS#11 token's key (SoftHSM2)", () => {
     expect(refused).toContain(`is wrapped by key ${LABEL} in PKCS#11 token "${TOKEN}"; start with --pkcs11-module, --pkcs11-token and --pkcs11-pin-file`);
   });
 
+  it("init refuses the wrap without the token, or with a key from the environment, before making anything", async () => {
+    const init = (name: string, args: string[], env: Record<string, string> = {}) =>
+      run(process.execPath, [KMI, "kdc", "init", "--data-dir", join(dir, name), "--master-key-wrap", "pkcs11", ...args], { env: cleanEnv({ ...hsmEnv, ...env }), encoding: "utf8" }).then(
+        () => "initialized",
+        (e: { stderr: string }) => e.stderr,
+      );
+    expect(await init("no-token", [])).toContain("--master-key-wrap pkcs11 needs the token: give --pkcs11-module, --pkcs11-token and --pkcs11-pin-file");
+    expect(existsSync(join(dir, "no-token"))).toBe(false);
+    const fromEnv = await init("env-key", [...tokenFlags, "--master-key-wrap-label", "kmi/never-made"], { KMI_KDC_MASTER_KEY: randomBytes(32).toString("base64") });
+    expect(fromEnv).toContain("cannot be wrapped");
+    expect(existsSync(join(dir, "env-key"))).toBe(false);
+    expect(await withToken((wrap) => wrap.token.hasAesKey("kmi/never-made"))).toBe(false);
+  });
+
+  it("a running KDC's keyring takes up a wrapped master.key.next that a rekey beside it made (etcd replicas do)", async () => {
+    const keyFile = join(kdc.dataDir, "master.key");
+    await withToken(async (wrap) => {
+      const ring = await loadKdcKeyring(kdc.dataDir, { wrap });
+      const primary = await readMasterKeyFile(keyFile, wrap);
+      const next = await createMasterKeyFile(`${keyFile}.next`, { token: wrap.token, keyLabel: LABEL });
+      try {
+        expect((JSON.parse(await readFile(`${keyFile}.next`, "utf8")) as { key_id: string }).key_id).toBe(next.id);
+        const blob = new MasterKeyring(primary, next.key).seal(Buffer.from("sealed under the next key"), "test/record");
+        expect(blob.masterKeyId).toBe(next.id);
+        expect(Buffer.from(ring.open(blob, "test/record")).toString()).toBe("sealed under the next key");
+        expect(ring.sealingId).toBe(next.id);
+      } finally {
+        ring.wipe();
+        primary.fill(0);
+        next.key.fill(0);
+        await rm(`${keyFile}.next`);
+      }
+    });
+  });
+
   it("kmi kdc restore --check checks a backup against the wrapped key file (by its key id)", async () => {
     const backup = join(dir, "wrapped.kmibak");
     const made = await run(process.execPath, [KMI, "kdc", "backup", "--data-dir", kdc.dataDir, "--out", backup], { env: cleanEnv(hsmEnv), encoding: "utf8" });
@@ -118,7 +158,7 @@ describe("a master key wrapped by a PKCS#11 token's key (SoftHSM2)", () => {
       );
     const ok = await check(join(kdc.dataDir, "master.key"));
     expect(ok.code, ok.out).toBe(0);
-    expect(ok.out).toContain("the master key given opens it");
+    expect(ok.out).toContain(`the wrapped master key file given names master key ${(JSON.parse(await readFile(join(kdc.dataDir, "master.key"), "utf8")) as { key_id: string }).key_id}, the one its keys are sealed under`);
     // Another wrapped key (the file of another KDC) is refused.
     const other = await init("other", ["--master-key-wrap", "pkcs11"]);
     const refused = await check(join(other.dataDir, "master.key"));
