@@ -9,9 +9,9 @@
 import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { freePort } from "./ports.js";
 
 /** Paths of a certificate and its key. */
 export interface CertFiles {
@@ -92,16 +92,6 @@ async function makeLeaf(dir: string, name: string, ca: CertFiles, ext: string): 
   return f;
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 /** Parses `etcdctl endpoint status -w json`: endpoint -> [its member id, the leader's id] (decimal strings: ids exceed 2^53). */
 function parseStatus(stdout: string): Map<string, [string, string]> {

@@ -10,10 +10,11 @@
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { connect, createServer } from "node:net";
+import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { EICAR } from "../../src/proxy/eicar.js";
+import { freePort } from "./ports.js";
 
 /** Test bodies the database knows. */
 export const MARKER = Buffer.from("KMI-ICAP-TEST-MALWARE-SIGNATURE-5d1c9e", "latin1");
@@ -41,17 +42,6 @@ export interface IcapPeer {
   stop(): Promise<void>;
 }
 
-/** A free TCP port on 127.0.0.1 (c-icap cannot listen on port 0). */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 function hexOf(b: Buffer): string {
   return b.toString("hex");

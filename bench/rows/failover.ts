@@ -9,7 +9,6 @@
 import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { readFile, writeFile } from "node:fs/promises";
-import { createServer } from "node:net";
 import { join } from "node:path";
 import { createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
@@ -23,19 +22,10 @@ import { RowBuilder } from "../lib/results.js";
 import { percentile } from "../lib/stats.js";
 import { ROW_TITLES } from "./titles.js";
 import { cleanEnv, KMI, startKmi, type KmiProcess } from "../lib/kmi-process.js";
+import { freePort } from "../lib/ports.js";
 
 const TARGET_P99_MS = 3000;
 
-function freePort(): Promise<number> {
-  return new Promise((res, rej) => {
-    const s = createServer();
-    s.once("error", rej);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => res(port));
-    });
-  });
-}
 
 /** Runs `kmi <args>` to completion; throws with its stderr unless it exits 0. */
 function kmi(args: string[]): Promise<string> {

@@ -37,16 +37,21 @@ export function meshOf(env: Env): Promise<Mesh> {
         // A failure of the bench, not "not measured": these are kmi's own servers, built with it.
         throw new Error(`the KDC and Auditserver did not start: ${(err as Error).message.trim()}`, { cause: err });
       }
-      try {
-        await mesh.bootstrap(KDC_TENANT, KDC_GROUP);
-      } catch (err) {
-        await mesh.stop();
-        throw err;
-      }
-      return mesh;
+      return bootstrapped(mesh);
     },
     (m) => m.stop(),
   );
+}
+
+/** `mesh` bootstrapped with the KDC rows' tenant and group; stopped when that fails. */
+export async function bootstrapped(mesh: Mesh): Promise<Mesh> {
+  try {
+    await mesh.bootstrap(KDC_TENANT, KDC_GROUP);
+  } catch (err) {
+    await mesh.stop();
+    throw err;
+  }
+  return mesh;
 }
 
 /** True when the error says the method is not implemented in this build. */

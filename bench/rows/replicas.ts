@@ -10,17 +10,16 @@
  */
 import { KeyAlgorithm } from "../../src/gen/kmi/common/v1/common_pb.js";
 import { Role, KdcAdminService } from "../../src/gen/kmi/kdc/v1/admin_pb.js";
-import { WatchEventType } from "../../src/gen/kmi/kdc/v1/distribution_pb.js";
 import { CertificateFormat, KdcService, Signer } from "../../src/gen/kmi/kdc/v1/kdc_pb.js";
 import type { LeanClient } from "../../src/clients/grpc-client.js";
 import type { Env } from "../lib/env.js";
 import { startEtcdCluster, type EtcdCluster } from "../lib/etcd.js";
-import { closedLoop, nowMs, type LoopResult } from "../lib/loop.js";
+import { closedLoop, type LoopResult } from "../lib/loop.js";
 import { Mesh, type Machine } from "../lib/mesh.js";
 import { RowBuilder, type Figure } from "../lib/results.js";
 import { fmt, percentiles } from "../lib/stats.js";
-import { KDC_GROUP, KDC_TENANT, machineOf, meshOf } from "./kdc.js";
-import { closeSessions, openSessions, type Session } from "./rotation.js";
+import { bootstrapped, KDC_GROUP, KDC_TENANT, machineOf, meshOf } from "./kdc.js";
+import { closeSessions, openSessions, rotateOnce, type RotationSample } from "./rotation.js";
 import { ROW_TITLES } from "./titles.js";
 
 /** KDC replicas on etcd. */
@@ -60,13 +59,7 @@ export function haMeshOf(env: Env): Promise<Mesh> {
       const mesh = await Mesh.start(`${env.dir}/ha-mesh`, { replicas: REPLICAS, kdcStoreFlags: (i) => etcdFlags(cluster, i) }).catch((err: unknown) => {
         throw new Error(`the KDC replicas on etcd did not start: ${(err as Error).message.trim()}`, { cause: err });
       });
-      try {
-        await mesh.bootstrap(KDC_TENANT, KDC_GROUP);
-      } catch (err) {
-        await mesh.stop();
-        throw err;
-      }
-      return mesh;
+      return bootstrapped(mesh);
     },
     (m) => m.stop(),
   );
@@ -86,43 +79,6 @@ async function tenantAdmins(mesh: Mesh, replicas: number): Promise<LeanClient[]>
   } finally {
     op.close();
   }
-}
-
-/** Per rotation: p50, p99 and max (ms) over the sessions, and the ActivateVersion call's own time. */
-interface RotationSample {
-  p50: number;
-  p99: number;
-  max: number;
-  activateMs: number;
-}
-
-/** One rotation made through `admin`: a new version (not timed), then ActivateVersion timed until every session holds it. */
-async function rotateOnce(admin: LeanClient, sessions: Session[], label: string): Promise<RotationSample> {
-  const v = (await admin.unary(KdcService.method.createVersion, { tenantId: KDC_TENANT, signer: Signer.KMI_ROOT, keyAlgorithm: KeyAlgorithm.ECDSA_P256, subject: { commonName: `acme ${label}` }, validityDays: 365 })).version!;
-  const n = sessions.length;
-  const lat = new Float64Array(n).fill(NaN);
-  let got = 0;
-  let allDone!: () => void;
-  const done = new Promise<void>((res) => (allDone = res));
-  const t0 = nowMs();
-  sessions.forEach((s, i) => {
-    s.onEvent = (e, at) => {
-      if (!Number.isNaN(lat[i]!) || e.type !== WatchEventType.ACTIVATED || e.tenantId !== KDC_TENANT) return;
-      if (e.keyId !== v.keyId && !e.secrets.some((x) => x.keyId === v.keyId)) return;
-      lat[i] = at - t0;
-      if (++got === n) allDone();
-    };
-  });
-  await admin.unary(KdcService.method.activateVersion, { tenantId: KDC_TENANT, version: v.version });
-  const activateMs = nowMs() - t0;
-  await Promise.race([done, new Promise((res) => setTimeout(res, 60_000).unref())]);
-  for (const s of sessions) s.onEvent = undefined;
-  if (got < n) {
-    const ended = sessions.filter((s) => s.ended !== undefined).map((s) => s.ended);
-    throw new Error(`${label}: ${n - got} of ${n} sessions had not received the new version after 60 s${ended.length > 0 ? ` (${ended.length} streams ended: ${ended[0]})` : ""}`);
-  }
-  const [p50, p99, max] = percentiles(lat, [0.5, 0.99, 1]);
-  return { p50: p50!, p99: p99!, max: max!, activateMs };
 }
 
 /** Opens `n` sessions over `replicas` replicas of `mesh`, runs `rotations` rotations (made on each replica in turn), closes them. */

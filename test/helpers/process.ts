@@ -153,3 +153,13 @@ export async function waitFor<T>(fn: () => T | undefined | Promise<T | undefined
     await new Promise((r) => setTimeout(r, 25));
   }
 }
+
+/** True while process `pid` exists (also when it is another user's: EPERM). */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}

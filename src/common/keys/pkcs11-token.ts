@@ -117,29 +117,12 @@ export class Pkcs11Token {
 
   /** How the token protects the private key labelled `label` (what `kmi kdc init` relies on). */
   protection(label: string): TokenKeyProtection {
-    const lib = this.lib;
-    const priv = this.findPrivate(label);
-    if (priv === undefined) throw new FailedPrecondition(`pkcs11 token "${this.label}": no key labelled ${label}`);
-    const attrs = this.p11.C_GetAttributeValue(this.session, priv, [
-      { type: lib.CKA_SENSITIVE },
-      { type: lib.CKA_EXTRACTABLE },
-      { type: lib.CKA_ALWAYS_SENSITIVE },
-      { type: lib.CKA_NEVER_EXTRACTABLE },
-    ]);
-    const flag = (i: number) => attrs[i]!.value[0] === 1;
-    return { sensitive: flag(0), extractable: flag(1), alwaysSensitive: flag(2), neverExtractable: flag(3) };
+    return this.protectionOf(this.requirePrivate(label));
   }
 
   /** Asks the token for the private key's value: resolves with the token's refusal (CKR_…), or "returned" if it gave it. */
   tryReadPrivateValue(label: string): string {
-    const priv = this.findPrivate(label);
-    if (priv === undefined) throw new FailedPrecondition(`pkcs11 token "${this.label}": no key labelled ${label}`);
-    try {
-      this.p11.C_GetAttributeValue(this.session, priv, [{ type: this.lib.CKA_VALUE }]);
-      return "returned";
-    } catch (err) {
-      return errorText(err);
-    }
+    return this.tryReadValue(this.requirePrivate(label));
   }
 
   /**
@@ -175,19 +158,12 @@ export class Pkcs11Token {
 
   /** How the token protects the secret key labelled `label`. */
   aesKeyProtection(label: string): TokenKeyProtection {
-    const key = this.requireSecret(label);
-    return this.protectionOf(key);
+    return this.protectionOf(this.requireSecret(label));
   }
 
   /** Asks the token for the AES key's value: the token's refusal (CKR_…), or "returned" if it gave it. */
   tryReadAesKeyValue(label: string): string {
-    const key = this.requireSecret(label);
-    try {
-      this.p11.C_GetAttributeValue(this.session, key, [{ type: this.lib.CKA_VALUE }]);
-      return "returned";
-    } catch (err) {
-      return errorText(err);
-    }
+    return this.tryReadValue(this.requireSecret(label));
   }
 
   /** AES-256-GCM encryption inside the token with the key labelled `label`: a fresh 12-byte nonce, ciphertext || 16-byte tag. */
@@ -233,6 +209,22 @@ export class Pkcs11Token {
     const key = this.findSecret(label);
     if (key === undefined) throw new FailedPrecondition(`pkcs11 token "${this.label}": no AES key labelled ${label}`);
     return key;
+  }
+
+  private requirePrivate(label: string): Buffer {
+    const key = this.findPrivate(label);
+    if (key === undefined) throw new FailedPrecondition(`pkcs11 token "${this.label}": no key labelled ${label}`);
+    return key;
+  }
+
+  /** Asks for an object's CKA_VALUE: the token's refusal (CKR_…), or "returned" if it gave it. */
+  private tryReadValue(obj: Buffer): string {
+    try {
+      this.p11.C_GetAttributeValue(this.session, obj, [{ type: this.lib.CKA_VALUE }]);
+      return "returned";
+    } catch (err) {
+      return errorText(err);
+    }
   }
 
   private protectionOf(obj: Buffer): TokenKeyProtection {

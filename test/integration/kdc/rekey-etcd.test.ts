@@ -8,7 +8,6 @@
  */
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
-import type { Message } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
@@ -18,14 +17,13 @@ import { KdcService, Signer } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
 import { KDC_ETCD_PREFIX } from "../../../src/kdc/config.js";
 import { loadKdcKeyring, openKdcBackend } from "../../../src/kdc/init.js";
 import { intermediateKeyAad } from "../../../src/kdc/kdc-store.js";
-import { kdcRekeyTarget } from "../../../src/kdc/rekey.js";
 import { storeBackendFrom } from "../../../src/storage/backend.js";
 import { readMasterKeyFile } from "../../../src/storage/master-key.js";
-import { blobsOf, sealedTables } from "../../../src/storage/rekey.js";
 import { masterKeyId } from "../../../src/storage/seal.js";
 import { T } from "../../../src/kdc/kdc-store.js";
 import { startEtcdCluster, type EtcdCluster } from "../../fixtures/storage/etcd-cluster.js";
 import { cleanEnv, cleanup, clients, initDataDir, KMI, startKdc, type DataDir, type KdcProcess } from "./harness.js";
+import { openSealedBlobs } from "../../fixtures/kdc/rekey.js";
 
 const run = promisify(execFile);
 const KEYS = 60;
@@ -41,15 +39,7 @@ async function openEverything(): Promise<{ byKey: Record<string, number>; interm
   const keyring = await loadKdcKeyring(data.dataDir, {});
   const store = await openKdcBackend(data.dataDir, false, backend);
   try {
-    const byKey: Record<string, number> = {};
-    for (const table of sealedTables(kdcRekeyTarget.tables)) {
-      for (const r of (await store.list(table)).records) {
-        for (const blob of blobsOf(table.schema, r.value as Message)) {
-          keyring.open(blob, blob.aad).fill(0);
-          byKey[blob.masterKeyId] = (byKey[blob.masterKeyId] ?? 0) + 1;
-        }
-      }
-    }
+    const byKey = await openSealedBlobs(store, keyring);
     const intermediates = (await store.list(T.versions)).records.map((r) => Buffer.from(keyring.open(r.value.privateKey!, intermediateKeyAad(r.value.tenantId, r.value.keyId))));
     return { byKey, intermediates };
   } finally {

@@ -18,7 +18,7 @@ import { request } from "node:https";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { makeTempDir, run, type TempDir } from "../../helpers/process.js";
+import { alive, makeTempDir, run, type TempDir } from "../../helpers/process.js";
 import { makeOriginCa, type Origin } from "../../fixtures/up/origin.js";
 import { startSession, type Session } from "../../fixtures/up/session.js";
 
@@ -83,15 +83,6 @@ async function stopUp(): Promise<number | null> {
   const { code } = await s.closed;
   session = undefined;
   return code;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
 }
 
 async function status(): Promise<{ code: number | null; summary: Summary }> {

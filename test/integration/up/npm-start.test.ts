@@ -25,7 +25,7 @@ import { mkdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { makeTempDir, run, type RunResult, type TempDir } from "../../helpers/process.js";
+import { alive, makeTempDir, run, type RunResult, type TempDir } from "../../helpers/process.js";
 import { copyRepo } from "../../fixtures/up/copy-repo.js";
 import { makeOriginCa, type Origin, type OriginCa } from "../../fixtures/up/origin.js";
 import { fiveMinuteTour, readmeCommands, readmeTour, tourStep, type TourCommand, type TourStep } from "../../fixtures/up/readme.js";
@@ -63,15 +63,6 @@ async function runState(): Promise<RunState> {
   seenPids.set(s.pid, "up");
   for (const [name, p] of Object.entries(s.parts)) if (p.pid !== null) seenPids.set(p.pid, name);
   return s;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
 }
 
 async function waitUntil<T>(what: string, timeoutMs: number, fn: () => Promise<T | undefined>, intervalMs = 250): Promise<T> {
