@@ -11,8 +11,13 @@
  * the key that sealed it (`SealedBlob.master_key_id`), so a store half rewrapped opens with the
  * two keys. New records are sealed under the next key when there is one. The rekey ends by
  * renaming `master.key.next` over `master.key`: the old key is gone from the disk.
+ *
+ * A server that runs through a rotation made by another process (`kmi kdc rekey` beside a
+ * replica) looks at the key files before each seal (a stat of each; a file is read again only
+ * when it changed), so that from the moment `master.key.next` exists it seals under it, and
+ * never under the old key once the rotation has ended.
  */
-import { existsSync } from "node:fs";
+import { existsSync, statSync } from "node:fs";
 import { SealError, masterKeyId, open, seal } from "./seal.js";
 import { loadServerMasterKey, readMasterKeyFile, readMasterKeyFileSync, type MasterKeyOptions } from "./master-key.js";
 import type { MasterKeyWrap } from "./wrapped-key.js";
@@ -29,6 +34,8 @@ export class MasterKeyring {
   readonly #keys = new Map<string, Buffer>();
   readonly #primaryId: string;
   #sealingId: string;
+  /** What the key files looked like when last read, "" for a missing one (see #followFiles). */
+  readonly #seen = new Map<string, string>();
 
   /**
    * `primary` is the key in the key file (or the environment); `next` the rotation's new key,
@@ -63,6 +70,7 @@ export class MasterKeyring {
 
   /** Seals `plaintext` for the record `aad` under the sealing key (storage/seal.ts). */
   seal(plaintext: Uint8Array, aad: string): SealedBlob {
+    this.#followFiles();
     return seal(this.#keys.get(this.#sealingId)!, plaintext, aad);
   }
 
@@ -94,6 +102,44 @@ export class MasterKeyring {
     const id = masterKeyId(key);
     if (!this.#keys.has(id)) this.#keys.set(id, Buffer.from(key));
     return id;
+  }
+
+  /**
+   * Seals under what the files say now: `master.key.next` while it exists, else `master.key`
+   * (the rotation's key once it has ended). Why: a rekey run by another process changes the
+   * files, and a record sealed under the old key after its verified pass would outlive the key.
+   */
+  #followFiles(): void {
+    if (this.keyFile === undefined) return;
+    const next = this.#changedKey(nextKeyFile(this.keyFile));
+    const main = this.#changedKey(this.keyFile);
+    if (next !== undefined) this.#sealingId = next;
+    else if (this.#seen.get(nextKeyFile(this.keyFile)) === "" && main !== undefined) this.#sealingId = main;
+  }
+
+  /** The id of the key in `file` when the file changed since it was last read (added to the ring); undefined otherwise. */
+  #changedKey(file: string): string | undefined {
+    let stamp = "";
+    try {
+      const st = statSync(file);
+      stamp = `${st.ino}:${st.size}:${st.mtimeMs}`;
+    } catch {
+      stamp = "";
+    }
+    if (this.#seen.get(file) === stamp) return undefined;
+    if (stamp === "") {
+      this.#seen.set(file, stamp);
+      return undefined;
+    }
+    // Read before remembering the stamp: a file that cannot be read fails this seal and the next.
+    const key = readMasterKeyFileSync(file, this.wrap);
+    try {
+      const id = this.#add(key);
+      this.#seen.set(file, stamp);
+      return id;
+    } finally {
+      key.fill(0);
+    }
   }
 
   // The next key file while the rekey runs, the key file itself once it has ended (renamed).

@@ -4,7 +4,7 @@
  * concurrent write during a rekey batch that must win, and refusals.
  */
 import { randomBytes } from "node:crypto";
-import { readdir, writeFile } from "node:fs/promises";
+import { readdir, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { afterEach, describe, expect, it } from "vitest";
@@ -67,6 +67,26 @@ describe("MasterKeyring", () => {
     const blob = new MasterKeyring(next).seal(Buffer.from("new"), "r/1");
     expect(Buffer.from(ring.open(blob, "r/1")).toString()).toBe("new");
     expect(ring.sealingId).toBe(masterKeyId(next));
+  });
+
+  it("seals under the files' key without opening anything: the next key once a rekey made it, the rotated key once the rekey ended, never the old one", async () => {
+    const dir = await tempDir();
+    const keyFile = join(dir, "master.key");
+    const { id: oldId } = await createMasterKeyFile(keyFile);
+    const ring = await loadMasterKeyring({}, "KMI_TEST_MASTER_KEY", keyFile);
+    expect(ring.seal(Buffer.from("a"), "r/1").masterKeyId).toBe(oldId);
+    // Another process (kmi kdc rekey) starts a rotation: this ring has opened nothing since.
+    const { id: nextId } = await createMasterKeyFile(nextKeyFile(keyFile));
+    expect(ring.seal(Buffer.from("b"), "r/2").masterKeyId).toBe(nextId);
+    // It ends by renaming the next key over the key file.
+    await rename(nextKeyFile(keyFile), keyFile);
+    const after = ring.seal(Buffer.from("c"), "r/3");
+    expect(after.masterKeyId).toBe(nextId);
+    // A later rotation, ended before this ring sealed again: the key file alone names the key.
+    const { id: thirdId } = await createMasterKeyFile(nextKeyFile(keyFile));
+    await rename(nextKeyFile(keyFile), keyFile);
+    expect(ring.seal(Buffer.from("d"), "r/4").masterKeyId).toBe(thirdId);
+    expect(Buffer.from(ring.open(after, "r/3")).toString()).toBe("c");
   });
 
   it("refuses a next key file others can read", async () => {
