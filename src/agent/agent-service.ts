@@ -11,6 +11,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { kDraining } from "../common/rpc.js";
+import type { Logger } from "../common/logger.js";
 import { FailedPrecondition, InvalidArgument, ResourceExhausted } from "../common/errors.js";
 import { VERSION } from "../common/version.js";
 import {
@@ -27,7 +28,8 @@ import {
 } from "../gen/kmi/agent/v1/agent_pb.js";
 import { certificateToPem } from "../pki/pem.js";
 import type { AgentServiceContext, AttestationStateName } from "./context.js";
-import { keyFamily, type HolderEvent } from "./key-holder.js";
+import { keyFamily, type HeldKey, type HolderEvent } from "./key-holder.js";
+import type { IssuedLeaf } from "./leaf-issuer.js";
 import { toKeyInfo, toWatchEvent } from "./key-info.js";
 import { parseLeafRequest, parseSignRequest, tenantFilter, tenantId } from "./validate.js";
 import { callerOf, requireWorkloadHeader } from "./workload.js";
@@ -79,7 +81,7 @@ export function createKeyAgentService(ctx: AgentServiceContext): ServiceImpl<typ
       // Policy: never before the issuer's own validity, never past it (clamped, not refused).
       const notBefore = Math.max(earliest, inter.notBefore);
       const notAfter = Math.min(leaf.notAfter ?? latest, inter.notAfter);
-      const issued = inter.issuer.issueLeaf({
+      const issuing = inter.issuer.issueLeaf({
         publicKeySpkiDer: leaf.publicKeySpkiDer,
         dnsNames: leaf.dnsNames,
         ipAddresses: leaf.ipAddresses,
@@ -87,25 +89,10 @@ export function createKeyAgentService(ctx: AgentServiceContext): ServiceImpl<typ
         notBefore: new Date(notBefore),
         notAfter: new Date(notAfter),
       });
-      // The one line of this call: context only, never key material.
-      log.info("leaf issued", {
-        tenant: leaf.tenantId,
-        names: leaf.dnsNames.length + leaf.ipAddresses.length <= 8 ? [...leaf.dnsNames, ...leaf.ipAddresses] : [...leaf.dnsNames, ...leaf.ipAddresses].slice(0, 8).concat("…"),
-        serial: issued.serialHex,
-        issuer_key: held.keyId.slice(0, 16),
-        version: held.version,
-        leaf_key: leaf.publicKeyType,
-        not_after: issued.notAfter.toISOString(),
-        caller: callerOf(hctx),
-      });
-      return create(IssueLeafCertificateResponseSchema, {
-        certificatePem: certificateToPem(issued.certificateDer),
-        chainPem: held.chainPem,
-        intermediateVersion: held.version,
-        issuerKeyId: held.keyId,
-        serialHex: issued.serialHex,
-        notAfter: timestampFromMs(issued.notAfter.getTime()),
-      });
+      // Why not always await: a leaf signed here stays synchronous (the hot path); one signed
+      // at the KDC (a key in its token) is a promise.
+      const answer = (issued: IssuedLeaf) => leafIssued(log, held, leaf, issued, callerOf(hctx));
+      return issuing instanceof Promise ? issuing.then(answer) : answer(issuing);
     },
 
     sign(req, hctx) {
@@ -217,6 +204,30 @@ function overflow(): never {
 }
 
 /** A bounded queue of holder events for one WatchKeys stream. */
+/** Logs an issued leaf (context only, never key material) and builds the answer. */
+function leafIssued(log: Logger, held: HeldKey, leaf: ReturnType<typeof parseLeafRequest>, issued: IssuedLeaf, caller: string) {
+  const names = [...leaf.dnsNames, ...leaf.ipAddresses];
+  log.info("leaf issued", {
+    tenant: leaf.tenantId,
+    names: names.length <= 8 ? names : names.slice(0, 8).concat("…"),
+    serial: issued.serialHex,
+    issuer_key: held.keyId.slice(0, 16),
+    version: held.version,
+    ...(held.kdcSigns === true ? { signed_by: "kdc" } : {}),
+    leaf_key: leaf.publicKeyType,
+    not_after: issued.notAfter.toISOString(),
+    caller,
+  });
+  return create(IssueLeafCertificateResponseSchema, {
+    certificatePem: certificateToPem(issued.certificateDer),
+    chainPem: held.chainPem,
+    intermediateVersion: held.version,
+    issuerKeyId: held.keyId,
+    serialHex: issued.serialHex,
+    notAfter: timestampFromMs(issued.notAfter.getTime()),
+  });
+}
+
 class EventQueue {
   private readonly items: HolderEvent[] = [];
   private wake: (() => void) | undefined;

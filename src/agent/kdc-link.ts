@@ -25,10 +25,11 @@
  * at one instant. After a failure the link resumes from the revision of its last SNAPSHOT or
  * RESUMED (`resume_from_revision`): a replica that can tell what changed since sends only that.
  */
-import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { Endpoints, isFailover, retryAfterMs } from "../clients/endpoints.js";
 import { backoffMs, jittered, sleep, spreadMs } from "../common/backoff.js";
+import { FailedPrecondition, Unavailable } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
 import { AuditService } from "../gen/kmi/audit/v1/audit_pb.js";
 import { DistributionService, WatchEventType, type ReleasedSecret, type WatchSecretsResponse } from "../gen/kmi/kdc/v1/distribution_pb.js";
@@ -37,6 +38,7 @@ import { createPeerClient, type PeerClient } from "./client.js";
 import type { Clock } from "./context.js";
 import { privateKeyPem, type MachineIdentity } from "./identity.js";
 import type { KeyHolder, SecretInput } from "./key-holder.js";
+import type { IssuedLeaf, LeafSpec } from "./leaf-issuer.js";
 import { openReleasedSecret } from "./released-secret.js";
 
 /** Tuning of the link. */
@@ -176,6 +178,36 @@ export class KdcLink {
         if (!isFailover(err) || tried >= this.auditEps.urls.length) throw err;
         this.moveAudit(url, err);
       }
+    }
+  }
+
+  /**
+   * Has the KDC sign a leaf with a tenant intermediate it keeps in its token (SignLeaf), on the
+   * replica in use, with the current attestation token (a new one when it is due). The KDC's
+   * refusals keep their code; a KDC that cannot be reached is UNAVAILABLE, saying why.
+   */
+  async signLeaf(tenantId: string, version: number, spec: LeafSpec): Promise<IssuedLeaf> {
+    this.ensureClients();
+    try {
+      const token = await this.o.attestor.fresh(this.audit!.client, this.o.identity());
+      const res = await this.kdc!.client.signLeaf(
+        {
+          attestationToken: token.token,
+          tenantId,
+          version,
+          publicKeyDer: spec.publicKeySpkiDer,
+          dnsNames: spec.dnsNames,
+          ipAddresses: spec.ipAddresses,
+          commonName: spec.commonName ?? "",
+          notBefore: timestampFromMs(spec.notBefore.getTime()),
+          notAfter: timestampFromMs(spec.notAfter.getTime()),
+        },
+        { timeoutMs: SIGN_LEAF_TIMEOUT_MS },
+      );
+      if (res.notAfter === undefined || res.certificateDer.length === 0) throw new Unavailable("the KDC answered SignLeaf without a certificate");
+      return { certificateDer: res.certificateDer, serialHex: res.serialHex, notAfter: new Date(timestampMs(res.notAfter)) };
+    } catch (err) {
+      throw signLeafError(err, tenantId, this.kdcEps.current);
     }
   }
 
@@ -520,4 +552,15 @@ function untilAborted<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
 function describe(err: unknown): string {
   if (err instanceof ConnectError) return `${Code[err.code] ?? err.code}: ${err.rawMessage}`;
   return err instanceof Error ? err.message : String(err);
+}
+
+/** How long a leaf signed at the KDC may take before the caller is told it is unavailable. */
+const SIGN_LEAF_TIMEOUT_MS = 10_000;
+
+/** A SignLeaf failure as the agent's caller should see it: the KDC's own refusal, or UNAVAILABLE naming the KDC. */
+function signLeafError(err: unknown, tenantId: string, kdcUrl: string): Error {
+  if (err instanceof ConnectError && !isFailover(err) && err.code !== Code.DeadlineExceeded) return new ConnectError(`the KDC refused to sign: ${err.rawMessage}`, err.code);
+  if (err instanceof MachineQuarantined) return new FailedPrecondition(`machine quarantined: ${err.message}`);
+  const why = err instanceof ConnectError ? err.rawMessage : err instanceof Error ? err.message : String(err);
+  return new Unavailable(`tenant "${tenantId}" has its key in the KDC's token, and the KDC (${kdcUrl}) could not sign: ${why}; retry shortly`);
 }

@@ -19,7 +19,7 @@ import { X509Certificate, type KeyObject } from "node:crypto";
 import { FailedPrecondition, NotFound, Unavailable } from "../common/errors.js";
 import { KeyAlgorithm, KeyPurpose } from "../gen/kmi/common/v1/common_pb.js";
 import type { Clock } from "./context.js";
-import type { LeafIssuer, LeafIssuerFactory } from "./leaf-issuer.js";
+import { kdcLeafIssuer, type KdcLeafSigner, type LeafIssuer, type LeafIssuerFactory } from "./leaf-issuer.js";
 
 /** A secret as the agent receives it (from the KDC, unwrapped, or from the sealed cache). */
 export interface SecretInput {
@@ -39,8 +39,10 @@ export interface SecretInput {
   chainPem: string;
   /** Public key, PEM. */
   publicKeyPem: string;
-  /** The private key; undefined for an entry whose lease already ran out (from the cache). */
+  /** The private key; undefined for an entry whose lease already ran out (from the cache), and when `kdcSigns`. */
   privateKey: KeyObject | undefined;
+  /** The key stays in the KDC's token: leaves are signed there (DistributionService.SignLeaf), while the lease lasts. */
+  kdcSigns?: boolean;
   /** End of the lease, epoch ms. */
   leaseExpiresAt: number;
   /** When the agent received it, epoch ms. */
@@ -103,6 +105,8 @@ export interface KeyHolderOptions {
   clock: Clock;
   /** Makes the leaf issuer of an intermediate. */
   createLeafIssuer: LeafIssuerFactory;
+  /** Signs leaves at the KDC, for intermediates whose key the KDC keeps in its token. */
+  signAtKdc?: KdcLeafSigner;
   /** Describes the KDC link for UNAVAILABLE messages. */
   describeLink?: () => LinkDescription;
 }
@@ -141,12 +145,15 @@ export class KeyHolder {
   private readonly revokedTenants = new Map<string, Tombstone>();
   private readonly listeners = new Set<HolderListener>();
   private readonly clock: Clock;
-  private readonly createLeafIssuer: LeafIssuerFactory;
+  private readonly issuers: Issuers;
   private readonly describeLink: () => LinkDescription;
 
   constructor(options: KeyHolderOptions) {
     this.clock = options.clock;
-    this.createLeafIssuer = options.createLeafIssuer;
+    this.issuers = {
+      local: options.createLeafIssuer,
+      atKdc: options.signAtKdc ?? (() => Promise.reject(new Unavailable("the agent has no link to the KDC, which holds this tenant's key in its token"))),
+    };
     this.describeLink = options.describeLink ?? (() => ({ connected: false, error: "" }));
   }
 
@@ -340,7 +347,7 @@ export class KeyHolder {
   }
 
   private refuseIfLeaseOver(key: HeldKey): void {
-    if (!key.leaseExpired && key.leaseExpiresAt > this.clock.now() && key.privateKey !== undefined) return;
+    if (!key.leaseExpired && key.leaseExpiresAt > this.clock.now() && (key.privateKey !== undefined || key.kdcSigns)) return;
     const at = new Date(key.leaseExpiresAt).toISOString();
     const link = this.describeLink();
     const what = `key ${key.keyId} of tenant "${key.tenantId}"`;
@@ -360,7 +367,7 @@ export class KeyHolder {
     const oldStaged = new Map([...old.staged.values()].map((k) => [k.keyId, k]));
     const reuseOf = (keyId: string) => old.intermediatesById.get(keyId) ?? old.signingById.get(keyId) ?? oldStaged.get(keyId);
     for (const s of secrets) {
-      const key = buildKey(s, reuseOf(s.keyId), this.clock.now(), this.createLeafIssuer);
+      const key = buildKey(s, reuseOf(s.keyId), this.clock.now(), this.issuers);
       if (key.purpose === KeyPurpose.INTERMEDIATE_CA) {
         const current = next.intermediates.get(key.tenantId);
         // One active intermediate per tenant: keep the highest version if the set has several.
@@ -377,7 +384,7 @@ export class KeyHolder {
     for (const s of staged) {
       if (s.purpose !== KeyPurpose.INTERMEDIATE_CA || s.leaseExpiresAt <= this.clock.now()) continue;
       if ((next.intermediates.get(s.tenantId)?.version ?? 0) >= s.version || (next.staged.get(s.tenantId)?.version ?? 0) >= s.version) continue;
-      next.staged.set(s.tenantId, buildKey(s, reuseOf(s.keyId), this.clock.now(), this.createLeafIssuer));
+      next.staged.set(s.tenantId, buildKey(s, reuseOf(s.keyId), this.clock.now(), this.issuers));
     }
     return next;
   }
@@ -408,8 +415,14 @@ export class KeyHolder {
  * issuer built (unless its private key is gone); an entry that was held already with the
  * same private key keeps its issuer, so lease renewals cost nothing.
  */
-function buildKey(s: SecretInput | HeldKey, reuse: HeldKey | undefined, now: number, createLeafIssuer: LeafIssuerFactory): HeldKey {
-  const leaseExpired = s.privateKey === undefined || s.leaseExpiresAt <= now;
+/** How leaves get signed: with a released key here, or at the KDC for a key in its token. */
+interface Issuers {
+  local: LeafIssuerFactory;
+  atKdc: KdcLeafSigner;
+}
+
+function buildKey(s: SecretInput | HeldKey, reuse: HeldKey | undefined, now: number, issuers: Issuers): HeldKey {
+  const leaseExpired = (s.privateKey === undefined && !s.kdcSigns) || s.leaseExpiresAt <= now;
   const privateKey = leaseExpired ? undefined : s.privateKey;
   let intermediate: HeldIntermediate | undefined;
   if (s.purpose === KeyPurpose.INTERMEDIATE_CA) {
@@ -424,7 +437,7 @@ function buildKey(s: SecretInput | HeldKey, reuse: HeldKey | undefined, now: num
       const first = firstCertificate(s.chainPem, s.keyId);
       base = { certificateDer: first.raw, notBefore: Date.parse(first.validFrom), notAfter: Date.parse(first.validTo) };
     }
-    const issuer = privateKey === undefined ? undefined : (prior?.issuer ?? createLeafIssuer(base.certificateDer, privateKey));
+    const issuer = leaseExpired ? undefined : (prior?.issuer ?? newIssuer(s, base.certificateDer, privateKey, issuers));
     intermediate = { ...base, issuer };
   }
   return {
@@ -439,9 +452,17 @@ function buildKey(s: SecretInput | HeldKey, reuse: HeldKey | undefined, now: num
     leaseExpiresAt: s.leaseExpiresAt,
     receivedAt: s.receivedAt,
     privateKey,
+    kdcSigns: s.kdcSigns === true,
     leaseExpired,
     intermediate,
   };
+}
+
+/** The leaf issuer of a usable intermediate: at the KDC for a token-held key, else over its released key. */
+function newIssuer(s: SecretInput | HeldKey, certificateDer: Uint8Array, privateKey: KeyObject | undefined, issuers: Issuers): LeafIssuer {
+  if (s.kdcSigns) return kdcLeafIssuer(s.tenantId, s.version, issuers.atKdc);
+  if (privateKey === undefined) throw new FailedPrecondition(`intermediate ${s.keyId}: no private key`);
+  return issuers.local(certificateDer, privateKey);
 }
 
 function firstCertificate(chainPem: string, keyId: string): X509Certificate {

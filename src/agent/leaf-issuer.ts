@@ -34,8 +34,19 @@ export interface IssuedLeaf {
 
 /** Builds and signs leaves with one intermediate. */
 export interface LeafIssuer {
-  /** Builds and signs one leaf. */
-  issueLeaf(spec: LeafSpec): IssuedLeaf;
+  /** Builds and signs one leaf: here (a released key), or at the KDC (a key held in its token). */
+  issueLeaf(spec: LeafSpec): IssuedLeaf | Promise<IssuedLeaf>;
+}
+
+/**
+ * Has the KDC sign a leaf with the tenant's intermediate `version`, whose key it holds in its
+ * PKCS#11 token (DistributionService.SignLeaf); the agent's own policy was applied already.
+ */
+export type KdcLeafSigner = (tenantId: string, version: number, spec: LeafSpec) => Promise<IssuedLeaf>;
+
+/** A LeafIssuer for a token-held intermediate: every leaf goes to the KDC. */
+export function kdcLeafIssuer(tenantId: string, version: number, signAtKdc: KdcLeafSigner): LeafIssuer {
+  return { issueLeaf: (spec) => signAtKdc(tenantId, version, spec) };
 }
 
 /** Makes a LeafIssuer for an intermediate certificate (DER) and its private key. */

@@ -9,7 +9,7 @@ import { createPublicKey, X509Certificate, type KeyObject } from "node:crypto";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { FailedPrecondition } from "../common/errors.js";
 import { KeyAlgorithm, KeyPurpose } from "../gen/kmi/common/v1/common_pb.js";
-import type { ReleasedSecret } from "../gen/kmi/kdc/v1/distribution_pb.js";
+import type { ReleasedSecret, WrappedKey } from "../gen/kmi/kdc/v1/distribution_pb.js";
 import { formatWrapAad, keyIdOf, unwrapKey } from "../keywrap/index.js";
 import type { SecretInput } from "./key-holder.js";
 
@@ -47,7 +47,9 @@ export function openReleasedSecret(secret: ReleasedSecret, ctx: OpenSecretContex
   if (intermediate && secret.version < 1) refuse(secret, "version must be 1 or more for an intermediate");
   if (!intermediate && !SIGNING_NAME.test(secret.name)) refuse(secret, "name of a signing key must be 1 to 63 lowercase letters, digits or '-'");
   if (secret.leaseExpiresAt === undefined) refuse(secret, "lease_expires_at is required");
-  if (secret.wrappedKey === undefined) refuse(secret, "wrapped_key is required");
+  if (secret.kdcSigns && !intermediate) refuse(secret, "kdc_signs is only for an intermediate");
+  if (secret.kdcSigns && secret.wrappedKey !== undefined) refuse(secret, "wrapped_key must be absent when kdc_signs is set");
+  if (!secret.kdcSigns && secret.wrappedKey === undefined) refuse(secret, "wrapped_key is required");
   const family = familyOf(secret.keyAlgorithm) ?? refuse(secret, `key_algorithm ${secret.keyAlgorithm} is not one kmi holds`);
 
   let publicKey: KeyObject;
@@ -77,23 +79,7 @@ export function openReleasedSecret(secret: ReleasedSecret, ctx: OpenSecretContex
     refuse(secret, "chain_pem must be empty for a signing key");
   }
 
-  const aad = formatWrapAad({ machineId: ctx.machineId, tenantId: secret.tenantId, keyId: secret.keyId, version: secret.version });
-  const recipient = ctx.encryptionKey ?? ctx.machineKey;
-  const recipientId = keyIdOf(recipient);
-  if (secret.wrappedKey.recipientKeyId !== "" && secret.wrappedKey.recipientKeyId !== recipientId) {
-    const which = ctx.encryptionKey !== undefined ? "encryption key" : "machine key (this identity has no encryption key)";
-    refuse(secret, `wrapped_key is wrapped to key ${secret.wrappedKey.recipientKeyId.slice(0, 16)}, not to this machine's ${which} ${recipientId.slice(0, 16)}`);
-  }
-  let privateKey: KeyObject;
-  try {
-    privateKey = unwrapKey(secret.wrappedKey, recipient, { expectedAad: aad });
-  } catch (err) {
-    refuse(secret, err instanceof Error ? err.message : "wrapped_key does not open");
-  }
-  // Why: a private key that is not the announced one would sign under another identity.
-  if (keyIdOf(privateKey) !== secret.keyId) refuse(secret, "the unwrapped private key does not match key_id");
-
-  return {
+  const held = {
     tenantId: secret.tenantId,
     purpose: secret.purpose,
     keyId: secret.keyId,
@@ -102,10 +88,31 @@ export function openReleasedSecret(secret: ReleasedSecret, ctx: OpenSecretContex
     keyAlgorithm: secret.keyAlgorithm,
     chainPem: secret.chainPem,
     publicKeyPem: secret.publicKeyPem,
-    privateKey,
     leaseExpiresAt: timestampMs(secret.leaseExpiresAt) - ctx.clockSkewMs,
     receivedAt: ctx.now,
   };
+  if (secret.kdcSigns) return { ...held, privateKey: undefined, kdcSigns: true };
+  return { ...held, privateKey: unwrapFor(secret, secret.wrappedKey!, ctx) };
+}
+
+/** Unwraps a released key with this machine's encryption key (or, legacy, its machine key); checks it is the announced key. */
+function unwrapFor(secret: ReleasedSecret, wrapped: WrappedKey, ctx: OpenSecretContext): KeyObject {
+  const aad = formatWrapAad({ machineId: ctx.machineId, tenantId: secret.tenantId, keyId: secret.keyId, version: secret.version });
+  const recipient = ctx.encryptionKey ?? ctx.machineKey;
+  const recipientId = keyIdOf(recipient);
+  if (wrapped.recipientKeyId !== "" && wrapped.recipientKeyId !== recipientId) {
+    const which = ctx.encryptionKey !== undefined ? "encryption key" : "machine key (this identity has no encryption key)";
+    refuse(secret, `wrapped_key is wrapped to key ${wrapped.recipientKeyId.slice(0, 16)}, not to this machine's ${which} ${recipientId.slice(0, 16)}`);
+  }
+  let privateKey: KeyObject;
+  try {
+    privateKey = unwrapKey(wrapped, recipient, { expectedAad: aad });
+  } catch (err) {
+    refuse(secret, err instanceof Error ? err.message : "wrapped_key does not open");
+  }
+  // Why: a private key that is not the announced one would sign under another identity.
+  if (keyIdOf(privateKey) !== secret.keyId) refuse(secret, "the unwrapped private key does not match key_id");
+  return privateKey;
 }
 
 function familyOf(algorithm: KeyAlgorithm): { type: "ec" | "rsa"; curve?: string; bits?: number } | undefined {

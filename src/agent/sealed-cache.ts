@@ -82,6 +82,7 @@ export class SealedCache {
               chainPem: s.chainPem,
               publicKeyPem: s.publicKeyPem,
               privateKey: s.privateKeyPkcs8.length === 0 ? undefined : createPrivateKey({ key: Buffer.from(s.privateKeyPkcs8), format: "der", type: "pkcs8" }),
+              kdcSigns: s.kdcSigns,
               leaseExpiresAt: s.leaseExpiresAt === undefined ? 0 : timestampMs(s.leaseExpiresAt),
               receivedAt: s.receivedAt === undefined ? 0 : timestampMs(s.receivedAt),
             });
@@ -155,6 +156,7 @@ function toCached(k: HeldKey) {
     chainPem: k.chainPem,
     publicKeyPem: k.publicKeyPem,
     privateKeyPkcs8: k.privateKey === undefined ? new Uint8Array(0) : k.privateKey.export({ format: "der", type: "pkcs8" }),
+    kdcSigns: k.kdcSigns === true,
     leaseExpiresAt: timestampFromMs(k.leaseExpiresAt),
     receivedAt: timestampFromMs(k.receivedAt),
   });

@@ -12,7 +12,7 @@ import { dirname } from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { jittered } from "../common/backoff.js";
 import { ConfigError } from "../common/config.js";
-import { FailedPrecondition } from "../common/errors.js";
+import { FailedPrecondition, Unavailable } from "../common/errors.js";
 import { GrpcServer, type BoundAddresses } from "../common/grpc-server.js";
 import { parseListenAddress } from "../common/listen.js";
 import type { Logger } from "../common/logger.js";
@@ -136,6 +136,7 @@ export class AgentServer {
     const holder = new KeyHolder({
       clock: this.clock,
       createLeafIssuer: pkiLeafIssuerFactory,
+      signAtKdc: (tenantId, version, spec) => (link === undefined ? Promise.reject(new Unavailable("the agent is starting; retry shortly")) : link.signLeaf(tenantId, version, spec)),
       describeLink: () => ({ connected: link?.connected ?? false, error: link?.lastError ?? "" }),
     });
     this.holderInstance = holder;

@@ -39,6 +39,7 @@ import {
   RevokeSigningKeyResponseSchema,
   RevokeVersionResponseSchema,
   SetRotationPolicyResponseSchema,
+  KeyCustody,
   Signer,
   UploadIntermediateResponseSchema,
   VersionState,
@@ -59,6 +60,14 @@ const tenantFlag: FlagSpecs = { tenant: { type: "string", value: "ID", help: "te
 const versionFlag = (help: string, required = true): FlagSpecs => ({ version: { type: "int", value: "N", help, required } });
 const ALGORITHMS = ["ecdsa-p256", "rsa-2048", "rsa-3072"] as const;
 const algorithmFlag: FlagSpecs = { algorithm: { type: "string", value: "ALG", help: "key algorithm (default ecdsa-p256)", choices: ALGORITHMS } };
+const custodyFlag: FlagSpecs = {
+  "key-custody": {
+    type: "string",
+    value: "WHERE",
+    help: "where the new key is held: escrow (sealed in the KDC's store, released to the agents) or token (in the KDC's PKCS#11 token, never released: the KDC signs the leaves); default: as the active version",
+    choices: ["escrow", "token"],
+  },
+};
 const subjectFlags: FlagSpecs = {
   cn: { type: "string", value: "NAME", help: 'subject common name (default "<tenant name> MITM CA <version>")' },
   org: { type: "string", value: "NAME", help: "subject organization" },
@@ -69,6 +78,11 @@ const subjectFlags: FlagSpecs = {
 function kdc(ctx: CommandContext) {
   const c = ctx.clients("kdc", DEFAULT_KDC_URL);
   return { ca: c.get(KdcService), admin: c.get(KdcAdminService) };
+}
+
+function custody(ctx: CommandContext): KeyCustody {
+  const v = ctx.args.str("key-custody");
+  return v === "token" ? KeyCustody.TOKEN : v === "escrow" ? KeyCustody.ESCROW : KeyCustody.UNSPECIFIED;
 }
 
 function algorithm(ctx: CommandContext): KeyAlgorithm {
@@ -121,6 +135,7 @@ function versionFields(v: IntermediateVersion): string {
     ["signer", signerLabel(v.signer)],
     ["algorithm", algorithmLabel(v.keyAlgorithm)],
     ["key id", v.keyId],
+    ["key custody", v.keyCustody === KeyCustody.TOKEN ? "token (held in the KDC's PKCS#11 token; the KDC signs the leaves)" : "escrow"],
     ["subject", v.certificate?.subject],
     ["issuer", v.certificate?.issuer],
     ["not before", time(v.certificate?.notBefore)],
@@ -341,6 +356,7 @@ const caCommands: Command[] = [
       ...tenantFlag,
       ...versionFlag("print the CSR of this pending version instead of making a new one", false),
       ...algorithmFlag,
+      ...custodyFlag,
       ...subjectFlags,
       out: { type: "string", value: "FILE", help: "write the CSR to FILE" },
     },
@@ -363,6 +379,7 @@ const caCommands: Command[] = [
         tenantId,
         signer: Signer.PRIVATE_CA,
         keyAlgorithm: algorithm(ctx),
+        keyCustody: custody(ctx),
         subject: { commonName: ctx.args.str("cn") ?? "", organization: ctx.args.str("org") ?? "", organizationalUnit: ctx.args.str("ou") ?? "", country: ctx.args.str("country") ?? "" },
       });
       emitCsr(ctx, tenantId, res.version!, res.csrPem, json(CreateVersionResponseSchema, res));
@@ -401,6 +418,7 @@ const caCommands: Command[] = [
       ...kdcConnectionFlags,
       ...tenantFlag,
       ...algorithmFlag,
+      ...custodyFlag,
       ...subjectFlags,
       "validity-days": { type: "int", value: "DAYS", help: "validity, 1 to 1825 (default 365)" },
       activate: { type: "bool", help: "activate the new version at once" },
@@ -411,6 +429,7 @@ const caCommands: Command[] = [
         tenantId: ctx.args.need("tenant"),
         signer: Signer.KMI_ROOT,
         keyAlgorithm: algorithm(ctx),
+        keyCustody: custody(ctx),
         subject: { commonName: ctx.args.str("cn") ?? "", organization: ctx.args.str("org") ?? "", organizationalUnit: ctx.args.str("ou") ?? "", country: ctx.args.str("country") ?? "" },
         validityDays: ctx.args.int("validity-days"),
         activate: ctx.args.bool("activate"),

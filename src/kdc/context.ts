@@ -116,8 +116,8 @@ export interface CertificateFactory {
   selfSignedCa(p: { pkcs8: Uint8Array; signer?: Signer; subject: SubjectInput; now: Date; validitySeconds: number }): Uint8Array;
   /** An intermediate CA certificate (pathLen 0, keyCertSign+cRLSign, SKI/AKI) for `spki`. */
   issueIntermediate(p: { issuer: Issuer; spki: Uint8Array; subject: SubjectInput; now: Date; validitySeconds: number }): Uint8Array;
-  /** A PKCS#10 CSR for an intermediate CA, signed by `pkcs8`, requesting the CA extensions. */
-  createCsr(p: { pkcs8: Uint8Array; subject: SubjectInput }): Uint8Array;
+  /** A PKCS#10 CSR for an intermediate CA, signed by `signer` (the version's key), requesting the CA extensions. */
+  createCsr(p: { signer: Signer; subject: SubjectInput }): Uint8Array;
   /** A kmi service's certificate (serverAuth+clientAuth, kmi://service/<name>). */
   issueServiceCertificate(p: { issuer: Issuer; serviceName: string; spki: Uint8Array; dnsNames: string[]; ipAddresses: string[]; now: Date; validitySeconds: number }): Uint8Array;
   /** A machine's client certificate (clientAuth, kmi://machine/<id>, OU=<group>). */
@@ -132,7 +132,7 @@ export interface CertificateFactory {
    * keyCertSign, serverAuth or no EKU, no nameConstraints; has the CSR's subject and
    * `expectedSpki`; is valid at `now` for a week or more and at most 10 years, ending before
    * `customerRoot`; its signature verifies against `customerRoot` (required); and a leaf issued
-   * with `pkcs8` (the pending key) verifies for serverAuth. Returns the DERs; throws
+   * with `signer` (the pending key) verifies for serverAuth. Returns the DERs; throws
    * InvalidArgument/FailedPrecondition.
    */
   checkUpload(p: {
@@ -140,7 +140,7 @@ export interface CertificateFactory {
     customerRoot: Uint8Array | undefined;
     expectedSpki: Uint8Array;
     csr: Uint8Array;
-    pkcs8: Uint8Array;
+    signer: Signer;
     now: Date;
     pendingVersion?: number;
   }): { certificateDer: Uint8Array; customerRootDer: Uint8Array };

@@ -23,6 +23,7 @@ import type { AttestedMachine, Caller } from "./authz.js";
 import type { KdcContext } from "./context.js";
 import { handle } from "./handler.js";
 import type { KdcOperations } from "./operations.js";
+import { TokenLeafSigner } from "./leaf-signing.js";
 import { recipientOf, SecretRelease, wipe } from "./release.js";
 import * as V from "./validate.js";
 import { requireNotQuarantined } from "./watch-hub.js";
@@ -45,6 +46,7 @@ function asAttested(c: Caller): AttestedMachine {
 /** DistributionService over the KDC's context and operations. */
 export function createDistributionService(ctx: KdcContext, ops: KdcOperations): ServiceImpl<typeof DistributionService> {
   const release = new SecretRelease(ctx);
+  const leaves = new TokenLeafSigner(ctx);
   return {
     fetchSecrets: async (req, hctx) => {
       const slot = ctx.watches.admit(false);
@@ -79,6 +81,17 @@ export function createDistributionService(ctx: KdcContext, ops: KdcOperations): 
           await ops.reportHeldVersions(asAttested(c), i);
           return create(ReportHeldVersionsResponseSchema, {});
         },
+      }),
+
+    signLeaf: (req, hctx) =>
+      handle(ctx, hctx, req, {
+        action: "leaf.sign",
+        target: () => machineTarget(hctx),
+        auth: "machine",
+        attestationToken: (r) => r.attestationToken,
+        parse: V.signLeaf,
+        need: attested,
+        act: (c, i) => leaves.sign(asAttested(c), i),
       }),
   };
 

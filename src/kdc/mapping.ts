@@ -6,6 +6,7 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { CertificateInfoSchema, type CertificateInfo } from "../gen/kmi/common/v1/common_pb.js";
 import { AuditEntrySchema, TenantSchema, TokenInfoSchema, type AuditEntry as AuditEntryMsg, type Tenant, type TokenInfo } from "../gen/kmi/kdc/v1/admin_pb.js";
 import { IntermediateVersionSchema, SigningKeySchema, type IntermediateVersion, type SigningKey } from "../gen/kmi/kdc/v1/kdc_pb.js";
+import { custodyOf } from "./version-keys.js";
 import type { IntermediateVersionRecord, SigningKeyRecord, TenantRecord, TokenRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import type { AuditEntry } from "../storage/audit-log.js";
 import type { CertificateFactory, CertSummary } from "./context.js";
@@ -54,6 +55,7 @@ export function intermediateVersion(r: IntermediateVersionRecord, pki: Certifica
     ...(r.revokedAt ? { revokedAt: r.revokedAt } : {}),
     revokeReason: r.revokeReason,
     renewedFrom: r.renewedFrom,
+    keyCustody: custodyOf(r),
     customerRootSha256: r.customerRootDer.length > 0 ? pki.summarize(r.customerRootDer).sha256Fingerprint : "",
     ...(expires !== undefined ? { pendingExpiresAt: timestampFromDate(expires), pendingExpired: expires.getTime() <= pending!.now.getTime() } : {}),
     ...(r.discardedAt ? { discardedAt: r.discardedAt } : {}),

@@ -14,7 +14,7 @@ import { tenClaimServes } from "../attest/index.js";
 import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound } from "../common/errors.js";
 import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
 import { Role } from "../gen/kmi/kdc/v1/admin_pb.js";
-import { Signer, SubjectSchema, VersionState } from "../gen/kmi/kdc/v1/kdc_pb.js";
+import { KeyCustody, Signer, SubjectSchema, VersionState } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import {
   IntermediateVersionRecordSchema,
   MachineRolloutRecordSchema,
@@ -31,13 +31,15 @@ import {
 import { MAX_APPEND_OPS } from "../storage/audit-log.js";
 import { notFenced } from "../storage/election.js";
 import { retryOnConflict } from "../storage/retry.js";
-import { chunk, type BatchOp, type Compare } from "../storage/store.js";
+import { chunk, Conflict, type BatchOp, type Compare } from "../storage/store.js";
 import type { AttestedMachine } from "./authz.js";
 import type { CertSummary, Issuer, KdcContext } from "./context.js";
 import { CREDENTIAL, credentialAad, guard, intermediateKeyAad, put, signingKeyAad } from "./kdc-store.js";
 import { newTenant, nextVersion, pendingExpiry, planActivate, planDiscard, planRevoke, planUpload, requireNotExpired, requireRenewable, stateName, type Validity } from "./model.js";
 import { sealedRootKeys } from "./root-keys.js";
 import { mintToken } from "./tokens.js";
+import { custodyName, custodyOf, makeVersionKey, openVersionKey, requireToken, resolveCustody, tokenKeyUnused, type NewVersionKey } from "./version-keys.js";
+import type { Signer as SignerKey } from "../pki/signer.js";
 import type * as V from "./validate.js";
 
 const DAY_S = 24 * 3600;
@@ -125,12 +127,8 @@ export class KdcOperations {
       const ops: BatchOp[] = [];
       const details: Record<string, string> = { display_name: input.displayName };
       if (input.bootstrapKmiSigned) {
-        const made = await this.makeKmiSignedVersion(tenant, {
-          keyAlgorithm: KeyAlgorithm.ECDSA_P256,
-          subject: { commonName: "", organization: "", organizationalUnit: "", country: "" },
-          validityDays: 365,
-          activate: true,
-        });
+        const bootstrap = { keyAlgorithm: KeyAlgorithm.ECDSA_P256, subject: { commonName: "", organization: "", organizationalUnit: "", country: "" }, validityDays: 365, activate: true };
+        const made = await this.withNewVersionKey(tenant, bootstrap.keyAlgorithm, KeyCustody.ESCROW, (key) => this.makeKmiSignedVersion(tenant, bootstrap, key));
         tenant = made.tenant;
         ops.push(put.version(made.version));
         details["bootstrap_version"] = String(made.version.version);
@@ -177,29 +175,77 @@ export class KdcOperations {
   private async makeKmiSignedVersion(
     tenant: TenantRecord,
     p: { keyAlgorithm: KeyAlgorithm; subject: V.SubjectInput; validityDays: number; activate: boolean },
+    key: NewVersionKey,
   ): Promise<{ tenant: TenantRecord; version: IntermediateVersionRecord; retired: IntermediateVersionRecord | undefined }> {
     const next = nextVersion(tenant);
     const subject = this.defaultSubject(tenant, next.version, p.subject);
-    const key = await this.ctx.pki.generateKey(p.keyAlgorithm);
+    const cert = await this.kmiSign(key.spki, subject, p.validityDays);
+    const record = create(IntermediateVersionRecordSchema, {
+      ...this.newVersionBase(tenant, next.version, key),
+      state: VersionState.READY,
+      signer: Signer.KMI_ROOT,
+      certificateDer: cert,
+      subject: create(SubjectSchema, subject),
+    });
+    return this.maybeActivate(next.tenant, record, p.activate);
+  }
+
+  /** A PRIVATE_CA version: the key and its CSR, PENDING until the upload. */
+  private makeCsrVersion(tenant: TenantRecord, p: { subject: V.SubjectInput }, key: NewVersionKey): { tenant: TenantRecord; version: IntermediateVersionRecord; retired: undefined } {
+    const next = nextVersion(tenant);
+    const subject = this.defaultSubject(tenant, next.version, p.subject);
+    const csr = this.ctx.pki.createCsr({ signer: key.signer, subject });
+    const record = create(IntermediateVersionRecordSchema, {
+      ...this.newVersionBase(tenant, next.version, key),
+      state: VersionState.PENDING,
+      signer: Signer.PRIVATE_CA,
+      csrDer: csr,
+      subject: create(SubjectSchema, subject),
+    });
+    return { tenant: next.tenant, version: record, retired: undefined };
+  }
+
+  /** The fields of a new version record that come from its key. */
+  private newVersionBase(tenant: TenantRecord, version: number, key: NewVersionKey) {
+    return {
+      recordVersion: 1,
+      tenantId: tenant.tenantId,
+      version,
+      keyAlgorithm: key.algorithm,
+      keyId: key.keyId,
+      ...(key.sealed !== undefined ? { privateKey: key.sealed } : {}),
+      tokenKeyLabel: key.tokenKeyLabel,
+      publicKeyDer: key.spki,
+      createdAt: timestampFromDate(this.now()),
+    };
+  }
+
+  /**
+   * Makes the key of the tenant's next version in `custody` (unspecified: as the active
+   * version's), builds the version with it, then commits it. A token key is removed again when
+   * the build fails or the commit surely did not happen (a Conflict, retried with a new key);
+   * after any other commit error it stays, as the version may have been written.
+   */
+  private async withNewVersionKey<T>(
+    tenant: TenantRecord,
+    algorithm: KeyAlgorithm,
+    custody: KeyCustody,
+    build: (key: NewVersionKey) => Promise<T> | T,
+    commit: (built: T) => Promise<void> = async () => undefined,
+  ): Promise<T> {
+    const active = tenant.activeVersion === 0 ? undefined : await this.ctx.store.getVersion(tenant.tenantId, tenant.activeVersion);
+    const key = await makeVersionKey(this.ctx, tenant.tenantId, tenant.lastVersion + 1, algorithm, resolveCustody(custody, active));
+    let committing = false;
     try {
-      const cert = await this.kmiSign(key.spki, subject, p.validityDays);
-      const record = create(IntermediateVersionRecordSchema, {
-        recordVersion: 1,
-        tenantId: tenant.tenantId,
-        version: next.version,
-        state: VersionState.READY,
-        signer: Signer.KMI_ROOT,
-        keyAlgorithm: key.algorithm,
-        keyId: key.keyId,
-        privateKey: this.ctx.sealer.seal(key.pkcs8, intermediateKeyAad(tenant.tenantId, key.keyId)),
-        publicKeyDer: key.spki,
-        certificateDer: cert,
-        createdAt: timestampFromDate(this.now()),
-        subject: create(SubjectSchema, subject),
-      });
-      return this.maybeActivate(next.tenant, record, p.activate);
+      const built = await build(key);
+      committing = true;
+      await commit(built);
+      return built;
+    } catch (err) {
+      if (!committing || err instanceof Conflict) key.discard();
+      throw err;
     } finally {
-      key.pkcs8.fill(0);
+      key.wipe();
     }
   }
 
@@ -217,38 +263,18 @@ export class KdcOperations {
   /** CreateVersion: a new key; KMI-signed (READY, optionally ACTIVE) or a CSR (PENDING). */
   async createVersion(actor: string, input: V.CreateVersionInput, joint?: JointChange): Promise<VersionChange> {
     return this.tenantChange(input.tenantId, async (tenant, guarded) => {
-      let result: { tenant: TenantRecord; version: IntermediateVersionRecord; retired: IntermediateVersionRecord | undefined };
-      if (input.signer === Signer.KMI_ROOT) {
-        result = await this.makeKmiSignedVersion(tenant, input);
-      } else {
-        const next = nextVersion(tenant);
-        const subject = this.defaultSubject(tenant, next.version, input.subject);
-        const key = await this.ctx.pki.generateKey(input.keyAlgorithm);
-        try {
-          const csr = this.ctx.pki.createCsr({ pkcs8: key.pkcs8, subject });
-          const record = create(IntermediateVersionRecordSchema, {
-            recordVersion: 1,
-            tenantId: tenant.tenantId,
-            version: next.version,
-            state: VersionState.PENDING,
-            signer: Signer.PRIVATE_CA,
-            keyAlgorithm: key.algorithm,
-            keyId: key.keyId,
-            privateKey: this.ctx.sealer.seal(key.pkcs8, intermediateKeyAad(tenant.tenantId, key.keyId)),
-            publicKeyDer: key.spki,
-            csrDer: csr,
-            createdAt: timestampFromDate(this.now()),
-            subject: create(SubjectSchema, subject),
-          });
-          result = { tenant: next.tenant, version: record, retired: undefined };
-        } finally {
-          key.pkcs8.fill(0);
-        }
-      }
-      await this.commitVersionChange(actor, "ca.version.create", result, {
-        signer: signerLabel(input.signer),
-        algorithm: algorithmLabel(result.version.keyAlgorithm),
-      }, guarded, joint);
+      const result = await this.withNewVersionKey(
+        tenant,
+        input.keyAlgorithm,
+        input.keyCustody ?? KeyCustody.UNSPECIFIED,
+        (key) => (input.signer === Signer.KMI_ROOT ? this.makeKmiSignedVersion(tenant, input, key) : this.makeCsrVersion(tenant, input, key)),
+        (r) =>
+          this.commitVersionChange(actor, "ca.version.create", r, {
+            signer: signerLabel(input.signer),
+            algorithm: algorithmLabel(r.version.keyAlgorithm),
+            key_custody: custodyName(custodyOf(r.version)),
+          }, guarded, joint),
+      );
       return { version: result.version, retired: result.retired };
     });
   }
@@ -285,7 +311,7 @@ export class KdcOperations {
     return this.tenantChange(input.tenantId, async (tenant, guarded) => {
       const source = await this.requireVersion(input.tenantId, input.version);
       requireRenewable(source);
-      if (source.privateKey === undefined) throw new FailedPrecondition(`version ${source.version} has no key`);
+      if (source.privateKey === undefined && source.tokenKeyLabel === "") throw new FailedPrecondition(`version ${source.version} has no key`);
       const next = nextVersion(tenant);
       const subject: V.SubjectInput = {
         commonName: source.subject?.commonName ?? "",
@@ -300,8 +326,9 @@ export class KdcOperations {
         signer: input.signer,
         keyAlgorithm: source.keyAlgorithm,
         keyId: source.keyId,
-        // The same key, so the same sealed blob (its AAD names the key, not the version).
-        privateKey: source.privateKey,
+        // The same key, so the same sealed blob (its AAD names the key, not the version), or the same token key.
+        ...(source.privateKey !== undefined ? { privateKey: source.privateKey } : {}),
+        tokenKeyLabel: source.tokenKeyLabel,
         publicKeyDer: source.publicKeyDer,
         createdAt: timestampFromDate(this.now()),
         renewedFrom: source.version,
@@ -313,13 +340,8 @@ export class KdcOperations {
         const record = create(IntermediateVersionRecordSchema, { ...base, state: VersionState.READY, certificateDer: cert });
         result = await this.maybeActivate(next.tenant, record, input.activate);
       } else {
-        const pkcs8 = this.ctx.sealer.open(source.privateKey, intermediateKeyAad(tenant.tenantId, source.keyId));
-        try {
-          const csr = this.ctx.pki.createCsr({ pkcs8, subject });
-          result = { tenant: next.tenant, version: create(IntermediateVersionRecordSchema, { ...base, state: VersionState.PENDING, csrDer: csr }), retired: undefined };
-        } finally {
-          pkcs8.fill(0);
-        }
+        const csr = this.withVersionKey(source, (signer) => this.ctx.pki.createCsr({ signer, subject }));
+        result = { tenant: next.tenant, version: create(IntermediateVersionRecordSchema, { ...base, state: VersionState.PENDING, csrDer: csr }), retired: undefined };
       }
       await this.commitVersionChange(actor, "ca.version.renew", result, { signer: signerLabel(input.signer), renewed_from: String(source.version) }, guarded);
       return { version: result.version, retired: result.retired };
@@ -340,13 +362,13 @@ export class KdcOperations {
       requireNotExpired(target, this.ctx.pendingTtlMs, this.now());
       const kept = await this.keptCustomerRoot(tenant);
       const root = input.customerRoot ?? kept; // undefined on a first upload without one: refused by the checks
-      const checked = await this.withVersionKey(target, (pkcs8) =>
+      const checked = this.withVersionKey(target, (signer) =>
         this.ctx.pki.checkUpload({
           certificate: input.certificate,
           customerRoot: root,
           expectedSpki: target.publicKeyDer,
           csr: target.csrDer,
-          pkcs8,
+          signer,
           now: this.now(),
           pendingVersion: target.version,
         }),
@@ -375,14 +397,13 @@ export class KdcOperations {
     return versions.find((v) => v.customerRootDer.length > 0)?.customerRootDer;
   }
 
-  /** Runs `f` with a version's private key unsealed (PKCS#8 DER), zeroed afterwards. */
-  private async withVersionKey<T>(v: IntermediateVersionRecord, f: (pkcs8: Uint8Array) => T): Promise<T> {
-    if (v.privateKey === undefined) throw new FailedPrecondition(`version ${v.version} has no key`);
-    const pkcs8 = this.ctx.sealer.open(v.privateKey, intermediateKeyAad(v.tenantId, v.keyId));
+  /** Runs `f` with a version's key opened for signatures (unsealed and wiped afterwards, or in the token). */
+  private withVersionKey<T>(v: IntermediateVersionRecord, f: (signer: SignerKey) => T): T {
+    const key = openVersionKey(this.ctx, v);
     try {
-      return f(pkcs8);
+      return f(key.signer);
     } finally {
-      pkcs8.fill(0);
+      key.wipe();
     }
   }
 
@@ -417,6 +438,7 @@ export class KdcOperations {
       // version is not revoked on the agents (only this version's certificate is).
       const active = plan.tenant.activeVersion === 0 ? undefined : await this.ctx.store.getVersion(input.tenantId, plan.tenant.activeVersion);
       if (active?.keyId !== target.keyId) this.ctx.events.keyRevoked(input.tenantId, target.keyId, input.reason);
+      await this.destroyTokenKeyIfUnused(plan.revoked);
       return plan.revoked;
     });
   }
@@ -437,8 +459,28 @@ export class KdcOperations {
         [put.version(discarded), put.tenant(tenant)],
         guarded,
       );
+      await this.destroyTokenKeyIfUnused(discarded);
       return discarded;
     });
+  }
+
+  /**
+   * After a version was revoked or discarded (committed): its token key is destroyed when no
+   * other version uses it (renewals share a key). Best effort: a failure is logged, and the
+   * key, which no version can use any more, stays in the token for an operator to remove.
+   */
+  private async destroyTokenKeyIfUnused(gone: IntermediateVersionRecord): Promise<void> {
+    const label = gone.tokenKeyLabel;
+    if (label === "") return;
+    const log = { tenant: gone.tenantId, version: gone.version, token_key_label: label };
+    try {
+      if (!tokenKeyUnused(label, gone, await this.ctx.store.listVersions(gone.tenantId))) return;
+      const token = requireToken(this.ctx, "destroying the key");
+      token.destroyKey(label);
+      this.ctx.logger.info("token key destroyed: no version uses it any more", log);
+    } catch (err) {
+      this.ctx.logger.warn("token key left in the token: remove it with pkcs11-tool --delete-object --type privkey --label", { ...log, error: err as Error });
+    }
   }
 
   /** The version to download: `version`, or the active one when 0. */

@@ -97,8 +97,7 @@ export function createPkiAdapter(): CertificateFactory {
       return issueIntermediateCa({ issuer: signer(p.issuer), subject: dn(p.subject), publicKeySpkiDer: p.spki, now: p.now, validitySeconds: p.validitySeconds });
     },
     createCsr(p) {
-      const privateKey = importPrivateKeyPkcs8Der(p.pkcs8);
-      return createCsr({ subject: dn(p.subject), privateKey, requestedExtensions: intermediateCaRequestExtensions(exportPublicKeySpkiDer(privateKey)) });
+      return createCsr({ subject: dn(p.subject), privateKey: p.signer, requestedExtensions: intermediateCaRequestExtensions(p.signer.spkiDer) });
     },
     issueServiceCertificate(p) {
       return issueServiceCertificate({
@@ -138,7 +137,7 @@ export function createPkiAdapter(): CertificateFactory {
         certificate: p.certificate,
         expectedSpkiDer: p.expectedSpki,
         ...(p.csr.length > 0 ? { expectedSubjectDer: parseCsr(p.csr, "csr").subjectNameDer } : {}),
-        issuerKey: importPrivateKeyPkcs8Der(p.pkcs8, "version key"),
+        issuerKey: p.signer,
         now: p.now,
         ...(p.customerRoot !== undefined ? { customerRoot: p.customerRoot } : {}),
         ...(p.pendingVersion !== undefined ? { pendingVersion: p.pendingVersion } : {}),

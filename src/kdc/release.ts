@@ -35,8 +35,10 @@ export interface SecretMaterial {
   /** The intermediate certificate, PEM (no root: it is signed by one directly); empty for a signing key. */
   chainPem: string;
   publicKeyPem: string;
-  /** The private key, PKCS#8 DER, in memory only. */
+  /** The private key, PKCS#8 DER, in memory only; empty when `kdcSigns`. */
   pkcs8: Uint8Array;
+  /** The key stays in the KDC's token (custody TOKEN): nothing is wrapped; the agent has leaves signed through SignLeaf. */
+  kdcSigns: boolean;
   /** End of the intermediate certificate's validity: the lease never outlasts it. */
   notAfter: Date | undefined;
 }
@@ -208,7 +210,8 @@ export class SecretRelease {
   }
 
   private async intermediate(v: IntermediateVersionRecord): Promise<SecretMaterial> {
-    if (v.privateKey === undefined) throw new Error(`version ${v.tenantId}/${v.version} has no sealed key`);
+    const kdcSigns = v.tokenKeyLabel !== "";
+    if (v.privateKey === undefined && !kdcSigns) throw new Error(`version ${v.tenantId}/${v.version} has no sealed key`);
     const summary = this.ctx.pki.summarize(v.certificateDer);
     // Only the intermediate: kmi's intermediates are signed by a root directly (the KMI root or
     // the customer's), and a root is not sent in a TLS chain (devices have it already).
@@ -222,7 +225,8 @@ export class SecretRelease {
       keyAlgorithm: v.keyAlgorithm,
       chainPem,
       publicKeyPem: encodePem("PUBLIC KEY", v.publicKeyDer),
-      pkcs8: this.ctx.sealer.open(v.privateKey, intermediateKeyAad(v.tenantId, v.keyId)),
+      pkcs8: v.privateKey === undefined ? new Uint8Array(0) : this.ctx.sealer.open(v.privateKey, intermediateKeyAad(v.tenantId, v.keyId)),
+      kdcSigns,
       notAfter: summary.notAfter,
     };
   }
@@ -239,6 +243,7 @@ export class SecretRelease {
       chainPem: "",
       publicKeyPem: encodePem("PUBLIC KEY", k.publicKeyDer),
       pkcs8: this.ctx.sealer.open(k.privateKey, signingKeyAad(k.tenantId, k.name)),
+      kdcSigns: false,
       notAfter: undefined,
     };
   }
@@ -261,7 +266,7 @@ export class SecretRelease {
         keyAlgorithm: m.keyAlgorithm,
         chainPem: m.chainPem,
         publicKeyPem: m.publicKeyPem,
-        wrappedKey: wrapTo(to, m),
+        ...(m.kdcSigns ? { kdcSigns: true } : { wrappedKey: wrapTo(to, m) }),
         leaseExpiresAt: timestampFromDate(this.leaseEnd(m, now)),
       }),
     );

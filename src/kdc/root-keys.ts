@@ -8,7 +8,8 @@
  *           credential record keeps only its CKA_LABEL (`token_key_label`), and every
  *           signature is made by the token.
  *
- * The KDC's own TLS key and tenants' intermediates stay sealed in the store either way.
+ * The KDC's own TLS key stays sealed in the store either way; tenants' intermediates are sealed
+ * unless made with custody TOKEN (./version-keys.ts), in the same token session.
  */
 import { readFile, stat } from "node:fs/promises";
 import type { SealedBlob } from "../gen/kmi/store/v1/envelope_pb.js";
@@ -42,6 +43,8 @@ export interface RootKeys {
   generate(name: string, kdcId: string): Promise<NewRootKey>;
   /** The issuer of a stored root credential; call `wipe` on it when done. */
   issuer(record: CredentialRecord): Issuer & { wipe(): void };
+  /** The token session, when the KDC has one (tenant intermediates of custody TOKEN live there too). */
+  readonly token: Pkcs11Token | undefined;
   /** Releases the token session, if any. */
   close(): void;
 }
@@ -50,6 +53,7 @@ export interface RootKeys {
 export function sealedRootKeys(pki: CertificateFactory, sealer: Sealer, token?: Pkcs11Token): RootKeys {
   return {
     kind: "sealed",
+    token,
     async generate(name) {
       const key = await pki.generateKey(KeyAlgorithm.ECDSA_P256);
       const signer = keyObjectSigner(importPrivateKeyPkcs8Der(key.pkcs8, "root key"));
@@ -71,6 +75,7 @@ export function sealedRootKeys(pki: CertificateFactory, sealer: Sealer, token?: 
 export function tokenRootKeys(pki: CertificateFactory, token: Pkcs11Token): RootKeys {
   return {
     kind: "pkcs11",
+    token,
     async generate(name, kdcId) {
       const label = tokenLabel(kdcId, name);
       return { signer: token.generateEcKey(label), privateKey: undefined, tokenKeyLabel: label, wipe: () => undefined };

@@ -11,6 +11,7 @@ import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
 import { Role, type CreateTenantRequest, type CreateTokenRequest, type IssueServiceCertificateRequest, type TailAuditLogRequest } from "../gen/kmi/kdc/v1/admin_pb.js";
 import {
   CertificateFormat,
+  KeyCustody,
   Signer,
   type ActivateVersionRequest,
   type CreateSigningKeyRequest,
@@ -23,7 +24,7 @@ import {
   type Subject,
   type UploadIntermediateRequest,
 } from "../gen/kmi/kdc/v1/kdc_pb.js";
-import type { ReportHeldVersionsRequest } from "../gen/kmi/kdc/v1/distribution_pb.js";
+import type { ReportHeldVersionsRequest, SignLeafRequest } from "../gen/kmi/kdc/v1/distribution_pb.js";
 import type { IssueMachineCertificateRequest } from "../gen/kmi/kdc/v1/peer_pb.js";
 
 const TENANT_ID = /^[a-z][a-z0-9-]{0,62}$/;
@@ -176,6 +177,8 @@ export interface CreateVersionInput {
   subject: SubjectInput;
   validityDays: number;
   activate: boolean;
+  /** Where the key is held; UNSPECIFIED (or absent): as the tenant's active version. */
+  keyCustody?: KeyCustody;
 }
 /** Parses CreateVersionRequest. */
 export function createVersion(req: CreateVersionRequest): CreateVersionInput {
@@ -190,7 +193,14 @@ export function createVersion(req: CreateVersionRequest): CreateVersionInput {
     subject: subject(req.subject),
     validityDays: validityDays(req.validityDays),
     activate: req.activate,
+    keyCustody: keyCustody(req.keyCustody),
   };
+}
+
+/** A KeyCustody value the API knows. */
+export function keyCustody(value: KeyCustody, field = "key_custody"): KeyCustody {
+  if (value === KeyCustody.UNSPECIFIED || value === KeyCustody.ESCROW || value === KeyCustody.TOKEN) return value;
+  throw new InvalidArgument(`${field}: ${value} is not a key custody; use ESCROW or TOKEN (or leave it unset)`);
 }
 
 /** RenewVersion, validated. */
@@ -383,4 +393,34 @@ export function setRotationPolicy(req: SetRotationPolicyRequest): SetRotationPol
     if (Number.isNaN(nextRotationAt.getTime())) throw new InvalidArgument("next_rotation_at: not a valid time");
   }
   return { tenantId: tenantId(req.tenantId), rotateEveryDays, csrBeforeExpiryDays, activationTimeoutHours: hours, nextRotationAt };
+}
+
+/** SignLeafRequest, validated (the leaf builder checks names, key and common name itself). */
+export interface SignLeafInput {
+  tenantId: string;
+  version: number;
+  publicKeyDer: Uint8Array;
+  dnsNames: string[];
+  ipAddresses: string[];
+  commonName: string;
+  notBefore: Date;
+  notAfter: Date;
+}
+/** Most names in one leaf, as the agent allows. */
+const MAX_LEAF_NAMES = 100;
+/** Largest leaf public key accepted (an RSA-4096 SPKI is 550 bytes). */
+const MAX_LEAF_KEY_BYTES = 1024;
+/** Parses SignLeafRequest. */
+export function signLeaf(req: SignLeafRequest): SignLeafInput {
+  if (req.version < 1) throw new InvalidArgument("version: required; give the intermediate version the agent holds (ReleasedSecret.version)");
+  if (req.publicKeyDer.length === 0) throw new InvalidArgument("public_key_der: required; give the leaf's DER SubjectPublicKeyInfo");
+  if (req.publicKeyDer.length > MAX_LEAF_KEY_BYTES) throw new InvalidArgument(`public_key_der: ${req.publicKeyDer.length} bytes; at most ${MAX_LEAF_KEY_BYTES}`);
+  const names = req.dnsNames.length + req.ipAddresses.length;
+  if (names > MAX_LEAF_NAMES) throw new InvalidArgument(`dns_names: ${names} names with ip_addresses; at most ${MAX_LEAF_NAMES}`);
+  if (req.notBefore === undefined) throw new InvalidArgument("not_before: required");
+  if (req.notAfter === undefined) throw new InvalidArgument("not_after: required");
+  const notBefore = timestampDate(req.notBefore);
+  const notAfter = timestampDate(req.notAfter);
+  if (!(notAfter.getTime() > notBefore.getTime())) throw new InvalidArgument("not_after: must be after not_before");
+  return { tenantId: tenantId(req.tenantId), version: req.version, publicKeyDer: req.publicKeyDer, dnsNames: req.dnsNames, ipAddresses: req.ipAddresses, commonName: req.commonName, notBefore, notAfter };
 }

@@ -19,7 +19,8 @@ import { encodeName, formatName, type DistinguishedName } from "./name.js";
 import { Oid } from "./oids.js";
 import type { RawExtension } from "./parse.js";
 import { decodePemBlocks, encodePem, MAX_CERTIFICATE_BYTES } from "./pem.js";
-import { assembleSigned, signatureAlgorithmFor, signWithKey, verifySignature } from "./signature.js";
+import { assembleSigned, verifySignature } from "./signature.js";
+import { isSigner, toSigner, type Signer } from "./signer.js";
 
 function toArrayBuffer(bytes: Uint8Array): ArrayBuffer {
   return bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) as ArrayBuffer;
@@ -29,8 +30,8 @@ function toArrayBuffer(bytes: Uint8Array): ArrayBuffer {
 export interface CreateCsrOptions {
   /** The requested subject; at least a commonName. */
   readonly subject: DistinguishedName;
-  /** The key to certify; the CSR is signed with it (proof of possession). ECDSA P-256 or RSA 2048/3072. */
-  readonly privateKey: KeyObject;
+  /** The key to certify; the CSR is signed with it (proof of possession). ECDSA P-256 or RSA 2048/3072, here or in a token. */
+  readonly privateKey: KeyObject | Signer;
   /** Extensions to request (PKCS#9 extensionRequest); the CA decides whether to copy them. */
   readonly requestedExtensions?: readonly ExtensionSpec[];
 }
@@ -53,9 +54,10 @@ export function createCsr(options: CreateCsrOptions): Uint8Array {
   if (options.subject.commonName === undefined) {
     throw new InvalidArgument("subject.common_name: required in a CSR; name what is being certified");
   }
-  const signatureAlgorithm = signatureAlgorithmFor(options.privateKey);
-  keyAlgorithmOf(options.privateKey, "private_key");
-  const spkiDer = exportPublicKeySpkiDer(options.privateKey);
+  if (!isSigner(options.privateKey)) keyAlgorithmOf(options.privateKey, "private_key");
+  const signer = toSigner(options.privateKey);
+  const signatureAlgorithm = signer.signatureAlgorithm;
+  const spkiDer = signer.spkiDer;
   const req = new pkijs.CertificationRequest();
   req.version = 0;
   req.subject = pkijs.RelativeDistinguishedNames.fromBER(toArrayBuffer(encodeName(options.subject, "subject")));
@@ -72,7 +74,7 @@ export function createCsr(options: CreateCsrOptions): Uint8Array {
   }
   // pkijs declares encodeTBS protected on CertificationRequest (public on Certificate); it is the TBS encoder we need.
   const tbs = new Uint8Array((req as unknown as { encodeTBS(): asn1js.Sequence }).encodeTBS().toBER());
-  return assembleSigned(tbs, signatureAlgorithm.algorithmIdentifierDer, signWithKey(options.privateKey, tbs));
+  return assembleSigned(tbs, signatureAlgorithm.algorithmIdentifierDer, signer.sign(tbs));
 }
 
 /** PEM `CERTIFICATE REQUEST` block for a DER CSR. */

@@ -16,6 +16,7 @@
  */
 import { randomFillSync, type KeyObject } from "node:crypto";
 import { FailedPrecondition, InvalidArgument } from "../common/errors.js";
+import type { Signer } from "./signer.js";
 import {
   bytesEqual,
   children,
@@ -58,8 +59,8 @@ export const MAX_COMMON_NAME_LENGTH = 64;
 export interface LeafIssuerOptions {
   /** The issuing (intermediate) CA certificate, DER. */
   readonly certificateDer: Uint8Array;
-  /** Its private key (ECDSA P-256 or RSA >= 2048). */
-  readonly privateKey: KeyObject;
+  /** Its private key (ECDSA P-256 or RSA >= 2048), in this process or behind a Signer (a token). */
+  readonly privateKey: KeyObject | Signer;
   /** If set, a request whose validity (notAfter - notBefore) is longer is refused. */
   readonly maxValiditySeconds?: number;
 }

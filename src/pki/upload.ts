@@ -14,6 +14,7 @@ import {
   MIN_REMAINING_DAYS,
 } from "./intermediate-policy.js";
 import { exportPublicKeySpkiDer } from "./keys.js";
+import type { Signer } from "./signer.js";
 import { createLeafIssuer } from "./leaf.js";
 import { formatName } from "./name.js";
 import { decodeCertificate, type DecodedCertificate } from "./parse.js";
@@ -40,7 +41,7 @@ export interface CheckUploadedIntermediateOptions {
    * the agent would (throw-away key, never stored) and must verify for serverAuth against the
    * root: the last check before anything changes.
    */
-  readonly issuerKey?: KeyObject;
+  readonly issuerKey?: KeyObject | Signer;
   /** The current time (from the injected clock). */
   readonly now: Date;
   /** The pending version number, named in the wrong-key message. */
@@ -199,7 +200,7 @@ const PROBE = { dnsNames: ["upload-check.kmi.invalid"], ipAddresses: ["192.0.2.1
  * key, never stored) and verifies it for serverAuth up to the root: whatever the checks above
  * missed that would make clients reject the tenant's leaves stops the upload here.
  */
-function checkLeafVerifies(intermediateDer: Uint8Array, rootDer: Uint8Array, issuerKey: KeyObject, now: Date): void {
+function checkLeafVerifies(intermediateDer: Uint8Array, rootDer: Uint8Array, issuerKey: KeyObject | Signer, now: Date): void {
   let leafDer: Uint8Array;
   try {
     const issuer = createLeafIssuer({ certificateDer: intermediateDer, privateKey: issuerKey });

@@ -115,6 +115,14 @@ export class Pkcs11Token {
     return this.signerFor(priv, this.spkiOf(pub, label));
   }
 
+  /** Destroys the key pair labelled `label`; false when the token has none. */
+  destroyKey(label: string): boolean {
+    const priv = this.findPrivate(label);
+    const pub = this.find(this.lib.CKO_PUBLIC_KEY, label);
+    for (const obj of [priv, pub]) if (obj !== undefined) this.p11.C_DestroyObject(this.session, obj);
+    return priv !== undefined;
+  }
+
   /** How the token protects the private key labelled `label` (what `kmi kdc init` relies on). */
   protection(label: string): TokenKeyProtection {
     return this.protectionOf(this.requirePrivate(label));

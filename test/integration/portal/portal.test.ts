@@ -144,6 +144,7 @@ describe("the portal in Chromium", () => {
       const shownRoot = (await page.locator("#fp-root").textContent())!.trim();
       expect(shown).toMatch(/^([0-9A-F]{2}:){31}[0-9A-F]{2}$/);
       expect(await page.locator("#ca-source").textContent()).toBe("KMI-signed");
+      expect(await page.locator("#ca-custody").textContent()).toMatch(/^escrowed by the KDC/);
       expect(await page.locator("#ca-validity").textContent()).toMatch(/\(\d+ days left\)/);
       expect(await fingerprint(await downloadBy(page, "Download the intermediate certificate as PEM", "acme-int.pem"))).toBe(shown);
       expect(await fingerprint(await downloadBy(page, "Download the intermediate certificate as DER", "acme-int.der"), true)).toBe(shown);

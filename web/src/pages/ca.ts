@@ -1,5 +1,5 @@
 /** The active CA: what it is, its fingerprints and validity, and downloads as PEM or DER. */
-import { CertificateFormat, type GetCaCertificatesResponse } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
+import { CertificateFormat, KeyCustody, type GetCaCertificatesResponse } from "../../../src/gen/kmi/kdc/v1/kdc_pb.js";
 import { api } from "../api.js";
 import { announce, daysLeft, download, errorText, h, when } from "../dom.js";
 import { algorithmLabel, date, signerLabel, stateLabel } from "../format.js";
@@ -97,6 +97,7 @@ export const caPage: Page = async ({ main, params }) => {
       ...row("Issuer", c.issuer, "ca-issuer"),
       ...row("Serial", c.serialHex, "ca-serial"),
       ...row("Key", algorithmLabel(v.keyAlgorithm)),
+      ...row("Key held", v.keyCustody === KeyCustody.TOKEN ? "in the KDC's hardware token (never released; the KDC signs the leaves)" : "escrowed by the KDC, released to the proxies' agents", "ca-custody"),
       ...row("SHA-256 fingerprint", h("code", {}, res.intermediateSha256), "fp-intermediate"),
       ...row("Root SHA-256 fingerprint", res.rootSha256 === "" ? "—" : h("code", {}, res.rootSha256), "fp-root"),
       ...row("Validity", validity(date(c.notBefore), date(c.notAfter)), "ca-validity"),

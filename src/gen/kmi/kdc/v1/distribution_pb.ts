@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kmi/kdc/v1/distribution.proto.
  */
 export const file_kmi_kdc_v1_distribution: GenFile = /*@__PURE__*/
-  fileDesc("Ch1rbWkva2RjL3YxL2Rpc3RyaWJ1dGlvbi5wcm90bxIKa21pLmtkYy52MSKBAQoKV3JhcHBlZEtleRIcChRlcGhlbWVyYWxfcHVibGljX2tleRgBIAEoDBINCgVub25jZRgCIAEoDBISCgpjaXBoZXJ0ZXh0GAMgASgMEgsKA3RhZxgEIAEoDBILCgNhYWQYBSABKAkSGAoQcmVjaXBpZW50X2tleV9pZBgGIAEoCSLAAgoOUmVsZWFzZWRTZWNyZXQSEQoJdGVuYW50X2lkGAEgASgJEioKB3B1cnBvc2UYAiABKA4yGS5rbWkuY29tbW9uLnYxLktleVB1cnBvc2USDgoGa2V5X2lkGAMgASgJEg8KB3ZlcnNpb24YBCABKA0SDAoEbmFtZRgFIAEoCRIyCg1rZXlfYWxnb3JpdGhtGAYgASgOMhsua21pLmNvbW1vbi52MS5LZXlBbGdvcml0aG0SEQoJY2hhaW5fcGVtGAcgASgJEhYKDnB1YmxpY19rZXlfcGVtGAggASgJEisKC3dyYXBwZWRfa2V5GAkgASgLMhYua21pLmtkYy52MS5XcmFwcGVkS2V5EjQKEGxlYXNlX2V4cGlyZXNfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjAKE0ZldGNoU2VjcmV0c1JlcXVlc3QSGQoRYXR0ZXN0YXRpb25fdG9rZW4YASABKAkidAoURmV0Y2hTZWNyZXRzUmVzcG9uc2USKwoHc2VjcmV0cxgBIAMoCzIaLmttaS5rZGMudjEuUmVsZWFzZWRTZWNyZXQSLwoLc2VydmVyX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIk4KE1dhdGNoU2VjcmV0c1JlcXVlc3QSGQoRYXR0ZXN0YXRpb25fdG9rZW4YASABKAkSHAoUcmVzdW1lX2Zyb21fcmV2aXNpb24YAiABKAQilAIKFFdhdGNoU2VjcmV0c1Jlc3BvbnNlEigKBHR5cGUYASABKA4yGi5rbWkua2RjLnYxLldhdGNoRXZlbnRUeXBlEhEKCXRlbmFudF9pZBgCIAEoCRIOCgZrZXlfaWQYAyABKAkSKwoHc2VjcmV0cxgEIAMoCzIaLmttaS5rZGMudjEuUmVsZWFzZWRTZWNyZXQSDgoGcmVhc29uGAUgASgJEigKBHRpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJldmlzaW9uGAcgASgEEhkKEXNlcnZlZF90ZW5hbnRfaWRzGAggAygJEhsKE3JlcGxhY2VkX3RlbmFudF9pZHMYCSADKAkiQQoLSGVsZFZlcnNpb24SEQoJdGVuYW50X2lkGAEgASgJEg4KBmtleV9pZBgCIAEoCRIPCgd2ZXJzaW9uGAMgASgNIl0KGVJlcG9ydEhlbGRWZXJzaW9uc1JlcXVlc3QSGQoRYXR0ZXN0YXRpb25fdG9rZW4YASABKAkSJQoEaGVsZBgCIAMoCzIXLmttaS5rZGMudjEuSGVsZFZlcnNpb24iHAoaUmVwb3J0SGVsZFZlcnNpb25zUmVzcG9uc2UqrAIKDldhdGNoRXZlbnRUeXBlEiAKHFdBVENIX0VWRU5UX1RZUEVfVU5TUEVDSUZJRUQQABIdChlXQVRDSF9FVkVOVF9UWVBFX1NOQVBTSE9UEAESHgoaV0FUQ0hfRVZFTlRfVFlQRV9BQ1RJVkFURUQQAhIcChhXQVRDSF9FVkVOVF9UWVBFX1JFVk9LRUQQAxIeChpXQVRDSF9FVkVOVF9UWVBFX0tFWV9BRERFRBAEEiAKHFdBVENIX0VWRU5UX1RZUEVfUVVBUkFOVElORUQQBRIeChpXQVRDSF9FVkVOVF9UWVBFX0hFQVJUQkVBVBAGEhwKGFdBVENIX0VWRU5UX1RZUEVfUkVTVU1FRBAHEhsKF1dBVENIX0VWRU5UX1RZUEVfU1RBR0VEEAgyogIKE0Rpc3RyaWJ1dGlvblNlcnZpY2USUQoMRmV0Y2hTZWNyZXRzEh8ua21pLmtkYy52MS5GZXRjaFNlY3JldHNSZXF1ZXN0GiAua21pLmtkYy52MS5GZXRjaFNlY3JldHNSZXNwb25zZRJTCgxXYXRjaFNlY3JldHMSHy5rbWkua2RjLnYxLldhdGNoU2VjcmV0c1JlcXVlc3QaIC5rbWkua2RjLnYxLldhdGNoU2VjcmV0c1Jlc3BvbnNlMAESYwoSUmVwb3J0SGVsZFZlcnNpb25zEiUua21pLmtkYy52MS5SZXBvcnRIZWxkVmVyc2lvbnNSZXF1ZXN0GiYua21pLmtkYy52MS5SZXBvcnRIZWxkVmVyc2lvbnNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_kmi_common_v1_common]);
+  fileDesc("Ch1rbWkva2RjL3YxL2Rpc3RyaWJ1dGlvbi5wcm90bxIKa21pLmtkYy52MSKBAQoKV3JhcHBlZEtleRIcChRlcGhlbWVyYWxfcHVibGljX2tleRgBIAEoDBINCgVub25jZRgCIAEoDBISCgpjaXBoZXJ0ZXh0GAMgASgMEgsKA3RhZxgEIAEoDBILCgNhYWQYBSABKAkSGAoQcmVjaXBpZW50X2tleV9pZBgGIAEoCSLTAgoOUmVsZWFzZWRTZWNyZXQSEQoJdGVuYW50X2lkGAEgASgJEioKB3B1cnBvc2UYAiABKA4yGS5rbWkuY29tbW9uLnYxLktleVB1cnBvc2USDgoGa2V5X2lkGAMgASgJEg8KB3ZlcnNpb24YBCABKA0SDAoEbmFtZRgFIAEoCRIyCg1rZXlfYWxnb3JpdGhtGAYgASgOMhsua21pLmNvbW1vbi52MS5LZXlBbGdvcml0aG0SEQoJY2hhaW5fcGVtGAcgASgJEhYKDnB1YmxpY19rZXlfcGVtGAggASgJEisKC3dyYXBwZWRfa2V5GAkgASgLMhYua21pLmtkYy52MS5XcmFwcGVkS2V5EjQKEGxlYXNlX2V4cGlyZXNfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCWtkY19zaWducxgLIAEoCCIwChNGZXRjaFNlY3JldHNSZXF1ZXN0EhkKEWF0dGVzdGF0aW9uX3Rva2VuGAEgASgJInQKFEZldGNoU2VjcmV0c1Jlc3BvbnNlEisKB3NlY3JldHMYASADKAsyGi5rbWkua2RjLnYxLlJlbGVhc2VkU2VjcmV0Ei8KC3NlcnZlcl90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJOChNXYXRjaFNlY3JldHNSZXF1ZXN0EhkKEWF0dGVzdGF0aW9uX3Rva2VuGAEgASgJEhwKFHJlc3VtZV9mcm9tX3JldmlzaW9uGAIgASgEIpQCChRXYXRjaFNlY3JldHNSZXNwb25zZRIoCgR0eXBlGAEgASgOMhoua21pLmtkYy52MS5XYXRjaEV2ZW50VHlwZRIRCgl0ZW5hbnRfaWQYAiABKAkSDgoGa2V5X2lkGAMgASgJEisKB3NlY3JldHMYBCADKAsyGi5rbWkua2RjLnYxLlJlbGVhc2VkU2VjcmV0Eg4KBnJlYXNvbhgFIAEoCRIoCgR0aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghyZXZpc2lvbhgHIAEoBBIZChFzZXJ2ZWRfdGVuYW50X2lkcxgIIAMoCRIbChNyZXBsYWNlZF90ZW5hbnRfaWRzGAkgAygJIkEKC0hlbGRWZXJzaW9uEhEKCXRlbmFudF9pZBgBIAEoCRIOCgZrZXlfaWQYAiABKAkSDwoHdmVyc2lvbhgDIAEoDSJdChlSZXBvcnRIZWxkVmVyc2lvbnNSZXF1ZXN0EhkKEWF0dGVzdGF0aW9uX3Rva2VuGAEgASgJEiUKBGhlbGQYAiADKAsyFy5rbWkua2RjLnYxLkhlbGRWZXJzaW9uIhwKGlJlcG9ydEhlbGRWZXJzaW9uc1Jlc3BvbnNlIoUCCg9TaWduTGVhZlJlcXVlc3QSGQoRYXR0ZXN0YXRpb25fdG9rZW4YASABKAkSEQoJdGVuYW50X2lkGAIgASgJEg8KB3ZlcnNpb24YAyABKA0SFgoOcHVibGljX2tleV9kZXIYBCABKAwSEQoJZG5zX25hbWVzGAUgAygJEhQKDGlwX2FkZHJlc3NlcxgGIAMoCRITCgtjb21tb25fbmFtZRgHIAEoCRIuCgpub3RfYmVmb3JlGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBItCglub3RfYWZ0ZXIYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIm4KEFNpZ25MZWFmUmVzcG9uc2USFwoPY2VydGlmaWNhdGVfZGVyGAEgASgMEhIKCnNlcmlhbF9oZXgYAiABKAkSLQoJbm90X2FmdGVyGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCqsAgoOV2F0Y2hFdmVudFR5cGUSIAocV0FUQ0hfRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEh0KGVdBVENIX0VWRU5UX1RZUEVfU05BUFNIT1QQARIeChpXQVRDSF9FVkVOVF9UWVBFX0FDVElWQVRFRBACEhwKGFdBVENIX0VWRU5UX1RZUEVfUkVWT0tFRBADEh4KGldBVENIX0VWRU5UX1RZUEVfS0VZX0FEREVEEAQSIAocV0FUQ0hfRVZFTlRfVFlQRV9RVUFSQU5USU5FRBAFEh4KGldBVENIX0VWRU5UX1RZUEVfSEVBUlRCRUFUEAYSHAoYV0FUQ0hfRVZFTlRfVFlQRV9SRVNVTUVEEAcSGwoXV0FUQ0hfRVZFTlRfVFlQRV9TVEFHRUQQCDLpAgoTRGlzdHJpYnV0aW9uU2VydmljZRJRCgxGZXRjaFNlY3JldHMSHy5rbWkua2RjLnYxLkZldGNoU2VjcmV0c1JlcXVlc3QaIC5rbWkua2RjLnYxLkZldGNoU2VjcmV0c1Jlc3BvbnNlElMKDFdhdGNoU2VjcmV0cxIfLmttaS5rZGMudjEuV2F0Y2hTZWNyZXRzUmVxdWVzdBogLmttaS5rZGMudjEuV2F0Y2hTZWNyZXRzUmVzcG9uc2UwARJjChJSZXBvcnRIZWxkVmVyc2lvbnMSJS5rbWkua2RjLnYxLlJlcG9ydEhlbGRWZXJzaW9uc1JlcXVlc3QaJi5rbWkua2RjLnYxLlJlcG9ydEhlbGRWZXJzaW9uc1Jlc3BvbnNlEkUKCFNpZ25MZWFmEhsua21pLmtkYy52MS5TaWduTGVhZlJlcXVlc3QaHC5rbWkua2RjLnYxLlNpZ25MZWFmUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_kmi_common_v1_common]);
 
 /**
  * WrappedKey is a private key encrypted to the receiving machine's key (ECIES):
@@ -142,7 +142,8 @@ export type ReleasedSecret = Message<"kmi.kdc.v1.ReleasedSecret"> & {
   publicKeyPem: string;
 
   /**
-   * The private key, wrapped to the machine's encryption key (wrapped_key.recipient_key_id names it).
+   * The private key, wrapped to the machine's encryption key (wrapped_key.recipient_key_id names
+   * it). Absent when kdc_signs is set.
    *
    * @generated from field: kmi.kdc.v1.WrappedKey wrapped_key = 9;
    */
@@ -154,6 +155,14 @@ export type ReleasedSecret = Message<"kmi.kdc.v1.ReleasedSecret"> & {
    * @generated from field: google.protobuf.Timestamp lease_expires_at = 10;
    */
   leaseExpiresAt?: Timestamp | undefined;
+
+  /**
+   * The key stays in the KDC's PKCS#11 token (custody TOKEN; INTERMEDIATE_CA only): no
+   * wrapped_key; the agent has each leaf signed through SignLeaf, until the lease ends.
+   *
+   * @generated from field: bool kdc_signs = 11;
+   */
+  kdcSigns: boolean;
 };
 
 /**
@@ -402,6 +411,119 @@ export const ReportHeldVersionsResponseSchema: GenMessage<ReportHeldVersionsResp
   messageDesc(file_kmi_kdc_v1_distribution, 8);
 
 /**
+ * SignLeafRequest is one leaf for the KDC to sign with a token-held intermediate.
+ *
+ * @generated from message kmi.kdc.v1.SignLeafRequest
+ */
+export type SignLeafRequest = Message<"kmi.kdc.v1.SignLeafRequest"> & {
+  /**
+   * Attestation token; required; must name this machine.
+   *
+   * @generated from field: string attestation_token = 1;
+   */
+  attestationToken: string;
+
+  /**
+   * Tenant id; required.
+   *
+   * @generated from field: string tenant_id = 2;
+   */
+  tenantId: string;
+
+  /**
+   * The intermediate version the agent holds (ReleasedSecret.version); must be the active one.
+   *
+   * @generated from field: uint32 version = 3;
+   */
+  version: number;
+
+  /**
+   * The leaf's public key, DER SubjectPublicKeyInfo: EC P-256 or RSA 2048 to 4096; at most 1 KiB.
+   *
+   * @generated from field: bytes public_key_der = 4;
+   */
+  publicKeyDer: Uint8Array;
+
+  /**
+   * Hostnames (dNSName SANs); with ip_addresses at least one and at most 100 names in all.
+   *
+   * @generated from field: repeated string dns_names = 5;
+   */
+  dnsNames: string[];
+
+  /**
+   * IP addresses (iPAddress SANs), text form.
+   *
+   * @generated from field: repeated string ip_addresses = 6;
+   */
+  ipAddresses: string[];
+
+  /**
+   * Subject CN, one of the names; empty: the first name when short enough.
+   *
+   * @generated from field: string common_name = 7;
+   */
+  commonName: string;
+
+  /**
+   * Start of validity; required (the agent backdates it).
+   *
+   * @generated from field: google.protobuf.Timestamp not_before = 8;
+   */
+  notBefore?: Timestamp | undefined;
+
+  /**
+   * End of validity; required; at most 398 days after not_before (the CA/Browser Forum limit),
+   * clamped to the intermediate's end.
+   *
+   * @generated from field: google.protobuf.Timestamp not_after = 9;
+   */
+  notAfter?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.SignLeafRequest.
+ * Use `create(SignLeafRequestSchema)` to create a new message.
+ */
+export const SignLeafRequestSchema: GenMessage<SignLeafRequest> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_distribution, 9);
+
+/**
+ * SignLeafResponse is the signed leaf.
+ *
+ * @generated from message kmi.kdc.v1.SignLeafResponse
+ */
+export type SignLeafResponse = Message<"kmi.kdc.v1.SignLeafResponse"> & {
+  /**
+   * The certificate, DER.
+   *
+   * @generated from field: bytes certificate_der = 1;
+   */
+  certificateDer: Uint8Array;
+
+  /**
+   * Its serial, lowercase hex.
+   *
+   * @generated from field: string serial_hex = 2;
+   */
+  serialHex: string;
+
+  /**
+   * Its notAfter, as written (after clamping).
+   *
+   * @generated from field: google.protobuf.Timestamp not_after = 3;
+   */
+  notAfter?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message kmi.kdc.v1.SignLeafResponse.
+ * Use `create(SignLeafResponseSchema)` to create a new message.
+ */
+export const SignLeafResponseSchema: GenMessage<SignLeafResponse> = /*@__PURE__*/
+  messageDesc(file_kmi_kdc_v1_distribution, 10);
+
+/**
  * WatchEventType is what happened.
  *
  * @generated from enum kmi.kdc.v1.WatchEventType
@@ -534,6 +656,22 @@ export const DistributionService: GenService<{
     methodKind: "unary";
     input: typeof ReportHeldVersionsRequestSchema;
     output: typeof ReportHeldVersionsResponseSchema;
+  },
+  /**
+   * SignLeaf signs one leaf with a tenant intermediate whose key the KDC holds in its PKCS#11
+   * token (ReleasedSecret.kdc_signs): the agent checks the request against its own policy, then
+   * sends it here, and the KDC builds and signs the leaf under the same policy (never a CA,
+   * serverAuth, names required, validity capped and clamped to the intermediate's). The
+   * machine's group must serve the tenant (else PERMISSION_DENIED) and the version must be the
+   * tenant's active one (else FAILED_PRECONDITION); an escrowed version is FAILED_PRECONDITION
+   * (its agents sign themselves). Each leaf is logged, not written to the audit log.
+   *
+   * @generated from rpc kmi.kdc.v1.DistributionService.SignLeaf
+   */
+  signLeaf: {
+    methodKind: "unary";
+    input: typeof SignLeafRequestSchema;
+    output: typeof SignLeafResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_kmi_kdc_v1_distribution, 0);
