@@ -530,6 +530,7 @@ const caCommands: Command[] = [
           { header: "state", value: (v) => versionStateLabel(v) },
           { header: "signer", value: (v) => signerLabel(v.signer) },
           { header: "algorithm", value: (v) => algorithmLabel(v.keyAlgorithm) },
+          { header: "key held", value: (v) => (v.keyCustody === KeyCustody.TOKEN ? "token" : "escrow") },
           { header: "not after", value: (v) => time(v.certificate?.notAfter) },
           { header: "renewed from", value: (v) => (v.renewedFrom === 0 ? "" : v.renewedFrom) },
           { header: "sha256", value: (v) => v.certificate?.sha256Fingerprint },

@@ -91,6 +91,9 @@ describe("a tenant intermediate held in the KDC's token, behind the real proxy",
   it("`ca rotate --key-custody token --activate`: the proxy serves leaves the KDC signed through the token, and openssl verifies them", async () => {
     const v = await activated(() => mesh.ctlJson<VersionJson>(["ca", "rotate", "--tenant", mesh.tenant, "--key-custody", "token", "--activate"]));
     expect(v.version.keyCustody).toBe("KEY_CUSTODY_TOKEN");
+    const history = await mesh.ctlOk(["ca", "history", "--tenant", mesh.tenant]);
+    expect(history.stdout).toMatch(new RegExp(`^${v.version.version}\\s.*\\stoken\\s`, "m"));
+    expect(history.stdout).toMatch(/^1\s.*\sescrow\s/m);
     const r = await curl(kmiRoot);
     expect(r.stderr).toBe("");
     expect(r.stdout).toMatch(/^hello from origin over /);
