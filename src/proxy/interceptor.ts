@@ -724,11 +724,12 @@ export class Interceptor {
     const origin = describeOriginCertificate(cert);
     const names = leafNames(origin, host);
     const k = names.truncated ? leafCacheKey(client.tenant, cert.fingerprint256, host) : key;
+    // With workers the primary holds the limit (one per machine) and charges it when it mints.
     const { entry, source } = await ctx.leaves.obtain(
       client.tenant,
       k,
-      () => ctx.minter.mint(client.tenant, origin, host),
-      () => ctx.rateLimiter.take(client.address),
+      () => ctx.minter.mint(client.tenant, origin, host, client.address),
+      ctx.minter.limitsIssuance === true ? undefined : () => ctx.rateLimiter.take(client.address),
     );
     ctx.counters.leaf(source);
     return entry;

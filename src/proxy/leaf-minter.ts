@@ -39,8 +39,18 @@ export interface LeafMinterOptions {
 
 /** Mints leaves. */
 export interface LeafMinter {
-  /** Mints a leaf for `tenant` that copies `origin`'s names; `host` is the name the client asked for. */
-  mint(tenant: string, origin: OriginCertificate, host: string): Promise<LeafEntry>;
+  /**
+   * Mints a leaf for `tenant` that copies `origin`'s names; `host` is the name the client asked
+   * for, `client` the address of the client it is minted for (a minter that
+   * {@link limitsIssuance} charges it; the others ignore it).
+   */
+  mint(tenant: string, origin: OriginCertificate, host: string, client?: string): Promise<LeafEntry>;
+  /**
+   * True when the minter enforces the per-client new-host limit itself (a worker's: the primary
+   * holds the one limit per machine) and throws `IssuanceRefused` past it; the caller then takes
+   * no token of its own.
+   */
+  readonly limitsIssuance?: boolean;
   /**
    * Replaces the session ticket keys of `tenant`'s leaves minted from now on (every tenant's
    * when absent). Why: after a revoke or a quarantine, a client must not resume a session that

@@ -6,8 +6,9 @@
  *
  * | message | direction | carries |
  * |---|---|---|
- * | `kmi:leaf` | worker → primary | tenant, the host asked for, the origin certificate's names, end and fingerprint |
- * | `kmi:leaf` (answer) | primary → worker | the leaf material (**the leaf's own private key**, PKCS#8 PEM; leaf + chain) and the tenant's **session ticket keys**, or the error |
+ * | `kmi:leaf` | worker → primary | tenant, the host asked for, the origin certificate's names, end and fingerprint, the client's address |
+ * | `kmi:leaf` (answer) | primary → worker | the leaf material (**the leaf's own private key**, PKCS#8 PEM; leaf + chain) and the tenant's **session ticket keys**, or the error (`limited`: the client's new-host limit) |
+ * | `kmi:issue-limited` | primary → worker | a client address whose new-host bucket is empty, and the tokens it holds (below 1) |
  * | `kmi:watch` | worker → primary | "send me the key state" (at start) |
  * | `kmi:ticket-keys` | primary → worker | a tenant's new **session ticket keys** (periodic rotation) |
  * | `kmi:watch-state`, `kmi:key-event` | primary → worker | the agent's WatchKeys stream, as protobuf bytes (key ids and states, never key material) |
@@ -22,6 +23,7 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { AgentCallError, type KeyWatch } from "../clients/agent-client.js";
 import { WatchKeysResponseSchema, type IssueLeafCertificateResponse, type WatchKeysResponse } from "../gen/kmi/agent/v1/agent_pb.js";
+import { IssuanceRefused } from "./leaf-cache.js";
 import type { LeafMaterial, LeafMinter } from "./leaf-minter.js";
 import { LeafRejected, leafEntryOf } from "./leaf-minter.js";
 import type { OriginCertificate } from "./origin-cert.js";
@@ -34,18 +36,32 @@ export interface LeafRequestMessage {
   readonly tenant: string;
   readonly host: string;
   readonly origin: OriginCertificate;
+  /** The client's address: the primary charges its new-host limit when it really mints. */
+  readonly client: string;
 }
 
 /** How a failed mint is told to the worker (so that it answers the same page as in one process). */
 export type LeafFailure =
   | { readonly kind: "agent"; readonly code: string; readonly grpcCode: number; readonly message: string }
   | { readonly kind: "rejected"; readonly message: string }
+  | { readonly kind: "limited"; readonly message: string }
   | { readonly kind: "error"; readonly message: string };
 
 /** The primary's answer to a {@link LeafRequestMessage}. */
 export type LeafAnswerMessage =
   | { readonly type: "kmi:leaf"; readonly id: number; readonly ok: true; readonly material: LeafMaterial; readonly ticketKeys: Uint8Array }
   | { readonly type: "kmi:leaf"; readonly id: number; readonly ok: false; readonly error: LeafFailure };
+
+/**
+ * The primary's word that `client`'s new-host bucket is empty (`tokens` below 1), sent to every
+ * worker when a mint leaves it so or is refused: each worker then answers that client's next
+ * CONNECT to a new host with the 429 itself, before the 200, as one process does.
+ */
+export interface IssueLimitedMessage {
+  readonly type: "kmi:issue-limited";
+  readonly client: string;
+  readonly tokens: number;
+}
 
 /** Messages a worker sends. */
 export type WorkerMessage = LeafRequestMessage | { readonly type: "kmi:watch" } | { readonly type: "kmi:metrics"; readonly id: number; readonly metrics: unknown[] };
@@ -57,6 +73,7 @@ export type PrimaryMessage =
   | { readonly type: "kmi:key-event"; readonly event: Uint8Array }
   | { readonly type: "kmi:metrics"; readonly id: number }
   | { readonly type: "kmi:ticket-keys"; readonly tenant: string; readonly keys: Uint8Array }
+  | IssueLimitedMessage
   | { readonly type: "kmi:reload" }
   | { readonly type: "kmi:shutdown" };
 
@@ -74,12 +91,14 @@ export function encodeKeyEvent(e: WatchKeysResponse): Uint8Array {
 export function leafFailureOf(err: unknown): LeafFailure {
   if (err instanceof AgentCallError) return { kind: "agent", code: err.code, grpcCode: err.grpcCode, message: err.message };
   if (err instanceof LeafRejected) return { kind: "rejected", message: err.message };
+  if (err instanceof IssuanceRefused) return { kind: "limited", message: err.message };
   return { kind: "error", message: err instanceof Error ? err.message : String(err) };
 }
 
 function errorOf(f: LeafFailure): Error {
   if (f.kind === "agent") return new AgentCallError(f.code, f.grpcCode, f.message);
   if (f.kind === "rejected") return new LeafRejected(f.message);
+  if (f.kind === "limited") return new IssuanceRefused(f.message);
   return new Error(f.message);
 }
 
@@ -110,9 +129,10 @@ const LEAF_ANSWER_TIMEOUT_MS = 30_000;
 
 /**
  * A worker's minter: asks the primary, which mints once per machine (concurrent requests from
- * every worker share one issuance), and builds the TLS context here with the tenant's ticket
- * keys from the primary. Ticket keys are rotated by the primary (on the same key events, and
- * periodically: `kmi:ticket-keys`).
+ * every worker share one issuance) and holds the per-client new-host limit (so the worker
+ * takes no token of its own: {@link LeafMinter.limitsIssuance}), and builds the TLS context
+ * here with the tenant's ticket keys from the primary. Ticket keys are rotated by the primary
+ * (on the same key events, and periodically: `kmi:ticket-keys`).
  */
 export function createWorkerLeafMinter(channel: PrimaryChannel): LeafMinter & { close(): void } {
   let next = 1;
@@ -129,13 +149,14 @@ export function createWorkerLeafMinter(channel: PrimaryChannel): LeafMinter & { 
     p.resolve(m);
   });
   return {
+    limitsIssuance: true,
     rotateTicketKeys() {},
     ticketKeysOf(tenant) {
       const k = ticketKeys.get(tenant);
       if (k === undefined) throw new Error(`no session ticket keys from the primary for tenant "${tenant}" yet`);
       return k;
     },
-    async mint(tenant, origin, host) {
+    async mint(tenant, origin, host, client = "") {
       const id = next++;
       const answer = await new Promise<LeafAnswerMessage>((resolve, reject) => {
         const timer = setTimeout(() => {
@@ -143,7 +164,7 @@ export function createWorkerLeafMinter(channel: PrimaryChannel): LeafMinter & { 
           reject(new Error("the proxy's primary process did not answer with a leaf"));
         }, LEAF_ANSWER_TIMEOUT_MS);
         pending.set(id, { resolve, reject, timer });
-        channel.send({ type: "kmi:leaf", id, tenant, host, origin });
+        channel.send({ type: "kmi:leaf", id, tenant, host, origin, client });
       });
       if (!answer.ok) throw errorOf(answer.error);
       const keys = bufferOf(answer.ticketKeys);

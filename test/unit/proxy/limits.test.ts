@@ -15,6 +15,29 @@ describe("ClientRateLimiter", () => {
     expect([r.take("a"), r.take("a"), r.take("a"), r.take("a")]).toEqual([true, true, true, false]);
   });
 
+  it("tokens and exhausted read a bucket without taking; assume sets it (a worker's view of the primary's)", () => {
+    let now = 0;
+    const r = new ClientRateLimiter({ perSecond: 2, burst: 3, now: () => now });
+    expect([r.tokens("a"), r.exhausted("a")]).toEqual([3, false]);
+    r.take("a");
+    r.take("a");
+    expect(r.tokens("a")).toBe(1);
+    expect(r.exhausted("a")).toBe(false);
+    r.assume("b", 0.5);
+    expect(r.exhausted("b")).toBe(true);
+    now += 250;
+    expect(r.tokens("b")).toBe(1);
+    expect(r.exhausted("b")).toBe(false);
+    r.assume("c", 7);
+    expect(r.tokens("c")).toBe(3);
+    r.assume("c", -1);
+    expect(r.tokens("c")).toBe(0);
+    expect(r.take("c")).toBe(false);
+    const off = new ClientRateLimiter({ perSecond: 0, burst: 1 });
+    off.assume("a", 0);
+    expect(off.exhausted("a")).toBe(false);
+  });
+
   it("0 per second disables the limit; the client table is bounded", () => {
     const off = new ClientRateLimiter({ perSecond: 0, burst: 1 });
     for (let i = 0; i < 100; i++) expect(off.take("a")).toBe(true);

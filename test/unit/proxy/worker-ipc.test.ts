@@ -10,6 +10,7 @@ import { create } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import { AgentCallError } from "../../../src/clients/agent-client.js";
 import { KeyEventType, WatchKeysResponseSchema, type WatchKeysResponse } from "../../../src/gen/kmi/agent/v1/agent_pb.js";
+import { IssuanceRefused } from "../../../src/proxy/leaf-cache.js";
 import { LeafRejected, type LeafMaterial } from "../../../src/proxy/leaf-minter.js";
 import type { OriginCertificate } from "../../../src/proxy/origin-cert.js";
 import {
@@ -54,8 +55,10 @@ describe("a worker's leaf minter", () => {
       reply({ type: "kmi:leaf", id: m.id, ok: true, material, ticketKeys: new Uint8Array(keys) });
     });
     const minter = createWorkerLeafMinter(ch);
-    const entry = await minter.mint("acme", origin, "localhost");
-    expect(asked).toMatchObject({ tenant: "acme", host: "localhost", origin });
+    const entry = await minter.mint("acme", origin, "localhost", "192.0.2.7");
+    // The client's address goes along: the primary charges its new-host limit; the worker takes no token.
+    expect(asked).toMatchObject({ tenant: "acme", host: "localhost", origin, client: "192.0.2.7" });
+    expect(minter.limitsIssuance).toBe(true);
     expect(entry).toMatchObject({ tenant: "acme", issuerKeyId: "k1", serialHex: "01" });
     expect(entry.context).toBeDefined();
     expect(minter.ticketKeysOf("acme").equals(keys)).toBe(true);
@@ -69,9 +72,10 @@ describe("a worker's leaf minter", () => {
   it.each([
     ["an agent error", new AgentCallError("failed_precondition", 9, "tenant revoked"), AgentCallError, "tenant revoked"],
     ["a rejected leaf", new LeafRejected("agent returned a ca certificate as a leaf"), LeafRejected, "agent returned a ca certificate as a leaf"],
+    ["the client's new-host limit", new IssuanceRefused("new-host issuance rate limit reached for this client"), IssuanceRefused, "new-host issuance rate limit reached for this client"],
     ["anything else", new Error("boom"), Error, "boom"],
   ])("%s comes back as the same kind of error", async (_name, err, type, message) => {
-    const minter = createWorkerLeafMinter(channel((m, reply) => m.type === "kmi:leaf" && reply({ type: "kmi:leaf", id: m.id, ok: false, error: leafFailureOf(err) })));
+    const minter = createWorkerLeafMinter(channel((m, reply) => m.type === "kmi:leaf" && reply({ type: "kmi:leaf", id: m.id, ok: false, error: structuredClone(leafFailureOf(err)) })));
     const got = await minter.mint("acme", origin, "localhost").catch((e: unknown) => e);
     expect(got).toBeInstanceOf(type);
     expect((got as Error).message).toBe(message);
