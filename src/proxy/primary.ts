@@ -8,7 +8,7 @@
  * - the per-client new-host limit (`--issue-rate`/`--issue-burst`), one per machine: a token is
  *   taken here only when a leaf is really minted for that client, and every worker is told when
  *   a client's bucket is empty, so that it answers that client's next new host with the 429 on
- *   the CONNECT;
+ *   the CONNECT (after asking here whether another worker served that host lately);
  * - the session ticket keys, per tenant, handed to the workers with each leaf, so that a TLS
  *   session made on one worker resumes on any other, and rotated here (sent to every worker);
  * - the WatchKeys stream, relayed to every worker (and replayed to a new one);
@@ -27,6 +27,7 @@ import { parseListenAddress } from "../common/listen.js";
 import { AgentClient, type KeyWatch } from "../clients/agent-client.js";
 import { KeyEventType, type WatchKeysResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { LeafCache, leafCacheKey } from "./leaf-cache.js";
+import { LeafHosts } from "./leaf-hosts.js";
 import { errorText } from "../common/errors.js";
 import { createLeafMaterialMinter, MAX_LEAF_LIFETIME_MS, TICKET_KEY_ROTATION_MS, TicketKeyRing, type LeafMaterial, type LeafMaterialMinter } from "./leaf-minter.js";
 import { leafNames } from "./origin-cert.js";
@@ -138,6 +139,8 @@ export class ProxyPrimary {
   private ticketTimer: NodeJS.Timeout | undefined;
   private readonly minter: LeafMaterialMinter;
   private readonly limiter: ClientRateLimiter;
+  /** Tenant + CONNECT target pairs any worker got a leaf for lately (spared by the new-host limit). */
+  private readonly leafHosts = new LeafHosts();
   private readonly metrics = createMetricsRegistry();
   private readonly clusterMetrics: ClusterMetrics;
   private readonly started = new Map<number, number>();
@@ -310,6 +313,9 @@ export class ProxyPrimary {
       case "kmi:leaf":
         void this.leaf(w, msg);
         break;
+      case "kmi:new-host":
+        sendTo(w, { type: "kmi:new-host", id: msg.id, refused: this.limiter.exhausted(msg.client) && !this.leafHosts.has(msg.tenant, msg.target) });
+        break;
       case "kmi:watch":
         // A new worker: the stream's state and what it said since its last snapshot.
         sendTo(w, { type: "kmi:watch-state", connected: this.watchConnected });
@@ -334,6 +340,7 @@ export class ProxyPrimary {
         () => this.admit(r.client),
       );
       if (source === "issued") this.mints.inc();
+      if (r.target !== "") this.leafHosts.remember(r.tenant, r.target);
       answer = { type: "kmi:leaf", id: r.id, ok: true, material: entry, ticketKeys: this.tickets.of(r.tenant) };
       this.ticketTenants.add(r.tenant);
     } catch (err) {

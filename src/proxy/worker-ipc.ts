@@ -6,9 +6,10 @@
  *
  * | message | direction | carries |
  * |---|---|---|
- * | `kmi:leaf` | worker → primary | tenant, the host asked for, the origin certificate's names, end and fingerprint, the client's address |
+ * | `kmi:leaf` | worker → primary | tenant, the host asked for, the origin certificate's names, end and fingerprint, the client's address and CONNECT target |
  * | `kmi:leaf` (answer) | primary → worker | the leaf material (**the leaf's own private key**, PKCS#8 PEM; leaf + chain) and the tenant's **session ticket keys**, or the error (`limited`: the client's new-host limit) |
  * | `kmi:issue-limited` | primary → worker | a client address whose new-host bucket is empty, and the tokens it holds (below 1) |
+ * | `kmi:new-host` | worker → primary, and the answer | before a worker refuses a CONNECT on the limit: tenant, target, client address; refused or not |
  * | `kmi:watch` | worker → primary | "send me the key state" (at start) |
  * | `kmi:ticket-keys` | primary → worker | a tenant's new **session ticket keys** (periodic rotation) |
  * | `kmi:watch-state`, `kmi:key-event` | primary → worker | the agent's WatchKeys stream, as protobuf bytes (key ids and states, never key material) |
@@ -38,6 +39,28 @@ export interface LeafRequestMessage {
   readonly origin: OriginCertificate;
   /** The client's address: the primary charges its new-host limit when it really mints. */
   readonly client: string;
+  /** The CONNECT target (`host:port`): the primary remembers that the tenant got a leaf for it. */
+  readonly target: string;
+}
+
+/**
+ * A worker's question before it refuses a CONNECT on the new-host limit (its view of the
+ * client's bucket is empty): does the primary refuse it too? Not when another worker served
+ * the tenant a leaf for `target` lately (a cached host costs nothing), or the bucket refilled.
+ */
+export interface NewHostQuestionMessage {
+  readonly type: "kmi:new-host";
+  readonly id: number;
+  readonly tenant: string;
+  readonly target: string;
+  readonly client: string;
+}
+
+/** The primary's answer to a {@link NewHostQuestionMessage}. */
+export interface NewHostAnswerMessage {
+  readonly type: "kmi:new-host";
+  readonly id: number;
+  readonly refused: boolean;
 }
 
 /** How a failed mint is told to the worker (so that it answers the same page as in one process). */
@@ -64,7 +87,7 @@ export interface IssueLimitedMessage {
 }
 
 /** Messages a worker sends. */
-export type WorkerMessage = LeafRequestMessage | { readonly type: "kmi:watch" } | { readonly type: "kmi:metrics"; readonly id: number; readonly metrics: unknown[] };
+export type WorkerMessage = LeafRequestMessage | NewHostQuestionMessage | { readonly type: "kmi:watch" } | { readonly type: "kmi:metrics"; readonly id: number; readonly metrics: unknown[] };
 
 /** Messages the primary sends. */
 export type PrimaryMessage =
@@ -74,6 +97,7 @@ export type PrimaryMessage =
   | { readonly type: "kmi:metrics"; readonly id: number }
   | { readonly type: "kmi:ticket-keys"; readonly tenant: string; readonly keys: Uint8Array }
   | IssueLimitedMessage
+  | NewHostAnswerMessage
   | { readonly type: "kmi:reload" }
   | { readonly type: "kmi:shutdown" };
 
@@ -126,46 +150,62 @@ export function processChannel(): PrimaryChannel {
 
 /** Longest a worker waits for the primary's leaf (the primary's agent call has its own deadline). */
 const LEAF_ANSWER_TIMEOUT_MS = 30_000;
+/** Longest a CONNECT waits for the primary's word on a new host (it answers from memory). */
+const NEW_HOST_ANSWER_TIMEOUT_MS = 5_000;
+
+type Answer = LeafAnswerMessage | NewHostAnswerMessage;
 
 /**
  * A worker's minter: asks the primary, which mints once per machine (concurrent requests from
  * every worker share one issuance) and holds the per-client new-host limit (so the worker
- * takes no token of its own: {@link LeafMinter.limitsIssuance}), and builds the TLS context
- * here with the tenant's ticket keys from the primary. Ticket keys are rotated by the primary
- * (on the same key events, and periodically: `kmi:ticket-keys`).
+ * takes no token of its own, and asks the primary before refusing a CONNECT: its
+ * {@link LeafMinter.sharedLimit}), and builds the TLS context here with the tenant's ticket
+ * keys from the primary. Ticket keys are rotated by the primary (on the same key events, and
+ * periodically: `kmi:ticket-keys`).
  */
 export function createWorkerLeafMinter(channel: PrimaryChannel): LeafMinter & { close(): void } {
   let next = 1;
-  const pending = new Map<number, { resolve: (m: LeafAnswerMessage) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
+  const pending = new Map<number, { resolve: (m: Answer) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
   // The keys each tenant's leaves get, as the primary last said (with a leaf, or a rotation).
   const ticketKeys = new Map<string, Buffer>();
   const off = channel.on((m) => {
     if (m.type === "kmi:ticket-keys") ticketKeys.set(m.tenant, bufferOf(m.keys));
-    if (m.type !== "kmi:leaf") return;
+    if (m.type !== "kmi:leaf" && m.type !== "kmi:new-host") return;
     const p = pending.get(m.id);
     if (p === undefined) return;
     pending.delete(m.id);
     clearTimeout(p.timer);
     p.resolve(m);
   });
+  const ask = <A extends Answer>(question: (id: number) => WorkerMessage, timeoutMs: number, silence: string): Promise<A> => {
+    const id = next++;
+    return new Promise<A>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        pending.delete(id);
+        reject(new Error(silence));
+      }, timeoutMs);
+      pending.set(id, { resolve: resolve as (m: Answer) => void, reject, timer });
+      channel.send(question(id));
+    });
+  };
   return {
-    limitsIssuance: true,
+    sharedLimit: {
+      // No answer (the primary is gone or stuck): refuse, as the worker's own view says.
+      refusesNewHost: (tenant, target, client) =>
+        ask<NewHostAnswerMessage>((id) => ({ type: "kmi:new-host", id, tenant, target, client }), NEW_HOST_ANSWER_TIMEOUT_MS, "no answer").then(
+          (a) => a.refused,
+          () => true,
+        ),
+    },
     rotateTicketKeys() {},
     ticketKeysOf(tenant) {
       const k = ticketKeys.get(tenant);
       if (k === undefined) throw new Error(`no session ticket keys from the primary for tenant "${tenant}" yet`);
       return k;
     },
-    async mint(tenant, origin, host, client = "") {
-      const id = next++;
-      const answer = await new Promise<LeafAnswerMessage>((resolve, reject) => {
-        const timer = setTimeout(() => {
-          pending.delete(id);
-          reject(new Error("the proxy's primary process did not answer with a leaf"));
-        }, LEAF_ANSWER_TIMEOUT_MS);
-        pending.set(id, { resolve, reject, timer });
-        channel.send({ type: "kmi:leaf", id, tenant, host, origin, client });
-      });
+    async mint(tenant, origin, host, requester = { client: "", target: "" }) {
+      const question = (id: number): LeafRequestMessage => ({ type: "kmi:leaf", id, tenant, host, origin, ...requester });
+      const answer = await ask<LeafAnswerMessage>(question, LEAF_ANSWER_TIMEOUT_MS, "the proxy's primary process did not answer with a leaf");
       if (!answer.ok) throw errorOf(answer.error);
       const keys = bufferOf(answer.ticketKeys);
       ticketKeys.set(tenant, keys);

@@ -33,6 +33,8 @@ let port: number;
 let ca: string;
 /** When the client began asking for new hosts (the limit's refill counts from then). */
 let firstAsk = 0;
+/** The origins the client got a leaf for. */
+let served: Origin[] = [];
 const logFile = (): string => join(dir.path, "access.log");
 const metricsSocket = (): string => join(dir.path, "metrics.sock");
 
@@ -149,7 +151,8 @@ describe("kmi proxy --workers 2 --issue-rate 1 --issue-burst 5", () => {
     firstAsk = Date.now();
     const outcomes = await Promise.all(origins.slice(0, AT_ONCE).map((o, i) => attempt(o, `now-${i}`)));
     const elapsed = Date.now() - firstAsk;
-    const leaves = outcomes.filter((o) => o === "leaf").length;
+    served = origins.slice(0, AT_ONCE).filter((_, i) => outcomes[i] === "leaf");
+    const leaves = served.length;
     const issued = agent.issueCount("acme");
     // Every leaf served was issued for it (each host is new), at least the burst, and no more
     // than one limit allows in the time taken (with one limit per worker it would be ~2 × burst).
@@ -170,6 +173,15 @@ describe("kmi proxy --workers 2 --issue-rate 1 --issue-burst 5", () => {
     const m = await metrics();
     expect(value(m, 'kmi_proxy_decisions_total{decision="error",tenant="acme"}')).toBe(AT_ONCE - leaves);
     expect(value(m, "kmi_proxy_leaf_mints_total")).toBe(leaves);
+  });
+
+  it("past the limit, the hosts it got leaves for stay served, whichever worker takes the connection", async () => {
+    const before = agent.issueCount("acme");
+    const outcomes: Outcome[] = [];
+    // Twice each, one after another: round-robin puts each host on both workers.
+    for (const [i, o] of [...served, ...served].entries()) outcomes.push(await attempt(o, `again-${i}`));
+    expect(outcomes).toEqual(Array(2 * served.length).fill("leaf"));
+    expect(agent.issueCount("acme")).toBe(before);
   });
 
   it("then each worker refuses that client's next new hosts on the CONNECT, until the rate gives it a token", async () => {

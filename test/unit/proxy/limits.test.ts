@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { LearnedBypass } from "../../../src/proxy/learned-bypass.js";
+import { LeafHosts } from "../../../src/proxy/leaf-hosts.js";
 import { ClientRateLimiter } from "../../../src/proxy/rate-limit.js";
 
 describe("ClientRateLimiter", () => {
@@ -46,6 +47,18 @@ describe("ClientRateLimiter", () => {
     expect(r.take("b")).toBe(true);
     expect(r.take("c")).toBe(true); // forgets a
     expect(r.take("a")).toBe(true);
+  });
+});
+
+describe("LeafHosts", () => {
+  it("remembers tenant + target pairs, per tenant, forgetting the least recently used past its bound", () => {
+    const h = new LeafHosts(2);
+    h.remember("t", "a.example:443");
+    h.remember("t", "b.example:443");
+    expect([h.has("t", "a.example:443"), h.has("u", "a.example:443"), h.has("t", "a.example:8443")]).toEqual([true, false, false]);
+    h.remember("t", "a.example:443"); // used again: b is now the least recent
+    h.remember("t", "c.example:443");
+    expect([h.has("t", "a.example:443"), h.has("t", "b.example:443"), h.has("t", "c.example:443")]).toEqual([true, false, true]);
   });
 });
 
