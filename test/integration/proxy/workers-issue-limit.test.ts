@@ -4,7 +4,8 @@
  * machine, held by the primary, however the client's connections are spread over the workers.
  * A client that opens tunnels to many new hosts at once gets the burst of leaves (plus what the
  * rate refilled while it ran), and every other connection is refused with the 429 of the limit;
- * afterwards each worker answers that client's next new host with the 429 on the CONNECT.
+ * past the limit, the hosts it has leaves for stay served on both workers; and each worker
+ * answers that client's next new host with the 429 on the CONNECT.
  */
 import { get as httpGet } from "node:http";
 import { readFile, writeFile } from "node:fs/promises";
