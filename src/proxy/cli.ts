@@ -183,6 +183,8 @@ async function runPrimary(argv: string[], config: ProxyConfig, logger: Logger, o
     ...(config.agentSocket !== undefined ? { agentSocket: config.agentSocket } : {}),
     ...(config.leafCacheSize !== undefined ? { leafCacheSize: config.leafCacheSize } : {}),
     ...(config.leafMaxLifetimeMs !== undefined ? { leafMaxLifetimeMs: config.leafMaxLifetimeMs } : {}),
+    ...(config.issueRatePerSecond !== undefined ? { issueRatePerSecond: config.issueRatePerSecond } : {}),
+    ...(config.issueBurst !== undefined ? { issueBurst: config.issueBurst } : {}),
     ...(config.metricsListen !== undefined ? { metricsListen: config.metricsListen } : {}),
     ...(config.shutdownGraceMs !== undefined ? { shutdownGraceMs: config.shutdownGraceMs } : {}),
     ...(config.ticketKeyRotationMs !== undefined ? { ticketKeyRotationMs: config.ticketKeyRotationMs } : {}),

@@ -30,6 +30,7 @@ import { isDestinationDenied, type DestinationGuard } from "./destinations.js";
 import { answerClientError, handleHttp1Request, handleHttp1Upgrade, type Http1Upstream } from "./http1.js";
 import { H2_WINDOW, H2Origin, handleH2Stream, type H2Upstream } from "./http2-handler.js";
 import { IssuanceRefused, leafCacheKey, type LeafEntry } from "./leaf-cache.js";
+import { LeafHosts } from "./leaf-hosts.js";
 import { LeafRejected } from "./leaf-minter.js";
 import { describeOriginCertificate, leafNames } from "./origin-cert.js";
 import { describeError, isClientCertRequired, type OriginResult } from "./origin.js";
@@ -38,9 +39,6 @@ import { splice } from "./splice.js";
 import { markHandshakeDone } from "./tls-server-socket.js";
 import { TunnelAgent } from "./tunnel-agent.js";
 import { normalizeClientAddress } from "./tenants.js";
-
-/** Most tenant + origin pairs remembered as having a leaf. */
-const MAX_LEAF_HOSTS = 10_000;
 
 /** Protocols the proxy can inspect, in the order it prefers them. */
 const INSPECTABLE_ALPN = new Set(["h2", "http/1.1", "http/1.0"]);
@@ -275,8 +273,8 @@ export class Interceptor {
   private readonly h2: Http2Server;
   private readonly pages: HttpServer;
   private readonly live = new Set<Duplex>();
-  /** Tenant + origin `host:port` pairs that got a leaf lately (least recently used forgotten first). */
-  private readonly leafHosts = new Map<string, true>();
+  /** Tenant + origin `host:port` pairs that got a leaf lately. */
+  private readonly leafHosts = new LeafHosts();
 
   constructor(private readonly ctx: ProxyContext) {
     const l = ctx.limits;
@@ -391,12 +389,12 @@ export class Interceptor {
     if (o.kind === "page") return this.servePage(socket, peek.data, h.hello, h.log, o.refusal);
     const closeOrigin = (): void => void o.socket.destroy();
     socket.once("close", closeOrigin);
-    const leaf = await this.mint(c.client, h.host, o.cert);
+    const leaf = await this.mint(c.client, h.host, o.cert, `${c.target.host}:${c.target.port}`);
     if (!("context" in leaf)) {
       o.socket.destroy();
       return this.servePage(socket, peek.data, h.hello, h.log, leaf);
     }
-    this.rememberLeafHost(c.client.tenant, `${c.target.host}:${c.target.port}`);
+    this.leafHosts.remember(c.client.tenant, `${c.target.host}:${c.target.port}`);
     if (socket.destroyed) {
       o.socket.destroy();
       return h.log.write("no-request", "client-gone", "client left during the origin handshake");
@@ -455,7 +453,7 @@ export class Interceptor {
     else if (ctx.learned.demandsClientCert(originKey) && policy.clientCertOrigins === "bypass") bypassRule = "client-cert";
     else if (ctx.learned.pinnedBypass(match.tenant, target.host)) bypassRule = "auto-bypass";
     if (bypassRule === undefined) {
-      const cannot = this.cannotIntercept(client, originKey);
+      const cannot = await this.cannotIntercept(client, originKey);
       if (cannot !== undefined) return { kind: "answer", log, refusal: cannot };
     }
     return { kind: "go", target, client, policy, bypassRule, log };
@@ -467,23 +465,26 @@ export class Interceptor {
    * limit for a host it got no leaf for. Answered on the CONNECT itself, so the client reads the
    * reason instead of a certificate error from the kmi-blocked CA.
    */
-  private cannotIntercept(client: ClientInfo, originKey: string): Refusal | undefined {
+  private async cannotIntercept(client: ClientInfo, originKey: string): Promise<Refusal | undefined> {
     const host = originKey.slice(0, originKey.lastIndexOf(":"));
     const keys = this.ctx.keys.refusal(client.tenant);
     if (keys !== undefined) return refusal(renderBlockPage(503, host, keys.reason, keys.rule, "error"), "error", keys.rule, { "retry-after": "30" });
-    if (this.ctx.rateLimiter.exhausted(client.address) && !this.leafHosts.has(`${client.tenant}\u0000${originKey}`)) {
+    if (await this.pastNewHostLimit(client, originKey)) {
       const why = "too many new hosts from this address (the proxy's per-address limit on leaf issuance, kmi proxy --issue-rate/--issue-burst); try again shortly";
       return refusal(renderBlockPage(429, host, why, "issue-rate-limit", "error"), "error", "issue-rate-limit", { "retry-after": "1" });
     }
     return undefined;
   }
 
-  /** Remembers that `tenant` has a leaf for `originKey` (so the new-host limit does not refuse it before the 200). */
-  private rememberLeafHost(tenant: string, originKey: string): void {
-    const k = `${tenant}\u0000${originKey}`;
-    this.leafHosts.delete(k);
-    this.leafHosts.set(k, true);
-    if (this.leafHosts.size > MAX_LEAF_HOSTS) this.leafHosts.delete(this.leafHosts.keys().next().value as string);
+  /**
+   * True when the client is past its new-host limit and its tenant got no leaf for `originKey`
+   * lately. With workers, the limit is the primary's: a worker whose view says the bucket is
+   * empty asks the primary, which also knows the hosts the other workers served.
+   */
+  private async pastNewHostLimit(client: ClientInfo, originKey: string): Promise<boolean> {
+    if (!this.ctx.rateLimiter.exhausted(client.address) || this.leafHosts.has(client.tenant, originKey)) return false;
+    const shared = this.ctx.minter.sharedLimit;
+    return shared === undefined || (await shared.refusesNewHost(client.tenant, originKey, client.address));
   }
 
   /** A TCP connection to the origin, or the refusal to answer on the CONNECT. */
@@ -576,10 +577,10 @@ export class Interceptor {
     return { kind: "ok", socket: origin.socket, cert: origin.cert, alpn: origin.alpn, lateError: () => late.error, stopWatching: () => void origin.socket.off("error", onLate) };
   }
 
-  /** The leaf for this origin certificate, or the page that says why there is none. */
-  private async mint(client: ClientInfo, host: string, cert: X509Certificate): Promise<LeafEntry | Refusal> {
+  /** The leaf for this origin certificate, or the page that says why there is none; `target` is the CONNECT's `host:port`. */
+  private async mint(client: ClientInfo, host: string, cert: X509Certificate, target: string): Promise<LeafEntry | Refusal> {
     try {
-      return await this.leafFor(client, host, cert);
+      return await this.leafFor(client, host, cert, target);
     } catch (err) {
       const [status, rule, why] =
         err instanceof IssuanceRefused
@@ -713,7 +714,7 @@ export class Interceptor {
   }
 
   /** The leaf for this origin certificate: cached, joined, or minted (rate-limited per client). */
-  private async leafFor(client: ClientInfo, host: string, cert: X509Certificate): Promise<LeafEntry> {
+  private async leafFor(client: ClientInfo, host: string, cert: X509Certificate, target: string): Promise<LeafEntry> {
     const ctx = this.ctx;
     const key = leafCacheKey(client.tenant, cert.fingerprint256);
     const hit = ctx.leaves.get(key);
@@ -724,11 +725,12 @@ export class Interceptor {
     const origin = describeOriginCertificate(cert);
     const names = leafNames(origin, host);
     const k = names.truncated ? leafCacheKey(client.tenant, cert.fingerprint256, host) : key;
+    // With workers the primary holds the limit (one per machine) and charges it when it mints.
     const { entry, source } = await ctx.leaves.obtain(
       client.tenant,
       k,
-      () => ctx.minter.mint(client.tenant, origin, host),
-      () => ctx.rateLimiter.take(client.address),
+      () => ctx.minter.mint(client.tenant, origin, host, { client: client.address, target }),
+      ctx.minter.sharedLimit !== undefined ? undefined : () => ctx.rateLimiter.take(client.address),
     );
     ctx.counters.leaf(source);
     return entry;

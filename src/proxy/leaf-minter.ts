@@ -39,8 +39,18 @@ export interface LeafMinterOptions {
 
 /** Mints leaves. */
 export interface LeafMinter {
-  /** Mints a leaf for `tenant` that copies `origin`'s names; `host` is the name the client asked for. */
-  mint(tenant: string, origin: OriginCertificate, host: string): Promise<LeafEntry>;
+  /**
+   * Mints a leaf for `tenant` that copies `origin`'s names; `host` is the name the client asked
+   * for, `requester` who asked (a minter with a {@link sharedLimit} charges the client's
+   * address; the others ignore it).
+   */
+  mint(tenant: string, origin: OriginCertificate, host: string, requester?: LeafRequester): Promise<LeafEntry>;
+  /**
+   * Present when the minter enforces the per-client new-host limit itself (a worker's: the
+   * primary holds the one limit per machine) and throws `IssuanceRefused` past it; the caller
+   * then takes no token of its own.
+   */
+  readonly sharedLimit?: SharedIssuanceLimit;
   /**
    * Replaces the session ticket keys of `tenant`'s leaves minted from now on (every tenant's
    * when absent). Why: after a revoke or a quarantine, a client must not resume a session that
@@ -49,6 +59,24 @@ export interface LeafMinter {
   rotateTicketKeys(tenant?: string): void;
   /** The session ticket keys `tenant`'s leaves get now (48 bytes). */
   ticketKeysOf(tenant: string): Buffer;
+}
+
+/** Who a leaf is minted for. */
+export interface LeafRequester {
+  /** The client's address (the new-host limit is per address). */
+  readonly client: string;
+  /** The CONNECT target, `host:port`. */
+  readonly target: string;
+}
+
+/** The new-host limit as another process holds it (with `--workers`, the primary). */
+export interface SharedIssuanceLimit {
+  /**
+   * The holder's word on a CONNECT its caller would refuse (its view says `client`'s bucket is
+   * empty): true when the bucket is empty and `tenant` got no leaf for `target` lately on any
+   * worker, so the 429 goes out on the CONNECT, as in one process.
+   */
+  refusesNewHost(tenant: string, target: string, client: string): Promise<boolean>;
 }
 
 /** Default time between session ticket key rotations: an hour (tickets live 5 minutes, Node's default). */

@@ -5,6 +5,10 @@
  * - the one agent connection: leaves are minted here, once per host per machine, concurrent
  *   requests from every worker joined to one issuance, and kept in a machine-wide cache of leaf
  *   material (bounded, expiry-aware, dropped on the agent's key events like the workers' own);
+ * - the per-client new-host limit (`--issue-rate`/`--issue-burst`), one per machine: a token is
+ *   taken here only when a leaf is really minted for that client, and every worker is told when
+ *   a client's bucket is empty, so that it answers that client's next new host with the 429 on
+ *   the CONNECT (after asking here whether another worker served that host lately);
  * - the session ticket keys, per tenant, handed to the workers with each leaf, so that a TLS
  *   session made on one worker resumes on any other, and rotated here (sent to every worker);
  * - the WatchKeys stream, relayed to every worker (and replayed to a new one);
@@ -23,9 +27,11 @@ import { parseListenAddress } from "../common/listen.js";
 import { AgentClient, type KeyWatch } from "../clients/agent-client.js";
 import { KeyEventType, type WatchKeysResponse } from "../gen/kmi/agent/v1/agent_pb.js";
 import { LeafCache, leafCacheKey } from "./leaf-cache.js";
+import { LeafHosts } from "./leaf-hosts.js";
 import { errorText } from "../common/errors.js";
 import { createLeafMaterialMinter, MAX_LEAF_LIFETIME_MS, TICKET_KEY_ROTATION_MS, TicketKeyRing, type LeafMaterial, type LeafMaterialMinter } from "./leaf-minter.js";
 import { leafNames } from "./origin-cert.js";
+import { ClientRateLimiter } from "./rate-limit.js";
 import { dropStaleLeaves, type ProxyAddress, type ProxyAgent } from "./server.js";
 import { encodeKeyEvent, isKmiMessage, leafFailureOf, type LeafRequestMessage, type PrimaryMessage, type WorkerMessage } from "./worker-ipc.js";
 
@@ -46,6 +52,10 @@ export interface ProxyPrimaryOptions {
   readonly leafCacheSize?: number;
   /** Longest leaf lifetime asked for. */
   readonly leafMaxLifetimeMs?: number;
+  /** New-host issuances per second per client address, for the whole machine; 0 disables; default 20. */
+  readonly issueRatePerSecond?: number;
+  /** Burst of new-host issuances per client address; default 100. */
+  readonly issueBurst?: number;
   /** Address of the Prometheus `/metrics` endpoint (the workers' metrics summed); off when unset. */
   readonly metricsListen?: string;
   /** Time between session ticket key rotations; default an hour; 0: only on revoke and quarantine. */
@@ -128,6 +138,9 @@ export class ProxyPrimary {
   private readonly ticketTenants = new Set<string>();
   private ticketTimer: NodeJS.Timeout | undefined;
   private readonly minter: LeafMaterialMinter;
+  private readonly limiter: ClientRateLimiter;
+  /** Tenant + CONNECT target pairs any worker got a leaf for lately (spared by the new-host limit). */
+  private readonly leafHosts = new LeafHosts();
   private readonly metrics = createMetricsRegistry();
   private readonly clusterMetrics: ClusterMetrics;
   private readonly started = new Map<number, number>();
@@ -149,6 +162,7 @@ export class ProxyPrimary {
   ) {
     this.leaves = new LeafCache<LeafMaterial>({ maxEntries: options.leafCacheSize ?? 10_000 });
     this.minter = createLeafMaterialMinter({ agent, maxLifetimeMs: options.leafMaxLifetimeMs ?? MAX_LEAF_LIFETIME_MS });
+    this.limiter = new ClientRateLimiter({ perSecond: options.issueRatePerSecond ?? 20, burst: options.issueBurst ?? 100 });
     this.clusterMetrics = new ClusterMetrics(this.metrics, () => Object.values(cluster.workers ?? {}).filter((w): w is Worker => w !== undefined));
     const m = this.metrics;
     m.gauge("kmi_proxy_workers", "Proxy worker processes running.", [], (g) => g.set(this.workers.length));
@@ -299,6 +313,9 @@ export class ProxyPrimary {
       case "kmi:leaf":
         void this.leaf(w, msg);
         break;
+      case "kmi:new-host":
+        sendTo(w, { type: "kmi:new-host", id: msg.id, refused: this.limiter.exhausted(msg.client) && !this.leafHosts.has(msg.tenant, msg.target) });
+        break;
       case "kmi:watch":
         // A new worker: the stream's state and what it said since its last snapshot.
         sendTo(w, { type: "kmi:watch-state", connected: this.watchConnected });
@@ -316,14 +333,31 @@ export class ProxyPrimary {
     const key = leafCacheKey(r.tenant, r.origin.fingerprint, leafNames(r.origin, r.host).truncated ? r.host : "");
     let answer: PrimaryMessage;
     try {
-      const { entry, source } = await this.leaves.obtain(r.tenant, key, () => this.minter.mint(r.tenant, r.origin, r.host));
+      const { entry, source } = await this.leaves.obtain(
+        r.tenant,
+        key,
+        () => this.minter.mint(r.tenant, r.origin, r.host),
+        () => this.admit(r.client),
+      );
       if (source === "issued") this.mints.inc();
+      if (r.target !== "") this.leafHosts.remember(r.tenant, r.target);
       answer = { type: "kmi:leaf", id: r.id, ok: true, material: entry, ticketKeys: this.tickets.of(r.tenant) };
       this.ticketTenants.add(r.tenant);
     } catch (err) {
       answer = { type: "kmi:leaf", id: r.id, ok: false, error: leafFailureOf(err) };
     }
     sendTo(w, answer);
+  }
+
+  /**
+   * Takes a token of `client`'s new-host bucket (asked only before a real issuance: a cached leaf
+   * or a running issuance costs nothing). When the bucket is left empty, or was, every worker is
+   * told before the answer goes out, so the next new host of that client is refused on the CONNECT.
+   */
+  private admit(client: string): boolean {
+    const ok = this.limiter.take(client);
+    if (this.limiter.exhausted(client)) this.broadcast({ type: "kmi:issue-limited", client, tokens: this.limiter.tokens(client) });
+    return ok;
   }
 }
 

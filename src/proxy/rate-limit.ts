@@ -34,11 +34,27 @@ export class ClientRateLimiter {
 
   /** True when `client`'s bucket has no whole token now (the next new host would be refused); takes nothing. */
   exhausted(client: string): boolean {
+    return this.options.perSecond > 0 && this.tokens(client) < 1;
+  }
+
+  /** The tokens (whole and partial) `client`'s bucket holds now: the burst for a client not seen; takes nothing. */
+  tokens(client: string): number {
     const { perSecond, burst } = this.options;
-    if (perSecond <= 0) return false;
     const b = this.buckets.get(client);
-    if (b === undefined) return false;
-    return Math.min(burst, b.tokens + ((this.now() - b.at) / 1000) * perSecond) < 1;
+    if (perSecond <= 0 || b === undefined) return burst;
+    return Math.min(burst, b.tokens + ((this.now() - b.at) / 1000) * perSecond);
+  }
+
+  /**
+   * Sets `client`'s bucket to `tokens` now. With `--workers`, a worker's view of the primary's
+   * bucket (which holds the one limit per machine), so that its CONNECT check refuses before
+   * the 200 as one process does.
+   */
+  assume(client: string, tokens: number): void {
+    if (this.options.perSecond <= 0) return;
+    this.buckets.delete(client);
+    if (this.buckets.size >= this.maxClients) this.buckets.delete(this.buckets.keys().next().value as string);
+    this.buckets.set(client, { tokens: Math.max(0, Math.min(this.options.burst, tokens)), at: this.now() });
   }
 
   /** Takes one token for `client`; false when its bucket is empty. */

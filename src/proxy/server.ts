@@ -337,6 +337,14 @@ export class ProxyServer {
   }
 
   /**
+   * Sets the view of `client`'s new-host bucket that the CONNECT check reads (a worker hears it
+   * from its primary, which holds the limit: `kmi:issue-limited`).
+   */
+  assumeIssuanceTokens(client: string, tokens: number): void {
+    this.context.rateLimiter.assume(client, tokens);
+  }
+
+  /**
    * Client connections open now, each once (a CONNECT's TCP connection, not also its
    * decrypted TLS socket and its origin connection); for metrics and tests.
    */

@@ -1,7 +1,8 @@
 /**
  * One worker of `kmi proxy --workers N`: a ProxyServer whose listener is shared through
  * node:cluster, whose leaves and key events come from the primary (./worker-ipc.ts), whose
- * metrics the primary collects, and whose access log lines carry its id. It drains and exits
+ * new-host limit is the primary's (its CONNECT check reads the primary's word on empty
+ * buckets), whose metrics the primary collects, and whose access log lines carry its id. It drains and exits
  * on the primary's shutdown message, on SIGTERM/SIGINT, or when the primary goes away; SIGHUP
  * (its own, or relayed by the primary) reloads the policy and reopens the access log.
  */
@@ -50,6 +51,7 @@ export async function runProxyWorker(options: Omit<ProxyServerOptions, "logger">
   const off = channel.on((m) => {
     if (m.type === "kmi:reload") onHup();
     else if (m.type === "kmi:ticket-keys") server.replaceTicketKeys(m.tenant, bufferOf(m.keys));
+    else if (m.type === "kmi:issue-limited") server.assumeIssuanceTokens(m.client, m.tokens);
     else if (m.type === "kmi:shutdown") stopOnce();
     else if (m.type === "kmi:metrics") {
       void metrics.prom.getMetricsAsJSON().then((list) => channel.send({ type: "kmi:metrics", id: m.id, metrics: list }));

@@ -10,6 +10,7 @@ import { create } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import { AgentCallError } from "../../../src/clients/agent-client.js";
 import { KeyEventType, WatchKeysResponseSchema, type WatchKeysResponse } from "../../../src/gen/kmi/agent/v1/agent_pb.js";
+import { IssuanceRefused } from "../../../src/proxy/leaf-cache.js";
 import { LeafRejected, type LeafMaterial } from "../../../src/proxy/leaf-minter.js";
 import type { OriginCertificate } from "../../../src/proxy/origin-cert.js";
 import {
@@ -54,8 +55,11 @@ describe("a worker's leaf minter", () => {
       reply({ type: "kmi:leaf", id: m.id, ok: true, material, ticketKeys: new Uint8Array(keys) });
     });
     const minter = createWorkerLeafMinter(ch);
-    const entry = await minter.mint("acme", origin, "localhost");
-    expect(asked).toMatchObject({ tenant: "acme", host: "localhost", origin });
+    const entry = await minter.mint("acme", origin, "localhost", { client: "192.0.2.7", target: "localhost:8443" });
+    // The client's address and target go along: the primary charges its new-host limit and
+    // remembers the host; the worker takes no token (its minter has the shared limit).
+    expect(asked).toMatchObject({ tenant: "acme", host: "localhost", origin, client: "192.0.2.7", target: "localhost:8443" });
+    expect(minter.sharedLimit).toBeDefined();
     expect(entry).toMatchObject({ tenant: "acme", issuerKeyId: "k1", serialHex: "01" });
     expect(entry.context).toBeDefined();
     expect(minter.ticketKeysOf("acme").equals(keys)).toBe(true);
@@ -69,14 +73,33 @@ describe("a worker's leaf minter", () => {
   it.each([
     ["an agent error", new AgentCallError("failed_precondition", 9, "tenant revoked"), AgentCallError, "tenant revoked"],
     ["a rejected leaf", new LeafRejected("agent returned a ca certificate as a leaf"), LeafRejected, "agent returned a ca certificate as a leaf"],
+    ["the client's new-host limit", new IssuanceRefused("new-host issuance rate limit reached for this client"), IssuanceRefused, "new-host issuance rate limit reached for this client"],
     ["anything else", new Error("boom"), Error, "boom"],
   ])("%s comes back as the same kind of error", async (_name, err, type, message) => {
-    const minter = createWorkerLeafMinter(channel((m, reply) => m.type === "kmi:leaf" && reply({ type: "kmi:leaf", id: m.id, ok: false, error: leafFailureOf(err) })));
+    const minter = createWorkerLeafMinter(channel((m, reply) => m.type === "kmi:leaf" && reply({ type: "kmi:leaf", id: m.id, ok: false, error: structuredClone(leafFailureOf(err)) })));
     const got = await minter.mint("acme", origin, "localhost").catch((e: unknown) => e);
     expect(got).toBeInstanceOf(type);
     expect((got as Error).message).toBe(message);
     if (got instanceof AgentCallError) expect([got.code, got.grpcCode]).toEqual(["failed_precondition", 9]);
     minter.close();
+  });
+
+  it("asks the primary before refusing a CONNECT on the new-host limit; without an answer, refuses", async () => {
+    const asked: WorkerMessage[] = [];
+    const minter = createWorkerLeafMinter(
+      channel((m, reply) => {
+        asked.push(m);
+        if (m.type === "kmi:new-host") reply({ type: "kmi:new-host", id: m.id, refused: m.target === "new.example:443" });
+      }),
+    );
+    expect(await minter.sharedLimit!.refusesNewHost("acme", "new.example:443", "192.0.2.7")).toBe(true);
+    expect(await minter.sharedLimit!.refusesNewHost("acme", "known.example:443", "192.0.2.7")).toBe(false);
+    expect(asked[0]).toMatchObject({ type: "kmi:new-host", tenant: "acme", target: "new.example:443", client: "192.0.2.7" });
+    minter.close();
+    const silent = createWorkerLeafMinter(channel(() => {}));
+    const waiting = silent.sharedLimit!.refusesNewHost("acme", "known.example:443", "192.0.2.7");
+    silent.close();
+    expect(await waiting).toBe(true);
   });
 
   it("fails the requests still waiting when closed (the primary went away)", async () => {
