@@ -7,10 +7,12 @@
  * capped and clamped to the intermediate's). One ready issuer per version, made on first use.
  */
 import { create } from "@bufbuild/protobuf";
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { timestampFromDate, timestampMs } from "@bufbuild/protobuf/wkt";
 import { tenClaimServes } from "../attest/index.js";
 import { FailedPrecondition, NotFound, PermissionDenied } from "../common/errors.js";
 import { SignLeafResponseSchema, type SignLeafResponse } from "../gen/kmi/kdc/v1/distribution_pb.js";
+import { VersionState } from "../gen/kmi/kdc/v1/kdc_pb.js";
+import type { IntermediateVersionRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import { createLeafIssuer, type LeafIssuer } from "../pki/leaf.js";
 import type { AttestedMachine } from "./authz.js";
 import type { KdcContext } from "./context.js";
@@ -29,7 +31,7 @@ export class TokenLeafSigner {
   /** Leaves signed since start. */
   signed = 0;
 
-  constructor(private readonly ctx: Pick<KdcContext, "store" | "quarantine" | "pki" | "sealer" | "rootKeys" | "logger">) {}
+  constructor(private readonly ctx: Pick<KdcContext, "store" | "quarantine" | "pki" | "sealer" | "rootKeys" | "logger" | "leaseMs" | "clock">) {}
 
   /** Checks the caller and the version, then signs one leaf. */
   async sign(m: AttestedMachine, i: SignLeafInput): Promise<SignLeafResponse> {
@@ -58,17 +60,21 @@ export class TokenLeafSigner {
     return create(SignLeafResponseSchema, { certificateDer: leaf.der, serialHex: leaf.serialHex, notAfter: timestampFromDate(leaf.notAfter) });
   }
 
-  /** The ready issuer of the tenant's active version `version`, when its key is in the token. */
+  /**
+   * The ready issuer of `version`, when its key is in the token and it may sign: the tenant's
+   * active version, or the one it replaced within a lease of its retirement (an agent that has
+   * not heard of the activation yet, as an agent holding an escrowed key keeps signing with it).
+   */
   private async issuerFor(tenantId: string, version: number): Promise<LeafIssuer> {
     const tenant = await this.ctx.store.getTenant(tenantId);
     if (tenant === undefined) throw new NotFound(`tenant_id: tenant "${tenantId}" does not exist`);
-    if (tenant.activeVersion !== version) {
+    const v = await this.ctx.store.getVersion(tenantId, version);
+    if (v === undefined) throw new NotFound(`version: tenant "${tenantId}" has no version ${version}`);
+    if (!this.maySign(tenant.activeVersion, v)) {
       throw new FailedPrecondition(
         `version: ${version} is not the active version of tenant "${tenantId}" (${tenant.activeVersion === 0 ? "none is" : `${tenant.activeVersion} is`}); the agent hears of the change on its watch stream`,
       );
     }
-    const v = await this.ctx.store.getVersion(tenantId, version);
-    if (v === undefined) throw new NotFound(`version: tenant "${tenantId}" has no version ${version}`);
     if (v.tokenKeyLabel === "") {
       throw new FailedPrecondition(`version: version ${version} of tenant "${tenantId}" is escrowed, not held in the token; the agent signs its leaves itself with the released key`);
     }
@@ -80,5 +86,11 @@ export class TokenLeafSigner {
       this.issuers.set(cacheKey, issuer);
     }
     return issuer;
+  }
+
+  private maySign(activeVersion: number, v: IntermediateVersionRecord): boolean {
+    if (v.version === activeVersion && v.state === VersionState.ACTIVE) return true;
+    if (v.state !== VersionState.RETIRED || v.retiredAt === undefined) return false;
+    return timestampMs(v.retiredAt) + this.ctx.leaseMs > this.ctx.clock.now().getTime();
   }
 }

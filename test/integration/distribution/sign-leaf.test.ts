@@ -206,11 +206,20 @@ describe("an intermediate held in the KDC's token", () => {
     expect(none.code).toBe(Code.Unauthenticated);
   });
 
-  it("refuses a version that is not the active one, and an escrowed version, with FAILED_PRECONDITION", async () => {
-    const stale = await failure(dist(A).signLeaf(request(A, { version: 1 })));
-    expect(stale).toMatchObject({ code: Code.FailedPrecondition, message: expect.stringMatching(/not the active version of tenant "acme"/) });
-    const escrowed = await failure(dist(A).signLeaf(request(A, { tenantId: "beta", version: 1 })));
+  it("refuses a version that is not active (a ready one) and an escrowed one with FAILED_PRECONDITION; signs with the version just replaced", async () => {
+    const ready = (await ops().ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, keyCustody: KeyCustody.TOKEN })).version!;
+    const notActive = await failure(dist(A).signLeaf(request(A, { version: ready.version })));
+    expect(notActive).toMatchObject({ code: Code.FailedPrecondition, message: expect.stringMatching(/not the active version of tenant "acme"/) });
+    const missing = await failure(dist(A).signLeaf(request(A, { version: 999 })));
+    expect(missing.code).toBe(Code.NotFound);
+    // Version 1 (escrowed, retired when the token version was activated): its agents sign themselves.
+    const escrowed = await failure(dist(A).signLeaf(request(A, { version: 1 })));
     expect(escrowed).toMatchObject({ code: Code.FailedPrecondition, message: expect.stringMatching(/escrowed/) });
+    // An agent that has not heard of an activation yet: the version it holds was retired a moment ago.
+    await ops().ca.activateVersion({ tenantId: "acme", version: ready.version });
+    const replaced = await dist(A).signLeaf(request(A));
+    expect(new X509Certificate(replaced.certificateDer).checkIssued(new X509Certificate(intermediatePem))).toBe(true);
+    await ops().ca.activateVersion({ tenantId: "acme", version: tokenVersion });
   });
 
   it("a new version follows the active version's custody; RSA in the token is INVALID_ARGUMENT; a CSR is signed by the token key", async () => {

@@ -663,8 +663,9 @@ export const DistributionService: GenService<{
    * sends it here, and the KDC builds and signs the leaf under the same policy (never a CA,
    * serverAuth, names required, validity capped and clamped to the intermediate's). The
    * machine's group must serve the tenant (else PERMISSION_DENIED) and the version must be the
-   * tenant's active one (else FAILED_PRECONDITION); an escrowed version is FAILED_PRECONDITION
-   * (its agents sign themselves). Each leaf is logged, not written to the audit log.
+   * tenant's active one, or the one it replaced within a lease of its retirement (else
+   * FAILED_PRECONDITION); an escrowed version is FAILED_PRECONDITION (its agents sign
+   * themselves). Each leaf is logged, not written to the audit log.
    *
    * @generated from rpc kmi.kdc.v1.DistributionService.SignLeaf
    */
