@@ -31,14 +31,14 @@ import {
 import { MAX_APPEND_OPS } from "../storage/audit-log.js";
 import { notFenced } from "../storage/election.js";
 import { retryOnConflict } from "../storage/retry.js";
-import { chunk, Conflict, type BatchOp, type Compare } from "../storage/store.js";
+import { chunk, type BatchOp, type Compare } from "../storage/store.js";
 import type { AttestedMachine } from "./authz.js";
 import type { CertSummary, Issuer, KdcContext } from "./context.js";
 import { CREDENTIAL, credentialAad, guard, intermediateKeyAad, put, signingKeyAad } from "./kdc-store.js";
 import { newTenant, nextVersion, pendingExpiry, planActivate, planDiscard, planRevoke, planUpload, requireNotExpired, requireRenewable, stateName, type Validity } from "./model.js";
 import { sealedRootKeys } from "./root-keys.js";
 import { mintToken } from "./tokens.js";
-import { custodyName, custodyOf, makeVersionKey, openVersionKey, requireToken, resolveCustody, tokenKeyUnused, type NewVersionKey } from "./version-keys.js";
+import { custodyName, custodyOf, makeVersionKey, openVersionKey, requireToken, resolveCustody, tokenKeyInUse, tokenKeyUnused, type NewVersionKey } from "./version-keys.js";
 import type { Signer as SignerKey } from "../pki/signer.js";
 import type * as V from "./validate.js";
 
@@ -221,10 +221,11 @@ export class KdcOperations {
   }
 
   /**
-   * Makes the key of the tenant's next version in `custody` (unspecified: as the active
-   * version's), builds the version with it, then commits it. A token key is removed again when
-   * the build fails or the commit surely did not happen (a Conflict, retried with a new key);
-   * after any other commit error it stays, as the version may have been written.
+   * Makes the key of the tenant's next version in `custody` (unspecified: as the tenant's
+   * versions say, ./version-keys.ts), builds the version with it, then commits it. A token key
+   * is removed again when the build fails, or when after a failed commit no version record
+   * holds it (read again: a commit that timed out may have been applied); when that read fails
+   * too, the key stays.
    */
   private async withNewVersionKey<T>(
     tenant: TenantRecord,
@@ -233,8 +234,8 @@ export class KdcOperations {
     build: (key: NewVersionKey) => Promise<T> | T,
     commit: (built: T) => Promise<void> = async () => undefined,
   ): Promise<T> {
-    const active = tenant.activeVersion === 0 ? undefined : await this.ctx.store.getVersion(tenant.tenantId, tenant.activeVersion);
-    const key = await makeVersionKey(this.ctx, tenant.tenantId, tenant.lastVersion + 1, algorithm, resolveCustody(custody, active));
+    const versions = custody === KeyCustody.UNSPECIFIED ? await this.ctx.store.listVersions(tenant.tenantId) : [];
+    const key = await makeVersionKey(this.ctx, tenant.tenantId, tenant.lastVersion + 1, algorithm, resolveCustody(custody, tenant.activeVersion, versions));
     let committing = false;
     try {
       const built = await build(key);
@@ -242,10 +243,20 @@ export class KdcOperations {
       await commit(built);
       return built;
     } catch (err) {
-      if (!committing || err instanceof Conflict) key.discard();
+      if (!committing) key.discard();
+      else if (key.tokenKeyLabel !== "") await this.discardIfUnwritten(tenant.tenantId, key);
       throw err;
     } finally {
       key.wipe();
+    }
+  }
+
+  /** Removes a new token key that no version record holds (its commit failed); keeps it when that cannot be read. */
+  private async discardIfUnwritten(tenantId: string, key: NewVersionKey): Promise<void> {
+    try {
+      if (!tokenKeyInUse(key.tokenKeyLabel, await this.ctx.store.listVersions(tenantId))) key.discard();
+    } catch (err) {
+      this.ctx.logger.warn("a new token key may be left unused in the token (its version's commit failed and the store could not be read)", { tenant: tenantId, token_key_label: key.tokenKeyLabel, error: err as Error });
     }
   }
 

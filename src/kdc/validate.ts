@@ -26,6 +26,7 @@ import {
 } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import type { ReportHeldVersionsRequest, SignLeafRequest } from "../gen/kmi/kdc/v1/distribution_pb.js";
 import type { IssueMachineCertificateRequest } from "../gen/kmi/kdc/v1/peer_pb.js";
+import { MAX_SAN_NAMES } from "../pki/san.js";
 
 const TENANT_ID = /^[a-z][a-z0-9-]{0,62}$/;
 const NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
@@ -406,8 +407,6 @@ export interface SignLeafInput {
   notBefore: Date;
   notAfter: Date;
 }
-/** Most names in one leaf, as the agent allows. */
-const MAX_LEAF_NAMES = 100;
 /** Largest leaf public key accepted (an RSA-4096 SPKI is 550 bytes). */
 const MAX_LEAF_KEY_BYTES = 1024;
 /** Parses SignLeafRequest. */
@@ -416,7 +415,7 @@ export function signLeaf(req: SignLeafRequest): SignLeafInput {
   if (req.publicKeyDer.length === 0) throw new InvalidArgument("public_key_der: required; give the leaf's DER SubjectPublicKeyInfo");
   if (req.publicKeyDer.length > MAX_LEAF_KEY_BYTES) throw new InvalidArgument(`public_key_der: ${req.publicKeyDer.length} bytes; at most ${MAX_LEAF_KEY_BYTES}`);
   const names = req.dnsNames.length + req.ipAddresses.length;
-  if (names > MAX_LEAF_NAMES) throw new InvalidArgument(`dns_names: ${names} names with ip_addresses; at most ${MAX_LEAF_NAMES}`);
+  if (names > MAX_SAN_NAMES) throw new InvalidArgument(`dns_names: ${names} names with ip_addresses; at most ${MAX_SAN_NAMES}`);
   if (req.notBefore === undefined) throw new InvalidArgument("not_before: required");
   if (req.notAfter === undefined) throw new InvalidArgument("not_after: required");
   const notBefore = timestampDate(req.notBefore);

@@ -16,8 +16,7 @@ import { KeyCustody, VersionState } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import type { IntermediateVersionRecord } from "../gen/kmi/store/v1/kdc_pb.js";
 import { FailedPrecondition, InvalidArgument } from "../common/errors.js";
 import type { Pkcs11Token } from "../common/keys/pkcs11-token.js";
-import { keyId } from "../pki/keys.js";
-import { importPrivateKeyPkcs8Der } from "../pki/keys.js";
+import { importPrivateKeyPkcs8Der, keyId } from "../pki/keys.js";
 import { keyObjectSigner, type Signer } from "../pki/signer.js";
 import type { KdcContext } from "./context.js";
 import { intermediateKeyAad } from "./kdc-store.js";
@@ -54,10 +53,22 @@ export function custodyOf(v: Pick<IntermediateVersionRecord, "tokenKeyLabel">): 
   return v.tokenKeyLabel !== "" ? KeyCustody.TOKEN : KeyCustody.ESCROW;
 }
 
-/** The custody a new version gets: the one asked for, else the tenant's active version's, else ESCROW. */
-export function resolveCustody(requested: KeyCustody, active: IntermediateVersionRecord | undefined): KeyCustody {
+/**
+ * The custody a new version gets: the one asked for, else that of the tenant's active version,
+ * else of its newest version not discarded (a tenant in the token stays there after its active
+ * version was revoked), else ESCROW.
+ */
+export function resolveCustody(requested: KeyCustody, activeVersion: number, versions: readonly IntermediateVersionRecord[]): KeyCustody {
   if (requested !== KeyCustody.UNSPECIFIED) return requested;
-  return active === undefined ? KeyCustody.ESCROW : custodyOf(active);
+  const active = versions.find((v) => v.version === activeVersion);
+  const newest = versions.filter((v) => v.state !== VersionState.DISCARDED).sort((a, b) => b.version - a.version)[0];
+  const from = active ?? newest;
+  return from === undefined ? KeyCustody.ESCROW : custodyOf(from);
+}
+
+/** True when a version record of `versions` holds the token key `label`. */
+export function tokenKeyInUse(label: string, versions: readonly IntermediateVersionRecord[]): boolean {
+  return versions.some((v) => v.tokenKeyLabel === label);
 }
 
 /** The name of a custody for messages, audit details and `kmi ctl`. */

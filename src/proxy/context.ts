@@ -13,7 +13,7 @@ import type { Inspection } from "./icap/inspection.js";
 import type { KeyAvailability } from "./key-availability.js";
 import type { OriginConnector } from "./origin.js";
 import type { PolicyStore } from "./policy.js";
-import type { ClientRateLimiter } from "./rate-limit.js";
+import type { ClientRateLimiter } from "../common/rate-limit.js";
 import type { TenantResolver } from "./tenants.js";
 
 /** Timeouts and size limits. */

@@ -31,7 +31,7 @@ import { LeafHosts } from "./leaf-hosts.js";
 import { errorText } from "../common/errors.js";
 import { createLeafMaterialMinter, MAX_LEAF_LIFETIME_MS, TICKET_KEY_ROTATION_MS, TicketKeyRing, type LeafMaterial, type LeafMaterialMinter } from "./leaf-minter.js";
 import { leafNames } from "./origin-cert.js";
-import { ClientRateLimiter } from "./rate-limit.js";
+import { ClientRateLimiter } from "../common/rate-limit.js";
 import { dropStaleLeaves, type ProxyAddress, type ProxyAgent } from "./server.js";
 import { encodeKeyEvent, isKmiMessage, leafFailureOf, type LeafRequestMessage, type PrimaryMessage, type WorkerMessage } from "./worker-ipc.js";
 

@@ -29,7 +29,7 @@ import { DestinationGuard } from "./destinations.js";
 import { KeyAvailability } from "./key-availability.js";
 import { OriginConnector } from "./origin.js";
 import { PolicyStore } from "./policy.js";
-import { ClientRateLimiter } from "./rate-limit.js";
+import { ClientRateLimiter } from "../common/rate-limit.js";
 import { createTenantResolver, normalizeClientAddress, type TenantConfig, type TenantMatch, type TenantResolver } from "./tenants.js";
 
 /** The agent as the server uses it: leaf issuance and the key event stream. */

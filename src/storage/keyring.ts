@@ -13,9 +13,10 @@
  * renaming `master.key.next` over `master.key`: the old key is gone from the disk.
  *
  * A server that runs through a rotation made by another process (`kmi kdc rekey` beside a
- * replica) looks at the key files before each seal (a stat of each; a file is read again only
- * when it changed), so that from the moment `master.key.next` exists it seals under it, and
- * never under the old key once the rotation has ended.
+ * replica) seals under the next key once it met a record under it (the rekey proper has
+ * started; `rekey --prepare` only makes the file, for other hosts to copy first), and looks at
+ * `master.key` before each seal (a stat; read again only when it changed), so that it never
+ * seals under the old key once the rotation has ended, even if it opened nothing meanwhile.
  */
 import { existsSync, statSync } from "node:fs";
 import { SealError, masterKeyId, open, seal } from "./seal.js";
@@ -34,8 +35,8 @@ export class MasterKeyring {
   readonly #keys = new Map<string, Buffer>();
   readonly #primaryId: string;
   #sealingId: string;
-  /** What the key files looked like when last read, "" for a missing one (see #followFiles). */
-  readonly #seen = new Map<string, string>();
+  /** What the key file looked like when last read (see #followKeyFile). */
+  #seenKeyFile = "";
 
   /**
    * `primary` is the key in the key file (or the environment); `next` the rotation's new key,
@@ -70,7 +71,7 @@ export class MasterKeyring {
 
   /** Seals `plaintext` for the record `aad` under the sealing key (storage/seal.ts). */
   seal(plaintext: Uint8Array, aad: string): SealedBlob {
-    this.#followFiles();
+    this.#followKeyFile();
     return seal(this.#keys.get(this.#sealingId)!, plaintext, aad);
   }
 
@@ -105,38 +106,30 @@ export class MasterKeyring {
   }
 
   /**
-   * Seals under what the files say now: `master.key.next` while it exists, else `master.key`
-   * (the rotation's key once it has ended). Why: a rekey run by another process changes the
-   * files, and a record sealed under the old key after its verified pass would outlive the key.
+   * Seals under the key in `master.key` once it changed to one this ring did not seal under:
+   * the rotation's key after the rekey renamed `master.key.next` over it. A changed file that
+   * cannot be read fails the seal (not naming the file: the message may reach a caller).
    */
-  #followFiles(): void {
+  #followKeyFile(): void {
     if (this.keyFile === undefined) return;
-    const next = this.#changedKey(nextKeyFile(this.keyFile));
-    const main = this.#changedKey(this.keyFile);
-    if (next !== undefined) this.#sealingId = next;
-    else if (this.#seen.get(nextKeyFile(this.keyFile)) === "" && main !== undefined) this.#sealingId = main;
-  }
-
-  /** The id of the key in `file` when the file changed since it was last read (added to the ring); undefined otherwise. */
-  #changedKey(file: string): string | undefined {
-    let stamp = "";
+    let stamp: string;
     try {
-      const st = statSync(file);
+      const st = statSync(this.keyFile);
       stamp = `${st.ino}:${st.size}:${st.mtimeMs}`;
     } catch {
-      stamp = "";
+      return; // a key file moved away meanwhile: keep what this ring holds
     }
-    if (this.#seen.get(file) === stamp) return undefined;
-    if (stamp === "") {
-      this.#seen.set(file, stamp);
-      return undefined;
+    if (stamp === this.#seenKeyFile) return;
+    let key: Buffer;
+    try {
+      key = readMasterKeyFileSync(this.keyFile, this.wrap);
+    } catch (err) {
+      throw new SealError("unreadable", `the master key file changed and cannot be read (${(err as NodeJS.ErrnoException).code ?? "invalid"}); restore it (mode 0600, the server's owner)`);
     }
-    // Read before remembering the stamp: a file that cannot be read fails this seal and the next.
-    const key = readMasterKeyFileSync(file, this.wrap);
     try {
       const id = this.#add(key);
-      this.#seen.set(file, stamp);
-      return id;
+      if (id !== this.#primaryId) this.#sealingId = id;
+      this.#seenKeyFile = stamp;
     } finally {
       key.fill(0);
     }

@@ -110,7 +110,10 @@ export async function rekeyStore(opts: RekeyOptions): Promise<RekeyResult> {
       details: { replaced_by: ids.newKeyId, sealed_records: String(rewrap.sealedRecords), passes: String(rewrap.passes) },
     });
     await retire(opts.keyFile);
-    return { ...ids, resumed, prepared: false, ...rewrap };
+    // A replica may have sealed a record under the old key after the verified pass and before
+    // it saw the renamed key file (servers look at it before each seal): one more sweep.
+    const sweep = await rewrapStore(opts.store, sealedTables(opts.tables), keyring, batchSize, opts.onProgress);
+    return { ...ids, resumed, prepared: false, passes: rewrap.passes + sweep.passes, rewrapped: rewrap.rewrapped + sweep.rewrapped, sealedRecords: sweep.sealedRecords };
   } finally {
     primary.fill(0);
     keyring?.wipe();

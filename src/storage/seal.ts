@@ -18,7 +18,7 @@ const TAG_BYTES = 16;
 const MAX_AAD_BYTES = 1024;
 
 /** Why a `SealedBlob` did not open. */
-export type SealErrorReason = "wrong_key" | "aad_mismatch" | "tampered" | "malformed";
+export type SealErrorReason = "wrong_key" | "aad_mismatch" | "tampered" | "malformed" | "unreadable";
 
 /**
  * A sealed blob that does not open. Deliberately not a domain error: it means the server's

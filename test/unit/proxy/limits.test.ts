@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { LearnedBypass } from "../../../src/proxy/learned-bypass.js";
 import { LeafHosts } from "../../../src/proxy/leaf-hosts.js";
-import { ClientRateLimiter } from "../../../src/proxy/rate-limit.js";
+import { ClientRateLimiter } from "../../../src/common/rate-limit.js";
 
 describe("ClientRateLimiter", () => {
   it("allows a burst, then the refill rate, per client", () => {

@@ -4,6 +4,7 @@
  * concurrent write during a rekey batch that must win, and refusals.
  */
 import { randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
 import { readdir, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
@@ -69,24 +70,38 @@ describe("MasterKeyring", () => {
     expect(ring.sealingId).toBe(masterKeyId(next));
   });
 
-  it("seals under the files' key without opening anything: the next key once a rekey made it, the rotated key once the rekey ended, never the old one", async () => {
+  it("seals under the next key only once it met a record under it (a prepared file alone changes nothing), and under the rotated key once the rekey ended, never the old one", async () => {
     const dir = await tempDir();
     const keyFile = join(dir, "master.key");
     const { id: oldId } = await createMasterKeyFile(keyFile);
     const ring = await loadMasterKeyring({}, "KMI_TEST_MASTER_KEY", keyFile);
     expect(ring.seal(Buffer.from("a"), "r/1").masterKeyId).toBe(oldId);
-    // Another process (kmi kdc rekey) starts a rotation: this ring has opened nothing since.
-    const { id: nextId } = await createMasterKeyFile(nextKeyFile(keyFile));
-    expect(ring.seal(Buffer.from("b"), "r/2").masterKeyId).toBe(nextId);
-    // It ends by renaming the next key over the key file.
+    // `kmi kdc rekey --prepare` (or a rekey that has not rewrapped anything yet): still the old key,
+    // so replicas on hosts that have no copy of the file yet can open what this one writes.
+    const { key: next, id: nextId } = await createMasterKeyFile(nextKeyFile(keyFile));
+    expect(ring.seal(Buffer.from("b"), "r/2").masterKeyId).toBe(oldId);
+    // The rekey proper: a record under the next key is met.
+    ring.open(new MasterKeyring(next).seal(Buffer.from("moved"), "r/0"), "r/0");
+    expect(ring.seal(Buffer.from("c"), "r/3").masterKeyId).toBe(nextId);
     await rename(nextKeyFile(keyFile), keyFile);
-    const after = ring.seal(Buffer.from("c"), "r/3");
+    const after = ring.seal(Buffer.from("d"), "r/4");
     expect(after.masterKeyId).toBe(nextId);
-    // A later rotation, ended before this ring sealed again: the key file alone names the key.
+    // A later rotation that ended before this ring opened or sealed anything: the key file alone names the key.
     const { id: thirdId } = await createMasterKeyFile(nextKeyFile(keyFile));
     await rename(nextKeyFile(keyFile), keyFile);
-    expect(ring.seal(Buffer.from("d"), "r/4").masterKeyId).toBe(thirdId);
-    expect(Buffer.from(ring.open(after, "r/3")).toString()).toBe("c");
+    expect(ring.seal(Buffer.from("e"), "r/5").masterKeyId).toBe(thirdId);
+    expect(Buffer.from(ring.open(after, "r/4")).toString()).toBe("d");
+  });
+
+  it("a key file changed into something unreadable fails the seal without naming the file", async () => {
+    const dir = await tempDir();
+    const keyFile = join(dir, "master.key");
+    await createMasterKeyFile(keyFile);
+    const ring = await loadMasterKeyring({}, "KMI_TEST_MASTER_KEY", keyFile);
+    ring.seal(Buffer.from("a"), "r/1");
+    await writeFile(keyFile, "not a key", { mode: 0o600 });
+    expect(() => ring.seal(Buffer.from("b"), "r/2")).toThrow(SealError);
+    expect(() => ring.seal(Buffer.from("b"), "r/2")).not.toThrow(new RegExp(dir));
   });
 
   it("refuses a next key file others can read", async () => {
@@ -99,13 +114,42 @@ describe("MasterKeyring", () => {
 });
 
 describe("rekeyStore", () => {
+  it("sweeps once more after retiring the old key: a record a replica sealed under it meanwhile is rewrapped", async () => {
+    const { keyFile, key, store } = await setup(3);
+    const replica = new MasterKeyring(key); // a server that never saw the rotation
+    let sawNext = false;
+    let injected = false;
+    // The store as the rekey sees it: once the next key file has come and gone (renamed), a
+    // replica writes a record under the old key before the rekey lists again.
+    const watched = new Proxy(store, {
+      get(target, prop) {
+        const value = Reflect.get(target, prop, target) as unknown;
+        if (prop !== "list") return typeof value === "function" ? (value as (...a: unknown[]) => unknown).bind(target) : value;
+        return async (...args: Parameters<LevelStore["list"]>) => {
+          if (existsSync(nextKeyFile(keyFile))) sawNext = true;
+          else if (sawNext && !injected) {
+            injected = true;
+            await target.batch([putOp(things, "late", thing(replica, 99))]);
+          }
+          return target.list(...args);
+        };
+      },
+    });
+    const r = await rekeyStore({ store: watched, tables: [things], keyFile, audit: new AuditLog(store), actor: "system:test" });
+    expect(injected).toBe(true);
+    const late = (await store.get(things, "late"))!;
+    expect(late.privateKey!.masterKeyId).toBe(r.newKeyId);
+    const ring = await loadMasterKeyring({}, "KMI_TEST_MASTER_KEY", keyFile);
+    expect(Buffer.from(ring.open(late.privateKey!, "things/t99")).toString()).toBe("secret 99");
+  });
+
   it("rewraps every sealed record, pins the log keys of the first key, audits, and retires the old key file", async () => {
     const { dir, keyFile, key, store } = await setup(10);
     await store.batch([putOp(plain, "p", create(TokenRecordSchema, { tokenId: "p" }))]);
     const progress: string[] = [];
     const r = await rekeyStore({ store, tables: [things, plain], keyFile, audit: new AuditLog(store), actor: "system:test", batchSize: 3, onProgress: (d, t, p) => progress.push(`${p}:${d}/${t}`) });
-    // 10 things + the pinned log keys; batches of 3; the second pass verifies.
-    expect(r).toMatchObject({ oldKeyId: masterKeyId(key), resumed: false, passes: 2, rewrapped: 11, sealedRecords: 11 });
+    // 10 things + the pinned log keys; batches of 3; the second pass verifies; a third sweeps after the rename.
+    expect(r).toMatchObject({ oldKeyId: masterKeyId(key), resumed: false, passes: 3, rewrapped: 11, sealedRecords: 11 });
     expect(progress).toEqual(["1:0/11", "1:3/11", "1:6/11", "1:9/11", "1:11/11"]);
     const newKey = await readMasterKeyFile(keyFile);
     expect(masterKeyId(newKey)).toBe(r.newKeyId);

@@ -466,15 +466,17 @@ export type SignLeafRequest = Message<"kmi.kdc.v1.SignLeafRequest"> & {
   commonName: string;
 
   /**
-   * Start of validity; required (the agent backdates it).
+   * Start of validity; required; by the KDC's clock at most a day before now (the agent
+   * backdates it) and five minutes after.
    *
    * @generated from field: google.protobuf.Timestamp not_before = 8;
    */
   notBefore?: Timestamp | undefined;
 
   /**
-   * End of validity; required; at most 398 days after not_before (the CA/Browser Forum limit),
-   * clamped to the intermediate's end.
+   * End of validity; required; at most 47 days after not_before, clamped to the intermediate's
+   * end. A machine asking for more than 50 leaves a second (burst 500) is RESOURCE_EXHAUSTED; a
+   * replica that cannot reach the key in its token is UNAVAILABLE (another replica may).
    *
    * @generated from field: google.protobuf.Timestamp not_after = 9;
    */

@@ -1,7 +1,7 @@
 /**
- * Per-client token buckets for new-host leaf issuance: a client that opens tunnels to many
- * new hosts (random subdomains) cannot make the agent sign without bound. Joining an
- * issuance already running, or a cached leaf, costs nothing.
+ * Per-client token buckets: the proxy's new-host leaf issuance per client address (a client
+ * that opens tunnels to many new hosts cannot make the agent sign without bound; a cached leaf
+ * costs nothing), and the KDC's leaves signed through its token per machine (SignLeaf).
  */
 
 /** Options of {@link ClientRateLimiter}. */
