@@ -203,7 +203,6 @@ function overflow(): never {
   throw new ResourceExhausted("watch: the reader fell more than 1024 events behind; open a new WatchKeys stream");
 }
 
-/** A bounded queue of holder events for one WatchKeys stream. */
 /** Logs an issued leaf (context only, never key material) and builds the answer. */
 function leafIssued(log: Logger, held: HeldKey, leaf: ReturnType<typeof parseLeafRequest>, issued: IssuedLeaf, caller: string) {
   const names = [...leaf.dnsNames, ...leaf.ipAddresses];
@@ -228,6 +227,7 @@ function leafIssued(log: Logger, held: HeldKey, leaf: ReturnType<typeof parseLea
   });
 }
 
+/** A bounded queue of holder events for one WatchKeys stream. */
 class EventQueue {
   private readonly items: HolderEvent[] = [];
   private wake: (() => void) | undefined;

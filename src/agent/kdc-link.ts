@@ -27,7 +27,7 @@
  */
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { Endpoints, isFailover, retryAfterMs } from "../clients/endpoints.js";
+import { callWithFailover, Endpoints, isFailover, retryAfterMs } from "../clients/endpoints.js";
 import { backoffMs, jittered, sleep, spreadMs } from "../common/backoff.js";
 import { FailedPrecondition, Unavailable } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
@@ -120,6 +120,9 @@ export class KdcLink {
   private auditAt = "";
   private readonly kdcEps: Endpoints;
   private readonly auditEps: Endpoints;
+  /** SignLeaf's own replica order (it moves without moving the watch stream), and its clients of the other replicas. */
+  private readonly signEps: Endpoints;
+  private readonly signClients = new Map<string, PeerClient<typeof DistributionService>>();
   private needFetch = true;
   /** The next session resumes from {@link revision} (after a failure) rather than asking for a SNAPSHOT. */
   private resumeNext = false;
@@ -132,6 +135,7 @@ export class KdcLink {
     // the same agent at the same one after a restart.
     const spread = options.identity().machineId;
     this.kdcEps = new Endpoints(options.kdcUrls, spread);
+    this.signEps = new Endpoints(options.kdcUrls, spread);
     this.auditEps = new Endpoints(options.auditUrls, spread);
   }
 
@@ -182,33 +186,45 @@ export class KdcLink {
   }
 
   /**
-   * Has the KDC sign a leaf with a tenant intermediate it keeps in its token (SignLeaf), on the
-   * replica in use, with the current attestation token (a new one when it is due). The KDC's
-   * refusals keep their code; a KDC that cannot be reached is UNAVAILABLE, saying why.
+   * Has the KDC sign a leaf with a tenant intermediate it keeps in its token (SignLeaf), with the
+   * current attestation token (a new one when it is due): on the replica the link uses, then on
+   * the others while one cannot be reached or answers UNAVAILABLE (a signature is safe to ask
+   * for again). The watch stream stays where it is. The KDC's refusals keep their code; when no
+   * replica could sign, UNAVAILABLE says why.
    */
   async signLeaf(tenantId: string, version: number, spec: LeafSpec): Promise<IssuedLeaf> {
     this.ensureClients();
+    let last = this.kdcEps.current;
     try {
       const token = await this.o.attestor.fresh(this.audit!.client, this.o.identity());
-      const res = await this.kdc!.client.signLeaf(
-        {
-          attestationToken: token.token,
-          tenantId,
-          version,
-          publicKeyDer: spec.publicKeySpkiDer,
-          dnsNames: spec.dnsNames,
-          ipAddresses: spec.ipAddresses,
-          commonName: spec.commonName ?? "",
-          notBefore: timestampFromMs(spec.notBefore.getTime()),
-          notAfter: timestampFromMs(spec.notAfter.getTime()),
-        },
-        { timeoutMs: SIGN_LEAF_TIMEOUT_MS },
-      );
-      if (res.notAfter === undefined || res.certificateDer.length === 0) throw new Unavailable("the KDC answered SignLeaf without a certificate");
-      return { certificateDer: res.certificateDer, serialHex: res.serialHex, notAfter: new Date(timestampMs(res.notAfter)) };
+      const req = {
+        attestationToken: token.token,
+        tenantId,
+        version,
+        publicKeyDer: spec.publicKeySpkiDer,
+        dnsNames: spec.dnsNames,
+        ipAddresses: spec.ipAddresses,
+        commonName: spec.commonName ?? "",
+        notBefore: timestampFromMs(spec.notBefore.getTime()),
+        notAfter: timestampFromMs(spec.notAfter.getTime()),
+      };
+      const res = await callWithFailover(this.signEps, (url) => ((last = url), this.signingClient(url).signLeaf(req, { timeoutMs: SIGN_LEAF_TIMEOUT_MS })));
+      return { certificateDer: res.certificateDer, serialHex: res.serialHex, notAfter: res.notAfter === undefined ? spec.notAfter : new Date(timestampMs(res.notAfter)) };
     } catch (err) {
-      throw signLeafError(err, tenantId, this.kdcEps.current);
+      throw signLeafError(err, tenantId, last);
     }
+  }
+
+  /** The DistributionService client of replica `url` for SignLeaf: the watch's own when it is that replica. */
+  private signingClient(url: string): PeerClient<typeof DistributionService>["client"] {
+    if (url === this.kdcAt && this.kdc !== undefined) return this.kdc.client;
+    let c = this.signClients.get(url);
+    if (c === undefined) {
+      const id = this.o.identity();
+      c = createPeerClient(DistributionService, url, { caPem: this.o.caPem, certPem: id.certificatePem, keyPem: privateKeyPem(id) });
+      this.signClients.set(url, c);
+    }
+    return c.client;
   }
 
   /** Makes the clients for the current identity and the replicas in use (each side on its own: moving one leaves the other's streams alone). */
@@ -252,6 +268,8 @@ export class KdcLink {
   }
 
   private closeClients(): void {
+    for (const c of this.signClients.values()) c.close();
+    this.signClients.clear();
     this.kdc?.close();
     this.audit?.close();
     this.kdc = undefined;

@@ -410,17 +410,17 @@ export class KeyHolder {
   }
 }
 
-/**
- * Turns a secret into a held key. An intermediate gets its certificate parsed and its leaf
- * issuer built (unless its private key is gone); an entry that was held already with the
- * same private key keeps its issuer, so lease renewals cost nothing.
- */
 /** How leaves get signed: with a released key here, or at the KDC for a key in its token. */
 interface Issuers {
   local: LeafIssuerFactory;
   atKdc: KdcLeafSigner;
 }
 
+/**
+ * Turns a secret into a held key. An intermediate gets its certificate parsed and its leaf
+ * issuer built (unless its lease ran out); an entry that was held already with the same key
+ * keeps its issuer, so lease renewals cost nothing.
+ */
 function buildKey(s: SecretInput | HeldKey, reuse: HeldKey | undefined, now: number, issuers: Issuers): HeldKey {
   const leaseExpired = (s.privateKey === undefined && !s.kdcSigns) || s.leaseExpiresAt <= now;
   const privateKey = leaseExpired ? undefined : s.privateKey;
@@ -460,7 +460,7 @@ function buildKey(s: SecretInput | HeldKey, reuse: HeldKey | undefined, now: num
 
 /** The leaf issuer of a usable intermediate: at the KDC for a token-held key, else over its released key. */
 function newIssuer(s: SecretInput | HeldKey, certificateDer: Uint8Array, privateKey: KeyObject | undefined, issuers: Issuers): LeafIssuer {
-  if (s.kdcSigns) return kdcLeafIssuer(s.tenantId, s.version, issuers.atKdc);
+  if (s.kdcSigns) return kdcLeafIssuer(s.tenantId, s.version, certificateDer, issuers.atKdc);
   if (privateKey === undefined) throw new FailedPrecondition(`intermediate ${s.keyId}: no private key`);
   return issuers.local(certificateDer, privateKey);
 }

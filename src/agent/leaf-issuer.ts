@@ -3,7 +3,9 @@
  * when the intermediate arrives (so the hot path does no key parsing or chain work), and the
  * adapter onto pki's fast leaf builder, which enforces the leaf policy itself.
  */
-import type { KeyObject } from "node:crypto";
+import { X509Certificate, type KeyObject } from "node:crypto";
+import { certificateInfo } from "../pki/inspect.js";
+import { checkNames } from "../pki/san.js";
 import { createLeafIssuer } from "../pki/leaf.js";
 
 /** One leaf to build; already validated against the agent's policy. */
@@ -44,9 +46,41 @@ export interface LeafIssuer {
  */
 export type KdcLeafSigner = (tenantId: string, version: number, spec: LeafSpec) => Promise<IssuedLeaf>;
 
-/** A LeafIssuer for a token-held intermediate: every leaf goes to the KDC. */
-export function kdcLeafIssuer(tenantId: string, version: number, signAtKdc: KdcLeafSigner): LeafIssuer {
-  return { issueLeaf: (spec) => signAtKdc(tenantId, version, spec) };
+/**
+ * A LeafIssuer for a token-held intermediate (`certificateDer`): every leaf goes to the KDC,
+ * and what comes back is checked before it is handed out.
+ */
+export function kdcLeafIssuer(tenantId: string, version: number, certificateDer: Uint8Array, signAtKdc: KdcLeafSigner): LeafIssuer {
+  const intermediate = new X509Certificate(certificateDer);
+  return { issueLeaf: async (spec) => checkedLeaf(await signAtKdc(tenantId, version, spec), spec, intermediate) };
+}
+
+/**
+ * The leaf the KDC signed, checked as if the agent had built it: signed by the intermediate the
+ * agent holds, not a CA, for the key and exactly the names asked for. Why: the agent hands it
+ * to its callers as its own; a KDC replica that answered wrongly must not be believed.
+ */
+export function checkedLeaf(issued: IssuedLeaf, spec: LeafSpec, intermediate: X509Certificate): IssuedLeaf {
+  // A plain Error: INTERNAL to the caller, the reason in the agent's log (error-mapping.ts).
+  const wrong = (why: string) => new Error(`the KDC returned a leaf that ${why}; it was not handed out`);
+  let leaf: X509Certificate;
+  try {
+    leaf = new X509Certificate(issued.certificateDer);
+  } catch {
+    throw wrong("does not parse");
+  }
+  if (!leaf.checkIssued(intermediate) || !leaf.verify(intermediate.publicKey)) throw wrong("the intermediate did not sign");
+  const info = certificateInfo(issued.certificateDer);
+  if (info.isCa) throw wrong("is a CA");
+  if (!Buffer.from(leaf.publicKey.export({ type: "spki", format: "der" })).equals(Buffer.from(spec.publicKeySpkiDer))) throw wrong("is for another key");
+  const asked = checkNames(spec.dnsNames, spec.ipAddresses, { requireOne: true });
+  if (!sameNames(info.dnsNames, asked.dnsNames) || !sameNames(info.ipAddresses, asked.ipAddresses)) throw wrong("names other hosts");
+  return { certificateDer: issued.certificateDer, serialHex: info.serialHex, notAfter: info.notAfter };
+}
+
+function sameNames(got: readonly string[], asked: readonly string[]): boolean {
+  const a = new Set(got.map((n) => n.toLowerCase()));
+  return a.size === new Set(asked.map((n) => n.toLowerCase())).size && asked.every((n) => a.has(n.toLowerCase()));
 }
 
 /** Makes a LeafIssuer for an intermediate certificate (DER) and its private key. */

@@ -26,7 +26,9 @@
  * before it is sent, on both backends.
  */
 import { create, fromBinary, toBinary, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
-import { Etcd3, type IOptions, type Lease } from "etcd3";
+import { AsyncLocalStorage } from "node:async_hooks";
+import { handleWhen, retry } from "cockatiel";
+import { Etcd3, isRecoverableError, type IOptions, type Lease } from "etcd3";
 import { FailedPrecondition, InvalidArgument, Unavailable, isKmiError } from "../common/errors.js";
 import { StoreInfoSchema, type StoreInfo } from "../gen/kmi/store/v1/store_pb.js";
 import {
@@ -95,6 +97,7 @@ export async function openEtcdStore(options: EtcdStoreOptions): Promise<EtcdStor
     hosts: [...options.endpoints],
     credentials: { rootCertificate: options.ca, certChain: options.cert, privateKey: options.key },
     defaultCallOptions: (ctx) => (ctx.isStream ? {} : { deadline: Date.now() + CALL_TIMEOUT_MS }),
+    faultHandling: { global: etcdRetryPolicy() },
   } satisfies IOptions);
   const store = new EtcdStore(client, options);
   try {
@@ -142,11 +145,11 @@ export class EtcdStore implements LeasingStore {
       const info = create(StoreInfoSchema, { format: 1, schemaVersion, owner, restoreInProgress: false });
       // Two replicas starting at once: the first writes it, the second finds it (absent compare).
       await this.#call(() =>
-        this.#client.kv.txn({
+        unretried(() => this.#client.kv.txn({
           compare: [{ key, target: "Mod", result: "Equal", mod_revision: 0 }],
           success: [{ request_put: { key, value: Buffer.from(toBinary(StoreInfoSchema, info)) } }],
           failure: [],
-        }),
+        })),
       );
       return this.checkMeta();
     }
@@ -326,12 +329,12 @@ export class EtcdStore implements LeasingStore {
     const compares = txn.compares ?? [];
     const keys = compares.map((c) => this.#key(c.table, c.key));
     const res = await this.#call(() =>
-      this.#client.kv.txn({
+      unretried(() => this.#client.kv.txn({
         compare: compares.map((c, i) => ({ key: keys[i], target: "Mod", result: "Equal", mod_revision: c.modRevision.toString() })),
         success,
         // Read the compared keys when a compare fails, to name the ones that changed.
         failure: keys.map((key) => ({ request_range: { key, keys_only: true } })),
-      }),
+      })),
     );
     if (!res.succeeded) {
       const failed = compares.filter((c, i) => {
@@ -482,11 +485,11 @@ export class EtcdStore implements LeasingStore {
         checkKey(key, `putIfAbsent ${table.name}`);
         const k = this.#key(table, key);
         const res = await this.#call(() =>
-          this.#client.kv.txn({
+          unretried(() => this.#client.kv.txn({
             compare: [{ key: k, target: "Mod", result: "Equal", mod_revision: "0" }],
             success: [{ request_put: { key: k, value: Buffer.from(toBinary(table.schema, value)), lease: id } }],
             failure: [],
-          }),
+          })),
         );
         return res.succeeded ? BigInt(res.header.revision) : undefined;
       },
@@ -517,4 +520,23 @@ interface WatchResponse {
   cancel_reason?: string;
   compact_revision?: string;
   events?: WatchEvent[];
+}
+
+/** Marks the etcd calls made inside it as not to be sent again by the client (see {@link etcdRetryPolicy}). */
+const noRetry = new AsyncLocalStorage<true>();
+
+/** Runs `call` (a Txn) so that the etcd client does not send it again after a failure. */
+export function unretried<T>(call: () => Promise<T>): Promise<T> {
+  return noRetry.run(true, call);
+}
+
+/**
+ * The etcd client's retry: a read is sent up to 3 more times on a recoverable error (UNAVAILABLE), as etcd3
+ * does by default, but a Txn never. Why: a Txn whose answer was lost may have been applied; sent
+ * again, its compares fail and it looks like a Conflict, and the caller would run its change a
+ * second time on fresh reads (a second version, a second audit entry). Failing it instead leaves
+ * the caller an UNAVAILABLE it reports, and the client decides.
+ */
+export function etcdRetryPolicy() {
+  return retry(handleWhen((err) => isRecoverableError(err) && noRetry.getStore() !== true), { maxAttempts: 3 });
 }

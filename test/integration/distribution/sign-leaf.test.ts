@@ -171,10 +171,15 @@ describe("an intermediate held in the KDC's token", () => {
     expect(kdc.stderr()).toMatch(/leaf signed with a token-held intermediate.*m-a100000000000001/);
   });
 
-  it("clamps a leaf to the intermediate's end and refuses what the policy forbids with INVALID_ARGUMENT", async () => {
-    const interEnd = Date.parse(new X509Certificate(intermediatePem).validTo);
-    const long = await failure(dist(A).signLeaf(request(A, { notAfter: timestampFromMs(Date.now() + 400 * 86_400_000) })));
-    expect(long).toMatchObject({ code: Code.InvalidArgument });
+  it("judges the validity on its own clock, clamps a leaf to the intermediate's end, and refuses what the policy forbids with INVALID_ARGUMENT", async () => {
+    const now = Date.now();
+    const long = await failure(dist(A).signLeaf(request(A, { notAfter: timestampFromMs(now + 48 * 86_400_000) })));
+    expect(long).toMatchObject({ code: Code.InvalidArgument, message: expect.stringMatching(/^not_after: .*at most 47 days/) });
+    // A leaf made now to start later (after a quarantine, say), or dated far back.
+    const later = await failure(dist(A).signLeaf(request(A, { notBefore: timestampFromMs(now + 86_400_000), notAfter: timestampFromMs(now + 2 * 86_400_000) })));
+    expect(later).toMatchObject({ code: Code.InvalidArgument, message: expect.stringMatching(/^not_before: .*not about now/) });
+    const old = await failure(dist(A).signLeaf(request(A, { notBefore: timestampFromMs(now - 3 * 86_400_000) })));
+    expect(old).toMatchObject({ code: Code.InvalidArgument, message: expect.stringMatching(/^not_before/) });
     const noNames = await failure(dist(A).signLeaf(request(A, { dnsNames: [], ipAddresses: [] })));
     expect(noNames.code).toBe(Code.InvalidArgument);
     expect(noNames.message).toMatch(/dns_names/);
@@ -185,9 +190,15 @@ describe("an intermediate held in the KDC's token", () => {
     expect(garbage.code).toBe(Code.InvalidArgument);
     const backwards = await failure(dist(A).signLeaf(request(A, { notAfter: timestampFromMs(Date.now() - 3_600_000) })));
     expect(backwards).toMatchObject({ code: Code.InvalidArgument, message: expect.stringMatching(/^not_after/) });
-    // Within the 398-day cap but past the intermediate (1 year): clamped, not refused.
-    const clamped = await dist(A).signLeaf(request(A, { notAfter: timestampFromMs(Math.min(interEnd + 30 * 86_400_000, Date.now() + 397 * 86_400_000)) }));
-    expect(Date.parse(new X509Certificate(clamped.certificateDer).validTo)).toBeLessThanOrEqual(interEnd);
+    // Within 47 days but past a short-lived intermediate's end: clamped, not refused.
+    const short = (await ops().ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, keyCustody: KeyCustody.TOKEN, validityDays: 10, activate: true })).version!;
+    try {
+      const shortEnd = Date.parse(new X509Certificate(short.certificatePem).validTo);
+      const clamped = await dist(A).signLeaf(request(A, { version: short.version, notAfter: timestampFromMs(now + 40 * 86_400_000) }));
+      expect(Date.parse(new X509Certificate(clamped.certificateDer).validTo)).toBe(shortEnd);
+    } finally {
+      await ops().ca.activateVersion({ tenantId: "acme", version: tokenVersion });
+    }
   });
 
   it("refuses a machine that does not serve the tenant (PERMISSION_DENIED), a quarantined one, and a missing token (UNAUTHENTICATED)", async () => {
