@@ -86,7 +86,14 @@ async function startTokenMesh(env: Env): Promise<TokenMesh> {
   const [kdcPort, auditPort] = await Promise.all([freePort(), freePort()]);
   const auditUrl = `https://127.0.0.1:${auditPort}`;
   const procs: KmiProcess[] = [];
-  const stopAll = () => Promise.all(procs.map((p) => p.kill("SIGKILL"))).then(() => undefined);
+  // SIGTERM (each drains and closes its store), SIGKILL after 10 s; the agent first, the KDC last.
+  const stopAll = async () => {
+    for (const p of [...procs].reverse()) {
+      const t = setTimeout(() => p.child.kill("SIGKILL"), 10_000);
+      await p.kill("SIGTERM");
+      clearTimeout(t);
+    }
+  };
   try {
     env.log("token leaves: a SoftHSM2 token, kmi kdc init --pkcs11-*, kmi kdc");
     await runKmi(["kdc", "init", "--data-dir", kdcDir, "--token-file", tokenFile, ...hsm.flags], hsm.env);
