@@ -24,7 +24,7 @@ import { fileURLToPath } from "node:url";
 import { Env } from "./lib/env.js";
 import { describeMachine, renderMarkdown, renderText, rowHeading } from "./lib/report.js";
 import { RowBuilder, type RowResult } from "./lib/results.js";
-import { ROW_TITLES, runIcap, runKdc, runMinting, runRotation, runSigning, runStore, runThroughput, runFailover, runProxyCost, runReplicas, runReattach } from "./rows/index.js";
+import { ROW_TITLES, runIcap, runKdc, runMinting, runRotation, runSigning, runStore, runThroughput, runFailover, runProxyCost, runReplicas, runReattach, runTokenLeaves } from "./rows/index.js";
 
 interface Args {
   quick: boolean;
@@ -90,6 +90,7 @@ const ROWS: { id: string; run: (env: Env) => Promise<RowBuilder> }[] = [
   { id: "9", run: runReplicas },
   { id: "10", run: runProxyCost },
   { id: "11", run: runReattach },
+  { id: "12", run: runTokenLeaves },
 ];
 
 async function main(): Promise<number> {

@@ -6,7 +6,6 @@
  * is then started again on its port. The baseline, in the same run: the same rotation reaching
  * the same agent with nothing killed.
  */
-import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
@@ -21,23 +20,11 @@ import { startEtcdCluster, type EtcdCluster } from "../lib/etcd.js";
 import { RowBuilder } from "../lib/results.js";
 import { percentile } from "../lib/stats.js";
 import { ROW_TITLES } from "./titles.js";
-import { cleanEnv, KMI, startKmi, type KmiProcess } from "../lib/kmi-process.js";
+import { runKmi as kmi, startKmi, type KmiProcess } from "../lib/kmi-process.js";
 import { freePort } from "../lib/ports.js";
 
 const TARGET_P99_MS = 3000;
 
-
-/** Runs `kmi <args>` to completion; throws with its stderr unless it exits 0. */
-function kmi(args: string[]): Promise<string> {
-  return new Promise((res, rej) => {
-    const c = spawn(process.execPath, [KMI, ...args], { env: cleanEnv(), stdio: ["ignore", "pipe", "pipe"] });
-    let out = "";
-    let err = "";
-    c.stdout!.on("data", (d: Buffer) => (out += d.toString()));
-    c.stderr!.on("data", (d: Buffer) => (err += d.toString()));
-    c.once("close", (code) => (code === 0 ? res(out) : rej(new Error(`kmi ${args.slice(0, 2).join(" ")} exited ${code}: ${err.slice(-600)}`))));
-  });
-}
 
 /** The processes of the row. */
 interface Ha {

@@ -10,5 +10,6 @@ export { runFailover } from "./failover.js";
 export { runProxyCost } from "./proxy-cost.js";
 export { runReplicas } from "./replicas.js";
 export { runReattach } from "./reattach.js";
+export { runTokenLeaves } from "./token-leaves.js";
 
 export { ROW_TITLES } from "./titles.js";

@@ -11,4 +11,5 @@ export const ROW_TITLES: Readonly<Record<string, string>> = {
   "9": "KDC replicas on etcd: rotation fan-out and the Certificate menu",
   "10": "Proxy cost: CPU per request, resumption, memory per connection",
   "11": "Reattachment: the agents of a killed KDC replica attach elsewhere",
+  "12": "Leaves signed through a token-held intermediate (KDC SignLeaf) vs escrowed",
 };

@@ -28,6 +28,7 @@ const ROWS = [
   "9. KDC replicas on etcd: rotation fan-out and the Certificate menu",
   "10. Proxy cost: CPU per request, resumption, memory per connection",
   "11. Reattachment: the agents of a killed KDC replica attach elsewhere",
+  "12. Leaves signed through a token-held intermediate (KDC SignLeaf) vs escrowed",
 ];
 
 interface Stat {
@@ -192,6 +193,29 @@ describe("npm run bench -- --quick", () => {
     expect(fds.length).toBe(2);
     for (const f of fds) expect(f.value.median).toBeCloseTo(1, 1);
     expect(row10.notes.join("\n")).toMatch(/After the idle connections closed: (\d[\d,]*) descriptors open in the proxy \(\1 before they opened\)/);
+  });
+
+  it("measures leaves signed through a token-held intermediate against escrowed ones, and checks the KDC signed exactly the token-held ones", () => {
+    const report = JSON.parse(stdout) as Report;
+    const row12 = report.rows.find((r) => r.id === "12")!;
+    const fig = (id: string) => {
+      const f = row12.figures.find((x) => x.id === id);
+      expect(f, `figure ${id}`).toBeDefined();
+      return f!;
+    };
+    for (const c of [1, 16]) {
+      for (const part of [`c${c}`, `c${c}.p50`, `c${c}.p99`]) {
+        expect(fig(`token_leaf.escrow.${part}`).ratios).toEqual([]);
+        expect(fig(`token_leaf.token.${part}`).ratios.map((r) => r.vs)).toEqual([`of escrowed c=${c}`]);
+      }
+      expect(fig(`token_leaf.token.c${c}`).p99?.median).toBeGreaterThan(0);
+    }
+    expect(fig("token_leaf.token.cpu").ratios.map((r) => r.vs)).toEqual(["of escrowed"]);
+    expect(fig("token_leaf.token.cpu_kdc").value.median).toBeGreaterThan(0);
+    // The row fails itself unless the KDC's log counts one signed leaf per token-held call.
+    const signed = /The KDC logged (\d[\d,]*) leaves signed with the token-held intermediate, one per token-held call/.exec(row12.notes.join("\n"));
+    expect(signed, row12.notes.join("\n")).not.toBeNull();
+    expect(Number(signed![1]!.replace(/,/g, ""))).toBeGreaterThan(0);
   });
 
   it("removes its temp directory (sockets, data dirs) at the end", () => {
