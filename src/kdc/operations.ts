@@ -449,7 +449,7 @@ export class KdcOperations {
       // version is not revoked on the agents (only this version's certificate is).
       const active = plan.tenant.activeVersion === 0 ? undefined : await this.ctx.store.getVersion(input.tenantId, plan.tenant.activeVersion);
       if (active?.keyId !== target.keyId) this.ctx.events.keyRevoked(input.tenantId, target.keyId, input.reason);
-      await this.destroyTokenKeyIfUnused(plan.revoked);
+      await this.destroyTokenKeyIfUnused(actor, plan.revoked);
       return plan.revoked;
     });
   }
@@ -470,23 +470,25 @@ export class KdcOperations {
         [put.version(discarded), put.tenant(tenant)],
         guarded,
       );
-      await this.destroyTokenKeyIfUnused(discarded);
+      await this.destroyTokenKeyIfUnused(actor, discarded);
       return discarded;
     });
   }
 
   /**
    * After a version was revoked or discarded (committed): its token key is destroyed when no
-   * other version uses it (renewals share a key). Best effort: a failure is logged, and the
-   * key, which no version can use any more, stays in the token for an operator to remove.
+   * other version uses it (renewals share a key), audited first ("ca.version.key_destroy",
+   * fail-closed: no entry, no destruction). Best effort: a failure is logged, and the key, which
+   * no version can use any more, stays in the token for an operator to remove.
    */
-  private async destroyTokenKeyIfUnused(gone: IntermediateVersionRecord): Promise<void> {
+  private async destroyTokenKeyIfUnused(actor: string, gone: IntermediateVersionRecord): Promise<void> {
     const label = gone.tokenKeyLabel;
     if (label === "") return;
     const log = { tenant: gone.tenantId, version: gone.version, token_key_label: label };
     try {
       if (!tokenKeyUnused(label, gone, await this.ctx.store.listVersions(gone.tenantId))) return;
       const token = requireToken(this.ctx, "destroying the key");
+      await this.ctx.audit.append({ actor, action: "ca.version.key_destroy", target: versionTarget(gone.tenantId, gone.version), outcome: "ok", details: { key_id: gone.keyId, token_key_label: label } });
       token.destroyKey(label);
       this.ctx.logger.info("token key destroyed: no version uses it any more", log);
     } catch (err) {

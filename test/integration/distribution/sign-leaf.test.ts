@@ -273,5 +273,9 @@ describe("an intermediate held in the KDC's token", () => {
     await whileServing(() => ops().ca.revokeVersion({ tenantId: "acme", version: renewed.version, reason: "done" }));
     expect(inToken(label)).toBe(false);
     kdc = await startKdc(data.dataDir, hsm.flags);
+    // Each destruction was audited before it was done: the discarded CSR version's and this one.
+    const destroyed = (await ops().admin.tailAuditLog({ limit: 100, last: true })).entries.filter((e) => e.action === "ca.version.key_destroy");
+    expect(destroyed.map((e) => e.details["token_key_label"]).sort()).toEqual([discarded.tokenKeyLabel, label].sort());
+    expect(destroyed.find((e) => e.details["token_key_label"] === label)!.target).toBe(`tenant/acme/version/${renewed.version}`);
   }, 60_000);
 });
