@@ -64,7 +64,7 @@ const custodyFlag: FlagSpecs = {
   "key-custody": {
     type: "string",
     value: "WHERE",
-    help: "where the new key is held: escrow (sealed in the KDC's store, released to the agents) or token (in the KDC's PKCS#11 token, never released: the KDC signs the leaves); default: as the active version",
+    help: "where the new key is held: escrow (sealed in the KDC's store, released to the agents) or token (in the KDC's PKCS#11 token, never released: the KDC signs the leaves); default: as the tenant's active (or newest) version",
     choices: ["escrow", "token"],
   },
 };
