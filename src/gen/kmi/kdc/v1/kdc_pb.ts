@@ -363,7 +363,7 @@ export type CreateVersionRequest = Message<"kmi.kdc.v1.CreateVersionRequest"> & 
   activate: boolean;
 
   /**
-   * Where the new key is held; UNSPECIFIED: as the tenant's active version (ESCROW if none).
+   * Where the new key is held; UNSPECIFIED: as the tenant's versions say (see KeyCustody).
    *
    * @generated from field: kmi.kdc.v1.KeyCustody key_custody = 7;
    */
@@ -1458,8 +1458,9 @@ export const SignerSchema: GenEnum<Signer> = /*@__PURE__*/
  */
 export enum KeyCustody {
   /**
-   * Not set: a new version takes the custody of the tenant's active version (ESCROW when it
-   * has none); a renewal keeps its key's.
+   * Not set: a new version takes the custody of the tenant's active version, or of its newest
+   * version not discarded when none is active (ESCROW for a tenant without versions); a
+   * renewal keeps its key's.
    *
    * @generated from enum value: KEY_CUSTODY_UNSPECIFIED = 0;
    */
