@@ -529,8 +529,12 @@ describe("npm start and the five-minute tour, exactly as README.md says", () => 
     await writeFile(file, '{"blockHosts": ["a b"]}\n');
     await session!.waitForLine(/proxy: warning: policy not reloaded, the previous one stays in force: .*policy\.blockHosts\[0\]/, 15_000);
     await writeFile(file, good);
-    // The terminal line comes from this record of the proxy's own log.
-    const rec = await readFile(join(copy, "data", "logs", "proxy.log"), "utf8");
+    // The terminal line comes from this record of the proxy's own log (the file may get it a moment after the terminal).
+    const logFile = join(copy, "data", "logs", "proxy.log");
+    const rec = await waitUntil("the policy failure in proxy.log", 5_000, async () => {
+      const text = await readFile(logFile, "utf8");
+      return text.includes('"event":"policy-reload-failed"') ? text : undefined;
+    }).catch(async () => readFile(logFile, "utf8"));
     expect(rec).toContain('"event":"policy-reload-failed"');
   });
 
