@@ -57,7 +57,7 @@ export async function runProxyCost(env: Env): Promise<RowBuilder> {
   const row = new RowBuilder(
     "10",
     ROW_TITLES["10"]!,
-    `The load generator, origin and kmi proxy processes of row 3 (16 HTTP/1.1 keep-alive connections with one request in flight each, or 4 HTTP/2 connections × 4 streams; new connections: 16 at a time, one request each, CONNECT when proxied), directly to the origin and through the proxy, interleaved over the repeats. CPU per request is the utime + stime of the process and its descendants (/proc/<pid>/stat, every thread) over the measured window, divided by the requests that succeeded in it: the proxy's processes against the origin's own during the direct load. p99 added is p99 through kmi minus p99 direct, per repeat. New connections are measured with full handshakes and resumed ones (the client offers the latest TLS 1.3 session ticket it received), side by side. Idle connections: through \`kmi proxy --workers 1\` as a user starts it (primary and worker; idle timeout 10 minutes, origin side of an idle connection closed after 1 s, 15 s by default), with the allocator it picks by default (\`--allocator auto\`: jemalloc where installed) and, when that is not glibc's, again with \`--allocator system\`, one proxy after the other. The load generator opens HTTP/2 connections (resuming the latest TLS session where it can; each answers one GET /1k, then stays open and idle) until ${count(idleCounts[0])} and then ${count(idleCounts[1])} are open; the proxy's RSS (VmRSS) and open descriptors, summed over its processes, are read before, 2 s after each count is reached, and 3 s after they all close (the proxy's memory release runs its full GC 1 s after the fall); the origin's own figure comes from the same connections opened directly (${count(idleCounts[0])}). Peak RSS per worker is the VmHWM of each proxy process over the row.`,
+    `The load generator, origin and kmi proxy processes of row 3 (16 HTTP/1.1 keep-alive connections with one request in flight each, or 4 HTTP/2 connections × 4 streams; new connections: 16 at a time, one request each, CONNECT when proxied), directly to the origin and through the proxy, interleaved over the repeats. CPU per request is the utime + stime of the process and its descendants (/proc/<pid>/stat, every thread) over the measured window, divided by the requests that succeeded in it: the proxy's processes against the origin's own during the direct load. p99 added is p99 through kmi minus p99 direct, per repeat. New connections are measured with full handshakes and resumed ones (the client offers the latest TLS 1.3 session ticket it received), side by side. Idle connections: through \`kmi proxy --workers 1\` as a user starts it (primary and worker; idle timeout 10 minutes, origin side of an idle connection closed after 1 s, 15 s by default), with its default allocator (glibc's) and, where jemalloc is installed, again with \`--allocator jemalloc\`, one proxy after the other; the CPU per request of the HTTP/1.1 loads through \`kmi proxy --workers 1\` with each allocator is measured too, the two proxies interleaved. The load generator opens HTTP/2 connections (resuming the latest TLS session where it can; each answers one GET /1k, then stays open and idle) until ${count(idleCounts[0])} and then ${count(idleCounts[1])} are open; the proxy's RSS (VmRSS) and open descriptors, summed over its processes, are read before, 2 s after each count is reached, and 3 s after they all close (the proxy's memory release runs its full collections 1 s after the fall); the origin's own figure comes from the same connections opened directly (${count(idleCounts[0])}). Peak RSS per worker is the VmHWM of each proxy process over the row.`,
   );
   const b = env.budget;
   const { agent, origin, proxy } = await proxyStack(env);
@@ -101,6 +101,11 @@ export async function runProxyCost(env: Env): Promise<RowBuilder> {
   const workerHwm = await workerWindows(env, row, { agentSocket: agent.info.socketPath, originCaPem: origin.info.caPem }, b.repeats, (load, w, port, pid) => {
     env.log(`cost ${load.key} via kmi proxy --workers ${w}`);
     return run(spec(load.mode, load.path, "kmi", { dest: dest("kmi", port), cpuPids: { proxy: pid, origin: origin.pid } })).then((win) => void add(`${load.key}:w${w}`, win));
+  });
+
+  await allocatorFigures(env, row, { agentSocket: agent.info.socketPath, originCaPem: origin.info.caPem }, b.repeats, (load, port, pid) => {
+    env.log(`cost ${load.key} via kmi proxy --workers 1 (allocator figures)`);
+    return run(spec(load.mode, load.path, "kmi", { dest: dest("kmi", port), cpuPids: { proxy: pid, origin: origin.pid } }));
   });
 
   const missed: Load[] = [];
@@ -243,18 +248,15 @@ function footprint(pid: number): { rss: number; fds: number } | undefined {
   return { rss, fds };
 }
 
-/** The allocators the idle connections are measured with: what `--allocator auto` picks here, and glibc beside it. */
-function idleAllocators(): { choice: AllocatorChoice; name: string }[] {
-  const auto = workerAllocator("auto", cleanEnv());
-  const out: { choice: AllocatorChoice; name: string }[] = [{ choice: "auto", name: auto.name }];
-  if (auto.name !== "system") out.push({ choice: "system", name: "system" });
-  return out;
+/** The allocators the idle connections are measured with: the default (glibc's), and jemalloc beside it where installed. */
+function idleAllocators(): AllocatorChoice[] {
+  return workerAllocator("auto", cleanEnv()).name === "jemalloc" ? ["system", "jemalloc"] : ["system"];
 }
 
 /**
  * Idle HTTP/2 connections: RSS and descriptors per connection at each count, and RSS after
  * they close, through `kmi proxy --workers 1` as a user starts it (primary and worker summed),
- * once with the allocator it picks by default and once with glibc's when that is another.
+ * once with the default allocator (glibc's) and once with `--allocator jemalloc` where installed.
  */
 async function idleFigures(
   env: Env,
@@ -288,7 +290,7 @@ async function idleFigures(
   const originKb = row.figure("proxy.cost.idle.origin_rss", `RSS per idle h2 connection of the origin itself (node:http2 server), ${count(counts[0]!)} open directly`, "KB", [(o1.rss - o0.rss) / 1000 / counts[0]!], undefined, true);
 
   for (const a of idleAllocators()) {
-    const { p, port, pid } = await startWorkersProxy(env, stack, 1, ["--allocator", a.choice]);
+    const { p, port, pid } = await startWorkersProxy(env, stack, 1, ["--allocator", a]);
     try {
       await idleRun(env, row, { open: (n) => open("kmi", n, port), close, settle }, pid, counts, originKb, a);
     } finally {
@@ -305,11 +307,11 @@ async function idleRun(
   pid: number,
   counts: readonly number[],
   originKb: Figure,
-  a: { choice: AllocatorChoice; name: string },
+  a: AllocatorChoice,
 ): Promise<void> {
-  const adopted = a.choice === "auto";
-  const id = (k: string) => `proxy.cost.idle.${adopted ? "" : "system."}${k}`;
-  const via = `through \`kmi proxy --workers 1\`${adopted ? ` (default allocator: ${a.name === "jemalloc" ? "jemalloc" : "glibc's"})` : " --allocator system (glibc's)"}`;
+  const adopted = a === "system";
+  const id = (k: string) => `proxy.cost.idle.${adopted ? "" : `${a}.`}${k}`;
+  const via = `through \`kmi proxy --workers 1\`${adopted ? "" : ` --allocator ${a}`}`;
   await sleep(env.mode === "quick" ? 300 : 2000);
   const before = footprint(pid)!;
   let peak = before;
@@ -364,6 +366,44 @@ async function workerWindows(env: Env, row: RowBuilder, stack: { agentSocket: st
     return [];
   } finally {
     for (const p of procs) await p.p.kill("SIGTERM");
+  }
+}
+
+/**
+ * CPU per request of the HTTP/1.1 loads through \`kmi proxy --workers 1\` with glibc's allocator
+ * and with jemalloc (\`--allocator jemalloc\`), the two proxies interleaved over the repeats;
+ * nothing where jemalloc is not installed.
+ */
+async function allocatorFigures(env: Env, row: RowBuilder, stack: { agentSocket: string; originCaPem: string }, repeats: number, measure: (load: Load, port: number, pid: number) => Promise<Window>): Promise<void> {
+  if (!idleAllocators().includes("jemalloc")) return;
+  const allocators = ["system", "jemalloc"] as const;
+  const procs: { a: (typeof allocators)[number]; p: KmiProcess; port: number; pid: number }[] = [];
+  const loads = LOADS.filter((l) => l.mode === "h1");
+  const ws = new Map<string, Window[]>();
+  try {
+    for (const a of allocators) procs.push({ a, ...(await startWorkersProxy(env, stack, 1, ["--allocator", a])) });
+    for (let r = 0; r < repeats; r++) {
+      for (const load of loads) for (const p of procs) ws.set(`${load.key}:${p.a}`, [...(ws.get(`${load.key}:${p.a}`) ?? []), await measure(load, p.port, p.pid)]);
+    }
+  } catch (err) {
+    row.fail(`kmi proxy --allocator: ${(err as Error).message}`);
+    return;
+  } finally {
+    for (const p of procs) await p.p.kill("SIGTERM");
+  }
+  for (const load of loads) {
+    const [sys, jem] = allocators.map((a) => ws.get(`${load.key}:${a}`)!);
+    const label = (a: string) => `${load.label}: CPU per request of \`kmi proxy --workers 1 --allocator ${a}\``;
+    const whySys = judge(row, label("system"), sys!);
+    const whyJem = judge(row, label("jemalloc"), jem!);
+    const cs = cpuPerRequest(sys!, "proxy");
+    const cj = cpuPerRequest(jem!, "proxy");
+    if (cs === undefined || cj === undefined) continue;
+    const fs = row.figure(`proxy.cost.${load.key}.cpu_alloc_system`, label("system"), "µs", cs, undefined, true);
+    const fj = row.figure(`proxy.cost.${load.key}.cpu_alloc_jemalloc`, label("jemalloc"), "µs", cj);
+    if (whySys !== undefined) row.notJudged(fs, whySys);
+    if (whyJem !== undefined) row.notJudged(fj, whyJem);
+    if (whySys === undefined && whyJem === undefined) row.ratio(fj, fs, "of glibc's");
   }
 }
 

@@ -1,12 +1,13 @@
 /**
- * The memory allocator of `kmi proxy`'s workers. glibc's malloc keeps the memory that closed
- * connections freed (their OpenSSL and nghttp2 state is interleaved with longer-lived blocks, and
- * glibc returns only the top of its heap on its own), so a proxy whose load fell holds its peak
- * RSS. jemalloc returns freed pages to the system after a short decay, from a background thread;
- * it also costs a little less per idle connection (docs/proxy.md, "Connections, descriptors and
- * memory", has the figures). The primary forks each worker with the environment that preloads it:
- * a fork is a fresh exec, so this costs nothing at run time. One process (`--workers 0`) cannot
- * change its own allocator: there the unit or the shell sets LD_PRELOAD.
+ * The memory allocator of `kmi proxy`'s workers (`--allocator`). glibc's malloc keeps the memory
+ * that closed connections freed (their OpenSSL and nghttp2 state is interleaved with longer-lived
+ * blocks, and glibc returns only the top of its heap on its own), so a proxy whose load fell
+ * holds its peak RSS. jemalloc returns freed pages to the system after a short decay, from a
+ * background thread, and costs a little less per idle connection, but measurably more CPU per
+ * large body; so it is a choice, not the default (docs/proxy.md, "The allocator", has the
+ * figures). The primary forks each worker with the environment that preloads it (a fork is a
+ * fresh exec). One process (`--workers 0`) cannot change its own allocator: there the unit or
+ * the shell sets LD_PRELOAD.
  */
 import { existsSync } from "node:fs";
 

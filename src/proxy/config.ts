@@ -57,9 +57,10 @@ export const proxyProgram = defineProgram({
     allocator: {
       type: "string",
       description:
-        "the workers' memory allocator: auto = jemalloc when installed (Debian: libjemalloc2), else the C library's; jemalloc = required; " +
-        "system = the C library's. jemalloc gives the memory of closed connections back to the system, glibc keeps it (docs/proxy.md)",
-      default: "auto",
+        "the workers' memory allocator: system = the C library's; jemalloc (Debian: libjemalloc2; refused when not installed) gives the " +
+        "memory of closed connections back to the system, which glibc keeps, but costs more CPU per large body (docs/proxy.md); " +
+        "auto = jemalloc when installed, else system",
+      default: "system",
       choices: ["auto", "jemalloc", "system"],
     },
     agentSocket: { type: "string", description: "the key agent's Unix socket", default: "/run/kmi/agent.sock", valueName: "path" },

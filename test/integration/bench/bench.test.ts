@@ -66,7 +66,7 @@ const MITM = /^proxy\.(?:.+\.)?mitm$/;
 /** What may be not measured: the mitmdump comparisons, and the 2-worker rows while `--workers` is pending. */
 const MAY_BE_UNMEASURED = /^proxy\.(?:.+\.)?mitm$|^proxy\.cost\.[a-z0-9_]+\.workers2$/;
 /** Figures that are differences of two readings (may be zero or negative): p99 added, RSS per idle connection. */
-const DIFFERENCE = /\.p99_added$|^proxy\.cost\.idle\.(?:system\.)?(?:origin_)?rss(?:_\d+)?$/;
+const DIFFERENCE = /\.p99_added$|^proxy\.cost\.idle\.(?:jemalloc\.)?(?:origin_)?rss(?:_\d+)?$/;
 
 let code: number | null = null;
 let bench: ReturnType<typeof spawn> | undefined;
@@ -194,11 +194,15 @@ describe("npm run bench -- --quick", () => {
     for (const f of fds) expect(f.value.median).toBeCloseTo(1, 1);
     const closed = row10.notes.filter((n) => n.startsWith("After the idle connections closed"));
     for (const n of closed) expect(n).toMatch(/: (\d[\d,]*) descriptors open \(\1 before they opened\)\.$/);
-    // Measured through the real `kmi proxy --workers 1`, with its default allocator and, where that is jemalloc, with glibc's beside it.
+    // Measured through the real `kmi proxy --workers 1`, with its default allocator (glibc's) and, where jemalloc is installed, with jemalloc beside it.
     const jemalloc = JEMALLOC_PATHS.some((p) => existsSync(p));
     expect(closed).toHaveLength(jemalloc ? 2 : 1);
     expect(fig("proxy.cost.idle.rss_after").ratios.map((r) => r.vs)).toEqual(["of the peak"]);
-    if (jemalloc) expect(fig("proxy.cost.idle.system.rss_after").ratios.map((r) => r.vs)).toEqual(["of the peak"]);
+    if (jemalloc) {
+      expect(fig("proxy.cost.idle.jemalloc.rss_after").ratios.map((r) => r.vs)).toEqual(["of the peak"]);
+      // And what jemalloc costs in CPU per request, against glibc's in the same run.
+      for (const load of ["h1_1k", "h1_1m"]) expect(fig(`proxy.cost.${load}.cpu_alloc_jemalloc`).ratios.map((r) => r.vs)).toEqual(["of glibc's"]);
+    }
   });
 
   it("removes its temp directory (sockets, data dirs) at the end", () => {

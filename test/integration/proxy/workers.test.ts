@@ -46,6 +46,7 @@ beforeAll(async () => {
   proxy = spawnProcess(process.execPath, [
     kmi, "proxy",
     "--workers", "2",
+    "--allocator", "auto",
     "--listen", "127.0.0.1:0",
     "--agent-socket", agent.socketPath,
     "--default-tenant", "acme",
