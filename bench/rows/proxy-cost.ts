@@ -24,7 +24,8 @@ import { proxyStack } from "./minting.js";
 import { profileProxy } from "./throughput.js";
 import { ROW_TITLES } from "./titles.js";
 import { TENANT } from "./signing.js";
-import { startKmi, type KmiProcess } from "../lib/kmi-process.js";
+import { cleanEnv, startKmi, type KmiProcess } from "../lib/kmi-process.js";
+import { workerAllocator, type AllocatorChoice } from "../../src/proxy/allocator.js";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 
@@ -56,7 +57,7 @@ export async function runProxyCost(env: Env): Promise<RowBuilder> {
   const row = new RowBuilder(
     "10",
     ROW_TITLES["10"]!,
-    `The load generator, origin and kmi proxy processes of row 3 (16 HTTP/1.1 keep-alive connections with one request in flight each, or 4 HTTP/2 connections × 4 streams; new connections: 16 at a time, one request each, CONNECT when proxied), directly to the origin and through the proxy, interleaved over the repeats. CPU per request is the utime + stime of the process and its descendants (/proc/<pid>/stat, every thread) over the measured window, divided by the requests that succeeded in it: the proxy's processes against the origin's own during the direct load. p99 added is p99 through kmi minus p99 direct, per repeat. New connections are measured with full handshakes and resumed ones (the client offers the latest TLS 1.3 session ticket it received), side by side. Idle connections: the load generator opens HTTP/2 connections (resuming the latest TLS session where it can; each answers one GET /1k, then stays open and idle; the bench proxy's idle timeout is 10 minutes) until ${count(idleCounts[0])} and then ${count(idleCounts[1])} are open; the proxy's RSS (VmRSS) and open descriptors, summed over its processes, are read before, 2 s after each count is reached (the bench proxy closes an idle connection's origin side after 1 s; 15 s by default), and 3 s after they all close; the origin's own figure comes from the same connections opened directly (${count(idleCounts[0])}). Peak RSS per worker is the VmHWM of each proxy process over the row.`,
+    `The load generator, origin and kmi proxy processes of row 3 (16 HTTP/1.1 keep-alive connections with one request in flight each, or 4 HTTP/2 connections × 4 streams; new connections: 16 at a time, one request each, CONNECT when proxied), directly to the origin and through the proxy, interleaved over the repeats. CPU per request is the utime + stime of the process and its descendants (/proc/<pid>/stat, every thread) over the measured window, divided by the requests that succeeded in it: the proxy's processes against the origin's own during the direct load. p99 added is p99 through kmi minus p99 direct, per repeat. New connections are measured with full handshakes and resumed ones (the client offers the latest TLS 1.3 session ticket it received), side by side. Idle connections: through \`kmi proxy --workers 1\` as a user starts it (primary and worker; idle timeout 10 minutes, origin side of an idle connection closed after 1 s, 15 s by default), with its default allocator (glibc's) and, where jemalloc is installed, again with \`--allocator jemalloc\`, one proxy after the other; the CPU per request of the HTTP/1.1 loads through \`kmi proxy --workers 1\` with each allocator is measured too, the two proxies interleaved. The load generator opens HTTP/2 connections (resuming the latest TLS session where it can; each answers one GET /1k, then stays open and idle) until ${count(idleCounts[0])} and then ${count(idleCounts[1])} are open; the proxy's RSS (VmRSS) and open descriptors, summed over its processes, are read before, 2 s after each count is reached, and 3 s after they all close (the proxy's memory release runs its full collections 1 s after the fall); the origin's own figure comes from the same connections opened directly (${count(idleCounts[0])}). Peak RSS per worker is the VmHWM of each proxy process over the row.`,
   );
   const b = env.budget;
   const { agent, origin, proxy } = await proxyStack(env);
@@ -102,6 +103,11 @@ export async function runProxyCost(env: Env): Promise<RowBuilder> {
     return run(spec(load.mode, load.path, "kmi", { dest: dest("kmi", port), cpuPids: { proxy: pid, origin: origin.pid } })).then((win) => void add(`${load.key}:w${w}`, win));
   });
 
+  await allocatorFigures(env, row, { agentSocket: agent.info.socketPath, originCaPem: origin.info.caPem }, b.repeats, (load, port, pid) => {
+    env.log(`cost ${load.key} via kmi proxy --workers 1 (allocator figures)`);
+    return run(spec(load.mode, load.path, "kmi", { dest: dest("kmi", port), cpuPids: { proxy: pid, origin: origin.pid } }));
+  });
+
   const missed: Load[] = [];
   for (const load of LOADS) {
     const judged = keepAliveFigures(row, load, windows.get(`${load.key}:direct`)!, windows.get(`${load.key}:kmi`)!);
@@ -124,7 +130,7 @@ export async function runProxyCost(env: Env): Promise<RowBuilder> {
   }
 
   try {
-    await idleFigures(env, row, loadgen, dest, pids, idleCounts);
+    await idleFigures(env, row, loadgen, dest, { agentSocket: agent.info.socketPath, originCaPem: origin.info.caPem, originPid: origin.pid }, idleCounts);
   } catch (err) {
     // The figures above stand; the run fails with the reason.
     await loadgen.call("idle:close", undefined, 120_000).catch(() => undefined);
@@ -242,18 +248,27 @@ function footprint(pid: number): { rss: number; fds: number } | undefined {
   return { rss, fds };
 }
 
-/** Idle HTTP/2 connections: RSS and descriptors per connection at each count, and RSS after they close. */
+/** The allocators the idle connections are measured with: the default (glibc's), and jemalloc beside it where installed. */
+function idleAllocators(): AllocatorChoice[] {
+  return workerAllocator("auto", cleanEnv()).name === "jemalloc" ? ["system", "jemalloc"] : ["system"];
+}
+
+/**
+ * Idle HTTP/2 connections: RSS and descriptors per connection at each count, and RSS after
+ * they close, through `kmi proxy --workers 1` as a user starts it (primary and worker summed),
+ * once with the default allocator (glibc's) and once with `--allocator jemalloc` where installed.
+ */
 async function idleFigures(
   env: Env,
   row: RowBuilder,
   loadgen: Child<{ pid: number }>,
-  dest: (via: Via) => Destination,
-  pids: { proxy: number; origin: number },
+  dest: (via: Via, port?: number) => Destination,
+  stack: { agentSocket: string; originCaPem: string; originPid: number },
   counts: readonly number[],
 ): Promise<void> {
-  const open = async (via: Via, n: number): Promise<void> => {
+  const open = async (via: Via, n: number, port?: number): Promise<void> => {
     env.log(`idle: opening ${count(n)} h2 connections ${via === "kmi" ? "through kmi" : "directly"}`);
-    const r = await loadgen.call<IdleResult>("idle:open", { dest: dest(via), count: n, concurrency: IDLE_CONCURRENCY, path: "/1k" }, 600_000);
+    const r = await loadgen.call<IdleResult>("idle:open", { dest: dest(via, port), count: n, concurrency: IDLE_CONCURRENCY, path: "/1k" }, 600_000);
     if (r.open < n) throw new Error(`idle connections ${via === "kmi" ? "through kmi" : "directly"}: ${count(r.open)} of ${count(n)} open (${count(r.errors)} failed; first error: ${r.firstError ?? "none"})`);
   };
   const close = async (): Promise<void> => {
@@ -263,10 +278,10 @@ async function idleFigures(
   const settle = () => sleep(env.mode === "quick" ? 1500 : 2000);
 
   // The origin's own cost of the same connections, opened directly.
-  const o0 = footprint(pids.origin);
+  const o0 = footprint(stack.originPid);
   await open("direct", counts[0]!);
   await settle();
-  const o1 = footprint(pids.origin);
+  const o1 = footprint(stack.originPid);
   await close();
   if (o0 === undefined || o1 === undefined) {
     row.notMeasured("proxy.cost.idle", "RSS and descriptors per idle connection", "/proc/<pid>/status or /proc/<pid>/fd is not readable here");
@@ -274,29 +289,52 @@ async function idleFigures(
   }
   const originKb = row.figure("proxy.cost.idle.origin_rss", `RSS per idle h2 connection of the origin itself (node:http2 server), ${count(counts[0]!)} open directly`, "KB", [(o1.rss - o0.rss) / 1000 / counts[0]!], undefined, true);
 
+  for (const a of idleAllocators()) {
+    const { p, port, pid } = await startWorkersProxy(env, stack, 1, ["--allocator", a]);
+    try {
+      await idleRun(env, row, { open: (n) => open("kmi", n, port), close, settle }, pid, counts, originKb, a);
+    } finally {
+      await p.kill("SIGTERM");
+    }
+  }
+}
+
+/** One proxy's idle figures (see {@link idleFigures}); `a` names its allocator. */
+async function idleRun(
+  env: Env,
+  row: RowBuilder,
+  io: { open: (n: number) => Promise<void>; close: () => Promise<void>; settle: () => Promise<unknown> },
+  pid: number,
+  counts: readonly number[],
+  originKb: Figure,
+  a: AllocatorChoice,
+): Promise<void> {
+  const adopted = a === "system";
+  const id = (k: string) => `proxy.cost.idle.${adopted ? "" : `${a}.`}${k}`;
+  const via = `through \`kmi proxy --workers 1\`${adopted ? "" : ` --allocator ${a}`}`;
   await sleep(env.mode === "quick" ? 300 : 2000);
-  const before = footprint(pids.proxy)!;
+  const before = footprint(pid)!;
   let peak = before;
   for (const n of counts) {
-    await open("kmi", n);
-    await settle();
-    const now = footprint(pids.proxy)!;
+    await io.open(n);
+    await io.settle();
+    const now = footprint(pid)!;
     peak = now;
-    const kb = row.figure(`proxy.cost.idle.rss_${n}`, `RSS per idle h2 connection through kmi, ${count(n)} open`, "KB", [(now.rss - before.rss) / 1000 / n]);
+    const kb = row.figure(id(`rss_${n}`), `RSS per idle h2 connection ${via}, ${count(n)} open`, "KB", [(now.rss - before.rss) / 1000 / n]);
     // A difference of two RSS readings: at small counts the heap's own growth and GC can outweigh it.
     if (kb.value.median > 0 && originKb.value.median > 0) row.ratio(kb, originKb, "of the origin's own");
-    row.target(kb, "≤ 50 KB", kb.value.median <= 50);
-    row.figure(`proxy.cost.idle.fds_${n}`, `descriptors per idle h2 connection through kmi, ${count(n)} open`, "fds", [(now.fds - before.fds) / n]);
-    row.note(`${count(n)} idle connections through kmi: the proxy's RSS ${fmt(now.rss / MIB)} MiB (${fmt(before.rss / MIB)} MiB before), ${count(now.fds)} descriptors (${count(before.fds)} before).`);
+    if (adopted) row.target(kb, "≤ 50 KB", kb.value.median <= 50);
+    if (adopted) row.figure(id(`fds_${n}`), `descriptors per idle h2 connection ${via}, ${count(n)} open`, "fds", [(now.fds - before.fds) / n]);
+    row.note(`${count(n)} idle connections ${via}: RSS ${fmt(now.rss / MIB)} MiB (${fmt(before.rss / MIB)} MiB before), ${count(now.fds)} descriptors (${count(before.fds)} before).`);
   }
-  await close();
+  await io.close();
   await sleep(env.mode === "quick" ? 1000 : 3000);
-  const after = footprint(pids.proxy)!;
+  const after = footprint(pid)!;
   const last = counts[counts.length - 1]!;
-  const fPeak = row.figure("proxy.cost.idle.rss_peak", `RSS of the proxy with ${count(last)} idle connections open (${fmt(before.rss / MIB)} MiB before they opened)`, "MiB", [peak.rss / MIB], undefined, true);
-  const fAfter = row.figure("proxy.cost.idle.rss_after", `RSS of the proxy 3 s after every idle connection closed`, "MiB", [after.rss / MIB]);
+  const fPeak = row.figure(id("rss_peak"), `RSS ${via} with ${count(last)} idle connections open (${fmt(before.rss / MIB)} MiB before they opened)`, "MiB", [peak.rss / MIB], undefined, true);
+  const fAfter = row.figure(id("rss_after"), `RSS ${via} 3 s after every idle connection closed`, "MiB", [after.rss / MIB]);
   row.ratio(fAfter, fPeak, "of the peak");
-  row.note(`After the idle connections closed: ${count(after.fds)} descriptors open in the proxy (${count(before.fds)} before they opened).`);
+  row.note(`After the idle connections closed ${via}: ${count(after.fds)} descriptors open (${count(before.fds)} before they opened).`);
 }
 
 /** What `workerWindows` hands each load: the load, the worker count, the proxy's port and primary pid. */
@@ -331,15 +369,53 @@ async function workerWindows(env: Env, row: RowBuilder, stack: { agentSocket: st
   }
 }
 
+/**
+ * CPU per request of the HTTP/1.1 loads through \`kmi proxy --workers 1\` with glibc's allocator
+ * and with jemalloc (\`--allocator jemalloc\`), the two proxies interleaved over the repeats;
+ * nothing where jemalloc is not installed.
+ */
+async function allocatorFigures(env: Env, row: RowBuilder, stack: { agentSocket: string; originCaPem: string }, repeats: number, measure: (load: Load, port: number, pid: number) => Promise<Window>): Promise<void> {
+  if (!idleAllocators().includes("jemalloc")) return;
+  const allocators = ["system", "jemalloc"] as const;
+  const procs: { a: (typeof allocators)[number]; p: KmiProcess; port: number; pid: number }[] = [];
+  const loads = LOADS.filter((l) => l.mode === "h1");
+  const ws = new Map<string, Window[]>();
+  try {
+    for (const a of allocators) procs.push({ a, ...(await startWorkersProxy(env, stack, 1, ["--allocator", a])) });
+    for (let r = 0; r < repeats; r++) {
+      for (const load of loads) for (const p of procs) ws.set(`${load.key}:${p.a}`, [...(ws.get(`${load.key}:${p.a}`) ?? []), await measure(load, p.port, p.pid)]);
+    }
+  } catch (err) {
+    row.fail(`kmi proxy --allocator: ${(err as Error).message}`);
+    return;
+  } finally {
+    for (const p of procs) await p.p.kill("SIGTERM");
+  }
+  for (const load of loads) {
+    const [sys, jem] = allocators.map((a) => ws.get(`${load.key}:${a}`)!);
+    const label = (a: string) => `${load.label}: CPU per request of \`kmi proxy --workers 1 --allocator ${a}\``;
+    const whySys = judge(row, label("system"), sys!);
+    const whyJem = judge(row, label("jemalloc"), jem!);
+    const cs = cpuPerRequest(sys!, "proxy");
+    const cj = cpuPerRequest(jem!, "proxy");
+    if (cs === undefined || cj === undefined) continue;
+    const fs = row.figure(`proxy.cost.${load.key}.cpu_alloc_system`, label("system"), "µs", cs, undefined, true);
+    const fj = row.figure(`proxy.cost.${load.key}.cpu_alloc_jemalloc`, label("jemalloc"), "µs", cj);
+    if (whySys !== undefined) row.notJudged(fs, whySys);
+    if (whyJem !== undefined) row.notJudged(fj, whyJem);
+    if (whySys === undefined && whyJem === undefined) row.ratio(fj, fs, "of glibc's");
+  }
+}
+
 /** `kmi proxy --workers N` as a user starts it; its port and the primary's pid. */
-async function startWorkersProxy(env: Env, stack: { agentSocket: string; originCaPem: string }, workers: number): Promise<{ p: KmiProcess; port: number; pid: number }> {
+async function startWorkersProxy(env: Env, stack: { agentSocket: string; originCaPem: string }, workers: number, extra: readonly string[] = []): Promise<{ p: KmiProcess; port: number; pid: number }> {
   const caFile = join(env.dir, "cost-origin-ca.pem");
   await writeFile(caFile, stack.originCaPem, { mode: 0o600 });
   // prettier-ignore
   const p = await startKmi([
     "proxy", "--workers", String(workers), "--listen", "127.0.0.1:0", "--agent-socket", stack.agentSocket, "--default-tenant", TENANT,
     "--extra-ca", caFile, "--no-system-roots", "--allow-private", "127.0.0.0/8", "--access-log", join(env.dir, `cost-access-w${workers}.log`),
-    "--issue-rate", "0", "--idle-timeout-ms", "600000", "--origin-idle-timeout-ms", "1000", "--shutdown-grace-ms", "500",
+    "--issue-rate", "0", "--idle-timeout-ms", "600000", "--origin-idle-timeout-ms", "1000", "--shutdown-grace-ms", "500", ...extra,
   ], `kmi proxy --workers ${workers}`, /^(?!.*"worker":).*"msg":"started"/);
   const started = JSON.parse(p.started) as { bound: { port: number }; pid: number };
   return { p, port: started.bound.port, pid: started.pid };

@@ -133,7 +133,7 @@ export async function runProxy(argv: string[], o: RunProxyOptions = {}): Promise
     }
     throw e;
   }
-  const { logLevel, workers, ...serverOptions } = config;
+  const { logLevel, workers, allocator: _allocator, ...serverOptions } = config;
   if (isProxyWorker()) {
     const logger = createLogger({ level: logLevel, fields: { program: "proxy", worker: workerId() } });
     return runProxyWorker(serverOptions, logger);
@@ -179,6 +179,7 @@ async function runPrimary(argv: string[], config: ProxyConfig, logger: Logger, o
     workers: config.workers,
     exec,
     args: ["proxy", ...argv],
+    workerEnv: config.allocator.env,
     host: config.host,
     ...(config.agentSocket !== undefined ? { agentSocket: config.agentSocket } : {}),
     ...(config.leafCacheSize !== undefined ? { leafCacheSize: config.leafCacheSize } : {}),
@@ -190,6 +191,7 @@ async function runPrimary(argv: string[], config: ProxyConfig, logger: Logger, o
     ...(config.ticketKeyRotationMs !== undefined ? { ticketKeyRotationMs: config.ticketKeyRotationMs } : {}),
     logger,
   });
+  logger.info("worker allocator", { allocator: config.allocator.name, ...(config.allocator.library !== undefined ? { library: config.allocator.library } : {}) });
   const signals = o.signalSource ?? process;
   const onHup = (): void => {
     logger.info("SIGHUP: relayed to every worker (policy reload, access log reopen)");

@@ -12,6 +12,7 @@ import { LOG_LEVELS, type LogLevel } from "../common/logger.js";
 import type { ProxyLimits } from "./context.js";
 import { DestinationGuard } from "./destinations.js";
 import { MAX_LEAF_LIFETIME_MS } from "./leaf-minter.js";
+import { workerAllocator, type AllocatorChoice, type WorkerAllocator } from "./allocator.js";
 import type { ProxyServerOptions } from "./server.js";
 import { createTenantResolver, type TenantConfig } from "./tenants.js";
 
@@ -52,6 +53,15 @@ export const proxyProgram = defineProgram({
       default: "auto",
       valueName: "n|auto",
       validate: workerCount,
+    },
+    allocator: {
+      type: "string",
+      description:
+        "the workers' memory allocator: system = the C library's; jemalloc (Debian: libjemalloc2; refused when not installed) gives the " +
+        "memory of closed connections back to the system, which glibc keeps, but costs more CPU per large body (docs/proxy.md); " +
+        "auto = jemalloc when installed, else system",
+      default: "system",
+      choices: ["auto", "jemalloc", "system"],
     },
     agentSocket: { type: "string", description: "the key agent's Unix socket", default: "/run/kmi/agent.sock", valueName: "path" },
     defaultTenant: { type: "string", description: "tenant of clients that no address range or proxy user matches (overrides the tenants file's)", valueName: "id" },
@@ -117,6 +127,8 @@ export interface ProxyConfig extends Omit<ProxyServerOptions, "logger"> {
   readonly logLevel: LogLevel;
   /** Worker processes (`auto` resolved to the cores); 0 serves in one process. */
   readonly workers: number;
+  /** The workers' allocator (with `--workers 0`, whatever the process was started with). */
+  readonly allocator: WorkerAllocator;
 }
 
 /** The tenants file's shape. */
@@ -195,6 +207,12 @@ export async function resolveProxyConfig(loaded: LoadedConfig<typeof proxyProgra
   } catch (err) {
     throw new ConfigError(`${v.tenantsFile !== undefined ? `--tenants-file ${v.tenantsFile}: ` : ""}${(err as Error).message}`);
   }
+  let allocator: WorkerAllocator;
+  try {
+    allocator = workerAllocator(v.allocator as AllocatorChoice, process.env);
+  } catch (err) {
+    throw new ConfigError(`--${(err as Error).message}`);
+  }
   if (tenants.length === 0 && defaultTenant === undefined) {
     throw new ConfigError("no tenant: give --default-tenant, or --tenants-file with tenants");
   }
@@ -233,5 +251,6 @@ export async function resolveProxyConfig(loaded: LoadedConfig<typeof proxyProgra
     metricsListen: v.metricsListen,
     logLevel: v.logLevel as LogLevel,
     workers: v.workers === "auto" ? availableParallelism() : Number(v.workers),
+    allocator,
   };
 }

@@ -78,9 +78,14 @@ export class H2Origin {
       settings: { initialWindowSize: H2_WINDOW, enablePush: false },
     });
     s.on("error", () => {});
-    s.on("connect", () => s.setLocalWindowSize(SESSION_WINDOW));
+    // A session closed before its 'connect' (the client left at once) throws on the window change.
+    s.on("connect", () => void (s.destroyed || s.setLocalWindowSize(SESSION_WINDOW)));
     // Graceful: a stream that opens meanwhile finishes; the next get() opens a new connection.
     if (this.idleMs > 0) s.setTimeout(this.idleMs, () => void (this.active === 0 && s.close()));
+    // Memory: a closed session (and its TLS socket) is not kept for the life of an idle client.
+    s.once("close", () => {
+      if (this.session === s) this.session = undefined;
+    });
     return s;
   }
 

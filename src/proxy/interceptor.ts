@@ -70,6 +70,13 @@ interface H2Conn {
  */
 const SILENT_REJECT_MS = 1000;
 
+/**
+ * The error listener of sockets whose errors show up elsewhere (their 'close'). A module-level
+ * function on purpose: an arrow made inside a stage would keep that stage's whole closure scope
+ * (origin socket, ClientHello, log) alive for as long as the connection lives.
+ */
+const ignoreError = (): void => {};
+
 interface PageConn {
   readonly page: BlockPage;
 }
@@ -310,7 +317,7 @@ export class Interceptor {
     this.h2.setTimeout(l.idleTimeoutMs);
     this.h2.on("session", (session: ServerHttp2Session) => {
       session.on("error", () => {});
-      session.on("connect", () => session.setLocalWindowSize(8 << 20));
+      session.on("connect", () => void (session.destroyed || session.setLocalWindowSize(8 << 20)));
     });
     this.h2.on("stream", (stream, headers) => {
       const c = (stream.session?.socket as Tagged<H2Conn> | undefined)?.[kConn];
@@ -359,7 +366,7 @@ export class Interceptor {
   private async connect(req: IncomingMessage, socket: Socket, head: Buffer): Promise<void> {
     const start = performance.now();
     this.track(socket);
-    socket.on("error", () => {});
+    socket.on("error", ignoreError);
     socket.setNoDelay(true);
     const address = normalizeClientAddress(socket.remoteAddress);
     const c = await this.classify(req, address, ConnectLog.begin(this.ctx, `${address}:${socket.remotePort ?? 0}`, start));
@@ -405,6 +412,8 @@ export class Interceptor {
       if (late === "retunnel") return this.retunnel(socket, c.target, peek.data, h.log);
       return this.servePage(socket, peek.data, h.hello, h.log, late);
     }
+    // From here the handshake watch (then the session) closes the origin side.
+    socket.off("close", closeOrigin);
     this.terminate(socket, peek.data, leaf, c, h, o);
   }
 
@@ -648,21 +657,28 @@ export class Interceptor {
       fail("error", "client-tls", `client did not finish its tls handshake within ${this.ctx.limits.handshakeTimeoutMs} ms`, false);
       tls.destroy();
     }, this.ctx.limits.handshakeTimeoutMs);
-    tls.on("error", (err: NodeJS.ErrnoException) => {
+    const onError = (err: NodeJS.ErrnoException): void => {
       if (settled) return;
       // The client refused the minted certificate (a pinned app, or the CA is not installed).
       const rejected = /ALERT_(BAD_CERTIFICATE|UNKNOWN_CA|CERTIFICATE_UNKNOWN|UNSUPPORTED_CERTIFICATE|CERTIFICATE_REVOKED|ACCESS_DENIED|DECRYPT_ERROR)/.test(err.code ?? "");
       fail("error", rejected ? "client-rejected-leaf" : "client-tls", `client tls: ${describeError(err)}`, rejected);
-    });
-    tls.once("close", () => {
+    };
+    const onClose = (): void => {
       if (settled) return;
       // Closed after our certificate went out, before finishing the handshake: clients that
       // verify as the handshake ends (Node, many pinning libraries) leave this way, without an alert.
       fail("no-request", "client-closed-in-handshake", "client closed during the tls handshake without an alert", true);
-    });
+    };
+    tls.on("error", onError);
+    tls.once("close", onClose);
     tls.once("secure", () => {
       settled = true;
       clearTimeout(timer);
+      // Memory: these listeners hold the handshake's scope (origin socket, ClientHello, timer);
+      // a session that stays open for hours must not keep it.
+      tls.off("error", onError);
+      tls.off("close", onClose);
+      tls.on("error", ignoreError);
       secured();
     });
   }
@@ -670,15 +686,17 @@ export class Interceptor {
   /** Logs a decrypted connection that closes without a request (`no-request`). */
   private logIfNoRequest(tls: TLSSocket, client: ClientInfo, h: Intercept, stats: ConnStats): void {
     const securedAt = performance.now();
+    // Only what the line needs stays alive with the connection, not the whole Intercept.
+    const { host, log } = h;
     tls.once("close", () => {
       if (stats.requests > 0) return;
       const seconds = Math.round(performance.now() - securedAt) / 1000;
       if (seconds * 1000 < SILENT_REJECT_MS) {
         // Most likely a client that verifies after the handshake and refused the leaf without an alert.
-        this.rejected(client, h.host);
-        h.log.write("no-request", "client-closed-after-handshake", `client closed ${seconds} s after the handshake without a request`);
+        this.rejected(client, host);
+        log.write("no-request", "client-closed-after-handshake", `client closed ${seconds} s after the handshake without a request`);
       } else {
-        h.log.write("no-request", "no-request", `client closed ${seconds} s after the handshake without a request`);
+        log.write("no-request", "no-request", `client closed ${seconds} s after the handshake without a request`);
       }
     });
   }
@@ -687,9 +705,10 @@ export class Interceptor {
   private serveDecrypted(tls: TLSSocket, c: Classified, h: Intercept, o: OriginTls, stats: ConnStats): void {
     const { client, target } = c;
     const { host } = h;
+    const servername = h.hello.serverName;
     const alpn = o.alpn;
     const reconnect = async (): Promise<TLSSocket> => {
-      const r = await this.ctx.origins.connect({ host: target.host, port: target.port, servername: h.hello.serverName, alpn: alpn === false ? [] : [alpn] });
+      const r = await this.ctx.origins.connect({ host: target.host, port: target.port, servername, alpn: alpn === false ? [] : [alpn] });
       if (r.kind !== "ok") throw Object.assign(new Error(r.reason), { code: r.kind === "failed" ? r.code : r.kind.toUpperCase() });
       return r.socket;
     };

@@ -42,6 +42,8 @@ export interface ProxyPrimaryOptions {
   /** Script each worker runs (`dist/cmd/kmi.js`), and its arguments (`proxy …`, the primary's own). */
   readonly exec: string;
   readonly args: readonly string[];
+  /** Variables added to each worker's environment (its allocator: see allocator.ts). */
+  readonly workerEnv?: Readonly<Record<string, string>>;
   /** Host the workers listen on (for the address returned by start). */
   readonly host: string;
   /** The agent's Unix socket (when `agent` is not given). */
@@ -270,7 +272,7 @@ export class ProxyPrimary {
   }
 
   private fork(): Worker {
-    const w = cluster.fork();
+    const w = cluster.fork({ ...this.options.workerEnv });
     this.started.set(w.id, Date.now());
     // A failed signal or IPC write to a dying worker: its exit handler replaces it; the primary goes on.
     w.on("error", (err) => this.options.logger.debug("proxy worker: IPC or signal failed", { worker: w.id, error: errorText(err) }));

@@ -30,6 +30,8 @@ import { KeyAvailability } from "./key-availability.js";
 import { OriginConnector } from "./origin.js";
 import { PolicyStore } from "./policy.js";
 import { ClientRateLimiter } from "../common/rate-limit.js";
+import { MemoryRelease, type MemoryReleaseOptions } from "./memory-release.js";
+import { fullGc } from "./v8-gc.js";
 import { createTenantResolver, normalizeClientAddress, type TenantConfig, type TenantMatch, type TenantResolver } from "./tenants.js";
 
 /** The agent as the server uses it: leaf issuance and the key event stream. */
@@ -113,6 +115,22 @@ export interface ProxyServerOptions {
   readonly metrics?: MetricsRegistry;
   /** Address of the Prometheus `/metrics` endpoint; off when unset. */
   readonly metricsListen?: string;
+  /**
+   * A full V8 collection once the open connections fall to half their high-water mark (see
+   * {@link MemoryRelease}); its thresholds, or false for none. Default on, with its defaults.
+   */
+  readonly memoryRelease?: Pick<MemoryReleaseOptions, "minDrop" | "delayMs" | "minIntervalMs"> | false;
+}
+
+/** The server's {@link MemoryRelease}, unless turned off or V8 does not hand over its collection. */
+function memoryRelease(options: ProxyServerOptions, logger: Logger, open: () => number): MemoryRelease | undefined {
+  if (options.memoryRelease === false) return undefined;
+  const gc = fullGc();
+  if (gc === undefined) {
+    logger.debug("memory release off: this runtime does not expose a full garbage collection");
+    return undefined;
+  }
+  return new MemoryRelease({ ...options.memoryRelease, gc, open, logger });
 }
 
 /** What {@link ProxyServer.start} bound. */
@@ -193,6 +211,7 @@ export class ProxyServer {
   private metricsServer: MetricsServer | undefined;
   private ticketTimer: NodeJS.Timeout | undefined;
   private leafTrim: NodeJS.Timeout | undefined;
+  private readonly release: MemoryRelease | undefined;
 
   private constructor(
     private readonly options: ProxyServerOptions,
@@ -218,9 +237,14 @@ export class ProxyServer {
       noDelay: true,
     });
     this.http.timeout = l.idleTimeoutMs;
+    this.release = memoryRelease(options, context.logger, () => this.sockets.size);
     this.http.on("connection", (s: Socket) => {
       this.sockets.add(s);
-      s.once("close", () => this.sockets.delete(s));
+      this.release?.observe();
+      s.once("close", () => {
+        this.sockets.delete(s);
+        this.release?.observe();
+      });
     });
     this.http.on("request", (req: IncomingMessage, res: ServerResponse) => this.onRequest(req, res));
     this.http.on("connect", (req: IncomingMessage, socket: Socket, head: Buffer) => this.interceptor.handleConnect(req, socket, head));
@@ -442,6 +466,7 @@ export class ProxyServer {
     clearInterval(this.ticketTimer);
     clearInterval(this.leafTrim);
     this.leafTrim = undefined;
+    this.release?.close();
     this.watch?.close();
     this.policy.close();
     if (this.address !== undefined) {

@@ -11,6 +11,7 @@ import { existsSync } from "node:fs";
 import { resolve } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { fmt } from "../../../bench/lib/stats.js";
+import { JEMALLOC_PATHS } from "../../../src/proxy/allocator.js";
 
 const ROOT = resolve(import.meta.dirname, "../../..");
 const RUN = resolve(ROOT, "dist/bench/run.js");
@@ -66,7 +67,7 @@ const MITM = /^proxy\.(?:.+\.)?mitm$/;
 /** What may be not measured: the mitmdump comparisons, and the 2-worker rows while `--workers` is pending. */
 const MAY_BE_UNMEASURED = /^proxy\.(?:.+\.)?mitm$|^proxy\.cost\.[a-z0-9_]+\.workers2$/;
 /** Figures that are differences of two readings (may be zero or negative): p99 added, RSS per idle connection. */
-const DIFFERENCE = /\.p99_added$|^proxy\.cost\.idle\.(?:origin_)?rss(?:_\d+)?$/;
+const DIFFERENCE = /\.p99_added$|^proxy\.cost\.idle\.(?:jemalloc\.)?(?:origin_)?rss(?:_\d+)?$/;
 
 let code: number | null = null;
 let bench: ReturnType<typeof spawn> | undefined;
@@ -192,7 +193,17 @@ describe("npm run bench -- --quick", () => {
     const fds = row10.figures.filter((f) => /^proxy\.cost\.idle\.fds_\d+$/.test(f.id));
     expect(fds.length).toBe(2);
     for (const f of fds) expect(f.value.median).toBeCloseTo(1, 1);
-    expect(row10.notes.join("\n")).toMatch(/After the idle connections closed: (\d[\d,]*) descriptors open in the proxy \(\1 before they opened\)/);
+    const closed = row10.notes.filter((n) => n.startsWith("After the idle connections closed"));
+    for (const n of closed) expect(n).toMatch(/: (\d[\d,]*) descriptors open \(\1 before they opened\)\.$/);
+    // Measured through the real `kmi proxy --workers 1`, with its default allocator (glibc's) and, where jemalloc is installed, with jemalloc beside it.
+    const jemalloc = JEMALLOC_PATHS.some((p) => existsSync(p));
+    expect(closed).toHaveLength(jemalloc ? 2 : 1);
+    expect(fig("proxy.cost.idle.rss_after").ratios.map((r) => r.vs)).toEqual(["of the peak"]);
+    if (jemalloc) {
+      expect(fig("proxy.cost.idle.jemalloc.rss_after").ratios.map((r) => r.vs)).toEqual(["of the peak"]);
+      // And what jemalloc costs in CPU per request, against glibc's in the same run.
+      for (const load of ["h1_1k", "h1_1m"]) expect(fig(`proxy.cost.${load}.cpu_alloc_jemalloc`).ratios.map((r) => r.vs)).toEqual(["of glibc's"]);
+    }
   });
 
   it("measures leaves signed through a token-held intermediate against escrowed ones, and checks the KDC signed exactly the token-held ones", () => {

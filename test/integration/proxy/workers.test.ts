@@ -9,6 +9,7 @@
  * rotation reaches the workers.
  */
 import { once } from "node:events";
+import { existsSync } from "node:fs";
 import { get as httpGet } from "node:http";
 import { createServer, type AddressInfo } from "node:net";
 import { readFile, rename, writeFile } from "node:fs/promises";
@@ -16,6 +17,7 @@ import { join } from "node:path";
 import type { TLSSocket } from "node:tls";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { proxyHealth } from "../../../src/clients/mesh-health.js";
+import { JEMALLOC_PATHS } from "../../../src/proxy/allocator.js";
 import { makeTempDir, spawnProcess, waitFor, type Spawned, type TempDir } from "../../helpers/process.js";
 import { FixtureAgent } from "../../fixtures/proxy/fixture-agent.js";
 import { tlsViaProxy } from "../../fixtures/proxy/harness.js";
@@ -44,6 +46,7 @@ beforeAll(async () => {
   proxy = spawnProcess(process.execPath, [
     kmi, "proxy",
     "--workers", "2",
+    "--allocator", "auto",
     "--listen", "127.0.0.1:0",
     "--agent-socket", agent.socketPath,
     "--default-tenant", "acme",
@@ -169,6 +172,17 @@ describe("kmi proxy --workers 2", () => {
     expect(value(m, 'kmi_proxy_decisions_total{decision="allow",tenant="acme"}')).toBeGreaterThanOrEqual(8);
     expect(value(m, "kmi_build_info")).toBe(0); // labelled series only
     expect(m).toMatch(/^kmi_build_info\{version="[^"]+"\} 1$/m);
+  });
+
+  it("forks the workers with jemalloc when it is installed (--allocator auto), else with the C library's", async () => {
+    const installed = JEMALLOC_PATHS.some((p) => existsSync(p));
+    const pids = [...(await workerPids()).values()];
+    expect(pids).toHaveLength(2);
+    for (const pid of pids) {
+      const maps = await readFile(`/proc/${pid}/maps`, "utf8");
+      expect(maps.includes("libjemalloc.so")).toBe(installed);
+    }
+    expect(proxy.stderr()).toMatch(new RegExp(`"msg":"worker allocator".*"allocator":"${installed ? "jemalloc" : "system"}"`));
   });
 
   it("a TLS session made on one worker resumes on the other (ticket keys shared per tenant)", async () => {
