@@ -38,7 +38,7 @@ import { createPeerClient, type PeerClient } from "./client.js";
 import type { Clock } from "./context.js";
 import { privateKeyPem, type MachineIdentity } from "./identity.js";
 import type { KeyHolder, SecretInput } from "./key-holder.js";
-import type { IssuedLeaf, LeafSpec } from "./leaf-issuer.js";
+import type { LeafSpec } from "./leaf-issuer.js";
 import { openReleasedSecret } from "./released-secret.js";
 
 /** Tuning of the link. */
@@ -192,7 +192,7 @@ export class KdcLink {
    * for again). The watch stream stays where it is. The KDC's refusals keep their code; when no
    * replica could sign, UNAVAILABLE says why.
    */
-  async signLeaf(tenantId: string, version: number, spec: LeafSpec): Promise<IssuedLeaf> {
+  async signLeaf(tenantId: string, version: number, spec: LeafSpec): Promise<Uint8Array> {
     this.ensureClients();
     let last = this.kdcEps.current;
     try {
@@ -209,7 +209,8 @@ export class KdcLink {
         notAfter: timestampFromMs(spec.notAfter.getTime()),
       };
       const res = await callWithFailover(this.signEps, (url) => ((last = url), this.signingClient(url).signLeaf(req, { timeoutMs: SIGN_LEAF_TIMEOUT_MS })));
-      return { certificateDer: res.certificateDer, serialHex: res.serialHex, notAfter: res.notAfter === undefined ? spec.notAfter : new Date(timestampMs(res.notAfter)) };
+      // Its serial and end are read from the certificate by the caller, which checks it (leaf-issuer.ts).
+      return res.certificateDer;
     } catch (err) {
       throw signLeafError(err, tenantId, last);
     }

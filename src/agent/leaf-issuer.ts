@@ -44,7 +44,7 @@ export interface LeafIssuer {
  * Has the KDC sign a leaf with the tenant's intermediate `version`, whose key it holds in its
  * PKCS#11 token (DistributionService.SignLeaf); the agent's own policy was applied already.
  */
-export type KdcLeafSigner = (tenantId: string, version: number, spec: LeafSpec) => Promise<IssuedLeaf>;
+export type KdcLeafSigner = (tenantId: string, version: number, spec: LeafSpec) => Promise<Uint8Array>;
 
 /**
  * A LeafIssuer for a token-held intermediate (`certificateDer`): every leaf goes to the KDC,
@@ -60,22 +60,22 @@ export function kdcLeafIssuer(tenantId: string, version: number, certificateDer:
  * agent holds, not a CA, for the key and exactly the names asked for. Why: the agent hands it
  * to its callers as its own; a KDC replica that answered wrongly must not be believed.
  */
-export function checkedLeaf(issued: IssuedLeaf, spec: LeafSpec, intermediate: X509Certificate): IssuedLeaf {
+export function checkedLeaf(certificateDer: Uint8Array, spec: LeafSpec, intermediate: X509Certificate): IssuedLeaf {
   // A plain Error: INTERNAL to the caller, the reason in the agent's log (error-mapping.ts).
   const wrong = (why: string) => new Error(`the KDC returned a leaf that ${why}; it was not handed out`);
   let leaf: X509Certificate;
   try {
-    leaf = new X509Certificate(issued.certificateDer);
+    leaf = new X509Certificate(certificateDer);
   } catch {
     throw wrong("does not parse");
   }
   if (!leaf.checkIssued(intermediate) || !leaf.verify(intermediate.publicKey)) throw wrong("the intermediate did not sign");
-  const info = certificateInfo(issued.certificateDer);
+  const info = certificateInfo(certificateDer);
   if (info.isCa) throw wrong("is a CA");
   if (!Buffer.from(leaf.publicKey.export({ type: "spki", format: "der" })).equals(Buffer.from(spec.publicKeySpkiDer))) throw wrong("is for another key");
   const asked = checkNames(spec.dnsNames, spec.ipAddresses, { requireOne: true });
   if (!sameNames(info.dnsNames, asked.dnsNames) || !sameNames(info.ipAddresses, asked.ipAddresses)) throw wrong("names other hosts");
-  return { certificateDer: issued.certificateDer, serialHex: info.serialHex, notAfter: info.notAfter };
+  return { certificateDer, serialHex: info.serialHex, notAfter: info.notAfter };
 }
 
 function sameNames(got: readonly string[], asked: readonly string[]): boolean {

@@ -128,7 +128,8 @@ export class TokenLeafSigner {
     if (issuer !== undefined) {
       this.issuers.delete(key);
     } else {
-      issuer = createLeafIssuer({ certificateDer: v.certificateDer, privateKey: this.tokenSigner(v), maxValiditySeconds: MAX_SIGNED_LEAF_DAYS * 86_400 });
+      // No maxValiditySeconds: checkValidity is the one home of the KDC's lifetime limit.
+      issuer = createLeafIssuer({ certificateDer: v.certificateDer, privateKey: this.tokenSigner(v) });
       if (this.issuers.size >= MAX_ISSUERS) this.issuers.delete(this.issuers.keys().next().value as string);
     }
     this.issuers.set(key, issuer);

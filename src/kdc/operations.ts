@@ -174,7 +174,7 @@ export class KdcOperations {
   /** Builds a new KMI-signed version (and its activation) without writing it. */
   private async makeKmiSignedVersion(
     tenant: TenantRecord,
-    p: { keyAlgorithm: KeyAlgorithm; subject: V.SubjectInput; validityDays: number; activate: boolean },
+    p: { subject: V.SubjectInput; validityDays: number; activate: boolean },
     key: NewVersionKey,
   ): Promise<{ tenant: TenantRecord; version: IntermediateVersionRecord; retired: IntermediateVersionRecord | undefined }> {
     const next = nextVersion(tenant);

@@ -31,10 +31,9 @@ const spec = (over: Partial<LeafSpec> = {}): LeafSpec => ({
   notAfter: new Date(now + 86_400_000),
   ...over,
 });
-/** What a KDC would answer: a leaf built by `by` for `s`, with the answer's own serial and end. */
-function answer(by: { der: Uint8Array; key: import("node:crypto").KeyObject }, s: LeafSpec) {
-  const der = createLeafIssuer({ certificateDer: by.der, privateKey: by.key }).issueLeaf({ ...s, commonName: s.commonName ?? null });
-  return { certificateDer: der, serialHex: "00", notAfter: new Date(0) };
+/** What a KDC would answer: a leaf built by `by` for `s`. */
+function answer(by: { der: Uint8Array; key: import("node:crypto").KeyObject }, s: LeafSpec): Uint8Array {
+  return createLeafIssuer({ certificateDer: by.der, privateKey: by.key }).issueLeaf({ ...s, commonName: s.commonName ?? null });
 }
 
 describe("checkedLeaf", () => {
@@ -72,10 +71,10 @@ describe("checkedLeaf", () => {
       execFileSync("openssl", ["req", "-x509", "-new", "-key", join(dir, "leaf.key"), "-CA", join(dir, "inter.pem"), "-CAkey", join(dir, "inter.key"), "-subj", "/CN=www.example.test", "-days", "1",
         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "subjectAltName=DNS:www.example.test,IP:2001:db8::1", "-outform", "DER", "-out", join(dir, "ca.der")]);
       const s = spec({ publicKeySpkiDer: exportPublicKeySpkiDer(leafKey.publicKey) });
-      expect(() => checkedLeaf({ certificateDer: readFileSync(join(dir, "ca.der")), serialHex: "01", notAfter: new Date() }, s, interCert)).toThrow(/is a CA/);
+      expect(() => checkedLeaf(readFileSync(join(dir, "ca.der")), s, interCert)).toThrow(/is a CA/);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
-    expect(() => checkedLeaf({ certificateDer: new Uint8Array([1, 2, 3]), serialHex: "01", notAfter: new Date() }, spec(), interCert)).toThrow(/does not parse/);
+    expect(() => checkedLeaf(new Uint8Array([1, 2, 3]), spec(), interCert)).toThrow(/does not parse/);
   });
 });
