@@ -109,7 +109,7 @@ export function requestBlockRule(policy: Policy, scheme: string, authority: stri
 }
 
 /**
- * A response and its exchange's access log line. The line is written once: just before the
+ * A response and its exchange's access log line. The line is written once: before the
  * response's last bytes go out (so a client that reads the log once its response is complete,
  * `curl …; tail -n 1 access.log`, finds it), or when the response closes without them (an abort).
  */
@@ -126,18 +126,29 @@ class LoggedResponse {
   /** Writes the line (once), with the status sent so far. */
   log(): void {
     if (this.logged) return;
+    this.ctx.accessLog.write(this.final());
+  }
+
+  /** Ends the response (with its last chunk) once its line is written. */
+  end(last?: Buffer): void {
+    const res = this.res;
+    if (this.logged) {
+      res.end(last);
+      return;
+    }
+    this.ctx.accessLog.writeThen(this.final(), () => {
+      if (!res.destroyed) res.end(last);
+    });
+  }
+
+  /** The record with its status and duration, counted; the line is not written again after this. */
+  private final(): AccessRecord {
     this.logged = true;
     const rec = this.rec;
     rec.status = this.res.headersSent ? this.res.statusCode : 0;
     rec.duration_ms = Math.round((performance.now() - this.start) * 10) / 10;
     this.ctx.counters.decision(rec.decision, rec.tenant);
-    this.ctx.accessLog.write(rec);
-  }
-
-  /** Logs, then ends the response (with its last chunk). */
-  end(last?: Buffer): void {
-    this.log();
-    this.res.end(last);
+    return rec;
   }
 }
 

@@ -127,8 +127,11 @@ export interface H2Upstream {
   readonly requestedHost: string;
 }
 
-/** Writes a stream's access log line once; `status` when it is known before the headers go out. */
-type StreamLog = (status?: number) => void;
+/**
+ * Writes a stream's access log line once; `status` when it is known before the headers go out.
+ * With `then` (which sends the response's last bytes), the line is in the file first.
+ */
+type StreamLog = (status?: number, then?: () => void) => void;
 
 /** How one of the stream's bodies is scanned (the tenant's policy, its ICAP services); `response` for the response body. */
 type BodyScanner = (side: "request" | "response", contentType: string | undefined, response?: { status: number; headers: OutgoingHttpHeaders }) => BodyScan;
@@ -140,8 +143,9 @@ function respondPage(stream: ServerHttp2Stream, page: BlockPage, log: StreamLog)
     return;
   }
   stream.respond({ ":status": page.status, ...page.headers });
-  log();
-  stream.end(page.body);
+  log(undefined, () => {
+    if (!stream.destroyed) stream.end(page.body);
+  });
 }
 
 function hostOf(authority: string): string {
@@ -230,13 +234,14 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
     ctx.inspection.scan(policy, side, { method, path, authority, requestHeaders, ...(response !== undefined ? { response } : {}) }, contentType);
   // The line is written once: just before the response's last bytes go out, or when the stream closes without them.
   let logged = false;
-  const log: StreamLog = (status) => {
-    if (logged) return;
+  const log: StreamLog = (status, then) => {
+    if (logged) return then?.();
     logged = true;
     rec.status = status ?? (stream.headersSent ? Number(stream.sentHeaders[":status"] ?? 0) : 0);
     rec.duration_ms = Math.round((performance.now() - start) * 10) / 10;
     ctx.counters.decision(rec.decision, rec.tenant);
-    ctx.accessLog.write(rec);
+    if (then === undefined) ctx.accessLog.write(rec);
+    else ctx.accessLog.writeThen(rec, then);
   };
   const origin = new OriginStream(() => void openOriginStream(up, stream, requestHeaders, false, rec, scanBody, origin, log));
   stream.on("error", () => {});
@@ -368,10 +373,10 @@ function relayH2Response(
     {
       open: () => stream.respond(out, { waitForTrailers: mayHaveTrailers }),
       write: (c) => stream.write(c),
-      end: (last) => {
-        log();
-        stream.end(last);
-      },
+      end: (last) =>
+        log(undefined, () => {
+          if (!stream.destroyed) stream.end(last);
+        }),
       onDrain: (cb) => stream.once("drain", cb),
     },
     (r: RelayResult) => {

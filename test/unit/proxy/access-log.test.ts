@@ -103,3 +103,75 @@ describe("access log of a worker (kmi proxy --workers)", () => {
     expect(line["error"]).toBe("e".repeat(1024));
   });
 });
+
+describe("access log lines written before their responses end (writeThen)", () => {
+  const lines = (file: string): string[] =>
+    readFileSync(file, "utf8")
+      .trimEnd()
+      .split("\n")
+      .filter((l) => l !== "")
+      .map((l) => (JSON.parse(l) as { path: string }).path);
+
+  it("gathers a turn's lines and writes them before any of their callbacks runs, in order", async () => {
+    const file = join(dir, "batched.log");
+    const log = createAccessLog(file, undefined);
+    const seen: string[][] = [];
+    for (const p of ["/1", "/2", "/3"]) log.writeThen(record(p), () => seen.push(lines(file)));
+    // Nothing is written, and no response ends, within the turn that logged them.
+    expect(seen).toEqual([]);
+    expect(readFileSync(file, "utf8")).toBe("");
+    await new Promise((r) => setImmediate(r));
+    // Each callback found every line of its turn already in the file.
+    expect(seen).toEqual([
+      ["/1", "/2", "/3"],
+      ["/1", "/2", "/3"],
+      ["/1", "/2", "/3"],
+    ]);
+    await log.close();
+  });
+
+  it("a plain write goes out at once, after the lines gathered before it", async () => {
+    const file = join(dir, "mixed.log");
+    const log = createAccessLog(file, undefined);
+    let ended = false;
+    log.writeThen(record("/gathered"), () => (ended = true));
+    log.write(record("/at-once"));
+    expect(lines(file)).toEqual(["/gathered", "/at-once"]);
+    expect(ended).toBe(false);
+    await new Promise((r) => setImmediate(r));
+    expect(ended).toBe(true);
+    await log.close();
+  });
+
+  it("close writes what was gathered and lets those responses end", async () => {
+    const file = join(dir, "closing.log");
+    const log = createAccessLog(file, undefined);
+    let ended = 0;
+    log.writeThen(record("/last"), () => ended++);
+    await log.close();
+    expect(lines(file)).toEqual(["/last"]);
+    expect(ended).toBe(1);
+  });
+
+  it("a failed write (a full disk) is reported once, and the responses still end", async () => {
+    const errors: string[] = [];
+    const logger = { error: (msg: string, f?: Record<string, unknown>) => errors.push(`${msg}: ${String(f?.["error"])}`) } as unknown as Parameters<typeof createAccessLog>[1];
+    const log = createAccessLog("/dev/full", logger);
+    let ended = 0;
+    for (let i = 0; i < 3; i++) log.writeThen(record(`/${i}`), () => ended++);
+    await new Promise((r) => setImmediate(r));
+    log.writeThen(record("/again"), () => ended++);
+    await new Promise((r) => setImmediate(r));
+    expect(ended).toBe(4);
+    expect(errors).toHaveLength(1);
+    expect(errors[0]).toMatch(/access log write failed: .*ENOSPC/);
+    await log.close();
+  });
+
+  it("the memory and stdout logs end the response at once, after the line", () => {
+    const m = new MemoryAccessLog();
+    let count = -1;
+    m.writeThen(record("/m"), () => (count = m.records.length));
+    expect(count).toBe(1);
+  });
+});
