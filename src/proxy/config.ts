@@ -103,7 +103,7 @@ export const proxyProgram = defineProgram({
     keepAliveTimeoutMs: { type: "integer", description: "idle HTTP/1.1 keep-alive connections are closed after, ms", default: 5_000, validate: positive },
     originIdleTimeoutMs: {
       type: "integer",
-      description: "an intercepted HTTP/2 connection's origin side is closed after this long without a request, ms (reopened on the next one)",
+      description: "an intercepted connection's origin side (HTTP/1.1 or HTTP/2) is closed after this long without a request, ms (reopened on the next one)",
       default: 15_000,
       validate: positive,
     },

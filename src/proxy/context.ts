@@ -33,7 +33,7 @@ export interface ProxyLimits {
   /** Idle time before an HTTP/1.1 keep-alive connection is closed. */
   readonly keepAliveTimeoutMs: number;
   /**
-   * Idle time before an intercepted HTTP/2 connection's origin side is closed (the client side
+   * Idle time before an intercepted connection's origin side is closed (the client side
    * stays open; the next request opens and verifies a new origin connection). Why: an idle
    * client connection then holds one TLS connection in the proxy, not two.
    */

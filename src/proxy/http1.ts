@@ -5,8 +5,9 @@
  * headers are dropped, and one access log line is written when the exchange ends.
  * WebSocket upgrades are inspected as HTTP requests and then spliced.
  */
-import { Agent, request as httpRequest, type ClientRequest, type IncomingMessage, type ServerResponse } from "node:http";
-import type { Duplex } from "node:stream";
+import { Agent, request as httpRequest, type IncomingMessage, type RequestOptions, type ServerResponse } from "node:http";
+import { PassThrough, Readable, type Duplex } from "node:stream";
+import type { Dispatcher } from "undici";
 import type { AccessRecord } from "./access-log.js";
 import { renderBlockPage, rawHttpResponse, type BlockPage } from "./block-page.js";
 import { isStreamingContentType, relayBody, type RelayResult } from "./body-relay.js";
@@ -17,16 +18,24 @@ import { describeError } from "./origin.js";
 import { normalizeHost, ruleId, type Policy } from "./policy.js";
 import { judgeRelay } from "./scan-verdict.js";
 import { splice } from "./splice.js";
+import type { TunnelOrigin } from "./tunnel-origin.js";
 
-/** Where a client connection's requests go. */
-export interface Http1Upstream {
-  /** `https` inside a tunnel, `http` for plain proxy requests. */
-  readonly scheme: "http" | "https";
-  /** The agent that holds the origin connection(s). */
-  readonly agent: Agent;
-  /** Inside a tunnel: the origin (fixed) and the host the client asked for (SNI or CONNECT host). */
-  readonly tunnel?: { readonly host: string; readonly port: number; readonly requestedHost: string };
-}
+/** Where a client connection's requests go: plain proxy requests through an agent, or a tunnel's one origin. */
+export type Http1Upstream =
+  | {
+      /** Plain proxy requests (`http://` in absolute form). */
+      readonly scheme: "http";
+      /** The agent that holds the origin connections. */
+      readonly agent: Agent;
+      readonly tunnel?: undefined;
+    }
+  | {
+      /** `https` inside an intercepted TLS tunnel, `http` for cleartext HTTP inside a CONNECT. */
+      readonly scheme: "http" | "https";
+      readonly agent?: undefined;
+      /** The origin (fixed), its connection, and the host the client asked for (SNI or CONNECT host). */
+      readonly tunnel: { readonly host: string; readonly port: number; readonly requestedHost: string; readonly origin: TunnelOrigin };
+    };
 
 /** Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the proxy's own. */
 const HOP_BY_HOP = new Set([
@@ -253,7 +262,7 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
   const target = targetOf(req, up);
   const rec = exchangeRecord(client, req, target, "http/1.1");
   const out = new LoggedResponse(res, rec, ctx, start);
-  let ureq: ClientRequest | undefined;
+  let ureq: OriginRequest | undefined;
   res.on("close", () => {
     if (!res.writableFinished) ureq?.destroy();
     out.log();
@@ -272,8 +281,10 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
   const method = req.method ?? "GET";
   const headers = endToEndHeaders(req.rawHeaders, false, up.tunnel === undefined ? target.authority : undefined);
   const scanBody = ctx.inspection.forExchange(policy, { method, path: target.path, authority: target.authority, requestHeaders: headers });
-  const open = (): ClientRequest => (ureq = forwardRequest(up, target, method, headers, out, rec, scanBody));
-  if (!hasBody(req)) {
+  const exchange: Exchange = { method, out, rec, scanBody };
+  const withBody = hasBody(req);
+  const open = (): OriginRequest => (ureq = forwardRequest(up, target, headers, withBody, exchange));
+  if (!withBody) {
     open().end();
     req.resume();
     return;
@@ -281,12 +292,113 @@ export function handleHttp1Request(ctx: ProxyContext, client: ClientInfo, up: Ht
   relayRequestBody(req, out, rec, scanBody, open, () => ureq);
 }
 
-/** Sends the request to the origin; its response is relayed (and scanned) to `res`. */
-function forwardRequest(up: Http1Upstream, target: OriginTarget, method: string, headers: string[], out: LoggedResponse, rec: AccessRecord, scanBody: BodyScanner): ClientRequest {
-  const u = httpRequest({ agent: up.agent, host: target.host, port: target.port, method, path: target.path, headers: headers, setHost: false });
-  u.on("response", (ures: IncomingMessage) => relayResponse(ures, method, out, rec, scanBody));
-  u.on("error", (err: NodeJS.ErrnoException) => onUpstreamError(err, out, rec));
-  return u;
+/** One exchange's response side: where the origin's answer goes and how it is logged and scanned. */
+interface Exchange {
+  readonly method: string;
+  readonly out: LoggedResponse;
+  readonly rec: AccessRecord;
+  readonly scanBody: BodyScanner;
+}
+
+/** The request as the origin gets it: its body (when it has one), and a way to abandon it. */
+interface OriginRequest {
+  write(chunk: Buffer): boolean;
+  /** Ends the body (a request without one was sent whole). */
+  end(last?: Buffer): void;
+  onDrain(cb: () => void): void;
+  destroy(): void;
+}
+
+/** An origin's response, from either client: what the relay needs. */
+interface OriginResponse {
+  readonly status: number;
+  readonly reason: string | undefined;
+  readonly rawHeaders: readonly string[];
+  readonly body: Readable;
+}
+
+/** Sends the request to the origin (the tunnel's connection, or the agent's); its response is relayed (and scanned) to the client. */
+function forwardRequest(up: Http1Upstream, target: OriginTarget, headers: string[], withBody: boolean, x: Exchange): OriginRequest {
+  if (up.tunnel !== undefined) return throughTunnel(up.tunnel.origin, target, headers, withBody, x);
+  const u = httpRequest({ agent: up.agent, host: target.host, port: target.port, method: x.method, path: target.path, headers: headers, setHost: false });
+  u.on("response", (ures: IncomingMessage) => relayResponse({ status: ures.statusCode ?? 502, reason: ures.statusMessage, rawHeaders: ures.rawHeaders, body: ures }, x));
+  u.on("error", (err: NodeJS.ErrnoException) => onUpstreamError(err, x.out, x.rec));
+  return { write: (c) => u.write(c), end: (last) => void u.end(last), onDrain: (cb) => void u.once("drain", cb), destroy: () => void u.destroy() };
+}
+
+/** Sends the request over the tunnel's origin connection (undici); a body is streamed to it as the relay releases it. */
+function throughTunnel(origin: TunnelOrigin, target: OriginTarget, headers: string[], withBody: boolean, x: Exchange): OriginRequest {
+  const body = withBody ? new PassThrough() : undefined;
+  const handler = new TunnelExchange(x);
+  origin.dispatch({ path: target.path, method: x.method as Dispatcher.HttpMethod, headers, body: body ?? null }, handler);
+  if (body === undefined) return { write: () => true, end: () => {}, onDrain: (cb) => cb(), destroy: () => handler.abort() };
+  return { write: (c) => body.write(c), end: (last) => void body.end(last), onDrain: (cb) => void body.once("drain", cb), destroy: () => handler.abort() };
+}
+
+/** A response body from undici, as a Readable: the origin is read as fast as the relay takes it. */
+class OriginBody extends Readable {
+  constructor(
+    private readonly resumeOrigin: () => void,
+    private readonly abandon: () => void,
+  ) {
+    super();
+  }
+
+  override _read(): void {
+    this.resumeOrigin();
+  }
+
+  override _destroy(err: Error | null, cb: (err?: Error | null) => void): void {
+    // The relay stopped reading (a block, the client gone): the origin request is abandoned.
+    this.abandon();
+    cb(err);
+  }
+}
+
+/** One exchange over a tunnel's origin connection: undici's handler, relaying the response as it comes. */
+class TunnelExchange implements Dispatcher.DispatchHandlers {
+  private abortRequest: ((err?: Error) => void) | undefined;
+  private aborted = false;
+  private settled = false;
+  private body: OriginBody | undefined;
+
+  constructor(private readonly x: Exchange) {}
+
+  /** Abandons the request (the client went away, or its response is no longer wanted). */
+  abort(): void {
+    if (this.settled) return;
+    this.aborted = true;
+    this.abortRequest?.();
+  }
+
+  onConnect(abort: (err?: Error) => void): void {
+    this.abortRequest = abort;
+    if (this.aborted) abort();
+  }
+
+  onHeaders(status: number, raw: Buffer[], resume: () => void, statusText: string): boolean {
+    // Informational answers (103 Early Hints) are not relayed; the final one follows.
+    if (status < 200) return true;
+    const rawHeaders = raw.map((b) => b.toString("latin1"));
+    this.body = new OriginBody(resume, () => this.abort());
+    relayResponse({ status, reason: statusText, rawHeaders, body: this.body }, this.x);
+    return true;
+  }
+
+  onData(chunk: Buffer): boolean {
+    return this.body === undefined || this.body.push(chunk);
+  }
+
+  onComplete(): void {
+    this.settled = true;
+    this.body?.push(null);
+  }
+
+  onError(err: Error): void {
+    this.settled = true;
+    if (this.body === undefined) onUpstreamError(err as NodeJS.ErrnoException, this.x.out, this.x.rec);
+    else this.body.destroy(err);
+  }
 }
 
 /** The origin connection failed: a 403 (a refused destination) or 502 page, or an abort once headers went out. */
@@ -311,26 +423,27 @@ function onUpstreamError(err: NodeJS.ErrnoException, out: LoggedResponse, rec: A
 }
 
 /** Relays the origin's response to the client, its body scanned (and held, unless a stream by nature). */
-function relayResponse(ures: IncomingMessage, method: string, out: LoggedResponse, rec: AccessRecord, scanBody: BodyScanner): void {
+function relayResponse(ures: OriginResponse, x: Exchange): void {
+  const { out, rec } = x;
   const res = out.res;
-  const status = ures.statusCode ?? 502;
+  const status = ures.status;
   const rheaders = endToEndHeaders(ures.rawHeaders);
-  if (noResponseBody(method, status)) {
-    res.writeHead(status, ures.statusMessage, rheaders);
+  if (noResponseBody(x.method, status)) {
+    res.writeHead(status, ures.reason, rheaders);
     out.end();
-    ures.resume();
+    ures.body.resume();
     return;
   }
-  // From the raw list: `ures.headers` would build the whole header object for one lookup.
+  // From the raw list: a header object would be built for one lookup.
   const contentType = rawHeader(ures.rawHeaders, "content-type");
   const hold = !isStreamingContentType(contentType);
-  const scan = scanBody("response", contentType, { status, reason: ures.statusMessage ?? "", headers: rheaders });
+  const scan = x.scanBody("response", contentType, { status, reason: ures.reason ?? "", headers: rheaders });
   relayBody(
-    ures,
+    ures.body,
     scan.settings,
     hold,
     {
-      open: () => res.writeHead(status, ures.statusMessage, rheaders),
+      open: () => res.writeHead(status, ures.reason, rheaders),
       write: (c) => res.write(c),
       end: (last) => out.end(last),
       onDrain: (cb) => res.once("drain", cb),
@@ -338,7 +451,7 @@ function relayResponse(ures: IncomingMessage, method: string, out: LoggedRespons
     (r: RelayResult) => {
       const v = judgeRelay(rec, r, "response");
       if (v.kind === "block") {
-        ures.destroy();
+        ures.body.destroy();
         if (v.released) res.destroy();
         else sendPage(out, v.page);
       } else if (v.kind === "abort") {
@@ -351,7 +464,7 @@ function relayResponse(ures: IncomingMessage, method: string, out: LoggedRespons
 }
 
 /** Relays the client's request body to the origin request `open` makes, scanned (and held, unless a stream by nature). */
-function relayRequestBody(req: IncomingMessage, out: LoggedResponse, rec: AccessRecord, scanBody: BodyScanner, open: () => ClientRequest, upstream: () => ClientRequest | undefined): void {
+function relayRequestBody(req: IncomingMessage, out: LoggedResponse, rec: AccessRecord, scanBody: BodyScanner, open: () => OriginRequest, upstream: () => OriginRequest | undefined): void {
   const upload = scanBody("request", req.headers["content-type"]);
   relayBody(
     req,
@@ -361,7 +474,7 @@ function relayRequestBody(req: IncomingMessage, out: LoggedResponse, rec: Access
       open: () => void open(),
       write: (c) => upstream()!.write(c),
       end: (last) => upstream()!.end(last),
-      onDrain: (cb) => upstream()!.once("drain", cb),
+      onDrain: (cb) => upstream()!.onDrain(cb),
     },
     (r: RelayResult) => {
       const v = judgeRelay(rec, r, "request");
@@ -401,6 +514,21 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
     return;
   }
   socket.destroy();
+}
+
+/** Where an upgrade's origin connection comes from: the agent, or a new connection of the tunnel's origin (held for the WebSocket's life). */
+function upgradeConnection(up: Http1Upstream): Pick<RequestOptions, "agent" | "createConnection"> {
+  if (up.tunnel === undefined) return { agent: up.agent };
+  const origin = up.tunnel.origin;
+  return {
+    createConnection: (_options, done) => {
+      origin.connection().then(
+        (socket) => done(null, socket),
+        (err: Error) => done(err, undefined as unknown as Duplex),
+      );
+      return undefined;
+    },
+  };
 }
 
 function writeRawPage(socket: Duplex, page: BlockPage): void {
@@ -455,7 +583,7 @@ export function handleHttp1Upgrade(
   if (denied !== undefined) return refuse(renderBlockPage(403, rec.host, denied, "private-destination"), "block", "private-destination", denied);
 
   const headers = endToEndHeaders(req.rawHeaders, true, up.tunnel === undefined ? target.authority : undefined);
-  const ureq = httpRequest({ agent: up.agent, host: target.host, port: target.port, method: "GET", path: target.path, headers, setHost: false });
+  const ureq = httpRequest({ ...upgradeConnection(up), host: target.host, port: target.port, method: "GET", path: target.path, headers, setHost: false });
   socket.once("close", () => ureq.destroy());
   ureq.on("error", (err: NodeJS.ErrnoException) => {
     if (rec.status === 0 && isDestinationDenied(err)) return refuse(renderBlockPage(403, rec.host, err.message, "private-destination"), "block", "private-destination", err.message);

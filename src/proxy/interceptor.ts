@@ -14,7 +14,7 @@
  * under the tenant's trusted intermediate. Cleartext HTTP inside a CONNECT is handed to the
  * HTTP/1.1 handler, inspected like a plain proxy request.
  */
-import { createServer as createHttpServer, type Agent, type IncomingMessage, type Server as HttpServer } from "node:http";
+import { createServer as createHttpServer, type IncomingMessage, type Server as HttpServer } from "node:http";
 import { createServer as createH2Server, type Http2Server, type ServerHttp2Session } from "node:http2";
 import { connect as netConnect, isIP, type Socket } from "node:net";
 import { TLSSocket } from "node:tls";
@@ -37,7 +37,7 @@ import { describeError, isClientCertRequired, type OriginResult } from "./origin
 import { normalizeHost, ruleId, type Policy } from "./policy.js";
 import { splice } from "./splice.js";
 import { markHandshakeDone } from "./tls-server-socket.js";
-import { TunnelAgent } from "./tunnel-agent.js";
+import { TunnelOrigin } from "./tunnel-origin.js";
 import { normalizeClientAddress } from "./tenants.js";
 
 /** Protocols the proxy can inspect, in the order it prefers them. */
@@ -530,11 +530,11 @@ export class Interceptor {
     tcp.on("error", () => {});
     const { target, client } = c;
     const reconnect = (): Promise<Socket> => tcpConnect(target.host, target.port, this.ctx.limits.originTimeoutMs, this.ctx.destinations);
-    const agent = new TunnelAgent(tcp, reconnect);
+    const origin = this.tunnelOrigin(tcp, reconnect, target);
     const stats: ConnStats = { requests: 0 };
-    const upstream: Http1Upstream = { scheme: "http", agent: agent as unknown as Agent, tunnel: { host: target.host, port: target.port, requestedHost: target.host } };
+    const upstream: Http1Upstream = { scheme: "http", tunnel: { host: target.host, port: target.port, requestedHost: target.host, origin } };
     (socket as Tagged<H1Conn>)[kConn] = { client, upstream, stats };
-    socket.once("close", () => agent.destroy());
+    socket.once("close", () => origin.destroy());
     socket.unshift(data);
     this.h1.emit("connection", socket);
     // The peek paused it; the server reads through 'data' events (the outer server unconsumed the socket at the CONNECT).
@@ -719,10 +719,19 @@ export class Interceptor {
       this.h2.emit("connection", tls);
       return;
     }
-    const agent = new TunnelAgent(o.socket, reconnect);
-    (tls as Tagged<H1Conn>)[kConn] = { client, upstream: { scheme: "https", agent: agent as unknown as Agent, tunnel: { host: target.host, port: target.port, requestedHost: host } }, stats };
-    tls.once("close", () => agent.destroy());
+    const origin = this.tunnelOrigin(o.socket, reconnect, target);
+    (tls as Tagged<H1Conn>)[kConn] = { client, upstream: { scheme: "https", tunnel: { host: target.host, port: target.port, requestedHost: host, origin } }, stats };
+    tls.once("close", () => origin.destroy());
     this.h1.emit("connection", tls);
+  }
+
+  /** The HTTP/1.1 origin side of a tunnel: `first` its connection, `reconnect` how to open (and verify) another. */
+  private tunnelOrigin(first: Duplex, reconnect: () => Promise<Duplex>, target: { host: string; port: number }): TunnelOrigin {
+    const l = this.ctx.limits;
+    // The origin's answer may take the idle timeout less a tenth (at most 5 s): the client then
+    // hears why (a 502 page) before its own connection, idle as long, is closed.
+    const responseTimeoutMs = Math.max(1, l.idleTimeoutMs - Math.min(5_000, Math.floor(l.idleTimeoutMs / 10)));
+    return new TunnelOrigin(first, reconnect, target, { responseTimeoutMs, idleMs: l.originIdleTimeoutMs });
   }
 
   /** Counts a client's refusal of the minted leaf (pinned-app detection, when the policy turns it on). */

@@ -235,6 +235,11 @@ export function describeError(err: NodeJS.ErrnoException): string {
     EHOSTUNREACH: "host unreachable",
     ENETUNREACH: "network unreachable",
     EPIPE: "closed the connection",
+    // The HTTP/1.1 origin client's (undici's) own.
+    UND_ERR_SOCKET: "closed the connection",
+    UND_ERR_HEADERS_TIMEOUT: "did not answer in time",
+    UND_ERR_BODY_TIMEOUT: "stalled in the middle of its body",
+    UND_ERR_RES_CONTENT_LENGTH_MISMATCH: "sent a body whose length is not its Content-Length",
   };
   // The destination check's message already says what was refused and how to allow it.
   if (code === "EKMIDESTINATION") return err.message;
