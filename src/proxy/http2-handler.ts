@@ -18,7 +18,7 @@ import type { AccessRecord } from "./access-log.js";
 import { renderBlockPage, type BlockPage } from "./block-page.js";
 import { isStreamingContentType, relayBody, type RelayResult, type RelaySink } from "./body-relay.js";
 import type { ClientInfo, ProxyContext } from "./context.js";
-import type { BodyScan } from "./icap/inspection.js";
+import type { BodyScanner } from "./icap/inspection.js";
 import { requestBlockRule } from "./http1.js";
 import { describeError } from "./origin.js";
 import { normalizeHost, type Policy } from "./policy.js";
@@ -133,9 +133,6 @@ export interface H2Upstream {
  */
 type StreamLog = (status?: number, then?: () => void) => void;
 
-/** How one of the stream's bodies is scanned (the tenant's policy, its ICAP services); `response` for the response body. */
-type BodyScanner = (side: "request" | "response", contentType: string | undefined, response?: { status: number; headers: OutgoingHttpHeaders }) => BodyScan;
-
 function respondPage(stream: ServerHttp2Stream, page: BlockPage, log: StreamLog): void {
   if (stream.destroyed || stream.closed) return;
   if (stream.headersSent) {
@@ -230,8 +227,7 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
   };
   const policy = ctx.policy.forTenant(client.tenant);
   const requestHeaders = forwardHeaders(headers, true);
-  const scanBody: BodyScanner = (side, contentType, response) =>
-    ctx.inspection.scan(policy, side, { method, path, authority, requestHeaders, ...(response !== undefined ? { response } : {}) }, contentType);
+  const scanBody = ctx.inspection.forExchange(policy, { method, path, authority, requestHeaders });
   // The line is written once: just before the response's last bytes go out, or when the stream closes without them.
   let logged = false;
   const log: StreamLog = (status, then) => {

@@ -22,8 +22,13 @@ export interface BodyExchange {
   /** Host[:port] the client asked for. */
   readonly authority: string;
   readonly requestHeaders: HeaderSource;
-  /** The response's status, reason and headers (response bodies). */
-  readonly response?: { readonly status: number; readonly reason?: string; readonly headers: HeaderSource };
+}
+
+/** A response's status, reason and headers (what a response body's scan is told). */
+export interface ResponseHead {
+  readonly status: number;
+  readonly reason?: string;
+  readonly headers: HeaderSource;
 }
 
 /** What scans one body: the settings of the relay and, when a service applies, its inspector. */
@@ -36,7 +41,7 @@ export interface BodyScan {
  * How one exchange's bodies are scanned: the request body, or the response body (with the
  * response's status and headers). Bound to the tenant's policy by {@link Inspection.forExchange}.
  */
-export type BodyScanner = (side: "request" | "response", contentType: string | undefined, response?: BodyExchange["response"]) => BodyScan;
+export type BodyScanner = (side: "request" | "response", contentType: string | undefined, response?: ResponseHead) => BodyScan;
 
 /** Idle ICAP connections close after this (c-icap keeps them 600 s by default, so a reused one is rarely stale). */
 const IDLE_MS = 30_000;
@@ -91,14 +96,14 @@ export class Inspection {
    * when the policy names a service for that side. Bodies that are streams by nature
    * (gRPC, server-sent events) go to no service: they may never end.
    */
-  scan(policy: Policy, side: "request" | "response", exchange: BodyExchange, contentType: string | undefined): BodyScan {
+  scan(policy: Policy, side: "request" | "response", exchange: BodyExchange, contentType: string | undefined, response?: ResponseHead): BodyScan {
     if (side === "request" && !policy.scan.uploads) return { settings: uninspected(policy.scan) };
     const config = side === "request" ? policy.icap.reqmod : policy.icap.respmod;
-    const headers = exchange.response?.headers ?? exchange.requestHeaders;
+    const headers = response?.headers ?? exchange.requestHeaders;
     // An empty body has nothing to scan: no round trip for it.
     if (config === undefined || isStreamingContentType(contentType) || headerValue(headers, "content-length") === "0") return { settings: policy.scan };
     const reqHdr = formatHttpRequestHead(exchange.method, exchange.path, withHost(pairs(exchange.requestHeaders), exchange.authority));
-    const r = exchange.response;
+    const r = response;
     const inspector = this.service(config).inspector(
       r === undefined
         ? { method: "REQMOD", reqHdr, path: exchange.path }
@@ -108,8 +113,8 @@ export class Inspection {
   }
 
   /** {@link Inspection.scan} bound to one exchange under `policy`. */
-  forExchange(policy: Policy, exchange: Omit<BodyExchange, "response">): BodyScanner {
-    return (side, contentType, response) => this.scan(policy, side, response === undefined ? exchange : { ...exchange, response }, contentType);
+  forExchange(policy: Policy, exchange: BodyExchange): BodyScanner {
+    return (side, contentType, response) => this.scan(policy, side, exchange, contentType, response);
   }
 
   /** The service of this configuration (made on first use; pools are per server and connection settings). */
