@@ -8,6 +8,7 @@ import { mkdir } from "node:fs/promises";
 import { cpus } from "node:os";
 import type { LoadResult, LoadSpec } from "../children/loadgen.js";
 import type { ProxyChildInfo } from "../children/proxy.js";
+import type { RelayChildConfig, RelayChildInfo } from "../children/relay.js";
 import type { Child } from "../lib/child.js";
 import type { Env } from "../lib/env.js";
 import { count, ERROR_SHARE_LIMIT_TEXT, notJudgedReason, tallyFailures } from "../lib/failures.js";
@@ -44,9 +45,17 @@ const LOADS: Load[] = [
   { key: "newconn", label: "new TLS connections (1 request each, 1 KiB)", mode: "newconn", path: "/1k", unit: "conn/s", keepAlive: false },
 ];
 
-type Via = "direct" | "kmi" | "mitm";
+type Via = "direct" | "kmi" | "mitm" | "pipe" | "bare";
 
-const VIA_NAME: Record<Exclude<Via, "mitm">, string> = { direct: "directly to the origin", kmi: "through the kmi proxy" };
+const VIA_NAME: Record<Exclude<Via, "mitm">, string> = {
+  direct: "directly to the origin",
+  kmi: "through the kmi proxy",
+  pipe: "through a bare TLS relay (Node's TLS both ways, bytes piped, no HTTP: a floor)",
+  bare: "through a bare HTTP relay (node:http server + undici client, as kmi, and nothing else: a floor)",
+};
+
+/** The floors (bare relays) are measured for the HTTP/1.1 keep-alive loads. */
+const FLOORS: readonly Via[] = ["pipe", "bare"];
 
 /** One measured window of one load: what the load generator returned. */
 type Window = Pick<LoadResult, "ops" | "errors" | "firstError" | "perSecond" | "p50" | "p99">;
@@ -56,11 +65,12 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
   const row = new RowBuilder(
     "3",
     ROW_TITLES["3"]!,
-    `A load-generator process (Node, lean HTTP/1.1 client and node:http2) drives a fixed number of connections in a closed loop for each window: ${CONNECTIONS} HTTP/1.1 keep-alive connections (one request in flight each), ${H2_CONNECTIONS} HTTP/2 connections × ${H2_STREAMS} streams, or ${CONNECTIONS} workers each opening a new connection (CONNECT when proxied, full TLS handshake, no resumption) for one request. The same load goes directly to the origin process (HTTP/1.1 + h2, one process), through the kmi proxy process (leaf cached after the warm-up; access log to a file; bodies scanned as configured by default) and through mitmdump when installed (upstream verified against the same origin CA). Targets, configurations and repeats are interleaved. Peak RSS is each proxy process's VmHWM, reset at the start of each repeat. Rates and latencies count successful requests only; when more than ${ERROR_SHARE_LIMIT_TEXT} of a window's requests fail, that figure is "not judged" and no ratio or target is computed against it (through the origin or kmi, that also fails the run).`,
+    `A load-generator process (Node, lean HTTP/1.1 client and node:http2) drives a fixed number of connections in a closed loop for each window: ${CONNECTIONS} HTTP/1.1 keep-alive connections (one request in flight each), ${H2_CONNECTIONS} HTTP/2 connections × ${H2_STREAMS} streams, or ${CONNECTIONS} workers each opening a new connection (CONNECT when proxied, full TLS handshake, no resumption) for one request. The same load goes directly to the origin process (HTTP/1.1 + h2, one process), through the kmi proxy process (leaf cached after the warm-up; access log to a file; bodies scanned as configured by default) and through mitmdump when installed (upstream verified against the same origin CA). Two floors take the HTTP/1.1 loads too, from one more process (bench/children/relay.ts): a bare TLS relay (Node's TLS in and out, bytes piped, no HTTP), the bound of any Node relay that decrypts; and a bare HTTP relay (node:http server, one undici client per connection toward the origin, body held and written with its headers: the stacks kmi uses, without CONNECT, policy, scanning or log), so "of the bare HTTP relay" is what kmi's own work costs. Targets, configurations and repeats are interleaved. Peak RSS is each proxy process's VmHWM, reset at the start of each repeat. Rates and latencies count successful requests only; when more than ${ERROR_SHARE_LIMIT_TEXT} of a window's requests fail, that figure is "not judged" and no ratio or target is computed against it (through the origin or kmi, that also fails the run).`,
   );
   const b = env.budget;
   const { agent, origin, proxy } = await proxyStack(env);
   const loadgen = await env.shared<{ pid: number }>("loadgen", () => ({}));
+  const relay = await env.shared<RelayChildInfo>("relay", (): RelayChildConfig => ({ originPort: origin.info.port, originCaPem: origin.info.caPem }));
 
   let mitm: Mitm | undefined;
   const mv = mitmVersion();
@@ -79,9 +89,11 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
     const o = { host: "127.0.0.1", port: origin.info.port };
     if (via === "direct") return { origin: o, servername: DEFAULT_HOST, ca: origin.info.caPem };
     if (via === "kmi") return { proxy: { host: "127.0.0.1", port: proxy.info.port }, origin: o, servername: DEFAULT_HOST, ca: agent.info.rootPem };
+    if (via === "pipe" || via === "bare") return { origin: { host: "127.0.0.1", port: via === "pipe" ? relay.info.pipePort : relay.info.httpPort }, servername: DEFAULT_HOST, ca: relay.info.caPem };
     return { proxy: { host: "127.0.0.1", port: mitm!.port }, origin: o, servername: DEFAULT_HOST, ca: mitm!.caPem };
   };
   const vias: Via[] = ["direct", "kmi", ...(mitm !== undefined ? (["mitm"] as const) : [])];
+  const viasOf = (load: Load): Via[] => (load.mode === "h1" ? [...vias, ...FLOORS] : vias);
   const spec = (load: Load, via: Via): LoadSpec => ({
     mode: load.mode,
     dest: dest(via),
@@ -94,7 +106,7 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
 
   // One request each way first: the paths work, and the leaf is in the kmi proxy's cache. The
   // origin and kmi must answer; mitmdump's failures are judged with its figures below.
-  for (const via of vias) {
+  for (const via of viasOf(LOADS[0]!)) {
     const probe = loadgen.call<LoadResult>("run", { ...spec(LOADS[0]!, via), durationMs: 50, warmupMs: 0, connections: 1 });
     if (via === "mitm") {
       await probe.catch(() => undefined);
@@ -110,7 +122,7 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
     await proxy.call("resetRss");
     if (mitm !== undefined) await resetPeakRss(mitm.pid);
     for (const load of LOADS) {
-      for (const via of vias) {
+      for (const via of viasOf(load)) {
         env.log(`throughput ${load.key} via ${via} repeat ${r + 1}`);
         let w: Window;
         try {
@@ -137,7 +149,7 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
   for (const load of LOADS) {
     const figs: Partial<Record<Via, Figure>> = {};
     const failedShort: Partial<Record<Via, string>> = {};
-    for (const via of vias) {
+    for (const via of viasOf(load)) {
       const ws = results.get(`${load.key}:${via}`)!;
       const name = via === "mitm" ? `through mitmdump ${mitm?.version ?? ""}`.trim() : VIA_NAME[via];
       const label = `${load.label}, ${name}`;
@@ -166,6 +178,11 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
     const judged = (...vs: Via[]) => vs.every((v) => failedShort[v] === undefined);
     if (mitmFig !== undefined && judged("mitm", "direct")) row.ratio(mitmFig, direct, "of direct");
     const ratioDirect = judged("kmi", "direct") ? row.ratio(kmi, direct, "of direct") : undefined;
+    for (const floor of FLOORS) {
+      const f = figs[floor];
+      if (f !== undefined && judged(floor, "direct")) row.ratio(f, direct, "of direct");
+    }
+    if (figs.bare !== undefined && judged("kmi", "bare")) row.ratio(kmi, figs.bare, "of the bare HTTP relay");
     if (mitmFig !== undefined) {
       const [text, need] = load.keepAlive ? ["≥ 5× mitmdump", 5] : ["≥ 1.5× mitmdump", 1.5];
       if (judged("kmi", "mitm")) {

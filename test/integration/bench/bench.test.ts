@@ -168,6 +168,25 @@ describe("npm run bench -- --quick", () => {
     expect(issueTarget?.text).toMatch(/median .*min /);
   });
 
+  it("measures the floors beside kmi: a bare TLS relay and a bare HTTP relay on the same HTTP/1.1 loads", () => {
+    const report = JSON.parse(stdout) as Report;
+    const row3 = report.rows.find((r) => r.id === "3")!;
+    const fig = (id: string) => {
+      const f = row3.figures.find((x) => x.id === id);
+      expect(f, `figure ${id}`).toBeDefined();
+      return f!;
+    };
+    for (const load of ["h1_1k", "h1_1m"]) {
+      for (const floor of ["pipe", "bare"]) {
+        expect(fig(`proxy.${load}.${floor}`).value.median).toBeGreaterThan(0);
+        expect(fig(`proxy.${load}.${floor}`).ratios.map((r) => r.vs)).toEqual(["of direct"]);
+      }
+      expect(fig(`proxy.${load}.kmi`).ratios.map((r) => r.vs)).toContain("of the bare HTTP relay");
+    }
+    // HTTP/2 has no floor: the bare relays speak HTTP/1.1 only.
+    expect(row3.figures.some((f) => f.id.startsWith("proxy.h2_1k.pipe"))).toBe(false);
+  });
+
   it("measures the proxy's cost: CPU per request against the origin's own, resumed handshakes, idle connections that close", () => {
     const report = JSON.parse(stdout) as Report;
     const row10 = report.rows.find((r) => r.id === "10")!;
