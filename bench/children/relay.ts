@@ -31,6 +31,15 @@ export interface RelayChildInfo {
   readonly caPem: string;
 }
 
+/** The headers of a raw list without the hop-by-hop ones that matter here (kmi drops them all). */
+function endToEnd(raw: string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < raw.length; i += 2) {
+    if (!/^(connection|keep-alive|transfer-encoding)$/i.test(raw[i]!)) out.push(raw[i]!, raw[i + 1]!);
+  }
+  return out;
+}
+
 async function main(): Promise<void> {
   const cfg = childConfig<RelayChildConfig>();
   const ca = new OriginCa();
@@ -64,7 +73,7 @@ async function main(): Promise<void> {
       {
         onConnect: () => {},
         onHeaders: (s, raw, _resume, text) => {
-          [status, reason, headers] = [s, text, raw.map((b) => b.toString("latin1"))];
+          [status, reason, headers] = [s, text, endToEnd(raw.map((b) => b.toString("latin1")))];
           return true;
         },
         onData: (c) => chunks.push(c) > 0,

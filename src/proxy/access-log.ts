@@ -125,9 +125,12 @@ export class MemoryAccessLog implements AccessLog {
   readonly records: (AccessRecord & { time: string })[] = [];
   private waiters: { pred: (r: AccessRecord) => boolean; resolve: (r: AccessRecord) => void }[] = [];
   private readonly query: boolean;
+  private readonly deferEnds: boolean;
 
-  constructor(options: AccessLogOptions = {}) {
+  /** `deferEnds`: {@link AccessLog.writeThen} lets the response end a turn later, as the file log does. */
+  constructor(options: AccessLogOptions & { readonly deferEnds?: boolean } = {}) {
     this.query = options.query ?? false;
+    this.deferEnds = options.deferEnds ?? false;
   }
 
   write(record: AccessRecord): void {
@@ -152,7 +155,8 @@ export class MemoryAccessLog implements AccessLog {
 
   writeThen(record: AccessRecord, then: () => void): void {
     this.write(record);
-    then();
+    if (this.deferEnds) setImmediate(then);
+    else then();
   }
 
   reopen(): void {}
@@ -245,6 +249,7 @@ class FileAccessLog implements AccessLog {
     if (this.fd === undefined) return then();
     this.lines.push(this.format(r));
     this.thens.push(then);
+    // A full batch is written at once, and its responses end inside this call.
     if (this.lines.length >= MAX_BATCH) this.flush();
     else this.scheduled ??= setImmediate(() => this.flush());
   }
@@ -273,7 +278,8 @@ class FileAccessLog implements AccessLog {
       try {
         then();
       } catch (err) {
-        // One response's failure must not hold back the others; it still surfaces as it would have.
+        // One response's failure must not hold back the others; it still surfaces, uncaught, as
+        // it would have where the response ended at once.
         queueMicrotask(() => {
           throw err;
         });
@@ -288,7 +294,12 @@ class FileAccessLog implements AccessLog {
     this.lines = [];
     if (this.fd === undefined) return;
     try {
-      writeSync(this.fd, text);
+      const written = writeSync(this.fd, text);
+      // A short write (a nearly full disk) goes on from where it stopped, so no line is cut.
+      if (written < Buffer.byteLength(text)) {
+        const bytes = Buffer.from(text);
+        for (let at = written; at < bytes.length; ) at += writeSync(this.fd, bytes, at);
+      }
       this.onSuccess();
     } catch (err) {
       this.onError(err as Error);

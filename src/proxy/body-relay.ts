@@ -30,6 +30,12 @@ export interface RelaySink {
   end(last?: Buffer): void;
   /** Calls `cb` once the receiver can take more. */
   onDrain(cb: () => void): void;
+  /**
+   * The body has a known length (Content-Length): its last bytes complete it for the receiver,
+   * so the relay keeps the latest chunk back and hands it to {@link RelaySink.end}, after what
+   * the receiver's side does at the end (the access log line is written first).
+   */
+  readonly knownLength?: boolean;
 }
 
 /** What an outside inspection (an ICAP service) said, for the access log and metrics. */
@@ -162,6 +168,8 @@ class BodyRelay {
    * let a client complete an infected file.
    */
   private tail: Buffer | undefined;
+  /** Keep the latest chunk back until the end of the body even without an inspector ({@link RelaySink.knownLength}, not a stream by nature). */
+  private keepLast = false;
 
   private readonly onData = (chunk: Buffer): void => this.data(chunk);
   private readonly onEnd = (): void => this.end();
@@ -197,6 +205,7 @@ class BodyRelay {
 
   /** Opens the sink at once (nothing to hold) or arms the hold timer, and starts reading. */
   start(hold: boolean): void {
+    this.keepLast = hold && this.sink.knownLength === true;
     if ((this.scanner === undefined && this.inspector === undefined) || !hold) {
       this.release();
     } else if (this.settings.holdMs > 0) {
@@ -241,7 +250,7 @@ class BodyRelay {
     this.sink.open(undefined);
     const chunks = this.held;
     this.held = [];
-    if (this.pending() && chunks.length > 0) this.tail = chunks.pop();
+    if (this.withholding() && chunks.length > 0) this.tail = chunks.pop();
     let ok = true;
     for (const c of chunks) ok = this.sink.write(c) && ok;
     if (!ok && !this.finished) this.waitForDrain();
@@ -258,6 +267,11 @@ class BodyRelay {
     register(() => {
       if (--this.pauses === 0 && !this.finished) this.source.resume();
     });
+  }
+
+  /** True while the latest chunk is kept back (until the end, or until the inspector answers). */
+  private withholding(): boolean {
+    return this.keepLast || this.pending();
   }
 
   /** True while the inspector has not answered. */
@@ -286,7 +300,7 @@ class BodyRelay {
       this.complete();
     } else if (!this.released && !this.eicarHolding()) {
       this.release();
-    } else if (this.tail !== undefined) {
+    } else if (this.tail !== undefined && !this.keepLast) {
       const t = this.tail;
       this.tail = undefined;
       if (!this.sink.write(t)) this.waitForDrain();
@@ -335,7 +349,7 @@ class BodyRelay {
       return;
     }
     let out: Buffer | undefined = chunk;
-    if (this.pending()) [out, this.tail] = [this.tail, chunk];
+    if (this.withholding()) [out, this.tail] = [this.tail, chunk];
     if (out !== undefined && !this.sink.write(out)) this.waitForDrain();
   }
 

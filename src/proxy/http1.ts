@@ -6,8 +6,7 @@
  * WebSocket upgrades are inspected as HTTP requests and then spliced.
  */
 import { Agent, request as httpRequest, type IncomingMessage, type RequestOptions, type ServerResponse } from "node:http";
-import { PassThrough, Readable, type Duplex } from "node:stream";
-import type { Dispatcher } from "undici";
+import type { Duplex } from "node:stream";
 import type { AccessRecord } from "./access-log.js";
 import { renderBlockPage, rawHttpResponse, type BlockPage } from "./block-page.js";
 import { isStreamingContentType, relayBody, type RelayResult } from "./body-relay.js";
@@ -18,7 +17,7 @@ import { describeError } from "./origin.js";
 import { normalizeHost, ruleId, type Policy } from "./policy.js";
 import { judgeRelay } from "./scan-verdict.js";
 import { splice } from "./splice.js";
-import type { TunnelOrigin } from "./tunnel-origin.js";
+import type { OriginRequest, OriginResponse, TunnelOrigin } from "./tunnel-origin.js";
 
 /** Where a client connection's requests go: plain proxy requests through an agent, or a tunnel's one origin. */
 export type Http1Upstream =
@@ -300,105 +299,29 @@ interface Exchange {
   readonly scanBody: BodyScanner;
 }
 
-/** The request as the origin gets it: its body (when it has one), and a way to abandon it. */
-interface OriginRequest {
-  write(chunk: Buffer): boolean;
-  /** Ends the body (a request without one was sent whole). */
-  end(last?: Buffer): void;
-  onDrain(cb: () => void): void;
-  destroy(): void;
-}
-
-/** An origin's response, from either client: what the relay needs. */
-interface OriginResponse {
-  readonly status: number;
-  readonly reason: string | undefined;
-  readonly rawHeaders: readonly string[];
-  readonly body: Readable;
-}
-
 /** Sends the request to the origin (the tunnel's connection, or the agent's); its response is relayed (and scanned) to the client. */
 function forwardRequest(up: Http1Upstream, target: OriginTarget, headers: string[], withBody: boolean, x: Exchange): OriginRequest {
-  if (up.tunnel !== undefined) return throughTunnel(up.tunnel.origin, target, headers, withBody, x);
+  if (up.tunnel !== undefined) {
+    // HTTP/1.1 needs a Host: a client that sent none (HTTP/1.0) gets the name it asked for in its tunnel.
+    const withHost = rawHeader(headers, "host") === undefined ? ["Host", target.authority, ...headers] : headers;
+    return up.tunnel.origin.request(target.path, x.method, withHost, withBody, {
+      response: (r) => relayResponse(r, x),
+      failed: (err) => onUpstreamError(err as NodeJS.ErrnoException, x.out, x.rec),
+      broken: (err) => noteBrokenResponse(err as NodeJS.ErrnoException, x.rec),
+    });
+  }
   const u = httpRequest({ agent: up.agent, host: target.host, port: target.port, method: x.method, path: target.path, headers: headers, setHost: false });
   u.on("response", (ures: IncomingMessage) => relayResponse({ status: ures.statusCode ?? 502, reason: ures.statusMessage, rawHeaders: ures.rawHeaders, body: ures }, x));
   u.on("error", (err: NodeJS.ErrnoException) => onUpstreamError(err, x.out, x.rec));
   return { write: (c) => u.write(c), end: (last) => void u.end(last), onDrain: (cb) => void u.once("drain", cb), destroy: () => void u.destroy() };
 }
 
-/** Sends the request over the tunnel's origin connection (undici); a body is streamed to it as the relay releases it. */
-function throughTunnel(origin: TunnelOrigin, target: OriginTarget, headers: string[], withBody: boolean, x: Exchange): OriginRequest {
-  const body = withBody ? new PassThrough() : undefined;
-  const handler = new TunnelExchange(x);
-  origin.dispatch({ path: target.path, method: x.method as Dispatcher.HttpMethod, headers, body: body ?? null }, handler);
-  if (body === undefined) return { write: () => true, end: () => {}, onDrain: (cb) => cb(), destroy: () => handler.abort() };
-  return { write: (c) => body.write(c), end: (last) => void body.end(last), onDrain: (cb) => void body.once("drain", cb), destroy: () => handler.abort() };
-}
-
-/** A response body from undici, as a Readable: the origin is read as fast as the relay takes it. */
-class OriginBody extends Readable {
-  constructor(
-    private readonly resumeOrigin: () => void,
-    private readonly abandon: () => void,
-  ) {
-    super();
-  }
-
-  override _read(): void {
-    this.resumeOrigin();
-  }
-
-  override _destroy(err: Error | null, cb: (err?: Error | null) => void): void {
-    // The relay stopped reading (a block, the client gone): the origin request is abandoned.
-    this.abandon();
-    cb(err);
-  }
-}
-
-/** One exchange over a tunnel's origin connection: undici's handler, relaying the response as it comes. */
-class TunnelExchange implements Dispatcher.DispatchHandlers {
-  private abortRequest: ((err?: Error) => void) | undefined;
-  private aborted = false;
-  private settled = false;
-  private body: OriginBody | undefined;
-
-  constructor(private readonly x: Exchange) {}
-
-  /** Abandons the request (the client went away, or its response is no longer wanted). */
-  abort(): void {
-    if (this.settled) return;
-    this.aborted = true;
-    this.abortRequest?.();
-  }
-
-  onConnect(abort: (err?: Error) => void): void {
-    this.abortRequest = abort;
-    if (this.aborted) abort();
-  }
-
-  onHeaders(status: number, raw: Buffer[], resume: () => void, statusText: string): boolean {
-    // Informational answers (103 Early Hints) are not relayed; the final one follows.
-    if (status < 200) return true;
-    const rawHeaders = raw.map((b) => b.toString("latin1"));
-    this.body = new OriginBody(resume, () => this.abort());
-    relayResponse({ status, reason: statusText, rawHeaders, body: this.body }, this.x);
-    return true;
-  }
-
-  onData(chunk: Buffer): boolean {
-    return this.body === undefined || this.body.push(chunk);
-  }
-
-  onComplete(): void {
-    this.settled = true;
-    this.body?.push(null);
-  }
-
-  onError(err: Error): void {
-    this.settled = true;
-    if (this.body === undefined) onUpstreamError(err as NodeJS.ErrnoException, this.x.out, this.x.rec);
-    else this.body.destroy(err);
-  }
+/** An answer that broke off mid-body: the log says why (the transfer is cut by the relay). */
+function noteBrokenResponse(err: NodeJS.ErrnoException, rec: AccessRecord): void {
+  if (rec.decision !== "allow") return;
+  rec.decision = "error";
+  rec.rule = "origin-error";
+  rec.error = describeError(err);
 }
 
 /** The origin connection failed: a 403 (a refused destination) or 502 page, or an abort once headers went out. */
@@ -447,6 +370,7 @@ function relayResponse(ures: OriginResponse, x: Exchange): void {
       write: (c) => res.write(c),
       end: (last) => out.end(last),
       onDrain: (cb) => res.once("drain", cb),
+      knownLength: rawHeader(ures.rawHeaders, "content-length") !== undefined,
     },
     (r: RelayResult) => {
       const v = judgeRelay(rec, r, "response");
@@ -455,7 +379,9 @@ function relayResponse(ures: OriginResponse, x: Exchange): void {
         if (v.released) res.destroy();
         else sendPage(out, v.page);
       } else if (v.kind === "abort") {
-        res.destroy();
+        // An answer that broke off while it was held: the client has nothing yet, and gets a page saying why.
+        if (!res.headersSent && rec.decision === "error") sendPage(out, renderBlockPage(502, rec.host, `origin ${rec.error ?? "failed"}`, "origin-error"));
+        else res.destroy();
       }
     },
     rawHeader(ures.rawHeaders, "content-encoding"),

@@ -374,6 +374,7 @@ function relayH2Response(
           if (!stream.destroyed) stream.end(last);
         }),
       onDrain: (cb) => stream.once("drain", cb),
+      knownLength: rh["content-length"] !== undefined,
     },
     (r: RelayResult) => {
       const v = judgeRelay(rec, r, "response");

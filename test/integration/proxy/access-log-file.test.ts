@@ -2,7 +2,7 @@
  * The access log file has a request's line by the time the client has its response: what a
  * script does with `curl …; tail -n 1 access.log`. Real curl against the proxy, the log read as
  * soon as curl exits, for every kind of exchange (HTTPS over h1 and h2, plain http, a block
- * page, a refused CONNECT).
+ * page, a body that streams past the scan cap, a refused CONNECT).
  */
 import { readFileSync } from "node:fs";
 import { createServer as createHttpServer, type Server as HttpServer } from "node:http";
@@ -51,6 +51,9 @@ describe("the access log line is in the file when curl returns", () => {
     ["plain http", (i: number) => [`http://localhost:${plainPort}/plain-${i}`], (i: number) => `/plain-${i}`],
     ["http inside a CONNECT", (i: number) => ["-p", `http://localhost:${plainPort}/tunnel-${i}`], (i: number) => `/tunnel-${i}`],
     ["a block page", (i: number) => [`https://localhost:${good.port}/blocked-${i}`], (i: number) => `/blocked-${i}`],
+    // Past the scan cap (1 MiB) the body streams: its last bytes still wait for the line.
+    ["a body over the scan cap, over http/1.1", (i: number) => ["--http1.1", "-o", "/dev/null", `https://localhost:${good.port}/big-h1-${i}?n=1500000`], (i: number) => `/big-h1-${i}?`],
+    ["a body over the scan cap, over h2", (i: number) => ["--http2", "-o", "/dev/null", `https://localhost:${good.port}/big-h2-${i}?n=1500000`], (i: number) => `/big-h2-${i}?`],
   ])("%s: tail -n 1 reads this request's line, every time", async (_name, args, path) => {
     for (let i = 0; i < 8; i++) {
       const r = await curl(...args(i));

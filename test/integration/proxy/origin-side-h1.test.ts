@@ -3,18 +3,23 @@
  * with curl through the real proxy: the connection made for the handshake serves the first
  * request; an origin connection that idled past --origin-idle-timeout-ms, or that the origin
  * closed, is replaced on the next request while the client's connection stays; HEAD, 103 Early
- * Hints, an origin that never answers and one that answers garbage.
+ * Hints, an origin that never answers, answers garbage, answers with a reason phrase a client may
+ * not be sent, breaks off mid-body or answers before the upload ends; a client that leaves; a
+ * WebSocket through the tunnel.
  */
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { startOrigin, type Origin } from "../../fixtures/proxy/origins.js";
-import { run, startHarness, type Harness } from "../../fixtures/proxy/harness.js";
+import { decodeWsFrame, encodeWsFrame, startOrigin, type Origin } from "../../fixtures/proxy/origins.js";
+import { run, startHarness, tlsViaProxy, type Harness } from "../../fixtures/proxy/harness.js";
 
 let h: Harness;
 let origin: Origin;
 let root: string;
 
 /** The client's keep-alive outlasts the origin side's idle time, so the two can be told apart. */
-const LIMITS = { keepAliveTimeoutMs: 10_000, originIdleTimeoutMs: 300, idleTimeoutMs: 3000 };
+const LIMITS = { keepAliveTimeoutMs: 10_000, originIdleTimeoutMs: 500, idleTimeoutMs: 3000 };
 
 beforeAll(async () => {
   h = await startHarness({ proxy: { limits: LIMITS } });
@@ -40,8 +45,8 @@ function lines(stdout: string): string[] {
 describe("the origin side of an intercepted HTTP/1.1 connection", () => {
   it("reuses the handshake's origin connection, and replaces one that idled past --origin-idle-timeout-ms while the client's stays", async () => {
     const before = origin.connections;
-    // Three requests on one client connection, 500 ms apart (the origin side idles out after 300 ms).
-    const r = await run("curl", [...proxyArgs(), "--rate", "2/s", ...WRITE_OUT, url("/hello"), ...WRITE_OUT, url("/hello"), ...WRITE_OUT, url("/hello")]);
+    // Three requests on one client connection, a second apart (the origin side idles out after 500 ms).
+    const r = await run("curl", [...proxyArgs(), "--rate", "1/s", ...WRITE_OUT, url("/hello"), ...WRITE_OUT, url("/hello"), ...WRITE_OUT, url("/hello")]);
     expect(r.stderr).toBe("");
     expect(lines(r.stdout)).toEqual(["200 1", "200 0", "200 0"]);
     // One origin connection per request: the first made for the handshake, two replacing idle ones.
@@ -97,5 +102,88 @@ describe("the origin side of an intercepted HTTP/1.1 connection", () => {
     // The proxy still serves the next request.
     const ok = await run("curl", [...proxyArgs(), url("/hello")]);
     expect(ok.stdout).toContain("hello from origin over http/1.1");
+  });
+
+  it("an origin's reason phrase that is not printable ASCII: the client gets the standard one, and the proxy lives on", async () => {
+    for (const path of ["/reason-latin1", "/reason-utf8"]) {
+      const r = await run("curl", [...proxyArgs(), "-v", url(path)]);
+      expect(r.stdout).toBe("ok\n");
+      expect(r.stderr).toMatch(/< HTTP\/1\.1 200 OK\r?\n/);
+      const head = await run("curl", [...proxyArgs(), "-I", "-w", "%{http_code}", "-o", "/dev/null", url(path)]);
+      expect(head.stdout).toBe("200");
+    }
+    const ok = await run("curl", [...proxyArgs(), url("/hello")]);
+    expect(ok.stdout).toContain("hello from origin over http/1.1");
+  });
+
+  it("a client that leaves before the answer is logged as such, not as the origin's failure", async () => {
+    const path = `/stall?client-leaves-${Date.now()}`;
+    const r = await run("curl", [...proxyArgs(), "--max-time", "0.5", url(path)]);
+    expect(r.code).toBe(28);
+    const rec = await h.log.waitFor((x) => x.path.startsWith("/stall?"));
+    expect(rec).toMatchObject({ decision: "allow", status: 0 });
+    expect(rec.rule).toBeUndefined();
+    expect(rec.error).toBeUndefined();
+  });
+
+  it("an answer that breaks off mid-body: a 502 page while it was held, a cut transfer once it streamed; the log says why", async () => {
+    const held = await run("curl", [...proxyArgs(), "-w", "\n%{http_code}", url("/cut")]);
+    expect(held.stdout.trim().split("\n").pop()).toBe("502");
+    expect(held.stdout).toContain("closed the connection");
+    const rec = await h.log.waitFor((x) => x.path === "/cut");
+    expect(rec).toMatchObject({ decision: "error", rule: "origin-error", status: 502 });
+    expect(rec.error).toMatch(/closed the connection \(UND_ERR_SOCKET\)/);
+
+    // Past the scan cap (1 MiB) the body was streaming: the client has the headers, and its transfer is cut.
+    const streamed = await run("curl", [...proxyArgs(), "-o", "/dev/null", url("/cut-big")]);
+    // 18: partial file (curl got fewer bytes than the Content-Length).
+    expect(streamed.code).toBe(18);
+    const rec2 = await h.log.waitFor((x) => x.path === "/cut-big");
+    expect(rec2).toMatchObject({ decision: "error", rule: "origin-error", status: 200 });
+    expect(rec2.error).toMatch(/closed the connection \(UND_ERR_SOCKET\)/);
+  });
+
+  it("an origin that answers before the upload ends: the client gets the answer, and its connection serves the next request", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "kmi-upload-"));
+    try {
+      const file = join(dir, "upload.bin");
+      await writeFile(file, Buffer.alloc(4 << 20, 0x55));
+      const r = await run("curl", [...proxyArgs(), "--data-binary", `@${file}`, ...WRITE_OUT, url("/answer-early"), "--next", ...proxyArgs(), ...WRITE_OUT, url("/hello")]);
+      const [first, second] = lines(r.stdout);
+      expect(first).toMatch(/^413 1$/);
+      expect(second).toMatch(/^200 [01]$/);
+      const rec = await h.log.waitFor((x) => x.path === "/answer-early");
+      expect(rec).toMatchObject({ status: 413, decision: "allow" });
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("a WebSocket as a tunnel's first request takes the connection made for the handshake", async () => {
+    const before = origin.connections;
+    const t = await tlsViaProxy(h.port, "localhost", origin.port, { ca: h.agent.rootPem("acme") });
+    try {
+      const key = Buffer.from("kmi-origin-side-h1").toString("base64");
+      t.write(`GET /ws HTTP/1.1\r\nHost: localhost:${origin.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
+      let buf = Buffer.alloc(0);
+      const reply = await new Promise<string>((resolve, reject) => {
+        t.on("data", (d: Buffer) => {
+          buf = Buffer.concat([buf, d]);
+          const end = buf.indexOf("\r\n\r\n");
+          if (end < 0) return;
+          const rest = buf.subarray(end + 4);
+          if (rest.length > 0) {
+            const f = decodeWsFrame(rest);
+            if (f !== undefined) resolve(f.payload.toString());
+          } else if (buf.subarray(0, end).toString().startsWith("HTTP/1.1 101")) {
+            t.write(encodeWsFrame(Buffer.from("ping"), true));
+          } else reject(new Error(buf.toString()));
+        });
+      });
+      expect(reply).toBe("echo: ping");
+      expect(origin.connections - before).toBe(1);
+    } finally {
+      t.destroy();
+    }
   });
 });

@@ -314,3 +314,47 @@ describe("relayBody with an inspector", () => {
     expect((await result).kind).toBe("done");
   });
 });
+
+describe("relayBody: a body of known length ends with its last bytes", () => {
+  /** A released body (past the cap) of known length or not; what the sink got before and with its end. */
+  async function streamed(knownLength: boolean, hold: boolean) {
+    const src = new PassThrough();
+    const out = { ...sink(), knownLength, endedWith: undefined as Buffer | undefined };
+    const base = out.end;
+    out.end = (last?: Buffer) => {
+      out.endedWith = last;
+      base(last);
+    };
+    const result = new Promise<RelayResult>((resolve) => relayBody(src, { eicar: true, maxBodyBytes: 4, holdMs: 0, uploads: true }, hold, out, resolve));
+    const parts = [Buffer.from("aaaaaa"), Buffer.from("bbb"), Buffer.from("cc")];
+    const beforeEnd: number[] = [];
+    for (const p of parts) {
+      src.write(p);
+      await tick();
+      beforeEnd.push(out.chunks.length);
+    }
+    src.end();
+    await result;
+    return { out, beforeEnd, parts };
+  }
+
+  it("keeps the latest chunk back and hands it to end(), when the sink says the length is known", async () => {
+    const { out, beforeEnd, parts } = await streamed(true, true);
+    // Past the 4-byte cap the body streams, one chunk behind.
+    expect(beforeEnd).toEqual([0, 1, 2]);
+    expect(out.endedWith?.toString()).toBe("cc");
+    expect(Buffer.concat(out.chunks).equals(Buffer.concat(parts))).toBe(true);
+  });
+
+  it("streams every chunk at once without a known length, or for a stream by nature", async () => {
+    for (const [known, hold] of [
+      [false, true],
+      [true, false],
+    ] as const) {
+      const { out, beforeEnd, parts } = await streamed(known, hold);
+      expect(beforeEnd).toEqual([1, 2, 3]);
+      expect(out.endedWith).toBeUndefined();
+      expect(Buffer.concat(out.chunks).equals(Buffer.concat(parts))).toBe(true);
+    }
+  });
+});
