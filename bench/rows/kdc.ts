@@ -64,6 +64,23 @@ export function machineOf(env: Env, mesh: Mesh): Promise<Machine> {
   return env.memo("machine", () => mesh.enrollMachine(KDC_GROUP, "bench-proxy-1"), async () => {});
 }
 
+/** gRPC ABORTED: a concurrent change won; the call may be retried. */
+const ABORTED = 10;
+/** Retries of one call that keeps losing to concurrent changes, at most. */
+const MAX_RETRIES = 5;
+
+/** Runs `call`, again when the KDC answers ABORTED (up to MAX_RETRIES times); counts the retries. */
+async function retryAborted<T>(call: () => Promise<T>, retried: { n: number }): Promise<T> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await call();
+    } catch (err) {
+      if (!(err instanceof CallError) || err.code !== ABORTED || attempt >= MAX_RETRIES) throw err;
+      retried.n++;
+    }
+  }
+}
+
 /** Runs row 5. */
 export async function runKdc(env: Env): Promise<RowBuilder> {
   const row = new RowBuilder(
@@ -86,10 +103,13 @@ export async function runKdc(env: Env): Promise<RowBuilder> {
     for (let i = 0; i < 2; i++) {
       await admin.unary(KdcService.method.createVersion, { tenantId: KDC_TENANT, signer: Signer.KMI_ROOT, keyAlgorithm: KeyAlgorithm.ECDSA_P256, subject: { commonName: `acme bench v${i + 2}` }, validityDays: 365 });
     }
+    const retried = { n: 0 };
     const ops: Record<string, { run: () => Promise<unknown>; c: number[] }> = {
       noop: { run: () => admin.unary(Health.method.check, { service: "" }), c: [1, 16] },
       create: {
-        run: () => menuAdmin.unary(KdcService.method.createVersion, { tenantId: MENU_TENANT, signer: Signer.KMI_ROOT, keyAlgorithm: KeyAlgorithm.ECDSA_P256, subject: { commonName: "menu bench" }, validityDays: 365 }),
+        // Concurrent versions of one tenant conflict in the store; the KDC answers ABORTED and
+        // says to retry, and the bench does, as a client would (the retries are counted).
+        run: () => retryAborted(() => menuAdmin.unary(KdcService.method.createVersion, { tenantId: MENU_TENANT, signer: Signer.KMI_ROOT, keyAlgorithm: KeyAlgorithm.ECDSA_P256, subject: { commonName: "menu bench" }, validityDays: 365 }), retried),
         c: [1, 16],
       },
       list: { run: () => admin.unary(KdcService.method.listVersions, { tenantId: KDC_TENANT }), c: [16] },
@@ -143,6 +163,7 @@ export async function runKdc(env: Env): Promise<RowBuilder> {
     }
     const f = results.get("fetch:16")!;
     row.note(`A release costs the KDC about ${fmt(1e6 / Math.max(...f.map((x) => x.perSecond)))} µs of wall time at c=16 (attestation token check, unseal, wrap to the machine key, audit entry written before the response).`);
+    row.note(`CreateVersion calls retried after ABORTED (a concurrent version of the same tenant won; at most ${MAX_RETRIES} retries per call, each counted once in the figures): ${retried.n.toLocaleString("en-US")} over the row.`);
     row.note("Issue 8 sets no target for the KDC; these figures are for capacity planning.");
   } finally {
     for (const c of clients) c.close();

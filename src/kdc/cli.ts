@@ -111,6 +111,7 @@ async function serve(argv: string[]): Promise<number> {
     portalDir: v.portalDir,
     leaseMs: parseLease(v.lease),
     pendingTtlMs: parsePendingTtl(v.pendingTtl),
+    signLeafRate: { perSecond: v.signLeafRate, burst: v.signLeafBurst },
     watch: { maxStreams: v.maxWatchStreams, maxOpening: v.maxConcurrentOpens },
     scheduler: { intervalMs: parseSchedulerInterval(v.schedulerInterval), electionTtlSeconds: parseElectionTtl(v.electionTtl) },
     pkcs11: pkcs11Settings(v),

@@ -105,6 +105,18 @@ export const serveProgram = defineProgram({
       default: 20_000,
       validate: atLeastOne,
     },
+    signLeafRate: {
+      type: "integer",
+      description: "leaves one machine may have the KDC sign per second with a token-held intermediate (SignLeaf); past it, RESOURCE_EXHAUSTED",
+      default: 50,
+      validate: atLeastOne,
+    },
+    signLeafBurst: {
+      type: "integer",
+      description: "leaves one machine may have signed in a burst above --sign-leaf-rate (a proxy meeting many new hosts at once)",
+      default: 500,
+      validate: atLeastOne,
+    },
     maxConcurrentOpens: {
       type: "integer",
       description: "stream opens and fetches in progress at once before new ones are shed with UNAVAILABLE and a retry-after-ms hint",

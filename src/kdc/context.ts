@@ -224,6 +224,8 @@ export interface KdcContext {
   leaseMs: number;
   /** How long a PENDING version waits for its signed certificate, ms (then an upload is refused). */
   pendingTtlMs: number;
+  /** Leaves one machine may have the KDC sign (token-held intermediates): per second and in a burst (default 50 and 500). */
+  signLeafRate?: { readonly perSecond: number; readonly burst: number };
   /** Signed checkpoints of `audit` (absent in tests that build a context by hand: verify walks the chain only). */
   checkpoints?: AuditCheckpoints;
   /** The Auditserver's checkpoints kept here as its witness. */

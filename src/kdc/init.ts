@@ -325,6 +325,8 @@ export interface OpenKdcOptions extends MasterKeyOptions {
   leaseMs?: number;
   /** How long a PENDING version waits for its certificate, ms (default 30 days). */
   pendingTtlMs?: number;
+  /** Leaves one machine may have signed through token-held intermediates, per second and in a burst (default 50 and 500). */
+  signLeafRate?: { readonly perSecond: number; readonly burst: number } | undefined;
   /** Watch stream tuning (heartbeat period, queue bound). */
   watch?: WatchHubOptions;
   /** The PKCS#11 token holding the roots' keys, when `kmi kdc init` put them there. */
@@ -394,6 +396,7 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
       attestationKey: opts.attestationKey ?? new NoAttestationKey(),
       leaseMs: opts.leaseMs ?? DEFAULT_LEASE_MS,
       pendingTtlMs: opts.pendingTtlMs ?? DEFAULT_PENDING_TTL_MS,
+      ...(opts.signLeafRate !== undefined ? { signLeafRate: opts.signLeafRate } : {}),
       rootKeys,
     };
     // Quarantined machines are refused from the first call on, before the Auditserver answers.

@@ -28,22 +28,27 @@ export const MAX_SIGNED_LEAF_DAYS = 47;
 export const MAX_BACKDATE_MS = 24 * 3_600_000;
 /** How far after now a leaf may start (clocks differ a little). */
 export const MAX_FUTURE_START_MS = 5 * 60_000;
-/** Leaves a machine may have signed per second, and in a burst (a proxy signs once per new host). */
+/** Leaves a machine may have signed per second, and in a burst (a proxy signs once per new host), unless `kmi kdc --sign-leaf-rate/--sign-leaf-burst` say otherwise. */
 export const SIGN_RATE_PER_MACHINE = { perSecond: 50, burst: 500 } as const;
 /** Ready issuers kept (one per token-held version in use), least recently used dropped first. */
 const MAX_ISSUERS = 256;
 const DAY_MS = 86_400_000;
 
-type SignerContext = Pick<KdcContext, "store" | "quarantine" | "pki" | "sealer" | "rootKeys" | "logger" | "leaseMs" | "clock">;
+type SignerContext = Pick<KdcContext, "store" | "quarantine" | "pki" | "sealer" | "rootKeys" | "logger" | "leaseMs" | "clock" | "signLeafRate">;
 
 /** Signs leaves with token-held intermediates. */
 export class TokenLeafSigner {
   private readonly issuers = new Map<string, LeafIssuer>();
-  private readonly rate = new ClientRateLimiter(SIGN_RATE_PER_MACHINE);
+  private readonly rate: ClientRateLimiter;
+  private readonly perSecond: number;
   /** Leaves signed since start. */
   signed = 0;
 
-  constructor(private readonly ctx: SignerContext) {}
+  constructor(private readonly ctx: SignerContext) {
+    const limit = ctx.signLeafRate ?? SIGN_RATE_PER_MACHINE;
+    this.perSecond = limit.perSecond;
+    this.rate = new ClientRateLimiter(limit);
+  }
 
   /** Checks the caller, the version and the validity, then signs one leaf. */
   async sign(m: AttestedMachine, i: SignLeafInput): Promise<SignLeafResponse> {
@@ -52,7 +57,7 @@ export class TokenLeafSigner {
     }
     requireNotQuarantined(this.ctx.quarantine, m.machineId);
     if (!this.rate.take(m.machineId)) {
-      throw new ResourceExhausted(`machine ${m.machineId} asked for more than ${SIGN_RATE_PER_MACHINE.perSecond} leaves a second; retry shortly`);
+      throw new ResourceExhausted(`machine ${m.machineId} asked for more than ${this.perSecond} leaves a second; retry shortly`);
     }
     this.checkValidity(i.notBefore, i.notAfter);
     const issuer = await this.issuerFor(i.tenantId, i.version);

@@ -55,6 +55,8 @@ export interface KdcServerOptions extends MasterKeyOptions {
   portalDir?: string | undefined;
   /** How long a PENDING version waits for its certificate, ms (default 30 days). */
   pendingTtlMs?: number | undefined;
+  /** Leaves one machine may have signed through token-held intermediates, per second and in a burst (default 50 and 500). */
+  signLeafRate?: { readonly perSecond: number; readonly burst: number } | undefined;
   /** Watch stream tuning (tests). */
   watch?: WatchHubOptions;
   /** The PKCS#11 token holding the roots' keys (when `kmi kdc init` made them there). */
