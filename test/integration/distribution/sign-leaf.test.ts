@@ -42,6 +42,8 @@ const A = new Machine("m-a100000000000001");
 const B = new Machine("m-b100000000000002");
 const Q = new Machine("m-c100000000000003");
 const closers: (() => void)[] = [];
+/** The flags of the KDC the tests call (token, Auditserver, attestation key). */
+let servingFlags: string[] = [];
 
 const tok = (m: Machine, tenants: string[] | "all" = "all") => signToken(tokenKey, { machineId: m.machineId, cert: m.certPem, tenants });
 const ops = () => operator(kdc.url, caPem, data.token);
@@ -129,7 +131,8 @@ beforeAll(async () => {
   await kdc.stop();
   audit = new FixtureAudit(serverTls(auditId, caPem), tokenKey, { keepaliveMs: 1000 });
   await audit.start();
-  kdc = await startKdc(data.dataDir, [...hsm.flags, "--audit-url", audit.url, "--attestation-key-file", keyFile]);
+  servingFlags = [...hsm.flags, "--audit-url", audit.url, "--attestation-key-file", keyFile];
+  kdc = await startKdc(data.dataDir, servingFlags);
   await until("the KDC follows the machine status stream", () => audit.watching === 1);
   const made = await ops().ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, keyCustody: KeyCustody.TOKEN, activate: true });
   tokenVersion = made.version!.version;
@@ -246,6 +249,32 @@ describe("an intermediate held in the KDC's token", () => {
     const escrow = await ops().ca.createVersion({ tenantId: "acme", signer: Signer.KMI_ROOT, keyCustody: KeyCustody.ESCROW });
     expect(escrow.version!.keyCustody).toBe(KeyCustody.ESCROW);
   });
+
+  it("holds each machine to --sign-leaf-rate and --sign-leaf-burst: past the burst, RESOURCE_EXHAUSTED naming the rate", async () => {
+    await kdc.stop();
+    kdc = await startKdc(data.dataDir, [...servingFlags, "--sign-leaf-rate", "1", "--sign-leaf-burst", "3"]);
+    try {
+      await until("the KDC follows the machine status stream", () => audit.watching === 1);
+      // Eight at once: the burst (3) passes, plus one a second for however long the calls took.
+      const started = Date.now();
+      const client = dist(A);
+      const outcomes = await Promise.allSettled(Array.from({ length: 8 }, () => client.signLeaf(request(A))));
+      const seconds = (Date.now() - started) / 1000;
+      const signed = outcomes.filter((o) => o.status === "fulfilled").length;
+      expect(signed).toBeGreaterThanOrEqual(3);
+      expect(signed).toBeLessThanOrEqual(3 + Math.ceil(seconds));
+      const refusals = outcomes.flatMap((o) => (o.status === "rejected" ? [ConnectError.from(o.reason)] : []));
+      expect(refusals.length).toBe(8 - signed);
+      for (const r of refusals) {
+        expect(r.code).toBe(Code.ResourceExhausted);
+        expect(r.rawMessage).toMatch(/m-a100000000000001 asked for more than 1 leaves a second; retry shortly/);
+      }
+    } finally {
+      await kdc.stop();
+      kdc = await startKdc(data.dataDir, servingFlags);
+    }
+    await until("the KDC follows the machine status stream", () => audit.watching === 1);
+  }, 60_000);
 
   it("keeps only the label in the store; the token holds the key sensitive and never extractable, and destroys it once no version uses it", async () => {
     const renewed = (await ops().ca.renewVersion({ tenantId: "acme", version: tokenVersion, signer: Signer.KMI_ROOT })).version!;
