@@ -41,8 +41,22 @@ export function assertP256(key: KeyObject, field: string): void {
  * library computes the same id from the same key.
  */
 export function attestationKeyId(publicKey: PublicKeyInput): string {
-  const jwk = toP256PublicKey(publicKey).export({ format: "jwk" });
-  return base64url(sha256(JSON.stringify({ crv: jwk.crv, kty: jwk.kty, x: jwk.x, y: jwk.y })));
+  const { x, y } = p256Coordinates(toP256PublicKey(publicKey));
+  return base64url(sha256(JSON.stringify({ crv: "P-256", kty: "EC", x, y })));
+}
+
+/**
+ * A P-256 public key's coordinates, base64url, read from its SubjectPublicKeyInfo (which ends
+ * with the uncompressed point 04 || x || y). Not `export({ format: "jwk" })`: Node 20 holds the
+ * key's lock while it builds the JWK's strings, and a garbage collection that runs then and
+ * finalizes the job that generated the key takes the same lock: the process hangs (seen in CI,
+ * main thread in ExportJWKEcKey → GC → ~KeyGenJob → mutex).
+ */
+function p256Coordinates(key: KeyObject): { x: string; y: string } {
+  const der = key.export({ type: "spki", format: "der" });
+  const point = der.subarray(der.length - 65);
+  if (point[0] !== 0x04) throw new InvalidArgument("public key: not an uncompressed P-256 point");
+  return { x: point.subarray(1, 33).toString("base64url"), y: point.subarray(33).toString("base64url") };
 }
 
 /** The public key as PEM SubjectPublicKeyInfo. */

@@ -1,4 +1,4 @@
-import { createHash, generateKeyPairSync, randomBytes, sign, type KeyObject } from "node:crypto";
+import { createHash, createPublicKey, generateKeyPairSync, randomBytes, sign, type KeyObject } from "node:crypto";
 import { describe, expect, it } from "vitest";
 import {
   ALL_TENANTS,
@@ -108,7 +108,8 @@ describe("attestation token", () => {
   });
 
   it("computes the RFC 7638 thumbprint as the key id", () => {
-    const jwk = auditKey.publicKey.export({ format: "jwk" });
+    // The JWK of a copy of the key (not of the generated one: see p256Coordinates in src/attest/keys.ts).
+    const jwk = createPublicKey(auditKey.publicKey.export({ type: "spki", format: "pem" })).export({ format: "jwk" });
     const expected = createHash("sha256").update(`{"crv":"P-256","kty":"EC","x":"${jwk.x}","y":"${jwk.y}"}`).digest("base64url");
     expect(attestationKeyId(auditKey.publicKey)).toBe(expected);
     expect(attestationKeyId(auditKey.privateKey)).toBe(expected);
