@@ -16,6 +16,9 @@ export interface RateLimitOptions {
   readonly now?: () => number;
 }
 
+/** A limit as configured: tokens per second and the burst. */
+export type RateLimit = Pick<RateLimitOptions, "perSecond" | "burst">;
+
 interface Bucket {
   tokens: number;
   at: number;

@@ -5,6 +5,7 @@
  * and pki/ (see ./pki-adapter.ts, ./init.ts); tests may fill it with fakes.
  */
 import type { KeyObject } from "node:crypto";
+import type { RateLimit } from "../common/rate-limit.js";
 import type { WatchSecretsResponse } from "../gen/kmi/kdc/v1/distribution_pb.js";
 import type { SealedBlob } from "../gen/kmi/store/v1/envelope_pb.js";
 import type { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
@@ -225,7 +226,7 @@ export interface KdcContext {
   /** How long a PENDING version waits for its signed certificate, ms (then an upload is refused). */
   pendingTtlMs: number;
   /** Leaves one machine may have the KDC sign (token-held intermediates): per second and in a burst (default 50 and 500). */
-  signLeafRate?: { readonly perSecond: number; readonly burst: number };
+  signLeafRate?: RateLimit;
   /** Signed checkpoints of `audit` (absent in tests that build a context by hand: verify walks the chain only). */
   checkpoints?: AuditCheckpoints;
   /** The Auditserver's checkpoints kept here as its witness. */

@@ -12,6 +12,7 @@
  *   infra-ca.pem    the infrastructure CA certificate (public), for kmi ctl --ca-file and services
  */
 import { randomBytes } from "node:crypto";
+import type { RateLimit } from "../common/rate-limit.js";
 import { chmod, mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
@@ -326,7 +327,7 @@ export interface OpenKdcOptions extends MasterKeyOptions {
   /** How long a PENDING version waits for its certificate, ms (default 30 days). */
   pendingTtlMs?: number;
   /** Leaves one machine may have signed through token-held intermediates, per second and in a burst (default 50 and 500). */
-  signLeafRate?: { readonly perSecond: number; readonly burst: number } | undefined;
+  signLeafRate?: RateLimit | undefined;
   /** Watch stream tuning (heartbeat period, queue bound). */
   watch?: WatchHubOptions;
   /** The PKCS#11 token holding the roots' keys, when `kmi kdc init` put them there. */

@@ -11,7 +11,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate, timestampMs } from "@bufbuild/protobuf/wkt";
 import { tenClaimServes } from "../attest/index.js";
 import { FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable } from "../common/errors.js";
-import { ClientRateLimiter } from "../common/rate-limit.js";
+import { ClientRateLimiter, type RateLimit } from "../common/rate-limit.js";
 import { SignLeafResponseSchema, type SignLeafResponse } from "../gen/kmi/kdc/v1/distribution_pb.js";
 import { VersionState } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import type { IntermediateVersionRecord } from "../gen/kmi/store/v1/kdc_pb.js";
@@ -39,15 +39,14 @@ type SignerContext = Pick<KdcContext, "store" | "quarantine" | "pki" | "sealer" 
 /** Signs leaves with token-held intermediates. */
 export class TokenLeafSigner {
   private readonly issuers = new Map<string, LeafIssuer>();
+  private readonly limit: RateLimit;
   private readonly rate: ClientRateLimiter;
-  private readonly perSecond: number;
   /** Leaves signed since start. */
   signed = 0;
 
   constructor(private readonly ctx: SignerContext) {
-    const limit = ctx.signLeafRate ?? SIGN_RATE_PER_MACHINE;
-    this.perSecond = limit.perSecond;
-    this.rate = new ClientRateLimiter(limit);
+    this.limit = ctx.signLeafRate ?? SIGN_RATE_PER_MACHINE;
+    this.rate = new ClientRateLimiter(this.limit);
   }
 
   /** Checks the caller, the version and the validity, then signs one leaf. */
@@ -57,7 +56,7 @@ export class TokenLeafSigner {
     }
     requireNotQuarantined(this.ctx.quarantine, m.machineId);
     if (!this.rate.take(m.machineId)) {
-      throw new ResourceExhausted(`machine ${m.machineId} asked for more than ${this.perSecond} leaves a second; retry shortly`);
+      throw new ResourceExhausted(`machine ${m.machineId} asked for more than ${this.limit.perSecond} leaves a second; retry shortly`);
     }
     this.checkValidity(i.notBefore, i.notAfter);
     const issuer = await this.issuerFor(i.tenantId, i.version);

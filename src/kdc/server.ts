@@ -7,6 +7,7 @@
  * watch streams, drains calls and closes the store.
  */
 import { createPrivateKey, X509Certificate } from "node:crypto";
+import type { RateLimit } from "../common/rate-limit.js";
 import { ConnectServer, type BoundAddresses } from "../common/connect-server.js";
 import { checkDataDirModes } from "../common/data-dir.js";
 import type { Logger } from "../common/logger.js";
@@ -56,7 +57,7 @@ export interface KdcServerOptions extends MasterKeyOptions {
   /** How long a PENDING version waits for its certificate, ms (default 30 days). */
   pendingTtlMs?: number | undefined;
   /** Leaves one machine may have signed through token-held intermediates, per second and in a burst (default 50 and 500). */
-  signLeafRate?: { readonly perSecond: number; readonly burst: number } | undefined;
+  signLeafRate?: RateLimit | undefined;
   /** Watch stream tuning (tests). */
   watch?: WatchHubOptions;
   /** The PKCS#11 token holding the roots' keys (when `kmi kdc init` made them there). */

@@ -3,11 +3,12 @@
  * ONE origin connection (TLS, or TCP for cleartext HTTP inside a CONNECT), one request at a
  * time. Its first request uses the connection made (and verified) for the handshake; once the
  * origin closed it, or it sat idle for `--origin-idle-timeout-ms`, the next request opens and
- * verifies a new one. A WebSocket upgrade takes a connection of its own ({@link TunnelOrigin.connection}).
+ * verifies a new one. A WebSocket upgrade holds a connection for its life ({@link TunnelOrigin.connection}).
  *
- * Why undici and not node:http's `ClientRequest`: the proxy's CPU per HTTP/1.1 keep-alive request
- * (1 KiB) fell from 101–114 µs to about half that with the same server side (docs/benchmarks.md,
- * row 3), and it needs none of node:http's private agent protocol.
+ * Why undici and not node:http's `ClientRequest`: a bare relay's client side cost 51–90 µs per
+ * HTTP/1.1 keep-alive request (1 KiB) with undici against 87–136 µs with `ClientRequest`, and the
+ * proxy's own went from 133 to 118 µs (interleaved runs, docs/proxy.md); and it needs none of
+ * node:http's private agent protocol.
  */
 import { PassThrough, Readable, type Duplex } from "node:stream";
 import { Client, type Dispatcher } from "undici";
@@ -106,7 +107,7 @@ export class TunnelOrigin {
     return body === undefined ? { write: () => true, end: () => {}, onDrain: (done) => done(), destroy: () => exchange.abort() } : uploadTo(body, exchange);
   }
 
-  /** A verified connection to the origin for a WebSocket upgrade (held for its lifetime): the handshake's, when unused, or a new one. */
+  /** A verified connection to the origin: the handshake's, when unused, or a new one (undici's requests, and a WebSocket upgrade, which holds it for its life). */
   connection(): Promise<Duplex> {
     const s = this.takeFirst();
     return s !== undefined && !s.destroyed ? Promise.resolve(s) : this.reconnect();
@@ -126,12 +127,7 @@ export class TunnelOrigin {
   }
 
   private connect(done: (err: Error | null, socket: Duplex | null) => void): void {
-    const s = this.takeFirst();
-    if (s !== undefined && !s.destroyed) {
-      done(null, s);
-      return;
-    }
-    this.reconnect().then(
+    this.connection().then(
       (socket) => done(null, socket),
       (err: Error) => done(err, null),
     );

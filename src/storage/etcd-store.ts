@@ -144,13 +144,11 @@ export class EtcdStore implements LeasingStore {
       if (this.#options.create === false) throw new FailedPrecondition(`${this.where} has no store; run kmi ${owner || "<program>"} init first`);
       const info = create(StoreInfoSchema, { format: 1, schemaVersion, owner, restoreInProgress: false });
       // Two replicas starting at once: the first writes it, the second finds it (absent compare).
-      await this.#call(() =>
-        unretried(() => this.#client.kv.txn({
-          compare: [{ key, target: "Mod", result: "Equal", mod_revision: 0 }],
-          success: [{ request_put: { key, value: Buffer.from(toBinary(StoreInfoSchema, info)) } }],
-          failure: [],
-        })),
-      );
+      await this.#txn({
+        compare: [{ key, target: "Mod", result: "Equal", mod_revision: 0 }],
+        success: [{ request_put: { key, value: Buffer.from(toBinary(StoreInfoSchema, info)) } }],
+        failure: [],
+      });
       return this.checkMeta();
     }
     let info: StoreInfo;
@@ -172,6 +170,11 @@ export class EtcdStore implements LeasingStore {
 
   #checkOpen(): void {
     if (this.#closed) throw new StoreClosed();
+  }
+
+  /** Runs one Txn, sent once: the client never sends it again after a failure (see {@link etcdRetryPolicy}). */
+  #txn(request: Parameters<Etcd3["kv"]["txn"]>[0]) {
+    return this.#call(() => unretried(() => this.#client.kv.txn(request)));
   }
 
   /** Runs one etcd call; a failure of the cluster or the connection becomes Unavailable. */
@@ -328,14 +331,12 @@ export class EtcdStore implements LeasingStore {
     checkTxnBytes(bytes);
     const compares = txn.compares ?? [];
     const keys = compares.map((c) => this.#key(c.table, c.key));
-    const res = await this.#call(() =>
-      unretried(() => this.#client.kv.txn({
-        compare: compares.map((c, i) => ({ key: keys[i], target: "Mod", result: "Equal", mod_revision: c.modRevision.toString() })),
-        success,
-        // Read the compared keys when a compare fails, to name the ones that changed.
-        failure: keys.map((key) => ({ request_range: { key, keys_only: true } })),
-      })),
-    );
+    const res = await this.#txn({
+      compare: compares.map((c, i) => ({ key: keys[i], target: "Mod", result: "Equal", mod_revision: c.modRevision.toString() })),
+      success,
+      // Read the compared keys when a compare fails, to name the ones that changed.
+      failure: keys.map((key) => ({ request_range: { key, keys_only: true } })),
+    });
     if (!res.succeeded) {
       const failed = compares.filter((c, i) => {
         const kv = res.responses[i]?.response_range?.kvs[0] as Kv | undefined;
@@ -484,13 +485,11 @@ export class EtcdStore implements LeasingStore {
         checkTable(table, "putIfAbsent");
         checkKey(key, `putIfAbsent ${table.name}`);
         const k = this.#key(table, key);
-        const res = await this.#call(() =>
-          unretried(() => this.#client.kv.txn({
-            compare: [{ key: k, target: "Mod", result: "Equal", mod_revision: "0" }],
-            success: [{ request_put: { key: k, value: Buffer.from(toBinary(table.schema, value)), lease: id } }],
-            failure: [],
-          })),
-        );
+        const res = await this.#txn({
+          compare: [{ key: k, target: "Mod", result: "Equal", mod_revision: "0" }],
+          success: [{ request_put: { key: k, value: Buffer.from(toBinary(table.schema, value)), lease: id } }],
+          failure: [],
+        });
         return res.succeeded ? BigInt(res.header.revision) : undefined;
       },
     };

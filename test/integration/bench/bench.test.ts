@@ -62,6 +62,15 @@ interface Report {
   }[];
 }
 
+type Row = Report["rows"][number];
+
+/** Figure `id` of `row` (it must be there). */
+function figureOf(row: Row, id: string): Row["figures"][number] {
+  const f = row.figures.find((x) => x.id === id);
+  expect(f, `figure ${id}`).toBeDefined();
+  return f!;
+}
+
 /** The mitmdump comparisons: the only figures that may be not judged. */
 const MITM = /^proxy\.(?:.+\.)?mitm$/;
 /** What may be not measured: the mitmdump comparisons, and the 2-worker rows while `--workers` is pending. */
@@ -171,11 +180,7 @@ describe("npm run bench -- --quick", () => {
   it("measures the floors beside kmi: a bare TLS relay and a bare HTTP relay on the same HTTP/1.1 loads", () => {
     const report = JSON.parse(stdout) as Report;
     const row3 = report.rows.find((r) => r.id === "3")!;
-    const fig = (id: string) => {
-      const f = row3.figures.find((x) => x.id === id);
-      expect(f, `figure ${id}`).toBeDefined();
-      return f!;
-    };
+    const fig = (id: string) => figureOf(row3, id);
     for (const load of ["h1_1k", "h1_1m"]) {
       for (const floor of ["pipe", "bare"]) {
         expect(fig(`proxy.${load}.${floor}`).value.median).toBeGreaterThan(0);
@@ -190,11 +195,7 @@ describe("npm run bench -- --quick", () => {
   it("measures the proxy's cost: CPU per request against the origin's own, resumed handshakes, idle connections that close", () => {
     const report = JSON.parse(stdout) as Report;
     const row10 = report.rows.find((r) => r.id === "10")!;
-    const fig = (id: string) => {
-      const f = row10.figures.find((x) => x.id === id);
-      expect(f, `figure ${id}`).toBeDefined();
-      return f!;
-    };
+    const fig = (id: string) => figureOf(row10, id);
     for (const load of ["h1_1k", "h1_1m", "h2_1k"]) {
       expect(fig(`proxy.cost.${load}.cpu_kmi`).ratios.map((r) => r.vs)).toEqual(["of the origin's own"]);
       expect(fig(`proxy.cost.${load}.cpu_origin`).value.median).toBeGreaterThan(0);

@@ -168,7 +168,7 @@ describe("access log lines written before their responses end (writeThen)", () =
     await log.close();
   });
 
-  it("the memory and stdout logs end the response at once, after the line", () => {
+  it("the memory log ends the response at once, after the line", () => {
     const m = new MemoryAccessLog();
     let count = -1;
     m.writeThen(record("/m"), () => (count = m.records.length));
