@@ -45,17 +45,20 @@ const LOADS: Load[] = [
   { key: "newconn", label: "new TLS connections (1 request each, 1 KiB)", mode: "newconn", path: "/1k", unit: "conn/s", keepAlive: false },
 ];
 
-type Via = "direct" | "kmi" | "mitm" | "pipe" | "bare";
+type Via = "direct" | "kmi" | "mitm" | "pipe" | "bare" | "parser";
 
 const VIA_NAME: Record<Exclude<Via, "mitm">, string> = {
   direct: "directly to the origin",
   kmi: "through the kmi proxy",
   pipe: "through a bare TLS relay (Node's TLS both ways, bytes piped, no HTTP: a floor)",
   bare: "through a bare HTTP relay (node:http server + undici client, as kmi, and nothing else: a floor)",
+  parser: "through an llhttp relay (Node's HTTP parser on the TLS socket + undici client, without node:http's server objects: a floor)",
 };
 
 /** The floors (bare relays) are measured for the HTTP/1.1 keep-alive loads. */
-const FLOORS: readonly Via[] = ["pipe", "bare"];
+const FLOORS: readonly Via[] = ["pipe", "bare", "parser"];
+/** The port of each floor in the relay process. */
+const FLOOR_PORT = { pipe: "pipePort", bare: "httpPort", parser: "parserPort" } as const;
 
 /** One measured window of one load: what the load generator returned. */
 type Window = Pick<LoadResult, "ops" | "errors" | "firstError" | "perSecond" | "p50" | "p99">;
@@ -65,7 +68,7 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
   const row = new RowBuilder(
     "3",
     ROW_TITLES["3"]!,
-    `A load-generator process (Node, lean HTTP/1.1 client and node:http2) drives a fixed number of connections in a closed loop for each window: ${CONNECTIONS} HTTP/1.1 keep-alive connections (one request in flight each), ${H2_CONNECTIONS} HTTP/2 connections × ${H2_STREAMS} streams, or ${CONNECTIONS} workers each opening a new connection (CONNECT when proxied, full TLS handshake, no resumption) for one request. The same load goes directly to the origin process (HTTP/1.1 + h2, one process), through the kmi proxy process (leaf cached after the warm-up; access log to a file; bodies scanned as configured by default) and through mitmdump when installed (upstream verified against the same origin CA). Two floors take the HTTP/1.1 loads too, from one more process (bench/children/relay.ts): a bare TLS relay (Node's TLS in and out, bytes piped, no HTTP), the bound of any Node relay that decrypts; and a bare HTTP relay (node:http server, one undici client per connection toward the origin, body held and written with its headers: the stacks kmi uses, without CONNECT, policy, scanning or log), so "of the bare HTTP relay" is what kmi's own work costs. Targets, configurations and repeats are interleaved. Peak RSS is each proxy process's VmHWM, reset at the start of each repeat. Rates and latencies count successful requests only; when more than ${ERROR_SHARE_LIMIT_TEXT} of a window's requests fail, that figure is "not judged" and no ratio or target is computed against it (through the origin or kmi, that also fails the run).`,
+    `A load-generator process (Node, lean HTTP/1.1 client and node:http2) drives a fixed number of connections in a closed loop for each window: ${CONNECTIONS} HTTP/1.1 keep-alive connections (one request in flight each), ${H2_CONNECTIONS} HTTP/2 connections × ${H2_STREAMS} streams, or ${CONNECTIONS} workers each opening a new connection (CONNECT when proxied, full TLS handshake, no resumption) for one request. The same load goes directly to the origin process (HTTP/1.1 + h2, one process), through the kmi proxy process (leaf cached after the warm-up; access log to a file; bodies scanned as configured by default) and through mitmdump when installed (upstream verified against the same origin CA). Three floors take the HTTP/1.1 loads too, from one more process (bench/children/relay.ts): a bare TLS relay (Node's TLS in and out, bytes piped, no HTTP), the bound of any Node relay that decrypts; a bare HTTP relay (node:http server, one undici client per connection toward the origin, body held and written with its headers: the stacks kmi uses, without CONNECT, policy, scanning or log), so "of the bare HTTP relay" is what kmi's own work costs; and an llhttp relay (the parser node:http uses, driven directly on the TLS socket, with the same undici client and held body, answering the load's bodiless GETs only: node:http's server side without its request and response objects, streams and timers), so the bare HTTP relay "of the llhttp relay" is what node:http's server side costs. Targets, configurations and repeats are interleaved. Peak RSS is each proxy process's VmHWM, reset at the start of each repeat. Rates and latencies count successful requests only; when more than ${ERROR_SHARE_LIMIT_TEXT} of a window's requests fail, that figure is "not judged" and no ratio or target is computed against it (through the origin or kmi, that also fails the run).`,
   );
   const b = env.budget;
   const { agent, origin, proxy } = await proxyStack(env);
@@ -89,7 +92,7 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
     const o = { host: "127.0.0.1", port: origin.info.port };
     if (via === "direct") return { origin: o, servername: DEFAULT_HOST, ca: origin.info.caPem };
     if (via === "kmi") return { proxy: { host: "127.0.0.1", port: proxy.info.port }, origin: o, servername: DEFAULT_HOST, ca: agent.info.rootPem };
-    if (via === "pipe" || via === "bare") return { origin: { host: "127.0.0.1", port: via === "pipe" ? relay.info.pipePort : relay.info.httpPort }, servername: DEFAULT_HOST, ca: relay.info.caPem };
+    if (via === "pipe" || via === "bare" || via === "parser") return { origin: { host: "127.0.0.1", port: relay.info[FLOOR_PORT[via]] }, servername: DEFAULT_HOST, ca: relay.info.caPem };
     return { proxy: { host: "127.0.0.1", port: mitm!.port }, origin: o, servername: DEFAULT_HOST, ca: mitm!.caPem };
   };
   const vias: Via[] = ["direct", "kmi", ...(mitm !== undefined ? (["mitm"] as const) : [])];
@@ -183,6 +186,7 @@ export async function runThroughput(env: Env): Promise<RowBuilder> {
       if (f !== undefined && judged(floor, "direct")) row.ratio(f, direct, "of direct");
     }
     if (figs.bare !== undefined && judged("kmi", "bare")) row.ratio(kmi, figs.bare, "of the bare HTTP relay");
+    if (figs.bare !== undefined && figs.parser !== undefined && judged("bare", "parser")) row.ratio(figs.bare, figs.parser, "of the llhttp relay");
     if (mitmFig !== undefined) {
       const [text, need] = load.keepAlive ? ["≥ 5× mitmdump", 5] : ["≥ 1.5× mitmdump", 1.5];
       if (judged("kmi", "mitm")) {
