@@ -83,7 +83,7 @@ export const agentProgram = defineProgram({
     reconnectMaxMs: { type: "integer", description: "longest delay between reconnects, ms", default: 30_000, validate: positive },
     heartbeatTimeoutMs: { type: "integer", description: "a KDC watch stream silent this long is dead, ms (the KDC sends a heartbeat every 15 s)", default: 45_000, validate: positive },
     shutdownTimeoutMs: { type: "integer", description: "how long in-flight calls get on shutdown, ms", default: 10_000 },
-    metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint (off when unset)", valueName: "host:port" },
+    metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint: host:port, or unix:PATH for a Unix socket (off when unset)", valueName: "address" },
     logLevel: { type: "string", description: "log level", default: "info", choices: LOG_LEVELS },
   },
 });

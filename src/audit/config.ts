@@ -39,7 +39,7 @@ export const serveProgram = defineProgram({
     ...common,
     listen: { type: "string", description: "TCP address to serve on (port 0 picks a free port)", default: "127.0.0.1:7444", valueName: "host:port" },
     kdc: { type: "string", description: "the KDC's URL (default: the one given at init); its replicas comma-separated", valueName: "url[,...]", validate: httpsUrlList },
-    metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint (off when unset)", valueName: "host:port" },
+    metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint: host:port, or unix:PATH for a Unix socket (off when unset)", valueName: "address" },
     shutdownTimeoutMs: { type: "integer", description: "how long in-flight calls get on shutdown, ms", default: 10000 },
     readyFile: { type: "string", description: "write the bound address to this file once serving (for scripts and tests)", valueName: "file", noEnv: true },
     clockOffsetSeconds: {

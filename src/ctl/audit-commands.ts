@@ -200,8 +200,8 @@ const groupCommands: Command[] = [
     ].join("\n"),
     flags: {
       ...auditConnectionFlags,
-      measurement: { type: "list", value: "NAME=SHA256", help: "an approved digest (repeatable)" },
-      measure: { type: "list", value: "NAME=PATH", help: "approve the digest of this file or directory, measured here (repeatable)" },
+      measurement: { type: "list", value: "NAME=SHA256[,SHA256...]", help: "an approved digest, or several for one name" },
+      measure: { type: "list", value: "NAME=PATH", help: "approve the digest of this file or directory, measured here" },
     },
     async run(ctx) {
       const group = ctx.args.positional("NAME");

@@ -56,7 +56,8 @@ function commandLines(commands: readonly Command[]): string[] {
 const CONNECTION_HELP = [
   "every command takes --json (results as JSON for scripts) and the connection flags:",
   "  --kdc URL (KMI_CTL_KDC, default https://127.0.0.1:7443), --token TOKEN (KMI_CTL_TOKEN),",
-  "  --token-file FILE (KMI_CTL_TOKEN_FILE), --ca-file FILE (KMI_CTL_CA_FILE: the KDC's infra-ca.pem);",
+  "  --token-file FILE (KMI_CTL_TOKEN_FILE), --ca-file FILE (KMI_CTL_CA_FILE: the KDC's infra-ca.pem),",
+  "  --timeout SECONDS (KMI_CTL_TIMEOUT, default 30);",
   "  the Auditserver's commands take --audit URL (KMI_CTL_AUDIT, default https://127.0.0.1:7444) instead of --kdc",
 ];
 

@@ -148,7 +148,7 @@ export function describeError(err: unknown): { code: number; message: string } {
       case Code.OutOfRange:
         return { code: ExitCode.rejected, message: msg };
       case Code.Unavailable:
-        return { code: ExitCode.failure, message: `the server is unavailable (${msg}); check --kdc / KMI_CTL_KDC (for group, join-token and machine commands: --audit / KMI_CTL_AUDIT) and that the server runs` };
+        return { code: ExitCode.failure, message: `the server is unavailable (${msg}); check --kdc / KMI_CTL_KDC (for group, join-token and machine commands, and --server audit: --audit / KMI_CTL_AUDIT) and that the server runs` };
       case Code.Internal:
       case Code.Unknown:
         if (/certificate|self[- ]signed|unable to verify|CERT_|altnames|hostname/i.test(msg) && !/^\w+:/.test(msg)) {

@@ -189,6 +189,7 @@ export const statusCommand: Command = {
     "examples:\n  kmi ctl status\n  kmi ctl status --agent-socket /run/kmi/agent.sock --proxy-metrics 127.0.0.1:9080 --json",
   flags: {
     ...kdcConnectionFlags,
+    timeout: { ...kdcConnectionFlags["timeout"]!, help: `give up on each probe after this many seconds (default ${DEFAULT_PROBE_TIMEOUT_MS / 1000})` },
     audit: auditConnectionFlags["audit"]!,
     "agent-socket": { type: "string", value: "PATH", help: "the agent's Unix socket, to ask it for its status (not asked when unset)", env: "KMI_CTL_AGENT_SOCKET" },
     "proxy-metrics": {

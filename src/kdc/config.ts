@@ -73,7 +73,7 @@ export const serveProgram = defineProgram({
   options: {
     ...common,
     listen: { type: "string", description: "TCP address to serve on (port 0 picks a free port)", default: "127.0.0.1:7443", valueName: "host:port" },
-    metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint (off when unset)", valueName: "host:port" },
+    metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint: host:port, or unix:PATH for a Unix socket (off when unset)", valueName: "address" },
     shutdownTimeoutMs: { type: "integer", description: "how long in-flight calls get on shutdown, ms", default: 10000 },
     auditUrl: {
       type: "string",

@@ -114,7 +114,7 @@ export const proxyProgram = defineProgram({
       default: 3600,
     },
     shutdownGraceMs: { type: "integer", description: "time in-flight requests get on shutdown, ms", default: 10_000 },
-    metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint (off when unset)", valueName: "host:port" },
+    metricsListen: { type: "string", description: "address of the Prometheus /metrics endpoint: host:port, or unix:PATH for a Unix socket (off when unset)", valueName: "address" },
     logLevel: { type: "string", description: "log level", default: "info", choices: LOG_LEVELS },
   },
 });

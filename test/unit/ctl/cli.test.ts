@@ -67,6 +67,23 @@ describe("run", () => {
     expect(await run(["--help"], { streams: t.s, env: {} })).toBe(0);
     for (const c of ["tenant create", "token revoke", "ca download", "ca upload", "ca renew", "audit verify", "service-cert issue", "exit codes:"]) expect(t.out()).toContain(c);
     expect(usage()).toContain("KMI_CTL_CA_FILE");
+    expect(usage()).toContain("--timeout SECONDS (KMI_CTL_TIMEOUT, default 30)");
+  });
+
+  it("gives each command's own defaults in its help, and says 'repeatable' once", async () => {
+    const help = async (...argv: string[]) => {
+      const t = streams();
+      expect(await run([...argv, "--help"], { streams: t.s, env: {} })).toBe(0);
+      return t.out();
+    };
+    // status probes with 5 s unless told (its help said 30, the other commands' default).
+    const status = await help("status");
+    expect(status).toMatch(/--timeout SECONDS\s+give up on each probe after this many seconds \(default 5\)/);
+    expect(status).not.toContain("(default 30)");
+    const approve = await help("group", "approve-measurements");
+    expect(approve).toContain("--measurement NAME=SHA256[,SHA256...]");
+    expect(approve.match(/repeatable/g)?.length).toBe(3); // the two flags' lines and the text saying both are
+    expect(approve).not.toContain("(repeatable) (repeatable)");
   });
 
   it("exits 2 on an unknown command or a missing flag, naming what to do", async () => {
