@@ -37,6 +37,30 @@ interface Args {
   agents: number | undefined;
 }
 
+/** `--help`: the flags, and the rows `--only` takes. */
+function usage(): string {
+  return [
+    "usage: npm run bench -- [flags]",
+    "",
+    "Runs kmi's benchmarks beside their baselines on this machine; every ratio is taken within the run.",
+    "A full run writes docs/benchmarks.md (about half an hour on 2 cores); it exits 1 when a row fails.",
+    "",
+    "  --quick              every benchmark for a second or two (what the test runs); writes no file",
+    "  --json               the results as JSON on stdout (the table goes to stderr)",
+    "  --only 3,10          only these rows (the others print \"not measured: skipped\")",
+    "  --out FILE           write the Markdown here (default docs/benchmarks.md on a full run)",
+    "  --profile            CPU profiles where a target is missed (default on a full run)",
+    "  --no-profile         never profile",
+    "  --quiet              no progress lines",
+    "  --sessions N         row 9: watch sessions over the replicas (default 5000; 30 with --quick), 1 to 20000",
+    "  --agents N           row 11: agents on the KDC replica that is killed (default 2000; 20 with --quick), 1 to 20000",
+    "",
+    "rows:",
+    ...Object.entries(ROW_TITLES).map(([id, title]) => `  ${id.padStart(2)}  ${title}`),
+    "",
+  ].join("\n");
+}
+
 function parseArgs(argv: string[]): Args {
   const a: Args = { quick: false, json: false, only: undefined, out: undefined, profile: undefined, quiet: false, sessions: undefined, agents: undefined };
   for (let i = 0; i < argv.length; i++) {
@@ -53,7 +77,11 @@ function parseArgs(argv: string[]): Args {
     else if (v === "--profile") a.profile = true;
     else if (v === "--no-profile") a.profile = false;
     else if (v === "--quiet") a.quiet = true;
-    else if (v.startsWith("--only")) a.only = new Set(value().split(",").map((s) => s.trim()));
+    else if (v.startsWith("--only")) {
+      a.only = new Set(value().split(",").map((s) => s.trim()));
+      const unknown = [...a.only].filter((id) => ROW_TITLES[id] === undefined);
+      if (unknown.length > 0) throw new Error(`--only: no row ${unknown.join(", ")}; the rows are ${Object.keys(ROW_TITLES).join(", ")} (see --help)`);
+    }
     else if (v.startsWith("--out")) a.out = value();
     else if (v.startsWith("--sessions")) {
       const n = Number(value());
@@ -65,7 +93,7 @@ function parseArgs(argv: string[]): Args {
       a.agents = n;
     }
     else if (v === "--help" || v === "-h") {
-      process.stdout.write("usage: npm run bench -- [--quick] [--json] [--only 1,2,...] [--out FILE] [--profile|--no-profile] [--quiet] [--sessions N] [--agents N]\n");
+      process.stdout.write(usage());
       process.exit(0);
     } else throw new Error(`unknown argument ${v}; see --help`);
   }

@@ -115,6 +115,20 @@ describe("npm run bench -- --quick", () => {
     expect(code, stderr.slice(-4000)).toBe(0);
   });
 
+  it("--help lists its flags and every row --only takes, and exits 0", () => {
+    const r = spawnSync(process.execPath, [RUN, "--help"], { cwd: ROOT, encoding: "utf8", timeout: 30_000 });
+    expect(r.status).toBe(0);
+    for (const flag of ["--quick", "--json", "--only", "--out", "--profile", "--no-profile", "--quiet", "--sessions", "--agents"]) expect(r.stdout).toContain(`  ${flag}`);
+    for (const row of ROWS) {
+      const [id, title] = [row.slice(0, row.indexOf(".")), row.slice(row.indexOf(".") + 2)];
+      expect(r.stdout).toContain(`${id.padStart(2)}  ${title}`);
+    }
+    // A row that does not exist is refused before anything starts.
+    const bad = spawnSync(process.execPath, [RUN, "--only", "3,13"], { cwd: ROOT, encoding: "utf8", timeout: 30_000 });
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toContain("--only: no row 13; the rows are 1, 2, 3");
+  });
+
   it("prints every row's heading", () => {
     for (const heading of ROWS) expect(stderr, `missing row "${heading}"`).toContain(heading);
   });
