@@ -197,8 +197,10 @@ export interface WatchStreams {
    * when the replica sheds load; call the function returned once the first message is built.
    */
   admit(stream: boolean): () => void;
-  /** True while the machine has a stream open (GetRolloutStatus `connected`). */
+  /** True while the machine has a stream open here (GetRolloutStatus `connected`, with {@link WatchStreams.connectedElsewhere}). */
   isConnected(machineId: string): boolean;
+  /** Machines with a stream open on another replica now. */
+  connectedElsewhere(): Promise<ReadonlySet<string>>;
   /** Machines with a stream open now (GetKdcStatus `connected_agents`). */
   readonly connectedCount: number;
 }

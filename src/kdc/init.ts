@@ -44,6 +44,8 @@ import { LocalCommits } from "./local-commits.js";
 import { QuarantineRegistry } from "./quarantine.js";
 import { SecretRelease } from "./release.js";
 import { WatchHub, type WatchHubOptions } from "./watch-hub.js";
+import { LeasedWatchPresence } from "./watch-presence.js";
+import { isLeasing } from "../storage/election.js";
 import { mintToken } from "./tokens.js";
 import { pathExists } from "../common/fs.js";
 
@@ -402,7 +404,9 @@ export async function openKdc(opts: OpenKdcOptions): Promise<OpenedKdc> {
     };
     // Quarantined machines are refused from the first call on, before the Auditserver answers.
     const quarantine = await QuarantineRegistry.load(base);
-    const hub = new WatchHub({ ...base, quarantine }, new SecretRelease(base), opts.watch);
+    // On etcd the other replicas learn which machines have a stream open here (GetRolloutStatus).
+    const presence = isLeasing(opened) ? new LeasedWatchPresence(opened, opts.logger, () => clock.now()) : undefined;
+    const hub = new WatchHub({ ...base, quarantine }, new SecretRelease(base), { ...opts.watch, ...(presence !== undefined ? { presence } : {}) });
     quarantine.setListener(hub);
     const ctx: KdcContext = { ...base, quarantine, events: hub, watches: hub };
     let follower: ChangeFollower | undefined;

@@ -18,6 +18,7 @@
  * | `rotation_policies` | `<tenant_id>`                   | RotationPolicyRecord         |
  * | `scheduler_runs` | `<job>` ("rotation")               | SchedulerRunRecord           |
  * | `elections`    | `<job>` ("scheduler"; storage/election) | ElectionRecord (store.proto) |
+ * | `watch_presence` | `<replica>/<machine_id>` (etcd only, leased; ./watch-presence.ts) | WatchPresenceRecord |
  * | `audit_log`    | seq, 20 digits (storage/audit-log)   | AuditEntryRecord             |
  * | `audit_meta`   | `head` (storage/audit-log)           | AuditHeadRecord              |
  *

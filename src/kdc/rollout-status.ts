@@ -4,8 +4,8 @@
  * (WatchRolloutStatus): the status at once, then each time it changes.
  *
  * The stream re-reads the status every second and sends it only when it differs: the reports
- * may reach any replica, and `connected` is this replica's own knowledge, so a re-read is what
- * sees every change. Each turn also re-checks the caller, so a revoked token or ended session
+ * and the streams may be on any replica (`connected` is this replica's streams and the other
+ * replicas' presence records, ./watch-presence.ts), so a re-read is what sees every change. Each turn also re-checks the caller, so a revoked token or ended session
  * stops the stream.
  */
 import { create, equals } from "@bufbuild/protobuf";
@@ -31,14 +31,14 @@ export const MAX_ROLLOUT_STREAMS = 64;
 /** GetRolloutStatus's answer for a tenant. */
 export async function rolloutStatus(ctx: KdcContext, ops: KdcOperations, tenantId: string): Promise<GetRolloutStatusResponse> {
   const tenant = await ops.requireTenant(tenantId);
-  const reports = await ctx.store.listRollout(tenantId);
+  const [reports, elsewhere] = await Promise.all([ctx.store.listRollout(tenantId), ctx.watches.connectedElsewhere()]);
   const machines = reports.map((m) =>
     create(MachineRolloutSchema, {
       machineId: m.machineId,
       group: m.group,
       heldVersion: m.heldVersion,
       upToDate: tenant.activeVersion !== 0 && m.heldVersion === tenant.activeVersion,
-      connected: ctx.watches.isConnected(m.machineId),
+      connected: ctx.watches.isConnected(m.machineId) || elsewhere.has(m.machineId),
       ...(m.lastReport ? { lastReport: m.lastReport } : {}),
     }),
   );

@@ -263,6 +263,7 @@ export class KdcServer {
       await this.server.destroy();
       await this.opened.follower?.stop();
       await this.opened.hub.settled();
+      await this.opened.hub.releasePresence();
       // The last entries get signed and handed to the witness before the store closes.
       await this.opened.checkpoints.close();
       this.audit?.client.close();

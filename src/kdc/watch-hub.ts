@@ -42,6 +42,7 @@ import type { AttestedMachine } from "./authz.js";
 import type { KdcContext, SecretEvents, WatchStreams } from "./context.js";
 import { KeyedMutex } from "./mutex.js";
 import { recipientOf, SecretRelease, wipe, type Recipient, type SecretMaterial } from "./release.js";
+import { SOLE_REPLICA, type WatchPresence } from "./watch-presence.js";
 
 /** Refuses a machine quarantined since its call was authorized (a quarantine may arrive while secrets are read). */
 export function requireNotQuarantined(quarantine: Pick<KdcContext["quarantine"], "reasonFor">, machineId: string): void {
@@ -78,6 +79,8 @@ export interface WatchHubOptions {
   maxStreams?: number;
   /** Opens and fetches in progress at once before new ones are shed with UNAVAILABLE (default 64). */
   maxOpening?: number;
+  /** Where the machines with a stream open here are told to the other replicas (default: none, one KDC). */
+  presence?: WatchPresence;
 }
 
 interface Watcher {
@@ -109,6 +112,7 @@ export class WatchHub implements SecretEvents, WatchStreams {
   private opening = 0;
   private nextId = 1;
   private pending = new Set<Promise<void>>();
+  private readonly presence: WatchPresence;
 
   constructor(
     private readonly ctx: Pick<KdcContext, "clock" | "logger" | "quarantine" | "store">,
@@ -119,6 +123,7 @@ export class WatchHub implements SecretEvents, WatchStreams {
     this.maxQueue = options.maxQueue ?? DEFAULT_MAX_QUEUE;
     this.maxStreams = options.maxStreams ?? DEFAULT_MAX_STREAMS;
     this.maxOpening = options.maxOpening ?? DEFAULT_MAX_OPENING;
+    this.presence = options.presence ?? SOLE_REPLICA;
   }
 
   // ---- presence ----
@@ -126,6 +131,16 @@ export class WatchHub implements SecretEvents, WatchStreams {
   /** True while the machine has a stream open. */
   isConnected(machineId: string): boolean {
     return (this.perMachine.get(machineId) ?? 0) > 0;
+  }
+
+  /** Machines with a stream open on another replica now (./watch-presence.ts). */
+  connectedElsewhere(): Promise<ReadonlySet<string>> {
+    return this.presence.elsewhere();
+  }
+
+  /** Takes this replica's presence records away (at shutdown, once the streams have ended). */
+  releasePresence(): Promise<void> {
+    return this.presence.close();
   }
 
   /** Machines with a stream open now. */
@@ -275,7 +290,9 @@ export class WatchHub implements SecretEvents, WatchStreams {
   private register(w: Watcher, expiresAt: Date): void {
     this.watchers.add(w);
     w.registered = true;
-    this.perMachine.set(w.machineId, (this.perMachine.get(w.machineId) ?? 0) + 1);
+    const n = (this.perMachine.get(w.machineId) ?? 0) + 1;
+    this.perMachine.set(w.machineId, n);
+    if (n === 1) this.presence.opened(w.machineId);
     // The stream ends (OK) when the token expires: the agent re-attests and opens a new one.
     const ttl = Math.max(0, expiresAt.getTime() - this.ctx.clock.now().getTime());
     w.timers.push(
@@ -302,8 +319,10 @@ export class WatchHub implements SecretEvents, WatchStreams {
     w.registered = false;
     this.watchers.delete(w);
     const n = (this.perMachine.get(w.machineId) ?? 1) - 1;
-    if (n <= 0) this.perMachine.delete(w.machineId);
-    else this.perMachine.set(w.machineId, n);
+    if (n <= 0) {
+      this.perMachine.delete(w.machineId);
+      this.presence.closed(w.machineId);
+    } else this.perMachine.set(w.machineId, n);
     for (const t of w.timers) clearTimeout(t);
     w.timers = [];
     if (w.onAbort !== undefined) w.signal.removeEventListener("abort", w.onAbort);

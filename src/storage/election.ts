@@ -49,7 +49,8 @@ export interface LeasingStore extends Store {
   grantLease(ttlSeconds: number): Promise<StoreLease>;
 }
 
-function isLeasing(store: Store): store is LeasingStore {
+/** True when `store` can bind keys to leases (etcd). */
+export function isLeasing(store: Store): store is LeasingStore {
   return typeof (store as Partial<LeasingStore>).grantLease === "function";
 }
 

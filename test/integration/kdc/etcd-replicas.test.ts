@@ -75,6 +75,24 @@ function watchAs(kdc: OpenedKdc, m: Machine) {
   };
 }
 
+/** Reports what machine `m` holds (nothing) to `kdc`: its rollout record, which GetRolloutStatus lists. */
+async function reportAs(kdc: OpenedKdc, m: Machine): Promise<void> {
+  const id = String(peers.size);
+  peers.set(id, peerIdentityFromDer(m.certDer, true));
+  const t = createRouterTransport(routes(kdc.ctx), { router: { interceptors: [injectPeer] } });
+  await createClient(DistributionService, t).reportHeldVersions({ attestationToken: signToken(tokenKey, { machineId: m.machineId, cert: m.certDer }), held: [] }, { headers: { "x-test-peer": id } });
+}
+
+/** `connected` of machine `id` in `kdc`'s GetRolloutStatus of `tenant`, once it equals `want` (or the last answer after 15 s). */
+async function connectedOn(kdc: OpenedKdc, tenant: string, id: string, want: boolean): Promise<boolean | undefined> {
+  const end = Date.now() + 15_000;
+  for (;;) {
+    const m = (await client(kdc).ca.getRolloutStatus({ tenantId: tenant })).machines.find((x) => x.machineId === id);
+    if (m?.connected === want || Date.now() > end) return m?.connected;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
 function client(kdc: OpenedKdc) {
   const logger = createNopLogger();
   const mapErrors: Interceptor = (next) => async (req) => {
@@ -208,6 +226,29 @@ describe("watches from the change feed", () => {
       await w.close();
       await onA.close();
     }
+  });
+});
+
+describe("connected, whichever replica answers", () => {
+  it("a machine watching replica B is connected in replica A's rollout status, and is not once its stream ends", async () => {
+    const [a, b] = replicas as [OpenedKdc, OpenedKdc];
+    await client(a).admin.createTenant({ tenantId: "presence", bootstrapKmiSigned: true });
+    const m = new Machine("m-presence00000001");
+    m.certPem = a.ctx.pki.certificatePem((await new KdcOperations(a.ctx).issueMachineCertificate("system", { csrPem: m.csrPem(), machineId: m.machineId, group: "edge", ttlSeconds: 3600 })).certificateDer);
+    await reportAs(b, m);
+    expect(await connectedOn(a, "presence", m.machineId, false)).toBe(false);
+    const w = watchAs(b, m);
+    try {
+      await w.next(WatchEventType.SNAPSHOT, 0);
+      // B holds the stream; A knows of it from B's presence record, B from its own stream.
+      expect(await connectedOn(b, "presence", m.machineId, true)).toBe(true);
+      expect(await connectedOn(a, "presence", m.machineId, true)).toBe(true);
+      expect((await client(a).ca.getRolloutStatus({ tenantId: "presence" })).connectedCount).toBe(1);
+    } finally {
+      await w.close();
+    }
+    expect(await connectedOn(a, "presence", m.machineId, false)).toBe(false);
+    expect(await connectedOn(b, "presence", m.machineId, false)).toBe(false);
   });
 });
 
