@@ -238,6 +238,9 @@ type Target = OriginTarget | { error: string };
 function targetOf(req: IncomingMessage, up: Http1Upstream): Target {
   const url = req.url ?? "/";
   if (up.tunnel !== undefined) {
+    // Origin form only: an origin takes an absolute-form target's host over Host (RFC 9112
+    // 3.2.2), so `GET https://other.example/ HTTP/1.1` would ask it for a host the policy never judged.
+    if (!url.startsWith("/")) return { error: "inside a tunnel, send origin-form requests (/path)" };
     const authority = req.headers.host ?? up.tunnel.requestedHost;
     return { host: up.tunnel.host, port: up.tunnel.port, path: url, authority };
   }
