@@ -100,20 +100,47 @@ function hostOfAuthority(authority: string): string {
   return normalizeHost(colon >= 0 && authority.indexOf(":") === colon ? authority.slice(0, colon) : authority);
 }
 
-/** `scheme://authority/path` with the default port dropped and the host lowercased. */
+/**
+ * `scheme://authority/path` with the default port dropped and the host lowercased, without
+ * trailing dots (`files.example.` is the same host to DNS and to most origins, so a rule for
+ * `files.example` must match it).
+ */
 function policyUrl(scheme: string, authority: string, path: string): string {
   let a = authority.toLowerCase();
+  if (!a.startsWith("[")) {
+    const colon = a.lastIndexOf(":");
+    const oneColon = colon >= 0 && a.indexOf(":") === colon;
+    const host = (oneColon ? a.slice(0, colon) : a).replace(/\.+$/, "");
+    a = oneColon ? `${host}${a.slice(colon)}` : host;
+  }
   if ((scheme === "https" && a.endsWith(":443")) || (scheme === "http" && a.endsWith(":80"))) a = a.slice(0, a.lastIndexOf(":"));
   return `${scheme}://${a}${path}`;
 }
 
-/** The policy rule that blocks this request, if any (host by name, then URL). */
-export function requestBlockRule(policy: Policy, scheme: string, authority: string, path: string, tunnelHost?: string): string | undefined {
+/** `host:port` of a tunnel (the name the client asked for, the CONNECT's port), an IPv6 literal bracketed. */
+export function tunnelAuthority(host: string, port: number): string {
+  return `${host.includes(":") ? `[${host}]` : host}:${port}`;
+}
+
+/**
+ * The policy rule that blocks this request, if any (host by name, then URL). `tunnel` is the
+ * `host[:port]` of the intercepted tunnel the request came in (SNI or CONNECT host): the request
+ * goes there whatever its Host header says, so the rules are checked against both.
+ */
+export function requestBlockRule(policy: Policy, scheme: string, authority: string, path: string, tunnel?: string): string | undefined {
   const host = hostOfAuthority(authority);
+  const tunnelHost = tunnel === undefined ? undefined : hostOfAuthority(tunnel);
   const hostRule = policy.blockedHost(host) ?? (tunnelHost !== undefined && tunnelHost !== host ? policy.blockedHost(tunnelHost) : undefined);
   if (hostRule !== undefined) return ruleId(hostRule);
-  const urlRule = policy.blockedUrl(policyUrl(scheme, authority, path));
+  const url = policyUrl(scheme, authority, path);
+  const urlRule = policy.blockedUrl(url) ?? (tunnel !== undefined ? blockedTunnelUrl(policy, scheme, tunnel, path, url) : undefined);
   return urlRule === undefined ? undefined : ruleId(urlRule);
+}
+
+/** The URL rule that blocks `path` at the tunnel's own authority, when that URL differs from the one Host names. */
+function blockedTunnelUrl(policy: Policy, scheme: string, tunnel: string, path: string, hostUrl: string): ReturnType<Policy["blockedUrl"]> {
+  const url = policyUrl(scheme, tunnel, path);
+  return url === hostUrl ? undefined : policy.blockedUrl(url);
 }
 
 /**
@@ -181,6 +208,11 @@ function noResponseBody(method: string, status: number): boolean {
   return method === "HEAD" || status === 204 || status === 304 || (status >= 100 && status < 200);
 }
 
+/** The `host:port` of the tunnel a request came in, if it came in one. */
+function tunnelOf(up: Http1Upstream): string | undefined {
+  return up.tunnel === undefined ? undefined : tunnelAuthority(up.tunnel.requestedHost, up.tunnel.port);
+}
+
 /** Why the destination check refuses `host` when it is an IP literal (names are checked when they resolve). */
 function destinationRefusal(ctx: ProxyContext, host: string): string | undefined {
   try {
@@ -206,6 +238,9 @@ type Target = OriginTarget | { error: string };
 function targetOf(req: IncomingMessage, up: Http1Upstream): Target {
   const url = req.url ?? "/";
   if (up.tunnel !== undefined) {
+    // Origin form only: an origin takes an absolute-form target's host over Host (RFC 9112
+    // 3.2.2), so `GET https://other.example/ HTTP/1.1` would ask it for a host the policy never judged.
+    if (!url.startsWith("/")) return { error: "inside a tunnel, send origin-form requests (/path)" };
     const authority = req.headers.host ?? up.tunnel.requestedHost;
     return { host: up.tunnel.host, port: up.tunnel.port, path: url, authority };
   }
@@ -248,7 +283,7 @@ interface RequestRefusal {
 
 /** Why this request is refused before it is forwarded (a block rule, a private destination), if it is. */
 function refuseRequest(ctx: ProxyContext, policy: Policy, up: Http1Upstream, req: IncomingMessage, target: OriginTarget, host: string): RequestRefusal | undefined {
-  const rule = requestBlockRule(policy, up.scheme, target.authority, target.path, up.tunnel?.requestedHost);
+  const rule = requestBlockRule(policy, up.scheme, target.authority, target.path, tunnelOf(up));
   if (rule !== undefined) return { page: renderBlockPage(403, host, "the request matches a block rule", rule), rule, close: hasBody(req) };
   const denied = up.tunnel === undefined ? destinationRefusal(ctx, target.host) : undefined;
   if (denied !== undefined) return { page: renderBlockPage(403, host, denied, "private-destination"), rule: "private-destination", error: denied, close: hasBody(req) };
@@ -503,7 +538,7 @@ export function handleHttp1Upgrade(
   if ((req.headers.upgrade ?? "").toLowerCase() !== "websocket") {
     return refuse(renderBlockPage(400, rec.host, "only websocket upgrades pass the proxy", "upgrade"), "block", "upgrade");
   }
-  const rule = requestBlockRule(ctx.policy.forTenant(client.tenant), up.scheme, target.authority, target.path, up.tunnel?.requestedHost);
+  const rule = requestBlockRule(ctx.policy.forTenant(client.tenant), up.scheme, target.authority, target.path, tunnelOf(up));
   if (rule !== undefined) return refuse(renderBlockPage(403, rec.host, "the request matches a block rule", rule), "block", rule);
   const denied = up.tunnel === undefined ? destinationRefusal(ctx, target.host) : undefined;
   if (denied !== undefined) return refuse(renderBlockPage(403, rec.host, denied, "private-destination"), "block", "private-destination", denied);

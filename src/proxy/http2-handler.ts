@@ -19,7 +19,7 @@ import { renderBlockPage, type BlockPage } from "./block-page.js";
 import { isStreamingContentType, relayBody, type RelayResult, type RelaySink } from "./body-relay.js";
 import type { ClientInfo, ProxyContext } from "./context.js";
 import type { BodyScanner } from "./icap/inspection.js";
-import { requestBlockRule } from "./http1.js";
+import { requestBlockRule, tunnelAuthority } from "./http1.js";
 import { describeError } from "./origin.js";
 import { normalizeHost, type Policy } from "./policy.js";
 import { judgeRelay } from "./scan-verdict.js";
@@ -125,6 +125,8 @@ export interface H2Upstream {
   readonly origin: H2Origin;
   /** The host the client asked for (SNI or CONNECT host). */
   readonly requestedHost: string;
+  /** The CONNECT's port. */
+  readonly port: number;
 }
 
 /**
@@ -277,7 +279,7 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
 /** Why a stream is refused before it reaches the origin (CONNECT inside h2, a block rule), if it is. */
 function refuseStream(policy: Policy, method: string, authority: string, path: string, up: H2Upstream, host: string): { page: BlockPage; rule: string } | undefined {
   if (method === "CONNECT") return { page: renderBlockPage(400, host, "CONNECT inside an intercepted HTTP/2 connection is not supported", undefined), rule: "bad-request" };
-  const rule = requestBlockRule(policy, "https", authority, path, up.requestedHost);
+  const rule = requestBlockRule(policy, "https", authority, path, tunnelAuthority(up.requestedHost, up.port));
   if (rule !== undefined) return { page: renderBlockPage(403, host, "the request matches a block rule", rule), rule };
   return undefined;
 }

@@ -714,7 +714,7 @@ export class Interceptor {
     };
     if (alpn === "h2") {
       const origin = new H2Origin(o.socket, target.port === 443 ? host : `${host}:${target.port}`, reconnect, this.ctx.limits.originIdleTimeoutMs);
-      (tls as Tagged<H2Conn>)[kConn] = { client, upstream: { origin, requestedHost: host }, stats };
+      (tls as Tagged<H2Conn>)[kConn] = { client, upstream: { origin, requestedHost: host, port: target.port }, stats };
       tls.once("close", () => origin.close());
       this.h2.emit("connection", tls);
       return;

@@ -38,7 +38,13 @@ describe("requestBlockRule", () => {
     ["http", "a.example", "/x1", undefined, undefined],
     ["https", "front.example", "/", "evil.example", "block-host:evil.example"],
     ["https", "a.example:8443", "/x1", undefined, undefined],
-  ])("%s://%s%s (tunnel host %s) → %s", (scheme, authority, path, tunnelHost, want) => {
+    // A trailing dot names the same host.
+    ["https", "a.example.", "/x1", undefined, "block-url:https://a.example/x*"],
+    ["https", "A.example.:443", "/x1", undefined, "block-url:https://a.example/x*"],
+    // Inside a tunnel the request goes to the tunnel's host whatever Host says.
+    ["https", "front.example", "/x1", "a.example:443", "block-url:https://a.example/x*"],
+    ["https", "front.example", "/x1", "a.example:8443", undefined],
+  ])("%s://%s%s (tunnel %s) → %s", (scheme, authority, path, tunnelHost, want) => {
     expect(requestBlockRule(p, scheme, authority, path, tunnelHost)).toBe(want);
   });
 });
