@@ -16,6 +16,7 @@
  */
 import { createServer as createHttpServer, type IncomingMessage, type Server as HttpServer } from "node:http";
 import { createServer as createH2Server, type Http2Server, type ServerHttp2Session } from "node:http2";
+import { lookup as dnsLookup } from "node:dns/promises";
 import { connect as netConnect, isIP, type Socket } from "node:net";
 import { TLSSocket } from "node:tls";
 import type { Duplex } from "node:stream";
@@ -257,7 +258,8 @@ interface Intercept {
 /** What the client's first bytes lead to. */
 type HelloOutcome =
   | Intercept
-  | { readonly kind: "tunnel"; readonly log: ConnectLog; readonly rule: string }
+  /** `sniOnly`: the bypass names the SNI, not the CONNECT host: it holds only if the CONNECT names an address of that name. */
+  | { readonly kind: "tunnel"; readonly log: ConnectLog; readonly rule: string; readonly sniOnly?: string }
   | { readonly kind: "page"; readonly log: ConnectLog; readonly hello: ClientHello; readonly refusal: Refusal }
   | { readonly kind: "drop"; readonly log: ConnectLog; readonly decision: Decision; readonly rule: string; readonly error: string };
 
@@ -272,6 +274,33 @@ interface OriginTls {
   lateError(): Error | undefined;
   /** Stops recording late errors (the client's handshake finished). */
   stopWatching(): void;
+}
+
+/**
+ * Whether the CONNECT's `target` is an address that `name` resolves to (the system resolver,
+ * within `timeoutMs`): what lets a bypass rule that names the SNI tunnel a CONNECT made to an IP
+ * address. A CONNECT to another name, or to an address the name does not have, is not that
+ * host's traffic, and a bypass for it would let any client skip inspection of any host by
+ * writing a bypassed name in its SNI.
+ */
+async function sniNamesAddress(name: string, target: string, timeoutMs: number): Promise<boolean> {
+  const address = normalizeAddress(target);
+  if (isIP(address) === 0) return false;
+  try {
+    const found = await Promise.race([
+      dnsLookup(name, { all: true, verbatim: true }),
+      new Promise<never>((_, reject) => setTimeout(() => reject(new Error("lookup timed out")), timeoutMs).unref()),
+    ]);
+    return found.some((a) => normalizeAddress(a.address) === address);
+  } catch {
+    return false;
+  }
+}
+
+/** An IP address in one spelling (IPv4-mapped IPv6 as IPv4, IPv6 as the URL parser writes it); a name as is. */
+function normalizeAddress(host: string): string {
+  const bare = normalizeClientAddress(host.startsWith("[") && host.endsWith("]") ? host.slice(1, -1) : host);
+  return isIP(bare) === 6 ? new URL(`http://[${bare}]/`).hostname.slice(1, -1) : bare;
 }
 
 /** The interceptor: CONNECT handling plus the inner HTTP servers of decrypted connections. */
@@ -383,7 +412,11 @@ export class Interceptor {
 
     const peek = await peekClientHello(socket, head, this.ctx.limits.clientHelloTimeoutMs);
     if (peek.kind === "not-tls") return this.cleartext(socket, tcp, peek.data, c);
-    const h = this.classifyHello(peek, c);
+    let h = this.classifyHello(peek, c);
+    if (h.kind === "tunnel" && h.sniOnly !== undefined && !(await sniNamesAddress(h.sniOnly, c.target.host, this.ctx.limits.originTimeoutMs))) {
+      // A bypassed name in the SNI of a CONNECT to somewhere else: inspected like any other.
+      h = this.classifyHello(peek, c, false);
+    }
     if (h.kind !== "intercept") {
       if (h.kind === "tunnel") return this.tunnel(socket, tcp, peek.data, h.log, h.rule);
       tcp.destroy();
@@ -542,7 +575,7 @@ export class Interceptor {
   }
 
   /** What the client's ClientHello asks for: interception, a tunnel, a page, or a close. */
-  private classifyHello(peek: Peek, c: Classified): HelloOutcome {
+  private classifyHello(peek: Peek, c: Classified, sniBypass = true): HelloOutcome {
     const { policy, target, log: log0 } = c;
     if (peek.kind !== "hello") {
       if (peek.kind === "invalid") return { kind: "drop", log: log0, decision: "error", rule: "client-hello", error: `bad clienthello: ${peek.reason}` };
@@ -555,9 +588,9 @@ export class Interceptor {
     if (host !== target.host) {
       const b = policy.blockedHost(host);
       if (b !== undefined) return { kind: "page", log, hello, refusal: refusal(renderBlockPage(403, host, "the host matches a block rule", ruleId(b)), "block", ruleId(b)) };
-      const bp = policy.bypassedHost(host);
-      if (bp !== undefined) return { kind: "tunnel", log, rule: ruleId(bp) };
-      if (this.ctx.learned.pinnedBypass(c.client.tenant, host)) return { kind: "tunnel", log, rule: "auto-bypass" };
+      const bp = sniBypass ? policy.bypassedHost(host) : undefined;
+      if (bp !== undefined) return { kind: "tunnel", log, rule: ruleId(bp), sniOnly: host };
+      if (sniBypass && this.ctx.learned.pinnedBypass(c.client.tenant, host)) return { kind: "tunnel", log, rule: "auto-bypass", sniOnly: host };
     }
     const offers = hello.alpn.filter((p) => INSPECTABLE_ALPN.has(p));
     if (hello.alpn.length > 0 && offers.length === 0) {
