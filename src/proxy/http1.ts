@@ -122,25 +122,57 @@ export function tunnelAuthority(host: string, port: number): string {
   return `${host.includes(":") ? `[${host}]` : host}:${port}`;
 }
 
+/** Characters RFC 3986 calls unreserved: their percent-encoding means the same path. */
+const UNRESERVED = /^[A-Za-z0-9\-._~]$/;
+
+/**
+ * `path` as an origin that normalizes it serves it: percent-encoded unreserved characters
+ * decoded (RFC 3986 6.2.2.2), runs of slashes merged (as nginx does by default) and dot segments
+ * removed (5.2.4); the query is kept as sent. URL rules are matched against it as well as the
+ * path as sent, so `/%61dmin`, `/./admin`, `//admin` and `/x/../admin` do not slip past a rule
+ * for `/admin`. An encoded slash (`%2F`) and a backslash stay as they are.
+ */
+export function normalizedPath(path: string): string {
+  if (!path.startsWith("/")) return path;
+  const q = path.indexOf("?");
+  const [p, query] = q < 0 ? [path, ""] : [path.slice(0, q), path.slice(q)];
+  const decoded = p.replace(/%([0-9A-Fa-f]{2})/g, (m, hex: string) => {
+    const c = String.fromCharCode(parseInt(hex, 16));
+    return UNRESERVED.test(c) ? c : m.toUpperCase();
+  });
+  const segments = decoded.replace(/\/{2,}/g, "/").split("/");
+  const out: string[] = [];
+  for (let i = 1; i < segments.length; i++) {
+    const s = segments[i]!;
+    const last = i === segments.length - 1;
+    if (s === "." || s === "..") {
+      if (s === "..") out.pop();
+      if (last) out.push("");
+    } else out.push(s);
+  }
+  return `/${out.join("/")}${query}`;
+}
+
 /**
  * The policy rule that blocks this request, if any (host by name, then URL). `tunnel` is the
  * `host[:port]` of the intercepted tunnel the request came in (SNI or CONNECT host): the request
- * goes there whatever its Host header says, so the rules are checked against both.
+ * goes there whatever its Host header says, so the rules are checked against both. URL rules
+ * see the path as sent and as an origin would normalize it ({@link normalizedPath}).
  */
 export function requestBlockRule(policy: Policy, scheme: string, authority: string, path: string, tunnel?: string): string | undefined {
   const host = hostOfAuthority(authority);
   const tunnelHost = tunnel === undefined ? undefined : hostOfAuthority(tunnel);
   const hostRule = policy.blockedHost(host) ?? (tunnelHost !== undefined && tunnelHost !== host ? policy.blockedHost(tunnelHost) : undefined);
   if (hostRule !== undefined) return ruleId(hostRule);
-  const url = policyUrl(scheme, authority, path);
-  const urlRule = policy.blockedUrl(url) ?? (tunnel !== undefined ? blockedTunnelUrl(policy, scheme, tunnel, path, url) : undefined);
-  return urlRule === undefined ? undefined : ruleId(urlRule);
-}
-
-/** The URL rule that blocks `path` at the tunnel's own authority, when that URL differs from the one Host names. */
-function blockedTunnelUrl(policy: Policy, scheme: string, tunnel: string, path: string, hostUrl: string): ReturnType<Policy["blockedUrl"]> {
-  const url = policyUrl(scheme, tunnel, path);
-  return url === hostUrl ? undefined : policy.blockedUrl(url);
+  const urls = new Set<string>();
+  for (const a of tunnel === undefined ? [authority] : [authority, tunnel]) {
+    for (const p of [path, normalizedPath(path)]) urls.add(policyUrl(scheme, a, p));
+  }
+  for (const url of urls) {
+    const rule = policy.blockedUrl(url);
+    if (rule !== undefined) return ruleId(rule);
+  }
+  return undefined;
 }
 
 /**

@@ -79,6 +79,16 @@ describe("a URL rule for the tunnel's origin holds whatever Host the client send
     }
   });
 
+  it.each(["/%68ello", "/./hello", "//hello", "/x/../hello"])("HTTP/1.1, the path spelled %s (the origin serves it as /hello): 403, the origin not asked", async (path) => {
+    const before = good.requests;
+    const t = await tlsViaProxy(h.port, "localhost", good.port, { ca: h.agent.rootPem("acme") });
+    const r = await requestOver(t, path, { host: `localhost:${good.port}` });
+    t.destroy();
+    expect(r.status).toBe(403);
+    expect(r.body.toString()).toContain("block-url:local-hello");
+    expect(good.requests).toBe(before);
+  });
+
   it("a plain http:// request to the host with a trailing dot: 403, the origin not asked", async () => {
     const before = served.length;
     const r = await run("curl", ["-sS", "--max-time", "10", "-x", `http://127.0.0.1:${h.port}`, "-i", `http://localhost.:${plainPort}/hello`]);

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { endToEndHeaders, requestBlockRule } from "../../../src/proxy/http1.js";
+import { endToEndHeaders, normalizedPath, requestBlockRule } from "../../../src/proxy/http1.js";
 import { parsePolicy } from "../../../src/proxy/policy.js";
 
 describe("endToEndHeaders", () => {
@@ -44,8 +44,38 @@ describe("requestBlockRule", () => {
     // Inside a tunnel the request goes to the tunnel's host whatever Host says.
     ["https", "front.example", "/x1", "a.example:443", "block-url:https://a.example/x*"],
     ["https", "front.example", "/x1", "a.example:8443", undefined],
+    // Spellings a normalizing origin serves as /x1 match too.
+    ["https", "a.example", "/%78%31", undefined, "block-url:https://a.example/x*"],
+    ["https", "a.example", "/./x1", undefined, "block-url:https://a.example/x*"],
+    ["https", "a.example", "//x1", undefined, "block-url:https://a.example/x*"],
+    ["https", "a.example", "/y/../x1", undefined, "block-url:https://a.example/x*"],
+    ["https", "a.example", "/%2e%2e/x1", undefined, "block-url:https://a.example/x*"],
+    ["https", "front.example", "/y/%2E/../x1?q=1", "a.example:443", "block-url:https://a.example/x*"],
+    // Not the same path: an encoded slash stays encoded, and a query is not a path.
+    ["https", "a.example", "/%2Fx1", undefined, undefined],
+    ["https", "a.example", "/y?/../x1", undefined, undefined],
   ])("%s://%s%s (tunnel %s) → %s", (scheme, authority, path, tunnelHost, want) => {
     expect(requestBlockRule(p, scheme, authority, path, tunnelHost)).toBe(want);
+  });
+});
+
+describe("normalizedPath", () => {
+  it.each([
+    ["/", "/"],
+    ["/a/b/c", "/a/b/c"],
+    ["/%61%62c", "/abc"],
+    ["/%7e%2d%5F", "/~-_"],
+    ["/a%2fb%3F", "/a%2Fb%3F"],
+    ["/a/./b/../c/", "/a/c/"],
+    ["/a/b/..", "/a/"],
+    ["/a/b/.", "/a/b/"],
+    ["/../../a", "/a"],
+    ["///a//b", "/a/b"],
+    ["/a/%2E%2E/b", "/b"],
+    ["/a/b?x=/../y", "/a/b?x=/../y"],
+    ["*", "*"],
+  ])("%s → %s", (path, want) => {
+    expect(normalizedPath(path)).toBe(want);
   });
 });
 
