@@ -5,9 +5,10 @@
  * one linear audit chain; etcdctl reads no private key or token in plaintext. Then the same
  * race between two real `kmi kdc --store etcd` processes.
  */
+import { spawn } from "node:child_process";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { createClient, createRouterTransport, type Interceptor } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { toConnectError } from "../../../src/common/error-mapping.js";
@@ -26,6 +27,8 @@ import { credentialAad, intermediateKeyAad } from "../../../src/kdc/kdc-store.js
 import { routes } from "../../../src/kdc/routes.js";
 import { parseToken } from "../../../src/kdc/tokens.js";
 import type { StoreBackend } from "../../../src/storage/backend.js";
+import { openEtcdStore } from "../../../src/storage/etcd-store.js";
+import { LeasedWatchPresence } from "../../../src/kdc/watch-presence.js";
 import { startEtcdCluster, type EtcdCluster } from "../../fixtures/storage/etcd-cluster.js";
 import { clients, initDataDir, startKdc, type KdcProcess } from "./harness.js";
 
@@ -250,6 +253,37 @@ describe("connected, whichever replica answers", () => {
     expect(await connectedOn(a, "presence", m.machineId, false)).toBe(false);
     expect(await connectedOn(b, "presence", m.machineId, false)).toBe(false);
   });
+});
+
+describe("a replica killed with a stream open", () => {
+  it("loses its presence records when its lease expires: the machine stops counting as connected", async () => {
+    const prefix = "presence-crash";
+    const machineId = "m-crashed00000001";
+    const holder = spawn(process.execPath, ["--import", "tsx", "test/fixtures/kdc/presence-holder.ts", JSON.stringify({ endpoints: cluster.endpoints, caFile: cluster.files.ca, certFile: cluster.files.cert, keyFile: cluster.files.key, prefix, machineId, ttlSeconds: 2 })], {
+      cwd: resolve(import.meta.dirname, "../../.."),
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    const reader = await openEtcdStore({ endpoints: cluster.endpoints, ca: cluster.ca, cert: cluster.cert, key: cluster.key, prefix, owner: "test", create: true });
+    const presence = new LeasedWatchPresence(reader, createNopLogger(), () => new Date());
+    try {
+      let err = "";
+      holder.stderr.on("data", (b: Buffer) => (err += b.toString()));
+      await new Promise<void>((ready, fail) => {
+        const timer = setTimeout(() => fail(new Error(`the holder did not start in 30 s: ${err}`)), 30_000);
+        holder.stdout.on("data", (b: Buffer) => b.toString().includes("ready") && (clearTimeout(timer), ready()));
+        holder.once("exit", (code) => fail(new Error(`the holder exited (${code}): ${err}`)));
+      });
+      expect((await presence.elsewhere()).has(machineId)).toBe(true);
+      holder.kill("SIGKILL");
+      const killedAt = Date.now();
+      while ((await presence.elsewhere()).has(machineId) && Date.now() - killedAt < 20_000) await new Promise((r) => setTimeout(r, 100));
+      expect((await presence.elsewhere()).has(machineId)).toBe(false);
+    } finally {
+      holder.kill("SIGKILL");
+      await presence.close();
+      await reader.close();
+    }
+  }, 60_000);
 });
 
 describe("quarantine feed on two replicas", () => {
