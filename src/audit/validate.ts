@@ -76,7 +76,7 @@ function ttl(value: number, field: string, bounds: { min: number; max: number; d
 function reason(value: string, field: string): string {
   if (value.trim() === "") throw new InvalidArgument(`${field}: required; say why (1 to 256 characters)`);
   if ([...value].length > 256) throw new InvalidArgument(`${field}: longer than 256 characters`);
-  if (/[\u0000-\u001f\u007f]/.test(value)) throw new InvalidArgument(`${field}: must not contain control characters`);
+  if (/[\u0000-\u001f\u007f-\u009f]/.test(value)) throw new InvalidArgument(`${field}: must not contain control characters`);
   return value;
 }
 

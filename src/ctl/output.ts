@@ -75,7 +75,7 @@ function cell(v: string | number | boolean | undefined): string {
   if (v === undefined || v === "") return "-";
   // Values come from the server; strip control characters so they cannot forge lines.
   // eslint-disable-next-line no-control-regex
-  return String(v).replace(/[\u0000-\u001f\u007f]/g, "?");
+  return String(v).replace(/[\u0000-\u001f\u007f-\u009f]/g, "?");
 }
 
 /** Output of one command: JSON for scripts, text for people. */

@@ -42,7 +42,7 @@ const MAX_TARGET = 200;
 
 function clean(s: string): string {
   // eslint-disable-next-line no-control-regex
-  const t = s.replace(/[\u0000-\u001f\u007f]/g, "?");
+  const t = s.replace(/[\u0000-\u001f\u007f-\u009f]/g, "?");
   return t.length > MAX_TARGET ? t.slice(0, MAX_TARGET) + "..." : t;
 }
 

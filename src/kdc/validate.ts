@@ -46,7 +46,7 @@ function freeText(field: string, value: string, max: number, required: boolean):
   if (required && value.length === 0) throw new InvalidArgument(`${field}: required; give 1 to ${max} characters`);
   if ([...value].length > max) throw new InvalidArgument(`${field}: too long (${[...value].length} characters); at most ${max}`);
   // eslint-disable-next-line no-control-regex
-  if (/[\u0000-\u001f\u007f]/.test(value)) throw new InvalidArgument(`${field}: contains control characters; use printable text`);
+  if (/[\u0000-\u001f\u007f-\u009f]/.test(value)) throw new InvalidArgument(`${field}: contains control characters; use printable text`);
   return value;
 }
 

@@ -40,7 +40,7 @@ function checkValue(value: string, field: string): void {
   if ([...value].length > MAX_ATTRIBUTE_LENGTH) {
     throw new InvalidArgument(`${field}: longer than ${MAX_ATTRIBUTE_LENGTH} characters; shorten it`);
   }
-  if (/[\u0000-\u001f\u007f]/.test(value)) throw new InvalidArgument(`${field}: contains control characters; remove them`);
+  if (/[\u0000-\u001f\u007f-\u009f]/.test(value)) throw new InvalidArgument(`${field}: contains control characters; remove them`);
 }
 
 /**
