@@ -26,6 +26,7 @@ import type {
 } from "../gen/kmi/audit/v1/admin_pb.js";
 import type { AttestRequest, EnrollRequest, RenewMachineCertificateRequest } from "../gen/kmi/audit/v1/audit_pb.js";
 import { parseJoinToken } from "./join-token.js";
+import { hasControlChars } from "../common/control-chars.js";
 
 /** Group names and tenant ids: lowercase letters, digits and '-', 1 to 63, starting with a letter. */
 export const NAME_PATTERN = /^[a-z][a-z0-9-]{0,62}$/;
@@ -76,7 +77,7 @@ function ttl(value: number, field: string, bounds: { min: number; max: number; d
 function reason(value: string, field: string): string {
   if (value.trim() === "") throw new InvalidArgument(`${field}: required; say why (1 to 256 characters)`);
   if ([...value].length > 256) throw new InvalidArgument(`${field}: longer than 256 characters`);
-  if (/[\u0000-\u001f\u007f-\u009f]/.test(value)) throw new InvalidArgument(`${field}: must not contain control characters`);
+  if (hasControlChars(value)) throw new InvalidArgument(`${field}: must not contain control characters`);
   return value;
 }
 

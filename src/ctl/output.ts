@@ -5,6 +5,7 @@
  */
 import { Code, ConnectError } from "@connectrpc/connect";
 import { isKmiError } from "../common/errors.js";
+import { neutralizeControlChars } from "../common/control-chars.js";
 
 /** Exit codes of `kmi ctl`, documented in `kmi ctl --help`. */
 export const ExitCode = {
@@ -75,7 +76,7 @@ function cell(v: string | number | boolean | undefined): string {
   if (v === undefined || v === "") return "-";
   // Values come from the server; strip control characters so they cannot forge lines.
   // eslint-disable-next-line no-control-regex
-  return String(v).replace(/[\u0000-\u001f\u007f-\u009f]/g, "?");
+  return neutralizeControlChars(String(v));
 }
 
 /** Output of one command: JSON for scripts, text for people. */

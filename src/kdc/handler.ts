@@ -12,6 +12,7 @@ import { actorOf, authenticateToken, authorize, callerFromPeer, type Caller, typ
 import type { KdcContext } from "./context.js";
 import { authenticateMachine } from "./machine-auth.js";
 import { authenticateSession } from "./portal-session.js";
+import { neutralizeControlChars } from "../common/control-chars.js";
 
 /**
  * How a call authenticates its caller: a bearer token, a kmi service's mutual-TLS certificate,
@@ -42,7 +43,7 @@ const MAX_TARGET = 200;
 
 function clean(s: string): string {
   // eslint-disable-next-line no-control-regex
-  const t = s.replace(/[\u0000-\u001f\u007f-\u009f]/g, "?");
+  const t = neutralizeControlChars(s);
   return t.length > MAX_TARGET ? t.slice(0, MAX_TARGET) + "..." : t;
 }
 

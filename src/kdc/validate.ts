@@ -27,6 +27,7 @@ import {
 import type { ReportHeldVersionsRequest, SignLeafRequest } from "../gen/kmi/kdc/v1/distribution_pb.js";
 import type { IssueMachineCertificateRequest } from "../gen/kmi/kdc/v1/peer_pb.js";
 import { MAX_SAN_NAMES } from "../pki/san.js";
+import { hasControlChars } from "../common/control-chars.js";
 
 const TENANT_ID = /^[a-z][a-z0-9-]{0,62}$/;
 const NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
@@ -46,7 +47,7 @@ function freeText(field: string, value: string, max: number, required: boolean):
   if (required && value.length === 0) throw new InvalidArgument(`${field}: required; give 1 to ${max} characters`);
   if ([...value].length > max) throw new InvalidArgument(`${field}: too long (${[...value].length} characters); at most ${max}`);
   // eslint-disable-next-line no-control-regex
-  if (/[\u0000-\u001f\u007f-\u009f]/.test(value)) throw new InvalidArgument(`${field}: contains control characters; use printable text`);
+  if (hasControlChars(value)) throw new InvalidArgument(`${field}: contains control characters; use printable text`);
   return value;
 }
 

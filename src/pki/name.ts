@@ -19,6 +19,7 @@ import {
   utf8String,
 } from "./der.js";
 import { Oid } from "./oids.js";
+import { hasControlChars } from "../common/control-chars.js";
 
 /** The fields kmi puts into subjects. Empty strings are refused; absent fields are left out. */
 export interface DistinguishedName {
@@ -40,7 +41,7 @@ function checkValue(value: string, field: string): void {
   if ([...value].length > MAX_ATTRIBUTE_LENGTH) {
     throw new InvalidArgument(`${field}: longer than ${MAX_ATTRIBUTE_LENGTH} characters; shorten it`);
   }
-  if (/[\u0000-\u001f\u007f-\u009f]/.test(value)) throw new InvalidArgument(`${field}: contains control characters; remove them`);
+  if (hasControlChars(value)) throw new InvalidArgument(`${field}: contains control characters; remove them`);
 }
 
 /**
