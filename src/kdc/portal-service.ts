@@ -36,6 +36,7 @@ import {
   getSession,
   isSecretShaped,
   LINK_TTL,
+  linkCreatorLive,
   linkLive,
   listSessions,
   mintSecret,
@@ -149,7 +150,7 @@ export function createPortalService(ctx: KdcContext, ops: KdcOperations): Servic
       const key = secretKey(code);
       const { link, guard } = await readLink(ctx.store, key);
       // One message for unknown, used and expired: a guesser learns nothing.
-      if (link === undefined || !linkLive(link, now())) throw new Unauthenticated("this login link is invalid, used or expired; ask an operator for a new one (`kmi ctl portal login-link`)");
+      if (link === undefined || !linkLive(link, now()) || !(await linkCreatorLive(ctx.store, link, now()))) throw new Unauthenticated("this login link is invalid, used or expired; ask an operator for a new one (`kmi ctl portal login-link`)");
       const used = create(PortalLoginLinkRecordSchema, { ...link, usedAt: timestampFromDate(now()) });
       return startSession(hctx, { role: link.role, tenantId: link.tenantId, tokenId: "", linkId: link.linkId, linkOp: putPortal.link(key, used), guards: [guard] });
     });
@@ -166,7 +167,7 @@ export function createPortalService(ctx: KdcContext, ops: KdcOperations): Servic
         act: async (c, i) => {
           if (i.role === Role.TENANT_ADMIN) await ops.requireTenant(i.tenantId);
           const minted = mintSecret();
-          const record = newLink({ id: minted.id, role: i.role, tenantId: i.tenantId, createdBy: actorOf(c), now: now(), ttlSeconds: i.ttlSeconds });
+          const record = newLink({ id: minted.id, role: i.role, tenantId: i.tenantId, createdBy: actorOf(c), creator: c, now: now(), ttlSeconds: i.ttlSeconds });
           await ctx.audit.append(
             {
               actor: actorOf(c),

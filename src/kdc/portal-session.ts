@@ -180,14 +180,16 @@ export function newSession(p: { id: string; role: Role; tenantId: string; tokenI
   });
 }
 
-/** A new login link record. */
-export function newLink(p: { id: string; role: Role; tenantId: string; createdBy: string; now: Date; ttlSeconds: number }): PortalLoginLinkRecord {
+/** A new login link record; `creator` is the caller that made it, whose credential the link lives on. */
+export function newLink(p: { id: string; role: Role; tenantId: string; createdBy: string; creator: Caller; now: Date; ttlSeconds: number }): PortalLoginLinkRecord {
   return create(PortalLoginLinkRecordSchema, {
     recordVersion: 1,
     linkId: p.id,
     role: p.role,
     tenantId: p.tenantId,
     createdBy: p.createdBy,
+    creatorTokenId: p.creator.kind === "token" ? p.creator.tokenId : "",
+    creatorSessionId: p.creator.kind === "token" ? (p.creator.sessionId ?? "") : "",
     createdAt: timestampFromDate(p.now),
     expiresAt: timestampFromDate(new Date(p.now.getTime() + p.ttlSeconds * 1000)),
   });
@@ -220,12 +222,32 @@ export function sessionBearer(sessionId: string, secret: string): string {
 export async function liveSession(store: PortalStore, secret: string, now: Date, sessionId?: string): Promise<PortalSessionRecord | undefined> {
   if (!isSecretShaped(secret)) return undefined;
   const record = await getSession(store, secretKey(secret));
-  if (record === undefined || !sessionLive(record, now) || (sessionId !== undefined && record.sessionId !== sessionId)) return undefined;
-  if (record.tokenId !== "") {
-    const t = await store.getToken(record.tokenId);
-    if (t === undefined || t.revokedAt !== undefined || before(t.expiresAt, now)) return undefined;
+  if (record === undefined || (sessionId !== undefined && record.sessionId !== sessionId)) return undefined;
+  return (await sessionAndTokenLive(store, record, now)) ? record : undefined;
+}
+
+/** True while the token `tokenId` works (known, not revoked, not expired). */
+async function tokenLive(store: PortalStore, tokenId: string, now: Date): Promise<boolean> {
+  const t = await store.getToken(tokenId);
+  return t !== undefined && t.revokedAt === undefined && !before(t.expiresAt, now);
+}
+
+/** True while a session works: itself live, and the token it came from (if any) too. */
+async function sessionAndTokenLive(store: PortalStore, record: PortalSessionRecord, now: Date): Promise<boolean> {
+  return sessionLive(record, now) && (record.tokenId === "" || (await tokenLive(store, record.tokenId, now)));
+}
+
+/**
+ * True while the credential that made a login link still works: the portal session it was made
+ * through (found by its public id), else the token. A link made before links named their
+ * creator has neither, and lives out its own TTL (24 h at most).
+ */
+export async function linkCreatorLive(store: PortalStore, link: PortalLoginLinkRecord, now: Date): Promise<boolean> {
+  if (link.creatorSessionId !== "") {
+    const s = (await listSessions(store)).find((x) => x.record.sessionId === link.creatorSessionId);
+    return s !== undefined && (await sessionAndTokenLive(store, s.record, now));
   }
-  return record;
+  return link.creatorTokenId === "" || (await tokenLive(store, link.creatorTokenId, now));
 }
 
 const INVALID_SESSION = "the portal session is invalid, expired or signed out; sign in again with a login link (`kmi ctl portal login-link`)";

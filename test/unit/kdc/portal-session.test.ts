@@ -133,8 +133,8 @@ describe("over a store", () => {
     const link = mintSecret();
     const oldLink = mintSecret();
     await level.batch([
-      putPortal.link(link.key, newLink({ id: link.id, role: Role.OPERATOR, tenantId: "", createdBy: "token:x", now: NOW, ttlSeconds: 900 })),
-      putPortal.link(oldLink.key, newLink({ id: oldLink.id, role: Role.OPERATOR, tenantId: "", createdBy: "token:x", now: new Date(NOW.getTime() - 3_600_000), ttlSeconds: 900 })),
+      putPortal.link(link.key, newLink({ id: link.id, role: Role.OPERATOR, tenantId: "", createdBy: "token:x", creator: { kind: "token", tokenId: "x", role: "operator", tenantId: "" }, now: NOW, ttlSeconds: 900 })),
+      putPortal.link(oldLink.key, newLink({ id: oldLink.id, role: Role.OPERATOR, tenantId: "", createdBy: "token:x", creator: { kind: "token", tokenId: "x", role: "operator", tenantId: "" }, now: new Date(NOW.getTime() - 3_600_000), ttlSeconds: 900 })),
     ]);
     const ops = await purgeOps(store, NOW);
     expect(ops.map((o) => `${o.type} ${o.table.name} ${o.key}`).sort()).toEqual([`del portal_links ${oldLink.key}`, `del portal_sessions ${old.key}`].sort());

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kmi/store/v1/portal.proto.
  */
 export const file_kmi_store_v1_portal: GenFile = /*@__PURE__*/
-  fileDesc("ChlrbWkvc3RvcmUvdjEvcG9ydGFsLnByb3RvEgxrbWkuc3RvcmUudjEipwIKE1BvcnRhbFNlc3Npb25SZWNvcmQSFgoOcmVjb3JkX3ZlcnNpb24YASABKA0SEgoKc2Vzc2lvbl9pZBgCIAEoCRIeCgRyb2xlGAMgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgEIAEoCRIQCgh0b2tlbl9pZBgFIAEoCRIPCgdsaW5rX2lkGAYgASgJEi4KCmNyZWF0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnJldm9rZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpQCChVQb3J0YWxMb2dpbkxpbmtSZWNvcmQSFgoOcmVjb3JkX3ZlcnNpb24YASABKA0SDwoHbGlua19pZBgCIAEoCRIeCgRyb2xlGAMgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgEIAEoCRISCgpjcmVhdGVkX2J5GAUgASgJEi4KCmNyZWF0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKB3VzZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wYgZwcm90bzM", [file_google_protobuf_timestamp, file_kmi_kdc_v1_admin]);
+  fileDesc("ChlrbWkvc3RvcmUvdjEvcG9ydGFsLnByb3RvEgxrbWkuc3RvcmUudjEipwIKE1BvcnRhbFNlc3Npb25SZWNvcmQSFgoOcmVjb3JkX3ZlcnNpb24YASABKA0SEgoKc2Vzc2lvbl9pZBgCIAEoCRIeCgRyb2xlGAMgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgEIAEoCRIQCgh0b2tlbl9pZBgFIAEoCRIPCgdsaW5rX2lkGAYgASgJEi4KCmNyZWF0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnJldm9rZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIsoCChVQb3J0YWxMb2dpbkxpbmtSZWNvcmQSFgoOcmVjb3JkX3ZlcnNpb24YASABKA0SDwoHbGlua19pZBgCIAEoCRIeCgRyb2xlGAMgASgOMhAua21pLmtkYy52MS5Sb2xlEhEKCXRlbmFudF9pZBgEIAEoCRISCgpjcmVhdGVkX2J5GAUgASgJEi4KCmNyZWF0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKB3VzZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGNyZWF0b3JfdG9rZW5faWQYCSABKAkSGgoSY3JlYXRvcl9zZXNzaW9uX2lkGAogASgJYgZwcm90bzM", [file_google_protobuf_timestamp, file_kmi_kdc_v1_admin]);
 
 /**
  * PortalSessionRecord is a signed-in portal session (table `portal_sessions`, key: lowercase hex
@@ -159,6 +159,23 @@ export type PortalLoginLinkRecord = Message<"kmi.store.v1.PortalLoginLinkRecord"
    * @generated from field: google.protobuf.Timestamp used_at = 8;
    */
   usedAt?: Timestamp | undefined;
+
+  /**
+   * The token that made it (its id), when a token did; the link works only while that token does
+   * (not revoked, not expired). Empty for a link made through a portal session that came from a
+   * login link, and in links made before this field existed.
+   *
+   * @generated from field: string creator_token_id = 9;
+   */
+  creatorTokenId: string;
+
+  /**
+   * The portal session that made it (its public id), when one did; the link works only while
+   * that session does (not signed out, revoked or expired, and its own token live).
+   *
+   * @generated from field: string creator_session_id = 10;
+   */
+  creatorSessionId: string;
 };
 
 /**
