@@ -16,3 +16,17 @@ export function hasControlChars(s: string): boolean {
 export function neutralizeControlChars(s: string): string {
   return s.replace(CONTROL_ALL, "?");
 }
+
+const JSON_UNSAFE = /[\u007f-\u009f\u2028\u2029]/;
+const JSON_UNSAFE_ALL = /[\u007f-\u009f\u2028\u2029]/g;
+
+/**
+ * A JSON text with DEL, the C1 controls and U+2028/U+2029 written as `\uXXXX` escapes:
+ * JSON.stringify escapes only C0, so a client's header value carrying U+009B (CSI) would reach
+ * a terminal that tails the log as an escape sequence. The value read back is the same; these
+ * characters occur only inside JSON strings.
+ */
+export function escapeJsonControls(json: string): string {
+  if (!JSON_UNSAFE.test(json)) return json;
+  return json.replace(JSON_UNSAFE_ALL, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+}

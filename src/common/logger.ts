@@ -7,6 +7,7 @@
  * fields whose name says "secret" (see {@link isSecretFieldName}) are replaced by a digest.
  */
 import { hash } from "node:crypto";
+import { escapeJsonControls } from "./control-chars.js";
 
 /** Log levels, lowest first. */
 export type LogLevel = "debug" | "info" | "warn" | "error";
@@ -229,7 +230,7 @@ class JsonLogger implements Logger {
     let text = this.fieldsJson === undefined ? undefined : this.fastLine(time, level, msg, fields);
     if (text === undefined) text = this.slowLine(time, level, msg, fields);
     try {
-      this.write(text + "\n");
+      this.write(escapeJsonControls(text) + "\n");
     } catch {
       // A closed stderr must not take the server down with it.
     }

@@ -13,6 +13,7 @@
  */
 import { closeSync, openSync, writeSync } from "node:fs";
 import type { Logger } from "../common/logger.js";
+import { escapeJsonControls } from "../common/control-chars.js";
 
 /**
  * What the proxy did with a request or connection. `no-request`: a connection that ended
@@ -174,7 +175,7 @@ function line(record: AccessRecord): string {
     lastIso = new Date(ms).toISOString();
   }
   // Same text as JSON.stringify({ time, ...record }) without copying the record per line.
-  const body = JSON.stringify(record);
+  const body = escapeJsonControls(JSON.stringify(record));
   return body === "{}" ? `{"time":"${lastIso}"}\n` : `{"time":"${lastIso}",${body.slice(1)}\n`;
 }
 

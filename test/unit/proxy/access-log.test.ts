@@ -21,6 +21,21 @@ const record = (path: string): AccessRecord => ({
   proto: "http/1.1",
 });
 
+describe("access log lines in a terminal", () => {
+  it("writes a client's C1 control characters as escapes: the line holds no raw U+009B, and reads back the same", async () => {
+    const file = join(dir, "c1.log");
+    const log = createAccessLog(file, undefined);
+    // A Host header may carry any byte from 0x80 (node:http reads it as Latin-1): U+009B is a CSI.
+    const host = "evil\u009b2J\u009d0;owned\u2028x";
+    log.write({ ...record("/a"), host });
+    await log.close();
+    const text = readFileSync(file, "utf8");
+    expect(text).not.toMatch(/[\u007f-\u009f\u2028\u2029]/);
+    expect(text).toContain("evil\\u009b2J\\u009d0;owned\\u2028x");
+    expect((JSON.parse(text.trim()) as { host: string }).host).toBe(host);
+  });
+});
+
 describe("access log query strings", () => {
   it.each([
     ["/search?q=secret&token=abc", false, "/search?"],
