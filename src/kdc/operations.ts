@@ -38,7 +38,7 @@ import { CREDENTIAL, credentialAad, guard, intermediateKeyAad, put, signingKeyAa
 import { newTenant, nextVersion, pendingExpiry, planActivate, planDiscard, planRevoke, planUpload, requireNotExpired, requireRenewable, stateName, type Validity } from "./model.js";
 import { sealedRootKeys } from "./root-keys.js";
 import { mintToken } from "./tokens.js";
-import { custodyName, custodyOf, makeVersionKey, openVersionKey, requireToken, resolveCustody, tokenKeyInUse, tokenKeyUnused, type NewVersionKey } from "./version-keys.js";
+import { checkTokenKeyRoom, custodyName, custodyOf, makeVersionKey, openVersionKey, requireToken, resolveCustody, tokenKeyInUse, tokenKeyUnused, type NewVersionKey } from "./version-keys.js";
 import type { Signer as SignerKey } from "../pki/signer.js";
 import type * as V from "./validate.js";
 
@@ -234,8 +234,10 @@ export class KdcOperations {
     build: (key: NewVersionKey) => Promise<T> | T,
     commit: (built: T) => Promise<void> = async () => undefined,
   ): Promise<T> {
-    const versions = custody === KeyCustody.UNSPECIFIED ? await this.ctx.store.listVersions(tenant.tenantId) : [];
-    const key = await makeVersionKey(this.ctx, tenant.tenantId, tenant.lastVersion + 1, algorithm, resolveCustody(custody, tenant.activeVersion, versions));
+    const versions = custody === KeyCustody.ESCROW ? [] : await this.ctx.store.listVersions(tenant.tenantId);
+    const resolved = resolveCustody(custody, tenant.activeVersion, versions);
+    if (resolved === KeyCustody.TOKEN) checkTokenKeyRoom(tenant.tenantId, versions);
+    const key = await makeVersionKey(this.ctx, tenant.tenantId, tenant.lastVersion + 1, algorithm, resolved);
     let committing = false;
     try {
       const built = await build(key);

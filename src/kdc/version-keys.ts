@@ -14,7 +14,7 @@ import { KeyAlgorithm } from "../gen/kmi/common/v1/common_pb.js";
 import type { SealedBlob } from "../gen/kmi/store/v1/envelope_pb.js";
 import { KeyCustody, VersionState } from "../gen/kmi/kdc/v1/kdc_pb.js";
 import type { IntermediateVersionRecord } from "../gen/kmi/store/v1/kdc_pb.js";
-import { FailedPrecondition, InvalidArgument } from "../common/errors.js";
+import { FailedPrecondition, InvalidArgument, ResourceExhausted } from "../common/errors.js";
 import type { Pkcs11Token } from "../common/keys/pkcs11-token.js";
 import { importPrivateKeyPkcs8Der, keyId } from "../pki/keys.js";
 import { keyObjectSigner, type Signer } from "../pki/signer.js";
@@ -64,6 +64,25 @@ export function resolveCustody(requested: KeyCustody, activeVersion: number, ver
   const newest = versions.filter((v) => v.state !== VersionState.DISCARDED).sort((a, b) => b.version - a.version)[0];
   const from = active ?? newest;
   return from === undefined ? KeyCustody.ESCROW : custodyOf(from);
+}
+
+/**
+ * At most this many token keys of one tenant wait in the KDC's token for their version to be
+ * activated (PENDING or READY, a key no active or retired version shares): the token's room is
+ * shared by every tenant, and a pending version lives `--pending-ttl` (30 days) by default.
+ */
+export const MAX_WAITING_TOKEN_KEYS = 8;
+
+/** Refuses (RESOURCE_EXHAUSTED) a new token key for a tenant whose waiting ones are at {@link MAX_WAITING_TOKEN_KEYS}. */
+export function checkTokenKeyRoom(tenantId: string, versions: readonly IntermediateVersionRecord[]): void {
+  const waiting = (v: IntermediateVersionRecord) => v.state === VersionState.PENDING || v.state === VersionState.READY;
+  const inUse = new Set(versions.filter((v) => v.tokenKeyLabel !== "" && (v.state === VersionState.ACTIVE || v.state === VersionState.RETIRED)).map((v) => v.tokenKeyLabel));
+  const keys = new Set(versions.filter((v) => v.tokenKeyLabel !== "" && waiting(v) && !inUse.has(v.tokenKeyLabel)).map((v) => v.tokenKeyLabel));
+  if (keys.size >= MAX_WAITING_TOKEN_KEYS) {
+    throw new ResourceExhausted(
+      `tenant ${tenantId} has ${keys.size} keys in the KDC's token for versions not activated yet, the most one tenant may have; activate one, discard a pending one (\`kmi ctl ca discard\`) or revoke a ready one first`,
+    );
+  }
 }
 
 /** True when a version record of `versions` holds the token key `label`. */

@@ -276,6 +276,20 @@ describe("an intermediate held in the KDC's token", () => {
     await until("the KDC follows the machine status stream", () => audit.watching === 1);
   }, 60_000);
 
+  it("keeps at most 8 token keys per tenant for versions not activated yet: the next is RESOURCE_EXHAUSTED until a discard makes room", async () => {
+    const made: number[] = [];
+    for (let i = 0; i < 8; i++) made.push((await ops().ca.createVersion({ tenantId: "beta", signer: Signer.PRIVATE_CA, keyCustody: KeyCustody.TOKEN })).version!.version);
+    const refused = await failure(ops().ca.createVersion({ tenantId: "beta", signer: Signer.PRIVATE_CA, keyCustody: KeyCustody.TOKEN }));
+    expect(refused).toMatchObject({ code: Code.ResourceExhausted, message: expect.stringMatching(/^tenant beta has 8 keys in the KDC's token for versions not activated yet/) });
+    // An escrowed key takes no room in the token.
+    const escrowed = (await ops().ca.createVersion({ tenantId: "beta", signer: Signer.PRIVATE_CA, keyCustody: KeyCustody.ESCROW })).version!;
+    expect(escrowed.keyCustody).toBe(KeyCustody.ESCROW);
+    await ops().ca.discardPendingVersion({ tenantId: "beta", version: made[0]!, reason: "room" });
+    const next = (await ops().ca.createVersion({ tenantId: "beta", signer: Signer.PRIVATE_CA, keyCustody: KeyCustody.TOKEN })).version!;
+    expect(next.keyCustody).toBe(KeyCustody.TOKEN);
+    for (const v of [...made.slice(1), escrowed.version, next.version]) await ops().ca.discardPendingVersion({ tenantId: "beta", version: v, reason: "clean-up" });
+  });
+
   it("keeps only the label in the store; the token holds the key sensitive and never extractable, and destroys it once no version uses it", async () => {
     const renewed = (await ops().ca.renewVersion({ tenantId: "acme", version: tokenVersion, signer: Signer.KMI_ROOT })).version!;
     expect(renewed.keyCustody).toBe(KeyCustody.TOKEN);
@@ -302,8 +316,9 @@ describe("an intermediate held in the KDC's token", () => {
     await whileServing(() => ops().ca.revokeVersion({ tenantId: "acme", version: renewed.version, reason: "done" }));
     expect(inToken(label)).toBe(false);
     kdc = await startKdc(data.dataDir, hsm.flags);
-    // Each destruction was audited before it was done: the discarded CSR version's and this one.
-    const destroyed = (await ops().admin.tailAuditLog({ limit: 100, last: true })).entries.filter((e) => e.action === "ca.version.key_destroy");
+    // Each destruction was audited before it was done: the discarded CSR version's and this one
+    // (beta's, from the test of the room in the token, are beta's).
+    const destroyed = (await ops().admin.tailAuditLog({ limit: 100, last: true })).entries.filter((e) => e.action === "ca.version.key_destroy" && e.target.startsWith("tenant/acme/"));
     expect(destroyed.map((e) => e.details["token_key_label"]).sort()).toEqual([discarded.tokenKeyLabel, label].sort());
     expect(destroyed.find((e) => e.details["token_key_label"] === label)!.target).toBe(`tenant/acme/version/${renewed.version}`);
   }, 60_000);
