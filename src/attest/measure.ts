@@ -10,7 +10,8 @@
  *     path is the file's path below the given path's parent, '/'-separated. For one directory
  *     that is `(cd PARENT && find -L DIR -type f | LC_ALL=C sort | xargs sha256sum) | sha256sum`.
  * Symbolic links are followed (a link loop is an error); files other than regular files and
- * directories (sockets, devices) are an error, as is a path that appears twice.
+ * directories (sockets, devices) are an error, as is a path that appears twice or a path with
+ * a line break (CR or LF) in it, which would make the manifest ambiguous.
  *
  * A directory named `node_modules` is measured as the dependencies of the package beside it
  * (see dependencies.ts): the manifest lists every regular file of every package in the closure
@@ -142,6 +143,10 @@ async function walk(job: Job, lines: Map<string, string>, dir: string, label: st
 }
 
 async function addFile(job: Job, lines: Map<string, string>, path: string, label: string, st: Stats): Promise<void> {
+  // Why: the manifest is one line per file; a line break in a path (a file's or a folder's
+  // name) would let a tree forge the lines of files it does not have, so that two different
+  // trees give one measurement (coreutils escapes such names; no installed program has one).
+  if (/[\n\r]/.test(label)) throw new InvalidArgument(`measurement ${job.name}: ${JSON.stringify(path)} has a line break in its path; rename it`);
   if (lines.has(label)) throw new InvalidArgument(`measurement ${job.name}: ${label} appears twice; give paths with distinct names`);
   lines.set(label, await hashFile(job, path, st));
 }
