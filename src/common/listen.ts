@@ -2,7 +2,7 @@
  * Listen addresses (`host:port`, `[::1]:port`, `unix:/path` or an absolute path) and the
  * Unix-socket listener whose file mode is set before any client can connect.
  */
-import { chmod, chown, lstat, mkdtemp, readFile, rename, rm, unlink } from "node:fs/promises";
+import { chmod, chown, lstat, mkdtemp, readFile, rename, rm, stat, unlink } from "node:fs/promises";
 import { isIP, createConnection, createServer, type Server, type Socket } from "node:net";
 import { basename, dirname, isAbsolute, join } from "node:path";
 
@@ -118,6 +118,17 @@ async function clearStaleSocket(path: string): Promise<void> {
 }
 
 /**
+ * Refuses a socket directory that every user may write without the sticky bit: any of them could
+ * rename the socket away and put their own in its place, and the clients would talk to it.
+ */
+async function refuseOpenDirectory(dir: string): Promise<void> {
+  const st = await stat(dir).catch(() => undefined);
+  if (st !== undefined && (st.mode & 0o002) !== 0 && (st.mode & 0o1000) === 0) {
+    throw new Error(`${dir} is writable by every user and has no sticky bit, so another user could replace the socket; put the socket in a directory only its owner (and group) can write, e.g. /run/kmi (0750), or chmod +t ${dir}`);
+  }
+}
+
+/**
  * Listens on a Unix socket whose mode (and group) are set before any client can connect.
  *
  * Why: Node has no peer-credential check, so the socket's file mode is the access control.
@@ -137,8 +148,9 @@ export async function listenUnixSocket(
   const mode = options.mode ?? 0o600;
   if (mode !== 0o600 && mode !== 0o660) throw new Error(`socket mode ${(mode as number).toString(8)} is not 0600 or 0660`);
   const gid = options.group !== undefined ? await resolveGroupId(options.group) : undefined;
-  await clearStaleSocket(path);
   const dir = dirname(path);
+  await refuseOpenDirectory(dir);
+  await clearStaleSocket(path);
   // mkdtemp creates the directory 0700.
   const privateDir = await mkdtemp(join(dir, `.${basename(path)}.`)).catch((err: NodeJS.ErrnoException) => {
     throw new Error(`cannot create the socket under ${dir}: ${err.code ?? err.message}; does the directory exist and is it writable?`);

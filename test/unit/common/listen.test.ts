@@ -38,3 +38,37 @@ describe("parseSocketMode", () => {
     expect(() => parseSocketMode(v)).toThrow(/is not 0600 or 0660; another user must never reach the socket/);
   });
 });
+
+describe("listenUnixSocket", () => {
+  const socketIn = async (mode: number) => {
+    const { mkdtemp, chmod, rm, stat } = await import("node:fs/promises");
+    const { tmpdir } = await import("node:os");
+    const { join } = await import("node:path");
+    const { listenUnixSocket, removeUnixSocket } = await import("../../../src/common/listen.js");
+    const dir = await mkdtemp(join(tmpdir(), "kmi-listen-"));
+    await chmod(dir, mode);
+    const path = join(dir, "agent.sock");
+    try {
+      const server = await listenUnixSocket(path, { mode: 0o600 }, (s) => s.destroy());
+      const st = await stat(path);
+      server.close();
+      await removeUnixSocket(path);
+      return { ok: true as const, mode: st.mode & 0o777 };
+    } catch (err) {
+      return { ok: false as const, error: (err as Error).message };
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  };
+
+  it("binds the socket 0600 in a directory only its owner writes, and in a sticky one everyone writes (like /tmp)", async () => {
+    expect(await socketIn(0o700)).toEqual({ ok: true, mode: 0o600 });
+    expect(await socketIn(0o1777)).toEqual({ ok: true, mode: 0o600 });
+  });
+
+  it("refuses a directory every user may write without the sticky bit, saying what to do", async () => {
+    const r = await socketIn(0o777);
+    expect(r.ok).toBe(false);
+    expect(r).toMatchObject({ error: expect.stringMatching(/is writable by every user and has no sticky bit, so another user could replace the socket; .*chmod \+t/) });
+  });
+});
