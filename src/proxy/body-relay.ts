@@ -203,6 +203,8 @@ class BodyRelay {
   private capped = false;
   private bytes = 0;
   private scanned = 0;
+  /** Raw bytes the decoder has taken in and decoded (what it still queues is not counted). */
+  private decodedIn = 0;
   private released = false;
   private finished = false;
   private held: Buffer[] = [];
@@ -334,7 +336,11 @@ class BodyRelay {
 
   /** True while the built-in scan wants the body held. */
   private eicarHolding(): boolean {
-    return this.scanner !== undefined && !this.capped && !(this.decoder === undefined && this.scanned >= this.max);
+    if (this.scanner === undefined || this.capped) return false;
+    // An encoded body is held until `max` decoded bytes were scanned, or `max` raw bytes were
+    // decoded: a body that decodes to little or nothing (a gzip header that never ends, empty
+    // deflate blocks, brotli metadata) must not be held without bound.
+    return this.decoder === undefined ? this.scanned < this.max : this.decodedIn < this.max;
   }
 
   /** True while the inspector wants the body held (it has not answered and the hold bound is not reached). */
@@ -391,7 +397,8 @@ class BodyRelay {
 
   private data(chunk: Buffer): void {
     this.bytes += chunk.length;
-    if (this.decoder !== undefined) this.decoder.write(chunk);
+    const d = this.decoder;
+    if (d !== undefined) d.write(chunk, () => this.decoded(d, chunk.length));
     else if (this.scan(chunk)) return;
     if (this.finished) return;
     const inspector = this.inspector;
@@ -404,6 +411,13 @@ class BodyRelay {
     let out: Buffer | undefined = chunk;
     if (this.withholding()) [out, this.tail] = [this.tail, chunk];
     if (out !== undefined && !this.sink.write(out)) this.waitForDrain();
+  }
+
+  /** The decoder has decoded `n` more raw bytes (and its output was scanned): the hold bound may be reached. */
+  private decoded(d: Transform, n: number): void {
+    if (this.decoder !== d) return;
+    this.decodedIn += n;
+    if (!this.released && !this.finished && !this.eicarHolding() && !this.inspectorHolding()) this.release();
   }
 
   private end(): void {
