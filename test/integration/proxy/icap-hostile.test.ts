@@ -1,7 +1,7 @@
 /**
  * The ICAP client against a broken or hostile service (a scripted one on 127.0.0.1): every
  * way of not answering ends in a verdict under the fail mode within the read timeout, never a
- * hang: a head that never ends or is malformed, a reset mid-answer, a service that stops
+ * hang: a head that never ends or is too large, a reset mid-answer, a service that stops
  * reading the body it asked for.
  */
 import { createServer, type Server, type Socket } from "node:net";
@@ -96,6 +96,7 @@ describe("ICAP client against a hostile service", () => {
       const t = setInterval(() => s.write("X-Drip: 1\r\n"), 50);
       s.on("close", () => clearInterval(t));
     }],
+    ["a head larger than 64 KiB", (s: Socket) => void s.write(`ICAP/1.0 204 No Content\r\nX-Big: ${"a".repeat(100_000)}\r\n\r\n`)],
     ["a malformed status line", (s: Socket) => void s.write("HTTP/1.1 204 No Content\r\n\r\n")],
     ["a reset mid-answer", (s: Socket) => {
       s.write("ICAP/1.0 204 No");
