@@ -15,8 +15,8 @@
  * then counts decoded bytes, so a decompression bomb costs at most `maxBodyBytes` of output; a
  * body that does not decode passes unscanned from there (logged as scan-limit).
  */
-import type { Readable, Transform } from "node:stream";
-import { createBrotliDecompress, createGunzip, createInflate } from "node:zlib";
+import { Transform, type Readable, type TransformCallback } from "node:stream";
+import { createBrotliDecompress, createGunzip, createInflate, createInflateRaw } from "node:zlib";
 import { EicarScanner } from "./eicar.js";
 import type { ScanSettings } from "./policy.js";
 
@@ -98,14 +98,66 @@ export function isStreamingContentType(contentType: string | undefined): boolean
   return ct.startsWith("application/grpc") || ct.startsWith("text/event-stream") || ct.startsWith("multipart/x-mixed-replace");
 }
 
-/** A decoder for a Content-Encoding the scan can see through (one coding: gzip, deflate, br); undefined otherwise. */
-function decoderFor(encoding: string | undefined): Transform | undefined {
-  switch (encoding?.trim().toLowerCase()) {
+/** The codings of a Content-Encoding value (or of its header lines, joined), lowercase, `identity` left out. */
+export function contentCodings(encoding: string | undefined): string[] {
+  if (encoding === undefined) return [];
+  return encoding
+    .split(",")
+    .map((c) => c.trim().toLowerCase())
+    .filter((c) => c !== "" && c !== "identity");
+}
+
+/**
+ * Decodes `deflate` as clients do: zlib-wrapped (RFC 9110) when the first two bytes are a zlib
+ * header, else raw deflate, which servers send as well and browsers and curl decode.
+ */
+class DeflateDecoder extends Transform {
+  private inner: Transform | undefined;
+  private head: Buffer = Buffer.alloc(0);
+
+  private open(): Transform {
+    const h = this.head;
+    const zlib = h.length >= 2 && (h[0]! & 0x0f) === 8 && ((h[0]! << 8) | h[1]!) % 31 === 0;
+    const inner = zlib ? createInflate() : createInflateRaw();
+    inner.on("data", (d: Buffer) => this.push(d));
+    inner.on("error", (err) => this.destroy(err));
+    this.inner = inner;
+    return inner;
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+    if (this.inner === undefined) {
+      this.head = this.head.length === 0 ? chunk : Buffer.concat([this.head, chunk]);
+      if (this.head.length < 2) return cb();
+      chunk = this.head;
+      this.open();
+      this.head = Buffer.alloc(0);
+    }
+    this.inner!.write(chunk, () => cb());
+  }
+
+  override _flush(cb: TransformCallback): void {
+    const inner = this.inner ?? this.open();
+    if (this.head.length > 0) inner.write(this.head);
+    inner.once("end", () => cb());
+    inner.end();
+  }
+
+  override _destroy(err: Error | null, cb: (error?: Error | null) => void): void {
+    this.inner?.destroy();
+    cb(err);
+  }
+}
+
+/** A decoder for a Content-Encoding the scan can see through (one coding besides identity: gzip, deflate, br); undefined otherwise. */
+function decoderFor(codings: readonly string[]): Transform | undefined {
+  if (codings.length !== 1) return undefined;
+  switch (codings[0]) {
     case "gzip":
     case "x-gzip":
       return createGunzip();
     case "deflate":
-      return createInflate();
+      return new DeflateDecoder();
     case "br":
       return createBrotliDecompress();
     default:
@@ -151,6 +203,8 @@ class BodyRelay {
   private capped = false;
   private bytes = 0;
   private scanned = 0;
+  /** Raw bytes the decoder has taken in and decoded (what it still queues is not counted). */
+  private decodedIn = 0;
   private released = false;
   private finished = false;
   private held: Buffer[] = [];
@@ -190,9 +244,10 @@ class BodyRelay {
     const scanning = settings.eicar && settings.maxBodyBytes > 0;
     this.max = settings.maxBodyBytes;
     this.scanner = scanning ? new EicarScanner() : undefined;
-    this.decoder = scanning ? decoderFor(encoding) : undefined;
+    const codings = contentCodings(encoding);
+    this.decoder = scanning ? decoderFor(codings) : undefined;
     this.decoding = this.decoder !== undefined;
-    this.opaque = this.decoder === undefined && encoding !== undefined && encoding.trim() !== "" && encoding.trim().toLowerCase() !== "identity";
+    this.opaque = this.decoder === undefined && codings.length > 0;
     this.decoder?.on("data", (out: Buffer) => void this.scan(out));
     this.decoder?.on("error", () => {
       // Not decodable: what was scanned stands; the rest passes unscanned.
@@ -281,7 +336,11 @@ class BodyRelay {
 
   /** True while the built-in scan wants the body held. */
   private eicarHolding(): boolean {
-    return this.scanner !== undefined && !this.capped && !(this.decoder === undefined && this.scanned >= this.max);
+    if (this.scanner === undefined || this.capped) return false;
+    // An encoded body is held until `max` decoded bytes were scanned, or `max` raw bytes were
+    // decoded: a body that decodes to little or nothing (a gzip header that never ends, empty
+    // deflate blocks, brotli metadata) must not be held without bound.
+    return this.decoder === undefined ? this.scanned < this.max : this.decodedIn < this.max;
   }
 
   /** True while the inspector wants the body held (it has not answered and the hold bound is not reached). */
@@ -338,7 +397,8 @@ class BodyRelay {
 
   private data(chunk: Buffer): void {
     this.bytes += chunk.length;
-    if (this.decoder !== undefined) this.decoder.write(chunk);
+    const d = this.decoder;
+    if (d !== undefined) d.write(chunk, () => this.decoded(d, chunk.length));
     else if (this.scan(chunk)) return;
     if (this.finished) return;
     const inspector = this.inspector;
@@ -351,6 +411,13 @@ class BodyRelay {
     let out: Buffer | undefined = chunk;
     if (this.withholding()) [out, this.tail] = [this.tail, chunk];
     if (out !== undefined && !this.sink.write(out)) this.waitForDrain();
+  }
+
+  /** The decoder has decoded `n` more raw bytes (and its output was scanned): the hold bound may be reached. */
+  private decoded(d: Transform, n: number): void {
+    if (this.decoder !== d) return;
+    this.decodedIn += n;
+    if (!this.released && !this.finished && !this.eicarHolding() && !this.inspectorHolding()) this.release();
   }
 
   private end(): void {

@@ -91,6 +91,16 @@ function rawHeader(raw: readonly string[], lower: string): string | undefined {
   return undefined;
 }
 
+/** Every line of header `lower` (lowercase) joined with ", ", as a client reads a list header sent on several lines; undefined when absent. */
+function rawHeaderList(raw: readonly string[], lower: string): string | undefined {
+  let out: string | undefined;
+  for (let i = 0; i < raw.length; i += 2) {
+    const n = raw[i]!;
+    if (n.length === lower.length && n.toLowerCase() === lower) out = out === undefined ? raw[i + 1]! : `${out}, ${raw[i + 1]!}`;
+  }
+  return out;
+}
+
 function hostOfAuthority(authority: string): string {
   if (authority.startsWith("[")) {
     const end = authority.indexOf("]");
@@ -451,7 +461,8 @@ function relayResponse(ures: OriginResponse, x: Exchange): void {
         else res.destroy();
       }
     },
-    rawHeader(ures.rawHeaders, "content-encoding"),
+    // Every line: a client decodes "identity" then "gzip" on two lines as "identity, gzip".
+    rawHeaderList(ures.rawHeaders, "content-encoding"),
     scan.inspector,
   );
 }

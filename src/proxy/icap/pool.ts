@@ -69,17 +69,25 @@ export class IcapConnection {
     return this.socket.write(data);
   }
 
-  /** Resolves once the socket can take more (at once when it can). */
-  drained(): Promise<void> {
+  /**
+   * Resolves once the socket can take more (at once when it can); rejects with an
+   * {@link IcapTimeout} when the server takes nothing for `timeoutMs` (a service that stopped
+   * reading the body would otherwise hold the transaction, and the body, forever).
+   */
+  drained(timeoutMs: number): Promise<void> {
     if (!this.socket.writableNeedDrain || this.socket.destroyed) return Promise.resolve();
-    return new Promise((resolve) => {
-      const done = (): void => {
-        this.socket.off("drain", done);
-        this.socket.off("close", done);
-        resolve();
+    return new Promise((resolve, reject) => {
+      const done = (err?: Error): void => {
+        clearTimeout(timer);
+        this.socket.off("drain", onDrain);
+        this.socket.off("close", onDrain);
+        if (err === undefined) resolve();
+        else reject(err);
       };
-      this.socket.once("drain", done);
-      this.socket.once("close", done);
+      const onDrain = (): void => done();
+      const timer = setTimeout(() => done(new IcapTimeout(`the icap server took none of the body for ${timeoutMs} ms`)), timeoutMs);
+      this.socket.once("drain", onDrain);
+      this.socket.once("close", onDrain);
     });
   }
 

@@ -206,7 +206,7 @@ export class IcapTransaction {
       this.check();
       if (conn.answered) break; // an early final answer: stop sending
       if (this.queue.length > 0) {
-        if (!conn.write(Buffer.concat(this.frame(this.take(Number.MAX_SAFE_INTEGER))))) await conn.drained();
+        if (!conn.write(Buffer.concat(this.frame(this.take(Number.MAX_SAFE_INTEGER))))) await conn.drained(this.s.readTimeoutMs);
         continue;
       }
       if (this.ended) {

@@ -173,10 +173,9 @@ export class HeadReader {
   push(data?: Buffer): IcapResponse | undefined {
     if (data !== undefined && data.length > 0) this.buf = this.buf.length === 0 ? data : Buffer.concat([this.buf, data]);
     const end = this.buf.indexOf("\r\n\r\n");
-    if (end < 0) {
-      if (this.buf.length > MAX_HEAD_BYTES) throw new Error(`ICAP response head larger than ${MAX_HEAD_BYTES} bytes`);
-      return undefined;
-    }
+    // A head that came whole in one read is held to the same bound as one still arriving.
+    if (end > MAX_HEAD_BYTES || (end < 0 && this.buf.length > MAX_HEAD_BYTES)) throw new Error(`ICAP response head larger than ${MAX_HEAD_BYTES} bytes`);
+    if (end < 0) return undefined;
     const text = this.buf.subarray(0, end).toString("latin1");
     this.buf = this.buf.subarray(end + 4);
     return parseIcapResponse(text);
