@@ -91,11 +91,18 @@ export type RelayResult =
   /** The source failed or went away mid-body. */
   | { readonly kind: "error"; readonly bytes: number; readonly error: Error };
 
-/** Content types that are streams by nature: scanned as they pass, never held. */
-export function isStreamingContentType(contentType: string | undefined): boolean {
+/**
+ * True for a body that is a stream by nature (gRPC, server-sent events, a multipart replace
+ * stream), which may never end: it is scanned as it passes, never held, and sent to no ICAP
+ * service. The origin names the type, so a body it also offers as a download
+ * (`Content-Disposition: attachment`) is a file whatever its type: held and scanned like any.
+ */
+export function isLiveStream(contentType: string | undefined, contentDisposition?: string | string[]): boolean {
   if (contentType === undefined) return false;
   const ct = contentType.toLowerCase();
-  return ct.startsWith("application/grpc") || ct.startsWith("text/event-stream") || ct.startsWith("multipart/x-mixed-replace");
+  const streaming = ct.startsWith("application/grpc") || ct.startsWith("text/event-stream") || ct.startsWith("multipart/x-mixed-replace");
+  const disposition = Array.isArray(contentDisposition) ? contentDisposition.join(",") : contentDisposition;
+  return streaming && !(disposition !== undefined && /(^|,)\s*attachment\b/i.test(disposition));
 }
 
 /** The codings of a Content-Encoding value (or of its header lines, joined), lowercase, `identity` left out. */

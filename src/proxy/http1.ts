@@ -9,7 +9,7 @@ import { Agent, request as httpRequest, type IncomingMessage, type RequestOption
 import type { Duplex } from "node:stream";
 import type { AccessRecord } from "./access-log.js";
 import { renderBlockPage, rawHttpResponse, type BlockPage } from "./block-page.js";
-import { isStreamingContentType, relayBody, type RelayResult } from "./body-relay.js";
+import { isLiveStream, relayBody, type RelayResult } from "./body-relay.js";
 import type { ClientInfo, ProxyContext } from "./context.js";
 import { isDestinationDenied } from "./destinations.js";
 import type { BodyScanner } from "./icap/inspection.js";
@@ -436,7 +436,7 @@ function relayResponse(ures: OriginResponse, x: Exchange): void {
   }
   // From the raw list: a header object would be built for one lookup.
   const contentType = rawHeader(ures.rawHeaders, "content-type");
-  const hold = !isStreamingContentType(contentType);
+  const hold = !isLiveStream(contentType, rawHeader(ures.rawHeaders, "content-disposition"));
   const scan = x.scanBody("response", contentType, { status, reason: ures.reason ?? "", headers: rheaders });
   relayBody(
     ures.body,
@@ -473,7 +473,7 @@ function relayRequestBody(req: IncomingMessage, out: LoggedResponse, rec: Access
   relayBody(
     req,
     upload.settings,
-    !isStreamingContentType(req.headers["content-type"]),
+    !isLiveStream(req.headers["content-type"], req.headers["content-disposition"]),
     {
       open: () => void open(),
       write: (c) => upstream()!.write(c),

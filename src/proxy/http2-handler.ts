@@ -16,7 +16,7 @@ import {
 import type { TLSSocket } from "node:tls";
 import type { AccessRecord } from "./access-log.js";
 import { renderBlockPage, type BlockPage } from "./block-page.js";
-import { isStreamingContentType, relayBody, type RelayResult, type RelaySink } from "./body-relay.js";
+import { isLiveStream, relayBody, type RelayResult, type RelaySink } from "./body-relay.js";
 import type { ClientInfo, ProxyContext } from "./context.js";
 import type { BodyScanner } from "./icap/inspection.js";
 import { requestBlockRule, tunnelAuthority } from "./http1.js";
@@ -264,7 +264,7 @@ export function handleH2Stream(ctx: ProxyContext, client: ClientInfo, up: H2Upst
   relayBody(
     stream,
     upload.settings,
-    !isStreamingContentType(requestType),
+    !isLiveStream(requestType, headers["content-disposition"]),
     origin,
     (r: RelayResult) => {
       const v = judgeRelay(rec, r, "request");
@@ -367,7 +367,7 @@ function relayH2Response(
   relayBody(
     o,
     scan.settings,
-    !isStreamingContentType(ct),
+    !isLiveStream(ct, rh["content-disposition"]),
     {
       open: () => stream.respond(out, { waitForTrailers: mayHaveTrailers }),
       write: (c) => stream.write(c),

@@ -5,7 +5,7 @@
  * same service (so a policy reload that keeps a service keeps its connections).
  */
 import type { Logger } from "../../common/logger.js";
-import { isStreamingContentType, type BodyInspector } from "../body-relay.js";
+import { isLiveStream, type BodyInspector } from "../body-relay.js";
 import type { Policy, ScanSettings } from "../policy.js";
 import { IcapPool } from "./pool.js";
 import { IcapService, type IcapCounters, type IcapServiceConfig } from "./service.js";
@@ -94,14 +94,15 @@ export class Inspection {
   /**
    * How to scan one body under `policy`: the upload or response settings, and an inspector
    * when the policy names a service for that side. Bodies that are streams by nature
-   * (gRPC, server-sent events) go to no service: they may never end.
+   * (gRPC, server-sent events) go to no service: they may never end; one offered as a download
+   * (Content-Disposition: attachment) is a file, and goes.
    */
   scan(policy: Policy, side: "request" | "response", exchange: BodyExchange, contentType: string | undefined, response?: ResponseHead): BodyScan {
     if (side === "request" && !policy.scan.uploads) return { settings: uninspected(policy.scan) };
     const config = side === "request" ? policy.icap.reqmod : policy.icap.respmod;
     const headers = response?.headers ?? exchange.requestHeaders;
     // An empty body has nothing to scan: no round trip for it.
-    if (config === undefined || isStreamingContentType(contentType) || headerValue(headers, "content-length") === "0") return { settings: policy.scan };
+    if (config === undefined || isLiveStream(contentType, headerValue(headers, "content-disposition")) || headerValue(headers, "content-length") === "0") return { settings: policy.scan };
     const reqHdr = formatHttpRequestHead(exchange.method, exchange.path, withHost(pairs(exchange.requestHeaders), exchange.authority));
     const r = response;
     const inspector = this.service(config).inspector(

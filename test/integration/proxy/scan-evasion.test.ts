@@ -33,6 +33,11 @@ function route(req: IncomingMessage, res: ServerResponse): void {
     // "deflate" without the zlib wrapper: what some servers send, and what browsers and curl decode.
     res.setHeader("content-encoding", "deflate");
     res.end(deflateRawSync(EICAR));
+  } else if (path === "/sse-attachment" || path === "/sse") {
+    // The origin names the type: a "stream" it also offers as a download is a file.
+    res.setHeader("content-type", "text/event-stream");
+    if (path === "/sse-attachment") res.setHeader("content-disposition", 'attachment; filename="setup.exe"');
+    res.end(EICAR);
   } else if (path === "/endless-name") {
     // A gzip header whose FNAME never ends: it decodes to nothing, however much of it comes.
     res.setHeader("content-encoding", "gzip");
@@ -77,6 +82,22 @@ describe("EICAR in a coding the client decodes", () => {
     expect(r.stdout).toMatch(/^HTTP\/1.1 403/);
     const rec = await h.log.waitFor((x) => x.path === path);
     expect(rec).toMatchObject({ decision: "block", rule: "eicar" });
+  });
+});
+
+describe("a body typed as a stream", () => {
+  it("offered as a download (Content-Disposition: attachment) is held and scanned like a file: a 403 page, no headers of the origin's", async () => {
+    const r = await curl("/sse-attachment", "--http1.1");
+    expect(r.stdout).toMatch(/^HTTP\/1.1 403/);
+    expect(r.stdout).not.toContain("EICAR-STANDARD");
+    expect(await h.log.waitFor((x) => x.path === "/sse-attachment")).toMatchObject({ decision: "block", rule: "eicar" });
+  });
+
+  it("a live one (no attachment) is not held but scanned as it passes: no page, the transfer is cut at the hit", async () => {
+    const r = await curl("/sse", "--http1.1");
+    expect(r.stdout).not.toMatch(/^HTTP\/1.1 403/);
+    expect(r.stdout).not.toContain("EICAR-STANDARD");
+    expect(await h.log.waitFor((x) => x.path === "/sse")).toMatchObject({ decision: "block", rule: "eicar" });
   });
 });
 

@@ -1,7 +1,7 @@
 import { PassThrough } from "node:stream";
 import { brotliCompressSync, deflateSync, gzipSync } from "node:zlib";
 import { describe, expect, it } from "vitest";
-import { isStreamingContentType, relayBody, type BodyInspector, type InspectionVerdict, type RelayResult, type RelaySink } from "../../../src/proxy/body-relay.js";
+import { isLiveStream, relayBody, type BodyInspector, type InspectionVerdict, type RelayResult, type RelaySink } from "../../../src/proxy/body-relay.js";
 import { EICAR } from "../../../src/proxy/eicar.js";
 
 function sink(): RelaySink & { opened: number | undefined | null; chunks: Buffer[]; ended: boolean } {
@@ -163,8 +163,18 @@ describe("relayBody", () => {
     ["text/event-stream; charset=utf-8", true],
     ["text/html", false],
     [undefined, false],
-  ])("isStreamingContentType(%s) = %s", (ct, want) => {
-    expect(isStreamingContentType(ct)).toBe(want);
+  ])("isLiveStream(%s) = %s", (ct, want) => {
+    expect(isLiveStream(ct)).toBe(want);
+  });
+
+  it.each([
+    ["text/event-stream", "attachment; filename=setup.exe", false],
+    ["application/grpc", ' Attachment;filename="x"', false],
+    ["multipart/x-mixed-replace; boundary=b", ["inline", "attachment"], false],
+    ["text/event-stream", "inline", true],
+    ["text/event-stream", "attachmentx", true],
+  ] as const)("a %s body with Content-Disposition %j is a live stream: %s (the origin names the type; a download is a file)", (ct, cd, want) => {
+    expect(isLiveStream(ct, cd as string | string[])).toBe(want);
   });
 });
 
