@@ -35,17 +35,6 @@ afterAll(async () => {
   await rm(pki.dir, { recursive: true, force: true });
 });
 
-/** Writes `policy` and waits (up to 10 s) until the proxy has reloaded it; throws otherwise. */
-async function switchPolicy(policy: unknown): Promise<void> {
-  const reloads = h.proxy.context.policy.reloads;
-  await h.writePolicy(policy);
-  const end = Date.now() + 10_000;
-  while (h.proxy.context.policy.reloads === reloads) {
-    if (Date.now() > end) throw new Error("the proxy did not reload the policy file within 10 s");
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
 /** TLS through the proxy; resolves with the socket or the handshake error. */
 async function tlsThrough(target: string, o: { servername?: string; ca: string | Buffer; cert?: Buffer; key?: Buffer; alpn?: string[] }): Promise<TLSSocket> {
   const { socket, status } = await connectTunnel(h.port, target);
@@ -96,7 +85,7 @@ describe("bypass", () => {
     const echo: Server = createServer((s) => s.pipe(s));
     await new Promise<void>((r) => echo.listen(0, "127.0.0.1", r));
     const port = (echo.address() as { port: number }).port;
-    await switchPolicy({ ...POLICY, nonTls: "tunnel" });
+    await h.switchPolicy({ ...POLICY, nonTls: "tunnel" });
     try {
       const { socket } = await connectTunnel(h.port, `localhost:${port}`);
       socket.resume();
@@ -107,7 +96,7 @@ describe("bypass", () => {
       const rec = await h.log.waitFor((x) => x.path === `localhost:${port}`);
       expect(rec).toMatchObject({ decision: "bypass", rule: "non-tls" });
     } finally {
-      await switchPolicy(POLICY);
+      await h.switchPolicy(POLICY);
       echo.close();
     }
   });
@@ -130,7 +119,7 @@ describe("bypass", () => {
     expect(rec.error).toContain('offers only protocols the proxy cannot inspect ("x-made-up")');
     expect(good.requests).toBe(before);
 
-    await switchPolicy({ ...POLICY, uninspectableAlpn: "tunnel" });
+    await h.switchPolicy({ ...POLICY, uninspectableAlpn: "tunnel" });
     expect(h.proxy.context.policy.current.uninspectableAlpn).toBe("tunnel");
     // An origin that ignores ALPN (as many do) and speaks HTTP/1.1.
     let served = 0;
@@ -153,7 +142,7 @@ describe("bypass", () => {
       expect(tun).toMatchObject({ decision: "bypass", method: "CONNECT" });
     } finally {
       plainTls.close();
-      await switchPolicy(POLICY);
+      await h.switchPolicy(POLICY);
       expect(h.proxy.context.policy.current.uninspectableAlpn).toBe("block");
     }
   });

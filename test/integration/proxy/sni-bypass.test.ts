@@ -29,17 +29,6 @@ afterAll(async () => {
   await h?.close();
 });
 
-/** Writes `policy` and waits (up to 10 s) until the proxy has reloaded it. */
-async function switchPolicy(policy: unknown): Promise<void> {
-  const reloads = h.proxy.context.policy.reloads;
-  await h.writePolicy(policy);
-  const end = Date.now() + 10_000;
-  while (h.proxy.context.policy.reloads === reloads) {
-    if (Date.now() > end) throw new Error("the proxy did not reload the policy file within 10 s");
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
 /** TLS with `servername` through a CONNECT to `target`, not checking the certificate, then GET `path`: the body, or the error. */
 async function fetchThrough(target: string, servername: string, path: string): Promise<{ body: string; issuer: string }> {
   const { socket, status } = await connectTunnel(h.port, target);
@@ -77,8 +66,8 @@ describe("a bypassed name in the SNI", () => {
   });
 
   it("of a CONNECT to an address of that name is tunnelled: the client meets the origin's own certificate", async () => {
-    await switchPolicy({ bypassHosts: ["*.bank.test", "localhost"] });
-    const r = await fetchThrough(`127.0.0.1:${good.port}`, "localhost", "/hello").finally(() => switchPolicy(POLICY));
+    await h.switchPolicy({ bypassHosts: ["*.bank.test", "localhost"] });
+    const r = await fetchThrough(`127.0.0.1:${good.port}`, "localhost", "/hello").finally(() => h.switchPolicy(POLICY));
     expect(r.issuer).toContain("origin test CA");
     expect(r.body).toContain("hello from origin");
     const rec = await h.log.waitFor((x) => x.path === `127.0.0.1:${good.port}` && x.method === "CONNECT" && x.host === "localhost");
