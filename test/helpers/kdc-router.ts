@@ -11,16 +11,21 @@ import { KdcService } from "../../src/gen/kmi/kdc/v1/kdc_pb.js";
 import type { KdcContext } from "../../src/kdc/context.js";
 import { routes } from "../../src/kdc/routes.js";
 
-/** KdcService and KdcAdminService clients of `ctx`, calling as `token` (none: unauthenticated). */
-export function kdcRouterClients(ctx: KdcContext, token?: string) {
+/** A router interceptor that maps a handler's error to its gRPC code, as the real server does. */
+export function mapErrorsAsServer(): Interceptor {
   const logger = createNopLogger();
-  const mapErrors: Interceptor = (next) => async (req) => {
+  return (next) => async (req) => {
     try {
       return await next(req);
     } catch (err) {
       throw toConnectError(err, logger);
     }
   };
+}
+
+/** KdcService and KdcAdminService clients of `ctx`, calling as `token` (none: unauthenticated). */
+export function kdcRouterClients(ctx: KdcContext, token?: string) {
+  const mapErrors = mapErrorsAsServer();
   const auth: Interceptor = (next) => async (req) => {
     if (token !== undefined) req.header.set("authorization", `Bearer ${token}`);
     return next(req);

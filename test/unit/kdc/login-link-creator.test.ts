@@ -10,13 +10,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createClient, createRouterTransport, type Interceptor } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { toConnectError } from "../../../src/common/error-mapping.js";
 import { createNopLogger } from "../../../src/common/logger.js";
 import { KdcAdminService, Role } from "../../../src/gen/kmi/kdc/v1/admin_pb.js";
 import { PortalService } from "../../../src/gen/kmi/kdc/v1/portal_pb.js";
 import { initKdc, openKdc, type OpenedKdc } from "../../../src/kdc/init.js";
 import { routes } from "../../../src/kdc/routes.js";
-import { errorCode, kdcRouterClients } from "../../helpers/kdc-router.js";
+import { errorCode, kdcRouterClients, mapErrorsAsServer } from "../../helpers/kdc-router.js";
 
 const clock = { now: () => new Date("2030-03-01T12:00:00Z") };
 let dir: string;
@@ -26,14 +25,7 @@ let operatorToken: string;
 /** Portal clients as the browser calls them: Connect, the router's own Origin, a cookie or a token. */
 function portal(opts: { cookie?: string; token?: string } = {}) {
   const cookies: string[] = [];
-  const logger = createNopLogger();
-  const mapErrors: Interceptor = (next) => async (req) => {
-    try {
-      return await next(req);
-    } catch (err) {
-      throw toConnectError(err, logger);
-    }
-  };
+  const mapErrors = mapErrorsAsServer();
   const headers: Interceptor = (next) => async (req) => {
     req.header.set("connect-protocol-version", "1");
     req.header.set("origin", "https://in-memory");
