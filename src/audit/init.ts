@@ -34,6 +34,7 @@ import { open as unseal, seal } from "../storage/seal.js";
 import { putOp } from "../storage/store.js";
 import type { Clock } from "./context.js";
 import { ATTESTATION_KEY, AUDIT_SCHEMA_VERSION, AUDIT_STORE_OWNER, META_KEY, RECORD_VERSION, SERVICE_TLS_KEY, Tables } from "./store.js";
+import { bearerAuthorization } from "../common/bearer.js";
 
 /** Paths inside a data directory. */
 export function dataPaths(dataDir: string, masterKeyFile?: string) {
@@ -120,7 +121,7 @@ function kdcError(err: unknown, what: string, url: string): Error {
 /** Asks the KDC for a kmi://service/audit certificate for a fresh P-256 key. */
 async function issueServiceIdentity(opts: InitOptions): Promise<{ key: KeyObject; certDer: Uint8Array; caDer: Uint8Array }> {
   const auth: Interceptor = (next) => async (req) => {
-    req.header.set("authorization", `Bearer ${opts.token}`);
+    req.header.set("authorization", bearerAuthorization(opts.token));
     return next(req);
   };
   const admin = createClient(KdcAdminService, transportForUrls(opts.kdcUrl, (url) => createGrpcClientTransport({ baseUrl: url, interceptors: [auth], defaultTimeoutMs: 15_000, tls: { ca: opts.kdcCaPem }, expectedService: "kdc" })).transport);

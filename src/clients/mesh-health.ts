@@ -28,6 +28,7 @@ import { parseListenAddress } from "../common/listen.js";
 import { serviceIdentityCheck } from "../common/http2-client.js";
 import { AgentCallError, AgentClient } from "./agent-client.js";
 import { errorText } from "../common/errors.js";
+import { bearerAuthorization } from "../common/bearer.js";
 
 // ── clients ─────────────────────────────────────────────────────────────────────────────────
 
@@ -62,7 +63,7 @@ export function serverClients(o: ServerClientOptions): ServerClients {
   const agent = new HttpsAgent({ keepAlive: true, maxSockets: 4, ...ca, ...identity });
   const auth: Interceptor = (next) => async (req) => {
     const token = o.token?.();
-    if (token !== undefined) req.header.set("authorization", `Bearer ${token}`);
+    if (token !== undefined && token !== "") req.header.set("authorization", bearerAuthorization(token));
     return next(req);
   };
   const transport = createConnectTransport({

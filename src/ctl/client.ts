@@ -18,6 +18,7 @@ import { urlList } from "../common/urls.js";
 import type { FlagSpecs } from "./flags.js";
 import type { Args } from "./flags.js";
 import { UsageError } from "./output.js";
+import { bearerAuthorization } from "../common/bearer.js";
 
 /** Default KDC address (what `kmi kdc` listens on by default). */
 export const DEFAULT_KDC_URL = "https://127.0.0.1:7443";
@@ -86,7 +87,7 @@ export function connectionSettings(args: Args, urlFlag: string, defaultUrl: stri
  */
 export function createTransport(s: ConnectionSettings): Transport {
   const auth: Interceptor = (next) => async (req) => {
-    if (s.token !== undefined) req.header.set("authorization", `Bearer ${s.token}`);
+    if (s.token !== undefined) req.header.set("authorization", bearerAuthorization(s.token));
     return next(req);
   };
   const at = (url: string) =>

@@ -5,6 +5,7 @@
 import { createClient } from "@connectrpc/connect";
 import { createGrpcClientTransport } from "../common/http2-client.js";
 import { PortalService } from "../gen/kmi/kdc/v1/portal_pb.js";
+import { bearerAuthorization } from "../common/bearer.js";
 
 /** How long the printed link works, seconds. */
 export const UP_LINK_TTL_SECONDS = 900;
@@ -15,7 +16,7 @@ export async function operatorLoginLink(o: { kdcUrl: string; caPem: string; toke
     baseUrl: o.kdcUrl,
     tls: { ca: o.caPem },
     expectedService: "kdc",
-    interceptors: [(next) => (req) => (req.header.set("authorization", `Bearer ${o.token}`), next(req))],
+    interceptors: [(next) => (req) => (req.header.set("authorization", bearerAuthorization(o.token)), next(req))],
     defaultTimeoutMs: 10_000,
   });
   try {

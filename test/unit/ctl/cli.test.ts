@@ -1,10 +1,13 @@
 import { Code, ConnectError } from "@connectrpc/connect";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { FailedPrecondition } from "../../../src/common/errors.js";
 import { run, usage } from "../../../src/ctl/cli.js";
 import type { Command } from "../../../src/ctl/command.js";
 import { Args, parseFlags } from "../../../src/ctl/flags.js";
 import { describeError, ExitCode, renderFields, renderTable, UsageError } from "../../../src/ctl/output.js";
+import { makeTempDir } from "../../helpers/process.js";
 
 function streams() {
   const out: string[] = [];
@@ -114,5 +117,23 @@ describe("run", () => {
     });
     expect(await run(["thing", "do", "--tenant", "x", "--json"], { streams: t.s, env: {}, commands: [cmd] })).toBe(3);
     expect(JSON.parse(t.err())).toEqual({ error: { code: "NotFound", message: 'tenant "x" not found' } });
+  });
+});
+
+describe("the bearer token never reaches an error message", () => {
+  it("a token file with a second line is refused without quoting the token", async () => {
+    const tmp = await makeTempDir("kmi-ctl-token-");
+    try {
+      const secret = "EqVegccpBWAtRHnHWWTFw71IdO1oat2sGfdtkLKDeuE";
+      const file = join(tmp.path, "operator.token");
+      writeFileSync(file, `kmi_a7c1bed3f8201061_${secret}\n# the first operator token\n`, { mode: 0o600 });
+      const t = streams();
+      const code = await run(["tenant", "list", "--kdc", "https://127.0.0.1:1", "--token-file", file, "--timeout", "5"], { streams: t.s, env: {} });
+      expect(code).not.toBe(0);
+      expect(t.err()).toMatch(/token/);
+      expect(t.err() + t.out()).not.toContain(secret);
+    } finally {
+      await tmp.cleanup();
+    }
   });
 });
