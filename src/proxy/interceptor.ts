@@ -463,7 +463,8 @@ export class Interceptor {
     const ctx = this.ctx;
     const target = parseConnectTarget(req.url);
     if (target === undefined) {
-      const log = log0.with({ path: String(req.url ?? "").slice(0, 300) });
+      // A target that carries a user and password (`alice:pw@host:443`) is logged without them.
+      const log = log0.with({ path: String(req.url ?? "").replace(/^[^/@]*@/, "…@").slice(0, 300) });
       return { kind: "answer", log, refusal: refusal(renderBlockPage(400, "", "the CONNECT target is not host:port", undefined), "block", "bad-request") };
     }
     const log1 = log0.with({ host: target.host, path: `${target.host}:${target.port}` });

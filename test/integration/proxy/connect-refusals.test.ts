@@ -39,6 +39,15 @@ function curl(...args: string[]) {
 }
 
 describe("answered on the CONNECT", () => {
+  it("a target that is not host:port: 400, logged as bad-request without a user and password it carried", async () => {
+    const { socket, status } = await connectTunnel(h.port, "alice:s3cret-pw@example.com:443");
+    socket.destroy();
+    expect(status).toBe(400);
+    const rec = await h.log.waitFor((r) => r.method === "CONNECT" && r.rule === "bad-request");
+    expect(rec.path).toBe("…@example.com:443");
+    expect(JSON.stringify(h.log.records)).not.toContain("s3cret-pw");
+  });
+
   it("a tenant the agent holds no key for: 503, rule no-key, the reason says how to fix it", async () => {
     const r = await connectTunnel(h.port, `localhost:${origin.port}`, auth(CAROL));
     r.socket.destroy();
