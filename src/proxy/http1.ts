@@ -18,6 +18,7 @@ import { normalizeHost, ruleId, type Policy } from "./policy.js";
 import { judgeRelay } from "./scan-verdict.js";
 import { splice } from "./splice.js";
 import type { OriginRequest, OriginResponse, TunnelOrigin } from "./tunnel-origin.js";
+import { formatListenAddress } from "../common/listen.js";
 
 /** Where a client connection's requests go: plain proxy requests through an agent, or a tunnel's one origin. */
 export type Http1Upstream =
@@ -129,7 +130,7 @@ function policyUrl(scheme: string, authority: string, path: string): string {
 
 /** `host:port` of a tunnel (the name the client asked for, the CONNECT's port), an IPv6 literal bracketed. */
 export function tunnelAuthority(host: string, port: number): string {
-  return `${host.includes(":") ? `[${host}]` : host}:${port}`;
+  return formatListenAddress({ kind: "tcp", host, port });
 }
 
 /** Characters RFC 3986 calls unreserved: their percent-encoding means the same path. */
@@ -174,6 +175,7 @@ export function requestBlockRule(policy: Policy, scheme: string, authority: stri
   const tunnelHost = tunnel === undefined ? undefined : hostOfAuthority(tunnel);
   const hostRule = policy.blockedHost(host) ?? (tunnelHost !== undefined && tunnelHost !== host ? policy.blockedHost(tunnelHost) : undefined);
   if (hostRule !== undefined) return ruleId(hostRule);
+  if (!policy.hasUrlRules) return undefined;
   const urls = new Set<string>();
   for (const a of tunnel === undefined ? [authority] : [authority, tunnel]) {
     for (const p of [path, normalizedPath(path)]) urls.add(policyUrl(scheme, a, p));

@@ -286,14 +286,17 @@ interface OriginTls {
 async function sniNamesAddress(name: string, target: string, timeoutMs: number): Promise<boolean> {
   const address = normalizeAddress(target);
   if (isIP(address) === 0) return false;
+  let timer: NodeJS.Timeout | undefined;
   try {
     const found = await Promise.race([
       dnsLookup(name, { all: true, verbatim: true }),
-      new Promise<never>((_, reject) => setTimeout(() => reject(new Error("lookup timed out")), timeoutMs).unref()),
+      new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error("lookup timed out")), timeoutMs))),
     ]);
     return found.some((a) => normalizeAddress(a.address) === address);
   } catch {
     return false;
+  } finally {
+    clearTimeout(timer);
   }
 }
 

@@ -94,6 +94,8 @@ export interface Policy {
   bypassedHost(host: string): PolicyRule | undefined;
   /** The rule blocking this URL (`scheme://host[:port]/path?query`), if any. */
   blockedUrl(url: string): PolicyRule | undefined;
+  /** True when the policy has URL rules (a request's URLs need not be built otherwise). */
+  readonly hasUrlRules: boolean;
   /** Body scanning. */
   readonly scan: ScanSettings;
   /** ICAP services. */
@@ -182,6 +184,10 @@ class CompiledPolicy implements Policy {
 
   bypassedHost(host: string): PolicyRule | undefined {
     return this.bypassHosts.match(host);
+  }
+
+  get hasUrlRules(): boolean {
+    return this.urls.length > 0;
   }
 
   blockedUrl(url: string): PolicyRule | undefined {
